@@ -1,0 +1,246 @@
+"""The daemon's configuration: one YAML file parsed once into frozen, validated values.
+
+`load_config(path)` is the only place a config file is read; everything else takes
+the resulting `Config` (or a part of it) as an argument. Relative paths in the file
+are resolved against the file's directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from sentinel.schema import load_file
+
+Protocol = Literal["v2", "v1", "torchserve"]
+DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split `host:port` (IPv6 as `[::1]:8080`); raises ValueError naming the problem."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_s = rest.lstrip(":")
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"expected host:port, got {value!r}")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port must be a number in {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host or "0.0.0.0", port
+
+
+def _check_addr(value: str) -> str | None:
+    try:
+        parse_hostport(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an http(s) URL, got {value!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How much traffic is copied for analysis."""
+
+    rate: float = 0.05          # fraction of requests sampled
+    max_per_second: float = 50  # cap on samples per second (token bucket)
+    max_bytes: int = 8 * 1024 * 1024  # bigger request or response bodies are not sampled
+
+    def validate(self):
+        if not 0.0 <= self.rate <= 1.0:
+            yield "rate", f"must be between 0 and 1, got {self.rate}"
+        if self.max_per_second <= 0:
+            yield "max_per_second", "must be positive"
+        if self.max_bytes <= 0:
+            yield "max_bytes", "must be positive"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A served model sentinel watches."""
+
+    name: str
+    version: str
+    endpoint: str = "http://127.0.0.1:8081"
+    protocol: Protocol = "v2"
+    served_name: str | None = None   # name in request paths when it differs from `name`
+    max_batch: int = 32              # for the GPU headroom estimate
+    sampling: SamplingConfig | None = None
+
+    def validate(self):
+        if not self.name:
+            yield "name", "must not be empty"
+        if err := _check_url(self.endpoint):
+            yield "endpoint", err
+        if self.max_batch < 1:
+            yield "max_batch", "must be at least 1"
+
+    @property
+    def path_name(self) -> str:
+        return self.served_name or self.name
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    upstream_timeout_s: float = 30.0
+    connect_timeout_s: float = 2.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 10.0
+    max_model_labels: int = 32       # distinct model label values before folding into "other"
+    upstream_pool_size: int = 64
+
+    def validate(self):
+        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s"):
+            if getattr(self, name) <= 0:
+                yield name, "must be positive"
+        if self.max_body_bytes <= 0:
+            yield "max_body_bytes", "must be positive"
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    queue_size: int = 256            # bounded, lossy queue between proxy and analysis
+    store_payloads: bool = False     # never keep payloads unless asked
+    ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
+    ingest_max_pending: int = 1024
+
+    def validate(self):
+        if self.queue_size < 1:
+            yield "queue_size", "must be at least 1"
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    window_size: int = 200
+    evaluate_every: int = 50         # evaluate after this many new samples
+    alpha: float = 0.05              # family-wise false-alarm level of the combined verdict
+    detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
+    shadow: bool = True              # run the reference on sampled inputs
+    shadow_max_per_second: float = 20.0
+
+    def validate(self):
+        if not 0 < self.alpha < 1:
+            yield "alpha", f"must be between 0 and 1, got {self.alpha}"
+        if self.window_size < 10:
+            yield "window_size", "must be at least 10"
+        if self.evaluate_every < 1:
+            yield "evaluate_every", "must be at least 1"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    canary_interval_s: float = 300.0  # 0 disables the canary
+    canary_samples: int = 16
+    canary_rate: float = 2.0          # requests per second
+
+    def validate(self):
+        if self.canary_interval_s < 0:
+            yield "canary_interval_s", "must be 0 (off) or positive"
+        if self.canary_samples < 1:
+            yield "canary_samples", "must be at least 1"
+        if self.canary_rate <= 0:
+            yield "canary_rate", "must be positive"
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"
+    pids: tuple[int, ...] = ()
+    process_names: tuple[str, ...] = ()
+    cgroup: str | None = None
+    scrape_budget_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    otlp_endpoint: str | None = None  # no exporter runs unless set
+    service_name: str = "sentinel"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration."""
+
+    models: tuple[ModelConfig, ...]
+    listen: str = "127.0.0.1:8080"
+    upstream: str = "http://127.0.0.1:8081"
+    admin: str = "127.0.0.1:9090"
+    registry: str = "models"
+    golden_sets: str = "golden_sets"
+    slo_file: str | None = None
+    default_model: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    source: str = field(default="<memory>", compare=False)
+
+    def validate(self):
+        for name in ("listen", "admin"):
+            if err := _check_addr(getattr(self, name)):
+                yield name, err
+        if err := _check_url(self.upstream):
+            yield "upstream", err
+        if not self.models:
+            yield "models", "at least one model is required"
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m is not None and m.name in seen:
+                yield f"models[{i}].name", f"duplicate model {m.name!r}"
+            if m is not None:
+                seen.add(m.name)
+        if self.default_model is not None and self.default_model not in seen:
+            yield "default_model", f"{self.default_model!r} is not among models ({', '.join(sorted(seen))})"
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).parent if self.source != "<memory>" else Path.cwd()
+
+    def resolve(self, p: str) -> Path:
+        """A path from the config, relative to the config file's directory."""
+        path = Path(p)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def model(self, name: str | None = None) -> ModelConfig:
+        name = name or self.default_model or self.models[0].name
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def sampling_for(self, model: ModelConfig) -> SamplingConfig:
+        return model.sampling or self.sampling
+
+    def with_overrides(self, **kw: str | None) -> "Config":
+        """A copy with CLI overrides applied (None values are ignored), re-validated."""
+        changes = {k: v for k, v in kw.items() if v is not None}
+        new = dataclasses.replace(self, **changes)
+        problems = [f"--{k}: {msg}" for k, msg in new.validate()]
+        if problems:
+            from sentinel.errors import ConfigError
+            raise ConfigError(problems)
+        return new
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError listing every problem."""
+    cfg = load_file(path, Config)
+    return dataclasses.replace(cfg, source=str(path))

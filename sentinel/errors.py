@@ -1,0 +1,61 @@
+"""The exception tree of sentinel.
+
+    SentinelError                 base; `exit_code` says how the CLI exits
+    ├── UsageError                bad arguments or configuration (exit 2)
+    │   ├── ConfigError           a config/SLO/model.yaml file is invalid; lists every problem
+    │   └── RegistryError         unknown model or version, bad registry entry
+    ├── InfrastructureError       a target or file could not be used (exit 2)
+    │   └── WeightsError          weights missing, corrupt, mis-shaped or unsafe to load
+    └── CheckFailed               a check ran and found a problem (exit 1)
+        └── IntegrityError        a digest, shape or dtype does not match its manifest
+
+Foreign errors (yaml, safetensors, torch, onnxruntime, pynvml, httpx) are translated
+to these at the boundary where they are raised, so the CLI prints one sentence and no
+traceback unless --debug is given.
+"""
+
+from __future__ import annotations
+
+
+class SentinelError(Exception):
+    """Base of every error sentinel raises on purpose."""
+
+    exit_code = 2
+
+
+class UsageError(SentinelError):
+    """Bad arguments or configuration."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration file is invalid; `problems` holds one line per error."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class RegistryError(UsageError):
+    """An unknown model or version, or a malformed registry entry."""
+
+
+class InfrastructureError(SentinelError):
+    """A target, file or device could not be used."""
+
+    exit_code = 2
+
+
+class WeightsError(InfrastructureError):
+    """Weights are missing, corrupt, mis-shaped, or would need unsafe unpickling."""
+
+
+class CheckFailed(SentinelError):
+    """A check ran to completion and found a problem."""
+
+    exit_code = 1
+
+
+class IntegrityError(CheckFailed):
+    """A file's digest, shape or dtype does not match its manifest."""

@@ -1,0 +1,139 @@
+"""Every metric sentinel exports: name, type, labels and meaning, in one place.
+
+Code that records metrics, the rule generator and the dashboard generator all read
+names from here, so code, rules and dashboards cannot disagree. The README's metric
+reference is generated from `METRICS` as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PREFIX = "sentinel_"
+
+Kind = Literal["counter", "gauge", "histogram", "info"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric family."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    unit: str = ""
+
+    @property
+    def sample_name(self) -> str:
+        """Name of the main sample series (`_total` for counters, `_bucket` for histograms)."""
+        if self.kind == "counter":
+            return self.name + "_total"
+        if self.kind == "histogram":
+            return self.name + "_bucket"
+        if self.kind == "info":
+            return self.name + "_info"
+        return self.name
+
+
+def _m(name: str, kind: Kind, help: str, labels: tuple[str, ...] = (), unit: str = "") -> MetricSpec:
+    return MetricSpec(PREFIX + name, kind, help, labels, unit)
+
+
+# --- traffic (hot path) -----------------------------------------------------------
+# Counters are named without the `_total` suffix, as prometheus_client wants them;
+# the exposed series carry `_total` (see MetricSpec.sample_name).
+REQUEST_DURATION = _m(
+    "request_duration_seconds", "histogram",
+    "Time from receiving a request's headers to sending the last byte of its response.",
+    ("model", "protocol", "code"), "seconds")
+REQUESTS = _m("requests", "counter", "Proxied inference requests by outcome.",
+              ("model", "protocol", "code"))
+PROXY_ERRORS = _m("proxy_errors", "counter",
+                  "Requests the proxy answered itself (upstream refused, timeout, body too large...).",
+                  ("reason",))
+UNMATCHED_PATHS = _m("unmatched_path_overflow", "counter",
+                     "Requests whose model label was folded into `other` by the cardinality cap.")
+INFLIGHT = _m("inflight_requests", "gauge", "Requests being proxied right now.")
+
+# --- sampling and analysis ----------------------------------------------------------
+SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",
+             ("model", "outcome"))
+SAMPLE_QUEUE_DEPTH = _m("sample_queue_depth", "gauge", "Samples waiting for analysis.")
+SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sample queue.")
+ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
+ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter", "Analysis worker restarts.")
+INGEST_EVENTS = _m("ingest_events", "counter",
+                   "CloudEvents received on /ingest by outcome (joined, orphaned, rejected).",
+                   ("outcome",))
+
+# --- drift, accuracy, agreement ------------------------------------------------------
+DRIFT_P_VALUE = _m("drift_p_value", "gauge", "Corrected p-value of a drift detector on the last window.",
+                   ("model", "detector"))
+DRIFT_STATISTIC = _m("drift_statistic", "gauge", "Test statistic of a drift detector on the last window.",
+                     ("model", "detector"))
+DRIFT_ALARM = _m("drift_alarm", "gauge", "1 when the detector's corrected p-value is below alpha.",
+                 ("model", "detector"))
+DRIFT_WINDOWS = _m("drift_windows", "counter", "Drift windows evaluated.", ("model",))
+PREDICTIONS = _m("predictions", "counter", "Predicted classes of sampled traffic (cardinality capped).",
+                 ("model", "class"))
+PREDICTION_CONFIDENCE = _m("prediction_confidence", "histogram",
+                           "Max softmax probability of sampled predictions; a bucket sits at the ATC threshold.",
+                           ("model",), "ratio")
+ESTIMATED_ACCURACY = _m("estimated_accuracy_ratio", "gauge",
+                        "Label-free accuracy estimate over the last window.", ("model", "method"), "ratio")
+REFERENCE_AGREEMENT = _m("reference_agreement", "counter",
+                         "Served predictions compared with the reference DenseNet.",
+                         ("model", "source", "result"))
+
+# --- golden replay (canary) ----------------------------------------------------------
+REPLAY_DURATION = _m("replay_duration_seconds", "histogram", "Latency of canary replay requests.",
+                     ("model",), "seconds")
+REPLAY_REQUESTS = _m("replay_requests", "counter", "Canary replay requests by result.",
+                     ("model", "result"))
+
+# --- GPU --------------------------------------------------------------------------------
+GPU_AVAILABLE = _m("gpu_available", "gauge", "1 when NVML is usable, else 0.")
+GPU_MEMORY_USED = _m("gpu_memory_used_bytes", "gauge", "Device memory in use.", ("gpu", "uuid"), "bytes")
+GPU_MEMORY_TOTAL = _m("gpu_memory_total_bytes", "gauge", "Device memory in total.", ("gpu", "uuid"), "bytes")
+GPU_MEMORY_RESERVED = _m("gpu_memory_reserved_bytes", "gauge", "Device memory reserved by the driver.",
+                         ("gpu", "uuid"), "bytes")
+GPU_UTILIZATION = _m("gpu_utilization_ratio", "gauge", "GPU busy ratio over the last sample period.",
+                     ("gpu", "uuid"), "ratio")
+GPU_PROCESS_MEMORY = _m("gpu_process_memory_bytes", "gauge", "Device memory used by a model-server process.",
+                        ("gpu", "pid"), "bytes")
+GPU_MEMORY_HEADROOM = _m("gpu_memory_headroom_bytes", "gauge",
+                         "Free device memory minus the predicted extra need at the configured max batch.",
+                         ("model", "gpu"), "bytes")
+GPU_ERRORS = _m("gpu_errors", "counter", "NVML errors by kind.", ("kind",))
+
+# --- self ---------------------------------------------------------------------------------
+COLLECTOR_SUCCESS = _m("collector_success", "gauge", "1 when the collector's last scrape succeeded.",
+                       ("collector",))
+COLLECTOR_DURATION = _m("collector_duration_seconds", "gauge", "Duration of the collector's last scrape.",
+                        ("collector",), "seconds")
+BUILD_INFO = _m("build", "info", "sentinel build information.", ("version",))
+
+METRICS: tuple[MetricSpec, ...] = tuple(v for v in globals().values() if isinstance(v, MetricSpec))
+
+# Latency histogram bounds (seconds). SLO thresholds are merged in at start-up
+# (see `latency_buckets`), so every latency SLO has an exact bucket.
+DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3,
+    0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+
+DEFAULT_CONFIDENCE_BUCKETS: tuple[float, ...] = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999,
+)
+
+
+def latency_buckets(thresholds: tuple[float, ...] | list[float] = ()) -> tuple[float, ...]:
+    """Default latency bucket bounds with every SLO threshold added."""
+    return tuple(sorted(set(DEFAULT_LATENCY_BUCKETS) | {float(t) for t in thresholds}))
+
+
+def confidence_buckets(atc_thresholds: tuple[float, ...] | list[float] = ()) -> tuple[float, ...]:
+    """Confidence bucket bounds with the fitted ATC threshold(s) added."""
+    return tuple(sorted(set(DEFAULT_CONFIDENCE_BUCKETS) | {round(float(t), 6) for t in atc_thresholds}))

@@ -1,0 +1,324 @@
+"""The model registry: `models/<name>/<version>/model.yaml` plus weights and exports.
+
+Resolving `--model` specs:
+- `digits:v3` names a model and a version;
+- `v3` is a version of the default model (the config's `default_model`, else the only
+  model in the registry);
+- `digits` is that model's newest version.
+An unknown name or version is an error listing the known ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sentinel.errors import ConfigError, IntegrityError, RegistryError
+from sentinel.preprocess import Preprocessing
+from sentinel.schema import load_mapping, read_yaml
+
+DType = Literal["float32", "float16", "uint8", "int64"]
+Protocol = Literal["v2", "v1", "torchserve"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]   # without the batch dimension
+    dtype: DType = "float32"
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ExportRef:
+    format: Literal["onnx", "torchscript"]
+    file: str
+    sha256: str
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    dynamic_batch: bool = False
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    protocol: Protocol = "v2"
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[int, ...] = ()
+    golden: tuple[int, ...] = ()
+    holdout: tuple[int, ...] = ()
+
+    def validate(self):
+        sets = {"train": set(self.train), "golden": set(self.golden), "holdout": set(self.holdout)}
+        names = list(sets)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                both = sets[a] & sets[b]
+                if both:
+                    yield b, f"overlaps {a} at {len(both)} indices (e.g. {min(both)})"
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """Contents of a model.yaml."""
+
+    name: str
+    version: str
+    arch: str
+    weights: WeightsRef
+    input: TensorSpec
+    classes: tuple[str, ...]
+    served: Served
+    architecture: dict[str, Any] = field(default_factory=dict)  # overrides of the arch's config
+    raw_input: TensorSpec | None = None   # what the server receives when it preprocesses
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    dataset: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    split: Split | None = None
+    exports: tuple[ExportRef, ...] = ()
+    description: str = ""
+
+    def validate(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
+            yield "name", f"must be letters, digits, '_', '.', '-', got {self.name!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.version or ""):
+            yield "version", f"must be letters, digits, '_', '.', '-', got {self.version!r}"
+        if not self.classes:
+            yield "classes", "must list at least one class"
+        if self.weights is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights.sha256):
+            yield "weights.sha256", "must be 64 lowercase hex digits"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered model version."""
+
+    directory: Path
+    manifest: ModelManifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "model.yaml"
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / self.manifest.weights.file
+
+    def weights_ok(self) -> bool:
+        return self.weights_path.is_file() and sha256_file(self.weights_path) == self.manifest.weights.sha256
+
+    def check_weights(self) -> None:
+        """Raise IntegrityError unless the weights file exists and matches its digest."""
+        p = self.weights_path
+        if not p.is_file():
+            raise IntegrityError(f"{p}: weights file missing (model.yaml: weights.file)")
+        got = sha256_file(p)
+        if got != self.manifest.weights.sha256:
+            raise IntegrityError(
+                f"{p}: sha256 {got[:16]}… does not match model.yaml weights.sha256 "
+                f"{self.manifest.weights.sha256[:16]}…")
+
+    def densenet_config(self):
+        from sentinel.reference.densenet import resolve_config
+
+        cfg = resolve_config(self.manifest.arch, **self.manifest.architecture)
+        if cfg.num_classes != len(self.manifest.classes):
+            raise ConfigError([
+                f"{self.manifest_path}: classes: lists {len(self.manifest.classes)} classes but "
+                f"architecture has num_classes={cfg.num_classes}"])
+        return cfg
+
+    def build_model(self, *, load: bool = True, verify: bool = True):
+        """The DenseNet with this entry's weights (digest checked first)."""
+        from sentinel.reference.densenet import DenseNet
+        from sentinel.reference.weights import load_weights
+
+        model = DenseNet(self.densenet_config())
+        if load:
+            if verify:
+                self.check_weights()
+            load_weights(model, self.weights_path)
+        return model.eval()
+
+    def reference(self, device: str | None = None, batch_size: int = 64):
+        from sentinel.reference.runtime import ReferenceModel
+
+        return ReferenceModel(self.build_model(), device=device, batch_size=batch_size)
+
+    def export(self, fmt: str, precision: str | None = None) -> ExportRef | None:
+        for e in self.manifest.exports:
+            if e.format == fmt and (precision is None or e.precision == precision):
+                return e
+        return None
+
+    def with_export(self, ref: ExportRef) -> "ModelEntry":
+        """Record an export in model.yaml (replacing one with the same file)."""
+        exports = tuple(e for e in self.manifest.exports if e.file != ref.file) + (ref,)
+        entry = replace(self, manifest=replace(self.manifest, exports=exports))
+        write_manifest(entry.manifest, self.manifest_path)
+        return entry
+
+
+def manifest_to_dict(m: ModelManifest) -> dict[str, Any]:
+    """Plain data for YAML, with long index lists in flow style."""
+    import dataclasses
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    d = plain(m)
+    if d.get("raw_input") is None:
+        d.pop("raw_input", None)
+    if d.get("split") is None:
+        d.pop("split", None)
+    return d
+
+
+class _FlowList(list):
+    pass
+
+
+def _flow_repr(dumper: yaml.SafeDumper, data: _FlowList):
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_FlowList, _flow_repr)
+
+
+def write_manifest(m: ModelManifest, path: str | Path) -> None:
+    d = manifest_to_dict(m)
+
+    def flowify(v: Any) -> Any:
+        if isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v):
+            return _FlowList(v)
+        if isinstance(v, list):
+            return [flowify(x) for x in v]
+        if isinstance(v, dict):
+            return {k: flowify(x) for k, x in v.items()}
+        return v
+
+    text = yaml.dump(flowify(d), Dumper=_Dumper, sort_keys=False, width=120)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def load_manifest(path: str | Path) -> ModelManifest:
+    return load_mapping(read_yaml(path), ModelManifest, str(path))
+
+
+class Registry:
+    """Model versions under a root directory."""
+
+    def __init__(self, root: str | Path = "models", default_model: str | None = None):
+        self.root = Path(root)
+        self.default_model = default_model
+
+    def entries(self) -> list[ModelEntry]:
+        """Every valid entry, sorted by name then version; invalid manifests raise ConfigError."""
+        out = []
+        if not self.root.is_dir():
+            return out
+        for path in sorted(self.root.glob("*/*/model.yaml")):
+            out.append(ModelEntry(path.parent, load_manifest(path)))
+        return sorted(out, key=lambda e: (e.name, _version_key(e.version)))
+
+    def names(self) -> list[str]:
+        return sorted({e.name for e in self.entries()})
+
+    def resolve(self, spec: str | None = None) -> ModelEntry:
+        """Resolve `name:version`, `version` (default model) or `name` (newest version)."""
+        entries = self.entries()
+        if not entries:
+            raise RegistryError(f"no models registered under {self.root}/ (expected {self.root}/<name>/<version>/model.yaml)")
+        names = sorted({e.name for e in entries})
+        if spec is None or spec == "":
+            name, version = self._default(names), None
+        elif ":" in spec:
+            name, version = spec.split(":", 1)
+        elif spec in names:
+            name, version = spec, None
+        else:
+            name, version = self._default(names, spec), spec
+        of_model = [e for e in entries if e.name == name]
+        if not of_model:
+            raise RegistryError(f"unknown model {name!r}; known models: {', '.join(names)}")
+        if version is None:
+            return of_model[-1]
+        for e in of_model:
+            if e.version == version:
+                return e
+        known = ", ".join(e.version for e in of_model)
+        raise RegistryError(f"unknown version {version!r} of model {name!r}; known versions: {known}")
+
+    def _default(self, names: list[str], spec: str | None = None) -> str:
+        if self.default_model:
+            return self.default_model
+        if len(names) == 1:
+            return names[0]
+        what = f"{spec!r} is not a model name, and " if spec else ""
+        raise RegistryError(
+            f"{what}no default model is set and the registry holds several ({', '.join(names)}); "
+            "write NAME:VERSION")
+
+
+def _version_key(v: str) -> tuple:
+    parts = re.findall(r"\d+|\D+", v)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def open_registry(config_path: str | Path | None = None, registry: str | Path | None = None) -> Registry:
+    """The registry a CLI command should use: explicit path, else the config's, else ./models."""
+    default_model = None
+    root: Path | None = Path(registry) if registry else None
+    cfg_file = Path(config_path) if config_path else Path("sentinel.yaml")
+    if cfg_file.is_file():
+        from sentinel.config import load_config
+
+        cfg = load_config(cfg_file)
+        default_model = cfg.default_model or cfg.models[0].name
+        if root is None:
+            root = cfg.resolve(cfg.registry)
+    elif config_path:
+        raise ConfigError([f"{cfg_file}: file not found"])
+    return Registry(root or Path("models"), default_model=default_model)
