@@ -108,7 +108,7 @@ def train(settings: TrainSettings, out_root: Path, log=print) -> Path:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         log(f"epoch {epoch + 1}/{settings.epochs} loss {total / len(x_train):.4f}")
     train_s = time.perf_counter() - t0
     model.eval()

@@ -1,0 +1,1 @@
+"""`sentinel demo`: model server, sidecar and phased traffic on one machine."""

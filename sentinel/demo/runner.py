@@ -1,0 +1,268 @@
+"""Runs the demo: model server + sidecar + phased open-loop traffic, watched through /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+import numpy as np
+import yaml
+
+from sentinel.demo.observe import Snapshot, Window, parse, window
+from sentinel.demo.phases import Phase, apply_shift
+from sentinel.demo.processes import Children, free_port, wait_ready
+
+MODEL = "digits"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    phases: tuple[Phase, ...]
+    out: Path
+    repo: Path                      # where models/, golden_sets/, slo.yaml live
+    rate: float = 20.0              # requests per second, open loop
+    scrape_every: float = 2.0       # seconds between /metrics reads
+    window_s: float = 6.0           # latency/error window shown and judged
+    seed: int = 0
+    prometheus: bool = False
+
+
+@dataclass
+class Request:
+    t: float          # intended send time, seconds since start
+    phase: int
+    label: int
+    status: int = 0
+    latency_s: float = math.nan
+    predicted: int = -1
+
+
+@dataclass
+class Timeline:
+    """Everything observed, for the live view, the summary and the report."""
+
+    started: float = 0.0
+    phase_starts: list[float] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
+
+    def true_accuracy(self, t0: float, t1: float) -> float:
+        done = [r for r in self.requests if t0 <= r.t < t1 and r.status == 200 and r.predicted >= 0]
+        return float(np.mean([r.predicted == r.label for r in done])) if done else math.nan
+
+
+def slo_settings(slo_file: Path) -> dict[str, float]:
+    """Latency threshold and objectives of the example SLOs (defaults when absent)."""
+    out = {"threshold": 0.15, "availability": 0.999, "latency": 0.99, "agreement": 0.995, "accuracy": 0.97}
+    if slo_file.is_file():
+        spec = yaml.safe_load(slo_file.read_text()) or {}
+        for s in spec.get("slos", []):
+            sli = s.get("sli")
+            if sli == "latency" and "threshold" in s:
+                out["threshold"] = float(s["threshold"])
+            key = {"availability": "availability", "latency": "latency", "agreement": "agreement",
+                   "estimated_accuracy": "accuracy"}.get(sli)
+            if key and "objective" in s:
+                out[key] = float(s["objective"])
+    return out
+
+
+def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
+    cfg = {
+        "listen": f"127.0.0.1:{ports['proxy']}",
+        "upstream": f"http://127.0.0.1:{ports['server']}",
+        "admin": f"127.0.0.1:{ports['admin']}",
+        "registry": str(opts.repo / "models"),
+        "golden_sets": str(opts.repo / "golden_sets"),
+        "slo_file": str(opts.repo / "slo.yaml"),
+        "default_model": MODEL,
+        "models": [{"name": MODEL, "version": "v3", "endpoint": f"http://127.0.0.1:{ports['server']}",
+                    "protocol": "v2"}],
+        # Sample everything: the demo's traffic is small and drift windows should fill fast.
+        "sampling": {"rate": 1.0, "max_per_second": 200},
+        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.05},
+        "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
+    }
+    path = opts.out / "sentinel.demo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _payload(raw: np.ndarray) -> bytes:
+    body = {"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP32",
+                        "data": [round(float(v), 4) for v in raw.reshape(-1)]}]}
+    return json.dumps(body).encode()
+
+
+def _predicted(body: bytes) -> int:
+    try:
+        outs = json.loads(body)["outputs"]
+        for o in outs:
+            if o.get("name") == "probabilities":
+                return int(np.argmax(o["data"]))
+        return int(np.argmax(outs[0]["data"]))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return -1
+
+
+class Demo:
+    """One run. `on_update(timeline)` is called after every scrape (the live view)."""
+
+    def __init__(self, opts: DemoOptions, on_update: Callable[["Demo"], None] | None = None):
+        self.opts = opts
+        self.on_update = on_update or (lambda d: None)
+        self.timeline = Timeline()
+        self.slo = slo_settings(opts.repo / "slo.yaml")
+        self.children = Children(opts.out)
+        self.ports = {k: free_port() for k in ("server", "proxy", "admin")}
+        self.current_phase = 0
+        self.fault_control_ok = True
+
+    # --- set-up -----------------------------------------------------------------
+    def start(self) -> None:
+        o = self.opts
+        o.out.mkdir(parents=True, exist_ok=True)
+        cfg = write_sidecar_config(o, self.ports)
+        self.children.sentinel("model-server", "serve", "--model", f"{MODEL}:v3", "--registry",
+                               str(o.repo / "models"), "--port", str(self.ports["server"]), "--fault-admin")
+        self.children.sentinel("sidecar", "run", "--config", str(cfg))
+        wait_ready(f"http://127.0.0.1:{self.ports['server']}/v2/health/ready", self.children)
+        wait_ready(f"http://127.0.0.1:{self.ports['admin']}/healthz", self.children)
+        if o.prometheus:
+            from sentinel.demo.prom import start_prometheus
+
+            self.prom_url = start_prometheus(self, cfg)
+
+    def stop(self) -> None:
+        self.children.stop()
+
+    # --- the run ----------------------------------------------------------------
+    async def _set_faults(self, client: httpx.AsyncClient, phase: Phase) -> None:
+        url = f"http://127.0.0.1:{self.ports['server']}/sentinel/faults"
+        try:
+            r = await client.post(url, json={"delay_ms": phase.delay_ms, "error_ratio": phase.error_ratio})
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            if phase.delay_ms or phase.error_ratio:
+                self.fault_control_ok = False
+                self.timeline.notes.append(f"could not inject faults for {phase.name!r}: {exc}")
+
+    async def _one(self, client: httpx.AsyncClient, url: str, req: Request, body: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            req.status = r.status_code
+            if r.status_code == 200:
+                req.predicted = _predicted(r.content)
+        except httpx.HTTPError:
+            req.status = -1
+        # Open loop: latency counts from the intended send time.
+        req.latency_s = time.perf_counter() - t0 + max(0.0, (t0 - self.timeline.started) - req.t)
+
+    async def _traffic(self, client: httpx.AsyncClient) -> None:
+        from sentinel.registry import Registry
+        from sentinel.training.digits import load_split
+
+        entry = Registry(self.opts.repo / "models", default_model=MODEL).resolve(f"{MODEL}:v3")
+        images, labels, _ = load_split()
+        # Held-out digits only: never the training or golden data.
+        idx = np.asarray(entry.manifest.split.holdout, np.int64)
+        rng = np.random.default_rng(self.opts.seed)
+        url = f"http://127.0.0.1:{self.ports['proxy']}/v2/models/{MODEL}/infer"
+        tasks: set[asyncio.Task] = set()
+        t_phase = 0.0
+        interval = 1.0 / self.opts.rate
+        for pi, phase in enumerate(self.opts.phases):
+            self.current_phase = pi
+            self.timeline.phase_starts.append(t_phase)
+            await self._set_faults(client, phase)
+            n = int(round(phase.seconds * self.opts.rate))
+            for k in range(n):
+                t_int = t_phase + k * interval
+                delay = self.timeline.started + t_int - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                j = int(rng.choice(idx))
+                raw = apply_shift(images[j:j + 1], phase.shift, rng)
+                req = Request(t=t_int, phase=pi, label=int(labels[j]))
+                self.timeline.requests.append(req)
+                task = asyncio.create_task(self._one(client, url, req, _payload(raw)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            t_phase += phase.seconds
+        await asyncio.sleep(max(0.0, self.timeline.started + t_phase - time.perf_counter()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        await self._set_faults(client, Phase("reset", 0))
+
+    async def _scrape(self, client: httpx.AsyncClient, done: asyncio.Event) -> None:
+        url = f"http://127.0.0.1:{self.ports['admin']}/metrics"
+        history: list[Snapshot] = []
+        while not done.is_set():
+            try:
+                r = await client.get(url)
+                snap = parse(r.text, time.perf_counter() - self.timeline.started)
+                history.append(snap)
+                # Compare with the scrape closest to window_s ago.
+                base = next((s for s in history if snap.t - s.t <= self.opts.window_s), history[0])
+                if base is not snap:
+                    self.timeline.windows.append(window(base, snap, MODEL, self.slo["threshold"]))
+                    self.on_update(self)
+            except httpx.HTTPError as exc:
+                self.timeline.notes.append(f"scrape failed at {time.perf_counter() - self.timeline.started:.0f}s: {exc}")
+            self.children.check_alive()
+            try:
+                await asyncio.wait_for(done.wait(), timeout=self.opts.scrape_every)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
+            self.timeline.started = time.perf_counter()
+            done = asyncio.Event()
+            scraper = asyncio.create_task(self._scrape(client, done))
+            try:
+                await self._traffic(client)
+                await asyncio.sleep(self.opts.scrape_every)
+            finally:
+                done.set()
+                await scraper
+            if self.opts.prometheus and getattr(self, "prom_url", None):
+                from sentinel.demo.prom import collect_alerts
+
+                self.timeline.alerts = await collect_alerts(client, self.prom_url)
+
+    def run(self) -> Timeline:
+        asyncio.run(self._main())
+        return self.timeline
+
+
+def phase_at(phases: tuple[Phase, ...], starts: list[float], t: float) -> int:
+    i = 0
+    for k, s in enumerate(starts):
+        if t >= s:
+            i = k
+    return i
+
+
+def timeline_json(demo: Demo) -> dict:
+    tl = demo.timeline
+    return {
+        "phases": [dict(asdict(p), start=s) for p, s in zip(demo.opts.phases, tl.phase_starts)],
+        "slo": demo.slo,
+        "windows": [asdict(w) for w in tl.windows],
+        "requests": len(tl.requests),
+        "notes": tl.notes,
+        "alerts": tl.alerts,
+        "children": {name: p.pid for name, p in demo.children.procs},
+        "ports": demo.ports,
+    }

@@ -1,0 +1,116 @@
+"""When each incident was detected, by which signal, and how long after it began."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from sentinel.demo.observe import Window
+from sentinel.demo.runner import Demo
+
+
+@dataclass(frozen=True)
+class Detection:
+    phase: str
+    incident: str
+    started_s: float
+    detected_s: float | None      # seconds after the phase began
+    signal: str
+
+
+def _alarmed(w: Window) -> str | None:
+    if w.alarms.get("combined", 0) >= 1:
+        return "drift alarm (combined verdict)"
+    fired = sorted(d for d, v in w.alarms.items() if v >= 1)
+    return f"drift alarm ({', '.join(fired)})" if fired else None
+
+
+def detect(demo: Demo) -> list[Detection]:
+    tl, slo = demo.timeline, demo.slo
+    out = []
+    normal_est = baseline_accuracy(demo)
+    ends = tl.phase_starts[1:] + [math.inf]
+    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends):
+        if phase.incident is None:
+            continue
+        found: tuple[float, str] | None = None
+        for w in tl.windows:
+            if not start < w.t <= end + demo.opts.scrape_every:
+                continue
+            sig = None
+            if phase.incident == "drift":
+                sig = _alarmed(w)
+                atc = w.estimated_accuracy.get("atc", math.nan)
+                if sig is None and not math.isnan(normal_est) and atc < normal_est - 0.05:
+                    sig = f"estimated accuracy fell to {atc:.2f}"
+            elif phase.incident == "latency" and w.p99_ms > slo["threshold"] * 1000:
+                sig = f"P99 {w.p99_ms:.0f} ms above the {slo['threshold'] * 1000:.0f} ms SLO threshold"
+            elif phase.incident == "errors":
+                burn = w.error_ratio / (1 - slo["availability"]) if not math.isnan(w.error_ratio) else 0
+                if burn >= 14.4:
+                    sig = f"availability burn rate {burn:.0f}x (page threshold 14.4x)"
+            if sig:
+                found = (w.t - start, sig)
+                break
+        out.append(Detection(phase.name, phase.incident, start, found[0] if found else None,
+                             found[1] if found else "not detected"))
+    return out
+
+
+def baseline_accuracy(demo: Demo) -> float:
+    tl = demo.timeline
+    if len(tl.phase_starts) < 2:
+        return math.nan
+    vals = [w.estimated_accuracy.get("atc", math.nan) for w in tl.windows if w.t <= tl.phase_starts[1]]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def phase_table(demo: Demo) -> list[dict]:
+    """Per phase: rate, P50/P99, errors, estimated vs true accuracy, alarms seen."""
+    tl = demo.timeline
+    ends = tl.phase_starts[1:] + [math.inf]
+    rows = []
+    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends):
+        ws = [w for w in tl.windows if start + demo.opts.window_s <= w.t <= end] or \
+             [w for w in tl.windows if start < w.t <= end]
+
+        def mean(f):
+            v = [f(w) for w in ws]
+            v = [x for x in v if x is not None and not math.isnan(x)]
+            return float(np.mean(v)) if v else math.nan
+
+        rows.append({
+            "phase": phase.name,
+            "rps": mean(lambda w: w.rps),
+            "p50_ms": mean(lambda w: w.p50_ms),
+            "p99_ms": max([w.p99_ms for w in ws if not math.isnan(w.p99_ms)], default=math.nan),
+            "error_ratio": mean(lambda w: w.error_ratio),
+            "estimated_accuracy": mean(lambda w: w.estimated_accuracy.get("atc", math.nan)),
+            "true_accuracy": tl.true_accuracy(start, end),
+            "drift_alarm": any(_alarmed(w) for w in ws),
+        })
+    return rows
+
+
+def render_text(demo: Demo) -> str:
+    lines = ["sentinel demo summary", ""]
+    lines.append(f"{'phase':<20} {'rps':>5} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7} {'est acc':>8} "
+                 f"{'true acc':>8}  drift alarm")
+    for r in phase_table(demo):
+        lines.append(f"{r['phase']:<20} {r['rps']:>5.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+                     f"{r['error_ratio']:>7.1%} {r['estimated_accuracy']:>8.3f} {r['true_accuracy']:>8.3f}  "
+                     f"{'yes' if r['drift_alarm'] else 'no'}")
+    lines += ["", "incidents:"]
+    for d in detect(demo):
+        when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else "NOT detected"
+        lines.append(f"  {d.phase:<20} {when}: {d.signal}")
+    if demo.timeline.alerts:
+        lines += ["", "Prometheus alerts that fired:"]
+        for a in demo.timeline.alerts:
+            lines.append(f"  {a.get('alertname')} {a.get('labels', {})} first seen {a.get('first_seen_s', '?')} s")
+    for n in demo.timeline.notes[:10]:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
