@@ -131,8 +131,15 @@ class DriftConfig:
     detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
     shadow: bool = True              # run the reference on sampled inputs
     shadow_max_per_second: float = 20.0
+    univariate: Literal["ks", "cvm"] = "ks"   # per-feature test (sentinel.drift.Univariate)
+    combination: Literal["bonferroni", "cauchy"] = "bonferroni"  # combined verdict (sentinel.drift.Combination)
+    atc_score: Literal["neg_entropy", "max_confidence"] = "neg_entropy"  # ATC score (sentinel.drift.Score)
+    pca_components: int = 8          # principal components of golden embeddings tested
+    shadow_cache_dir: str | None = None  # where the reference's ONNX export is cached (default: temp dir)
 
     def validate(self):
+        if self.pca_components < 1:
+            yield "pca_components", "must be at least 1"
         if not 0 < self.alpha < 1:
             yield "alpha", f"must be between 0 and 1, got {self.alpha}"
         if self.window_size < 10:

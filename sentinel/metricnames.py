@@ -86,6 +86,16 @@ ESTIMATED_ACCURACY = _m("estimated_accuracy_ratio", "gauge",
 REFERENCE_AGREEMENT = _m("reference_agreement", "counter",
                          "Served predictions compared with the reference DenseNet.",
                          ("model", "source", "result"))
+DRIFT_REJECTED = _m("drift_rejected_samples", "counter",
+                    "Sampled predictions the drift monitor rejected, by reason "
+                    "(nonfinite_output, class_count_mismatch, input_shape, nonfinite_input).",
+                    ("model", "reason"))
+SHADOW_SAMPLES = _m("shadow_samples", "counter",
+                    "Sampled inputs offered to the shadow reference, by outcome (compared, skipped, failed).",
+                    ("model", "outcome"))
+REFERENCE_MAX_ABS_DIFF = _m("reference_max_abs_diff", "gauge",
+                            "Largest |served - reference| probability difference in the last shadow batch.",
+                            ("model", "source"), "ratio")
 
 # --- golden replay (canary) ----------------------------------------------------------
 REPLAY_DURATION = _m("replay_duration_seconds", "histogram", "Latency of canary replay requests.",
@@ -114,6 +124,8 @@ COLLECTOR_SUCCESS = _m("collector_success", "gauge", "1 when the collector's las
 COLLECTOR_DURATION = _m("collector_duration_seconds", "gauge", "Duration of the collector's last scrape.",
                         ("collector",), "seconds")
 BUILD_INFO = _m("build", "info", "sentinel build information.", ("version",))
+MODEL_INFO = _m("model", "info", "A model this sidecar watches and the version it serves (value 1).",
+                ("model", "version"))
 
 METRICS: tuple[MetricSpec, ...] = tuple(v for v in globals().values() if isinstance(v, MetricSpec))
 

@@ -1,9 +1,174 @@
-"""Command group not built yet (see the open issues)."""
+"""`sentinel drift check|eval`: drift detectors and accuracy estimates on files, and their evaluation."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+drift_app = typer.Typer(help="Drift detection and label-free accuracy on files; evaluate the detectors.",
+                        no_args_is_help=True)
+
+
+def _settings(config: Optional[Path]):
+    """Drift settings from the config file when there is one, else the defaults."""
+    from sentinel.config import DriftConfig, load_config
+
+    cfg_file = config or Path("sentinel.yaml")
+    if cfg_file.is_file():
+        cfg = load_config(cfg_file)
+        return cfg.drift, str(cfg.resolve(cfg.golden_sets))
+    return DriftConfig(), None
+
+
+def _suite_settings(drift, detectors: tuple[str, ...] | None = None):
+    from sentinel.drift import Combination, Score, Settings, Univariate
+
+    return Settings(alpha=drift.alpha, detectors=tuple(detectors or drift.detectors),
+                    univariate=Univariate(drift.univariate), combination=Combination(drift.combination),
+                    pca_components=drift.pca_components, atc_score=Score(drift.atc_score))
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def verdict_json(v) -> dict:
+    """The JSON object `drift check` prints for one window."""
+    return {
+        "n": v.n,
+        "drift": bool(v.drift),
+        "detectors": [{"name": r.name, "statistic": _num(r.statistic), "p_value": _num(r.p_value),
+                       "threshold": r.threshold, "alarm": bool(r.alarm)} for r in (*v.detectors, v.combined)],
+        "estimated_accuracy": {"atc": _num(v.estimated_accuracy.get("atc")),
+                               "avg_conf": _num(v.estimated_accuracy.get("avg_conf"))},
+        "accuracy": _num(v.accuracy),
+    }
+
+
+@drift_app.command("check")
+def check(
+    model: str = typer.Option(..., "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    input_file: Path = typer.Option(..., "--input", "-i",
+                                    help="An .npz with 'raw' (server-side inputs) or 'inputs' (N×C×H×W float32), "
+                                         "optionally 'labels'."),
+    window_size: Optional[int] = typer.Option(None, "--window-size", "-w", min=1,
+                                              help="Evaluate consecutive windows of N samples "
+                                                   "(default: the whole file is one window)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per window."),
+    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when any window drifts."),
+    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Default: the config's golden_sets."),
+    registry: Optional[Path] = typer.Option(None, "--registry"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+) -> None:
+    """Run the drift detectors and accuracy estimators on a file against the model's golden set."""
+    import numpy as np
+
+    from sentinel.drift import Reference, Suite, Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.errors import UsageError
+    from sentinel.golden import golden_for
+    from sentinel.registry import open_registry
+
+    drift, cfg_golden = _settings(config)
+    entry = open_registry(config, registry).resolve(model)
+    golden = golden_for(entry, golden_root or cfg_golden or "golden_sets")
+    if input_file.suffix != ".npz" or not input_file.is_file():
+        raise UsageError(f"--input {input_file}: expected an existing .npz file")
+    with np.load(input_file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if "inputs" in arrays:
+        x = np.asarray(arrays["inputs"], np.float32)
+    elif "raw" in arrays:
+        x = entry.manifest.preprocessing.apply(arrays["raw"])
+    else:
+        raise UsageError(f"--input {input_file}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
+    expected = tuple(entry.manifest.input.shape)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise UsageError(f"--input {input_file}: inputs have shape {tuple(x.shape[1:])} per sample; "
+                         f"{entry.spec} expects {expected}")
+    labels = arrays.get("labels")
+    if labels is not None and len(labels) != len(x):
+        raise UsageError(f"--input {input_file}: {len(labels)} labels for {len(x)} inputs")
+    suite = Suite(Reference.from_golden(golden), _suite_settings(drift))
+    from sentinel.analysis.shadow import ReferenceRunner
+
+    cache = drift.shadow_cache_dir          # relative to the working directory here
+    outs = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:32]).run(x)
+    stats = input_statistics(x)
+    proj = suite.project(outs.embeddings)
+    size = window_size or max(len(x), 1)
+    verdicts = []
+    for i in range(0, max(len(x), 1), size):
+        sl = slice(i, i + size)
+        verdicts.append(suite.evaluate(Window(outs.logits[sl], stats[sl], None if proj is None else proj[sl],
+                                              None if labels is None else labels[sl])))
+    if as_json:
+        typer.echo(json.dumps([verdict_json(v) for v in verdicts], indent=2))
+    else:
+        for i, v in enumerate(verdicts):
+            acc = "" if v.accuracy is None else f", true accuracy {v.accuracy:.3f}"
+            est = v.estimated_accuracy
+            typer.echo(f"window {i + 1}: n={v.n} drift={'YES' if v.drift else 'no'} "
+                       f"(combined p={_fmt(v.combined.p_value)}), estimated accuracy atc={_fmt(est.get('atc'))} "
+                       f"avg_conf={_fmt(est.get('avg_conf'))}{acc}")
+            for r in v.detectors:
+                state = "ALARM" if r.alarm else ("abstained: " + r.reason if r.abstained else "ok")
+                typer.echo(f"  {r.name:<12} statistic={_fmt(r.statistic):>8} p={_fmt(r.p_value):>8} "
+                           f"alpha={r.threshold:g} {state}")
+    if fail_on_drift and any(v.drift for v in verdicts):
+        raise typer.Exit(1)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4g}"
+
+
+@drift_app.command("eval")
+def evaluate(
+    model: str = typer.Option("digits:v3", "--model", "-m", help="A digits model version (sklearn digits data)."),
+    samples: str = typer.Option("10,20,50,100,200", "--samples", help="Window sizes, comma-separated."),
+    runs: int = typer.Option(5, "--runs", min=1, help="Windows per shift, fraction and size (cost grows linearly)."),
+    null_runs: int = typer.Option(500, "--null-runs", min=10,
+                                  help="No-shift windows per size for the false-alarm rates."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+    golden_root: Optional[Path] = typer.Option(None, "--golden-root"),
+    registry: Optional[Path] = typer.Option(None, "--registry"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+) -> None:
+    """Failing Loudly protocol on non-training digits: detection accuracy, false alarms, accuracy-estimate error."""
+    from sentinel.analysis.evaluation import EvalPlan, format_report, run_eval
+    from sentinel.errors import UsageError
+    from sentinel.registry import open_registry
+
+    try:
+        sizes = tuple(int(s) for s in samples.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--samples {samples!r}: expected comma-separated integers") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--samples {samples!r}: sizes must be positive")
+    drift, cfg_golden = _settings(config)
+    entry = open_registry(config, registry).resolve(model)
+    _single_threaded_blas()
+    report = run_eval(entry, EvalPlan(sizes=sizes, runs=runs, null_runs=null_runs, seed=seed),
+                      _suite_settings(drift), golden_root=golden_root or cfg_golden or "golden_sets",
+                      log=lambda s: typer.echo(s, err=True))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+def _single_threaded_blas() -> None:
+    """Small matrices only: multi-threaded BLAS spins and slows down on a shared host."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to the root app."""
+    app.add_typer(drift_app, name="drift")

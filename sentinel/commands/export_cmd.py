@@ -1,9 +1,121 @@
-"""Command group not built yet (see the open issues)."""
+"""`sentinel export` and `sentinel verify`: make an export, and check one against the reference."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+_REGISTRY = typer.Option(None, "--registry", help="Registry directory (default: config's, else ./models).")
+_CONFIG = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present).")
+
+
+def export(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    out: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: in the model's directory)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: a dynamic batch dimension (default: batch 1)."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX: int8 by onnxruntime static quantization (QDQ)."),
+    calibration: str = typer.Option("golden", "--calibration", help="int8 calibration data: 'golden' or a golden set directory."),
+    exporter: str = typer.Option("dynamo", "--exporter", help="torch.onnx exporter: dynamo (current) or legacy (TorchScript-based, faster)."),
+    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
+    registry: Optional[Path] = _REGISTRY,
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    """Export a registry model to ONNX (fp32 or int8) or TorchScript and record it in model.yaml with its sha256."""
+    import tempfile
+
+    from sentinel.errors import UsageError
+    from sentinel.export.exporters import check_format, default_path, export_onnx, export_torchscript, record_export
+    from sentinel.registry import open_registry
+
+    check_format(fmt, int8)
+    if exporter not in ("dynamo", "legacy"):
+        raise UsageError(f"--exporter must be dynamo or legacy, got {exporter!r}")
+    entry = open_registry(config, registry).resolve(model)
+    entry.check_weights()
+    path = out or default_path(entry, fmt, int8, dynamic_batch)
+    if fmt == "torchscript":
+        export_torchscript(entry, path)
+        ref = record_export(entry, path, "torchscript", "fp32", True)
+    elif not int8:
+        export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
+        ref = record_export(entry, path, "onnx", "fp32", dynamic_batch)
+    else:
+        from sentinel.export.quantize import quantize_int8
+        from sentinel.commands.replay_cmd import checked_golden
+        from sentinel.golden import load_golden
+
+        root = golden_root or _golden_root(config)
+        gs = checked_golden(entry, root, None) if calibration == "golden" else load_golden(calibration)
+        if calibration != "golden" and (gs.meta.model, gs.meta.version) != (entry.name, entry.version):
+            raise UsageError(f"--calibration {calibration}: golden set is for {gs.meta.model}:{gs.meta.version}, "
+                             f"not {entry.spec}")
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_onnx(entry, Path(tmp) / "fp32.onnx", dynamic_batch=dynamic_batch,
+                               exporter=exporter)  # type: ignore[arg-type]
+            quantize_int8(fp32, path, gs.inputs)
+        ref = record_export(entry, path, "onnx", "int8", dynamic_batch)
+    typer.echo(f"wrote {path} ({ref.format} {ref.precision}{', dynamic batch' if ref.dynamic_batch else ''}, "
+               f"sha256 {ref.sha256[:16]}…); recorded in {entry.manifest_path}")
+
+
+def verify(
+    path: Path = typer.Argument(..., help="The export: an .onnx file or a TorchScript .pt file."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    golden: Optional[Path] = typer.Option(None, "--golden", help="Golden set directory (default: golden_sets/<model>/<version>)."),
+    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance on logits (default by precision)."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance on logits (default by precision)."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Required top-1 agreement (default by precision)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: model.yaml's record, else detected)."),
+    localize: str = typer.Option("auto", "--localize", help="auto (on failure), always or never."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (exit code and --json only)."),
+    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
+    registry: Optional[Path] = _REGISTRY,
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    """Run an export and compare it with the reference outputs of the golden set; name the first diverging module.
+
+    Exit 0 when it passes the policy of its precision, 1 when it does not, 2 on usage or infrastructure errors.
+    """
+    from sentinel.commands.replay_cmd import checked_golden
+    from sentinel.errors import UsageError
+    from sentinel.registry import open_registry
+    from sentinel.verify.verifier import render_text, verify_export
+
+    if localize not in ("auto", "always", "never"):
+        raise UsageError(f"--localize must be auto, always or never, got {localize!r}")
+    entry = open_registry(config, registry).resolve(model)
+    gs = checked_golden(entry, golden_root or _golden_root(config), golden)
+    report = verify_export(path, entry, gs, precision=precision, atol=atol, rtol=rtol, min_top1=min_top1,
+                           localize=localize)  # type: ignore[arg-type]
+    if json_out is not None:
+        text = json.dumps(report.doc, indent=2) + "\n"
+        if str(json_out) == "-":
+            sys.stdout.write(text)
+        else:
+            json_out.write_text(text, encoding="utf-8")
+    if not quiet and str(json_out) != "-":
+        typer.echo(render_text(report))
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _golden_root(config: Optional[Path]) -> Path:
+    from sentinel.config import load_config
+
+    path = config or (Path("sentinel.yaml") if Path("sentinel.yaml").is_file() else None)
+    if path is None:
+        return Path("golden_sets")
+    cfg = load_config(path)
+    return cfg.resolve(cfg.golden_sets)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to the root app."""
+    """Add `export` and `verify` to the root app."""
+    app.command("export")(export)
+    app.command("verify")(verify)

@@ -1,0 +1,391 @@
+"""Sidecar overhead: direct vs nginx (proxy_pass, keepalive) vs sentinel (5% sampling).
+
+Open-loop, fixed-rate load measured from each request's intended send time (so a stalled
+server cannot hide its tail), at 200 and 1,000 rps with 1 kB and 602,112-byte bodies (one
+3×224×224 FP32 image, OIP v2 binary extension); then the saturation throughput of each path
+with wrk. Everything runs on loopback; the upstream is a static nginx.
+
+    python benchmarks/proxy_bench.py --quick      # about 1-2 minutes
+    python benchmarks/proxy_bench.py              # longer runs, steadier numbers
+
+See benchmarks/proxy.md for what the columns mean and what limits them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import httptools
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sentinel.protocols import oip_v2  # noqa: E402
+
+UPSTREAM_BODY = json.dumps({"model_name": "bench", "outputs": [
+    {"name": "logits", "shape": [1, 10], "datatype": "FP32", "data": [0.1] * 10}]}, separators=(",", ":"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
+
+
+# --- the servers -----------------------------------------------------------------------
+
+NGINX_COMMON = """
+worker_processes 1;
+daemon off;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/{name}-body;
+  proxy_temp_path {dir}/{name}-proxy;
+  fastcgi_temp_path {dir}/{name}-fcgi;
+  uwsgi_temp_path {dir}/{name}-uwsgi;
+  scgi_temp_path {dir}/{name}-scgi;
+  client_max_body_size 128m;
+  client_body_buffer_size 1m;
+  keepalive_requests 1000000;
+  {body}
+}}
+"""
+
+UPSTREAM_CONF = """
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{resp}'; }}
+  }}
+"""
+
+PROXY_CONF = """
+  upstream model {{ server 127.0.0.1:{up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://model;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_request_buffering off;
+    }}
+  }}
+"""
+
+
+def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
+    conf = tmp / f"{name}.conf"
+    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, body=body))
+    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float) -> subprocess.Popen:
+    cfg = tmp / "sentinel.yaml"
+    cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: http://127.0.0.1:{up}\n"
+                   f"log_level: warning\n"
+                   f"models:\n  - {{name: bench, version: v1, protocol: v2}}\n"
+                   f"sampling: {{rate: {rate}, max_per_second: 100, max_bytes: 8388608}}\n"
+                   f"proxy: {{max_body_bytes: 134217728}}\n")
+    return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def serve_sidecar(cfg_path: str) -> None:
+    """Child mode: the sidecar with the built-in monitor (the bench models have no golden set)."""
+    from sentinel.config import load_config
+    from sentinel.proxy.sidecar import run
+
+    run(load_config(cfg_path), monitor_factory="sentinel.proxy.builtin_monitor:build_builtin")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and all its descendants."""
+    try:
+        p = psutil.Process(pid)
+        procs = [p] + p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for q in procs:
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    p = psutil.Process(pid)
+    return sum(q.memory_info().rss for q in [p] + p.children(recursive=True)) / 2**20
+
+
+# --- open-loop load --------------------------------------------------------------------
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, gen: "OpenLoop"):
+        self.gen = gen
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.intended = 0.0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.gen.done(self, self.intended, self.parser.get_status_code())
+
+    def connection_lost(self, exc) -> None:
+        self.gen.lost(self)
+
+
+class OpenLoop:
+    """Sends `rate` requests per second on keep-alive connections; latency from intended send time."""
+
+    def __init__(self, port: int, request: bytes, max_conns: int = 256):
+        self.port = port
+        self.request = request
+        self.max_conns = max_conns
+        self.idle: list[_Conn] = []
+        self.backlog: deque[float] = deque()
+        self.conns = 0
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.outstanding = 0
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.conns += 1
+        try:
+            _, c = await loop.create_connection(lambda: _Conn(self), "127.0.0.1", self.port)
+        except OSError:
+            self.conns -= 1
+            self.errors += 1
+            return
+        self._use(c)
+
+    def _use(self, c: _Conn) -> None:
+        if self.backlog:
+            c.intended = self.backlog.popleft()
+            c.transport.write(self.request)
+        else:
+            self.idle.append(c)
+
+    def fire(self, intended: float) -> None:
+        self.outstanding += 1
+        if self.idle:
+            c = self.idle.pop()
+            c.intended = intended
+            c.transport.write(self.request)
+            return
+        self.backlog.append(intended)
+        if self.conns < self.max_conns:
+            asyncio.get_running_loop().create_task(self._open())
+
+    def done(self, c: _Conn, intended: float, status: int) -> None:
+        self.outstanding -= 1
+        if status == 200:
+            self.latencies.append(time.perf_counter() - intended)
+        else:
+            self.errors += 1
+        self._use(c)
+
+    def lost(self, c: _Conn) -> None:
+        self.conns -= 1
+        if c in self.idle:
+            self.idle.remove(c)
+
+    async def run(self, rate: float, seconds: float) -> None:
+        # perf_counter, not loop.time(): uvloop's clock has millisecond resolution
+        clock = time.perf_counter
+        for _ in range(min(16, self.max_conns)):
+            await self._open()
+        n = int(rate * seconds)
+        t0 = clock() + 0.05
+        for i in range(n):
+            intended = t0 + i / rate
+            delay = intended - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.fire(intended)
+        deadline = clock() + 10
+        while self.outstanding and clock() < deadline:
+            await asyncio.sleep(0.01)
+        self.errors += self.outstanding
+        for c in self.idle:
+            c.transport.close()
+
+
+def request_bytes(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
+def open_loop(port: int, req: bytes, rate: float, seconds: float) -> tuple[np.ndarray, int]:
+    import uvloop
+
+    gen = OpenLoop(port, req)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(gen.run(rate, seconds))
+    return np.array(gen.latencies) * 1000.0, gen.errors
+
+
+def wrk(port: int, path: str, body: bytes, headers: dict[str, str], seconds: float, tmp: Path) -> float:
+    """Saturation requests/s with wrk (1 thread, 8 connections)."""
+    bodyfile = tmp / "wrk-body.bin"
+    bodyfile.write_bytes(body)
+    hdrs = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
+    script = tmp / "wrk.lua"
+    script.write_text(f'local f = io.open("{bodyfile}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+                      f'wrk.method = "POST"\n{hdrs}')
+    out = subprocess.run(["wrk", "-t1", "-c8", f"-d{seconds:.0f}s", "-s", str(script),
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError(f"wrk said: {out}")
+
+
+# --- main ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    target: str
+    size: str
+    rate: int
+    p50: float
+    p99: float
+    cpu_per_1k: float | None
+    errors: int
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short runs (about 1-2 minutes in all)")
+    ap.add_argument("--seconds", type=float, help="seconds per fixed-rate run")
+    ap.add_argument("--rates", default="200,1000")
+    ap.add_argument("--wrk-seconds", type=float, help="seconds per saturation run")
+    ap.add_argument("--sample-rate", type=float, default=0.05)
+    ap.add_argument("--serve-sidecar", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_sidecar:
+        serve_sidecar(args.serve_sidecar)
+        return
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is required (apt-get install {tool})")
+    seconds = args.seconds or (4.0 if args.quick else 20.0)
+    wrk_s = args.wrk_seconds or (3.0 if args.quick else 10.0)
+    rates = [int(r) for r in args.rates.split(",")]
+
+    small = b'{"inputs":[{"name":"x","shape":[1,200],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 200) + b"]}]}"
+    small += b" " * (1024 - len(small))   # JSON allows trailing whitespace: exactly 1 kB
+    small_h = {"Content-Type": "application/json"}
+    image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    large, large_h = oip_v2.encode([("input-0", image)])
+    large_h = {"Content-Type": large_h["content-type"],
+               "Inference-Header-Content-Length": large_h["inference-header-content-length"]}
+    bodies = {"1 kB": (small, small_h), "602,112 B": (large, large_h)}
+    path = "/v2/models/bench/infer"
+
+    tmp = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
+    up_port, ngx_port, sn_port, sn_admin = free_port(), free_port(), free_port(), free_port()
+    procs = [start_nginx(tmp, "upstream", UPSTREAM_CONF.format(port=up_port, resp=UPSTREAM_BODY)),
+             start_nginx(tmp, "proxy", PROXY_CONF.format(up=up_port, port=ngx_port))]
+    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate)
+    procs.append(sent)
+    rows: list[Row] = []
+    sat: dict[tuple[str, str], float] = {}
+    try:
+        for p in (up_port, ngx_port, sn_port):
+            wait_port(p)
+        targets = {"direct": (up_port, None), "nginx": (ngx_port, procs[1].pid), "sentinel": (sn_port, sent.pid)}
+        for size, (body, headers) in bodies.items():   # warm up: connections, caches, analysis worker
+            for name, (port, _) in targets.items():
+                open_loop(port, request_bytes(path, body, headers), 100, 1.0)
+        rss0 = rss_mb(sent.pid)
+        for size, (body, headers) in bodies.items():
+            req = request_bytes(path, body, headers)
+            for rate in rates:
+                for name, (port, pid) in targets.items():
+                    c0 = cpu_seconds(pid) if pid else 0.0
+                    lat, errors = open_loop(port, req, rate, seconds)
+                    c1 = cpu_seconds(pid) if pid else 0.0
+                    n = max(len(lat) + errors, 1)
+                    rows.append(Row(name, size, rate, float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+                                    float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+                                    (c1 - c0) / n * 1000.0 if pid else None, errors))
+            for name, (port, _) in targets.items():
+                sat[(name, size)] = wrk(port, path, body, headers, wrk_s, tmp)
+        rss1 = rss_mb(sent.pid)
+        scrape = subprocess.run(["curl", "-s", f"http://127.0.0.1:{sn_admin}/metrics"], capture_output=True,
+                                text=True).stdout
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nopen-loop fixed rate, {seconds:.0f} s per run; latency from intended send time (ms); "
+          f"sentinel sampling {args.sample_rate:.0%}; {os.cpu_count()} CPUs shared by client, proxies, upstream\n")
+    hdr = f"{'body':>10} {'rps':>5} | {'direct p50':>10} {'p99':>7} | {'nginx +p50':>10} {'+p99':>7} {'cpu s/1k':>8} | " \
+          f"{'sentinel +p50':>13} {'+p99':>7} {'cpu s/1k':>8} | {'errors':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    for size in bodies:
+        for rate in rates:
+            d, n, s = (next(r for r in rows if r.target == t and r.size == size and r.rate == rate)
+                       for t in ("direct", "nginx", "sentinel"))
+            print(f"{size:>10} {rate:>5} | {d.p50:>10.3f} {d.p99:>7.3f} | {n.p50 - d.p50:>+10.3f} "
+                  f"{n.p99 - d.p99:>+7.3f} {n.cpu_per_1k:>8.3f} | {s.p50 - d.p50:>+13.3f} {s.p99 - d.p99:>+7.3f} "
+                  f"{s.cpu_per_1k:>8.3f} | {d.errors + n.errors + s.errors:>6}")
+    print(f"\nsaturation (wrk, 1 thread, 8 connections, {wrk_s:.0f} s), requests/s:")
+    print(f"{'body':>10} | {'direct':>9} {'nginx':>9} {'sentinel':>9} | {'sentinel/nginx':>14}")
+    for size in bodies:
+        d, n, s = sat[("direct", size)], sat[("nginx", size)], sat[("sentinel", size)]
+        print(f"{size:>10} | {d:>9.0f} {n:>9.0f} {s:>9.0f} | {s / n:>14.0%}")
+    print(f"\nsentinel resident memory: {rss0:.1f} MB before, {rss1:.1f} MB after "
+          f"(main + analysis worker)")
+    samples = [ln for ln in scrape.splitlines() if ln.startswith("sentinel_samples_total")]
+    print("sentinel samples: " + ", ".join(ln.split("{", 1)[1] for ln in samples))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The per-model drift monitor the analysis process runs: windows, detectors, estimates, shadow agreement.
+
+`build_monitor(config, model)` resolves the model's registry entry and golden set; a golden set
+that fails its digest check (or is missing) yields a `RefusedMonitor` whose status says why,
+so the other models' analysis goes on. `ModelMonitor.observe` turns each `DecodedBatch` into
+`MetricUpdate`s: predictions and confidences per sample, and every `evaluate_every` samples
+the detectors' p-values, statistics and alarms and the accuracy estimates on the last
+`window_size` samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from sentinel import metricnames as mn
+from sentinel.analysis.contract import DecodedBatch, MetricUpdate
+
+log = logging.getLogger(__name__)
+
+# Distinct class labels on sentinel_predictions_total per model; further classes count as "other".
+MAX_CLASS_LABELS = 100
+
+
+class RefusedMonitor:
+    """Stands in for a model whose analysis cannot start; observes nothing and says why."""
+
+    def __init__(self, model: str, reason: str):
+        self.model = model
+        self.reason = reason
+
+    def observe(self, batch: DecodedBatch) -> list[MetricUpdate]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.model, "state": "refused", "reason": self.reason}
+
+
+def build_monitor(config, model):
+    """The monitor for one configured model (a RefusedMonitor when its golden set is unusable)."""
+    from sentinel.errors import IntegrityError, SentinelError
+    from sentinel.golden import golden_for
+    from sentinel.registry import Registry
+
+    try:
+        entry = Registry(config.resolve(config.registry), default_model=config.default_model).resolve(
+            f"{model.name}:{model.version}")
+    except SentinelError as exc:
+        log.error("%s: drift analysis refused: %s", model.name, exc)
+        return RefusedMonitor(model.name, f"model not in the registry: {exc}")
+    try:
+        golden = golden_for(entry, config.resolve(config.golden_sets))
+    except IntegrityError as exc:
+        log.error("%s: drift analysis refused: %s", model.name, exc)
+        return RefusedMonitor(model.name, f"golden set failed its digest check: {exc}")
+    except SentinelError as exc:
+        log.error("%s: drift analysis refused: %s", model.name, exc)
+        return RefusedMonitor(model.name, f"golden set unusable: {exc}")
+    runner = None
+    if config.drift.shadow:
+        from sentinel.analysis.shadow import ReferenceRunner
+
+        cache = config.resolve(config.drift.shadow_cache_dir) if config.drift.shadow_cache_dir else None
+        runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:32])
+    return ModelMonitor(model.name, entry, golden, config.drift, runner=runner)
+
+
+class ModelMonitor:
+    """Sliding windows and detectors of one model version, fed by decoded sampled traffic."""
+
+    def __init__(self, name: str, entry, golden, drift, *, runner=None, clock=time.monotonic):
+        from sentinel.drift import Combination, Reference, Score, Settings, SlidingWindow, Suite, Univariate
+        from sentinel.errors import UsageError
+        from sentinel.metricnames import confidence_buckets
+
+        self.name = name
+        self.entry = entry
+        self.golden_path = str(golden.path)
+        self.cfg = drift
+        self.num_classes = int(golden.probabilities.shape[1])
+        if len(entry.manifest.classes) != self.num_classes:
+            raise UsageError(
+                f"{name}: {entry.manifest_path} lists {len(entry.manifest.classes)} classes but golden set "
+                f"{golden.path} has {self.num_classes} outputs per sample")
+        self.classes = tuple(entry.manifest.classes)
+        self.suite = Suite(Reference.from_golden(golden), Settings(
+            alpha=drift.alpha, detectors=tuple(drift.detectors), univariate=Univariate(drift.univariate),
+            combination=Combination(drift.combination), pca_components=drift.pca_components,
+            atc_score=Score(drift.atc_score)))
+        self.input_shape = tuple(entry.manifest.input.shape)
+        self.logits = SlidingWindow(drift.window_size, self.num_classes)
+        n_stats = self.suite.input_stats.reference.shape[1] if self.suite.input_stats else 1
+        self.input_stats = SlidingWindow(drift.window_size, n_stats)
+        n_comp = self.suite.pca.n_components if self.suite.pca else 1
+        self.embeddings = SlidingWindow(drift.window_size, n_comp)
+        est = self.suite.estimator
+        self.confidence_buckets = confidence_buckets([est.confidence_threshold] if est else [])
+        self.runner = runner
+        self.shadow_rate = 0.0
+        self._bucket = None
+        if runner is not None:
+            from sentinel.analysis.shadow import THROUGHPUT_SHARE, TokenBucket
+
+            self.throughput = runner.measure_throughput(golden.inputs[:64])
+            self.shadow_rate = min(drift.shadow_max_per_second, THROUGHPUT_SHARE * self.throughput)
+            self._bucket = TokenBucket(self.shadow_rate, clock=clock)
+        self._since = 0
+        self._seen_classes: set[str] = set()
+        self.counts: dict[str, int] = {}
+        self.error = ""
+        self.last_max_abs_diff = math.nan
+        self.last: dict[str, Any] | None = None
+        self.windows = 0
+
+    # --- per batch ------------------------------------------------------------------------
+    def observe(self, batch: DecodedBatch) -> list[MetricUpdate]:
+        """Metric updates for one decoded batch (never raises on bad data: rejects and counts it)."""
+        up: list[MetricUpdate] = []
+        logits, finite_out = self._outputs(batch, up)
+        if logits is None and batch.outputs is not None:
+            return up
+        x = self._inputs(batch, up)
+        if x is not None and self.runner is not None:
+            self._shadow(x, batch, logits, finite_out, up)
+        new = len(logits) if logits is not None else (len(x) if x is not None else 0)
+        self._since += new
+        if new and self._since >= self.cfg.evaluate_every:
+            self._since = 0
+            up.extend(self.evaluate())
+        return up
+
+    def _reject(self, up: list[MetricUpdate], reason: str, n: int) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        up.append(MetricUpdate(mn.DRIFT_REJECTED.name, {"model": self.name, "reason": reason}, "inc", float(n)))
+
+    def _outputs(self, batch: DecodedBatch, up: list[MetricUpdate]):
+        from sentinel.drift.features import log_probabilities, softmax
+
+        if batch.outputs is None:
+            return None, None
+        out = np.asarray(batch.outputs, dtype=np.float64)
+        if out.ndim == 1:
+            out = out[None]
+        if out.ndim != 2 or out.shape[1] != self.num_classes:
+            got = out.shape[-1] if out.ndim else 0
+            msg = (f"{self.name}: the server returns {got} classes per sample but golden set "
+                   f"{self.golden_path} has {self.num_classes}; samples rejected")
+            if msg != self.error:
+                log.error("%s", msg)
+            self.error = msg
+            self._reject(up, "class_count_mismatch", len(out) if out.ndim else 1)
+            return None, None
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            self._reject(up, "nonfinite_output", int((~finite).sum()))
+        good = out[finite]
+        logits = log_probabilities(good) if batch.output_kind == "probabilities" else good
+        self.logits.push(logits)
+        probs = good if batch.output_kind == "probabilities" else softmax(good)
+        pred = probs.argmax(axis=1)
+        conf = probs.max(axis=1)
+        for k, cnt in zip(*np.unique(pred, return_counts=True)):
+            up.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.name, "class": self._class_label(int(k))},
+                                   "inc", float(cnt)))
+        for c in conf:
+            up.append(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, {"model": self.name}, "observe", float(c)))
+        return logits, finite
+
+    def _class_label(self, k: int) -> str:
+        label = self.classes[k]
+        if label in self._seen_classes or len(self._seen_classes) < MAX_CLASS_LABELS:
+            self._seen_classes.add(label)
+            return label
+        return "other"
+
+    def _inputs(self, batch: DecodedBatch, up: list[MetricUpdate]) -> np.ndarray | None:
+        from sentinel.drift.features import input_statistics
+
+        if batch.inputs is None:
+            return None
+        try:
+            if batch.input_form == "raw":
+                x = self.entry.manifest.preprocessing.apply(batch.inputs)
+            else:
+                x = np.asarray(batch.inputs, dtype=np.float32)
+        except ValueError:
+            x = None
+        if x is None or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            self._reject(up, "input_shape", len(batch.inputs) if np.ndim(batch.inputs) else 1)
+            return None
+        ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not ok.all():
+            self._reject(up, "nonfinite_input", int((~ok).sum()))
+            x = x[ok]
+        if self.suite.input_stats is not None and len(x):
+            self.input_stats.push(input_statistics(x))
+        return x
+
+    def _shadow(self, x: np.ndarray, batch: DecodedBatch, logits, finite_out, up: list[MetricUpdate]) -> None:
+        from sentinel.drift.features import softmax
+
+        k = self._bucket.take(len(x)) if self._bucket is not None else len(x)
+        skipped = len(x) - k
+        lbl = {"model": self.name}
+        if skipped:
+            self.counts["shadow_skipped"] = self.counts.get("shadow_skipped", 0) + skipped
+            up.append(MetricUpdate(mn.SHADOW_SAMPLES.name, {**lbl, "outcome": "skipped"}, "inc", float(skipped)))
+        if not k:
+            return
+        try:
+            ref = self.runner.run(x[:k])
+        except Exception as exc:  # noqa: BLE001 - a failing reference is counted, never fatal to analysis
+            log.warning("%s: shadow reference failed: %s", self.name, exc)
+            up.append(MetricUpdate(mn.SHADOW_SAMPLES.name, {**lbl, "outcome": "failed"}, "inc", float(k)))
+            return
+        proj = self.suite.project(ref.embeddings)
+        if proj is not None:
+            self.embeddings.push(proj)
+        # Compare only when inputs and outputs are the same rows (all outputs finite, same count).
+        if logits is None or finite_out is None or not finite_out.all() or len(finite_out) != len(x):
+            return
+        served = softmax(logits[:k])
+        mine = softmax(ref.logits)
+        agree = served.argmax(axis=1) == mine.argmax(axis=1)
+        n_agree = int(agree.sum())
+        self.counts["shadow_compared"] = self.counts.get("shadow_compared", 0) + k
+        self.counts["shadow_agree"] = self.counts.get("shadow_agree", 0) + n_agree
+        up.append(MetricUpdate(mn.SHADOW_SAMPLES.name, {**lbl, "outcome": "compared"}, "inc", float(k)))
+        for result, n in (("agree", n_agree), ("disagree", k - n_agree)):
+            if n:
+                up.append(MetricUpdate(mn.REFERENCE_AGREEMENT.name, {**lbl, "source": "shadow", "result": result},
+                                       "inc", float(n)))
+        diff = float(np.abs(served - mine).max())
+        self.last_max_abs_diff = diff
+        up.append(MetricUpdate(mn.REFERENCE_MAX_ABS_DIFF.name, {**lbl, "source": "shadow"}, "set", diff))
+
+    # --- per window -----------------------------------------------------------------------
+    def evaluate(self):
+        """Run the detectors on the current windows; updates for every detector and the estimates."""
+        from sentinel.drift import Window
+
+        w = Window(logits=self.logits.values() if len(self.logits) else None,
+                   input_stats=self.input_stats.values() if len(self.input_stats) else None,
+                   embeddings=self.embeddings.values() if len(self.embeddings) else None)
+        v = self.suite.evaluate(w)
+        self.windows += 1
+        up = [MetricUpdate(mn.DRIFT_WINDOWS.name, {"model": self.name}, "inc", 1.0)]
+        for r in (*v.detectors, v.combined):
+            lbl = {"model": self.name, "detector": r.name}
+            up.append(MetricUpdate(mn.DRIFT_P_VALUE.name, lbl, "set", r.p_value))
+            up.append(MetricUpdate(mn.DRIFT_STATISTIC.name, lbl, "set", r.statistic))
+            up.append(MetricUpdate(mn.DRIFT_ALARM.name, lbl, "set", 1.0 if r.alarm else 0.0))
+        for method, value in v.estimated_accuracy.items():
+            if math.isfinite(value):
+                up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
+                                       "set", value))
+        self.last = {"n": v.n, "drift": v.drift, "combined": v.combined.to_dict(),
+                     "detectors": [r.to_dict() for r in v.detectors], "estimated_accuracy": v.estimated_accuracy}
+        return up
+
+    def status(self) -> dict[str, Any]:
+        est = self.suite.estimator
+        return {
+            "model": self.name, "version": self.entry.version, "state": "error" if self.error else "ok",
+            "reason": self.error, "golden_set": self.golden_path, "n_reference": self.suite.n_reference,
+            "window": {"size": self.cfg.window_size, "evaluate_every": self.cfg.evaluate_every,
+                       "outputs": len(self.logits), "inputs": len(self.input_stats),
+                       "embeddings": len(self.embeddings)},
+            "windows_evaluated": self.windows, "counts": dict(self.counts),
+            "atc": None if est is None else {"score": est.score_kind.value, "temperature": est.temperature,
+                                             "threshold": est.threshold,
+                                             "confidence_threshold": est.confidence_threshold},
+            "confidence_buckets": list(self.confidence_buckets),
+            "shadow": None if self.runner is None else {
+                "backend": self.runner.backend, "note": self.runner.note,
+                "throughput_per_s": round(self.throughput, 1), "rate_cap_per_s": round(self.shadow_rate, 1)},
+            "last": self.last,
+        }

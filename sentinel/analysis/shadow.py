@@ -1,0 +1,171 @@
+"""The reference DenseNet run on sampled inputs: embeddings for drift and a shadow prediction.
+
+CPU: the model is exported once to ONNX (cached by weights digest) and run by onnxruntime;
+CUDA, or when the export cannot be made or does not reproduce torch: torch itself. A token
+bucket caps the samples per second at a fraction of the throughput measured at start-up, so
+the reference never falls behind the sampled traffic; samples over the cap are skipped, and
+counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["onnxruntime", "torch"]
+
+# The exported graph must reproduce torch to this absolute tolerance on golden inputs.
+EXPORT_ATOL = 1e-4
+# Share of the measured throughput the shadow may use: the analysis process has other work
+# (decoding, detectors) and the host has other tenants.
+THROUGHPUT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    logits: np.ndarray        # N×K float32
+    embeddings: np.ndarray    # N×D float32
+
+
+class ReferenceRunner:
+    """Runs a registry entry's reference model on network inputs with one backend."""
+
+    def __init__(self, entry, *, device: str | None = None, cache_dir: str | Path | None = None,
+                 check_inputs: np.ndarray | None = None, prefer: Backend | None = None, threads: int = 1):
+        import torch
+
+        from sentinel.reference.runtime import select_device
+
+        self.entry = entry
+        self.model = entry.build_model()
+        self.device = select_device(device)
+        self.model = self.model.to(self.device).eval()
+        self._torch = torch
+        self._session = None
+        self.backend: Backend = "torch"
+        self.note = ""
+        # One intra-op thread by default: the sidecar shares the pod's CPUs with the model server.
+        self.threads = threads
+        want_ort = (prefer or ("onnxruntime" if self.device.type == "cpu" else "torch")) == "onnxruntime"
+        if want_ort:
+            try:
+                self._session = self._onnx_session(Path(cache_dir or Path(tempfile.gettempdir()) / "sentinel-onnx"),
+                                                   check_inputs)
+                self.backend = "onnxruntime"
+            except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to torch, logged
+                self.note = f"onnxruntime unavailable, using torch: {exc}"
+                log.warning("%s: %s", entry.spec, self.note)
+
+    def _onnx_session(self, cache: Path, check_inputs: np.ndarray | None):
+        import onnxruntime as ort
+
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{self.entry.name}-{self.entry.version}-{self.entry.manifest.weights.sha256[:16]}.onnx"
+        if not path.is_file():
+            self._export(path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        x = check_inputs if check_inputs is not None else np.zeros((2, *self.entry.manifest.input.shape), np.float32)
+        x = np.ascontiguousarray(x[:8], dtype=np.float32)
+        lg, em = sess.run(None, {"input": x})
+        ref = self._run_torch(x)
+        err = max(float(np.abs(lg - ref.logits).max()), float(np.abs(em - ref.embeddings).max()))
+        if err > EXPORT_ATOL:
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"exported ONNX differs from torch by {err:.3g} (> {EXPORT_ATOL})")
+        return sess
+
+    def _export(self, path: Path) -> None:
+        torch = self._torch
+        model = copy.deepcopy(self.model).cpu().eval()
+        # The TorchScript exporter mistraces in-place ReLUs whose input is also concatenated
+        # later (a dense block's), giving wrong outputs; out-of-place ReLUs export correctly.
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.ReLU):
+                mod.inplace = False
+
+        class _Both(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m.forward_with_embedding(x)
+
+        x = torch.zeros((2, *self.entry.manifest.input.shape), dtype=torch.float32)
+        tmp = path.with_suffix(".tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Both(model), (x,), str(tmp), input_names=["input"],
+                              output_names=["logits", "embeddings"], opset_version=17, dynamo=False,
+                              dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}, "embeddings": {0: "n"}})
+        tmp.replace(path)
+
+    def _run_torch(self, x: np.ndarray) -> ReferenceOutputs:
+        torch = self._torch
+        with torch.inference_mode():
+            lg, em = self.model.forward_with_embedding(torch.from_numpy(x).to(self.device))
+        return ReferenceOutputs(lg.float().cpu().numpy(), em.float().cpu().numpy())
+
+    def run(self, inputs: np.ndarray, batch_size: int = 64) -> ReferenceOutputs:
+        """Logits and embeddings for N×C×H×W float32 network inputs."""
+        x_all = np.ascontiguousarray(inputs, dtype=np.float32)
+        lgs, ems = [], []
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i:i + batch_size]
+            if self._session is not None:
+                lg, em = self._session.run(None, {"input": x})
+                lgs.append(lg)
+                ems.append(em)
+            else:
+                out = self._run_torch(x)
+                lgs.append(out.logits)
+                ems.append(out.embeddings)
+        if not lgs:
+            return ReferenceOutputs(np.zeros((0, len(self.entry.manifest.classes)), np.float32),
+                                    np.zeros((0, self.model.embedding_width), np.float32))
+        return ReferenceOutputs(np.concatenate(lgs), np.concatenate(ems))
+
+    def measure_throughput(self, inputs: np.ndarray, seconds: float = 0.5) -> float:
+        """Samples per second of `run` on `inputs` (at least one pass, about `seconds` long)."""
+        self.run(inputs[:8])                      # warm-up
+        done, t0 = 0, time.perf_counter()
+        while True:
+            self.run(inputs)
+            done += len(inputs)
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                return done / dt
+
+
+class TokenBucket:
+    """At most `rate` tokens per second, bursts up to `burst`; `take(n)` grants what is available."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic):
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(1.0, rate))
+        self._clock = clock
+        self._tokens = self.burst
+        self._last = clock()
+
+    def take(self, n: int) -> int:
+        """How many of `n` samples may run now (0..n)."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        k = int(min(n, np.floor(self._tokens)))
+        self._tokens -= k
+        return k

@@ -1,0 +1,171 @@
+"""All detectors of one model version, fitted on its golden set, evaluated together on a window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sentinel.drift.atc import AccuracyEstimator, Score
+from sentinel.drift.combine import Combination, combine
+from sentinel.drift.embedding import PCA, MMDTest
+from sentinel.drift.features import (CONFIDENCE_FEATURES, confidence_features, input_feature_names,
+                                     input_statistics, softmax)
+from sentinel.drift.label import LabelShiftTest
+from sentinel.drift.result import DetectorResult, abstain
+from sentinel.drift.univariate import FeatureShiftTest, Univariate
+
+ALL_DETECTORS = ("bbsd", "label", "confidence", "input_stats", "embedding", "mmd")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Reference arrays of one model version (from its golden set)."""
+
+    logits: np.ndarray                      # N×K (or log-probabilities)
+    labels: np.ndarray | None = None        # N, for the accuracy estimators
+    inputs: np.ndarray | None = None        # N×C×H×W network inputs, for input statistics
+    embeddings: np.ndarray | None = None    # N×D penultimate features of the reference model
+
+    @classmethod
+    def from_golden(cls, golden) -> "Reference":
+        """Arrays of a loaded `sentinel.golden.GoldenSet`."""
+        return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Window arrays; any may be None (the detectors needing it abstain)."""
+
+    logits: np.ndarray | None = None        # M×K served logits (or log-probabilities)
+    input_stats: np.ndarray | None = None   # M'×F from `features.input_statistics`
+    embeddings: np.ndarray | None = None    # M''×k, already projected by the suite's PCA
+    labels: np.ndarray | None = None        # true labels where known (evaluation only)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Statistical settings of a suite."""
+
+    alpha: float = 0.05                              # per-detector and combined false-alarm level
+    detectors: tuple[str, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
+    univariate: Univariate = Univariate.KS           # test per feature for bbsd/confidence/input_stats/embedding
+    combination: Combination = Combination.BONFERRONI
+    pca_components: int = 8                          # principal components of golden embeddings kept
+    mmd_permutations: int = 199
+    mmd_max_samples: int = 200
+    atc_score: Score = Score.NEG_ENTROPY
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.detectors if d not in ALL_DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown detectors {unknown}; known: {', '.join(ALL_DETECTORS)}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every detector's result on one window, the combined verdict and the accuracy estimates."""
+
+    n: int
+    detectors: tuple[DetectorResult, ...]
+    combined: DetectorResult
+    estimated_accuracy: dict[str, float] = field(default_factory=dict)
+    accuracy: float | None = None
+
+    @property
+    def drift(self) -> bool:
+        return self.combined.alarm
+
+    def result(self, name: str) -> DetectorResult:
+        for r in self.detectors:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+class Suite:
+    """Detectors fitted on a reference; `evaluate(window)` runs the configured ones."""
+
+    def __init__(self, reference: Reference, settings: Settings = Settings()):
+        s = self.settings = settings
+        logits = np.asarray(reference.logits, np.float64)
+        if logits.ndim != 2 or not np.isfinite(logits).all():
+            raise ValueError(f"reference logits must be a finite N×K array, got shape {logits.shape}")
+        self.num_classes = logits.shape[1]
+        probs = softmax(logits)
+        self.bbsd = FeatureShiftTest("bbsd", probs, tuple(f"class_{k}" for k in range(self.num_classes)),
+                                     s.alpha, s.univariate)
+        self.label = LabelShiftTest(np.bincount(probs.argmax(axis=1), minlength=self.num_classes), s.alpha)
+        self.confidence = FeatureShiftTest("confidence", confidence_features(probs), CONFIDENCE_FEATURES,
+                                           s.alpha, s.univariate)
+        self.input_stats: FeatureShiftTest | None = None
+        if reference.inputs is not None:
+            x = np.asarray(reference.inputs)
+            self.input_stats = FeatureShiftTest("input_stats", input_statistics(x), input_feature_names(x.shape[1]),
+                                                s.alpha, s.univariate)
+        self.pca: PCA | None = None
+        self.embedding: FeatureShiftTest | None = None
+        self.mmd: MMDTest | None = None
+        if reference.embeddings is not None:
+            self.pca = PCA.fit(reference.embeddings, s.pca_components)
+            proj = self.pca.transform(reference.embeddings)
+            self.embedding = FeatureShiftTest("embedding", proj,
+                                              tuple(f"pc{i}" for i in range(self.pca.n_components)),
+                                              s.alpha, s.univariate)
+            self.mmd = MMDTest(proj, s.alpha, s.mmd_permutations, s.mmd_max_samples, seed=s.seed)
+        self.estimator: AccuracyEstimator | None = None
+        if reference.labels is not None:
+            self.estimator = AccuracyEstimator.fit(logits, reference.labels, s.atc_score)
+        self.n_reference = len(logits)
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray | None:
+        """Reduce raw embeddings with the golden PCA (None when the reference had none)."""
+        return None if self.pca is None else self.pca.transform(embeddings)
+
+    def evaluate(self, window: Window) -> Verdict:
+        """Run every configured detector, combine them, and estimate accuracy."""
+        results = [self._run(name, window) for name in self.settings.detectors]
+        combined = combine(results, self.settings.alpha, self.settings.combination)
+        est: dict[str, float] = {}
+        acc = None
+        n = 0
+        if window.logits is not None:
+            lg = np.asarray(window.logits, np.float64)
+            lg = lg[np.isfinite(lg).all(axis=1)]
+            n = len(lg)
+            if self.estimator is not None:
+                est = {"atc": self.estimator.atc(lg), "avg_conf": self.estimator.average_confidence(lg)}
+            if window.labels is not None and len(window.labels) == len(window.logits) and n:
+                ok = np.isfinite(np.asarray(window.logits, np.float64)).all(axis=1)
+                acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
+        return Verdict(n, tuple(results), combined, est, acc)
+
+    def _run(self, name: str, w: Window) -> DetectorResult:
+        a = self.settings.alpha
+        if name in ("bbsd", "label", "confidence"):
+            if w.logits is None:
+                return abstain(name, a, self.n_reference, 0, "no decoded outputs in the window")
+            lg = np.asarray(w.logits, np.float64)
+            if lg.ndim != 2 or lg.shape[1] != self.num_classes:
+                raise ValueError(f"window outputs have {lg.shape[-1]} classes, the reference has {self.num_classes}")
+            probs = softmax(lg[np.isfinite(lg).all(axis=1)])
+            if name == "bbsd":
+                return self.bbsd.test(probs)
+            if name == "label":
+                return self.label.test(probs.argmax(axis=1))
+            return self.confidence.test(confidence_features(probs))
+        if name == "input_stats":
+            if self.input_stats is None:
+                return abstain(name, a, 0, 0, "the golden set has no inputs")
+            if w.input_stats is None:
+                return abstain(name, a, self.n_reference, 0, "no decoded inputs in the window")
+            return self.input_stats.test(w.input_stats)
+        test = self.embedding if name == "embedding" else self.mmd
+        if test is None:
+            return abstain(name, a, 0, 0, "the golden set has no embeddings")
+        if w.embeddings is None:
+            return abstain(name, a, self.n_reference, 0, "no reference embeddings for the window (shadow off?)")
+        return test.test(w.embeddings)

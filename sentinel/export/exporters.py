@@ -1,0 +1,105 @@
+"""torch.onnx and TorchScript exports of a registry model, and recording them in model.yaml."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Literal
+
+from sentinel.errors import InfrastructureError, UsageError
+from sentinel.registry import ExportRef, ModelEntry, sha256_file
+
+Exporter = Literal["dynamo", "legacy"]
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch's export chatter (deprecation notices, progress lines) that is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        loggers = [logging.getLogger(n) for n in ("torch", "onnxscript", "onnx_ir")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _example(entry: ModelEntry, batch: int = 1):
+    import torch
+
+    return torch.zeros((batch, *entry.manifest.input.shape), dtype=torch.float32)
+
+
+def export_onnx(entry: ModelEntry, out: Path, *, dynamic_batch: bool = False,
+                exporter: Exporter = "dynamo") -> Path:
+    """Export fp32 ONNX with input "input" (N×C×H×W) and output "logits" (N×classes).
+
+    `dynamo` is torch.onnx's current exporter (torch.export, onnxscript optimizer; nodes keep
+    their module scopes in metadata); `legacy` is the TorchScript-based one (faster; scopes in
+    node names). Both name intermediate results so `sentinel verify` can localize divergence.
+    """
+    import torch
+
+    model = entry.build_model()
+    x = _example(entry)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quiet_torch(), torch.inference_mode(False), torch.no_grad():
+            if exporter == "dynamo":
+                shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+                prog = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], dynamic_shapes=shapes,
+                                         opset_version=OPSET, verbose=False)
+                prog.save(str(out))
+            else:
+                axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+                torch.onnx.export(model, (x,), str(out), dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET)
+    except (RuntimeError, ValueError, TypeError) as exc:  # torch.export/onnxscript failures
+        raise InfrastructureError(f"ONNX export of {entry.spec} failed: {str(exc).splitlines()[0]}") from None
+    return out
+
+
+def export_torchscript(entry: ModelEntry, out: Path) -> Path:
+    """Trace the model to TorchScript (input N×C×H×W → logits); any batch size works."""
+    import torch
+
+    model = entry.build_model()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_torch(), torch.no_grad():
+        traced = torch.jit.trace(model, _example(entry, 2), check_trace=False)
+        traced.save(str(out))
+    return out
+
+
+def record_export(entry: ModelEntry, path: Path, fmt: Literal["onnx", "torchscript"],
+                  precision: Literal["fp32", "fp16", "int8"], dynamic_batch: bool) -> ExportRef:
+    """Add the export to model.yaml (file relative to the model directory, with its sha256)."""
+    rel = os.path.relpath(Path(path).resolve(), entry.directory.resolve())
+    ref = ExportRef(format=fmt, file=rel, sha256=sha256_file(path), precision=precision, dynamic_batch=dynamic_batch)
+    entry.with_export(ref)
+    return ref
+
+
+def default_path(entry: ModelEntry, fmt: str, int8: bool, dynamic_batch: bool) -> Path:
+    stem = "model" + (".dyn" if dynamic_batch else "") + (".int8" if int8 else "")
+    return entry.directory / (stem + (".onnx" if fmt == "onnx" else ".pt"))
+
+
+def check_format(fmt: str, int8: bool) -> None:
+    if fmt not in ("onnx", "torchscript"):
+        raise UsageError(f"--format must be onnx or torchscript, got {fmt!r}")
+    if int8 and fmt != "onnx":
+        raise UsageError("--int8 is onnxruntime static quantization; it needs --format onnx")

@@ -1,0 +1,60 @@
+"""int8 ONNX by onnxruntime static quantization (QDQ, signed int8 activations and weights).
+
+QDQ with S8S8 is onnxruntime's recommended start for CNNs on CPU (see ANCHORS.md); the
+QOperator format once broke DenseNet's one-input Concat. Activation ranges are calibrated
+on golden inputs (MinMax), so the calibration data is pinned and digest-checked too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sentinel.errors import InfrastructureError
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, *, per_channel: bool = True,
+                  batch: int | None = None) -> Path:
+    """Quantize an fp32 ONNX model, calibrating on `calibration` (N×C×H×W float32)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(str(fp32))
+    input_name = model.graph.input[0].name
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    step = fixed or batch or 16
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._i = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._i >= len(calibration):
+                return None
+            chunk = np.ascontiguousarray(calibration[self._i:self._i + step], dtype=np.float32)
+            self._i += step
+            if fixed and len(chunk) != fixed:
+                return None
+            return {input_name: chunk}
+
+    # onnxruntime's default op list, less BatchNormalization: DenseNet's pre-activation BNs
+    # (the ones not folded into a convolution) have 1-D scales that per-channel weight
+    # quantization cannot take (it warns and falls back); they stay float between DQ and Q.
+    ops = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"BatchNormalization"})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        try:
+            # Shape inference and graph clean-up first, as onnxruntime recommends before quantizing.
+            quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+            quantize_static(str(prepped), str(out), _Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            per_channel=per_channel, op_types_to_quantize=ops)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
+            raise InfrastructureError(f"int8 quantization of {fp32} failed: {type(exc).__name__}: {exc}") from None
+    return out

@@ -1,0 +1,130 @@
+"""The daemon's Prometheus registry: hot-path request metrics and metrics sent by analysis."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+
+from sentinel import __version__, metricnames as mn
+
+log = logging.getLogger(__name__)
+
+NO_MODEL = "none"        # label of requests to non-inference paths
+OVERFLOW_MODEL = "other"  # label of models beyond the cardinality cap
+
+
+def _make(spec: mn.MetricSpec, registry: CollectorRegistry, buckets: tuple[float, ...] | None = None) -> Any:
+    if spec.kind == "counter":
+        return Counter(spec.name, spec.help, spec.labels, registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+    if spec.kind == "histogram":
+        if buckets is None:
+            buckets = (mn.confidence_buckets() if spec.unit == "ratio" else mn.latency_buckets())
+        return Histogram(spec.name, spec.help, spec.labels, buckets=buckets, registry=registry)
+    return Info(spec.name, spec.help, registry=registry)  # the spec's labels are the info's keys
+
+
+class ProxyMetrics:
+    """Owns the registry; cheap `observe_request` for the hot path, `apply` for analysis updates."""
+
+    def __init__(self, known_models: dict[str, str], max_model_labels: int,
+                 latency_thresholds: tuple[float, ...] = (), versions: dict[str, str] | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.buckets = mn.latency_buckets(latency_thresholds)
+        self.duration = Histogram(mn.REQUEST_DURATION.name, mn.REQUEST_DURATION.help,
+                                  mn.REQUEST_DURATION.labels, buckets=self.buckets, registry=r)
+        self.requests = _make(mn.REQUESTS, r)
+        self.proxy_errors = _make(mn.PROXY_ERRORS, r)
+        self.overflow = _make(mn.UNMATCHED_PATHS, r)
+        self.inflight = _make(mn.INFLIGHT, r)
+        self.samples = _make(mn.SAMPLES, r)
+        self.queue_depth = _make(mn.SAMPLE_QUEUE_DEPTH, r)
+        self.queue_capacity = _make(mn.SAMPLE_QUEUE_CAPACITY, r)
+        self.analysis_errors = _make(mn.ANALYSIS_ERRORS, r)
+        self.restarts = _make(mn.ANALYSIS_RESTARTS, r)
+        self.ingest_events = _make(mn.INGEST_EVENTS, r)
+        _make(mn.BUILD_INFO, r).info({"version": __version__})
+        model_info = getattr(mn, "MODEL_INFO", None)
+        if model_info is not None and versions:
+            info = Info(model_info.name, model_info.help, ("model",), registry=r)
+            for model, version in versions.items():
+                info.labels(model).info({"version": version})
+        self._by_name: dict[str, Any] = {}   # analysis metrics, created on first update
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._known = dict(known_models)      # path name → configured model name
+        self._labels: dict[str, str] = {}     # path name → label actually used
+        self._max_labels = max_model_labels
+        self.pending_buckets: dict[str, tuple[float, ...]] = {}
+        self.inflight_count = 0
+        self.inflight.set_function(lambda: self.inflight_count)
+
+    # --- hot path -------------------------------------------------------------------
+    def model_label(self, path_model: str) -> str:
+        """The model label for a path's model name, folding unknown names past the cap into `other`."""
+        label = self._labels.get(path_model)
+        if label is not None:
+            return label
+        label = self._known.get(path_model)
+        if label is None:
+            unknown = sum(1 for k in self._labels if k not in self._known)
+            if unknown >= self._max_labels:
+                self.overflow.inc()
+                return OVERFLOW_MODEL
+            label = path_model[:64]
+        self._labels[path_model] = label
+        return label
+
+    def models_seen(self) -> list[str]:
+        """Model labels requests have been counted under."""
+        return sorted(set(self._labels.values()))
+
+    def observe_request(self, model: str, protocol: str, code: str, seconds: float, trace_id: str | None) -> None:
+        key = (model, protocol, code)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = (self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
+            self._children[key] = pair
+        pair[0].observe(seconds, {"trace_id": trace_id} if trace_id else None)
+        pair[1].inc()
+
+    # --- analysis updates -----------------------------------------------------------
+    def apply(self, metric: str, labels: dict[str, str], op: str, value: float) -> None:
+        """Apply one MetricUpdate (as a plain tuple); raises ValueError on a bad update."""
+        m = self._by_name.get(metric)
+        if m is None:
+            spec = next((s for s in mn.METRICS if s.name == metric), None)
+            if spec is None:
+                raise ValueError(f"unknown metric {metric!r} (not in sentinel.metricnames)")
+            if spec.kind == "info":
+                raise ValueError(f"metric {metric!r} is an info metric; analysis cannot update it")
+            existing = self.registry._names_to_collectors.get(spec.name) or \
+                self.registry._names_to_collectors.get(spec.name + "_total")
+            m = existing if existing is not None else _make(spec, self.registry, self.pending_buckets.get(metric))
+            self._by_name[metric] = m
+        if set(labels) != set(m._labelnames):
+            raise ValueError(f"metric {metric!r} takes labels {list(m._labelnames)}, got {sorted(labels)}")
+        child = m.labels(**labels) if labels else m
+        if op == "inc":
+            child.inc(value)
+        elif op == "set":
+            child.set(value)
+        elif op == "observe":
+            child.observe(value)
+        else:
+            raise ValueError(f"unknown op {op!r} for metric {metric!r}")
+
+    def add_collector(self, collector: Any) -> None:
+        """Register another collector (an object with `collect()`), e.g. the GPU collector."""
+        self.registry.register(collector)
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """Scrape body and content type; OpenMetrics (with exemplars) when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+

@@ -1,0 +1,303 @@
+"""Wires the daemon together: proxy listener, admin listener, metrics, sampling, analysis, ingest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sentinel import __version__
+from sentinel.config import Config, parse_hostport
+from sentinel.errors import ConfigError, InfrastructureError
+from sentinel.proxy import tracing, worker
+from sentinel.proxy.admin import AdminConnection, Request, Response
+from sentinel.proxy.analysis import AnalysisManager
+from sentinel.proxy.ingest import IngestError, JoinTable, parse_event
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.sampling import Sample, Sampler
+from sentinel.proxy.server import ClientConnection, ProxyContext
+from sentinel.proxy.upstream import UpstreamPool
+
+log = logging.getLogger("sentinel.run")
+
+JSON = b"application/json"
+READY_CACHE_S = 1.0
+
+
+def slo_latency_thresholds(config: Config) -> tuple[float, ...]:
+    """Latency thresholds (seconds) of the SLO file, so the histogram has a bucket at each."""
+    if not config.slo_file:
+        return ()
+    path = config.resolve(config.slo_file)
+    if not path.is_file():
+        log.info("SLO file %s not found; latency buckets are the defaults", path)
+        return ()
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError([f"{path}: cannot read SLO file: {exc}"]) from None
+    out = []
+    for i, slo in enumerate(doc.get("slos") or []):
+        if isinstance(slo, dict) and slo.get("sli", "latency") == "latency" and "threshold" in slo:
+            try:
+                out.append(float(slo["threshold"]))
+            except (TypeError, ValueError):
+                raise ConfigError([f"{path}: slos[{i}].threshold: expected seconds, "
+                                   f"got {slo['threshold']!r}"]) from None
+    return tuple(out)
+
+
+def upstream_address(config: Config) -> tuple[str, int]:
+    parts = urlsplit(config.upstream)
+    if parts.scheme != "http":
+        raise ConfigError([f"{config.source}: upstream: the proxy speaks plain HTTP to the model server "
+                           f"(same pod); got {config.upstream!r}"])
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+class Sidecar:
+    """One running daemon; `start()` binds both listeners, `stop()` drains and shuts down."""
+
+    def __init__(self, config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY):
+        self.config = config
+        self.monitor_factory = monitor_factory
+        known = {m.path_name: m.name for m in config.models} | {m.name: m.name for m in config.models}
+        self.metrics = ProxyMetrics(known, config.proxy.max_model_labels, slo_latency_thresholds(config),
+                                    versions={m.name: m.version for m in config.models})
+        self.samplers = {}
+        for m in config.models:
+            s = (m.name, Sampler(config.sampling_for(m)))
+            self.samplers[m.path_name] = s
+            self.samplers.setdefault(m.name, s)
+        self.up_host, self.up_port = upstream_address(config)
+        self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending)
+        self.started_at = time.time()
+        self.proxy_server: Any = None
+        self.admin_server: Any = None
+        self._stopped: asyncio.Event | None = None
+        self._ready: tuple[float, bool, str] = (0.0, False, "not checked")
+        self._tasks: list[asyncio.Task] = []
+        self._add_gpu_collector()
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        cfg = self.config
+        self._stopped = asyncio.Event()
+        self.pool = UpstreamPool(self.up_host, self.up_port, cfg.proxy.connect_timeout_s, cfg.proxy.upstream_pool_size)
+        self.analysis = AnalysisManager(cfg, self.metrics, loop, self.monitor_factory)
+        self.tracer = (tracing.SpanExporter(cfg.tracing.otlp_endpoint, cfg.tracing.service_name)
+                       if cfg.tracing.otlp_endpoint else None)
+        self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=self.metrics, max_body=cfg.proxy.max_body_bytes,
+                                upstream_timeout=cfg.proxy.upstream_timeout_s, samplers=self.samplers,
+                                submit=self.analysis.submit, tracer=self.tracer)
+        host, port = parse_hostport(cfg.listen)
+        self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port)
+        ahost, aport = parse_hostport(cfg.admin)
+        max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
+        try:
+            self.admin_server = await self._listen(
+                "admin", cfg.admin, lambda: AdminConnection(self._admin, 2 * max_ingest + 65536), ahost, aport)
+        except InfrastructureError:
+            self.proxy_server.close()
+            raise
+        self._tasks.append(loop.create_task(self._expire_ingest()))
+        log.info("proxy on %s → %s; admin on %s", self.proxy_address, cfg.upstream, self.admin_address)
+
+    async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
+        try:
+            return await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True)
+        except OSError as exc:
+            raise InfrastructureError(f"cannot listen on {addr} ({self.config.source}: {field}): "
+                                      f"{exc.strerror or exc}") from None
+
+    @property
+    def proxy_address(self) -> tuple[str, int]:
+        return self.proxy_server.sockets[0].getsockname()[:2]
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        return self.admin_server.sockets[0].getsockname()[:2]
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (signal handlers call this)."""
+        if self._stopped is not None and not self._stopped.is_set():
+            log.info("stopping: no new connections; draining in-flight requests (up to %s s)",
+                     self.config.proxy.drain_timeout_s)
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests up to the deadline, then shut everything down."""
+        ctx = self.ctx
+        ctx.draining = True
+        self.proxy_server.close()
+        for conn in list(ctx.connections):
+            if conn.idle():
+                conn.transport.close()  # type: ignore[union-attr]
+        deadline = time.monotonic() + self.config.proxy.drain_timeout_s
+        while ctx.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if ctx.connections:
+            log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
+            for conn in list(ctx.connections):
+                conn.abort()
+        self.pool.close()
+        for t in self._tasks:
+            t.cancel()
+        self.admin_server.close()
+        await self.analysis.stop()
+        if self.tracer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tracer.shutdown)
+
+    # --- collectors -----------------------------------------------------------------
+    def _add_gpu_collector(self) -> None:
+        try:
+            from sentinel.gpu.collector import build_collector
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("sentinel.gpu"):
+                log.debug("no GPU collector module yet; GPU metrics off")
+                return
+            raise
+        try:
+            collector = build_collector(self.config.gpu)
+        except Exception as exc:  # a broken collector must not stop the proxy
+            log.warning("GPU collector not started: %s", exc)
+            return
+        if collector is not None:
+            self.metrics.add_collector(collector)
+
+    def add_collector(self, collector: Any) -> None:
+        """Expose another collector (an object with `collect()`) on /metrics."""
+        self.metrics.add_collector(collector)
+
+    # --- admin ----------------------------------------------------------------------
+    async def _admin(self, req: Request) -> Response:
+        path = req.path.split("?", 1)[0]
+        if path == "/ingest":
+            if req.method != "POST":
+                return 405, JSON, b'{"error":"POST CloudEvents here"}'
+            return self._ingest(req)
+        if req.method not in ("GET", "HEAD"):
+            return 405, JSON, b'{"error":"method not allowed"}'
+        if path == "/metrics":
+            body, ctype = self.metrics.exposition(req.headers.get("accept", ""))
+            return 200, ctype.encode(), body
+        if path == "/healthz":
+            return 200, JSON, b'{"status":"ok"}'
+        if path == "/readyz":
+            ok, why = await self._upstream_ready()
+            body = json.dumps({"ready": ok, "config": self.config.source, "upstream": why}).encode()
+            return (200 if ok else 503), JSON, body
+        if path == "/status":
+            return 200, JSON, json.dumps(self.status(), default=str).encode()
+        return 404, JSON, b'{"error":"not found; try /metrics, /healthz, /readyz, /status, /ingest"}'
+
+    async def _upstream_ready(self) -> tuple[bool, str]:
+        at, ok, why = self._ready
+        if time.monotonic() - at < READY_CACHE_S:
+            return ok, why
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(self.up_host, self.up_port),
+                                          self.config.proxy.connect_timeout_s)
+            w.close()
+            ok, why = True, f"{self.up_host}:{self.up_port} reachable"
+        except (OSError, asyncio.TimeoutError) as exc:
+            ok, why = False, f"{self.up_host}:{self.up_port} unreachable: {exc or 'timeout'}"
+        self._ready = (time.monotonic(), ok, why)
+        return ok, why
+
+    def status(self) -> dict:
+        """What /status shows: models seen, sampling and queue state, last analysis results."""
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "listen": "%s:%d" % self.proxy_address, "upstream": self.config.upstream,
+            "draining": self.ctx.draining,
+            "inflight": self.metrics.inflight_count,
+            "models_seen": self.metrics.models_seen(),
+            "sampling": {m.name: self.samplers[m.path_name][1].state() for m in self.config.models},
+            "analysis": self.analysis.state(),
+            "last_results": self.analysis.statuses,
+            "ingest_pending": len(self.join),
+        }
+
+    def _ingest(self, req: Request) -> Response:
+        ev_metric = self.metrics.ingest_events
+        try:
+            ev = parse_event(req.headers, req.body)
+        except IngestError as exc:
+            ev_metric.labels("rejected").inc()
+            return 400, JSON, json.dumps({"error": str(exc)}).encode()
+        model = self._model_for_service(ev.service)
+        if model is None:
+            ev_metric.labels("rejected").inc()
+            known = ", ".join(m.name for m in self.config.models)
+            return 400, JSON, json.dumps({"error": f"Ce-Inferenceservicename {ev.service!r} matches no "
+                                                   f"configured model ({known})"}).encode()
+        pair, orphans = self.join.add(ev, time.monotonic())
+        if orphans:
+            ev_metric.labels("orphaned").inc(orphans)
+        if pair is None:
+            ev_metric.labels("accepted").inc()
+            return 202, JSON, b'{"status":"waiting for the other half"}'
+        ev_metric.labels("joined").inc()
+        req_ev, resp_ev = pair
+        name, sampler = model
+        protocol = next(m.protocol for m in self.config.models if m.name == name)
+        if len(req_ev.body) > sampler.max_bytes or len(resp_ev.body) > sampler.max_bytes:
+            self.ctx.count_sample(name, "oversize")
+        else:
+            self.analysis.submit(Sample(name, protocol, req_ev.headers, req_ev.body, resp_ev.headers,
+                                        resp_ev.body, "ingest", ev.id, time.time()))
+        return 202, JSON, b'{"status":"joined"}'
+
+    def _model_for_service(self, service: str) -> tuple[str, Sampler] | None:
+        s = self.samplers.get(service)
+        if s is not None:
+            return s
+        if len(self.config.models) == 1 or self.config.default_model:
+            # One model behind this sidecar: an InferenceService named differently is still it.
+            m = self.config.model()
+            return self.samplers[m.name]
+        return None
+
+    async def _expire_ingest(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            n = self.join.expire(time.monotonic())
+            if n:
+                self.metrics.ingest_events.labels("orphaned").inc(n)
+
+
+async def serve(config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY) -> None:
+    """Run until SIGTERM/SIGINT, then drain and return."""
+    sc = Sidecar(config, monitor_factory=monitor_factory)
+    await sc.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sc.request_stop)
+    await sc.wait_stopped()
+
+
+def run(config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY) -> None:
+    """Blocking entry point for `sentinel run`: uvloop where available."""
+    try:
+        import uvloop
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(config, monitor_factory=monitor_factory))

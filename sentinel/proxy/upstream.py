@@ -1,0 +1,204 @@
+"""Pooled keep-alive HTTP/1.1 connections to the model server, parsed with httptools."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from sentinel.proxy.http import Outbox
+
+if TYPE_CHECKING:
+    from sentinel.proxy.exchange import Exchange
+
+log = logging.getLogger("sentinel.proxy")
+
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the model server; carries one exchange at a time."""
+
+    def __init__(self, pool: "UpstreamPool"):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.until_close = False   # response body delimited by connection close
+        self.informational = False
+        self.outbox = pool.outbox
+        self._out: list[bytes] = []
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:       # nothing asked: a confused server; do not reuse
+            self.abort()
+            return
+        self.outbox.active = True
+        try:
+            self._feed(data)
+        finally:
+            self.outbox.flush()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            # a bug in our own callbacks, not the upstream's fault: say so loudly
+            log.exception("internal error while relaying a response")
+            ex = self.exchange
+            self.abort()
+            if ex is not None:
+                ex.upstream_failed("internal_error", "internal error in the proxy")
+        except httptools.HttpParserError as exc:
+            ex = self.exchange
+            self.abort()
+            if ex is not None:
+                ex.upstream_failed("upstream_bad_response", f"malformed response from upstream: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.discard(self)
+        ex, self.exchange = self.exchange, None
+        if ex is None:
+            return
+        if self.until_close and ex.response_started:
+            ex.response_done(reusable=False)
+        else:
+            ex.upstream_failed("upstream_reset", "upstream closed the connection" +
+                               (f": {exc}" if exc else " before the response was complete"))
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.conn.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.conn.resume_reading("upstream")
+
+    # --- httptools callbacks ----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.until_close = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.informational = 100 <= status < 200 and status != 101
+        if self.informational or self.exchange is None:
+            return   # 100 Continue and friends: the proxy answered Expect itself
+        self.exchange.response_head(status, self.reason, self.headers, self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational or self.exchange is None:
+            return
+        self.exchange.response_done(reusable=self.parser.should_keep_alive())
+
+    # --- used by the exchange ---------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.outbox.active:
+            if not self._out:
+                self.outbox.pending.append(self)
+            self._out.append(data)
+        elif not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, data: Any) -> None:
+        if self.outbox.active:
+            if not self._out:
+                self.outbox.pending.append(self)
+            self._out.extend(data)
+        elif not self.closed:
+            self.transport.writelines(data)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the connection without reporting to the exchange (it already knows)."""
+        self.exchange = None
+        self.closed = True
+        self._out = []
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one host:port, reused last-in first-out."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float, max_idle: int, outbox: Outbox | None = None):
+        self.outbox = outbox or Outbox()
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.opened = 0
+
+    def get_idle(self) -> UpstreamConnection | None:
+        while self.idle:
+            c = self.idle.pop()
+            if not c.closed and c.transport is not None and not c.transport.is_closing():
+                return c
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+            self.connect_timeout)
+        self.opened += 1
+        return proto
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.exchange = None
+        if conn.closed:
+            return
+        if len(self.idle) < self.max_idle:
+            conn.resume_reading()
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        for c in self.idle:
+            c.abort()
+        self.idle.clear()

@@ -1,0 +1,55 @@
+"""Comparing a served answer with the golden set's reference outputs under its tolerance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sentinel.golden import Tolerance
+from sentinel.replay.wire import Decoded
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One sample: does the served answer agree with the reference?"""
+
+    id: int
+    expected: int                    # reference top-1 class
+    served: int                      # served top-1 class
+    prob_max_abs: float | None       # max |p_served - p_ref| over classes (None: not served)
+    logits_max_abs: float | None     # max |logit_served - logit_ref| (None: not served)
+    logits_close: bool               # |a - b| <= atol + rtol·|b| for every logit (True when not served)
+
+    @property
+    def top1_agrees(self) -> bool:
+        return self.expected == self.served
+
+    def agrees(self, tol: Tolerance) -> bool:
+        """Top-1 equal, probabilities within prob_atol, logits within atol/rtol where served."""
+        if not self.top1_agrees or not self.logits_close:
+            return False
+        return self.prob_max_abs is None or self.prob_max_abs <= tol.prob_atol
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "expected": self.expected, "served": self.served,
+                "prob_max_abs": _r(self.prob_max_abs), "logits_max_abs": _r(self.logits_max_abs)}
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else float(f"{v:.6g}")
+
+
+def compare(sample_id: int, got: Decoded, ref_probs: np.ndarray, ref_logits: np.ndarray, tol: Tolerance) -> Comparison:
+    """Compare one decoded answer with one reference row."""
+    expected = int(np.argmax(ref_probs))
+    pdiff = ldiff = None
+    close = True
+    if got.probabilities is not None and got.probabilities.shape == ref_probs.shape:
+        pdiff = float(np.max(np.abs(got.probabilities - ref_probs)))
+    if got.logits is not None and got.logits.shape == ref_logits.shape:
+        ldiff = float(np.max(np.abs(got.logits - ref_logits)))
+        close = bool(np.all(np.abs(got.logits - ref_logits) <= tol.logits_atol + tol.logits_rtol * np.abs(ref_logits)))
+    elif got.logits is not None or (got.probabilities is not None and pdiff is None):
+        close = False  # outputs of the wrong width cannot agree
+    return Comparison(int(sample_id), expected, int(got.top1), pdiff, ldiff, close)

@@ -1,0 +1,158 @@
+"""A minimal asyncio HTTP/1.1 keep-alive client for load generation.
+
+Why not httpx: the replay client must sustain thousands of requests per second on one
+shared core and account for its own time precisely; a generic client spends most of its
+time in layers we do not need. This speaks just enough HTTP/1.1: one request at a time
+per connection, Content-Length or chunked response bodies, `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class HttpError(Exception):
+    """A transport failure; `kind` is a short label for reports (connect, timeout, reset, protocol)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[str, str]   # lower-case names
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where requests go: scheme, host, port and a path prefix from a base URL."""
+
+    host: str
+    port: int
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> "Target":
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected an http:// URL, got {url!r}" +
+                             (" (https targets are not supported by the replay client yet)"
+                              if parts.scheme == "https" else ""))
+        return cls(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Connection:
+    """One keep-alive connection; `request` may be called again once it has returned."""
+
+    def __init__(self, target: Target, connect_timeout: float = 2.0):
+        self.target = target
+        self.connect_timeout = connect_timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.target.host, self.target.port), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError("connect", f"connect to {self.target.authority} timed out") from None
+        except OSError as exc:
+            raise HttpError("connect", f"cannot connect to {self.target.authority}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def request(self, head: bytes, body: bytes) -> Response:
+        """Send a pre-built request head (see `build_head`) and body; read the whole response."""
+        reused = self._writer is not None
+        if not reused:
+            await self._connect()
+        try:
+            return await self._exchange(head, body)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.close()
+            if reused and isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)) \
+                    and not getattr(exc, "partial", b""):
+                # The server closed an idle keep-alive connection: retry once on a fresh one.
+                await self._connect()
+                try:
+                    return await self._exchange(head, body)
+                except (ConnectionError, asyncio.IncompleteReadError) as exc2:
+                    self.close()
+                    raise HttpError("reset", f"connection to {self.target.authority} lost: {exc2!r}") from None
+            raise HttpError("reset", f"connection to {self.target.authority} lost: {exc!r}") from None
+        except asyncio.CancelledError:
+            self.close()  # half-read responses make the connection unusable
+            raise
+
+    async def _exchange(self, head: bytes, body: bytes) -> Response:
+        assert self._reader is not None and self._writer is not None
+        self._writer.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self._writer.write(body)
+        await self._writer.drain()
+        line = await self._reader.readuntil(b"\r\n")
+        try:
+            _, code, *_ = line.split(b" ", 2)
+            status = int(code)
+        except ValueError:
+            self.close()
+            raise HttpError("protocol", f"bad status line {line[:80]!r}") from None
+        headers: dict[str, str] = {}
+        while True:
+            h = await self._reader.readuntil(b"\r\n")
+            if h == b"\r\n":
+                break
+            name, _, value = h.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            data = await self._reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            data = await self._read_chunked()
+        elif status in (204, 304) or 100 <= status < 200:
+            data = b""
+        else:
+            data = await self._reader.read()
+            self.close()
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return Response(status, headers, data)
+
+    async def _read_chunked(self) -> bytes:
+        assert self._reader is not None
+        parts = []
+        while True:
+            size_line = await self._reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                while await self._reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailers
+                return b"".join(parts)
+            parts.append(await self._reader.readexactly(size))
+            await self._reader.readexactly(2)
+
+
+def build_head(target: Target, method: str, path: str, headers: dict[str, str], body_len: int) -> bytes:
+    """The request line and headers, built once per distinct request and reused."""
+    lines = [f"{method} {target.prefix}{path} HTTP/1.1", f"Host: {target.authority}",
+             f"Content-Length: {body_len}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def probe(target: Target, timeout: float = 2.0) -> None:
+    """Raise HttpError("connect") unless a TCP connection to the target can be opened."""
+    conn = Connection(target, timeout)
+    await conn._connect()
+    conn.close()

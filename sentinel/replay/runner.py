@@ -1,0 +1,263 @@
+"""Driving load: open loop at a fixed rate (latency from the intended send time) or closed loop.
+
+Open loop: request i is due at t0 + i/rate. It is sent on one of `connections` keep-alive
+connections; when all are busy (a stalled server), the send waits, and that wait counts.
+Its *corrected* latency runs from the intended time, its *uncorrected* latency from the
+moment it was actually written, so a stall shows as many slow requests in the corrected
+figures and as few in the uncorrected ones (coordinated omission, as wrk2 and
+HdrHistogram define it). Closed loop: `concurrency` workers each send the next request as
+soon as the previous answer arrives; there is no intended time, both figures are equal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from sentinel.golden import Tolerance
+from sentinel.replay.compare import Comparison, compare
+from sentinel.replay.histogram import LatencyHistogram
+from sentinel.replay.http import Connection, HttpError, Target, build_head
+from sentinel.replay.wire import DecodeError, WireFormat
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How much load, and of which shape."""
+
+    rate: float | None = None          # requests per second (open loop)
+    concurrency: int | None = None     # workers (closed loop), when no rate is given
+    count: int | None = None           # requests to send
+    duration_s: float | None = None    # or: how long to send
+    connections: int = 64              # open loop: keep-alive connections (in-flight limit)
+    timeout_s: float = 30.0            # per request, from the actual send
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.rate is not None and self.concurrency is not None:
+            p.append("--rate and --concurrency exclude each other")
+        if self.rate is not None and self.rate <= 0:
+            p.append(f"--rate must be positive, got {self.rate}")
+        if self.concurrency is not None and self.concurrency < 1:
+            p.append(f"--concurrency must be at least 1, got {self.concurrency}")
+        if self.count is not None and self.count < 1:
+            p.append(f"--count must be at least 1, got {self.count}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            p.append(f"--duration must be positive, got {self.duration_s}")
+        if self.connections < 1:
+            p.append(f"--connections must be at least 1, got {self.connections}")
+        if self.timeout_s <= 0:
+            p.append(f"--timeout must be positive, got {self.timeout_s}")
+        return p
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate is not None
+
+
+@dataclass(frozen=True)
+class Samples:
+    """What to send and what to expect: one row per golden sample."""
+
+    ids: np.ndarray             # int64
+    inputs: np.ndarray          # N × (raw or network shape)
+    probabilities: np.ndarray   # N × classes, reference
+    logits: np.ndarray          # N × classes, reference
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One finished request, as observers see it."""
+
+    sample_id: int
+    latency_s: float               # corrected (from the intended send time)
+    error: str | None              # error kind, or None
+    comparison: Comparison | None  # None when the request failed
+
+
+@dataclass
+class RunResult:
+    """Everything a run measured (see `report.build_report`)."""
+
+    mode: str
+    planned: int
+    sent: int = 0
+    completed: int = 0
+    corrected: LatencyHistogram = field(default_factory=LatencyHistogram)
+    uncorrected: LatencyHistogram = field(default_factory=LatencyHistogram)
+    send_lag: LatencyHistogram = field(default_factory=LatencyHistogram)     # actual - intended send
+    client_time: LatencyHistogram = field(default_factory=LatencyHistogram)  # per request, not waiting
+    errors: Counter = field(default_factory=Counter)
+    error_examples: dict[str, str] = field(default_factory=dict)
+    comparisons: list[Comparison] = field(default_factory=list)
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+
+
+Observer = Callable[[Outcome], None]
+Progress = Callable[[int, int], None]
+
+
+class Replayer:
+    """Sends golden samples to a target and measures latency and agreement."""
+
+    def __init__(self, target: Target, wire: WireFormat, samples: Samples, *,
+                 headers: dict[str, str] | None = None, observer: Observer | None = None,
+                 progress: Progress | None = None):
+        self.target = target
+        self.wire = wire
+        self.samples = samples
+        self.observer = observer
+        self.progress = progress
+        extra = dict(headers or {})
+        # Encode each distinct request once: the client's time must go to sending, not JSON.
+        self._requests: list[bytes] = []
+        for x in samples.inputs:
+            hdrs, body = wire.encode(x)
+            self._requests.append(build_head(target, "POST", wire.path, {**hdrs, **extra}, len(body)) + body)
+
+    def planned_count(self, plan: LoadPlan) -> int:
+        if plan.count is not None:
+            return plan.count
+        if plan.duration_s is not None and plan.rate is not None:
+            return max(1, math.ceil(plan.rate * plan.duration_s))
+        if plan.duration_s is not None:
+            return 0  # closed loop until the time is up
+        return len(self.samples)
+
+    def run(self, plan: LoadPlan) -> RunResult:
+        """Run the plan on a fresh event loop (uvloop when installed)."""
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(self.run_async(plan))
+
+    async def run_async(self, plan: LoadPlan) -> RunResult:
+        planned = self.planned_count(plan)
+        result = RunResult("open" if plan.open_loop else "closed", planned)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        if plan.open_loop:
+            await self._open_loop(plan, planned, result)
+        else:
+            await self._closed_loop(plan, planned, result)
+        result.wall_s = time.perf_counter() - t0
+        result.cpu_s = time.process_time() - cpu0
+        return result
+
+    async def _one(self, conn: Connection, i: int, intended: float, timeout: float, result: RunResult) -> None:
+        """Send request i on `conn`; record latency, errors and the comparison."""
+        k = i % len(self.samples)
+        t_send = time.perf_counter()
+        error = None
+        cmp = None
+        t_wait = t_send
+        try:
+            resp = await asyncio.wait_for(conn.request(self._requests[k], b""), timeout)
+            t_done = time.perf_counter()
+            t_wait = t_done
+            if 200 <= resp.status < 300:
+                try:
+                    got = self.wire.decode(resp.headers, resp.body)
+                    cmp = compare(int(self.samples.ids[k]), got, self.samples.probabilities[k],
+                                  self.samples.logits[k], self.samples.tolerance)
+                except DecodeError as exc:
+                    error = "decode"
+                    result.error_examples.setdefault(error, str(exc))
+            else:
+                error = f"http_{resp.status}"
+                result.error_examples.setdefault(error, resp.body[:200].decode("utf-8", "replace"))
+        except asyncio.TimeoutError:
+            conn.close()
+            t_done = t_wait = time.perf_counter()
+            error = "timeout"
+            result.error_examples.setdefault(error, f"no answer within {timeout:g} s")
+        except HttpError as exc:
+            t_done = t_wait = time.perf_counter()
+            error = exc.kind
+            result.error_examples.setdefault(error, str(exc))
+        result.completed += 1
+        result.corrected.record(t_done - intended)
+        result.uncorrected.record(t_done - t_send)
+        result.send_lag.record(t_send - intended)
+        if error:
+            result.errors[error] += 1
+        elif cmp is not None:
+            result.comparisons.append(cmp)
+        # Time spent here after the answer arrived: decoding and comparing.
+        result.client_time.record(time.perf_counter() - t_wait)
+        if self.observer is not None:
+            self.observer(Outcome(int(self.samples.ids[k]), t_done - intended, error, cmp))
+        if self.progress is not None:
+            self.progress(result.completed, result.planned)
+
+    async def _open_loop(self, plan: LoadPlan, planned: int, result: RunResult) -> None:
+        assert plan.rate is not None
+        idle: list[Connection] = []
+        slots = asyncio.Semaphore(plan.connections)
+        tasks: set[asyncio.Task] = set()
+
+        async def send(i: int, intended: float) -> None:
+            conn = idle.pop() if idle else Connection(self.target)
+            try:
+                await self._one(conn, i, intended, plan.timeout_s, result)
+            finally:
+                idle.append(conn)
+                slots.release()
+
+        start = time.perf_counter()
+        interval = 1.0 / plan.rate
+        for i in range(planned):
+            intended = start + i * interval
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()   # all connections busy: this send is late, and that counts
+            result.sent += 1
+            t = asyncio.create_task(send(i, intended))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        for c in idle:
+            c.close()
+
+    async def _closed_loop(self, plan: LoadPlan, planned: int, result: RunResult) -> None:
+        workers = plan.concurrency or 1
+        deadline = time.perf_counter() + plan.duration_s if plan.duration_s is not None else None
+        counter = iter(range(planned) if planned else _count())
+
+        async def worker() -> None:
+            conn = Connection(self.target)
+            try:
+                for i in counter:
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        break
+                    result.sent += 1
+                    await self._one(conn, i, time.perf_counter(), plan.timeout_s, result)
+            finally:
+                conn.close()
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        if not planned:
+            result.planned = result.sent
+
+
+def _count():
+    i = 0
+    while True:
+        yield i
+        i += 1

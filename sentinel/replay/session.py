@@ -1,0 +1,73 @@
+"""One replay from the CLI's point of view: resolve target and samples, run, report."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from sentinel.errors import InfrastructureError, UsageError
+from sentinel.golden import GoldenSet, Tolerance
+from sentinel.registry import ModelEntry
+from sentinel.replay.http import HttpError, Target, probe
+from sentinel.replay.report import Objectives, ReplayReport, build_report
+from sentinel.replay.runner import LoadPlan, Observer, Progress, Replayer, Samples
+from sentinel.replay.wire import Protocol, WireFormat
+
+Send = Literal["auto", "raw", "inputs"]
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """Everything a replay needs besides the model and golden set."""
+
+    target: str
+    protocol: Protocol
+    model_path_name: str
+    binary: bool = False
+    send: Send = "auto"     # raw inputs when the golden set has them and the model preprocesses
+    headers: tuple[tuple[str, str], ...] = ()
+    samples: int | None = None   # use only the first N golden samples
+
+
+def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", limit: int | None = None,
+                   tolerance: Tolerance | None = None) -> Samples:
+    """Golden rows to send: raw form when the server preprocesses (model.yaml raw_input), else network inputs."""
+    raw = golden.raw
+    if send == "raw" and raw is None:
+        raise UsageError(f"{golden.path}: --send raw, but the golden set has no raw inputs")
+    use_raw = raw is not None and (send == "raw" or (send == "auto" and entry.manifest.raw_input is not None))
+    x = raw if use_raw else golden.inputs
+    n = len(x) if limit is None else min(limit, len(x))
+    return Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
+                   logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
+
+
+def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: LoadPlan, objectives: Objectives, *,
+               tolerance: Tolerance | None = None, observer: Observer | None = None,
+               progress: Progress | None = None) -> ReplayReport:
+    """Check the target is reachable, replay, and build the report (objectives evaluated)."""
+    problems = plan.validate() + objectives.validate()
+    if problems:
+        raise UsageError("; ".join(problems))
+    try:
+        target = Target.parse(spec.target)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    try:
+        asyncio.run(probe(target))
+    except HttpError as exc:
+        raise InfrastructureError(f"target unreachable: {exc}") from None
+    samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
+    wire = WireFormat(spec.protocol, spec.model_path_name, binary=spec.binary, classes=entry.manifest.classes)
+    replayer = Replayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
+    result = replayer.run(plan)
+    if result.sent and result.errors.get("connect", 0) == result.sent:
+        raise InfrastructureError(f"target unreachable: every request failed to connect to {target.authority}")
+    if objectives.min_agreement is None:
+        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    return build_report(result, model=entry.spec, target=spec.target + wire.path, protocol=spec.protocol,
+                        binary=spec.binary, plan=plan, tolerance=samples.tolerance, objectives=objectives,
+                        golden=str(golden.path))

@@ -1,0 +1,204 @@
+"""`sentinel serve`: a kserve ModelServer for one registry model, with fault injection.
+
+Endpoints (kserve's own, plus one route for TorchServe-style clients):
+    GET  /v2/health/ready, /v2/health/live, /v2/models/{name}, /v1/models/{name}
+    POST /v1/models/{name}:predict   {"instances": [...]} → {"predictions": [[p0..p9], ...]}
+    POST /v2/models/{name}/infer     JSON or binary tensor extension; outputs
+                                     "probabilities" and "logits" (N×classes FP32), or
+                                     only those listed in the request's "outputs"
+    POST /predictions/{name}         JSON body (one instance or a batch) → probabilities
+Inputs are raw (model.yaml raw_input, preprocessed here) or already network-shaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Request  # module level: FastAPI resolves the route's string annotations here
+
+from sentinel.registry import ModelEntry
+from sentinel.serve.faults import FaultInjector, FaultPlan
+from sentinel.serve.inference import BadInput, Prediction, Predictor
+
+log = logging.getLogger("sentinel.serve")
+
+OUTPUTS = ("probabilities", "logits")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How to serve: where, under which name, with which faults."""
+
+    host: str = "127.0.0.1"
+    port: int = 8081
+    name: str | None = None          # path name; default: model.yaml served.name
+    faults: FaultPlan = FaultPlan()
+    access_log: bool = False
+    threads: int = 1                 # torch intra-op threads (tests share few cores)
+    grace_period_s: int = 5
+
+
+def _import_kserve() -> Any:
+    """Import kserve without letting its import-time argparse read our command line."""
+    saved = sys.argv
+    # kserve.model_server parses sys.argv when imported; `--model v3` would be taken as
+    # an abbreviation of its `--model_name`, and `--protocol` clashes with its own flag.
+    sys.argv = saved[:1]
+    try:
+        import kserve
+        import kserve.model_server
+    finally:
+        sys.argv = saved
+    return kserve
+
+
+class _Engine:
+    """Predictor plus faults; shared by the v1/v2 model and the TorchServe route."""
+
+    def __init__(self, predictor: Predictor, faults: FaultInjector):
+        self.predictor = predictor
+        self.faults = faults
+
+    async def run(self, x: np.ndarray) -> Prediction:
+        from kserve.errors import InferenceError, InvalidInput
+
+        d = self.faults.next()
+        if d.stall_s:
+            log.warning("request %d: stalling the server for %.3f s (--stall-after)", d.number, d.stall_s)
+            time.sleep(d.stall_s)  # blocks the event loop on purpose: every request waits
+        if d.delay_s:
+            await asyncio.sleep(d.delay_s)
+        if d.fail:
+            raise InferenceError(f"injected fault on request {d.number} (--error-ratio)")
+        try:
+            return self.predictor.predict(x)
+        except BadInput as exc:
+            raise InvalidInput(str(exc)) from None
+
+
+def _model_class(kserve: Any) -> type:
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+
+    class RegistryModel(kserve.Model):
+        """A registry model behind kserve's v1 and v2 endpoints."""
+
+        def __init__(self, name: str, engine: _Engine):
+            super().__init__(name)
+            self.engine = engine
+            self.ready = True
+
+        async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> Any:
+            from kserve.errors import InvalidInput
+
+            if isinstance(payload, InferRequest):
+                if not payload.inputs:
+                    raise InvalidInput("request has no inputs")
+                x = payload.inputs[0].as_numpy()
+                pred = await self.engine.run(x)
+                outs = []
+                for name in OUTPUTS:
+                    arr = getattr(pred, name)
+                    o = InferOutput(name=name, shape=list(arr.shape), datatype="FP32")
+                    o.set_data_from_numpy(arr, binary_data=False)
+                    outs.append(o)
+                return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=outs,
+                                     use_binary_outputs=payload.use_binary_outputs,
+                                     requested_outputs=payload.request_outputs)
+            if not isinstance(payload, dict) or "instances" not in payload:
+                raise InvalidInput('v1 requests need {"instances": [...]}')
+            try:
+                x = np.asarray(payload["instances"], dtype=np.float32)
+            except (ValueError, TypeError) as exc:
+                raise InvalidInput(f"instances are not a numeric array: {exc}") from None
+            pred = await self.engine.run(x)
+            return {"predictions": pred.probabilities.tolist()}
+
+    return RegistryModel
+
+
+def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
+    """POST /predictions/{name}[/{version}]: JSON instance(s) in, probabilities out."""
+    from fastapi.responses import JSONResponse, ORJSONResponse
+
+    async def handler(request: Request, model: str, version: str | None = None) -> Any:
+        from kserve.errors import InferenceError, InvalidInput
+
+        if model != name:
+            return JSONResponse({"code": 404, "type": "ModelNotFoundException",
+                                 "message": f"Model not found: {model}"}, status_code=404)
+        body = await request.body()
+        try:
+            if request.headers.get("content-type", "").startswith("application/octet-stream"):
+                x = np.frombuffer(body, dtype="<f4")
+                shape = engine.predictor.raw_shape or engine.predictor.net_shape
+                x = x.reshape((-1, *shape))
+            else:
+                import json
+
+                data = json.loads(body)
+                if isinstance(data, dict):
+                    data = data.get("data", data.get("instances"))
+                x = np.asarray(data, dtype=np.float32)
+            pred = await engine.run(x)
+        except (ValueError, TypeError, InvalidInput) as exc:
+            return JSONResponse({"code": 400, "type": "BadRequest", "message": str(exc)}, status_code=400)
+        except InferenceError as exc:
+            return JSONResponse({"code": 503, "type": "InternalServerException", "message": str(exc)},
+                                status_code=503)
+        probs = pred.probabilities
+        # TorchServe answers a single instance with one object, a batch with a list.
+        single = tuple(x.shape) in (engine.predictor.raw_shape, engine.predictor.net_shape)
+        return ORJSONResponse(probs[0].tolist() if single else probs.tolist())
+
+    app.add_api_route("/predictions/{model}", handler, methods=["POST"])
+    app.add_api_route("/predictions/{model}/{version}", handler, methods=["POST"])
+
+
+def serve(entry: ModelEntry, options: ServeOptions) -> None:
+    """Load the model and serve it until SIGTERM/SIGINT (graceful: in-flight requests finish)."""
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(max(1, options.threads))
+    predictor = Predictor(entry, skip_normalization=options.faults.skip_normalization)
+    t_model = time.perf_counter()
+    kserve = _import_kserve()
+    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+    from kserve.protocol.rest.server import RESTServer
+
+    t_kserve = time.perf_counter()
+    if not options.access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    name = options.name or entry.manifest.served.name
+    engine = _Engine(predictor, FaultInjector(options.faults))
+    model = _model_class(kserve)(name, engine)
+    _add_torchserve_route(kserve.model_server.app, name, engine)
+
+    class _Server(kserve.ModelServer):
+        """kserve's ModelServer, REST only, bound to the host we are told (kserve hard-codes 0.0.0.0)."""
+
+        def start(self, models: list[Any]) -> None:
+            self._register_and_check_atleast_one_model_is_ready(models)
+            self._rest_server = RESTServer(
+                FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
+                self.http_port, grace_period=self.grace_period, event_loop=self.event_loop,
+                timeout_keep_alive=self.timeout_keep_alive)
+            self._rest_server.config.host = options.host
+            self.servers.append(self._rest_server.start())
+            self.setup_event_loop()
+            self.register_signal_handler()
+            asyncio.run(self._serve())
+
+    server = _Server(http_port=options.port, enable_grpc=False, enable_latency_logging=False,
+                     grace_period=options.grace_period_s)
+    log.info("sentinel serve: %s as %r on http://%s:%d (model %.2f s, kserve import %.2f s)%s",
+             entry.spec, name, options.host, options.port, t_model - t0, t_kserve - t_model,
+             f"; faults: {options.faults}" if options.faults.active else "")
+    server.start([model])

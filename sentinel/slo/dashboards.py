@@ -1,0 +1,298 @@
+"""Grafana dashboards (overview, on-call, debug) generated from the SLO file and metric names.
+
+Each dashboard is first described as plain values (`DashboardSpec`, `PanelSpec`,
+`Query`) so tests can walk every query (the real-Prometheus test runs each one), then
+rendered to Grafana JSON with grafana-foundation-sdk. Every panel has a unit and a
+description; every query selects on the template variables `$model`, `$version` (via
+`$instance`) and `$instance` where its metric carries those labels.
+
+The `version` variable lists the versions `sentinel_model_info` reports for `$model`;
+`instance` lists the replicas serving the chosen model versions, so picking a version
+narrows every panel to the replicas that serve it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from grafana_foundation_sdk.builders import dashboard as gdash
+from grafana_foundation_sdk.builders import prometheus as gprom
+from grafana_foundation_sdk.builders import stat as gstat
+from grafana_foundation_sdk.builders import table as gtable
+from grafana_foundation_sdk.builders import timeseries as gts
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as mdash
+
+from sentinel import metricnames as mn
+from sentinel.slo import recorded
+from sentinel.slo.rules import BURN_ALERT
+from sentinel.slo.spec import SloFile
+from sentinel.slo.windows import plan_windows
+
+PanelKind = Literal["timeseries", "stat", "table"]
+
+DATASOURCE = mdash.DataSourceRef(type_val="prometheus", uid="${datasource}")
+M = 'model=~"$model"'
+I = 'instance=~"$instance"'
+MI = f"{M},{I}"
+RATE = "$__rate_interval"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL target. `expect_data` is False where an empty result is the healthy case."""
+
+    expr: str
+    legend: str = ""
+    expect_data: bool = True
+    instant: bool = False
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    kind: PanelKind
+    unit: str
+    description: str
+    queries: tuple[Query, ...]
+    width: int = 12
+    height: int = 8
+    min: float | None = None
+    max: float | None = None
+
+
+@dataclass(frozen=True)
+class DashboardSpec:
+    uid: str
+    filename: str
+    title: str
+    description: str
+    panels: tuple[PanelSpec, ...]
+
+
+def _burn(window: str, slo_filter: str = M) -> str:
+    return (f"{recorded.ERROR_RATIO_PREFIX}{window}{{{slo_filter}}}\n/ on (slo, model)\n"
+            f"(1 - {recorded.OBJECTIVE}{{{slo_filter}}})")
+
+
+def overview(spec: SloFile) -> DashboardSpec:
+    plan = plan_windows(spec.period_seconds, spec.scrape_interval_seconds)
+    period_ratio = recorded.error_ratio_name(plan.period_s)
+    burn_queries = tuple(Query(_burn(p.long), legend=f"{{{{slo}}}} {p.long}")
+                         for p in plan.by_severity("page"))
+    req = mn.REQUESTS.sample_name
+    return DashboardSpec(
+        uid="sentinel-overview", filename="sentinel-overview.json", title="sentinel / overview",
+        description=f"SLO status of the models sentinel watches over the {spec.period} period.",
+        panels=(
+            PanelSpec("SLI over the period", "stat", "percentunit",
+                      f"Fraction of good events over the whole {spec.period} period, per SLO "
+                      f"(1 - recorded error ratio).",
+                      (Query(f"1 - {period_ratio}{{{M}}}", "{{slo}}", instant=True),), width=8),
+            PanelSpec("Error budget remaining", "stat", "percentunit",
+                      f"Share of the {spec.period} error budget left: 100% untouched, 0 spent, negative "
+                      f"overspent.",
+                      (Query(f"{recorded.BUDGET_REMAINING}{{{M}}}", "{{slo}}", instant=True),), width=8),
+            PanelSpec("SLO alerts firing", "table", "none",
+                      f"{BURN_ALERT} alerts firing now, by SLO and severity. Empty is good.",
+                      (Query(f'ALERTS{{alertname="{BURN_ALERT}",alertstate="firing",{M}}}', "",
+                             expect_data=False, instant=True),), width=8),
+            PanelSpec("Burn rate (page windows)", "timeseries", "suffix:x",
+                      "Error-budget burn rate over the long window of each page pair: 1 spends the budget "
+                      "exactly over the period; the page pairs fire above "
+                      + ", ".join(f"{p.factor:g}x ({p.long})" for p in plan.by_severity("page")) + ".",
+                      burn_queries, width=12),
+            PanelSpec("Estimated accuracy", "timeseries", "percentunit",
+                      "Label-free accuracy estimate (ATC), averaged over the selected replicas, with the "
+                      "objective of each estimated-accuracy SLO.",
+                      (Query(f'avg by (model) ({mn.ESTIMATED_ACCURACY.name}{{{MI},method="atc"}})',
+                             "{{model}} estimate"),
+                       Query(f'{recorded.OBJECTIVE}{{{M},sli="estimated_accuracy"}}', "{{model}} objective")),
+                      width=12, min=0, max=1),
+            PanelSpec("Request rate", "timeseries", "reqps",
+                      "Inference requests per second through the selected sidecars.",
+                      (Query(f"sum by (model) (rate({req}{{{MI}}}[{RATE}]))", "{{model}}"),), width=12),
+            PanelSpec("Models and versions in service", "table", "none",
+                      "Replicas reporting each model version (sentinel_model_info).",
+                      (Query(f'count by (model, version) ({mn.MODEL_INFO.sample_name}{{{M},version=~"$version"}})',
+                             "", instant=True),), width=12),
+        ),
+    )
+
+
+def oncall(spec: SloFile) -> DashboardSpec:
+    hist = mn.REQUEST_DURATION.sample_name
+    req = mn.REQUESTS.sample_name
+    replay = mn.REPLAY_REQUESTS.sample_name
+    quantiles = tuple(
+        Query(f"histogram_quantile({q}, sum by (le) (rate({hist}{{{MI}}}[{RATE}])))", f"p{int(q * 100)}")
+        for q in (0.5, 0.95, 0.99))
+    thresholds = sorted({s.threshold for s in spec.slos if s.sli == "latency" and s.threshold})
+    slo_note = (" Latency SLO thresholds: " + ", ".join(f"{t:g}s" for t in thresholds) + ".") if thresholds else ""
+    return DashboardSpec(
+        uid="sentinel-oncall", filename="sentinel-oncall.json", title="sentinel / on-call",
+        description="What on-call looks at first: latency, errors, drift, GPU memory, canary.",
+        panels=(
+            PanelSpec("Latency P50 / P95 / P99", "timeseries", "s",
+                      "Request latency quantiles from the sidecar's histogram, all codes, selected replicas."
+                      + slo_note, quantiles),
+            PanelSpec("Error ratio by code", "timeseries", "percentunit",
+                      "Share of requests by non-2xx status code; 5xx spend the availability budget.",
+                      (Query(f'sum by (code) (rate({req}{{{MI},code!~"2.."}}[{RATE}]))\n/ ignoring (code) '
+                             f"group_left\nsum(rate({req}{{{MI}}}[{RATE}]))", "{{code}}", expect_data=False),)),
+            PanelSpec("Drift alarms", "timeseries", "bool",
+                      "1 while a detector's corrected p-value is below alpha, per detector and replica. "
+                      "SentinelDriftAlarm fires when one stays up for 30 minutes.",
+                      (Query(f"max by (detector, instance) ({mn.DRIFT_ALARM.name}{{{MI}}})",
+                             "{{detector}} {{instance}}"),), min=0, max=1),
+            PanelSpec("Estimated accuracy by replica", "timeseries", "percentunit",
+                      "Label-free (ATC) accuracy estimate per replica over its last window.",
+                      (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method="atc"}}', "{{instance}}"),), min=0, max=1),
+            PanelSpec("GPU memory used", "timeseries", "percentunit",
+                      "Device memory in use over device total, per GPU. SentinelGpuMemoryHigh fires above 90% "
+                      "for 5 minutes.",
+                      (Query(f"{mn.GPU_MEMORY_USED.name}{{{I}}}\n/ clamp_min({mn.GPU_MEMORY_TOTAL.name}{{{I}}}, 1)",
+                             "{{instance}} gpu {{gpu}}"),), min=0, max=1),
+            PanelSpec("GPU headroom at max batch", "timeseries", "bytes",
+                      "Free device memory minus the predicted extra need at the configured max batch; "
+                      "below zero a full batch would run out of memory.",
+                      (Query(f"{mn.GPU_MEMORY_HEADROOM.name}{{{MI}}}", "{{instance}} gpu {{gpu}}"),)),
+            PanelSpec("Canary replay results", "timeseries", "reqps",
+                      "Golden-set canary requests per second by result (ok, error).",
+                      (Query(f"sum by (result) (rate({replay}{{{MI}}}[{RATE}]))", "{{result}}"),)),
+            PanelSpec("Alerts firing", "table", "none",
+                      "Every sentinel alert firing now for the selected models. Empty is good.",
+                      (Query(f'ALERTS{{alertname=~"Sentinel.*",alertstate="firing"}}', "",
+                             expect_data=False, instant=True),)),
+        ),
+    )
+
+
+def debug(spec: SloFile) -> DashboardSpec:
+    samples = mn.SAMPLES.sample_name
+    return DashboardSpec(
+        uid="sentinel-debug", filename="sentinel-debug.json", title="sentinel / debug",
+        description="Internals of the sidecars: detectors, sampling, queue, GPU processes, collectors.",
+        panels=(
+            PanelSpec("Drift p-values", "timeseries", "none",
+                      "Corrected p-value of each drift detector on its last window, per replica. Below "
+                      "alpha (0.05 by default) the detector alarms.",
+                      (Query(f"{mn.DRIFT_P_VALUE.name}{{{MI}}}", "{{detector}} {{instance}}"),), min=0, max=1),
+            PanelSpec("Drift statistics", "timeseries", "none",
+                      "Test statistic of each detector on its last window (KS distance, MMD, ...).",
+                      (Query(f"{mn.DRIFT_STATISTIC.name}{{{MI}}}", "{{detector}} {{instance}}"),)),
+            PanelSpec("Sampling by outcome", "timeseries", "ops",
+                      "Sampled request/response pairs per second by outcome (queued, dropped, decoded, rejected).",
+                      (Query(f"sum by (outcome) (rate({samples}{{{MI}}}[{RATE}]))", "{{outcome}}"),)),
+            PanelSpec("Sample drop ratio", "timeseries", "percentunit",
+                      "Dropped over offered (queued + dropped) samples. SentinelSampleDropRatioHigh fires "
+                      "above 10% for 15 minutes.",
+                      (Query(f'sum by (model) (rate({samples}{{{MI},outcome="dropped"}}[{RATE}]))\n/ clamp_min('
+                             f'sum by (model) (rate({samples}{{{MI},outcome=~"queued|dropped"}}[{RATE}])), 1e-12)',
+                             "{{model}}"),), min=0, max=1),
+            PanelSpec("Analysis queue depth", "timeseries", "short",
+                      "Samples waiting for the analysis worker, and the queue's capacity.",
+                      (Query(f"{mn.SAMPLE_QUEUE_DEPTH.name}{{{I}}}", "depth {{instance}}"),
+                       Query(f"{mn.SAMPLE_QUEUE_CAPACITY.name}{{{I}}}", "capacity {{instance}}"))),
+            PanelSpec("GPU memory per process", "timeseries", "bytes",
+                      "Device memory used by each model-server process NVML reports.",
+                      (Query(f"{mn.GPU_PROCESS_MEMORY.name}{{{I}}}", "{{instance}} gpu {{gpu}} pid {{pid}}"),)),
+            PanelSpec("Collector health", "timeseries", "bool",
+                      "1 when a collector's last scrape succeeded. SentinelCollectorFailing fires after "
+                      "15 minutes at 0.",
+                      (Query(f"{mn.COLLECTOR_SUCCESS.name}{{{I}}}", "{{collector}} {{instance}}"),), min=0, max=1),
+            PanelSpec("Collector duration", "timeseries", "s",
+                      "Duration of each collector's last scrape.",
+                      (Query(f"{mn.COLLECTOR_DURATION.name}{{{I}}}", "{{collector}} {{instance}}"),)),
+            PanelSpec("Analysis and proxy errors", "timeseries", "ops",
+                      "Analysis failures by kind and requests the proxy answered itself, per second. Analysis "
+                      "failures never fail a request.",
+                      (Query(f"sum by (kind) (rate({mn.ANALYSIS_ERRORS.sample_name}{{{I}}}[{RATE}]))",
+                             "analysis {{kind}}", expect_data=False),
+                       Query(f"sum by (reason) (rate({mn.PROXY_ERRORS.sample_name}{{{I}}}[{RATE}]))",
+                             "proxy {{reason}}", expect_data=False))),
+            PanelSpec("In-flight requests", "timeseries", "short",
+                      "Requests being proxied right now, per replica.",
+                      (Query(f"{mn.INFLIGHT.name}{{{I}}}", "{{instance}}"),)),
+        ),
+    )
+
+
+def dashboard_specs(spec: SloFile) -> tuple[DashboardSpec, ...]:
+    return (overview(spec), oncall(spec), debug(spec))
+
+
+def _variables() -> list[gdash.QueryVariable | gdash.DatasourceVariable]:
+    info = mn.MODEL_INFO.sample_name
+    return [
+        gdash.DatasourceVariable("datasource").label("Data source").type("prometheus"),
+        gdash.QueryVariable("model").label("Model").datasource(DATASOURCE)
+        .query(f"label_values({mn.REQUESTS.sample_name}, model)")
+        .refresh(mdash.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True).all_value(".*")
+        .sort(mdash.VariableSort.ALPHABETICAL_ASC),
+        gdash.QueryVariable("version").label("Version").datasource(DATASOURCE)
+        .query(f'label_values({info}{{model=~"$model"}}, version)')
+        .refresh(mdash.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True).all_value(".*")
+        .sort(mdash.VariableSort.ALPHABETICAL_ASC),
+        gdash.QueryVariable("instance").label("Instance").datasource(DATASOURCE)
+        .query(f'label_values({info}{{model=~"$model",version=~"$version"}}, instance)')
+        .refresh(mdash.VariableRefresh.ON_TIME_RANGE_CHANGED).multi(True).include_all(True).all_value(".*")
+        .sort(mdash.VariableSort.ALPHABETICAL_ASC),
+    ]
+
+
+def _panel(p: PanelSpec):  # type: ignore[no-untyped-def]
+    builder = {"timeseries": gts.Panel, "stat": gstat.Panel, "table": gtable.Panel}[p.kind]()
+    builder = builder.title(p.title).description(p.description).unit(p.unit).datasource(DATASOURCE)
+    builder = builder.span(p.width).height(p.height)
+    if p.min is not None:
+        builder = builder.min(p.min)
+    if p.max is not None:
+        builder = builder.max(p.max)
+    for i, q in enumerate(p.queries):
+        target = gprom.Dataquery().expr(q.expr).ref_id("ABCDEFGH"[i]).datasource(DATASOURCE)
+        if q.legend:
+            target = target.legend_format(q.legend)
+        if q.instant:
+            target = target.instant().format(_table_format() if p.kind == "table" else _ts_format())
+        builder = builder.with_target(target)
+    return builder
+
+
+def _table_format():  # type: ignore[no-untyped-def]
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+    return PromQueryFormat.TABLE
+
+
+def _ts_format():  # type: ignore[no-untyped-def]
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+    return PromQueryFormat.TIME_SERIES
+
+
+def render(spec: DashboardSpec) -> str:
+    """Grafana dashboard JSON (stable key order, two-space indent, trailing newline)."""
+    board = (gdash.Dashboard(spec.title).uid(spec.uid).description(spec.description)
+             .tags(["sentinel", "slo"]).refresh("30s").time("now-6h", "now").timezone("browser")
+             .editable())
+    for v in _variables():
+        board = board.with_variable(v)
+    for p in spec.panels:
+        board = board.with_panel(_panel(p))
+    data = _drop_nulls(json.loads(JSONEncoder().encode(board.build())))
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _drop_nulls(value: object) -> object:
+    """Remove null members: Grafana treats `"options": null` worse than a missing key."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def generate_dashboards(spec: SloFile) -> dict[str, str]:
+    """filename -> dashboard JSON, for every dashboard."""
+    return {d.filename: render(d) for d in dashboard_specs(spec)}

@@ -1,0 +1,154 @@
+"""PromQL for each SLI: the ratio of bad events over a range, per model.
+
+Every expression here is built from the names in `sentinel.metricnames`, aggregates
+away replicas (`sum by (model)`), and is safe when there is no traffic:
+
+* the bad-event count falls back to `0 * total` when no bad series exists yet (a model
+  that never returned a 5xx has no `code="500"` series), so the ratio is 0, not empty;
+* the denominator goes through `clamp_min(..., 1e-12)`: with no requests in the range
+  both rates are 0 and the ratio is 0/1e-12 = 0, where a plain division would give NaN
+  and poison every `sum_over_time`/`avg_over_time` built on it. Any real rate is far
+  above 1e-12/s, so the clamp never changes a ratio with traffic;
+* when the series vanish altogether the ratio is empty (no alert) and
+  `SentinelMetricsAbsent` says so instead.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from sentinel import metricnames as mn
+from sentinel.slo import recorded
+from sentinel.slo.spec import SloSpec
+
+# Smallest denominator: far below any real per-second rate, keeps 0/0 from becoming NaN.
+RATE_FLOOR = "1e-12"
+# Recorded ratios are rounded to this, and budgets written to 12 decimals: rates carry
+# float rounding (1 - 0.99 is 0.010000000000000009, a sum of rates is off in its last
+# bits), and without rounding an error ratio of exactly the budget could compare as a
+# burn rate of 1.0000000000000002 and open a ticket. 1e-12 is a millionth of the
+# smallest budget an SLO file accepts (objective <= 0.99999).
+RATIO_PRECISION = "1e-12"
+RATIO_DECIMALS = 12
+
+# Metric series whose absence means an SLI cannot be computed, per SLI kind.
+_AGREEMENT_SOURCES = ("shadow", "replay")
+
+
+def le_regex(threshold: float) -> str:
+    """An RE2 pattern matching every common spelling of a histogram bound.
+
+    Prometheus 2 stores `le` as the exporter wrote it (`0.15`, `0.150`, `1`, `1.0`);
+    Prometheus 3 normalises it to a float spelling (`1.0`, `1e-05`). The pattern accepts
+    the plain decimal with any number of trailing zeros and the exponent form with any
+    mantissa padding, exponent sign or leading zeros, and nothing else (`0.1`, `0.151`
+    and `10.15` do not match `0.15`).
+    """
+    dec = Decimal(repr(float(threshold)))
+    if not dec.is_finite() or dec <= 0:
+        raise ValueError(f"threshold must be a positive finite number, got {threshold}")
+    plain = format(dec.normalize(), "f")
+    if "." in plain:
+        fixed = re.escape(plain.rstrip("0")) + "0*"
+    else:
+        fixed = re.escape(plain) + r"(\.0*)?"
+    sign, digits, exponent = dec.normalize().as_tuple()
+    digit_str = "".join(str(d) for d in digits).rstrip("0") or "0"
+    exp10 = int(exponent) + len(digits) - 1  # exponent of the leading digit
+    mantissa = digit_str[0] + (r"\." + digit_str[1:] + "0*" if len(digit_str) > 1 else r"(\.0*)?")
+    if exp10 > 0:
+        exp_pat = rf"[eE]\+?0*{exp10}"
+    elif exp10 < 0:
+        exp_pat = rf"[eE]-0*{-exp10}"
+    else:
+        exp_pat = r"[eE][+-]?0+"
+    return f"{fixed}|{mantissa}{exp_pat}"
+
+
+def _sel(metric: str, **matchers: str) -> str:
+    """`metric{a="x",b=~"y"}`; a value starting with `~` or `!` becomes a regex or negative matcher."""
+    parts = []
+    for label, value in matchers.items():
+        op = "="
+        if value.startswith("~"):
+            op, value = "=~", value[1:]
+        elif value.startswith("!~"):
+            op, value = "!~", value[2:]
+        elif value.startswith("!"):
+            op, value = "!=", value[1:]
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        parts.append(f'{label}{op}"{escaped}"')
+    return f"{metric}{{{','.join(parts)}}}"
+
+
+def _sum_rate(selector: str, window: str) -> str:
+    return f"sum by (model) (rate({selector}[{window}]))"
+
+
+def _ratio(bad: str, total: str) -> str:
+    return f"({bad} or 0 * {total})\n/\nclamp_min({total}, {RATE_FLOOR})"
+
+
+def total_selector(slo: SloSpec) -> str:
+    """The series counting every event of the SLI (for absence checks and dashboards)."""
+    if slo.sli == "availability":
+        return _sel(mn.REQUESTS.sample_name, model=slo.model)
+    if slo.sli == "latency":
+        return _sel(mn.REQUEST_DURATION.name + "_count", model=slo.model)
+    if slo.sli == "agreement":
+        return _sel(mn.REFERENCE_AGREEMENT.sample_name, model=slo.model,
+                    source="~" + "|".join(_AGREEMENT_SOURCES))
+    return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+
+
+def required_selectors(slo: SloSpec) -> tuple[str, ...]:
+    """Selectors that must match some series for the SLI to be computable."""
+    if slo.sli == "latency":
+        assert slo.threshold is not None
+        return (total_selector(slo),
+                _sel(mn.REQUEST_DURATION.sample_name, model=slo.model, le="~" + le_regex(slo.threshold)))
+    return (total_selector(slo),)
+
+
+def error_ratio(slo: SloSpec, window: str) -> str:
+    """PromQL for the fraction of bad events over `window`, one series per model, rounded."""
+    return f"round(\n{_raw_error_ratio(slo, window)}\n, {RATIO_PRECISION})"
+
+
+def _raw_error_ratio(slo: SloSpec, window: str) -> str:
+    model = slo.model
+    if slo.sli == "availability":
+        total = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model), window)
+        bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code="~5.."), window)
+        return _ratio(bad, total)
+    if slo.sli == "latency":
+        assert slo.threshold is not None
+        total = _sum_rate(_sel(mn.REQUEST_DURATION.name + "_count", model=model), window)
+        good = _sum_rate(_sel(mn.REQUEST_DURATION.sample_name, model=model,
+                              le="~" + le_regex(slo.threshold)), window)
+        # total - good: requests slower than the threshold. clamp_min guards against a
+        # bucket that momentarily runs ahead of _count between two scrapes.
+        return f"clamp_min({total} - {good}, 0)\n/\nclamp_min({total}, {RATE_FLOOR})"
+    if slo.sli == "agreement":
+        sources = "~" + "|".join(_AGREEMENT_SOURCES)
+        total = _sum_rate(_sel(mn.REFERENCE_AGREEMENT.sample_name, model=model, source=sources), window)
+        bad = _sum_rate(_sel(mn.REFERENCE_AGREEMENT.sample_name, model=model, source=sources,
+                             result="disagree"), window)
+        return _ratio(bad, total)
+    # estimated_accuracy: the estimate is a gauge, so its "bad events" are the predictions
+    # it estimates to be wrong: 1 - accuracy, averaged over time (each evaluation weighs
+    # the same, whatever the traffic). The averaged series is recorded first, per
+    # evaluation, by `accuracy_sample` (NaN dropped, replicas averaged).
+    clean = _sel(recorded.ESTIMATED_ACCURACY, slo=slo.name, model=model)
+    return f"clamp(1 - avg_over_time({clean}[{window}]), 0, 1)"
+
+
+def accuracy_sample(slo: SloSpec) -> str:
+    """PromQL for one NaN-free sample of the accuracy estimate, averaged over replicas.
+
+    `>= 0` drops NaN (an estimator that has not completed a window yet), so NaN never
+    reaches the averages over time built on this series.
+    """
+    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+    return f"avg by (model) ({gauge} >= 0)"

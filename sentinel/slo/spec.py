@@ -1,0 +1,131 @@
+"""The SLO file users write (`slo.yaml`): a typed, validated model of it.
+
+```yaml
+period: 30d            # 7d, 28d, 30d, or any duration (e.g. 4h to compress a test)
+scrape_interval: 30s   # windows are never shorter than 4x this
+slos:
+  - {name: availability, model: digits, objective: 0.999, sli: availability}
+  - {name: latency, model: digits, objective: 0.99, sli: latency, threshold: 0.15}
+```
+
+`load_slo_file(path)` is the only place such a file is read; errors name the file and
+the field (`slo.yaml: slos[1].threshold: ...`), as for the daemon configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sentinel.schema import load_file
+from sentinel.slo.durations import parse_duration
+
+SliKind = Literal["availability", "latency", "agreement", "estimated_accuracy"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_JOB = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+
+# The fastest page window is 1h of 30d (1/720 of the period); it must cover 4 scrapes.
+MIN_PERIOD_SCRAPES = 720 * 4
+
+DEFAULT_RUNBOOK_URL = "https://github.com/sentinel-densenet/sentinel/blob/main/docs/runbooks.md"
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """One service-level objective for one model."""
+
+    name: str
+    model: str
+    objective: float
+    sli: SliKind
+    threshold: float | None = None  # seconds; latency SLIs only
+    description: str = ""
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not _NAME.match(self.name or ""):
+            yield "name", (f"must be lower-case letters, digits, '_' or '-', starting with a letter, "
+                           f"got {self.name!r}")
+        if not _MODEL.match(self.model or ""):
+            yield "model", f"must be a model name (letters, digits, '_', '.', ':', '-'), got {self.model!r}"
+        if not 0.0 < self.objective < 1.0:
+            yield "objective", f"must be a ratio strictly between 0 and 1 (0.999 is 99.9%), got {self.objective}"
+        elif self.objective > 0.99999:
+            yield "objective", f"above 0.99999 leaves no error budget to alert on, got {self.objective}"
+        if self.sli == "latency":
+            if self.threshold is None:
+                yield "threshold", "required for a latency SLI (seconds, e.g. 0.15)"
+            elif not 0.0 < self.threshold <= 3600.0:
+                yield "threshold", f"must be a positive number of seconds, got {self.threshold}"
+        elif self.threshold is not None:
+            yield "threshold", f"only latency SLIs take a threshold, this one is {self.sli!r}"
+
+    @property
+    def budget(self) -> float:
+        """The error budget as a ratio, 1 - objective rounded to 12 decimals (see sli.RATIO_PRECISION)."""
+        return round(1.0 - self.objective, 12)
+
+
+@dataclass(frozen=True)
+class SloFile:
+    """A whole SLO file: the compliance period, the scrape interval and the SLOs."""
+
+    slos: tuple[SloSpec, ...]
+    period: str = "30d"
+    scrape_interval: str = "30s"
+    job: str = "sentinel"  # Prometheus job label of the sidecars, for SentinelDown
+    runbook_url: str = DEFAULT_RUNBOOK_URL
+    source: str = dataclasses.field(default="<memory>", compare=False)
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        period_s = scrape_s = None
+        try:
+            period_s = parse_duration(self.period)
+        except ValueError as exc:
+            yield "period", str(exc)
+        try:
+            scrape_s = parse_duration(self.scrape_interval)
+        except ValueError as exc:
+            yield "scrape_interval", str(exc)
+        if period_s and scrape_s and period_s < MIN_PERIOD_SCRAPES * scrape_s:
+            yield "period", (f"{self.period} is too short for a {self.scrape_interval} scrape interval: "
+                             f"the fastest page window (period/720) must span at least 4 scrapes, "
+                             f"so the period must be at least {MIN_PERIOD_SCRAPES} scrape intervals")
+        if not _JOB.match(self.job or ""):
+            yield "job", f"must be a Prometheus job name, got {self.job!r}"
+        if not self.runbook_url.startswith(("http://", "https://")):
+            yield "runbook_url", f"expected an http(s) URL, got {self.runbook_url!r}"
+        if not self.slos:
+            yield "slos", "at least one SLO is required"
+        seen: set[tuple[str, str]] = set()
+        for i, slo in enumerate(self.slos):
+            if slo is None:
+                continue
+            key = (slo.name, slo.model)
+            if key in seen:
+                yield f"slos[{i}].name", f"duplicate SLO {slo.name!r} for model {slo.model!r}"
+            seen.add(key)
+
+    @property
+    def period_seconds(self) -> int:
+        return parse_duration(self.period)
+
+    @property
+    def scrape_interval_seconds(self) -> int:
+        return parse_duration(self.scrape_interval)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Models named by any SLO, in first-seen order."""
+        return tuple(dict.fromkeys(s.model for s in self.slos))
+
+
+def load_slo_file(path: str | Path) -> SloFile:
+    """Read and validate an SLO file; raises ConfigError listing every problem."""
+    spec = load_file(path, SloFile)
+    return dataclasses.replace(spec, source=str(path))

@@ -1,0 +1,141 @@
+"""Finding the first module whose output diverges: ONNX values ↔ DenseNet module names.
+
+Checkpoints are module outputs in execution order: the stem, every dense layer (its k new
+feature maps), every dense block (the concatenation), every transition, `features.norm5`
+and `classifier`. In the ONNX graph a module's output is the output of the last node (in
+topological order) that belongs to the module's scope; scopes come from node metadata
+(`pkg.torch.onnx.name_scopes`, torch.onnx's dynamo exporter) or node names
+(`/features/denseblock3/denselayer2/conv2/Conv`, the TorchScript-based exporter). Fused
+nodes (BatchNorm folded into a convolution) don't break this: a layer, block or transition
+always ends in an unfused op. The reference captures the same modules with forward hooks.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_SKIP_OPS = {"QuantizeLinear"}  # int8 outputs; the float value before them is the module's output
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """How far one checkpoint is from the reference on the localization samples."""
+
+    module: str
+    value: str | None        # ONNX value name, None when the graph has no such scope
+    max_abs: float | None
+    ref_max: float | None
+    rel: float | None        # max_abs / max |ref|
+    diverges: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        f = lambda v: None if v is None else float(f"{v:.6g}")  # noqa: E731
+        return {"module": self.module, "onnx_value": self.value, "max_abs": f(self.max_abs),
+                "ref_max": f(self.ref_max), "rel": f(self.rel), "diverges": self.diverges}
+
+
+def node_scope(node: Any) -> str | None:
+    """The module path a node belongs to ('' for the top level), or None when unknown."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            path = ""
+            for s in scopes:
+                # Module paths nest ('', 'features', 'features.denseblock1', ...); the first entry
+                # that does not extend the previous one is the op's own name.
+                if s == path or (s.startswith(path + ".") if path else bool(s)):
+                    path = s
+                elif s != "":
+                    break
+            return path
+    if node.name.startswith("/"):
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    return None
+
+
+def checkpoint_modules(model: Any) -> list[str]:
+    """Module names to compare, in execution order, for a sentinel/torchvision DenseNet."""
+    names = [n for n, _ in model.features.named_children()]
+    out = []
+    stem = [n for n in names if not n.startswith(("denseblock", "transition", "norm5"))]
+    if stem:
+        out.append(f"features.{stem[-1]}")
+    for n in names:
+        if n.startswith("denseblock"):
+            block = getattr(model.features, n)
+            out += [f"features.{n}.{layer}" for layer, _ in block.named_children()]
+            out.append(f"features.{n}")
+        elif n.startswith("transition") or n == "norm5":
+            out.append(f"features.{n}")
+    out.append("classifier")
+    return out
+
+
+def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
+    """For each module, the ONNX value holding its output (modules not found are left out)."""
+    scopes = [(node_scope(n), n) for n in graph.node]
+    found: dict[str, str] = {}
+    for m in modules:
+        last = None
+        for scope, node in scopes:
+            if scope is None or node.op_type in _SKIP_OPS or not node.output:
+                continue
+            if scope == m or scope.startswith(m + "."):
+                last = node
+        if last is not None:
+            found[m] = last.output[0]
+    return found
+
+
+def capture_reference(model: Any, modules: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of the named modules for inputs `x`, captured with forward hooks."""
+    import torch
+
+    named = dict(model.named_modules())
+    got: dict[str, np.ndarray] = {}
+    handles = []
+
+    def hook(name: str):
+        def fn(_mod: Any, _inp: Any, out: Any) -> None:
+            # Copy now: in-place ReLUs later in the graph would change the tensor under us.
+            got[name] = out.detach().float().cpu().numpy().copy()
+        return fn
+
+    for m in modules:
+        if m in named:
+            handles.append(named[m].register_forward_hook(hook(m)))
+    try:
+        with torch.inference_mode():
+            model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def compare_layers(modules: list[str], values: dict[str, str], exported: dict[str, np.ndarray],
+                   reference: dict[str, np.ndarray], layer_rel: float) -> list[LayerError]:
+    """Per checkpoint error, in execution order; a checkpoint diverges above `layer_rel`."""
+    out = []
+    for m in modules:
+        v = values.get(m)
+        a, b = exported.get(v) if v else None, reference.get(m)
+        if a is None or b is None or a.shape != b.shape:
+            out.append(LayerError(m, v, None, None, None, False))
+            continue
+        diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+        ref_max = float(np.max(np.abs(b))) if b.size else 0.0
+        rel = diff / max(ref_max, 1e-12)
+        out.append(LayerError(m, v, diff, ref_max, rel, rel > layer_rel))
+    return out
+
+
+def first_divergence(layers: list[LayerError]) -> str | None:
+    return next((l.module for l in layers if l.diverges), None)

@@ -1,0 +1,193 @@
+"""`sentinel verify`: compare an export with the reference on a golden set, localize divergence."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from sentinel.errors import UsageError
+from sentinel.golden import GoldenSet
+from sentinel.registry import ModelEntry, sha256_file
+from sentinel.verify.localize import (
+    capture_reference, checkpoint_modules, compare_layers, first_divergence, onnx_values,
+)
+from sentinel.verify.policy import Policy, policy_for
+from sentinel.verify.runtime import OnnxExport, open_export
+from sentinel.verify.stats import error_stats, softmax, topk_agreement
+
+Localize = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The verification document (fields in docs/replay_verify.md) and its verdict."""
+
+    doc: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.doc["passed"])
+
+    @property
+    def failures(self) -> list[str]:
+        return list(self.doc["failures"])
+
+
+def recorded_precision(entry: ModelEntry, path: Path) -> str | None:
+    """The precision model.yaml records for this exact file (by sha256), if any."""
+    digest = None
+    for e in entry.manifest.exports:
+        if digest is None:
+            digest = sha256_file(path)
+        if e.sha256 == digest:
+            return e.precision
+    return None
+
+
+def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision: str | None = None,
+                  atol: float | None = None, rtol: float | None = None, min_top1: float | None = None,
+                  localize: Localize = "auto", localize_samples: int = 4, worst: int = 10,
+                  threads: int | None = None) -> VerifyReport:
+    """Run the export on the golden inputs, compare with the reference outputs under the policy."""
+    t0 = time.perf_counter()
+    export = open_export(path, threads)
+    inputs = golden.inputs
+    want = tuple(entry.manifest.input.shape)
+    if tuple(inputs.shape[1:]) != want:
+        raise UsageError(f"{golden.path}: inputs are {list(inputs.shape[1:])} per sample; {entry.spec} takes {list(want)}")
+    if isinstance(export, OnnxExport):
+        got_shape = tuple(export.input_shape[1:])
+        if all(isinstance(d, int) for d in got_shape) and got_shape != want:
+            raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; "
+                             "is this an export of another model?")
+    prec = precision or recorded_precision(entry, path) or export.precision
+    if prec not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"--precision must be fp32, fp16 or int8, got {prec!r}")
+    policy = policy_for(prec, atol=atol, rtol=rtol, min_top1=min_top1)
+    t_load = time.perf_counter()
+
+    outs = export.run(inputs)
+    t_run = time.perf_counter()
+    name = "logits" if "logits" in outs else export.output_names[0]
+    out = outs[name]
+    ref_logits, ref_probs = golden.logits, golden.probabilities
+    if out.shape != ref_logits.shape:
+        raise UsageError(f"{path}: output {name!r} has shape {list(out.shape)}, the reference {list(ref_logits.shape)}; "
+                         "is this an export of another model?")
+    served_probs = _is_distribution(out) and name != "logits"
+    got_probs = out if served_probs else softmax(out.astype(np.float64))
+    stats: dict[str, Any] = {}
+    if not served_probs:
+        stats["logits"] = error_stats(out, ref_logits, policy.atol, policy.rtol)
+    stats["probabilities"] = error_stats(got_probs, ref_probs, policy.atol, policy.rtol)
+    top1 = topk_agreement(got_probs, ref_logits, 1)
+    top5 = topk_agreement(got_probs, ref_logits, 5)
+    failures = _judge(policy, stats, top1, got_probs, ref_probs)
+
+    per_sample = np.max(np.abs((out if not served_probs else got_probs).astype(np.float64)
+                               - (ref_logits if not served_probs else ref_probs)), axis=1)
+    order = np.argsort(-per_sample, kind="stable")
+    ids = golden.ids
+    worst_rows = [{"index": int(i), "id": int(ids[i]), "max_abs": float(f"{per_sample[i]:.6g}"),
+                   "expected": int(ref_logits[i].argmax()), "got": int(got_probs[i].argmax()),
+                   "prob_max_abs": float(f"{np.max(np.abs(got_probs[i] - ref_probs[i])):.6g}")}
+                  for i in order[:worst]]
+
+    layers: list[dict[str, Any]] = []
+    first = None
+    note = None
+    run_localize = localize == "always" or (localize == "auto" and failures)
+    if run_localize:
+        if isinstance(export, OnnxExport):
+            sel = np.sort(order[:max(1, localize_samples)])
+            layer_errors = _localize(export, entry, inputs[sel], policy)
+            layers = [l.as_dict() for l in layer_errors]
+            first = first_divergence(layer_errors)
+            if first is None:
+                note = (f"no module's output differs by more than {policy.layer_rel:g} of its largest "
+                        "reference value" + ("; the error accumulates across layers" if failures else ""))
+            if not any(l.value for l in layer_errors):
+                note = "the graph carries no module scopes (not exported by torch.onnx?); cannot localize"
+        else:
+            note = "localization needs an ONNX export"
+    t_end = time.perf_counter()
+    doc = {
+        "export": str(path),
+        "format": export.format,
+        "precision": prec,
+        "model": entry.spec,
+        "golden": str(golden.path),
+        "samples": int(len(inputs)),
+        "policy": policy.as_dict(),
+        "passed": not failures,
+        "failures": failures,
+        "top1_agreement": round(top1, 6),
+        "top5_agreement": round(top5, 6),
+        "outputs": {k: v.as_dict() for k, v in stats.items()},
+        "worst_samples": worst_rows,
+        "first_divergence": first,
+        "localization_note": note,
+        "layers": layers,
+        "timings_s": {"load": round(t_load - t0, 3), "run": round(t_run - t_load, 3),
+                      "localize": round(t_end - t_run, 3), "total": round(t_end - t0, 3)},
+    }
+    return VerifyReport(doc)
+
+
+def _is_distribution(x: np.ndarray) -> bool:
+    return bool(np.all(x >= -1e-6) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
+
+
+def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.ndarray,
+           ref_probs: np.ndarray) -> list[str]:
+    """One sentence per requirement the export misses."""
+    out = []
+    if top1 < policy.min_top1:
+        out.append(f"top-1 agreement {top1:.2%} is below {policy.min_top1:.2%}")
+    lg = stats.get("logits")
+    if policy.elementwise and lg is not None and not lg.passed:
+        out.append(f"logits differ by up to {lg.max_abs:.3g} (needs atol {lg.min_atol:.3g} at rtol {policy.rtol:g}; "
+                   f"policy atol {policy.atol:g})")
+    if policy.prob_p99_abs is not None:
+        p99 = stats["probabilities"].p99_abs
+        if p99 > policy.prob_p99_abs:
+            out.append(f"99th percentile of |Δp| is {p99:.3g}, above {policy.prob_p99_abs:g}")
+    return out
+
+
+def _localize(export: OnnxExport, entry: ModelEntry, x: np.ndarray, policy: Policy):
+    """Expose checkpoint values in the graph, capture the same modules in the reference, compare."""
+    model = entry.build_model()
+    modules = checkpoint_modules(model)
+    values = onnx_values(export.model.graph, modules)
+    wanted = sorted(set(values.values()))
+    session = export.with_outputs(wanted)
+    exported = export.run(x, session=session, names=wanted)
+    reference = capture_reference(model, modules, x)
+    return compare_layers(modules, values, exported, reference, policy.layer_rel)
+
+
+def render_text(report: VerifyReport) -> str:
+    d = report.doc
+    lines = [f"verify {d['export']} ({d['format']} {d['precision']}) against {d['model']} on {d['samples']} golden samples",
+             f"top-1 agreement {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"]
+    lines.append(f"{'output':<14}{'max abs':>11}{'mean abs':>11}{'p99 abs':>11}{'max rel':>11}{'min atol':>11}{'min rtol':>11}")
+    for name, s in d["outputs"].items():
+        lines.append(f"{name:<14}" + "".join(f"{s[k]:>11.3g}" for k in
+                                             ("max_abs", "mean_abs", "p99_abs", "max_rel", "min_atol", "min_rtol")))
+    if d["worst_samples"]:
+        w = d["worst_samples"][:3]
+        lines.append("worst samples: " + "; ".join(f"id {r['id']} |Δ| {r['max_abs']:.3g} ({r['expected']}→{r['got']})"
+                                                  for r in w))
+    if d["first_divergence"]:
+        row = next(l for l in d["layers"] if l["module"] == d["first_divergence"])
+        lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, "
+                     f"max |Δ| {row['max_abs']:.3g} = {row['rel']:.2g} of its largest reference value)")
+    elif d["localization_note"]:
+        lines.append(f"localization: {d['localization_note']}")
+    lines.append("PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]))
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""`sentinel export` and `sentinel verify`: exports pass, broken ones fail, and divergence is localized."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from servers import REPO
+
+from sentinel.registry import Registry, sha256_file
+from sentinel.verify.localize import node_scope
+from sentinel.verify.verifier import verify_export
+
+pytestmark = pytest.mark.slow
+GOLDEN_ROOT = REPO / "golden_sets"
+
+
+def sentinel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sentinel", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reg_dir(tmp_path_factory) -> Path:
+    """A private copy of digits:v3, so recording exports never touches the repository's model.yaml."""
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
+    return root
+
+
+@pytest.fixture(scope="module")
+def entry(reg_dir):
+    return Registry(reg_dir).resolve("digits:v3")
+
+
+@pytest.fixture(scope="module")
+def golden(entry):
+    from sentinel.golden import golden_for
+
+    return golden_for(entry, GOLDEN_ROOT)
+
+
+@pytest.fixture(scope="module")
+def dynamo_onnx(reg_dir) -> Path:
+    """The default export (torch.onnx dynamo exporter), made by the CLI once for the module."""
+    out = reg_dir / "exports" / "model.onnx"
+    r = sentinel("export", "--model", "digits:v3", "--registry", str(reg_dir), "--dynamic-batch", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def legacy_onnx(entry, reg_dir) -> Path:
+    from sentinel.export.exporters import export_onnx
+
+    return export_onnx(entry, reg_dir / "exports" / "legacy.onnx", dynamic_batch=True, exporter="legacy")
+
+
+def perturb_conv_in(src: Path, dst: Path, scope: str) -> str:
+    """Add noise to the weight of one convolution whose node lies in `scope`; returns the module."""
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and (node_scope(n) or "").startswith(scope + ".")
+             and n.input[1] in inits]
+    node = convs[len(convs) // 2]
+    w = numpy_helper.to_array(inits[node.input[1]]).copy()
+    w += np.random.default_rng(0).normal(0, float(w.std()) * 0.5, w.shape).astype(w.dtype)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+    onnx.save(m, str(dst))
+    return node_scope(node) or ""
+
+
+def test_export_is_recorded_in_model_yaml_with_its_digest(dynamo_onnx, reg_dir):
+    entry = Registry(reg_dir).resolve("digits:v3")
+    rec = [e for e in entry.manifest.exports if e.file.endswith("model.onnx")]
+    assert len(rec) == 1
+    assert rec[0].sha256 == sha256_file(dynamo_onnx)
+    assert rec[0].format == "onnx" and rec[0].precision == "fp32" and rec[0].dynamic_batch
+
+
+def test_fp32_export_passes_with_json(dynamo_onnx, reg_dir, tmp_path):
+    out = tmp_path / "v.json"
+    r = sentinel("verify", str(dynamo_onnx), "--model", "digits:v3", "--registry", str(reg_dir), "--json", str(out))
+    assert r.returncode == 0, r.stderr + r.stdout
+    d = json.loads(out.read_text())
+    assert d["passed"] and d["top1_agreement"] == 1.0 and d["first_divergence"] is None
+    assert set(d["outputs"]) == {"logits", "probabilities"}
+    assert {"max_abs", "mean_abs", "p99_abs", "max_rel", "min_atol", "min_rtol"} <= set(d["outputs"]["logits"])
+    assert len(d["worst_samples"]) == 10
+
+
+def test_perturbed_denseblock3_conv_fails_and_is_localized(dynamo_onnx, reg_dir, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    perturbed = perturb_conv_in(dynamo_onnx, bad, "features.denseblock3")
+    out = tmp_path / "v.json"
+    r = sentinel("verify", str(bad), "--model", "digits:v3", "--registry", str(reg_dir), "--json", str(out))
+    assert r.returncode == 1, r.stderr + r.stdout
+    d = json.loads(out.read_text())
+    assert not d["passed"]
+    assert d["first_divergence"].startswith("features.denseblock3.")
+    assert perturbed.startswith(d["first_divergence"])  # the very layer whose weight was changed
+    assert f"first divergence: {d['first_divergence']}" in r.stdout
+    before = [l for l in d["layers"] if l["module"] != d["first_divergence"]][:5]
+    assert all(not l["diverges"] for l in before)
+
+
+def test_legacy_exporter_graph_is_localized_too(legacy_onnx, entry, golden, tmp_path):
+    bad = tmp_path / "bad_legacy.onnx"
+    perturbed = perturb_conv_in(legacy_onnx, bad, "features.denseblock3")
+    rep = verify_export(bad, entry, golden)
+    assert not rep.passed
+    assert rep.doc["first_divergence"] is not None and perturbed.startswith(rep.doc["first_divergence"])
+    assert rep.doc["first_divergence"].startswith("features.denseblock3.")
+
+
+def test_int8_qdq_export_is_judged_by_top1(legacy_onnx, entry, golden, reg_dir):
+    from sentinel.export.exporters import record_export
+    from sentinel.export.quantize import quantize_int8
+
+    q = quantize_int8(legacy_onnx, reg_dir / "exports" / "model.int8.onnx", golden.inputs[:64])
+    ref = record_export(entry, q, "onnx", "int8", True)
+    assert ref.precision == "int8"
+    rep = verify_export(q, Registry(reg_dir).resolve("digits:v3"), golden)
+    assert rep.doc["precision"] == "int8"
+    assert rep.doc["top1_agreement"] >= 0.99, rep.doc["failures"]
+    assert rep.passed, rep.doc["failures"]
+
+
+def test_torchscript_export_passes(entry, golden, reg_dir):
+    from sentinel.export.exporters import export_torchscript
+
+    p = export_torchscript(entry, reg_dir / "exports" / "model.pt")
+    rep = verify_export(p, entry, golden)
+    assert rep.passed and rep.doc["format"] == "torchscript", rep.doc["failures"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_broken_onnx_files_exit_2_with_a_clear_error(legacy_onnx, reg_dir, tmp_path, damage):
+    data = legacy_onnx.read_bytes()
+    bad = tmp_path / f"{damage}.onnx"
+    bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x8f\xff garbage \x00" * 64 + data[640:])
+    r = sentinel("verify", str(bad), "--model", "digits:v3", "--registry", str(reg_dir))
+    assert r.returncode == 2, r.stderr + r.stdout
+    assert str(bad) in r.stderr and ("not a valid ONNX model" in r.stderr or "onnxruntime cannot load" in r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_export_exits_2(reg_dir, tmp_path):
+    r = sentinel("verify", str(tmp_path / "nope.onnx"), "--model", "digits:v3", "--registry", str(reg_dir))
+    assert r.returncode == 2 and "export not found" in r.stderr
+
+
+def test_golden_set_of_another_model_exits_2(legacy_onnx, reg_dir, tmp_path):
+    from sentinel.golden import build_golden
+    from sentinel.registry import load_manifest, write_manifest
+
+    other = tmp_path / "reg"
+    shutil.copytree(reg_dir / "digits" / "v3", other / "digits" / "v9")
+    m = load_manifest(other / "digits" / "v9" / "model.yaml")
+    from dataclasses import replace
+
+    write_manifest(replace(m, version="v9"), other / "digits" / "v9" / "model.yaml")
+    g = build_golden(Registry(other).resolve("digits:v9"), tmp_path / "golden_v9",
+                     ids=np.arange(8), raw=np.zeros((8, 8, 8), np.float32))
+    r = sentinel("verify", str(legacy_onnx), "--model", "digits:v3", "--registry", str(reg_dir), "--golden", str(g.path))
+    assert r.returncode == 2, r.stderr
+    assert "golden set is for digits:v9, not digits:v3" in r.stderr

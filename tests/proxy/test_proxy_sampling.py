@@ -1,0 +1,97 @@
+"""Sampling onto the analysis worker: decoded, rejected, dropped; failing and crashing workers."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import httpx
+import numpy as np
+
+from proxy_helpers import LOGITS, RunningSidecar, Upstream, make_config
+from sentinel import metricnames as mn
+from sentinel.config import SamplingConfig
+from sentinel.protocols import oip_v2
+from sentinel.proxy.sampling import Sampler
+
+SAMPLES = mn.SAMPLES.sample_name
+V2_BODY = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_sampler_rate_cap_and_bytes():
+    clock = _Clock()
+    s = Sampler(SamplingConfig(rate=1.0, max_per_second=2, max_bytes=100), clock=clock)
+    assert [s.decide(10) for _ in range(3)] == ["sample", "sample", "rate_limited"]
+    clock.t = 0.5
+    assert s.decide(10) == "sample"
+    clock.t = 2.0
+    assert s.decide(1000) == "oversize"
+    half = Sampler(SamplingConfig(rate=0.5, max_per_second=1e9), rng=random.Random(1))
+    n = sum(half.decide(None) == "sample" for _ in range(4000))
+    assert 1800 < n < 2200
+    assert Sampler(SamplingConfig(rate=0.0)).decide(1) is None
+
+
+def test_sampled_pairs_are_decoded_and_predictions_counted():
+    body, headers = oip_v2.encode([("x", np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32))])
+    with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0)) as sc:
+        with httpx.Client(base_url=sc.url) as c:
+            for _ in range(3):
+                assert c.post("/v2/models/digits/infer", content=body, headers=headers).status_code == 200
+            # a malformed request still proxies fine, and its sample is rejected
+            assert c.post("/v2/models/digits/infer", content=b"{oops").status_code == 200
+        assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "decoded"}, 3) == 3
+        assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "rejected"}, 1) == 1
+        assert sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == 4
+        # the rejected pair's response still decodes, so the monitor sees all four outputs
+        cls = str(int(LOGITS.argmax()))
+        assert sc.wait_for(mn.PREDICTIONS.sample_name, {"model": "digits", "class": cls}, 4) == 4
+        assert sc.value(mn.PREDICTION_CONFIDENCE.name + "_count", {"model": "digits"}) == 4
+        status = httpx.get(sc.admin_url + "/status").json()
+        assert status["analysis"]["worker_alive"] and status["models_seen"] == ["digits"]
+        assert status["last_results"]["digits"]["predictions"] >= 1
+
+
+def test_monitor_raising_on_every_sample(caplog):
+    caplog.set_level(logging.WARNING, logger="sentinel.analysis")
+    with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0), "proxy_monitors:raising") as sc:
+        with httpx.Client(base_url=sc.url) as c:
+            for _ in range(5):
+                assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        assert sc.wait_for(mn.ANALYSIS_ERRORS.sample_name, {"kind": "RuntimeError"}, 5) == 5
+        assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "decoded"}, 5) == 5
+        assert httpx.get(sc.url + "/echo").status_code == 200
+    logged = [r for r in caplog.records if "RuntimeError" in r.getMessage()]
+    assert len(logged) == 1   # once per kind
+
+
+def test_crashing_worker_is_restarted_and_proxy_unaffected():
+    with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0), "proxy_monitors:crashing") as sc:
+        with httpx.Client(base_url=sc.url) as c:
+            assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+            assert sc.wait_for(mn.ANALYSIS_RESTARTS.sample_name, {}, 1) >= 1
+            for _ in range(5):
+                assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        assert sc.value(mn.ANALYSIS_ERRORS.sample_name, {"kind": "worker_exit"}) >= 1
+
+
+def test_full_queue_drops_without_blocking():
+    cfg = make_config("http://127.0.0.1:1", rate=1.0)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, queue_size=1))
+    with Upstream() as up:
+        cfg = dataclasses.replace(cfg, upstream=up.url)
+        with RunningSidecar(cfg, "proxy_monitors:sleepy") as sc:
+            with httpx.Client(base_url=sc.url) as c:
+                for _ in range(15):
+                    assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+            assert sc.value(SAMPLES, {"model": "digits", "outcome": "dropped"}) >= 5
+            assert sc.value(mn.SAMPLE_QUEUE_CAPACITY.name) == 1

@@ -1,0 +1,115 @@
+"""Request encoders and response decoders, on literal bytes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sentinel.golden import Tolerance
+from sentinel.replay.compare import compare
+from sentinel.replay.report import Objectives, build_report
+from sentinel.replay.runner import LoadPlan, RunResult
+from sentinel.replay.wire import DecodeError, WireFormat
+
+X = np.arange(64, dtype=np.float32).reshape(8, 8)
+P = np.array([0.1, 0.7, 0.2])
+
+
+def test_v2_json_request_and_response():
+    w = WireFormat("v2", "digits")
+    headers, body = w.encode(X)
+    doc = json.loads(body)
+    assert w.path == "/v2/models/digits/infer"
+    assert doc["inputs"][0]["shape"] == [1, 8, 8] and doc["inputs"][0]["data"][5] == 5.0
+    resp = {"outputs": [{"name": "logits", "shape": [1, 3], "datatype": "FP32", "data": [0.0, 2.0, 1.0]},
+                        {"name": "probabilities", "shape": [1, 3], "datatype": "FP32", "data": P.tolist()}]}
+    d = w.decode({}, json.dumps(resp).encode())
+    assert d.top1 == 1 and np.allclose(d.probabilities, P) and np.allclose(d.logits, [0, 2, 1])
+
+
+def test_v2_binary_request_and_response():
+    w = WireFormat("v2", "digits", binary=True)
+    headers, body = w.encode(X)
+    n = int(headers["Inference-Header-Content-Length"])
+    head = json.loads(body[:n])
+    assert head["inputs"][0]["parameters"]["binary_data_size"] == 256
+    assert np.array_equal(np.frombuffer(body[n:], "<f4").reshape(8, 8), X)
+    jh = json.dumps({"outputs": [{"name": "probabilities", "shape": [1, 3], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": 12}}]}).encode()
+    d = w.decode({"inference-header-content-length": str(len(jh))}, jh + P.astype("<f4").tobytes())
+    assert d.top1 == 1 and np.allclose(d.probabilities, P, atol=1e-7) and d.logits is None
+
+
+def test_v2_lone_logits_output_of_another_name_is_softmaxed():
+    w = WireFormat("v2", "m")
+    resp = {"outputs": [{"name": "output0", "shape": [1, 3], "datatype": "FP32", "data": [3.0, -1.0, 0.5]}]}
+    d = w.decode({}, json.dumps(resp).encode())
+    assert d.top1 == 0 and d.logits is not None and abs(d.probabilities.sum() - 1) < 1e-9
+
+
+def test_v1_and_torchserve_answers():
+    v1 = WireFormat("v1", "digits")
+    assert v1.path == "/v1/models/digits:predict"
+    assert json.loads(v1.encode(X)[1])["instances"][0][0][:2] == [0.0, 1.0]
+    assert v1.decode({}, b'{"predictions": [[0.1, 0.7, 0.2]]}').top1 == 1
+    ts = WireFormat("torchserve", "digits", classes=("cat", "dog", "eel"))
+    assert ts.path == "/predictions/digits"
+    assert ts.decode({}, b'{"dog": 0.6, "eel": 0.3}').top1 == 1   # TorchServe's top-k form
+    assert ts.decode({}, b"[0.2, 0.1, 0.7]").top1 == 2
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"outputs": []}', b'{"predictions": 3}'])
+def test_undecodable_answers_raise_decode_error(body):
+    w = WireFormat("v2" if b"outputs" in body or body == b"not json" else "v1", "m")
+    with pytest.raises(DecodeError):
+        w.decode({}, body)
+
+
+def test_comparison_and_objectives_report_misses_with_amounts():
+    from sentinel.replay.wire import Decoded
+
+    tol = Tolerance(prob_atol=1e-3)
+    ok = compare(1, Decoded(1, probabilities=P), P, np.log(P), tol)
+    bad = compare(2, Decoded(2, probabilities=np.array([0.1, 0.2, 0.7])), P, np.log(P), tol)
+    assert ok.agrees(tol) and not bad.agrees(tol) and bad.prob_max_abs == pytest.approx(0.5)
+    r = RunResult("open", 2, sent=2, completed=2, comparisons=[ok, bad])
+    for _ in range(2):
+        r.corrected.record(0.2)
+        r.uncorrected.record(0.01)
+    rep = build_report(r, model="digits:v3", target="http://x", protocol="v2", binary=False,
+                       plan=LoadPlan(rate=10), tolerance=tol,
+                       objectives=Objectives(p99_ms=50, min_agreement=1.0, max_error_ratio=0.0))
+    assert not rep.passed
+    missed = {o.name: o.message for o in rep.missed}
+    assert set(missed) == {"p99_ms", "min_agreement"}
+    assert "exceeds 50 ms by 150.0 ms" in missed["p99_ms"]
+    assert rep.doc["mismatches"] == [{"id": 2, "expected": 1, "served": 2, "prob_max_abs": 0.5, "logits_max_abs": None}]
+    assert rep.doc["agreement"] == 0.5 and rep.doc["errors"] == 0
+
+
+def test_slo_file_objectives_for_the_model(tmp_path):
+    from sentinel.replay.report import objectives_from_slo
+
+    slo = tmp_path / "slo.yaml"
+    slo.write_text("slos:\n"
+                   "  - {name: availability, model: digits, objective: 0.999, sli: availability}\n"
+                   "  - {name: latency, model: digits, objective: 0.99, sli: latency, threshold: 0.15}\n"
+                   "  - {name: agreement, model: digits, objective: 0.995, sli: agreement}\n"
+                   "  - {name: other, model: cats, objective: 0.9, sli: agreement}\n")
+    o = objectives_from_slo(str(slo), "digits", "digits:v3", Objectives(min_agreement=1.0))
+    assert o.max_error_ratio == pytest.approx(0.001)
+    assert o.latency_threshold_ms == 150.0 and o.latency_ratio == 0.99
+    assert o.min_agreement == 1.0   # the flag wins
+
+
+def test_latency_slo_objective_counts_requests_within_the_threshold():
+    r = RunResult("open", 100, sent=100, completed=100)
+    for i in range(100):
+        r.corrected.record(0.01 if i < 97 else 0.5)
+        r.uncorrected.record(0.01)
+    rep = build_report(r, model="m", target="t", protocol="v2", binary=False, plan=LoadPlan(rate=10),
+                       tolerance=Tolerance(), objectives=Objectives(latency_threshold_ms=150, latency_ratio=0.99))
+    assert rep.doc["latency_ms"]["corrected"]["within_threshold"] == 0.97
+    assert not rep.passed and "only 97.00% of requests within 150 ms" in rep.missed[0].message

@@ -1,0 +1,42 @@
+"""`promtool test rules` on the generated unit tests: they pass, and they catch a broken rule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sentinel.errors import CheckFailed
+from sentinel.slo.generate import test_rules as run_promtool_tests
+from sentinel.slo.generate import write_rules
+from sentinel.slo.spec import load_slo_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")]
+
+
+def test_committed_rules_pass_their_generated_tests():
+    out = run_promtool_tests(REPO / "rules")
+    assert "SUCCESS" in out
+
+
+def test_seven_day_period_rules_pass_their_generated_tests(tmp_path):
+    text = (REPO / "slo.yaml").read_text().replace("period: 30d", "period: 7d")
+    (tmp_path / "slo.yaml").write_text(text)
+    write_rules(load_slo_file(tmp_path / "slo.yaml"), tmp_path / "rules", None)
+    assert "SUCCESS" in run_promtool_tests(tmp_path / "rules")
+
+
+def test_the_tests_catch_a_page_that_waits_too_long(tmp_path):
+    """Raise the fast page threshold tenfold: the detection checks must fail."""
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    slo_rules = tmp_path / "rules" / "sentinel-slo.rules.yml"
+    text = slo_rules.read_text()
+    assert "> 14.4\n" in text
+    slo_rules.write_text(text.replace("> 14.4\n", "> 144\n"))
+    with pytest.raises(CheckFailed) as info:
+        run_promtool_tests(tmp_path / "rules")
+    assert "FAILED" in str(info.value)

@@ -1,0 +1,89 @@
+"""The SLO file model: the committed example loads, and every mistake names its file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sentinel.errors import ConfigError
+from sentinel.slo.durations import format_duration, parse_duration
+from sentinel.slo.spec import load_slo_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_example_has_the_four_slos_of_the_issue():
+    spec = load_slo_file(REPO / "slo.yaml")
+    assert spec.period == "30d"
+    assert [(s.name, s.model, s.objective, s.sli, s.threshold) for s in spec.slos] == [
+        ("availability", "digits", 0.999, "availability", None),
+        ("latency", "digits", 0.99, "latency", 0.15),
+        ("agreement", "digits", 0.995, "agreement", None),
+        ("accuracy", "digits", 0.97, "estimated_accuracy", None),
+    ]
+    assert [s.budget for s in spec.slos] == [0.001, 0.01, 0.005, 0.03]
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "slo.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_slo_file(path)
+    return [p.replace(str(path), "slo.yaml") for p in info.value.problems]
+
+
+def test_latency_without_threshold(tmp_path):
+    assert _problems(tmp_path, "slos: [{name: l, model: m, objective: 0.99, sli: latency}]\n") == [
+        "slo.yaml: slos[0].threshold: required for a latency SLI (seconds, e.g. 0.15)"]
+
+
+def test_threshold_on_a_ratio_sli(tmp_path):
+    assert _problems(tmp_path, "slos: [{name: a, model: m, objective: 0.99, sli: availability, threshold: 1}]\n") == [
+        "slo.yaml: slos[0].threshold: only latency SLIs take a threshold, this one is 'availability'"]
+
+
+def test_objective_out_of_range_and_unknown_sli(tmp_path):
+    probs = _problems(tmp_path, "slos:\n  - {name: a, model: m, objective: 99.9, sli: availability}\n"
+                                "  - {name: b, model: m, objective: 0.9, sli: uptime}\n")
+    assert probs == [
+        "slo.yaml: slos[0].objective: must be a ratio strictly between 0 and 1 (0.999 is 99.9%), got 99.9",
+        "slo.yaml: slos[1].sli: must be one of 'availability', 'latency', 'agreement', 'estimated_accuracy', "
+        "got 'uptime'",
+    ]
+
+
+def test_unknown_field_suggests_the_right_one(tmp_path):
+    probs = _problems(tmp_path, "perod: 7d\nslos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
+    assert len(probs) == 1 and probs[0].startswith("slo.yaml: perod: unknown field (did you mean 'period'?)")
+
+
+def test_bad_period_and_duplicate_slo(tmp_path):
+    probs = _problems(tmp_path, "period: 30 days\nslos:\n"
+                                "  - {name: a, model: m, objective: 0.99, sli: availability}\n"
+                                "  - {name: a, model: m, objective: 0.9, sli: availability}\n")
+    assert probs == [
+        "slo.yaml: period: expected a duration such as 30d, 6h or 90s, got '30 days'",
+        "slo.yaml: slos[1].name: duplicate SLO 'a' for model 'm'",
+    ]
+
+
+def test_period_too_short_for_the_scrape_interval(tmp_path):
+    probs = _problems(tmp_path, "period: 1d\nscrape_interval: 1m\n"
+                                "slos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
+    assert probs == ["slo.yaml: period: 1d is too short for a 1m scrape interval: the fastest page window "
+                     "(period/720) must span at least 4 scrapes, so the period must be at least 2880 scrape "
+                     "intervals"]
+
+
+@pytest.mark.parametrize("text,seconds", [("30d", 2592000), ("4m40s", 280), ("1h30m", 5400), ("90s", 90),
+                                          ("1w", 604800)])
+def test_durations_parse_and_format(text, seconds):
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "1.5h", "5ms", "0s", "h1", "1h 30m"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)

@@ -1,0 +1,62 @@
+"""Window and burn-rate arithmetic against the SRE Workbook's figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from sentinel.slo.windows import plan_windows
+
+DAY = 86400
+
+
+def _table(period_s: int, scrape_s: int = 30):
+    return [(w.severity, w.long, w.short, w.factor, round(w.budget_fraction, 4))
+            for w in plan_windows(period_s, scrape_s).pairs]
+
+
+def test_thirty_days_is_the_workbook_table():
+    assert _table(30 * DAY) == [
+        ("page", "1h", "5m", 14.4, 0.02),
+        ("page", "6h", "30m", 6.0, 0.05),
+        ("ticket", "1d", "2h", 3.0, 0.1),
+        ("ticket", "3d", "6h", 1.0, 0.1),
+    ]
+
+
+def test_28_days_scales_windows_and_keeps_budget_fractions():
+    assert _table(28 * DAY) == [
+        ("page", "56m", "4m40s", 14.4, 0.02),
+        ("page", "5h36m", "28m", 6.0, 0.05),
+        ("ticket", "22h24m", "1h52m", 3.0, 0.1),
+        ("ticket", "2d19h12m", "5h36m", 1.0, 0.1),
+    ]
+
+
+def test_7_days_clamps_the_shortest_window_to_four_scrapes():
+    # 5m * 7/30 = 70s < 4 x 30s: clamped to 2m
+    assert _table(7 * DAY) == [
+        ("page", "14m", "2m", 14.4, 0.02),
+        ("page", "1h24m", "7m", 6.0, 0.05),
+        ("ticket", "5h36m", "28m", 3.0, 0.1),
+        ("ticket", "16h48m", "1h24m", 1.0, 0.1),
+    ]
+    assert plan_windows(7 * DAY, 15).pairs[0].short == "1m10s"
+
+
+def test_compressed_period_for_end_to_end_tests():
+    plan = plan_windows(4 * 3600, 1)
+    assert [(w.long, w.short) for w in plan.pairs] == [("20s", "4s"), ("2m", "10s"), ("8m", "40s"),
+                                                       ("24m", "2m")]
+    assert plan.ranges_s == (4, 10, 20, 40, 120, 480, 1440, 14400)
+
+
+@pytest.mark.parametrize("objective,detect_s", [(0.999, 51.84), (0.99, 518.4), (0.995, 259.2), (0.97, 1555.2)])
+def test_full_outage_detection_time(objective, detect_s):
+    fast = plan_windows(30 * DAY, 30).pairs[0]
+    assert fast.detection_s(1.0, round(1 - objective, 12)) == pytest.approx(detect_s)
+
+
+def test_burn_below_the_factor_never_detects():
+    fast = plan_windows(30 * DAY, 30).pairs[0]
+    assert fast.detection_s(0.0144, 0.001) == float("inf")
+    assert fast.reset_s(0.001) == pytest.approx(300 * (1 - 0.0144))
