@@ -151,7 +151,7 @@ class ModelEntry:
                 f"{self.manifest.weights.sha256[:16]}…")
 
     def densenet_config(self):
-        from sentinel.reference.densenet import resolve_config
+        from sentinel.reference.arch import resolve_config
 
         cfg = resolve_config(self.manifest.arch, **self.manifest.architecture)
         if cfg.num_classes != len(self.manifest.classes):

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # the model itself needs no torch, so the sidecar can use it
-    from sentinel.reference.densenet import DenseNetConfig
+    from sentinel.reference.arch import DenseNetConfig
 
 Mode = Literal["inference", "training"]
 Backend = Literal["cuda", "cpu"]

@@ -1,33 +1,34 @@
 """The reference DenseNet: torchvision-compatible architecture, safe weight loading, runtime.
 
-Importing this package imports torch.
+Names are loaded lazily: `sentinel.reference.arch` (shapes, no torch) can be imported
+without pulling in torch; everything else imports torch on first use.
 """
 
 from __future__ import annotations
 
-from sentinel.reference.densenet import (
-    ARCHS,
-    DenseNet,
-    DenseNetConfig,
-    build_densenet,
-    count_parameters,
-    resolve_config,
-)
-from sentinel.reference.runtime import ReferenceModel, select_device, set_deterministic
-from sentinel.reference.weights import load_weights, read_state_dict, remap_legacy_keys, save_weights
+import importlib
+from typing import Any
 
-__all__ = [
-    "ARCHS",
-    "DenseNet",
-    "DenseNetConfig",
-    "ReferenceModel",
-    "build_densenet",
-    "count_parameters",
-    "load_weights",
-    "read_state_dict",
-    "remap_legacy_keys",
-    "resolve_config",
-    "save_weights",
-    "select_device",
-    "set_deterministic",
-]
+_EXPORTS = {
+    "ARCHS": "arch",
+    "DenseNetConfig": "arch",
+    "resolve_config": "arch",
+    "DenseNet": "densenet",
+    "build_densenet": "densenet",
+    "count_parameters": "densenet",
+    "ReferenceModel": "runtime",
+    "select_device": "runtime",
+    "set_deterministic": "runtime",
+    "load_weights": "weights",
+    "read_state_dict": "weights",
+    "remap_legacy_keys": "weights",
+    "save_weights": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"sentinel.reference.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'sentinel.reference' has no attribute {name!r}")

@@ -7,7 +7,11 @@ to rewrite tests/gpu/golden/exposition.txt instead of failing.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -41,11 +45,6 @@ def test_exposition_matches_golden_file(tmp_path):
 
 
 def test_promtool_accepts_the_exposition():
-    import shutil
-    import subprocess
-
-    import pytest
-
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (scripts/setup.sh installs it)")
