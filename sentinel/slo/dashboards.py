@@ -172,6 +172,7 @@ def oncall(spec: SloFile) -> DashboardSpec:
 
 def debug(spec: SloFile) -> DashboardSpec:
     samples = mn.SAMPLES.sample_name
+    offered = f'sum by (model) (rate({samples}{{{MI},outcome=~"queued|dropped"}}[{RATE}]))'
     return DashboardSpec(
         uid="sentinel-debug", filename="sentinel-debug.json", title="sentinel / debug",
         description="Internals of the sidecars: detectors, sampling, queue, GPU processes, collectors.",
@@ -189,9 +190,8 @@ def debug(spec: SloFile) -> DashboardSpec:
             PanelSpec("Sample drop ratio", "timeseries", "percentunit",
                       "Dropped over offered (queued + dropped) samples. SentinelSampleDropRatioHigh fires "
                       "above 10% for 15 minutes.",
-                      (Query(f'sum by (model) (rate({samples}{{{MI},outcome="dropped"}}[{RATE}]))\n/ clamp_min('
-                             f'sum by (model) (rate({samples}{{{MI},outcome=~"queued|dropped"}}[{RATE}])), 1e-12)',
-                             "{{model}}"),), min=0, max=1),
+                      (Query(f'(sum by (model) (rate({samples}{{{MI},outcome="dropped"}}[{RATE}]))\n'
+                             f'or 0 * {offered})\n/ clamp_min({offered}, 1e-12)', "{{model}}"),), min=0, max=1),
             PanelSpec("Analysis queue depth", "timeseries", "short",
                       "Samples waiting for the analysis worker, and the queue's capacity.",
                       (Query(f"{mn.SAMPLE_QUEUE_DEPTH.name}{{{I}}}", "depth {{instance}}"),

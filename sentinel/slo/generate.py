@@ -96,7 +96,7 @@ def check_rules(rule_dir: Path) -> str:
 
 def test_rules(rule_dir: Path) -> str:
     """`promtool test rules` on the generated tests in `rule_dir/tests`; CheckFailed with its output."""
-    tests = sorted(str(p) for p in (rule_dir / TESTS_DIR).glob("*.yml"))
+    tests = sorted(str(p.resolve()) for p in (rule_dir / TESTS_DIR).glob("*.yml"))
     if not tests:
         raise InfrastructureError(f"no promtool tests in {rule_dir / TESTS_DIR}; run `sentinel rules generate` first")
     proc = promtool("test", "rules", *tests, cwd=rule_dir / TESTS_DIR)

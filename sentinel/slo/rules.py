@@ -14,6 +14,8 @@ Output (see `generate_rule_files`):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sentinel import metricnames as mn
 from sentinel.slo import recorded, sli
 from sentinel.slo.durations import format_duration
@@ -256,6 +258,4 @@ def alert_names(files: tuple[RuleFile, ...]) -> tuple[str, ...]:
 
 
 def _source_name(spec: SloFile) -> str:
-    from pathlib import Path
-
     return Path(spec.source).name if spec.source != "<memory>" else "an SLO spec"

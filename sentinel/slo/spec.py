@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sentinel.errors import ConfigError
 from sentinel.schema import load_file
 from sentinel.slo.durations import parse_duration
 
@@ -33,7 +34,7 @@ _JOB = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 # The fastest page window is 1h of 30d (1/720 of the period); it must cover 4 scrapes.
 MIN_PERIOD_SCRAPES = 720 * 4
 
-DEFAULT_RUNBOOK_URL = "https://github.com/sentinel-densenet/sentinel/blob/main/docs/runbooks.md"
+DEFAULT_RUNBOOK_URL = "https://github.com/sentinel-densenet/sentinel/blob/main/deploy/RUNBOOK.md"
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,21 @@ class SloFile:
 
 
 def load_slo_file(path: str | Path) -> SloFile:
-    """Read and validate an SLO file; raises ConfigError listing every problem."""
-    spec = load_file(path, SloFile)
+    """Read and validate an SLO file (sentinel's format or OpenSLO v1); ConfigError lists every problem."""
+    from sentinel.slo import openslo
+
+    text = _read_text(Path(path))
+    if openslo.is_openslo(text):
+        spec = openslo.load_openslo(text, str(path))
+    else:
+        spec = load_file(path, SloFile)
     return dataclasses.replace(spec, source=str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None

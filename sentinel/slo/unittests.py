@@ -1,24 +1,27 @@
 """Generate `promtool test rules` unit tests for the generated rules.
 
-For every SLO, with every other SLO fed healthy traffic:
+Every test feeds all SLOs of the file at once (their outages staggered where needed):
 
-* outage: after a healthy history as long as the slowest page window, every request
-  fails; the page must fire within the Workbook's detection time (rounded up to the test
-  step, plus one step for evaluation);
-* slow_burn: errors at 1.1x the sustainable rate from the start; a ticket fires, no page
-  ever does;
-* exact_budget: errors at exactly the sustainable rate (the budget spent exactly over
-  the period); nothing fires;
-* recovery / long_recovery: an outage just long enough to page through the fast (resp.
-  the slow) page pair, then healthy traffic; the page resolves within that pair's
-  short window plus one step.
+* recovery: after a healthy steady state as long as the slowest page window, every
+  request fails until the fast page pair (1h/5m at 30 days) fires; the test pins that
+  step (the page is firing there and, where unambiguous, not a step earlier: the
+  Workbook's detection time rounded up to the test step), then traffic is healthy again
+  and the page must be resolved within the short window of the page pairs the outage
+  tripped, plus one step;
+* long recovery: the same, with an outage long enough for the slow page pair (6h/30m),
+  whose 30-minute short window then sets the reset time;
+* slow burn: errors at 1.1x the sustainable rate from the start; a ticket, never a page;
+* exact budget: errors at exactly the sustainable rate (the budget spent exactly over the
+  period); nothing fires;
+* idle: series present, no requests: recorded ratios are 0 (not NaN), nothing fires;
+* absent: no sentinel series at all: only SentinelMetricsAbsent fires, after its `for`.
 
-Plus two tests for the whole file: idle (series present, no requests: ratios are 0, not
-NaN, nothing fires) and absent (no sentinel series at all: only SentinelMetricsAbsent).
-
-The expected alerts at each checked instant come from `sentinel.slo.series`; an instant
-where a burn rate sits within `MARGIN` of a threshold is moved one step later, so the
-tests do not depend on floating-point ties or on Prometheus 3's left-open ranges.
+The expected alerts at each checked instant (labels, annotations, the burn rate in the
+description) come from `sentinel.slo.series`, which computes what Prometheus 2 computes
+for samples on the step grid. No check sits where a burn rate is within `MARGIN` of a
+threshold or where a one-sample-shorter range (Prometheus 3's left-open ranges) would
+change the verdict; the generator staggers outages to avoid such instants and raises
+GenerationError when it cannot.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class _Scenario:
                 return True
             if self.pair_fires(pair, at) != self.pair_fires(pair, at, shorter_by=1):
                 return True
-        return False
+        # the alert's description prints the burn rate to one decimal: avoid x.x5 ties
+        return any(_near_rounding(v) for v in self.firing(at).values())
 
     def firing(self, at: int) -> dict[str, float]:
         """severity -> long-window burn rate of the first firing pair (the alert's $value)."""
@@ -205,6 +209,15 @@ class _Builder:
             return 1.0 if s > start and (length is None or s <= start + length) else 0.0
         return bad
 
+    def _first_page(self, slo: SloSpec, pair: BurnWindow, warm: int) -> int:
+        """Steps of full outage (after `warm` healthy ones) until `pair` first fires, unambiguously."""
+        limit = _steps(pair.detection_s(1.0, slo.budget), self.step) + MAX_STAGGER
+        scen = _Scenario(slo, series.Profile(warm + limit + 1, self._outage(warm, None)), self.plan, self.step)
+        for n in range(1, limit + 1):
+            if scen.pair_fires(pair, warm + n) and not scen.ambiguous(warm + n):
+                return n
+        raise GenerationError(f"{slo.name}: a full outage never pages through {pair.long}/{pair.short}")
+
     # --- scenarios, each run for every SLO at once -------------------------------------
     def recovery(self, pair: BurnWindow, label: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
         """A steady state as long as the slow page pair's long window, then a full outage
@@ -216,12 +229,11 @@ class _Builder:
         other SLO's check instant.
         """
         warm = _steps(self.slow.long_s, self.step)
-        lengths = {s.name: _steps(pair.detection_s(1.0, s.budget), self.step) + 1 for s in self.spec.slos}
+        lengths = {s.name: self._first_page(s, pair, warm) for s in self.spec.slos}
         # Where windows are short (short periods), an outage that trips `pair` may trip a
         # slower page pair too; the page then lasts until that pair's short window clears.
         longest_reset = _steps(max(p.short_s for p in self.plan.by_severity("page")), self.step) + 1
         horizon = warm + max(lengths.values()) + longest_reset + MAX_STAGGER + 2
-        starts: dict[str, int] = {}
         resets: dict[str, int] = {}
         scens: list[_Scenario] = []
         ats: set[int] = set()
@@ -233,6 +245,8 @@ class _Builder:
                 tripped = [p for p in self.plan.by_severity("page") if scen.pair_fires(p, start + n)]
                 reset = _steps(max((p.short_s for p in tripped), default=pair.short_s), self.step) + 1
                 mine = {start, start + n, start + n + reset}
+                if n > 1 and not scen.ambiguous(start + n - 1):
+                    mine.add(start + n - 1)  # pins the page to this very step: not a step earlier
                 if all(not x.ambiguous(a) for x in scens + [scen] for a in ats | mine):
                     break
             else:
@@ -242,16 +256,15 @@ class _Builder:
                                       f"through {pair.long}/{pair.short}")
             if "page" in scen.firing(start + n + reset):
                 raise GenerationError(f"{slo.name}: {label}: the page outlives the short windows plus a step")
-            starts[slo.name] = start
             resets[slo.name] = reset
             scens.append(scen)
             ats |= mine
         total = max(ats) + 1
         scens = [_Scenario(x.slo, series.Profile(total, x.profile.bad), self.plan, self.step) for x in scens]
         pins = {name: (lengths[name] * self.step, resets[name] * self.step) for name in lengths}
-        test = {"name": (f"{label}: full outages page within the Workbook detection time of the {pair.long}/"
-                         f"{pair.short} pair (rounded up, plus a step) and the page resolves within the "
-                         f"short window of the page pairs they tripped plus a step"),
+        test = {"name": (f"{label}: full outages page through the {pair.long}/{pair.short} pair at the first "
+                         f"step the Workbook's detection time allows, not a step earlier, and the page resolves "
+                         f"within the short window of the page pairs they tripped plus a step"),
                 "interval": format_duration(self.step), "input_series": self.inputs(scens, total),
                 "alert_rule_test": [self.burn_check(scens, a) for a in sorted(ats)]}
         return test, pins

@@ -1,6 +1,6 @@
 """Multi-window, multi-burn-rate alert windows, derived from the SLO period.
 
-The Google SRE Workbook ("Alerting on SLOs", table 5-8) fixes four window pairs for a
+The Google SRE Workbook ("Alerting on SLOs") recommends four window pairs for a
 30-day SLO. A burn rate of 1 spends exactly the budget over the period; a pair fires
 when both its long and its short window burn faster than its factor:
 

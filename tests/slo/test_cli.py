@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from sentinel.cli import app
@@ -21,7 +23,7 @@ def test_generate_writes_rules_tests_and_prometheusrule(tmp_path):
     assert sorted(p.name for p in (tmp_path / "r").rglob("*.yml")) == [
         "sentinel-ops.rules.yml", "sentinel-slo.rules.yml", "sentinel-slo.test.yml"]
     assert (tmp_path / "pr.yaml").exists()
-    assert "digits/availability (0.999): Workbook detection 52s, pages within 2m, resolves within 6m" in res.output
+    assert "digits/availability (0.999): Workbook detection 52s, pages within 1m, resolves within 6m" in res.output
 
 
 def test_generate_can_skip_the_prometheusrule(tmp_path):
@@ -51,3 +53,13 @@ def test_rules_test_without_promtool_says_so_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "promtool not found on PATH" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_rules_test_with_a_relative_rules_directory(tmp_path):
+    shutil.copytree(REPO / "rules", tmp_path / "rules")
+    proc = _sentinel("rules", "test", "--rules", "rules", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout

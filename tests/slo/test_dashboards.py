@@ -1,0 +1,65 @@
+"""Generated dashboards: three boards, template variables, a unit and a description on every panel."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sentinel import metricnames as mn
+from sentinel.slo import recorded
+from sentinel.slo.dashboards import dashboard_specs, generate_dashboards
+from sentinel.slo.spec import load_slo_file
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = load_slo_file(REPO / "slo.yaml")
+BOARDS = {name: json.loads(text) for name, text in generate_dashboards(SPEC).items()}
+
+
+def test_three_dashboards_with_stable_uids():
+    assert sorted((b["uid"], name) for name, b in BOARDS.items()) == [
+        ("sentinel-debug", "sentinel-debug.json"), ("sentinel-oncall", "sentinel-oncall.json"),
+        ("sentinel-overview", "sentinel-overview.json")]
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_template_variables(name):
+    variables = {v["name"]: v for v in BOARDS[name]["templating"]["list"]}
+    assert list(variables) == ["datasource", "model", "version", "instance"]
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert "sentinel_model_info" in variables["instance"]["query"] and "$version" in variables["instance"]["query"]
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_every_panel_has_unit_description_and_datasource_variable(name):
+    for panel in BOARDS[name]["panels"]:
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+        assert len(panel["description"]) > 20, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"])
+        assert "null" not in json.dumps(panel)
+
+
+def test_panels_cover_what_the_issue_asks_for():
+    titles = {name: [p["title"] for p in b["panels"]] for name, b in BOARDS.items()}
+    assert {"SLI over the period", "Error budget remaining", "Burn rate (page windows)", "Estimated accuracy",
+            "Models and versions in service"} <= set(titles["sentinel-overview.json"])
+    assert {"Latency P50 / P95 / P99", "Error ratio by code", "Drift alarms", "GPU memory used",
+            "Canary replay results"} <= set(titles["sentinel-oncall.json"])
+    assert {"Drift p-values", "Sampling by outcome", "Analysis queue depth", "GPU memory per process",
+            "Collector health"} <= set(titles["sentinel-debug.json"])
+
+
+def test_queries_use_only_known_metric_names():
+    known = {m.sample_name for m in mn.METRICS} | {m.name for m in mn.METRICS}
+    known |= {m.name + "_bucket" for m in mn.METRICS if m.kind == "histogram"}
+    records = {recorded.OBJECTIVE, recorded.BUDGET_REMAINING}
+    for board in dashboard_specs(SPEC):
+        for panel in board.panels:
+            for q in panel.queries:
+                for tok in re.findall(r"(?<![:\w])(sentinel_[a-z_]+)", q.expr):
+                    assert tok in known, (board.uid, panel.title, tok)
+                for tok in re.findall(r"(slo:[a-z_]+:[a-z_0-9]+)", q.expr):
+                    assert tok in records or tok.startswith(recorded.ERROR_RATIO_PREFIX), tok
