@@ -102,9 +102,10 @@ class ProxyConfig:
     drain_timeout_s: float = 10.0
     max_model_labels: int = 32       # distinct model label values before folding into "other"
     upstream_pool_size: int = 64
+    client_idle_timeout_s: float = 75.0  # idle keep-alive client connections are closed after this
 
     def validate(self):
-        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s"):
+        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s"):
             if getattr(self, name) <= 0:
                 yield name, "must be positive"
         if self.max_body_bytes <= 0:
@@ -117,10 +118,13 @@ class AnalysisConfig:
     store_payloads: bool = False     # never keep payloads unless asked
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024
+    queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped
 
     def validate(self):
         if self.queue_size < 1:
             yield "queue_size", "must be at least 1"
+        if self.queue_max_bytes < 1:
+            yield "queue_max_bytes", "must be positive"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Runs the analysis worker process: a bounded lossy queue in, a pipe of results back.
+"""Runs the analysis worker process: a bounded lossy pipe of samples in, a pipe of results back.
 
 Only this module talks to the worker. A full queue drops the sample (counted); a dead
 worker is counted, logged once per kind and restarted with backoff; the proxy never waits.
@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
-import queue
+import os
+import pickle
+import struct
 import time
+from collections import deque
 from typing import Any
 
 from sentinel.config import Config
@@ -22,6 +25,7 @@ log = logging.getLogger("sentinel.analysis")
 
 MAX_MESSAGES_PER_WAKEUP = 200
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+SUPERVISE_EVERY_S = 0.25   # how often a dead worker is noticed
 
 
 class AnalysisManager:
@@ -34,6 +38,9 @@ class AnalysisManager:
         self.loop = loop
         self.factory = factory
         self.capacity = config.analysis.queue_size
+        self.max_bytes = config.analysis.queue_max_bytes
+        self.queued_bytes = 0   # payload bytes submitted and not yet reported back by the worker
+        self.outstanding = 0    # samples submitted and not yet reported back
         self._mp = mp.get_context("spawn")
         self.proc: Any = None
         self.samples_q: Any = None
@@ -50,11 +57,8 @@ class AnalysisManager:
         metrics.queue_depth.set_function(self.depth)
 
     def depth(self) -> int:
-        q = self.samples_q
-        try:
-            return q.qsize() if q is not None else 0
-        except (NotImplementedError, OSError):
-            return 0
+        """Samples handed to the worker and not yet reported back (in the pipe or being analysed)."""
+        return self.outstanding
 
     # --- main-process side ------------------------------------------------------------
     def submit(self, sample: Sample) -> None:
@@ -64,25 +68,27 @@ class AnalysisManager:
             return
         if self.proc is None and self._restart_at is None:
             self._start()
-        q = self.samples_q
-        if q is None:   # waiting out a restart backoff
+        w = self.samples_q
+        size = len(sample.request_body) + len(sample.response_body)
+        if (w is None or w.broken or self.outstanding >= self.capacity
+                or self.queued_bytes + size > self.max_bytes):   # restarting, full, or over the byte budget
             self.metrics.samples.labels(sample.model, "dropped").inc()
             return
-        try:
-            q.put_nowait(sample)
-        except queue.Full:
-            self.metrics.samples.labels(sample.model, "dropped").inc()
-            return
+        w.send(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+        self.outstanding += 1
+        self.queued_bytes += size
         self.metrics.samples.labels(sample.model, "queued").inc()
 
     def _start(self) -> None:
         self._restart_at = None
-        self.samples_q = self._mp.Queue(maxsize=self.capacity)
+        sample_r, sample_w = self._mp.Pipe(duplex=False)
         reader, writer = self._mp.Pipe(duplex=False)
         self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
-                                     args=(self.config, self.factory, self.samples_q, writer))
+                                     args=(self.config, self.factory, sample_r, writer))
         self.proc.start()
-        writer.close()   # so a dead worker shows up as EOF on our end
+        writer.close()     # so a dead worker shows up as EOF on our end
+        sample_r.close()   # ... and a dead reader as a broken pipe on this one
+        self.samples_q = PipeWriter(self.loop, sample_w)
         self.results = reader
         self.loop.add_reader(reader.fileno(), self._on_readable)
         if self._supervisor is None:
@@ -102,7 +108,9 @@ class AnalysisManager:
     def _handle(self, msg: tuple) -> None:
         tag = msg[0]
         if tag == "sample":
-            _, model, outcome, err, updates = msg
+            _, model, outcome, err, updates, size = msg
+            self.queued_bytes = max(0, self.queued_bytes - size)
+            self.outstanding = max(0, self.outstanding - 1)
             self.metrics.samples.labels(model, outcome).inc()
             if err:
                 self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
@@ -129,7 +137,7 @@ class AnalysisManager:
 
     async def _supervise(self) -> None:
         while not self.stopping:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(SUPERVISE_EVERY_S)
             if self._restart_at is not None:
                 if time.monotonic() >= self._restart_at and not self.stopping:
                     self._start()
@@ -161,10 +169,11 @@ class AnalysisManager:
             self.results.close()
             self.results = None
         if self.samples_q is not None:
-            self.samples_q.cancel_join_thread()   # never block on a dead reader
             self.samples_q.close()
             self.samples_q = None
         self.proc = None
+        self.queued_bytes = 0   # whatever was queued died with the worker
+        self.outstanding = 0
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Ask the worker to finish, then terminate it if it does not."""
@@ -174,10 +183,7 @@ class AnalysisManager:
         p = self.proc
         if p is None:
             return
-        try:
-            self.samples_q.put_nowait(None)
-        except (queue.Full, ValueError):
-            p.terminate()
+        self.samples_q.close()   # end of input: the worker finishes what it has and exits
         deadline = time.monotonic() + timeout
         while p.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -202,4 +208,60 @@ class AnalysisManager:
         return {"worker_pid": p.pid if p is not None else None,
                 "worker_alive": bool(p is not None and p.is_alive()),
                 "restarts": self.restarts, "queue_depth": self.depth(), "queue_capacity": self.capacity,
+                "queued_bytes": self.queued_bytes, "queue_max_bytes": self.max_bytes,
                 "errors": dict(self.errors)}
+
+
+class PipeWriter:
+    """Non-blocking writes of framed messages to the worker's pipe, driven by the event loop.
+
+    The framing is multiprocessing.Connection's (a 4-byte big-endian length), so the worker
+    reads with `Connection.recv()`. Unlike multiprocessing.Queue there is no feeder thread
+    contending for the GIL; the caller bounds what is outstanding.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Any):
+        self.loop = loop
+        self.conn = conn            # kept so its finalizer does not close the fd under us
+        self.fd = conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf: deque[memoryview] = deque()
+        self.waiting = False
+        self.broken = False
+
+    def send(self, payload: bytes) -> None:
+        if self.broken:
+            return
+        self.buf.append(memoryview(struct.pack("!i", len(payload))))
+        self.buf.append(memoryview(payload))
+        if not self.waiting:
+            self._drain()
+
+    def _drain(self) -> None:
+        buf = self.buf
+        while buf:
+            try:
+                n = os.write(self.fd, buf[0])
+            except BlockingIOError:
+                break
+            except OSError:           # the worker is gone; the supervisor restarts it
+                self.broken = True
+                buf.clear()
+                break
+            if n == len(buf[0]):
+                buf.popleft()
+            else:
+                buf[0] = buf[0][n:]
+        if buf and not self.waiting:
+            self.loop.add_writer(self.fd, self._drain)
+            self.waiting = True
+        elif not buf and self.waiting:
+            self.loop.remove_writer(self.fd)
+            self.waiting = False
+
+    def close(self) -> None:
+        if self.waiting:
+            self.loop.remove_writer(self.fd)
+            self.waiting = False
+        self.buf.clear()
+        self.conn.close()

@@ -106,14 +106,15 @@ class Exchange:
         try:
             up = await self.ctx.pool.connect()
         except asyncio.TimeoutError:
+            self.connect_task = None   # this task; upstream_failed must not cancel it
             self.upstream_failed("upstream_connect_timeout",
                                  f"no connection to the upstream within {self.ctx.pool.connect_timeout} s")
             return
         except OSError as exc:
+            self.connect_task = None
             self.upstream_failed("upstream_refused", f"cannot connect to the upstream: {exc.strerror or exc}")
             return
-        finally:
-            self.connect_task = None
+        self.connect_task = None
         if self.finished:
             self.ctx.pool.release(up)
             return
@@ -124,10 +125,10 @@ class Exchange:
         try:
             up = await self.ctx.pool.connect()
         except (OSError, asyncio.TimeoutError) as exc:
+            self.connect_task = None
             self.upstream_failed("upstream_refused", f"cannot reconnect to the upstream: {exc}")
             return
-        finally:
-            self.connect_task = None
+        self.connect_task = None
         if self.finished:
             self.ctx.pool.release(up)
             return

@@ -20,6 +20,7 @@ log = logging.getLogger("sentinel.proxy")
 
 CANARY_HEADER = b"x-sentinel-canary"
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
+SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
 
 
@@ -87,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         self.outbox = ctx.outbox
         self._out: list[bytes] = []
         self.raw_left = 0   # Content-Length body bytes still to come outside the parser
+        self.last_active = ctx.loop.time()
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,19 +99,33 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
+        self.last_active = self.ctx.loop.time()
         self.outbox.active = True
         try:
-            if self.raw_left:
-                data = self._raw_body(data)
-                if not data or self.discarding or self.closed:
+            while data:
+                if self.raw_left:
+                    data = self._raw_body(data)
+                    if not data or self.discarding or self.closed:
+                        return
+                    data = bytes(data)   # a pipelined request after the body (rare)
+                rest = b""
+                if len(data) > SPLIT_HEADERS_ABOVE and self.parsing is None:
+                    # Hand httptools only the head, so a large body is never copied by the parser.
+                    end = data.find(b"\r\n\r\n", 0, SPLIT_HEADERS_ABOVE)
+                    if end > 0:
+                        data, rest = data[:end + 4], memoryview(data)[end + 4:]
+                self._feed(data)
+                if self.discarding or self.closed:
                     return
-            self._feed(data)
-            ex = self.parsing
-            if (ex is not None and ex.req_mode == LENGTH and ex.method and not self.discarding
-                    and not ex.finished and ex.content_length > ex.received):  # type: ignore[operator]
-                # The rest of this body bypasses httptools: no per-chunk copy, no callback.
-                self.raw_left = ex.content_length - ex.received  # type: ignore[operator]
-                self.parser = httptools.HttpRequestParser(self)   # fresh for the next request
+                ex = self.parsing
+                if (ex is not None and ex.req_mode == LENGTH and ex.method and not self.discarding
+                        and not ex.finished and ex.content_length > ex.received):  # type: ignore[operator]
+                    # The rest of this body bypasses httptools: no per-chunk copy, no callback.
+                    self.raw_left = ex.content_length - ex.received  # type: ignore[operator]
+                    self.parser = httptools.HttpRequestParser(self)   # fresh for the next request
+                elif rest:
+                    rest = bytes(rest)
+                data = rest  # type: ignore[assignment]
         finally:
             self.outbox.flush()
 
@@ -318,3 +334,12 @@ class ClientConnection(asyncio.Protocol):
         self.write(http.error_response(400, reason, message, keep_alive=False))
         self.parsing = None
         self.close_gracefully(False)
+
+
+def close_idle(ctx: ProxyContext, idle_s: float) -> int:
+    """Close keep-alive client connections with no request for `idle_s` seconds; returns how many."""
+    cutoff = ctx.loop.time() - idle_s
+    stale = [c for c in ctx.connections if c.idle() and c.last_active < cutoff and c.transport is not None]
+    for c in stale:
+        c.transport.close()  # type: ignore[union-attr]
+    return len(stale)

@@ -20,7 +20,7 @@ from sentinel.proxy.analysis import AnalysisManager
 from sentinel.proxy.ingest import IngestError, JoinTable, parse_event
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.sampling import Sample, Sampler
-from sentinel.proxy.server import ClientConnection, ProxyContext
+from sentinel.proxy.server import ClientConnection, ProxyContext, close_idle
 from sentinel.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("sentinel.run")
@@ -110,7 +110,8 @@ class Sidecar:
             self.proxy_server.close()
             raise
         self._tasks.append(loop.create_task(self._expire_ingest()))
-        log.info("proxy on %s → %s; admin on %s", self.proxy_address, cfg.upstream, self.admin_address)
+        self._tasks.append(loop.create_task(self._close_idle_clients()))
+        log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
 
     async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
         try:
@@ -273,6 +274,13 @@ class Sidecar:
             m = self.config.model()
             return self.samplers[m.name]
         return None
+
+    async def _close_idle_clients(self) -> None:
+        idle_s = self.config.proxy.client_idle_timeout_s
+        while True:
+            # one sweep instead of a timer per connection; a connection lives at most idle_s * 1.25
+            await asyncio.sleep(max(idle_s / 4, 0.05))
+            close_idle(self.ctx, idle_s)
 
     async def _expire_ingest(self) -> None:
         while True:

@@ -1,9 +1,9 @@
 """The analysis worker process: decode sampled pairs, feed the model's monitor, report back.
 
 Runs in a spawned process so decoding and analysis never hold the proxy's GIL. It reads
-`Sample`s from a bounded queue and writes one plain tuple per sample to a pipe:
+pickled `Sample`s from one pipe and writes one plain tuple per sample to another:
 
-    ("sample", model, outcome, decode_error_kind | None, [(metric, labels, op, value)...])
+    ("sample", model, outcome, decode_error_kind | None, [(metric, labels, op, value)...], payload_bytes)
     ("error", kind, message)                  an exception in a monitor
     ("status", model, dict)                   a monitor's status, at most once a second
     ("buckets", {metric: bounds})             histogram bounds a monitor asks for
@@ -58,7 +58,7 @@ def decode(sample: Any, model: str):
 
 
 def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
-    """Worker entry point (spawned): loop until a None sentinel arrives on `samples`."""
+    """Worker entry point (spawned): loop until `samples` is closed (or a None arrives)."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
     factory = load_factory(factory_spec)
@@ -67,8 +67,8 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     models = {m.name: m for m in config.models}
     while True:
         try:
-            sample = samples.get()
-        except (EOFError, OSError):   # the daemon is gone; nothing left to analyse for
+            sample = samples.recv()
+        except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
             break
         if sample is None:
             break
@@ -87,7 +87,8 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
             except Exception as exc:  # any monitor failure is reported, never fatal
                 results.send(("error", type(exc).__name__, f"{model}: {exc}"))
         try:
-            results.send(("sample", model, "rejected" if err else "decoded", err, updates))
+            size = len(sample.request_body) + len(sample.response_body)
+            results.send(("sample", model, "rejected" if err else "decoded", err, updates, size))
         except (BrokenPipeError, OSError):
             break
         now = time.monotonic()

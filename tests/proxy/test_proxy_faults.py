@@ -154,3 +154,17 @@ def test_slow_client_upload_is_not_an_upstream_timeout(env):
 
     r = httpx.post(sc.url + "/echo", content=trickle())
     assert r.status_code == 200 and r.content == b"part0;part1;part2;part3;"
+
+
+def test_idle_client_connections_are_closed():
+    with Upstream() as up, RunningSidecar(make_config(up.url, client_idle_timeout_s=0.3)) as sc:
+        with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+            s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(1.0)
+            data = b""
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break   # closed by the proxy after answering and idling
+                data += b
+        assert data.startswith(b"HTTP/1.1 200")

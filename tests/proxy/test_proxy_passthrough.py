@@ -122,3 +122,24 @@ def test_http10_client(env):
     out = raw_exchange(sc.port, b"GET /chunked?n=2 HTTP/1.0\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"chunk0;chunk1;")
     assert b"transfer-encoding" not in out.lower()
+
+
+def test_pipelined_large_bodies_and_a_get(env):
+    """Large Content-Length bodies bypass the parser; what follows them must still parse."""
+    up, sc = env
+    bodies = [bytes([65 + i]) * (40_000 + i) for i in range(3)]
+    data = b"".join(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies)
+    data += b"GET /chunked?n=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        s.sendall(data)
+        reader = ResponseReader(s)
+        got = [reader.read()[2] for _ in range(3)]
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nend")
+        rest = b""
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            rest += b
+    assert got == bodies
+    assert b"chunk0;" in reader.buf + rest and rest.endswith(b"end")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -30,6 +29,32 @@ def test_hot_path_imports_no_heavy_modules():
             " if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+def test_running_daemon_loads_no_heavy_modules():
+    """Not just the imports: a started sidecar (GPU collector, tracing off) serving a request."""
+    code = ("import asyncio, sys, urllib.request\n"
+            "from sentinel.config import Config, ModelConfig\n"
+            "from sentinel.proxy.sidecar import Sidecar\n"
+            "async def main():\n"
+            "    sc = Sidecar(Config(models=(ModelConfig(name='m', version='1'),), listen='127.0.0.1:0',\n"
+            "                        admin='127.0.0.1:0', upstream='http://127.0.0.1:9'))\n"
+            "    await sc.start()\n"
+            "    port = sc.proxy_address[1]\n"
+            "    loop = asyncio.get_running_loop()\n"
+            "    def get():\n"
+            "        try:\n"
+            "            urllib.request.urlopen(f'http://127.0.0.1:{port}/v2/models/m/infer', data=b'{}')\n"
+            "        except Exception as exc:\n"
+            "            return str(exc)\n"
+            "    print(await loop.run_in_executor(None, get))\n"
+            "    await sc.stop()\n"
+            "asyncio.run(main())\n"
+            "bad = [m for m in ('torch', 'onnxruntime', 'scipy', 'sentinel.analysis') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "502" in p.stdout
 
 
 def _write_config(tmp: Path, upstream: str, **extra: str) -> tuple[Path, int, int]:

@@ -95,3 +95,15 @@ def test_full_queue_drops_without_blocking():
                     assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
             assert sc.value(SAMPLES, {"model": "digits", "outcome": "dropped"}) >= 5
             assert sc.value(mn.SAMPLE_QUEUE_CAPACITY.name) == 1
+
+
+def test_queue_byte_budget_drops_big_samples():
+    import dataclasses
+    with Upstream() as up:
+        cfg = make_config(up.url, rate=1.0)
+        cfg = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, queue_max_bytes=1000))
+        with RunningSidecar(cfg) as sc:
+            body = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}' + b" " * 2000
+            assert httpx.post(sc.url + "/v2/models/digits/infer", content=body).status_code == 200
+            assert sc.value(SAMPLES, {"model": "digits", "outcome": "dropped"}) == 1
+            assert sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == 0
