@@ -84,6 +84,7 @@ class Sidecar:
         self._stopped: asyncio.Event | None = None
         self._ready: tuple[float, bool, str] = (0.0, False, "not checked")
         self._tasks: list[asyncio.Task] = []
+        self.gpu_collector: Any = None
         self._add_gpu_collector()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -173,12 +174,27 @@ class Sidecar:
                 return
             raise
         try:
-            collector = build_collector(self.config.gpu)
+            collector = build_collector(self.config.gpu, self.config.models, self._registry_entries())
         except Exception as exc:  # a broken collector must not stop the proxy
             log.warning("GPU collector not started: %s", exc)
             return
         if collector is not None:
+            self.gpu_collector = collector
             self.metrics.add_collector(collector)
+
+    def _registry_entries(self) -> dict[str, Any]:
+        """Registry entries of the served models (for the GPU headroom estimate); missing ones are skipped."""
+        from sentinel.errors import SentinelError
+        from sentinel.registry import Registry
+
+        reg = Registry(self.config.resolve(self.config.registry), default_model=self.config.default_model)
+        out: dict[str, Any] = {}
+        for m in self.config.models:
+            try:
+                out[m.name] = reg.resolve(f"{m.name}:{m.version}")
+            except SentinelError as exc:
+                log.info("no registry entry for %s:%s (%s); no GPU headroom estimate for it", m.name, m.version, exc)
+        return out
 
     def add_collector(self, collector: Any) -> None:
         """Expose another collector (an object with `collect()`) on /metrics."""
@@ -194,7 +210,9 @@ class Sidecar:
         if req.method not in ("GET", "HEAD"):
             return 405, JSON, b'{"error":"method not allowed"}'
         if path == "/metrics":
-            body, ctype = self.metrics.exposition(req.headers.get("accept", ""))
+            # Off the event loop: a collector (NVML) may take up to its scrape budget.
+            body, ctype = await self.loop.run_in_executor(
+                None, self.metrics.exposition, req.headers.get("accept", ""))
             return 200, ctype.encode(), body
         if path == "/healthz":
             return 200, JSON, b'{"status":"ok"}'
@@ -233,6 +251,7 @@ class Sidecar:
             "analysis": self.analysis.state(),
             "last_results": self.analysis.statuses,
             "ingest_pending": len(self.join),
+            "gpu": self.gpu_collector.status() if self.gpu_collector is not None else {"collector": "off"},
         }
 
     def _ingest(self, req: Request) -> Response:
