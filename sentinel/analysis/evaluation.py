@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -92,15 +92,8 @@ def _window(data: _Data, suite, idx: np.ndarray, shifted: np.ndarray, shift_name
 def _suite(data: _Data, idx: np.ndarray, settings):
     from sentinel.drift import Reference, Suite
 
-    # Reference input statistics are passed through `inputs=None` and set directly: the raw
-    # reference images are not kept, only their statistics.
-    suite = Suite(Reference(data.logits["clean"][idx], data.labels[idx], None, data.emb["clean"][idx]), settings)
-    from sentinel.drift.features import input_feature_names
-    from sentinel.drift.univariate import FeatureShiftTest
-
-    suite.input_stats = FeatureShiftTest("input_stats", data.stats["clean"][idx], input_feature_names(1),
-                                         settings.alpha, settings.univariate)
-    return suite
+    return Suite(Reference(data.logits["clean"][idx], data.labels[idx], embeddings=data.emb["clean"][idx],
+                           input_stats=data.stats["clean"][idx]), settings)
 
 
 def run_eval(entry, plan: EvalPlan, settings, *, golden_root: Any = "golden_sets",
@@ -112,7 +105,6 @@ def run_eval(entry, plan: EvalPlan, settings, *, golden_root: Any = "golden_sets
     data = _prepare(entry, plan.seed, log)
     n_all = len(data.labels)
     rng = np.random.default_rng(plan.seed + 1)
-    bbsd_only = replace(settings, detectors=("bbsd",))
     det: dict[tuple[str, int], list[int]] = defaultdict(list)      # (method, size) → alarms on shifted windows
     by_shift: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     per_detector: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -187,7 +179,6 @@ def run_eval(entry, plan: EvalPlan, settings, *, golden_root: Any = "golden_sets
             far[("fixed", "combined", size)].append(alarms[0][1])
             if len(alarms) == 2:
                 far[("fixed_persist2", "combined", size)].append(int(alarms[0][1] and alarms[1][1]))
-    del bbsd_only
 
     def mean(v: list) -> float | None:
         return float(np.mean(v)) if v else None

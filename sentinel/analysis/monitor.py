@@ -22,7 +22,7 @@ from sentinel.analysis.contract import DecodedBatch, MetricUpdate
 
 log = logging.getLogger(__name__)
 
-# Distinct class labels on sentinel_predictions_total per model; further classes count as "other".
+# Class indices below this get their own label on sentinel_predictions_total; the rest count as "other".
 MAX_CLASS_LABELS = 100
 
 
@@ -60,13 +60,24 @@ def build_monitor(config, model):
     except SentinelError as exc:
         log.error("%s: drift analysis refused: %s", model.name, exc)
         return RefusedMonitor(model.name, f"golden set unusable: {exc}")
-    runner = None
+    try:
+        ModelMonitor.check_classes(model.name, entry, golden)
+    except SentinelError as exc:              # model.yaml and golden set disagree on the class count
+        log.error("%s: drift analysis refused: %s", model.name, exc)
+        return RefusedMonitor(model.name, str(exc))
+    runner, note = None, ""
     if config.drift.shadow:
         from sentinel.analysis.shadow import ReferenceRunner
 
         cache = config.resolve(config.drift.shadow_cache_dir) if config.drift.shadow_cache_dir else None
-        runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:32])
-    return ModelMonitor(model.name, entry, golden, config.drift, runner=runner)
+        try:
+            runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:8])
+        except SentinelError as exc:          # e.g. weights failing their digest: drift goes on without shadow
+            note = f"shadow off: the reference model cannot run: {exc}"
+            log.error("%s: %s", model.name, note)
+    mon = ModelMonitor(model.name, entry, golden, config.drift, runner=runner)
+    mon.shadow_note = note
+    return mon
 
 
 class ModelMonitor:
@@ -74,18 +85,14 @@ class ModelMonitor:
 
     def __init__(self, name: str, entry, golden, drift, *, runner=None, clock=time.monotonic):
         from sentinel.drift import Combination, Reference, Score, Settings, SlidingWindow, Suite, Univariate
-        from sentinel.errors import UsageError
         from sentinel.metricnames import confidence_buckets
 
         self.name = name
         self.entry = entry
         self.golden_path = str(golden.path)
         self.cfg = drift
-        self.num_classes = int(golden.probabilities.shape[1])
-        if len(entry.manifest.classes) != self.num_classes:
-            raise UsageError(
-                f"{name}: {entry.manifest_path} lists {len(entry.manifest.classes)} classes but golden set "
-                f"{golden.path} has {self.num_classes} outputs per sample")
+        self.num_classes = self.check_classes(name, entry, golden)
+        self.shadow_note = ""
         self.classes = tuple(entry.manifest.classes)
         self.suite = Suite(Reference.from_golden(golden), Settings(
             alpha=drift.alpha, detectors=tuple(drift.detectors), univariate=Univariate(drift.univariate),
@@ -109,12 +116,30 @@ class ModelMonitor:
             self.shadow_rate = min(drift.shadow_max_per_second, THROUGHPUT_SHARE * self.throughput)
             self._bucket = TokenBucket(self.shadow_rate, clock=clock)
         self._since = 0
-        self._seen_classes: set[str] = set()
         self.counts: dict[str, int] = {}
         self.error = ""
         self.last_max_abs_diff = math.nan
         self.last: dict[str, Any] | None = None
         self.windows = 0
+
+    @staticmethod
+    def check_classes(name: str, entry, golden) -> int:
+        """The class count, after checking that model.yaml and the golden set agree on it (UsageError if not)."""
+        from sentinel.errors import UsageError
+
+        k = int(golden.probabilities.shape[1])
+        if len(entry.manifest.classes) != k:
+            raise UsageError(f"{name}: {entry.manifest_path} lists {len(entry.manifest.classes)} classes but golden "
+                             f"set {golden.path} has {k} outputs per sample")
+        return k
+
+    def expect_classes(self, served_classes: int) -> None:
+        """Raise UsageError naming both counts when the server's output width (e.g. from its metadata) differs."""
+        from sentinel.errors import UsageError
+
+        if served_classes != self.num_classes:
+            raise UsageError(f"{self.name}: the server's output has {served_classes} classes but golden set "
+                             f"{self.golden_path} has {self.num_classes}")
 
     # --- per batch ------------------------------------------------------------------------
     def observe(self, batch: DecodedBatch) -> list[MetricUpdate]:
@@ -171,11 +196,12 @@ class ModelMonitor:
         return logits, finite
 
     def _class_label(self, k: int) -> str:
-        label = self.classes[k]
-        if label in self._seen_classes or len(self._seen_classes) < MAX_CLASS_LABELS:
-            self._seen_classes.add(label)
-            return label
-        return "other"
+        """The class index as a label (as the built-in monitor writes it); indices ≥ the cap fold into "other"."""
+        return str(k) if k < MAX_CLASS_LABELS else "other"
+
+    def buckets(self) -> dict[str, tuple[float, ...]]:
+        """Histogram bounds this monitor needs: confidence with a bucket at the fitted ATC threshold."""
+        return {mn.PREDICTION_CONFIDENCE.name: tuple(self.confidence_buckets)}
 
     def _inputs(self, batch: DecodedBatch, up: list[MetricUpdate]) -> np.ndarray | None:
         from sentinel.drift.features import input_statistics
@@ -259,7 +285,9 @@ class ModelMonitor:
                 up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
                                        "set", value))
         self.last = {"n": v.n, "drift": v.drift, "combined": v.combined.to_dict(),
-                     "detectors": [r.to_dict() for r in v.detectors], "estimated_accuracy": v.estimated_accuracy}
+                     "detectors": [r.to_dict() for r in v.detectors],
+                     "estimated_accuracy": {k: (x if math.isfinite(x) else None)
+                                            for k, x in v.estimated_accuracy.items()}}
         return up
 
     def status(self) -> dict[str, Any]:
@@ -275,8 +303,13 @@ class ModelMonitor:
                                              "threshold": est.threshold,
                                              "confidence_threshold": est.confidence_threshold},
             "confidence_buckets": list(self.confidence_buckets),
-            "shadow": None if self.runner is None else {
-                "backend": self.runner.backend, "note": self.runner.note,
-                "throughput_per_s": round(self.throughput, 1), "rate_cap_per_s": round(self.shadow_rate, 1)},
+            "shadow": self._shadow_status(),
             "last": self.last,
         }
+
+    def _shadow_status(self) -> dict[str, Any]:
+        if self.runner is None:
+            return {"backend": None, "note": self.shadow_note or "drift.shadow is false"}
+        return {"backend": self.runner.backend, "note": self.runner.note,
+                "throughput_per_s": round(self.throughput, 1), "rate_cap_per_s": round(self.shadow_rate, 1),
+                "last_max_abs_diff": None if math.isnan(self.last_max_abs_diff) else self.last_max_abs_diff}

@@ -1,5 +1,20 @@
 """Drift detectors and label-free accuracy estimators: pure numpy/scipy, arrays in, frozen results out.
 
+Every detector compares a window with the golden set of the served model version and returns a
+`DetectorResult` whose p-value is already corrected for its own multiple tests:
+
+    bbsd         softmax, one KS (or CVM) test per class, Bonferroni      Rabanser et al. 2019
+    label        predicted classes, 2×K chi-square, sparse classes pooled  Cochran's rule (expected ≥ 5)
+    confidence   max softmax and entropy, KS each, Bonferroni
+    input_stats  per-channel mean/std (+ brightness/contrast), sharpness, KS each, Bonferroni
+    embedding    reference DenseNet features → PCA (golden) → KS per component, Bonferroni
+    mmd          the same PCA features, Gaussian-kernel MMD², permutation p = (1+#≥)/(1+B)   Gretton et al. 2012
+
+`combine` turns them into one verdict whose family-wise false-alarm rate is at most alpha
+(Bonferroni across detectors, valid under any dependence). `AccuracyEstimator` gives ATC
+(Garg et al. 2022, negative entropy after temperature scaling) and average confidence.
+Windows smaller than 10 samples make detectors abstain (no alarm, with a reason).
+
 Only the analysis process and CLI commands import this package (scipy loads inside the
 functions that need it); the proxy never does.
 """

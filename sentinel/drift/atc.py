@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sentinel.drift.features import entropy, softmax
+from sentinel.drift.features import entropy, softmax, softmax_entropy
 
 
 class Score(str, enum.Enum):
@@ -73,7 +73,8 @@ class AccuracyEstimator:
         y = np.asarray(labels, dtype=np.int64)
         correct = z.argmax(axis=1) == y
         t = fit_temperature(z, y)
-        thr = fit_threshold(score(softmax(z, t), kind), correct)
+        p, ent = softmax_entropy(z / t)          # the same computation `estimate` applies to windows
+        thr = fit_threshold(-ent if kind is Score.NEG_ENTROPY else p.max(axis=1).astype(np.float64), correct)
         conf_thr = fit_threshold(softmax(z).max(axis=1), correct)
         return cls(t, thr, kind, conf_thr, float(correct.mean()))
 
@@ -82,6 +83,15 @@ class AccuracyEstimator:
         if len(logits) == 0:
             return float("nan")
         return float(np.mean(score(softmax(logits, self.temperature), self.score_kind) >= self.threshold))
+
+    def estimate(self, logits: np.ndarray) -> dict[str, float]:
+        """Both estimates from one temperature-scaled softmax: {"atc": ..., "avg_conf": ...}."""
+        if len(logits) == 0:
+            return {"atc": float("nan"), "avg_conf": float("nan")}
+        p, ent = softmax_entropy(np.asarray(logits, dtype=np.float64) / self.temperature)
+        conf = p.max(axis=1)
+        s = -ent if self.score_kind is Score.NEG_ENTROPY else conf.astype(np.float64)
+        return {"atc": float(np.mean(s >= self.threshold)), "avg_conf": float(conf.mean(dtype=np.float64))}
 
     def average_confidence(self, logits: np.ndarray) -> float:
         """Mean max softmax probability after temperature scaling (NaN for an empty window)."""

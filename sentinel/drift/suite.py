@@ -10,7 +10,7 @@ from sentinel.drift.atc import AccuracyEstimator, Score
 from sentinel.drift.combine import Combination, combine
 from sentinel.drift.embedding import PCA, MMDTest
 from sentinel.drift.features import (CONFIDENCE_FEATURES, confidence_features, input_feature_names,
-                                     input_statistics, softmax)
+                                     input_statistics, softmax, softmax_entropy)
 from sentinel.drift.label import LabelShiftTest
 from sentinel.drift.result import DetectorResult, abstain
 from sentinel.drift.univariate import FeatureShiftTest, Univariate
@@ -26,6 +26,7 @@ class Reference:
     labels: np.ndarray | None = None        # N, for the accuracy estimators
     inputs: np.ndarray | None = None        # N×C×H×W network inputs, for input statistics
     embeddings: np.ndarray | None = None    # N×D penultimate features of the reference model
+    input_stats: np.ndarray | None = None   # N×F `input_statistics` of 1-channel inputs, when inputs are absent
 
     @classmethod
     def from_golden(cls, golden) -> "Reference":
@@ -106,6 +107,12 @@ class Suite:
             x = np.asarray(reference.inputs)
             self.input_stats = FeatureShiftTest("input_stats", input_statistics(x), input_feature_names(x.shape[1]),
                                                 s.alpha, s.univariate)
+        elif reference.input_stats is not None:
+            st = np.asarray(reference.input_stats, np.float64)
+            names = input_feature_names(1)
+            if st.shape[1] != len(names):
+                names = tuple(f"stat_{i}" for i in range(st.shape[1]))
+            self.input_stats = FeatureShiftTest("input_stats", st, names, s.alpha, s.univariate)
         self.pca: PCA | None = None
         self.embedding: FeatureShiftTest | None = None
         self.mmd: MMDTest | None = None
@@ -127,36 +134,44 @@ class Suite:
 
     def evaluate(self, window: Window) -> Verdict:
         """Run every configured detector, combine them, and estimate accuracy."""
-        results = [self._run(name, window) for name in self.settings.detectors]
+        out = self._outputs(window)
+        results = [self._run(name, window, out) for name in self.settings.detectors]
         combined = combine(results, self.settings.alpha, self.settings.combination)
         est: dict[str, float] = {}
         acc = None
         n = 0
-        if window.logits is not None:
-            lg = np.asarray(window.logits, np.float64)
-            lg = lg[np.isfinite(lg).all(axis=1)]
+        if out is not None:
+            lg, ok, _, _ = out
             n = len(lg)
             if self.estimator is not None:
-                est = {"atc": self.estimator.atc(lg), "avg_conf": self.estimator.average_confidence(lg)}
-            if window.labels is not None and len(window.labels) == len(window.logits) and n:
-                ok = np.isfinite(np.asarray(window.logits, np.float64)).all(axis=1)
+                est = self.estimator.estimate(lg)
+            if window.labels is not None and len(window.labels) == len(ok) and n:
                 acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
         return Verdict(n, tuple(results), combined, est, acc)
 
-    def _run(self, name: str, w: Window) -> DetectorResult:
+    def _outputs(self, w: Window):
+        """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
+        if w.logits is None:
+            return None
+        lg = np.asarray(w.logits, np.float64)
+        if lg.ndim != 2 or lg.shape[1] != self.num_classes:
+            raise ValueError(f"window outputs have {lg.shape[-1]} classes, the reference has {self.num_classes}")
+        ok = np.isfinite(lg).all(axis=1)
+        lg = lg[ok] if not ok.all() else lg
+        probs, ent = softmax_entropy(lg)
+        return lg, ok, probs, ent
+
+    def _run(self, name: str, w: Window, out) -> DetectorResult:
         a = self.settings.alpha
         if name in ("bbsd", "label", "confidence"):
-            if w.logits is None:
+            if out is None:
                 return abstain(name, a, self.n_reference, 0, "no decoded outputs in the window")
-            lg = np.asarray(w.logits, np.float64)
-            if lg.ndim != 2 or lg.shape[1] != self.num_classes:
-                raise ValueError(f"window outputs have {lg.shape[-1]} classes, the reference has {self.num_classes}")
-            probs = softmax(lg[np.isfinite(lg).all(axis=1)])
+            _, _, probs, ent = out
             if name == "bbsd":
                 return self.bbsd.test(probs)
             if name == "label":
                 return self.label.test(probs.argmax(axis=1))
-            return self.confidence.test(confidence_features(probs))
+            return self.confidence.test(np.stack([probs.max(axis=1), ent], axis=1))
         if name == "input_stats":
             if self.input_stats is None:
                 return abstain(name, a, 0, 0, "the golden set has no inputs")

@@ -29,26 +29,38 @@ class Univariate(str, enum.Enum):
 MIN_SAMPLES = 10
 
 
-def ks_statistics(ref_sorted_t: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Two-sided KS statistic D per column; `ref_sorted_t` is F×N, each row sorted ascending.
+def _keys(x: np.ndarray) -> np.ndarray:
+    """Order-preserving uint64 keys of values at float32 precision (−0.0 folded into +0.0)."""
+    a = np.ascontiguousarray(np.asarray(x, dtype=np.float32) + np.float32(0.0))
+    b = a.view(np.uint32)
+    return np.where(b >> 31 == 1, ~b, b | np.uint32(0x80000000)).astype(np.uint64)
 
-    Vectorized over columns: each column's sorted reference and sorted window are merged with
-    a stable sort (reference first among ties), D is the largest |F_ref − F_win| taken at the
-    last element of each run of equal values, which is scipy.stats.ks_2samp's statistic.
+
+def reference_keys(reference: np.ndarray) -> np.ndarray:
+    """F×N sorted keys of an N×F reference, for `ks_statistics` (computed once per reference)."""
+    return np.sort(_keys(np.asarray(reference).T) << np.uint64(1), axis=1)
+
+
+def ks_statistics(ref_keys: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Two-sided KS statistic D per column of an M×F window against `reference_keys(reference)`.
+
+    Vectorized over columns, values compared at float32 precision (served outputs are float32):
+    each value becomes an order-preserving integer key with its sample (reference 0, window 1)
+    in the lowest bit; one sort merges both samples, cumulative counts give both ECDFs, and D is
+    the largest |F_ref − F_win| taken at the last element of each run of equal values — scipy's
+    ks_2samp statistic on the same values.
     """
-    n = ref_sorted_t.shape[1]
+    n = ref_keys.shape[1]
     m = window.shape[0]
-    win_t = np.sort(np.asarray(window, dtype=ref_sorted_t.dtype).T, axis=1)
-    z = np.concatenate([ref_sorted_t, win_t], axis=1)
-    order = np.argsort(z, axis=1, kind="stable")
-    from_ref = (order < n).astype(np.int64)
-    c_ref = np.cumsum(from_ref, axis=1)
-    c_win = np.arange(1, n + m + 1, dtype=np.int64)[None, :] - c_ref
-    diff = np.abs(c_ref * m - c_win * n)                  # |F_ref − F_win| · n·m, exact in integers
-    zs = np.take_along_axis(z, order, axis=1)
-    last = np.ones(zs.shape, dtype=bool)
-    np.not_equal(zs[:, 1:], zs[:, :-1], out=last[:, :-1])
-    return np.where(last, diff, 0).max(axis=1) / float(n * m)
+    k = np.concatenate([ref_keys, (_keys(np.asarray(window).T) << np.uint64(1)) | np.uint64(1)], axis=1)
+    k.sort(axis=1)
+    c_win = np.cumsum((k & np.uint64(1)).astype(np.int32), axis=1, dtype=np.int64)
+    diff = np.abs((np.arange(1, n + m + 1, dtype=np.int64) - c_win) * m - c_win * n)  # |F_ref − F_win|·n·m
+    v = k >> np.uint64(1)
+    last = np.ones(k.shape, dtype=bool)
+    np.not_equal(v[:, 1:], v[:, :-1], out=last[:, :-1])
+    diff[~last] = 0
+    return diff.max(axis=1) / float(n * m)
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class FeatureShiftTest:
     alpha: float = 0.05                   # alarm when the Bonferroni-corrected p-value is below this
     method: Univariate = Univariate.KS
     min_samples: int = MIN_SAMPLES
-    _ref_sorted_t: np.ndarray = field(init=False, repr=False, compare=False)
+    _ref_keys: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ref = np.asarray(self.reference, dtype=np.float64)
@@ -70,7 +82,7 @@ class FeatureShiftTest:
         if not np.isfinite(ref).all():
             raise ValueError(f"{self.name}: reference contains NaN or inf")
         object.__setattr__(self, "reference", ref)
-        object.__setattr__(self, "_ref_sorted_t", np.ascontiguousarray(np.sort(ref, axis=0).T))
+        object.__setattr__(self, "_ref_keys", reference_keys(ref))
 
     def test(self, window: np.ndarray) -> DetectorResult:
         """Test one window (M×F); rows with NaN/inf are dropped first."""
@@ -84,7 +96,7 @@ class FeatureShiftTest:
                            f"needs at least {self.min_samples} reference and window samples, has {n} and {m}")
         k = len(self.features)
         if self.method is Univariate.KS:
-            d = ks_statistics(self._ref_sorted_t, win)
+            d = ks_statistics(self._ref_keys, win)
             j = int(np.argmax(d))
             # Same n and m for every feature, so the KS p-value falls as D grows: the smallest
             # p-value is that of the largest D, computed by scipy itself for that feature only.

@@ -75,10 +75,9 @@ def test_no_shift_stream_raises_no_alarm_and_shifted_stream_does(traffic):
     preds = sum(u.value for u in ups if u.metric == "sentinel_predictions")
     assert preds == 300
     assert sum(1 for u in ups if u.metric == "sentinel_prediction_confidence" and u.op == "observe") == 300
-    st = mon.status()
+    st = json.loads(json.dumps(mon.status()))          # /status serves it as JSON
     assert st["state"] == "ok" and st["windows_evaluated"] == 6 and st["last"]["drift"] is False
-    assert st["atc"]["confidence_threshold"] in [round(b, 6) for b in st["confidence_buckets"]] or \
-        round(st["atc"]["confidence_threshold"], 6) in st["confidence_buckets"]
+    assert round(st["atc"]["confidence_threshold"], 6) in mon.buckets()["sentinel_prediction_confidence"]
 
     mon = build_monitor(cfg, cfg.models[0])
     ups = _stream(mon, traffic["noisy_raw"], traffic["noisy"])
@@ -113,6 +112,11 @@ def test_class_count_mismatch_is_a_clear_error_naming_both(traffic):
     st = mon.status()
     assert st["state"] == "error"
     assert "returns 12 classes" in st["reason"] and "has 10" in st["reason"] and "golden_sets" in st["reason"]
+    from sentinel.errors import UsageError
+
+    with pytest.raises(UsageError, match="output has 12 classes but golden set .* has 10"):
+        mon.expect_classes(12)
+    mon.expect_classes(10)
 
 
 def test_golden_set_failing_its_digest_refuses_only_that_model(tmp_path):
@@ -203,3 +207,14 @@ def test_importing_the_drift_and_monitor_modules_loads_no_heavy_library():
             "print(sorted(m for m in ('torch', 'scipy', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_registry_and_golden_class_counts_must_agree(traffic):
+    from types import SimpleNamespace
+
+    from sentinel.analysis.monitor import ModelMonitor
+    from sentinel.errors import UsageError
+
+    fake = SimpleNamespace(path=Path("golden_sets/digits/v3"), probabilities=np.zeros((3, 12)))
+    with pytest.raises(UsageError, match="lists 10 classes but golden set .* has 12"):
+        ModelMonitor("digits", traffic["entry"], fake, DriftConfig(shadow=False))

@@ -49,6 +49,9 @@ def test_atc_on_its_own_source_data_returns_source_accuracy(kind):
     assert est.atc(logits) == pytest.approx(acc, abs=1 / 400 + 1e-9)
     assert 0 < est.average_confidence(logits) <= 1
     assert est.atc(logits[:0]) != est.atc(logits[:0])   # NaN for an empty window
+    both = est.estimate(logits)
+    assert both["atc"] == pytest.approx(est.atc(logits)) and both["avg_conf"] == pytest.approx(
+        est.average_confidence(logits))
 
 
 def test_input_statistics_columns():
