@@ -6,8 +6,9 @@
 Builds a golden set of N random 224×224 RGB images under benchmarks/results/ (never
 committed), exports fp32 ONNX, and times `verify` on it: once as exported (passes), once
 with one convolution in denseblock3 perturbed (fails and localizes). Then quantizes to
-int8 (QDQ, calibrated on the golden inputs) and reports onnxruntime latency at batch 1 and
-batch 32 for fp32 and int8, and the int8 top-1 agreement with the reference.
+int8 three ways (QDQ S8S8, the default; QDQ U8S8; QOperator U8S8), calibrated on golden
+inputs, and reports each one's top-1 agreement with the reference and its onnxruntime
+latency at batch 1 and batch 32 against fp32.
 """
 
 from __future__ import annotations
@@ -28,21 +29,6 @@ def _timed(fn, *a, **kw):
     t = time.perf_counter()
     r = fn(*a, **kw)
     return r, time.perf_counter() - t
-
-
-def _ort_latency(path: Path, x: np.ndarray, batch: int, repeats: int) -> float:
-    """Median seconds per batch on onnxruntime CPU."""
-    from sentinel.verify.runtime import OnnxExport
-
-    e = OnnxExport(path)
-    xb = np.ascontiguousarray(x[:batch])
-    e.session.run(None, {e.input_name: xb})  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        e.session.run(None, {e.input_name: xb})
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -116,26 +102,44 @@ def main() -> None:
         return
     from sentinel.export.quantize import quantize_int8
 
-    int8 = OUT / f"{entry.name}.int8.onnx"
-    _, t_q = _timed(quantize_int8, fp32, int8, golden.inputs[:args.calibration])
-    rep, t_v8 = _timed(verify_export, int8, entry, golden, localize="never")
-    d = rep.doc
+    variants = [("QDQ S8S8 (default)", "s8", "qdq"), ("QDQ U8S8", "u8", "qdq"), ("QOperator U8S8", "u8", "qoperator")]
+    paths: dict[str, Path] = {"fp32": fp32}
+    print(f"\nint8 (per-channel weights, MinMax calibration on {args.calibration} golden inputs), "
+          f"onnxruntime CPU, {os.cpu_count()} threads")
+    print(f"{'variant':<20}{'quantize s':>11}{'verify s':>9}{'result':>8}{'top-1':>9}{'top-5':>9}{'p99 |Δp|':>10}")
+    for label, act, fmt in variants:
+        q = OUT / f"{entry.name}.int8.{act}.{fmt}.onnx"
+        _, t_q = _timed(quantize_int8, fp32, q, golden.inputs[:args.calibration], activations=act, fmt=fmt)
+        rep, t_v = _timed(verify_export, q, entry, golden, localize="never")
+        d = rep.doc
+        print(f"{label:<20}{t_q:>11.1f}{t_v:>9.1f}{'pass' if rep.passed else 'FAIL':>8}{d['top1_agreement']:>9.2%}"
+              f"{d['top5_agreement']:>9.2%}{d['outputs']['probabilities']['p99_abs']:>10.3g}")
+        paths[label] = q
     x = golden.inputs
-    rows = []
-    for batch, repeats in ((1, 20), (32, 3)):
-        f = _ort_latency(fp32, x, batch, repeats)
-        q = _ort_latency(int8, x, batch, repeats)
-        rows.append((batch, f, q))
-    print(f"\nint8 (QDQ S8S8, per-channel, MinMax on {args.calibration} golden inputs): quantized in {t_q:.1f} s, "
-          f"verified in {t_v8:.1f} s: {'pass' if rep.passed else 'FAIL'}")
-    print(f"top-1 agreement with the reference {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}, "
-          f"p99 |Δp| {d['outputs']['probabilities']['p99_abs']:.3g}")
-    print(f"{'batch':>6}{'fp32 ms':>10}{'int8 ms':>10}{'speed-up':>10}")
-    for batch, f, q in rows:
-        print(f"{batch:>6}{f * 1e3:>10.1f}{q * 1e3:>10.1f}{f / q:>9.2f}×")
-    print("note: random weights give near-uniform logits with tiny top-1 margins, so int8 top-1 agreement here is "
-          "a pessimistic figure; trained models have larger margins.")
+    print(f"\n{'batch':>6}" + "".join(f"{k[:18]:>20}" for k in paths))
+    for batch, repeats in ((1, 15), (32, 3)):
+        med = _interleaved(paths, x, batch, repeats)
+        base = med["fp32"]
+        print(f"{batch:>6}" + "".join(f"{med[k] * 1e3:>10.1f} ms {base / med[k]:>4.2f}×" for k in paths))
+    print("median latency per batch, runs interleaved across variants to share the machine's noise; "
+          "× is the speed-up over fp32.")
 
+
+def _interleaved(paths: dict[str, Path], x: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
+    """Median seconds per batch of each model, runs interleaved so load changes hit all alike."""
+    from sentinel.verify.runtime import OnnxExport
+
+    sessions = {k: OnnxExport(p) for k, p in paths.items()}
+    xb = np.ascontiguousarray(x[:batch])
+    for e in sessions.values():
+        e.session.run(None, {e.input_name: xb})  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, e in sessions.items():
+            t = time.perf_counter()
+            e.session.run(None, {e.input_name: xb})
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 if __name__ == "__main__":
     main()

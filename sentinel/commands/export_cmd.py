@@ -20,6 +20,9 @@ def export(
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: a dynamic batch dimension (default: batch 1)."),
     int8: bool = typer.Option(False, "--int8", help="ONNX: int8 by onnxruntime static quantization (QDQ)."),
     calibration: str = typer.Option("golden", "--calibration", help="int8 calibration data: 'golden' or a golden set directory."),
+    int8_activations: str = typer.Option("s8", "--int8-activations", help="int8 activations: s8 (S8S8, default) or u8 "
+                                                                          "(U8S8, faster on x86 without VNNI)."),
+    int8_format: str = typer.Option("qdq", "--int8-format", help="qdq (default) or qoperator (QLinearConv etc.)."),
     exporter: str = typer.Option("dynamo", "--exporter", help="torch.onnx exporter: dynamo (current) or legacy (TorchScript-based, faster)."),
     golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
     registry: Optional[Path] = _REGISTRY,
@@ -33,6 +36,8 @@ def export(
     from sentinel.registry import open_registry
 
     check_format(fmt, int8)
+    if int8_activations not in ("s8", "u8") or int8_format not in ("qdq", "qoperator"):
+        raise UsageError("--int8-activations must be s8 or u8, --int8-format qdq or qoperator")
     if exporter not in ("dynamo", "legacy"):
         raise UsageError(f"--exporter must be dynamo or legacy, got {exporter!r}")
     entry = open_registry(config, registry).resolve(model)
@@ -57,7 +62,8 @@ def export(
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_onnx(entry, Path(tmp) / "fp32.onnx", dynamic_batch=dynamic_batch,
                                exporter=exporter)  # type: ignore[arg-type]
-            quantize_int8(fp32, path, gs.inputs)
+            quantize_int8(fp32, path, gs.inputs, activations=int8_activations,  # type: ignore[arg-type]
+                          fmt=int8_format)  # type: ignore[arg-type]
         ref = record_export(entry, path, "onnx", "int8", dynamic_batch)
     typer.echo(f"wrote {path} ({ref.format} {ref.precision}{', dynamic batch' if ref.dynamic_batch else ''}, "
                f"sha256 {ref.sha256[:16]}…); recorded in {entry.manifest_path}")

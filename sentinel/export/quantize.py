@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -16,8 +17,14 @@ from sentinel.errors import InfrastructureError
 
 
 def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, *, per_channel: bool = True,
-                  batch: int | None = None) -> Path:
-    """Quantize an fp32 ONNX model, calibrating on `calibration` (N×C×H×W float32)."""
+                  batch: int | None = None, activations: Literal["s8", "u8"] = "s8",
+                  fmt: Literal["qdq", "qoperator"] = "qdq") -> Path:
+    """Quantize an fp32 ONNX model, calibrating on `calibration` (N×C×H×W float32).
+
+    `activations="u8"` (U8S8) and `fmt="qoperator"` trade onnxruntime's recommended default
+    for speed on x86 CPUs without VNNI, where its U8S8 kernels are the fast path
+    (benchmarks/verify_bench.py measures all three).
+    """
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
@@ -52,8 +59,10 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, *, per_channel
         try:
             # Shape inference and graph clean-up first, as onnxruntime recommends before quantizing.
             quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-            quantize_static(str(prepped), str(out), _Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            quantize_static(str(prepped), str(out), _Reader(),
+                            quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                            activation_type=QuantType.QInt8 if activations == "s8" else QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
                             per_channel=per_channel, op_types_to_quantize=ops)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many unrelated types
             raise InfrastructureError(f"int8 quantization of {fp32} failed: {type(exc).__name__}: {exc}") from None

@@ -3,12 +3,14 @@
 Why not httpx: the replay client must sustain thousands of requests per second on one
 shared core and account for its own time precisely; a generic client spends most of its
 time in layers we do not need. This speaks just enough HTTP/1.1: one request at a time
-per connection, Content-Length or chunked response bodies, `Connection: close`.
+per connection, Content-Length or chunked response bodies, `Connection: close`, over
+plain TCP or TLS (https URLs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -35,15 +37,15 @@ class Target:
     host: str
     port: int
     prefix: str = ""
+    tls: bool = False     # https: TLS with the system's trust store and hostname checks
 
     @classmethod
     def parse(cls, url: str) -> "Target":
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected an http:// URL, got {url!r}" +
-                             (" (https targets are not supported by the replay client yet)"
-                              if parts.scheme == "https" else ""))
-        return cls(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        tls = parts.scheme == "https"
+        return cls(parts.hostname, parts.port or (443 if tls else 80), parts.path.rstrip("/"), tls)
 
     @property
     def authority(self) -> str:
@@ -61,10 +63,13 @@ class Connection:
 
     async def _connect(self) -> None:
         try:
+            ctx = _tls_context() if self.target.tls else None
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port), self.connect_timeout)
+                asyncio.open_connection(self.target.host, self.target.port, ssl=ctx), self.connect_timeout)
         except asyncio.TimeoutError:
             raise HttpError("connect", f"connect to {self.target.authority} timed out") from None
+        except ssl.SSLError as exc:
+            raise HttpError("tls", f"TLS handshake with {self.target.authority} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise HttpError("connect", f"cannot connect to {self.target.authority}: {exc.strerror or exc}") from None
 
@@ -141,6 +146,17 @@ class Connection:
                 return b"".join(parts)
             parts.append(await self._reader.readexactly(size))
             await self._reader.readexactly(2)
+
+
+_TLS: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One default client context, shared: building one per connection costs milliseconds."""
+    global _TLS
+    if _TLS is None:
+        _TLS = ssl.create_default_context()
+    return _TLS
 
 
 def build_head(target: Target, method: str, path: str, headers: dict[str, str], body_len: int) -> bytes:

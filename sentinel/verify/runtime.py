@@ -59,7 +59,7 @@ class OnnxExport:
         """All outputs (or `names`) for a batch, split to the export's fixed batch size if it has one."""
         sess = session or self.session
         names = names or self.output_names
-        step = self.fixed_batch or 64
+        step = self.fixed_batch or 16  # small batches stay in cache; 64 was no faster on 2 cores
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for i in range(0, len(x), step):
             chunk = np.ascontiguousarray(x[i:i + step], dtype=self.input_dtype)

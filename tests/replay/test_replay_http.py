@@ -1,0 +1,74 @@
+"""The replay HTTP client on local servers: keep-alive, chunked bodies, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import subprocess
+
+import pytest
+
+from sentinel.replay.http import Connection, HttpError, Target, build_head
+
+
+async def _serve_once(handler, ssl_ctx=None):
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl_ctx)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def test_keep_alive_and_chunked_bodies():
+    async def main():
+        async def handler(reader, writer):
+            for body in (b"hello", None):
+                await reader.readuntil(b"\r\n\r\n")
+                if body is not None:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body)
+                else:
+                    writer.write(b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                await writer.drain()
+            writer.close()
+
+        srv, port = await _serve_once(handler)
+        t = Target.parse(f"http://127.0.0.1:{port}")
+        conn = Connection(t)
+        head = build_head(t, "POST", "/x", {"X-Sentinel-Canary": "1"}, 0)
+        assert b"POST /x HTTP/1.1\r\n" in head and b"X-Sentinel-Canary: 1\r\n" in head
+        r1 = await conn.request(head, b"")
+        r2 = await conn.request(head, b"")
+        conn.close()
+        srv.close()
+        return r1, r2
+
+    r1, r2 = asyncio.run(main())
+    assert (r1.status, r1.body) == (200, b"hello")
+    assert (r2.status, r2.body) == (503, b"abcde")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_targets_speak_tls_and_check_certificates(tmp_path):
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-subj", "/CN=localhost", "-days", "1"], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+
+    async def main():
+        async def handler(reader, writer):
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                pass
+            writer.close()
+
+        srv, port = await _serve_once(handler, ctx)
+        t = Target.parse(f"https://127.0.0.1:{port}")
+        try:
+            await Connection(t).request(build_head(t, "GET", "/", {}, 0), b"")
+        finally:
+            srv.close()
+
+    with pytest.raises(HttpError) as exc:
+        asyncio.run(main())
+    # A self-signed certificate is refused: the client did speak TLS, and verified it.
+    assert exc.value.kind == "tls" and "certificate" in str(exc.value).lower()
