@@ -31,8 +31,11 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Serve digits:v3, put the sidecar in front, and send phased traffic: normal, drift, latency, errors, recovery."""
+    import logging
     import sys
     from dataclasses import replace
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from sentinel.demo.phases import default_phases
     from sentinel.demo.runner import Demo, DemoOptions, timeline_json

@@ -22,6 +22,9 @@ def serve(
     seed: int = typer.Option(0, "--seed", help="Seed of the --error-ratio draw."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    fault_admin: bool = typer.Option(False, "--fault-admin",
+                                     help="Accept POST /sentinel/faults {delay_ms, error_ratio} to change faults "
+                                          "at run time (drills, `sentinel demo`); off by default."),
     registry: Optional[Path] = typer.Option(None, "--registry", help="Registry directory (default: config's, else ./models)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
 ) -> None:
@@ -46,7 +49,7 @@ def serve(
     entry = open_registry(config, registry).resolve(model)
     entry.check_weights()
     run_server(entry, ServeOptions(host=host, port=port, name=name, faults=plan,
-                                   access_log=access_log, threads=threads))
+                                   access_log=access_log, threads=threads, fault_admin=fault_admin))
 
 
 def register(app: typer.Typer) -> None:

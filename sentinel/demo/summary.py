@@ -21,8 +21,12 @@ class Detection:
 
 
 def _alarmed(w: Window) -> str | None:
-    if w.alarms.get("combined", 0) >= 1:
-        return "drift alarm (combined verdict)"
+    """The combined verdict where the monitor reports one (its false-alarm rate is controlled)."""
+    if "combined" in w.alarms:
+        if w.alarms["combined"] < 1:
+            return None
+        fired = sorted(d for d, v in w.alarms.items() if v >= 1 and d != "combined")
+        return f"drift alarm (combined verdict; {', '.join(fired)})"
     fired = sorted(d for d, v in w.alarms.items() if v >= 1)
     return f"drift alarm ({', '.join(fired)})" if fired else None
 

@@ -85,6 +85,8 @@ class Sidecar:
         self._ready: tuple[float, bool, str] = (0.0, False, "not checked")
         self._tasks: list[asyncio.Task] = []
         self.gpu_collector: Any = None
+        self.canaries: list[Any] = []
+        self.canary_problems: dict[str, str] = {}
         self._add_gpu_collector()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -110,6 +112,7 @@ class Sidecar:
         except InfrastructureError:
             self.proxy_server.close()
             raise
+        self._start_canaries()
         self._tasks.append(loop.create_task(self._expire_ingest()))
         self._tasks.append(loop.create_task(self._close_idle_clients()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
@@ -156,6 +159,8 @@ class Sidecar:
             log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
             for conn in list(ctx.connections):
                 conn.abort()
+        for c in self.canaries:
+            c.stop(timeout=5.0)
         self.pool.close()
         for t in self._tasks:
             t.cancel()
@@ -195,6 +200,28 @@ class Sidecar:
             except SentinelError as exc:
                 log.info("no registry entry for %s:%s (%s); no GPU headroom estimate for it", m.name, m.version, exc)
         return out
+
+    def _start_canaries(self) -> None:
+        """Golden replay every `replay.canary_interval_s` against each model server (0 turns it off).
+
+        Canary requests go straight to the model's endpoint with `X-Sentinel-Canary: 1`, in a
+        thread of their own; their results land on this registry. A model without a usable
+        golden set gets no canary, and says why in the log and /status.
+        """
+        if self.config.replay.canary_interval_s <= 0:
+            return
+        from sentinel.errors import SentinelError
+        from sentinel.replay.canary import Canary
+
+        for m in self.config.models:
+            try:
+                canary = Canary.from_config(self.config, m.name, self.metrics.registry)
+            except (SentinelError, OSError, ValueError) as exc:
+                log.warning("no canary for %s:%s: %s", m.name, m.version, exc)
+                self.canary_problems[m.name] = str(exc)
+                continue
+            canary.start()
+            self.canaries.append(canary)
 
     def add_collector(self, collector: Any) -> None:
         """Expose another collector (an object with `collect()`) on /metrics."""
@@ -251,6 +278,10 @@ class Sidecar:
             "analysis": self.analysis.state(),
             "last_results": self.analysis.statuses,
             "ingest_pending": len(self.join),
+            "canary": {
+                **{c.model: (vars(c.last) if c.last is not None else "first round pending") for c in self.canaries},
+                **{name: f"off: {why}" for name, why in self.canary_problems.items()},
+            },
             "gpu": self.gpu_collector.status() if self.gpu_collector is not None else {"collector": "off"},
         }
 

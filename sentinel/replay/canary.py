@@ -70,7 +70,8 @@ class Canary:
         samples = select_samples(entry, golden)
         wire = WireFormat(mc.protocol, mc.path_name, classes=entry.manifest.classes)
         r = config.replay
-        return cls(model=entry.spec, target=mc.endpoint, wire=wire, samples=samples, registry=registry,
+        # The model label is the configured name, as on every other sentinel metric (rules match on it).
+        return cls(model=mc.name, target=mc.endpoint, wire=wire, samples=samples, registry=registry,
                    interval_s=r.canary_interval_s, count=r.canary_samples, rate=r.canary_rate)
 
     def _observe(self, o: Outcome) -> None:

@@ -42,6 +42,7 @@ class ServeOptions:
     access_log: bool = False
     threads: int = 1                 # torch intra-op threads (tests share few cores)
     grace_period_s: int = 5
+    fault_admin: bool = False        # POST /sentinel/faults changes delay and error ratio at run time
 
 
 def _import_kserve() -> Any:
@@ -161,6 +162,33 @@ def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
     app.add_api_route("/predictions/{model}/{version}", handler, methods=["POST"])
 
 
+def _add_fault_route(app: Any, engine: _Engine) -> None:
+    """POST /sentinel/faults {"delay_ms": D, "error_ratio": R}: swap the fault plan (drills only)."""
+    from dataclasses import replace
+
+    from fastapi.responses import JSONResponse
+
+    async def handler(request: Request) -> Any:
+        import json
+
+        try:
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict) or set(body) - {"delay_ms", "error_ratio"}:
+                raise ValueError('expected {"delay_ms": D, "error_ratio": R}')
+            plan = replace(engine.faults.plan, delay_ms=float(body.get("delay_ms", 0.0)),
+                           error_ratio=float(body.get("error_ratio", 0.0)))
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        problems = plan.validate()
+        if problems:
+            return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+        engine.faults.plan = plan
+        log.warning("faults changed at run time: delay %.0f ms, error ratio %.2f", plan.delay_ms, plan.error_ratio)
+        return JSONResponse({"delay_ms": plan.delay_ms, "error_ratio": plan.error_ratio})
+
+    app.add_api_route("/sentinel/faults", handler, methods=["POST"])
+
+
 def serve(entry: ModelEntry, options: ServeOptions) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (graceful: in-flight requests finish)."""
     t0 = time.perf_counter()
@@ -180,6 +208,8 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
     engine = _Engine(predictor, FaultInjector(options.faults))
     model = _model_class(kserve)(name, engine)
     _add_torchserve_route(kserve.model_server.app, name, engine)
+    if options.fault_admin:
+        _add_fault_route(kserve.model_server.app, engine)
 
     class _Server(kserve.ModelServer):
         """kserve's ModelServer, REST only, bound to the host we are told (kserve hard-codes 0.0.0.0)."""

@@ -161,4 +161,4 @@ def test_canary_from_config_in_a_thread(server):
     canary.stop()
     assert canary.last is not None and canary.last.agreed == 4
     assert reg.get_sample_value("sentinel_reference_agreement_total",
-                                {"model": "digits:v3", "source": "replay", "result": "agree"}) == 4
+                                {"model": "digits", "source": "replay", "result": "agree"}) == 4
