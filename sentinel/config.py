@@ -140,10 +140,16 @@ class DriftConfig:
     atc_score: Literal["neg_entropy", "max_confidence"] = "neg_entropy"  # ATC score (sentinel.drift.Score)
     pca_components: int = 8          # principal components of golden embeddings tested
     shadow_cache_dir: str | None = None  # where the reference's ONNX export is cached (default: temp dir)
+    # The combined alarm fires only when this many consecutive *disjoint* windows all alarm.
+    # 1: every evaluation stands alone (false-alarm rate per window <= alpha); 2: one window
+    # more of delay, and a fixed golden set's false-alarm rate drops to <= 0.002 (drift eval).
+    persistence: int = 1
 
     def validate(self):
         if self.pca_components < 1:
             yield "pca_components", "must be at least 1"
+        if self.persistence < 1:
+            yield "persistence", "must be at least 1"
         if not 0 < self.alpha < 1:
             yield "alpha", f"must be between 0 and 1, got {self.alpha}"
         if self.window_size < 10:

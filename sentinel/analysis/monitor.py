@@ -108,6 +108,8 @@ class ModelMonitor:
         self.confidence_buckets = confidence_buckets([est.confidence_threshold] if est else [])
         self.runner = runner
         self.shadow_rate = 0.0
+        self.seen = 0                        # samples observed, for disjoint-window persistence
+        self._combined_history: list[tuple[int, bool]] = []
         self._bucket = None
         if runner is not None:
             from sentinel.analysis.shadow import THROUGHPUT_SHARE, TokenBucket
@@ -153,6 +155,7 @@ class ModelMonitor:
             self._shadow(x, batch, logits, finite_out, up)
         new = len(logits) if logits is not None else (len(x) if x is not None else 0)
         self._since += new
+        self.seen += new
         if new and self._since >= self.cfg.evaluate_every:
             self._since = 0
             up.extend(self.evaluate())
@@ -275,11 +278,13 @@ class ModelMonitor:
         v = self.suite.evaluate(w)
         self.windows += 1
         up = [MetricUpdate(mn.DRIFT_WINDOWS.name, {"model": self.name}, "inc", 1.0)]
+        persistent = self._persistent(v.combined.alarm)
         for r in (*v.detectors, v.combined):
             lbl = {"model": self.name, "detector": r.name}
+            alarm = persistent if r is v.combined else r.alarm
             up.append(MetricUpdate(mn.DRIFT_P_VALUE.name, lbl, "set", r.p_value))
             up.append(MetricUpdate(mn.DRIFT_STATISTIC.name, lbl, "set", r.statistic))
-            up.append(MetricUpdate(mn.DRIFT_ALARM.name, lbl, "set", 1.0 if r.alarm else 0.0))
+            up.append(MetricUpdate(mn.DRIFT_ALARM.name, lbl, "set", 1.0 if alarm else 0.0))
         for method, value in v.estimated_accuracy.items():
             if math.isfinite(value):
                 up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
@@ -289,6 +294,29 @@ class ModelMonitor:
                      "estimated_accuracy": {k: (x if math.isfinite(x) else None)
                                             for k, x in v.estimated_accuracy.items()}}
         return up
+
+    def _persistent(self, alarm: bool) -> bool:
+        """True when the combined verdict alarmed now and in the `persistence - 1` disjoint windows before.
+
+        Windows are disjoint when their evaluations are at least `window_size` samples apart;
+        for each earlier step the latest evaluation that far back is the one that counts.
+        """
+        hist = self._combined_history
+        hist.append((self.seen, alarm))
+        need = getattr(self.cfg, "persistence", 1)
+        # keep only what the check can reach
+        horizon = self.seen - need * self.cfg.window_size
+        while len(hist) > 1 and hist[1][0] <= horizon:
+            hist.pop(0)
+        if not alarm:
+            return False
+        at = self.seen
+        for _ in range(need - 1):
+            earlier = [(n, a) for n, a in hist if n <= at - self.cfg.window_size]
+            if not earlier or not earlier[-1][1]:
+                return False
+            at = earlier[-1][0]
+        return True
 
     def status(self) -> dict[str, Any]:
         est = self.suite.estimator

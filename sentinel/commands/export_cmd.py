@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -99,12 +97,9 @@ def verify(
     gs = checked_golden(entry, golden_root or _golden_root(config), golden)
     report = verify_export(path, entry, gs, precision=precision, atol=atol, rtol=rtol, min_top1=min_top1,
                            localize=localize)  # type: ignore[arg-type]
-    if json_out is not None:
-        text = json.dumps(report.doc, indent=2) + "\n"
-        if str(json_out) == "-":
-            sys.stdout.write(text)
-        else:
-            json_out.write_text(text, encoding="utf-8")
+    from sentinel.commands._common import write_json_report
+
+    write_json_report(report.doc, json_out)
     if not quiet and str(json_out) != "-":
         typer.echo(render_text(report))
     if not report.passed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -99,7 +98,7 @@ def replay(
         tol = gs.meta.tolerance
 
         def observer(o):  # noqa: ANN001 - Outcome
-            metrics.observe(entry.spec, o, None if o.comparison is None else o.comparison.agrees(tol))
+            metrics.observe(entry.name, o, None if o.comparison is None else o.comparison.agrees(tol))
 
     show_progress = not quiet and sys.stderr.isatty()
     if show_progress:
@@ -108,18 +107,15 @@ def replay(
     else:
         report = run_replay(entry, gs, spec, plan, objectives, observer=observer)
 
-    if json_out is not None:
-        text = json.dumps(report.doc, indent=2) + "\n"
-        if str(json_out) == "-":
-            sys.stdout.write(text)
-        else:
-            json_out.write_text(text, encoding="utf-8")
+    from sentinel.commands._common import write_json_report
+
+    write_json_report(report.doc, json_out)
     if not quiet and str(json_out) != "-":
         typer.echo(render_text(report))
     if pushgateway and metrics is not None:
         from sentinel.replay.push import push
 
-        push(pushgateway, prom, entry.spec)
+        push(pushgateway, prom, entry.name)
     if not report.passed:
         for o in report.missed:
             typer.echo(f"objective missed: {o.message}", err=True)

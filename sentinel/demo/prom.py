@@ -46,11 +46,16 @@ def start_prometheus(demo, sidecar_config: Path) -> str:
     return url
 
 
-async def collect_alerts(client: httpx.AsyncClient, url: str) -> list[dict]:
-    """Alerts Prometheus has seen, from the ALERTS series over the run (firing only)."""
-    r = await client.get(f"{url}/api/v1/query", params={"query": 'max_over_time(ALERTS{alertstate="firing"}[1h])'})
+async def collect_alerts(client: httpx.AsyncClient, url: str, t0_wall: float) -> list[dict]:
+    """Every alert series that fired during the run, with when it first and last fired (s since start)."""
+    now = time.time()
+    r = await client.get(f"{url}/api/v1/query_range", params={
+        "query": 'ALERTS{alertstate="firing"}', "start": t0_wall - 60, "end": now, "step": "1s"})
     out = []
     for item in r.json().get("data", {}).get("result", []):
         labels = {k: v for k, v in item["metric"].items() if k not in ("__name__", "alertstate")}
-        out.append({"alertname": labels.pop("alertname", "?"), "labels": labels})
-    return out
+        times = [float(t) for t, _ in item.get("values", [])]
+        out.append({"alertname": labels.pop("alertname", "?"), "labels": labels,
+                    "first_seen_s": round(min(times) - t0_wall, 1) if times else None,
+                    "last_seen_s": round(max(times) - t0_wall, 1) if times else None})
+    return sorted(out, key=lambda a: (a["first_seen_s"] is None, a["first_seen_s"] or 0))

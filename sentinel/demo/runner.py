@@ -88,7 +88,9 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
                     "protocol": "v2"}],
         # Sample everything: the demo's traffic is small and drift windows should fill fast.
         "sampling": {"rate": 1.0, "max_per_second": 200},
-        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.05},
+        # persistence 2: the combined alarm needs two consecutive disjoint windows, which keeps
+        # false alarms in the normal phases near zero for one window (5 s) of extra delay.
+        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.05, "persistence": 2},
         "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
     }
     path = opts.out / "sentinel.demo.yaml"
@@ -257,6 +259,7 @@ class Demo:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         async with httpx.AsyncClient(timeout=10.0, limits=limits) as client:
             self.timeline.started = time.perf_counter()
+            self.wall_started = time.time()
             done = asyncio.Event()
             scraper = asyncio.create_task(self._scrape(client, done))
             try:
@@ -268,7 +271,7 @@ class Demo:
             if self.opts.prometheus and getattr(self, "prom_url", None):
                 from sentinel.demo.prom import collect_alerts
 
-                self.timeline.alerts = await collect_alerts(client, self.prom_url)
+                self.timeline.alerts = await collect_alerts(client, self.prom_url, self.wall_started)
 
     def run(self) -> Timeline:
         asyncio.run(self._main())

@@ -114,7 +114,10 @@ def render_text(demo: Demo) -> str:
     if demo.timeline.alerts:
         lines += ["", "Prometheus alerts that fired:"]
         for a in demo.timeline.alerts:
-            lines.append(f"  {a.get('alertname')} {a.get('labels', {})} first seen {a.get('first_seen_s', '?')} s")
+            lab = a.get("labels", {})
+            what = ", ".join(f"{k}={v}" for k, v in sorted(lab.items()) if k in ("slo", "severity", "detector"))
+            lines.append(f"  {a.get('alertname')} {{{what}}} firing from {a.get('first_seen_s')} s "
+                         f"to {a.get('last_seen_s')} s")
     for n in demo.timeline.notes[:10]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ from sentinel.errors import IntegrityError, RegistryError, UsageError
 from sentinel.golden import build_golden, check_golden, golden_for, load_golden
 from sentinel.registry import Registry
 
-from conftest import REPO
 from test_config_cli import run_cli
 
 
