@@ -27,7 +27,7 @@ def start_prometheus(demo, sidecar_config: Path) -> str:
     slo_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     rules_dir = out / "rules"
     subprocess.run([sys.executable, "-m", "sentinel", "rules", "generate", "--slo", str(slo_path),
-                    "-o", str(rules_dir)], check=True, capture_output=True, text=True)
+                    "-o", str(rules_dir), "--no-prometheusrule"], check=True, capture_output=True, text=True)
     port = free_port()
     cfg = {
         "global": {"scrape_interval": SCRAPE, "evaluation_interval": SCRAPE},
