@@ -107,7 +107,7 @@ def write_report(demo: Demo, out_dir: Path) -> Path:
         for r in phase_table(demo))
     dets = "".join(
         f"<li><b>{html.escape(d.phase)}</b>: "
-        + (f"detected {d.detected_s:.1f} s after it began by {html.escape(d.signal)}" if d.detected_s is not None
+        + (f"detected {d.detected_s:.1f} s after it began: {html.escape(d.signal)}" if d.detected_s is not None
            else "not detected") + "</li>"
         for d in detect(demo))
     alerts = "".join(f"<li>{html.escape(str(a))}</li>" for a in tl.alerts)

@@ -88,9 +88,11 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
                     "protocol": "v2"}],
         # Sample everything: the demo's traffic is small and drift windows should fill fast.
         "sampling": {"rate": 1.0, "max_per_second": 200},
-        # persistence 2: the combined alarm needs two consecutive disjoint windows, which keeps
-        # false alarms in the normal phases near zero for one window (5 s) of extra delay.
-        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.05, "persistence": 2},
+        # The daemon evaluates a sliding window every 20 samples, so a normal phase of 35 s
+        # holds ~35 overlapping tests; at alpha 0.05 one of them alarming by chance is likely.
+        # alpha 0.01 and persistence 2 (two consecutive disjoint windows must alarm) keep the
+        # normal phases quiet for one window (5 s) of extra delay; real shifts give p < 1e-10.
+        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.01, "persistence": 2},
         "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
     }
     path = opts.out / "sentinel.demo.yaml"

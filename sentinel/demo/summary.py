@@ -39,27 +39,29 @@ def detect(demo: Demo) -> list[Detection]:
     for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends):
         if phase.incident is None:
             continue
-        found: tuple[float, str] | None = None
+        found: dict[str, tuple[float, str]] = {}   # signal kind → (seconds after start, what)
         for w in tl.windows:
             if not start < w.t <= end + demo.opts.scrape_every:
                 continue
-            sig = None
+            hits: list[tuple[str, str]] = []
             if phase.incident == "drift":
-                sig = _alarmed(w)
+                alarm = _alarmed(w)
+                if alarm:
+                    hits.append(("alarm", alarm))
                 atc = w.estimated_accuracy.get("atc", math.nan)
-                if sig is None and not math.isnan(normal_est) and atc < normal_est - 0.05:
-                    sig = f"estimated accuracy fell to {atc:.2f}"
+                if not math.isnan(normal_est) and atc < normal_est - 0.05:
+                    hits.append(("accuracy", f"estimated accuracy fell to {atc:.2f}"))
             elif phase.incident == "latency" and w.p99_ms > slo["threshold"] * 1000:
-                sig = f"P99 {w.p99_ms:.0f} ms above the {slo['threshold'] * 1000:.0f} ms SLO threshold"
+                hits.append(("p99", f"P99 {w.p99_ms:.0f} ms above the {slo['threshold'] * 1000:.0f} ms SLO threshold"))
             elif phase.incident == "errors":
                 burn = w.error_ratio / (1 - slo["availability"]) if not math.isnan(w.error_ratio) else 0
                 if burn >= 14.4:
-                    sig = f"availability burn rate {burn:.0f}x (page threshold 14.4x)"
-            if sig:
-                found = (w.t - start, sig)
-                break
-        out.append(Detection(phase.name, phase.incident, start, found[0] if found else None,
-                             found[1] if found else "not detected"))
+                    hits.append(("burn", f"availability burn rate {burn:.0f}x (page threshold 14.4x)"))
+            for kind, what in hits:
+                found.setdefault(kind, (w.t - start, what))
+        first = sorted(found.values())
+        signal = "; ".join(f"{what} after {t:.1f} s" for t, what in first) if first else "not detected"
+        out.append(Detection(phase.name, phase.incident, start, first[0][0] if first else None, signal))
     return out
 
 
