@@ -137,3 +137,13 @@ def test_golden_build_refuses_training_split():
 def test_build_golden_rejects_wrong_input_shape(tmp_path, digits_v3):
     with pytest.raises(UsageError, match=r"inputs have shape \(3, 8, 8\) per sample; digits:v3 expects \(1, 32, 32\)"):
         build_golden(digits_v3, tmp_path / "x", ids=np.arange(2), inputs=np.zeros((2, 3, 8, 8), np.float32))
+
+
+def test_bundled_onnx_export_matches_its_record_and_verifies(digits_v3):
+    ref = digits_v3.export("onnx")
+    assert ref is not None
+    from sentinel.registry import sha256_file
+
+    assert sha256_file(digits_v3.directory / ref.file) == ref.sha256
+    res = run_cli("verify", str(digits_v3.directory / ref.file), "--model", "digits:v3", "--quiet")
+    assert res.returncode == 0, res.stderr + res.stdout
