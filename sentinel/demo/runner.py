@@ -138,6 +138,7 @@ class Demo:
         self.children.sentinel("model-server", "serve", "--model", f"{MODEL}:v3", "--registry",
                                str(o.repo / "models"), "--port", str(self.ports["server"]), "--fault-admin")
         self.children.sentinel("sidecar", "run", "--config", str(cfg))
+        self._write_children()
         wait_ready(f"http://127.0.0.1:{self.ports['server']}/v2/health/ready", self.children)
         wait_ready(f"http://127.0.0.1:{self.ports['admin']}/healthz", self.children)
         self._warm_up()
@@ -145,6 +146,12 @@ class Demo:
             from sentinel.demo.prom import start_prometheus
 
             self.prom_url = start_prometheus(self, cfg)
+            self._write_children()
+
+    def _write_children(self) -> None:
+        """children.json: every child's pid and every port, so an interrupted run can be checked."""
+        doc = {"children": {name: p.pid for name, p in self.children.procs}, "ports": self.ports}
+        (self.opts.out / "children.json").write_text(json.dumps(doc, indent=1))
 
     def _warm_up(self, timeout: float = 90.0) -> None:
         """Warm the model server directly, then wait until the sidecar's analysis decodes a sample.

@@ -67,3 +67,33 @@ def test_short_demo_detects_each_incident_and_cleans_up(tmp_path):
 
     for name, port in tl["ports"].items():
         assert not port_is_bound(port), f"{name} port {port} still bound"
+
+
+def test_interrupt_stops_every_child_and_frees_every_port(tmp_path):
+    import signal
+    import time
+
+    from sentinel.demo.processes import port_is_bound
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentinel", "demo", "--no-live", "--out", str(out),
+         "--durations", "normal=120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "children.json").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.5)
+        doc = json.loads((out / "children.json").read_text())
+        time.sleep(3)  # mid-start-up or mid-traffic: either must clean up
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    for name, pid in doc["children"].items():
+        assert not _alive(pid), f"{name} (pid {pid}) still running after Ctrl-C"
+    for name, port in doc["ports"].items():
+        assert not port_is_bound(port), f"{name} port {port} still bound after Ctrl-C"
