@@ -331,16 +331,20 @@ class Exchange:
         status = _ERROR_STATUS.get(reason, 502)
         self._respond_error(status, reason, message)
 
-    def fail_local(self, status: int, reason: str, message: str) -> None:
-        """The proxy refuses the request itself (413)."""
-        if self.finished:
-            return
+    def _drop_upstream(self) -> None:
+        """Abort the upstream connection and any connect still in progress."""
         up, self.upstream = self.upstream, None
         if up is not None:
             up.abort()
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
+
+    def fail_local(self, status: int, reason: str, message: str) -> None:
+        """The proxy refuses the request itself (413)."""
+        if self.finished:
+            return
+        self._drop_upstream()
         self.ctx.metrics.proxy_errors.labels(reason).inc()
         if self.response_started:
             self._finish(str(self.status))
@@ -376,12 +380,7 @@ class Exchange:
         """The client closed its connection before the response was complete."""
         if self.finished:
             return
-        up, self.upstream = self.upstream, None
-        if up is not None:
-            up.abort()
-        if self.connect_task is not None:
-            self.connect_task.cancel()
-            self.connect_task = None
+        self._drop_upstream()
         self.ctx.metrics.proxy_errors.labels("client_disconnect").inc()
         self._finish("499")  # nginx's code for "client closed request"
 
