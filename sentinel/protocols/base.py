@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 
@@ -77,3 +78,14 @@ def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
         kind = "probabilities" if (out.min() >= 0 and out.max() <= 1 and np.allclose(sums, 1.0, atol=1e-3)) \
             else "logits"
     return DecodedResponse(out, kind)
+
+
+def load_json_object(body: bytes | memoryview) -> dict[str, Any]:
+    """Parse a JSON object body, or raise DecodeError("malformed_json") saying what it was instead."""
+    try:
+        doc = json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError("malformed_json", f"body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DecodeError("malformed_json", f"body is a JSON {type(doc).__name__}, expected an object")
+    return doc

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 import numpy as np
 
-from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form
+from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form, load_json_object
 from sentinel.protocols.images import decode_images
-
-
-def _load(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError("malformed_json", f"body is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise DecodeError("malformed_json", f"body is a JSON {type(doc).__name__}, expected an object")
-    return doc
 
 
 def _numeric(rows: list, what: str) -> np.ndarray:
@@ -42,7 +31,7 @@ def _unwrap(item: Any) -> Any:
 
 def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
     """The batch under `instances` (or `inputs`); `{"b64": ...}` items are decoded images."""
-    doc = _load(body)
+    doc = load_json_object(body)
     rows = doc.get("instances", doc.get("inputs"))
     if not isinstance(rows, list) or not rows:
         raise DecodeError("missing_field", "no non-empty 'instances' list in body")
@@ -61,7 +50,7 @@ def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
 
 def decode_response(body: bytes, headers: Headers) -> DecodedResponse:
     """The scores under `predictions` (also `{"probabilities"|"scores"|"logits": [...]}` items)."""
-    doc = _load(body)
+    doc = load_json_object(body)
     preds = doc.get("predictions", doc.get("outputs"))
     if not isinstance(preds, list) or not preds:
         raise DecodeError("missing_field", "no non-empty 'predictions' list in body")

@@ -9,7 +9,7 @@ import numpy as np
 
 from sentinel.protocols import tensors
 from sentinel.protocols.base import (
-    DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form,
+    DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form, load_json_object,
 )
 from sentinel.protocols.images import decode_images, looks_like_image
 
@@ -29,12 +29,7 @@ def parse_message(body: bytes, headers: Headers, key: Literal["inputs", "outputs
         head, rest = body[:hlen], memoryview(body)[hlen:]
     else:
         head, rest = body, memoryview(b"")
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError("malformed_json", f"body is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise DecodeError("malformed_json", f"body is a JSON {type(doc).__name__}, expected an object")
+    doc = load_json_object(head)
     items = doc.get(key)
     if not isinstance(items, list) or not items:
         raise DecodeError("missing_field", f"no {key!r} list in body")
