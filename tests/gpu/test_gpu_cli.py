@@ -9,24 +9,15 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from gpu_fakes import nvml_works
+
 from sentinel.cli import app
 from sentinel.errors import UsageError
 from sentinel.gpu.memory import estimate, max_batch_that_fits
-from sentinel.gpu.nvml import PynvmlBackend
 from sentinel.reference.densenet import ARCHS
 
 
-def _has_driver() -> bool:
-    b = PynvmlBackend()
-    try:
-        b.init()
-    except Exception:
-        return False
-    b.shutdown()
-    return True
-
-
-no_gpu = pytest.mark.skipif(_has_driver(), reason="this machine has a working NVIDIA driver")
+no_gpu = pytest.mark.skipif(nvml_works(), reason="this machine has a working NVIDIA driver")
 
 
 def sentinel(*args: str, cwd=None) -> subprocess.CompletedProcess:

@@ -11,11 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_fakes import GIB, MIB512, Clock, FakeDevice, FakeNvml, make_proc, nvml_error
+from gpu_fakes import GIB, MIB512, Clock, FakeDevice, FakeNvml, make_proc, nvml_error, nvml_works
 from sentinel.config import GpuConfig, ModelConfig
 from sentinel.gpu import collector as gc
 from sentinel.gpu.collector import GpuCollector, ModelDemand, build_collector, model_demands
-from sentinel.gpu.nvml import MemoryInfo, ProcessMemory, PynvmlBackend
+from sentinel.gpu.nvml import MemoryInfo, ProcessMemory
 from sentinel.gpu.procfs import HOST_PID_FIX, ProcFs
 
 
@@ -50,17 +50,7 @@ def proc_root(tmp_path: Path) -> Path:
 
 # -- the real path on this machine -------------------------------------------------------
 
-def _nvml_works() -> bool:
-    b = PynvmlBackend()
-    try:
-        b.init()
-    except Exception:
-        return False
-    b.shutdown()
-    return True
-
-
-@pytest.mark.skipif(_nvml_works(), reason="this machine has a working NVIDIA driver")
+@pytest.mark.skipif(nvml_works(), reason="this machine has a working NVIDIA driver")
 def test_real_backend_without_driver_reports_unavailable_and_raises_nothing():
     col = build_collector(GpuConfig())
     s = Scrape(col)
