@@ -1,0 +1,1 @@
+"""SLO specs, burn-rate windows, Prometheus rules and their tests, Grafana dashboards."""
