@@ -63,15 +63,14 @@ def slo_settings(slo_file: Path) -> dict[str, float]:
     """Latency threshold and objectives of the example SLOs (defaults when absent)."""
     out = {"threshold": 0.15, "availability": 0.999, "latency": 0.99, "agreement": 0.995, "accuracy": 0.97}
     if slo_file.is_file():
-        spec = yaml.safe_load(slo_file.read_text()) or {}
-        for s in spec.get("slos", []):
-            sli = s.get("sli")
-            if sli == "latency" and "threshold" in s:
-                out["threshold"] = float(s["threshold"])
-            key = {"availability": "availability", "latency": "latency", "agreement": "agreement",
-                   "estimated_accuracy": "accuracy"}.get(sli)
-            if key and "objective" in s:
-                out[key] = float(s["objective"])
+        from sentinel.slo.spec import load_slo_file
+
+        key = {"availability": "availability", "latency": "latency", "agreement": "agreement",
+               "estimated_accuracy": "accuracy"}
+        for s in load_slo_file(slo_file).slos:
+            if s.sli == "latency" and s.threshold is not None:
+                out["threshold"] = float(s.threshold)
+            out[key[s.sli]] = float(s.objective)
     return out
 
 

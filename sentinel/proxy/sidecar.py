@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,21 +36,10 @@ def slo_latency_thresholds(config: Config) -> tuple[float, ...]:
     if not path.is_file():
         log.info("SLO file %s not found; latency buckets are the defaults", path)
         return ()
-    import yaml
+    from sentinel.slo.spec import load_slo_file
 
-    try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError([f"{path}: cannot read SLO file: {exc}"]) from None
-    out = []
-    for i, slo in enumerate(doc.get("slos") or []):
-        if isinstance(slo, dict) and slo.get("sli", "latency") == "latency" and "threshold" in slo:
-            try:
-                out.append(float(slo["threshold"]))
-            except (TypeError, ValueError):
-                raise ConfigError([f"{path}: slos[{i}].threshold: expected seconds, "
-                                   f"got {slo['threshold']!r}"]) from None
-    return tuple(out)
+    spec = load_slo_file(path)  # ConfigError naming the field, as for the daemon's own config
+    return tuple(float(s.threshold) for s in spec.slos if s.sli == "latency" and s.threshold is not None)
 
 
 def upstream_address(config: Config) -> tuple[str, int]:
