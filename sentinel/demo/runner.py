@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import yaml
 
+from sentinel import metricnames as mn
 from sentinel.demo.observe import Snapshot, Window, parse, window
 from sentinel.demo.phases import Phase, apply_shift
 from sentinel.demo.processes import Children, free_port, wait_ready
@@ -172,8 +173,6 @@ class Demo:
             while time.monotonic() < deadline:
                 self.children.check_alive()
                 snap = parse(c.get(f"http://127.0.0.1:{self.ports['admin']}/metrics").text, 0.0)
-                from sentinel import metricnames as mn
-
                 done = snap.values(mn.SAMPLES.sample_name, "outcome", model=MODEL)
                 if done.get("decoded", 0) + done.get("rejected", 0) >= 1:
                     return
