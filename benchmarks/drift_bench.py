@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 CPU: list[float] = []   # CPU milliseconds of the last _median_ms call (median), less sensitive to other tenants
 
 
@@ -66,7 +65,7 @@ def bench_detectors(n: int, classes: int, repeat: int) -> None:
         one = Suite.__new__(Suite)
         one.__dict__.update(suite.__dict__)
         one.settings = Settings(detectors=(name,))
-        wall = _median_ms(lambda: one.evaluate(window), repeat)
+        wall = _median_ms(lambda: one.evaluate(window), repeat)  # noqa: B023 (called at once)
         print(f"  {name:<12} {wall:8.1f} ms wall {CPU[0]:8.1f} ms CPU  (incl. softmax and accuracy estimates)")
     default = Suite.__new__(Suite)
     default.__dict__.update(suite.__dict__)
@@ -90,7 +89,14 @@ def bench_embeddings(batch: int, repeat: int) -> None:
     from sentinel.analysis.shadow import ReferenceRunner
     from sentinel.reference.densenet import build_densenet
     from sentinel.reference.weights import save_weights
-    from sentinel.registry import ModelEntry, ModelManifest, Served, TensorSpec, WeightsRef, sha256_file
+    from sentinel.registry import (
+        ModelEntry,
+        ModelManifest,
+        Served,
+        TensorSpec,
+        WeightsRef,
+        sha256_file,
+    )
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -153,7 +153,7 @@ def rss_mb(pid: int) -> float:
 # --- open-loop load --------------------------------------------------------------------
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, gen: "OpenLoop"):
+    def __init__(self, gen: OpenLoop):
         self.gen = gen
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -362,8 +362,8 @@ def main() -> None:
         for p in (up_port, ngx_port, sn_port):
             wait_port(p)
         targets = {"direct": (up_port, None), "nginx": (ngx_port, procs[1].pid), "sentinel": (sn_port, sent.pid)}
-        for size, (body, headers) in bodies.items():   # warm up: connections, caches, analysis worker
-            for name, (port, _) in targets.items():
+        for _size, (body, headers) in bodies.items():   # warm up: connections, caches, analysis worker
+            for port, _ in targets.values():
                 open_loop(port, request_bytes(path, body, headers), 100, 1.0)
         rss0 = rss_mb(sent.pid)
         for size, (body, headers) in bodies.items():
@@ -380,14 +380,14 @@ def main() -> None:
                         cpu[name] += (cpu_seconds(pid) - c0) if pid else 0.0
                         lats[name].append(lat)
                         errs[name] += errors
-                for name, (port, pid) in targets.items():
+                for name, (_port, pid) in targets.items():
                     lat = np.concatenate(lats[name])
                     n = max(len(lat) + errs[name], 1)
                     rows.append(Row(name, size, rate, float(np.percentile(lat, 50)) if len(lat) else float("nan"),
                                     float(np.percentile(lat, 99)) if len(lat) else float("nan"),
                                     cpu[name] / n * 1000.0 if pid else None, errs[name]))
             for _ in range(ROUNDS):   # best of the rounds: saturation is what a path can do at all
-                for name, (port, _) in targets.items():
+                for name, (port, _pid) in targets.items():
                     rps = wrk(port, path, body, headers, wrk_s / ROUNDS, tmp)
                     sat[(name, size)] = max(sat.get((name, size), 0.0), rps)
         rss1 = rss_mb(sent.pid)

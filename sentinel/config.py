@@ -246,7 +246,7 @@ class Config:
     def sampling_for(self, model: ModelConfig) -> SamplingConfig:
         return model.sampling or self.sampling
 
-    def with_overrides(self, **kw: str | None) -> "Config":
+    def with_overrides(self, **kw: str | None) -> Config:
         """A copy with CLI overrides applied (None values are ignored), re-validated."""
         changes = {k: v for k, v in kw.items() if v is not None}
         new = dataclasses.replace(self, **changes)

@@ -183,7 +183,7 @@ class ModelEntry:
                 return e
         return None
 
-    def with_export(self, ref: ExportRef) -> "ModelEntry":
+    def with_export(self, ref: ExportRef) -> ModelEntry:
         """Record an export in model.yaml (replacing one with the same file)."""
         exports = tuple(e for e in self.manifest.exports if e.file != ref.file) + (ref,)
         entry = replace(self, manifest=replace(self.manifest, exports=exports))

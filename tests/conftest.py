@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 # Tests import helpers such as tests/servers.py as `servers`.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

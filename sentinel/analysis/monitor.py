@@ -84,7 +84,15 @@ class ModelMonitor:
     """Sliding windows and detectors of one model version, fed by decoded sampled traffic."""
 
     def __init__(self, name: str, entry, golden, drift, *, runner=None, clock=time.monotonic):
-        from sentinel.drift import Combination, Reference, Score, Settings, SlidingWindow, Suite, Univariate
+        from sentinel.drift import (
+            Combination,
+            Reference,
+            Score,
+            Settings,
+            SlidingWindow,
+            Suite,
+            Univariate,
+        )
         from sentinel.metricnames import confidence_buckets
 
         self.name = name
@@ -191,7 +199,7 @@ class ModelMonitor:
         probs = good if batch.output_kind == "probabilities" else softmax(good)
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
-        for k, cnt in zip(*np.unique(pred, return_counts=True)):
+        for k, cnt in zip(*np.unique(pred, return_counts=True), strict=False):
             up.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.name, "class": self._class_label(int(k))},
                                    "inc", float(cnt)))
         for c in conf:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,7 +20,7 @@ def _repo_root() -> Path:
 def demo(
     out: Path = typer.Option(Path("demo-report"), "--out", "-o", help="Folder for the report and logs."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply every phase's duration (0.2 for a quick run)."),
-    durations: Optional[str] = typer.Option(
+    durations: str | None = typer.Option(
         None, "--durations",
         help="Seconds per phase, e.g. normal=35,noise=25,rotation=20,latency=25,errors=20,recovery=25."),
     rate: float = typer.Option(20.0, "--rate", help="Requests per second (open loop)."),
@@ -52,7 +51,7 @@ def demo(
                 given[key.strip()] = float(val)
             except ValueError:
                 raise UsageError(f"--durations: {part!r} is not phase=seconds") from None
-        phases = tuple(replace(p, seconds=given.get(k, p.seconds)) for k, p in zip(_PHASE_KEYS, phases))
+        phases = tuple(replace(p, seconds=given.get(k, p.seconds)) for k, p in zip(_PHASE_KEYS, phases, strict=False))
     if rate <= 0:
         raise UsageError("--rate must be positive")
     if prometheus:

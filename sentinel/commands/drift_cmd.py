@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,7 +12,7 @@ drift_app = typer.Typer(help="Drift detection and label-free accuracy on files; 
                         no_args_is_help=True)
 
 
-def _settings(config: Optional[Path]):
+def _settings(config: Path | None):
     """Drift settings from the config file when there is one, else the defaults."""
     from sentinel.config import DriftConfig, load_config
 
@@ -55,14 +54,14 @@ def check(
     input_file: Path = typer.Option(..., "--input", "-i",
                                     help="An .npz with 'raw' (server-side inputs) or 'inputs' (N×C×H×W float32), "
                                          "optionally 'labels'."),
-    window_size: Optional[int] = typer.Option(None, "--window-size", "-w", min=1,
+    window_size: int | None = typer.Option(None, "--window-size", "-w", min=1,
                                               help="Evaluate consecutive windows of N samples "
                                                    "(default: the whole file is one window)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per window."),
     fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when any window drifts."),
-    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Default: the config's golden_sets."),
-    registry: Optional[Path] = typer.Option(None, "--registry"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    golden_root: Path | None = typer.Option(None, "--golden-root", help="Default: the config's golden_sets."),
+    registry: Path | None = typer.Option(None, "--registry"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
 ) -> None:
     """Run the drift detectors and accuracy estimators on a file against the model's golden set."""
     import numpy as np
@@ -136,9 +135,9 @@ def evaluate(
                                   help="No-shift windows per size for the false-alarm rates."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json"),
-    golden_root: Optional[Path] = typer.Option(None, "--golden-root"),
-    registry: Optional[Path] = typer.Option(None, "--registry"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    golden_root: Path | None = typer.Option(None, "--golden-root"),
+    registry: Path | None = typer.Option(None, "--registry"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
 ) -> None:
     """Failing Loudly protocol on non-training digits: detection accuracy, false alarms, accuracy-estimate error."""
     from sentinel.analysis.evaluation import EvalPlan, format_report, run_eval

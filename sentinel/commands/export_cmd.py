@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,9 +11,9 @@ _CONFIG = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./s
 
 
 def export(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
-    out: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: in the model's directory)."),
+    out: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: in the model's directory)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: a dynamic batch dimension (default: batch 1)."),
     int8: bool = typer.Option(False, "--int8", help="ONNX: int8 by onnxruntime static quantization (QDQ)."),
     calibration: str = typer.Option("golden", "--calibration", help="int8 calibration data: 'golden' or a golden set directory."),
@@ -22,15 +21,21 @@ def export(
                                                                           "(U8S8, faster on x86 without VNNI)."),
     int8_format: str = typer.Option("qdq", "--int8-format", help="qdq (default) or qoperator (QLinearConv etc.)."),
     exporter: str = typer.Option("dynamo", "--exporter", help="torch.onnx exporter: dynamo (current) or legacy (TorchScript-based, faster)."),
-    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
-    registry: Optional[Path] = _REGISTRY,
-    config: Optional[Path] = _CONFIG,
+    golden_root: Path | None = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
+    registry: Path | None = _REGISTRY,
+    config: Path | None = _CONFIG,
 ) -> None:
     """Export a registry model to ONNX (fp32 or int8) or TorchScript and record it in model.yaml with its sha256."""
     import tempfile
 
     from sentinel.errors import UsageError
-    from sentinel.export.exporters import check_format, default_path, export_onnx, export_torchscript, record_export
+    from sentinel.export.exporters import (
+        check_format,
+        default_path,
+        export_onnx,
+        export_torchscript,
+        record_export,
+    )
     from sentinel.registry import open_registry
 
     check_format(fmt, int8)
@@ -48,8 +53,8 @@ def export(
         export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
         ref = record_export(entry, path, "onnx", "fp32", dynamic_batch)
     else:
-        from sentinel.export.quantize import quantize_int8
         from sentinel.commands.replay_cmd import checked_golden
+        from sentinel.export.quantize import quantize_int8
         from sentinel.golden import load_golden
 
         root = golden_root or _golden_root(config)
@@ -69,18 +74,18 @@ def export(
 
 def verify(
     path: Path = typer.Argument(..., help="The export: an .onnx file or a TorchScript .pt file."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
-    golden: Optional[Path] = typer.Option(None, "--golden", help="Golden set directory (default: golden_sets/<model>/<version>)."),
-    atol: Optional[float] = typer.Option(None, "--atol", help="Absolute tolerance on logits (default by precision)."),
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Relative tolerance on logits (default by precision)."),
-    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Required top-1 agreement (default by precision)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: model.yaml's record, else detected)."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    golden: Path | None = typer.Option(None, "--golden", help="Golden set directory (default: golden_sets/<model>/<version>)."),
+    atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance on logits (default by precision)."),
+    rtol: float | None = typer.Option(None, "--rtol", help="Relative tolerance on logits (default by precision)."),
+    min_top1: float | None = typer.Option(None, "--min-top1", help="Required top-1 agreement (default by precision)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: model.yaml's record, else detected)."),
     localize: str = typer.Option("auto", "--localize", help="auto (on failure), always or never."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (exit code and --json only)."),
-    golden_root: Optional[Path] = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
-    registry: Optional[Path] = _REGISTRY,
-    config: Optional[Path] = _CONFIG,
+    golden_root: Path | None = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
+    registry: Path | None = _REGISTRY,
+    config: Path | None = _CONFIG,
 ) -> None:
     """Run an export and compare it with the reference outputs of the golden set; name the first diverging module.
 
@@ -106,7 +111,7 @@ def verify(
         raise typer.Exit(1)
 
 
-def _golden_root(config: Optional[Path]) -> Path:
+def _golden_root(config: Path | None) -> Path:
     from sentinel.config import load_config
 
     path = config or (Path("sentinel.yaml") if Path("sentinel.yaml").is_file() else None)

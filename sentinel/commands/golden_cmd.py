@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,11 +17,11 @@ def build(
                                help="An .npz/.npy file or directory with 'raw' or 'inputs' (and optional "
                                     "'labels', 'ids'), or 'sklearn-digits' to use the model's recorded split."),
     split: str = typer.Option("golden", "--split", help="With --from sklearn-digits: which split."),
-    count: Optional[int] = typer.Option(None, "--count", help="Use the first N samples."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Default: golden_sets/<model>/<version>."),
+    count: int | None = typer.Option(None, "--count", help="Use the first N samples."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Default: golden_sets/<model>/<version>."),
     golden_root: Path = typer.Option(Path("golden_sets"), "--golden-root"),
-    registry: Optional[Path] = typer.Option(None, "--registry"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    registry: Path | None = typer.Option(None, "--registry"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
 ) -> None:
     """Compute reference outputs for inputs and write a golden set with its sha256 manifest."""
     import numpy as np
@@ -95,7 +94,7 @@ def show(
         "tolerance": dataclasses.asdict(g.meta.tolerance), "files": files,
     }
     if g.labels is not None and not problems:
-        info["labels"] = {str(k): int(v) for k, v in zip(*np.unique(g.labels, return_counts=True))}
+        info["labels"] = {str(k): int(v) for k, v in zip(*np.unique(g.labels, return_counts=True), strict=False)}
         info["reference_accuracy"] = float((g.probabilities.argmax(1) == g.labels).mean())
     if as_json:
         typer.echo(json.dumps(info, indent=2))

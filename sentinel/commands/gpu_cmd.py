@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,7 +23,7 @@ class BackendOpt(str, Enum):
     cpu = "cpu"
 
 
-def _gpu_config(config: Optional[Path]):
+def _gpu_config(config: Path | None):
     from sentinel.config import GpuConfig, load_config
 
     if config is not None:
@@ -36,7 +35,7 @@ def _gpu_config(config: Optional[Path]):
 @gpu_app.command("status")
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file (default ./sentinel.yaml if present)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config file (default ./sentinel.yaml if present)."),
 ) -> None:
     """Print the NVML snapshot (devices, memory, utilization, processes), or why there is none."""
     from sentinel.gpu.collector import GpuCollector
@@ -82,7 +81,7 @@ def estimate_cmd(
     train: bool = typer.Option(False, "--train", help="One training step (forward + backward) instead of inference."),
     memory_efficient: bool = typer.Option(False, "--memory-efficient",
                                           help="Training with checkpointed bottlenecks (torchvision's memory_efficient)."),
-    fit_in: Optional[str] = typer.Option(None, "--fit-in", help="Also report the largest batch fitting this memory, e.g. 16GiB."),
+    fit_in: str | None = typer.Option(None, "--fit-in", help="Also report the largest batch fitting this memory, e.g. 16GiB."),
     backend: BackendOpt = typer.Option(BackendOpt.cuda, "--backend", help="Allocator behaviour to model."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,8 +16,8 @@ _CONFIG = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./s
 @models_app.command("list")
 def list_models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    registry: Optional[Path] = _REGISTRY,
-    config: Optional[Path] = _CONFIG,
+    registry: Path | None = _REGISTRY,
+    config: Path | None = _CONFIG,
 ) -> None:
     """Name, version, architecture, parameter count and weight digest status of each model."""
     from sentinel.registry import open_registry
@@ -63,10 +62,10 @@ def init(
     arch: str = typer.Argument(..., help="densenet121, densenet161, densenet169 or densenet201."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
     num_classes: int = typer.Option(1000, "--num-classes"),
-    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the arch)."),
-    version: Optional[str] = typer.Option(None, "--version", help="Version (default: seed-S)."),
-    registry: Optional[Path] = _REGISTRY,
-    config: Optional[Path] = _CONFIG,
+    name: str | None = typer.Option(None, "--name", help="Registry name (default: the arch)."),
+    version: str | None = typer.Option(None, "--version", help="Version (default: seed-S)."),
+    registry: Path | None = _REGISTRY,
+    config: Path | None = _CONFIG,
 ) -> None:
     """Create a seeded, randomly initialised ImageNet-shaped entry for benchmarks.
 
@@ -76,10 +75,18 @@ def init(
     """
     import torch
 
+    from sentinel.preprocess import Preprocessing
     from sentinel.reference.densenet import ARCHS, DenseNet, resolve_config
     from sentinel.reference.weights import save_weights
-    from sentinel.registry import ModelManifest, Served, TensorSpec, WeightsRef, open_registry, sha256_file, write_manifest
-    from sentinel.preprocess import Preprocessing
+    from sentinel.registry import (
+        ModelManifest,
+        Served,
+        TensorSpec,
+        WeightsRef,
+        open_registry,
+        sha256_file,
+        write_manifest,
+    )
 
     if arch not in ARCHS:
         from sentinel.errors import UsageError
@@ -111,8 +118,8 @@ def init(
 @models_app.command("train-digits")
 def train_digits(
     version: str = typer.Option("v3", "--version", help="v3 (default) or v2 (an older, weaker model)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    seed: int | None = typer.Option(None, "--seed"),
     registry: Path = typer.Option(Path("models"), "--registry"),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
 ) -> None:

@@ -4,40 +4,39 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def replay(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
-    target: Optional[str] = typer.Option(None, "--target", "-t",
+    model: str | None = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
+    target: str | None = typer.Option(None, "--target", "-t",
                                          help="Base URL of the model server (default: the model's endpoint in sentinel.yaml)."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="v2, v1 or torchserve (default: config's, else model.yaml's)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="v2, v1 or torchserve (default: config's, else model.yaml's)."),
     binary: bool = typer.Option(False, "--binary", help="v2: use the binary tensor extension."),
-    rate: Optional[float] = typer.Option(None, "--rate", "-r",
+    rate: float | None = typer.Option(None, "--rate", "-r",
                                          help="Open loop: requests per second; latency from the intended send time. Default 20."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Closed loop: this many requests in flight."),
-    count: Optional[int] = typer.Option(None, "--count", "-n", help="Requests to send (default: one per golden sample)."),
-    duration: Optional[float] = typer.Option(None, "--duration", "-d", help="Or: send for this many seconds."),
+    concurrency: int | None = typer.Option(None, "--concurrency", help="Closed loop: this many requests in flight."),
+    count: int | None = typer.Option(None, "--count", "-n", help="Requests to send (default: one per golden sample)."),
+    duration: float | None = typer.Option(None, "--duration", "-d", help="Or: send for this many seconds."),
     connections: int = typer.Option(64, "--connections", help="Open loop: keep-alive connections (the in-flight limit)."),
     timeout: float = typer.Option(30.0, "--timeout", help="Per-request timeout, seconds."),
-    p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="Objective: corrected P99 latency at most this (ms)."),
-    min_agreement: Optional[float] = typer.Option(
+    p99_ms: float | None = typer.Option(None, "--p99-ms", help="Objective: corrected P99 latency at most this (ms)."),
+    min_agreement: float | None = typer.Option(
         None, "--min-agreement", help="Objective: fraction of answers agreeing with the reference "
                                       "(default: the golden set's min_top1_agreement)."),
-    max_error_ratio: Optional[float] = typer.Option(None, "--max-error-ratio", help="Objective: failed / sent at most this."),
-    slo: Optional[Path] = typer.Option(None, "--slo", help="Objectives from an SLO file's availability, latency and "
+    max_error_ratio: float | None = typer.Option(None, "--max-error-ratio", help="Objective: failed / sent at most this."),
+    slo: Path | None = typer.Option(None, "--slo", help="Objectives from an SLO file's availability, latency and "
                                                            "agreement SLOs for this model (flags win)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
-    pushgateway: Optional[str] = typer.Option(None, "--pushgateway", help="Push the run's metrics to this Pushgateway URL."),
-    golden: Optional[Path] = typer.Option(None, "--golden", help="Golden set directory (default: golden_sets/<model>/<version>)."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Use only the first N golden samples."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    pushgateway: str | None = typer.Option(None, "--pushgateway", help="Push the run's metrics to this Pushgateway URL."),
+    golden: Path | None = typer.Option(None, "--golden", help="Golden set directory (default: golden_sets/<model>/<version>)."),
+    samples: int | None = typer.Option(None, "--samples", help="Use only the first N golden samples."),
     send: str = typer.Option("auto", "--send", help="auto, raw or inputs: which form of the golden inputs to send."),
     header: list[str] = typer.Option([], "--header", "-H", help="Extra request header 'Name: value' (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, no summary (exit code and --json only)."),
-    registry: Optional[Path] = typer.Option(None, "--registry", help="Registry directory."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
+    registry: Path | None = typer.Option(None, "--registry", help="Registry directory."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
 ) -> None:
     """Replay the golden set against a model server: latency percentiles (corrected for coordinated
     omission), agreement with the reference, objectives.
@@ -122,7 +121,7 @@ def replay(
         raise typer.Exit(1)
 
 
-def checked_golden(entry, root: Path, path: Optional[Path]):
+def checked_golden(entry, root: Path, path: Path | None):
     """The model's golden set, verified; a failed check is an infrastructure error (exit 2), not a finding."""
     from sentinel.errors import InfrastructureError, IntegrityError
     from sentinel.golden import golden_for
@@ -133,7 +132,7 @@ def checked_golden(entry, root: Path, path: Optional[Path]):
         raise InfrastructureError(str(exc)) from None
 
 
-def _config_for(config: Optional[Path], name: str):
+def _config_for(config: Path | None, name: str):
     """The parsed sentinel.yaml (explicit, else ./sentinel.yaml if present) and the model's entry in it."""
     from sentinel.config import load_config
 

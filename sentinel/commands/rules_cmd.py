@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,7 @@ _PROMETHEUSRULE = "deploy/k8s/prometheusrule.yaml"
 def generate(
     slo: Path = _SLO,
     out: Path = typer.Option(Path("rules"), "--out", "-o", help="Directory for the rule files and their tests."),
-    prometheusrule: Optional[Path] = typer.Option(
+    prometheusrule: Path | None = typer.Option(
         Path(_PROMETHEUSRULE), "--prometheusrule",
         help="Where to write the Kubernetes PrometheusRule holding the same groups."),
     no_prometheusrule: bool = typer.Option(False, "--no-prometheusrule", help="Do not write the PrometheusRule."),
@@ -38,7 +37,7 @@ def generate(
 
 @rules_app.command("test")
 def test(
-    slo: Optional[Path] = typer.Option(None, "--slo",
+    slo: Path | None = typer.Option(None, "--slo",
                                        help="Generate from this SLO file into a temporary directory and test "
                                             "that; without it, test the rules already in --rules."),
     rules: Path = typer.Option(Path("rules"), "--rules", help="Directory of generated rules (and tests/)."),

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 
 def run(
     config: Path = typer.Option(Path("sentinel.yaml"), "--config", "-c", help="Path to sentinel.yaml."),
-    listen: Optional[str] = typer.Option(None, "--listen", help="Proxy address host:port (overrides the file)."),
-    upstream: Optional[str] = typer.Option(None, "--upstream", help="Model server URL (overrides the file)."),
-    admin: Optional[str] = typer.Option(None, "--admin", help="Admin address host:port (overrides the file)."),
+    listen: str | None = typer.Option(None, "--listen", help="Proxy address host:port (overrides the file)."),
+    upstream: str | None = typer.Option(None, "--upstream", help="Model server URL (overrides the file)."),
+    admin: str | None = typer.Option(None, "--admin", help="Admin address host:port (overrides the file)."),
 ) -> None:
     """Proxy inference traffic to the model server, measure it, sample it, serve /metrics."""
     import logging

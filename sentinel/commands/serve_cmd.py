@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,10 +11,10 @@ def serve(
     model: str = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits (default: config's)."),
     port: int = typer.Option(8081, "--port", "-p", help="HTTP port."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 for all interfaces)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name in request paths (default: model.yaml served.name)."),
+    name: str | None = typer.Option(None, "--name", help="Model name in request paths (default: model.yaml served.name)."),
     delay_ms: float = typer.Option(0.0, "--delay-ms", help="Fault: add D ms to every inference request."),
     error_ratio: float = typer.Option(0.0, "--error-ratio", help="Fault: answer this fraction of inference requests with 500."),
-    stall_after: Optional[int] = typer.Option(None, "--stall-after", help="Fault: the N-th inference request stalls the whole server ..."),
+    stall_after: int | None = typer.Option(None, "--stall-after", help="Fault: the N-th inference request stalls the whole server ..."),
     stall_seconds: float = typer.Option(0.0, "--stall-seconds", help="... for S seconds, once."),
     skip_normalization: bool = typer.Option(False, "--skip-normalization",
                                             help="Fault: preprocess raw inputs without mean/std normalization."),
@@ -25,8 +24,8 @@ def serve(
     fault_admin: bool = typer.Option(False, "--fault-admin",
                                      help="Accept POST /sentinel/faults {delay_ms, error_ratio} to change faults "
                                           "at run time (drills, `sentinel demo`); off by default."),
-    registry: Optional[Path] = typer.Option(None, "--registry", help="Registry directory (default: config's, else ./models)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
+    registry: Path | None = typer.Option(None, "--registry", help="Registry directory (default: config's, else ./models)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
 ) -> None:
     """Serve a registry model with the kserve ModelServer (v1, v2 JSON/binary, TorchServe-style route).
 
@@ -37,7 +36,8 @@ def serve(
     from sentinel.errors import UsageError
     from sentinel.registry import open_registry
     from sentinel.serve.faults import FaultPlan
-    from sentinel.serve.server import ServeOptions, serve as run_server
+    from sentinel.serve.server import ServeOptions
+    from sentinel.serve.server import serve as run_server
 
     plan = FaultPlan(delay_ms=delay_ms, error_ratio=error_ratio, stall_after=stall_after,
                      stall_seconds=stall_seconds, skip_normalization=skip_normalization, seed=seed)

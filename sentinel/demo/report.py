@@ -36,7 +36,7 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], demo
         return H - PAD / 2 - (H - PAD) * (v - lo) / (hi - lo)
 
     out = [f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{html.escape(title)}">']
-    for i, (phase, start) in enumerate(zip(demo.opts.phases, demo.timeline.phase_starts)):
+    for i, (phase, start) in enumerate(zip(demo.opts.phases, demo.timeline.phase_starts, strict=False)):
         x0, x1 = x(start), x(start + phase.seconds)
         fill = "#f3f3f3" if i % 2 else "#ffffff"
         if phase.incident:

@@ -6,9 +6,9 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import numpy as np
@@ -120,7 +120,7 @@ def _predicted(body: bytes) -> int:
 class Demo:
     """One run. `on_update(timeline)` is called after every scrape (the live view)."""
 
-    def __init__(self, opts: DemoOptions, on_update: Callable[["Demo"], None] | None = None):
+    def __init__(self, opts: DemoOptions, on_update: Callable[[Demo], None] | None = None):
         self.opts = opts
         self.on_update = on_update or (lambda d: None)
         self.timeline = Timeline()
@@ -259,7 +259,7 @@ class Demo:
             self.children.check_alive()
             try:
                 await asyncio.wait_for(done.wait(), timeout=self.opts.scrape_every)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _main(self) -> None:
@@ -296,7 +296,7 @@ def phase_at(phases: tuple[Phase, ...], starts: list[float], t: float) -> int:
 def timeline_json(demo: Demo) -> dict:
     tl = demo.timeline
     return {
-        "phases": [dict(asdict(p), start=s) for p, s in zip(demo.opts.phases, tl.phase_starts)],
+        "phases": [dict(asdict(p), start=s) for p, s in zip(demo.opts.phases, tl.phase_starts, strict=False)],
         "slo": demo.slo,
         "windows": [asdict(w) for w in tl.windows],
         "requests": len(tl.requests),

@@ -36,7 +36,7 @@ def detect(demo: Demo) -> list[Detection]:
     out = []
     normal_est = baseline_accuracy(demo)
     ends = tl.phase_starts[1:] + [math.inf]
-    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends):
+    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends, strict=False):
         if phase.incident is None:
             continue
         found: dict[str, tuple[float, str]] = {}   # signal kind → (seconds after start, what)
@@ -79,11 +79,11 @@ def phase_table(demo: Demo) -> list[dict]:
     tl = demo.timeline
     ends = tl.phase_starts[1:] + [math.inf]
     rows = []
-    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends):
+    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends, strict=False):
         ws = [w for w in tl.windows if start + demo.opts.window_s <= w.t <= end] or \
              [w for w in tl.windows if start < w.t <= end]
 
-        def mean(f):
+        def mean(f, ws=ws):
             v = [f(w) for w in ws]
             v = [x for x in v if x is not None and not math.isnan(x)]
             return float(np.mean(v)) if v else math.nan

@@ -67,7 +67,7 @@ class AccuracyEstimator:
     source_accuracy: float
 
     @classmethod
-    def fit(cls, logits: np.ndarray, labels: np.ndarray, kind: Score = Score.NEG_ENTROPY) -> "AccuracyEstimator":
+    def fit(cls, logits: np.ndarray, labels: np.ndarray, kind: Score = Score.NEG_ENTROPY) -> AccuracyEstimator:
         """Fit temperature and thresholds on golden logits (or log-probabilities) and labels."""
         z = np.asarray(logits, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)

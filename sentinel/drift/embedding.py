@@ -19,7 +19,7 @@ class PCA:
     explained: np.ndarray       # k, fraction of variance per component
 
     @classmethod
-    def fit(cls, x: np.ndarray, n_components: int = 8) -> "PCA":
+    def fit(cls, x: np.ndarray, n_components: int = 8) -> PCA:
         """Fit on N×D finite embeddings; keeps at most min(n_components, N−1, D) components."""
         a = np.asarray(x, dtype=np.float64)
         if a.ndim != 2 or len(a) < 2:

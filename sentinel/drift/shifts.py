@@ -7,8 +7,9 @@ Pure numpy/scipy; every random draw comes from the `rng` passed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 

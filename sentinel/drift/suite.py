@@ -9,8 +9,14 @@ import numpy as np
 from sentinel.drift.atc import AccuracyEstimator, Score
 from sentinel.drift.combine import Combination, combine
 from sentinel.drift.embedding import PCA, MMDTest
-from sentinel.drift.features import (CONFIDENCE_FEATURES, confidence_features, input_feature_names,
-                                     input_statistics, softmax, softmax_entropy)
+from sentinel.drift.features import (
+    CONFIDENCE_FEATURES,
+    confidence_features,
+    input_feature_names,
+    input_statistics,
+    softmax,
+    softmax_entropy,
+)
 from sentinel.drift.label import LabelShiftTest
 from sentinel.drift.result import DetectorResult, abstain
 from sentinel.drift.univariate import FeatureShiftTest, Univariate
@@ -29,7 +35,7 @@ class Reference:
     input_stats: np.ndarray | None = None   # N×F `input_statistics` of 1-channel inputs, when inputs are absent
 
     @classmethod
-    def from_golden(cls, golden) -> "Reference":
+    def from_golden(cls, golden) -> Reference:
         """Arrays of a loaded `sentinel.golden.GoldenSet`."""
         return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings)
 

@@ -6,8 +6,9 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from sentinel.errors import InfrastructureError, UsageError
 from sentinel.registry import ExportRef, ModelEntry, sha256_file
@@ -32,7 +33,7 @@ def _quiet_torch() -> Iterator[None]:
         try:
             yield
         finally:
-            for lg, level in zip(loggers, levels):
+            for lg, level in zip(loggers, levels, strict=False):
                 lg.setLevel(level)
 
 

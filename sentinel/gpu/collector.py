@@ -19,16 +19,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from sentinel import metricnames as mn
 from sentinel.config import GpuConfig, ModelConfig
-from sentinel.gpu.nvml import (MemoryInfo, Nvml, NvmlError, NvmlUnavailable, ProcessMemory, PynvmlBackend,
-                               explain)
+from sentinel.gpu.nvml import (
+    MemoryInfo,
+    Nvml,
+    NvmlError,
+    NvmlUnavailable,
+    ProcessMemory,
+    PynvmlBackend,
+    explain,
+)
 from sentinel.gpu.procfs import Attribution, ProcFs, attribute
 
 log = logging.getLogger(__name__)
@@ -172,8 +179,8 @@ class _Reader:
                 except NvmlError as exc:
                     errors.append(exc)
                     continue
-                mmem = self._optional(lambda: self.nvml.memory(mh), "memory", mgpu, errors)
-                mutil = self._optional(lambda: self.nvml.utilization(mh), "utilization", mgpu, errors)
+                mmem = self._optional(lambda: self.nvml.memory(mh), "memory", mgpu, errors)  # noqa: B023 (called at once)
+                mutil = self._optional(lambda: self.nvml.utilization(mh), "utilization", mgpu, errors)  # noqa: B023
                 mprocs = self._processes(mh, mgpu, errors)
                 out.append(DeviceReading(mgpu, muuid, name, mmem, mutil, mprocs, mig_parent=gpu))
         else:

@@ -13,8 +13,9 @@ this module ever sees a pynvml type.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sentinel.errors import InfrastructureError
 

@@ -10,7 +10,8 @@ I/O or imports torch; Pillow is imported only when an encoded image must be deco
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from sentinel.protocols import kserve_v1, oip_v2, torchserve
 from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers

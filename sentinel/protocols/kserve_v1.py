@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form, load_json_object
+from sentinel.protocols.base import (
+    DecodedRequest,
+    DecodedResponse,
+    DecodeError,
+    Headers,
+    as_output_batch,
+    input_form,
+    load_json_object,
+)
 from sentinel.protocols.images import decode_images
 
 

@@ -9,7 +9,13 @@ import numpy as np
 
 from sentinel.protocols import tensors
 from sentinel.protocols.base import (
-    DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form, load_json_object,
+    DecodedRequest,
+    DecodedResponse,
+    DecodeError,
+    Headers,
+    as_output_batch,
+    input_form,
+    load_json_object,
 )
 from sentinel.protocols.images import decode_images, looks_like_image
 

@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers, as_output_batch, input_form
+from sentinel.protocols.base import (
+    DecodedRequest,
+    DecodedResponse,
+    DecodeError,
+    Headers,
+    as_output_batch,
+    input_form,
+)
 from sentinel.protocols.images import decode_images, looks_like_image
 
 

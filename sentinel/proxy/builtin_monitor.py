@@ -36,7 +36,7 @@ class BuiltinMonitor:
         self.predictions += len(cls)
         self.last_mean_confidence = float(conf.mean())
         out = []
-        for c, n in zip(*np.unique(cls, return_counts=True)):
+        for c, n in zip(*np.unique(cls, return_counts=True), strict=False):
             label = str(int(c)) if c < MAX_CLASS_LABELS else "other"
             out.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.model, "class": label}, "inc", float(n)))
         for v in conf:

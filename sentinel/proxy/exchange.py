@@ -37,7 +37,7 @@ class Exchange:
         "sample_cap", "started", "resp_bytes", "replay", "reused", "replay_bytes",
     )
 
-    def __init__(self, conn: "ClientConnection", ctx: "ProxyContext"):
+    def __init__(self, conn: ClientConnection, ctx: ProxyContext):
         self.conn = conn
         self.ctx = ctx
         self.t0 = time.perf_counter()
@@ -105,7 +105,7 @@ class Exchange:
     async def _connect(self) -> None:
         try:
             up = await self.ctx.pool.connect()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.connect_task = None   # this task; upstream_failed must not cancel it
             self.upstream_failed("upstream_connect_timeout",
                                  f"no connection to the upstream within {self.ctx.pool.connect_timeout} s")
@@ -124,7 +124,7 @@ class Exchange:
         replay, self.replay = self.replay, None
         try:
             up = await self.ctx.pool.connect()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.connect_task = None
             self.upstream_failed("upstream_refused", f"cannot reconnect to the upstream: {exc}")
             return
@@ -136,7 +136,7 @@ class Exchange:
         up.exchange = self
         up.writelines(replay)  # type: ignore[arg-type]
 
-    def attach(self, up: "UpstreamConnection") -> None:
+    def attach(self, up: UpstreamConnection) -> None:
         """Send the request head and whatever body has arrived over `up`."""
         self.upstream = up
         up.exchange = self
@@ -213,7 +213,7 @@ class Exchange:
 
     # --- response -------------------------------------------------------------------
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                      up: "UpstreamConnection") -> None:
+                      up: UpstreamConnection) -> None:
         if self.finished:
             return
         self.status = status

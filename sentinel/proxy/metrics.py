@@ -8,7 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
-from sentinel import __version__, metricnames as mn
+from sentinel import __version__
+from sentinel import metricnames as mn
 
 log = logging.getLogger(__name__)
 

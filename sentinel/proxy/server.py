@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httptools
 
+from sentinel.protocols.routes import match
 from sentinel.proxy import http, tracing
 from sentinel.proxy.exchange import CHUNKED, LENGTH, Exchange
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.sampling import Sample, Sampler
 from sentinel.proxy.upstream import UpstreamPool
-from sentinel.protocols.routes import match
 
 log = logging.getLogger("sentinel.proxy")
 

@@ -248,7 +248,7 @@ class Sidecar:
                                           self.config.proxy.connect_timeout_s)
             w.close()
             ok, why = True, f"{self.up_host}:{self.up_port} reachable"
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             ok, why = False, f"{self.up_host}:{self.up_port} unreachable: {exc or 'timeout'}"
         self._ready = (time.monotonic(), ok, why)
         return ok, why
@@ -258,7 +258,7 @@ class Sidecar:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
-            "listen": "%s:%d" % self.proxy_address, "upstream": self.config.upstream,
+            "listen": "{}:{}".format(*self.proxy_address), "upstream": self.config.upstream,
             "draining": self.ctx.draining,
             "inflight": self.metrics.inflight_count,
             "models_seen": self.metrics.models_seen(),

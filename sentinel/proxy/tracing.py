@@ -44,14 +44,14 @@ class SpanExporter:
 
     def __init__(self, endpoint: str, service_name: str):
         # Lazy imports: with no endpoint configured the SDK is never loaded.
+        from urllib.parse import urlsplit
+
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace import SpanKind
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        from urllib.parse import urlsplit
 
         if urlsplit(endpoint).path in ("", "/"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"   # a collector's base URL, as OTEL_*_ENDPOINT
@@ -67,7 +67,7 @@ class SpanExporter:
         ctx = self._propagator.extract({"traceparent": incoming.decode("latin-1")}) if incoming else None
         span = self._tracer.start_span(name, context=ctx, kind=self._kind)
         sc = span.get_span_context()
-        return span, "%032x" % sc.trace_id, "%016x" % sc.span_id
+        return span, f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
 
     @staticmethod
     def end(span: Any, attributes: dict[str, Any]) -> None:

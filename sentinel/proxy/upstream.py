@@ -21,7 +21,7 @@ WRITE_HIGH_WATER = 256 * 1024
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the model server; carries one exchange at a time."""
 
-    def __init__(self, pool: "UpstreamPool"):
+    def __init__(self, pool: UpstreamPool):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0

@@ -58,7 +58,7 @@ class Canary:
         self.last: CanaryRun | None = None
 
     @classmethod
-    def from_config(cls, config, model_name: str | None, registry: CollectorRegistry) -> "Canary":
+    def from_config(cls, config, model_name: str | None, registry: CollectorRegistry) -> Canary:
         """Build from a parsed `Config`: the model's endpoint and protocol, its golden set, replay settings."""
         from sentinel.golden import golden_for
         from sentinel.registry import Registry

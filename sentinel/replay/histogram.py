@@ -82,7 +82,7 @@ class LatencyHistogram:
         self.count += 1
         self.sum_us += us
 
-    def merge(self, other: "LatencyHistogram") -> None:
+    def merge(self, other: LatencyHistogram) -> None:
         if other.count == 0:
             return
         self.counts += other.counts

@@ -40,7 +40,7 @@ class Target:
     tls: bool = False     # https: TLS with the system's trust store and hostname checks
 
     @classmethod
-    def parse(cls, url: str) -> "Target":
+    def parse(cls, url: str) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
@@ -66,7 +66,7 @@ class Connection:
             ctx = _tls_context() if self.target.tls else None
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.target.host, self.target.port, ssl=ctx), self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HttpError("connect", f"connect to {self.target.authority} timed out") from None
         except ssl.SSLError as exc:
             raise HttpError("tls", f"TLS handshake with {self.target.authority} failed: {exc.reason or exc}") from None

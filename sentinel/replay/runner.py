@@ -15,8 +15,8 @@ import asyncio
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -180,7 +180,7 @@ class Replayer:
             else:
                 error = f"http_{resp.status}"
                 result.error_examples.setdefault(error, resp.body[:200].decode("utf-8", "replace"))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             conn.close()
             t_done = t_wait = time.perf_counter()
             error = "timeout"

@@ -164,7 +164,7 @@ def oncall(spec: SloFile) -> DashboardSpec:
                       (Query(f"sum by (result) (rate({replay}{{{MI}}}[{RATE}]))", "{{result}}"),)),
             PanelSpec("Alerts firing", "table", "none",
                       "Every sentinel alert firing now for the selected models. Empty is good.",
-                      (Query(f'ALERTS{{alertname=~"Sentinel.*",alertstate="firing"}}', "",
+                      (Query('ALERTS{alertname=~"Sentinel.*",alertstate="firing"}', "",
                              expect_data=False, instant=True),)),
         ),
     )

@@ -95,7 +95,7 @@ def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
         # instance a takes the odd unit of an odd count, so the halves add up exactly
         tot_k = [(t + (1 - k)) // 2 if t % 2 else t // 2 for t in totals]
         bad_k = [(b + (1 - k)) // 2 if b % 2 else b // 2 for b in bads]
-        good_k = [t - b for t, b in zip(tot_k, bad_k)]
+        good_k = [t - b for t, b in zip(tot_k, bad_k, strict=False)]
         base = {"instance": instance, "job": "sentinel", "model": model}
         if slo.sli == "availability":
             name = mn.REQUESTS.sample_name

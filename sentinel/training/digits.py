@@ -76,7 +76,15 @@ def train(settings: TrainSettings, out_root: Path, log=print) -> Path:
 
     from sentinel.reference.densenet import DenseNet, DenseNetConfig
     from sentinel.reference.weights import save_weights
-    from sentinel.registry import ModelManifest, Served, Split, TensorSpec, WeightsRef, sha256_file, write_manifest
+    from sentinel.registry import (
+        ModelManifest,
+        Served,
+        Split,
+        TensorSpec,
+        WeightsRef,
+        sha256_file,
+        write_manifest,
+    )
 
     torch.manual_seed(settings.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -66,7 +66,7 @@ class OnnxExport:
             if self.fixed_batch and len(chunk) != self.fixed_batch:
                 raise UsageError(f"{self.path}: has a fixed batch of {self.fixed_batch}; "
                                  f"cannot run a batch of {len(chunk)}")
-            for n, v in zip(names, sess.run(names, {self.input_name: chunk})):
+            for n, v in zip(names, sess.run(names, {self.input_name: chunk}), strict=False):
                 parts[n].append(np.asarray(v, dtype=np.float32))
         return {n: np.concatenate(v) for n, v in parts.items()}
 

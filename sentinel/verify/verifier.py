@@ -13,7 +13,11 @@ from sentinel.errors import UsageError
 from sentinel.golden import GoldenSet
 from sentinel.registry import ModelEntry, sha256_file
 from sentinel.verify.localize import (
-    capture_reference, checkpoint_modules, compare_layers, first_divergence, onnx_values,
+    capture_reference,
+    checkpoint_modules,
+    compare_layers,
+    first_divergence,
+    onnx_values,
 )
 from sentinel.verify.policy import Policy, policy_for
 from sentinel.verify.runtime import OnnxExport, open_export

@@ -8,10 +8,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sentinel.drift import (Combination, FeatureShiftTest, LabelShiftTest, MMDTest, Univariate, combine,
-                            ks_statistics, pool_sparse)
-from sentinel.drift.univariate import reference_keys
+from sentinel.drift import (
+    Combination,
+    FeatureShiftTest,
+    LabelShiftTest,
+    MMDTest,
+    Univariate,
+    combine,
+    ks_statistics,
+    pool_sparse,
+)
 from sentinel.drift.result import DetectorResult
+from sentinel.drift.univariate import reference_keys
 
 REF = np.array([[0.1, 0.5], [0.4, 0.2], [0.35, 0.9], [0.8, 0.8], [0.2, 0.1], [0.9, 0.3],
                 [0.55, 0.45], [0.05, 0.7], [0.6, 0.65], [0.3, 0.25], [0.75, 0.95], [0.45, 0.15]])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sentinel.drift import AccuracyEstimator, Reference, Score, Settings, SlidingWindow, Suite, Window
+from sentinel.drift import (
+    AccuracyEstimator,
+    Reference,
+    Score,
+    Settings,
+    SlidingWindow,
+    Suite,
+    Window,
+)
 from sentinel.drift.atc import fit_temperature
 from sentinel.drift.features import input_statistics, softmax
 
@@ -72,7 +80,7 @@ def test_no_shift_false_alarm_rate_is_controlled():
                         mmd_permutations=99, mmd_max_samples=60)
     runs = 120
     alarms: dict[str, int] = {}
-    for i in range(runs):
+    for _i in range(runs):
         lg, y, x, e = _draw(rng, 150)
         suite = Suite(Reference(lg, y, x, e), settings)
         wl, wy, wx, we = _draw(rng, 60)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from sentinel.verify.localize import LayerError, compare_layers, first_divergence, node_scope, onnx_values
+from sentinel.verify.localize import (
+    LayerError,
+    compare_layers,
+    first_divergence,
+    node_scope,
+    onnx_values,
+)
 from sentinel.verify.stats import error_stats, topk_agreement
 
 

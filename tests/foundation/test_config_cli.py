@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from sentinel.config import load_config
 from sentinel.errors import ConfigError
-
-from conftest import REPO
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

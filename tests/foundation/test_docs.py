@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import REPO
+
 from sentinel import metricnames as mn
 from sentinel.docs import BEGIN, END, metric_reference
-
-from conftest import REPO
 
 
 def test_readme_metric_reference_is_current():

@@ -7,13 +7,18 @@ import pickle
 
 import pytest
 import torch
+from conftest import TEST_DATA
 
 from sentinel.errors import UsageError, WeightsError
-from sentinel.reference import build_densenet, count_parameters, load_weights, remap_legacy_keys, save_weights
+from sentinel.reference import (
+    build_densenet,
+    count_parameters,
+    load_weights,
+    remap_legacy_keys,
+    save_weights,
+)
 
-from conftest import SHARED
-
-TV = json.loads((SHARED / "data" / "torchvision_densenet_state_dicts.json").read_text())
+TV = json.loads((TEST_DATA / "torchvision_densenet_state_dicts.json").read_text())
 ARCHS = ["densenet121", "densenet161", "densenet169", "densenet201"]
 ANCHOR_PARAMS = {"densenet121": 7_978_856, "densenet161": 28_681_000,
                  "densenet169": 14_149_480, "densenet201": 20_013_928}

@@ -7,12 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from test_config_cli import run_cli
 
 from sentinel.errors import IntegrityError, RegistryError, UsageError
 from sentinel.golden import build_golden, check_golden, golden_for, load_golden
 from sentinel.registry import Registry
-
-from test_config_cli import run_cli
 
 
 def test_resolve_specs(registry):

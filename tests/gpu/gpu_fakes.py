@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sentinel.gpu.nvml import MemoryInfo, NvmlError, NvmlUnavailable, ProcessMemory, PynvmlBackend, translate
+from sentinel.gpu.nvml import (
+    MemoryInfo,
+    NvmlError,
+    NvmlUnavailable,
+    ProcessMemory,
+    PynvmlBackend,
+    translate,
+)
 
 GIB = 1 << 30
 MIB512 = 512 << 20
@@ -27,7 +34,7 @@ class FakeDevice:
     memory: MemoryInfo = field(default_factory=lambda: MemoryInfo(80 * GIB, 10 * GIB, 70 * GIB - MIB512, MIB512))
     utilization: float | None = 0.25  # None: not supported
     processes: list[ProcessMemory] = field(default_factory=list)
-    mig: list["FakeDevice"] = field(default_factory=list)
+    mig: list[FakeDevice] = field(default_factory=list)
 
 
 class FakeNvml:

@@ -13,7 +13,14 @@ from types import SimpleNamespace
 import pytest
 
 from sentinel.errors import InfrastructureError
-from sentinel.gpu.nvml import MemoryInfo, NvmlError, NvmlUnavailable, ProcessMemory, PynvmlBackend, translate
+from sentinel.gpu.nvml import (
+    MemoryInfo,
+    NvmlError,
+    NvmlUnavailable,
+    ProcessMemory,
+    PynvmlBackend,
+    translate,
+)
 
 
 def test_every_pynvml_error_code_has_a_kind():

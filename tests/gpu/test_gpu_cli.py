@@ -7,15 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 from gpu_fakes import nvml_works
+from typer.testing import CliRunner
 
 from sentinel.cli import app
 from sentinel.errors import UsageError
 from sentinel.gpu.memory import estimate, max_batch_that_fits
 from sentinel.reference.densenet import ARCHS
-
 
 no_gpu = pytest.mark.skipif(nvml_works(), reason="this machine has a working NVIDIA driver")
 

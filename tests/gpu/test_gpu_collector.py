@@ -8,10 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gpu_fakes import GIB, MIB512, Clock, FakeDevice, FakeNvml, make_proc, nvml_error, nvml_works
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpu_fakes import GIB, MIB512, Clock, FakeDevice, FakeNvml, make_proc, nvml_error, nvml_works
 from sentinel.config import GpuConfig, ModelConfig
 from sentinel.gpu import collector as gc
 from sentinel.gpu.collector import GpuCollector, ModelDemand, build_collector, model_demands

@@ -12,10 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
+from gpu_fakes import GIB, Clock, FakeDevice, FakeNvml, make_proc, nvml_error
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gpu_fakes import GIB, Clock, FakeDevice, FakeNvml, make_proc, nvml_error
 from sentinel.config import GpuConfig
 from sentinel.gpu.collector import GpuCollector, ModelDemand
 from sentinel.gpu.nvml import MemoryInfo, ProcessMemory

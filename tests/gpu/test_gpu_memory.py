@@ -36,9 +36,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models(one_thread):
     """One DenseNet per (arch, memory_efficient), reused across batch sizes."""
-    from sentinel.reference.densenet import DenseNet
-
     import torch
+
+    from sentinel.reference.densenet import DenseNet
 
     cache: dict[tuple[str, bool], object] = {}
 

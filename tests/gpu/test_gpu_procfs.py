@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gpu_fakes import make_proc
+
 from sentinel.config import GpuConfig
 from sentinel.gpu.procfs import ProcFs, attribute
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from gpu_fakes import FakeNvml
+
 from sentinel.gpu import selfcheck as sc
 
 MIB = 1 << 20

@@ -157,7 +157,7 @@ class Upstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "Upstream":
+    def __enter__(self) -> Upstream:
         self.thread.start()
         return self
 
@@ -209,7 +209,7 @@ class RunningSidecar:
             self.error = exc
             self.started.set()
 
-    def __enter__(self) -> "RunningSidecar":
+    def __enter__(self) -> RunningSidecar:
         self.thread.start()
         self.started.wait(10)
         if self.error:
@@ -265,7 +265,7 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
                 if not b:
                     break
                 chunks.append(b)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
         return b"".join(chunks)
 

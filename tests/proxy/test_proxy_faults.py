@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-
 from proxy_helpers import RunningSidecar, Upstream, free_port, make_config, raw_exchange
+
 from sentinel import metricnames as mn
 
 ERR = mn.PROXY_ERRORS.sample_name

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from proxy_helpers import RunningSidecar, Upstream, make_config, v2_response
+
 from sentinel import metricnames as mn
-from sentinel.proxy.ingest import REQUEST_TYPE, RESPONSE_TYPE, Event, IngestError, JoinTable, parse_event
+from sentinel.proxy.ingest import (
+    REQUEST_TYPE,
+    RESPONSE_TYPE,
+    Event,
+    IngestError,
+    JoinTable,
+    parse_event,
+)
 
 INGEST = mn.INGEST_EVENTS.sample_name
 V2_BODY = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from proxy_helpers import RunningSidecar, make_config
+
 from sentinel import metricnames as mn
 from sentinel.config import ModelConfig
 from sentinel.protocols import decode_response, oip_v2

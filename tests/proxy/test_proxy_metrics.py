@@ -7,8 +7,8 @@ import dataclasses
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from proxy_helpers import RunningSidecar, Upstream, make_config, v2_response
+
 from sentinel import metricnames as mn
 
 V2_BODY = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'

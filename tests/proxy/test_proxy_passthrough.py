@@ -6,8 +6,15 @@ import socket
 
 import httpx
 import pytest
+from proxy_helpers import (
+    ResponseReader,
+    RunningSidecar,
+    Upstream,
+    make_config,
+    raw_exchange,
+    read_response,
+)
 
-from proxy_helpers import ResponseReader, RunningSidecar, Upstream, make_config, raw_exchange, read_response
 from sentinel.proxy.tracing import parse_traceparent
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
-
 from proxy_helpers import RunningSidecar, Upstream, free_port, make_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import random
 
 import httpx
 import numpy as np
-
 from proxy_helpers import LOGITS, RunningSidecar, Upstream, make_config
+
 from sentinel import metricnames as mn
 from sentinel.config import SamplingConfig
 from sentinel.protocols import oip_v2

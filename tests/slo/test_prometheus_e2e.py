@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -204,7 +205,7 @@ def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(
 
     # every recording rule parses; those whose inputs the sidecar exports have data
     records = {r["name"]: r["query"] for g in rules for r in g["rules"] if r["type"] == "recording"}
-    for name, query in records.items():
+    for name in records:
         _query(prom, name)
     for slo in ("availability", "latency"):
         assert len(_query(prom, f'{{__name__=~"slo:sentinel_sli_error:.*",slo="{slo}"}}')) == 8, slo
