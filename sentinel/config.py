@@ -195,7 +195,7 @@ class Config:
     models: tuple[ModelConfig, ...]
     listen: str = "127.0.0.1:8080"
     upstream: str = "http://127.0.0.1:8081"
-    admin: str = "127.0.0.1:9090"
+    admin: str = "127.0.0.1:9464"
     registry: str = "models"
     golden_sets: str = "golden_sets"
     slo_file: str | None = None
