@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sentinel.errors import IntegrityError, UsageError
+from sentinel.errors import IntegrityError, RegistryError, UsageError
 from sentinel.preprocess import Preprocessing
-from sentinel.registry import ModelEntry, manifest_to_dict, sha256_file
+from sentinel.registry import ModelEntry, confined, manifest_to_dict, sha256_file
 from sentinel.schema import load_mapping, read_yaml
 
 ARRAYS = ("ids", "raw", "inputs", "labels", "logits", "probabilities", "embeddings")
@@ -76,7 +76,7 @@ class GoldenSet:
     meta: GoldenMeta
 
     def _load(self, name: str) -> np.ndarray | None:
-        p = self.path / f"{name}.npy"
+        p = confined(self.path, f"{name}.npy", f"{self.path}: {name}.npy")
         if not p.exists():
             return None
         return np.load(p, allow_pickle=False)
@@ -127,6 +127,15 @@ def check_golden(path: str | Path) -> list[str]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         return [f"{mpath}: unreadable manifest ({exc})"]
+    if not isinstance(files, dict):
+        return [f"{mpath}: files must map file names to their sha256, shape and dtype"]
+    for fixed in ("golden.yaml", *(f"{a}.npy" for a in ARRAYS)):
+        try:
+            confined(root, fixed, str(root))
+        except RegistryError as exc:
+            problems.append(str(exc))
+    if problems:
+        return problems
     ydigest = manifest.get("golden.yaml")
     if ydigest and sha256_file(root / "golden.yaml") != ydigest:
         problems.append(f"{root / 'golden.yaml'}: sha256 does not match manifest.json")
@@ -135,7 +144,11 @@ def check_golden(path: str | Path) -> list[str]:
             problems.append(f"{mpath}: files: {req}.npy is required but not listed")
     count = None
     for name, info in sorted(files.items()):
-        p = root / name
+        try:
+            p = confined(root, str(name), f"{mpath}: files")
+        except RegistryError as exc:
+            problems.append(str(exc))
+            continue
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue
@@ -177,8 +190,30 @@ def golden_path(root: str | Path, entry: ModelEntry) -> Path:
     return Path(root) / entry.name / entry.version
 
 
-def golden_for(entry: ModelEntry, root: str | Path = "golden_sets", path: str | Path | None = None) -> GoldenSet:
-    """The golden set of `entry` (verified), refusing one built for another model or weights."""
+def default_golden_root(entry: ModelEntry | None = None) -> Path:
+    """Golden sets when none is configured: ./golden_sets when present, else the one beside
+    the entry's registry (`<home>/models/<m>/<v>` → `<home>/golden_sets`), else `data_home()`'s."""
+    from sentinel.registry import data_home
+
+    here = Path.cwd() / "golden_sets"
+    if here.is_dir():
+        return here
+    if entry is not None:
+        beside = entry.directory.parent.parent.parent / "golden_sets"
+        if beside.is_dir():
+            return beside
+    return data_home() / "golden_sets"
+
+
+def golden_for(entry: ModelEntry, root: str | Path | None = "golden_sets",
+               path: str | Path | None = None) -> GoldenSet:
+    """The golden set of `entry` (verified), refusing one built for another model or weights.
+
+    `root=None`, or the default relative `golden_sets` when no such folder is in the current
+    directory, means `default_golden_root(entry)`.
+    """
+    if root is None or (str(root) == "golden_sets" and not Path(root).is_dir()):
+        root = default_golden_root(entry)
     g = load_golden(path or golden_path(root, entry))
     if (g.meta.model, g.meta.version) != (entry.name, entry.version):
         raise UsageError(

@@ -71,7 +71,8 @@ def build_monitor(config, model):
 
         cache = config.resolve(config.drift.shadow_cache_dir) if config.drift.shadow_cache_dir else None
         try:
-            runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:8])
+            runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:8],
+                                     check_outputs=(golden.logits[:8], golden.embeddings[:8]))
         except SentinelError as exc:          # e.g. weights failing their digest: drift goes on without shadow
             note = f"shadow off: the reference model cannot run: {exc}"
             log.error("%s: %s", model.name, note)

@@ -10,11 +10,14 @@ _PHASE_KEYS = ("normal", "noise", "rotation", "latency", "errors", "recovery")
 
 
 def _repo_root() -> Path:
-    """Where models/, golden_sets/ and slo.yaml are: the current directory, else the source checkout."""
+    """Where models/, golden_sets/ and slo.yaml are: the current directory, else the source
+    checkout, else the copy bundled in the installed package (`sentinel.registry.data_home`)."""
+    from sentinel.registry import bundled_home, source_checkout
+
     here = Path.cwd()
     if (here / "models").is_dir() and (here / "golden_sets").is_dir():
         return here
-    return Path(__file__).resolve().parents[2]
+    return source_checkout() or bundled_home() or here
 
 
 def demo(
@@ -33,6 +36,10 @@ def demo(
     import logging
     import sys
     from dataclasses import replace
+
+    from sentinel.errors import require
+
+    require("sentinel demo", "torch", "kserve", extra="serve")   # it starts `sentinel serve`
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
