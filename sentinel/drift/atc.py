@@ -28,7 +28,8 @@ def score(probabilities: np.ndarray, kind: Score) -> np.ndarray:
     """Per-row score of the given kind (higher means more confident)."""
     if kind is Score.NEG_ENTROPY:
         return -entropy(probabilities)
-    return np.asarray(probabilities, dtype=np.float64).max(axis=1)
+    top: np.ndarray = np.asarray(probabilities, dtype=np.float64).max(axis=1)
+    return top
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -12,7 +12,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -23,7 +24,8 @@ def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
 def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Shannon entropy (nats) per row."""
     p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-30, 1.0)
-    return -(p * np.log(p)).sum(axis=1)
+    h: np.ndarray = -(p * np.log(p)).sum(axis=1)
+    return h
 
 
 def softmax_entropy(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

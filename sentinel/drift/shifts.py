@@ -73,4 +73,5 @@ def knockout_weights(labels: np.ndarray, cls: int, fraction: float) -> np.ndarra
     """Sampling weights that remove `fraction` of class `cls` (Failing Loudly's knock-out shift)."""
     w = np.ones(len(labels), dtype=np.float64)
     w[np.asarray(labels) == cls] = 1.0 - fraction
-    return w / w.sum()
+    weights: np.ndarray = w / w.sum()
+    return weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class Reference:
     input_stats: np.ndarray | None = None   # N×F `input_statistics` of 1-channel inputs, when inputs are absent
 
     @classmethod
-    def from_golden(cls, golden) -> Reference:
+    def from_golden(cls, golden: Any) -> Reference:
         """Arrays of a loaded `sentinel.golden.GoldenSet`."""
         return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings)
 
@@ -155,19 +156,20 @@ class Suite:
                 acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
         return Verdict(n, tuple(results), combined, est, acc)
 
-    def _outputs(self, w: Window):
+    def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
         if w.logits is None:
             return None
         lg = np.asarray(w.logits, np.float64)
         if lg.ndim != 2 or lg.shape[1] != self.num_classes:
             raise ValueError(f"window outputs have {lg.shape[-1]} classes, the reference has {self.num_classes}")
-        ok = np.isfinite(lg).all(axis=1)
+        ok = np.asarray(np.isfinite(lg).all(axis=1), dtype=bool)
         lg = lg[ok] if not ok.all() else lg
         probs, ent = softmax_entropy(lg)
         return lg, ok, probs, ent
 
-    def _run(self, name: str, w: Window, out) -> DetectorResult:
+    def _run(self, name: str, w: Window, out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+             ) -> DetectorResult:
         a = self.settings.alpha
         if name in ("bbsd", "label", "confidence"):
             if out is None:

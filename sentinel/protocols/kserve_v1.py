@@ -20,7 +20,7 @@ from sentinel.protocols.base import (
 from sentinel.protocols.images import decode_images
 
 
-def _numeric(rows: list, what: str) -> np.ndarray:
+def _numeric(rows: list[Any], what: str) -> np.ndarray:
     try:
         arr = np.asarray(rows)
     except ValueError as exc:  # ragged nesting

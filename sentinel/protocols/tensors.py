@@ -68,10 +68,10 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
     return arr.reshape(shape)
 
 
-def _flatten(data: Any) -> list:
+def _flatten(data: Any) -> list[Any]:
     if not isinstance(data, list):
         return [data]
-    out: list = []
+    out: list[Any] = []
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
