@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 import sentinel.protocols as protocols
+
+pytestmark = pytest.mark.unit
 
 
 def test_public_api_is_pinned():
