@@ -73,7 +73,8 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], demo
     else:
         yticks = [lo + (hi - lo) * f for f in (0, 0.25, 0.5, 0.75, 1)]
     for v in yticks:
-        label = (f"{v:g}" if 1e-3 <= v <= 1e4 else f"{v:.0e}") if log else f"{v:.3g}"
+        label = (f"{v:g}" if 1e-3 <= v <= 1e4 else f"{v:.0e}") if log else \
+            (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
         out.append(f'<line x1="{left - 4}" x2="{left}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#999"/>'
                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" font-size="10" text-anchor="end">{label}{unit}</text>')
     # x axis: time ticks

@@ -13,6 +13,8 @@ from sentinel.demo.phases import Phase
 from sentinel.demo.runner import Demo
 
 NOT_DETECTED = "not detected"
+SIGNAL_NAMES = {"alarm": "drift alarm", "accuracy": "estimated-accuracy drop", "p99": "P99 above the SLO threshold",
+                "burn": "availability burn rate above the page threshold"}
 PAGE_BURN = 14.4  # the SRE Workbook's fast page factor (sentinel.slo.windows.WORKBOOK_30D)
 
 
@@ -121,8 +123,8 @@ def attribute(phases: tuple[Phase, ...], starts: list[float], windows: list[Wind
             first_in = next((w for w in windows if w.t > start), None)
             if before and first_in is not None and hit(first_in):
                 src = phases[phase_index(before[-1].t, starts)].name
-                carried.append(f"{before[-1].what.split(' (')[0]} still on from {src!r} "
-                               f"(began at {before[-1].t:.1f} s)")
+                carried.append(f"{SIGNAL_NAMES.get(kind, kind)} already raised since {before[-1].t:.1f} s "
+                               f"(in {src!r})")
         began.sort()
         if began:
             signal = "; ".join(f"{what} after {t:.1f} s" for t, what in began)

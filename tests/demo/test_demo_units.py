@@ -57,7 +57,7 @@ def test_an_alarm_running_on_from_the_noise_phase_is_not_credited_to_rotation():
     assert "drift alarm" in dets["drift: noise"].signal
     rot = dets["drift: rotation"]
     assert rot.detected_s is None
-    assert rot.signal.startswith("drift alarm still on from 'drift: noise'")
+    assert rot.signal.startswith("drift alarm already raised since 14.0 s (in 'drift: noise')")
     assert dets["latency incident"].detected_s == pytest.approx(2.0)
 
 
@@ -196,5 +196,6 @@ def test_report_has_alert_table_real_alpha_time_ticks_and_every_phase(tmp_path):
     assert "SLO burn rates over the last 6 s" in html_text and "page 6× (slow pair)" in html_text
     text = render_text(demo)
     assert "SentinelErrorBudgetBurn  page      latency" in text
-    assert "drift: rotation      not detected separately: drift alarm still on from 'drift: noise'" in text
+    assert "drift: rotation      not detected separately: drift alarm already raised since 14.0 s (in 'drift: noise')" \
+        in text
     Path(tmp_path / "summary.txt").write_text(text)
