@@ -163,10 +163,13 @@ class ReplayConfig:
     canary_interval_s: float = 300.0  # 0 disables the canary
     canary_samples: int = 16
     canary_rate: float = 2.0          # requests per second
+    canary_ready_timeout_s: float = 120.0  # longest wait for the model server's readiness before round 1
 
     def validate(self):
         if self.canary_interval_s < 0:
             yield "canary_interval_s", "must be 0 (off) or positive"
+        if self.canary_ready_timeout_s < 0:
+            yield "canary_ready_timeout_s", "must be 0 or positive"
         if self.canary_samples < 1:
             yield "canary_samples", "must be at least 1"
         if self.canary_rate <= 0:

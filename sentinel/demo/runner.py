@@ -20,6 +20,7 @@ from sentinel.demo.phases import Phase, apply_shift
 from sentinel.demo.processes import Children, free_port, wait_ready
 
 MODEL = "digits"
+DEMO_DRIFT_ALPHA = 0.01  # the demo sidecar's drift.alpha (see write_sidecar_config)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
         # holds ~35 overlapping tests; at alpha 0.05 one of them alarming by chance is likely.
         # alpha 0.01 and persistence 2 (two consecutive disjoint windows must alarm) keep the
         # normal phases quiet for one window (5 s) of extra delay; real shifts give p < 1e-10.
-        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.01, "persistence": 2},
+        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": DEMO_DRIFT_ALPHA, "persistence": 2},
         "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
     }
     path = opts.out / "sentinel.demo.yaml"
@@ -129,12 +130,16 @@ class Demo:
         self.ports = {k: free_port() for k in ("server", "proxy", "admin")}
         self.current_phase = 0
         self.fault_control_ok = True
+        self.drift_alpha = DEMO_DRIFT_ALPHA
 
     # --- set-up -----------------------------------------------------------------
     def start(self) -> None:
         o = self.opts
         o.out.mkdir(parents=True, exist_ok=True)
         cfg = write_sidecar_config(o, self.ports)
+        from sentinel.config import load_config
+
+        self.drift_alpha = load_config(cfg).drift.alpha  # what the sidecar alarms at, for the report
         self.children.sentinel("model-server", "serve", "--model", f"{MODEL}:v3", "--registry",
                                str(o.repo / "models"), "--port", str(self.ports["server"]), "--fault-admin")
         self.children.sentinel("sidecar", "run", "--config", str(cfg))
@@ -293,11 +298,32 @@ def phase_at(phases: tuple[Phase, ...], starts: list[float], t: float) -> int:
     return i
 
 
+def json_safe(v: object) -> object:
+    """Plain JSON values: NaN and infinities become null (JSON has no such numbers)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, np.generic):
+        return json_safe(v.item())
+    return str(v)
+
+
+def timeline_json_text(demo: Demo) -> str:
+    """timeline.json: strict JSON (no bare NaN), missing values as null."""
+    return json.dumps(json_safe(timeline_json(demo)), indent=1, allow_nan=False) + "\n"
+
+
 def timeline_json(demo: Demo) -> dict:
     tl = demo.timeline
     return {
         "phases": [dict(asdict(p), start=s) for p, s in zip(demo.opts.phases, tl.phase_starts, strict=False)],
         "slo": demo.slo,
+        "drift_alpha": demo.drift_alpha,
         "windows": [asdict(w) for w in tl.windows],
         "requests": len(tl.requests),
         "notes": tl.notes,
