@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sentinel import metricnames as mn
 from sentinel.config import ProxyConfig
 from sentinel.proxy import http, tracing
 from sentinel.proxy.metrics import ProxyMetrics
@@ -42,8 +43,8 @@ log = logging.getLogger("sentinel.proxy")
 # The code label of a response whose head reached the client but whose body did not reach
 # it complete (upstream reset, timeout or bad framing mid-body, slow reader cut off). The
 # availability SLI counts it as bad, like a 5xx; see README "Honest status codes".
-INCOMPLETE = "incomplete"
-CLIENT_CLOSED = "499"   # nginx's code: the client closed before its response was complete
+INCOMPLETE = mn.CODE_INCOMPLETE
+CLIENT_CLOSED = mn.CODE_CLIENT_CLOSED   # nginx's code: the client closed before its response was complete
 BURST_WINDOW_S = 60.0   # a kind of failure is logged at most once per window
 
 
