@@ -103,19 +103,50 @@ class ProxyConfig:
     max_model_labels: int = 32       # distinct model label values before folding into "other"
     upstream_pool_size: int = 64
     client_idle_timeout_s: float = 75.0  # idle keep-alive client connections are closed after this
+    # Front-proxy protections (issue 12); the defaults follow nginx and Envoy's edge settings.
+    # `upstream_timeout_s` above is the time from the end of the request to the upstream's
+    # response head (time to first byte), not a deadline on the whole exchange.
+    request_head_timeout_s: float = 10.0    # a request head must be complete this long after its first byte (408)
+    body_idle_timeout_s: float = 60.0       # longest pause between two reads of a request body (408)
+    upstream_idle_timeout_s: float = 60.0   # longest pause between two reads of a response body (cut, 504)
+    send_timeout_s: float = 60.0            # longest a client may leave response bytes unread (cut)
+    max_request_line_bytes: int = 8192      # longer request target → 414, never forwarded
+    max_header_bytes: int = 65536           # longer request head (all header lines) → 431, never forwarded
+    max_headers: int = 100                  # more header fields → 431
+    max_connections: int = 4096             # client connections; more are answered 503 + Retry-After
+    admin_max_connections: int = 128        # the admin listener's own budget
+    admin_max_body_bytes: int = 0           # admin request bodies (/ingest); 0: twice the sampling cap + 64 KiB
+    shed_retry_after_s: int = 1             # Retry-After of the 503 given when over the connection budget
 
     def validate(self):
-        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s"):
+        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s",
+                     "request_head_timeout_s", "body_idle_timeout_s", "upstream_idle_timeout_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 yield name, "must be positive"
         if self.max_body_bytes <= 0:
             yield "max_body_bytes", "must be positive"
+        for name in ("max_request_line_bytes", "max_header_bytes", "max_headers", "max_connections",
+                     "admin_max_connections"):
+            if getattr(self, name) < 1:
+                yield name, "must be at least 1"
+        if self.max_request_line_bytes < 64:
+            yield "max_request_line_bytes", "must be at least 64"
+        if self.max_header_bytes < 1024:
+            yield "max_header_bytes", "must be at least 1024"
+        if self.admin_max_body_bytes < 0:
+            yield "admin_max_body_bytes", "must be 0 (derived) or positive"
+        if self.shed_retry_after_s < 0:
+            yield "shed_retry_after_s", "must not be negative"
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
     queue_size: int = 256            # bounded, lossy queue between proxy and analysis
     store_payloads: bool = False     # never keep payloads unless asked
+    # /ingest from a non-loopback peer must carry this secret (header X-Sentinel-Ingest-Token or
+    # Authorization: Bearer); without one, only loopback peers (the same pod) may post events.
+    ingest_token: str | None = None
+    ingest_token_file: str | None = None     # read once at start (a mounted Kubernetes Secret)
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped

@@ -48,14 +48,21 @@ REQUEST_DURATION = _m(
     "request_duration_seconds", "histogram",
     "Time from receiving a request's headers to sending the last byte of its response.",
     ("model", "protocol", "code"), "seconds")
-REQUESTS = _m("requests", "counter", "Proxied inference requests by outcome.",
+REQUESTS = _m("requests", "counter",
+              "Proxied inference requests by what the client received: the HTTP status when the whole "
+              "response reached it, 499 when the client left first, `incomplete` when the head went out "
+              "and the body was cut.",
               ("model", "protocol", "code"))
 PROXY_ERRORS = _m("proxy_errors", "counter",
-                  "Requests the proxy answered itself (upstream refused, timeout, body too large...).",
+                  "Requests and connections the proxy answered, cut or refused itself, by reason "
+                  "(upstream refused or timed out, head timeout, headers too large, connection limit...).",
                   ("reason",))
 UNMATCHED_PATHS = _m("unmatched_path_overflow", "counter",
                      "Requests whose model label was folded into `other` by the cardinality cap.")
 INFLIGHT = _m("inflight_requests", "gauge", "Requests being proxied right now.")
+# `code` values of REQUESTS/REQUEST_DURATION that are not an HTTP status the client read whole.
+CODE_INCOMPLETE = "incomplete"   # response head sent, body cut (upstream reset/timeout/bad framing, slow reader)
+CODE_CLIENT_CLOSED = "499"       # the client closed before its response was complete (nginx's 499)
 
 # --- sampling and analysis ----------------------------------------------------------
 SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",

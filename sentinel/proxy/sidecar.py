@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -14,12 +17,13 @@ from sentinel import __version__
 from sentinel.config import Config, parse_hostport
 from sentinel.errors import ConfigError, InfrastructureError
 from sentinel.proxy import tracing, worker
-from sentinel.proxy.admin import AdminConnection, Request, Response
+from sentinel.proxy.admin import AdminConnection, AdminConnections, Request, Response
 from sentinel.proxy.analysis import AnalysisManager
+from sentinel.proxy.context import Limits, fd_budget
 from sentinel.proxy.ingest import IngestError, JoinTable, parse_event
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.sampling import Sample, Sampler
-from sentinel.proxy.server import ClientConnection, ProxyContext, close_idle
+from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("sentinel.run")
@@ -48,6 +52,51 @@ def upstream_address(config: Config) -> tuple[str, int]:
         raise ConfigError([f"{config.source}: upstream: the proxy speaks plain HTTP to the model server "
                            f"(same pod); got {config.upstream!r}"])
     return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+INGEST_TOKEN_HEADER = "x-sentinel-ingest-token"
+
+
+def read_ingest_token(config: Config) -> bytes | None:
+    """The /ingest shared secret from `analysis.ingest_token` or `analysis.ingest_token_file`."""
+    a = config.analysis
+    if a.ingest_token_file:
+        path = config.resolve(a.ingest_token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"{config.source}: analysis.ingest_token_file: cannot read {path}: "
+                               f"{exc.strerror or exc}"]) from None
+        if not token:
+            raise ConfigError([f"{config.source}: analysis.ingest_token_file: {path} is empty"])
+        return token.encode()
+    return a.ingest_token.encode() if a.ingest_token else None
+
+
+def ingest_denied(req: Request, token: bytes | None) -> str | None:
+    """Why an /ingest request may not post events, or None when it may.
+
+    Loopback peers (the same pod: the KServe logger next door) may always post. Any other
+    peer must present the shared secret, compared in constant time; with no secret
+    configured, only loopback peers are accepted.
+    """
+    peer = getattr(req, "peer", None)
+    try:
+        if peer is not None and ipaddress.ip_address(peer).is_loopback:
+            return None
+    except ValueError:
+        pass
+    if token is None:
+        return ("/ingest accepts events from loopback peers only; set analysis.ingest_token "
+                "to accept them from elsewhere")
+    given = req.headers.get(INGEST_TOKEN_HEADER, "")
+    if not given:
+        auth = req.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+    if not given or not hmac.compare_digest(given.encode("latin-1"), token):
+        return f"/ingest needs the shared secret in {INGEST_TOKEN_HEADER} (or Authorization: Bearer)"
+    return None
 
 
 class Sidecar:
@@ -87,22 +136,33 @@ class Sidecar:
         self.analysis = AnalysisManager(cfg, self.metrics, loop, self.monitor_factory)
         self.tracer = (tracing.SpanExporter(cfg.tracing.otlp_endpoint, cfg.tracing.service_name)
                        if cfg.tracing.otlp_endpoint else None)
+        limits = Limits.from_config(cfg.proxy)
+        budget = fd_budget(limits.max_connections, cfg.proxy.admin_max_connections + cfg.proxy.upstream_pool_size + 256)
+        if budget < limits.max_connections:
+            log.warning("proxy.max_connections %d exceeds what the file-descriptor limit allows; using %d",
+                        limits.max_connections, budget)
+            limits = dataclasses.replace(limits, max_connections=budget)
         self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=self.metrics, max_body=cfg.proxy.max_body_bytes,
-                                upstream_timeout=cfg.proxy.upstream_timeout_s, samplers=self.samplers,
-                                submit=self.analysis.submit, tracer=self.tracer)
+                                samplers=self.samplers, submit=self.analysis.submit, tracer=self.tracer,
+                                limits=limits)
+        self.ingest_token = read_ingest_token(cfg)
+        admin_limits = Limits.from_config(cfg.proxy, admin=True)
+        admin_conns = AdminConnections(admin_limits, self.ctx.fail)
         host, port = parse_hostport(cfg.listen)
         self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port)
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
+        admin_body = cfg.proxy.admin_max_body_bytes or 2 * max_ingest + 65536
         try:
             self.admin_server = await self._listen(
-                "admin", cfg.admin, lambda: AdminConnection(self._admin, 2 * max_ingest + 65536), ahost, aport)
+                "admin", cfg.admin, lambda: AdminConnection(self._admin, admin_body, admin_conns), ahost, aport)
         except InfrastructureError:
             self.proxy_server.close()
             raise
         self._start_canaries()
         self._tasks.append(loop.create_task(self._expire_ingest()))
-        self._tasks.append(loop.create_task(self._close_idle_clients()))
+        self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
+        self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
 
     async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
@@ -221,6 +281,11 @@ class Sidecar:
         if path == "/ingest":
             if req.method != "POST":
                 return 405, JSON, b'{"error":"POST CloudEvents here"}'
+            denied = ingest_denied(req, self.ingest_token)
+            if denied is not None:
+                self.metrics.ingest_events.labels("rejected").inc()
+                self.ctx.fail("ingest_unauthorized", denied)
+                return 403, JSON, json.dumps({"error": denied}).encode()
             return self._ingest(req)
         if req.method not in ("GET", "HEAD"):
             return 405, JSON, b'{"error":"method not allowed"}'
@@ -312,13 +377,6 @@ class Sidecar:
             m = self.config.model()
             return self.samplers[m.name]
         return None
-
-    async def _close_idle_clients(self) -> None:
-        idle_s = self.config.proxy.client_idle_timeout_s
-        while True:
-            # one sweep instead of a timer per connection; a connection lives at most idle_s * 1.25
-            await asyncio.sleep(max(idle_s / 4, 0.05))
-            close_idle(self.ctx, idle_s)
 
     async def _expire_ingest(self) -> None:
         while True:

@@ -120,7 +120,8 @@ def _raw_error_ratio(slo: SloSpec, window: str) -> str:
     model = slo.model
     if slo.sli == "availability":
         total = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model), window)
-        bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code="~5.."), window)
+        # 5xx, and responses whose body was cut after a 2xx head went out (not a success).
+        bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code=f"~5..|{mn.CODE_INCOMPLETE}"), window)
         return _ratio(bad, total)
     if slo.sli == "latency":
         assert slo.threshold is not None
