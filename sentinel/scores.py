@@ -14,9 +14,6 @@ import numpy as np
 
 OutputKind = Literal["logits", "probabilities"]
 
-# Beyond this many classes, per-class prediction counts fold into class="other" (label cardinality).
-MAX_CLASS_LABELS = 100
-
 
 def softmax(logits: np.ndarray, temperature: float = 1.0, *, dtype: type = np.float64) -> np.ndarray:
     """Softmax along the last axis of logits / temperature, computed stably, returned as `dtype`."""
