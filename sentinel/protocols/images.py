@@ -35,7 +35,8 @@ def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
     for i, data in enumerate(items):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Our own bound below is tighter and relative to the model; Pillow's global one only warns.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as im:
                     w, h = im.size
                     if w * h > max_pixels:
@@ -50,7 +51,9 @@ def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
                     arrays.append(np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8))
         except DecodeError:
             raise
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types (and bomb warnings) for corrupt input
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("too_large", f"image {i}: {exc}"[:300]) from None
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt input
             raise DecodeError("bad_image", f"image {i}: cannot decode: {exc}"[:300]) from None
     if not arrays:
         raise DecodeError("bad_shape", "no images in payload")
