@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_file
 
-Protocol = Literal["v2", "v1", "torchserve"]
 DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
 
 
@@ -76,10 +76,16 @@ class ModelConfig:
     name: str
     version: str
     endpoint: str = "http://127.0.0.1:8081"
-    protocol: Protocol = "v2"
+    protocol: WireProtocol = "v2"
     served_name: str | None = None   # name in request paths when it differs from `name`
     max_batch: int = 32              # for the GPU headroom estimate
     sampling: SamplingConfig | None = None
+    # Shape (without batch) and dtype of a raw application/octet-stream TorchServe body; default:
+    # the registry model's raw_input (else its network input). Needed only when neither says it.
+    raw_input_shape: tuple[int, ...] | None = None
+    raw_input_dtype: Literal["float32", "float16", "uint8", "int64"] = "float32"
+    # Largest encoded image (pixels) the analysis decodes; default max(16 Mpx, 256 × model input pixels).
+    max_image_pixels: int | None = None
 
     def validate(self):
         if not self.name:
@@ -88,6 +94,10 @@ class ModelConfig:
             yield "endpoint", err
         if self.max_batch < 1:
             yield "max_batch", "must be at least 1"
+        if self.raw_input_shape is not None and (not self.raw_input_shape or min(self.raw_input_shape) < 1):
+            yield "raw_input_shape", "must list positive dimensions"
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            yield "max_image_pixels", "must be positive"
 
     @property
     def path_name(self) -> str:
@@ -149,6 +159,7 @@ class AnalysisConfig:
     ingest_token_file: str | None = None     # read once at start (a mounted Kubernetes Secret)
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024
+    ingest_max_pending_bytes: int = 64 * 1024 * 1024  # payload bytes of unjoined halves; oldest dropped beyond
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped
 
     def validate(self):
@@ -156,6 +167,10 @@ class AnalysisConfig:
             yield "queue_size", "must be at least 1"
         if self.queue_max_bytes < 1:
             yield "queue_max_bytes", "must be positive"
+        if self.ingest_max_pending < 1:
+            yield "ingest_max_pending", "must be at least 1"
+        if self.ingest_max_pending_bytes < 1:
+            yield "ingest_max_pending_bytes", "must be positive"
 
 
 @dataclass(frozen=True)

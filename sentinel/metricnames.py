@@ -72,7 +72,10 @@ SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sa
 ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
 ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter", "Analysis worker restarts.")
 INGEST_EVENTS = _m("ingest_events", "counter",
-                   "CloudEvents received on /ingest by outcome (joined, orphaned, rejected).",
+                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting), joined "
+                   "(pair complete, sent to analysis), orphaned (a half dropped unjoined: too old, over the "
+                   "join table's count or byte bound, or repeated), rejected (malformed or unknown model), "
+                   "oversize (body over sampling.max_bytes, not analysed).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------
@@ -85,6 +88,7 @@ DRIFT_ALARM = _m("drift_alarm", "gauge", "1 when the detector's corrected p-valu
 DRIFT_WINDOWS = _m("drift_windows", "counter", "Drift windows evaluated.", ("model",))
 PREDICTIONS = _m("predictions", "counter", "Predicted classes of sampled traffic (cardinality capped).",
                  ("model", "class"))
+MAX_CLASS_LABELS = 100  # class indices at or beyond this fold into class="other" on PREDICTIONS
 PREDICTION_CONFIDENCE = _m("prediction_confidence", "histogram",
                            "Max softmax probability of sampled predictions; a bucket sits at the ATC threshold.",
                            ("model",), "ratio")

@@ -99,7 +99,7 @@ def verify(
     atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance on logits (default by precision)."),
     rtol: float | None = typer.Option(None, "--rtol", help="Relative tolerance on logits (default by precision)."),
     min_top1: float | None = typer.Option(None, "--min-top1", help="Required top-1 agreement (default by precision)."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: model.yaml's record, else detected)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16, bf16 or int8 (default: model.yaml's record, else detected from the graph's weights)."),
     localize: str = typer.Option("auto", "--localize", help="auto (on failure), always or never."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (exit code and --json only)."),

@@ -16,13 +16,13 @@ from urllib.parse import urlsplit
 from sentinel import __version__
 from sentinel.config import Config, parse_hostport
 from sentinel.errors import ConfigError, InfrastructureError
-from sentinel.proxy import tracing, worker
+from sentinel.proxy import ingest, tracing, worker
 from sentinel.proxy.admin import AdminConnection, AdminConnections, Request, Response
 from sentinel.proxy.analysis import AnalysisManager
 from sentinel.proxy.context import Limits, fd_budget
-from sentinel.proxy.ingest import IngestError, JoinTable, parse_event
+from sentinel.proxy.ingest import JoinTable
 from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.sampling import Sample, Sampler
+from sentinel.proxy.sampling import Sampler
 from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
 
@@ -114,7 +114,8 @@ class Sidecar:
             self.samplers[m.path_name] = s
             self.samplers.setdefault(m.name, s)
         self.up_host, self.up_port = upstream_address(config)
-        self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending)
+        self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending,
+                              config.analysis.ingest_max_pending_bytes)
         self.started_at = time.time()
         self.proxy_server: Any = None
         self.admin_server: Any = None
@@ -339,34 +340,10 @@ class Sidecar:
         }
 
     def _ingest(self, req: Request) -> Response:
-        ev_metric = self.metrics.ingest_events
-        try:
-            ev = parse_event(req.headers, req.body)
-        except IngestError as exc:
-            ev_metric.labels("rejected").inc()
-            return 400, JSON, json.dumps({"error": str(exc)}).encode()
-        model = self._model_for_service(ev.service)
-        if model is None:
-            ev_metric.labels("rejected").inc()
-            known = ", ".join(m.name for m in self.config.models)
-            return 400, JSON, json.dumps({"error": f"Ce-Inferenceservicename {ev.service!r} matches no "
-                                                   f"configured model ({known})"}).encode()
-        pair, orphans = self.join.add(ev, time.monotonic())
-        if orphans:
-            ev_metric.labels("orphaned").inc(orphans)
-        if pair is None:
-            ev_metric.labels("accepted").inc()
-            return 202, JSON, b'{"status":"waiting for the other half"}'
-        ev_metric.labels("joined").inc()
-        req_ev, resp_ev = pair
-        name, sampler = model
-        protocol = next(m.protocol for m in self.config.models if m.name == name)
-        if len(req_ev.body) > sampler.max_bytes or len(resp_ev.body) > sampler.max_bytes:
-            self.ctx.count_sample(name, "oversize")
-        else:
-            self.analysis.submit(Sample(name, protocol, req_ev.headers, req_ev.body, resp_ev.headers,
-                                        resp_ev.body, "ingest", ev.id, time.time()))
-        return 202, JSON, b'{"status":"joined"}'
+        return ingest.handle(req.headers, req.body, join=self.join,
+                             count=lambda outcome, n: self.metrics.ingest_events.labels(outcome).inc(n),
+                             route=self._model_for_service, submit=self.analysis.submit,
+                             known_models=", ".join(m.name for m in self.config.models))
 
     def _model_for_service(self, service: str) -> tuple[str, Sampler] | None:
         s = self.samplers.get(service)

@@ -36,20 +36,25 @@ def load_factory(spec: str) -> Callable[[Any, Any], Any]:
     return getattr(mod, fn_name)
 
 
-def decode(sample: Any, model: str):
-    """A DecodedBatch from a Sample, and the kind of the first decode error (or None)."""
-    from sentinel.analysis.contract import DecodedBatch
-    from sentinel.protocols import DecodeError, decode_request, decode_response
+def decode(sample: Any, model: str, hints: Any = None):
+    """A DecodedBatch from a Sample, and the kind of the first decode error (or None).
 
+    `hints` (sentinel.protocols.DecodeHints) say what the model's inputs look like: raw
+    tensor shape and dtype, the pixel bound of encoded images.
+    """
+    from sentinel.analysis.contract import DecodedBatch
+    from sentinel.protocols import DecodeError, DecodeHints, decode_request, decode_response
+
+    hints = hints or DecodeHints()
     inputs = form = outputs = kind = None
     err: str | None = None
     try:
-        req = decode_request(sample.protocol, sample.request_body, sample.request_headers)
+        req = decode_request(sample.protocol, sample.request_body, sample.request_headers, hints)
         inputs, form = req.inputs, req.form
     except DecodeError as exc:
         err = exc.kind
     try:
-        resp = decode_response(sample.protocol, sample.response_body, sample.response_headers)
+        resp = decode_response(sample.protocol, sample.response_body, sample.response_headers, hints)
         outputs, kind = resp.outputs, resp.kind
     except DecodeError as exc:
         err = err or exc.kind
@@ -66,6 +71,7 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     monitors: dict[str, Any] = {}
     last_status: dict[str, float] = {}
     models = {m.name: m for m in config.models}
+    hints: dict[str, Any] = {}
     while True:
         try:
             sample = samples.recv()
@@ -74,7 +80,11 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
         if sample is None:
             break
         model = sample.model
-        batch, err = decode(sample, model)
+        if model not in hints:
+            from sentinel.protocols.hints import hints_for
+
+            hints[model] = hints_for(config, models[model]) if model in models else None
+        batch, err = decode(sample, model, hints[model])
         updates: list[tuple] = []
         if batch.inputs is not None or batch.outputs is not None:
             try:
