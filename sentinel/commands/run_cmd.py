@@ -12,6 +12,10 @@ def run(
     listen: str | None = typer.Option(None, "--listen", help="Proxy address host:port (overrides the file)."),
     upstream: str | None = typer.Option(None, "--upstream", help="Model server URL (overrides the file)."),
     admin: str | None = typer.Option(None, "--admin", help="Admin address host:port (overrides the file)."),
+    grpc_listen: str | None = typer.Option(None, "--grpc-listen",
+                                           help="gRPC listener host:port for OIP v2 over gRPC (overrides the file)."),
+    grpc_upstream: str | None = typer.Option(None, "--grpc-upstream",
+                                             help="The model server's gRPC host:port (overrides the file)."),
 ) -> None:
     """Proxy inference traffic to the model server, measure it, sample it, serve /metrics."""
     import logging
@@ -19,7 +23,8 @@ def run(
     from sentinel.config import load_config
     from sentinel.proxy.sidecar import run as run_sidecar
 
-    cfg = load_config(config).with_overrides(listen=listen, upstream=upstream, admin=admin)
+    cfg = load_config(config).with_overrides(listen=listen, upstream=upstream, admin=admin,
+                                             grpc_listen=grpc_listen, grpc_upstream=grpc_upstream)
     level = getattr(logging, cfg.log_level.upper())
     root = logging.getLogger()
     if root.level > level or root.level == logging.NOTSET:

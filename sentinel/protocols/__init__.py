@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
-from sentinel.protocols import kserve_v1, oip_v2, torchserve
+from sentinel.protocols import kserve_v1, oip_grpc, oip_v2, torchserve
 from sentinel.protocols.base import DecodedRequest, DecodedResponse, DecodeError, Headers
 from sentinel.protocols.routes import Route, match
 
@@ -21,9 +21,11 @@ WireProtocol = Literal["v2", "v1", "torchserve"]
 
 _REQUEST: dict[str, Callable[[bytes, Headers], DecodedRequest]] = {
     "v2": oip_v2.decode_request, "v1": kserve_v1.decode_request, "torchserve": torchserve.decode_request,
+    "oip_v2_grpc": oip_grpc.decode_request,
 }
 _RESPONSE: dict[str, Callable[[bytes, Headers], DecodedResponse]] = {
     "v2": oip_v2.decode_response, "v1": kserve_v1.decode_response, "torchserve": torchserve.decode_response,
+    "oip_v2_grpc": oip_grpc.decode_response,
 }
 
 
