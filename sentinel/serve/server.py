@@ -191,27 +191,38 @@ def _add_fault_route(app: Any, engine: _Engine) -> None:
     app.add_api_route("/sentinel/faults", handler, methods=["POST"])
 
 
-async def _serve_grpc(dataplane: Any, repository: Any, options: ServeOptions) -> None:
+class _GrpcServing:
     """kserve's gRPC inference servicer (OIP v2: ModelInfer, health, metadata) on options.host:grpc_port."""
-    from grpc import aio
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
-    from kserve.protocol.grpc.servicer import InferenceServicer
 
-    limit = options.grpc_max_message_bytes
-    server = aio.server(interceptors=(ExceptionToStatusInterceptor(),),
-                        options=[("grpc.max_send_message_length", limit),
-                                 ("grpc.max_receive_message_length", limit)])
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, repository), server)
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    if not server.add_insecure_port(f"{host}:{options.grpc_port}"):
-        raise OSError(f"cannot bind gRPC port {options.host}:{options.grpc_port}: address already in use")
-    await server.start()
-    try:
-        await server.wait_for_termination()
-    finally:
-        await server.stop(options.grace_period_s)
+    def __init__(self, dataplane: Any, repository: Any, options: ServeOptions):
+        self.dataplane = dataplane
+        self.repository = repository
+        self.options = options
+        self.server: Any = None
+
+    async def run(self) -> None:
+        from grpc import aio
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+        from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+        from kserve.protocol.grpc.servicer import InferenceServicer
+
+        o = self.options
+        limit = o.grpc_max_message_bytes
+        self.server = aio.server(interceptors=(ExceptionToStatusInterceptor(),),
+                                 options=[("grpc.max_send_message_length", limit),
+                                          ("grpc.max_receive_message_length", limit)])
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.repository), self.server)
+        host = f"[{o.host}]" if ":" in o.host else o.host
+        if not self.server.add_insecure_port(f"{host}:{o.grpc_port}"):
+            raise OSError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: address already in use")
+        await self.server.start()
+        await self.server.wait_for_termination()
+
+    def stop(self) -> None:
+        """Called from the signal handler, on the running loop: in-flight calls get the grace period."""
+        if self.server is not None:
+            asyncio.get_running_loop().create_task(self.server.stop(self.options.grace_period_s))
 
 
 def serve(entry: ModelEntry, options: ServeOptions) -> None:
@@ -248,10 +259,17 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
             self._rest_server.config.host = options.host
             self.servers.append(self._rest_server.start())
             if options.grpc_port is not None:
-                self.servers.append(_serve_grpc(self.dataplane, self.model_repository_extension, options))
+                self._sentinel_grpc = _GrpcServing(self.dataplane, self.model_repository_extension, options)
+                self.servers.append(self._sentinel_grpc.run())
             self.setup_event_loop()
             self.register_signal_handler()
             asyncio.run(self._serve())
+
+        def stop(self, sig: int) -> None:
+            super().stop(sig)
+            grpc_serving = getattr(self, "_sentinel_grpc", None)
+            if grpc_serving is not None:
+                grpc_serving.stop()
 
     server = _Server(http_port=options.port, enable_grpc=False, enable_latency_logging=False,
                      grace_period=options.grace_period_s)
