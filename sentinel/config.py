@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_file
 
-Protocol = Literal["v2", "v1", "torchserve"]
 DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
 
 
@@ -76,7 +76,7 @@ class ModelConfig:
     name: str
     version: str
     endpoint: str = "http://127.0.0.1:8081"
-    protocol: Protocol = "v2"
+    protocol: WireProtocol = "v2"
     served_name: str | None = None   # name in request paths when it differs from `name`
     max_batch: int = 32              # for the GPU headroom estimate
     sampling: SamplingConfig | None = None

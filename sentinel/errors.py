@@ -5,7 +5,8 @@
     │   ├── ConfigError           a config/SLO/model.yaml file is invalid; lists every problem
     │   └── RegistryError         unknown model or version, bad registry entry
     ├── InfrastructureError       a target or file could not be used (exit 2)
-    │   └── WeightsError          weights missing, corrupt, mis-shaped or unsafe to load
+    │   ├── WeightsError          weights missing, corrupt, mis-shaped or unsafe to load
+    │   └── DecodeError           a payload is not what its wire format says; `kind` labels it
     └── CheckFailed               a check ran and found a problem (exit 1)
         └── IntegrityError        a digest, shape or dtype does not match its manifest
 
@@ -59,3 +60,16 @@ class CheckFailed(SentinelError):
 
 class IntegrityError(CheckFailed):
     """A file's digest, shape or dtype does not match its manifest."""
+
+
+class DecodeError(InfrastructureError, ValueError):
+    """A payload (request, response, CloudEvent) that cannot be turned into arrays.
+
+    `kind` is a short label for metrics (malformed_json, missing_field, bad_shape,
+    bad_datatype, truncated, bad_header, unsupported, bad_image, too_large, too_deep).
+    Every decoder in `sentinel.protocols` raises it, and only it, for malformed input.
+    """
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)

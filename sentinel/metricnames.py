@@ -78,6 +78,7 @@ DRIFT_ALARM = _m("drift_alarm", "gauge", "1 when the detector's corrected p-valu
 DRIFT_WINDOWS = _m("drift_windows", "counter", "Drift windows evaluated.", ("model",))
 PREDICTIONS = _m("predictions", "counter", "Predicted classes of sampled traffic (cardinality capped).",
                  ("model", "class"))
+MAX_CLASS_LABELS = 100  # class indices at or beyond this fold into class="other" on PREDICTIONS
 PREDICTION_CONFIDENCE = _m("prediction_confidence", "histogram",
                            "Max softmax probability of sampled predictions; a bucket sits at the ATC threshold.",
                            ("model",), "ratio")

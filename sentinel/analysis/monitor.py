@@ -19,11 +19,9 @@ import numpy as np
 
 from sentinel import metricnames as mn
 from sentinel.analysis.contract import DecodedBatch, MetricUpdate
+from sentinel.metricnames import MAX_CLASS_LABELS
 
 log = logging.getLogger(__name__)
-
-# Class indices below this get their own label on sentinel_predictions_total; the rest count as "other".
-MAX_CLASS_LABELS = 100
 
 
 class RefusedMonitor:

@@ -15,9 +15,11 @@ import numpy as np
 import yaml
 
 from sentinel import metricnames as mn
+from sentinel import protocols
 from sentinel.demo.observe import Snapshot, Window, parse, window
 from sentinel.demo.phases import Phase, apply_shift
 from sentinel.demo.processes import Children, free_port, wait_ready
+from sentinel.errors import DecodeError
 
 MODEL = "digits"
 
@@ -101,20 +103,18 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
 
 
 def _payload(raw: np.ndarray) -> bytes:
-    body = {"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP32",
-                        "data": [round(float(v), 4) for v in raw.reshape(-1)]}]}
-    return json.dumps(body).encode()
+    """A v2 JSON request for one 8×8 image (values rounded to 4 decimals: shorter bodies)."""
+    x = np.round(np.asarray(raw, dtype=np.float64).reshape(1, 8, 8), 4)
+    return protocols.encode_request("v2", x.astype(np.float32))[0]
 
 
-def _predicted(body: bytes) -> int:
+def _predicted(body: bytes, headers: dict[str, str] | None = None) -> int:
+    """The predicted class of a v2 response, read by the wire layer (-1 when it cannot be read)."""
     try:
-        outs = json.loads(body)["outputs"]
-        for o in outs:
-            if o.get("name") == "probabilities":
-                return int(np.argmax(o["data"]))
-        return int(np.argmax(outs[0]["data"]))
-    except (ValueError, KeyError, IndexError, TypeError):
+        resp = protocols.decode_response("v2", body, headers or {})
+    except DecodeError:
         return -1
+    return int(np.argmax(resp.probabilities_or_softmax()[0]))
 
 
 class Demo:
@@ -199,7 +199,7 @@ class Demo:
             r = await client.post(url, content=body, headers={"Content-Type": "application/json"})
             req.status = r.status_code
             if r.status_code == 200:
-                req.predicted = _predicted(r.content)
+                req.predicted = _predicted(r.content, {k.lower(): v for k, v in r.headers.items()})
         except httpx.HTTPError:
             req.status = -1
         # Open loop: latency counts from the intended send time.

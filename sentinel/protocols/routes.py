@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-RouteProtocol = Literal["v2", "v1", "torchserve"]
+from sentinel.protocols.names import WireProtocol
+
+RouteProtocol = WireProtocol  # one protocol-name literal: sentinel.protocols.names
 
 _V2 = re.compile(r"/v2/models/([^/?#]+)(?:/versions/([^/?#]+))?/infer")
 _V1 = re.compile(r"/v1/models/([^/:?#]+)(?:/versions/([^/:?#]+))?:predict")

@@ -10,6 +10,7 @@ from typing import Any
 
 import httptools
 
+from sentinel.protocols import names
 from sentinel.protocols.routes import match
 from sentinel.proxy import http, tracing
 from sentinel.proxy.exchange import CHUNKED, LENGTH, Exchange
@@ -19,7 +20,7 @@ from sentinel.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("sentinel.proxy")
 
-CANARY_HEADER = b"x-sentinel-canary"
+CANARY_HEADER = names.CANARY_HEADER.lower().encode()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from sentinel.protocols.names import CANARY_HEADER
 from sentinel.replay.http import Target
 from sentinel.replay.push import ReplayMetrics
 from sentinel.replay.runner import LoadPlan, Outcome, Replayer, RunResult, Samples
@@ -25,7 +26,6 @@ from sentinel.replay.wire import WireFormat
 
 log = logging.getLogger("sentinel.canary")
 
-CANARY_HEADER = "X-Sentinel-Canary"
 
 
 @dataclass(frozen=True)

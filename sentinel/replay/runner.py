@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sentinel.errors import DecodeError
 from sentinel.golden import Tolerance
 from sentinel.replay.compare import Comparison, compare
 from sentinel.replay.histogram import LatencyHistogram
 from sentinel.replay.http import Connection, HttpError, Target, build_head
-from sentinel.replay.wire import DecodeError, WireFormat
+from sentinel.replay.wire import WireFormat
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ import numpy as np
 
 from sentinel.errors import InfrastructureError, UsageError
 from sentinel.golden import GoldenSet, Tolerance
+from sentinel.protocols.names import WireProtocol
 from sentinel.registry import ModelEntry
 from sentinel.replay.http import HttpError, Target, probe
 from sentinel.replay.report import Objectives, ReplayReport, build_report
 from sentinel.replay.runner import LoadPlan, Observer, Progress, Replayer, Samples
-from sentinel.replay.wire import Protocol, WireFormat
+from sentinel.replay.wire import WireFormat
 
 Send = Literal["auto", "raw", "inputs"]
 
@@ -24,7 +25,7 @@ class ReplaySpec:
     """Everything a replay needs besides the model and golden set."""
 
     target: str
-    protocol: Protocol
+    protocol: WireProtocol
     model_path_name: str
     binary: bool = False
     send: Send = "auto"     # raw inputs when the golden set has them and the model preprocesses

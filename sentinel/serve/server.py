@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the route's string annotations here
 
+from sentinel.errors import DecodeError
+from sentinel.protocols.base import numeric_array
 from sentinel.registry import ModelEntry
 from sentinel.serve.faults import FaultInjector, FaultPlan
 from sentinel.serve.inference import BadInput, Prediction, Predictor
@@ -116,10 +118,10 @@ def _model_class(kserve: Any) -> type:
                                      requested_outputs=payload.request_outputs)
             if not isinstance(payload, dict) or "instances" not in payload:
                 raise InvalidInput('v1 requests need {"instances": [...]}')
-            try:
-                x = np.asarray(payload["instances"], dtype=np.float32)
-            except (ValueError, TypeError) as exc:
-                raise InvalidInput(f"instances are not a numeric array: {exc}") from None
+            try:   # kserve parsed the JSON; the array rules are the wire layer's
+                x = numeric_array(payload["instances"], "instances").astype(np.float32)
+            except DecodeError as exc:
+                raise InvalidInput(str(exc)) from None
             pred = await self.engine.run(x)
             return {"predictions": pred.probabilities.tolist()}
 
@@ -128,7 +130,10 @@ def _model_class(kserve: Any) -> type:
 
 def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
     """POST /predictions/{name}[/{version}]: JSON instance(s) in, probabilities out."""
-    from fastapi.responses import JSONResponse, ORJSONResponse
+    from fastapi.responses import JSONResponse, Response
+
+    from sentinel.protocols import torchserve
+    from sentinel.protocols.base import DecodeHints
 
     async def handler(request: Request, model: str, version: str | None = None) -> Any:
         from kserve.errors import InferenceError, InvalidInput
@@ -137,28 +142,23 @@ def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
             return JSONResponse({"code": 404, "type": "ModelNotFoundException",
                                  "message": f"Model not found: {model}"}, status_code=404)
         body = await request.body()
+        headers = {"content-type": request.headers.get("content-type", "")}
+        octet = headers["content-type"].startswith(torchserve.OCTET_STREAM)
+        # Raw float32 bytes are shaped by the model's raw input (else its network input); JSON says its shape.
+        hints = DecodeHints(raw_shape=engine.predictor.raw_shape or engine.predictor.net_shape) if octet \
+            else DecodeHints()
         try:
-            if request.headers.get("content-type", "").startswith("application/octet-stream"):
-                x = np.frombuffer(body, dtype="<f4")
-                shape = engine.predictor.raw_shape or engine.predictor.net_shape
-                x = x.reshape((-1, *shape))
-            else:
-                import json
-
-                data = json.loads(body)
-                if isinstance(data, dict):
-                    data = data.get("data", data.get("instances"))
-                x = np.asarray(data, dtype=np.float32)
-            pred = await engine.run(x)
-        except (ValueError, TypeError, InvalidInput) as exc:
+            x = torchserve.decode_request(body, headers, hints).inputs
+            pred = await engine.run(x.astype(np.float32, copy=False))
+        except (DecodeError, InvalidInput) as exc:
             return JSONResponse({"code": 400, "type": "BadRequest", "message": str(exc)}, status_code=400)
         except InferenceError as exc:
             return JSONResponse({"code": 503, "type": "InternalServerException", "message": str(exc)},
                                 status_code=503)
-        probs = pred.probabilities
         # TorchServe answers a single instance with one object, a batch with a list.
-        single = tuple(x.shape) in (engine.predictor.raw_shape, engine.predictor.net_shape)
-        return ORJSONResponse(probs[0].tolist() if single else probs.tolist())
+        single = not octet and tuple(x.shape) in (engine.predictor.raw_shape, engine.predictor.net_shape)
+        out, out_headers = torchserve.encode_response(pred.probabilities, single=single)
+        return Response(out, media_type=out_headers["content-type"])
 
     app.add_api_route("/predictions/{model}", handler, methods=["POST"])
     app.add_api_route("/predictions/{model}/{version}", handler, methods=["POST"])
