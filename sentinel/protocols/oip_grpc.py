@@ -28,14 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from sentinel.errors import DecodeError
 from sentinel.protocols import tensors
 from sentinel.protocols.base import (
+    NO_HINTS,
     DecodedRequest,
     DecodedResponse,
-    DecodeError,
+    DecodeHints,
     Headers,
-    as_output_batch,
-    input_form,
+    combine_outputs,
 )
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -290,37 +291,23 @@ def parse(body: bytes | memoryview, kind: str = "request") -> InferMessage:
     return InferMessage(name, version, rid, tuple(out), params, tuple(requested))
 
 
-def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
+def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
     """The input batch of a ModelInferRequest: its first input tensor (encoded images decoded)."""
+    from sentinel.protocols.oip_v2 import request_from_tensors
+
     msg = parse(body, "request")
     if not msg.tensors:
         raise DecodeError("missing_field", "ModelInferRequest has no inputs")
-    name, arr = msg.tensors[0]
-    if arr.dtype == object:
-        from sentinel.protocols.images import decode_images, looks_like_image
-
-        items = list(arr.reshape(-1))
-        if not items or not all(looks_like_image(b) for b in items):
-            raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images")
-        return DecodedRequest(decode_images(items), "raw")
-    if arr.ndim == 0:
-        raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
-    return DecodedRequest(arr, input_form(arr))
+    return request_from_tensors(msg.tensors, hints)
 
 
-def decode_response(body: bytes, headers: Headers) -> DecodedResponse:
-    """The output batch of a ModelInferResponse: the first numeric output with a class axis."""
+def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
+    """The output batch of a ModelInferResponse: the first numeric output with a class axis
+    (a logits and a probabilities output both kept)."""
     msg = parse(body, "response")
     if not msg.tensors:
         raise DecodeError("missing_field", "ModelInferResponse has no outputs")
-    last: DecodeError | None = None
-    for name, arr in msg.tensors:
-        try:
-            return as_output_batch(arr, name)
-        except DecodeError as exc:
-            last = exc
-    assert last is not None
-    raise last
+    return combine_outputs(list(msg.tensors))
 
 
 def _param_entry(key: str, value: Any) -> bytes:
@@ -415,3 +402,19 @@ def stream_response(body: bytes | memoryview) -> tuple[str, memoryview | None]:
         elif num == 2 and wt == LENGTH:
             resp = val
     return err, resp
+
+
+def encode_request(x: np.ndarray, *, input_name: str = "input", binary: bool = True, model_name: str = "",
+                   request_id: str = "") -> tuple[bytes, dict[str, str]]:
+    """A ModelInferRequest for batch `x` (the codec API of `sentinel.protocols.encode_request`).
+
+    binary=True sends the tensor in `raw_input_contents` (as `tritonclient.grpc` does), False
+    in typed `contents`. gRPC messages carry no headers: the second value is empty.
+    """
+    return encode([(input_name, np.asarray(x))], model_name=model_name, id=request_id, raw=binary), {}
+
+
+def encode_response(outputs: Sequence[tuple[str, np.ndarray]], *, binary: bool = True, model_name: str = "",
+                    request_id: str = "") -> tuple[bytes, dict[str, str]]:
+    """A ModelInferResponse carrying named outputs (the inverse of decode_response)."""
+    return encode(outputs, "response", model_name=model_name, id=request_id, raw=binary), {}

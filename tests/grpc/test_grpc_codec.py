@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sentinel.errors import DecodeError
 from sentinel.protocols import oip_grpc
-from sentinel.protocols.base import DecodeError
 
 pytestmark = pytest.mark.unit
 
@@ -104,6 +104,23 @@ def test_raw_contents_must_match_shape():
     with pytest.raises(DecodeError) as ei:
         oip_grpc.parse(req.SerializeToString())
     assert ei.value.kind == "truncated" and "'x'" in str(ei.value)
+
+
+def test_dispatch_by_protocol_name_round_trips():
+    from sentinel import protocols
+
+    x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
+    for binary in (True, False):
+        body, headers = protocols.encode_request("oip_v2_grpc", x, input_name="input-0", binary=binary)
+        assert headers == {}
+        req = protocols.decode_request("oip_v2_grpc", body, headers)
+        np.testing.assert_array_equal(req.inputs, x)
+    logits = np.array([[1.0, 2.0, 0.5]], dtype=np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum()
+    body, _ = protocols.encode_response("oip_v2_grpc", [("probabilities", probs), ("logits", logits)])
+    resp = protocols.decode_response("oip_v2_grpc", body, {})
+    assert resp.kind == "probabilities" and resp.logits is not None
+    np.testing.assert_allclose(resp.logits, logits)
 
 
 def test_stream_response():

@@ -177,7 +177,9 @@ def test_bad_listen_address_is_a_clear_error(upstream):
     # the gRPC relay itself: not even numpy or the message codec
     ("sentinel.proxy.grpc_proxy", ("torch", "scipy", "onnxruntime", "numpy", "sentinel.analysis",
                                    "sentinel.protocols.oip_grpc")),
-    ("sentinel.proxy.sidecar", ("torch", "scipy", "onnxruntime", "sentinel.analysis")),
+    # the daemon: the gRPC relay is imported only when grpc_listen is set, and no decoder either way
+    ("sentinel.proxy.sidecar", ("torch", "scipy", "onnxruntime", "numpy", "sentinel.analysis",
+                                "sentinel.protocols.oip_grpc", "grpc")),
 ])
 def test_grpc_proxy_keeps_heavy_imports_out(module, banned):
     code = (f"import sys, {module}; bad = [m for m in {banned!r} if m in sys.modules]; "
