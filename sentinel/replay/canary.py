@@ -51,8 +51,14 @@ class Canary:
         self.interval_s = interval_s
         self.plan = LoadPlan(rate=rate, count=count, connections=4, timeout_s=timeout_s)
         self.metrics = ReplayMetrics(registry)
-        self._replayer = Replayer(Target.parse(target), wire, samples, headers={CANARY_HEADER: "1"},
-                                  observer=self._observe)
+        if getattr(wire, "protocol", None) == "grpc":   # replay.protocol: grpc
+            from sentinel.replay.grpc_client import GrpcReplayer, GrpcTarget
+
+            self._replayer: Replayer = GrpcReplayer(GrpcTarget.parse(target), wire, samples,  # type: ignore[arg-type]
+                                                    headers={CANARY_HEADER: "1"}, observer=self._observe)
+        else:
+            self._replayer = Replayer(Target.parse(target), wire, samples, headers={CANARY_HEADER: "1"},
+                                      observer=self._observe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: CanaryRun | None = None
@@ -70,8 +76,16 @@ class Canary:
         samples = select_samples(entry, golden)
         wire = WireFormat(mc.protocol, mc.path_name, classes=entry.manifest.classes)
         r = config.replay
+        target = mc.endpoint
+        if r.protocol == "grpc":
+            from sentinel.replay.grpc_client import GrpcWire
+
+            if config.grpc_upstream is None:
+                raise ValueError("replay.protocol is grpc but grpc_upstream (the model server's gRPC host:port) "
+                                 "is not set")
+            wire, target = GrpcWire(mc.path_name, classes=entry.manifest.classes), config.grpc_upstream  # type: ignore[assignment]
         # The model label is the configured name, as on every other sentinel metric (rules match on it).
-        return cls(model=mc.name, target=mc.endpoint, wire=wire, samples=samples, registry=registry,
+        return cls(model=mc.name, target=target, wire=wire, samples=samples, registry=registry,
                    interval_s=r.canary_interval_s, count=r.canary_samples, rate=r.canary_rate)
 
     def _observe(self, o: Outcome) -> None:

@@ -155,3 +155,50 @@ def test_sampled_grpc_pairs_are_decoded_and_reach_drift(env):
     assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "decoded"}, decoded0 + 12, timeout=60) >= decoded0 + 12
     assert sc.value(SAMPLES, {"model": "digits", "outcome": "rejected"}) == 0
     assert sc.wait_for(WINDOWS, {"model": "digits"}, 1, timeout=60) >= 1
+
+
+def _replay(*args: str) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "sentinel", "replay", "--model", "digits:v3", "--registry",
+                           str(REPO / "models"), "--json", "-", "--quiet", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_replay_protocol_grpc_direct_and_through_sidecar(env):
+    import json
+
+    direct, proxied, sc = env
+    before = sc.value(REQ, {"model": "digits", "protocol": "grpc", "code": "200"})
+    for addr in (direct, f"grpc://{proxied}"):
+        r = _replay("--protocol", "grpc", "--target", addr, "--rate", "40", "--count", "16")
+        assert r.returncode == 0, r.stderr[-2000:]
+        doc = json.loads(r.stdout)
+        assert doc["protocol"] == "grpc" and doc["target"].endswith("/inference.GRPCInferenceService/ModelInfer")
+        assert doc["sent"] == doc["answered"] == 16 and doc["errors"] == 0, doc["errors_by_kind"]
+        assert doc["top1_agreement"] == 1.0 and doc["latency_ms"]["corrected"]["p99"] > 0
+    assert sc.wait_for(REQ, {"model": "digits", "protocol": "grpc", "code": "200"}, before + 16, timeout=5) >= before + 16
+
+
+def test_replay_protocol_grpc_unreachable_is_exit_2():
+    from servers import free_port
+
+    r = _replay("--protocol", "grpc", "--target", f"127.0.0.1:{free_port()}", "--count", "2")
+    assert r.returncode == 2 and "unreachable" in r.stderr
+
+
+def test_canary_over_grpc(env):
+    from prometheus_client import CollectorRegistry
+
+    from sentinel.config import Config
+    from sentinel.replay.canary import Canary
+
+    direct, _, _ = env
+    cfg = Config(models=(ModelConfig("digits", "v3"),), registry=str(REPO / "models"),
+                 golden_sets=str(REPO / "golden_sets"), grpc_upstream=direct,
+                 replay=ReplayConfig(canary_samples=6, canary_rate=20.0, protocol="grpc"))
+    reg = CollectorRegistry()
+    run = Canary.from_config(cfg, "digits", reg).run_once()
+    assert (run.sent, run.errors, run.agreed) == (6, 0, 6)
+    assert reg.get_sample_value(mn.REPLAY_REQUESTS.sample_name, {"model": "digits", "result": "ok"}) == 6
