@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -186,3 +187,44 @@ def test_grpc_proxy_keeps_heavy_imports_out(module, banned):
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sentinel_run_with_grpc_flags(upstream, tmp_path):
+    import os
+    import signal
+    import socket
+    import urllib.request
+
+    def free() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gport, admin = free(), free()
+    cfg = tmp_path / "sentinel.yaml"
+    cfg.write_text(f"listen: 127.0.0.1:0\nadmin: 127.0.0.1:{admin}\nupstream: {HTTP_UP}\nlog_level: warning\n"
+                   "replay: {canary_interval_s: 0}\nmodels: [{name: digits, version: v3}]\n")
+    repo = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-m", "sentinel", "run", "-c", str(cfg), "--grpc-listen",
+                             f"127.0.0.1:{gport}", "--grpc-upstream", upstream.address],
+                            env=dict(os.environ, PYTHONPATH=repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{gport}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=60)
+            assert ch.unary_unary(INFER)(infer_request("digits"), timeout=10)
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read().decode()
+        assert 'sentinel_requests_total{code="200",model="digits",protocol="grpc"} 1.0' in scrape
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_sentinel_run_grpc_listen_without_upstream_exits_2(tmp_path):
+    cfg = tmp_path / "sentinel.yaml"
+    cfg.write_text("models: [{name: digits, version: v3}]\n")
+    r = subprocess.run([sys.executable, "-m", "sentinel", "run", "-c", str(cfg), "--grpc-listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "grpc_upstream" in r.stderr
