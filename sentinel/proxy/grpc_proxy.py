@@ -13,7 +13,8 @@ status code, details and trailing metadata.
   message is counted as one inference with `protocol="grpc_stream"`, its latency taken
   from the oldest request message not yet answered. Stream messages are not sampled.
 - Every other method (health, metadata, repository, unknown services) is passed through
-  and not counted as an inference.
+  and not counted as an inference. Methods of unknown shape are relayed as bidirectional
+  streams (right on the wire for every shape); see KNOWN_UNARY for the one caveat.
 
 The code label is the HTTP status gRPC's own mapping gives each status (`CODE_LABELS`,
 as grpc-gateway and Envoy translate them), so the availability SLI (`code=~"5.."`)
@@ -24,6 +25,7 @@ CANCELLED 499...) as not. Imports neither the decoders nor numpy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from asyncio import CancelledError
@@ -47,6 +49,10 @@ SAMPLE_PROTOCOL = "oip_v2_grpc"    # the protocol name analysis decodes samples 
 PROTOCOL_LABEL = "grpc"
 STREAM_PROTOCOL_LABEL = "grpc_stream"
 CANARY_KEY = "x-sentinel-canary"
+# Unary methods of other services: relayed as unary calls. Methods of unknown shape go as
+# streams, which is right on the wire for every shape, but grpcio reports a stream call whose
+# server answered before reading the request (UNIMPLEMENTED) as INTERNAL.
+KNOWN_UNARY = frozenset({"/grpc.health.v1.Health/Check"})
 MAX_CACHED_METHODS = 64   # method names come from clients: cache handlers for this many only
 
 # gRPC status → HTTP status label (google.rpc.Code's documented HTTP mapping).
@@ -183,7 +189,7 @@ class GrpcProxy:
     def handler(self, method: str) -> grpc.RpcMethodHandler:
         h = self._handlers.get(method)
         if h is None:
-            if method == STREAM_INFER or not method.startswith(SERVICE):
+            if method == STREAM_INFER or not (method.startswith(SERVICE) or method in KNOWN_UNARY):
                 # Unknown shapes (server-streaming health Watch...) are all stream-stream on the wire.
                 h = grpc.stream_stream_rpc_method_handler(self._stream_fn(method))
             else:
@@ -195,8 +201,8 @@ class GrpcProxy:
         return h
 
     # --- call plumbing ----------------------------------------------------------------
-    def _outgoing(self, context: Any) -> tuple[list[tuple[str, Any]], str, bool, float | None]:
-        """Metadata to forward (with a new traceparent), the trace id, canary flag, and timeout."""
+    def _outgoing(self, context: Any, method: str) -> tuple[list[tuple[str, Any]], str, bool, float | None, Any]:
+        """Metadata to forward (with a new traceparent), the trace id, canary flag, timeout, and span (or None)."""
         md = context.invocation_metadata() or ()
         incoming_tp = None
         canary = False
@@ -209,11 +215,23 @@ class GrpcProxy:
             if not k.startswith(":") and k not in _DROP_METADATA:
                 fwd.append((k, v))
         parsed = tracing.parse_traceparent(incoming_tp) if incoming_tp else None
-        trace_id = parsed[0] if parsed else tracing.new_trace_id()
-        fwd.append(("traceparent", tracing.traceparent(trace_id, tracing.new_span_id()).decode()))
+        span = None
+        if self.tracer is not None:
+            span, trace_id, span_id = self.tracer.start(method.lstrip("/"), incoming_tp if parsed else None)
+        else:
+            trace_id = parsed[0] if parsed else tracing.new_trace_id()
+            span_id = tracing.new_span_id()
+        fwd.append(("traceparent", tracing.traceparent(trace_id, span_id).decode()))
         remaining = context.time_remaining()
         timeout = self.upstream_timeout if remaining is None else min(max(remaining, 0.0), self.upstream_timeout)
-        return fwd, trace_id, canary, timeout
+        return fwd, trace_id, canary, timeout, span
+
+    def _end_span(self, span: Any, method: str, code: grpc.StatusCode, model: str) -> None:
+        if span is not None:
+            service, _, name = method.lstrip("/").partition("/")
+            self.tracer.end(span, {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name,  # type: ignore[union-attr]
+                                   "rpc.grpc.status_code": code.value[0], "sentinel.model": model,
+                                   "sentinel.protocol": PROTOCOL_LABEL})
 
     def _unary_fn(self, method: str):
         is_infer = method == INFER
@@ -222,7 +240,7 @@ class GrpcProxy:
 
         async def call(request_iterator: AsyncIterator[bytes], context: Any) -> bytes:
             t0 = time.perf_counter()
-            fwd, trace_id, canary, timeout = proxy._outgoing(context)
+            fwd, trace_id, canary, timeout, span = proxy._outgoing(context, method)
             model = "none"
             name: str | None = None
             code = grpc.StatusCode.OK
@@ -289,6 +307,7 @@ class GrpcProxy:
                 raise
             finally:
                 proxy.inflight -= 1
+                proxy._end_span(span, method, code, model)
                 if is_infer:
                     proxy.metrics.inflight_count -= 1
                     if not canary:
@@ -311,39 +330,49 @@ class GrpcProxy:
         mc = self.channel.stream_stream(method)
         proxy = self
 
-        async def call(request_iterator: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-            fwd, trace_id, canary, timeout = proxy._outgoing(context)
+        async def call(request_iterator: AsyncIterator[bytes], context: Any) -> None:
+            fwd, trace_id, canary, _, span = proxy._outgoing(context, method)
             sent: deque[float] = deque()   # arrival times of request messages not yet answered
-            last = [time.perf_counter()]
-            model = ["none"]
-
-            async def requests() -> AsyncIterator[bytes]:
-                while True:
-                    msg = await context.read()
-                    if msg is aio.EOF:
-                        return
-                    if counted:
-                        now = time.perf_counter()
-                        sent.append(now)
-                        last[0] = now
-                        if model[0] == "none":
-                            name = peek_model_name(msg)
-                            if name is not None:
-                                model[0] = proxy.metrics.model_label(name)
-                    yield msg
+            last = time.perf_counter()
+            model = "none"
 
             def observe(code_: str) -> None:
                 if counted and not canary:
-                    t = sent.popleft() if sent else last[0]
-                    proxy.metrics.observe_request(model[0], STREAM_PROTOCOL_LABEL, code_,
+                    t = sent.popleft() if sent else last
+                    proxy.metrics.observe_request(model, STREAM_PROTOCOL_LABEL, code_,
                                                   time.perf_counter() - t, trace_id)
 
             # A stream lasts as long as the client wants: only the client's deadline bounds it.
-            remaining = context.time_remaining()
-            ucall = mc(requests(), timeout=remaining, metadata=tuple(fwd))
+            ucall = mc(timeout=context.time_remaining(), metadata=tuple(fwd))
+
+            async def pump() -> None:
+                """Client → upstream; ends quietly when the upstream call is over (its status says why)."""
+                nonlocal last, model
+                try:
+                    while True:
+                        msg = await context.read()
+                        if msg is aio.EOF:
+                            break
+                        if counted:
+                            last = time.perf_counter()
+                            sent.append(last)
+                            if model == "none":
+                                name = peek_model_name(msg)
+                                if name is not None:
+                                    model = proxy.metrics.model_label(name)
+                        await ucall.write(msg)
+                    await ucall.done_writing()
+                except (aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError):
+                    return
+
+            pump_task = asyncio.ensure_future(pump())
+            code = grpc.StatusCode.OK
             initial_sent = False
             try:
-                async for resp in ucall:
+                while True:
+                    resp = await ucall.read()
+                    if resp is aio.EOF:
+                        break
                     if not initial_sent:
                         initial_sent = True
                         initial = _forwardable(await ucall.initial_metadata())
@@ -351,15 +380,27 @@ class GrpcProxy:
                             await context.send_initial_metadata(initial)
                     if counted:
                         observe("500" if _stream_error(resp) else "200")
-                    yield resp
+                    await context.write(resp)
+                code = await ucall.code()
+                trailing = _forwardable(await ucall.trailing_metadata())
+                if code != grpc.StatusCode.OK:
+                    raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), await ucall.details())
+                if trailing:
+                    context.set_trailing_metadata(trailing)
             except aio.AioRpcError as exc:
-                proxy._upstream_error(exc.code(), exc.details())
+                code = exc.code()
+                proxy._upstream_error(code, exc.details())
                 if counted:
-                    observe(code_label(exc.code()))
-                await context.abort(exc.code(), exc.details() or "", _forwardable(exc.trailing_metadata()))
-            trailing = _forwardable(await ucall.trailing_metadata())
-            if trailing:
-                context.set_trailing_metadata(trailing)
+                    observe(code_label(code))
+                trailing = _forwardable(await ucall.trailing_metadata())
+                await context.abort(code, exc.details() or "", trailing)
+            except CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                ucall.cancel()
+                raise
+            finally:
+                pump_task.cancel()
+                proxy._end_span(span, method, code, model)
 
         return call
 

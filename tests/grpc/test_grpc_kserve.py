@@ -202,3 +202,21 @@ def test_canary_over_grpc(env):
     run = Canary.from_config(cfg, "digits", reg).run_once()
     assert (run.sent, run.errors, run.agreed) == (6, 0, 6)
     assert reg.get_sample_value(mn.REPLAY_REQUESTS.sample_name, {"model": "digits", "result": "ok"}) == 6
+
+
+def test_daemon_canary_over_grpc(env):
+    """replay.protocol: grpc — the daemon's canary thread calls grpc_upstream while its own gRPC listener runs."""
+    from proxy_helpers import make_config
+
+    direct, _, _ = env
+    cfg = dataclasses.replace(
+        make_config("http://127.0.0.1:9"), grpc_listen="127.0.0.1:0", grpc_upstream=direct,
+        registry=str(REPO / "models"), golden_sets=str(REPO / "golden_sets"),
+        replay=ReplayConfig(canary_interval_s=600, canary_samples=4, canary_rate=20.0, protocol="grpc"))
+    with RunningSidecar(cfg) as sc:
+        ok = sc.wait_for(mn.REPLAY_REQUESTS.sample_name, {"model": "digits", "result": "ok"}, 4, timeout=60)
+        assert ok == 4
+        assert sc.value(mn.REFERENCE_AGREEMENT.sample_name,
+                        {"model": "digits", "source": "replay", "result": "agree"}) == 4
+        # canary calls go straight to the model server (with x-sentinel-canary), not through the listener
+        assert sc.value(REQ, {"model": "digits", "protocol": "grpc", "code": "200"}) == 0

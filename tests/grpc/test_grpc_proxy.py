@@ -228,3 +228,31 @@ def test_sentinel_run_grpc_listen_without_upstream_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sentinel", "run", "-c", str(cfg), "--grpc-listen", "127.0.0.1:0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "grpc_upstream" in r.stderr
+
+
+def test_otlp_span_per_call_when_configured(upstream):
+    import dataclasses
+
+    from proxy_helpers import Upstream
+
+    from sentinel.config import TracingConfig
+
+    trace = "6bf92f3577b34da6a3ce929d0e0e4736"
+    with Upstream() as collector:
+        cfg = dataclasses.replace(grpc_config(HTTP_UP, upstream.address),
+                                  tracing=TracingConfig(otlp_endpoint=collector.url))
+        with RunningSidecar(cfg) as sc, _channel(sc) as ch:
+            _, call = ch.unary_unary(INFER).with_call(
+                infer_request("digits"), timeout=10,
+                metadata=(("traceparent", f"00-{trace}-00f067aa0ba902b7-01"), ("x-client", "c")))
+            forwarded = dict(call.initial_metadata())["x-seen-traceparent"]
+        posts = b"".join(s["body"] for s in collector.seen if s["path"] == "/v1/traces")   # flushed on stop
+    assert bytes.fromhex(trace) in posts
+    assert bytes.fromhex(forwarded.split("-")[2]) in posts   # our span is the upstream call's parent
+    assert b"ModelInfer" in posts
+
+
+def test_other_services_pass_through(sidecar):
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
+    assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED   # the upstream's answer, relayed
