@@ -256,3 +256,32 @@ def test_other_services_pass_through(sidecar):
     with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
         ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=10)
     assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED   # the upstream's answer, relayed
+
+
+def test_running_daemon_with_grpc_loads_no_heavy_modules():
+    """A started sidecar with its gRPC listener relaying a ModelInfer call: still no decoder, torch or scipy."""
+    code = """
+import asyncio, sys
+import grpc
+from sentinel.config import Config, ModelConfig
+from sentinel.proxy.sidecar import Sidecar
+BODY = b"\\x0a\\x01m"   # ModelInferRequest{model_name: "m"}
+async def main():
+    sc = Sidecar(Config(models=(ModelConfig(name="m", version="1"),), listen="127.0.0.1:0", admin="127.0.0.1:0",
+                        upstream="http://127.0.0.1:9", grpc_listen="127.0.0.1:0", grpc_upstream="127.0.0.1:9"))
+    await sc.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.grpc_address[1]}") as ch:
+        try:
+            await ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(BODY, timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            print(exc.code().name)
+    await sc.stop()
+asyncio.run(main())
+bad = [m for m in ("torch", "onnxruntime", "scipy", "sentinel.analysis", "sentinel.protocols.oip_grpc")
+       if m in sys.modules]
+assert not bad, bad
+"""
+    repo = str(Path(__file__).resolve().parents[2])
+    p = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "UNAVAILABLE" in p.stdout
