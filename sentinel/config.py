@@ -210,6 +210,7 @@ class ReplayConfig:
     canary_samples: int = 16
     canary_rate: float = 2.0          # requests per second
     canary_ready_timeout_s: float = 120.0  # longest wait for the model server's readiness before round 1
+    protocol: Literal["http", "grpc"] = "http"  # canary transport; grpc goes to `grpc_upstream`
 
     def validate(self):
         if self.canary_interval_s < 0:
@@ -220,6 +221,23 @@ class ReplayConfig:
             yield "canary_samples", "must be at least 1"
         if self.canary_rate <= 0:
             yield "canary_rate", "must be positive"
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """Bounds of the gRPC listener (on when `grpc_listen` is set)."""
+
+    max_message_bytes: int = 64 * 1024 * 1024  # larger request or response messages: RESOURCE_EXHAUSTED
+    upstream_timeout_s: float = 30.0   # cap on an upstream call; a client's shorter deadline wins
+    max_concurrent_rpcs: int = 1024    # calls in flight beyond this are refused with RESOURCE_EXHAUSTED
+
+    def validate(self):
+        if self.max_message_bytes <= 0:
+            yield "max_message_bytes", "must be positive"
+        if self.upstream_timeout_s <= 0:
+            yield "upstream_timeout_s", "must be positive"
+        if self.max_concurrent_rpcs < 1:
+            yield "max_concurrent_rpcs", "must be at least 1"
 
 
 @dataclass(frozen=True)
@@ -257,6 +275,9 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    grpc_listen: str | None = None     # gRPC listener host:port (OIP v2 over gRPC); off when unset
+    grpc_upstream: str | None = None   # the model server's gRPC host:port
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     source: str = field(default="<memory>", compare=False)
 
     def validate(self):
@@ -267,6 +288,12 @@ class Config:
             yield "upstream", err
         if not self.models:
             yield "models", "at least one model is required"
+        for name in ("grpc_listen", "grpc_upstream"):
+            value = getattr(self, name)
+            if value is not None and (err := _check_addr(value)):
+                yield name, err
+        if self.grpc_listen is not None and self.grpc_upstream is None:
+            yield "grpc_upstream", "required when grpc_listen is set (the model server's gRPC host:port)"
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m is not None and m.name in seen:

@@ -49,6 +49,10 @@ def run(
         None, "--upstream", help="Model server URL (overrides the file; model endpoints on the same server, "
                                  "which the canary replays to, move with it)."),
     admin: str | None = typer.Option(None, "--admin", help="Admin address host:port (overrides the file)."),
+    grpc_listen: str | None = typer.Option(None, "--grpc-listen",
+                                           help="gRPC listener host:port for OIP v2 over gRPC (overrides the file)."),
+    grpc_upstream: str | None = typer.Option(None, "--grpc-upstream",
+                                             help="The model server's gRPC host:port (overrides the file)."),
 ) -> None:
     """Proxy inference traffic to the model server, measure it, sample it, serve /metrics."""
     import logging
@@ -56,7 +60,8 @@ def run(
     from sentinel.config import load_config
     from sentinel.proxy.sidecar import run as run_sidecar
 
-    cfg = override_upstream(load_config(config), upstream).with_overrides(listen=listen, admin=admin)
+    cfg = override_upstream(load_config(config), upstream).with_overrides(
+        listen=listen, admin=admin, grpc_listen=grpc_listen, grpc_upstream=grpc_upstream)
     level = getattr(logging, cfg.log_level.upper())
     root = logging.getLogger()
     if root.level > level or root.level == logging.NOTSET:

@@ -124,6 +124,8 @@ class Sidecar:
         self._tasks: list[asyncio.Task] = []
         self.gpu_collector: Any = None
         self.canaries: list[Any] = []
+        self.grpc_proxy: Any = None
+        self.grpc_address: tuple[str, int] | None = None
         self.canary_problems: dict[str, str] = {}
         self._add_gpu_collector()
 
@@ -160,11 +162,43 @@ class Sidecar:
         except InfrastructureError:
             self.proxy_server.close()
             raise
+        try:
+            await self._start_grpc()
+        except InfrastructureError:
+            self.proxy_server.close()
+            self.admin_server.close()
+            raise
         self._start_canaries()
         self._tasks.append(loop.create_task(self._expire_ingest()))
         self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
         self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
+
+    async def _start_grpc(self) -> None:
+        """The gRPC listener (OIP v2 over gRPC), when `grpc_listen` is configured."""
+        cfg = self.config
+        if cfg.grpc_listen is None:
+            return
+        from sentinel.proxy.grpc_proxy import GrpcProxy
+
+        assert cfg.grpc_upstream is not None   # validated with grpc_listen
+        self.grpc_proxy = GrpcProxy(
+            upstream=cfg.grpc_upstream, metrics=self.metrics, samplers=self.samplers, submit=self.analysis.submit,
+            count_sample=self.ctx.count_sample, max_message_bytes=cfg.grpc.max_message_bytes,
+            upstream_timeout_s=cfg.grpc.upstream_timeout_s, max_concurrent=cfg.grpc.max_concurrent_rpcs,
+            tracer=self.tracer)
+        try:
+            port = await self.grpc_proxy.start(cfg.grpc_listen)
+        except RuntimeError as exc:
+            port, why = 0, str(exc)
+        else:
+            why = "address in use or not available"
+        if not port:
+            await self.grpc_proxy.stop(0)
+            self.grpc_proxy = None
+            raise InfrastructureError(f"cannot listen on {cfg.grpc_listen} ({cfg.source}: grpc_listen): {why}")
+        self.grpc_address = (parse_hostport(cfg.grpc_listen)[0], port)
+        log.info("gRPC proxy on %s:%d → %s", *self.grpc_address, cfg.grpc_upstream)
 
     async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
         try:
@@ -198,6 +232,8 @@ class Sidecar:
         ctx = self.ctx
         ctx.draining = True
         self.proxy_server.close()
+        grpc_stop = (asyncio.ensure_future(self.grpc_proxy.stop(self.config.proxy.drain_timeout_s))
+                     if self.grpc_proxy is not None else None)
         for conn in list(ctx.connections):
             if conn.idle():
                 conn.transport.close()  # type: ignore[union-attr]
@@ -208,6 +244,8 @@ class Sidecar:
             log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
             for conn in list(ctx.connections):
                 conn.abort()
+        if grpc_stop is not None:
+            await grpc_stop   # drains gRPC calls in flight over the same deadline
         for c in self.canaries:
             c.stop(timeout=5.0)
         self.pool.close()
@@ -325,6 +363,8 @@ class Sidecar:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "listen": "{}:{}".format(*self.proxy_address), "upstream": self.config.upstream,
+            "grpc_listen": "{}:{}".format(*self.grpc_address) if self.grpc_address else None,
+            "grpc_upstream": self.config.grpc_upstream,
             "draining": self.ctx.draining,
             "inflight": self.metrics.inflight_count,
             "models_seen": self.metrics.models_seen(),

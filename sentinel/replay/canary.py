@@ -100,9 +100,10 @@ class Canary:
 
     def __init__(self, *, model: str, target: str, wire: WireFormat, samples: Samples,
                  registry: CollectorRegistry, interval_s: float = 300.0, count: int = 16, rate: float = 2.0,
-                 timeout_s: float = 10.0, ready_path: str | None = None, ready_timeout_s: float = 120.0):
+                 timeout_s: float = 10.0, ready_path: str | None = None, ready_timeout_s: float = 120.0,
+                 grpc_target: str | None = None):
         self.model = model
-        self.target = Target.parse(target)
+        self.target = Target.parse(target)  # HTTP endpoint: readiness, and the rounds unless gRPC
         self.ready_path = ready_path if ready_path is not None else readiness_path(wire.protocol, wire.model)
         self.ready_timeout_s = ready_timeout_s
         self.wire = wire
@@ -110,8 +111,14 @@ class Canary:
         self.interval_s = interval_s
         self.plan = LoadPlan(rate=rate, count=count, connections=4, timeout_s=timeout_s)
         self.metrics = ReplayMetrics(registry)
-        self._replayer = Replayer(self.target, wire, samples, headers={CANARY_HEADER: "1"},
-                                  observer=self._observe)
+        if getattr(wire, "protocol", None) == "grpc":   # replay.protocol: grpc
+            from sentinel.replay.grpc_client import GrpcReplayer, GrpcTarget
+
+            self._replayer: Replayer = GrpcReplayer(GrpcTarget.parse(grpc_target or target), wire, samples,  # type: ignore[arg-type]
+                                                    headers={CANARY_HEADER: "1"}, observer=self._observe)
+        else:
+            self._replayer = Replayer(self.target, wire, samples, headers={CANARY_HEADER: "1"},
+                                      observer=self._observe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: CanaryRun | None = None
@@ -129,11 +136,21 @@ class Canary:
         samples = select_samples(entry, golden)
         wire = WireFormat(mc.protocol, mc.path_name, classes=entry.manifest.classes)
         r = config.replay
+        target = mc.endpoint
+        if r.protocol == "grpc":
+            from sentinel.replay.grpc_client import GrpcWire
+
+            if config.grpc_upstream is None:
+                raise ValueError("replay.protocol is grpc but grpc_upstream (the model server's gRPC host:port) "
+                                 "is not set")
+            wire, target = GrpcWire(mc.path_name, classes=entry.manifest.classes), config.grpc_upstream  # type: ignore[assignment]
         # The model label is the configured name, as on every other sentinel metric (rules match on it).
+        # Readiness is polled on the model's HTTP endpoint even when the rounds go over gRPC.
         return cls(model=mc.name, target=mc.endpoint, wire=wire, samples=samples, registry=registry,
                    interval_s=r.canary_interval_s, count=r.canary_samples, rate=r.canary_rate,
                    ready_path=readiness_path(mc.protocol, mc.path_name),
-                   ready_timeout_s=getattr(r, "canary_ready_timeout_s", 120.0))
+                   ready_timeout_s=getattr(r, "canary_ready_timeout_s", 120.0),
+                   grpc_target=target if r.protocol == "grpc" else None)
 
     def _observe(self, o: Outcome) -> None:
         agrees = None if o.comparison is None else o.comparison.agrees(self.samples.tolerance)
