@@ -85,7 +85,7 @@ class Signature:
         t = t - t.mean(axis=2, keepdims=True)
         t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-12)
         names = [f"{s}_c{i}" for i in range(c) for s in ("mean", "std", "q10", "q50", "q90", "low_share",
-                                                           "high_share", "mid_share")]
+                                                           "high_share", "mid_share", "min", "max")]
         names += ["sharpness", "anisotropy"] + [f"fit_{o}" for o in orients]
         names += [f"fit_identity_minus_{o}" for o in orients[1:]]
         return cls(low, high, t, tuple(names))
@@ -103,7 +103,7 @@ class Signature:
         high_share = (flat >= hi - eps).mean(axis=2)
         mid_share = ((flat > lo + 0.1 * rng) & (flat < hi - 0.1 * rng)).mean(axis=2)
         per_c = np.stack([flat.mean(axis=2), flat.std(axis=2), q[0], q[1], q[2], low_share, high_share,
-                          mid_share], axis=2).reshape(n, -1)
+                          mid_share, flat.min(axis=2), flat.max(axis=2)], axis=2).reshape(n, -1)
         gx = np.abs(np.diff(x, axis=3)).mean(axis=(1, 2, 3)) if x.shape[3] > 1 else np.zeros(n)
         gy = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) if x.shape[2] > 1 else np.zeros(n)
         aniso = gx / np.maximum(gx + gy, 1e-12)
@@ -264,16 +264,18 @@ class Diagnoser:
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)
 
-    def _fitted(self, window_network: np.ndarray) -> dict[str, tuple[Moments, float]]:
-        """Scale and offset candidates with parameters estimated from the window's extremes."""
+    def _fitted(self, window_features: np.ndarray) -> dict[str, tuple[Moments, float]]:
+        """Scale and offset candidates with parameters estimated from the window's per-sample extremes."""
         out: dict[str, tuple[Moments, float]] = {}
-        if window_network is None or len(window_network) == 0:
+        if len(window_features) == 0:
             return out
-        w = np.asarray(window_network, np.float64)
-        flat = w.reshape(len(w), w.shape[1], -1)
+        names = self.signature.names
+        c = len(self.signature.low)
+        mins = window_features[:, [names.index(f"min_c{i}") for i in range(c)]]
+        maxs = window_features[:, [names.index(f"max_c{i}") for i in range(c)]]
         a, b = self.source.unit_a[None, :], self.source.unit_b[None, :]
-        wmax = np.median(flat.max(axis=2) * a + b, axis=0)
-        wmin = np.median(flat.min(axis=2) * a + b, axis=0)
+        wmax = np.median(maxs * a + b, axis=0)
+        wmin = np.median(mins * a + b, axis=0)
         rng = np.maximum(self.src_high - self.src_low, 1e-12)
         base = self.src_max_med - self.src_min_med
         span = wmax - wmin
@@ -304,7 +306,7 @@ class Diagnoser:
         v = wts @ (var + mu ** 2) - mean ** 2
         return Moments(mean, np.maximum(v, 0.0), self.golden.n)
 
-    def search(self, window_features: np.ndarray, window_network: np.ndarray | None) -> dict[str, tuple[float, float | None]]:
+    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None]]:
         """d(candidate) for the identity and every candidate, with the fitted parameter where there is one."""
         wm = Moments.of(window_features)
         out: dict[str, tuple[float, float | None]] = {"identity": (distance(wm, self.golden, self.scale), None)}
@@ -313,13 +315,13 @@ class Diagnoser:
             d = distance(wm, m, self.scale)
             if name not in out or d < out[name][0]:
                 out[name] = (d, None)
-        for name, (m, p) in self._fitted(window_network).items():
+        for name, (m, p) in self._fitted(window_features).items():
             out[name] = (distance(wm, m, self.scale), p)
         return out
 
 
 def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | None = None,
-             window_features: np.ndarray | None = None, window_network: np.ndarray | None = None,
+             window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
              contract_share: float = CONTRACT_SHARE) -> Diagnosis:
@@ -345,7 +347,7 @@ def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | Non
         return Diagnosis(kind, reason="no input signatures in the window; decided from the detectors", **common)
     assert diagnoser is not None and window_features is not None
     moved = distance(Moments.of(window_features), diagnoser.reweighted(predicted), diagnoser.scale)
-    cands = diagnoser.search(window_features, window_network)
+    cands = diagnoser.search(window_features)
     d_id = cands["identity"][0]
     best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
     d_best, param = cands[best]
@@ -358,13 +360,13 @@ def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | Non
         transform, p = None, None
         bad = np.asarray(violating, bool)
         if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
-            sub = diagnoser.search(window_features[bad], None if window_network is None else window_network[bad])
+            sub = diagnoser.search(window_features[bad])
             sb = min((k for k in sub if k != "identity"), key=lambda k: sub[k][0])
             if sub[sb][0] < FIT and sub[sb][0] * FIT_RATIO < sub["identity"][0]:
                 transform, p = sb, sub[sb][1]
         return Diagnosis("input_contract", transform, p, round(moved, 3), top,
                          reason=f"{share:.1%} of the window's samples violate the input contract", **common)
-    if moved > MOVED:
+    if moved > MOVED or "input_stats" in alarming:
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
                                 "and no candidate transform explains them", **common)
