@@ -48,6 +48,7 @@ CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
+REL_TOLERANCE = 0.005
 ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
 
 
@@ -131,7 +132,10 @@ class Moments:
 
 def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
     """Mean squared Welch z over features (`scale` floors each feature's variance)."""
-    se2 = window.var / max(window.n, 1) + ref.var / max(ref.n, 1) + (scale ** 2) / max(window.n, 1)
+    # plus a 0.5% relative tolerance: a fitted factor is not exact, and a feature with no spread
+    # (a clipped maximum) must not turn that into an enormous z
+    se2 = window.var / max(window.n, 1) + ref.var / max(ref.n, 1) + (scale ** 2) / max(window.n, 1) \
+        + (REL_TOLERANCE * ref.mean) ** 2
     z2 = (window.mean - ref.mean) ** 2 / se2
     return float(np.mean(np.minimum(z2, 1e6)))
 
