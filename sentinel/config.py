@@ -176,7 +176,7 @@ class AnalysisConfig:
 @dataclass(frozen=True)
 class DriftConfig:
     window_size: int = 200
-    evaluate_every: int = 50         # evaluate after this many new samples
+    evaluate_every: int = 25         # evaluate after this many new samples (25: the ATC lower bound reacts within 50)
     alpha: float = 0.05              # family-wise false-alarm level of the combined verdict
     detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
     shadow: bool = True              # run the reference on sampled inputs
@@ -190,6 +190,9 @@ class DriftConfig:
     # 1: every evaluation stands alone (false-alarm rate per window <= alpha); 2: one window
     # more of delay, and a fixed golden set's false-alarm rate drops to <= 0.002 (drift eval).
     persistence: int = 1
+    # The ATC lower bound gauge is the smaller of the window's and its last N samples' bound, so a
+    # sudden mismatch shows within N samples (sentinel.drift.Settings.accuracy_recent); 0: window only.
+    accuracy_recent: int = 50
 
     def validate(self):
         if self.pca_components < 1:

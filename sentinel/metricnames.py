@@ -114,6 +114,29 @@ REPLAY_DURATION = _m("replay_duration_seconds", "histogram", "Latency of canary 
 REPLAY_REQUESTS = _m("replay_requests", "counter", "Canary replay requests by result.",
                      ("model", "result"))
 
+# --- input contract, diagnosis, accuracy verdicts (issue 11) ----------------------------
+INPUT_CONTRACT_CHECKED = _m("input_contract_checked_samples", "counter",
+                            "Sampled inputs checked against the model version's input contract.", ("model",))
+INPUT_CONTRACT_VIOLATIONS = _m("input_contract_violations", "counter",
+                               "Sampled inputs violating one check of the input contract (a sample counts once "
+                               "per check it violates: out_of_range, dtype, shape, nonfinite, saturated, "
+                               "low_dynamic_range).", ("model", "check"))
+INPUT_CONTRACT_VIOLATING = _m("input_contract_violating_samples", "counter",
+                              "Sampled inputs violating at least one check of the input contract.", ("model",))
+DRIFT_DIAGNOSIS = _m("drift_diagnosis", "gauge",
+                     "1 for the diagnosed kind of the latest evaluated window (none, input_contract, "
+                     "preprocessing_mismatch, covariate_shift, prior_shift), 0 for the others.", ("model", "kind"))
+DRIFT_DIAGNOSIS_TRANSFORM = _m("drift_diagnosis_transform", "gauge",
+                               "1 for the transform the latest window's diagnosis names, 0 for the others.",
+                               ("model", "transform"))
+ACCURACY_VERDICTS = _m("accuracy_verdicts", "counter",
+                       "Per-sample ATC verdicts: likely_correct, likely_wrong, unknown (outside the golden "
+                       "support or violating the input contract). Lower bound = likely_correct / all.",
+                       ("model", "verdict"))
+ACCURACY_ESTIMATE_RELIABLE = _m("accuracy_estimate_reliable", "gauge",
+                                "0 when more than 10% of the latest window's samples have unknown verdicts "
+                                "(the accuracy estimate is not to be trusted), else 1.", ("model",))
+
 # --- GPU --------------------------------------------------------------------------------
 GPU_AVAILABLE = _m("gpu_available", "gauge", "1 when NVML is usable, else 0.")
 GPU_MEMORY_USED = _m("gpu_memory_used_bytes", "gauge", "Device memory in use.", ("gpu", "uuid"), "bytes")

@@ -70,6 +70,7 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     factory = load_factory(factory_spec)
     monitors: dict[str, Any] = {}
     last_status: dict[str, float] = {}
+    last_windows: dict[str, Any] = {}
     models = {m.name: m for m in config.models}
     hints: dict[str, Any] = {}
     while True:
@@ -104,8 +105,11 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
             break
         now = time.monotonic()
         mon = monitors.get(model)
-        if mon is not None and now - last_status.get(model, 0.0) >= STATUS_EVERY_S:
+        evaluated = getattr(mon, "windows", None)       # a new evaluation: /status follows it at once
+        if mon is not None and (now - last_status.get(model, 0.0) >= STATUS_EVERY_S
+                                or evaluated != last_windows.get(model)):
             last_status[model] = now
+            last_windows[model] = evaluated
             try:
                 results.send(("status", model, mon.status()))
             except Exception as exc:

@@ -99,7 +99,7 @@ def total_selector(slo: SloSpec) -> str:
     if slo.sli == "agreement":
         return _sel(mn.REFERENCE_AGREEMENT.sample_name, model=slo.model,
                     source="~" + "|".join(_AGREEMENT_SOURCES))
-    return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+    return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
 
 
 def required_selectors(slo: SloSpec) -> tuple[str, ...]:
@@ -151,5 +151,5 @@ def accuracy_sample(slo: SloSpec) -> str:
     `>= 0` drops NaN (an estimator that has not completed a window yet), so NaN never
     reaches the averages over time built on this series.
     """
-    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
     return f"avg by (model) ({gauge} >= 0)"
