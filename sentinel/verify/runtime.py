@@ -7,9 +7,15 @@ from typing import Literal
 
 import numpy as np
 
-from sentinel.errors import InfrastructureError, UsageError
+from sentinel.errors import InfrastructureError, UsageError, WeightsError
 
 Precision = Literal["fp32", "fp16", "int8"]
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, safe for exceptions with an empty message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 class OnnxExport:
@@ -26,9 +32,10 @@ class OnnxExport:
             self.model = onnx.load(str(path))
             onnx.checker.check_model(self.model)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
-            raise InfrastructureError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+            raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
         self.session = self._session(self.model)
+        if not self.session.get_inputs() or not self.session.get_outputs():
+            raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
@@ -46,7 +53,7 @@ class OnnxExport:
         try:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
-            raise InfrastructureError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{self.path}: onnxruntime cannot load it ({_first_line(exc)})") from None
 
     @property
     def precision(self) -> Precision:
@@ -98,7 +105,7 @@ class TorchScriptExport:
         try:
             self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and others
-            raise InfrastructureError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{path}: not a loadable TorchScript file ({_first_line(exc)})") from None
         self.output_names = ["logits"]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
