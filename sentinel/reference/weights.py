@@ -72,16 +72,14 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore")
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "GLOBAL" in text or "global" in text:
-            detail = next((line for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+        detail = _unpickler_detail(str(exc))
+        if "GLOBAL" in detail or "global" in detail:
             raise WeightsError(
                 f"{p}: refused: this checkpoint needs unrestricted unpickling, which can run arbitrary code "
-                f"({detail.strip()[:200] or 'unsupported global'}). "
-                "Convert it to safetensors, or save only the state_dict."
-            ) from None
-        raise WeightsError(f"{p}: not a readable torch checkpoint (corrupt pickle: "
-                           f"{text.strip().splitlines()[-1][:200] if text.strip() else 'no detail'})") from None
+                f"({detail}). Convert it to safetensors, or save only the state_dict.") from None
+        raise WeightsError(
+            f"{p}: refused: this checkpoint needs unrestricted unpickling or is corrupt: the weights-only "
+            f"unpickler cannot read it ({detail}). Convert it to safetensors, or save only the state_dict.") from None
     except Exception as exc:  # noqa: BLE001 - torch's readers raise many types on corrupt bytes
         raise WeightsError(f"{p}: not a readable torch checkpoint ({_first_line(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -89,6 +87,16 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise WeightsError(f"{p}: expected a mapping of parameter names to tensors, found a {type(obj).__name__}")
     return obj
+
+
+def _unpickler_detail(text: str) -> str:
+    """The informative line of torch's weights-only error (it wraps it in boilerplate)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(boiler):
+            return line[:200]
+    return "no detail"
 
 
 def check_tensors(state: dict, p: Path) -> None:

@@ -34,13 +34,17 @@ class OnnxExport:
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
             raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
         self.session = self._session(self.model)
-        if not self.session.get_inputs() or not self.session.get_outputs():
-            raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
-        self.input_shape = tuple(inp.shape)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        try:   # names and shapes come from the file: non-UTF-8 bytes there raise UnicodeDecodeError
+            inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+            if not inputs or not outputs:
+                raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
+            inp = inputs[0]
+            self.input_name = inp.name
+            self.input_dtype = np.float16 if "float16" in inp.type else np.float32
+            self.input_shape = tuple(inp.shape)
+            self.output_names = [o.name for o in outputs]
+        except (UnicodeDecodeError, ValueError, RuntimeError) as exc:
+            raise WeightsError(f"{path}: unreadable inputs or outputs in the ONNX graph ({_first_line(exc)})") from None
         b = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None
 

@@ -71,7 +71,7 @@ def test_corrupt_zip_and_legacy_records(tmp_path):
             read_state_dict(write(tmp_path, f"l{pos}.pt", bytes(bad)))
         except WeightsError as exc:
             assert str(tmp_path) in str(exc)
-    refused(write(tmp_path, "text.pt", b"not a checkpoint at all"), "not a readable torch checkpoint")
+    refused(write(tmp_path, "text.pt", b"not a checkpoint at all"), "corrupt")
     refused(write(tmp_path, "empty.pt", b""))
 
 
@@ -145,7 +145,9 @@ def test_malformed_onnx(tmp_path):
     good = onnx_file()
     OnnxExport(write(tmp_path, "ok.onnx", good))
     for name, data in {"truncated": good[:len(good) // 2], "garbage": b"\x08\x07garbage" * 10, "empty": b"",
-                       "flipped": good[:40] + bytes([good[40] ^ 0xFF]) + good[41:]}.items():
+                       "flipped": good[:40] + bytes([good[40] ^ 0xFF]) + good[41:],
+        # a name byte that is not UTF-8 (found by the 60 s fuzz: UnicodeDecodeError from inp.shape)
+        "non_utf8_name": good.replace(b"\x12\x01n", b"\x12\x01\x81", 1)}.items():
         p = write(tmp_path, f"{name}.onnx", data)
         try:
             OnnxExport(p)
