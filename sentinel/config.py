@@ -119,9 +119,9 @@ class AnalysisConfig:
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped
-    sample_timeout_s: float = 10.0   # wall-clock budget to decode and analyse one sample (0: none)
+    sample_timeout_s: float = 30.0   # wall-clock budget to decode and analyse one sample (0: none)
     heartbeat_s: float = 1.0         # an idle worker says it is alive this often
-    hang_timeout_s: float = 30.0     # a worker silent this long is killed and restarted (reason "hung")
+    hang_timeout_s: float = 60.0     # a worker silent this long is killed and restarted (reason "hung")
     worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
     worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
 

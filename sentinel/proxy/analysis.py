@@ -178,7 +178,9 @@ class AnalysisManager:
             if not p.is_alive():
                 self._on_crash(p.exitcode)
             elif time.monotonic() > self._deadline:
-                self._on_hang(p)
+                self._on_readable_safe()   # a busy event loop may not have read what did arrive
+                if time.monotonic() > self._deadline:
+                    self._on_hang(p)
 
     def _on_hang(self, p: Any) -> None:
         """Kill a worker that stopped answering (SIGKILL also ends a SIGSTOPped process)."""
