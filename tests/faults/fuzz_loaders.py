@@ -4,7 +4,7 @@
     PYTHONPATH=. python tests/faults/fuzz_loaders.py --seconds 60 --loader legacy.pt
 
 Mutates a valid seed file (truncations, bit flips, overwritten words, deletions, insertions,
-spliced copies) and loads it; anything but success or a WeightsError naming the file is an
+spliced copies), or makes up a safetensors header or a torch.save of odd objects, and loads it; anything but success or a WeightsError naming the file is an
 escape: it is printed and the file kept under --keep for reproduction. Each loader runs in
 its own process, so a crash of a native reader (a signal) shows as that loader's failure.
 """
@@ -28,9 +28,60 @@ from loader_seeds import (  # noqa: E402
     pt_legacy,
     pt_zip,
     safetensors_file,
+    safetensors_with_header,
 )
 
-LOADERS = {"zip.pt": pt_zip, "legacy.pt": pt_legacy, "w.safetensors": safetensors_file, "m.onnx": onnx_file}
+LOADERS = {"zip.pt": pt_zip, "legacy.pt": pt_legacy, "w.safetensors": safetensors_file, "m.onnx": onnx_file,
+           "header.safetensors": None, "objects.pt": None}   # the last two are generated, not mutated
+DTYPES = ["F16", "BF16", "F32", "F64", "I8", "U8", "I16", "I32", "I64", "BOOL", "C64", "F8_E4M3", "F33", "", "int"]
+
+
+def random_header_file(rng: random.Random) -> bytes:
+    """A safetensors file whose JSON header rng makes up: dtypes, shapes, offsets, lengths."""
+    def number() -> int:
+        return rng.choice([rng.randint(0, 8), rng.randint(-2, 64), 2 ** rng.randint(8, 70), 10 ** 30])
+
+    header: dict = {}
+    for i in range(rng.randint(0, 3)):
+        entry = {"dtype": rng.choice(DTYPES), "shape": [number() for _ in range(rng.randint(0, 4))],
+                 "data_offsets": [number() for _ in range(rng.choice([2, 2, 2, 0, 1, 3]))]}
+        if rng.random() < 0.1:
+            entry = rng.choice([[], "x", 3, {"dtype": "F32"}])
+        header[rng.choice([f"t{i}", "__metadata__", ""])] = entry
+    return safetensors_with_header(header, rng.randbytes(rng.randint(0, 64)))
+
+
+def random_object_file(rng: random.Random) -> bytes:
+    """A torch.save of nested containers, scalars and tensors of assorted dtypes and layouts."""
+    import io
+
+    import torch
+
+    def leaf():
+        kind = rng.randrange(8)
+        if kind == 0:
+            return torch.randn(rng.randint(0, 3), rng.randint(1, 3))
+        if kind == 1:
+            return torch.zeros(2, dtype=rng.choice([torch.int8, torch.bool, torch.complex64, torch.float16,
+                                                    torch.bfloat16, torch.uint8]))
+        if kind == 2:
+            return torch.tensor([float("nan"), float("inf")])
+        if kind == 3:
+            return torch.zeros(3).to_sparse()
+        if kind == 4:
+            return torch.zeros(4)[::2]   # a view sharing storage
+        return rng.choice([None, 3, 2.5, "text", b"bytes", (1, 2), 2 ** 80])
+
+    def value(depth: int):
+        if depth > 2 or rng.random() < 0.6:
+            return leaf()
+        if rng.random() < 0.5:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["a", "state_dict", 1, "b.weight"]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    buf = io.BytesIO()
+    torch.save(value(0), buf, _use_new_zipfile_serialization=rng.random() < 0.5)
+    return buf.getvalue()
 
 
 def loader_for(name: str):
@@ -48,14 +99,17 @@ def fuzz_one(name: str, seconds: float, seed: int, keep: Path) -> int:
 
     warnings.simplefilter("ignore")
     rng = random.Random(seed)
-    base = LOADERS[name]()
+    seed_fn = LOADERS[name]
+    base = seed_fn() if seed_fn is not None else b""
+    make = {"header.safetensors": random_header_file, "objects.pt": random_object_file}.get(
+        name, lambda r: mutate(base, r))
     load = loader_for(name)
     work = Path(tempfile.mkdtemp(prefix="sentinel-fuzz-"))
     counts: collections.Counter[str] = collections.Counter()
     escapes: dict[str, Path] = {}
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        data = mutate(base, rng)
+        data = make(rng)
         path = work / name
         path.write_bytes(data)
         try:
