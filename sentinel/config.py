@@ -161,6 +161,11 @@ class AnalysisConfig:
     ingest_max_pending: int = 1024
     ingest_max_pending_bytes: int = 64 * 1024 * 1024  # payload bytes of unjoined halves; oldest dropped beyond
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped
+    sample_timeout_s: float = 30.0   # wall-clock budget to decode and analyse one sample (0: none)
+    heartbeat_s: float = 1.0         # an idle worker says it is alive this often
+    hang_timeout_s: float = 60.0     # a worker silent this long is killed and restarted (reason "hung")
+    worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
+    worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
 
     def validate(self):
         if self.queue_size < 1:
@@ -171,6 +176,17 @@ class AnalysisConfig:
             yield "ingest_max_pending", "must be at least 1"
         if self.ingest_max_pending_bytes < 1:
             yield "ingest_max_pending_bytes", "must be positive"
+        if self.sample_timeout_s < 0:
+            yield "sample_timeout_s", "must be 0 (no budget) or positive"
+        if self.heartbeat_s <= 0:
+            yield "heartbeat_s", "must be positive"
+        if self.hang_timeout_s <= self.sample_timeout_s + self.heartbeat_s:
+            yield "hang_timeout_s", (f"must exceed sample_timeout_s + heartbeat_s "
+                                     f"({self.sample_timeout_s + self.heartbeat_s:g}), got {self.hang_timeout_s:g}")
+        if self.worker_start_timeout_s < self.hang_timeout_s:
+            yield "worker_start_timeout_s", "must be at least hang_timeout_s"
+        if self.worker_memory_limit_bytes < 0:
+            yield "worker_memory_limit_bytes", "must be 0 (no limit) or positive"
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,11 @@ SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",
 SAMPLE_QUEUE_DEPTH = _m("sample_queue_depth", "gauge", "Samples waiting for analysis.")
 SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sample queue.")
 ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
-ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter", "Analysis worker restarts.")
+ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
+                       "Analysis worker restarts by reason (exit, killed, hung).", ("reason",))
+SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
+                       "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
+                       "out_of_memory, timeout, unexpected_error, worker_lost).", ("model", "reason"))
 INGEST_EVENTS = _m("ingest_events", "counter",
                    "CloudEvents received on /ingest by outcome: accepted (first half, waiting), joined "
                    "(pair complete, sent to analysis), orphaned (a half dropped unjoined: too old, over the "

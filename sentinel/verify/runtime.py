@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from sentinel.errors import InfrastructureError, UsageError
+from sentinel.errors import InfrastructureError, UsageError, WeightsError
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
@@ -49,6 +49,12 @@ def graph_precision(model) -> Precision:
     return {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}.get(top, "fp32")  # type: ignore[return-value]
 
 
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, safe for exceptions with an empty message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
 class OnnxExport:
     """An ONNX file run with onnxruntime.
 
@@ -69,23 +75,25 @@ class OnnxExport:
             self.model = onnx.load(str(path))
             onnx.checker.check_model(self.model)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
-            raise InfrastructureError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+            raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
         graph = self.model.graph
-        inits = {i.name for i in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in inits]
-        if not inputs:
-            raise InfrastructureError(f"{path}: the graph has no input")
-        inp = inputs[0]
-        elem = inp.type.tensor_type.elem_type
+        try:   # names come from the file: non-UTF-8 bytes there raise UnicodeDecodeError
+            inits = {i.name for i in graph.initializer}
+            inputs = [i for i in graph.input if i.name not in inits]
+            if not inputs or not graph.output:
+                raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
+            inp = inputs[0]
+            elem = inp.type.tensor_type.elem_type
+            self.input_name = inp.name
+            self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                     for d in inp.type.tensor_type.shape.dim)
+            self.output_names = [o.name for o in graph.output]
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise WeightsError(f"{path}: unreadable inputs or outputs in the ONNX graph ({_first_line(exc)})") from None
         if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             raise UsageError(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(elem)}; "
                              "verify feeds float32, float16 or float64 inputs")
-        self.input_name = inp.name
         self.input_dtype = {TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
-        self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                 for d in inp.type.tensor_type.shape.dim)
-        self.output_names = [o.name for o in graph.output]
         b = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None
         self._session_obj = None
@@ -101,7 +109,7 @@ class OnnxExport:
         try:
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
-            raise InfrastructureError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{self.path}: onnxruntime cannot load it ({_first_line(exc)})") from None
         self.sessions_built += 1
         return sess
 
@@ -170,7 +178,7 @@ class TorchScriptExport:
         try:
             self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and others
-            raise InfrastructureError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{path}: not a loadable TorchScript file ({_first_line(exc)})") from None
         self.output_names = ["logits"]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
