@@ -297,11 +297,29 @@ class ModelMonitor:
             if math.isfinite(value):
                 up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
                                        "set", value))
+        up += self._feature_means()
         self.last = {"n": v.n, "drift": v.drift, "combined": v.combined.to_dict(),
                      "detectors": [r.to_dict() for r in v.detectors],
                      "estimated_accuracy": {k: (x if math.isfinite(x) else None)
                                             for k, x in v.estimated_accuracy.items()}}
         return up
+
+    def _feature_means(self) -> list[MetricUpdate]:
+        """Live-window and golden means of each input statistic, for the debug dashboard."""
+        test = self.suite.input_stats
+        if test is None or not len(self.input_stats):
+            return []
+        live = np.asarray(self.input_stats.values(), np.float64)
+        if live.ndim != 2 or live.shape[1] != len(test.features):
+            return []
+        golden = np.asarray(test.reference, np.float64).mean(axis=0)
+        out = []
+        for j, feature in enumerate(test.features):
+            for source, value in (("live", float(live[:, j].mean())), ("golden", float(golden[j]))):
+                if math.isfinite(value):
+                    out.append(MetricUpdate(mn.INPUT_FEATURE_MEAN.name,
+                                            {"model": self.name, "feature": feature, "source": source}, "set", value))
+        return out
 
     def _persistent(self, alarm: bool) -> bool:
         """True when the combined verdict alarmed now and in the `persistence - 1` disjoint windows before.
