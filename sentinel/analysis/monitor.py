@@ -390,6 +390,7 @@ class ModelMonitor:
         if v.reliable is not None:
             up.append(MetricUpdate(mn.ACCURACY_ESTIMATE_RELIABLE.name, {"model": self.name}, "set",
                                    1.0 if v.reliable else 0.0))
+        up += self._feature_means()
         # /status describes the very evaluation whose values the metrics above carry.
         self.last = {"window_id": self.windows, "samples_seen": self.seen, "n": v.n, "drift": v.drift,
                      "alarm": persistent, "combined": v.combined.to_dict(),
@@ -400,6 +401,23 @@ class ModelMonitor:
                      "accuracy_estimate_reliable": v.reliable,
                      "diagnosis": None if d is None else d.to_dict()}
         return up
+
+    def _feature_means(self) -> list[MetricUpdate]:
+        """Live-window and golden means of each input statistic, for the debug dashboard."""
+        test = self.suite.input_stats
+        if test is None or not len(self.input_stats):
+            return []
+        live = np.asarray(self.input_stats.values(), np.float64)
+        if live.ndim != 2 or live.shape[1] != len(test.features):
+            return []
+        golden = np.asarray(test.reference, np.float64).mean(axis=0)
+        out = []
+        for j, feature in enumerate(test.features):
+            for source, value in (("live", float(live[:, j].mean())), ("golden", float(golden[j]))):
+                if math.isfinite(value):
+                    out.append(MetricUpdate(mn.INPUT_FEATURE_MEAN.name,
+                                            {"model": self.name, "feature": feature, "source": source}, "set", value))
+        return out
 
     def _persistent(self, alarm: bool) -> bool:
         """True when the combined verdict alarmed now and in the `persistence - 1` disjoint windows before.

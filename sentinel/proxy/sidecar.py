@@ -169,6 +169,7 @@ class Sidecar:
             self.admin_server.close()
             raise
         self._start_canaries()
+        self._export_model_sizes()
         self._tasks.append(loop.create_task(self._expire_ingest()))
         self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
         self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
@@ -287,6 +288,23 @@ class Sidecar:
             except SentinelError as exc:
                 log.info("no registry entry for %s:%s (%s); no GPU headroom estimate for it", m.name, m.version, exc)
         return out
+
+    def _export_model_sizes(self) -> None:
+        """`sentinel_model_size_bytes` per model from its registry entry's weights file (none when absent)."""
+        from prometheus_client import Gauge
+
+        from sentinel import metricnames as mn
+
+        sizes = {}
+        for name, entry in self._registry_entries().items():
+            try:
+                sizes[name] = entry.weights_path.stat().st_size
+            except (OSError, AttributeError) as exc:
+                log.info("%s: no model size: %s", name, exc)
+        if sizes:
+            gauge = Gauge(mn.MODEL_SIZE.name, mn.MODEL_SIZE.help, mn.MODEL_SIZE.labels, registry=self.metrics.registry)
+            for name, size in sizes.items():
+                gauge.labels(name).set(size)
 
     def _start_canaries(self) -> None:
         """Golden replay every `replay.canary_interval_s` against each model server (0 turns it off).

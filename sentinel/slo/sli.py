@@ -34,6 +34,10 @@ RATIO_DECIMALS = 12
 
 # Metric series whose absence means an SLI cannot be computed, per SLI kind.
 _AGREEMENT_SOURCES = ("shadow", "replay")
+# The `code` values of `sentinel_requests_total` that spend the availability budget (an
+# RE2 pattern, fully anchored as Prometheus anchors label regexes). The rule generator and
+# `sentinel gate` both read it from here, so they count the same requests as errors.
+BAD_CODE_REGEX = f"5..|{mn.CODE_INCOMPLETE}"  # 5xx, and bodies cut after a 2xx head (proxy: code="incomplete")
 
 
 def le_regex(threshold: float) -> str:
@@ -121,7 +125,7 @@ def _raw_error_ratio(slo: SloSpec, window: str) -> str:
     if slo.sli == "availability":
         total = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model), window)
         # 5xx, and responses whose body was cut after a 2xx head went out (not a success).
-        bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code=f"~5..|{mn.CODE_INCOMPLETE}"), window)
+        bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code="~" + BAD_CODE_REGEX), window)
         return _ratio(bad, total)
     if slo.sli == "latency":
         assert slo.threshold is not None
