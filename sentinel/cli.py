@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "export_cmd",
     "drift_cmd",
     "rules_cmd",
+    "gate_cmd",
     "gpu_cmd",
     "models_cmd",
     "golden_cmd",

@@ -6,7 +6,8 @@
     │   ├── RegistryError         unknown model or version, bad registry entry
     │   └── MissingExtra          an optional dependency (torch, kserve, ...) is not installed
     ├── InfrastructureError       a target or file could not be used (exit 2)
-    │   └── WeightsError          weights missing, corrupt, mis-shaped or unsafe to load
+    │   ├── WeightsError          weights missing, corrupt, mis-shaped or unsafe to load
+    │   └── DecodeError           a payload is not what its wire format says; `kind` labels it
     └── CheckFailed               a check ran and found a problem (exit 1)
         └── IntegrityError        a digest, shape or dtype does not match its manifest
 
@@ -103,3 +104,16 @@ def require(what: str, *modules: str, extra: str | None = None) -> None:
             found = False
         if not found:
             raise MissingExtra(what, module, extra)
+
+
+class DecodeError(InfrastructureError, ValueError):
+    """A payload (request, response, CloudEvent) that cannot be turned into arrays.
+
+    `kind` is a short label for metrics (malformed_json, missing_field, bad_shape,
+    bad_datatype, truncated, bad_header, unsupported, bad_image, too_large, too_deep).
+    Every decoder in `sentinel.protocols` raises it, and only it, for malformed input.
+    """
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind
+        super().__init__(message)

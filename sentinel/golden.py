@@ -277,7 +277,45 @@ def build_golden(
     (root / "golden.yaml").write_text(yaml.safe_dump(manifest_to_dict(meta), sort_keys=False), encoding="utf-8")
     manifest = {"golden.yaml": sha256_file(root / "golden.yaml"), "files": files}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_contract(root, np.asarray(inputs, np.float32),
+                  np.dtype(np.asarray(raw).dtype if raw is not None else entry.manifest.input.dtype).kind)
     return load_golden(root)
+
+
+CONTRACT_FILE = "contract.json"
+
+
+def save_contract(root: str | Path, inputs: np.ndarray, dtype_kind: str = "f") -> Path:
+    """Derive the input contract from golden network inputs; write contract.json, its digest into manifest.json."""
+    from sentinel.drift.inputcontract import InputContract
+
+    root = Path(root)
+    path = root / CONTRACT_FILE
+    path.write_text(InputContract.derive(inputs, dtype_kind).to_json(), encoding="utf-8")
+    mpath = root / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest[CONTRACT_FILE] = sha256_file(path)
+    mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def load_contract(golden: GoldenSet):
+    """The golden set's stored input contract (None when it has none); IntegrityError when its digest is off."""
+    from sentinel.drift.inputcontract import InputContract
+
+    path = golden.path / CONTRACT_FILE
+    if not path.is_file():
+        return None
+    try:
+        digest = json.loads((golden.path / "manifest.json").read_text()).get(CONTRACT_FILE)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{golden.path / 'manifest.json'}: unreadable ({exc})") from None
+    if digest is None or sha256_file(path) != digest:
+        raise IntegrityError(f"{path}: sha256 does not match manifest.json (rebuild with `sentinel golden contract`)")
+    try:
+        return InputContract.from_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise IntegrityError(f"{path}: {exc}") from None
 
 
 def load_source(path: str | Path) -> dict[str, np.ndarray]:

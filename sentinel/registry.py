@@ -20,10 +20,10 @@ import yaml
 
 from sentinel.errors import ConfigError, IntegrityError, RegistryError
 from sentinel.preprocess import Preprocessing
+from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_mapping, read_yaml
 
 DType = Literal["float32", "float16", "uint8", "int64"]
-Protocol = Literal["v2", "v1", "torchserve"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class ExportRef:
 @dataclass(frozen=True)
 class Served:
     name: str
-    protocol: Protocol = "v2"
+    protocol: WireProtocol = "v2"
 
 
 @dataclass(frozen=True)

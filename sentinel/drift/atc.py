@@ -85,6 +85,11 @@ class AccuracyEstimator:
             return float("nan")
         return float(np.mean(score(softmax(logits, self.temperature), self.score_kind) >= self.threshold))
 
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Per-sample ATC scores of the temperature-scaled softmax (compare with `threshold`)."""
+        p, ent = softmax_entropy(np.asarray(logits, dtype=np.float64) / self.temperature)
+        return -ent if self.score_kind is Score.NEG_ENTROPY else p.max(axis=1).astype(np.float64)
+
     def estimate(self, logits: np.ndarray) -> dict[str, float]:
         """Both estimates from one temperature-scaled softmax: {"atc": ..., "avg_conf": ...}."""
         if len(logits) == 0:

@@ -28,6 +28,7 @@ from grafana_foundation_sdk.models import dashboard as mdash
 from sentinel import metricnames as mn
 from sentinel.slo import recorded
 from sentinel.slo.rules import BURN_ALERT
+from sentinel.slo.sli import BAD_CODE_REGEX
 from sentinel.slo.spec import SloFile
 from sentinel.slo.windows import plan_windows
 
@@ -77,6 +78,26 @@ def _burn(window: str, slo_filter: str = M) -> str:
             f"(1 - {recorded.OBJECTIVE}{{{slo_filter}}})")
 
 
+def cost_query(spec: SloFile) -> str:
+    """Cost per 1,000 inferences over the dashboard's range, from `cost:` in the SLO file.
+
+    Serving cost per hour is the replicas serving the model (sidecars reporting
+    `sentinel_model_info`) times `cost.replica_hour`, plus the GPUs those replicas report
+    times `cost.gpu_hour`; divided by the thousands of requests per hour over `$__range`.
+    """
+    info = f"{mn.MODEL_INFO.sample_name}{{{M}}}"
+    gpus = f"count({mn.GPU_MEMORY_TOTAL.name} and on (instance) {info})"
+    per_hour = (f"count({info}) * {_num(spec.cost.replica_hour)}\n"
+                f"+ ({gpus} or vector(0)) * {_num(spec.cost.gpu_hour)}")
+    rate = f"sum(rate({mn.REQUESTS.sample_name}{{{M}}}[$__range]))"
+    return f"(\n{per_hour}\n)\n/\nclamp_min({rate} * 3600 / 1000, 1e-9)"
+
+
+def _num(value: float) -> str:
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def overview(spec: SloFile) -> DashboardSpec:
     plan = plan_windows(spec.period_seconds, spec.scrape_interval_seconds)
     period_ratio = recorded.error_ratio_name(plan.period_s)
@@ -85,7 +106,8 @@ def overview(spec: SloFile) -> DashboardSpec:
     req = mn.REQUESTS.sample_name
     return DashboardSpec(
         uid="sentinel-overview", filename="sentinel-overview.json", title="sentinel / overview",
-        description=f"SLO status of the models sentinel watches over the {spec.period} period.",
+        description=f"Executive view: SLO status of the models sentinel watches over the {spec.period} period, "
+                    f"versions in service, volume and cost.",
         panels=(
             PanelSpec("SLI over the period", "stat", "percentunit",
                       f"Fraction of good events over the whole {spec.period} period, per SLO "
@@ -118,6 +140,20 @@ def overview(spec: SloFile) -> DashboardSpec:
                       "Replicas reporting each model version (sentinel_model_info).",
                       (Query(f'count by (model, version) ({mn.MODEL_INFO.sample_name}{{{M},version=~"$version"}})',
                              "", instant=True),), width=12),
+            PanelSpec("Inferences in the range", "stat", "short",
+                      "Inference requests answered over the dashboard's time range, per model.",
+                      (Query(f"sum by (model) (increase({req}{{{M}}}[$__range]))", "{{model}}", instant=True),),
+                      width=8),
+            PanelSpec("Cost per 1,000 inferences", "stat", f"currency{spec.cost.currency}",
+                      f"Serving cost of 1,000 inferences over the time range: replicas x "
+                      f"{spec.cost.replica_hour:g} {spec.cost.currency}/replica-hour + GPUs x "
+                      f"{spec.cost.gpu_hour:g} {spec.cost.currency}/GPU-hour (`cost:` in the SLO file), "
+                      f"divided by thousands of requests per hour.",
+                      (Query(cost_query(spec), "{{model}}", instant=True),), width=8),
+            PanelSpec("Model size", "stat", "bytes",
+                      "Size of the weights of the model version each sidecar watches (registry entry).",
+                      (Query(f"max by (model) ({mn.MODEL_SIZE.name}{{{M}}})", "{{model}}", instant=True),),
+                      width=8),
         ),
     )
 
@@ -166,7 +202,61 @@ def oncall(spec: SloFile) -> DashboardSpec:
                       "Every sentinel alert firing now for the selected models. Empty is good.",
                       (Query('ALERTS{alertname=~"Sentinel.*",alertstate="firing"}', "",
                              expect_data=False, instant=True),)),
+            *version_comparison(),
+            PanelSpec("Input contract violations", "timeseries", "ops",
+                      "Sampled inputs per second failing an input-contract check, by check and version. "
+                      "A new version that receives inputs it was not built for shows here first.",
+                      (Query(f"sum by (check, version) (rate({mn.INPUT_CONTRACT_VIOLATIONS.sample_name}"
+                             f"{{{MI}}}[{RATE}]))", "{{check}} {{version}}", expect_data=False),)),
+            PanelSpec("Drift diagnosis", "table", "none",
+                      "What the drift most likely is, in words: the kind of shift and the input transform that "
+                      "best explains it, per model, version and replica. Empty while nothing drifts.",
+                      (Query(f"max by (model, version, instance, kind) ({mn.DRIFT_DIAGNOSIS.name}{{{MI}}}) == 1",
+                             "", expect_data=False, instant=True),
+                       Query(f"max by (model, version, instance, transform) "
+                             f"({mn.DRIFT_DIAGNOSIS_TRANSFORM.name}{{{MI}}}) == 1",
+                             "", expect_data=False, instant=True))),
         ),
+    )
+
+
+def version_comparison() -> tuple[PanelSpec, ...]:
+    """Per-version panels (the `version` target label): one line per version serving, side by side."""
+    req = mn.REQUESTS.sample_name
+    hist = mn.REQUEST_DURATION.sample_name
+    agr = mn.REFERENCE_AGREEMENT.sample_name
+    verd = mn.ACCURACY_VERDICTS.sample_name
+    pred = mn.PREDICTIONS.sample_name
+    total = f"sum by (version) (rate({req}{{{MI}}}[{RATE}]))"
+    compared = f'sum by (version) (rate({agr}{{{MI},source=~"shadow|replay"}}[{RATE}]))'
+    verdicts = f"sum by (version) (rate({verd}{{{MI}}}[{RATE}]))"
+    note = " Compare a canary with its baseline here; `sentinel gate` judges the same series with statistical tests."
+    return (
+        PanelSpec("Versions: error ratio", "timeseries", "percentunit",
+                  f"Share of requests whose code spends the availability budget (code=~\"{BAD_CODE_REGEX}\"), "
+                  f"per version." + note,
+                  (Query(f'(sum by (version) (rate({req}{{{MI},code=~"{BAD_CODE_REGEX}"}}[{RATE}])) '
+                         f"or 0 * {total})\n/ clamp_min({total}, 1e-12)", "{{version}}"),), width=8),
+        PanelSpec("Versions: P95 latency", "timeseries", "s",
+                  "95th percentile of request latency per version, from the sidecars' histograms." + note,
+                  (Query(f"histogram_quantile(0.95, sum by (version, le) (rate({hist}{{{MI}}}[{RATE}])))",
+                         "{{version}}"),), width=8),
+        PanelSpec("Versions: agreement with the reference", "timeseries", "percentunit",
+                  "Share of shadow and replay comparisons in which the version's answer matches the reference "
+                  "model's, per version." + note,
+                  (Query(f'sum by (version) (rate({agr}{{{MI},source=~"shadow|replay",result="agree"}}[{RATE}]))'
+                         f"\n/ clamp_min({compared}, 1e-12)", "{{version}}"),), width=8, min=0, max=1),
+        PanelSpec("Versions: accuracy lower bound", "timeseries", "percentunit",
+                  "Label-free accuracy lower bound per version: likely-correct verdicts over all verdicts." + note,
+                  (Query(f'sum by (version) (rate({verd}{{{MI},verdict="likely_correct"}}[{RATE}]))'
+                         f"\n/ clamp_min({verdicts}, 1e-12)", "{{version}}", expect_data=False),),
+                  width=12, min=0, max=1),
+        PanelSpec("Versions: predicted classes", "timeseries", "percentunit",
+                  "Share of each predicted class per version: on the same traffic, a version that predicts "
+                  "differently shows here even when nothing errors." + note,
+                  (Query(f"sum by (version, class) (rate({pred}{{{MI}}}[{RATE}]))\n/ ignoring (class) group_left\n"
+                         f"clamp_min(sum by (version) (rate({pred}{{{MI}}}[{RATE}])), 1e-12)",
+                         "{{version}} class {{class}}"),), width=12, min=0, max=1),
     )
 
 
@@ -216,6 +306,18 @@ def debug(spec: SloFile) -> DashboardSpec:
             PanelSpec("In-flight requests", "timeseries", "short",
                       "Requests being proxied right now, per replica.",
                       (Query(f"{mn.INFLIGHT.name}{{{I}}}", "{{instance}}"),)),
+            PanelSpec("Input statistics: live traffic vs golden set", "timeseries", "short",
+                      "Mean of each input statistic the input_stats detector tests (per-channel mean and std, "
+                      "brightness, contrast, sharpness) over the last window of live traffic, beside the same "
+                      "statistic over the golden set. A live line leaving its golden line is the feature that "
+                      "drifted.",
+                      (Query(f'avg by (feature, source) ({mn.INPUT_FEATURE_MEAN.name}{{{MI}}})',
+                             "{{feature}} {{source}}"),), width=24),
+            PanelSpec("Drift p-value per detector and version", "timeseries", "none",
+                      "Corrected p-value of each detector (bbsd, label, confidence, input_stats, embedding, "
+                      "combined), lowest replica per version.",
+                      (Query(f"min by (detector, version) ({mn.DRIFT_P_VALUE.name}{{{MI}}})",
+                             "{{detector}} {{version}}"),), min=0, max=1),
         ),
     )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from sentinel.errors import ConfigError
+from sentinel.gate.settings import CostSettings, GateSettings
 from sentinel.schema import load_file
 from sentinel.slo.durations import parse_duration
 
@@ -82,6 +83,8 @@ class SloFile:
     job: str = "sentinel"  # Prometheus job label of the sidecars, for SentinelDown
     runbook_url: str = DEFAULT_RUNBOOK_URL
     source: str = dataclasses.field(default="<memory>", compare=False)
+    gate: GateSettings = GateSettings()    # `sentinel gate` (sentinel/gate/settings.py)
+    cost: CostSettings = CostSettings()    # executive dashboard: cost per 1,000 inferences
 
     def validate(self) -> Iterator[tuple[str, str]]:
         period_s = scrape_s = None

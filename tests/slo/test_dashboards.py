@@ -52,6 +52,27 @@ def test_panels_cover_what_the_issue_asks_for():
             "Canary replay results"} <= set(titles["sentinel-oncall.json"])
     assert {"Drift p-values", "Sampling by outcome", "Analysis queue depth", "GPU memory per process",
             "Collector health"} <= set(titles["sentinel-debug.json"])
+    # issue 14: executive cost and size, on-call version comparison, debug live-vs-golden inputs
+    assert {"Cost per 1,000 inferences", "Model size", "Inferences in the range"} <= set(titles["sentinel-overview.json"])
+    assert {"Versions: error ratio", "Versions: P95 latency", "Versions: agreement with the reference",
+            "Versions: accuracy lower bound", "Versions: predicted classes", "Input contract violations",
+            "Drift diagnosis"} <= set(titles["sentinel-oncall.json"])
+    assert "Input statistics: live traffic vs golden set" in titles["sentinel-debug.json"]
+
+
+def test_cost_panel_uses_the_configured_costs_and_currency():
+    import dataclasses
+
+    from sentinel.gate.settings import CostSettings
+    from sentinel.slo.dashboards import cost_query
+
+    spec = dataclasses.replace(SPEC, cost=CostSettings(replica_hour=0.75, gpu_hour=3.0, currency="EUR"))
+    expr = cost_query(spec)
+    assert "* 0.75" in expr and "* 3\n" in expr and "3600 / 1000" in expr
+    board = json.loads(generate_dashboards(spec)["sentinel-overview.json"])
+    (panel,) = [p for p in board["panels"] if p["title"] == "Cost per 1,000 inferences"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "currencyEUR"
+    assert panel["targets"][0]["expr"] == expr
 
 
 def test_queries_use_only_known_metric_names():

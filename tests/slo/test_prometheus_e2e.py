@@ -37,7 +37,8 @@ pytestmark = [pytest.mark.slow,
 
 BODY = b'{"inputs":[{"name":"input","shape":[1,8,8],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 64) + b"]}]}"
 # Dashboard variables as an on-call engineer would pick them: everything, one model.
-SUBSTITUTE = {"$model": "digits", "$version": ".*", "$instance": ".*", "$__rate_interval": "5s", "${datasource}": ""}
+SUBSTITUTE = {"$model": "digits", "$version": ".*", "$instance": ".*", "$__rate_interval": "5s", "$__range": "1m",
+              "${datasource}": ""}
 
 
 def _free_port() -> int:

@@ -1,0 +1,280 @@
+"""One judgement per criterion, from the counts of both versions over the window; pure.
+
+Each criterion says which test it ran, the statistic and p-value, an effect size with the
+threshold it was held to, and the sample counts. It fails only when the difference is both
+statistically significant (p below the per-criterion alpha) *and* larger than its effect
+threshold: at large counts any tiny difference is significant, and a gate that fails on
+those teaches people to ignore it. Below its minimum sample count a criterion is
+`inconclusive`, never `pass`; a criterion whose series no sidecar exports is `skipped`.
+
+| criterion | test | effect size (fails above) |
+| --- | --- | --- |
+| error_ratio | two-proportion z (Fisher's exact when sparse), one-sided; binomial against the SLO budget | ratio difference > SLO budget |
+| latency | chi-square homogeneity on bucket increments | P95 or P99 ratio > tolerance and slower by > min diff |
+| prediction_distribution | chi-square homogeneity on predicted-class increments | Cramér's V > max_cramers_v |
+| reference_agreement | two-proportion z on disagreements, one-sided | agreement drop > max_agreement_drop |
+| accuracy | two-proportion z on likely_correct verdicts (lower bound), one-sided; ATC estimate when verdicts are absent | drop > max_accuracy_drop |
+| drift | canary only: share of the window its combined alarm was up | share > max_drift_alarm_share |
+| input_contract | canary only: binomial test of violating samples against the allowed ratio | ratio > max_contract_violation_ratio |
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from sentinel.gate import stats
+from sentinel.gate.settings import GateSettings
+
+
+class Verdict(str, Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class VersionData:
+    """Counts of one version over the window (empty mappings / None where no series exist)."""
+
+    codes: dict[str, float] = field(default_factory=dict)           # requests by code
+    buckets: dict[float, float] = field(default_factory=dict)       # cumulative latency buckets, le -> count
+    classes: dict[str, float] = field(default_factory=dict)         # predictions by class
+    agreement: dict[str, float] = field(default_factory=dict)       # agree / disagree
+    verdicts: dict[str, float] = field(default_factory=dict)        # likely_correct / likely_wrong / unknown
+    reliable: float | None = None                                   # min reliability flag in the window
+    atc: float | None = None                                        # ATC estimate averaged over the window
+    drift: dict[str, float] = field(default_factory=dict)           # detector -> share of window alarming
+    contract_checked: float | None = None
+    contract_violating: float | None = None
+    contract_by_check: dict[str, float] = field(default_factory=dict)
+    diagnosis_kind: tuple[str, ...] = ()
+    diagnosis_transform: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """The judgement of one criterion."""
+
+    name: str
+    verdict: Verdict
+    summary: str                       # one sentence with the numbers
+    test: str = ""
+    statistic: float | None = None
+    p_value: float | None = None
+    alpha: float | None = None
+    effect_name: str = ""
+    effect: float | None = None
+    effect_threshold: float | None = None
+    n_baseline: int | None = None
+    n_canary: int | None = None
+    baseline: float | None = None
+    canary: float | None = None
+
+
+def _n(x: float) -> int:
+    """Counts from `increase()` are extrapolated floats; the tests take whole events."""
+    return int(round(max(0.0, x)))
+
+
+def _fmt_p(p: float) -> str:
+    return "nan" if p is None or math.isnan(p) else f"{p:.2g}"
+
+
+def _too_few(name: str, what: str, n_b: int, n_c: int, need: int) -> Criterion:
+    return Criterion(name, Verdict.INCONCLUSIVE,
+                     f"too few {what} to judge: baseline {n_b}, canary {n_c}, need {need} each",
+                     n_baseline=n_b, n_canary=n_c)
+
+
+def error_ratio(b: VersionData, c: VersionData, s: GateSettings, alpha: float, budget: float,
+                bad_code: str) -> Criterion:
+    """Errors: canary significantly worse than baseline by more than the budget, or above the budget."""
+    name = "error_ratio"
+    if not b.codes and not c.codes:
+        return Criterion(name, Verdict.SKIPPED, "no request series for either version")
+    pat = re.compile(bad_code)
+    n_b, n_c = _n(sum(b.codes.values())), _n(sum(c.codes.values()))
+    bad_b = _n(sum(v for k, v in b.codes.items() if pat.fullmatch(k)))
+    bad_c = _n(sum(v for k, v in c.codes.items() if pat.fullmatch(k)))
+    if min(n_b, n_c) < s.min_requests:
+        return _too_few(name, "requests", n_b, n_c, s.min_requests)
+    r_b, r_c = bad_b / n_b, bad_c / n_c
+    vs_base = stats.two_proportions(bad_b, n_b, bad_c, n_c)
+    vs_budget = stats.above_rate(bad_c, n_c, budget)
+    diff = r_c - r_b
+    worse = vs_base.p_value < alpha and diff > budget
+    over = vs_budget.p_value < alpha
+    common = dict(test=f"{vs_base.test} vs baseline; binomial vs budget {budget:g}", statistic=vs_base.statistic,
+                  p_value=vs_base.p_value, alpha=alpha, effect_name="error ratio difference", effect=diff,
+                  effect_threshold=budget, n_baseline=n_b, n_canary=n_c, baseline=r_b, canary=r_c)
+    text = (f"canary error ratio {r_c:.4f} ({bad_c}/{n_c}) vs baseline {r_b:.4f} ({bad_b}/{n_b}), "
+            f"p={_fmt_p(vs_base.p_value)}; vs SLO budget {budget:g} p={_fmt_p(vs_budget.p_value)}")
+    if worse or over:
+        why = []
+        if worse:
+            why.append(f"higher than baseline by {diff:.4f} > {budget:g}")
+        if over:
+            why.append(f"above the SLO budget {budget:g}")
+        return Criterion(name, Verdict.FAIL, text + ": " + " and ".join(why), **common)
+    return Criterion(name, Verdict.PASS, text, **common)
+
+
+def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Criterion:
+    """Latency: bucket counts differ (chi-square) and P95 or P99 is slower beyond the tolerance."""
+    name = "latency"
+    if not b.buckets and not c.buckets:
+        return Criterion(name, Verdict.SKIPPED, "no latency histogram for either version")
+    bounds = sorted(set(b.buckets) | set(c.buckets))
+    cum_b = {le: b.buckets.get(le, 0.0) for le in bounds}
+    cum_c = {le: c.buckets.get(le, 0.0) for le in bounds}
+    n_b, n_c = _n(max(cum_b.values(), default=0)), _n(max(cum_c.values(), default=0))
+    if min(n_b, n_c) < s.min_requests:
+        return _too_few(name, "requests", n_b, n_c, s.min_requests)
+    h = stats.homogeneity(stats.differences(cum_b), stats.differences(cum_c))
+    parts, slower = [], []
+    worst_ratio = 0.0
+    for q in (0.95, 0.99):
+        qb, qc = stats.quantile(q, cum_b), stats.quantile(q, cum_c)
+        ratio = qc / qb if qb > 0 else math.inf if qc > 0 else 1.0
+        worst_ratio = max(worst_ratio, ratio)
+        parts.append(f"P{int(q * 100)} {qc * 1000:.1f} ms vs {qb * 1000:.1f} ms (x{ratio:.2f})")
+        if ratio > s.latency_tolerance and qc - qb > s.latency_min_diff_s:
+            slower.append(f"P{int(q * 100)}")
+    text = (f"canary {', '.join(parts)}; chi-square on {h.columns} buckets p={_fmt_p(h.p_value)}, "
+            f"Cramér's V {h.cramers_v:.3f}")
+    common = dict(test="chi_square_homogeneity(latency buckets)", statistic=h.statistic, p_value=h.p_value,
+                  alpha=alpha, effect_name="worst P95/P99 ratio", effect=worst_ratio,
+                  effect_threshold=s.latency_tolerance, n_baseline=n_b, n_canary=n_c,
+                  baseline=stats.quantile(0.99, cum_b), canary=stats.quantile(0.99, cum_c))
+    if h.p_value < alpha and slower:
+        return Criterion(name, Verdict.FAIL,
+                         text + f": {' and '.join(slower)} slower than x{s.latency_tolerance:g} "
+                                f"and by more than {s.latency_min_diff_s * 1000:g} ms", **common)
+    return Criterion(name, Verdict.PASS, text, **common)
+
+
+def prediction_distribution(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Criterion:
+    """Predicted classes: same traffic, different answers is news even without errors."""
+    name = "prediction_distribution"
+    if not b.classes and not c.classes:
+        return Criterion(name, Verdict.SKIPPED, "no predicted-class series for either version (analysis off?)")
+    classes = sorted(set(b.classes) | set(c.classes), key=lambda k: (len(k), k))
+    vb = [b.classes.get(k, 0.0) for k in classes]
+    vc = [c.classes.get(k, 0.0) for k in classes]
+    n_b, n_c = _n(sum(vb)), _n(sum(vc))
+    if min(n_b, n_c) < s.min_predictions:
+        return _too_few(name, "sampled predictions", n_b, n_c, s.min_predictions)
+    h = stats.homogeneity([round(x) for x in vb], [round(x) for x in vc])
+    moved = sorted(classes, key=lambda k: -abs(c.classes.get(k, 0) / max(n_c, 1) - b.classes.get(k, 0) / max(n_b, 1)))
+    top = ", ".join(f"class {k} {c.classes.get(k, 0) / n_c:.1%} vs {b.classes.get(k, 0) / n_b:.1%}"
+                    for k in moved[:3])
+    text = (f"chi-square over {h.columns} classes p={_fmt_p(h.p_value)}, Cramér's V {h.cramers_v:.3f} "
+            f"(threshold {s.max_cramers_v:g}); largest shifts: {top}")
+    common = dict(test="chi_square_homogeneity(predicted classes)", statistic=h.statistic, p_value=h.p_value,
+                  alpha=alpha, effect_name="Cramér's V", effect=h.cramers_v, effect_threshold=s.max_cramers_v,
+                  n_baseline=n_b, n_canary=n_c)
+    if h.p_value < alpha and h.cramers_v > s.max_cramers_v:
+        return Criterion(name, Verdict.FAIL, "canary predicts differently: " + text, **common)
+    return Criterion(name, Verdict.PASS, text, **common)
+
+
+def _proportion_drop(name: str, what: str, good_b: int, n_b: int, good_c: int, n_c: int, max_drop: float,
+                     alpha: float, test_name: str) -> Criterion:
+    r_b, r_c = good_b / n_b, good_c / n_c
+    t = stats.two_proportions(n_b - good_b, n_b, n_c - good_c, n_c)   # canary has more "not good"?
+    drop = r_b - r_c
+    text = (f"canary {what} {r_c:.3f} ({good_c}/{n_c}) vs baseline {r_b:.3f} ({good_b}/{n_b}), "
+            f"drop {drop:+.3f} (allowed {max_drop:g}), p={_fmt_p(t.p_value)}")
+    common = dict(test=f"{t.test}({test_name})", statistic=t.statistic, p_value=t.p_value, alpha=alpha,
+                  effect_name=f"{what} drop", effect=drop, effect_threshold=max_drop, n_baseline=n_b,
+                  n_canary=n_c, baseline=r_b, canary=r_c)
+    if t.p_value < alpha and drop > max_drop:
+        return Criterion(name, Verdict.FAIL, text, **common)
+    return Criterion(name, Verdict.PASS, text, **common)
+
+
+def reference_agreement(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Criterion:
+    """Agreement with the reference model (shadow and replay), canary against baseline."""
+    name = "reference_agreement"
+    if not b.agreement and not c.agreement:
+        return Criterion(name, Verdict.SKIPPED, "no reference agreement series (shadow and replay off?)")
+    n_b, n_c = _n(sum(b.agreement.values())), _n(sum(c.agreement.values()))
+    if min(n_b, n_c) < s.min_compared:
+        return _too_few(name, "compared predictions", n_b, n_c, s.min_compared)
+    return _proportion_drop(name, "agreement", _n(b.agreement.get("agree", 0)), n_b,
+                            _n(c.agreement.get("agree", 0)), n_c, s.max_agreement_drop, alpha, "disagreements")
+
+
+def accuracy(b: VersionData, c: VersionData, s: GateSettings, alpha: float, n_b_pred: int,
+             n_c_pred: int) -> Criterion:
+    """Label-free accuracy: the verdicts' lower bound where exported, else the ATC estimate."""
+    name = "accuracy"
+    if b.verdicts or c.verdicts:
+        n_b, n_c = _n(sum(b.verdicts.values())), _n(sum(c.verdicts.values()))
+        if min(n_b, n_c) < s.min_compared:
+            return _too_few(name, "accuracy verdicts", n_b, n_c, s.min_compared)
+        if b.reliable == 0 or c.reliable == 0:
+            which = " and ".join(v for v, d in (("baseline", b), ("canary", c)) if d.reliable == 0)
+            return Criterion(name, Verdict.INCONCLUSIVE,
+                             f"the accuracy estimate of the {which} was flagged unreliable in the window",
+                             n_baseline=n_b, n_canary=n_c)
+        return _proportion_drop(name, "accuracy lower bound", _n(b.verdicts.get("likely_correct", 0)), n_b,
+                                _n(c.verdicts.get("likely_correct", 0)), n_c, s.max_accuracy_drop, alpha,
+                                "likely_correct verdicts")
+    if b.atc is None and c.atc is None:
+        return Criterion(name, Verdict.SKIPPED, "no accuracy verdicts or ATC estimate for either version")
+    if b.atc is None or c.atc is None or min(n_b_pred, n_c_pred) < s.min_compared:
+        return _too_few(name, "sampled predictions with an ATC estimate", n_b_pred if b.atc is not None else 0,
+                        n_c_pred if c.atc is not None else 0, s.min_compared)
+    # The ATC estimate is the share of sampled predictions whose confidence clears the
+    # fitted threshold: treated as that many successes out of the sampled predictions.
+    return _proportion_drop(name, "ATC accuracy estimate", _n(b.atc * n_b_pred), n_b_pred,
+                            _n(c.atc * n_c_pred), n_c_pred, s.max_accuracy_drop, alpha,
+                            "confidence above the ATC threshold")
+
+
+def drift(c: VersionData, s: GateSettings) -> Criterion:
+    """Canary only: its combined drift alarm must not be up for most of the window."""
+    name = "drift"
+    if not c.drift:
+        return Criterion(name, Verdict.SKIPPED, "no drift alarm series for the canary (analysis off?)")
+    from sentinel.gate.queries import COMBINED_DETECTOR
+
+    share = c.drift.get(COMBINED_DETECTOR, max(c.drift.values()))
+    alarming = sorted(d for d, v in c.drift.items() if v > 0 and d != COMBINED_DETECTOR)
+    words = ""
+    if c.diagnosis_kind or c.diagnosis_transform:
+        words = "; diagnosis: " + ", ".join(c.diagnosis_kind + c.diagnosis_transform)
+    text = (f"canary's combined drift alarm up {share:.0%} of the window (allowed {s.max_drift_alarm_share:.0%})"
+            + (f"; detectors that alarmed: {', '.join(alarming)}" if alarming else "") + words)
+    common = dict(test="share of window alarming", effect_name="alarm share", effect=share,
+                  effect_threshold=s.max_drift_alarm_share, canary=share)
+    if share > s.max_drift_alarm_share:
+        return Criterion(name, Verdict.FAIL, text, **common)
+    return Criterion(name, Verdict.PASS, text, **common)
+
+
+def input_contract(c: VersionData, s: GateSettings, alpha: float) -> Criterion:
+    """Canary only: share of sampled inputs violating the input contract."""
+    name = "input_contract"
+    if c.contract_checked is None:
+        return Criterion(name, Verdict.SKIPPED, "no input-contract series for the canary")
+    n, bad = _n(c.contract_checked), _n(c.contract_violating or 0)
+    if n < s.min_compared:
+        return Criterion(name, Verdict.INCONCLUSIVE,
+                         f"too few inputs checked against the contract: canary {n}, need {s.min_compared}",
+                         n_canary=n)
+    t = stats.above_rate(bad, n, s.max_contract_violation_ratio)
+    checks = ", ".join(f"{k} {_n(v)}" for k, v in sorted(c.contract_by_check.items(), key=lambda kv: -kv[1]) if v > 0)
+    text = (f"canary: {bad}/{n} sampled inputs violate the input contract ({bad / n:.2%}, allowed "
+            f"{s.max_contract_violation_ratio:.2%}), p={_fmt_p(t.p_value)}" + (f"; by check: {checks}" if checks else ""))
+    common = dict(test="binomial vs allowed ratio", statistic=bad / n, p_value=t.p_value, alpha=alpha,
+                  effect_name="violating ratio", effect=bad / n, effect_threshold=s.max_contract_violation_ratio,
+                  n_canary=n, canary=bad / n)
+    if t.p_value < alpha:
+        return Criterion(name, Verdict.FAIL, text, **common)
+    return Criterion(name, Verdict.PASS, text, **common)

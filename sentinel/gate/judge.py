@@ -1,0 +1,167 @@
+"""Fetch both versions' counts from Prometheus, judge every criterion, and decide.
+
+Exit codes: 0 every judged criterion passed; 1 at least one failed (a failure outranks
+an inconclusive one: a canary already shown to be worse needs no more traffic);
+3 none failed but at least one was inconclusive (too few samples); 2 usage or
+infrastructure errors, among them a version without series (raised, not returned).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from sentinel.errors import InfrastructureError, UsageError
+from sentinel.gate import criteria, queries
+from sentinel.gate.criteria import Criterion, Verdict, VersionData
+from sentinel.gate.prom import Prometheus
+from sentinel.gate.settings import GateSettings
+from sentinel.slo.durations import parse_duration
+from sentinel.slo.sli import BAD_CODE_REGEX
+from sentinel.slo.spec import SloFile
+
+# Criteria holding a significance test; alpha is split over them (Bonferroni), so the
+# chance that a canary as good as its baseline fails any of them is at most `alpha`.
+TESTED_CRITERIA = 6
+DEFAULT_BUDGET = 0.001    # when the SLO file has no availability SLO for the model
+
+EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """Everything the gate decided and why."""
+
+    prometheus: str
+    model: str
+    baseline: str
+    canary: str
+    window: str
+    evaluated_at: float
+    alpha: float
+    criteria: tuple[Criterion, ...]
+
+    @property
+    def verdict(self) -> Verdict:
+        verdicts = {c.verdict for c in self.criteria}
+        if Verdict.FAIL in verdicts:
+            return Verdict.FAIL
+        if Verdict.INCONCLUSIVE in verdicts or Verdict.PASS not in verdicts:
+            return Verdict.INCONCLUSIVE
+        return Verdict.PASS
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT[self.verdict]
+
+
+def check_window(window: str) -> str:
+    try:
+        seconds = parse_duration(window)
+    except ValueError as exc:
+        raise UsageError(f"--window: {exc}") from None
+    if seconds < 10:
+        raise UsageError(f"--window: {window} is too short to hold two scrapes; use at least 10s")
+    return window
+
+
+def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, window: str) -> None:
+    """InfrastructureError naming what is missing when either version has no series."""
+    if baseline == canary:
+        raise UsageError(f"--baseline and --canary are both {baseline!r}: compare two different versions")
+    alternatives = "|".join(_re_escape(v) for v in (baseline, canary))
+    q = queries.presence(model, alternatives, window)
+    info = prom.vector(q["model_info"], queries.VERSION_LABEL)
+    reqs = prom.vector(q["requests"], queries.VERSION_LABEL)
+    missing = []
+    for role, version in (("baseline", baseline), ("canary", canary)):
+        lacks = [name for name, got in (("sentinel_model_info", info), ("sentinel_requests_total", reqs))
+                 if version not in got]
+        if lacks:
+            missing.append(f"{role} {model}:{version} has no {' or '.join(lacks)} series "
+                           f"with {queries.VERSION_LABEL}={version!r} in the last {window}")
+    if missing:
+        hint = ""
+        if prom.scalar(q["unlabelled_requests"]):
+            hint = (f"; some sentinel_requests_total{{model={model!r}}} series carry no {queries.VERSION_LABEL} "
+                    f"label: scrape each sidecar with a `{queries.VERSION_LABEL}` target label "
+                    f"(deploy/README.md, 'Per-version series')")
+        raise InfrastructureError("; ".join(missing) + hint)
+
+
+def _re_escape(value: str) -> str:
+    return "".join("\\" + ch if ch in ".+*?()[]{}|^$\\" else ch for ch in value)
+
+
+def fetch(prom: Prometheus, model: str, version: str, window: str) -> VersionData:
+    """Every count and gauge the criteria need, for one version."""
+    buckets = {}
+    for le, count in prom.vector(queries.latency_buckets(model, version, window), "le").items():
+        try:
+            buckets[float(le)] = count
+        except ValueError:
+            continue
+    diag = queries.diagnosis(model, version)
+    checked = prom.scalar(queries.contract_checked(model, version, window))
+    return VersionData(
+        codes=prom.vector(queries.requests_by_code(model, version, window), "code"),
+        buckets=buckets,
+        classes=prom.vector(queries.predictions_by_class(model, version, window), "class"),
+        agreement=prom.vector(queries.agreement_by_result(model, version, window), "result"),
+        verdicts=prom.vector(queries.verdicts(model, version, window), "verdict"),
+        reliable=prom.scalar(queries.estimate_reliable(model, version, window)),
+        atc=prom.scalar(queries.atc_estimate(model, version, window)),
+        drift=prom.vector(queries.drift_alarm_share(model, version, window), "detector"),
+        contract_checked=checked,
+        contract_violating=prom.scalar(queries.contract_violating(model, version, window)) if checked else None,
+        contract_by_check=prom.vector(queries.contract_by_check(model, version, window), "check") if checked else {},
+        diagnosis_kind=tuple(sorted(prom.vector(diag["kind"], "kind"))),
+        diagnosis_transform=tuple(sorted(prom.vector(diag["transform"], "transform"))),
+    )
+
+
+def budget_for(slo: SloFile | None, model: str) -> float:
+    """The availability SLO's error budget for the model (DEFAULT_BUDGET without one)."""
+    if slo is not None:
+        for s in slo.slos:
+            if s.model == model and s.sli == "availability":
+                return s.budget
+    return DEFAULT_BUDGET
+
+
+def judge(b: VersionData, c: VersionData, settings: GateSettings, budget: float) -> tuple[Criterion, ...]:
+    """Every criterion, in report order."""
+    alpha = settings.alpha / TESTED_CRITERIA
+    n_b_pred = int(round(sum(b.classes.values())))
+    n_c_pred = int(round(sum(c.classes.values())))
+    return (
+        criteria.error_ratio(b, c, settings, alpha, budget, BAD_CODE_REGEX),
+        criteria.latency(b, c, settings, alpha),
+        criteria.prediction_distribution(b, c, settings, alpha),
+        criteria.accuracy(b, c, settings, alpha, n_b_pred, n_c_pred),
+        criteria.reference_agreement(b, c, settings, alpha),
+        criteria.drift(c, settings),
+        criteria.input_contract(c, settings, alpha),
+    )
+
+
+def run_gate(prometheus: str, model: str, baseline: str, canary: str, window: str = "10m",
+             slo: SloFile | None = None, at: float | None = None) -> GateReport:
+    """Query Prometheus and judge `canary` against `baseline` over the last `window`."""
+    check_window(window)
+    settings = slo.gate if slo is not None else GateSettings()
+    evaluated_at = at if at is not None else time.time()
+    with Prometheus(prometheus, time=evaluated_at) as prom:
+        check_versions(prom, model, baseline, canary, window)
+        b = fetch(prom, model, baseline, window)
+        c = fetch(prom, model, canary, window)
+    results = judge(b, c, settings, budget_for(slo, model))
+    return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results)
+
+
+def finite(x: float | None) -> float | None:
+    """None for NaN and infinities (JSON has neither)."""
+    if x is None or math.isnan(x) or math.isinf(x):
+        return None
+    return x

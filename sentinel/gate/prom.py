@@ -1,0 +1,90 @@
+"""A small client for the Prometheus HTTP API (instant queries); failures become InfrastructureError."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from sentinel.errors import InfrastructureError
+
+# httpx logs every request at INFO; a gate run makes ~30 queries and its report is the output.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+MAX_SERIES = 10_000        # a gate query returning more series than this is a mistake, not data
+TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One series of an instant vector: its labels and value."""
+
+    labels: dict[str, str]
+    value: float
+
+
+class Prometheus:
+    """Instant queries against one Prometheus (or Thanos/Mimir query frontend) at `url`."""
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT_S, time: float | None = None):
+        if not url.startswith(("http://", "https://")):
+            raise InfrastructureError(f"--prometheus: expected an http(s) URL, got {url!r}")
+        self.url = url.rstrip("/")
+        self.time = time
+        self._client = httpx.Client(base_url=self.url, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Prometheus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def query(self, expr: str) -> list[Sample]:
+        """Evaluate `expr` now (or at `time`); an instant vector or scalar as samples."""
+        params: dict[str, Any] = {"query": expr}
+        if self.time is not None:
+            params["time"] = self.time
+        try:
+            resp = self._client.post("/api/v1/query", data=params)
+        except httpx.HTTPError as exc:
+            raise InfrastructureError(f"Prometheus at {self.url} could not be queried: {exc}") from exc
+        try:
+            body = resp.json()
+        except ValueError:
+            raise InfrastructureError(
+                f"Prometheus at {self.url} answered HTTP {resp.status_code} without JSON to a query") from None
+        if resp.status_code != 200 or body.get("status") != "success":
+            raise InfrastructureError(
+                f"Prometheus at {self.url} rejected the query {expr!r}: "
+                f"{body.get('errorType', resp.status_code)}: {body.get('error', '')}")
+        data = body.get("data") or {}
+        kind, result = data.get("resultType"), data.get("result")
+        if kind == "scalar":
+            return [Sample({}, _float(result[1]))]
+        if kind != "vector" or not isinstance(result, list):
+            raise InfrastructureError(f"Prometheus at {self.url}: expected an instant vector for {expr!r}, got {kind}")
+        if len(result) > MAX_SERIES:
+            raise InfrastructureError(f"query {expr!r} returned {len(result)} series (more than {MAX_SERIES})")
+        return [Sample(dict(r.get("metric") or {}), _float(r["value"][1])) for r in result]
+
+    def vector(self, expr: str, label: str) -> dict[str, float]:
+        """`{label value: sample value}` of a query grouped by `label` (NaN samples dropped)."""
+        return {s.labels.get(label, ""): s.value for s in self.query(expr) if not math.isnan(s.value)}
+
+    def scalar(self, expr: str) -> float | None:
+        """The single value of a query without grouping, None when it has no result."""
+        got = [s.value for s in self.query(expr) if not math.isnan(s.value)]
+        return got[0] if got else None
+
+
+def _float(text: Any) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,184 @@
+"""PromQL of the rollout gate: every series a criterion needs, for one model version.
+
+The version reaches the series as a scrape-time target label (`version`, set by the
+PodMonitor/ServiceMonitor relabelling from the pod label `app.kubernetes.io/version`, or
+by `labels: {version: v3}` in a static scrape config), not from the proxy: the hot path
+stays label-for-label what it was, and cardinality grows only with the versions serving.
+
+Every function takes the model, the version and the window as strings, so the Argo
+Rollouts and Flagger templates can pass placeholders (`{{args.canary}}`, `{{ interval }}`)
+through the same code that `sentinel gate` runs.
+"""
+
+from __future__ import annotations
+
+from sentinel import metricnames as mn
+from sentinel.slo.sli import BAD_CODE_REGEX, _sel
+
+VERSION_LABEL = "version"
+AGREEMENT_SOURCES = "shadow|replay"
+COMBINED_DETECTOR = "combined"   # the drift suite's combined verdict (sentinel.drift.combine)
+
+
+def _v(metric: str, model: str, version: str, **extra: str) -> str:
+    """`metric{model=..., version=...}`; a version `pod=~REGEX` selects on another label instead (Flagger)."""
+    label, value = VERSION_LABEL, version
+    if "=~" in version:
+        label, value = version.split("=~", 1)
+        value = "~" + value
+    return _sel(metric, model=model, **{label: value}, **extra)
+
+
+def _inc(selector: str, window: str, by: str = "") -> str:
+    grouping = f" by ({by})" if by else ""
+    return f"sum{grouping} (increase({selector}[{window}]))"
+
+
+def presence(model: str, versions: str, window: str) -> dict[str, str]:
+    """Which versions have series at all: model info and request counters, by version."""
+    return {
+        "model_info": f"count by ({VERSION_LABEL}) (last_over_time("
+                      f"{_sel(mn.MODEL_INFO.sample_name, model=model, **{VERSION_LABEL: '~' + versions})}[{window}]))",
+        "requests": f"count by ({VERSION_LABEL}) (last_over_time("
+                    f"{_sel(mn.REQUESTS.sample_name, model=model, **{VERSION_LABEL: '~' + versions})}[{window}]))",
+        # `version=""` matches series without the label: sidecars scraped without a version target label
+        "unlabelled_requests": f"count(last_over_time("
+                               f"{_sel(mn.REQUESTS.sample_name, model=model, **{VERSION_LABEL: ''})}[{window}]))",
+    }
+
+
+def requests_by_code(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.REQUESTS.sample_name, model, version), window, "code")
+
+
+def latency_buckets(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.REQUEST_DURATION.sample_name, model, version), window, "le")
+
+
+def predictions_by_class(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.PREDICTIONS.sample_name, model, version), window, "class")
+
+
+def agreement_by_result(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.REFERENCE_AGREEMENT.sample_name, model, version, source="~" + AGREEMENT_SOURCES),
+                window, "result")
+
+
+def verdicts(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.ACCURACY_VERDICTS.sample_name, model, version), window, "verdict")
+
+
+def estimate_reliable(model: str, version: str, window: str) -> str:
+    """The smallest reliability flag any replica of the version reported in the window."""
+    return f"min(min_over_time({_v(mn.ACCURACY_ESTIMATE_RELIABLE.name, model, version)}[{window}]))"
+
+
+def atc_estimate(model: str, version: str, window: str) -> str:
+    """The ATC accuracy estimate averaged over the window and the version's replicas (NaN dropped)."""
+    return f"avg(avg_over_time(({_v(mn.ESTIMATED_ACCURACY.name, model, version, method='atc')} >= 0)[{window}:]))"
+
+
+def drift_alarm_share(model: str, version: str, window: str) -> str:
+    """Per detector, the largest share of the window any replica of the version spent alarming."""
+    return f"max by (detector) (avg_over_time({_v(mn.DRIFT_ALARM.name, model, version)}[{window}]))"
+
+
+def contract_checked(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.INPUT_CONTRACT_CHECKED.sample_name, model, version), window)
+
+
+def contract_violating(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.INPUT_CONTRACT_VIOLATING.sample_name, model, version), window)
+
+
+def contract_by_check(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.INPUT_CONTRACT_VIOLATIONS.sample_name, model, version), window, "check")
+
+
+def diagnosis(model: str, version: str) -> dict[str, str]:
+    """The drift diagnosis the canary's replicas report now (kind and transform at value 1)."""
+    return {"kind": f"max by (kind) ({_v(mn.DRIFT_DIAGNOSIS.name, model, version)}) == 1",
+            "transform": f"max by (transform) ({_v(mn.DRIFT_DIAGNOSIS_TRANSFORM.name, model, version)}) == 1"}
+
+
+# --- ratios, for controllers that judge one number per query (Argo, Flagger) -------------
+
+def error_ratio(model: str, version: str, window: str) -> str:
+    """Share of the version's requests whose code spends the availability budget (0 without errors)."""
+    total = _inc(_v(mn.REQUESTS.sample_name, model, version), window)
+    bad = _inc(_v(mn.REQUESTS.sample_name, model, version, code="~" + BAD_CODE_REGEX), window)
+    return f"({bad} or 0 * {total}) / clamp_min({total}, 1)"
+
+
+def latency_quantile(q: float, model: str, version: str, window: str) -> str:
+    return f"histogram_quantile({q}, {latency_buckets(model, version, window)})"
+
+
+def latency_quantile_ratio(q: float, model: str, baseline: str, canary: str, window: str) -> str:
+    """Canary's latency quantile over the baseline's."""
+    return (f"{latency_quantile(q, model, canary, window)}\n/\n"
+            f"clamp_min({latency_quantile(q, model, baseline, window)}, 1e-6)")
+
+
+def agreement_ratio(model: str, version: str, window: str) -> str:
+    total = _inc(_v(mn.REFERENCE_AGREEMENT.sample_name, model, version, source="~" + AGREEMENT_SOURCES), window)
+    agree = _inc(_v(mn.REFERENCE_AGREEMENT.sample_name, model, version, source="~" + AGREEMENT_SOURCES,
+                    result="agree"), window)
+    return f"({agree} or 0 * {total}) / clamp_min({total}, 1)"
+
+
+def accuracy_lower_bound(model: str, version: str, window: str) -> str:
+    total = _inc(_v(mn.ACCURACY_VERDICTS.sample_name, model, version), window)
+    good = _inc(_v(mn.ACCURACY_VERDICTS.sample_name, model, version, verdict="likely_correct"), window)
+    return f"({good} or 0 * {total}) / clamp_min({total}, 1)"
+
+
+def request_count(model: str, version: str, window: str) -> str:
+    return _inc(_v(mn.REQUESTS.sample_name, model, version), window)
+
+
+# --- canary against baseline, one number each (the controller templates) ----------------
+
+def error_ratio_increase(model: str, baseline: str, canary: str, window: str) -> str:
+    """Canary's error ratio minus the baseline's (negative when the canary errs less)."""
+    return f"(\n{error_ratio(model, canary, window)}\n)\n-\n(\n{error_ratio(model, baseline, window)}\n)"
+
+
+def agreement_drop(model: str, baseline: str, canary: str, window: str) -> str:
+    """Baseline's agreement with the reference minus the canary's."""
+    return f"(\n{agreement_ratio(model, baseline, window)}\n)\n-\n(\n{agreement_ratio(model, canary, window)}\n)"
+
+
+def accuracy_drop(model: str, baseline: str, canary: str, window: str) -> str:
+    """Baseline's accuracy lower bound minus the canary's (verdicts of issue 11)."""
+    return (f"(\n{accuracy_lower_bound(model, baseline, window)}\n)\n-\n"
+            f"(\n{accuracy_lower_bound(model, canary, window)}\n)")
+
+
+def atc_drop(model: str, baseline: str, canary: str, window: str) -> str:
+    """Baseline's ATC accuracy estimate minus the canary's."""
+    return f"{atc_estimate(model, baseline, window)}\n-\n{atc_estimate(model, canary, window)}"
+
+
+def _class_shares(model: str, version: str, window: str) -> str:
+    return (f"{predictions_by_class(model, version, window)}\n/ scalar(clamp_min("
+            f"{_inc(_v(mn.PREDICTIONS.sample_name, model, version), window)}, 1))")
+
+
+def prediction_shift(model: str, baseline: str, canary: str, window: str) -> str:
+    """Total variation distance between the versions' predicted-class shares (0 same, 1 disjoint).
+
+    A class only one version predicted counts with its whole share (the `or` arms).
+    """
+    c, b = _class_shares(model, canary, window), _class_shares(model, baseline, window)
+    return f"0.5 * sum(abs(\n  ({c}) - ({b})\n  or ({c})\n  or -({b})\n))"
+
+
+def canary_drift_share(model: str, canary: str, window: str) -> str:
+    """Share of the window the canary's combined drift alarm was up (worst replica)."""
+    return f"max(avg_over_time({_v(mn.DRIFT_ALARM.name, model, canary, detector=COMBINED_DETECTOR)}[{window}]))"
+
+
+def canary_contract_ratio(model: str, canary: str, window: str) -> str:
+    """Canary's share of sampled inputs violating the input contract."""
+    return f"{contract_violating(model, canary, window)}\n/ clamp_min({contract_checked(model, canary, window)}, 1)"

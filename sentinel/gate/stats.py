@@ -1,0 +1,155 @@
+"""The statistical tests of `sentinel gate`: counts in, a test result out; no I/O.
+
+Every test here compares two independent samples of counts taken over the same window:
+the baseline version's and the canary's. All tests are one scipy call or a few lines of
+arithmetic; their settings (alpha, effect sizes) live in `sentinel.gate.settings`.
+
+* `two_proportions`: pooled two-proportion z-test (one-sided: is the canary's rate of bad
+  events higher?). Falls back to Fisher's exact test when an expected cell count is
+  below 5, where the normal approximation is poor.
+* `above_rate`: exact one-sided binomial test of "the canary's bad-event rate exceeds a
+  fixed budget" (the SLO's 1 - objective).
+* `homogeneity`: Pearson's chi-square test of homogeneity on a 2 x k table (predicted
+  classes, latency buckets), after merging adjacent sparse columns so every expected
+  count is at least 5 (Cochran's rule); effect size Cramér's V = sqrt(chi2 / n).
+* `quantile`: the quantile of a histogram from its bucket counts, interpolated linearly
+  inside the bucket as Prometheus' `histogram_quantile` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# Cochran's rule for the chi-square approximation: every expected count at least 5.
+MIN_EXPECTED = 5.0
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """One test: its name, statistic and p-value (nan when no test could run)."""
+
+    test: str
+    statistic: float
+    p_value: float
+
+
+def two_proportions(bad_a: int, n_a: int, bad_b: int, n_b: int) -> TestResult:
+    """One-sided test that sample b's rate of bad events is higher than sample a's."""
+    if n_a <= 0 or n_b <= 0:
+        return TestResult("none", math.nan, math.nan)
+    pooled = (bad_a + bad_b) / (n_a + n_b)
+    expected = (n_a * pooled, n_a * (1 - pooled), n_b * pooled, n_b * (1 - pooled))
+    if min(expected) < MIN_EXPECTED:
+        from scipy.stats import fisher_exact
+
+        # rows: b, a; columns: bad, good. alternative "greater": b's odds of bad are higher.
+        res = fisher_exact([[bad_b, n_b - bad_b], [bad_a, n_a - bad_a]], alternative="greater")
+        return TestResult("fisher_exact", float(res.statistic), float(res.pvalue))
+    from scipy.stats import norm
+
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+    z = (bad_b / n_b - bad_a / n_a) / se if se > 0 else 0.0
+    return TestResult("two_proportion_z", z, float(norm.sf(z)))
+
+
+def above_rate(bad: int, n: int, rate: float) -> TestResult:
+    """Exact one-sided binomial test that the true bad-event rate exceeds `rate`."""
+    if n <= 0:
+        return TestResult("none", math.nan, math.nan)
+    from scipy.stats import binomtest
+
+    res = binomtest(int(bad), int(n), rate, alternative="greater")
+    return TestResult("binomial", bad / n, float(res.pvalue))
+
+
+@dataclass(frozen=True)
+class Homogeneity:
+    """A chi-square test of homogeneity and its effect size."""
+
+    statistic: float
+    p_value: float
+    dof: int
+    cramers_v: float
+    columns: int   # after merging sparse columns
+
+
+def homogeneity(a: Sequence[float], b: Sequence[float]) -> Homogeneity:
+    """Chi-square test that two count vectors over the same categories share one distribution."""
+    if len(a) != len(b):
+        raise ValueError(f"count vectors differ in length: {len(a)} and {len(b)}")
+    cols = _merge_sparse([float(x) for x in a], [float(x) for x in b])
+    n = sum(x for c in cols for x in c)
+    if len(cols) < 2 or n <= 0:
+        return Homogeneity(0.0, 1.0, 0, 0.0, len(cols))
+    from scipy.stats import chi2
+
+    row_a = sum(c[0] for c in cols)
+    row_b = sum(c[1] for c in cols)
+    stat = 0.0
+    for ca, cb in cols:
+        col = ca + cb
+        for obs, row in ((ca, row_a), (cb, row_b)):
+            exp = row * col / n
+            if exp > 0:
+                stat += (obs - exp) ** 2 / exp
+    dof = len(cols) - 1
+    return Homogeneity(stat, float(chi2.sf(stat, dof)), dof, math.sqrt(stat / n), len(cols))
+
+
+def _merge_sparse(a: list[float], b: list[float]) -> list[tuple[float, float]]:
+    """Merge adjacent columns (left to right, remainder into the last) until each expected count is >= 5."""
+    total_a, total_b = sum(a), sum(b)
+    n = total_a + total_b
+    if n <= 0:
+        return []
+    share = min(total_a, total_b) / n
+    cols: list[tuple[float, float]] = []
+    acc_a = acc_b = 0.0
+    for x, y in zip(a, b, strict=True):
+        acc_a += x
+        acc_b += y
+        if (acc_a + acc_b) * share >= MIN_EXPECTED:
+            cols.append((acc_a, acc_b))
+            acc_a = acc_b = 0.0
+    if acc_a or acc_b:
+        if cols:
+            last = cols.pop()
+            cols.append((last[0] + acc_a, last[1] + acc_b))
+        else:
+            cols.append((acc_a, acc_b))
+    return cols
+
+
+def quantile(q: float, buckets: Mapping[float, float]) -> float:
+    """The q-quantile of a cumulative histogram ({upper bound: cumulative count}, +Inf included).
+
+    Linear interpolation inside the bucket that holds the rank, the lowest bucket starting
+    at 0, as Prometheus' `histogram_quantile`; a rank in the +Inf bucket returns the
+    highest finite bound. nan without observations.
+    """
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return math.nan
+    total = buckets[bounds[-1]]
+    rank = q * total
+    prev_bound, prev_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank and count > prev_count:
+            if math.isinf(bound):
+                return prev_bound
+            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
+        prev_bound, prev_count = (bound if not math.isinf(bound) else prev_bound), count
+    return prev_bound
+
+
+def differences(cumulative: Mapping[float, float]) -> list[float]:
+    """Per-bucket counts from cumulative ones (sorted by bound), negatives clamped to 0."""
+    out, prev = [], 0.0
+    for bound in sorted(cumulative):
+        c = cumulative[bound]
+        out.append(max(0.0, c - prev))
+        prev = max(prev, c)
+    return out

@@ -1,0 +1,143 @@
+"""Each criterion and the overall verdict on literal counts: pass, fail with numbers, inconclusive, skipped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sentinel.gate import criteria
+from sentinel.gate.criteria import Verdict, VersionData
+from sentinel.gate.judge import TESTED_CRITERIA, GateReport, judge
+from sentinel.gate.report import as_dict, text, to_json
+from sentinel.gate.settings import GateSettings
+
+pytestmark = pytest.mark.unit
+
+S = GateSettings()
+ALPHA = S.alpha / TESTED_CRITERIA
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, math.inf)
+
+
+def hist(counts: list[float]) -> dict[float, float]:
+    """Cumulative buckets from per-bucket counts."""
+    out, acc = {}, 0.0
+    for le, c in zip(BUCKETS, counts, strict=True):
+        acc += c
+        out[le] = acc
+    return out
+
+
+FAST = hist([300, 150, 40, 10, 0, 0, 0])
+SLOW = hist([0, 0, 0, 20, 300, 180, 0])
+CLASSES = {str(k): 50.0 for k in range(10)}
+SKEWED = {**{str(k): 50.0 for k in range(10)}, "1": 150.0, "8": 5.0, "9": 5.0}
+
+
+def version(**kw) -> VersionData:
+    base = dict(codes={"200": 500.0}, buckets=FAST, classes=CLASSES, agreement={"agree": 495.0, "disagree": 5.0},
+                verdicts={"likely_correct": 480.0, "likely_wrong": 10.0, "unknown": 10.0}, reliable=1.0,
+                drift={"combined": 0.0, "bbsd": 0.0})
+    base.update(kw)
+    return VersionData(**base)
+
+
+def test_identical_versions_pass_every_criterion():
+    results = judge(version(), version(), S, 0.001)
+    assert [c.verdict for c in results if c.name != "input_contract"] == [Verdict.PASS] * 6
+    assert results[-1].verdict == Verdict.SKIPPED   # no contract series
+
+
+def test_error_ratio_fails_against_baseline_and_budget_and_names_numbers():
+    c = criteria.error_ratio(version(), version(codes={"200": 470.0, "503": 30.0}), S, ALPHA, 0.001, "5..")
+    assert c.verdict == Verdict.FAIL
+    assert c.canary == pytest.approx(0.06) and c.baseline == 0
+    assert "0.0600 (30/500)" in c.summary and "above the SLO budget" in c.summary
+    # 4xx are the client's: not errors under the SLO's bad-code rule
+    ok = criteria.error_ratio(version(), version(codes={"200": 470.0, "404": 30.0}), S, ALPHA, 0.001, "5..")
+    assert ok.verdict == Verdict.PASS
+    # a code that a newer proxy uses for cut responses counts when the rule says so
+    cut = criteria.error_ratio(version(), version(codes={"200": 470.0, "599": 30.0}), S, ALPHA, 0.001, "5..")
+    assert cut.verdict == Verdict.FAIL
+
+
+def test_one_error_in_five_hundred_is_not_proof_of_a_budget_breach():
+    c = criteria.error_ratio(version(), version(codes={"200": 499.0, "500": 1.0}), S, ALPHA, 0.001, "5..")
+    assert c.verdict == Verdict.PASS
+
+
+def test_latency_fails_on_slower_quantiles_and_passes_on_same_distribution():
+    slow = criteria.latency(version(), version(buckets=SLOW), S, ALPHA)
+    assert slow.verdict == Verdict.FAIL and "P95" in slow.summary and "P99" in slow.summary
+    assert slow.effect > S.latency_tolerance
+    assert criteria.latency(version(), version(), S, ALPHA).verdict == Verdict.PASS
+
+
+def test_latency_difference_below_the_minimum_is_not_a_failure():
+    # significant (many samples) but only ~3 ms slower at the tail: within latency_min_diff_s
+    a = hist([3000, 1500, 400, 100, 0, 0, 0])
+    b = hist([2500, 1800, 550, 150, 0, 0, 0])
+    c = criteria.latency(version(buckets=a), version(buckets=b), S, ALPHA)
+    assert c.p_value < ALPHA and c.verdict == Verdict.PASS
+
+
+def test_prediction_distribution_fails_with_effect_size():
+    c = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
+    assert c.verdict == Verdict.FAIL and c.effect > S.max_cramers_v
+    assert "class 1" in c.summary
+
+
+def test_agreement_and_accuracy_drop():
+    worse = version(agreement={"agree": 390.0, "disagree": 110.0},
+                    verdicts={"likely_correct": 300.0, "likely_wrong": 150.0, "unknown": 50.0})
+    assert criteria.reference_agreement(version(), worse, S, ALPHA).verdict == Verdict.FAIL
+    acc = criteria.accuracy(version(), worse, S, ALPHA, 500, 500)
+    assert acc.verdict == Verdict.FAIL and acc.canary == pytest.approx(0.6)
+
+
+def test_unreliable_accuracy_estimate_is_inconclusive():
+    c = criteria.accuracy(version(), version(reliable=0.0), S, ALPHA, 500, 500)
+    assert c.verdict == Verdict.INCONCLUSIVE and "canary" in c.summary
+
+
+def test_accuracy_falls_back_to_the_atc_estimate_without_verdicts():
+    b, c = version(verdicts={}, atc=0.95), version(verdicts={}, atc=0.40)
+    r = criteria.accuracy(b, c, S, ALPHA, 500, 500)
+    assert r.verdict == Verdict.FAIL and "ATC" in r.summary
+    assert criteria.accuracy(version(verdicts={}), version(verdicts={}), S, ALPHA, 500, 500).verdict == Verdict.SKIPPED
+
+
+def test_too_few_samples_is_inconclusive_never_pass():
+    few = version(codes={"200": 20.0}, buckets=hist([10, 10, 0, 0, 0, 0, 0]), classes={"1": 20.0},
+                  agreement={"agree": 20.0}, verdicts={"likely_correct": 20.0})
+    results = judge(version(), few, S, 0.001)
+    by = {c.name: c for c in results}
+    for name in ("error_ratio", "latency", "prediction_distribution", "accuracy", "reference_agreement"):
+        assert by[name].verdict == Verdict.INCONCLUSIVE, name
+        assert "need" in by[name].summary
+    report = GateReport("http://p", "digits", "v3", "v4", "10m", 0.0, S.alpha, results)
+    assert report.verdict == Verdict.INCONCLUSIVE and report.exit_code == 3
+
+
+def test_drift_and_contract_judge_the_canary_only():
+    drifting = version(drift={"combined": 0.8, "bbsd": 0.9}, diagnosis_kind=("covariate",),
+                       diagnosis_transform=("blur",))
+    d = criteria.drift(drifting, S)
+    assert d.verdict == Verdict.FAIL and "80%" in d.summary and "blur" in d.summary and "bbsd" in d.summary
+    bad = version(contract_checked=500.0, contract_violating=60.0, contract_by_check={"range": 60.0})
+    k = criteria.input_contract(bad, S, ALPHA)
+    assert k.verdict == Verdict.FAIL and "range 60" in k.summary
+    ok = version(contract_checked=500.0, contract_violating=2.0)
+    assert criteria.input_contract(ok, S, ALPHA).verdict == Verdict.PASS
+
+
+def test_failure_outranks_inconclusive_and_reports_render():
+    results = judge(version(), version(classes=SKEWED, codes={"200": 20.0}), S, 0.001)
+    report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)
+    assert report.verdict == Verdict.FAIL and report.exit_code == 1
+    out = text(report)
+    assert out.splitlines()[1] == "FAIL: prediction_distribution"
+    assert "INCONCLUSIVE" in out and "2023-11-14 22:13:20 UTC" in out
+    data = as_dict(report)
+    assert data["failed"] == ["prediction_distribution"] and data["exit_code"] == 1
+    assert to_json(report)   # no NaN reaches JSON
