@@ -65,10 +65,10 @@ SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sa
 ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
 ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter", "Analysis worker restarts.")
 INGEST_EVENTS = _m("ingest_events", "counter",
-                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting), joined "
-                   "(pair complete, sent to analysis), orphaned (a half dropped unjoined: too old, over the "
-                   "join table's count or byte bound, or repeated), rejected (malformed or unknown model), "
-                   "oversize (body over sampling.max_bytes, not analysed).",
+                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting for its pair), "
+                   "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
+                   "table's bounds, or repeated), rejected (malformed, unknown model), oversize (over "
+                   "sampling.max_bytes).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------
