@@ -18,6 +18,8 @@ Headers = Mapping[str, str]   # lower-case names
 DecodeErrorKind = Literal[
     "malformed_json", "missing_field", "bad_shape", "bad_datatype", "truncated",
     "bad_header", "unsupported", "bad_image", "too_large", "too_deep",
+    "bad_event",    # a CloudEvent envelope (sentinel.proxy.ingest)
+    "unexpected",   # a decoder raised something else: a bug, reported instead of crashing the worker
 ]
 
 # Bounds on what an outsider's payload may make a decoder allocate or recurse into.

@@ -1,4 +1,4 @@
-"""Decoders bound what an outsider's payload can make them do, and raise only DecodeError (fuzzed)."""
+"""Decoders bound what an outsider's payload can make them do, before allocating or recursing."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 
 from sentinel.errors import DecodeError
 from sentinel.protocols import DecodeHints, kserve_v1, oip_v2, torchserve
 from sentinel.protocols.base import MAX_JSON_DEPTH, json_depth, json_prefix_length
-from sentinel.protocols.fuzz import bodies, headers
 
 pytestmark = pytest.mark.unit
 
@@ -111,21 +109,6 @@ def test_raw_octet_stream_without_a_configured_shape_says_what_to_configure():
     with pytest.raises(DecodeError) as info:
         torchserve.decode_request(b"\0" * 10, {"content-type": "application/octet-stream"}, HINTS)
     assert info.value.kind == "bad_shape"
-
-
-@pytest.mark.parametrize("name", sorted(DECODERS))
-def test_decoders_raise_only_decode_error_fuzzed(name):
-    fn = DECODERS[name]
-
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(bodies, headers)
-    def run(body, hdrs):
-        try:
-            fn(body, hdrs, HINTS)
-        except DecodeError:
-            pass
-
-    run()
 
 
 def test_depth_limit_is_generous_for_real_tensors():
