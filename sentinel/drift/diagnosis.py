@@ -49,6 +49,7 @@ MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a cand
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
 REL_TOLERANCE = 0.005
+MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
 ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
 
 
@@ -232,9 +233,16 @@ class Diagnosis:
 class Diagnoser:
     """Fitted on golden inputs: signature moments per candidate transform and per class."""
 
-    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None):
+    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None,
+                 max_samples: int = MAX_GOLDEN, seed: int = 0):
         x = np.asarray(network_inputs, dtype=np.float32)
         self.classes = np.asarray(classes, dtype=np.int64)
+        if len(x) > max_samples:       # bounded fit cost: candidate moments from a seeded subsample
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), max_samples, replace=False))
+            x, self.classes = x[keep], self.classes[keep]
+            if source is not None:
+                source = Source(source.images[keep], source.to_network, source.unit_a, source.unit_b,
+                                source.norm_mean, source.norm_std)
         self.signature = Signature.fit(x, self.classes)
         f = self.signature.features(x)
         self.golden_features = f

@@ -22,7 +22,8 @@ VERDICTS = ("likely_correct", "likely_wrong", "unknown")
 LIKELY_CORRECT, LIKELY_WRONG, UNKNOWN = 0, 1, 2
 OOD_QUANTILE = 0.995      # a golden sample is beyond this quantile of golden LOO kNN distances 0.5% of the time
 OOD_K = 5
-UNRELIABLE_SHARE = 0.10   # more unknown than this in a window and the estimate is flagged unreliable
+UNRELIABLE_SHARE = 0.10
+MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)   # more unknown than this in a window and the estimate is flagged unreliable
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,11 @@ class KnnSupport:
     k: int = OOD_K
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = OOD_K, quantile: float = OOD_QUANTILE) -> KnnSupport:
+    def fit(cls, features: np.ndarray, k: int = OOD_K, quantile: float = OOD_QUANTILE,
+            max_samples: int = MAX_REFERENCE, seed: int = 0) -> KnnSupport:
         f = np.asarray(features, np.float64)
+        if len(f) > max_samples:       # bounded memory and time: distances are N×N at fit, M×N per batch
+            f = f[np.sort(np.random.default_rng(seed).choice(len(f), max_samples, replace=False))]
         center = f.mean(axis=0)
         sd = f.std(axis=0)
         scale = np.where(sd > 1e-9 * (np.abs(center) + 1), sd, 1.0)
