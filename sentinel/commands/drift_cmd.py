@@ -125,8 +125,9 @@ def check(
             smp.signatures, None if smp.violations is None else smp.violations.any(axis=1), smp.verdicts)))
         if len(verdicts) == 1:
             first = time.perf_counter() - loaded
-    typer.echo(f"start-up {loaded - started:.2f} s (golden set, detectors, reference model); first window "
-               f"{first:.3f} s after the model was loaded", err=True)
+    if not as_json:
+        typer.echo(f"start-up {loaded - started:.2f} s (golden set, detectors, reference model); first window "
+                   f"{first:.3f} s after the model was loaded", err=True)
     if as_json:
         typer.echo(json.dumps([verdict_json(v) for v in verdicts], indent=2))
     else:

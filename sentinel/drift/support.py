@@ -9,7 +9,9 @@ the golden set's own `OOD_QUANTILE` leave-one-out kNN distance. Otherwise ATC de
 or above its threshold → `likely_correct`, else `likely_wrong`.
 
 The accuracy lower bound counts unknown as wrong: likely_correct / all. It is reliable when the
-share of unknown samples is at most `UNRELIABLE_SHARE`.
+share of unknown samples is at most `UNRELIABLE_SHARE` and the window is not diagnosed as a
+preprocessing mismatch or an input-contract breach (then the model's confidence proves nothing,
+even for samples that pass the support check: a flipped digit still looks like a digit).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 VERDICTS = ("likely_correct", "likely_wrong", "unknown")
 LIKELY_CORRECT, LIKELY_WRONG, UNKNOWN = 0, 1, 2
-OOD_QUANTILE = 0.995      # a golden sample is beyond this quantile of golden LOO kNN distances 0.5% of the time
+OOD_QUANTILE = 0.998      # a golden sample is beyond this quantile of golden LOO kNN distances 0.2% of the time
 OOD_K = 5
 UNRELIABLE_SHARE = 0.10
 MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)   # more unknown than this in a window and the estimate is flagged unreliable
