@@ -112,7 +112,8 @@ class Signature:
         g = x.mean(axis=1).reshape(n, -1)
         g = g - g.mean(axis=1, keepdims=True)
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-        fits = np.einsum("nd,okd->nok", g, self.templates).max(axis=2)     # best class fit per orientation
+        o, k, d = self.templates.shape
+        fits = (g @ self.templates.reshape(o * k, d).T).reshape(n, o, k).max(axis=2)   # best class fit per orientation
         # Paired differences: far less noisy than each fit, so orientation changes stand out.
         contrast = fits[:, :1] - fits[:, 1:]
         return np.concatenate([per_c, ((gx + gy) / 2)[:, None], aniso[:, None], fits, contrast], axis=1)
