@@ -104,8 +104,10 @@ def fleet(tmp_path_factory):
     slo = tmp / "slo.yaml"
     text = (REPO / "slo.yaml").read_text().replace("period: 30d", "period: 4h").replace(
         "scrape_interval: 30s", "scrape_interval: 1s")
+    # Latency tolerance wider than the default: two identical servers on a loaded 2-core machine
+    # can differ by a quarter at the tail; the slow canary is slower by far more than 1.5x + 50 ms.
     slo.write_text(text + "gate: {min_requests: 200, min_predictions: 200, min_compared: 100, "
-                          "latency_min_diff_s: 0.03}\n"
+                          "latency_tolerance: 1.5, latency_min_diff_s: 0.05}\n"
                           f"cost: {{replica_hour: {COST['replica_hour']}, gpu_hour: {COST['gpu_hour']}}}\n")
     servers = {"v3": ("digits:v3", 0), "v2": ("digits:v2", 0), "v3-replica": ("digits:v3", 0),
                "v3-slow": ("digits:v3", DELAY_MS)}
