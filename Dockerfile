@@ -19,5 +19,5 @@ COPY slo.yaml sentinel.yaml ./
 
 RUN useradd --system --uid 10001 sentinel
 USER 10001
-EXPOSE 8081 8080 9090
+EXPOSE 8081 8080 9464
 CMD ["sentinel", "serve", "--model", "digits:v3", "--port", "8081", "--host", "0.0.0.0"]

@@ -92,6 +92,32 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        from sentinel.errors import missing_extra
+
+        path = _command_path(sys.argv[1:])
+        extra = missing_extra(exc, path, "serve" if path in ("sentinel serve", "sentinel demo") else None)
+        if extra is None or _state["debug"]:
+            raise
+        typer.echo(f"error: {extra}", err=True)
+        sys.exit(extra.exit_code)
+
+
+def _command_path(argv: list[str]) -> str:
+    """`sentinel gpu selfcheck` for argv ['gpu', 'selfcheck', '--x'], naming a failed command."""
+    cmd = typer.main.get_command(app)
+    words = ["sentinel"]
+    for arg in argv:
+        if arg.startswith("-"):
+            if len(words) > 1:
+                break
+            continue
+        sub = getattr(cmd, "commands", {}).get(arg)
+        if sub is None:
+            break
+        cmd = sub
+        words.append(arg)
+    return " ".join(words)
 
 
 if __name__ == "__main__":

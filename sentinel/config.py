@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_file
 
-Protocol = Literal["v2", "v1", "torchserve"]
 DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
 
 
@@ -76,10 +76,16 @@ class ModelConfig:
     name: str
     version: str
     endpoint: str = "http://127.0.0.1:8081"
-    protocol: Protocol = "v2"
+    protocol: WireProtocol = "v2"
     served_name: str | None = None   # name in request paths when it differs from `name`
     max_batch: int = 32              # for the GPU headroom estimate
     sampling: SamplingConfig | None = None
+    # Shape (without batch) and dtype of a raw application/octet-stream TorchServe body; default:
+    # the registry model's raw_input (else its network input). Needed only when neither says it.
+    raw_input_shape: tuple[int, ...] | None = None
+    raw_input_dtype: Literal["float32", "float16", "uint8", "int64"] = "float32"
+    # Largest encoded image (pixels) the analysis decodes; default max(16 Mpx, 256 × model input pixels).
+    max_image_pixels: int | None = None
 
     def validate(self):
         if not self.name:
@@ -88,6 +94,10 @@ class ModelConfig:
             yield "endpoint", err
         if self.max_batch < 1:
             yield "max_batch", "must be at least 1"
+        if self.raw_input_shape is not None and (not self.raw_input_shape or min(self.raw_input_shape) < 1):
+            yield "raw_input_shape", "must list positive dimensions"
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            yield "max_image_pixels", "must be positive"
 
     @property
     def path_name(self) -> str:
@@ -103,34 +113,86 @@ class ProxyConfig:
     max_model_labels: int = 32       # distinct model label values before folding into "other"
     upstream_pool_size: int = 64
     client_idle_timeout_s: float = 75.0  # idle keep-alive client connections are closed after this
+    # Front-proxy protections (issue 12); the defaults follow nginx and Envoy's edge settings.
+    # `upstream_timeout_s` above is the time from the end of the request to the upstream's
+    # response head (time to first byte), not a deadline on the whole exchange.
+    request_head_timeout_s: float = 10.0    # a request head must be complete this long after its first byte (408)
+    body_idle_timeout_s: float = 60.0       # longest pause between two reads of a request body (408)
+    upstream_idle_timeout_s: float = 60.0   # longest pause between two reads of a response body (cut, 504)
+    send_timeout_s: float = 60.0            # longest a client may leave response bytes unread (cut)
+    max_request_line_bytes: int = 8192      # longer request target → 414, never forwarded
+    max_header_bytes: int = 65536           # longer request head (all header lines) → 431, never forwarded
+    max_headers: int = 100                  # more header fields → 431
+    max_connections: int = 4096             # client connections; more are answered 503 + Retry-After
+    admin_max_connections: int = 128        # the admin listener's own budget
+    admin_max_body_bytes: int = 0           # admin request bodies (/ingest); 0: twice the sampling cap + 64 KiB
+    shed_retry_after_s: int = 1             # Retry-After of the 503 given when over the connection budget
 
     def validate(self):
-        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s"):
+        for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s",
+                     "request_head_timeout_s", "body_idle_timeout_s", "upstream_idle_timeout_s", "send_timeout_s"):
             if getattr(self, name) <= 0:
                 yield name, "must be positive"
         if self.max_body_bytes <= 0:
             yield "max_body_bytes", "must be positive"
+        for name in ("max_request_line_bytes", "max_header_bytes", "max_headers", "max_connections",
+                     "admin_max_connections"):
+            if getattr(self, name) < 1:
+                yield name, "must be at least 1"
+        if self.max_request_line_bytes < 64:
+            yield "max_request_line_bytes", "must be at least 64"
+        if self.max_header_bytes < 1024:
+            yield "max_header_bytes", "must be at least 1024"
+        if self.admin_max_body_bytes < 0:
+            yield "admin_max_body_bytes", "must be 0 (derived) or positive"
+        if self.shed_retry_after_s < 0:
+            yield "shed_retry_after_s", "must not be negative"
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
     queue_size: int = 256            # bounded, lossy queue between proxy and analysis
     store_payloads: bool = False     # never keep payloads unless asked
+    # /ingest from a non-loopback peer must carry this secret (header X-Sentinel-Ingest-Token or
+    # Authorization: Bearer); without one, only loopback peers (the same pod) may post events.
+    ingest_token: str | None = None
+    ingest_token_file: str | None = None     # read once at start (a mounted Kubernetes Secret)
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024
+    ingest_max_pending_bytes: int = 64 * 1024 * 1024  # payload bytes of unjoined halves; oldest dropped beyond
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes waiting for analysis; more are dropped
+    sample_timeout_s: float = 30.0   # wall-clock budget to decode and analyse one sample (0: none)
+    heartbeat_s: float = 1.0         # an idle worker says it is alive this often
+    hang_timeout_s: float = 60.0     # a worker silent this long is killed and restarted (reason "hung")
+    worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
+    worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
 
     def validate(self):
         if self.queue_size < 1:
             yield "queue_size", "must be at least 1"
         if self.queue_max_bytes < 1:
             yield "queue_max_bytes", "must be positive"
+        if self.ingest_max_pending < 1:
+            yield "ingest_max_pending", "must be at least 1"
+        if self.ingest_max_pending_bytes < 1:
+            yield "ingest_max_pending_bytes", "must be positive"
+        if self.sample_timeout_s < 0:
+            yield "sample_timeout_s", "must be 0 (no budget) or positive"
+        if self.heartbeat_s <= 0:
+            yield "heartbeat_s", "must be positive"
+        if self.hang_timeout_s <= self.sample_timeout_s + self.heartbeat_s:
+            yield "hang_timeout_s", (f"must exceed sample_timeout_s + heartbeat_s "
+                                     f"({self.sample_timeout_s + self.heartbeat_s:g}), got {self.hang_timeout_s:g}")
+        if self.worker_start_timeout_s < self.hang_timeout_s:
+            yield "worker_start_timeout_s", "must be at least hang_timeout_s"
+        if self.worker_memory_limit_bytes < 0:
+            yield "worker_memory_limit_bytes", "must be 0 (no limit) or positive"
 
 
 @dataclass(frozen=True)
 class DriftConfig:
     window_size: int = 200
-    evaluate_every: int = 50         # evaluate after this many new samples
+    evaluate_every: int = 25         # evaluate after this many new samples (25: the ATC lower bound reacts within 50)
     alpha: float = 0.05              # family-wise false-alarm level of the combined verdict
     detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
     shadow: bool = True              # run the reference on sampled inputs
@@ -144,6 +206,9 @@ class DriftConfig:
     # 1: every evaluation stands alone (false-alarm rate per window <= alpha); 2: one window
     # more of delay, and a fixed golden set's false-alarm rate drops to <= 0.002 (drift eval).
     persistence: int = 1
+    # The ATC lower bound gauge is the smaller of the window's and its last N samples' bound, so a
+    # sudden mismatch shows within N samples (sentinel.drift.Settings.accuracy_recent); 0: window only.
+    accuracy_recent: int = 50
 
     def validate(self):
         if self.pca_components < 1:
@@ -163,14 +228,35 @@ class ReplayConfig:
     canary_interval_s: float = 300.0  # 0 disables the canary
     canary_samples: int = 16
     canary_rate: float = 2.0          # requests per second
+    canary_ready_timeout_s: float = 120.0  # longest wait for the model server's readiness before round 1
+    protocol: Literal["http", "grpc"] = "http"  # canary transport; grpc goes to `grpc_upstream`
 
     def validate(self):
         if self.canary_interval_s < 0:
             yield "canary_interval_s", "must be 0 (off) or positive"
+        if self.canary_ready_timeout_s < 0:
+            yield "canary_ready_timeout_s", "must be 0 or positive"
         if self.canary_samples < 1:
             yield "canary_samples", "must be at least 1"
         if self.canary_rate <= 0:
             yield "canary_rate", "must be positive"
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """Bounds of the gRPC listener (on when `grpc_listen` is set)."""
+
+    max_message_bytes: int = 64 * 1024 * 1024  # larger request or response messages: RESOURCE_EXHAUSTED
+    upstream_timeout_s: float = 30.0   # cap on an upstream call; a client's shorter deadline wins
+    max_concurrent_rpcs: int = 1024    # calls in flight beyond this are refused with RESOURCE_EXHAUSTED
+
+    def validate(self):
+        if self.max_message_bytes <= 0:
+            yield "max_message_bytes", "must be positive"
+        if self.upstream_timeout_s <= 0:
+            yield "upstream_timeout_s", "must be positive"
+        if self.max_concurrent_rpcs < 1:
+            yield "max_concurrent_rpcs", "must be at least 1"
 
 
 @dataclass(frozen=True)
@@ -195,7 +281,7 @@ class Config:
     models: tuple[ModelConfig, ...]
     listen: str = "127.0.0.1:8080"
     upstream: str = "http://127.0.0.1:8081"
-    admin: str = "127.0.0.1:9090"
+    admin: str = "127.0.0.1:9464"
     registry: str = "models"
     golden_sets: str = "golden_sets"
     slo_file: str | None = None
@@ -208,6 +294,9 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    grpc_listen: str | None = None     # gRPC listener host:port (OIP v2 over gRPC); off when unset
+    grpc_upstream: str | None = None   # the model server's gRPC host:port
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     source: str = field(default="<memory>", compare=False)
 
     def validate(self):
@@ -218,6 +307,12 @@ class Config:
             yield "upstream", err
         if not self.models:
             yield "models", "at least one model is required"
+        for name in ("grpc_listen", "grpc_upstream"):
+            value = getattr(self, name)
+            if value is not None and (err := _check_addr(value)):
+                yield name, err
+        if self.grpc_listen is not None and self.grpc_upstream is None:
+            yield "grpc_upstream", "required when grpc_listen is set (the model server's gRPC host:port)"
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m is not None and m.name in seen:

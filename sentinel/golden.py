@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sentinel.errors import IntegrityError, UsageError
+from sentinel.errors import IntegrityError, RegistryError, UsageError
 from sentinel.preprocess import Preprocessing
-from sentinel.registry import ModelEntry, manifest_to_dict, sha256_file
+from sentinel.registry import ModelEntry, confined, manifest_to_dict, sha256_file
 from sentinel.schema import load_mapping, read_yaml
 
 ARRAYS = ("ids", "raw", "inputs", "labels", "logits", "probabilities", "embeddings")
@@ -76,7 +76,7 @@ class GoldenSet:
     meta: GoldenMeta
 
     def _load(self, name: str) -> np.ndarray | None:
-        p = self.path / f"{name}.npy"
+        p = confined(self.path, f"{name}.npy", f"{self.path}: {name}.npy")
         if not p.exists():
             return None
         return np.load(p, allow_pickle=False)
@@ -127,6 +127,15 @@ def check_golden(path: str | Path) -> list[str]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         return [f"{mpath}: unreadable manifest ({exc})"]
+    if not isinstance(files, dict):
+        return [f"{mpath}: files must map file names to their sha256, shape and dtype"]
+    for fixed in ("golden.yaml", *(f"{a}.npy" for a in ARRAYS)):
+        try:
+            confined(root, fixed, str(root))
+        except RegistryError as exc:
+            problems.append(str(exc))
+    if problems:
+        return problems
     ydigest = manifest.get("golden.yaml")
     if ydigest and sha256_file(root / "golden.yaml") != ydigest:
         problems.append(f"{root / 'golden.yaml'}: sha256 does not match manifest.json")
@@ -135,7 +144,11 @@ def check_golden(path: str | Path) -> list[str]:
             problems.append(f"{mpath}: files: {req}.npy is required but not listed")
     count = None
     for name, info in sorted(files.items()):
-        p = root / name
+        try:
+            p = confined(root, str(name), f"{mpath}: files")
+        except RegistryError as exc:
+            problems.append(str(exc))
+            continue
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue
@@ -177,8 +190,30 @@ def golden_path(root: str | Path, entry: ModelEntry) -> Path:
     return Path(root) / entry.name / entry.version
 
 
-def golden_for(entry: ModelEntry, root: str | Path = "golden_sets", path: str | Path | None = None) -> GoldenSet:
-    """The golden set of `entry` (verified), refusing one built for another model or weights."""
+def default_golden_root(entry: ModelEntry | None = None) -> Path:
+    """Golden sets when none is configured: ./golden_sets when present, else the one beside
+    the entry's registry (`<home>/models/<m>/<v>` → `<home>/golden_sets`), else `data_home()`'s."""
+    from sentinel.registry import data_home
+
+    here = Path.cwd() / "golden_sets"
+    if here.is_dir():
+        return here
+    if entry is not None:
+        beside = entry.directory.parent.parent.parent / "golden_sets"
+        if beside.is_dir():
+            return beside
+    return data_home() / "golden_sets"
+
+
+def golden_for(entry: ModelEntry, root: str | Path | None = "golden_sets",
+               path: str | Path | None = None) -> GoldenSet:
+    """The golden set of `entry` (verified), refusing one built for another model or weights.
+
+    `root=None`, or the default relative `golden_sets` when no such folder is in the current
+    directory, means `default_golden_root(entry)`.
+    """
+    if root is None or (str(root) == "golden_sets" and not Path(root).is_dir()):
+        root = default_golden_root(entry)
     g = load_golden(path or golden_path(root, entry))
     if (g.meta.model, g.meta.version) != (entry.name, entry.version):
         raise UsageError(
@@ -242,7 +277,45 @@ def build_golden(
     (root / "golden.yaml").write_text(yaml.safe_dump(manifest_to_dict(meta), sort_keys=False), encoding="utf-8")
     manifest = {"golden.yaml": sha256_file(root / "golden.yaml"), "files": files}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    save_contract(root, np.asarray(inputs, np.float32),
+                  np.dtype(np.asarray(raw).dtype if raw is not None else entry.manifest.input.dtype).kind)
     return load_golden(root)
+
+
+CONTRACT_FILE = "contract.json"
+
+
+def save_contract(root: str | Path, inputs: np.ndarray, dtype_kind: str = "f") -> Path:
+    """Derive the input contract from golden network inputs; write contract.json, its digest into manifest.json."""
+    from sentinel.drift.inputcontract import InputContract
+
+    root = Path(root)
+    path = root / CONTRACT_FILE
+    path.write_text(InputContract.derive(inputs, dtype_kind).to_json(), encoding="utf-8")
+    mpath = root / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest[CONTRACT_FILE] = sha256_file(path)
+    mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def load_contract(golden: GoldenSet):
+    """The golden set's stored input contract (None when it has none); IntegrityError when its digest is off."""
+    from sentinel.drift.inputcontract import InputContract
+
+    path = golden.path / CONTRACT_FILE
+    if not path.is_file():
+        return None
+    try:
+        digest = json.loads((golden.path / "manifest.json").read_text()).get(CONTRACT_FILE)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{golden.path / 'manifest.json'}: unreadable ({exc})") from None
+    if digest is None or sha256_file(path) != digest:
+        raise IntegrityError(f"{path}: sha256 does not match manifest.json (rebuild with `sentinel golden contract`)")
+    try:
+        return InputContract.from_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise IntegrityError(f"{path}: {exc}") from None
 
 
 def load_source(path: str | Path) -> dict[str, np.ndarray]:

@@ -48,14 +48,21 @@ REQUEST_DURATION = _m(
     "request_duration_seconds", "histogram",
     "Time from receiving a request's headers to sending the last byte of its response.",
     ("model", "protocol", "code"), "seconds")
-REQUESTS = _m("requests", "counter", "Proxied inference requests by outcome.",
+REQUESTS = _m("requests", "counter",
+              "Proxied inference requests by what the client received: the HTTP status when the whole "
+              "response reached it, 499 when the client left first, `incomplete` when the head went out "
+              "and the body was cut.",
               ("model", "protocol", "code"))
 PROXY_ERRORS = _m("proxy_errors", "counter",
-                  "Requests the proxy answered itself (upstream refused, timeout, body too large...).",
+                  "Requests and connections the proxy answered, cut or refused itself, by reason "
+                  "(upstream refused or timed out, head timeout, headers too large, connection limit...).",
                   ("reason",))
 UNMATCHED_PATHS = _m("unmatched_path_overflow", "counter",
                      "Requests whose model label was folded into `other` by the cardinality cap.")
 INFLIGHT = _m("inflight_requests", "gauge", "Requests being proxied right now.")
+# `code` values of REQUESTS/REQUEST_DURATION that are not an HTTP status the client read whole.
+CODE_INCOMPLETE = "incomplete"   # response head sent, body cut (upstream reset/timeout/bad framing, slow reader)
+CODE_CLIENT_CLOSED = "499"       # the client closed before its response was complete (nginx's 499)
 
 # --- sampling and analysis ----------------------------------------------------------
 SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",
@@ -63,9 +70,16 @@ SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",
 SAMPLE_QUEUE_DEPTH = _m("sample_queue_depth", "gauge", "Samples waiting for analysis.")
 SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sample queue.")
 ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
-ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter", "Analysis worker restarts.")
+ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
+                       "Analysis worker restarts by reason (exit, killed, hung).", ("reason",))
+SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
+                       "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
+                       "out_of_memory, timeout, unexpected_error, worker_lost).", ("model", "reason"))
 INGEST_EVENTS = _m("ingest_events", "counter",
-                   "CloudEvents received on /ingest by outcome (joined, orphaned, rejected).",
+                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting), joined "
+                   "(pair complete, sent to analysis), orphaned (a half dropped unjoined: too old, over the "
+                   "join table's count or byte bound, or repeated), rejected (malformed or unknown model), "
+                   "oversize (body over sampling.max_bytes, not analysed).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------
@@ -78,6 +92,7 @@ DRIFT_ALARM = _m("drift_alarm", "gauge", "1 when the detector's corrected p-valu
 DRIFT_WINDOWS = _m("drift_windows", "counter", "Drift windows evaluated.", ("model",))
 PREDICTIONS = _m("predictions", "counter", "Predicted classes of sampled traffic (cardinality capped).",
                  ("model", "class"))
+MAX_CLASS_LABELS = 100  # class indices at or beyond this fold into class="other" on PREDICTIONS
 PREDICTION_CONFIDENCE = _m("prediction_confidence", "histogram",
                            "Max softmax probability of sampled predictions; a bucket sits at the ATC threshold.",
                            ("model",), "ratio")
@@ -128,6 +143,29 @@ REPLAY_DURATION = _m("replay_duration_seconds", "histogram", "Latency of canary 
                      ("model",), "seconds")
 REPLAY_REQUESTS = _m("replay_requests", "counter", "Canary replay requests by result.",
                      ("model", "result"))
+
+# --- input contract, diagnosis, accuracy verdicts (issue 11) ----------------------------
+INPUT_CONTRACT_CHECKED = _m("input_contract_checked_samples", "counter",
+                            "Sampled inputs checked against the model version's input contract.", ("model",))
+INPUT_CONTRACT_VIOLATIONS = _m("input_contract_violations", "counter",
+                               "Sampled inputs violating one check of the input contract (a sample counts once "
+                               "per check it violates: out_of_range, dtype, shape, nonfinite, saturated, "
+                               "low_dynamic_range).", ("model", "check"))
+INPUT_CONTRACT_VIOLATING = _m("input_contract_violating_samples", "counter",
+                              "Sampled inputs violating at least one check of the input contract.", ("model",))
+DRIFT_DIAGNOSIS = _m("drift_diagnosis", "gauge",
+                     "1 for the diagnosed kind of the latest evaluated window (none, input_contract, "
+                     "preprocessing_mismatch, covariate_shift, prior_shift), 0 for the others.", ("model", "kind"))
+DRIFT_DIAGNOSIS_TRANSFORM = _m("drift_diagnosis_transform", "gauge",
+                               "1 for the transform the latest window's diagnosis names, 0 for the others.",
+                               ("model", "transform"))
+ACCURACY_VERDICTS = _m("accuracy_verdicts", "counter",
+                       "Per-sample ATC verdicts: likely_correct, likely_wrong, unknown (outside the golden "
+                       "support or violating the input contract). Lower bound = likely_correct / all.",
+                       ("model", "verdict"))
+ACCURACY_ESTIMATE_RELIABLE = _m("accuracy_estimate_reliable", "gauge",
+                                "0 when more than 10% of the latest window's samples have unknown verdicts "
+                                "(the accuracy estimate is not to be trusted), else 1.", ("model",))
 
 # --- GPU --------------------------------------------------------------------------------
 GPU_AVAILABLE = _m("gpu_available", "gauge", "1 when NVML is usable, else 0.")

@@ -20,10 +20,10 @@ import yaml
 
 from sentinel.errors import ConfigError, IntegrityError, RegistryError
 from sentinel.preprocess import Preprocessing
+from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_mapping, read_yaml
 
 DType = Literal["float32", "float16", "uint8", "int64"]
-Protocol = Literal["v2", "v1", "torchserve"]
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,15 @@ class ExportRef:
     sha256: str
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     dynamic_batch: bool = False
+    # Output names in order. ("logits", "embeddings") marks an export the analysis worker can
+    # run for the shadow prediction and drift embeddings without torch (sentinel.analysis.shadow).
+    outputs: tuple[str, ...] = ("logits",)
 
 
 @dataclass(frozen=True)
 class Served:
     name: str
-    protocol: Protocol = "v2"
+    protocol: WireProtocol = "v2"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,34 @@ class ModelManifest:
             yield "classes", "must list at least one class"
         if self.weights is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights.sha256):
             yield "weights.sha256", "must be 64 lowercase hex digits"
+        if self.weights is not None and (why := _outside_problem(self.weights.file)):
+            yield "weights.file", why
+        for i, e in enumerate(self.exports):
+            if why := _outside_problem(e.file):
+                yield f"exports[{i}].file", why
+
+
+def confined(base: str | Path, rel: str, where: str) -> Path:
+    """`base/rel`, refusing a path that leaves `base` (absolute, `..`, or a symlink pointing out).
+
+    Manifests come from outside (a registry or golden set someone hands over); a path in one
+    must not make sentinel read or hash arbitrary files. Raises RegistryError naming `where`.
+    """
+    root = Path(base).resolve()
+    candidate = Path(base) / rel
+    target = candidate.resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(root):
+        raise RegistryError(
+            f"{where}: {rel!r} resolves to {target}, outside {root}; paths in a manifest must stay in its directory")
+    return candidate
+
+
+def _outside_problem(rel: str) -> str | None:
+    """Why a manifest path is not a plain relative path inside its directory (lexically), or None."""
+    p = Path(rel)
+    if not rel or p.is_absolute() or rel.startswith(("/", "\\")) or ".." in p.parts:
+        return f"must be a relative path inside the model's directory, got {rel!r}"
+    return None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -134,7 +165,8 @@ class ModelEntry:
 
     @property
     def weights_path(self) -> Path:
-        return self.directory / self.manifest.weights.file
+        """The weights file, confined to this entry's directory (symlinks resolved)."""
+        return confined(self.directory, self.manifest.weights.file, f"{self.manifest_path}: weights.file")
 
     def weights_ok(self) -> bool:
         return self.weights_path.is_file() and sha256_file(self.weights_path) == self.manifest.weights.sha256
@@ -183,6 +215,17 @@ class ModelEntry:
                 return e
         return None
 
+    def features_export(self) -> ExportRef | None:
+        """The fp32 ONNX export that outputs logits and embeddings (for the torch-free shadow)."""
+        for e in self.manifest.exports:
+            if e.format == "onnx" and e.precision == "fp32" and tuple(e.outputs[:2]) == ("logits", "embeddings"):
+                return e
+        return None
+
+    def export_path(self, ref: ExportRef) -> Path:
+        """Where an export's file is, confined to this entry's directory."""
+        return confined(self.directory, ref.file, f"{self.manifest_path}: exports: file")
+
     def with_export(self, ref: ExportRef) -> ModelEntry:
         """Record an export in model.yaml (replacing one with the same file)."""
         exports = tuple(e for e in self.manifest.exports if e.file != ref.file) + (ref,)
@@ -205,6 +248,9 @@ def manifest_to_dict(m: ModelManifest) -> dict[str, Any]:
         return v
 
     d = plain(m)
+    for e in d.get("exports") or []:
+        if e.get("outputs") == ["logits"]:   # the default; older manifests do not carry it
+            e.pop("outputs")
     if d.get("raw_input") is None:
         d.pop("raw_input", None)
     if d.get("split") is None:
@@ -307,8 +353,52 @@ def _version_key(v: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
 
 
+def bundled_home() -> Path | None:
+    """The copy of models/, golden_sets/, slo.yaml and sentinel.yaml inside an installed wheel."""
+    from importlib import resources
+
+    try:
+        root = resources.files("sentinel").joinpath("_bundled")
+    except (ModuleNotFoundError, TypeError):
+        return None
+    path = Path(str(root))
+    return path if (path / "models").is_dir() else None
+
+
+def source_checkout() -> Path | None:
+    """The repository this package is imported from (an editable install or PYTHONPATH), if any."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "models").is_dir():
+        return root
+    return None
+
+
+def data_home(cwd: str | Path | None = None) -> Path:
+    """Where the example data lives (models/, golden_sets/, slo.yaml, sentinel.yaml).
+
+    The current directory when it has a models/ folder, else the source checkout (editable
+    install), else the copy bundled in the installed package; failing all three, the current
+    directory (so errors name ./models).
+    """
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    if (here / "models").is_dir():
+        return here
+    return source_checkout() or bundled_home() or here
+
+
+def example_file(name: str) -> Path:
+    """`slo.yaml` or `sentinel.yaml`: the one in the current directory, else the shipped example."""
+    if name not in ("slo.yaml", "sentinel.yaml"):
+        raise ValueError(f"no example file named {name!r}")
+    here = Path.cwd() / name
+    return here if here.is_file() else data_home() / name
+
+
 def open_registry(config_path: str | Path | None = None, registry: str | Path | None = None) -> Registry:
-    """The registry a CLI command should use: explicit path, else the config's, else ./models."""
+    """The registry a CLI command should use: explicit path, else the config's, else `data_home()`'s.
+
+    `data_home()` is ./models when present, else the source checkout's, else the bundled copy.
+    """
     default_model = None
     root: Path | None = Path(registry) if registry else None
     cfg_file = Path(config_path) if config_path else Path("sentinel.yaml")
@@ -321,4 +411,4 @@ def open_registry(config_path: str | Path | None = None, registry: str | Path | 
             root = cfg.resolve(cfg.registry)
     elif config_path:
         raise ConfigError([f"{cfg_file}: file not found"])
-    return Registry(root or Path("models"), default_model=default_model)
+    return Registry(root or data_home() / "models", default_model=default_model)

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, cast, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -65,7 +65,7 @@ def _convert(value: Any, tp: Any, path: str, probs: _Problems) -> Any:
         if value not in args:
             probs.add(path, f"must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _load_dataclass(value, tp, path, probs)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -107,7 +107,7 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
         probs.add(path, f"expected a mapping, got {type(data).__name__}")
         return None
     hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     kwargs: dict[str, Any] = {}
     for key in data:
         if key not in fields:
@@ -118,7 +118,7 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
         fpath = _join(path, name)
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], fpath, probs)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             probs.add(fpath, "required field is missing")
     before = len(probs.items)
     try:

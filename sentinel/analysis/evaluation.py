@@ -258,3 +258,153 @@ def format_report(r: dict[str, Any]) -> str:
     ns = m["no_shift"]
     lines.append(f"  {'no shift':<26} {f(ns.get('atc'))}   {f(ns.get('avg_conf'))}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SignalsPlan:
+    """The deployed setting: the recorded golden set as reference, windows from the holdout split."""
+
+    sizes: tuple[int, ...] = (50, 200)
+    fractions: tuple[float, ...] = (0.1, 1.0)     # share of each window shifted (partial contamination < 1)
+    windows: int = 30                              # windows per shift, fraction and size
+    null_windows: int = 300                        # no-shift windows per size and ordering
+    seed: int = 0
+
+
+def run_signals_eval(entry, plan: SignalsPlan, settings, *, golden_root: Any = "golden_sets",
+                     persistence: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Diagnosis accuracy, accuracy-estimate error (ATC and its lower bound), knock-out power and
+    false alarms on exchangeable and writer-grouped windows, against the recorded golden set."""
+    from sentinel.analysis.shadow import ReferenceRunner
+    from sentinel.drift import Reference, Suite, Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.shifts import DIGITS_SHIFTS, MISMATCH_SHIFTS
+    from sentinel.golden import golden_for
+    from sentinel.training.digits import load_split
+
+    t0 = time.perf_counter()
+    golden = golden_for(entry, golden_root)
+    suite = Suite(Reference.from_golden(golden), settings)
+    images, labels, _ = load_split()
+    hold = np.asarray(entry.manifest.split.holdout)          # load_digits order = writer-grouped order
+    raw, y = images[hold], labels[hold]
+    runner = ReferenceRunner(entry, check_inputs=golden.inputs[:16])
+    rng = np.random.default_rng(plan.seed)
+    shifts = [s for s in (*MISMATCH_SHIFTS, *DIGITS_SHIFTS) if s.apply is not None]
+    per: dict[str, dict[str, np.ndarray]] = {}
+    for s in (None, *shifts):
+        name = "clean" if s is None else s.name
+        x = entry.manifest.preprocessing.apply(raw if s is None else s.apply(raw, rng))
+        out = runner.run(x)
+        proj = suite.project(out.embeddings)
+        smp = suite.samples(x, out.logits, proj, dtype_kind="f")
+        per[name] = {"logits": out.logits.astype(np.float64), "stats": input_statistics(x), "emb": proj,
+                     "sig": smp.signatures, "viol": smp.violations.any(axis=1), "codes": smp.verdicts}
+    log(f"signals eval: per-sample outputs for {len(y)} holdout digits × {len(shifts) + 1} conditions "
+        f"({time.perf_counter() - t0:.0f} s)")
+
+    def window(idx: np.ndarray, shifted: np.ndarray, name: str) -> Window:
+        cols = {k: v[idx].copy() for k, v in per["clean"].items()}
+        if shifted.any():
+            for k in cols:
+                cols[k][shifted] = per[name][k][idx[shifted]]
+        return Window(cols["logits"], cols["stats"], cols["emb"], y[idx], cols["sig"], cols["viol"], cols["codes"])
+
+    rows = []
+    for s in shifts:
+        for frac in plan.fractions:
+            for size in plan.sizes:
+                alarms, right, kinds, err_atc, err_lb, n_alarm = 0, 0, defaultdict(int), [], [], 0
+                for _ in range(plan.windows):
+                    idx = rng.choice(len(y), size, replace=False)
+                    sh = np.zeros(size, bool)
+                    sh[rng.choice(size, max(1, int(round(frac * size))), replace=False)] = True
+                    v = suite.evaluate(window(idx, sh, s.name))
+                    if v.accuracy is not None:
+                        err_atc.append(v.estimated_accuracy["atc"] - v.accuracy)
+                        err_lb.append(v.estimated_accuracy["atc_lower"] - v.accuracy)
+                    if v.combined.alarm:
+                        n_alarm += 1
+                        d = v.diagnosis
+                        kinds[d.kind] += 1
+                        if s.expected is not None and d.transform == s.expected:
+                            right += 1
+                alarms = n_alarm
+                rows.append({"shift": s.name, "family": s.family, "expected": s.expected, "fraction": frac,
+                             "size": size, "detection": alarms / plan.windows,
+                             "transform_right": (right / n_alarm) if n_alarm and s.expected else None,
+                             "kinds": dict(kinds),
+                             "atc_error": float(np.mean(err_atc)) if err_atc else None,
+                             "lower_error": float(np.mean(err_lb)) if err_lb else None,
+                             "lower_above_truth": float(np.mean(np.asarray(err_lb) > 0.03)) if err_lb else None})
+        log(f"  {s.name} done ({time.perf_counter() - t0:.0f} s)")
+
+    # class knock-out (whole class removed from the traffic) and class-share change
+    ko = []
+    for size in plan.sizes:
+        det, prior = 0, 0
+        for _ in range(plan.windows):
+            cls = int(rng.integers(0, 10))
+            pool = np.flatnonzero(y != cls)
+            idx = rng.choice(pool, size, replace=False)
+            v = suite.evaluate(window(idx, np.zeros(size, bool), "clean"))
+            det += int(v.combined.alarm)
+            prior += int(v.combined.alarm and v.diagnosis.kind == "prior_shift")
+        ko.append({"size": size, "detection": det / plan.windows, "prior_shift": (prior / det) if det else None})
+
+    # false alarms and the accuracy lower bound on unshifted traffic
+    far = []
+    for size in plan.sizes:
+        ex, grp, grp_p, lb_err, lb_abs = [], [], [], [], []
+        for _ in range(plan.null_windows):
+            idx = rng.choice(len(y), size, replace=False)
+            v = suite.evaluate(window(idx, np.zeros(size, bool), "clean"))
+            ex.append(int(v.combined.alarm))
+            if v.accuracy is not None:
+                lb_err.append(v.estimated_accuracy["atc_lower"] - v.accuracy)
+        # writer-grouped: consecutive holdout digits (load_digits order), windows every size/4 samples
+        step = max(1, size // 4)
+        starts = list(range(0, len(y) - size + 1, step))
+        alarms = []
+        for st in starts:
+            v = suite.evaluate(window(np.arange(st, st + size), np.zeros(size, bool), "clean"))
+            alarms.append(int(v.combined.alarm))
+            grp.append(int(v.combined.alarm))
+        # persistence: an alarm counts only when the window `size` samples earlier alarmed too
+        lag = size // step
+        for i in range(len(alarms)):
+            ok = all(i - j * lag >= 0 and alarms[i - j * lag] for j in range(persistence))
+            grp_p.append(int(ok))
+        lb_abs = [abs(e) for e in lb_err]
+        far.append({"size": size, "exchangeable": float(np.mean(ex)), "grouped": float(np.mean(grp)),
+                    f"grouped_persist{persistence}": float(np.mean(grp_p)), "grouped_windows": len(grp),
+                    "lower_bound_error_mean": float(np.mean(lb_err)) if lb_err else None,
+                    "lower_bound_abs_error_mean": float(np.mean(lb_abs)) if lb_abs else None,
+                    "lower_bound_within_0.03": float(np.mean(np.asarray(lb_abs) <= 0.03)) if lb_abs else None})
+    return {"model": entry.spec, "alpha": settings.alpha, "holdout": int(len(y)), "golden": int(len(golden)),
+            "windows": plan.windows, "null_windows": plan.null_windows, "persistence": persistence,
+            "shifts": rows, "knockout": ko, "no_shift": far, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def format_signals(r: dict[str, Any]) -> str:
+    """The signals report as plain-text tables."""
+    def f(x: float | None) -> str:
+        return "   -  " if x is None else f"{x:6.3f}"
+
+    lines = [f"signals eval {r['model']}: recorded golden set ({r['golden']}) vs holdout ({r['holdout']}), "
+             f"alpha={r['alpha']}, {r['windows']} windows per cell; {r['seconds']} s", "",
+             "shift               frac  size  detect  transform_ok  ATC err  lower err  kinds (alarming windows)"]
+    for row in r["shifts"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(row["kinds"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"{row['shift']:<18} {row['fraction']:>5} {row['size']:>5}  {f(row['detection'])}  "
+                     f"{f(row['transform_right'])}      {f(row['atc_error'])}  {f(row['lower_error'])}  {kinds}")
+    lines += ["", "class knock-out (one class removed)", "  size  detection  called prior_shift"]
+    for k in r["knockout"]:
+        lines.append(f"  {k['size']:>4}  {f(k['detection'])}     {f(k['prior_shift'])}")
+    lines += ["", "no shift: combined false-alarm rate and ATC lower bound", "  size  exchangeable  grouped  "
+              f"grouped+persist{r['persistence']}  lower-bound mean err  |err| <= 0.03"]
+    for k in r["no_shift"]:
+        lines.append(f"  {k['size']:>4}  {f(k['exchangeable'])}        {f(k['grouped'])}   "
+                     f"{f(k['grouped_persist' + str(r['persistence'])])}           {f(k['lower_bound_error_mean'])}"
+                     f"          {f(k['lower_bound_within_0.03'])}")
+    return "\n".join(lines)

@@ -19,11 +19,9 @@ import numpy as np
 
 from sentinel import metricnames as mn
 from sentinel.analysis.contract import DecodedBatch, MetricUpdate
+from sentinel.metricnames import MAX_CLASS_LABELS
 
 log = logging.getLogger(__name__)
-
-# Class indices below this get their own label on sentinel_predictions_total; the rest count as "other".
-MAX_CLASS_LABELS = 100
 
 
 class RefusedMonitor:
@@ -71,7 +69,8 @@ def build_monitor(config, model):
 
         cache = config.resolve(config.drift.shadow_cache_dir) if config.drift.shadow_cache_dir else None
         try:
-            runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:8])
+            runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:8],
+                                     check_outputs=(golden.logits[:8], golden.embeddings[:8]))
         except SentinelError as exc:          # e.g. weights failing their digest: drift goes on without shadow
             note = f"shadow off: the reference model cannot run: {exc}"
             log.error("%s: %s", model.name, note)
@@ -105,13 +104,19 @@ class ModelMonitor:
         self.suite = Suite(Reference.from_golden(golden), Settings(
             alpha=drift.alpha, detectors=tuple(drift.detectors), univariate=Univariate(drift.univariate),
             combination=Combination(drift.combination), pca_components=drift.pca_components,
-            atc_score=Score(drift.atc_score)))
+            atc_score=Score(drift.atc_score), accuracy_recent=getattr(drift, "accuracy_recent", 50)))
         self.input_shape = tuple(entry.manifest.input.shape)
         self.logits = SlidingWindow(drift.window_size, self.num_classes)
         n_stats = self.suite.input_stats.reference.shape[1] if self.suite.input_stats else 1
         self.input_stats = SlidingWindow(drift.window_size, n_stats)
         n_comp = self.suite.pca.n_components if self.suite.pca else 1
         self.embeddings = SlidingWindow(drift.window_size, n_comp)
+        dg = self.suite.diagnoser
+        self.signatures = SlidingWindow(drift.window_size, len(dg.signature.names) if dg else 1)
+        self.violating = SlidingWindow(drift.window_size, 1)
+        self.verdicts = SlidingWindow(drift.window_size, 1)
+        self._counters_ready = False
+        self._last_violations: np.ndarray | None = None
         est = self.suite.estimator
         self.confidence_buckets = confidence_buckets([est.confidence_threshold] if est else [])
         self.runner = runner
@@ -155,12 +160,17 @@ class ModelMonitor:
     def observe(self, batch: DecodedBatch) -> list[MetricUpdate]:
         """Metric updates for one decoded batch (never raises on bad data: rejects and counts it)."""
         up: list[MetricUpdate] = []
+        if not self._counters_ready:
+            self._counters_ready = True
+            up.extend(self._zero_counters())
         logits, finite_out = self._outputs(batch, up)
         if logits is None and batch.outputs is not None:
             return up
         x = self._inputs(batch, up)
+        proj = None
         if x is not None and self.runner is not None:
-            self._shadow(x, batch, logits, finite_out, up)
+            proj = self._shadow(x, batch, logits, finite_out, up)
+        self._support(x, logits, proj, up)
         new = len(logits) if logits is not None else (len(x) if x is not None else 0)
         self._since += new
         self.seen += new
@@ -226,13 +236,26 @@ class ModelMonitor:
                 x = np.asarray(batch.inputs, dtype=np.float32)
         except ValueError:
             x = None
+        kind = np.asarray(batch.inputs).dtype.kind
         if x is None or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            self._reject(up, "input_shape", len(batch.inputs) if np.ndim(batch.inputs) else 1)
+            n_bad = len(batch.inputs) if np.ndim(batch.inputs) else 1
+            self._reject(up, "input_shape", n_bad)
+            self._contract_counts(up, n_bad, {"shape": n_bad}, n_bad)
+            self._last_violations = None
             return None
+        viol = None
+        if self.suite.contract is not None:
+            from sentinel.drift.inputcontract import check
+
+            rep = check(self.suite.contract, x, dtype_kind=kind)
+            self._contract_counts(up, rep.n, rep.counts(), int(rep.violating.sum()))
+            viol = rep.violating
         ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if not ok.all():
             self._reject(up, "nonfinite_input", int((~ok).sum()))
             x = x[ok]
+            viol = None if viol is None else viol[ok]
+        self._last_violations = viol
         if self.suite.input_stats is not None and len(x):
             self.input_stats.push(input_statistics(x))
         return x
@@ -259,7 +282,7 @@ class ModelMonitor:
             self.embeddings.push(proj)
         # Compare only when inputs and outputs are the same rows (all outputs finite, same count).
         if logits is None or finite_out is None or not finite_out.all() or len(finite_out) != len(x):
-            return
+            return proj
         served = softmax(logits[:k])
         mine = softmax(ref.logits)
         agree = served.argmax(axis=1) == mine.argmax(axis=1)
@@ -274,6 +297,60 @@ class ModelMonitor:
         diff = float(np.abs(served - mine).max())
         self.last_max_abs_diff = diff
         up.append(MetricUpdate(mn.REFERENCE_MAX_ABS_DIFF.name, {**lbl, "source": "shadow"}, "set", diff))
+        return proj
+
+    def _zero_counters(self) -> list[MetricUpdate]:
+        """Counters at 0 from the first sample on, so `increase()` sees the first violation or verdict."""
+        from sentinel.drift.inputcontract import CHECKS
+        from sentinel.drift.support import VERDICTS
+
+        m = {"model": self.name}
+        up = [MetricUpdate(mn.INPUT_CONTRACT_CHECKED.name, m, "inc", 0.0),
+              MetricUpdate(mn.INPUT_CONTRACT_VIOLATING.name, m, "inc", 0.0)]
+        up += [MetricUpdate(mn.INPUT_CONTRACT_VIOLATIONS.name, {**m, "check": c}, "inc", 0.0) for c in CHECKS]
+        if self.suite.estimator is not None:
+            up += [MetricUpdate(mn.ACCURACY_VERDICTS.name, {**m, "verdict": v}, "inc", 0.0) for v in VERDICTS]
+        return up
+
+    def _contract_counts(self, up: list[MetricUpdate], n: int, counts: dict[str, int], violating: int) -> None:
+        m = {"model": self.name}
+        up.append(MetricUpdate(mn.INPUT_CONTRACT_CHECKED.name, m, "inc", float(n)))
+        if violating:
+            up.append(MetricUpdate(mn.INPUT_CONTRACT_VIOLATING.name, m, "inc", float(violating)))
+            self.counts["contract_violating"] = self.counts.get("contract_violating", 0) + violating
+        for check_name, k in counts.items():
+            if k:
+                up.append(MetricUpdate(mn.INPUT_CONTRACT_VIOLATIONS.name, {**m, "check": check_name}, "inc", float(k)))
+
+    def _support(self, x, logits, proj, up: list[MetricUpdate]) -> None:
+        """Signatures and support of the batch's inputs, and one ATC verdict per output row."""
+        from sentinel.drift.support import VERDICTS, verdicts
+
+        s = self.suite
+        ood = viol = None
+        if x is not None and len(x) and s.diagnoser is not None and s.input_support is not None:
+            sig = s.diagnoser.features(x)
+            viol = self._last_violations if self._last_violations is not None else np.zeros(len(x), bool)
+            self.signatures.push(sig)
+            self.violating.push(viol.astype(np.float64)[:, None])
+            ood = s.input_support.score(sig) > 1.0
+            if proj is not None and s.embedding_support is not None and len(proj):
+                k = min(len(proj), len(ood))
+                ood[:k] |= s.embedding_support.score(proj[:k]) > 1.0
+        if logits is None or not len(logits) or s.estimator is None:
+            return
+        if x is None:
+            unknown = None                      # inputs not decoded: the support cannot be checked
+        elif ood is not None and viol is not None and len(ood) == len(logits):
+            unknown = ood | viol
+        else:
+            unknown = np.ones(len(logits), bool)    # inputs and outputs do not pair up row by row
+        codes = verdicts(s.estimator.scores(logits), s.estimator.threshold, unknown)
+        self.verdicts.push(codes.astype(np.float64)[:, None])
+        for i, n in enumerate(np.bincount(codes.astype(np.int64), minlength=3)):
+            if n:
+                up.append(MetricUpdate(mn.ACCURACY_VERDICTS.name, {"model": self.name, "verdict": VERDICTS[i]},
+                                       "inc", float(n)))
 
     # --- per window -----------------------------------------------------------------------
     def evaluate(self):
@@ -282,7 +359,10 @@ class ModelMonitor:
 
         w = Window(logits=self.logits.values() if len(self.logits) else None,
                    input_stats=self.input_stats.values() if len(self.input_stats) else None,
-                   embeddings=self.embeddings.values() if len(self.embeddings) else None)
+                   embeddings=self.embeddings.values() if len(self.embeddings) else None,
+                   signatures=self.signatures.values() if len(self.signatures) else None,
+                   violating=self.violating.values()[:, 0] > 0.5 if len(self.violating) else None,
+                   verdicts=self.verdicts.values()[:, 0].astype(np.int8) if len(self.verdicts) else None)
         v = self.suite.evaluate(w)
         self.windows += 1
         up = [MetricUpdate(mn.DRIFT_WINDOWS.name, {"model": self.name}, "inc", 1.0)]
@@ -297,11 +377,29 @@ class ModelMonitor:
             if math.isfinite(value):
                 up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
                                        "set", value))
+        from sentinel.drift.diagnosis import KINDS, TRANSFORMS
+
+        d = v.diagnosis
+        if d is not None:
+            for kind in KINDS:
+                up.append(MetricUpdate(mn.DRIFT_DIAGNOSIS.name, {"model": self.name, "kind": kind}, "set",
+                                       1.0 if kind == d.kind else 0.0))
+            for t in TRANSFORMS:
+                up.append(MetricUpdate(mn.DRIFT_DIAGNOSIS_TRANSFORM.name, {"model": self.name, "transform": t},
+                                       "set", 1.0 if t == d.transform else 0.0))
+        if v.reliable is not None:
+            up.append(MetricUpdate(mn.ACCURACY_ESTIMATE_RELIABLE.name, {"model": self.name}, "set",
+                                   1.0 if v.reliable else 0.0))
         up += self._feature_means()
-        self.last = {"n": v.n, "drift": v.drift, "combined": v.combined.to_dict(),
+        # /status describes the very evaluation whose values the metrics above carry.
+        self.last = {"window_id": self.windows, "samples_seen": self.seen, "n": v.n, "drift": v.drift,
+                     "alarm": persistent, "combined": v.combined.to_dict(),
                      "detectors": [r.to_dict() for r in v.detectors],
                      "estimated_accuracy": {k: (x if math.isfinite(x) else None)
-                                            for k, x in v.estimated_accuracy.items()}}
+                                            for k, x in v.estimated_accuracy.items()},
+                     "accuracy_verdicts": dict(v.accuracy_verdicts), "unknown_share": v.unknown_share,
+                     "accuracy_estimate_reliable": v.reliable,
+                     "diagnosis": None if d is None else d.to_dict()}
         return up
 
     def _feature_means(self) -> list[MetricUpdate]:

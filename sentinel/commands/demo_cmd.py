@@ -6,15 +6,16 @@ from pathlib import Path
 
 import typer
 
-_PHASE_KEYS = ("normal", "noise", "rotation", "latency", "errors", "recovery")
-
 
 def _repo_root() -> Path:
-    """Where models/, golden_sets/ and slo.yaml are: the current directory, else the source checkout."""
+    """Where models/, golden_sets/ and slo.yaml are: the current directory, else the source
+    checkout, else the copy bundled in the installed package (`sentinel.registry.data_home`)."""
+    from sentinel.registry import bundled_home, source_checkout
+
     here = Path.cwd()
     if (here / "models").is_dir() and (here / "golden_sets").is_dir():
         return here
-    return Path(__file__).resolve().parents[2]
+    return source_checkout() or bundled_home() or here
 
 
 def demo(
@@ -32,28 +33,22 @@ def demo(
     """Serve digits:v3, put the sidecar in front, and send phased traffic: normal, drift, latency, errors, recovery."""
     import logging
     import sys
-    from dataclasses import replace
+
+    from sentinel.errors import require
+
+    require("sentinel demo", "torch", "kserve", extra="serve")   # it starts `sentinel serve`
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from sentinel.demo.phases import default_phases
-    from sentinel.demo.runner import Demo, DemoOptions, timeline_json
+    import math
+
+    from sentinel.demo.phases import phases_from_options
+    from sentinel.demo.runner import Demo, DemoOptions, timeline_json_text
     from sentinel.errors import UsageError
 
-    phases = default_phases(scale)
-    if durations:
-        given = {}
-        for part in durations.split(","):
-            key, _, val = part.partition("=")
-            if key.strip() not in _PHASE_KEYS:
-                raise UsageError(f"--durations: unknown phase {key.strip()!r}; phases: {', '.join(_PHASE_KEYS)}")
-            try:
-                given[key.strip()] = float(val)
-            except ValueError:
-                raise UsageError(f"--durations: {part!r} is not phase=seconds") from None
-        phases = tuple(replace(p, seconds=given.get(k, p.seconds)) for k, p in zip(_PHASE_KEYS, phases, strict=False))
-    if rate <= 0:
-        raise UsageError("--rate must be positive")
+    phases = phases_from_options(scale, durations)
+    if not math.isfinite(rate) or rate <= 0:
+        raise UsageError(f"--rate must be a positive number of requests per second, got {rate:g}")
     if prometheus:
         import shutil
 
@@ -81,14 +76,12 @@ def demo(
             demo_run.run()
     finally:
         demo_run.stop()
-    import json
-
     from sentinel.demo.report import write_report
     from sentinel.demo.summary import render_text
 
     text = render_text(demo_run)
     (opts.out / "summary.txt").write_text(text + "\n")
-    (opts.out / "timeline.json").write_text(json.dumps(timeline_json(demo_run), indent=1, default=str))
+    (opts.out / "timeline.json").write_text(timeline_json_text(demo_run))
     report = write_report(demo_run, opts.out)
     typer.echo(text)
     typer.echo(f"\nreport: {report}\ntimeline: {opts.out / 'timeline.json'}\nlogs: {opts.out}/*.log")

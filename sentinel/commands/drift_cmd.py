@@ -1,4 +1,5 @@
-"""`sentinel drift check|eval`: drift detectors and accuracy estimates on files, and their evaluation."""
+"""`sentinel drift check|eval|sample`: drift detectors and accuracy estimates on files, their evaluation,
+and example windows to try them on."""
 
 from __future__ import annotations
 
@@ -120,6 +121,65 @@ def check(
                            f"alpha={r.threshold:g} {state}")
     if fail_on_drift and any(v.drift for v in verdicts):
         raise typer.Exit(1)
+
+
+@drift_app.command("sample")
+def sample(
+    model: str = typer.Option("digits:v3", "--model", "-m", help="A digits model version (its held-out split)."),
+    shift: str = typer.Option(..., "--shift", "-s",
+                              help="none, or a shift from `drift eval`: noise_small, noise_medium, noise_large, "
+                                   "rotation_40, zoom_0.7, shear_0.4, brightness_+3, contrast_x0.7, contrast_x0.5+6."),
+    n: int = typer.Option(200, "--samples", "-n", min=1, help="Samples in the file."),
+    clean: int | None = typer.Option(None, "--clean", min=0,
+                                     help="Unshifted samples first, shifted after (default: half of -n)."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--output", "-o", help="The .npz to write (raw, labels, shifted)."),
+    registry: Path | None = typer.Option(None, "--registry"),
+    config: Path | None = typer.Option(None, "--config", "-c"),
+) -> None:
+    """Write a drift window for `drift check --input`: shuffled held-out digits, the last ones shifted.
+
+    The file holds `raw` (N×8×8 float32 on the 0–16 scale, as the model server receives them),
+    `labels` and `shifted` (a bool per sample). Digits come from the model's held-out split
+    (model.yaml `split.holdout`), never its training or golden data.
+    """
+    import numpy as np
+
+    from sentinel.drift.shifts import DIGITS_SHIFTS
+    from sentinel.errors import UsageError
+    from sentinel.registry import open_registry
+
+    shifts = {s.name: s for s in DIGITS_SHIFTS if s.apply is not None}
+    if shift != "none" and shift not in shifts:
+        raise UsageError(f"--shift {shift!r}: expected none or one of {', '.join(shifts)} (knockout changes "
+                         f"sampling, not images, and is only in `drift eval`)")
+    n_clean = n // 2 if clean is None else clean
+    if n_clean > n:
+        raise UsageError(f"--clean {n_clean} is more than --samples {n}")
+    if out.suffix != ".npz":
+        raise UsageError(f"--output {out}: expected a .npz file name")
+    entry = open_registry(config, registry).resolve(model)
+    split = entry.manifest.split
+    holdout = None if split is None else getattr(split, "holdout", None)
+    if entry.name != "digits" or not holdout:
+        raise UsageError(f"{entry.spec}: drift sample needs a digits model with a held-out split in model.yaml")
+    try:
+        from sentinel.training.digits import load_split
+    except ImportError as exc:
+        raise UsageError(f"drift sample reads scikit-learn's digits and needs scikit-learn ({exc})") from None
+    images, labels, _ = load_split()
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(np.asarray(holdout, np.int64), size=n, replace=n > len(holdout))
+    raw = images[idx].astype(np.float32)
+    mask = np.zeros(n, dtype=bool)
+    mask[n_clean:] = shift != "none"
+    if mask.any():
+        raw[mask] = shifts[shift].apply(raw[mask], rng)  # type: ignore[misc]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, raw=raw, labels=labels[idx].astype(np.int64), shifted=mask)
+    typer.echo(f"wrote {out}: {n} held-out digits of {entry.spec}, "
+               f"{int(mask.sum())} shifted by {shift} (samples {n_clean + 1}–{n})" if mask.any() else
+               f"wrote {out}: {n} held-out digits of {entry.spec}, none shifted")
 
 
 def _fmt(x: float | None) -> str:

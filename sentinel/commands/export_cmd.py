@@ -22,10 +22,18 @@ def export(
     int8_format: str = typer.Option("qdq", "--int8-format", help="qdq (default) or qoperator (QLinearConv etc.)."),
     exporter: str = typer.Option("dynamo", "--exporter", help="torch.onnx exporter: dynamo (current) or legacy (TorchScript-based, faster)."),
     golden_root: Path | None = typer.Option(None, "--golden-root", help="Golden sets directory (default: config's, else ./golden_sets)."),
+    register: bool | None = typer.Option(
+        None, "--register/--no-register",
+        help="Record the export in the model's model.yaml (default: only when the file is in the model's directory)."),
     registry: Path | None = _REGISTRY,
     config: Path | None = _CONFIG,
 ) -> None:
-    """Export a registry model to ONNX (fp32 or int8) or TorchScript and record it in model.yaml with its sha256."""
+    """Export a registry model to ONNX (fp32 or int8) or TorchScript.
+
+    An export written into the model's directory (the default path) is recorded in its
+    model.yaml with its sha256; one written elsewhere leaves the registry untouched unless
+    --register is given.
+    """
     import tempfile
 
     from sentinel.errors import UsageError
@@ -34,9 +42,10 @@ def export(
         default_path,
         export_onnx,
         export_torchscript,
+        inside_model_directory,
         record_export,
     )
-    from sentinel.registry import open_registry
+    from sentinel.registry import ExportRef, open_registry, sha256_file
 
     check_format(fmt, int8)
     if int8_activations not in ("s8", "u8") or int8_format not in ("qdq", "qoperator"):
@@ -46,12 +55,21 @@ def export(
     entry = open_registry(config, registry).resolve(model)
     entry.check_weights()
     path = out or default_path(entry, fmt, int8, dynamic_batch)
+    if register is None:
+        register = inside_model_directory(entry, path)
+
+    def record(kind, precision, dynamic):  # type: ignore[no-untyped-def]
+        if register:
+            return record_export(entry, path, kind, precision, dynamic)
+        return ExportRef(format=kind, file=str(path), sha256=sha256_file(path), precision=precision,
+                         dynamic_batch=dynamic)
+
     if fmt == "torchscript":
         export_torchscript(entry, path)
-        ref = record_export(entry, path, "torchscript", "fp32", True)
+        ref = record("torchscript", "fp32", True)
     elif not int8:
         export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
-        ref = record_export(entry, path, "onnx", "fp32", dynamic_batch)
+        ref = record("onnx", "fp32", dynamic_batch)
     else:
         from sentinel.commands.replay_cmd import checked_golden
         from sentinel.export.quantize import quantize_int8
@@ -67,9 +85,11 @@ def export(
                                exporter=exporter)  # type: ignore[arg-type]
             quantize_int8(fp32, path, gs.inputs, activations=int8_activations,  # type: ignore[arg-type]
                           fmt=int8_format)  # type: ignore[arg-type]
-        ref = record_export(entry, path, "onnx", "int8", dynamic_batch)
+        ref = record("onnx", "int8", dynamic_batch)
+    where = (f"recorded in {entry.manifest_path}" if register
+             else "not recorded in the registry (outside the model's directory; --register records it)")
     typer.echo(f"wrote {path} ({ref.format} {ref.precision}{', dynamic batch' if ref.dynamic_batch else ''}, "
-               f"sha256 {ref.sha256[:16]}…); recorded in {entry.manifest_path}")
+               f"sha256 {ref.sha256[:16]}…); {where}")
 
 
 def verify(
@@ -79,7 +99,7 @@ def verify(
     atol: float | None = typer.Option(None, "--atol", help="Absolute tolerance on logits (default by precision)."),
     rtol: float | None = typer.Option(None, "--rtol", help="Relative tolerance on logits (default by precision)."),
     min_top1: float | None = typer.Option(None, "--min-top1", help="Required top-1 agreement (default by precision)."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16 or int8 (default: model.yaml's record, else detected)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32, fp16, bf16 or int8 (default: model.yaml's record, else detected from the graph's weights)."),
     localize: str = typer.Option("auto", "--localize", help="auto (on failure), always or never."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary (exit code and --json only)."),

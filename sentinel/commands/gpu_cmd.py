@@ -88,7 +88,7 @@ def estimate_cmd(
     """Predict DenseNet memory: weights, input, peak activations, largest batch that fits."""
     from sentinel.errors import UsageError
     from sentinel.gpu.memory import estimate, format_bytes, max_batch_that_fits, parse_bytes
-    from sentinel.reference.densenet import resolve_config
+    from sentinel.reference.arch import resolve_config  # shapes only: no torch
 
     cfg = resolve_config(arch)
     if memory_efficient and not train:

@@ -52,9 +52,10 @@ def list_models(
 
 
 def _param_count(cfg) -> int:
-    from sentinel.reference.densenet import DenseNet, count_parameters
+    # Counted from the architecture, not by building the network: `models list` runs without torch.
+    from sentinel.gpu.memory import weights_bytes
 
-    return count_parameters(DenseNet(cfg))
+    return weights_bytes(cfg)[0]
 
 
 @models_app.command("init")

@@ -12,7 +12,8 @@ def replay(
     model: str | None = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
     target: str | None = typer.Option(None, "--target", "-t",
                                          help="Base URL of the model server (default: the model's endpoint in sentinel.yaml)."),
-    protocol: str | None = typer.Option(None, "--protocol", help="v2, v1 or torchserve (default: config's, else model.yaml's)."),
+    protocol: str | None = typer.Option(None, "--protocol", help="v2, v1, torchserve, or grpc (OIP v2 ModelInfer; --target host:port, default the config's "
+                                                "grpc_upstream) (default: config's, else model.yaml's)."),
     binary: bool = typer.Option(False, "--binary", help="v2: use the binary tensor extension."),
     rate: float | None = typer.Option(None, "--rate", "-r",
                                          help="Open loop: requests per second; latency from the intended send time. Default 20."),
@@ -50,8 +51,8 @@ def replay(
     from sentinel.replay.session import ReplaySpec, run_replay
     from sentinel.replay.wire import PROTOCOLS
 
-    if protocol is not None and protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol is not None and protocol not in (*PROTOCOLS, "grpc"):
+        raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)} or grpc, got {protocol!r}")
     if send not in ("auto", "raw", "inputs"):
         raise UsageError(f"--send must be auto, raw or inputs, got {send!r}")
     headers = []
@@ -60,13 +61,17 @@ def replay(
         if not sep or not name.strip():
             raise UsageError(f"--header must look like 'Name: value', got {h!r}")
         headers.append((name.strip(), value.strip()))
-    if binary and protocol not in (None, "v2"):
+    if binary and protocol not in (None, "v2", "grpc"):
         raise UsageError("--binary is the v2 binary tensor extension; it needs --protocol v2")
 
     entry = open_registry(config, registry).resolve(model)
     cfg, model_cfg = _config_for(config, entry.name)
     golden_root = cfg.resolve(cfg.golden_sets) if cfg is not None else Path("golden_sets")
     gs = checked_golden(entry, golden_root, golden)
+    if target is None and protocol == "grpc":
+        if cfg is None or cfg.grpc_upstream is None:
+            raise UsageError("--protocol grpc needs --target host:port, or grpc_upstream in a sentinel.yaml")
+        target = cfg.grpc_upstream
     if target is None:
         if model_cfg is None:
             raise UsageError(f"no --target given and no endpoint for model {entry.name!r} in a sentinel.yaml")

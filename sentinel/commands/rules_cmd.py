@@ -12,7 +12,6 @@ rules_app = typer.Typer(help="Prometheus recording and alerting rules generated 
 dashboards_app = typer.Typer(help="Grafana dashboards generated from an SLO file.", no_args_is_help=True)
 
 _SLO = typer.Option(Path("slo.yaml"), "--slo", help="SLO file (see slo.yaml).")
-_PROMETHEUSRULE = "deploy/k8s/prometheusrule.yaml"
 
 
 @rules_app.command("generate")
@@ -20,11 +19,16 @@ def generate(
     slo: Path = _SLO,
     out: Path = typer.Option(Path("rules"), "--out", "-o", help="Directory for the rule files and their tests."),
     prometheusrule: Path | None = typer.Option(
-        Path(_PROMETHEUSRULE), "--prometheusrule",
-        help="Where to write the Kubernetes PrometheusRule holding the same groups."),
-    no_prometheusrule: bool = typer.Option(False, "--no-prometheusrule", help="Do not write the PrometheusRule."),
+        None, "--prometheusrule",
+        help="Also write the Kubernetes PrometheusRule holding the same groups to this file "
+             "(e.g. deploy/k8s/prometheusrule.yaml); without it none is written."),
+    no_prometheusrule: bool = typer.Option(False, "--no-prometheusrule",
+                                           help="Do not write the PrometheusRule (the default; kept for scripts)."),
 ) -> None:
-    """Write rule files, their promtool unit tests and the PrometheusRule."""
+    """Write rule files and their promtool unit tests under --out, and the PrometheusRule where --prometheusrule says.
+
+    Nothing is written outside --out unless --prometheusrule names a file.
+    """
     from sentinel.slo.generate import write_rules
     from sentinel.slo.spec import load_slo_file
 

@@ -24,6 +24,8 @@ def serve(
     fault_admin: bool = typer.Option(False, "--fault-admin",
                                      help="Accept POST /sentinel/faults {delay_ms, error_ratio} to change faults "
                                           "at run time (drills, `sentinel demo`); off by default."),
+    grpc_port: int | None = typer.Option(None, "--grpc-port",
+                                         help="Also serve OIP v2 over gRPC (kserve's servicer) on this port; off by default."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry directory (default: config's, else ./models)."),
     config: Path | None = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present)."),
 ) -> None:
@@ -44,12 +46,15 @@ def serve(
     problems = plan.validate()
     if not 0 <= port <= 65535:
         problems.append(f"--port must be between 0 and 65535, got {port}")
+    if grpc_port is not None and not 0 < grpc_port <= 65535:
+        problems.append(f"--grpc-port must be between 1 and 65535, got {grpc_port}")
     if problems:
         raise UsageError("; ".join(problems))
     entry = open_registry(config, registry).resolve(model)
     entry.check_weights()
     run_server(entry, ServeOptions(host=host, port=port, name=name, faults=plan,
-                                   access_log=access_log, threads=threads, fault_admin=fault_admin))
+                                   access_log=access_log, threads=threads, fault_admin=fault_admin,
+                                   grpc_port=grpc_port))
 
 
 def register(app: typer.Typer) -> None:

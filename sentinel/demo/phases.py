@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -34,6 +35,42 @@ def default_phases(scale: float = 1.0) -> tuple[Phase, ...]:
         Phase("error incident", 20 * s, error_ratio=0.3, incident="errors"),
         Phase("recovery", 25 * s),
     )
+
+
+PHASE_KEYS = ("normal", "noise", "rotation", "latency", "errors", "recovery")
+
+
+def phases_from_options(scale: float = 1.0, durations: str | None = None) -> tuple[Phase, ...]:
+    """The demo's phases from `--scale` and `--durations normal=35,noise=25,...` (UsageError when malformed).
+
+    `--scale` multiplies the default durations; `--durations` sets phases by key (its values are
+    seconds, not scaled). Every duration must be a finite positive number.
+    """
+    from sentinel.errors import UsageError
+
+    if not math.isfinite(scale) or scale <= 0:
+        raise UsageError(f"--scale must be a positive factor (0.2 for a quick run), got {scale:g}")
+    phases = default_phases(scale)
+    if durations is None:
+        return phases
+    given: dict[str, float] = {}
+    for part in durations.split(","):
+        key, sep, val = (x.strip() for x in part.partition("="))
+        if not sep or not key or not val:
+            raise UsageError(f"--durations: {part.strip()!r} is not phase=seconds "
+                             f"(e.g. normal=35,noise=25); phases: {', '.join(PHASE_KEYS)}")
+        if key not in PHASE_KEYS:
+            raise UsageError(f"--durations: unknown phase {key!r}; phases: {', '.join(PHASE_KEYS)}")
+        if key in given:
+            raise UsageError(f"--durations: phase {key!r} given twice")
+        try:
+            seconds = float(val)
+        except ValueError:
+            raise UsageError(f"--durations: {key}={val!r} is not a number of seconds") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise UsageError(f"--durations: {key}={val} must be a positive number of seconds")
+        given[key] = seconds
+    return tuple(replace(p, seconds=given.get(k, p.seconds)) for k, p in zip(PHASE_KEYS, phases, strict=True))
 
 
 def apply_shift(raw: np.ndarray, shift: Shift, rng: np.random.Generator) -> np.ndarray:

@@ -15,11 +15,14 @@ import numpy as np
 import yaml
 
 from sentinel import metricnames as mn
+from sentinel import protocols
 from sentinel.demo.observe import Snapshot, Window, parse, window
 from sentinel.demo.phases import Phase, apply_shift
 from sentinel.demo.processes import Children, free_port, wait_ready
+from sentinel.errors import DecodeError
 
 MODEL = "digits"
+DEMO_DRIFT_ALPHA = 0.01  # the demo sidecar's drift.alpha (see write_sidecar_config)
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
         # holds ~35 overlapping tests; at alpha 0.05 one of them alarming by chance is likely.
         # alpha 0.01 and persistence 2 (two consecutive disjoint windows must alarm) keep the
         # normal phases quiet for one window (5 s) of extra delay; real shifts give p < 1e-10.
-        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": 0.01, "persistence": 2},
+        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": DEMO_DRIFT_ALPHA, "persistence": 2},
         "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
     }
     path = opts.out / "sentinel.demo.yaml"
@@ -101,20 +104,18 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
 
 
 def _payload(raw: np.ndarray) -> bytes:
-    body = {"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP32",
-                        "data": [round(float(v), 4) for v in raw.reshape(-1)]}]}
-    return json.dumps(body).encode()
+    """A v2 JSON request for one 8×8 image (values rounded to 4 decimals: shorter bodies)."""
+    x = np.round(np.asarray(raw, dtype=np.float64).reshape(1, 8, 8), 4)
+    return protocols.encode_request("v2", x.astype(np.float32))[0]
 
 
-def _predicted(body: bytes) -> int:
+def _predicted(body: bytes, headers: dict[str, str] | None = None) -> int:
+    """The predicted class of a v2 response, read by the wire layer (-1 when it cannot be read)."""
     try:
-        outs = json.loads(body)["outputs"]
-        for o in outs:
-            if o.get("name") == "probabilities":
-                return int(np.argmax(o["data"]))
-        return int(np.argmax(outs[0]["data"]))
-    except (ValueError, KeyError, IndexError, TypeError):
+        resp = protocols.decode_response("v2", body, headers or {})
+    except DecodeError:
         return -1
+    return int(np.argmax(resp.probabilities_or_softmax()[0]))
 
 
 class Demo:
@@ -129,12 +130,16 @@ class Demo:
         self.ports = {k: free_port() for k in ("server", "proxy", "admin")}
         self.current_phase = 0
         self.fault_control_ok = True
+        self.drift_alpha = DEMO_DRIFT_ALPHA
 
     # --- set-up -----------------------------------------------------------------
     def start(self) -> None:
         o = self.opts
         o.out.mkdir(parents=True, exist_ok=True)
         cfg = write_sidecar_config(o, self.ports)
+        from sentinel.config import load_config
+
+        self.drift_alpha = load_config(cfg).drift.alpha  # what the sidecar alarms at, for the report
         self.children.sentinel("model-server", "serve", "--model", f"{MODEL}:v3", "--registry",
                                str(o.repo / "models"), "--port", str(self.ports["server"]), "--fault-admin")
         self.children.sentinel("sidecar", "run", "--config", str(cfg))
@@ -199,7 +204,7 @@ class Demo:
             r = await client.post(url, content=body, headers={"Content-Type": "application/json"})
             req.status = r.status_code
             if r.status_code == 200:
-                req.predicted = _predicted(r.content)
+                req.predicted = _predicted(r.content, {k.lower(): v for k, v in r.headers.items()})
         except httpx.HTTPError:
             req.status = -1
         # Open loop: latency counts from the intended send time.
@@ -293,11 +298,32 @@ def phase_at(phases: tuple[Phase, ...], starts: list[float], t: float) -> int:
     return i
 
 
+def json_safe(v: object) -> object:
+    """Plain JSON values: NaN and infinities become null (JSON has no such numbers)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, np.generic):
+        return json_safe(v.item())
+    return str(v)
+
+
+def timeline_json_text(demo: Demo) -> str:
+    """timeline.json: strict JSON (no bare NaN), missing values as null."""
+    return json.dumps(json_safe(timeline_json(demo)), indent=1, allow_nan=False) + "\n"
+
+
 def timeline_json(demo: Demo) -> dict:
     tl = demo.timeline
     return {
         "phases": [dict(asdict(p), start=s) for p, s in zip(demo.opts.phases, tl.phase_starts, strict=False)],
         "slo": demo.slo,
+        "drift_alpha": demo.drift_alpha,
         "windows": [asdict(w) for w in tl.windows],
         "requests": len(tl.requests),
         "notes": tl.notes,

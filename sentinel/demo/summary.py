@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from sentinel.demo.observe import Window
+from sentinel.demo.phases import Phase
 from sentinel.demo.runner import Demo
+
+NOT_DETECTED = "not detected"
+SIGNAL_NAMES = {"alarm": "drift alarm", "accuracy": "estimated-accuracy drop", "p99": "P99 above the SLO threshold",
+                "burn": "availability burn rate above the page threshold"}
+PAGE_BURN = 14.4  # the SRE Workbook's fast page factor (sentinel.slo.windows.WORKBOOK_30D)
 
 
 @dataclass(frozen=True)
@@ -31,38 +38,110 @@ def _alarmed(w: Window) -> str | None:
     return f"drift alarm ({', '.join(fired)})" if fired else None
 
 
-def detect(demo: Demo) -> list[Detection]:
-    tl, slo = demo.timeline, demo.slo
-    out = []
-    normal_est = baseline_accuracy(demo)
-    ends = tl.phase_starts[1:] + [math.inf]
-    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends, strict=False):
-        if phase.incident is None:
-            continue
-        found: dict[str, tuple[float, str]] = {}   # signal kind → (seconds after start, what)
-        for w in tl.windows:
-            if not start < w.t <= end + demo.opts.scrape_every:
-                continue
-            hits: list[tuple[str, str]] = []
-            if phase.incident == "drift":
-                alarm = _alarmed(w)
-                if alarm:
-                    hits.append(("alarm", alarm))
-                atc = w.estimated_accuracy.get("atc", math.nan)
-                if not math.isnan(normal_est) and atc < normal_est - 0.05:
-                    hits.append(("accuracy", f"estimated accuracy fell to {atc:.2f}"))
-            elif phase.incident == "latency" and w.p99_ms > slo["threshold"] * 1000:
-                hits.append(("p99", f"P99 {w.p99_ms:.0f} ms above the {slo['threshold'] * 1000:.0f} ms SLO threshold"))
-            elif phase.incident == "errors":
-                burn = w.error_ratio / (1 - slo["availability"]) if not math.isnan(w.error_ratio) else 0
-                if burn >= 14.4:
-                    hits.append(("burn", f"availability burn rate {burn:.0f}x (page threshold 14.4x)"))
-            for kind, what in hits:
-                found.setdefault(kind, (w.t - start, what))
-        first = sorted(found.values())
-        signal = "; ".join(f"{what} after {t:.1f} s" for t, what in first) if first else "not detected"
-        out.append(Detection(phase.name, phase.incident, start, first[0][0] if first else None, signal))
+@dataclass(frozen=True)
+class Onset:
+    """A signal going from quiet to raised: at window time `t`, with what it said then."""
+
+    kind: str
+    t: float
+    what: str
+
+
+def onsets(windows: list[Window], kind: str, hit: Callable[[Window], str | None]) -> list[Onset]:
+    """Every window where `hit` says something and the window before said nothing (the first counts)."""
+    out: list[Onset] = []
+    was = False
+    for w in windows:
+        what = hit(w)
+        if what and not was:
+            out.append(Onset(kind, w.t, what))
+        was = bool(what)
     return out
+
+
+def phase_index(t: float, starts: list[float]) -> int:
+    """The phase a time belongs to: the last one started at or before it (phase i covers (start_i, start_i+1])."""
+    i = 0
+    for k, s in enumerate(starts):
+        if t > s:
+            i = k
+    return i
+
+
+def incident_signals(incident: str, slo: dict[str, float],
+                     normal_est: float) -> dict[str, Callable[[Window], str | None]]:
+    """The signals that detect each kind of incident, by kind, each saying what it saw or None."""
+    if incident == "drift":
+        def accuracy(w: Window) -> str | None:
+            atc = w.estimated_accuracy.get("atc", math.nan)
+            if not math.isnan(normal_est) and atc < normal_est - 0.05:
+                return f"estimated accuracy fell to {atc:.2f}"
+            return None
+
+        return {"alarm": _alarmed, "accuracy": accuracy}
+    if incident == "latency":
+        thr = slo["threshold"]
+
+        def p99(w: Window) -> str | None:
+            if w.p99_ms > thr * 1000:
+                return f"P99 {w.p99_ms:.0f} ms above the {thr * 1000:.0f} ms SLO threshold"
+            return None
+
+        return {"p99": p99}
+    if incident == "errors":
+        budget = 1 - slo["availability"]
+
+        def burn(w: Window) -> str | None:
+            b = w.error_ratio / budget if not math.isnan(w.error_ratio) else 0.0
+            return f"availability burn rate {b:.0f}x (page threshold {PAGE_BURN}x)" if b >= PAGE_BURN else None
+
+        return {"burn": burn}
+    return {}
+
+
+def attribute(phases: tuple[Phase, ...], starts: list[float], windows: list[Window], slo: dict[str, float],
+              normal_est: float) -> list[Detection]:
+    """Per incident phase, the signals that *began* in it (quiet before, raised in this phase).
+
+    A signal still raised from an earlier phase is not credited to this one; the detection
+    says it was already on, and since which phase.
+    """
+    out = []
+    for i, phase in enumerate(phases):
+        if phase.incident is None or i >= len(starts):
+            continue
+        start = starts[i]
+        began: list[tuple[float, str]] = []
+        carried: list[str] = []
+        for kind, hit in incident_signals(phase.incident, slo, normal_est).items():
+            ons = onsets(windows, kind, hit)
+            mine = [o for o in ons if phase_index(o.t, starts) == i]
+            if mine:
+                began.append((mine[0].t - start, mine[0].what))
+                continue
+            before = [o for o in ons if o.t <= start]
+            first_in = next((w for w in windows if w.t > start), None)
+            if before and first_in is not None and hit(first_in):
+                src = phases[phase_index(before[-1].t, starts)].name
+                carried.append(f"{SIGNAL_NAMES.get(kind, kind)} already raised since {before[-1].t:.1f} s "
+                               f"(in {src!r})")
+        began.sort()
+        if began:
+            signal = "; ".join(f"{what} after {t:.1f} s" for t, what in began)
+        else:
+            signal = "; ".join(carried) if carried else NOT_DETECTED
+        out.append(Detection(phase.name, phase.incident, start, began[0][0] if began else None, signal))
+    return out
+
+
+def detect(demo: Demo) -> list[Detection]:
+    tl = demo.timeline
+    return attribute(demo.opts.phases, tl.phase_starts, tl.windows, demo.slo, baseline_accuracy(demo))
+
+
+def drift_alarm_phases(phases: tuple[Phase, ...], starts: list[float], windows: list[Window]) -> set[int]:
+    """Indices of the phases in which a drift alarm began."""
+    return {phase_index(o.t, starts) for o in onsets(windows, "alarm", _alarmed)} & set(range(len(phases)))
 
 
 def baseline_accuracy(demo: Demo) -> float:
@@ -78,8 +157,9 @@ def phase_table(demo: Demo) -> list[dict]:
     """Per phase: rate, P50/P99, errors, estimated vs true accuracy, alarms seen."""
     tl = demo.timeline
     ends = tl.phase_starts[1:] + [math.inf]
+    alarmed = drift_alarm_phases(demo.opts.phases, tl.phase_starts, tl.windows)
     rows = []
-    for phase, start, end in zip(demo.opts.phases, tl.phase_starts, ends, strict=False):
+    for i, (phase, start, end) in enumerate(zip(demo.opts.phases, tl.phase_starts, ends, strict=False)):
         ws = [w for w in tl.windows if start + demo.opts.window_s <= w.t <= end] or \
              [w for w in tl.windows if start < w.t <= end]
 
@@ -96,7 +176,31 @@ def phase_table(demo: Demo) -> list[dict]:
             "error_ratio": mean(lambda w: w.error_ratio),
             "estimated_accuracy": mean(lambda w: w.estimated_accuracy.get("atc", math.nan)),
             "true_accuracy": tl.true_accuracy(start, end),
-            "drift_alarm": any(_alarmed(w) for w in ws),
+            "drift_alarm": i in alarmed,   # an alarm began in this phase
+        })
+    return rows
+
+
+ALERT_COLUMNS = ("alert", "severity", "slo", "model", "other labels", "firing from", "to")
+
+
+def alert_rows(alerts: list[dict]) -> list[dict[str, str]]:
+    """Prometheus alerts (from demo.prom.collect_alerts) as table rows of plain strings."""
+    def secs(v: object) -> str:
+        return f"{v:.0f} s" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+    rows = []
+    for a in alerts:
+        lab = dict(a.get("labels", {}))
+        rows.append({
+            "alert": str(a.get("alertname", "?")),
+            "severity": lab.pop("severity", "-"),
+            "slo": lab.pop("slo", "-"),
+            "model": lab.pop("model", "-"),
+            "other labels": ", ".join(f"{k}={v}" for k, v in sorted(lab.items())
+                                      if k not in ("job", "instance")) or "-",
+            "firing from": secs(a.get("first_seen_s")),
+            "to": secs(a.get("last_seen_s")),
         })
     return rows
 
@@ -104,22 +208,25 @@ def phase_table(demo: Demo) -> list[dict]:
 def render_text(demo: Demo) -> str:
     lines = ["sentinel demo summary", ""]
     lines.append(f"{'phase':<20} {'rps':>5} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7} {'est acc':>8} "
-                 f"{'true acc':>8}  drift alarm")
+                 f"{'true acc':>8}  drift alarm began")
     for r in phase_table(demo):
         lines.append(f"{r['phase']:<20} {r['rps']:>5.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
                      f"{r['error_ratio']:>7.1%} {r['estimated_accuracy']:>8.3f} {r['true_accuracy']:>8.3f}  "
                      f"{'yes' if r['drift_alarm'] else 'no'}")
     lines += ["", "incidents:"]
     for d in detect(demo):
-        when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else "NOT detected"
+        when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else \
+            "NOT detected" if d.signal == NOT_DETECTED else "not detected separately"
         lines.append(f"  {d.phase:<20} {when}: {d.signal}")
     if demo.timeline.alerts:
-        lines += ["", "Prometheus alerts that fired:"]
-        for a in demo.timeline.alerts:
-            lab = a.get("labels", {})
-            what = ", ".join(f"{k}={v}" for k, v in sorted(lab.items()) if k in ("slo", "severity", "detector"))
-            lines.append(f"  {a.get('alertname')} {{{what}}} firing from {a.get('first_seen_s')} s "
-                         f"to {a.get('last_seen_s')} s")
+        lines += ["", "Prometheus alerts that fired (seconds since the start of traffic):"]
+        rows = alert_rows(demo.timeline.alerts)
+        widths = [max(len(str(r[k])) for r in [dict(zip(ALERT_COLUMNS, ALERT_COLUMNS, strict=True)), *rows])
+                  for k in ALERT_COLUMNS]
+        lines.append("  " + "  ".join(c.ljust(wd) for c, wd in zip(ALERT_COLUMNS, widths, strict=True)).rstrip())
+        for r in rows:
+            lines.append("  " + "  ".join(str(r[c]).ljust(wd) for c, wd in zip(ALERT_COLUMNS, widths, strict=True))
+                         .rstrip())
     for n in demo.timeline.notes[:10]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

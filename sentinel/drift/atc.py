@@ -28,7 +28,8 @@ def score(probabilities: np.ndarray, kind: Score) -> np.ndarray:
     """Per-row score of the given kind (higher means more confident)."""
     if kind is Score.NEG_ENTROPY:
         return -entropy(probabilities)
-    return np.asarray(probabilities, dtype=np.float64).max(axis=1)
+    top: np.ndarray = np.asarray(probabilities, dtype=np.float64).max(axis=1)
+    return top
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -83,6 +84,11 @@ class AccuracyEstimator:
         if len(logits) == 0:
             return float("nan")
         return float(np.mean(score(softmax(logits, self.temperature), self.score_kind) >= self.threshold))
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Per-sample ATC scores of the temperature-scaled softmax (compare with `threshold`)."""
+        p, ent = softmax_entropy(np.asarray(logits, dtype=np.float64) / self.temperature)
+        return -ent if self.score_kind is Score.NEG_ENTROPY else p.max(axis=1).astype(np.float64)
 
     def estimate(self, logits: np.ndarray) -> dict[str, float]:
         """Both estimates from one temperature-scaled softmax: {"atc": ..., "avg_conf": ...}."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -26,8 +26,15 @@ class Combination(str, enum.Enum):
 
 
 def combine(results: Sequence[DetectorResult], alpha: float,
-            method: Combination = Combination.BONFERRONI, name: str = "combined") -> DetectorResult:
-    """One result over the non-abstaining `results`; abstains when all of them abstain."""
+            method: Combination = Combination.BONFERRONI, name: str = "combined",
+            weights: Mapping[str, float] | None = None) -> DetectorResult:
+    """One result over the non-abstaining `results`; abstains when all of them abstain.
+
+    `weights` (Bonferroni only) give a weighted Bonferroni test: detector k is tested at level
+    alpha·w_k/Σw over the live detectors, i.e. p = min(1, min_k p_k·Σw/w_k). The family-wise
+    false-alarm rate stays at most alpha under any dependence (Holm 1979; Benjamini & Hochberg
+    1997 "multiple hypotheses testing with weights"); a larger weight buys one detector power.
+    """
     live = [r for r in results if not r.abstained]
     n_ref = max((r.n_reference for r in results), default=0)
     n_win = max((r.n_window for r in results), default=0)
@@ -37,8 +44,10 @@ def combine(results: Sequence[DetectorResult], alpha: float,
     ps = np.array([r.p_value for r in live], dtype=np.float64)
     best = live[int(np.argmin(ps))].name
     if method is Combination.BONFERRONI:
-        p = min(1.0, len(live) * float(ps.min()))
-        return decide(name, float(ps.min()), p, alpha, n_ref, n_win, best)
+        w = np.array([float((weights or {}).get(r.name, 1.0)) for r in live])
+        adj = ps * w.sum() / np.maximum(w, 1e-12)
+        i = int(np.argmin(adj))
+        return decide(name, float(ps[i]), min(1.0, float(adj[i])), alpha, n_ref, n_win, live[i].name)
     clipped = np.clip(ps, 1e-300, 1.0 - 1e-15)
     t = float(np.mean(np.tan((0.5 - clipped) * math.pi)))
     p = 0.5 - math.atan(t) / math.pi

@@ -47,7 +47,8 @@ class PCA:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         """N×D → N×k projections."""
-        return (np.asarray(x, dtype=np.float64) - self.mean) @ self.components.T
+        proj: np.ndarray = (np.asarray(x, dtype=np.float64) - self.mean) @ self.components.T
+        return proj
 
 
 @dataclass(frozen=True)

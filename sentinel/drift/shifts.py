@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-Family = Literal["noise", "image", "intensity", "label", "confidently_wrong"]
+Family = Literal["noise", "image", "intensity", "label", "confidently_wrong", "mismatch"]
 
 
 def gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator, lo: float = 0.0,
@@ -51,6 +51,7 @@ class Shift:
     name: str
     family: Family
     apply: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None
+    expected: str | None = None      # the transform a diagnosis should name (mismatch family)
 
 
 # Intensities on the digits' 0–16 scale. The contrast shift x·0.5+6 leaves the model confidently
@@ -73,4 +74,27 @@ def knockout_weights(labels: np.ndarray, cls: int, fraction: float) -> np.ndarra
     """Sampling weights that remove `fraction` of class `cls` (Failing Loudly's knock-out shift)."""
     w = np.ones(len(labels), dtype=np.float64)
     w[np.asarray(labels) == cls] = 1.0 - fraction
-    return w / w.sum()
+    weights: np.ndarray = w / w.sum()
+    return weights
+
+
+def blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of each N×H×W image (σ in pixels, zero padding)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(x, np.float32), sigma=(0, sigma, sigma), mode="constant")
+
+
+# Client-side preprocessing mistakes (the top real-world failure of a served classifier), on the
+# digits' raw 0–16 scale; `expected` is the transform `sentinel.drift.diagnosis` should name.
+MISMATCH_SHIFTS: tuple[Shift, ...] = (
+    Shift("scale_0-255", "mismatch", lambda x, r: (x * (255.0 / 16.0)).astype(np.float32), "multiply"),
+    Shift("divided_by_16", "mismatch", lambda x, r: (x / 16.0).astype(np.float32), "divide"),
+    Shift("inverted", "mismatch", lambda x, r: (16.0 - x).astype(np.float32), "invert"),
+    Shift("transposed", "mismatch", lambda x, r: np.ascontiguousarray(np.swapaxes(x, 1, 2)), "transpose"),
+    Shift("flip_horizontal", "mismatch", lambda x, r: np.ascontiguousarray(x[:, :, ::-1]), "flip_horizontal"),
+    Shift("flip_vertical", "mismatch", lambda x, r: np.ascontiguousarray(x[:, ::-1, :]), "flip_vertical"),
+    Shift("offset_+2", "mismatch", lambda x, r: (x + 2.0).astype(np.float32), "offset"),
+    Shift("binarized", "mismatch", lambda x, r: np.where(x > 8.0, 16.0, 0.0).astype(np.float32), "binarize"),
+    Shift("blur_1", "mismatch", lambda x, r: blur(x, 1.0), "blur"),
+)

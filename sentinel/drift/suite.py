@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from sentinel.drift.atc import AccuracyEstimator, Score
 from sentinel.drift.combine import Combination, combine
+from sentinel.drift.diagnosis import Diagnoser, Diagnosis, Source, diagnose
 from sentinel.drift.embedding import PCA, MMDTest
 from sentinel.drift.features import (
     CONFIDENCE_FEATURES,
@@ -17,6 +19,8 @@ from sentinel.drift.features import (
     softmax,
     softmax_entropy,
 )
+from sentinel.drift.inputcontract import InputContract
+from sentinel.drift.inputcontract import check as check_contract
 from sentinel.drift.label import LabelShiftTest
 from sentinel.drift.result import DetectorResult, abstain
 from sentinel.drift.univariate import FeatureShiftTest, Univariate
@@ -33,11 +37,17 @@ class Reference:
     inputs: np.ndarray | None = None        # N×C×H×W network inputs, for input statistics
     embeddings: np.ndarray | None = None    # N×D penultimate features of the reference model
     input_stats: np.ndarray | None = None   # N×F `input_statistics` of 1-channel inputs, when inputs are absent
+    raw: np.ndarray | None = None           # inputs as the server receives them (candidate transforms act on these)
+    preprocessing: Any = None               # sentinel.preprocess.Preprocessing from raw to network inputs
+    contract: InputContract | None = None   # stored with the golden set; derived from `inputs` when None
 
     @classmethod
-    def from_golden(cls, golden) -> Reference:
-        """Arrays of a loaded `sentinel.golden.GoldenSet`."""
-        return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings)
+    def from_golden(cls, golden: Any) -> Reference:
+        """Arrays of a loaded `sentinel.golden.GoldenSet` (and its stored input contract, digest-checked)."""
+        from sentinel.golden import load_contract
+
+        return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings,
+                   raw=golden.raw, preprocessing=golden.meta.preprocessing, contract=load_contract(golden))
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,19 @@ class Window:
     input_stats: np.ndarray | None = None   # M'×F from `features.input_statistics`
     embeddings: np.ndarray | None = None    # M''×k, already projected by the suite's PCA
     labels: np.ndarray | None = None        # true labels where known (evaluation only)
+    signatures: np.ndarray | None = None    # M×S `Suite.samples(...).signatures` (diagnosis)
+    violating: np.ndarray | None = None     # M bool: the sample violates the input contract
+    verdicts: np.ndarray | None = None      # M ATC verdict codes (sentinel.drift.support), oldest first
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Per-sample results of `Suite.samples` for one batch (rows aligned with its inputs)."""
+
+    violations: np.ndarray | None = None    # N×len(CHECKS) bool, None without inputs
+    signatures: np.ndarray | None = None    # N×S
+    ood: np.ndarray | None = None           # N bool: outside the golden support (kNN)
+    verdicts: np.ndarray | None = None      # N int8 codes, None without outputs
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,12 @@ class Settings:
     mmd_max_samples: int = 200
     atc_score: Score = Score.NEG_ENTROPY
     seed: int = 0
+    # The ATC lower bound is the smaller of the whole window's and its last `accuracy_recent`
+    # samples' (so a sudden mismatch shows within that many samples); 0 disables the recent part.
+    accuracy_recent: int = 50
+    # Weighted Bonferroni across detectors (combine.py): the label test gets twice the others' share of
+    # alpha, which gives class knock-out ≥ 0.8 power at n=200 on digits (drift eval) at no cost in size.
+    detector_weights: tuple[tuple[str, float], ...] = (("label", 2.0),)
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.detectors if d not in ALL_DETECTORS]
@@ -81,6 +110,10 @@ class Verdict:
     combined: DetectorResult
     estimated_accuracy: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
+    diagnosis: Diagnosis | None = None
+    accuracy_verdicts: dict[str, int] = field(default_factory=dict)   # counts over the window
+    unknown_share: float | None = None      # share of unknown verdicts (max of window and recent part)
+    reliable: bool | None = None            # unknown_share <= support.UNRELIABLE_SHARE
 
     @property
     def drift(self) -> bool:
@@ -133,6 +166,52 @@ class Suite:
         if reference.labels is not None:
             self.estimator = AccuracyEstimator.fit(logits, reference.labels, s.atc_score)
         self.n_reference = len(logits)
+        self.golden_shares = np.bincount(probs.argmax(axis=1), minlength=self.num_classes) / len(probs)
+        self.contract: InputContract | None = None
+        self.diagnoser: Diagnoser | None = None
+        self.input_support = self.embedding_support = None
+        if reference.inputs is not None:
+            from sentinel.drift.support import KnnSupport
+
+            x = np.asarray(reference.inputs, np.float32)
+            self.contract = reference.contract or InputContract.derive(x)
+            self.diagnoser = Diagnoser(x, probs.argmax(axis=1), _source(reference))
+            self.input_support = KnnSupport.fit(self.diagnoser.golden_features)
+        if self.pca is not None:
+            from sentinel.drift.support import KnnSupport
+
+            self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
+                                                    self.pca.transform(reference.embeddings))
+
+    def samples(self, inputs: np.ndarray | None, logits: np.ndarray | None,
+                embeddings: np.ndarray | None = None, dtype_kind: str | None = None) -> Samples:
+        """Contract check, signature, support and ATC verdict per sample of one batch.
+
+        `inputs` are N×C×H×W network inputs, `logits` N×K, `embeddings` N×k projections (or
+        None where the shadow did not run); when given together their rows must align.
+        """
+        from sentinel.drift.support import verdicts
+
+        viol = sig = ood = codes = None
+        if inputs is not None and self.contract is not None and self.diagnoser is not None:
+            rep = check_contract(self.contract, inputs, dtype_kind=dtype_kind)
+            viol = rep.violations
+            if not rep.violations[:, 0].any():           # shape fits: signatures can be computed
+                sig = self.diagnoser.features(inputs)
+                assert self.input_support is not None
+                ood = self.input_support.score(sig) > 1.0
+            else:
+                ood = np.ones(len(viol), bool)
+        if embeddings is not None and self.embedding_support is not None and len(embeddings):
+            e_ood = self.embedding_support.score(embeddings) > 1.0
+            ood = e_ood if ood is None or len(ood) != len(e_ood) else (ood | e_ood)
+        if logits is not None and self.estimator is not None:
+            lg = np.asarray(logits, np.float64)
+            unknown = None
+            if ood is not None and viol is not None and len(ood) == len(lg):
+                unknown = ood | viol.any(axis=1)
+            codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
+        return Samples(viol, sig, ood, codes)
 
     def project(self, embeddings: np.ndarray) -> np.ndarray | None:
         """Reduce raw embeddings with the golden PCA (None when the reference had none)."""
@@ -142,7 +221,8 @@ class Suite:
         """Run every configured detector, combine them, and estimate accuracy."""
         out = self._outputs(window)
         results = [self._run(name, window, out) for name in self.settings.detectors]
-        combined = combine(results, self.settings.alpha, self.settings.combination)
+        combined = combine(results, self.settings.alpha, self.settings.combination,
+                           weights=dict(self.settings.detector_weights))
         est: dict[str, float] = {}
         acc = None
         n = 0
@@ -153,21 +233,54 @@ class Suite:
                 est = self.estimator.estimate(lg)
             if window.labels is not None and len(window.labels) == len(ok) and n:
                 acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
-        return Verdict(n, tuple(results), combined, est, acc)
+        counts: dict[str, int] = {}
+        unknown_share = reliable = None
+        if window.verdicts is not None and len(window.verdicts):
+            from sentinel.drift.support import UNRELIABLE_SHARE, lower_bound, verdict_counts
 
-    def _outputs(self, w: Window):
+            codes = np.asarray(window.verdicts)
+            counts = verdict_counts(codes)
+            lb, unk = lower_bound(codes)
+            r = self.settings.accuracy_recent
+            if 0 < r < len(codes):
+                lb_r, unk_r = lower_bound(codes[-r:])
+                lb, unk = min(lb, lb_r), max(unk, unk_r)
+            est["atc_lower"] = lb
+            unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
+        diag = self._diagnose(window, results, combined, out)
+        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
+
+    def _diagnose(self, w: Window, results, combined: DetectorResult, out) -> Diagnosis:
+        effects: dict[str, float] = {}
+        if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
+            ws = np.asarray(w.input_stats, np.float64)
+            ws = ws[np.isfinite(ws).all(axis=1)]
+            if len(ws):
+                d = np.median(ws, axis=0) - np.median(self.input_stats.reference, axis=0)
+                effects = {f: round(float(v), 4) for f, v in zip(self.input_stats.features, d, strict=True)}
+        pred = None if out is None else out[2].argmax(axis=1)
+        sig = w.signatures
+        if sig is not None:
+            sig = np.asarray(sig, np.float64)
+            sig = sig[np.isfinite(sig).all(axis=1)]
+        return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
+                        violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
+                        input_effects=effects)
+
+    def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
         if w.logits is None:
             return None
         lg = np.asarray(w.logits, np.float64)
         if lg.ndim != 2 or lg.shape[1] != self.num_classes:
             raise ValueError(f"window outputs have {lg.shape[-1]} classes, the reference has {self.num_classes}")
-        ok = np.isfinite(lg).all(axis=1)
+        ok = np.asarray(np.isfinite(lg).all(axis=1), dtype=bool)
         lg = lg[ok] if not ok.all() else lg
         probs, ent = softmax_entropy(lg)
         return lg, ok, probs, ent
 
-    def _run(self, name: str, w: Window, out) -> DetectorResult:
+    def _run(self, name: str, w: Window, out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+             ) -> DetectorResult:
         a = self.settings.alpha
         if name in ("bbsd", "label", "confidence"):
             if out is None:
@@ -190,3 +303,22 @@ class Suite:
         if w.embeddings is None:
             return abstain(name, a, self.n_reference, 0, "no reference embeddings for the window (shadow off?)")
         return test.test(w.embeddings)
+
+
+def _source(ref: Reference) -> Source | None:
+    """Golden raw inputs as the space candidate transforms act on, when the golden set has them."""
+    pre = ref.preprocessing
+    if ref.raw is None or pre is None or pre.layout not in ("NHW", "NCHW"):
+        return None
+    raw = np.asarray(ref.raw, np.float64)
+    images = raw[:, None] if pre.layout == "NHW" else raw
+    if images.ndim != 4:
+        return None
+    mean = np.broadcast_to(np.asarray(pre.mean, np.float64), (images.shape[1],)).copy()
+    std = np.broadcast_to(np.asarray(pre.std, np.float64), (images.shape[1],)).copy()
+    scale = float(pre.scale) if pre.scale else 1.0
+
+    def to_network(a: np.ndarray) -> np.ndarray:
+        return pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+
+    return Source(images, to_network, std / scale, mean / scale, mean, std)

@@ -60,7 +60,8 @@ def ks_statistics(ref_keys: np.ndarray, window: np.ndarray) -> np.ndarray:
     last = np.ones(k.shape, dtype=bool)
     np.not_equal(v[:, 1:], v[:, :-1], out=last[:, :-1])
     diff[~last] = 0
-    return diff.max(axis=1) / float(n * m)
+    stat: np.ndarray = diff.max(axis=1) / float(n * m)
+    return stat
 
 
 @dataclass(frozen=True)

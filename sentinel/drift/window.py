@@ -11,18 +11,18 @@ class SlidingWindow:
     def __init__(self, capacity: int, width: int, dtype: type = np.float64):
         if capacity < 1 or width < 1:
             raise ValueError(f"capacity and width must be positive, got {capacity} and {width}")
-        self._buf = np.zeros((capacity, width), dtype=dtype)
+        self._buf: np.ndarray = np.zeros((capacity, width), dtype=dtype)
         self._next = 0
         self._count = 0
         self.total = 0                  # rows ever pushed
 
     @property
     def capacity(self) -> int:
-        return self._buf.shape[0]
+        return int(self._buf.shape[0])
 
     @property
     def width(self) -> int:
-        return self._buf.shape[1]
+        return int(self._buf.shape[1])
 
     def __len__(self) -> int:
         return self._count

@@ -1,5 +1,6 @@
 """Exporting a registry model: ONNX (torch.onnx), TorchScript, int8 ONNX (onnxruntime QDQ).
 
-Every export is recorded in the model's model.yaml (`exports:`) with its sha256, so
+An export written into the model's directory is recorded in its model.yaml (`exports:`) with its
+sha256 (elsewhere only with `--register`), so
 `sentinel verify` and the release pipeline know what they are looking at.
 """

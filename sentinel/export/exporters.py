@@ -17,6 +17,10 @@ Exporter = Literal["dynamo", "legacy"]
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 OPSET = 18
+# Node metadata that records where the exporter ran (absolute source paths, line numbers of
+# the calling code), not what the graph computes: dropped so the bytes depend only on the
+# model, its weights and the torch version.
+_UNSTABLE_NODE_METADATA = frozenset({"pkg.torch.onnx.stack_trace"})
 
 
 @contextlib.contextmanager
@@ -70,7 +74,47 @@ def export_onnx(entry: ModelEntry, out: Path, *, dynamic_batch: bool = False,
                                   output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET)
     except (RuntimeError, ValueError, TypeError) as exc:  # torch.export/onnxscript failures
         raise InfrastructureError(f"ONNX export of {entry.spec} failed: {str(exc).splitlines()[0]}") from None
+    make_reproducible(out)
     return out
+
+
+def make_reproducible(path: Path) -> Path:
+    """Rewrite an ONNX file so that exporting the same weights with the same torch gives the same bytes.
+
+    torch.onnx's dynamo exporter stores each node's Python stack trace (absolute paths of
+    the checkout it ran in) in node metadata; those are removed, and the model and graph
+    doc strings are emptied. Producer name and version (the torch build) stay: a different
+    torch may legitimately produce a different graph. Module scopes (`pkg.torch.onnx.name_scopes`,
+    `namespace`), which `sentinel verify` localizes with, are kept.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    model.doc_string = ""
+
+    def scrub(graph) -> None:  # type: ignore[no-untyped-def]
+        graph.doc_string = ""
+        for node in graph.node:
+            node.doc_string = ""
+            keep = [p for p in node.metadata_props if p.key not in _UNSTABLE_NODE_METADATA]
+            if len(keep) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    scrub(attr.g)
+                for g in attr.graphs:
+                    scrub(g)
+
+    scrub(model.graph)
+    for fn in model.functions:
+        fn.doc_string = ""
+        for node in fn.node:
+            keep = [p for p in node.metadata_props if p.key not in _UNSTABLE_NODE_METADATA]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+    onnx.save(model, str(path))
+    return path
 
 
 def export_torchscript(entry: ModelEntry, out: Path) -> Path:
@@ -83,6 +127,11 @@ def export_torchscript(entry: ModelEntry, out: Path) -> Path:
         traced = torch.jit.trace(model, _example(entry, 2), check_trace=False)
         traced.save(str(out))
     return out
+
+
+def inside_model_directory(entry: ModelEntry, path: Path) -> bool:
+    """True when `path` lies in the model's own directory (where model.yaml's files live)."""
+    return Path(path).resolve().is_relative_to(entry.directory.resolve())
 
 
 def record_export(entry: ModelEntry, path: Path, fmt: Literal["onnx", "torchscript"],

@@ -1,4 +1,4 @@
-"""Values and errors shared by the wire-format decoders."""
+"""Values, limits and JSON parsing shared by the wire-format codecs."""
 
 from __future__ import annotations
 
@@ -9,22 +9,53 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sentinel.errors import DecodeError
+from sentinel.scores import OutputKind, output_kind, softmax
+
 InputForm = Literal["raw", "network"]
-OutputKind = Literal["logits", "probabilities"]
 Headers = Mapping[str, str]   # lower-case names
 
 DecodeErrorKind = Literal[
     "malformed_json", "missing_field", "bad_shape", "bad_datatype", "truncated",
-    "bad_header", "unsupported", "bad_image",
+    "bad_header", "unsupported", "bad_image", "too_large", "too_deep",
 ]
 
+# Bounds on what an outsider's payload may make a decoder allocate or recurse into.
+MAX_JSON_DEPTH = 64            # nesting of [ and {; a 4-D tensor in nested lists is depth ~6
+MAX_ELEMENTS = 1 << 28         # elements of one tensor (before allocation)
+MIN_IMAGE_PIXELS_LIMIT = 1 << 24   # 16.8 Mpx: a phone photo decodes, a 13000² bitmap does not
+IMAGE_PIXELS_PER_INPUT_PIXEL = 256  # a larger model input allows proportionally larger images
 
-class DecodeError(ValueError):
-    """A payload that cannot be turned into arrays; `kind` is a short label for metrics."""
 
-    def __init__(self, kind: DecodeErrorKind, message: str):
-        self.kind = kind
-        super().__init__(message)
+@dataclass(frozen=True)
+class DecodeHints:
+    """What the model says about its inputs, for bodies that do not say it themselves.
+
+    raw_shape/raw_dtype: a raw `application/octet-stream` TorchServe body is a flat array of
+    this dtype and (per instance) shape. input_shape: the network input (C×H×W), which sets
+    the pixel bound of encoded images (`max_image_pixels`, unless given). classes: class
+    names, to read answers that name classes instead of scoring them (TorchServe top-k).
+    """
+
+    raw_shape: tuple[int, ...] | None = None
+    raw_dtype: str = "float32"
+    input_shape: tuple[int, ...] | None = None
+    max_image_pixels: int | None = None
+    classes: tuple[str, ...] = ()
+
+    @property
+    def image_pixel_limit(self) -> int:
+        if self.max_image_pixels is not None:
+            return self.max_image_pixels
+        shape = self.raw_shape or self.input_shape
+        px = 0
+        if shape and len(shape) >= 2:
+            dims = sorted(shape, reverse=True)[:2]   # H and W, whatever the channel position
+            px = dims[0] * dims[1]
+        return max(MIN_IMAGE_PIXELS_LIMIT, IMAGE_PIXELS_PER_INPUT_PIXEL * px)
+
+
+NO_HINTS = DecodeHints()
 
 
 @dataclass(frozen=True)
@@ -37,10 +68,32 @@ class DecodedRequest:
 
 @dataclass(frozen=True)
 class DecodedResponse:
-    """The output batch of one inference response (N × classes)."""
+    """The output batch of one inference response.
+
+    outputs/kind: the scores the analysis reads (N × classes, float64) and whether they are
+    logits or probabilities. logits/probabilities: each where the response carried it by
+    name or kind (a v2 response may carry both). labels: class names per row when the
+    response carried only names (TorchServe's top-k mapping); outputs is then N × 0.
+    """
 
     outputs: np.ndarray
     kind: OutputKind
+    logits: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def top1(self) -> np.ndarray:
+        """Index of the highest score per row (empty when the response carried only labels)."""
+        if self.outputs.shape[1] == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self.outputs.argmax(axis=1)
+
+    def probabilities_or_softmax(self) -> np.ndarray:
+        """Probabilities as served, else the softmax of the served logits."""
+        if self.probabilities is not None:
+            return self.probabilities
+        return softmax(self.outputs) if self.kind == "logits" else self.outputs
 
 
 def input_form(arr: np.ndarray) -> InputForm:
@@ -48,9 +101,9 @@ def input_form(arr: np.ndarray) -> InputForm:
     return "network" if arr.ndim == 4 and arr.dtype.kind == "f" else "raw"
 
 
-def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
-    """Shape scores as N × classes and tell logits from probabilities."""
-    if arr.dtype.kind not in "fiu":
+def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
+    """Scores shaped N × classes (float64), or DecodeError saying why they are not scores."""
+    if arr.dtype.kind not in "fiub":
         raise DecodeError("bad_datatype", f"output {name or '(unnamed)'} is {arr.dtype}, not numeric scores")
     if arr.ndim == 0 or arr.size == 0:
         raise DecodeError("bad_shape", f"output shape {list(arr.shape)} holds no scores")
@@ -68,25 +121,129 @@ def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
     out = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(out)):
         raise DecodeError("bad_shape", "output contains NaN or infinite scores")
-    lname = name.lower()
-    if "prob" in lname or "softmax" in lname:
-        kind: OutputKind = "probabilities"
-    elif "logit" in lname:
-        kind = "logits"
+    return out
+
+
+def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
+    """Shape scores as N × classes and tell logits from probabilities (`sentinel.scores.output_kind`)."""
+    out = score_matrix(arr, name)
+    kind = output_kind(out, name)
+    return DecodedResponse(out, kind, logits=out if kind == "logits" else None,
+                           probabilities=out if kind == "probabilities" else None)
+
+
+def combine_outputs(named: list[tuple[str, np.ndarray]]) -> DecodedResponse:
+    """The response of several named outputs: the first with a class axis is primary; a logits and a
+    probabilities output are both kept when present (same row count)."""
+    decoded: list[DecodedResponse] = []
+    last: DecodeError | None = None
+    for name, arr in named:
+        try:
+            decoded.append(as_output_batch(arr, name))
+        except DecodeError as exc:
+            last = exc
+    if not decoded:
+        raise last or DecodeError("missing_field", "no outputs")
+    first = decoded[0]
+    logits = next((d.outputs for d in decoded if d.kind == "logits"
+                   and d.outputs.shape == first.outputs.shape), None)
+    probs = next((d.outputs for d in decoded if d.kind == "probabilities"
+                  and d.outputs.shape == first.outputs.shape), None)
+    return DecodedResponse(first.outputs, first.kind, logits=logits, probabilities=probs)
+
+
+def _depth_profile(b: np.ndarray) -> np.ndarray:
+    """Nesting depth after each byte, counting [ and { outside JSON strings (vectorised: fast on MBs)."""
+    quote = b == 0x22
+    if quote.any():
+        # A quote is escaped when an odd number of backslashes precede it.
+        idx = np.arange(len(b))
+        last_non_bs = np.maximum.accumulate(np.where(b != 0x5C, idx, -1))
+        q = np.flatnonzero(quote)
+        run = (q - 1) - last_non_bs[np.maximum(q - 1, 0)]
+        run[q == 0] = 0
+        real = q[(run % 2) == 0]
+        flips = np.zeros(len(b) + 1, dtype=np.int8)
+        flips[real + 1] = 1   # parity flips after each real quote
+        in_string = (np.cumsum(flips[:-1]) % 2 == 1) | quote
     else:
-        # Probabilities are non-negative and sum to one per row; logits almost never are.
-        sums = out.sum(axis=1)
-        kind = "probabilities" if (out.min() >= 0 and out.max() <= 1 and np.allclose(sums, 1.0, atol=1e-3)) \
-            else "logits"
-    return DecodedResponse(out, kind)
+        in_string = np.zeros(len(b), dtype=bool)
+    step = np.zeros(len(b), dtype=np.int32)
+    step[((b == 0x5B) | (b == 0x7B)) & ~in_string] = 1
+    step[((b == 0x5D) | (b == 0x7D)) & ~in_string] = -1
+    return np.cumsum(step)
 
 
-def load_json_object(body: bytes | memoryview) -> dict[str, Any]:
-    """Parse a JSON object body, or raise DecodeError("malformed_json") saying what it was instead."""
+def json_depth(body: bytes | memoryview) -> int:
+    """Maximum nesting depth of [ and { outside strings, without parsing."""
+    b = np.frombuffer(body, dtype=np.uint8)
+    n_open = int(np.count_nonzero((b == 0x5B) | (b == 0x7B)))
+    if n_open <= 1:
+        return n_open
+    return int(_depth_profile(b).max(initial=0))
+
+
+def json_prefix_length(body: bytes | memoryview) -> int:
+    """Length of the JSON object a body starts with (bytes after it may be binary), or DecodeError.
+
+    Binary-tensor bodies forwarded without `Inference-Header-Content-Length` (the KServe
+    logger keeps only Content-Type) are split here: the object ends where the depth of
+    brackets outside strings returns to zero; bytes after that point cannot change it.
+    """
+    b = np.frombuffer(body, dtype=np.uint8)
+    start = 0
+    while start < len(b) and b[start] in (0x20, 0x09, 0x0A, 0x0D):
+        start += 1
+    if start >= len(b) or b[start] != 0x7B:
+        raise DecodeError("malformed_json", "body does not start with a JSON object")
+    depth = _depth_profile(b[start:])
+    closed = np.flatnonzero(depth == 0)
+    if len(closed) == 0:
+        raise DecodeError("malformed_json", "the JSON object at the start of the body never closes")
+    return start + int(closed[0]) + 1
+
+
+def parse_json(body: bytes | memoryview, what: str = "body") -> Any:
+    """Parse JSON after checking its nesting depth, or raise DecodeError saying what was wrong."""
+    raw = bytes(body)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise DecodeError("too_deep", f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
     try:
-        doc = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeError("malformed_json", f"body is not JSON: {exc}") from None
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DecodeError("malformed_json", f"{what} is not JSON: {exc}") from None
+
+
+def load_json_object(body: bytes | memoryview, what: str = "body") -> dict[str, Any]:
+    """Parse a JSON object body, or raise DecodeError("malformed_json") saying what it was instead."""
+    doc = parse_json(body, what)
     if not isinstance(doc, dict):
-        raise DecodeError("malformed_json", f"body is a JSON {type(doc).__name__}, expected an object")
+        raise DecodeError("malformed_json", f"{what} is a JSON {type(doc).__name__}, expected an object")
     return doc
+
+
+def numeric_array(data: Any, what: str) -> np.ndarray:
+    """A rectangular numeric array from nested JSON lists (float → float32), or DecodeError."""
+    if isinstance(data, bool) or not isinstance(data, (list, int, float)):
+        raise DecodeError("bad_datatype", f"{what} are not numbers")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting
+        raise DecodeError("bad_shape", f"{what} are not a rectangular array: {exc}") from None
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise DecodeError("bad_datatype", f"{what} are not numbers (dtype {arr.dtype})")
+    if arr.ndim == 0:
+        raise DecodeError("bad_shape", f"{what} are a scalar, expected a batch")
+    if arr.size > MAX_ELEMENTS:
+        raise DecodeError("too_large", f"{what} have {arr.size} elements, more than the limit {MAX_ELEMENTS}")
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def first_instance_shape(arr: np.ndarray, per_instance: tuple[int, ...] | None) -> np.ndarray:
+    """A single instance (shape == per_instance) becomes a batch of one."""
+    if per_instance is not None and tuple(arr.shape) == tuple(per_instance):
+        return arr[None]
+    return arr

@@ -1,15 +1,17 @@
-"""Encoded images (PNG, JPEG, ...) carried as bytes, decoded to uint8 arrays."""
+"""Encoded images (PNG, JPEG, ...) carried as bytes, decoded to uint8 arrays within a pixel bound."""
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from sentinel.protocols.base import DecodeError
+from sentinel.errors import DecodeError
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -17,21 +19,42 @@ def looks_like_image(data: bytes) -> bool:
     return any(data.startswith(m) for m in _MAGIC)
 
 
-def decode_images(items: Sequence[bytes]) -> np.ndarray:
-    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×C."""
+def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
+    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×C.
+
+    Each image's dimensions are read from its header (Pillow opens lazily) and checked
+    against `max_pixels` before its bitmap is decoded, so a small file that claims a huge
+    bitmap costs nothing.
+    """
     try:
         from PIL import Image  # lazy: only the analysis worker decodes images
     except ImportError:
         raise DecodeError("unsupported", "encoded images need Pillow, which is not installed") from None
     arrays = []
+    total = 0
     for i, data in enumerate(items):
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                grey = im.mode in ("1", "L", "LA", "I", "I;16")
-                arrays.append(np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8))
-        except Exception as exc:  # PIL raises many types for corrupt input
-            raise DecodeError("bad_image", f"image {i}: cannot decode: {exc}") from None
+            with warnings.catch_warnings():
+                # Our own bound below is tighter and relative to the model; Pillow's global one only warns.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        raise DecodeError("too_large", f"image {i}: {w}×{h} pixels, more than the limit "
+                                                       f"{max_pixels} for this model's input size")
+                    total += w * h
+                    if total > BATCH_PIXEL_FACTOR * max_pixels:
+                        raise DecodeError("too_large", f"images 0..{i}: {total} pixels in one batch, more than "
+                                                       f"{BATCH_PIXEL_FACTOR * max_pixels}")
+                    im.load()
+                    grey = im.mode in ("1", "L", "LA", "I", "I;16")
+                    arrays.append(np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8))
+        except DecodeError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("too_large", f"image {i}: {exc}"[:300]) from None
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt input
+            raise DecodeError("bad_image", f"image {i}: cannot decode: {exc}"[:300]) from None
     if not arrays:
         raise DecodeError("bad_shape", "no images in payload")
     if any(a.shape != arrays[0].shape for a in arrays):

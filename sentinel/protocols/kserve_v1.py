@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 import numpy as np
 
+from sentinel.errors import DecodeError
 from sentinel.protocols.base import (
+    NO_HINTS,
     DecodedRequest,
     DecodedResponse,
-    DecodeError,
+    DecodeHints,
     Headers,
     as_output_batch,
     input_form,
     load_json_object,
+    numeric_array,
+    score_matrix,
 )
 from sentinel.protocols.images import decode_images
 
-
-def _numeric(rows: list, what: str) -> np.ndarray:
-    try:
-        arr = np.asarray(rows)
-    except ValueError as exc:  # ragged nesting
-        raise DecodeError("bad_shape", f"{what} are not a rectangular array: {exc}") from None
-    if arr.dtype == object or arr.dtype.kind not in "biuf":
-        raise DecodeError("bad_datatype", f"{what} are not numbers (dtype {arr.dtype})")
-    return arr
+SCORE_KEYS = ("probabilities", "scores", "logits")
 
 
 def _unwrap(item: Any) -> Any:
@@ -37,7 +34,7 @@ def _unwrap(item: Any) -> Any:
     return item
 
 
-def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
+def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
     """The batch under `instances` (or `inputs`); `{"b64": ...}` items are decoded images."""
     doc = load_json_object(body)
     rows = doc.get("instances", doc.get("inputs"))
@@ -49,28 +46,41 @@ def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
             blobs = [base64.b64decode(r["b64"], validate=True) for r in rows]
         except (binascii.Error, TypeError, ValueError) as exc:
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
-        return DecodedRequest(decode_images(blobs), "raw")
-    arr = _numeric(rows, "instances")
-    if arr.dtype.kind == "f":
-        arr = arr.astype(np.float32)
+        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit), "raw")
+    arr = numeric_array(rows, "instances")
     return DecodedRequest(arr, input_form(arr))
 
 
-def decode_response(body: bytes, headers: Headers) -> DecodedResponse:
-    """The scores under `predictions` (also `{"probabilities"|"scores"|"logits": [...]}` items)."""
+def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
+    """The scores under `predictions`; `{"probabilities"|"scores"|"logits": [...]}` items keep each kind."""
     doc = load_json_object(body)
     preds = doc.get("predictions", doc.get("outputs"))
     if not isinstance(preds, list) or not preds:
         raise DecodeError("missing_field", "no non-empty 'predictions' list in body")
-    name = ""
     if all(isinstance(p, dict) for p in preds):
-        for key in ("probabilities", "scores", "logits"):
-            if all(key in p for p in preds):
-                preds, name = [p[key] for p in preds], key
-                break
-        else:
+        found = {key: numeric_array([p[key] for p in preds], f"predictions' {key}")
+                 for key in SCORE_KEYS if all(key in p for p in preds)}
+        if not found:
             raise DecodeError("unsupported", "prediction objects carry no probabilities, scores or logits")
-    arr = _numeric(preds, "predictions")
+        first_key, first = next(iter(found.items()))
+        primary = as_output_batch(first, first_key)
+        logits = score_matrix(found["logits"], "logits") if "logits" in found else primary.logits
+        probs = (score_matrix(found["probabilities"], "probabilities") if "probabilities" in found
+                 else primary.probabilities)
+        return DecodedResponse(primary.outputs, primary.kind, logits=logits, probabilities=probs)
+    arr = numeric_array(preds, "predictions")
     if arr.ndim == 1:
         raise DecodeError("unsupported", "predictions are one value per instance (class labels), not scores")
-    return as_output_batch(arr, name)
+    return as_output_batch(arr)
+
+
+def encode_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """`{"instances": x}` (x batch-first)."""
+    body = json.dumps({"instances": np.asarray(x).tolist()}, separators=(",", ":")).encode()
+    return body, {"content-type": "application/json"}
+
+
+def encode_response(scores: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """`{"predictions": scores}` (N × classes)."""
+    body = json.dumps({"predictions": np.asarray(scores).tolist()}, separators=(",", ":")).encode()
+    return body, {"content-type": "application/json"}

@@ -1,40 +1,57 @@
-"""Open Inference Protocol v2 (KServe v2, Triton): JSON and the binary tensor extension."""
+"""Open Inference Protocol v2 (KServe v2, Triton) over HTTP: JSON and the binary tensor extension."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
+from sentinel.errors import DecodeError
 from sentinel.protocols import tensors
 from sentinel.protocols.base import (
+    NO_HINTS,
     DecodedRequest,
     DecodedResponse,
-    DecodeError,
+    DecodeHints,
     Headers,
-    as_output_batch,
+    combine_outputs,
     input_form,
+    json_prefix_length,
     load_json_object,
 )
 from sentinel.protocols.images import decode_images, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
+Key = Literal["inputs", "outputs"]
 
 
-def parse_message(body: bytes, headers: Headers, key: Literal["inputs", "outputs"]) -> list[tuple[str, np.ndarray]]:
-    """Every tensor under `key` of a request or response, as (name, array), in order."""
+def split_body(body: bytes, headers: Headers) -> tuple[bytes, memoryview]:
+    """The JSON header and the binary tensors after it.
+
+    With `Inference-Header-Content-Length` the split is where it says; without it (a body
+    relayed by the KServe logger) the JSON object is found by parsing its prefix.
+    """
     hlen_s = headers.get(HEADER_LENGTH)
     if hlen_s is not None:
         try:
             hlen = int(hlen_s)
         except ValueError:
-            raise DecodeError("bad_header", f"{HEADER_LENGTH} is not an integer: {hlen_s!r}") from None
+            raise DecodeError("bad_header", f"{HEADER_LENGTH} is not an integer: {hlen_s[:40]!r}") from None
         if not 0 < hlen <= len(body):
             raise DecodeError("bad_header", f"{HEADER_LENGTH} is {hlen} but the body has {len(body)} bytes")
-        head, rest = body[:hlen], memoryview(body)[hlen:]
-    else:
-        head, rest = body, memoryview(b"")
+        return body[:hlen], memoryview(body)[hlen:]
+    hlen = json_prefix_length(body)
+    rest = memoryview(body)[hlen:]
+    if len(rest) < 64 and not bytes(rest).strip():
+        return body, memoryview(b"")   # plain JSON with trailing whitespace
+    return body[:hlen], rest
+
+
+def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np.ndarray]]:
+    """Every tensor under `key` of a request or response, as (name, array), in order."""
+    head, rest = split_body(body, headers)
     doc = load_json_object(head)
     items = doc.get(key)
     if not isinstance(items, list) or not items:
@@ -44,7 +61,7 @@ def parse_message(body: bytes, headers: Headers, key: Literal["inputs", "outputs
     for i, t in enumerate(items):
         if not isinstance(t, dict):
             raise DecodeError("missing_field", f"{key}[{i}] is not an object")
-        name = str(t.get("name", f"{key}[{i}]"))
+        name = str(t.get("name", f"{key}[{i}]"))[:200]
         datatype = t.get("datatype")
         if not isinstance(datatype, str):
             raise DecodeError("missing_field", f"tensor {name!r}: no datatype")
@@ -52,7 +69,7 @@ def parse_message(body: bytes, headers: Headers, key: Literal["inputs", "outputs
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
-            if not isinstance(size, int) or size < 0:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise DecodeError("bad_header", f"tensor {name!r}: binary_data_size must be a non-negative integer")
             if pos + size > len(rest):
                 raise DecodeError("truncated", f"tensor {name!r}: binary_data_size {size} but only "
@@ -69,52 +86,65 @@ def parse_message(body: bytes, headers: Headers, key: Literal["inputs", "outputs
     return out
 
 
-def decode_request(body: bytes, headers: Headers) -> DecodedRequest:
-    """The input batch: the first input tensor (encoded images are decoded)."""
-    name, arr = parse_message(body, headers, "inputs")[0]
+def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> DecodedRequest:
+    """The input batch: the first input tensor (encoded images are decoded within the hints' pixel bound)."""
+    name, arr = named[0]
     if arr.dtype == object:
         items = list(arr.reshape(-1))
         if not items or not all(looks_like_image(b) for b in items):
             raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images")
-        return DecodedRequest(decode_images(items), "raw")
+        return DecodedRequest(decode_images(items, hints.image_pixel_limit), "raw")
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
     return DecodedRequest(arr, input_form(arr))
 
 
-def decode_response(body: bytes, headers: Headers) -> DecodedResponse:
-    """The output batch: the first numeric output with a class axis."""
-    outs = parse_message(body, headers, "outputs")
-    last: DecodeError | None = None
-    for name, arr in outs:
-        try:
-            return as_output_batch(arr, name)
-        except DecodeError as exc:
-            last = exc
-    assert last is not None
-    raise last
+def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
+    """The input batch of a v2 infer request."""
+    return request_from_tensors(parse_message(body, headers, "inputs"), hints)
 
 
-def encode(tensors_: list[tuple[str, np.ndarray]], key: Literal["inputs", "outputs"] = "inputs",
-           binary: bool = True, extra: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of a v2 message (used by tests, the benchmark and replays)."""
+def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
+    """The output batch: the first numeric output with a class axis (logits and probabilities both kept)."""
+    return combine_outputs(parse_message(body, headers, "outputs"))
+
+
+def encode(named: Sequence[tuple[str, np.ndarray]], key: Key = "inputs", binary: bool = True,
+           extra: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of a v2 message: JSON `data`, or the binary extension after the JSON header."""
     doc: dict[str, Any] = dict(extra or {})
     entries = []
     blobs = []
-    for name, arr in tensors_:
-        datatype, raw = tensors.to_binary(arr)
-        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+    for name, arr in named:
+        arr = np.asarray(arr)
         if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            datatype, raw = tensors.to_binary(arr)
+            entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype,
+                                     "parameters": {"binary_data_size": len(raw)}}
             blobs.append(raw)
-        elif datatype == "BYTES":
-            entry["data"] = [b.decode("utf-8") if isinstance(b, bytes) else b for b in arr.reshape(-1)]
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            datatype, data = tensors.to_json(arr)
+            entry = {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": data}
         entries.append(entry)
     doc[key] = entries
     head = json.dumps(doc, separators=(",", ":")).encode()
-    headers = {"content-type": "application/json"}
     if binary:
-        headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
-    return head + b"".join(blobs), headers
+        return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    return head, {"content-type": "application/json"}
+
+
+def encode_request(inputs: Sequence[tuple[str, np.ndarray]], *, binary: bool = False,
+                   binary_outputs: bool | None = None) -> tuple[bytes, dict[str, str]]:
+    """An infer request; `binary_outputs` asks the server for binary outputs (default: same as `binary`)."""
+    want = binary if binary_outputs is None else binary_outputs
+    extra = {"parameters": {"binary_data_output": True}} if want else None
+    return encode(inputs, "inputs", binary, extra)
+
+
+def encode_response(outputs: Sequence[tuple[str, np.ndarray]], *, binary: bool = False, model_name: str = "",
+                    request_id: str = "") -> tuple[bytes, dict[str, str]]:
+    """An infer response."""
+    extra: dict[str, Any] = {"model_name": model_name}
+    if request_id:
+        extra["id"] = request_id
+    return encode(outputs, "outputs", binary, extra)

@@ -1,4 +1,12 @@
-"""The admin listener: a small buffered HTTP/1.1 server for /metrics, /healthz, /readyz, /status, /ingest."""
+"""The admin listener: a small buffered HTTP/1.1 server for /metrics, /healthz, /readyz, /status, /ingest.
+
+It has the proxy's protections with its own budget (`proxy.admin_max_connections`), so a
+flood of the proxy port leaves `/healthz` and `/metrics` answering: a head must be
+complete within `request_head_timeout_s` (408), a body must keep arriving
+(`body_idle_timeout_s`), idle keep-alive connections close, a declared body over the
+limit is refused (413) before it is read, oversized heads get 414/431, and Upgrade or
+CONNECT get 501 — never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,82 +17,159 @@ from collections.abc import Awaitable, Callable
 import httptools
 
 from sentinel.proxy import http
+from sentinel.proxy.context import Limits
 
 log = logging.getLogger("sentinel.admin")
+
+LINGER_S = 1.0
 
 
 class Request:
     """A fully read admin request."""
 
-    __slots__ = ("method", "path", "headers", "body")
+    __slots__ = ("method", "path", "headers", "body", "peer")
 
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes):
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes, peer: str | None = None):
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
+        self.peer = peer   # the client's IP address
 
 
 Response = tuple[int, bytes, bytes]   # status, content type, body
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class _Refuse(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+class AdminConnections:
+    """The admin listener's shared state: limits, its connection budget, one deadline sweep."""
+
+    def __init__(self, limits: Limits, fail: Callable[[str, str], None] | None = None):
+        self.limits = limits
+        self.fail = fail or (lambda reason, message: None)
+        self.open: set[AdminConnection] = set()
+
+    def sweep(self, now: float) -> None:
+        for c in list(self.open):
+            c.check_deadlines(now)
+
+    async def run_sweeper(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.limits.tick)
+            self.sweep(loop.time())
+
+
 class AdminConnection(asyncio.Protocol):
     """Reads one request at a time (bodies up to `max_body`), answers via `handler`."""
 
-    def __init__(self, handler: Handler, max_body: int):
+    def __init__(self, handler: Handler, max_body: int, shared: AdminConnections | None = None):
         self.handler = handler
         self.max_body = max_body
+        self.shared = shared or AdminConnections(Limits())
+        self.limits = self.shared.limits
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
-        self._too_big = False
+        self._head_bytes = 0
         self._busy: asyncio.Task | None = None
+        self._done = False     # an answer was given that ends the connection
+        self.in_head = False
+        self.in_body = False
+        self.used = False
+        self.last_active = 0.0
+        self.head_started = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_active = asyncio.get_running_loop().time()
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else None
+        lim = self.limits
+        if len(self.shared.open) >= lim.max_connections:
+            self.shared.fail("admin_connection_limit", f"more than {lim.max_connections} admin connections")
+            self._done = True
+            transport.write(lim.shed_response())   # type: ignore[attr-defined]
+            transport.close()
+            return
+        self.shared.open.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        self.last_active = asyncio.get_running_loop().time()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            r = exc.__context__
+            if isinstance(r, _Refuse):
+                self._refuse(r.status, r.reason, r.message)
+            else:
+                log.error("internal error in the admin listener: %r", r)
+                self._refuse(500, "internal", "internal error")
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
         except httptools.HttpParserError as exc:
-            self._send(400, b"application/json", http.error_body(400, "bad_request", str(exc)), False)
+            self._refuse(400, "bad_request", f"malformed HTTP request: {exc}")
+        else:
+            if self.in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_line + self.limits.max_head:
+                    self._refuse(431, "headers_too_large", f"request head longer than {self.limits.max_head} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.shared.open.discard(self)
 
+    # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._url, self._headers, self._body, self._size, self._too_big = b"", {}, [], 0, False
+        self._url, self._headers, self._body, self._size = b"", {}, [], 0
+        self.used = self.in_head = True
+        self.in_body = False
+        self.head_started = self.last_active
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self.limits.max_line:
+            raise _Refuse(414, "uri_too_long", f"request target longer than {self.limits.max_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if len(self._headers) > self.limits.max_headers:
+            raise _Refuse(431, "too_many_headers", f"more than {self.limits.max_headers} header fields")
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.in_body = True
         cl = self._headers.get("content-length")
         if cl is not None and int(cl) > self.max_body:
-            self._too_big = True
+            raise _Refuse(413, "body_too_large", f"body of {cl} bytes exceeds the limit of {self.max_body}")
+        if self.parser.get_method() == b"CONNECT" or "upgrade" in self._headers:
+            raise _Refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.max_body:
-            self._too_big = True
-        if not self._too_big:
-            self._body.append(body)
+            raise _Refuse(413, "body_too_large", f"body exceeds the limit of {self.max_body} bytes")
+        self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_body = False
         keep = self.parser.should_keep_alive()
-        if self._too_big:
-            self._send(413, b"application/json",
-                       http.error_body(413, "body_too_large", f"body exceeds {self.max_body} bytes"), keep)
-            return
         req = Request(self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers,
-                      b"".join(self._body))
+                      b"".join(self._body), self.peer)
+        self._body = []
         self.transport.pause_reading()  # type: ignore[union-attr]
         self._busy = asyncio.get_running_loop().create_task(self._run(req, keep))
 
@@ -94,8 +179,10 @@ class AdminConnection(asyncio.Protocol):
         except Exception as exc:  # an admin endpoint bug must not kill the listener
             log.exception("admin handler failed for %s %s", req.method, req.path)
             status, ctype, body = 500, b"application/json", http.error_body(500, "internal", str(exc))
+        self._busy = None
         self._send(status, ctype, body, keep)
         if self.transport is not None and keep:
+            self.last_active = asyncio.get_running_loop().time()
             self.transport.resume_reading()
 
     def _send(self, status: int, ctype: bytes, body: bytes, keep: bool) -> None:
@@ -103,4 +190,34 @@ class AdminConnection(asyncio.Protocol):
             return
         self.transport.write(http.response(status, body, ctype, keep_alive=keep))
         if not keep:
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        """Answer without reading further, then close."""
+        self.shared.fail(reason, f"admin listener: {message}")
+        self._done = True
+        self.in_head = self.in_body = False
+        self._body = []
+        t = self.transport
+        if t is None:
+            return
+        t.write(http.response(status, http.error_body(status, reason, message), keep_alive=False))
+        try:   # half-close, and discard what the client still sends, so it can read the answer
+            t.write_eof()
+        except OSError:
+            pass
+        asyncio.get_running_loop().call_later(LINGER_S, t.close)
+
+    # --- time -------------------------------------------------------------------------
+    def check_deadlines(self, now: float) -> None:
+        if self.transport is None or self._done or self._busy is not None:
+            return
+        lim = self.limits
+        if self.in_head:
+            if now - self.head_started > lim.head_timeout:
+                self._refuse(408, "request_head_timeout", f"request head not complete within {lim.head_timeout} s")
+        elif self.in_body:
+            if now - self.last_active > lim.body_idle:
+                self._refuse(408, "request_body_timeout", f"no request body bytes for {lim.body_idle} s")
+        elif now - self.last_active > (lim.keepalive_idle if self.used else lim.head_timeout):
             self.transport.close()

@@ -1,7 +1,9 @@
 """Runs the analysis worker process: a bounded lossy pipe of samples in, a pipe of results back.
 
 Only this module talks to the worker. A full queue drops the sample (counted); a dead
-worker is counted, logged once per kind and restarted with backoff; the proxy never waits.
+worker is counted, logged once per kind and restarted with backoff; a worker that says
+nothing for `hang_timeout_s` (stuck in a C call, SIGSTOPped) is killed and restarted the
+same way, with reason "hung"; the proxy never waits.
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ import time
 from collections import deque
 from typing import Any
 
+from sentinel import metricnames as mn
 from sentinel.config import Config
 from sentinel.proxy import worker
-from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.metrics import ProxyMetrics, _make
 from sentinel.proxy.sampling import Sample
 
 log = logging.getLogger("sentinel.analysis")
 
 MAX_MESSAGES_PER_WAKEUP = 200
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
-SUPERVISE_EVERY_S = 0.25   # how often a dead worker is noticed
+SUPERVISE_EVERY_S = 0.25   # how often a dead or silent worker is noticed
+
+# Why a worker was restarted (the `reason` label of sentinel_analysis_worker_restarts_total).
+RESTART_EXIT = "exit"      # it exited by itself (an os._exit, a fatal error)
+RESTART_KILLED = "killed"  # a signal from outside ended it (the kernel's OOM killer, an operator)
+RESTART_HUNG = "hung"      # silent past hang_timeout_s; the manager killed it
+RESTART_REASONS = (RESTART_EXIT, RESTART_KILLED, RESTART_HUNG)
+WORKER_LOST = "worker_lost"   # rejection reason of samples queued to a worker that died
 
 
 class AnalysisManager:
@@ -53,6 +63,14 @@ class AnalysisManager:
         self._supervisor: asyncio.Task | None = None
         self._restart_at: float | None = None
         self.stopping = False
+        acfg = config.analysis
+        self.hang_timeout_s = acfg.hang_timeout_s
+        self.start_timeout_s = acfg.worker_start_timeout_s
+        self._deadline = 0.0                 # the worker must say something by then
+        self._inflight: deque[str] = deque()  # models of the samples the worker has, in order
+        self.rejections = _make(mn.SAMPLE_REJECTIONS, metrics.registry)
+        for reason in RESTART_REASONS:     # every reason's series exists from the start, at 0
+            metrics.restarts.labels(reason)
         metrics.queue_capacity.set(self.capacity)
         metrics.queue_depth.set_function(self.depth)
 
@@ -75,6 +93,7 @@ class AnalysisManager:
             self.metrics.samples.labels(sample.model, "dropped").inc()
             return
         w.send(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+        self._inflight.append(sample.model)
         self.outstanding += 1
         self.queued_bytes += size
         self.metrics.samples.labels(sample.model, "queued").inc()
@@ -91,6 +110,7 @@ class AnalysisManager:
         self.samples_q = PipeWriter(self.loop, sample_w)
         self.results = reader
         self.loop.add_reader(reader.fileno(), self._on_readable)
+        self._deadline = time.monotonic() + self.start_timeout_s   # spawning imports numpy & co.
         if self._supervisor is None:
             self._supervisor = self.loop.create_task(self._supervise())
         log.info("analysis worker started (pid %s)", self.proc.pid)
@@ -101,18 +121,24 @@ class AnalysisManager:
             for _ in range(MAX_MESSAGES_PER_WAKEUP):
                 if not r.poll():
                     break
-                self._handle(r.recv())
+                msg = r.recv()
+                self._deadline = time.monotonic() + self.hang_timeout_s   # any message is a sign of life
+                self._handle(msg)
         except (EOFError, OSError):
             self.loop.remove_reader(r.fileno())   # the supervisor sees the dead process and restarts
 
     def _handle(self, msg: tuple) -> None:
+        """Apply one message from the worker; one branch per tag (see sentinel.proxy.worker)."""
         tag = msg[0]
         if tag == "sample":
             _, model, outcome, err, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
             self.outstanding = max(0, self.outstanding - 1)
+            if self._inflight:
+                self._inflight.popleft()
             self.metrics.samples.labels(model, outcome).inc()
             if err:
+                self.rejections.labels(model, err).inc()
                 self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
             for metric, labels, op, value in updates:
                 try:
@@ -129,6 +155,10 @@ class AnalysisManager:
             self.statuses[msg[1]] = msg[2]
         elif tag == "buckets":
             self.metrics.pending_buckets.update(msg[1])
+        elif tag == "busy":        # building a monitor: the next message may take this long
+            self._deadline = time.monotonic() + max(float(msg[1]), self.hang_timeout_s)
+        elif tag == "heartbeat":   # nothing to do: receiving it moved the deadline
+            pass
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -143,17 +173,40 @@ class AnalysisManager:
                     self._start()
                 continue
             p = self.proc
-            if p is None or p.is_alive() or self.stopping:
+            if p is None or self.stopping:
                 continue
-            self._on_crash(p.exitcode)
+            if not p.is_alive():
+                self._on_crash(p.exitcode)
+            elif time.monotonic() > self._deadline:
+                self._on_readable_safe()   # a busy event loop may not have read what did arrive
+                if time.monotonic() > self._deadline:
+                    self._on_hang(p)
 
-    def _on_crash(self, exitcode: int | None) -> None:
-        kind = "worker_killed" if exitcode is not None and exitcode < 0 else "worker_exit"
+    def _on_hang(self, p: Any) -> None:
+        """Kill a worker that stopped answering (SIGKILL also ends a SIGSTOPped process)."""
+        silent = time.monotonic() - (self._deadline - self.hang_timeout_s)
+        try:
+            p.kill()
+        except OSError:   # it ended by itself meanwhile
+            pass
+        self._on_crash(None, RESTART_HUNG, f"analysis worker (pid {p.pid}) silent for {silent:.1f} s "
+                                           f"(hang_timeout_s {self.hang_timeout_s:g}); killed")
+
+    def _on_crash(self, exitcode: int | None, reason: str | None = None, message: str | None = None) -> None:
+        self._on_readable_safe()   # results the worker sent before it ended still count
+        if reason is None:
+            reason = RESTART_KILLED if exitcode is not None and exitcode < 0 else RESTART_EXIT
+        kind = f"worker_{reason}"
         self.metrics.analysis_errors.labels(kind).inc()
-        self.metrics.restarts.inc()
+        self.metrics.restarts.labels(reason).inc()
         self.restarts += 1
-        self.errors[kind] = f"analysis worker ended with exit code {exitcode}"
-        self._log_once(kind, f"analysis worker died (exit code {exitcode}); restarting")
+        message = message or f"analysis worker ended with exit code {exitcode}"
+        self.errors[kind] = message
+        self._log_once(kind, f"{message}; restarting")
+        for model in self._inflight:   # what the worker had is lost with it: counted, not vanished
+            self.metrics.samples.labels(model, "rejected").inc()
+            self.rejections.labels(model, WORKER_LOST).inc()
+        self._inflight.clear()
         self._cleanup()
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < 30.0] + [now]
@@ -174,6 +227,7 @@ class AnalysisManager:
         self.proc = None
         self.queued_bytes = 0   # whatever was queued died with the worker
         self.outstanding = 0
+        self._inflight.clear()
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Ask the worker to finish, then terminate it if it does not."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from sentinel import metricnames as mn
-
-MAX_CLASS_LABELS = 100  # beyond this many classes, counts fold into "other"
+from sentinel.metricnames import MAX_CLASS_LABELS
+from sentinel.scores import softmax
 
 
 class BuiltinMonitor:
@@ -25,12 +25,7 @@ class BuiltinMonitor:
         if batch.outputs is None:
             return []
         scores = np.asarray(batch.outputs, dtype=np.float64)
-        if batch.output_kind == "logits":
-            z = scores - scores.max(axis=1, keepdims=True)
-            e = np.exp(z)
-            probs = e / e.sum(axis=1, keepdims=True)
-        else:
-            probs = scores
+        probs = softmax(scores) if batch.output_kind == "logits" else scores
         conf = probs.max(axis=1)
         cls = probs.argmax(axis=1)
         self.predictions += len(cls)

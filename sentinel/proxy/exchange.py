@@ -1,4 +1,13 @@
-"""One proxied request/response: streams the body both ways, measures it, copies samples."""
+"""One proxied request/response: streams the body both ways and records what the client received.
+
+An Exchange knows its request and its response; it does not time itself (the owning
+`ClientConnection.check_deadlines` does) and it does not copy samples (a `Capture` does).
+
+Recorded codes (`sentinel_requests_total{code}`): the upstream's status when the whole
+response reached the client; the proxy's own status when it answered (400, 408, 413, 414,
+431, 501, 502, 503, 504); `499` when the client left before its response was complete;
+`incomplete` when the response head went out but its body was cut (see context.INCOMPLETE).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +16,23 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sentinel.proxy import http
-from sentinel.proxy.sampling import DECODER_HEADERS, Sample
+from sentinel.proxy.context import CLIENT_CLOSED, INCOMPLETE
 
 if TYPE_CHECKING:
-    from sentinel.proxy.server import ClientConnection, ProxyContext
+    from sentinel.proxy.context import ProxyContext
+    from sentinel.proxy.sampling import Capture
+    from sentinel.proxy.server import ClientConnection
     from sentinel.proxy.upstream import UpstreamConnection
 
 # Body framing, both directions.
 NONE, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 PENDING_HIGH_WATER = 256 * 1024   # body bytes buffered while the upstream connection opens
-REPLAY_MAX_BYTES = 1 << 20        # requests up to this size are resent once if a pooled connection was stale
+REPLAY_MAX_BYTES = 1 << 20        # idempotent requests up to this size may be resent once
 _NO_BODY_STATUS = frozenset({204, 304})
 
 _ERROR_STATUS = {
     "upstream_refused": 502, "upstream_reset": 502, "upstream_bad_response": 502,
-    "upstream_connect_timeout": 504, "upstream_timeout": 504,
+    "upstream_connect_timeout": 504, "upstream_timeout": 504, "upstream_idle_timeout": 504,
 }
 
 
@@ -31,10 +42,10 @@ class Exchange:
     __slots__ = (
         "conn", "ctx", "t0", "method", "url", "req_headers", "fwd_headers", "keep_alive", "http10",
         "req_mode", "content_length", "received", "pending", "pending_bytes", "request_done",
-        "expect_continue", "upstream", "connect_task", "timer", "response_started", "resp_mode",
-        "status", "finished", "model", "protocol", "model_name", "canary", "trace_id", "span_id",
-        "incoming_tp", "span", "capture", "capture_bytes", "resp_capture", "resp_headers",
-        "sample_cap", "started", "resp_bytes", "replay", "reused", "replay_bytes",
+        "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
+        "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
+        "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
+        "req_done_at", "last_up", "refusal", "recorded",
     )
 
     def __init__(self, conn: ClientConnection, ctx: ProxyContext):
@@ -56,29 +67,26 @@ class Exchange:
         self.expect_continue = False
         self.upstream: UpstreamConnection | None = None
         self.connect_task: asyncio.Task | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.response_started = False
         self.resp_mode = NONE
         self.status = 0
         self.finished = False
         self.started = False
+        self.recorded = False
         self.model = "none"
         self.protocol = "other"
-        self.model_name: str | None = None   # configured model, when sampling applies
         self.canary = False
         self.trace_id: str | None = None
         self.span_id: str | None = None
         self.incoming_tp: bytes | None = None
         self.span: Any = None
-        self.capture: list[bytes] | None = None
-        self.capture_bytes = 0
-        self.resp_capture: list[bytes] | None = None
-        self.resp_headers: dict[str, str] = {}
-        self.sample_cap = 0
-        self.resp_bytes = 0
-        self.replay: list[bytes] | None = None   # what was sent, when it can be sent again
+        self.capture: Capture | None = None
+        self.replay: list[bytes] | None = None   # what was sent, when it may be sent again
         self.reused = False
         self.replay_bytes = 0
+        self.req_done_at = 0.0     # loop time the request was complete and the exchange started
+        self.last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
+        self.refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
 
     # --- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -87,6 +95,9 @@ class Exchange:
         ctx = self.ctx
         ctx.metrics.inflight_count += 1
         ctx.active.add(self)
+        if self.refusal is not None:
+            self.fail_local(*self.refusal)
+            return
         if self.content_length is not None and self.content_length > ctx.max_body:
             self.fail_local(413, "body_too_large",
                             f"request body of {self.content_length} bytes exceeds the limit of {ctx.max_body}")
@@ -94,15 +105,15 @@ class Exchange:
         if self.expect_continue and not self.request_done:
             self.conn.write(http.CONTINUE)
         if self.request_done:
-            self._arm_timer()
-        up = ctx.pool.get_idle()
+            self.req_done_at = ctx.loop.time()
+        up = ctx.pool.get_idle(check_stale=self.method not in http.IDEMPOTENT)
         if up is not None:
             self.reused = True
             self.attach(up)
         else:
             self.connect_task = ctx.loop.create_task(self._connect())
 
-    async def _connect(self) -> None:
+    async def _connect(self, replay: list[bytes] | None = None) -> None:
         try:
             up = await self.ctx.pool.connect()
         except TimeoutError:
@@ -118,23 +129,12 @@ class Exchange:
         if self.finished:
             self.ctx.pool.release(up)
             return
-        self.attach(up)
-
-    async def _reconnect(self) -> None:
-        replay, self.replay = self.replay, None
-        try:
-            up = await self.ctx.pool.connect()
-        except (TimeoutError, OSError) as exc:
-            self.connect_task = None
-            self.upstream_failed("upstream_refused", f"cannot reconnect to the upstream: {exc}")
-            return
-        self.connect_task = None
-        if self.finished:
-            self.ctx.pool.release(up)
-            return
-        self.upstream = up
-        up.exchange = self
-        up.writelines(replay)  # type: ignore[arg-type]
+        if replay is None:
+            self.attach(up)
+        else:
+            self.upstream = up
+            up.exchange = self
+            up.writelines(replay)
 
     def attach(self, up: UpstreamConnection) -> None:
         """Send the request head and whatever body has arrived over `up`."""
@@ -163,7 +163,7 @@ class Exchange:
         if self.pending_bytes > PENDING_HIGH_WATER:
             self.conn.resume_reading("connecting")
         self.pending_bytes = 0
-        if self.reused:
+        if self.reused and self.method in http.IDEMPOTENT:
             self.replay = head   # kept (by reference) so the request can be resent, see upstream_failed
             self.replay_bytes = self.received
         up.writelines(head)
@@ -177,13 +177,10 @@ class Exchange:
             self.fail_local(413, "body_too_large",
                             f"request body exceeds the limit of {self.ctx.max_body} bytes")
             return
-        if self.capture is not None:
-            self.capture_bytes += len(chunk)
-            if self.capture_bytes > self.sample_cap:
-                self.capture = None
-                self.ctx.count_sample(self.model_name, "oversize")
-            else:
-                self.capture.append(chunk)
+        cap = self.capture
+        if cap is not None and not cap.request_body(chunk):
+            self.capture = None
+            self.ctx.count_sample(cap.model, "oversize")
         up = self.upstream
         if up is not None:
             pieces = (b"%x\r\n" % len(chunk), chunk, b"\r\n") if self.req_mode == CHUNKED else (chunk,)
@@ -205,7 +202,7 @@ class Exchange:
         if self.finished:
             return
         if self.started:
-            self._arm_timer()
+            self.req_done_at = self.ctx.loop.time()
         if self.upstream is not None and self.req_mode == CHUNKED:
             self.upstream.write(b"0\r\n\r\n")
             if self.replay is not None:
@@ -221,7 +218,6 @@ class Exchange:
         has_length = False
         chunked_up = False
         lines = [b"HTTP/1.1 %d " % status, reason or http.REASONS.get(status, b""), b"\r\n"]
-        want_ct = self.capture is not None
         for name, value in headers:
             lname = name.lower()
             if lname == b"content-length":
@@ -230,8 +226,6 @@ class Exchange:
                 chunked_up = b"chunked" in value.lower()
             if lname in skip:
                 continue
-            if want_ct and lname in DECODER_HEADERS:
-                self.resp_headers[lname.decode()] = value.decode("latin-1")
             lines.append(name)
             lines.append(b": ")
             lines.append(value)
@@ -247,7 +241,7 @@ class Exchange:
             self.resp_mode = CHUNKED
             lines.append(b"transfer-encoding: chunked\r\n")
         up.until_close = not has_length and not chunked_up and self.resp_mode != NONE
-        if self.ctx.draining:
+        if self.ctx.draining or self.conn.eof:
             self.keep_alive = False
         if not self.keep_alive:
             lines.append(b"connection: close\r\n")
@@ -256,8 +250,8 @@ class Exchange:
         lines.append(b"\r\n")
         self.response_started = True
         self.conn.writelines(lines)
-        if self.capture is not None and status == 200:
-            self.resp_capture = []
+        if self.capture is not None:
+            self.capture.response_head(status, headers)
         if self.method == b"HEAD":
             # httptools cannot be told the response has no body, so this connection is spent.
             self.response_done(reusable=False)
@@ -265,14 +259,10 @@ class Exchange:
     def response_body(self, chunk: bytes) -> None:
         if self.finished:
             return
-        rc = self.resp_capture
-        if rc is not None:
-            self.resp_bytes += len(chunk)
-            if self.resp_bytes > self.sample_cap:
-                self.resp_capture = None
-                self.ctx.count_sample(self.model_name, "oversize")
-            else:
-                rc.append(chunk)
+        cap = self.capture
+        if cap is not None and not cap.response_body(chunk):
+            self.capture = None
+            self.ctx.count_sample(cap.model, "oversize")
         if self.resp_mode == CHUNKED:
             self.conn.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
         else:
@@ -290,17 +280,12 @@ class Exchange:
             else:
                 up.abort()
         self._finish(str(self.status))
-        if (self.capture is not None and self.resp_capture is not None and self.request_done
-                and self.model_name is not None):
-            self.ctx.submit_sample(Sample(
-                self.model_name, self.protocol, self._decoder_request_headers(), b"".join(self.capture),
-                self.resp_headers, b"".join(self.resp_capture), "proxy", self.trace_id, time.time()))
-        self.capture = self.resp_capture = None
+        cap, self.capture = self.capture, None
+        if cap is not None and self.request_done:
+            sample = cap.sample(self.trace_id)
+            if sample is not None:
+                self.ctx.submit_sample(sample)
         self.conn.exchange_finished(self)
-
-    def _decoder_request_headers(self) -> dict[str, str]:
-        return {n.lower().decode(): v.decode("latin-1") for n, v in self.req_headers
-                if n.lower() in DECODER_HEADERS}
 
     # --- failures -------------------------------------------------------------------
     def upstream_failed(self, reason: str, message: str) -> None:
@@ -311,21 +296,22 @@ class Exchange:
         if up is not None:
             up.abort()
         if (reason == "upstream_reset" and self.replay is not None and self.request_done
-                and not self.response_started):
-            # A pooled connection the server had just closed: nothing was processed, so send
-            # the same bytes once more on a fresh connection.
-            self.ctx.metrics.proxy_errors.labels("stale_connection_retried").inc()
+                and not self.response_started and self.last_up == 0.0):
+            # An idempotent request on a pooled connection that closed before answering a
+            # byte: sending it once more on a fresh connection cannot change the outcome.
+            # Non-idempotent requests are never resent once written (see UpstreamPool.get_idle).
+            self.ctx.errors.inc("stale_connection_retried")
+            replay, self.replay = self.replay, None
             self.reused = False
-            self.connect_task = self.ctx.loop.create_task(self._reconnect())
+            self.connect_task = self.ctx.loop.create_task(self._connect(replay))
             return
         if self.connect_task is not None:
             self.connect_task.cancel()
             self.connect_task = None
-        self.ctx.metrics.proxy_errors.labels(reason).inc()
-        self.ctx.log_once(reason, message)
+        self.ctx.fail(reason, message)
         if self.response_started:
             # Status and part of the body are out; cutting the connection is the only honest signal.
-            self._finish(str(self.status))
+            self._finish(INCOMPLETE)
             self.conn.abort()
             return
         status = _ERROR_STATUS.get(reason, 502)
@@ -341,13 +327,13 @@ class Exchange:
             self.connect_task = None
 
     def fail_local(self, status: int, reason: str, message: str) -> None:
-        """The proxy refuses the request itself (413)."""
+        """The proxy refuses the request itself (408, 413, 501) or cuts it (slow reader)."""
         if self.finished:
             return
         self._drop_upstream()
-        self.ctx.metrics.proxy_errors.labels(reason).inc()
+        self.ctx.fail(reason, message)
         if self.response_started:
-            self._finish(str(self.status))
+            self._finish(INCOMPLETE)
             self.conn.abort()
             return
         self._respond_error(status, reason, message)
@@ -362,39 +348,39 @@ class Exchange:
         self.response_started = True
         self.conn.write(http.error_response(status, reason, message, self.keep_alive, tp))
         self._finish(str(status))
-        self.capture = self.resp_capture = None
+        self.capture = None
         self.conn.exchange_finished(self)
-
-    def _arm_timer(self) -> None:
-        # The upstream's time runs from the end of the request: a slow client is not a slow upstream.
-        if self.timer is None:
-            self.timer = self.ctx.loop.call_later(self.ctx.upstream_timeout, self.on_timeout)
-
-    def on_timeout(self) -> None:
-        self.timer = None
-        if not self.finished:
-            self.upstream_failed("upstream_timeout",
-                                 f"the upstream did not answer within {self.ctx.upstream_timeout} s")
 
     def client_gone(self) -> None:
         """The client closed its connection before the response was complete."""
         if self.finished:
+            if not self.recorded:   # complete, but still in the client's buffer: never read
+                self.record(CLIENT_CLOSED)
             return
         self._drop_upstream()
-        self.ctx.metrics.proxy_errors.labels("client_disconnect").inc()
-        self._finish("499")  # nginx's code for "client closed request"
+        self.ctx.errors.inc("client_disconnect")
+        self._finish(CLIENT_CLOSED)
 
     def _finish(self, code: str) -> None:
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         ctx = self.ctx
         if self.started:
             ctx.metrics.inflight_count -= 1
             ctx.active.discard(self)
-        elapsed = time.perf_counter() - self.t0
+        if self.conn.write_blocked_at and code[0] in "12345":
+            # The last bytes are out of our hands but the client is not reading: the
+            # response counts when the client drains it (or as cut when it never does).
+            self.conn.defer_record(self)
+            return
+        self.record(code)
+
+    def record(self, code: str) -> None:
+        """Count the exchange once under `code`."""
+        if self.recorded:
+            return
+        self.recorded = True
         if not self.canary:
-            ctx.metrics.observe_request(self.model, self.protocol, code, elapsed, self.trace_id)
+            self.ctx.metrics.observe_request(self.model, self.protocol, code,
+                                             time.perf_counter() - self.t0, self.trace_id)
         if self.span is not None:
-            ctx.end_span(self, code)
+            self.ctx.end_span(self, code)

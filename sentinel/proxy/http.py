@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the de-facto Proxy-Connection.
 HOP_BY_HOP = frozenset({
@@ -13,7 +14,8 @@ HOP_BY_HOP = frozenset({
 REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     413: b"Content Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 403: b"Forbidden", 408: b"Request Timeout",
+    414: b"URI Too Long", 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
 }
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -48,7 +50,7 @@ def error_body(status: int, reason: str, message: str) -> bytes:
 
 def error_response(status: int, reason: str, message: str, keep_alive: bool,
                    extra: list[tuple[bytes, bytes]] = ()) -> bytes:
-    """A JSON error response the proxy answers with itself (502, 504, 413, 400)."""
+    """A JSON error response the proxy answers with itself (400, 408, 413, 414, 431, 501, 502, 503, 504)."""
     return response(status, error_body(status, reason, message), keep_alive=keep_alive, extra=extra)
 
 
@@ -70,3 +72,46 @@ class Outbox:
         pending, self.pending = self.pending, []
         for conn in pending:
             conn.flush()
+
+
+class BufferedWriter:
+    """The one write path of both sides of the proxy: batched through the shared Outbox.
+
+    A subclass sets `outbox`, `transport`, `closed` and `_out` (an empty list).
+    """
+
+    __slots__ = ()
+    outbox: Outbox
+    transport: Any
+    closed: bool
+    _out: list
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.outbox.active:
+            if not self._out:
+                self.outbox.pending.append(self)
+            self._out.append(data)
+        else:
+            self.transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        if self.closed:
+            return
+        if self.outbox.active:
+            if not self._out:
+                self.outbox.pending.append(self)
+            self._out.extend(data)
+        else:
+            self.transport.writelines(data)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        t = self.transport
+        if out and t is not None and not self.closed and not t.is_closing():
+            t.writelines(out)
+
+
+# Methods whose request may be sent twice without changing the outcome (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

@@ -1,18 +1,48 @@
-"""KServe logger CloudEvents (binary mode): join request and response events by `Ce-Id`."""
+"""KServe logger CloudEvents on /ingest: parse (binary or structured mode), join request and response by id.
+
+Binary mode (what the KServe logger sends): `Ce-Id`, `Ce-Type:
+org.kubeflow.serving.inference.request|response`, `Ce-Inferenceservicename`, the payload as
+the body with its `Content-Type`. Structured mode (`Content-Type:
+application/cloudevents+json`): the same attributes in a JSON envelope, the payload in
+`data` (JSON) or `data_base64`. Events carry no protocol and the logger forwards no
+`Inference-Header-Content-Length`, so joined pairs go to analysis as protocol "auto": the
+worker sniffs v1, v2 JSON and v2 binary-tensor bodies (`sentinel.protocols.sniff`).
+
+This runs in the proxy process: it parses only the envelope (never a tensor), and the
+join table is bounded in count, bytes and age; every drop is counted.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from sentinel.errors import DecodeError
+from sentinel.protocols.names import AUTO
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
+STRUCTURED = "application/cloudevents+json"
 Half = Literal["request", "response"]
 
+# Outcomes of sentinel_ingest_events_total (the HELP text in metricnames lists them all).
+OUTCOMES = ("accepted", "joined", "orphaned", "rejected", "oversize")
 
-class IngestError(ValueError):
-    """An event that cannot be used; the message says which header is wrong."""
+JSON = b"application/json"
+Response = tuple[int, bytes, bytes]
+
+
+class IngestError(DecodeError):
+    """An event that cannot be used; the message says which attribute or header is wrong."""
+
+    def __init__(self, message: str, kind: str = "bad_event"):
+        super().__init__(kind, message)
 
 
 @dataclass(frozen=True)
@@ -25,51 +55,117 @@ class Event:
     headers: dict[str, str]   # payload headers a decoder reads (content-type...)
     body: bytes
 
+    @property
+    def size(self) -> int:
+        return len(self.body) + len(self.id) + 64
+
+
+def _half(ce_type: str) -> Half:
+    if ce_type == REQUEST_TYPE:
+        return "request"
+    if ce_type == RESPONSE_TYPE:
+        return "response"
+    raise IngestError(f"Ce-Type must be {REQUEST_TYPE} or {RESPONSE_TYPE}, got {ce_type[:100]!r}")
+
 
 def parse_event(headers: dict[str, str], body: bytes) -> Event:
-    """An Event from binary-mode CloudEvent headers (lower-case names) and body."""
+    """An Event from CloudEvent headers (lower-case names) and body, binary or structured mode."""
+    ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype == STRUCTURED:
+        return _parse_structured(body)
+    if ctype.startswith("application/cloudevents-batch"):
+        raise IngestError("batched CloudEvents (application/cloudevents-batch+json) are not accepted; "
+                          "send one event per request (binary or structured mode)", "unsupported")
     ce_id = headers.get("ce-id")
     if not ce_id:
-        raise IngestError("missing Ce-Id header (binary-mode CloudEvents required)")
-    ce_type = headers.get("ce-type", "")
-    if ce_type == REQUEST_TYPE:
-        half: Half = "request"
-    elif ce_type == RESPONSE_TYPE:
-        half = "response"
-    else:
-        raise IngestError(f"Ce-Type must be {REQUEST_TYPE} or {RESPONSE_TYPE}, got {ce_type!r}")
+        raise IngestError("missing Ce-Id header (a binary-mode CloudEvent, or structured mode with "
+                          f"Content-Type: {STRUCTURED})")
+    half = _half(headers.get("ce-type", ""))
     service = headers.get("ce-inferenceservicename", "")
     payload = {k: v for k, v in headers.items() if k in ("content-type", "inference-header-content-length")}
-    return Event(ce_id, half, service, payload, body)
+    return Event(ce_id[:256], half, service[:256], payload, body)
+
+
+def _parse_structured(body: bytes) -> Event:
+    """A structured-mode event: attributes and payload in one JSON envelope."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise IngestError(f"structured mode: the envelope is not JSON: {exc}"[:300]) from None
+    if not isinstance(doc, dict):
+        raise IngestError("structured mode: the envelope is not a JSON object")
+    ce_id = doc.get("id")
+    if not isinstance(ce_id, str) or not ce_id:
+        raise IngestError("structured mode: the envelope has no string 'id'")
+    ce_type = doc.get("type")
+    half = _half(ce_type if isinstance(ce_type, str) else "")
+    service = doc.get("inferenceservicename", "")
+    dctype = doc.get("datacontenttype", "application/json")
+    if not isinstance(dctype, str):
+        dctype = "application/json"
+    if "data_base64" in doc:
+        try:
+            data = base64.b64decode(doc["data_base64"], validate=True)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise IngestError(f"structured mode: data_base64 is not base64: {exc}"[:300]) from None
+    elif "data" in doc:
+        raw = doc["data"]
+        if isinstance(raw, str) and not dctype.endswith("json"):
+            data = raw.encode()
+        else:
+            try:
+                data = json.dumps(raw, separators=(",", ":")).encode()
+            except (ValueError, TypeError, RecursionError) as exc:
+                raise IngestError(f"structured mode: data cannot be re-encoded: {exc}"[:300]) from None
+    else:
+        raise IngestError("structured mode: the envelope has neither 'data' nor 'data_base64'")
+    return Event(ce_id[:256], half, str(service)[:256], {"content-type": dctype[:200]}, data)
 
 
 class JoinTable:
-    """Pending halves by Ce-Id, bounded in count and age; evictions are orphans."""
+    """Pending halves by id, bounded in count, total bytes and age; what falls out is counted.
 
-    def __init__(self, ttl_s: float, max_pending: int):
+    `add` returns the pair an event completes, plus how many halves became orphans: too old,
+    pushed out (oldest first) to stay within `max_pending` and `max_bytes`, or replaced by a
+    second copy of the same half; `expire` drops halves older than the TTL.
+    """
+
+    def __init__(self, ttl_s: float, max_pending: int, max_bytes: int = 64 * 1024 * 1024):
         self.ttl_s = ttl_s
         self.max_pending = max_pending
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._pending: OrderedDict[str, tuple[float, Event]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._pending)
 
+    def _drop(self, key: str | None = None) -> None:
+        if key is None:
+            _, (_, ev) = self._pending.popitem(last=False)
+        else:
+            _, ev = self._pending.pop(key)
+        self.bytes -= ev.size
+
     def add(self, ev: Event, now: float) -> tuple[tuple[Event, Event] | None, int]:
-        """((request, response) when `ev` completes a pair, else None), and how many were orphaned."""
-        orphans = self.expire(now)
+        """((request, response) when `ev` completes a pair, else None), and how many halves were pushed out."""
+        dropped = self.expire(now)
         other = self._pending.get(ev.id)
         if other is not None and other[1].half != ev.half:
-            del self._pending[ev.id]
+            self._drop(ev.id)
             req, resp = (ev, other[1]) if ev.half == "request" else (other[1], ev)
-            return (req, resp), orphans
+            return (req, resp), dropped
         if other is not None:   # the same half twice: keep the newer one
-            orphans += 1
-            del self._pending[ev.id]
+            dropped += 1
+            self._drop(ev.id)
+        if ev.size > self.max_bytes:
+            return None, dropped + 1   # can never be joined within the budget
         self._pending[ev.id] = (now, ev)
-        while len(self._pending) > self.max_pending:
-            self._pending.popitem(last=False)
-            orphans += 1
-        return None, orphans
+        self.bytes += ev.size
+        while len(self._pending) > self.max_pending or self.bytes > self.max_bytes:
+            self._drop()
+            dropped += 1
+        return None, dropped
 
     def expire(self, now: float) -> int:
         """Drop halves older than the TTL; returns how many."""
@@ -78,6 +174,46 @@ class JoinTable:
             first = next(iter(self._pending.values()))
             if now - first[0] < self.ttl_s:
                 break
-            self._pending.popitem(last=False)
+            self._drop()
             n += 1
         return n
+
+
+def _reply(status: int, doc: dict[str, Any]) -> Response:
+    return status, JSON, json.dumps(doc).encode()
+
+
+def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Callable[[str, int], None],
+           route: Callable[[str], tuple[str, Any] | None], submit: Callable[[Any], Any],
+           known_models: str, now: float | None = None) -> Response:
+    """Answer one POST /ingest: 200 for an event accepted or joined (what the KServe logger expects),
+    400 naming the problem otherwise. `route(service)` gives (model, sampler) or None; `submit`
+    takes the joined Sample; `count(outcome, n)` counts sentinel_ingest_events_total."""
+    from sentinel.proxy.sampling import Sample
+
+    now = time.monotonic() if now is None else now
+    try:
+        ev = parse_event(headers, body)
+    except IngestError as exc:
+        count("rejected", 1)
+        return _reply(400, {"error": str(exc)})
+    model = route(ev.service)
+    if model is None:
+        count("rejected", 1)
+        return _reply(400, {"error": f"Ce-Inferenceservicename {ev.service!r} matches no configured model "
+                                     f"({known_models})"})
+    name, sampler = model
+    if len(ev.body) > sampler.max_bytes:
+        count("oversize", 1)
+        return _reply(200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes})
+    pair, dropped = join.add(ev, now)
+    if dropped:
+        count("orphaned", dropped)
+    if pair is None:
+        count("accepted", 1)
+        return _reply(200, {"status": "waiting for the other half"})
+    count("joined", 1)
+    req_ev, resp_ev = pair
+    submit(Sample(name, AUTO, req_ev.headers, req_ev.body, resp_ev.headers, resp_ev.body, "ingest", ev.id,
+                  time.time()))
+    return _reply(200, {"status": "joined"})

@@ -59,3 +59,61 @@ class Sample:
 
 # Headers a decoder may need; everything else (authorization, cookies...) stays in the proxy.
 DECODER_HEADERS = (b"content-type", b"inference-header-content-length")
+
+
+class Capture:
+    """The copy of one sampled exchange: request and response bodies up to the sampler's byte cap."""
+
+    __slots__ = ("model", "protocol", "cap", "req", "req_bytes", "resp", "resp_bytes", "req_headers",
+                 "resp_headers")
+
+    def __init__(self, model: str, protocol: str, cap: int):
+        self.model = model           # the configured model name
+        self.protocol = protocol
+        self.cap = cap
+        self.req: list[bytes] = []
+        self.req_bytes = 0
+        self.resp: list[bytes] | None = None   # set once a 200 response head arrives
+        self.resp_bytes = 0
+        self.req_headers: dict[str, str] = {}
+        self.resp_headers: dict[str, str] = {}
+
+    def request_body(self, chunk: bytes) -> bool:
+        """Keep a request body chunk; False when the cap is passed (the capture is then useless)."""
+        self.req_bytes += len(chunk)
+        if self.req_bytes > self.cap:
+            return False
+        self.req.append(chunk)
+        return True
+
+    def request_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        for n, v in headers:
+            ln = n.lower()
+            if ln in DECODER_HEADERS:
+                self.req_headers[ln.decode()] = v.decode("latin-1")
+
+    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if status != 200:
+            return
+        self.resp = []
+        for n, v in headers:
+            ln = n.lower()
+            if ln in DECODER_HEADERS:
+                self.resp_headers[ln.decode()] = v.decode("latin-1")
+
+    def response_body(self, chunk: bytes) -> bool:
+        """Keep a response body chunk; False when the cap is passed."""
+        if self.resp is None:
+            return True
+        self.resp_bytes += len(chunk)
+        if self.resp_bytes > self.cap:
+            return False
+        self.resp.append(chunk)
+        return True
+
+    def sample(self, request_id: str | None) -> Sample | None:
+        """The finished sample, or None when the response was not a 200."""
+        if self.resp is None:
+            return None
+        return Sample(self.model, self.protocol, self.req_headers, b"".join(self.req), self.resp_headers,
+                      b"".join(self.resp), "proxy", request_id, time.time())

@@ -1,101 +1,106 @@
-"""The client side of the reverse proxy: an asyncio Protocol per connection, parsed by httptools."""
+"""The client side of the reverse proxy: an asyncio Protocol per connection, parsed by httptools.
+
+`ClientConnection` owns a client connection's state machine:
+
+    idle ──first byte──► head ──headers complete──► body ──message complete──► waiting
+      ▲                   │ 408 / 414 / 431 / 400                 │ 408, 413        │ 504
+      │                   ▼                                       ▼                 ▼
+      └──── keep-alive ◄── response streaming (upstream idle, send timeout → cut) ◄─┘
+
+Its limits are checked in the parser callbacks (sizes) and in `check_deadlines` (time);
+both come from `context.Limits`. Nothing of a refused head is forwarded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 import httptools
 
+from sentinel.protocols import names
 from sentinel.protocols.routes import match
-from sentinel.proxy import http, tracing
+from sentinel.proxy import http
+from sentinel.proxy.context import CLIENT_CLOSED, INCOMPLETE, Limits, ProxyContext
 from sentinel.proxy.exchange import CHUNKED, LENGTH, Exchange
-from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.sampling import Sample, Sampler
-from sentinel.proxy.upstream import UpstreamPool
+from sentinel.proxy.sampling import Capture
+
+__all__ = ["ClientConnection", "ProxyContext", "close_idle"]
 
 log = logging.getLogger("sentinel.proxy")
 
-CANARY_HEADER = b"x-sentinel-canary"
+CANARY_HEADER = names.CANARY_HEADER.lower().encode()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
+SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 
-class ProxyContext:
-    """What every connection shares: pool, metrics, samplers, limits, tracer."""
+class _Refuse(Exception):
+    """Raised in a parser callback to stop parsing a request the proxy refuses."""
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, metrics: ProxyMetrics,
-                 max_body: int, upstream_timeout: float, samplers: dict[str, tuple[str, Sampler]],
-                 submit: Callable[[Sample], None], tracer: tracing.SpanExporter | None = None):
-        self.loop = loop
-        self.pool = pool
-        self.metrics = metrics
-        self.max_body = max_body
-        self.upstream_timeout = upstream_timeout
-        self.samplers = samplers              # path model name → (configured name, sampler)
-        self.submit_sample = submit
-        self.tracer = tracer
-        self.draining = False
-        self.outbox = pool.outbox   # one outbox: a read on either side batches writes to both
-        self.connections: set[ClientConnection] = set()
-        self.active: set[Exchange] = set()
-        self._logged: set[str] = set()
-
-    def count_sample(self, model: str | None, outcome: str) -> None:
-        self.metrics.samples.labels(model or "none", outcome).inc()
-
-    def log_once(self, kind: str, message: str) -> None:
-        """Log the first occurrence of each kind of failure; counters carry the rest."""
-        if kind not in self._logged:
-            self._logged.add(kind)
-            log.warning("%s: %s (further occurrences are only counted)", kind, message)
-
-    def traceparent(self, ex: Exchange) -> bytes:
-        if ex.trace_id is None:
-            parsed = tracing.parse_traceparent(ex.incoming_tp) if ex.incoming_tp else None
-            if self.tracer is not None:
-                ex.span, ex.trace_id, ex.span_id = self.tracer.start(
-                    f"{ex.method.decode()} {ex.protocol}", ex.incoming_tp if parsed else None)
-            else:
-                ex.trace_id = parsed[0] if parsed else tracing.new_trace_id()
-                ex.span_id = tracing.new_span_id()
-        return tracing.traceparent(ex.trace_id, ex.span_id)  # type: ignore[arg-type]
-
-    def end_span(self, ex: Exchange, code: str) -> None:
-        assert self.tracer is not None
-        self.tracer.end(ex.span, {"http.request.method": ex.method.decode(), "http.response.status_code": int(code),
-                                  "url.path": ex.url.decode("latin-1").split("?", 1)[0],
-                                  "sentinel.model": ex.model, "sentinel.protocol": ex.protocol})
-        ex.span = None
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     """One client connection; requests are answered in order (pipelining is queued)."""
 
     def __init__(self, ctx: ProxyContext):
         self.ctx = ctx
-        self.transport: asyncio.Transport | None = None
+        self.transport = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
         self._paused: set[str] = set()
-        self.writing_paused = False
         self.closed = False
         self.discarding = False
+        self.shed = False
+        self.eof = False            # the client half-closed: answer what was asked, then close
         self.outbox = ctx.outbox
         self._out: list[bytes] = []
         self.raw_left = 0   # Content-Length body bytes still to come outside the parser
-        self.last_active = ctx.loop.time()
+        now = ctx.loop.time()
+        self.last_active = now      # last read from the client
+        self.in_head = False        # a request head has begun and is not complete
+        self.head_started = now
+        self.head_bytes = 0
+        self.header_count = 0
+        self.header_bytes = 0
+        self.paused_at = 0.0        # when reading was paused for the upstream (0: not paused)
+        self.write_blocked_at = 0.0  # when the client stopped draining our writes (0: not blocked)
+        self.unrecorded: list[Exchange] | None = None   # complete, counted once the client drains
+        self.used = False           # a request has begun on this connection
 
     # --- asyncio.Protocol -------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+        ctx = self.ctx
+        if len(ctx.connections) >= ctx.limits.max_connections or ctx.shedding > ctx.limits.max_connections:
+            self._shed(transport)
+            return
         transport.set_write_buffer_limits(high=CLIENT_WRITE_HIGH_WATER)
-        self.ctx.connections.add(self)
+        ctx.connections.add(self)
+
+    def _shed(self, transport) -> None:  # type: ignore[no-untyped-def]
+        """Over the connection budget: answer 503 + Retry-After without reading, then close."""
+        ctx = self.ctx
+        self.shed = self.discarding = True
+        ctx.fail("connection_limit", f"more than {ctx.limits.max_connections} client connections; "
+                                     "new ones are answered 503 with Retry-After")
+        ctx.metrics.observe_request("none", "other", "503", 0.0, None)
+        if ctx.shedding > ctx.limits.max_connections:   # a flood of floods: do not even linger
+            transport.abort()
+            return
+        ctx.shedding += 1
+        transport.write(ctx.shed_bytes)
+        try:
+            transport.write_eof()
+        except OSError:
+            pass
+        ctx.loop.call_later(SHED_LINGER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
@@ -118,6 +123,11 @@ class ClientConnection(asyncio.Protocol):
                 self._feed(data)
                 if self.discarding or self.closed:
                     return
+                if self.in_head:
+                    self.head_bytes += len(data)
+                    if self.head_bytes > self.ctx.limits.max_line + self.ctx.limits.max_head:
+                        self._refuse_head(self._head_too_large())
+                        return
                 ex = self.parsing
                 if (ex is not None and ex.req_mode == LENGTH and ex.method and not self.discarding
                         and not ex.finished and ex.content_length > ex.received):  # type: ignore[operator]
@@ -129,6 +139,13 @@ class ClientConnection(asyncio.Protocol):
                 data = rest  # type: ignore[assignment]
         finally:
             self.outbox.flush()
+
+    def _head_too_large(self) -> _Refuse:
+        lim = self.ctx.limits
+        url = self.parsing.url if self.parsing is not None else b""
+        if self.header_count == 0 and len(url) >= lim.max_line:
+            return _Refuse(414, "uri_too_long", f"request target longer than {lim.max_line} bytes")
+        return _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
     def _raw_body(self, data: bytes) -> bytes:
         """Pass up to `raw_left` bytes to the exchange as body; return what follows it."""
@@ -145,11 +162,17 @@ class ClientConnection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refuse):
+                self._refuse_head(refused)
+                return
             log.exception("internal error while relaying a request")
             self._bad_request("internal_error", "internal error in the proxy")
         except httptools.HttpParserUpgrade:
-            self._bad_request("upgrade_unsupported", "protocol upgrades are not proxied")
+            # CONNECT or Upgrade: its exchange was queued with a 501 refusal (on_headers_complete);
+            # whatever the client sends next is not HTTP we parse.
+            self.discarding = True
         except httptools.HttpParserError as exc:
             msg = str(exc)
             if "Content-Length" in msg and "Transfer-Encoding" in msg:
@@ -158,7 +181,18 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._bad_request("bad_request", f"malformed HTTP request: {msg}")
 
+    def eof_received(self) -> bool | None:
+        """A half-close after a complete request still wants its answer; anything else ends here."""
+        self.eof = True
+        if self.queue and self.parsing is None and not self.in_head:
+            return True   # keep writing; exchange_finished closes when the queue is empty
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.shed:
+            self.ctx.shedding -= 1
+            self.closed = True
+            return
         self.closed = True
         self._out = []
         self.ctx.connections.discard(self)
@@ -167,36 +201,59 @@ class ClientConnection(asyncio.Protocol):
         if self.parsing is not None and self.parsing not in self.queue:
             self.parsing.finished = True
         self.queue.clear()
+        if self.unrecorded:
+            for ex in self.unrecorded:
+                ex.record(CLIENT_CLOSED)
+            self.unrecorded = None
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.write_blocked_at = self.ctx.loop.time()
         if self.queue and self.queue[0].upstream is not None:
             self.queue[0].upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
+        self.write_blocked_at = 0.0
+        if self.unrecorded:
+            for ex in self.unrecorded:
+                ex.record(str(ex.status))
+            self.unrecorded = None
         if self.queue and self.queue[0].upstream is not None:
             self.queue[0].upstream.resume_reading()
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self, self.ctx)
+        self.used = self.in_head = True
+        self.head_started = self.last_active
+        self.head_bytes = self.header_count = self.header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self.parsing.url += url  # type: ignore[union-attr]
+        ex = self.parsing
+        ex.url += url  # type: ignore[union-attr]
+        if len(ex.url) > self.ctx.limits.max_line:  # type: ignore[union-attr]
+            raise _Refuse(414, "uri_too_long", f"request target longer than {self.ctx.limits.max_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.parsing.req_headers.append((name, value))  # type: ignore[union-attr]
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value) + 4
+        lim = self.ctx.limits
+        if self.header_count > lim.max_headers:
+            raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
+        if self.header_bytes > lim.max_head:
+            raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
+        self.in_head = False
         p = self.parser
         ex.method = p.get_method()
         ex.http10 = p.get_http_version() == "1.0"
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
         skip = http.connection_tokens(ex.req_headers)
         fwd = ex.fwd_headers
+        upgrade = False
         for name, value in ex.req_headers:
             lname = name.lower()
             if lname == b"content-length":
@@ -214,21 +271,25 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if lname == CANARY_HEADER and value.strip() == b"1":
                 ex.canary = True
+            if lname == b"upgrade":
+                upgrade = True
             if lname in http.HOP_BY_HOP or lname in skip:
                 continue
             fwd.append(name + b": " + value + b"\r\n")
+        if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
+            ex.keep_alive = False
+            ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")
         route = match(ex.url.decode("latin-1"))
         if route is not None:
             ex.protocol = route.protocol
             ex.model = self.ctx.metrics.model_label(route.model)
             sampled = self.ctx.samplers.get(route.model)
-            if sampled is not None and not ex.canary:
+            if sampled is not None and not ex.canary and ex.refusal is None:
                 model_name, sampler = sampled
-                ex.model_name = model_name
                 decision = sampler.decide(ex.content_length)
                 if decision == "sample":
-                    ex.capture = []
-                    ex.sample_cap = sampler.max_bytes
+                    ex.capture = Capture(model_name, route.protocol, sampler.max_bytes)
+                    ex.capture.request_headers(ex.req_headers)
                 elif decision is not None:
                     self.ctx.count_sample(model_name, decision)
         self.queue.append(ex)
@@ -246,32 +307,11 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.request_complete()
 
-    # --- used by exchanges ------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            return
-        if self.outbox.active:
-            if not self._out:
-                self.outbox.pending.append(self)
-            self._out.append(data)
-        else:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def writelines(self, data: Any) -> None:
-        if self.closed:
-            return
-        if self.outbox.active:
-            if not self._out:
-                self.outbox.pending.append(self)
-            self._out.extend(data)
-        else:
-            self.transport.writelines(data)  # type: ignore[union-attr]
-
-    def flush(self) -> None:
-        out, self._out = self._out, []
-        t = self.transport
-        if out and t is not None and not self.closed and not t.is_closing():
-            t.writelines(out)
+    # --- used by exchanges (write, writelines, flush: BufferedWriter) ------------------
+    def defer_record(self, ex: Exchange) -> None:
+        if self.unrecorded is None:
+            self.unrecorded = []
+        self.unrecorded.append(ex)
 
     def exchange_finished(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
@@ -286,6 +326,8 @@ class ClientConnection(asyncio.Protocol):
             if len(self.queue) == 1:
                 self.resume_reading("pipeline")
             nxt.start()
+        elif self.eof:
+            self.close_gracefully(True)
 
     def close_gracefully(self, request_read: bool) -> None:
         """Close after the response is flushed; if the client may still be sending, linger first."""
@@ -293,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         if t is None or self.closed:
             return
         self.flush()
-        if request_read and self.parsing is None:
+        if (request_read and self.parsing is None) or self.eof:
             t.close()
             return
         # Half-close and discard what the client is still sending, so it can read our answer.
@@ -314,27 +356,97 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_reading(self, reason: str) -> None:
         if not self._paused and not self.closed and not self.discarding:
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()
+            if reason != "pipeline":
+                self.paused_at = self.ctx.loop.time()
         self._paused.add(reason)
 
     def resume_reading(self, reason: str) -> None:
         if reason in self._paused:
             self._paused.discard(reason)
             if not self._paused and not self.closed:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+                self.paused_at = 0.0
+                self.last_active = self.ctx.loop.time()   # a paused body was not the client's delay
+                self.transport.resume_reading()
 
     def idle(self) -> bool:
         return not self.queue and self.parsing is None
 
-    def _bad_request(self, reason: str, message: str) -> None:
-        self.ctx.metrics.proxy_errors.labels(reason).inc()
-        if self.queue:   # mid-exchange: the stream is unusable, and answers must stay in order
+    # --- refusals ---------------------------------------------------------------------
+    def _refuse_head(self, r: _Refuse) -> None:
+        """Answer a head the proxy will not forward (408, 414, 431), then close."""
+        self.in_head = False
+        if self.queue:   # a pipelined head behind a running exchange: answers must stay in order
+            self.ctx.fail(r.reason, r.message)
             self.abort()
             return
-        self.ctx.metrics.observe_request("none", "other", "400", 0.0, None)
-        self.write(http.error_response(400, reason, message, keep_alive=False))
+        self._answer_and_close(r.status, r.reason, r.message)
+
+    def _bad_request(self, reason: str, message: str) -> None:
+        if self.queue:   # mid-exchange: the stream is unusable, and answers must stay in order
+            self.ctx.errors.inc(reason)
+            self.abort()
+            return
+        self._answer_and_close(400, reason, message)
+
+    def _answer_and_close(self, status: int, reason: str, message: str) -> None:
+        ctx = self.ctx
+        ctx.fail(reason, message)
+        ctx.metrics.observe_request("none", "other", str(status), 0.0, None)
+        self.write(http.error_response(status, reason, message, keep_alive=False))
         self.parsing = None
+        self.in_head = False
         self.close_gracefully(False)
+
+    # --- time -------------------------------------------------------------------------
+    def check_deadlines(self, now: float, lim: Limits) -> None:
+        """Apply whichever timeout of `lim` this connection's state has passed (see context.py)."""
+        if self.closed or self.discarding or self.transport is None:
+            return
+        if self.write_blocked_at and now - self.write_blocked_at > lim.send_timeout:
+            self._cut_slow_reader(lim)
+            return
+        ex = self.queue[0] if self.queue else None
+        if ex is not None and ex.started and not ex.finished:
+            if ex.request_done:
+                if not ex.response_started:
+                    if now - ex.req_done_at > lim.ttfb:
+                        ex.upstream_failed("upstream_timeout", f"the upstream sent no response head within "
+                                                               f"{lim.ttfb} s of the request's end")
+                elif not self.write_blocked_at and now - max(ex.last_up, ex.req_done_at) > lim.upstream_idle:
+                    ex.upstream_failed("upstream_idle_timeout",
+                                       f"the upstream sent nothing for {lim.upstream_idle} s mid-response")
+            elif self.paused_at:
+                if now - self.paused_at > lim.upstream_idle:   # the upstream stopped reading our body
+                    ex.upstream_failed("upstream_timeout",
+                                       f"the upstream read none of the request body for {lim.upstream_idle} s")
+            elif now - self.last_active > lim.body_idle:
+                ex.fail_local(408, "request_body_timeout",
+                              f"no request body bytes for {lim.body_idle} s")
+            return
+        if self.in_head:
+            if now - self.head_started > lim.head_timeout:
+                self._refuse_head(_Refuse(408, "request_head_timeout",
+                                          f"request head not complete within {lim.head_timeout} s"))
+            return
+        if ex is None and self.parsing is None:
+            # A connection that never sent a byte gets the head timeout; a used one keep-alive.
+            if now - self.last_active > (lim.keepalive_idle if self.used else lim.head_timeout):
+                self.transport.close()
+
+    def _cut_slow_reader(self, lim: Limits) -> None:
+        ctx = self.ctx
+        ctx.fail("downstream_send_timeout", f"a client read none of its response for {lim.send_timeout} s")
+        if self.unrecorded:
+            for ex in self.unrecorded:
+                ex.record(INCOMPLETE)
+            self.unrecorded = None
+        self.write_blocked_at = 0.0
+        for ex in list(self.queue):
+            if ex.started and not ex.finished:
+                ex._drop_upstream()
+                ex._finish(INCOMPLETE)
+        self.abort()
 
 
 def close_idle(ctx: ProxyContext, idle_s: float) -> int:
@@ -342,5 +454,5 @@ def close_idle(ctx: ProxyContext, idle_s: float) -> int:
     cutoff = ctx.loop.time() - idle_s
     stale = [c for c in ctx.connections if c.idle() and c.last_active < cutoff and c.transport is not None]
     for c in stale:
-        c.transport.close()  # type: ignore[union-attr]
+        c.transport.close()
     return len(stale)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -13,13 +16,14 @@ from urllib.parse import urlsplit
 from sentinel import __version__
 from sentinel.config import Config, parse_hostport
 from sentinel.errors import ConfigError, InfrastructureError
-from sentinel.proxy import tracing, worker
-from sentinel.proxy.admin import AdminConnection, Request, Response
+from sentinel.proxy import ingest, tracing, worker
+from sentinel.proxy.admin import AdminConnection, AdminConnections, Request, Response
 from sentinel.proxy.analysis import AnalysisManager
-from sentinel.proxy.ingest import IngestError, JoinTable, parse_event
+from sentinel.proxy.context import Limits, fd_budget
+from sentinel.proxy.ingest import JoinTable
 from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.sampling import Sample, Sampler
-from sentinel.proxy.server import ClientConnection, ProxyContext, close_idle
+from sentinel.proxy.sampling import Sampler
+from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
 
 log = logging.getLogger("sentinel.run")
@@ -50,6 +54,51 @@ def upstream_address(config: Config) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 80
 
 
+INGEST_TOKEN_HEADER = "x-sentinel-ingest-token"
+
+
+def read_ingest_token(config: Config) -> bytes | None:
+    """The /ingest shared secret from `analysis.ingest_token` or `analysis.ingest_token_file`."""
+    a = config.analysis
+    if a.ingest_token_file:
+        path = config.resolve(a.ingest_token_file)
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"{config.source}: analysis.ingest_token_file: cannot read {path}: "
+                               f"{exc.strerror or exc}"]) from None
+        if not token:
+            raise ConfigError([f"{config.source}: analysis.ingest_token_file: {path} is empty"])
+        return token.encode()
+    return a.ingest_token.encode() if a.ingest_token else None
+
+
+def ingest_denied(req: Request, token: bytes | None) -> str | None:
+    """Why an /ingest request may not post events, or None when it may.
+
+    Loopback peers (the same pod: the KServe logger next door) may always post. Any other
+    peer must present the shared secret, compared in constant time; with no secret
+    configured, only loopback peers are accepted.
+    """
+    peer = getattr(req, "peer", None)
+    try:
+        if peer is not None and ipaddress.ip_address(peer).is_loopback:
+            return None
+    except ValueError:
+        pass
+    if token is None:
+        return ("/ingest accepts events from loopback peers only; set analysis.ingest_token "
+                "to accept them from elsewhere")
+    given = req.headers.get(INGEST_TOKEN_HEADER, "")
+    if not given:
+        auth = req.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+    if not given or not hmac.compare_digest(given.encode("latin-1"), token):
+        return f"/ingest needs the shared secret in {INGEST_TOKEN_HEADER} (or Authorization: Bearer)"
+    return None
+
+
 class Sidecar:
     """One running daemon; `start()` binds both listeners, `stop()` drains and shuts down."""
 
@@ -65,7 +114,8 @@ class Sidecar:
             self.samplers[m.path_name] = s
             self.samplers.setdefault(m.name, s)
         self.up_host, self.up_port = upstream_address(config)
-        self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending)
+        self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending,
+                              config.analysis.ingest_max_pending_bytes)
         self.started_at = time.time()
         self.proxy_server: Any = None
         self.admin_server: Any = None
@@ -74,6 +124,8 @@ class Sidecar:
         self._tasks: list[asyncio.Task] = []
         self.gpu_collector: Any = None
         self.canaries: list[Any] = []
+        self.grpc_proxy: Any = None
+        self.grpc_address: tuple[str, int] | None = None
         self.canary_problems: dict[str, str] = {}
         self._add_gpu_collector()
 
@@ -87,24 +139,67 @@ class Sidecar:
         self.analysis = AnalysisManager(cfg, self.metrics, loop, self.monitor_factory)
         self.tracer = (tracing.SpanExporter(cfg.tracing.otlp_endpoint, cfg.tracing.service_name)
                        if cfg.tracing.otlp_endpoint else None)
+        limits = Limits.from_config(cfg.proxy)
+        budget = fd_budget(limits.max_connections, cfg.proxy.admin_max_connections + cfg.proxy.upstream_pool_size + 256)
+        if budget < limits.max_connections:
+            log.warning("proxy.max_connections %d exceeds what the file-descriptor limit allows; using %d",
+                        limits.max_connections, budget)
+            limits = dataclasses.replace(limits, max_connections=budget)
         self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=self.metrics, max_body=cfg.proxy.max_body_bytes,
-                                upstream_timeout=cfg.proxy.upstream_timeout_s, samplers=self.samplers,
-                                submit=self.analysis.submit, tracer=self.tracer)
+                                samplers=self.samplers, submit=self.analysis.submit, tracer=self.tracer,
+                                limits=limits)
+        self.ingest_token = read_ingest_token(cfg)
+        admin_limits = Limits.from_config(cfg.proxy, admin=True)
+        admin_conns = AdminConnections(admin_limits, self.ctx.fail)
         host, port = parse_hostport(cfg.listen)
         self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port)
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
+        admin_body = cfg.proxy.admin_max_body_bytes or 2 * max_ingest + 65536
         try:
             self.admin_server = await self._listen(
-                "admin", cfg.admin, lambda: AdminConnection(self._admin, 2 * max_ingest + 65536), ahost, aport)
+                "admin", cfg.admin, lambda: AdminConnection(self._admin, admin_body, admin_conns), ahost, aport)
         except InfrastructureError:
             self.proxy_server.close()
+            raise
+        try:
+            await self._start_grpc()
+        except InfrastructureError:
+            self.proxy_server.close()
+            self.admin_server.close()
             raise
         self._start_canaries()
         self._export_model_sizes()
         self._tasks.append(loop.create_task(self._expire_ingest()))
-        self._tasks.append(loop.create_task(self._close_idle_clients()))
+        self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
+        self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
+
+    async def _start_grpc(self) -> None:
+        """The gRPC listener (OIP v2 over gRPC), when `grpc_listen` is configured."""
+        cfg = self.config
+        if cfg.grpc_listen is None:
+            return
+        from sentinel.proxy.grpc_proxy import GrpcProxy
+
+        assert cfg.grpc_upstream is not None   # validated with grpc_listen
+        self.grpc_proxy = GrpcProxy(
+            upstream=cfg.grpc_upstream, metrics=self.metrics, samplers=self.samplers, submit=self.analysis.submit,
+            count_sample=self.ctx.count_sample, max_message_bytes=cfg.grpc.max_message_bytes,
+            upstream_timeout_s=cfg.grpc.upstream_timeout_s, max_concurrent=cfg.grpc.max_concurrent_rpcs,
+            tracer=self.tracer)
+        try:
+            port = await self.grpc_proxy.start(cfg.grpc_listen)
+        except RuntimeError as exc:
+            port, why = 0, str(exc)
+        else:
+            why = "address in use or not available"
+        if not port:
+            await self.grpc_proxy.stop(0)
+            self.grpc_proxy = None
+            raise InfrastructureError(f"cannot listen on {cfg.grpc_listen} ({cfg.source}: grpc_listen): {why}")
+        self.grpc_address = (parse_hostport(cfg.grpc_listen)[0], port)
+        log.info("gRPC proxy on %s:%d → %s", *self.grpc_address, cfg.grpc_upstream)
 
     async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
         try:
@@ -138,6 +233,8 @@ class Sidecar:
         ctx = self.ctx
         ctx.draining = True
         self.proxy_server.close()
+        grpc_stop = (asyncio.ensure_future(self.grpc_proxy.stop(self.config.proxy.drain_timeout_s))
+                     if self.grpc_proxy is not None else None)
         for conn in list(ctx.connections):
             if conn.idle():
                 conn.transport.close()  # type: ignore[union-attr]
@@ -148,6 +245,8 @@ class Sidecar:
             log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
             for conn in list(ctx.connections):
                 conn.abort()
+        if grpc_stop is not None:
+            await grpc_stop   # drains gRPC calls in flight over the same deadline
         for c in self.canaries:
             c.stop(timeout=5.0)
         self.pool.close()
@@ -239,6 +338,11 @@ class Sidecar:
         if path == "/ingest":
             if req.method != "POST":
                 return 405, JSON, b'{"error":"POST CloudEvents here"}'
+            denied = ingest_denied(req, self.ingest_token)
+            if denied is not None:
+                self.metrics.ingest_events.labels("rejected").inc()
+                self.ctx.fail("ingest_unauthorized", denied)
+                return 403, JSON, json.dumps({"error": denied}).encode()
             return self._ingest(req)
         if req.method not in ("GET", "HEAD"):
             return 405, JSON, b'{"error":"method not allowed"}'
@@ -277,6 +381,8 @@ class Sidecar:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "listen": "{}:{}".format(*self.proxy_address), "upstream": self.config.upstream,
+            "grpc_listen": "{}:{}".format(*self.grpc_address) if self.grpc_address else None,
+            "grpc_upstream": self.config.grpc_upstream,
             "draining": self.ctx.draining,
             "inflight": self.metrics.inflight_count,
             "models_seen": self.metrics.models_seen(),
@@ -292,34 +398,10 @@ class Sidecar:
         }
 
     def _ingest(self, req: Request) -> Response:
-        ev_metric = self.metrics.ingest_events
-        try:
-            ev = parse_event(req.headers, req.body)
-        except IngestError as exc:
-            ev_metric.labels("rejected").inc()
-            return 400, JSON, json.dumps({"error": str(exc)}).encode()
-        model = self._model_for_service(ev.service)
-        if model is None:
-            ev_metric.labels("rejected").inc()
-            known = ", ".join(m.name for m in self.config.models)
-            return 400, JSON, json.dumps({"error": f"Ce-Inferenceservicename {ev.service!r} matches no "
-                                                   f"configured model ({known})"}).encode()
-        pair, orphans = self.join.add(ev, time.monotonic())
-        if orphans:
-            ev_metric.labels("orphaned").inc(orphans)
-        if pair is None:
-            ev_metric.labels("accepted").inc()
-            return 202, JSON, b'{"status":"waiting for the other half"}'
-        ev_metric.labels("joined").inc()
-        req_ev, resp_ev = pair
-        name, sampler = model
-        protocol = next(m.protocol for m in self.config.models if m.name == name)
-        if len(req_ev.body) > sampler.max_bytes or len(resp_ev.body) > sampler.max_bytes:
-            self.ctx.count_sample(name, "oversize")
-        else:
-            self.analysis.submit(Sample(name, protocol, req_ev.headers, req_ev.body, resp_ev.headers,
-                                        resp_ev.body, "ingest", ev.id, time.time()))
-        return 202, JSON, b'{"status":"joined"}'
+        return ingest.handle(req.headers, req.body, join=self.join,
+                             count=lambda outcome, n: self.metrics.ingest_events.labels(outcome).inc(n),
+                             route=self._model_for_service, submit=self.analysis.submit,
+                             known_models=", ".join(m.name for m in self.config.models))
 
     def _model_for_service(self, service: str) -> tuple[str, Sampler] | None:
         s = self.samplers.get(service)
@@ -330,13 +412,6 @@ class Sidecar:
             m = self.config.model()
             return self.samplers[m.name]
         return None
-
-    async def _close_idle_clients(self) -> None:
-        idle_s = self.config.proxy.client_idle_timeout_s
-        while True:
-            # one sweep instead of a timer per connection; a connection lives at most idle_s * 1.25
-            await asyncio.sleep(max(idle_s / 4, 0.05))
-            close_idle(self.ctx, idle_s)
 
     async def _expire_ingest(self) -> None:
         while True:

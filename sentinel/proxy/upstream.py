@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import select
+from typing import TYPE_CHECKING
 
 import httptools
 
-from sentinel.proxy.http import Outbox
+from sentinel.proxy.http import BufferedWriter, Outbox
 
 if TYPE_CHECKING:
     from sentinel.proxy.exchange import Exchange
@@ -18,7 +19,7 @@ log = logging.getLogger("sentinel.proxy")
 WRITE_HIGH_WATER = 256 * 1024
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(BufferedWriter, asyncio.Protocol):
     """One connection to the model server; carries one exchange at a time."""
 
     def __init__(self, pool: UpstreamPool):
@@ -40,9 +41,11 @@ class UpstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
-        if self.exchange is None:       # nothing asked: a confused server; do not reuse
+        ex = self.exchange
+        if ex is None:       # nothing asked: a confused server; do not reuse
             self.abort()
             return
+        ex.last_up = ex.ctx.loop.time()   # progress, for the upstream idle timeout
         self.outbox.active = True
         try:
             self._feed(data)
@@ -116,28 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.exchange.response_done(reusable=self.parser.should_keep_alive())
 
-    # --- used by the exchange ---------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self.outbox.active:
-            if not self._out:
-                self.outbox.pending.append(self)
-            self._out.append(data)
-        elif not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def writelines(self, data: Any) -> None:
-        if self.outbox.active:
-            if not self._out:
-                self.outbox.pending.append(self)
-            self._out.extend(data)
-        elif not self.closed:
-            self.transport.writelines(data)  # type: ignore[union-attr]
-
-    def flush(self) -> None:
-        out, self._out = self._out, []
-        if out and not self.closed and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
-
+    # --- used by the exchange (write, writelines, flush: BufferedWriter) ---------
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -155,6 +137,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _readable(transport: asyncio.Transport) -> bool:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        return bool(select.select((sock.fileno(),), (), (), 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
 class UpstreamPool:
     """Idle keep-alive connections to one host:port, reused last-in first-out."""
 
@@ -167,11 +159,22 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.opened = 0
 
-    def get_idle(self) -> UpstreamConnection | None:
+    def get_idle(self, check_stale: bool = False) -> UpstreamConnection | None:
+        """The most recently used idle connection, or None.
+
+        `check_stale` (for requests that must not be sent twice) first polls the socket: an
+        idle keep-alive connection that is readable has been closed by the server (or holds
+        garbage), so it is dropped before anything is written to it, not after.
+        """
         while self.idle:
             c = self.idle.pop()
-            if not c.closed and c.transport is not None and not c.transport.is_closing():
-                return c
+            t = c.transport
+            if c.closed or t is None or t.is_closing():
+                continue
+            if check_stale and _readable(t):
+                c.abort()
+                continue
+            return c
         return None
 
     async def connect(self) -> UpstreamConnection:

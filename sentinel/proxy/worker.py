@@ -1,18 +1,29 @@
 """The analysis worker process: decode sampled pairs, feed the model's monitor, report back.
 
 Runs in a spawned process so decoding and analysis never hold the proxy's GIL. It reads
-pickled `Sample`s from one pipe and writes one plain tuple per sample to another:
+pickled `Sample`s from one pipe and writes one plain tuple per message to another:
 
-    ("sample", model, outcome, decode_error_kind | None, [(metric, labels, op, value)...], payload_bytes)
+    ("sample", model, outcome, reject_reason | None, [(metric, labels, op, value)...], payload_bytes)
     ("error", kind, message)                  an exception in a monitor
     ("status", model, dict)                   a monitor's status, at most once a second
     ("buckets", {metric: bounds})             histogram bounds a monitor asks for
+    ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
+    ("busy", seconds)                         the next message may take this long (building a monitor)
+
+No payload can end the worker: every exception of decoding one sample rejects that sample
+with a reason (a decode error kind, or one of `REJECT_REASONS`), every exception of a
+monitor is reported as an "error"; one sample gets `sample_timeout_s` of wall-clock time
+(SIGALRM), and the data segment can be capped (`worker_memory_limit_bytes`) so a
+pathological payload fails with MemoryError here instead of taking the pod's memory. A
+hang the alarm cannot break (a stuck C call, SIGSTOP) shows as missing heartbeats, and the
+manager kills and restarts the worker.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +31,71 @@ from typing import Any
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
 
+# Reasons a sample is rejected besides the decoders' own DecodeError kinds.
+TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Python's stack
+OUT_OF_MEMORY = "out_of_memory"      # MemoryError: over the worker's memory limit
+TIMEOUT = "timeout"                  # over sample_timeout_s
+UNEXPECTED = "unexpected_error"      # any other exception a decoder let escape (a decoder bug; logged)
+REJECT_REASONS = (TOO_DEEP, OUT_OF_MEMORY, TIMEOUT, UNEXPECTED)
+
 log = logging.getLogger("sentinel.analysis.worker")
+
+
+class SampleTimeout(BaseException):
+    """One sample used up its time budget.
+
+    A BaseException so that decoders' and monitors' own `except Exception` cannot swallow it.
+    """
+
+
+class Budget:
+    """A wall-clock budget for one sample, enforced by SIGALRM in the worker's main thread.
+
+    `with budget:` arms the timer; when it fires inside the block, SampleTimeout is raised
+    there. The handler raises only while a block is active, so an alarm that lands just as
+    the block ends cannot escape into the code that writes to the results pipe.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.active = False
+        if seconds > 0:
+            signal.signal(signal.SIGALRM, self._fire)
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        if self.active:
+            self.active = False
+            raise SampleTimeout(f"over the per-sample budget of {self.seconds:g} s")
+
+    def __enter__(self) -> Budget:
+        if self.seconds > 0:
+            self.active = True
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.seconds > 0:
+            self.active = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def limit_memory(limit_bytes: int) -> None:
+    """Cap this process's data segment (RLIMIT_DATA) so big allocations raise MemoryError.
+
+    RLIMIT_DATA counts heap and private writable mappings (numpy arrays, decoded images),
+    not shared libraries or address space merely reserved, which RLIMIT_AS would count.
+    """
+    if limit_bytes <= 0:
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit_bytes = min(limit_bytes, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
+    except (ValueError, OSError) as exc:   # e.g. already using more than the limit
+        log.warning("cannot limit the analysis worker's memory to %d bytes: %s", limit_bytes, exc)
 
 
 def load_factory(spec: str) -> Callable[[Any, Any], Any]:
@@ -36,67 +111,162 @@ def load_factory(spec: str) -> Callable[[Any, Any], Any]:
     return getattr(mod, fn_name)
 
 
-def decode(sample: Any, model: str):
-    """A DecodedBatch from a Sample, and the kind of the first decode error (or None)."""
+_warned: set[str] = set()
+
+
+def reject_reason(exc: Exception) -> str:
+    """The rejection reason of an exception that escaped a decoder."""
+    from sentinel.protocols import DecodeError
+
+    if isinstance(exc, DecodeError):
+        return exc.kind
+    if isinstance(exc, RecursionError):
+        return TOO_DEEP
+    if isinstance(exc, MemoryError):
+        return OUT_OF_MEMORY
+    key = type(exc).__name__
+    if key not in _warned:   # a decoder should have raised DecodeError: say which exception escaped
+        _warned.add(key)
+        log.warning("a decoder raised %s: %s (sample rejected as %s)", key, str(exc)[:200], UNEXPECTED)
+    return UNEXPECTED
+
+
+def decode(sample: Any, model: str, hints: Any = None):
+    """A DecodedBatch from a Sample, and the reason the first half failed to decode (or None).
+
+    `hints` (sentinel.protocols.DecodeHints) say what the model's inputs look like: raw
+    tensor shape and dtype, the pixel bound of encoded images. Never raises an Exception:
+    whatever a decoder raises becomes a reason.
+    """
     from sentinel.analysis.contract import DecodedBatch
-    from sentinel.protocols import DecodeError, decode_request, decode_response
+    from sentinel.protocols import DecodeHints, decode_request, decode_response
+
+    hints = hints or DecodeHints()
 
     inputs = form = outputs = kind = None
     err: str | None = None
     try:
-        req = decode_request(sample.protocol, sample.request_body, sample.request_headers)
+        req = decode_request(sample.protocol, sample.request_body, sample.request_headers, hints)
         inputs, form = req.inputs, req.form
-    except DecodeError as exc:
-        err = exc.kind
+    except Exception as exc:  # noqa: BLE001 - a payload must never end the worker
+        err = reject_reason(exc)
     try:
-        resp = decode_response(sample.protocol, sample.response_body, sample.response_headers)
+        resp = decode_response(sample.protocol, sample.response_body, sample.response_headers, hints)
         outputs, kind = resp.outputs, resp.kind
-    except DecodeError as exc:
-        err = err or exc.kind
+    except Exception as exc:  # noqa: BLE001
+        err = err or reject_reason(exc)
     batch = DecodedBatch(model=model, inputs=inputs, input_form=form, outputs=outputs, output_kind=kind,
                          source=sample.source, request_id=sample.request_id, timestamp=sample.timestamp)
     return batch, err
 
 
+class Worker:
+    """The worker's state: one monitor per model, the budget, and the results pipe."""
+
+    def __init__(self, config: Any, factory: Callable[[Any, Any], Any], results: Any):
+        acfg = config.analysis
+        self.config = config
+        self.factory = factory
+        self.results = results
+        self.models = {m.name: m for m in config.models}
+        self.monitors: dict[str, Any] = {}
+        self.last_status: dict[str, float] = {}
+        self.last_windows: dict[str, Any] = {}
+        self.hints: dict[str, Any] = {}
+        self.budget = Budget(acfg.sample_timeout_s)
+        self.build_timeout_s = acfg.worker_start_timeout_s
+        self.last_sent = time.monotonic()
+
+    def send(self, msg: tuple) -> None:
+        self.results.send(msg)
+        self.last_sent = time.monotonic()
+
+    def monitor(self, model: str) -> Any:
+        mon = self.monitors.get(model)
+        if mon is None:
+            self.send(("busy", self.build_timeout_s))   # building may load a reference model
+            mon = self.monitors[model] = self.factory(self.config, self.models[model])
+            buckets = getattr(mon, "buckets", None)
+            if callable(buckets):
+                self.send(("buckets", dict(buckets())))
+        return mon
+
+    def hints_for(self, model: str) -> Any:
+        if model not in self.hints:
+            from sentinel.protocols.hints import hints_for
+
+            try:
+                self.hints[model] = hints_for(self.config, self.models[model]) if model in self.models else None
+            except Exception as exc:  # noqa: BLE001 - default hints rather than a dead worker
+                self.send(("error", type(exc).__name__, f"{model} decode hints: {str(exc)[:500]}"))
+                self.hints[model] = None
+        return self.hints[model]
+
+    def handle(self, sample: Any) -> None:
+        """Decode and analyse one sample and report it, whatever it contains."""
+        model = sample.model
+        updates: list[tuple] = []
+        err: str | None = None
+        try:
+            with self.budget:
+                batch, err = decode(sample, model, self.hints_for(model))
+        except SampleTimeout:
+            batch, err = None, TIMEOUT
+        except (RecursionError, MemoryError) as exc:   # raised outside a decoder (building the batch)
+            batch, err = None, reject_reason(exc)
+        if batch is not None and (batch.inputs is not None or batch.outputs is not None):
+            try:
+                mon = self.monitor(model)
+                with self.budget:
+                    observed = mon.observe(batch)
+                    updates = [(u.metric, dict(u.labels), u.op, float(u.value)) for u in observed]
+            except SampleTimeout as exc:
+                self.send(("error", TIMEOUT, f"{model}: analysis {exc}"))
+            except Exception as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
+                self.send(("error", type(exc).__name__, f"{model}: {str(exc)[:500]}"))
+        batch = None   # free a large batch before the next recv
+        size = len(sample.request_body) + len(sample.response_body)
+        self.send(("sample", model, "rejected" if err else "decoded", err, updates, size))
+        self.report_status(model)
+
+    def report_status(self, model: str) -> None:
+        now = time.monotonic()
+        mon = self.monitors.get(model)
+        evaluated = getattr(mon, "windows", None)       # a new evaluation: /status follows it at once
+        if mon is not None and (now - self.last_status.get(model, 0.0) >= STATUS_EVERY_S
+                                or evaluated != self.last_windows.get(model)):
+            self.last_status[model] = now
+            self.last_windows[model] = evaluated
+            try:
+                with self.budget:
+                    status = mon.status()
+            except SampleTimeout:
+                self.send(("error", TIMEOUT, f"{model}: status() over the time budget"))
+            except Exception as exc:  # noqa: BLE001
+                self.send(("error", type(exc).__name__, f"{model} status: {str(exc)[:500]}"))
+            else:
+                self.send(("status", model, status))
+
+
 def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     """Worker entry point (spawned): loop until `samples` is closed (or a None arrives)."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
-    factory = load_factory(factory_spec)
-    monitors: dict[str, Any] = {}
-    last_status: dict[str, float] = {}
-    models = {m.name: m for m in config.models}
-    while True:
-        try:
-            sample = samples.recv()
-        except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
-            break
-        if sample is None:
-            break
-        model = sample.model
-        batch, err = decode(sample, model)
-        updates: list[tuple] = []
-        if batch.inputs is not None or batch.outputs is not None:
+    acfg = config.analysis
+    limit_memory(acfg.worker_memory_limit_bytes)
+    worker = Worker(config, load_factory(factory_spec), results)
+    heartbeat = acfg.heartbeat_s
+    try:
+        worker.send(("heartbeat",))
+        while True:
             try:
-                mon = monitors.get(model)
-                if mon is None:
-                    mon = monitors[model] = factory(config, models[model])
-                    buckets = getattr(mon, "buckets", None)
-                    if callable(buckets):
-                        results.send(("buckets", dict(buckets())))
-                updates = [(u.metric, dict(u.labels), u.op, float(u.value)) for u in mon.observe(batch)]
-            except Exception as exc:  # any monitor failure is reported, never fatal
-                results.send(("error", type(exc).__name__, f"{model}: {exc}"))
-        try:
-            size = len(sample.request_body) + len(sample.response_body)
-            results.send(("sample", model, "rejected" if err else "decoded", err, updates, size))
-        except (BrokenPipeError, OSError):
-            break
-        now = time.monotonic()
-        mon = monitors.get(model)
-        if mon is not None and now - last_status.get(model, 0.0) >= STATUS_EVERY_S:
-            last_status[model] = now
-            try:
-                results.send(("status", model, mon.status()))
-            except Exception as exc:
-                results.send(("error", type(exc).__name__, f"{model} status: {exc}"))
+                if not samples.poll(heartbeat):
+                    worker.send(("heartbeat",))
+                    continue
+                sample = samples.recv()
+            except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
+                break
+            if sample is None:
+                break
+            worker.handle(sample)   # always answers with one "sample" message
+    except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
+        return

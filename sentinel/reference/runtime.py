@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sentinel import scores
 from sentinel.reference.densenet import DenseNet
 
 
@@ -68,6 +69,5 @@ class ReferenceModel:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    """Probabilities as float32, like served outputs (`sentinel.scores.softmax`)."""
+    return scores.softmax(logits, dtype=np.float32)

@@ -33,35 +33,85 @@ def remap_legacy_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file or a weights-only torch checkpoint."""
+    """Read tensors from a safetensors file or a weights-only torch checkpoint.
+
+    Whatever a malformed file makes the readers raise (torch's unpickler alone raises
+    KeyError, IndexError, struct.error, AssertionError, ... on corrupt input) becomes a
+    WeightsError that names the file; so does a file holding anything but named tensors.
+    """
     p = Path(path)
     if not p.exists():
         raise WeightsError(f"{p}: weights file not found")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    if not p.is_file():   # a FIFO or device would block the reader forever
+        raise WeightsError(f"{p}: not a regular file")
+    state = _read_safetensors(p) if p.suffix == ".safetensors" else _read_torch(p)
+    check_tensors(state, p)
+    return state
 
-        try:
-            return dict(load_file(str(p)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise WeightsError(f"{p}: not a valid safetensors file ({exc})") from None
-    import pickle
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
 
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        return dict(load_file(str(p)))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, and whatever torch raises on its dtypes
+        raise WeightsError(f"{p}: not a valid safetensors file ({_first_line(exc)})") from None
+
+
+def _read_torch(p: Path) -> dict[str, torch.Tensor]:
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():   # e.g. "unsupported pickle protocol" on a corrupt file
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(str(exc))
+        if "GLOBAL" in detail or "global" in detail:
+            raise WeightsError(
+                f"{p}: refused: this checkpoint needs unrestricted unpickling, which can run arbitrary code "
+                f"({detail}). Convert it to safetensors, or save only the state_dict.") from None
         raise WeightsError(
-            f"{p}: refused: this checkpoint needs unrestricted unpickling, which can run arbitrary code "
-            f"({str(exc).splitlines()[0] if str(exc) else 'unsupported global'}). "
-            "Convert it to safetensors, or save only the state_dict."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise WeightsError(f"{p}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+            f"{p}: refused: this checkpoint needs unrestricted unpickling or is corrupt: the weights-only "
+            f"unpickler cannot read it ({detail}). Convert it to safetensors, or save only the state_dict.") from None
+    except Exception as exc:  # noqa: BLE001 - torch's readers raise many types on corrupt bytes
+        raise WeightsError(f"{p}: not a readable torch checkpoint ({_first_line(exc)})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{p}: expected a mapping of parameter names to tensors")
-    return dict(obj)
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{p}: expected a mapping of parameter names to tensors, found a {type(obj).__name__}")
+    return obj
+
+
+def _unpickler_detail(text: str) -> str:
+    """The informative line of torch's weights-only error (it wraps it in boilerplate)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(boiler):
+            return line[:200]
+    return "no detail"
+
+
+def check_tensors(state: dict, p: Path) -> None:
+    """Raise WeightsError unless `state` maps names to dense, finite, real-valued tensors."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"{p}: expected parameter names (strings) as keys, found {type(key).__name__} {key!r:.50}")
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{p}: {key!r:.100} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided or value.is_quantized or value.is_meta:
+            raise WeightsError(f"{p}: {key!r:.100} is not a dense tensor ({value.layout}, {value.dtype})")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise WeightsError(f"{p}: {key!r:.100} has dtype {value.dtype}; weights are real numbers")
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise WeightsError(f"{p}: {key!r:.100} contains NaN or infinite values")
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -77,6 +127,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             problems.append(f"unexpected key {k!r}")
         elif tuple(state[k].shape) != tuple(own[k].shape):
             problems.append(f"key {k!r} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
+        elif own[k].is_floating_point() and not state[k].is_floating_point():
+            problems.append(f"key {k!r} has dtype {state[k].dtype}, the model expects floating point")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise WeightsError(f"{path}: weights do not fit the architecture: " + "; ".join(problems[:5]) + more)

@@ -5,19 +5,26 @@ drift windows. Results feed, on the registry passed in:
     sentinel_replay_duration_seconds{model}            (latency from the intended send time)
     sentinel_replay_requests_total{model, result=ok|error}
     sentinel_reference_agreement_total{model, source="replay", result=agree|disagree}
+Before its first round the canary waits for the model server to say it is ready (the
+protocol's readiness endpoint, polled with exponential backoff up to `ready_timeout_s`), so a
+server that is still loading its model is not counted as canary errors.
 Imports neither torch nor onnxruntime: safe to run beside the proxy (in a thread or a task).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from sentinel.protocols.names import CANARY_HEADER
 from sentinel.replay.http import Target
 from sentinel.replay.push import ReplayMetrics
 from sentinel.replay.runner import LoadPlan, Outcome, Replayer, RunResult, Samples
@@ -25,7 +32,56 @@ from sentinel.replay.wire import WireFormat
 
 log = logging.getLogger("sentinel.canary")
 
-CANARY_HEADER = "X-Sentinel-Canary"
+READY_BACKOFF_S = (0.1, 2.0)  # first and longest pause between readiness polls
+
+
+def readiness_path(protocol: str, model: str) -> str:
+    """The model server's readiness endpoint for one model (OIP v2, KServe v1, TorchServe)."""
+    if protocol == "v2":
+        return f"/v2/models/{model}/ready"
+    if protocol == "v1":
+        return f"/v1/models/{model}"
+    return "/ping"
+
+
+def check_ready(target: Target, path: str, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """One readiness poll: (ready, why). A 404 means the server has no such endpoint: it answers, so ready."""
+    cls = http.client.HTTPSConnection if target.tls else http.client.HTTPConnection
+    conn = cls(target.host, target.port, timeout=timeout_s)
+    try:
+        conn.request("GET", target.prefix + path, headers={CANARY_HEADER: "1"})
+        resp = conn.getresponse()
+        resp.read(65536)
+    except (OSError, http.client.HTTPException) as exc:
+        return False, f"{target.authority}: {exc or type(exc).__name__}"
+    finally:
+        conn.close()
+    if resp.status == 200:
+        return True, f"{target.authority}{path}: ready"
+    if resp.status == 404:
+        return True, f"{target.authority}{path}: 404 (no readiness endpoint; the server answers)"
+    return False, f"{target.authority}{path}: HTTP {resp.status}"
+
+
+def wait_ready(target: Target, path: str, timeout_s: float, *,
+               sleep: Callable[[float], bool] | None = None) -> tuple[bool, str]:
+    """Poll readiness with exponential backoff until ready or `timeout_s` has passed.
+
+    `sleep(seconds)` returns True to give up early (a stop event's `wait`); default time.sleep.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause, longest = READY_BACKOFF_S
+    while True:
+        ok, why = check_ready(target, path, min(2.0, max(0.1, timeout_s)))
+        left = deadline - time.monotonic()
+        if ok or left <= 0:
+            return ok, why
+        step = min(pause, left)
+        if sleep is None:
+            time.sleep(step)
+        elif sleep(step):
+            return False, f"stopped while waiting ({why})"
+        pause = min(pause * 2, longest)
 
 
 @dataclass(frozen=True)
@@ -44,15 +100,25 @@ class Canary:
 
     def __init__(self, *, model: str, target: str, wire: WireFormat, samples: Samples,
                  registry: CollectorRegistry, interval_s: float = 300.0, count: int = 16, rate: float = 2.0,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, ready_path: str | None = None, ready_timeout_s: float = 120.0,
+                 grpc_target: str | None = None):
         self.model = model
+        self.target = Target.parse(target)  # HTTP endpoint: readiness, and the rounds unless gRPC
+        self.ready_path = ready_path if ready_path is not None else readiness_path(wire.protocol, wire.model)
+        self.ready_timeout_s = ready_timeout_s
         self.wire = wire
         self.samples = samples
         self.interval_s = interval_s
         self.plan = LoadPlan(rate=rate, count=count, connections=4, timeout_s=timeout_s)
         self.metrics = ReplayMetrics(registry)
-        self._replayer = Replayer(Target.parse(target), wire, samples, headers={CANARY_HEADER: "1"},
-                                  observer=self._observe)
+        if getattr(wire, "protocol", None) == "grpc":   # replay.protocol: grpc
+            from sentinel.replay.grpc_client import GrpcReplayer, GrpcTarget
+
+            self._replayer: Replayer = GrpcReplayer(GrpcTarget.parse(grpc_target or target), wire, samples,  # type: ignore[arg-type]
+                                                    headers={CANARY_HEADER: "1"}, observer=self._observe)
+        else:
+            self._replayer = Replayer(self.target, wire, samples, headers={CANARY_HEADER: "1"},
+                                      observer=self._observe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: CanaryRun | None = None
@@ -70,9 +136,21 @@ class Canary:
         samples = select_samples(entry, golden)
         wire = WireFormat(mc.protocol, mc.path_name, classes=entry.manifest.classes)
         r = config.replay
+        target = mc.endpoint
+        if r.protocol == "grpc":
+            from sentinel.replay.grpc_client import GrpcWire
+
+            if config.grpc_upstream is None:
+                raise ValueError("replay.protocol is grpc but grpc_upstream (the model server's gRPC host:port) "
+                                 "is not set")
+            wire, target = GrpcWire(mc.path_name, classes=entry.manifest.classes), config.grpc_upstream  # type: ignore[assignment]
         # The model label is the configured name, as on every other sentinel metric (rules match on it).
+        # Readiness is polled on the model's HTTP endpoint even when the rounds go over gRPC.
         return cls(model=mc.name, target=mc.endpoint, wire=wire, samples=samples, registry=registry,
-                   interval_s=r.canary_interval_s, count=r.canary_samples, rate=r.canary_rate)
+                   interval_s=r.canary_interval_s, count=r.canary_samples, rate=r.canary_rate,
+                   ready_path=readiness_path(mc.protocol, mc.path_name),
+                   ready_timeout_s=getattr(r, "canary_ready_timeout_s", 120.0),
+                   grpc_target=target if r.protocol == "grpc" else None)
 
     def _observe(self, o: Outcome) -> None:
         agrees = None if o.comparison is None else o.comparison.agrees(self.samples.tolerance)
@@ -96,8 +174,18 @@ class Canary:
         """One round on the caller's event loop."""
         return self._summarize(await self._replayer.run_async(self.plan))
 
+    def _log_readiness(self, ok: bool, why: str) -> None:
+        if ok:
+            log.info("canary %s: model server ready (%s)", self.model, why)
+        else:
+            log.warning("canary %s: model server not ready after %.0f s (%s); starting rounds anyway",
+                        self.model, self.ready_timeout_s, why)
+
     async def run_forever_async(self) -> None:
-        """Rounds every interval until cancelled (for an asyncio task)."""
+        """Rounds every interval until cancelled (for an asyncio task); waits for readiness first."""
+        loop = asyncio.get_running_loop()
+        ok, why = await loop.run_in_executor(None, wait_ready, self.target, self.ready_path, self.ready_timeout_s)
+        self._log_readiness(ok, why)
         while True:
             try:
                 await self.run_once_async()
@@ -106,7 +194,7 @@ class Canary:
             await asyncio.sleep(self.interval_s)
 
     def start(self) -> None:
-        """Run rounds every interval in a daemon thread (first round right away)."""
+        """Run rounds every interval in a daemon thread (the first once the model server is ready)."""
         if self.interval_s <= 0 or self._thread is not None:
             return
         self._stop.clear()
@@ -120,6 +208,10 @@ class Canary:
             self._thread = None
 
     def _loop(self) -> None:
+        ok, why = wait_ready(self.target, self.ready_path, self.ready_timeout_s, sleep=self._stop.wait)
+        if self._stop.is_set():
+            return
+        self._log_readiness(ok, why)
         while not self._stop.is_set():
             try:
                 self.run_once()

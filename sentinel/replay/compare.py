@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from sentinel.golden import Tolerance
-from sentinel.replay.wire import Decoded
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a response said about one sample."""
+
+    top1: int
+    probabilities: np.ndarray | None = None   # classes, float64
+    logits: np.ndarray | None = None          # classes, float64
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sentinel.errors import DecodeError
 from sentinel.golden import Tolerance
 from sentinel.replay.compare import Comparison, compare
 from sentinel.replay.histogram import LatencyHistogram
 from sentinel.replay.http import Connection, HttpError, Target, build_head
-from sentinel.replay.wire import DecodeError, WireFormat
+from sentinel.replay.wire import WireFormat
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class Replayer:
             hdrs, body = wire.encode(x)
             self._requests.append(build_head(target, "POST", wire.path, {**hdrs, **extra}, len(body)) + body)
 
+    def new_connection(self) -> Connection:
+        """One more connection to the target (the gRPC replayer hands out calls on one channel)."""
+        return Connection(self.target)
+
     def planned_count(self, plan: LoadPlan) -> int:
         if plan.count is not None:
             return plan.count
@@ -211,7 +216,7 @@ class Replayer:
         tasks: set[asyncio.Task] = set()
 
         async def send(i: int, intended: float) -> None:
-            conn = idle.pop() if idle else Connection(self.target)
+            conn = idle.pop() if idle else self.new_connection()
             try:
                 await self._one(conn, i, intended, plan.timeout_s, result)
             finally:
@@ -241,7 +246,7 @@ class Replayer:
         counter = iter(range(planned) if planned else _count())
 
         async def worker() -> None:
-            conn = Connection(self.target)
+            conn = self.new_connection()
             try:
                 for i in counter:
                     if deadline is not None and time.perf_counter() >= deadline:

@@ -10,11 +10,12 @@ import numpy as np
 
 from sentinel.errors import InfrastructureError, UsageError
 from sentinel.golden import GoldenSet, Tolerance
+from sentinel.protocols.names import WireProtocol
 from sentinel.registry import ModelEntry
 from sentinel.replay.http import HttpError, Target, probe
 from sentinel.replay.report import Objectives, ReplayReport, build_report
 from sentinel.replay.runner import LoadPlan, Observer, Progress, Replayer, Samples
-from sentinel.replay.wire import Protocol, WireFormat
+from sentinel.replay.wire import WireFormat
 
 Send = Literal["auto", "raw", "inputs"]
 
@@ -24,7 +25,7 @@ class ReplaySpec:
     """Everything a replay needs besides the model and golden set."""
 
     target: str
-    protocol: Protocol
+    protocol: WireProtocol | Literal["grpc"]   # grpc: OIP v2 ModelInfer over gRPC (replay.grpc_client)
     model_path_name: str
     binary: bool = False
     send: Send = "auto"     # raw inputs when the golden set has them and the model preprocesses
@@ -52,6 +53,9 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
     problems = plan.validate() + objectives.validate()
     if problems:
         raise UsageError("; ".join(problems))
+    if spec.protocol == "grpc":
+        return _run_grpc(entry, golden, spec, plan, objectives, tolerance=tolerance, observer=observer,
+                         progress=progress)
     try:
         target = Target.parse(spec.target)
     except ValueError as exc:
@@ -70,4 +74,30 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
         objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
     return build_report(result, model=entry.spec, target=spec.target + wire.path, protocol=spec.protocol,
                         binary=spec.binary, plan=plan, tolerance=samples.tolerance, objectives=objectives,
+                        golden=str(golden.path))
+
+
+def _run_grpc(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: LoadPlan, objectives: Objectives, *,
+              tolerance: Tolerance | None, observer: Observer | None, progress: Progress | None) -> ReplayReport:
+    """`run_replay` over gRPC: the same runner, samples, checks and report; ModelInfer calls instead of POSTs."""
+    from sentinel.replay.grpc_client import GrpcReplayer, GrpcTarget, GrpcWire, probe_grpc
+
+    try:
+        target = GrpcTarget.parse(spec.target)
+    except ValueError as exc:
+        raise UsageError(f"--target: {exc}") from None
+    try:
+        asyncio.run(probe_grpc(target))
+    except HttpError as exc:
+        raise InfrastructureError(f"target unreachable: {exc}") from None
+    samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
+    wire = GrpcWire(spec.model_path_name, classes=entry.manifest.classes)
+    replayer = GrpcReplayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
+    result = replayer.run(plan)
+    if result.sent and result.errors.get("grpc_unavailable", 0) == result.sent:
+        raise InfrastructureError(f"target unreachable: every call failed with UNAVAILABLE at {target.authority}")
+    if objectives.min_agreement is None:
+        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    return build_report(result, model=entry.spec, target=f"grpc://{target.authority}{wire.path}", protocol="grpc",
+                        binary=True, plan=plan, tolerance=samples.tolerance, objectives=objectives,
                         golden=str(golden.path))

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the route's string annotations here
 
+from sentinel.errors import DecodeError
+from sentinel.protocols.base import numeric_array
 from sentinel.registry import ModelEntry
 from sentinel.serve.faults import FaultInjector, FaultPlan
 from sentinel.serve.inference import BadInput, Prediction, Predictor
@@ -43,6 +45,8 @@ class ServeOptions:
     threads: int = 1                 # torch intra-op threads (tests share few cores)
     grace_period_s: int = 5
     fault_admin: bool = False        # POST /sentinel/faults changes delay and error ratio at run time
+    grpc_port: int | None = None     # also serve OIP v2 over gRPC on this port (kserve's servicer)
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
 
 
 def _import_kserve() -> Any:
@@ -114,10 +118,10 @@ def _model_class(kserve: Any) -> type:
                                      requested_outputs=payload.request_outputs)
             if not isinstance(payload, dict) or "instances" not in payload:
                 raise InvalidInput('v1 requests need {"instances": [...]}')
-            try:
-                x = np.asarray(payload["instances"], dtype=np.float32)
-            except (ValueError, TypeError) as exc:
-                raise InvalidInput(f"instances are not a numeric array: {exc}") from None
+            try:   # kserve parsed the JSON; the array rules are the wire layer's
+                x = numeric_array(payload["instances"], "instances").astype(np.float32)
+            except DecodeError as exc:
+                raise InvalidInput(str(exc)) from None
             pred = await self.engine.run(x)
             return {"predictions": pred.probabilities.tolist()}
 
@@ -126,7 +130,10 @@ def _model_class(kserve: Any) -> type:
 
 def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
     """POST /predictions/{name}[/{version}]: JSON instance(s) in, probabilities out."""
-    from fastapi.responses import JSONResponse, ORJSONResponse
+    from fastapi.responses import JSONResponse, Response
+
+    from sentinel.protocols import torchserve
+    from sentinel.protocols.base import DecodeHints
 
     async def handler(request: Request, model: str, version: str | None = None) -> Any:
         from kserve.errors import InferenceError, InvalidInput
@@ -135,28 +142,23 @@ def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
             return JSONResponse({"code": 404, "type": "ModelNotFoundException",
                                  "message": f"Model not found: {model}"}, status_code=404)
         body = await request.body()
+        headers = {"content-type": request.headers.get("content-type", "")}
+        octet = headers["content-type"].startswith(torchserve.OCTET_STREAM)
+        # Raw float32 bytes are shaped by the model's raw input (else its network input); JSON says its shape.
+        hints = DecodeHints(raw_shape=engine.predictor.raw_shape or engine.predictor.net_shape) if octet \
+            else DecodeHints()
         try:
-            if request.headers.get("content-type", "").startswith("application/octet-stream"):
-                x = np.frombuffer(body, dtype="<f4")
-                shape = engine.predictor.raw_shape or engine.predictor.net_shape
-                x = x.reshape((-1, *shape))
-            else:
-                import json
-
-                data = json.loads(body)
-                if isinstance(data, dict):
-                    data = data.get("data", data.get("instances"))
-                x = np.asarray(data, dtype=np.float32)
-            pred = await engine.run(x)
-        except (ValueError, TypeError, InvalidInput) as exc:
+            x = torchserve.decode_request(body, headers, hints).inputs
+            pred = await engine.run(x.astype(np.float32, copy=False))
+        except (DecodeError, InvalidInput) as exc:
             return JSONResponse({"code": 400, "type": "BadRequest", "message": str(exc)}, status_code=400)
         except InferenceError as exc:
             return JSONResponse({"code": 503, "type": "InternalServerException", "message": str(exc)},
                                 status_code=503)
-        probs = pred.probabilities
         # TorchServe answers a single instance with one object, a batch with a list.
-        single = tuple(x.shape) in (engine.predictor.raw_shape, engine.predictor.net_shape)
-        return ORJSONResponse(probs[0].tolist() if single else probs.tolist())
+        single = not octet and tuple(x.shape) in (engine.predictor.raw_shape, engine.predictor.net_shape)
+        out, out_headers = torchserve.encode_response(pred.probabilities, single=single)
+        return Response(out, media_type=out_headers["content-type"])
 
     app.add_api_route("/predictions/{model}", handler, methods=["POST"])
     app.add_api_route("/predictions/{model}/{version}", handler, methods=["POST"])
@@ -189,6 +191,40 @@ def _add_fault_route(app: Any, engine: _Engine) -> None:
     app.add_api_route("/sentinel/faults", handler, methods=["POST"])
 
 
+class _GrpcServing:
+    """kserve's gRPC inference servicer (OIP v2: ModelInfer, health, metadata) on options.host:grpc_port."""
+
+    def __init__(self, dataplane: Any, repository: Any, options: ServeOptions):
+        self.dataplane = dataplane
+        self.repository = repository
+        self.options = options
+        self.server: Any = None
+
+    async def run(self) -> None:
+        from grpc import aio
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+        from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+        from kserve.protocol.grpc.servicer import InferenceServicer
+
+        o = self.options
+        limit = o.grpc_max_message_bytes
+        self.server = aio.server(interceptors=(ExceptionToStatusInterceptor(),),
+                                 options=[("grpc.max_send_message_length", limit),
+                                          ("grpc.max_receive_message_length", limit)])
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, self.repository), self.server)
+        host = f"[{o.host}]" if ":" in o.host else o.host
+        if not self.server.add_insecure_port(f"{host}:{o.grpc_port}"):
+            raise OSError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: address already in use")
+        await self.server.start()
+        await self.server.wait_for_termination()
+
+    def stop(self) -> None:
+        """Called from the signal handler, on the running loop: in-flight calls get the grace period."""
+        if self.server is not None:
+            asyncio.get_running_loop().create_task(self.server.stop(self.options.grace_period_s))
+
+
 def serve(entry: ModelEntry, options: ServeOptions) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (graceful: in-flight requests finish)."""
     t0 = time.perf_counter()
@@ -212,7 +248,7 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
         _add_fault_route(kserve.model_server.app, engine)
 
     class _Server(kserve.ModelServer):
-        """kserve's ModelServer, REST only, bound to the host we are told (kserve hard-codes 0.0.0.0)."""
+        """kserve's ModelServer bound to the host we are told (kserve hard-codes 0.0.0.0 and [::])."""
 
         def start(self, models: list[Any]) -> None:
             self._register_and_check_atleast_one_model_is_ready(models)
@@ -222,13 +258,23 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
                 timeout_keep_alive=self.timeout_keep_alive)
             self._rest_server.config.host = options.host
             self.servers.append(self._rest_server.start())
+            if options.grpc_port is not None:
+                self._sentinel_grpc = _GrpcServing(self.dataplane, self.model_repository_extension, options)
+                self.servers.append(self._sentinel_grpc.run())
             self.setup_event_loop()
             self.register_signal_handler()
             asyncio.run(self._serve())
 
+        def stop(self, sig: int) -> None:
+            super().stop(sig)
+            grpc_serving = getattr(self, "_sentinel_grpc", None)
+            if grpc_serving is not None:
+                grpc_serving.stop()
+
     server = _Server(http_port=options.port, enable_grpc=False, enable_latency_logging=False,
                      grace_period=options.grace_period_s)
-    log.info("sentinel serve: %s as %r on http://%s:%d (model %.2f s, kserve import %.2f s)%s",
+    log.info("sentinel serve: %s as %r on http://%s:%d (model %.2f s, kserve import %.2f s)%s%s",
              entry.spec, name, options.host, options.port, t_model - t0, t_kserve - t_model,
+             f"; gRPC on {options.host}:{options.grpc_port}" if options.grpc_port is not None else "",
              f"; faults: {options.faults}" if options.faults.active else "")
     server.start([model])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from grafana_foundation_sdk.builders import dashboard as gdash
 from grafana_foundation_sdk.builders import prometheus as gprom
@@ -345,8 +345,10 @@ def _variables() -> list[gdash.QueryVariable | gdash.DatasourceVariable]:
     ]
 
 
-def _panel(p: PanelSpec):  # type: ignore[no-untyped-def]
-    builder = {"timeseries": gts.Panel, "stat": gstat.Panel, "table": gtable.Panel}[p.kind]()
+def _panel(p: PanelSpec) -> Any:
+    # The three panel builders share these methods but no base type declares them.
+    kinds: dict[str, Any] = {"timeseries": gts.Panel, "stat": gstat.Panel, "table": gtable.Panel}
+    builder: Any = kinds[p.kind]()
     builder = builder.title(p.title).description(p.description).unit(p.unit).datasource(DATASOURCE)
     builder = builder.span(p.width).height(p.height)
     if p.min is not None:
@@ -363,12 +365,12 @@ def _panel(p: PanelSpec):  # type: ignore[no-untyped-def]
     return builder
 
 
-def _table_format():  # type: ignore[no-untyped-def]
+def _table_format() -> Any:
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
     return PromQueryFormat.TABLE
 
 
-def _ts_format():  # type: ignore[no-untyped-def]
+def _ts_format() -> Any:
     from grafana_foundation_sdk.models.prometheus import PromQueryFormat
     return PromQueryFormat.TIME_SERIES
 

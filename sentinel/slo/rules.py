@@ -150,6 +150,13 @@ def absence_rules(spec: SloFile) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+# Input contract: page when more than 1% of sampled inputs violate it over 5 minutes (one broken
+# client in ten shows at ~10%); `for: 1m` rides out a single odd request.
+CONTRACT_WINDOW = "5m"
+CONTRACT_RATIO = 0.01
+CONTRACT_FOR = "1m"
+
+
 def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
     """Alerts about the machinery rather than the budget."""
     floor = sli.RATE_FLOOR
@@ -180,11 +187,25 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
                               f"Detector {{{{ $labels.detector }}}} on replica {{{{ $labels.instance }}}} has "
                               f"rejected 'no drift' on every window for {DRIFT_ALARM_FOR}. Compare recent inputs "
                               f"with the golden set; see the debug dashboard for its p-values.")),
+        Rule(alert="SentinelInputContractViolations",
+             expr=(f"sum by (model) (rate({mn.INPUT_CONTRACT_VIOLATING.sample_name}[{CONTRACT_WINDOW}]))\n/\n"
+                   f"clamp_min(sum by (model) (rate({mn.INPUT_CONTRACT_CHECKED.sample_name}[{CONTRACT_WINDOW}])), "
+                   f"{floor})\n> {num(CONTRACT_RATIO)}"),
+             for_=CONTRACT_FOR, labels=(("severity", "page"),),
+             annotations=_ann(spec, "SentinelInputContractViolations",
+                              "{{ $labels.model }}: {{ $value | humanizePercentage }} of inputs violate the "
+                              "input contract",
+                              f"More than {CONTRACT_RATIO:.0%} of sampled inputs over {CONTRACT_WINDOW} lie outside "
+                              f"what the model version was validated on (wrong scale, dtype, shape, NaN...). "
+                              f"Usually one client's preprocessing is wrong: see "
+                              f"{mn.INPUT_CONTRACT_VIOLATIONS.sample_name} by check and {mn.DRIFT_DIAGNOSIS.name}.")),
     ]
     for slo in spec.slos:
         if slo.sli != "estimated_accuracy":
             continue
-        gauge = f'{mn.ESTIMATED_ACCURACY.name}{{model="{slo.model}",method="atc"}}'
+        # The lower bound (unknown verdicts counted as wrong), which cannot stay green while inputs
+        # outside the golden support make ATC itself read high.
+        gauge = f'{mn.ESTIMATED_ACCURACY.name}{{model="{slo.model}",method="atc_lower"}}'
         rules.append(Rule(
             alert="SentinelEstimatedAccuracyBelowObjective",
             expr=f"avg by (model) ({gauge} >= 0) < {num(slo.objective)}", for_=ACCURACY_BELOW_FOR,

@@ -118,7 +118,7 @@ def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
                 out.append(_series(name, {**base, "source": source, "result": "disagree"}, _counter(bad_k)))
         else:
             values = [1.0 - profile.bad(s) for s in range(0, profile.steps + 1)]
-            out.append(_series(mn.ESTIMATED_ACCURACY.name, {**base, "method": "atc"}, values))
+            out.append(_series(mn.ESTIMATED_ACCURACY.name, {**base, "method": "atc_lower"}, values))
     return out
 
 

@@ -37,7 +37,7 @@ _AGREEMENT_SOURCES = ("shadow", "replay")
 # The `code` values of `sentinel_requests_total` that spend the availability budget (an
 # RE2 pattern, fully anchored as Prometheus anchors label regexes). The rule generator and
 # `sentinel gate` both read it from here, so they count the same requests as errors.
-BAD_CODE_REGEX = "5.."
+BAD_CODE_REGEX = f"5..|{mn.CODE_INCOMPLETE}"  # 5xx, and bodies cut after a 2xx head (proxy: code="incomplete")
 
 
 def le_regex(threshold: float) -> str:
@@ -103,7 +103,7 @@ def total_selector(slo: SloSpec) -> str:
     if slo.sli == "agreement":
         return _sel(mn.REFERENCE_AGREEMENT.sample_name, model=slo.model,
                     source="~" + "|".join(_AGREEMENT_SOURCES))
-    return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+    return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
 
 
 def required_selectors(slo: SloSpec) -> tuple[str, ...]:
@@ -124,6 +124,7 @@ def _raw_error_ratio(slo: SloSpec, window: str) -> str:
     model = slo.model
     if slo.sli == "availability":
         total = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model), window)
+        # 5xx, and responses whose body was cut after a 2xx head went out (not a success).
         bad = _sum_rate(_sel(mn.REQUESTS.sample_name, model=model, code="~" + BAD_CODE_REGEX), window)
         return _ratio(bad, total)
     if slo.sli == "latency":
@@ -154,5 +155,5 @@ def accuracy_sample(slo: SloSpec) -> str:
     `>= 0` drops NaN (an estimator that has not completed a window yet), so NaN never
     reaches the averages over time built on this series.
     """
-    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc")
+    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
     return f"avg by (model) ({gauge} >= 0)"

@@ -134,6 +134,7 @@ def load_slo_file(path: str | Path) -> SloFile:
     from sentinel.slo import openslo
 
     text = _read_text(Path(path))
+    spec: SloFile
     if openslo.is_openslo(text):
         spec = openslo.load_openslo(text, str(path))
     else:

@@ -131,7 +131,7 @@ class _Scenario:
         """severity -> long-window burn rate of the first firing pair (the alert's $value)."""
         out: dict[str, float] = {}
         for sev in ("page", "ticket"):
-            for pair in self.plan.by_severity(sev):  # type: ignore[arg-type]
+            for pair in self.plan.by_severity(sev):
                 if self.pair_fires(pair, at):
                     value = self.burn(pair.long_s, at)
                     assert value is not None
@@ -275,7 +275,7 @@ class _Builder:
         scens = []
         for s in self.spec.slos:
             frac = _exact_budget(s) if burn == 1.0 else burn * s.budget
-            scens.append(_Scenario(s, series.Profile(total, lambda _t, f=frac: f), self.plan, self.step))
+            scens.append(_Scenario(s, series.Profile(total, _constant(frac)), self.plan, self.step))
         ats = sorted({2, total // 2, total - 1})
         if burn == 1.0:
             checks = [c for a in ats for c in self.quiet(a)]
@@ -340,6 +340,11 @@ def _absent_for(files: tuple[RuleFile, ...]) -> str:
                 if r.alert == ABSENT_ALERT and r.for_:
                     return r.for_
     return "0s"
+
+
+def _constant(fraction: float) -> Callable[[int], float]:
+    """A bad-fraction profile that is `fraction` at every step."""
+    return lambda _step: fraction
 
 
 def _exact_budget(slo: SloSpec) -> float:

@@ -7,18 +7,67 @@ from typing import Literal
 
 import numpy as np
 
-from sentinel.errors import InfrastructureError, UsageError
+from sentinel.errors import InfrastructureError, UsageError, WeightsError
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
+
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+              "MatMulInteger", "DynamicQuantizeLinear"}
+CAST_SUFFIX = "__sentinel_fp32"
+
+
+def graph_precision(model) -> Precision:
+    """The precision the graph computes in, from its real types (not its inputs).
+
+    int8 when it quantizes; otherwise the float type holding most initializer elements
+    (weights): an fp16 conversion that keeps fp32 inputs and outputs is fp16.
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    if any(n.op_type in _QUANT_OPS for n in graph.node):
+        return "int8"
+    counts = {TensorProto.FLOAT: 0, TensorProto.FLOAT16: 0, TensorProto.BFLOAT16: 0, TensorProto.DOUBLE: 0}
+    for init in graph.initializer:
+        if init.data_type in counts:
+            n = 1
+            for d in init.dims:
+                n *= d
+            counts[init.data_type] += n
+    for node in graph.node:   # weights folded into Constant nodes count too
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.t is not None and attr.t.data_type in counts:
+                    n = 1
+                    for d in attr.t.dims:
+                        n *= d
+                    counts[attr.t.data_type] += n
+    top = max(counts, key=counts.__getitem__)
+    if counts[top] == 0:
+        top = graph.input[0].type.tensor_type.elem_type if graph.input else TensorProto.FLOAT
+    return {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}.get(top, "fp32")  # type: ignore[return-value]
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, safe for exceptions with an empty message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 class OnnxExport:
-    """An ONNX file in an onnxruntime session; `with_outputs` builds one exposing intermediate values."""
+    """An ONNX file run with onnxruntime.
+
+    One session at a time, built on first use: the plain graph, or (after `instrument`) the
+    graph with intermediate values exposed, cast to float32 whatever their real type, which
+    then serves the plain run too, so a localizing verify builds one session, not two.
+    """
 
     format = "onnx"
 
     def __init__(self, path: Path, threads: int | None = None):
         import onnx
+        from onnx import TensorProto
 
         self.path = path
         self.threads = threads
@@ -26,16 +75,30 @@ class OnnxExport:
             self.model = onnx.load(str(path))
             onnx.checker.check_model(self.model)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
-            raise InfrastructureError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
-                                      f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-        self.session = self._session(self.model)
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.input_dtype = np.float16 if "float16" in inp.type else np.float32
-        self.input_shape = tuple(inp.shape)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+            raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        graph = self.model.graph
+        try:   # names come from the file: non-UTF-8 bytes there raise UnicodeDecodeError
+            inits = {i.name for i in graph.initializer}
+            inputs = [i for i in graph.input if i.name not in inits]
+            if not inputs or not graph.output:
+                raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
+            inp = inputs[0]
+            elem = inp.type.tensor_type.elem_type
+            self.input_name = inp.name
+            self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                     for d in inp.type.tensor_type.shape.dim)
+            self.output_names = [o.name for o in graph.output]
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise WeightsError(f"{path}: unreadable inputs or outputs in the ONNX graph ({_first_line(exc)})") from None
+        if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            raise UsageError(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(elem)}; "
+                             "verify feeds float32, float16 or float64 inputs")
+        self.input_dtype = {TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
         b = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None
+        self._session_obj = None
+        self.sessions_built = 0
+        self.instrumented: dict[str, str] = {}   # value → float32 output name of the instrumented graph
 
     def _session(self, model):
         import onnxruntime as ort
@@ -44,19 +107,25 @@ class OnnxExport:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         try:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
-            raise InfrastructureError(f"{self.path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{self.path}: onnxruntime cannot load it ({_first_line(exc)})") from None
+        self.sessions_built += 1
+        return sess
+
+    @property
+    def session(self):
+        if self._session_obj is None:
+            self._session_obj = self._session(self.model)
+        return self._session_obj
 
     @property
     def precision(self) -> Precision:
-        """int8 when the graph quantizes, fp16 when its input is half, else fp32."""
-        if any(n.op_type in ("QuantizeLinear", "QLinearConv", "ConvInteger") for n in self.model.graph.node):
-            return "int8"
-        return "fp16" if self.input_dtype == np.float16 else "fp32"
+        """The graph's computing precision (`graph_precision`), e.g. fp16 for fp16 weights with fp32 I/O."""
+        return graph_precision(self.model)
 
     def run(self, x: np.ndarray, session=None, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """All outputs (or `names`) for a batch, split to the export's fixed batch size if it has one."""
+        """All outputs (or `names`) for a batch as float32, split to the export's fixed batch size if it has one."""
         sess = session or self.session
         names = names or self.output_names
         step = self.fixed_batch or 16  # small batches stay in cache; 64 was no faster on 2 cores
@@ -70,18 +139,29 @@ class OnnxExport:
                 parts[n].append(np.asarray(v, dtype=np.float32))
         return {n: np.concatenate(v) for n, v in parts.items()}
 
-    def with_outputs(self, values: list[str]):
-        """A session that also returns the named intermediate values."""
+    def instrument(self, values: list[str]) -> dict[str, str]:
+        """Rebuild the session exposing `values`, each through a Cast to float32 (fp16, bf16 and int8
+        graphs carry other types); returns value → output name. The plain outputs stay as they were."""
         import onnx
         from onnx import TensorProto, helper
 
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
-        have = {o.name for o in m.graph.output}
+        mapping = {}
         for v in values:
-            if v not in have:
-                m.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
-        return self._session(m)
+            out = v + CAST_SUFFIX
+            m.graph.node.append(helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT,
+                                                 name=f"sentinel_cast_{len(mapping)}"))
+            m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+            mapping[v] = out
+        self._session_obj = self._session(m)
+        self.instrumented = mapping
+        return mapping
+
+    def with_outputs(self, values: list[str]):
+        """A session that also returns the named intermediate values (as `instrument`; kept for callers)."""
+        self.instrument(values)
+        return self.session
 
 
 class TorchScriptExport:
@@ -98,7 +178,7 @@ class TorchScriptExport:
         try:
             self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and others
-            raise InfrastructureError(f"{path}: not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+            raise WeightsError(f"{path}: not a loadable TorchScript file ({_first_line(exc)})") from None
         self.output_names = ["logits"]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sentinel import scores
+
 _EPS = 1e-12
 
 
@@ -63,7 +65,4 @@ def topk_agreement(got_logits: np.ndarray, ref_logits: np.ndarray, k: int) -> fl
     return float(np.mean(np.any(topk == ref_top1[:, None], axis=1)))
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+softmax = scores.softmax

@@ -12,6 +12,7 @@ import numpy as np
 from sentinel.errors import UsageError
 from sentinel.golden import GoldenSet
 from sentinel.registry import ModelEntry, sha256_file
+from sentinel.scores import is_distribution
 from sentinel.verify.localize import (
     capture_reference,
     checkpoint_modules,
@@ -20,7 +21,7 @@ from sentinel.verify.localize import (
     onnx_values,
 )
 from sentinel.verify.policy import Policy, policy_for
-from sentinel.verify.runtime import OnnxExport, open_export
+from sentinel.verify.runtime import PRECISIONS, OnnxExport, open_export
 from sentinel.verify.stats import error_stats, softmax, topk_agreement
 
 Localize = Literal["auto", "always", "never"]
@@ -68,10 +69,15 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         if all(isinstance(d, int) for d in got_shape) and got_shape != want:
             raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; "
                              "is this an export of another model?")
-    prec = precision or recorded_precision(entry, path) or export.precision
-    if prec not in ("fp32", "fp16", "int8"):
-        raise UsageError(f"--precision must be fp32, fp16 or int8, got {prec!r}")
+    detected = export.precision
+    prec = precision or recorded_precision(entry, path) or detected
+    if prec not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
     policy = policy_for(prec, atol=atol, rtol=rtol, min_top1=min_top1)
+    localizer: _Localizer | None = None
+    if localize == "always" and isinstance(export, OnnxExport):
+        # One instrumented session serves the plain run and the localization.
+        localizer = _Localizer(export, entry)
     t_load = time.perf_counter()
 
     outs = export.run(inputs)
@@ -82,7 +88,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if out.shape != ref_logits.shape:
         raise UsageError(f"{path}: output {name!r} has shape {list(out.shape)}, the reference {list(ref_logits.shape)}; "
                          "is this an export of another model?")
-    served_probs = _is_distribution(out) and name != "logits"
+    served_probs = is_distribution(out) and name != "logits"
     got_probs = out if served_probs else softmax(out.astype(np.float64))
     stats: dict[str, Any] = {}
     if not served_probs:
@@ -108,7 +114,8 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if run_localize:
         if isinstance(export, OnnxExport):
             sel = np.sort(order[:max(1, localize_samples)])
-            layer_errors = _localize(export, entry, inputs[sel], policy)
+            localizer = localizer or _Localizer(export, entry)
+            layer_errors = localizer.compare(inputs[sel], policy)
             layers = [l.as_dict() for l in layer_errors]
             first = first_divergence(layer_errors)
             if first is None:
@@ -123,6 +130,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "export": str(path),
         "format": export.format,
         "precision": prec,
+        "detected_precision": detected,
         "model": entry.spec,
         "golden": str(golden.path),
         "samples": int(len(inputs)),
@@ -142,10 +150,6 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     return VerifyReport(doc)
 
 
-def _is_distribution(x: np.ndarray) -> bool:
-    return bool(np.all(x >= -1e-6) and np.allclose(x.sum(axis=1), 1.0, atol=1e-3))
-
-
 def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.ndarray,
            ref_probs: np.ndarray) -> list[str]:
     """One sentence per requirement the export misses."""
@@ -163,16 +167,23 @@ def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.nda
     return out
 
 
-def _localize(export: OnnxExport, entry: ModelEntry, x: np.ndarray, policy: Policy):
-    """Expose checkpoint values in the graph, capture the same modules in the reference, compare."""
-    model = entry.build_model()
-    modules = checkpoint_modules(model)
-    values = onnx_values(export.model.graph, modules)
-    wanted = sorted(set(values.values()))
-    session = export.with_outputs(wanted)
-    exported = export.run(x, session=session, names=wanted)
-    reference = capture_reference(model, modules, x)
-    return compare_layers(modules, values, exported, reference, policy.layer_rel)
+class _Localizer:
+    """Checkpoint values exposed in the export's (one) session, and the same modules in the reference."""
+
+    def __init__(self, export: OnnxExport, entry: ModelEntry):
+        self.export = export
+        self.model = entry.build_model()
+        self.modules = checkpoint_modules(self.model)
+        self.values = onnx_values(export.model.graph, self.modules)
+        self.outputs = export.instrument(sorted(set(self.values.values())))
+
+    def compare(self, x: np.ndarray, policy: Policy):
+        """Per-checkpoint errors on inputs x (exported values cast to float32, whatever the graph's type)."""
+        names = sorted(set(self.outputs.values()))
+        got = self.export.run(x, names=names)
+        exported = {v: got[out] for v, out in self.outputs.items()}
+        reference = capture_reference(self.model, self.modules, x)
+        return compare_layers(self.modules, self.values, exported, reference, policy.layer_rel)
 
 
 def render_text(report: VerifyReport) -> str:

@@ -33,7 +33,10 @@ def test_short_demo_detects_each_incident_and_cleans_up(tmp_path):
          "--durations", "normal=14,noise=14,rotation=8,latency=10,errors=8,recovery=6"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    tl = json.loads((out / "timeline.json").read_text())
+    def bare(name: str):
+        raise ValueError(f"bare {name} in timeline.json")
+
+    tl = json.loads((out / "timeline.json").read_text(), parse_constant=bare)
     phases = {p["name"]: p for p in tl["phases"]}
     windows = tl["windows"]
 
@@ -47,15 +50,16 @@ def test_short_demo_detects_each_incident_and_cleans_up(tmp_path):
     # no alarm once the normal phase's window is full of normal traffic
     # latency phase moved P99 above the SLO threshold
     thr_ms = tl["slo"]["threshold"] * 1000
-    assert max(w["p99_ms"] for w in during("latency incident", settle=2)) > thr_ms
+    assert max(w["p99_ms"] for w in during("latency incident", settle=2) if w["p99_ms"] is not None) > thr_ms
     # the accuracy estimate fell during drift
-    normal_est = [w["estimated_accuracy"]["atc"] for w in during("normal", settle=6) if "atc" in w["estimated_accuracy"]]
+    normal_est = [w["estimated_accuracy"]["atc"] for w in during("normal", settle=6)
+                  if w["estimated_accuracy"].get("atc") is not None]
     drift_est = [w["estimated_accuracy"]["atc"] for w in during("drift: noise", settle=6)
-                 if "atc" in w["estimated_accuracy"]]
+                 if w["estimated_accuracy"].get("atc") is not None]
     assert normal_est and drift_est
     assert min(drift_est) < max(normal_est) - 0.05
     # errors phase was seen
-    assert max(w["error_ratio"] for w in during("error incident", settle=2)) > 0.1
+    assert max(w["error_ratio"] for w in during("error incident", settle=2) if w["error_ratio"] is not None) > 0.1
     # artifacts
     assert (out / "report.html").read_text().count("<svg") == 4
     assert "incidents:" in (out / "summary.txt").read_text()

@@ -21,6 +21,8 @@ from sentinel.drift import (
 from sentinel.drift.result import DetectorResult
 from sentinel.drift.univariate import reference_keys
 
+pytestmark = pytest.mark.unit
+
 REF = np.array([[0.1, 0.5], [0.4, 0.2], [0.35, 0.9], [0.8, 0.8], [0.2, 0.1], [0.9, 0.3],
                 [0.55, 0.45], [0.05, 0.7], [0.6, 0.65], [0.3, 0.25], [0.75, 0.95], [0.45, 0.15]])
 WIN = np.array([[0.7, 0.5], [0.95, 0.2], [0.85, 0.6], [0.6, 0.8], [0.9, 0.1], [0.65, 0.3],

@@ -108,7 +108,8 @@ def test_class_count_mismatch_is_a_clear_error_naming_both(traffic):
     cfg = _config()
     mon = build_monitor(cfg, cfg.models[0])
     ups = mon.observe(DecodedBatch("digits", None, None, np.zeros((4, 12), np.float32), "logits"))
-    assert [(u.labels["reason"], u.value) for u in ups] == [("class_count_mismatch", 4.0)]
+    assert [(u.labels["reason"], u.value) for u in ups if u.metric == "sentinel_drift_rejected_samples"] == \
+        [("class_count_mismatch", 4.0)]
     st = mon.status()
     assert st["state"] == "error"
     assert "returns 12 classes" in st["reason"] and "has 10" in st["reason"] and "golden_sets" in st["reason"]
@@ -218,3 +219,37 @@ def test_registry_and_golden_class_counts_must_agree(traffic):
     fake = SimpleNamespace(path=Path("golden_sets/digits/v3"), probabilities=np.zeros((3, 12)))
     with pytest.raises(UsageError, match="lists 10 classes but golden set .* has 12"):
         ModelMonitor("digits", traffic["entry"], fake, DriftConfig(shadow=False))
+
+
+def test_wrong_scale_counts_from_the_first_bad_sample_and_is_diagnosed(traffic):
+    """Clean traffic, then 0–255 inputs: contract counters grow at once, the lower bound falls, the
+    diagnosis names the transform, and /status describes the same evaluation as the metrics."""
+    from sentinel.analysis.monitor import build_monitor
+
+    cfg = _config(window_size=200, evaluate_every=25)
+    mon = build_monitor(cfg, cfg.models[0])
+    raw, runner, pre = traffic["raw"], traffic["runner"], traffic["entry"].manifest.preprocessing
+    ups = _stream(mon, raw[:200], traffic["clean"][:200])
+    zeros = [u for u in ups if u.metric == "sentinel_input_contract_violations" and u.value == 0]
+    assert {u.labels["check"] for u in zeros} >= {"out_of_range", "dtype", "shape", "nonfinite"}
+    assert not [u for u in ups if u.metric == "sentinel_input_contract_violations" and u.value > 0]
+    bad_raw = raw[200:250] * (255.0 / 16.0)
+    bad_out = runner.run(pre.apply(bad_raw)).logits
+    first = mon.observe(DecodedBatch("digits", bad_raw[:1], "raw", bad_out[:1], "logits"))
+    viol = {u.labels["check"]: u.value for u in first if u.metric == "sentinel_input_contract_violations"}
+    assert viol["out_of_range"] == 1.0
+    assert [u.labels["verdict"] for u in first if u.metric == "sentinel_accuracy_verdicts"] == ["unknown"]
+    ups = _stream(mon, bad_raw[1:], bad_out[1:])
+    lower = [u.value for u in ups if u.metric == "sentinel_estimated_accuracy_ratio"
+             and u.labels["method"] == "atc_lower"]
+    assert lower and lower[-1] < 0.5                          # within 50 bad samples
+    kinds = {u.labels["kind"]: u.value for u in ups if u.metric == "sentinel_drift_diagnosis"}
+    transforms = {u.labels["transform"]: u.value for u in ups if u.metric == "sentinel_drift_diagnosis_transform"}
+    reliable = [u.value for u in ups if u.metric == "sentinel_accuracy_estimate_reliable"]
+    # 50 of the window's 200 samples are bad: the contract kind, naming the bad samples' transform
+    assert kinds["input_contract"] == 1.0 and sum(kinds.values()) == 1.0
+    assert transforms["multiply"] == 1.0 and reliable[-1] == 0.0
+    last = mon.status()["last"]
+    assert last["window_id"] == mon.windows and last["diagnosis"]["kind"] == "input_contract"
+    assert last["diagnosis"]["transform"] == "multiply" and last["accuracy_estimate_reliable"] is False
+    assert last["estimated_accuracy"]["atc_lower"] == lower[-1]

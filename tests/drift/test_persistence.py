@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from sentinel.analysis.monitor import ModelMonitor
+
+pytestmark = pytest.mark.unit
 
 
 def _monitor(persistence: int, window: int = 100):

@@ -17,6 +17,8 @@ from sentinel.drift import (
 from sentinel.drift.atc import fit_temperature
 from sentinel.drift.features import input_statistics, softmax
 
+pytestmark = pytest.mark.unit
+
 K = 5
 
 

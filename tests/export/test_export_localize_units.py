@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from sentinel.verify.localize import (
@@ -13,6 +14,8 @@ from sentinel.verify.localize import (
     onnx_values,
 )
 from sentinel.verify.stats import error_stats, topk_agreement
+
+pytestmark = pytest.mark.unit
 
 
 def _node(op, out, scopes=None, name=""):

@@ -51,7 +51,8 @@ def golden(entry):
 def dynamo_onnx(reg_dir) -> Path:
     """The default export (torch.onnx dynamo exporter), made by the CLI once for the module."""
     out = reg_dir / "exports" / "model.onnx"
-    r = sentinel("export", "--model", "digits:v3", "--registry", str(reg_dir), "--dynamic-batch", "-o", str(out))
+    r = sentinel("export", "--model", "digits:v3", "--registry", str(reg_dir), "--dynamic-batch", "-o", str(out),
+                 "--register")
     assert r.returncode == 0, r.stderr
     return out
 

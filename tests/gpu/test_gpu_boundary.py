@@ -22,6 +22,8 @@ from sentinel.gpu.nvml import (
     translate,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_pynvml_error_code_has_a_kind():
     pynvml = pytest.importorskip("pynvml")

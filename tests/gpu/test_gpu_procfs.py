@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from gpu_fakes import make_proc
 
 from sentinel.config import GpuConfig
 from sentinel.gpu.procfs import ProcFs, attribute
+
+pytestmark = pytest.mark.unit
 
 
 def test_names_and_cgroups(tmp_path):

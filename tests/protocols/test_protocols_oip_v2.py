@@ -14,6 +14,8 @@ from hypothesis.extra import numpy as hnp
 
 from sentinel.protocols import DecodeError, decode_request, decode_response, oip_v2
 
+pytestmark = pytest.mark.unit
+
 H_JSON = {"content-type": "application/json"}
 
 

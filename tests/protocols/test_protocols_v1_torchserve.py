@@ -11,6 +11,8 @@ import pytest
 
 from sentinel.protocols import DecodeError, decode_request, decode_response, match
 
+pytestmark = pytest.mark.unit
+
 
 def _png(arr: np.ndarray) -> bytes:
     from PIL import Image

@@ -134,13 +134,29 @@ def test_streamed_chunked_body_over_limit_is_413(env):
     assert httpx.get(sc.url + "/echo").status_code == 200
 
 
-def test_stale_pooled_connection_is_retried_once(env):
+def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(env):
     up, sc = env
+    up.dropped = 0
     with httpx.Client(base_url=sc.url) as c:
         assert c.get("/echo").status_code == 200     # leaves a pooled upstream connection
-        r = c.post("/drop-once", content=b"payload")
+        r = c.get("/drop-once")
     assert r.status_code == 200 and r.json() == {"second": "try"}
     assert sc.value(ERR, {"reason": "stale_connection_retried"}) == 1
+
+
+def test_post_the_upstream_read_is_not_sent_again(env):
+    """The upstream read the POST and closed: it may have run, so the client gets 502, not a rerun."""
+    up, sc = env
+    up.dropped = 0
+    retried = sc.value(ERR, {"reason": "stale_connection_retried"})
+    with httpx.Client(base_url=sc.url) as c:
+        assert c.get("/echo").status_code == 200
+        n = len(up.seen)
+        r = c.post("/drop-once", content=b"payload")
+    assert r.status_code == 502 and _error(r)["reason"] == "upstream_reset"
+    assert [s["path"] for s in up.seen[n:]] == ["/drop-once"]    # received once, never resent
+    assert sc.value(ERR, {"reason": "stale_connection_retried"}) == retried
+    assert httpx.post(sc.url + "/echo", content=b"ok").content == b"ok"
 
 
 def test_slow_client_upload_is_not_an_upstream_timeout(env):

@@ -77,7 +77,7 @@ def test_crashing_worker_is_restarted_and_proxy_unaffected():
     with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0), "proxy_monitors:crashing") as sc:
         with httpx.Client(base_url=sc.url) as c:
             assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
-            assert sc.wait_for(mn.ANALYSIS_RESTARTS.sample_name, {}, 1) >= 1
+            assert sc.wait_for(mn.ANALYSIS_RESTARTS.sample_name, {"reason": "exit"}, 1) >= 1
             for _ in range(5):
                 assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
         assert sc.value(mn.ANALYSIS_ERRORS.sample_name, {"kind": "worker_exit"}) >= 1

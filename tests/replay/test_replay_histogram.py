@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentinel.replay.histogram import LatencyHistogram, bucket_bounds, bucket_index
+
+pytestmark = pytest.mark.unit
 
 
 @given(st.integers(min_value=100, max_value=60_000_000))

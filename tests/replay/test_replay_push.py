@@ -13,6 +13,8 @@ from sentinel.errors import InfrastructureError
 from sentinel.replay.push import ReplayMetrics, push
 from sentinel.replay.runner import Outcome
 
+pytestmark = pytest.mark.unit
+
 
 def test_push_sends_replay_families_under_the_job_and_model():
     got: dict[str, object] = {}

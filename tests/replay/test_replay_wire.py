@@ -13,6 +13,8 @@ from sentinel.replay.report import Objectives, build_report
 from sentinel.replay.runner import LoadPlan, RunResult
 from sentinel.replay.wire import DecodeError, WireFormat
 
+pytestmark = pytest.mark.unit
+
 X = np.arange(64, dtype=np.float32).reshape(8, 8)
 P = np.array([0.1, 0.7, 0.2])
 

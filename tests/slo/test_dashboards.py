@@ -13,6 +13,8 @@ from sentinel.slo import recorded
 from sentinel.slo.dashboards import dashboard_specs, generate_dashboards
 from sentinel.slo.spec import load_slo_file
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 SPEC = load_slo_file(REPO / "slo.yaml")
 BOARDS = {name: json.loads(text) for name, text in generate_dashboards(SPEC).items()}

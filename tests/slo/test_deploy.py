@@ -136,7 +136,7 @@ def test_kubernetes_manifests():
     assert set(containers) == {"model-server", "sentinel"}
     assert containers["sentinel"]["args"][:2] == ["sentinel", "run"]
     ports = {p["name"]: p["containerPort"] for p in containers["sentinel"]["ports"]}
-    assert ports == {"http": 8080, "metrics": 9090}
+    assert ports == {"http": 8080, "metrics": 9464}
     svc_ports = {p["name"] for p in docs["Service"]["spec"]["ports"]}
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"] in svc_ports
     selector = docs["Service"]["spec"]["selector"].items()

@@ -11,6 +11,8 @@ from sentinel.errors import ConfigError
 from sentinel.slo.rules import generate_rule_files
 from sentinel.slo.spec import load_slo_file
 
+pytestmark = pytest.mark.unit
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 

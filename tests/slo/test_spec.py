@@ -10,6 +10,8 @@ from sentinel.errors import ConfigError
 from sentinel.slo.durations import format_duration, parse_duration
 from sentinel.slo.spec import load_slo_file
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from sentinel.slo.windows import plan_windows
 
+pytestmark = pytest.mark.unit
+
 DAY = 86400
 
 

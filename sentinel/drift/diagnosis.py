@@ -1,0 +1,379 @@
+"""A named diagnosis for an alarming window: which kind of shift, and which transform explains it.
+
+Kinds (the `kind` label of `sentinel_drift_diagnosis`), decided in this order for a window whose
+combined verdict alarms:
+
+    preprocessing_mismatch  inputs moved, and one candidate transform T of the golden inputs
+                            reproduces the window (T(golden) ≈ window, i.e. T⁻¹ brings the window
+                            back to the golden distribution); the transform is named
+    input_contract          at least `contract_share` of the window's samples violate the input contract
+    covariate_shift         inputs moved, even after reweighting golden by the window's class shares
+    prior_shift             the outputs moved but the inputs are explained by the golden set
+                            reweighted to the window's predicted-class shares (p(x|y) unchanged;
+                            the black-box label-shift assumption of Lipton et al., ICML 2018)
+    none                    the window does not alarm
+
+Comparison: every sample gets a *signature* (per-channel mean, std, quantiles, shares of
+values at the extremes and in mid-range, sharpness, gradient anisotropy, and how well it
+correlates with the golden per-class mean images in four orientations). For a candidate c
+the distance is d(c) = mean_j z_j², with z_j the Welch statistic of feature j between the
+window and T_c(golden). Candidates applied to golden inputs in their raw form (when the golden
+set has it) or in the network's unit space: multiply/divide by a factor and add an offset
+(both estimated from the window's per-sample extremes), invert, transpose, horizontal and
+vertical flip, binarize, blur (σ 0.5/1/2 pixels), channel order (C > 1), missing or doubled
+normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
+
+Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift"]
+KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
+TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
+                               "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
+                               "normalization_doubled")
+
+# Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
+MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
+FIT = 12.0           # a candidate explains the window: its d below this ...
+FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity)
+CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window input_contract
+MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
+MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
+BLUR_SIGMAS = (0.5, 1.0, 2.0)
+REL_TOLERANCE = 0.005
+ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
+
+
+def _orient(img: np.ndarray, o: str) -> np.ndarray:
+    """Orientation `o` of images (...×H×W)."""
+    if o == "transpose":
+        return np.swapaxes(img, -1, -2)
+    if o == "flip_horizontal":
+        return img[..., ::-1]
+    if o == "flip_vertical":
+        return img[..., ::-1, :]
+    return img
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Per-sample signature features of network inputs, fitted on golden inputs and their classes."""
+
+    low: np.ndarray                 # C, golden minimum per channel
+    high: np.ndarray                # C
+    templates: np.ndarray           # O×K×(H·W): centred, unit-norm class mean images per orientation
+    names: tuple[str, ...]
+
+    @classmethod
+    def fit(cls, inputs: np.ndarray, classes: np.ndarray) -> Signature:
+        x = np.asarray(inputs, dtype=np.float64)
+        c, h, w = x.shape[1:]
+        flat = x.reshape(len(x), c, -1)
+        low, high = flat.min(axis=(0, 2)), flat.max(axis=(0, 2))
+        gray = x.mean(axis=1)
+        ks = np.unique(np.asarray(classes))
+        means = np.stack([gray[np.asarray(classes) == k].mean(axis=0) for k in ks])
+        orients = [o for o in ORIENTATIONS if o != "transpose" or h == w]
+        t = np.stack([_orient(means, o).reshape(len(ks), -1) for o in orients])
+        t = t - t.mean(axis=2, keepdims=True)
+        t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-12)
+        names = [f"{s}_c{i}" for i in range(c) for s in ("mean", "std", "q10", "q50", "q90", "low_share",
+                                                           "high_share", "mid_share", "min", "max")]
+        names += ["sharpness", "anisotropy"] + [f"fit_{o}" for o in orients]
+        names += [f"fit_identity_minus_{o}" for o in orients[1:]]
+        return cls(low, high, t, tuple(names))
+
+    def features(self, inputs: np.ndarray) -> np.ndarray:
+        """N×F signature features of N×C×H×W network inputs (non-finite values count as 0)."""
+        x = np.nan_to_num(np.asarray(inputs, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        n, c = x.shape[:2]
+        flat = x.reshape(n, c, -1)
+        rng = np.maximum(self.high - self.low, 1e-12)[None, :, None]
+        lo, hi = self.low[None, :, None], self.high[None, :, None]
+        q = np.quantile(flat, (0.1, 0.5, 0.9), axis=2)                     # 3×N×C
+        eps = 0.02 * rng
+        low_share = (flat <= lo + eps).mean(axis=2)
+        high_share = (flat >= hi - eps).mean(axis=2)
+        mid_share = ((flat > lo + 0.1 * rng) & (flat < hi - 0.1 * rng)).mean(axis=2)
+        per_c = np.stack([flat.mean(axis=2), flat.std(axis=2), q[0], q[1], q[2], low_share, high_share,
+                          mid_share, flat.min(axis=2), flat.max(axis=2)], axis=2).reshape(n, -1)
+        gx = np.abs(np.diff(x, axis=3)).mean(axis=(1, 2, 3)) if x.shape[3] > 1 else np.zeros(n)
+        gy = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) if x.shape[2] > 1 else np.zeros(n)
+        aniso = gx / np.maximum(gx + gy, 1e-12)
+        g = x.mean(axis=1).reshape(n, -1)
+        g = g - g.mean(axis=1, keepdims=True)
+        g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        fits = np.einsum("nd,okd->nok", g, self.templates).max(axis=2)     # best class fit per orientation
+        # Paired differences: far less noisy than each fit, so orientation changes stand out.
+        contrast = fits[:, :1] - fits[:, 1:]
+        return np.concatenate([per_c, ((gx + gy) / 2)[:, None], aniso[:, None], fits, contrast], axis=1)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mean and variance per feature of a sample of signatures, and its size."""
+
+    mean: np.ndarray
+    var: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, f: np.ndarray) -> Moments:
+        return cls(f.mean(axis=0), f.var(axis=0, ddof=1) if len(f) > 1 else np.zeros(f.shape[1]), len(f))
+
+
+def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
+    """Mean squared Welch z over features (`scale` floors each feature's variance)."""
+    # plus a 0.5% relative tolerance: a fitted factor is not exact, and a feature with no spread
+    # (a clipped maximum) must not turn that into an enormous z
+    se2 = window.var / max(window.n, 1) + ref.var / max(ref.n, 1) + (scale ** 2) / max(window.n, 1) \
+        + (REL_TOLERANCE * ref.mean) ** 2
+    z2 = (window.mean - ref.mean) ** 2 / se2
+    return float(np.mean(np.minimum(z2, 1e6)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A transform of golden inputs in their source space; `fitted` ones take a parameter from the window."""
+
+    name: str
+    apply: Callable[[np.ndarray, float], np.ndarray]
+    network: bool = False            # acts on network inputs rather than on the source space
+
+
+@dataclass(frozen=True)
+class Source:
+    """Golden inputs in the space transforms act on, and the way back to network inputs.
+
+    `images` are N×C×H×W; `to_network` maps such an array to network inputs; network values v
+    map back to source values as v·`unit_a` + `unit_b` per channel (exact for scale/offset,
+    which are all that is estimated through it).
+    """
+
+    images: np.ndarray
+    to_network: Callable[[np.ndarray], np.ndarray]
+    unit_a: np.ndarray
+    unit_b: np.ndarray
+    norm_mean: np.ndarray            # network normalisation (for the missing/doubled candidates)
+    norm_std: np.ndarray
+
+    @property
+    def low(self) -> np.ndarray:
+        return self.images.min(axis=(0, 2, 3))
+
+    @property
+    def high(self) -> np.ndarray:
+        return self.images.max(axis=(0, 2, 3))
+
+
+def _ch(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, dtype=np.float64).reshape(1, -1, 1, 1)
+
+
+def _candidates(src: Source) -> list[Candidate]:
+    lo, hi = _ch(src.low), _ch(src.high)
+    c, h, w = src.images.shape[1:]
+
+    def blur(s: float):
+        def f(x: np.ndarray, _: float) -> np.ndarray:
+            from scipy.ndimage import gaussian_filter
+            return gaussian_filter(x, sigma=(0, 0, s, s), mode="constant")
+        return f
+
+    cands = [
+        Candidate("invert", lambda x, _: lo + hi - x),
+        Candidate("flip_horizontal", lambda x, _: x[..., ::-1]),
+        Candidate("flip_vertical", lambda x, _: x[..., ::-1, :]),
+        Candidate("binarize", lambda x, _: np.where(x > (lo + hi) / 2, hi, lo)),
+        *[Candidate("blur", blur(s)) for s in BLUR_SIGMAS],
+    ]
+    if h == w:
+        cands.append(Candidate("transpose", lambda x, _: np.swapaxes(x, -1, -2)))
+    if c > 1:
+        cands.append(Candidate("channel_order", lambda x, _: x[:, ::-1]))
+    m, s = _ch(src.norm_mean), _ch(src.norm_std)
+    if np.any(s != 1) or np.any(m != 0):
+        cands.append(Candidate("normalization_missing", lambda x, _: x * s + m, network=True))
+        cands.append(Candidate("normalization_doubled", lambda x, _: (x - m) / s, network=True))
+    return cands
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """The named cause of one window's alarm, with signed effect sizes."""
+
+    kind: str                                    # one of KINDS
+    transform: str | None = None                 # one of TRANSFORMS (preprocessing_mismatch, input_contract)
+    parameter: float | None = None               # the fitted factor or offset of multiply/divide/offset
+    inputs_moved: float | None = None            # d(identity) against class-reweighted golden
+    candidates: dict[str, float] = field(default_factory=dict)   # best few candidates' distances
+    input_effects: dict[str, float] = field(default_factory=dict)  # window − golden median per input statistic
+    class_shift: dict[str, float] = field(default_factory=dict)    # window − golden share, largest first
+    detectors: dict[str, str] = field(default_factory=dict)        # alarming detector → its top feature
+    contract_violating_share: float | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter,
+                "inputs_moved": self.inputs_moved, "candidates": dict(self.candidates),
+                "input_effects": dict(self.input_effects), "class_shift": dict(self.class_shift),
+                "detectors": dict(self.detectors), "contract_violating_share": self.contract_violating_share,
+                "reason": self.reason}
+
+
+class Diagnoser:
+    """Fitted on golden inputs: signature moments per candidate transform and per class."""
+
+    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None):
+        x = np.asarray(network_inputs, dtype=np.float32)
+        self.classes = np.asarray(classes, dtype=np.int64)
+        self.signature = Signature.fit(x, self.classes)
+        f = self.signature.features(x)
+        self.golden_features = f
+        self.golden = Moments.of(f)
+        # A floor per feature (1% of its golden spread plus 0.1% of the input range) keeps constant
+        # features (a background quantile) from turning rounding differences into huge z.
+        span = float(np.max(self.signature.high - self.signature.low))
+        self.scale = 0.01 * np.sqrt(self.golden.var) + 1e-3 * max(span, 1e-6)
+        self.num_classes = int(self.classes.max()) + 1 if len(self.classes) else 0
+        self.per_class = {int(k): (f[self.classes == k].mean(axis=0), f[self.classes == k].var(axis=0), int(n))
+                          for k, n in zip(*np.unique(self.classes, return_counts=True), strict=True)}
+        if source is None:
+            source = Source(x.astype(np.float64), lambda a: np.asarray(a, np.float32), np.ones(x.shape[1]),
+                            np.zeros(x.shape[1]), np.zeros(x.shape[1]), np.ones(x.shape[1]))
+        self.source = source
+        self.src_low, self.src_high = source.low, source.high
+        src_flat = source.images.reshape(len(source.images), source.images.shape[1], -1)
+        self.src_max_med = np.median(src_flat.max(axis=2), axis=0)
+        self.src_min_med = np.median(src_flat.min(axis=2), axis=0)
+        self.fixed: dict[str, Moments] = {}
+        for cand in _candidates(source):
+            key = cand.name
+            n = 1
+            while key in self.fixed:                      # blur σ variants
+                n += 1
+                key = f"{cand.name}#{n}"
+            t = cand.apply(x.astype(np.float64), 0.0) if cand.network else \
+                source.to_network(cand.apply(source.images, 0.0))
+            self.fixed[key] = Moments.of(self.signature.features(t))
+
+    def features(self, network_inputs: np.ndarray) -> np.ndarray:
+        return self.signature.features(network_inputs)
+
+    def _fitted(self, window_features: np.ndarray) -> dict[str, tuple[Moments, float]]:
+        """Scale and offset candidates with parameters estimated from the window's per-sample extremes."""
+        out: dict[str, tuple[Moments, float]] = {}
+        if len(window_features) == 0:
+            return out
+        names = self.signature.names
+        c = len(self.signature.low)
+        mins = window_features[:, [names.index(f"min_c{i}") for i in range(c)]]
+        maxs = window_features[:, [names.index(f"max_c{i}") for i in range(c)]]
+        a, b = self.source.unit_a[None, :], self.source.unit_b[None, :]
+        wmax = np.median(maxs * a + b, axis=0)
+        wmin = np.median(mins * a + b, axis=0)
+        rng = np.maximum(self.src_high - self.src_low, 1e-12)
+        base = self.src_max_med - self.src_min_med
+        span = wmax - wmin
+        factor = float(np.median(span / np.maximum(base, 1e-12)))
+        offset = float(np.median(wmin - self.src_min_med))
+        src = self.source.images
+        if np.isfinite(factor) and factor > 0 and abs(np.log(factor)) > np.log(MIN_FACTOR):
+            t = self.source.to_network((src - _ch(self.src_min_med)) * factor + _ch(self.src_min_med))
+            out["multiply" if factor > 1 else "divide"] = (Moments.of(self.signature.features(t)), factor)
+        if np.isfinite(offset) and abs(offset) > MIN_OFFSET * float(np.median(rng)):
+            t = self.source.to_network(src + offset)
+            out["offset"] = (Moments.of(self.signature.features(t)), offset)
+        return out
+
+    def reweighted(self, predicted: np.ndarray | None) -> Moments:
+        """Golden signature moments reweighted to the window's predicted-class shares."""
+        if predicted is None or len(predicted) == 0 or not self.per_class:
+            return self.golden
+        q = np.bincount(np.asarray(predicted, np.int64), minlength=self.num_classes).astype(np.float64)
+        q = q[:self.num_classes] if len(q) >= self.num_classes else np.pad(q, (0, self.num_classes - len(q)))
+        keys = [k for k in self.per_class if q[k] > 0]
+        if not keys or q[keys].sum() < 0.5 * q.sum():
+            return self.golden
+        wts = q[keys] / q[keys].sum()
+        mu = np.stack([self.per_class[k][0] for k in keys])
+        var = np.stack([self.per_class[k][1] for k in keys])
+        mean = wts @ mu
+        v = wts @ (var + mu ** 2) - mean ** 2
+        return Moments(mean, np.maximum(v, 0.0), self.golden.n)
+
+    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None]]:
+        """d(candidate) for the identity and every candidate, with the fitted parameter where there is one."""
+        wm = Moments.of(window_features)
+        out: dict[str, tuple[float, float | None]] = {"identity": (distance(wm, self.golden, self.scale), None)}
+        for key, m in self.fixed.items():
+            name = key.split("#")[0]
+            d = distance(wm, m, self.scale)
+            if name not in out or d < out[name][0]:
+                out[name] = (d, None)
+        for name, (m, p) in self._fitted(window_features).items():
+            out[name] = (distance(wm, m, self.scale), p)
+        return out
+
+
+def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | None = None,
+             window_features: np.ndarray | None = None,
+             violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
+             golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
+             contract_share: float = CONTRACT_SHARE) -> Diagnosis:
+    """The diagnosis of one window (see the module docstring for the rules)."""
+    alarming = {r.name: r.feature for r in detectors if r.alarm}
+    shift: dict[str, float] = {}
+    if predicted is not None and golden_predicted_shares is not None and len(predicted):
+        k = len(golden_predicted_shares)
+        q = np.bincount(np.asarray(predicted, np.int64), minlength=k)[:k] / len(predicted)
+        delta = q - np.asarray(golden_predicted_shares)
+        for i in np.argsort(-np.abs(delta))[:3]:
+            shift[str(int(i))] = round(float(delta[i]), 4)
+    share = None if violating is None or len(violating) == 0 else float(np.mean(violating))
+    common = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
+              "contract_violating_share": share}
+    if not alarm:
+        return Diagnosis("none", reason="the combined verdict did not alarm", **common)
+    have_inputs = diagnoser is not None and window_features is not None and len(window_features) >= 2
+    if not have_inputs:
+        kind = "prior_shift" if set(alarming) <= {"label"} and alarming else "covariate_shift"
+        if share is not None and share >= contract_share:
+            kind = "input_contract"
+        return Diagnosis(kind, reason="no input signatures in the window; decided from the detectors", **common)
+    assert diagnoser is not None and window_features is not None
+    moved = distance(Moments.of(window_features), diagnoser.reweighted(predicted), diagnoser.scale)
+    cands = diagnoser.search(window_features)
+    d_id = cands["identity"][0]
+    best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
+    d_best, param = cands[best]
+    top = dict(sorted(((k, round(v[0], 3)) for k, v in cands.items()), key=lambda kv: kv[1])[:4])
+    if moved > MOVED and d_best < FIT and d_best * FIT_RATIO < d_id:
+        return Diagnosis("preprocessing_mismatch", best, param, round(moved, 3), top,
+                         reason=f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs "
+                                f"{d_id:.3g} untransformed)", **common)
+    if share is not None and share >= contract_share:
+        transform, p = None, None
+        bad = np.asarray(violating, bool)
+        if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
+            sub = diagnoser.search(window_features[bad])
+            sb = min((k for k in sub if k != "identity"), key=lambda k: sub[k][0])
+            if sub[sb][0] < FIT and sub[sb][0] * FIT_RATIO < sub["identity"][0]:
+                transform, p = sb, sub[sb][1]
+        return Diagnosis("input_contract", transform, p, round(moved, 3), top,
+                         reason=f"{share:.1%} of the window's samples violate the input contract", **common)
+    if moved > MOVED or "input_stats" in alarming:
+        return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
+                         reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
+                                "and no candidate transform explains them", **common)
+    return Diagnosis("prior_shift", None, None, round(moved, 3), top,
+                     reason=f"inputs match golden reweighted to the window's predicted classes (d={moved:.3g}); "
+                            "the class shares moved", **common)

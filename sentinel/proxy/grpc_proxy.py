@@ -1,0 +1,418 @@
+"""The gRPC side of the sidecar: OIP v2 over gRPC passed through unchanged, measured and sampled.
+
+Every method is forwarded to the model server's gRPC port as raw bytes (no protobuf
+decoding here): request and response messages, metadata (less the transport's own
+keys), the client's deadline (the remaining time, capped by `grpc.upstream_timeout_s`),
+status code, details and trailing metadata.
+
+- `inference.GRPCInferenceService/ModelInfer` is an inference request: it is counted in
+  `sentinel_requests_total` / `sentinel_request_duration_seconds` with `protocol="grpc"`,
+  its model label read from field 1 (`model_name`) of the request bytes, and sampled
+  (request and response bytes, protocol `oip_v2_grpc`) for the analysis worker.
+- `ModelStreamInfer` (Triton's bidirectional stream) is passed through; every response
+  message is counted as one inference with `protocol="grpc_stream"`, its latency taken
+  from the oldest request message not yet answered. Stream messages are not sampled.
+- Every other method (health, metadata, repository, unknown services) is passed through
+  and not counted as an inference. Methods of unknown shape are relayed as bidirectional
+  streams (right on the wire for every shape); see KNOWN_UNARY for the one caveat.
+
+The code label is the HTTP status gRPC's own mapping gives each status (`CODE_LABELS`,
+as grpc-gateway and Envoy translate them), so the availability SLI (`code=~"5.."`)
+counts UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN, DATA_LOSS and UNIMPLEMENTED
+as bad, and client-side statuses (INVALID_ARGUMENT 400, RESOURCE_EXHAUSTED 429,
+CANCELLED 499...) as not. Imports neither the decoders nor numpy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from asyncio import CancelledError
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from sentinel.proxy import tracing
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.sampling import Sample, Sampler
+
+log = logging.getLogger("sentinel.proxy.grpc")
+
+SERVICE = "/inference.GRPCInferenceService/"
+INFER = SERVICE + "ModelInfer"
+STREAM_INFER = SERVICE + "ModelStreamInfer"
+SAMPLE_PROTOCOL = "oip_v2_grpc"    # the protocol name analysis decodes samples with
+PROTOCOL_LABEL = "grpc"
+STREAM_PROTOCOL_LABEL = "grpc_stream"
+CANARY_KEY = "x-sentinel-canary"
+# Unary methods of other services: relayed as unary calls. Methods of unknown shape go as
+# streams, which is right on the wire for every shape, but grpcio reports a stream call whose
+# server answered before reading the request (UNIMPLEMENTED) as INTERNAL.
+KNOWN_UNARY = frozenset({"/grpc.health.v1.Health/Check"})
+MAX_CACHED_METHODS = 64   # method names come from clients: cache handlers for this many only
+
+# gRPC status → HTTP status label (google.rpc.Code's documented HTTP mapping).
+CODE_LABELS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.OK: "200",
+    grpc.StatusCode.CANCELLED: "499",
+    grpc.StatusCode.UNKNOWN: "500",
+    grpc.StatusCode.INVALID_ARGUMENT: "400",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "504",
+    grpc.StatusCode.NOT_FOUND: "404",
+    grpc.StatusCode.ALREADY_EXISTS: "409",
+    grpc.StatusCode.PERMISSION_DENIED: "403",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "429",
+    grpc.StatusCode.FAILED_PRECONDITION: "400",
+    grpc.StatusCode.ABORTED: "409",
+    grpc.StatusCode.OUT_OF_RANGE: "400",
+    grpc.StatusCode.UNIMPLEMENTED: "501",
+    grpc.StatusCode.INTERNAL: "500",
+    grpc.StatusCode.UNAVAILABLE: "503",
+    grpc.StatusCode.DATA_LOSS: "500",
+    grpc.StatusCode.UNAUTHENTICATED: "401",
+}
+
+# Metadata the transport sets itself; forwarding them would duplicate or contradict it.
+_DROP_METADATA = frozenset({
+    "user-agent", "te", "content-type", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
+    "grpc-message-type", "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding",
+    "upgrade", "traceparent", "grpc-status", "grpc-message", "content-length",
+})
+
+
+def code_label(code: grpc.StatusCode | None) -> str:
+    """The `code` label of a gRPC status (see CODE_LABELS); an unknown status counts as 500."""
+    return CODE_LABELS.get(code, "500") if code is not None else "500"
+
+
+def peek_model_name(body: bytes) -> str | None:
+    """Field 1 (`model_name`) of a ModelInferRequest, reading only the fields before it; None if absent."""
+    pos, n = 0, len(body)
+    for _ in range(16):   # model_name is field 1, written first; give up after a few other fields
+        if pos >= n:
+            return None
+        key, pos = _varint(body, pos)
+        if key is None:
+            return None
+        wt = key & 7
+        if wt == 2:
+            size, pos = _varint(body, pos)
+            if size is None or pos + size > n:
+                return None
+            if key >> 3 == 1:
+                try:
+                    return body[pos:pos + size].decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+            pos += size
+        elif wt == 0:
+            _, pos = _varint(body, pos)
+        elif wt == 1:
+            pos += 8
+        elif wt == 5:
+            pos += 4
+        else:
+            return None
+    return None
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int | None, int]:
+    result = shift = 0
+    while pos < len(buf) and shift < 70:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+    return None, pos
+
+
+def _forwardable(md: Any) -> tuple[tuple[str, Any], ...]:
+    if not md:
+        return ()
+    return tuple((k, v) for k, v in md if not k.startswith(":") and k not in _DROP_METADATA)
+
+
+class GrpcProxy:
+    """A `grpc.aio` server whose generic handler forwards every method to one upstream channel."""
+
+    def __init__(self, *, upstream: str, metrics: ProxyMetrics, samplers: dict[str, tuple[str, Sampler]],
+                 submit: Callable[[Sample], None], count_sample: Callable[[str | None, str], None],
+                 max_message_bytes: int, upstream_timeout_s: float, max_concurrent: int,
+                 tracer: tracing.SpanExporter | None = None):
+        self.upstream = upstream
+        self.metrics = metrics
+        self.samplers = samplers
+        self.submit = submit
+        self.count_sample = count_sample
+        self.max_message = max_message_bytes
+        self.upstream_timeout = upstream_timeout_s
+        self.max_concurrent = max_concurrent
+        self.tracer = tracer
+        self.inflight = 0
+        self.server: Any = None
+        self.channel: Any = None
+        self.port = 0
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._logged: set[str] = set()
+
+    # --- lifecycle ------------------------------------------------------------------
+    async def start(self, listen: str) -> int:
+        """Bind `listen` (host:port) and start serving; returns the bound port (0 when binding failed)."""
+        limits = [("grpc.max_receive_message_length", self.max_message),
+                  ("grpc.max_send_message_length", self.max_message)]
+        self.channel = aio.insecure_channel(self.upstream, options=limits + [("grpc.enable_retries", 0)])
+        self.server = aio.server(options=limits + [("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((_Router(self),))
+        self.port = self.server.add_insecure_port(listen)
+        if self.port:
+            await self.server.start()
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let those in flight finish for up to `grace_s`, then close the channel."""
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if self.channel is not None:
+            await self.channel.close()
+
+    def _log_once(self, kind: str, message: str) -> None:
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("%s: %s (further occurrences are only counted)", kind, message)
+
+    def handler(self, method: str) -> grpc.RpcMethodHandler:
+        h = self._handlers.get(method)
+        if h is None:
+            if method == STREAM_INFER or not (method.startswith(SERVICE) or method in KNOWN_UNARY):
+                # Unknown shapes (server-streaming health Watch...) are all stream-stream on the wire.
+                h = grpc.stream_stream_rpc_method_handler(self._stream_fn(method))
+            else:
+                # Unary methods are served as stream-unary: the handler then runs before the
+                # message is read, so a message the transport refused as too large is counted.
+                h = grpc.stream_unary_rpc_method_handler(self._unary_fn(method))
+            if len(self._handlers) < MAX_CACHED_METHODS:
+                self._handlers[method] = h
+        return h
+
+    # --- call plumbing ----------------------------------------------------------------
+    def _outgoing(self, context: Any, method: str) -> tuple[list[tuple[str, Any]], str, bool, float | None, Any]:
+        """Metadata to forward (with a new traceparent), the trace id, canary flag, timeout, and span (or None)."""
+        md = context.invocation_metadata() or ()
+        incoming_tp = None
+        canary = False
+        fwd = []
+        for k, v in md:
+            if k == "traceparent":
+                incoming_tp = v.encode("latin-1") if isinstance(v, str) else v
+            elif k == CANARY_KEY and v.strip() == "1":
+                canary = True
+            if not k.startswith(":") and k not in _DROP_METADATA:
+                fwd.append((k, v))
+        parsed = tracing.parse_traceparent(incoming_tp) if incoming_tp else None
+        span = None
+        if self.tracer is not None:
+            span, trace_id, span_id = self.tracer.start(method.lstrip("/"), incoming_tp if parsed else None)
+        else:
+            trace_id = parsed[0] if parsed else tracing.new_trace_id()
+            span_id = tracing.new_span_id()
+        fwd.append(("traceparent", tracing.traceparent(trace_id, span_id).decode()))
+        remaining = context.time_remaining()
+        timeout = self.upstream_timeout if remaining is None else min(max(remaining, 0.0), self.upstream_timeout)
+        return fwd, trace_id, canary, timeout, span
+
+    def _end_span(self, span: Any, method: str, code: grpc.StatusCode, model: str) -> None:
+        if span is not None:
+            service, _, name = method.lstrip("/").partition("/")
+            self.tracer.end(span, {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name,  # type: ignore[union-attr]
+                                   "rpc.grpc.status_code": code.value[0], "sentinel.model": model,
+                                   "sentinel.protocol": PROTOCOL_LABEL})
+
+    def _unary_fn(self, method: str):
+        is_infer = method == INFER
+        mc = self.channel.unary_unary(method)
+        proxy = self
+
+        async def call(request_iterator: AsyncIterator[bytes], context: Any) -> bytes:
+            t0 = time.perf_counter()
+            fwd, trace_id, canary, timeout, span = proxy._outgoing(context, method)
+            model = "none"
+            name: str | None = None
+            code = grpc.StatusCode.OK
+            proxy.inflight += 1
+            if is_infer:
+                proxy.metrics.inflight_count += 1
+            try:
+                request = await context.read()
+                if request is aio.EOF:
+                    # No message: the transport refused it as larger than max_message_bytes.
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    proxy.metrics.proxy_errors.labels("message_too_large").inc()
+                    await context.abort(code, f"request message larger than the sidecar's limit of "
+                                              f"{proxy.max_message} bytes")
+                if is_infer:
+                    name = peek_model_name(request)
+                    if name is not None:
+                        model = proxy.metrics.model_label(name)
+                if proxy.inflight > proxy.max_concurrent:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    proxy.metrics.proxy_errors.labels("concurrency_limit").inc()
+                    await context.abort(code, f"the sidecar has {proxy.max_concurrent} calls in flight "
+                                              "(grpc.max_concurrent_rpcs)")
+                sampler = None
+                if is_infer and not canary and name is not None:
+                    sampled = proxy.samplers.get(name)
+                    if sampled is not None:
+                        decision = sampled[1].decide(len(request))
+                        if decision == "sample":
+                            sampler = sampled
+                        elif decision is not None:
+                            proxy.count_sample(sampled[0], decision)
+                ucall = mc(request, timeout=timeout, metadata=tuple(fwd))
+                try:
+                    response = await ucall
+                except aio.AioRpcError as exc:
+                    code = exc.code()
+                    proxy._upstream_error(code, exc.details())
+                    initial = _forwardable(exc.initial_metadata())
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                    await context.abort(code, exc.details() or "", _forwardable(exc.trailing_metadata()))
+                initial = _forwardable(await ucall.initial_metadata())
+                if initial:
+                    await context.send_initial_metadata(initial)
+                trailing = _forwardable(await ucall.trailing_metadata())
+                if trailing:
+                    context.set_trailing_metadata(trailing)
+                if sampler is not None:
+                    if len(response) > sampler[1].max_bytes:
+                        proxy.count_sample(sampler[0], "oversize")
+                    else:
+                        proxy.submit(Sample(sampler[0], SAMPLE_PROTOCOL, {}, request, {}, response,
+                                            "proxy", trace_id, time.time()))
+                return response
+            except BaseException as exc:
+                if isinstance(exc, CancelledError):
+                    code = grpc.StatusCode.CANCELLED   # the client went away or its deadline passed
+                    if context.time_remaining() is not None and context.time_remaining() <= 0:
+                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                elif code == grpc.StatusCode.OK:
+                    code = grpc.StatusCode.INTERNAL
+                    proxy._log_once("internal_error", f"relaying {method} failed: {exc!r}")
+                raise
+            finally:
+                proxy.inflight -= 1
+                proxy._end_span(span, method, code, model)
+                if is_infer:
+                    proxy.metrics.inflight_count -= 1
+                    if not canary:
+                        proxy.metrics.observe_request(model, PROTOCOL_LABEL, code_label(code),
+                                                      time.perf_counter() - t0, trace_id)
+
+        return call
+
+    def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> None:
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.metrics.proxy_errors.labels("grpc_upstream_unavailable").inc()
+            self._log_once("grpc_upstream_unavailable", f"gRPC upstream {self.upstream}: {details}")
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.metrics.proxy_errors.labels("grpc_upstream_deadline").inc()
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.metrics.proxy_errors.labels("grpc_resource_exhausted").inc()
+
+    def _stream_fn(self, method: str):
+        counted = method == STREAM_INFER
+        mc = self.channel.stream_stream(method)
+        proxy = self
+
+        async def call(request_iterator: AsyncIterator[bytes], context: Any) -> None:
+            fwd, trace_id, canary, _, span = proxy._outgoing(context, method)
+            sent: deque[float] = deque()   # arrival times of request messages not yet answered
+            last = time.perf_counter()
+            model = "none"
+
+            def observe(code_: str) -> None:
+                if counted and not canary:
+                    t = sent.popleft() if sent else last
+                    proxy.metrics.observe_request(model, STREAM_PROTOCOL_LABEL, code_,
+                                                  time.perf_counter() - t, trace_id)
+
+            # A stream lasts as long as the client wants: only the client's deadline bounds it.
+            ucall = mc(timeout=context.time_remaining(), metadata=tuple(fwd))
+
+            async def pump() -> None:
+                """Client → upstream; ends quietly when the upstream call is over (its status says why)."""
+                nonlocal last, model
+                try:
+                    while True:
+                        msg = await context.read()
+                        if msg is aio.EOF:
+                            break
+                        if counted:
+                            last = time.perf_counter()
+                            sent.append(last)
+                            if model == "none":
+                                name = peek_model_name(msg)
+                                if name is not None:
+                                    model = proxy.metrics.model_label(name)
+                        await ucall.write(msg)
+                    await ucall.done_writing()
+                except (aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError):
+                    return
+
+            pump_task = asyncio.ensure_future(pump())
+            code = grpc.StatusCode.OK
+            initial_sent = False
+            try:
+                while True:
+                    resp = await ucall.read()
+                    if resp is aio.EOF:
+                        break
+                    if not initial_sent:
+                        initial_sent = True
+                        initial = _forwardable(await ucall.initial_metadata())
+                        if initial:
+                            await context.send_initial_metadata(initial)
+                    if counted:
+                        observe("500" if _stream_error(resp) else "200")
+                    await context.write(resp)
+                code = await ucall.code()
+                trailing = _forwardable(await ucall.trailing_metadata())
+                if code != grpc.StatusCode.OK:
+                    raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), await ucall.details())
+                if trailing:
+                    context.set_trailing_metadata(trailing)
+            except aio.AioRpcError as exc:
+                code = exc.code()
+                proxy._upstream_error(code, exc.details())
+                if counted:
+                    observe(code_label(code))
+                trailing = _forwardable(await ucall.trailing_metadata())
+                await context.abort(code, exc.details() or "", trailing)
+            except CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                ucall.cancel()
+                raise
+            finally:
+                pump_task.cancel()
+                proxy._end_span(span, method, code, model)
+
+        return call
+
+
+def _stream_error(msg: bytes) -> bool:
+    """Whether a ModelStreamInferResponse carries `error_message` (field 1) set."""
+    return len(msg) > 1 and msg[0] == 0x0A and msg[1] != 0
+
+
+class _Router(grpc.GenericRpcHandler):
+    def __init__(self, proxy: GrpcProxy):
+        self.proxy = proxy
+
+    def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler:
+        return self.proxy.handler(handler_call_details.method)

@@ -1,0 +1,119 @@
+"""Input contract, diagnosis, support verdicts and weighted Bonferroni on literal data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sentinel.drift.combine import combine
+from sentinel.drift.diagnosis import Diagnoser, diagnose
+from sentinel.drift.inputcontract import CHECKS, InputContract, check
+from sentinel.drift.result import decide
+from sentinel.drift.support import (
+    LIKELY_CORRECT,
+    LIKELY_WRONG,
+    UNKNOWN,
+    KnnSupport,
+    lower_bound,
+    verdicts,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _images(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes of 1×8×8 images in [0, 1]: a bar in the upper left, or a bar on the right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = np.zeros((n, 1, 8, 8))
+    for i, c in enumerate(y):
+        if c == 0:
+            x[i, 0, 1:4, 0:6] = 1.0
+        else:
+            x[i, 0, 1:8, 5:7] = 1.0
+    x += rng.uniform(0, 0.2, x.shape)
+    return np.clip(x, 0, 1).astype(np.float32), y
+
+
+def test_contract_flags_each_check_per_sample():
+    x, _ = _images()
+    c = InputContract.derive(x)
+    assert c.low[0] >= 0 and c.high[0] <= 1 and c.shape == (1, 8, 8)
+    bad = x[:6].copy()
+    bad[0] *= 255                          # out of range (and saturated)
+    bad[1, 0, 0, 0] = np.nan               # non-finite
+    bad[2] = bad[2] / 16                   # flat: low dynamic range
+    bad[3] = 1.0                           # all at the high extreme: saturated
+    rep = check(c, bad)
+    v = {name: rep.violations[:, i].tolist() for i, name in enumerate(CHECKS)}
+    assert v["out_of_range"] == [True, False, False, False, False, False]
+    assert v["nonfinite"] == [False, True, False, False, False, False]
+    assert v["low_dynamic_range"][2] and v["saturated"][3] and not v["saturated"][4]
+    assert rep.violating.tolist() == [True, True, True, True, False, False]
+    assert check(c, x).violating.sum() == 0                 # the golden set satisfies its own contract
+    assert check(c, x[:3], dtype_kind="i").counts()["dtype"] == 3
+    assert check(c, np.zeros((2, 1, 4, 4))).counts()["shape"] == 2
+    assert InputContract.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize(("transform", "expected"), [
+    (lambda a: a[..., ::-1], "flip_horizontal"),
+    (lambda a: a[..., ::-1, :], "flip_vertical"),
+    (lambda a: np.swapaxes(a, -1, -2), "transpose"),
+    (lambda a: 1.0 - a, "invert"),
+    (lambda a: a * 16.0, "multiply"),
+])
+def test_diagnosis_names_the_transform(transform, expected):
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(60, seed=1)
+    shifted = np.ascontiguousarray(transform(w.astype(np.float64))).astype(np.float32)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(shifted), predicted=wy,
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", expected)
+    clean = diagnose(True, [], diagnoser=dg, window_features=dg.features(w), predicted=wy)
+    assert clean.kind == "prior_shift"                      # inputs match golden: only the outputs could move
+    assert diagnose(False, [], diagnoser=dg, window_features=dg.features(shifted)).kind == "none"
+
+
+def test_prior_shift_is_inputs_explained_by_class_shares():
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(400, seed=2)
+    keep = wy == 1                                           # class 0 knocked out
+    d = diagnose(True, [decide("label", 9.0, 1e-6, 0.05, 300, 60, "2 bins")], diagnoser=dg,
+                 window_features=dg.features(w[keep][:60]), predicted=wy[keep][:60],
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "prior_shift" and d.detectors == {"label": "2 bins"}
+    assert d.class_shift["0"] < -0.4
+
+
+def test_contract_violations_make_input_contract_kind():
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(100, seed=3)
+    w[:10] = w[:10] * 1.3 + 0.5                              # 10% of the window broken, not a clean transform
+    viol = np.zeros(100, bool)
+    viol[:10] = True
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(w), violating=viol, predicted=wy)
+    assert d.kind == "input_contract" and d.contract_violating_share == pytest.approx(0.1)
+
+
+def test_support_and_verdicts():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 3))
+    s = KnnSupport.fit(ref)
+    assert np.mean(s.score(rng.normal(size=(400, 3))) > 1) < 0.03
+    assert (s.score(np.full((2, 3), 8.0)) > 1).all()
+    codes = verdicts(np.array([0.9, 0.1, 0.95, 0.99]), 0.5, np.array([False, False, True, False]))
+    assert codes.tolist() == [LIKELY_CORRECT, LIKELY_WRONG, UNKNOWN, LIKELY_CORRECT]
+    assert lower_bound(codes) == (0.5, 0.25)
+
+
+def test_weighted_bonferroni():
+    rs = [decide("label", 1.0, 0.015, 0.05, 100, 100), decide("bbsd", 1.0, 0.5, 0.05, 100, 100),
+          decide("confidence", 1.0, 0.9, 0.05, 100, 100)]
+    plain = combine(rs, 0.05)
+    weighted = combine(rs, 0.05, weights={"label": 2.0})
+    assert plain.p_value == pytest.approx(0.045) and weighted.p_value == pytest.approx(0.015 * 4 / 2)
+    assert weighted.feature == "label"
