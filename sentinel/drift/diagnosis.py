@@ -169,11 +169,11 @@ class Source:
 
     @property
     def low(self) -> np.ndarray:
-        return self.images.min(axis=(0, 2, 3))
+        return np.asarray(self.images.min(axis=(0, 2, 3)))
 
     @property
     def high(self) -> np.ndarray:
-        return self.images.max(axis=(0, 2, 3))
+        return np.asarray(self.images.max(axis=(0, 2, 3)))
 
 
 def _ch(v: np.ndarray) -> np.ndarray:
@@ -184,10 +184,10 @@ def _candidates(src: Source) -> list[Candidate]:
     lo, hi = _ch(src.low), _ch(src.high)
     c, h, w = src.images.shape[1:]
 
-    def blur(s: float):
+    def blur(s: float) -> Callable[[np.ndarray, float], np.ndarray]:
         def f(x: np.ndarray, _: float) -> np.ndarray:
             from scipy.ndimage import gaussian_filter
-            return gaussian_filter(x, sigma=(0, 0, s, s), mode="constant")
+            return np.asarray(gaussian_filter(x, sigma=(0, 0, s, s), mode="constant"))
         return f
 
     cands = [
@@ -333,7 +333,7 @@ class Diagnoser:
         return out
 
 
-def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | None = None,
+def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: Diagnoser | None = None,
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
@@ -348,7 +348,7 @@ def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | Non
         for i in np.argsort(-np.abs(delta))[:3]:
             shift[str(int(i))] = round(float(delta[i]), 4)
     share = None if violating is None or len(violating) == 0 else float(np.mean(violating))
-    common = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
+    common: dict[str, Any] = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
               "contract_violating_share": share}
     if not alarm:
         return Diagnosis("none", reason="the combined verdict did not alarm", **common)

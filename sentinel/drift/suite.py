@@ -181,6 +181,7 @@ class Suite:
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
+            assert reference.embeddings is not None   # the PCA was fitted on them
             self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
                                                     self.pca.transform(reference.embeddings))
 
@@ -254,7 +255,8 @@ class Suite:
             reliable = False        # inputs the model was not validated on: its confidence proves nothing
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
 
-    def _diagnose(self, w: Window, results, combined: DetectorResult, out) -> Diagnosis:
+    def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> Diagnosis:
         effects: dict[str, float] = {}
         if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
             ws = np.asarray(w.input_stats, np.float64)
@@ -323,6 +325,7 @@ def _source(ref: Reference) -> Source | None:
     scale = float(pre.scale) if pre.scale else 1.0
 
     def to_network(a: np.ndarray) -> np.ndarray:
-        return pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        return x
 
     return Source(images, to_network, std / scale, mean / scale, mean, std)

@@ -65,7 +65,8 @@ def _knn(q: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
     d2 = (q ** 2).sum(axis=1)[:, None] + (ref ** 2).sum(axis=1)[None, :] - 2.0 * q @ ref.T
     d2 = np.maximum(d2, 0.0)
     part = np.partition(d2, k - 1, axis=1)[:, :k]
-    return np.sqrt(np.sort(part, axis=1))
+    dist: np.ndarray = np.sqrt(np.sort(part, axis=1))
+    return dist
 
 
 def verdicts(atc_scores: np.ndarray, threshold: float, unknown: np.ndarray | None) -> np.ndarray:

@@ -89,7 +89,8 @@ class DecodedResponse:
         """Index of the highest score per row (empty when the response carried only labels)."""
         if self.outputs.shape[1] == 0:
             return np.zeros(0, dtype=np.int64)
-        return self.outputs.argmax(axis=1)
+        top: np.ndarray = self.outputs.argmax(axis=1)
+        return top
 
     def probabilities_or_softmax(self) -> np.ndarray:
         """Probabilities as served, else the softmax of the served logits."""

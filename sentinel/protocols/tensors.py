@@ -94,7 +94,7 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
     return arr.reshape(shape)
 
 
-def flatten(data: Any) -> list:
+def flatten(data: Any) -> list[Any]:
     """Row-major leaves of nested lists, iteratively (no recursion on outsider-controlled depth)."""
     if not isinstance(data, list):
         return [data]
@@ -162,7 +162,7 @@ def to_binary(arr: np.ndarray) -> tuple[str, bytes]:
     return name, np.ascontiguousarray(arr, dtype=DTYPES[name]).tobytes()
 
 
-def to_json(arr: np.ndarray) -> tuple[str, list]:
+def to_json(arr: np.ndarray) -> tuple[str, list[Any]]:
     """The datatype name and flat JSON `data` of an array (the inverse of from_json); BYTES must be UTF-8."""
     name = datatype_of(arr.dtype)
     if name == "BYTES":
