@@ -59,7 +59,7 @@ def ks_statistics(ref_keys: np.ndarray, window: np.ndarray) -> np.ndarray:
     # far (the low bit, read from the low 32-bit word); int32 when it cannot overflow (fewer passes).
     dt = np.int32 if (n + m) * max(n, m) < 2 ** 31 else np.int64
     low = k.view(np.uint32)[:, ::2] if sys.byteorder == "little" else (k & np.uint64(1))
-    c = np.cumsum(low & low.dtype.type(1), axis=1, dtype=dt)
+    c: np.ndarray = np.cumsum(low & low.dtype.type(1), axis=1, dtype=dt)
     c *= -(n + m)
     c += np.arange(1, n + m + 1, dtype=dt) * m
     tie = (k[:, 1:] ^ k[:, :-1]) < np.uint64(2)      # the next element has the same value: not a run's end

@@ -169,7 +169,8 @@ def _real_quotes(b: np.ndarray) -> np.ndarray:
     j_ok = np.minimum(j, len(bs) - 1)
     preceded = (j < len(bs)) & (bs[j_ok] == q - 1)
     run = np.where(preceded, j_ok - run_start[j_ok] + 1, 0)
-    return q[run % 2 == 0]
+    kept: np.ndarray = q[run % 2 == 0]
+    return kept
 
 
 def _bracket_depths(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
