@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_DATA = Path(__file__).resolve().parent / "data"
-
 # Tests import helpers such as tests/servers.py as `servers`.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from testpaths import REPO, TEST_DATA  # noqa: E402,F401 - re-exported for fixtures below
 
 
 @pytest.fixture(scope="session")

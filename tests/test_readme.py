@@ -19,8 +19,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 from servers import free_port
+from testpaths import REPO
 
 pytestmark = pytest.mark.slow
 

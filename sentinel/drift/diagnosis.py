@@ -49,6 +49,7 @@ MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a cand
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
 REL_TOLERANCE = 0.005
+MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
 ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
 
 
@@ -111,7 +112,8 @@ class Signature:
         g = x.mean(axis=1).reshape(n, -1)
         g = g - g.mean(axis=1, keepdims=True)
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-        fits = np.einsum("nd,okd->nok", g, self.templates).max(axis=2)     # best class fit per orientation
+        o, k, d = self.templates.shape
+        fits = (g @ self.templates.reshape(o * k, d).T).reshape(n, o, k).max(axis=2)   # best class fit per orientation
         # Paired differences: far less noisy than each fit, so orientation changes stand out.
         contrast = fits[:, :1] - fits[:, 1:]
         return np.concatenate([per_c, ((gx + gy) / 2)[:, None], aniso[:, None], fits, contrast], axis=1)
@@ -232,9 +234,16 @@ class Diagnosis:
 class Diagnoser:
     """Fitted on golden inputs: signature moments per candidate transform and per class."""
 
-    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None):
+    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None,
+                 max_samples: int = MAX_GOLDEN, seed: int = 0):
         x = np.asarray(network_inputs, dtype=np.float32)
         self.classes = np.asarray(classes, dtype=np.int64)
+        if len(x) > max_samples:       # bounded fit cost: candidate moments from a seeded subsample
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), max_samples, replace=False))
+            x, self.classes = x[keep], self.classes[keep]
+            if source is not None:
+                source = Source(source.images[keep], source.to_network, source.unit_a, source.unit_b,
+                                source.norm_mean, source.norm_std)
         self.signature = Signature.fit(x, self.classes)
         f = self.signature.features(x)
         self.golden_features = f

@@ -86,8 +86,9 @@ class Settings:
     mmd_max_samples: int = 200
     atc_score: Score = Score.NEG_ENTROPY
     seed: int = 0
-    # The ATC lower bound is the smaller of the whole window's and its last `accuracy_recent`
-    # samples' (so a sudden mismatch shows within that many samples); 0 disables the recent part.
+    # The ATC lower bound is the whole window's, or the smaller of it and its last `accuracy_recent`
+    # samples' when more than UNRELIABLE_SHARE of those are unknown (a sudden mismatch shows within
+    # that many samples); 0 disables the recent part.
     accuracy_recent: int = 50
     # Weighted Bonferroni across detectors (combine.py): the label test gets twice the others' share of
     # alpha, which gives class knock-out ≥ 0.8 power at n=200 on digits (drift eval) at no cost in size.
@@ -245,10 +246,13 @@ class Suite:
             r = self.settings.accuracy_recent
             if 0 < r < len(codes):
                 lb_r, unk_r = lower_bound(codes[-r:])
-                lb, unk = min(lb, lb_r), max(unk, unk_r)
+                if unk_r > UNRELIABLE_SHARE:        # the recent samples left the support: they speak for now
+                    lb, unk = min(lb, lb_r), max(unk, unk_r)
             est["atc_lower"] = lb
             unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
         diag = self._diagnose(window, results, combined, out)
+        if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
+            reliable = False        # inputs the model was not validated on: its confidence proves nothing
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,

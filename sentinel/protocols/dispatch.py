@@ -111,7 +111,7 @@ def _checked(fn: Callable[[bytes, Headers, DecodeHints], _T], body: bytes, heade
     except (RecursionError, MemoryError) as exc:
         raise DecodeError("too_large", f"decoding exhausted a resource: {type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - a malformed payload must never take the worker down
-        raise DecodeError("malformed", f"unexpected {type(exc).__name__} while decoding: {exc}"[:300]) from None
+        raise DecodeError("unexpected", f"unexpected {type(exc).__name__} while decoding: {exc}"[:300]) from None
 
 
 def encode_request(protocol: str, x: np.ndarray, *, input_name: str = "input", binary: bool = False,

@@ -173,7 +173,7 @@ class InferMessage:
 
 def _parameter(buf: memoryview) -> tuple[str, Any]:
     key: str = ""
-    value: Any = None
+    value: bool | int | float | str | None = None
     for num, wt, val in fields(buf):
         if num == 1:
             key = _text(val, "parameter key")

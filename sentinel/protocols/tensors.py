@@ -87,9 +87,7 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
         arr[:] = items
         return arr.reshape(shape)
     dt = numpy_dtype(datatype, name)
-    if not all(isinstance(v, (int, float)) for v in flat):
-        raise DecodeError("bad_datatype", f"tensor {name!r}: {datatype} data must be numbers")
-    try:
+    try:   # numpy refuses objects, None for integers and non-numeric strings
         arr = np.asarray(flat, dtype=dt)
     except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError("bad_datatype", f"tensor {name!r}: data is not {datatype}: {exc}"[:300]) from None
@@ -100,6 +98,8 @@ def flatten(data: Any) -> list[Any]:
     """Row-major leaves of nested lists, iteratively (no recursion on outsider-controlled depth)."""
     if not isinstance(data, list):
         return [data]
+    if not any(isinstance(item, list) for item in data):
+        return data   # already flat (the usual case): no copy
     out: list[Any] = []
     stack = [iter(data)]
     while stack:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from testpaths import REPO
 
 pytestmark = pytest.mark.slow
 

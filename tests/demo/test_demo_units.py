@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from testpaths import REPO
 
 from sentinel.demo.observe import Window
 from sentinel.demo.phases import Phase, phases_from_options

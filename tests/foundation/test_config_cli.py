@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from testpaths import REPO
 
 from sentinel.config import load_config
 from sentinel.errors import ConfigError

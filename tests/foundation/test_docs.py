@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import REPO
+from testpaths import REPO
 
 from sentinel import metricnames as mn
 from sentinel.docs import BEGIN, END, metric_reference

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import TEST_DATA
+from testpaths import TEST_DATA
 
 from sentinel.errors import UsageError, WeightsError
 from sentinel.reference import (
