@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 import traceback
+import warnings
 
 from hypothesis import HealthCheck, given, settings
 
@@ -72,6 +73,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=60.0)
     args = ap.parse_args()
+    warnings.simplefilter("error", RuntimeWarning)   # as the test suite does: a numpy warning is a finding
     bad = 0
     for name, fn in targets().items():
         n, found = fuzz(name, fn, args.seconds)

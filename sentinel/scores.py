@@ -45,7 +45,9 @@ def is_distribution(scores: np.ndarray, atol: float = 1e-3) -> bool:
     s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
         return False
-    return bool(s.min() >= -1e-6 and s.max() <= 1 + 1e-6 and np.allclose(s.sum(axis=-1), 1.0, atol=atol))
+    if not (s.min() >= -1e-6 and s.max() <= 1 + 1e-6):   # checked first: row sums of huge logits could overflow
+        return False
+    return bool(np.allclose(s.sum(axis=-1), 1.0, atol=atol))
 
 
 def output_kind(scores: np.ndarray, name: str = "") -> OutputKind:

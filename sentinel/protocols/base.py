@@ -250,7 +250,8 @@ def numeric_array(data: Any, what: str) -> np.ndarray:
     if arr.size > MAX_ELEMENTS:
         raise DecodeError("too_large", f"{what} have {arr.size} elements, more than the limit {MAX_ELEMENTS}")
     if arr.dtype.kind == "f":
-        arr = arr.astype(np.float32)
+        with np.errstate(over="ignore"):   # beyond float32 becomes inf: data the input contract judges
+            arr = arr.astype(np.float32)
     return arr
 
 

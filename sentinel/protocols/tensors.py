@@ -88,7 +88,8 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
         return arr.reshape(shape)
     dt = numpy_dtype(datatype, name)
     try:   # numpy refuses objects, None for integers and non-numeric strings
-        arr = np.asarray(flat, dtype=dt)
+        with np.errstate(over="ignore", invalid="ignore"):   # 1e300 as FP16 is inf, as numpy says
+            arr = np.asarray(flat, dtype=dt)
     except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError("bad_datatype", f"tensor {name!r}: data is not {datatype}: {exc}"[:300]) from None
     return arr.reshape(shape)

@@ -142,3 +142,12 @@ def test_depth_scan_matches_the_parsed_structure(doc, tail):
     assert json_depth(text) == _true_depth(doc)
     if isinstance(doc, dict):   # the object's end is found whatever bytes follow it
         assert json_prefix_length(text + tail) == len(text)
+
+
+def test_values_beyond_the_dtype_are_inf_not_a_warning_or_crash():
+    """pytest turns warnings into errors; numpy's overflow warnings must not escape a decoder."""
+    assert np.isinf(torchserve.decode_request(b"[[1e300, 2]]", {}).inputs[0, 0])
+    body = json.dumps({"inputs": [{"name": "x", "shape": [2], "datatype": "FP16", "data": [1e300, 1.0]}]})
+    assert np.isinf(oip_v2.decode_request(body.encode(), {}).inputs[0])
+    out = json.dumps({"outputs": [{"name": "o", "shape": [1, 2], "datatype": "FP64", "data": [1e308, 1e308]}]})
+    assert oip_v2.decode_response(out.encode(), {}).kind == "logits"
