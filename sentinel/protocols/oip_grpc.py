@@ -172,7 +172,7 @@ class InferMessage:
 
 
 def _parameter(buf: memoryview) -> tuple[str, Any]:
-    key = ""
+    key: str = ""
     value: bool | int | float | str | None = None
     for num, wt, val in fields(buf):
         if num == 1:

@@ -121,3 +121,37 @@ def test_templates_command_writes_only_under_the_given_directory(tmp_path):
     assert res.exit_code == 0, res.output
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == sorted(f"out/{rel}" for rel in DOCS)
+
+
+@pytest.mark.skipif(__import__("shutil").which("promtool") is None, reason="promtool not installed")
+def test_every_template_and_gate_query_parses_with_promtool(tmp_path):
+    """Placeholders substituted, every query goes through `promtool check rules` as a recording rule."""
+    import subprocess
+
+    from sentinel.gate import queries as q
+
+    exprs = []
+    argo = yaml.safe_load(DOCS["argo/analysistemplate.yaml"])
+    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": "v3", "{{args.canary-version}}": "v4",
+             "{{args.window}}": "10m"}
+    for m in argo["spec"]["metrics"]:
+        expr = m["provider"]["prometheus"]["query"]
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        exprs.append(expr)
+    for d in yaml.safe_load_all(DOCS["flagger/metrictemplates.yaml"]):
+        if d:
+            exprs.append(d["spec"]["query"].replace("{{ target }}", "digits").replace("{{ interval }}", "1m"))
+    for fn in (q.requests_by_code, q.latency_buckets, q.predictions_by_class, q.agreement_by_result, q.verdicts,
+               q.estimate_reliable, q.atc_estimate, q.drift_alarm_share, q.contract_checked, q.contract_violating,
+               q.contract_by_check):
+        exprs.append(fn("digits", "v4", "10m"))
+    exprs += list(q.presence("digits", "v3|v4", "10m").values()) + list(q.diagnosis("digits", "v4").values())
+    assert all("{{" not in e for e in exprs)
+    rules = {"groups": [{"name": "gate", "rules": [{"record": f"gate:check:{i}", "expr": e}
+                                                   for i, e in enumerate(exprs)]}]}
+    (tmp_path / "gate.yml").write_text(yaml.safe_dump(rules))
+    proc = subprocess.run(["promtool", "check", "rules", str(tmp_path / "gate.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{len(exprs)} rules found" in proc.stdout
