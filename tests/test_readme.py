@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\b")
 FENCE = re.compile(r"^```bash\s*$")
-PORT = re.compile(r"(?<=localhost:)(\d{4,5})\b|(?<=127\.0\.0\.1:)(\d{4,5})\b|(?<=--port )(\d{4,5})\b")
+PORT = re.compile(r"(?<=localhost:)(\d{4,5})\b|(?<=127\.0\.0\.1:)(\d{4,5})\b|(?<=--port )(\d{4,5})\b"
+                  r"|(?<=--grpc-port )(\d{4,5})\b")
 # Commands that need a tool the test machine may lack: run only when it is on PATH.
 NEEDS = {"sentinel rules test": "promtool"}
 COPIED = ("models", "golden_sets", "examples", "slo.yaml", "sentinel.yaml")
