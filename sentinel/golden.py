@@ -311,7 +311,7 @@ def load_contract(golden: GoldenSet):
     except (OSError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{golden.path / 'manifest.json'}: unreadable ({exc})") from None
     if digest is None or sha256_file(path) != digest:
-        raise IntegrityError(f"{path}: sha256 does not match manifest.json (rebuild with `sentinel golden contract`)")
+        raise IntegrityError(f"{path}: sha256 does not match manifest.json (rebuild the golden set)")
     try:
         return InputContract.from_json(path.read_text(encoding="utf-8"))
     except ValueError as exc:

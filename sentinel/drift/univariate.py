@@ -92,10 +92,14 @@ class FeatureShiftTest:
 
     def test(self, window: np.ndarray) -> DetectorResult:
         """Test one window (M×F); rows with NaN/inf are dropped first."""
-        win = np.asarray(window, dtype=np.float64)
+        win = np.asarray(window)
+        if win.dtype not in (np.float32, np.float64):
+            win = win.astype(np.float64)   # float32 stays float32: values are compared at float32 anyway
         if win.ndim != 2 or win.shape[1] != len(self.features):
             raise ValueError(f"{self.name}: window has shape {win.shape}, expected M×{len(self.features)}")
-        win = win[np.isfinite(win).all(axis=1)]
+        finite = np.isfinite(win).all(axis=1)
+        if not finite.all():
+            win = win[finite]
         n, m = len(self.reference), len(win)
         if min(n, m) < self.min_samples:
             return abstain(self.name, self.alpha, n, m,
@@ -107,9 +111,9 @@ class FeatureShiftTest:
             dmax = float(d[j])
             # Same n and m for every feature, so the KS p-value falls as D grows: the smallest
             # p-value is that of the largest D, computed by scipy itself for that feature only.
-            p = _ks_pvalue(self.reference[:, j], win[:, j])
+            p = _ks_pvalue(self.reference[:, j], win[:, j].astype(np.float64))
             return decide(self.name, dmax, k * p, self.alpha, n, m, self.features[j])
-        stats, ps = _cvm(self.reference, win)
+        stats, ps = _cvm(self.reference, win.astype(np.float64))
         j = int(np.argmin(ps))
         return decide(self.name, float(stats[j]), k * float(ps[j]), self.alpha, n, m, self.features[j])
 

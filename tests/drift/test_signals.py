@@ -117,3 +117,23 @@ def test_weighted_bonferroni():
     weighted = combine(rs, 0.05, weights={"label": 2.0})
     assert plain.p_value == pytest.approx(0.045) and weighted.p_value == pytest.approx(0.015 * 4 / 2)
     assert weighted.feature == "label"
+
+
+def test_stored_contract_is_digest_checked(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from sentinel.errors import IntegrityError
+    from sentinel.golden import load_contract, load_golden
+
+    src = Path(__file__).resolve().parents[2] / "golden_sets" / "digits" / "v3"
+    dst = tmp_path / "g"
+    shutil.copytree(src, dst)
+    c = load_contract(load_golden(dst))
+    assert c is not None and c.shape == (1, 32, 32) and c.low[0] == pytest.approx(-0.75)
+    text = (dst / "contract.json").read_text()
+    (dst / "contract.json").write_text(text.replace('"tolerance": 0.05', '"tolerance": 0.5'))
+    with pytest.raises(IntegrityError, match="contract.json"):
+        load_contract(load_golden(dst))
+    (dst / "contract.json").unlink()
+    assert load_contract(load_golden(dst)) is None          # absent: derived from the inputs on load
