@@ -1,23 +1,34 @@
-# Image for the model server (default command) and for the sentinel sidecar (the same
-# image running `sentinel run`; see docker-compose.yml and deploy/k8s/deployment.yaml).
+# Two images from one file:
+#   docker build --target sidecar -t sentinel-densenet-sidecar:dev .   # `sentinel run` (and replay,
+#       rules, dashboards, gpu): base dependencies only, no torch, kserve or scikit-learn
+#   docker build -t sentinel-densenet:dev .                            # the `full` target (default):
+#       + torch (CPU build) and kserve, for `sentinel serve` (the model server) and export/verify
+# The sidecar's shadow reference and embeddings run the registry's ONNX features export on
+# onnxruntime, so the sidecar image needs no torch. See README "Installing" for measured sizes.
 # Docker cannot run where this project is developed; the compose tests check the files
-# this image is used with, not the build.
-FROM python:3.11-slim
+# these images are used with, not the build.
+FROM python:3.11-slim AS source
 
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-
-# constraints.txt pins the CPU build of torch; its wheels come from PyTorch's CPU index.
-COPY pyproject.toml constraints.txt README.md ./
+# setup.py copies models/, golden_sets/, slo.yaml and sentinel.yaml into the wheel; the same
+# folders also stay under /app, where deploy/k8s and docker-compose point the config.
+COPY pyproject.toml setup.py MANIFEST.in constraints.txt README.md slo.yaml sentinel.yaml ./
 COPY sentinel ./sentinel
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt .
-
-# The registry (model.yaml + weights) and golden sets the server and canary read.
 COPY models ./models
 COPY golden_sets ./golden_sets
-COPY slo.yaml sentinel.yaml ./
-
 RUN useradd --system --uid 10001 sentinel
+
+FROM source AS sidecar
+RUN pip install -c constraints.txt . && rm -rf build *.egg-info
+USER 10001
+EXPOSE 8080 9464
+CMD ["sentinel", "run", "--config", "/etc/sentinel/sentinel.yaml"]
+
+FROM source AS full
+# constraints.txt pins torch; PyTorch's CPU index serves its CPU build (no CUDA libraries).
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt ".[full]" \
+    && rm -rf build *.egg-info
 USER 10001
 EXPOSE 8081 8080 9464
 CMD ["sentinel", "serve", "--model", "digits:v3", "--port", "8081", "--host", "0.0.0.0"]

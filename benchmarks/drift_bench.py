@@ -78,6 +78,13 @@ def bench_detectors(n: int, classes: int, repeat: int) -> None:
           f"{os.cpu_count()} CPUs")
     feat_ms = _median_ms(lambda: (input_statistics(wx), suite.project(we)), repeat)
     print(f"  feature extraction outside the window (input statistics + PCA projection): {feat_ms:.1f} ms")
+    smp_ms = _median_ms(lambda: suite.samples(wx, wl, proj), repeat)
+    print(f"  per-sample contract check, signatures, support and ATC verdicts (done as samples arrive): "
+          f"{smp_ms:.1f} ms")
+    smp = suite.samples(wx, wl, proj)
+    full = Window(wl, stats, proj, None, smp.signatures, smp.violations.any(axis=1), smp.verdicts)
+    diag_ms = _median_ms(lambda: default.evaluate(full), repeat)
+    print(f"  default set with diagnosis and lower bound: {diag_ms:8.1f} ms wall {CPU[0]:8.1f} ms CPU")
 
 
 def bench_embeddings(batch: int, repeat: int) -> None:

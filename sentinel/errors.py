@@ -110,7 +110,8 @@ class DecodeError(InfrastructureError, ValueError):
     """A payload (request, response, CloudEvent) that cannot be turned into arrays.
 
     `kind` is a short label for metrics (malformed_json, missing_field, bad_shape,
-    bad_datatype, truncated, bad_header, unsupported, bad_image, too_large, too_deep).
+    bad_datatype, truncated, bad_header, unsupported, bad_image, too_large, too_deep,
+    bad_event, unexpected).
     Every decoder in `sentinel.protocols` raises it, and only it, for malformed input.
     """
 

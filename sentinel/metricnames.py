@@ -76,10 +76,10 @@ SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
                        "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
                        "out_of_memory, timeout, unexpected_error, worker_lost).", ("model", "reason"))
 INGEST_EVENTS = _m("ingest_events", "counter",
-                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting), joined "
-                   "(pair complete, sent to analysis), orphaned (a half dropped unjoined: too old, over the "
-                   "join table's count or byte bound, or repeated), rejected (malformed or unknown model), "
-                   "oversize (body over sampling.max_bytes, not analysed).",
+                   "CloudEvents received on /ingest by outcome: accepted (first half, waiting for its pair), "
+                   "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
+                   "table's bounds, or repeated), rejected (malformed, unknown model), oversize (over "
+                   "sampling.max_bytes).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------

@@ -97,6 +97,25 @@ def export_features_onnx(model, input_shape: tuple[int, ...], path: str | Path) 
     tmp.replace(path)
 
 
+def private_cache_dir() -> Path:
+    """This user's cache of shadow ONNX exports: a 0700 directory no other local user can write.
+
+    `$XDG_CACHE_HOME/sentinel/onnx` (default ~/.cache), else a per-uid folder under the temp
+    directory; a folder owned by someone else, or writable by others, is refused (another local
+    user could otherwise plant the model the shadow runs).
+    """
+    import os
+
+    home = os.environ.get("XDG_CACHE_HOME") or (str(Path.home() / ".cache") if Path.home().is_dir() else "")
+    root = Path(home) / "sentinel" / "onnx" if home else Path(tempfile.gettempdir()) / f"sentinel-onnx-{os.getuid()}"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise InfrastructureError(f"{root}: shadow export cache is not a private directory of this user "
+                                  f"(owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
+    return root
+
+
 class ReferenceRunner:
     """Runs a registry entry's reference model on network inputs with one backend.
 
@@ -149,7 +168,7 @@ class ReferenceRunner:
         want_ort = (prefer or ("onnxruntime" if self.device.type == "cpu" else "torch")) == "onnxruntime"
         if want_ort:
             try:
-                self._session = self._onnx_session(Path(cache_dir or Path(tempfile.gettempdir()) / "sentinel-onnx"),
+                self._session = self._onnx_session(Path(cache_dir) if cache_dir else private_cache_dir(),
                                                    check_inputs)
                 self.backend = "onnxruntime"
             except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to torch, logged
@@ -199,7 +218,12 @@ class ReferenceRunner:
         path = cache / f"{self.entry.name}-{self.entry.version}-{self.entry.manifest.weights.sha256[:16]}.onnx"
         if not path.is_file():
             self._export(path)
-        sess = self._ort_session(path)
+        try:
+            sess = self._ort_session(path)
+        except InfrastructureError:   # a corrupt or truncated cached export: make it again, once
+            path.unlink(missing_ok=True)
+            self._export(path)
+            sess = self._ort_session(path)
         x = check_inputs if check_inputs is not None else np.zeros((2, *self.entry.manifest.input.shape), np.float32)
         x = np.ascontiguousarray(x[:8], dtype=np.float32)
         lg, em = sess.run(None, {"input": x})

@@ -16,4 +16,5 @@ def write_json_report(doc: dict, json_out: Path | None) -> None:
     if str(json_out) == "-":
         sys.stdout.write(text)
     else:
+        json_out.parent.mkdir(parents=True, exist_ok=True)  # the folder the user named, nothing else
         json_out.write_text(text, encoding="utf-8")

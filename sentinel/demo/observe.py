@@ -102,7 +102,7 @@ def window(a: Snapshot, b: Snapshot, model: str, threshold_s: float) -> Window:
     n = b.total(req, model=model) - a.total(req, model=model)
     errs = sum(b.total(req, model=model, code=c) - a.total(req, model=model, code=c)
                for c in {dict(k[1]).get("code", "") for k in b.samples if k[0] == req}
-               if c.startswith("5"))
+               if c.startswith("5") or c == mn.CODE_INCOMPLETE)   # as the availability SLI counts them
     buckets = latency_buckets(a, b, model)
     slow = math.nan
     if buckets:

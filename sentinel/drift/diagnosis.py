@@ -49,6 +49,7 @@ MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a cand
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
 REL_TOLERANCE = 0.005
+MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
 ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
 
 
@@ -111,7 +112,8 @@ class Signature:
         g = x.mean(axis=1).reshape(n, -1)
         g = g - g.mean(axis=1, keepdims=True)
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-        fits = np.einsum("nd,okd->nok", g, self.templates).max(axis=2)     # best class fit per orientation
+        o, k, d = self.templates.shape
+        fits = (g @ self.templates.reshape(o * k, d).T).reshape(n, o, k).max(axis=2)   # best class fit per orientation
         # Paired differences: far less noisy than each fit, so orientation changes stand out.
         contrast = fits[:, :1] - fits[:, 1:]
         return np.concatenate([per_c, ((gx + gy) / 2)[:, None], aniso[:, None], fits, contrast], axis=1)
@@ -167,11 +169,11 @@ class Source:
 
     @property
     def low(self) -> np.ndarray:
-        return self.images.min(axis=(0, 2, 3))
+        return np.asarray(self.images.min(axis=(0, 2, 3)))
 
     @property
     def high(self) -> np.ndarray:
-        return self.images.max(axis=(0, 2, 3))
+        return np.asarray(self.images.max(axis=(0, 2, 3)))
 
 
 def _ch(v: np.ndarray) -> np.ndarray:
@@ -182,10 +184,10 @@ def _candidates(src: Source) -> list[Candidate]:
     lo, hi = _ch(src.low), _ch(src.high)
     c, h, w = src.images.shape[1:]
 
-    def blur(s: float):
+    def blur(s: float) -> Callable[[np.ndarray, float], np.ndarray]:
         def f(x: np.ndarray, _: float) -> np.ndarray:
             from scipy.ndimage import gaussian_filter
-            return gaussian_filter(x, sigma=(0, 0, s, s), mode="constant")
+            return np.asarray(gaussian_filter(x, sigma=(0, 0, s, s), mode="constant"))
         return f
 
     cands = [
@@ -232,9 +234,16 @@ class Diagnosis:
 class Diagnoser:
     """Fitted on golden inputs: signature moments per candidate transform and per class."""
 
-    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None):
+    def __init__(self, network_inputs: np.ndarray, classes: np.ndarray, source: Source | None = None,
+                 max_samples: int = MAX_GOLDEN, seed: int = 0):
         x = np.asarray(network_inputs, dtype=np.float32)
         self.classes = np.asarray(classes, dtype=np.int64)
+        if len(x) > max_samples:       # bounded fit cost: candidate moments from a seeded subsample
+            keep = np.sort(np.random.default_rng(seed).choice(len(x), max_samples, replace=False))
+            x, self.classes = x[keep], self.classes[keep]
+            if source is not None:
+                source = Source(source.images[keep], source.to_network, source.unit_a, source.unit_b,
+                                source.norm_mean, source.norm_std)
         self.signature = Signature.fit(x, self.classes)
         f = self.signature.features(x)
         self.golden_features = f
@@ -324,7 +333,7 @@ class Diagnoser:
         return out
 
 
-def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | None = None,
+def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: Diagnoser | None = None,
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
@@ -339,7 +348,7 @@ def diagnose(alarm: bool, detectors: list | tuple, *, diagnoser: Diagnoser | Non
         for i in np.argsort(-np.abs(delta))[:3]:
             shift[str(int(i))] = round(float(delta[i]), 4)
     share = None if violating is None or len(violating) == 0 else float(np.mean(violating))
-    common = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
+    common: dict[str, Any] = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
               "contract_violating_share": share}
     if not alarm:
         return Diagnosis("none", reason="the combined verdict did not alarm", **common)

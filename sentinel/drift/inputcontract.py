@@ -97,7 +97,7 @@ class ContractReport:
     @property
     def violating(self) -> np.ndarray:
         """N bool: the sample violates at least one check."""
-        return self.violations.any(axis=1)
+        return np.asarray(self.violations.any(axis=1), dtype=bool)
 
     def counts(self) -> dict[str, int]:
         """Violating samples per check."""
@@ -112,7 +112,8 @@ def _saturated_share(flat: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.
     """
     eps = 1e-6 * np.maximum(high - low, 1e-12)
     at = flat >= (high - eps)[None, :, None]
-    return at.reshape(len(flat), -1).mean(axis=1)
+    share: np.ndarray = at.reshape(len(flat), -1).mean(axis=1)
+    return share
 
 
 def check(contract: InputContract, inputs: np.ndarray, *, dtype_kind: str | None = None) -> ContractReport:

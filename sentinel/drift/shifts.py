@@ -82,7 +82,8 @@ def blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur of each N×H×W image (σ in pixels, zero padding)."""
     from scipy.ndimage import gaussian_filter
 
-    return gaussian_filter(np.asarray(x, np.float32), sigma=(0, sigma, sigma), mode="constant")
+    out: np.ndarray = gaussian_filter(np.asarray(x, np.float32), sigma=(0, sigma, sigma), mode="constant")
+    return out
 
 
 # Client-side preprocessing mistakes (the top real-world failure of a served classifier), on the

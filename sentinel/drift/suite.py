@@ -86,8 +86,9 @@ class Settings:
     mmd_max_samples: int = 200
     atc_score: Score = Score.NEG_ENTROPY
     seed: int = 0
-    # The ATC lower bound is the smaller of the whole window's and its last `accuracy_recent`
-    # samples' (so a sudden mismatch shows within that many samples); 0 disables the recent part.
+    # The ATC lower bound is the whole window's, or the smaller of it and its last `accuracy_recent`
+    # samples' when more than UNRELIABLE_SHARE of those are unknown (a sudden mismatch shows within
+    # that many samples); 0 disables the recent part.
     accuracy_recent: int = 50
     # Weighted Bonferroni across detectors (combine.py): the label test gets twice the others' share of
     # alpha, which gives class knock-out ≥ 0.8 power at n=200 on digits (drift eval) at no cost in size.
@@ -180,6 +181,7 @@ class Suite:
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
+            assert reference.embeddings is not None   # the PCA was fitted on them
             self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
                                                     self.pca.transform(reference.embeddings))
 
@@ -244,13 +246,17 @@ class Suite:
             r = self.settings.accuracy_recent
             if 0 < r < len(codes):
                 lb_r, unk_r = lower_bound(codes[-r:])
-                lb, unk = min(lb, lb_r), max(unk, unk_r)
+                if unk_r > UNRELIABLE_SHARE:        # the recent samples left the support: they speak for now
+                    lb, unk = min(lb, lb_r), max(unk, unk_r)
             est["atc_lower"] = lb
             unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
         diag = self._diagnose(window, results, combined, out)
+        if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
+            reliable = False        # inputs the model was not validated on: its confidence proves nothing
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
 
-    def _diagnose(self, w: Window, results, combined: DetectorResult, out) -> Diagnosis:
+    def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> Diagnosis:
         effects: dict[str, float] = {}
         if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
             ws = np.asarray(w.input_stats, np.float64)
@@ -319,6 +325,7 @@ def _source(ref: Reference) -> Source | None:
     scale = float(pre.scale) if pre.scale else 1.0
 
     def to_network(a: np.ndarray) -> np.ndarray:
-        return pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        return x
 
     return Source(images, to_network, std / scale, mean / scale, mean, std)

@@ -9,7 +9,9 @@ the golden set's own `OOD_QUANTILE` leave-one-out kNN distance. Otherwise ATC de
 or above its threshold → `likely_correct`, else `likely_wrong`.
 
 The accuracy lower bound counts unknown as wrong: likely_correct / all. It is reliable when the
-share of unknown samples is at most `UNRELIABLE_SHARE`.
+share of unknown samples is at most `UNRELIABLE_SHARE` and the window is not diagnosed as a
+preprocessing mismatch or an input-contract breach (then the model's confidence proves nothing,
+even for samples that pass the support check: a flipped digit still looks like a digit).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 
 VERDICTS = ("likely_correct", "likely_wrong", "unknown")
 LIKELY_CORRECT, LIKELY_WRONG, UNKNOWN = 0, 1, 2
-OOD_QUANTILE = 0.995      # a golden sample is beyond this quantile of golden LOO kNN distances 0.5% of the time
+OOD_QUANTILE = 0.998      # a golden sample is beyond this quantile of golden LOO kNN distances 0.2% of the time
 OOD_K = 5
-UNRELIABLE_SHARE = 0.10   # more unknown than this in a window and the estimate is flagged unreliable
+UNRELIABLE_SHARE = 0.10
+MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)   # more unknown than this in a window and the estimate is flagged unreliable
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,11 @@ class KnnSupport:
     k: int = OOD_K
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = OOD_K, quantile: float = OOD_QUANTILE) -> KnnSupport:
+    def fit(cls, features: np.ndarray, k: int = OOD_K, quantile: float = OOD_QUANTILE,
+            max_samples: int = MAX_REFERENCE, seed: int = 0) -> KnnSupport:
         f = np.asarray(features, np.float64)
+        if len(f) > max_samples:       # bounded memory and time: distances are N×N at fit, M×N per batch
+            f = f[np.sort(np.random.default_rng(seed).choice(len(f), max_samples, replace=False))]
         center = f.mean(axis=0)
         sd = f.std(axis=0)
         scale = np.where(sd > 1e-9 * (np.abs(center) + 1), sd, 1.0)
@@ -59,7 +65,8 @@ def _knn(q: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:
     d2 = (q ** 2).sum(axis=1)[:, None] + (ref ** 2).sum(axis=1)[None, :] - 2.0 * q @ ref.T
     d2 = np.maximum(d2, 0.0)
     part = np.partition(d2, k - 1, axis=1)[:, :k]
-    return np.sqrt(np.sort(part, axis=1))
+    dist: np.ndarray = np.sqrt(np.sort(part, axis=1))
+    return dist
 
 
 def verdicts(atc_scores: np.ndarray, threshold: float, unknown: np.ndarray | None) -> np.ndarray:

@@ -18,6 +18,8 @@ Headers = Mapping[str, str]   # lower-case names
 DecodeErrorKind = Literal[
     "malformed_json", "missing_field", "bad_shape", "bad_datatype", "truncated",
     "bad_header", "unsupported", "bad_image", "too_large", "too_deep",
+    "bad_event",    # a CloudEvent envelope (sentinel.proxy.ingest)
+    "unexpected",   # a decoder raised something else: a bug, reported instead of crashing the worker
 ]
 
 # Bounds on what an outsider's payload may make a decoder allocate or recurse into.
@@ -87,7 +89,8 @@ class DecodedResponse:
         """Index of the highest score per row (empty when the response carried only labels)."""
         if self.outputs.shape[1] == 0:
             return np.zeros(0, dtype=np.int64)
-        return self.outputs.argmax(axis=1)
+        top: np.ndarray = self.outputs.argmax(axis=1)
+        return top
 
     def probabilities_or_softmax(self) -> np.ndarray:
         """Probabilities as served, else the softmax of the served logits."""
@@ -152,35 +155,44 @@ def combine_outputs(named: list[tuple[str, np.ndarray]]) -> DecodedResponse:
     return DecodedResponse(first.outputs, first.kind, logits=logits, probabilities=probs)
 
 
-def _depth_profile(b: np.ndarray) -> np.ndarray:
-    """Nesting depth after each byte, counting [ and { outside JSON strings (vectorised: fast on MBs)."""
-    quote = b == 0x22
-    if quote.any():
-        # A quote is escaped when an odd number of backslashes precede it.
-        idx = np.arange(len(b))
-        last_non_bs = np.maximum.accumulate(np.where(b != 0x5C, idx, -1))
-        q = np.flatnonzero(quote)
-        run = (q - 1) - last_non_bs[np.maximum(q - 1, 0)]
-        run[q == 0] = 0
-        real = q[(run % 2) == 0]
-        flips = np.zeros(len(b) + 1, dtype=np.int8)
-        flips[real + 1] = 1   # parity flips after each real quote
-        in_string = (np.cumsum(flips[:-1]) % 2 == 1) | quote
-    else:
-        in_string = np.zeros(len(b), dtype=bool)
-    step = np.zeros(len(b), dtype=np.int32)
-    step[((b == 0x5B) | (b == 0x7B)) & ~in_string] = 1
-    step[((b == 0x5D) | (b == 0x7D)) & ~in_string] = -1
-    return np.cumsum(step)
+def _real_quotes(b: np.ndarray) -> np.ndarray:
+    """Positions of the quotes that delimit JSON strings (a quote after an odd run of backslashes is escaped)."""
+    q = np.flatnonzero(b == 0x22)
+    bs = np.flatnonzero(b == 0x5C)
+    if not len(q) or not len(bs):
+        return q
+    # Runs of consecutive backslashes: for the backslash just before a quote, where its run starts.
+    starts = np.ones(len(bs), dtype=bool)
+    starts[1:] = bs[1:] != bs[:-1] + 1
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(bs)), 0))
+    j = np.searchsorted(bs, q - 1)
+    j_ok = np.minimum(j, len(bs) - 1)
+    preceded = (j < len(bs)) & (bs[j_ok] == q - 1)
+    run = np.where(preceded, j_ok - run_start[j_ok] + 1, 0)
+    kept: np.ndarray = q[run % 2 == 0]
+    return kept
+
+
+def _bracket_depths(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of [ { ] } outside strings, and the nesting depth after each (work ∝ brackets, not bytes)."""
+    opens = np.flatnonzero((b == 0x5B) | (b == 0x7B))
+    closes = np.flatnonzero((b == 0x5D) | (b == 0x7D))
+    pos = np.concatenate([opens, closes])
+    step = np.concatenate([np.ones(len(opens), np.int64), -np.ones(len(closes), np.int64)])
+    order = np.argsort(pos, kind="stable")
+    pos, step = pos[order], step[order]
+    quotes = _real_quotes(b)
+    if len(quotes):
+        outside = np.searchsorted(quotes, pos) % 2 == 0   # an even number of quotes before: not in a string
+        pos, step = pos[outside], step[outside]
+    return pos, np.cumsum(step)
 
 
 def json_depth(body: bytes | memoryview) -> int:
     """Maximum nesting depth of [ and { outside strings, without parsing."""
     b = np.frombuffer(body, dtype=np.uint8)
-    n_open = int(np.count_nonzero((b == 0x5B) | (b == 0x7B)))
-    if n_open <= 1:
-        return n_open
-    return int(_depth_profile(b).max(initial=0))
+    _, depth = _bracket_depths(b)
+    return int(depth.max(initial=0))
 
 
 def json_prefix_length(body: bytes | memoryview) -> int:
@@ -196,11 +208,11 @@ def json_prefix_length(body: bytes | memoryview) -> int:
         start += 1
     if start >= len(b) or b[start] != 0x7B:
         raise DecodeError("malformed_json", "body does not start with a JSON object")
-    depth = _depth_profile(b[start:])
+    pos, depth = _bracket_depths(b[start:])
     closed = np.flatnonzero(depth == 0)
     if len(closed) == 0:
         raise DecodeError("malformed_json", "the JSON object at the start of the body never closes")
-    return start + int(closed[0]) + 1
+    return start + int(pos[closed[0]]) + 1
 
 
 def parse_json(body: bytes | memoryview, what: str = "body") -> Any:

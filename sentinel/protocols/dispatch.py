@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 
@@ -28,6 +29,19 @@ CODECS: dict[str, str] = {
     GRPC: "sentinel.protocols.oip_grpc",   # OIP v2 gRPC ModelInferRequest/ModelInferResponse bytes
 }
 _loaded: dict[str, ModuleType] = {}
+_T = TypeVar("_T")
+
+
+class Codec(Protocol):
+    """What a codec module provides (a structural type; codecs are plain modules)."""
+
+    def decode_request(self, body: bytes, headers: Headers, hints: DecodeHints) -> DecodedRequest: ...
+
+    def decode_response(self, body: bytes, headers: Headers, hints: DecodeHints) -> DecodedResponse: ...
+
+    def encode_request(self, *args: Any, **kwargs: Any) -> tuple[bytes, dict[str, str]]: ...
+
+    def encode_response(self, *args: Any, **kwargs: Any) -> tuple[bytes, dict[str, str]]: ...
 
 
 def register(name: str, module_path: str) -> None:
@@ -36,11 +50,11 @@ def register(name: str, module_path: str) -> None:
     _loaded.pop(name, None)
 
 
-def codec(name: str) -> ModuleType:
+def codec(name: str) -> Codec:
     """The codec module of a protocol name; DecodeError("unsupported") for an unknown or missing one."""
     mod = _loaded.get(name)
     if mod is not None:
-        return mod
+        return cast(Codec, mod)
     path = CODECS.get(name)
     if path is None:
         raise DecodeError("unsupported", f"unknown protocol {name!r} (known: {', '.join(CODECS)})"[:300])
@@ -49,7 +63,7 @@ def codec(name: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         raise DecodeError("unsupported", f"protocol {name!r} needs {path}, which cannot be imported: {exc}") from None
     _loaded[name] = mod
-    return mod
+    return cast(Codec, mod)
 
 
 _V2_TENSORS = re.compile(rb'"(?:inputs|outputs)"\s*:\s*\[\s*\{')
@@ -87,7 +101,8 @@ def decode_response(protocol: str, body: bytes, headers: Headers, hints: DecodeH
     return _checked(codec(protocol).decode_response, body, headers, hints)
 
 
-def _checked(fn, body: bytes, headers: Headers, hints: DecodeHints):
+def _checked(fn: Callable[[bytes, Headers, DecodeHints], _T], body: bytes, headers: Headers,
+             hints: DecodeHints) -> _T:
     """Run a decoder; anything but a DecodeError escaping it is a decoder bug, reported as one kind."""
     try:
         return fn(body, headers, hints)
@@ -96,7 +111,7 @@ def _checked(fn, body: bytes, headers: Headers, hints: DecodeHints):
     except (RecursionError, MemoryError) as exc:
         raise DecodeError("too_large", f"decoding exhausted a resource: {type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - a malformed payload must never take the worker down
-        raise DecodeError("malformed", f"unexpected {type(exc).__name__} while decoding: {exc}"[:300]) from None
+        raise DecodeError("unexpected", f"unexpected {type(exc).__name__} while decoding: {exc}"[:300]) from None
 
 
 def encode_request(protocol: str, x: np.ndarray, *, input_name: str = "input", binary: bool = False,

@@ -8,6 +8,7 @@ tests and the fuzz script (hypothesis is a test dependency).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
@@ -30,7 +31,7 @@ json_docs = st.recursive(
     max_leaves=40)
 
 
-def _tensor_entry():
+def _tensor_entry() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
         "name": st.text(max_size=4),
         "shape": st.lists(st.one_of(st.integers(-2, 6), st.sampled_from([0, 2**31, 2**62, 2**64 + 1])), max_size=5),
@@ -57,7 +58,7 @@ def _valid_bodies() -> list[bytes]:
 
 
 @st.composite
-def mutated(draw) -> bytes:
+def mutated(draw: st.DrawFn) -> bytes:
     """A valid body, then a few flips, cuts, insertions and splices."""
     body = bytearray(draw(st.sampled_from(_valid_bodies())))
     for _ in range(draw(st.integers(1, 4))):

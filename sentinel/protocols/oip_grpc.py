@@ -76,6 +76,7 @@ def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, Any]]:
         num, wt = key >> 3, key & 7
         if num == 0:
             raise DecodeError("unsupported", f"field number 0 at byte {pos}")
+        val: int | memoryview
         if wt == VARINT:
             val, pos = _varint(mv, pos)
         elif wt == LENGTH:
@@ -171,7 +172,8 @@ class InferMessage:
 
 
 def _parameter(buf: memoryview) -> tuple[str, Any]:
-    key, value = "", None
+    key: str = ""
+    value: bool | int | float | str | None = None
     for num, wt, val in fields(buf):
         if num == 1:
             key = _text(val, "parameter key")

@@ -87,19 +87,19 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
         arr[:] = items
         return arr.reshape(shape)
     dt = numpy_dtype(datatype, name)
-    if not all(isinstance(v, (int, float)) for v in flat):
-        raise DecodeError("bad_datatype", f"tensor {name!r}: {datatype} data must be numbers")
-    try:
+    try:   # numpy refuses objects, None for integers and non-numeric strings
         arr = np.asarray(flat, dtype=dt)
     except (ValueError, TypeError, OverflowError) as exc:
         raise DecodeError("bad_datatype", f"tensor {name!r}: data is not {datatype}: {exc}"[:300]) from None
     return arr.reshape(shape)
 
 
-def flatten(data: Any) -> list:
+def flatten(data: Any) -> list[Any]:
     """Row-major leaves of nested lists, iteratively (no recursion on outsider-controlled depth)."""
     if not isinstance(data, list):
         return [data]
+    if not any(isinstance(item, list) for item in data):
+        return data   # already flat (the usual case): no copy
     out: list[Any] = []
     stack = [iter(data)]
     while stack:
@@ -162,7 +162,7 @@ def to_binary(arr: np.ndarray) -> tuple[str, bytes]:
     return name, np.ascontiguousarray(arr, dtype=DTYPES[name]).tobytes()
 
 
-def to_json(arr: np.ndarray) -> tuple[str, list]:
+def to_json(arr: np.ndarray) -> tuple[str, list[Any]]:
     """The datatype name and flat JSON `data` of an array (the inverse of from_json); BYTES must be UTF-8."""
     name = datatype_of(arr.dtype)
     if name == "BYTES":

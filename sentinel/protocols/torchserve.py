@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from sentinel.errors import DecodeError
 from sentinel.protocols.base import (
+    MAX_ELEMENTS,
     NO_HINTS,
     DecodedRequest,
     DecodedResponse,
@@ -21,7 +22,7 @@ from sentinel.protocols.base import (
     parse_json,
 )
 from sentinel.protocols.images import decode_images, looks_like_image
-from sentinel.protocols.tensors import MAX_ELEMENTS, numel
+from sentinel.protocols.tensors import numel
 
 OCTET_STREAM = "application/octet-stream"
 RAW_DTYPES = ("float32", "float16", "uint8", "int64")
@@ -47,7 +48,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
     return DecodedRequest(arr, input_form(arr))
 
 
-def _raw_tensor(body: bytes, hints: DecodeHints) -> tuple[np.ndarray, str]:
+def _raw_tensor(body: bytes, hints: DecodeHints) -> tuple[np.ndarray, Literal["raw", "network"]]:
     """A flat little-endian array of the hints' raw dtype, shaped N × raw_shape."""
     if hints.raw_shape is None:
         raise DecodeError("unsupported", "raw application/octet-stream tensor, but the model's raw input "

@@ -1,7 +1,8 @@
 """The sidecar's data plane: reverse proxy, admin listener, sampling, analysis worker, ingest.
 
     sidecar.Sidecar / sidecar.run(config)   the daemon (`sentinel run`)
-    server.ClientConnection                 client side of the proxy (httptools on uvloop)
+    server.ClientConnection                 client side of the proxy (httptools on uvloop), its state machine
+    context.ProxyContext, context.Limits    shared state, timeouts and limits, the one deadline sweep
     upstream.UpstreamPool                   pooled keep-alive connections to the model server
     exchange.Exchange                       one request/response, streamed both ways
     metrics.ProxyMetrics                    the daemon's own Prometheus registry

@@ -67,6 +67,7 @@ class AnalysisManager:
         self.hang_timeout_s = acfg.hang_timeout_s
         self.start_timeout_s = acfg.worker_start_timeout_s
         self._deadline = 0.0                 # the worker must say something by then
+        self._last_heard: float | None = None
         self._inflight: deque[str] = deque()  # models of the samples the worker has, in order
         self.rejections = _make(mn.SAMPLE_REJECTIONS, metrics.registry)
         for reason in RESTART_REASONS:     # every reason's series exists from the start, at 0
@@ -122,7 +123,8 @@ class AnalysisManager:
                 if not r.poll():
                     break
                 msg = r.recv()
-                self._deadline = time.monotonic() + self.hang_timeout_s   # any message is a sign of life
+                self._last_heard = time.monotonic()
+                self._deadline = self._last_heard + self.hang_timeout_s   # any message is a sign of life
                 self._handle(msg)
         except (EOFError, OSError):
             self.loop.remove_reader(r.fileno())   # the supervisor sees the dead process and restarts
@@ -263,6 +265,8 @@ class AnalysisManager:
                 "worker_alive": bool(p is not None and p.is_alive()),
                 "restarts": self.restarts, "queue_depth": self.depth(), "queue_capacity": self.capacity,
                 "queued_bytes": self.queued_bytes, "queue_max_bytes": self.max_bytes,
+                "last_message_age_s": (round(time.monotonic() - self._last_heard, 3)
+                                       if self._last_heard is not None else None),
                 "errors": dict(self.errors)}
 
 

@@ -23,9 +23,9 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sentinel import metricnames as mn
 from sentinel.config import ProxyConfig
@@ -46,6 +46,34 @@ log = logging.getLogger("sentinel.proxy")
 INCOMPLETE = mn.CODE_INCOMPLETE
 CLIENT_CLOSED = mn.CODE_CLIENT_CLOSED   # nginx's code: the client closed before its response was complete
 BURST_WINDOW_S = 60.0   # a kind of failure is logged at most once per window
+
+
+class ClientSide(Protocol):
+    """What an Exchange may do to its client connection (server.ClientConnection; fakes in tests)."""
+
+    eof: bool                 # the client half-closed
+    write_blocked_at: float   # non-zero while the client is not draining our writes
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, data: Iterable[bytes]) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+    def exchange_finished(self, ex: Exchange) -> None: ...
+    def defer_record(self, ex: Exchange) -> None: ...
+    def abort(self) -> None: ...
+
+
+class UpstreamSide(Protocol):
+    """What an Exchange may do to its upstream connection (upstream.UpstreamConnection; fakes in tests)."""
+
+    exchange: Exchange | None
+    until_close: bool
+
+    def write(self, data: bytes) -> None: ...
+    def writelines(self, data: Iterable[bytes]) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

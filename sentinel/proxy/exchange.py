@@ -19,10 +19,8 @@ from sentinel.proxy import http
 from sentinel.proxy.context import CLIENT_CLOSED, INCOMPLETE
 
 if TYPE_CHECKING:
-    from sentinel.proxy.context import ProxyContext
+    from sentinel.proxy.context import ClientSide, ProxyContext, UpstreamSide
     from sentinel.proxy.sampling import Capture
-    from sentinel.proxy.server import ClientConnection
-    from sentinel.proxy.upstream import UpstreamConnection
 
 # Body framing, both directions.
 NONE, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
@@ -48,7 +46,7 @@ class Exchange:
         "req_done_at", "last_up", "refusal", "recorded",
     )
 
-    def __init__(self, conn: ClientConnection, ctx: ProxyContext):
+    def __init__(self, conn: ClientSide, ctx: ProxyContext):
         self.conn = conn
         self.ctx = ctx
         self.t0 = time.perf_counter()
@@ -65,7 +63,7 @@ class Exchange:
         self.pending_bytes = 0
         self.request_done = False
         self.expect_continue = False
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamSide | None = None
         self.connect_task: asyncio.Task | None = None
         self.response_started = False
         self.resp_mode = NONE
@@ -136,7 +134,7 @@ class Exchange:
             up.exchange = self
             up.writelines(replay)
 
-    def attach(self, up: UpstreamConnection) -> None:
+    def attach(self, up: UpstreamSide) -> None:
         """Send the request head and whatever body has arrived over `up`."""
         self.upstream = up
         up.exchange = self
@@ -210,7 +208,7 @@ class Exchange:
 
     # --- response -------------------------------------------------------------------
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                      up: UpstreamConnection) -> None:
+                      up: UpstreamSide) -> None:
         if self.finished:
             return
         self.status = status
@@ -276,7 +274,7 @@ class Exchange:
         up, self.upstream = self.upstream, None
         if up is not None:
             if reusable and self.request_done and self.method != b"HEAD":
-                self.ctx.pool.release(up)
+                self.ctx.pool.release(up)  # type: ignore[arg-type]
             else:
                 up.abort()
         self._finish(str(self.status))

@@ -34,6 +34,7 @@ CANARY_HEADER = names.CANARY_HEADER.lower().encode()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
+LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 
@@ -58,6 +59,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.closed = False
         self.discarding = False
         self.shed = False
+        self.discarded = 0
         self.eof = False            # the client half-closed: answer what was asked, then close
         self.outbox = ctx.outbox
         self._out: list[bytes] = []
@@ -70,7 +72,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.header_count = 0
         self.header_bytes = 0
         self.paused_at = 0.0        # when reading was paused for the upstream (0: not paused)
-        self.write_blocked_at = 0.0  # when the client stopped draining our writes (0: not blocked)
+        self.write_blocked_at = 0.0  # when the client last drained any of our writes while blocked
+        self.blocked_size = 0        # bytes it had left unread then
         self.unrecorded: list[Exchange] | None = None   # complete, counted once the client drains
         self.used = False           # a request has begun on this connection
 
@@ -104,6 +107,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
+            self.discarded += len(data)
+            if self.discarded > LINGER_MAX_BYTES and self.transport is not None:
+                self.transport.abort()   # refused, and still sending: stop listening
             return
         self.last_active = self.ctx.loop.time()
         self.outbox.active = True
@@ -184,8 +190,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """A half-close after a complete request still wants its answer; anything else ends here."""
         self.eof = True
-        if self.queue and self.parsing is None and not self.in_head:
+        if self.queue and self.parsing is None and not self.in_head and not self.queue[0].response_started:
             return True   # keep writing; exchange_finished closes when the queue is empty
+        # EOF mid-request, or once the answer has begun (a client going away, not a half-close).
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -208,6 +215,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.ctx.loop.time()
+        self.blocked_size = self.transport.get_write_buffer_size()
         if self.queue and self.queue[0].upstream is not None:
             self.queue[0].upstream.pause_reading()
 
@@ -218,7 +226,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 ex.record(str(ex.status))
             self.unrecorded = None
         if self.queue and self.queue[0].upstream is not None:
-            self.queue[0].upstream.resume_reading()
+            ex = self.queue[0]
+            ex.last_up = self.ctx.loop.time()   # the upstream was paused for us, not idle
+            ex.upstream.resume_reading()  # type: ignore[union-attr]
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -403,9 +413,15 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """Apply whichever timeout of `lim` this connection's state has passed (see context.py)."""
         if self.closed or self.discarding or self.transport is None:
             return
-        if self.write_blocked_at and now - self.write_blocked_at > lim.send_timeout:
-            self._cut_slow_reader(lim)
-            return
+        if self.write_blocked_at:
+            # Progress, not a deadline: a client that drains anything restarts the clock.
+            size = self.transport.get_write_buffer_size()
+            if size < self.blocked_size:
+                self.blocked_size = size
+                self.write_blocked_at = now
+            elif now - self.write_blocked_at > lim.send_timeout:
+                self._cut_slow_reader(lim)
+                return
         ex = self.queue[0] if self.queue else None
         if ex is not None and ex.started and not ex.finished:
             if ex.request_done:

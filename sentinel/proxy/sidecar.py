@@ -355,7 +355,12 @@ class Sidecar:
             return 200, JSON, b'{"status":"ok"}'
         if path == "/readyz":
             ok, why = await self._upstream_ready()
-            body = json.dumps({"ready": ok, "config": self.config.source, "upstream": why}).encode()
+            doc = {"ready": ok, "config": self.config.source, "upstream": why}
+            if self.config.grpc_upstream is not None:
+                gok, gwhy = await self._grpc_upstream_ready()
+                doc["ready"] = ok = ok and gok
+                doc["grpc_upstream"] = gwhy
+            body = json.dumps(doc).encode()
             return (200 if ok else 503), JSON, body
         if path == "/status":
             return 200, JSON, json.dumps(self.status(), default=str).encode()
@@ -373,6 +378,23 @@ class Sidecar:
         except (TimeoutError, OSError) as exc:
             ok, why = False, f"{self.up_host}:{self.up_port} unreachable: {exc or 'timeout'}"
         self._ready = (time.monotonic(), ok, why)
+        return ok, why
+
+    async def _grpc_upstream_ready(self) -> tuple[bool, str]:
+        """Whether the model server's gRPC port accepts connections (cached like the HTTP check)."""
+        at, ok, why = getattr(self, "_grpc_ready", (0.0, False, "not checked"))
+        if time.monotonic() - at < READY_CACHE_S:
+            return ok, why
+        addr = self.config.grpc_upstream
+        assert addr is not None
+        host, port = parse_hostport(addr)
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.proxy.connect_timeout_s)
+            w.close()
+            ok, why = True, f"{addr} reachable"
+        except (TimeoutError, OSError) as exc:
+            ok, why = False, f"{addr} unreachable: {exc or 'timeout'}"
+        self._grpc_ready = (time.monotonic(), ok, why)
         return ok, why
 
     def status(self) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -34,11 +34,26 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.informational = False
         self.outbox = pool.outbox
         self._out: list[bytes] = []
+        self._poll: Any = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()   # for `stale()`: one poll(0) call, no allocation per check
+            self._poll.register(sock.fileno(), select.POLLIN)
+
+    def stale(self) -> bool:
+        """Whether an idle connection has something to read: the server closed it (or sent garbage)."""
+        p = self._poll
+        if p is None:
+            return False
+        try:
+            return bool(p.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange
@@ -137,16 +152,6 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             self.transport.abort()
 
 
-def _readable(transport: asyncio.Transport) -> bool:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        return bool(select.select((sock.fileno(),), (), (), 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
 class UpstreamPool:
     """Idle keep-alive connections to one host:port, reused last-in first-out."""
 
@@ -171,7 +176,7 @@ class UpstreamPool:
             t = c.transport
             if c.closed or t is None or t.is_closing():
                 continue
-            if check_stale and _readable(t):
+            if check_stale and c.stale():
                 c.abort()
                 continue
             return c

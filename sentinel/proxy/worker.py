@@ -207,9 +207,10 @@ class Worker:
         model = sample.model
         updates: list[tuple] = []
         err: str | None = None
+        hints = self.hints_for(model)   # first sample of a model: may read its registry entry
         try:
             with self.budget:
-                batch, err = decode(sample, model, self.hints_for(model))
+                batch, err = decode(sample, model, hints)
         except SampleTimeout:
             batch, err = None, TIMEOUT
         except (RecursionError, MemoryError) as exc:   # raised outside a decoder (building the batch)

@@ -191,9 +191,11 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
     out = json.loads(res.output)
     assert len(out) == 2
     for w in out:
-        assert set(w) == {"n", "drift", "detectors", "estimated_accuracy", "accuracy"}
+        assert set(w) == {"n", "drift", "detectors", "estimated_accuracy", "accuracy", "accuracy_verdicts",
+                          "accuracy_estimate_reliable", "unknown_share", "diagnosis"}
         assert w["n"] == 25 and w["drift"] is False and 0.8 <= w["accuracy"] <= 1
-        assert set(w["estimated_accuracy"]) == {"atc", "avg_conf"}
+        assert set(w["estimated_accuracy"]) == {"atc", "avg_conf", "atc_lower"}
+        assert w["diagnosis"]["kind"] == "none" and sum(w["accuracy_verdicts"].values()) == 25
         for d in w["detectors"]:
             assert set(d) == {"name", "statistic", "p_value", "threshold", "alarm"}
     noisy = tmp_path / "n.npz"

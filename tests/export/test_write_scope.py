@@ -101,9 +101,9 @@ def test_export_register_records_outside_files_in_a_registry_copy(tmp_path):
 
 def test_verify_json_writes_only_the_report(tmp_path):
     before = snapshot(REPO)
-    report = tmp_path / "verify.json"
+    report = tmp_path / "reports" / "verify.json"   # a folder that does not exist yet is made
     r = sentinel("verify", "models/digits/v3/model.onnx", "--model", "v3", "--json", str(report), "--quiet")
     assert r.returncode == 0, r.stderr
     assert_repo_untouched(before)
-    assert [p.name for p in tmp_path.iterdir()] == ["verify.json"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["reports", "reports/verify.json"]
     assert '"passed": true' in report.read_text()

@@ -166,7 +166,9 @@ def test_sigstopped_worker_is_killed_and_restarted(sidecar):
         assert time.monotonic() - t0 >= HANG_TIMEOUT_S * 0.9
         decoded_again(sidecar, RESTART_WITHIN_S)
         assert sidecar.sc.analysis.proc.pid != old
-        assert httpx.get(sidecar.admin_url + "/status").json()["analysis"]["worker_alive"]
+        state = httpx.get(sidecar.admin_url + "/status").json()["analysis"]
+        assert state["worker_alive"] and state["last_message_age_s"] < HANG_TIMEOUT_S
+        assert state["errors"]["worker_hung"].endswith("killed")
     finally:
         try:
             os.kill(old, signal.SIGKILL)

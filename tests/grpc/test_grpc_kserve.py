@@ -208,9 +208,11 @@ def test_daemon_canary_over_grpc(env):
     """replay.protocol: grpc — the daemon's canary thread calls grpc_upstream while its own gRPC listener runs."""
     from proxy_helpers import make_config
 
-    direct, _, _ = env
+    direct, _, running = env
+    http_url = running.config.upstream   # the canary polls the model's HTTP readiness endpoint first
     cfg = dataclasses.replace(
-        make_config("http://127.0.0.1:9"), grpc_listen="127.0.0.1:0", grpc_upstream=direct,
+        make_config(http_url, models=(ModelConfig("digits", "v3", endpoint=http_url),)),
+        grpc_listen="127.0.0.1:0", grpc_upstream=direct,
         registry=str(REPO / "models"), golden_sets=str(REPO / "golden_sets"),
         replay=ReplayConfig(canary_interval_s=600, canary_samples=4, canary_rate=20.0, protocol="grpc"))
     with RunningSidecar(cfg) as sc:

@@ -285,3 +285,23 @@ assert not bad, bad
     p = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "UNAVAILABLE" in p.stdout
+
+
+def _readyz(sc) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(sc.admin_url + "/readyz", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_readyz_reports_the_grpc_upstream(sidecar, upstream):
+    _, doc = _readyz(sidecar)
+    assert doc["grpc_upstream"] == f"{upstream.address} reachable"
+    with RunningSidecar(grpc_config(HTTP_UP, "127.0.0.1:9")) as sc:
+        status, doc = _readyz(sc)
+        assert status == 503 and not doc["ready"] and doc["grpc_upstream"].startswith("127.0.0.1:9 unreachable")

@@ -55,8 +55,9 @@ def test_routing_imports_no_decoder_and_no_numpy():
     assert out.stdout.strip() == ""
 
 
-def test_proxy_server_module_loads_no_decoder():
-    code = ("import sys, sentinel.proxy.server\n"
+def test_proxy_process_modules_load_no_decoder():
+    """The daemon's proxy, sidecar and ingest modules route and join; decoding happens in the worker."""
+    code = ("import sys, sentinel.proxy.server, sentinel.proxy.sidecar, sentinel.proxy.ingest\n"
             "bad = [m for m in sys.modules if m.startswith('sentinel.protocols.')\n"
             "       and m not in ('sentinel.protocols.routes', 'sentinel.protocols.names')]\n"
             "print(','.join(bad))")

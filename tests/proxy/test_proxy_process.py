@@ -107,6 +107,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
 
 
 def test_cli_overrides_and_bad_config(tmp_path):
@@ -182,6 +183,7 @@ def test_memory_bounded_under_1gb_upload(tmp_path):
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
+            proc.stdout.close()  # type: ignore[union-attr]
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):

@@ -130,7 +130,10 @@ def _k8s() -> list[dict]:
 
 def test_kubernetes_manifests():
     docs = {d["kind"]: d for d in _k8s()}
-    assert set(docs) == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"}
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
+    admin_rules = [r for r in docs["NetworkPolicy"]["spec"]["ingress"]
+                   if any(p["port"] == 9464 for p in r.get("ports", []))]
+    assert admin_rules and all(r.get("from") for r in admin_rules)   # the admin port is not open to all
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     containers = {c["name"]: c for c in pod["containers"]}
     assert set(containers) == {"model-server", "sentinel"}

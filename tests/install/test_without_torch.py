@@ -1,6 +1,6 @@
 """The sidecar and the read-only commands with torch, kserve, scikit-learn and onnx unimportable.
 
-Every Python process these tests start has tests/packaging/blocker on PYTHONPATH, whose
+Every Python process these tests start has tests/install/blocker on PYTHONPATH, whose
 sitecustomize makes those imports fail as they would in a base-only install (the analysis
 worker, a separate process, included). The model server is the registry's ONNX export on
 onnxruntime (onnx_model_server.py), since `sentinel serve` needs the serve extra.
@@ -97,17 +97,15 @@ def test_commands_that_need_an_extra_say_which(tmp_path, args, message):
 
 
 @contextlib.contextmanager
-def onnx_server(port: int):
-    proc = subprocess.Popen([sys.executable, str(HERE / "onnx_model_server.py"),
-                             str(REPO / "models/digits/v3/model.onnx"), str(port)],
-                            env=blocked_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def onnx_server(port: int, *, python: str, env: dict[str, str], model: Path):
+    proc = subprocess.Popen([python, str(HERE / "onnx_model_server.py"), str(model), str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(proc, f"http://127.0.0.1:{port}/v2/health/ready")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(10)
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def _wait(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
@@ -127,6 +125,12 @@ def _wait(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
 @pytest.mark.slow
 def test_sidecar_proxies_and_computes_drift_with_onnxruntime(tmp_path):
     """`sentinel run`: proxy, analysis worker, shadow and embeddings from the registered features export."""
+    check_sidecar(tmp_path, python=sys.executable, env=blocked_env(), home=REPO)
+
+
+def check_sidecar(tmp_path: Path, *, python: str, env: dict[str, str], home: Path) -> None:
+    """Start an ONNX model server and `sentinel run` before it (with `python`, `env`, the registry and
+    golden sets under `home`), send golden inputs, and wait for a drift verdict with an onnxruntime shadow."""
     from sentinel.golden import load_golden
 
     golden = load_golden(REPO / "golden_sets/digits/v3")
@@ -134,15 +138,15 @@ def test_sidecar_proxies_and_computes_drift_with_onnxruntime(tmp_path):
     cfg = tmp_path / "sentinel.yaml"
     cfg.write_text("\n".join([
         f"listen: 127.0.0.1:{port}", f"admin: 127.0.0.1:{admin}", f"upstream: http://127.0.0.1:{up}",
-        f"registry: {REPO / 'models'}", f"golden_sets: {REPO / 'golden_sets'}",
+        f"registry: {home / 'models'}", f"golden_sets: {home / 'golden_sets'}",
         "models:", f"  - {{name: digits, version: v3, protocol: v2, endpoint: 'http://127.0.0.1:{up}'}}",
         "sampling: {rate: 1.0, max_per_second: 1000}",
         "drift: {window_size: 40, evaluate_every: 20, shadow: true, shadow_max_per_second: 1000}",
         "replay: {canary_interval_s: 0}",
     ]) + "\n")
-    with onnx_server(up):
-        proc = subprocess.Popen([sys.executable, "-m", "sentinel", "run", "--config", str(cfg)], cwd=tmp_path,
-                                env=blocked_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with onnx_server(up, python=python, env=env, model=home / "models/digits/v3/model.onnx"):
+        proc = subprocess.Popen([python, "-m", "sentinel", "run", "--config", str(cfg)], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             _wait(proc, f"http://127.0.0.1:{admin}/healthz")
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:

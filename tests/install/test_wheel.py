@@ -133,3 +133,14 @@ def test_replay_v3_from_an_empty_directory(venv, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_sidecar_runs_drift_with_onnxruntime_in_the_base_venv(venv, tmp_path):
+    """`sentinel run` from the base install: proxy, analysis worker and shadow on the bundled export."""
+    from test_without_torch import check_sidecar
+
+    home = subprocess.run([str(venv / "bin/python"), "-c", "from sentinel.registry import bundled_home; "
+                           "print(bundled_home())"], capture_output=True, text=True, check=True, env=_clean_env(),
+                          cwd=tmp_path).stdout.strip()
+    assert home.endswith("site-packages/sentinel/_bundled")
+    check_sidecar(tmp_path, python=str(venv / "bin/python"), env=_clean_env(), home=Path(home))

@@ -1,0 +1,332 @@
+"""The fault catalog of issue 12 against the proxy listener, over real loopback sockets.
+
+Every case ends with `normal_request_ok`: the sidecar keeps serving ordinary requests
+after (and, where it matters, during) the fault.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from fault_helpers import (
+    RawUpstream,
+    RunningSidecar,
+    make_config,
+    normal_request_ok,
+    read_all,
+    send_request,
+)
+
+from sentinel import metricnames as mn
+
+ERR = mn.PROXY_ERRORS.sample_name
+REQ = mn.REQUESTS.sample_name
+SAMPLES = mn.SAMPLES.sample_name
+TIMEOUTS = dict(request_head_timeout_s=0.8, body_idle_timeout_s=0.8, upstream_timeout_s=3.0,
+                upstream_idle_timeout_s=0.8, send_timeout_s=1.0, client_idle_timeout_s=5.0)
+
+
+@pytest.fixture(scope="module")
+def env():
+    with RawUpstream() as up, RunningSidecar(make_config(up.url, rate=1.0, **TIMEOUTS)) as sc:
+        yield up, sc
+
+
+def _code(sc: RunningSidecar, code: str, model: str = "none", protocol: str = "other") -> float:
+    return sc.value(REQ, {"model": model, "protocol": protocol, "code": code})
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# --- request heads ---------------------------------------------------------------------
+def test_a_lone_byte_gets_408_and_is_closed(env):
+    up, sc = env
+    t = time.monotonic()
+    with send_request(sc.port, b"G") as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 408 ") and b"request_head_timeout" in out
+    assert time.monotonic() - t < 5
+    assert sc.value(ERR, {"reason": "request_head_timeout"}) >= 1
+    normal_request_ok(sc)
+
+
+def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_head_timeout(env):
+    up, sc = env
+    n = len(up.seen)
+    t = time.monotonic()
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        out = b""
+        for b in b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Trickle: " + b"a" * 200:
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                break
+            time.sleep(0.05)
+            s.setblocking(False)
+            try:
+                out += s.recv(65536)
+            except BlockingIOError:
+                pass
+            s.setblocking(True)
+            if out:
+                break
+        s.settimeout(5)
+        out += read_all(s)
+    assert out.startswith(b"HTTP/1.1 408 "), out[:100]
+    assert time.monotonic() - t < 5
+    assert len(up.seen) == n
+    normal_request_ok(sc)
+
+
+def test_a_silent_connection_is_closed_after_the_head_timeout(env):
+    up, sc = env
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        t = time.monotonic()
+        assert read_all(s) == b""
+        assert time.monotonic() - t < 4
+    normal_request_ok(sc)
+
+
+@pytest.mark.parametrize("size", [16 << 10, 1 << 20])
+def test_a_long_url_is_414_and_never_forwarded(env, size):
+    up, sc = env
+    n = len(up.seen)
+    with send_request(sc.port, b"GET /" + b"u" * size + b" HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 414 ")
+    assert len(up.seen) == n
+    normal_request_ok(sc)
+
+
+@pytest.mark.parametrize("size", [64 << 10, 1 << 20])
+def test_large_headers_are_431_and_never_forwarded(env, size):
+    up, sc = env
+    n = len(up.seen)
+    try:
+        with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * size + b"\r\n\r\n") as s:
+            out = read_all(s)
+    except (BrokenPipeError, ConnectionResetError):   # refused before we finished sending
+        out = b"HTTP/1.1 431 (reset before read)"
+    assert out.startswith(b"HTTP/1.1 431 ")
+    assert len(up.seen) == n
+    assert sc.value(ERR, {"reason": "headers_too_large"}) >= 1
+    normal_request_ok(sc)
+
+
+def test_too_many_header_fields_are_431(env):
+    up, sc = env
+    fields = b"".join(b"X-F%d: 1\r\n" % i for i in range(150))
+    with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n") as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 431 ") and b"too_many_headers" in out
+    normal_request_ok(sc)
+
+
+def test_a_client_streaming_a_huge_header_does_not_slow_others(env):
+    """One client streams a 128 MB header; it is refused within the first 64 KiB while others are served."""
+    up, sc = env
+    s = socket.create_connection(("127.0.0.1", sc.port), timeout=5)
+    s.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+    sent, refused = 0, False
+    block = b"h" * 16384
+    try:
+        while sent < (128 << 20):
+            s.sendall(block)
+            sent += len(block)
+    except OSError:
+        refused = True
+    s.close()
+    assert refused and sent < (8 << 20)
+    t = time.monotonic()
+    normal_request_ok(sc)
+    assert time.monotonic() - t < 2
+
+
+# --- request bodies ----------------------------------------------------------------------
+def test_a_body_that_stops_arriving_is_408_and_frees_the_upstream(env):
+    up, sc = env
+    socks = [send_request(sc.port, b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx")
+             for _ in range(20)]
+    outs = [read_all(s) for s in socks]
+    for s in socks:
+        s.close()
+    assert all(o.startswith(b"HTTP/1.1 408 ") and b"request_body_timeout" in o for o in outs), outs[0][:200]
+    assert _wait(lambda: sc.value(mn.INFLIGHT.name) == 0)
+    assert not sc.sc.ctx.active
+    normal_request_ok(sc)
+
+
+# --- responses that do not reach the client whole ----------------------------------------
+@pytest.mark.parametrize("path,reason", [("/truncate", "upstream_reset"), ("/badchunk", "upstream_bad_response"),
+                                         ("/stall", "upstream_idle_timeout")])
+def test_a_response_cut_after_its_head_is_not_a_200(env, path, reason):
+    up, sc = env
+    ok = _code(sc, "200")
+    before = _code(sc, "incomplete")
+    with send_request(sc.port, b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()) as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 200 ")    # the head went out ...
+    assert _wait(lambda: _code(sc, "incomplete") == before + 1)   # ... but the response was cut
+    assert _code(sc, "200") == ok
+    assert sc.value(ERR, {"reason": reason}) >= 1
+    normal_request_ok(sc)
+
+
+def test_a_reader_that_never_reads_is_cut_and_not_a_200(env):
+    up, sc = env
+    before = _code(sc, "incomplete")
+    s = socket.create_connection(("127.0.0.1", sc.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"GET /big?n=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert _wait(lambda: _code(sc, "incomplete") == before + 1, 15)
+    assert sc.value(ERR, {"reason": "downstream_send_timeout"}) >= 1
+    s.close()
+    normal_request_ok(sc)
+
+
+@pytest.mark.slow
+def test_a_large_response_to_a_slow_steady_reader_is_not_cut(env):
+    """6 MB at about 2 MB/s takes far longer than every timeout (0.8-3 s), and arrives whole."""
+    up, sc = env
+    n = 6 << 20
+    before = _code(sc, "200")
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(b"GET /big?n=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % n)
+        got = bytearray()
+        t = time.monotonic()
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            got += b
+            expected_t = len(got) / (2 << 20)
+            lag = expected_t - (time.monotonic() - t)
+            if lag > 0:
+                time.sleep(lag)
+    assert time.monotonic() - t > 2.5
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and len(body) == n
+    assert _wait(lambda: _code(sc, "200") == before + 1)
+    normal_request_ok(sc)
+
+
+def test_clients_closing_after_a_complete_response_are_successes(env):
+    up, sc = env
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    for _ in range(20):   # read the whole response, close at once
+        with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+            buf = b""
+            while b"}" not in buf:
+                buf += s.recv(65536)
+    for _ in range(5):    # half-close right after the request, then read the answer
+        with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+            s.shutdown(socket.SHUT_WR)
+            assert read_all(s).startswith(b"HTTP/1.1 200 ")
+    assert _wait(lambda: _code(sc, "200") == ok + 25)
+    assert _code(sc, "499") == gone
+    normal_request_ok(sc)
+
+
+def test_tritonclient_health_checks_are_successes(env):
+    tritonhttp = pytest.importorskip("tritonclient.http")
+    up, sc = env
+    before, gone = _code(sc, "200"), _code(sc, "499")
+    for _ in range(5):
+        client = tritonhttp.InferenceServerClient(f"127.0.0.1:{sc.port}")
+        assert client.is_server_live()
+        client.close()
+    assert _wait(lambda: _code(sc, "200") == before + 5)
+    assert _code(sc, "499") == gone
+    normal_request_ok(sc)
+
+
+def test_a_client_that_aborts_mid_response_is_499(env):
+    up, sc = env
+    gone = _code(sc, "499")
+    s = send_request(sc.port, b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+    s.close()
+    assert _wait(lambda: _code(sc, "499") == gone + 1)
+    normal_request_ok(sc)
+
+
+# --- retries ------------------------------------------------------------------------------
+def test_a_post_the_upstream_read_is_not_sent_twice(env):
+    up, sc = env
+    with httpx.Client(base_url=sc.url) as c:
+        assert c.get("/ok").status_code == 200          # a pooled upstream connection
+        r = c.post("/read-and-close", content=b"run me once")
+        assert r.status_code == 502
+        assert up.count("/read-and-close") == 1
+        assert c.get("/ok").status_code == 200
+        r = c.get("/read-and-close")                      # idempotent: resent once on a fresh connection
+        assert r.status_code == 502 and up.count("/read-and-close") == 3
+    normal_request_ok(sc)
+
+
+# --- routes --------------------------------------------------------------------------------
+def test_percent_encoded_and_absolute_form_targets_count_under_their_model_and_are_sampled(env):
+    up, sc = env
+    labels = {"model": "digits", "protocol": "v2", "code": "200"}
+    before = sc.value(REQ, labels)
+    queued = sc.value(SAMPLES, {"model": "digits", "outcome": "queued"})
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}).encode()
+    with httpx.Client(timeout=5) as c:
+        for target in ("/v2/models/dig%69ts/infer", "/v2/models/digits/inf%65r"):
+            r = c.post(sc.url + target, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200
+    req = (b"POST http://127.0.0.1:%d/v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (sc.port, len(body), body))
+    with send_request(sc.port, req) as s:
+        assert read_all(s).startswith(b"HTTP/1.1 200 ")
+    assert _wait(lambda: sc.value(REQ, labels) == before + 3)
+    assert _wait(lambda: sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == queued + 3)
+    assert sc.value(REQ, {"model": "none", "protocol": "other", "code": "200"}) >= 0   # (others unchanged)
+    normal_request_ok(sc)
+
+
+# --- upgrades ------------------------------------------------------------------------------
+@pytest.mark.parametrize("req", [
+    b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"POST /ok HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nContent-Length: 2\r\n\r\nhi",
+])
+def test_upgrade_and_connect_get_501_and_are_not_forwarded(env, req):
+    up, sc = env
+    n = len(up.seen)
+    with send_request(sc.port, req) as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 501 ") and b"upgrade_refused" in out
+    assert len(up.seen) == n
+    normal_request_ok(sc)
+
+
+# --- budget ---------------------------------------------------------------------------------
+def test_over_the_connection_budget_new_clients_get_503_and_admin_answers():
+    with RawUpstream() as up, RunningSidecar(make_config(up.url, max_connections=20,
+                                                         request_head_timeout_s=30.0)) as sc:
+        held = [socket.create_connection(("127.0.0.1", sc.port)) for _ in range(20)]
+        try:
+            time.sleep(0.2)
+            with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+                out = read_all(s)
+            assert out.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in out.lower()
+            assert sc.value(ERR, {"reason": "connection_limit"}) >= 1
+            assert httpx.get(sc.admin_url + "/healthz", timeout=2).status_code == 200
+        finally:
+            for s in held:
+                s.close()
+        assert _wait(lambda: not sc.sc.ctx.connections)
+        normal_request_ok(sc)

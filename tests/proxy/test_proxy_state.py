@@ -1,0 +1,374 @@
+"""The client connection's state machine with fakes: a fake transport, clock and upstream, no sockets.
+
+Each test drives `ClientConnection` by bytes and by time (`ProxyContext.sweep(now)`) and
+checks what the client was written and what was counted. The socket-level behaviour of
+the same cases is in tests/faults/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sentinel import metricnames as mn
+from sentinel.proxy.context import Limits, ProxyContext
+from sentinel.proxy.http import Outbox
+from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.sampling import Sampler
+from sentinel.proxy.server import ClientConnection
+
+pytestmark = pytest.mark.unit
+
+REQ = mn.REQUESTS.sample_name
+ERR = mn.PROXY_ERRORS.sample_name
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.later: list[tuple[float, Any]] = []
+        self.tasks: list[Any] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, fn: Any, *args: Any) -> None:
+        self.later.append((delay, fn))
+
+    def create_task(self, coro: Any) -> Any:
+        coro.close()
+        self.tasks.append(coro)
+        return None
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.eof_written = False
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def writelines(self, data: Any) -> None:
+        for d in data:
+            self.out += d
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.unread
+
+    unread = 0
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+class FakeUpstream:
+    """What an Exchange needs of an upstream connection."""
+
+    def __init__(self) -> None:
+        self.sent = bytearray()
+        self.exchange: Any = None
+        self.aborted = False
+        self.until_close = False
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def writelines(self, data: Any) -> None:
+        for d in data:
+            self.sent += d
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.outbox = Outbox()
+        self.connect_timeout = 1.0
+        self.given: list[FakeUpstream] = []
+        self.released: list[FakeUpstream] = []
+
+    def get_idle(self, check_stale: bool = False) -> FakeUpstream:
+        up = FakeUpstream()
+        self.given.append(up)
+        return up
+
+    def release(self, up: FakeUpstream) -> None:
+        self.released.append(up)
+
+
+LIMITS = Limits(head_timeout=10, body_idle=20, ttfb=30, upstream_idle=40, send_timeout=50, keepalive_idle=75,
+                max_line=100, max_head=1024, max_headers=10, max_connections=3)
+
+
+@pytest.fixture
+def env():
+    loop = FakeLoop()
+    metrics = ProxyMetrics({"digits": "digits"}, 8)
+    samples: list = []
+    from sentinel.config import SamplingConfig
+    samplers = {"digits": ("digits", Sampler(SamplingConfig(rate=1.0, max_per_second=1000, max_bytes=1 << 20)))}
+    ctx = ProxyContext(loop=loop, pool=FakePool(), metrics=metrics, max_body=1 << 20, samplers=samplers,
+                       submit=samples.append, limits=LIMITS)
+    return loop, ctx, samples
+
+
+def connect(ctx: ProxyContext) -> tuple[ClientConnection, FakeTransport]:
+    c = ClientConnection(ctx)
+    t = FakeTransport()
+    c.connection_made(t)
+    return c, t
+
+
+def value(ctx: ProxyContext, name: str, labels: dict[str, str]) -> float:
+    return ctx.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_lone_byte_gets_408_after_the_head_timeout(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"G")
+    loop.now += 9.9
+    ctx.sweep()
+    assert not t.out
+    loop.now += 0.2
+    ctx.sweep()
+    assert t.out.startswith(b"HTTP/1.1 408 ") and b"request_head_timeout" in t.out
+    assert t.eof_written and value(ctx, ERR, {"reason": "request_head_timeout"}) == 1
+    assert value(ctx, REQ, {"model": "none", "protocol": "other", "code": "408"}) == 1
+
+
+def test_a_trickled_head_is_timed_from_its_first_byte(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    for b in b"GET / HTTP/1.1\r\nX-Slow: aaaa":
+        c.data_received(bytes([b]))
+        loop.now += 0.5      # a byte every half second keeps the connection "active"
+        ctx.sweep()
+    assert t.out.startswith(b"HTTP/1.1 408 ")
+    assert ctx.pool.given == []   # nothing forwarded
+
+
+def test_a_silent_new_connection_is_closed_after_the_head_timeout(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    loop.now += 10.5
+    ctx.sweep()
+    assert t.closed and not t.out
+
+
+def test_long_target_is_414_and_large_head_431_before_forwarding(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"GET /" + b"a" * 200 + b" HTTP/1.1\r\n\r\n")
+    assert t.out.startswith(b"HTTP/1.1 414 ")
+    c, t = connect(ctx)
+    c.data_received(b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 2000)   # never completes
+    assert t.out.startswith(b"HTTP/1.1 431 ")
+    c, t = connect(ctx)
+    c.data_received(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n")
+    assert t.out.startswith(b"HTTP/1.1 431 ") and b"too_many_headers" in t.out
+    assert ctx.pool.given == []
+
+
+def test_connect_and_upgrade_are_refused_with_501_and_not_forwarded(env):
+    loop, ctx, _ = env
+    for req in (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"):
+        c, t = connect(ctx)
+        ctx.outbox.active = False
+        c.data_received(req)
+        assert t.out.startswith(b"HTTP/1.1 501 "), bytes(t.out)
+        assert b"connection: close" in t.out
+    assert ctx.pool.given == []
+    assert value(ctx, ERR, {"reason": "upgrade_refused"}) == 2
+
+
+def test_body_idle_timeout_is_408_and_drops_the_upstream(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nx")
+    up = ctx.pool.given[0]
+    assert up.sent.startswith(b"POST /v2/models/digits/infer HTTP/1.1\r\n")
+    loop.now += 19
+    ctx.sweep()
+    assert not t.out
+    loop.now += 2
+    ctx.sweep()
+    assert t.out.startswith(b"HTTP/1.1 408 ") and up.aborted
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "408"}) == 1
+
+
+def _request(c: ClientConnection, ctx: ProxyContext) -> FakeUpstream:
+    c.data_received(b"GET /v2/models/dig%69ts/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+    return ctx.pool.given[-1]
+
+
+def test_time_to_first_byte_then_upstream_idle_between_reads(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    loop.now += 31
+    ctx.sweep()
+    assert t.out.startswith(b"HTTP/1.1 504 ") and b"upstream_timeout" in t.out
+
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    ex = up.exchange
+    for _ in range(5):   # a response streaming slowly but steadily is never cut
+        loop.now += 35
+        ex.last_up = loop.now
+        if not ex.response_started:
+            ex.response_head(200, b"OK", [(b"Content-Length", b"100")], up)
+        ex.response_body(b"x")
+        ctx.sweep()
+    assert not t.aborted
+    loop.now += 41
+    ctx.sweep()
+    assert t.aborted
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "incomplete"}) == 1
+    assert value(ctx, ERR, {"reason": "upstream_idle_timeout"}) == 1
+
+
+def test_a_reader_that_stops_reading_is_cut_and_counted_incomplete(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    ex = up.exchange
+    ex.response_head(200, b"OK", [(b"Content-Length", b"10")], up)
+    ex.response_body(b"01234")
+    t.unread = 300_000
+    c.pause_writing()
+    for _ in range(4):   # a slow reader that drains something within each send timeout is kept
+        loop.now += 40
+        t.unread -= 1000
+        ctx.sweep()
+    assert not t.aborted
+    loop.now += 51
+    ctx.sweep()
+    assert t.aborted and up.aborted
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "incomplete"}) == 1
+    assert value(ctx, ERR, {"reason": "downstream_send_timeout"}) == 1
+
+
+def test_a_complete_response_the_client_has_not_drained_counts_when_drained(env):
+    loop, ctx, samples = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    ex = up.exchange
+    c.pause_writing()
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"{}")
+    ex.response_done(reusable=True)
+    labels = {"model": "digits", "protocol": "v2", "code": "200"}
+    assert value(ctx, REQ, labels) == 0
+    c.resume_writing()
+    assert value(ctx, REQ, labels) == 1
+    assert len(samples) == 1 and samples[0].model == "digits"   # percent-decoded route, sampled
+
+
+def test_half_close_after_a_complete_request_still_gets_its_answer(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    assert c.eof_received() is True       # keep the write side open
+    ex = up.exchange
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"ok")
+    ex.response_done(reusable=True)
+    assert t.out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in t.out and t.closed
+    c.connection_lost(None)
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 1
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "499"}) == 0
+
+
+def test_a_client_gone_mid_response_is_499(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    up.exchange.response_head(200, b"OK", [(b"Content-Length", b"10")], up)
+    c.connection_lost(ConnectionResetError())
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "499"}) == 1
+    assert up.aborted
+
+
+def test_over_the_connection_budget_new_connections_get_503(env):
+    loop, ctx, _ = env
+    conns = [connect(ctx) for _ in range(3)]
+    c, t = connect(ctx)
+    assert t.out.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in t.out and t.eof_written
+    assert c not in ctx.connections and value(ctx, ERR, {"reason": "connection_limit"}) == 1
+    c.connection_lost(None)
+    assert ctx.shedding == 0
+    conns[0][0].connection_lost(None)
+    c, t = connect(ctx)
+    assert not t.out
+
+
+def test_keep_alive_idle_closes_a_used_connection(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    up.exchange.response_head(204, b"No Content", [], up)
+    up.exchange.response_done(reusable=True)
+    loop.now += 74
+    ctx.sweep()
+    assert not t.closed
+    loop.now += 2
+    ctx.sweep()
+    assert t.closed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.binary(max_size=64),
+                          st.sampled_from([b"GET ", b"POST ", b"CONNECT ", b"/v2/models/digits/infer", b" HTTP/1.1",
+                                           b"\r\n", b"Content-Length: 5", b"Transfer-Encoding: chunked",
+                                           b"Upgrade: x", b"Connection: upgrade", b"Expect: 100-continue",
+                                           b"%", b"http://h/", b"\r\n\r\n", b"0\r\n\r\n"])), max_size=20))
+def test_any_bytes_give_a_well_formed_answer_or_none_and_never_raise(env, pieces):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    for p in pieces:
+        c.data_received(p)
+        loop.now += 3
+        ctx.sweep()
+    if t.out:
+        assert t.out[:9] in (b"HTTP/1.1 ",), bytes(t.out[:40])
+        assert t.out[9:12].isdigit()
