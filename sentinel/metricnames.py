@@ -112,27 +112,7 @@ REFERENCE_MAX_ABS_DIFF = _m("reference_max_abs_diff", "gauge",
                             "Largest |served - reference| probability difference in the last shadow batch.",
                             ("model", "source"), "ratio")
 
-# --- accuracy verdicts, input contract, drift diagnosis (issue 11) -----------------------
-ACCURACY_VERDICTS = _m("accuracy_verdicts", "counter",
-                       "Per-sample label-free verdicts on sampled predictions "
-                       "(likely_correct, likely_wrong, unknown); likely_correct / all is a lower bound.",
-                       ("model", "verdict"))
-ACCURACY_ESTIMATE_RELIABLE = _m("accuracy_estimate_reliable", "gauge",
-                                "1 when the label-free accuracy estimate is trustworthy on the last window.",
-                                ("model",))
-INPUT_CONTRACT_VIOLATIONS = _m("input_contract_violations", "counter",
-                               "Input-contract violations by check.", ("model", "check"))
-INPUT_CONTRACT_CHECKED = _m("input_contract_checked_samples", "counter",
-                            "Sampled inputs checked against the input contract.", ("model",))
-INPUT_CONTRACT_VIOLATING = _m("input_contract_violating_samples", "counter",
-                              "Sampled inputs violating at least one input-contract check.", ("model",))
-DRIFT_DIAGNOSIS = _m("drift_diagnosis", "gauge",
-                     "1 for the most likely kind of the current drift (the diagnosis in words).",
-                     ("model", "kind"))
-DRIFT_DIAGNOSIS_TRANSFORM = _m("drift_diagnosis_transform", "gauge",
-                               "1 for the input transform that best explains the current drift.",
-                               ("model", "transform"))
-
+# --- input statistics, live vs golden (debug dashboard) ---------------------------------
 INPUT_FEATURE_MEAN = _m("input_feature_mean", "gauge",
                         "Mean of an input statistic (the input_stats detector's features) over the last "
                         "window of live traffic (source=live) and over the golden set (source=golden).",

@@ -247,8 +247,9 @@ def drift(c: VersionData, s: GateSettings) -> Criterion:
     share = c.drift.get(COMBINED_DETECTOR, max(c.drift.values()))
     alarming = sorted(d for d, v in c.drift.items() if v > 0 and d != COMBINED_DETECTOR)
     words = ""
-    if c.diagnosis_kind or c.diagnosis_transform:
-        words = "; diagnosis: " + ", ".join(c.diagnosis_kind + c.diagnosis_transform)
+    said = tuple(d for d in c.diagnosis_kind + c.diagnosis_transform if d not in ("none", ""))
+    if said:
+        words = "; diagnosis: " + ", ".join(said)
     text = (f"canary's combined drift alarm up {share:.0%} of the window (allowed {s.max_drift_alarm_share:.0%})"
             + (f"; detectors that alarmed: {', '.join(alarming)}" if alarming else "") + words)
     common = dict(test="share of window alarming", effect_name="alarm share", effect=share,
