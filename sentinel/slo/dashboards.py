@@ -127,10 +127,11 @@ def overview(spec: SloFile) -> DashboardSpec:
                       + ", ".join(f"{p.factor:g}x ({p.long})" for p in plan.by_severity("page")) + ".",
                       burn_queries, width=12),
             PanelSpec("Estimated accuracy", "timeseries", "percentunit",
-                      "Label-free accuracy estimate (ATC), averaged over the selected replicas, with the "
-                      "objective of each estimated-accuracy SLO.",
-                      (Query(f'avg by (model) ({mn.ESTIMATED_ACCURACY.name}{{{MI},method="atc"}})',
-                             "{{model}} estimate"),
+                      "Label-free accuracy estimate (ATC) and its lower bound (samples outside the golden "
+                      "set's support counted as wrong; the SLO uses it), averaged over the selected "
+                      "replicas, with the objective of each estimated-accuracy SLO.",
+                      (Query(f'avg by (model, method) ({mn.ESTIMATED_ACCURACY.name}{{{MI},method=~"atc|atc_lower"}})',
+                             "{{model}} {{method}}"),
                        Query(f'{recorded.OBJECTIVE}{{{M},sli="estimated_accuracy"}}', "{{model}} objective")),
                       width=12, min=0, max=1),
             PanelSpec("Request rate", "timeseries", "reqps",
@@ -184,8 +185,9 @@ def oncall(spec: SloFile) -> DashboardSpec:
                       (Query(f"max by (detector, instance) ({mn.DRIFT_ALARM.name}{{{MI}}})",
                              "{{detector}} {{instance}}"),), min=0, max=1),
             PanelSpec("Estimated accuracy by replica", "timeseries", "percentunit",
-                      "Label-free (ATC) accuracy estimate per replica over its last window.",
-                      (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method="atc"}}', "{{instance}}"),), min=0, max=1),
+                      "Label-free (ATC) accuracy estimate and its lower bound per replica over its last window.",
+                      (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method=~"atc|atc_lower"}}', "{{instance}} {{method}}"),),
+                      min=0, max=1),
             PanelSpec("GPU memory used", "timeseries", "percentunit",
                       "Device memory in use over device total, per GPU. SentinelGpuMemoryHigh fires above 90% "
                       "for 5 minutes.",
