@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,14 +84,15 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         # The torch reference loads on a thread while one instrumented session serves the
         # plain run and the localization.
         reference = _Reference(entry)
-        localizer = _Localizer(export, entry, reference)
+        localizer = _Localizer(export, entry)
     elif localize == "auto" and isinstance(export, OnnxExport):
         doomed = _failure_watch(policy, ref_logits)
 
         def on_chunk(start: int, chunk: dict[str, np.ndarray]) -> None:
             nonlocal reference
             if reference is None and doomed(start, chunk):
-                reference = _Reference(entry)   # torch imports while the remaining chunks run
+                # the instrumented session builds and torch imports while the remaining chunks run
+                reference = _Reference(entry, export)
     t_load = time.perf_counter()
 
     outs = export.run(inputs, on_chunk=on_chunk) if on_chunk else export.run(inputs)
@@ -126,8 +128,10 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if run_localize:
         if isinstance(export, OnnxExport):
             sel = np.sort(order[:max(1, localize_samples)])
-            localizer = localizer or _Localizer(export, entry, reference or _Reference(entry))
-            layer_errors = localizer.compare(inputs[sel], policy, stop_at_divergence=localize == "auto")
+            reference = reference or _Reference(entry, export)
+            localizer = localizer or reference.localizer()
+            layer_errors = localizer.compare(inputs[sel], policy, reference.model,
+                                             stop_at_divergence=localize == "auto")
             layers = [l.as_dict() for l in layer_errors]
             first = first_divergence(layer_errors)
             if first is None:
@@ -211,39 +215,45 @@ def _failure_watch(policy: Policy, ref_logits: np.ndarray):
 
 
 class _Reference:
-    """The torch reference model, imported and built on a background thread.
+    """The torch reference model (and, given `export`, the instrumented session), built on a thread.
 
-    `import torch` and building the model take seconds of mostly single-threaded work; on
-    a thread they overlap onnxruntime's runs (which release the GIL)."""
+    Building the instrumented session, `import torch` and building the model take seconds of
+    mostly single-threaded work; on a thread they overlap onnxruntime's runs (which release
+    the GIL)."""
 
-    def __init__(self, entry: ModelEntry):
+    def __init__(self, entry: ModelEntry, export: OnnxExport | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="sentinel-reference")
-        self._future = pool.submit(entry.build_model)
+        self._localizer = pool.submit(_Localizer, export, entry) if export is not None else None
+        self._model = pool.submit(entry.build_model)
         pool.shutdown(wait=False)
 
+    def localizer(self) -> _Localizer:
+        assert self._localizer is not None
+        return self._localizer.result()
+
     def model(self) -> Any:
-        return self._future.result()
+        return self._model.result()
 
     def wait(self) -> None:
         from concurrent.futures import wait
 
-        wait([self._future])
+        wait([f for f in (self._localizer, self._model) if f is not None])
 
 
 class _Localizer:
     """Checkpoint values exposed in the export's (one) session, and the same modules in the reference."""
 
-    def __init__(self, export: OnnxExport, entry: ModelEntry, reference: _Reference):
+    def __init__(self, export: OnnxExport, entry: ModelEntry):
         self.export = export
-        self.reference = reference
         self.modules = checkpoint_names(entry.densenet_config())   # no torch needed for the names
         self.values = onnx_values(export.model.graph, self.modules)
         self.outputs = export.instrument(sorted(set(self.values.values())), spin=False)
         self.skipped = 0
 
-    def compare(self, x: np.ndarray, policy: Policy, stop_at_divergence: bool = False):
+    def compare(self, x: np.ndarray, policy: Policy, reference_model: Callable[[], Any],
+                stop_at_divergence: bool = False):
         """Per-checkpoint errors on inputs x (exported values cast to float32, whatever the graph's type).
 
         With `stop_at_divergence` the reference's forward pass ends at the first diverging
@@ -251,7 +261,7 @@ class _Localizer:
         names = sorted(set(self.outputs.values()))
         got = self.export.run(x, names=names)
         exported = {v: got[out] for v, out in self.outputs.items()}
-        model = self.reference.model()
+        model = reference_model()   # waits for the thread building it
 
         def stop(module: str, ref: np.ndarray) -> bool:
             v = self.values.get(module)
