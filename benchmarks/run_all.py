@@ -24,7 +24,7 @@ BENCHES = {
     "replay": ("replay_bench.py", ["--seconds", "5"], "replay client: sustained rate and its own overhead"),
     "drift": ("drift_bench.py", [], "all detectors on a 1,000×1,000-class window; embedding vs raw onnxruntime"),
     "memory": ("memory_bench.py", [], "DenseNet memory estimator vs measured peak allocations"),
-    "verify": ("verify_bench.py", ["--samples", "64"], "verify densenet121 fp32/int8: time, agreement, int8 speed-up"),
+    "verify": ("verify_bench.py", ["--samples", "32", "--int8"], "verify vs polygraphy (densenet121, 32 inputs); int8 agreement and speed-up"),
 }
 
 

@@ -1,20 +1,31 @@
-"""Verification speed on densenet121, localization included, and int8 speed-up and agreement.
+"""`sentinel verify` against Polygraphy on the same ONNX files and inputs, and int8 speed-up.
 
+    pip install -e '.[torch,bench]'                    # polygraphy lives in the bench extra only
     sentinel models init densenet121 --seed 0          # random weights, models/densenet121/seed-0
-    python benchmarks/verify_bench.py [--samples 256] [--exporter dynamo] [--skip-int8]
+    python benchmarks/verify_bench.py [--samples 32] [--repeats 3] [--int8]
 
 Builds a golden set of N random 224×224 RGB images under benchmarks/results/ (never
-committed), exports fp32 ONNX, and times `verify` on it: once as exported (passes), once
-with one convolution in denseblock3 perturbed (fails and localizes). Then quantizes to
-int8 three ways (QDQ S8S8, the default; QDQ U8S8; QOperator U8S8), calibrated on golden
-inputs, and reports each one's top-1 agreement with the reference and its onnxruntime
-latency at batch 1 and batch 32 against fp32.
+committed), exports fp32 ONNX (dynamic batch) and a copy with one convolution in
+denseblock3 perturbed. Then times, as subprocesses and wall clock including interpreter
+start-up, runs interleaved so the machine's load hits every row alike:
+
+- `sentinel verify fp32.onnx` (passes; compares with the golden set's stored reference outputs),
+- `sentinel verify perturbed.onnx` (fails and localizes the first diverging layer),
+- `polygraphy run X.onnx --onnxrt --load-inputs inputs.json --load-outputs reference.json
+  --atol 1e-4 --rtol 1e-3` on both files: the same inputs (one batch of N) and the same
+  stored reference logits, written in Polygraphy's JSON formats, at sentinel's fp32 tolerances.
+
+Goals (issue 15): sentinel pass ≤ Polygraphy pass; sentinel fail+localize ≤ 2× sentinel pass.
+With --int8, also quantizes to int8 three ways and reports agreement and latency against fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,76 +42,157 @@ def _timed(fn, *a, **kw):
     return r, time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="densenet121:seed-0")
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
-    ap.add_argument("--skip-int8", action="store_true")
-    ap.add_argument("--calibration", type=int, default=64, help="golden inputs used to calibrate int8")
-    args = ap.parse_args()
-    sys.path.insert(0, str(REPO / "tests"))
-
-    import torch
-
-    from sentinel.export.exporters import export_onnx
+def _setup(args):
+    """Golden set, fp32 export and its perturbed copy (reused from benchmarks/results when present)."""
     from sentinel.golden import build_golden, golden_for
     from sentinel.registry import Registry
-    from sentinel.verify.verifier import verify_export
 
-    torch.set_num_threads(os.cpu_count() or 1)
     entry = Registry(REPO / "models").resolve(args.model)
-    gdir = OUT / "golden" / entry.name / entry.version
-    print(f"verify benchmark: {entry.spec}, {args.samples} golden inputs, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+    root = OUT / f"golden-{args.samples}"
+    gdir = root / entry.name / entry.version
     try:
-        golden = golden_for(entry, OUT / "golden")
+        golden = golden_for(entry, root)
         if len(golden) != args.samples:
             raise ValueError
         t_golden = 0.0
-    except Exception:  # noqa: BLE001 - (re)build when missing or of another size
+    except Exception:  # noqa: BLE001 - (re)build when missing, stale or of another size
+        shutil.rmtree(gdir, ignore_errors=True)
         rng = np.random.default_rng(0)
         raw = rng.integers(0, 256, size=(args.samples, *entry.manifest.raw_input.shape), dtype=np.uint8)
         golden, t_golden = _timed(build_golden, entry, gdir, ids=np.arange(args.samples), raw=raw,
                                   source="benchmarks/verify_bench.py: uniform random uint8 images, seed 0")
-    fp32 = OUT / f"{entry.name}.fp32.onnx"
+    fp32 = OUT / f"{entry.name}.{entry.version}.fp32.onnx"
+    t_export = 0.0
     if not fp32.exists():
+        from sentinel.export.exporters import export_onnx
+
         _, t_export = _timed(export_onnx, entry, fp32, dynamic_batch=True, exporter=args.exporter)
-    else:
-        t_export = 0.0
+    bad = OUT / f"{entry.name}.{entry.version}.perturbed.onnx"
+    perturbed = _perturb(fp32, bad)
     print(f"golden set built in {t_golden:.1f} s, fp32 export ({args.exporter}) in {t_export:.1f} s "
-          f"(0 = reused from {OUT})")
+          f"(0 = reused from {OUT}); perturbed: {perturbed}")
+    return entry, golden, gdir, fp32, bad, perturbed
 
-    rep, t_ok = _timed(verify_export, fp32, entry, golden)
-    d = rep.doc
-    print(f"\n{'verify':<34}{'result':>8}{'total s':>9}{'load':>7}{'run':>7}{'localize':>10}  first divergence")
-    print(f"{'fp32 as exported':<34}{'pass' if rep.passed else 'FAIL':>8}{t_ok:>9.1f}{d['timings_s']['load']:>7.1f}"
-          f"{d['timings_s']['run']:>7.1f}{d['timings_s']['localize']:>10.1f}  {d['first_divergence']}")
 
+def _perturb(src: Path, dst: Path) -> str:
+    """Noise on the weight of the middle convolution of denseblock3; returns its module path."""
     import onnx
     from onnx import numpy_helper
 
     from sentinel.verify.localize import node_scope
 
-    m = onnx.load(str(fp32))
+    m = onnx.load(str(src))
     inits = {i.name: i for i in m.graph.initializer}
     convs = [n for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits
              and (node_scope(n) or "").startswith("features.denseblock3.")]
     node = convs[len(convs) // 2]
-    w = numpy_helper.to_array(inits[node.input[1]]).copy()
-    w += np.random.default_rng(1).normal(0, float(w.std()) * 0.5, w.shape).astype(w.dtype)
-    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
-    bad = OUT / f"{entry.name}.perturbed.onnx"
-    onnx.save(m, str(bad))
-    rep, t_bad = _timed(verify_export, bad, entry, golden)
-    d = rep.doc
-    print(f"{'fp32, one denseblock3 conv perturbed':<34}{'pass' if rep.passed else 'FAIL':>8}{t_bad:>9.1f}"
-          f"{d['timings_s']['load']:>7.1f}{d['timings_s']['run']:>7.1f}{d['timings_s']['localize']:>10.1f}  "
-          f"{d['first_divergence']} (perturbed: {node_scope(node)})")
+    if not dst.exists():
+        w = numpy_helper.to_array(inits[node.input[1]]).copy()
+        w += np.random.default_rng(1).normal(0, float(w.std()) * 0.5, w.shape).astype(w.dtype)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+        onnx.save(m, str(dst))
+    return node_scope(node) or ""
 
-    if args.skip_int8:
-        return
+
+def _polygraphy_files(golden, fp32: Path) -> tuple[Path, Path] | None:
+    """inputs.json and reference.json in Polygraphy's formats, from the golden set; None without polygraphy."""
+    try:
+        from polygraphy.comparator import RunResults
+        from polygraphy.json import save_json
+    except ImportError:
+        return None
+    import onnx
+
+    m = onnx.load(str(fp32), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    inp = next(i.name for i in m.graph.input if i.name not in inits)
+    outs = [o.name for o in m.graph.output]
+    ref_arrays = {"logits": golden.logits, "probabilities": golden.probabilities}
+    inputs_json, ref_json = OUT / f"polygraphy-inputs-{len(golden)}.json", OUT / f"polygraphy-reference-{len(golden)}.json"
+    save_json([{inp: np.ascontiguousarray(golden.inputs, dtype=np.float32)}], str(inputs_json))
+    ref = RunResults()
+    ref.add([{o: ref_arrays[o] for o in outs if o in ref_arrays}], runner_name="golden-reference")
+    ref.save(str(ref_json))
+    return inputs_json, ref_json
+
+
+def _run(cmd: list[str], want_rc: int) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, all threads) of one subprocess."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != want_rc:
+        raise SystemExit(f"{' '.join(cmd)}: exit {r.returncode}, expected {want_rc}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return dt, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="densenet121:seed-0")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the table shows the median")
+    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
+    ap.add_argument("--int8", action="store_true", help="also the int8 agreement and latency table")
+    ap.add_argument("--calibration", type=int, default=64, help="golden inputs used to calibrate int8")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    import onnxruntime
+
+    print(f"verify benchmark: {args.model}, {args.samples} golden inputs, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}, onnxruntime {onnxruntime.__version__}")
+    entry, golden, gdir, fp32, bad, perturbed = _setup(args)
+
+    py = sys.executable
+    common = ["--model", entry.spec, "--registry", str(REPO / "models"), "--golden", str(gdir)]
+    rows: list[tuple[str, list[str], int]] = [
+        ("sentinel verify, passing export", [py, "-m", "sentinel", "verify", str(fp32), *common], 0),
+        ("sentinel verify, failing + localize", [py, "-m", "sentinel", "verify", str(bad), *common], 1),
+    ]
+    files = _polygraphy_files(golden, fp32)
+    if files is None:
+        print("polygraphy is not installed (pip install -e '.[bench]'): its rows are skipped")
+    else:
+        exe = shutil.which("polygraphy", path=str(Path(py).parent)) or shutil.which("polygraphy")
+        base = [py, exe] if exe else [py, "-m", "polygraphy"]
+        pg = ["--onnxrt", "--load-inputs", str(files[0]), "--load-outputs", str(files[1]),
+              "--atol", "1e-4", "--rtol", "1e-3"]
+        rows += [("polygraphy run --onnxrt, passing", [*base, "run", str(fp32), *pg], 0),
+                 ("polygraphy run --onnxrt, failing", [*base, "run", str(bad), *pg], 1)]
+
+    times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    for _ in range(args.repeats):
+        for label, cmd, rc in rows:
+            wall, used = _run(cmd, rc)
+            times[label].append(wall)
+            cpu[label].append(used)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    print(f"\n{'command (subprocess, start-up included)':<40}{'wall s: median':>15}{'min':>7}{'max':>7}"
+          f"{'CPU s median':>14}")
+    for label, v in times.items():
+        print(f"{label:<40}{med[label]:>15.2f}{min(v):>7.2f}{max(v):>7.2f}{statistics.median(cpu[label]):>14.2f}")
+    ps, fs = "sentinel verify, passing export", "sentinel verify, failing + localize"
+    print(f"\nlocalize / plain: {med[fs] / med[ps]:.2f}× by medians, {best[fs] / best[ps]:.2f}× by minima (goal ≤ 2)")
+    if files is not None:
+        pp = "polygraphy run --onnxrt, passing"
+        print(f"sentinel pass / polygraphy pass: {med[ps] / med[pp]:.2f}× by medians, {best[ps] / best[pp]:.2f}× "
+              "by minima (goal ≤ 1)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds; perturbed {perturbed}")
+    print("command: " + " ".join(rows[0][1][1:]))
+
+    if args.int8:
+        _int8(entry, golden, fp32, args)
+
+
+def _int8(entry, golden, fp32: Path, args) -> None:
     from sentinel.export.quantize import quantize_int8
+    from sentinel.verify.verifier import verify_export
 
     variants = [("QDQ S8S8 (default)", "s8", "qdq"), ("QDQ U8S8", "u8", "qdq"), ("QOperator U8S8", "u8", "qoperator")]
     paths: dict[str, Path] = {"fp32": fp32}
@@ -140,6 +232,7 @@ def _interleaved(paths: dict[str, Path], x: np.ndarray, batch: int, repeats: int
             e.session.run(None, {e.input_name: xb})
             times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v)) for k, v in times.items()}
+
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,11 @@ def export(
     path = out or default_path(entry, fmt, int8, dynamic_batch)
     if register is None:
         register = inside_model_directory(entry, path)
+    elif register and not inside_model_directory(entry, path):
+        # model.yaml only accepts files inside the model's directory; recording another would
+        # leave a manifest the registry then refuses to load.
+        raise UsageError(f"--register: {path} is outside {entry.directory}; model.yaml records only files "
+                         "inside the model's directory (export there, or drop --register)")
 
     def record(kind, precision, dynamic):  # type: ignore[no-untyped-def]
         if register:

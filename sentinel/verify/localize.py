@@ -13,6 +13,7 @@ always ends in an unfused op. The reference captures the same modules with forwa
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,18 @@ def checkpoint_modules(model: Any) -> list[str]:
     return out
 
 
+def checkpoint_names(config: Any) -> list[str]:
+    """`checkpoint_modules` from a `DenseNetConfig` alone (no torch): the same names, same order."""
+    out = ["features.relu0" if config.small_inputs else "features.pool0"]
+    last = len(config.block_config) - 1
+    for i, n in enumerate(config.block_config):
+        out += [f"features.denseblock{i + 1}.denselayer{j + 1}" for j in range(n)]
+        out.append(f"features.denseblock{i + 1}")
+        if i != last:
+            out.append(f"features.transition{i + 1}")
+    return [*out, "features.norm5", "classifier"]
+
+
 def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
     """For each module, the ONNX value holding its output (modules not found are left out)."""
     scopes = [(node_scope(n), n) for n in graph.node]
@@ -94,8 +107,18 @@ def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
     return found
 
 
-def capture_reference(model: Any, modules: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of the named modules for inputs `x`, captured with forward hooks."""
+class _Stop(Exception):
+    """Raised from a forward hook to end the reference's forward pass early."""
+
+
+def capture_reference(model: Any, modules: list[str], x: np.ndarray,
+                      stop: Callable[[str, np.ndarray], bool] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of the named modules for inputs `x`, captured with forward hooks.
+
+    Hooks fire in execution order; when `stop(module, output)` is true the forward pass ends
+    there and later modules are left out (a localization that has found its first divergence
+    need not run the rest of the network).
+    """
     import torch
 
     named = dict(model.named_modules())
@@ -106,6 +129,8 @@ def capture_reference(model: Any, modules: list[str], x: np.ndarray) -> dict[str
         def fn(_mod: Any, _inp: Any, out: Any) -> None:
             # Copy now: in-place ReLUs later in the graph would change the tensor under us.
             got[name] = out.detach().float().cpu().numpy().copy()
+            if stop is not None and stop(name, got[name]):
+                raise _Stop
         return fn
 
     for m in modules:
@@ -114,10 +139,23 @@ def capture_reference(model: Any, modules: list[str], x: np.ndarray) -> dict[str
     try:
         with torch.inference_mode():
             model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
     return got
+
+
+def layer_error(module: str, value: str | None, a: np.ndarray | None, b: np.ndarray | None,
+                layer_rel: float) -> LayerError:
+    """One checkpoint's error: exported value `a` against reference `b` (None: not measured)."""
+    if a is None or b is None or a.shape != b.shape:
+        return LayerError(module, value, None, None, None, False)
+    diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+    ref_max = float(np.max(np.abs(b))) if b.size else 0.0
+    rel = diff / max(ref_max, 1e-12)
+    return LayerError(module, value, diff, ref_max, rel, rel > layer_rel)
 
 
 def compare_layers(modules: list[str], values: dict[str, str], exported: dict[str, np.ndarray],
@@ -126,14 +164,7 @@ def compare_layers(modules: list[str], values: dict[str, str], exported: dict[st
     out = []
     for m in modules:
         v = values.get(m)
-        a, b = exported.get(v) if v else None, reference.get(m)
-        if a is None or b is None or a.shape != b.shape:
-            out.append(LayerError(m, v, None, None, None, False))
-            continue
-        diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
-        ref_max = float(np.max(np.abs(b))) if b.size else 0.0
-        rel = diff / max(ref_max, 1e-12)
-        out.append(LayerError(m, v, diff, ref_max, rel, rel > layer_rel))
+        out.append(layer_error(m, v, exported.get(v) if v else None, reference.get(m), layer_rel))
     return out
 
 

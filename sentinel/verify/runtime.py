@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -100,12 +101,14 @@ class OnnxExport:
         self.sessions_built = 0
         self.instrumented: dict[str, str] = {}   # value → float32 output name of the instrumented graph
 
-    def _session(self, model):
+    def _session(self, model, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        if not spin:   # idle workers sleep instead of spinning: another thread (the reference) needs the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
@@ -124,22 +127,34 @@ class OnnxExport:
         """The graph's computing precision (`graph_precision`), e.g. fp16 for fp16 weights with fp32 I/O."""
         return graph_precision(self.model)
 
-    def run(self, x: np.ndarray, session=None, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """All outputs (or `names`) for a batch as float32, split to the export's fixed batch size if it has one."""
+    def run(self, x: np.ndarray, session=None, names: list[str] | None = None,
+            on_chunk: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> dict[str, np.ndarray]:
+        """All outputs (or `names`) for a batch as float32, split to the export's fixed batch size if it has one.
+
+        `on_chunk(start, outputs)` sees each chunk's outputs as they come (verify uses it to
+        start preparing a localization as soon as a failure is certain)."""
         sess = session or self.session
         names = names or self.output_names
         step = self.fixed_batch or 16  # small batches stay in cache; 64 was no faster on 2 cores
+        starts = list(range(0, len(x), step))
+        if on_chunk is not None and not self.fixed_batch and len(x) > 4:
+            # A small first chunk lets a certain failure show early (outputs are bit-identical
+            # whatever the batch split: onnxruntime's CPU kernels compute each sample alone).
+            starts = [0, *range(4, len(x), step)]
+        ends = [*starts[1:], len(x)]
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for i in range(0, len(x), step):
-            chunk = np.ascontiguousarray(x[i:i + step], dtype=self.input_dtype)
+        for i, j in zip(starts, ends, strict=True):
+            chunk = np.ascontiguousarray(x[i:j], dtype=self.input_dtype)
             if self.fixed_batch and len(chunk) != self.fixed_batch:
                 raise UsageError(f"{self.path}: has a fixed batch of {self.fixed_batch}; "
                                  f"cannot run a batch of {len(chunk)}")
             for n, v in zip(names, sess.run(names, {self.input_name: chunk}), strict=False):
                 parts[n].append(np.asarray(v, dtype=np.float32))
+            if on_chunk is not None:
+                on_chunk(i, {n: v[-1] for n, v in parts.items()})
         return {n: np.concatenate(v) for n, v in parts.items()}
 
-    def instrument(self, values: list[str]) -> dict[str, str]:
+    def instrument(self, values: list[str], spin: bool = True) -> dict[str, str]:
         """Rebuild the session exposing `values`, each through a Cast to float32 (fp16, bf16 and int8
         graphs carry other types); returns value → output name. The plain outputs stay as they were."""
         import onnx
@@ -154,7 +169,8 @@ class OnnxExport:
                                                  name=f"sentinel_cast_{len(mapping)}"))
             m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
             mapping[v] = out
-        self._session_obj = self._session(m)
+        self._session_obj = None   # free the plain session first
+        self._session_obj = self._session(m, spin)
         self.instrumented = mapping
         return mapping
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,9 +16,10 @@ from sentinel.registry import ModelEntry, sha256_file
 from sentinel.scores import is_distribution
 from sentinel.verify.localize import (
     capture_reference,
-    checkpoint_modules,
+    checkpoint_names,
     compare_layers,
     first_divergence,
+    layer_error,
     onnx_values,
 )
 from sentinel.verify.policy import Policy, policy_for
@@ -74,17 +76,29 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if prec not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
     policy = policy_for(prec, atol=atol, rtol=rtol, min_top1=min_top1)
+    ref_logits, ref_probs = golden.logits, golden.probabilities   # stored, digest-checked: no reference run
     localizer: _Localizer | None = None
+    reference: _Reference | None = None
+    on_chunk = None
     if localize == "always" and isinstance(export, OnnxExport):
-        # One instrumented session serves the plain run and the localization.
+        # The torch reference loads on a thread while one instrumented session serves the
+        # plain run and the localization.
+        reference = _Reference(entry)
         localizer = _Localizer(export, entry)
+    elif localize == "auto" and isinstance(export, OnnxExport):
+        doomed = _failure_watch(policy, ref_logits)
+
+        def on_chunk(start: int, chunk: dict[str, np.ndarray]) -> None:
+            nonlocal reference
+            if reference is None and doomed(start, chunk):
+                # the instrumented session builds and torch imports while the remaining chunks run
+                reference = _Reference(entry, export)
     t_load = time.perf_counter()
 
-    outs = export.run(inputs)
+    outs = export.run(inputs, on_chunk=on_chunk) if on_chunk else export.run(inputs)
     t_run = time.perf_counter()
     name = "logits" if "logits" in outs else export.output_names[0]
     out = outs[name]
-    ref_logits, ref_probs = golden.logits, golden.probabilities
     if out.shape != ref_logits.shape:
         raise UsageError(f"{path}: output {name!r} has shape {list(out.shape)}, the reference {list(ref_logits.shape)}; "
                          "is this an export of another model?")
@@ -114,17 +128,24 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if run_localize:
         if isinstance(export, OnnxExport):
             sel = np.sort(order[:max(1, localize_samples)])
-            localizer = localizer or _Localizer(export, entry)
-            layer_errors = localizer.compare(inputs[sel], policy)
+            reference = reference or _Reference(entry, export)
+            localizer = localizer or reference.localizer()
+            layer_errors = localizer.compare(inputs[sel], policy, reference.model,
+                                             stop_at_divergence=localize == "auto")
             layers = [l.as_dict() for l in layer_errors]
             first = first_divergence(layer_errors)
             if first is None:
                 note = (f"no module's output differs by more than {policy.layer_rel:g} of its largest "
                         "reference value" + ("; the error accumulates across layers" if failures else ""))
+            elif localizer.skipped:
+                note = (f"the reference stopped at the first divergence; the {localizer.skipped} later "
+                        "checkpoints were not compared (--localize always compares every one)")
             if not any(l.value for l in layer_errors):
                 note = "the graph carries no module scopes (not exported by torch.onnx?); cannot localize"
         else:
             note = "localization needs an ONNX export"
+    if reference is not None:
+        reference.wait()   # a prefetch that turned out unneeded must not outlive the call
     t_end = time.perf_counter()
     doc = {
         "export": str(path),
@@ -167,22 +188,87 @@ def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.nda
     return out
 
 
+def _failure_watch(policy: Policy, ref_logits: np.ndarray):
+    """A per-chunk check that is true once the run is certain to fail, before all samples are in.
+
+    Certain means: a logit already outside atol + rtol·|ref| (the policy requires every one
+    within), or more top-1 disagreements than the policy allows over the whole set.
+    """
+    total = len(ref_logits)
+    allowed = (1.0 - policy.min_top1) * total
+    state = {"top1_misses": 0}
+
+    def doomed(start: int, chunk: dict[str, np.ndarray]) -> bool:
+        out = chunk.get("logits")
+        if out is None:
+            return False
+        ref = ref_logits[start:start + len(out)]
+        if out.shape != ref.shape:
+            return False   # reported after the run
+        ref64 = ref.astype(np.float64)
+        if policy.elementwise and np.any(np.abs(out.astype(np.float64) - ref64) - policy.rtol * np.abs(ref64) > policy.atol):
+            return True
+        state["top1_misses"] += int(np.sum(out.argmax(1) != ref.argmax(1)))
+        return state["top1_misses"] > allowed + 1e-9
+
+    return doomed
+
+
+class _Reference:
+    """The torch reference model (and, given `export`, the instrumented session), built on a thread.
+
+    Building the instrumented session, `import torch` and building the model take seconds of
+    mostly single-threaded work; on a thread they overlap onnxruntime's runs (which release
+    the GIL)."""
+
+    def __init__(self, entry: ModelEntry, export: OnnxExport | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sentinel-reference")
+        self._localizer = pool.submit(_Localizer, export, entry) if export is not None else None
+        self._model = pool.submit(entry.build_model)
+        pool.shutdown(wait=False)
+
+    def localizer(self) -> _Localizer:
+        assert self._localizer is not None
+        return self._localizer.result()
+
+    def model(self) -> Any:
+        return self._model.result()
+
+    def wait(self) -> None:
+        from concurrent.futures import wait
+
+        wait([f for f in (self._localizer, self._model) if f is not None])
+
+
 class _Localizer:
     """Checkpoint values exposed in the export's (one) session, and the same modules in the reference."""
 
     def __init__(self, export: OnnxExport, entry: ModelEntry):
         self.export = export
-        self.model = entry.build_model()
-        self.modules = checkpoint_modules(self.model)
+        self.modules = checkpoint_names(entry.densenet_config())   # no torch needed for the names
         self.values = onnx_values(export.model.graph, self.modules)
-        self.outputs = export.instrument(sorted(set(self.values.values())))
+        self.outputs = export.instrument(sorted(set(self.values.values())), spin=False)
+        self.skipped = 0
 
-    def compare(self, x: np.ndarray, policy: Policy):
-        """Per-checkpoint errors on inputs x (exported values cast to float32, whatever the graph's type)."""
+    def compare(self, x: np.ndarray, policy: Policy, reference_model: Callable[[], Any],
+                stop_at_divergence: bool = False):
+        """Per-checkpoint errors on inputs x (exported values cast to float32, whatever the graph's type).
+
+        With `stop_at_divergence` the reference's forward pass ends at the first diverging
+        checkpoint; later ones are reported unmeasured and counted in `skipped`."""
         names = sorted(set(self.outputs.values()))
         got = self.export.run(x, names=names)
         exported = {v: got[out] for v, out in self.outputs.items()}
-        reference = capture_reference(self.model, self.modules, x)
+        model = reference_model()   # waits for the thread building it
+
+        def stop(module: str, ref: np.ndarray) -> bool:
+            v = self.values.get(module)
+            return layer_error(module, v, exported.get(v) if v else None, ref, policy.layer_rel).diverges
+
+        reference = capture_reference(model, self.modules, x, stop if stop_at_divergence else None)
+        self.skipped = sum(1 for m in self.modules if m not in reference)
         return compare_layers(self.modules, self.values, exported, reference, policy.layer_rel)
 
 

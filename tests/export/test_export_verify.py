@@ -50,7 +50,7 @@ def golden(entry):
 @pytest.fixture(scope="module")
 def dynamo_onnx(reg_dir) -> Path:
     """The default export (torch.onnx dynamo exporter), made by the CLI once for the module."""
-    out = reg_dir / "exports" / "model.onnx"
+    out = reg_dir / "digits" / "v3" / "exports" / "model.onnx"   # recorded exports live in the model's directory
     r = sentinel("export", "--model", "digits:v3", "--registry", str(reg_dir), "--dynamic-batch", "-o", str(out),
                  "--register")
     assert r.returncode == 0, r.stderr
@@ -126,7 +126,7 @@ def test_int8_qdq_export_is_judged_by_top1(legacy_onnx, entry, golden, reg_dir):
     from sentinel.export.exporters import record_export
     from sentinel.export.quantize import quantize_int8
 
-    q = quantize_int8(legacy_onnx, reg_dir / "exports" / "model.int8.onnx", golden.inputs[:64])
+    q = quantize_int8(legacy_onnx, reg_dir / "digits" / "v3" / "exports" / "model.int8.onnx", golden.inputs[:64])
     ref = record_export(entry, q, "onnx", "int8", True)
     assert ref.precision == "int8"
     rep = verify_export(q, Registry(reg_dir).resolve("digits:v3"), golden)

@@ -86,17 +86,24 @@ def test_export_outside_the_registry_leaves_model_yaml_alone_and_is_reproducible
     assert entry.export("onnx", "fp32").sha256 == sha256_file(bundled)
 
 
-def test_export_register_records_outside_files_in_a_registry_copy(tmp_path):
+def test_export_register_refuses_files_outside_the_model_directory(tmp_path):
     import shutil
 
     reg = tmp_path / "registry"
     shutil.copytree(REPO / "models" / "digits" / "v3", reg / "digits" / "v3")
+    before = (reg / "digits" / "v3" / "model.yaml").read_bytes()
     out = tmp_path / "elsewhere" / "m.pt"
     r = sentinel("export", "--model", "digits:v3", "--registry", str(reg), "--format", "torchscript",
                  "-o", str(out), "--register")
+    # model.yaml confines export paths to the model's directory: recording this one would break it
+    assert r.returncode == 2 and "--register" in r.stderr and "outside" in r.stderr, r.stderr
+    assert (reg / "digits" / "v3" / "model.yaml").read_bytes() == before
+    inside = reg / "digits" / "v3" / "exports" / "m.pt"
+    r = sentinel("export", "--model", "digits:v3", "--registry", str(reg), "--format", "torchscript",
+                 "-o", str(inside), "--register")
     assert r.returncode == 0, r.stderr
     rec = [e for e in Registry(reg).resolve("digits:v3").manifest.exports if e.file.endswith("m.pt")]
-    assert len(rec) == 1 and rec[0].sha256 == sha256_file(out)
+    assert len(rec) == 1 and rec[0].sha256 == sha256_file(inside)
 
 
 def test_verify_json_writes_only_the_report(tmp_path):

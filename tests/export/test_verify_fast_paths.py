@@ -1,0 +1,150 @@
+"""verify's fast paths keep their answers: stored reference outputs (digest-checked, no torch
+on a pass), localization that stops at the first divergence, and the early failure watch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from servers import REPO
+
+from sentinel.registry import Registry
+from sentinel.verify.localize import checkpoint_names, node_scope
+from sentinel.verify.policy import policy_for
+from sentinel.verify.verifier import _failure_watch, verify_export
+
+GOLDEN = REPO / "golden_sets" / "digits" / "v3"
+
+
+@pytest.fixture(scope="module")
+def reg_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
+    return root
+
+
+@pytest.fixture(scope="module")
+def entry(reg_dir):
+    return Registry(reg_dir).resolve("digits:v3")
+
+
+@pytest.fixture(scope="module")
+def golden(entry):
+    from sentinel.golden import golden_for
+
+    return golden_for(entry, REPO / "golden_sets")
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(entry, reg_dir) -> Path:
+    from sentinel.export.exporters import export_onnx
+
+    return export_onnx(entry, reg_dir / "exports" / "model.onnx", dynamic_batch=True, exporter="legacy")
+
+
+def _perturb(src: Path, dst: Path, scope: str) -> str:
+    m = onnx.load(str(src))
+    inits = {i.name: i for i in m.graph.initializer}
+    convs = [n for n in m.graph.node if n.op_type == "Conv" and (node_scope(n) or "").startswith(scope + ".")
+             and n.input[1] in inits]
+    node = convs[len(convs) // 2]
+    w = numpy_helper.to_array(inits[node.input[1]]).copy()
+    w += np.random.default_rng(0).normal(0, float(w.std()) * 0.5, w.shape).astype(w.dtype)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+    onnx.save(m, str(dst))
+    return node_scope(node) or ""
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "densenet_digits"])
+def test_checkpoint_names_from_the_config_match_the_torch_modules(arch):
+    from sentinel.reference.arch import ARCHS
+    from sentinel.reference.densenet import DenseNet
+    from sentinel.verify.localize import checkpoint_modules
+
+    cfg = ARCHS[arch]
+    assert checkpoint_names(cfg) == checkpoint_modules(DenseNet(cfg))
+
+
+@pytest.mark.unit
+def test_failure_watch_is_true_only_once_failure_is_certain():
+    ref = np.tile(np.array([[3.0, 1.0, 0.0]]), (100, 1))
+    fp32 = policy_for("fp32")
+    watch = _failure_watch(fp32, ref)
+    assert not watch(0, {"logits": ref[:50] + 1e-5})                        # within atol + rtol·|ref|
+    bumped = ref[50:].copy()
+    bumped[7, 2] += 0.01
+    assert watch(50, {"logits": bumped})                                    # one logit out: fp32 fails
+    assert not _failure_watch(fp32, ref)(0, {"probabilities": ref[:50] + 1})  # not the logits: no claim
+    # int8 is judged by top-1 (99% of 100 samples: one miss allowed, two fail)
+    int8 = _failure_watch(policy_for("int8"), ref)
+    swapped = ref[:50].copy()
+    swapped[0] = [0.0, 1.0, 3.0]
+    assert not int8(0, {"logits": swapped})
+    assert int8(50, {"logits": swapped})
+
+
+@pytest.mark.slow
+def test_auto_localization_stops_at_the_same_first_divergence_as_always(fp32_onnx, entry, golden, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    perturbed = _perturb(fp32_onnx, bad, "features.denseblock2")
+    auto = verify_export(bad, entry, golden, localize="auto").doc
+    full = verify_export(bad, entry, golden, localize="always").doc
+    assert not auto["passed"] and not full["passed"]
+    assert auto["first_divergence"] == full["first_divergence"]
+    assert perturbed.startswith(auto["first_divergence"])
+    by_module = {l["module"]: l for l in full["layers"]}
+    measured = [l for l in auto["layers"] if l["max_abs"] is not None]
+    assert measured and all(l == by_module[l["module"]] for l in measured)   # same numbers where measured
+    assert measured[-1]["module"] == auto["first_divergence"]                # and nothing after it
+    assert all(l["max_abs"] is not None for l in full["layers"])
+    assert "stopped at the first divergence" in auto["localization_note"]
+    assert {k: v for k, v in auto.items() if k not in ("layers", "localization_note", "timings_s")} == \
+        {k: v for k, v in full.items() if k not in ("layers", "localization_note", "timings_s")}
+
+
+@pytest.mark.slow
+def test_passing_verify_uses_the_stored_reference_and_never_imports_torch(fp32_onnx, reg_dir):
+    code = ("import sys, json; from pathlib import Path\n"
+            "from sentinel.registry import Registry\nfrom sentinel.golden import golden_for\n"
+            "from sentinel.verify.verifier import verify_export\n"
+            f"e = Registry({str(reg_dir)!r}).resolve('digits:v3')\n"
+            f"r = verify_export(Path({str(fp32_onnx)!r}), e, golden_for(e, {str(REPO / 'golden_sets')!r}))\n"
+            "print(json.dumps({'passed': r.passed, 'torch': 'torch' in sys.modules}))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"passed": True, "torch": False}
+
+
+@pytest.mark.slow
+def test_tampered_stored_reference_outputs_exit_2_naming_the_file(fp32_onnx, reg_dir, tmp_path):
+    g = tmp_path / "golden"
+    shutil.copytree(GOLDEN, g)
+    logits = np.load(g / "logits.npy")
+    logits[0, 0] += 1.0    # a reference that would make a good export look bad (or a bad one good)
+    np.save(g / "logits.npy", logits)
+    r = subprocess.run([sys.executable, "-m", "sentinel", "verify", str(fp32_onnx), "--model", "digits:v3",
+                        "--registry", str(reg_dir), "--golden", str(g)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "logits.npy" in r.stderr and "sha256" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_watched_run_splits_batches_differently_but_gives_identical_outputs(fp32_onnx, golden):
+    from sentinel.verify.runtime import OnnxExport
+
+    e = OnnxExport(fp32_onnx)
+    x = golden.inputs[:40]
+    seen: list[tuple[int, int]] = []
+    watched = e.run(x, on_chunk=lambda start, chunk: seen.append((start, len(chunk["logits"]))))
+    assert seen == [(0, 4), (4, 16), (20, 16), (36, 4)]
+    plain = e.run(x)
+    assert all(np.array_equal(watched[k], plain[k]) for k in plain)   # the verdict cannot depend on the split
