@@ -212,22 +212,26 @@ class Exchange:
         if self.finished:
             return
         self.status = status
-        skip = http.connection_tokens(headers) | http.HOP_BY_HOP
+        skip = http.HOP_BY_HOP
+        for name, _ in headers:
+            if len(name) == 10 and name.lower() == b"connection":   # its tokens are hop-by-hop too (rare)
+                skip = http.connection_tokens(headers) | http.HOP_BY_HOP
+                break
         has_length = False
         chunked_up = False
         lines = [b"HTTP/1.1 %d " % status, reason or http.REASONS.get(status, b""), b"\r\n"]
+        append = lines.append
         for name, value in headers:
             lname = name.lower()
+            if lname in skip:
+                if lname == b"transfer-encoding":
+                    chunked_up = b"chunked" in value.lower()
+                elif lname == b"content-length":   # named in Connection: still the framing
+                    has_length = True
+                continue
             if lname == b"content-length":
                 has_length = True
-            elif lname == b"transfer-encoding":
-                chunked_up = b"chunked" in value.lower()
-            if lname in skip:
-                continue
-            lines.append(name)
-            lines.append(b": ")
-            lines.append(value)
-            lines.append(b"\r\n")
+            append(name + b": " + value + b"\r\n")
         if self.method == b"HEAD" or status in _NO_BODY_STATUS:
             self.resp_mode = NONE
         elif has_length:
