@@ -101,7 +101,9 @@ class ProxyMetrics:
         self._max_labels = max_model_labels
         self.pending_buckets: dict[str, tuple[float, ...]] = {}
         self.inflight_count = 0
-        self.inflight.set_function(lambda: self.inflight_count)
+        self.remote_inflight: Any = None   # multi-process mode: the other workers' in-flight count
+        self.inflight.set_function(
+            lambda: self.inflight_count + (self.remote_inflight() if self.remote_inflight else 0))
 
     # --- hot path -------------------------------------------------------------------
     def model_label(self, path_model: str) -> str:
@@ -130,6 +132,20 @@ class ProxyMetrics:
             children = self._children[key] = _RequestChildren(
                 self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
         children.observe(seconds, trace_id)
+
+    def merge_requests(self, key: tuple[str, str, str], count: float, total: float,
+                       buckets: tuple[float, ...]) -> None:
+        """Add another proxy worker's requests (count, sum, per-bucket counts) under `key` (multiproc.py)."""
+        children = self._children.get(key)
+        if children is None:
+            model, protocol, code = key
+            children = self._children[key] = _RequestChildren(
+                self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
+        for b, n in zip(children.buckets, buckets, strict=True):
+            if n:
+                b.inc(n)
+        children.sum.inc(total)
+        children.count.inc(count)
 
     # --- analysis updates -----------------------------------------------------------
     def apply(self, metric: str, labels: dict[str, str], op: str, value: float) -> None:
