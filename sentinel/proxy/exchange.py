@@ -212,26 +212,32 @@ class Exchange:
         if self.finished:
             return
         self.status = status
-        skip = http.HOP_BY_HOP
-        for name, _ in headers:
-            if len(name) == 10 and name.lower() == b"connection":   # its tokens are hop-by-hop too (rare)
-                skip = http.connection_tokens(headers) | http.HOP_BY_HOP
-                break
         has_length = False
         chunked_up = False
         lines = [b"HTTP/1.1 %d " % status, reason or http.REASONS.get(status, b""), b"\r\n"]
         append = lines.append
+        hop = http.HOP_BY_HOP
+        named = False   # a Connection header names more than keep-alive/close
         for name, value in headers:
             lname = name.lower()
-            if lname in skip:
+            if lname in hop:
                 if lname == b"transfer-encoding":
                     chunked_up = b"chunked" in value.lower()
-                elif lname == b"content-length":   # named in Connection: still the framing
-                    has_length = True
+                elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
+                    named = True
                 continue
             if lname == b"content-length":
                 has_length = True
             append(name + b": " + value + b"\r\n")
+        if named:   # rare: drop the headers the Connection header names (RFC 9110 §7.6.1)
+            skip = http.connection_tokens(headers)
+            del lines[3:]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in hop and lname not in skip:
+                    append(name + b": " + value + b"\r\n")
+                elif lname == b"content-length":   # named in Connection: still the framing
+                    has_length = True
         if self.method == b"HEAD" or status in _NO_BODY_STATUS:
             self.resp_mode = NONE
         elif has_length:

@@ -252,9 +252,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
         lim = self.ctx.limits
-        if self.header_count > lim.max_headers:
-            raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
-        if self.header_bytes > lim.max_head:
+        if self.header_count > lim.max_headers or self.header_bytes > lim.max_head:
+            if self.header_count > lim.max_headers:
+                raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
             raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
     def on_headers_complete(self) -> None:
@@ -291,7 +291,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 ex.req_mode = CHUNKED
             elif lname == b"upgrade":
                 upgrade = True
-            elif lname == b"connection":
+            elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                 skip = http.connection_tokens(ex.req_headers)
         if skip:   # headers named in Connection are hop-by-hop too (rare: a second pass)
             fwd[:] = [line for line in fwd if line[:line.index(b":")].lower() not in skip]
