@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -97,17 +98,17 @@ def merge(metrics: Any, d: dict) -> None:
 
 # --- the worker process --------------------------------------------------------------
 
-def worker_main(config: Config, index: int, conn: Any) -> None:
+def worker_main(config: Config, index: int, conn: Any, buckets: tuple[float, ...] = ()) -> None:
     """Entry point of proxy worker `index` (>= 1), spawned by `WorkerSet`."""
     import uvloop
 
     logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_worker(config, index, conn))
+        runner.run(_worker(config, index, conn, buckets))
 
 
-async def _worker(config: Config, index: int, conn: Any) -> None:
+async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, ...]) -> None:
     from sentinel.proxy.context import Limits, ProxyContext, fd_budget
     from sentinel.proxy.metrics import ProxyMetrics
     from sentinel.proxy.sampling import Sampler
@@ -119,7 +120,7 @@ async def _worker(config: Config, index: int, conn: Any) -> None:
     cfg = config
     n = cfg.proxy.workers
     known = {m.path_name: m.name for m in cfg.models} | {m.name: m.name for m in cfg.models}
-    metrics = ProxyMetrics(known, cfg.proxy.max_model_labels)
+    metrics = ProxyMetrics(known, cfg.proxy.max_model_labels, buckets)   # the main process's bounds (SLO thresholds)
     samplers: dict = {}
     for m in cfg.models:
         sc = cfg.sampling_for(m)
@@ -163,7 +164,9 @@ async def _worker(config: Config, index: int, conn: Any) -> None:
                 loop.call_soon_threadsafe(stop.set)
                 return
 
-    threading.Thread(target=sender, name="sentinel-ship", daemon=True).start()
+    shipping = threading.Thread(target=sender, name="sentinel-ship", daemon=True)
+    shipping.start()
+    gc.freeze()   # start-up objects: out of the collector's scans (as in the main process)
     out.put(("ready", os.getpid()))
     sent: dict = {}
 
@@ -204,7 +207,8 @@ async def _worker(config: Config, index: int, conn: Any) -> None:
         t.cancel()
     ship(block=True)
     out.put(None)
-    await asyncio.sleep(0)
+    # The final shipment must leave before the interpreter exits (it does not wait for daemon threads).
+    await loop.run_in_executor(None, shipping.join, 10.0)
 
 
 # --- the main process's side ---------------------------------------------------------
@@ -247,7 +251,7 @@ class WorkerSet:
         parent, child = self._mp.Pipe(duplex=True)
         w.ready, w.inflight, w.pid = False, 0, None
         w.proc = self._mp.Process(target=worker_main, name=f"sentinel-proxy-{w.index}", daemon=True,
-                                  args=(self.config, w.index, child))
+                                  args=(self.config, w.index, child, tuple(self.metrics.buckets)))
         w.proc.start()
         child.close()
         w.conn = parent

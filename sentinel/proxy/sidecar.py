@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import json
@@ -464,6 +465,7 @@ async def serve(config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY
     """Run until SIGTERM/SIGINT, then drain and return."""
     sc = Sidecar(config, monitor_factory=monitor_factory)
     await sc.start()
+    gc.freeze()   # what start-up built lives as long as the process: keep it out of the collector's scans
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sc.request_stop)

@@ -89,7 +89,8 @@ def test_stop_drains_workers():
 def test_delta_and_merge_round_trip():
     from sentinel.proxy.metrics import ProxyMetrics
 
-    worker, main = ProxyMetrics({"m": "m"}, 4), ProxyMetrics({"m": "m"}, 4)
+    main = ProxyMetrics({"m": "m"}, 4, (0.25, 7.5))   # SLO thresholds add buckets
+    worker = ProxyMetrics({"m": "m"}, 4, main.buckets)    # what WorkerSet hands a worker
     worker.observe_request("m", "v2", "200", 0.003, "ab" * 16)
     worker.proxy_errors.labels("upstream_reset").inc()
     first = multiproc.snapshot(worker)
