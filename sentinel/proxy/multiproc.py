@@ -96,6 +96,13 @@ def merge(metrics: Any, d: dict) -> None:
             (m.labels(*k[2]) if k[2] else m).inc(v)
 
 
+def worker_share(sampling: Any, workers: int) -> Any:
+    """A worker's sampling config: the sidecar's per-second cap split evenly over the N proxy processes."""
+    if workers <= 1:
+        return sampling
+    return dataclasses.replace(sampling, max_per_second=sampling.max_per_second / workers)
+
+
 # --- the worker process --------------------------------------------------------------
 
 def worker_main(config: Config, index: int, conn: Any, buckets: tuple[float, ...] = ()) -> None:
@@ -124,8 +131,7 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
     samplers: dict = {}
     for m in cfg.models:
         sc = cfg.sampling_for(m)
-        # The per-second cap is the sidecar's: each of the N workers gets its share.
-        s = (m.name, Sampler(dataclasses.replace(sc, max_per_second=sc.max_per_second / n)))
+        s = (m.name, Sampler(worker_share(sc, n)))
         samplers[m.path_name] = s
         samplers.setdefault(m.name, s)
     host, port = upstream_address(cfg)
@@ -269,9 +275,15 @@ class WorkerSet:
             except Exception:   # an undecodable message: a bug, not a reason to stop listening
                 log.exception("proxy worker %d sent an unreadable message", w.index)
                 continue
-            self.loop.call_soon_threadsafe(self._apply, w, msg)
+            try:
+                self.loop.call_soon_threadsafe(self._apply, w, msg)
+            except RuntimeError:   # the event loop is closed: the sidecar is gone
+                return
         proc.join(timeout=5.0)
-        self.loop.call_soon_threadsafe(self._exited, w, proc)
+        try:
+            self.loop.call_soon_threadsafe(self._exited, w, proc)
+        except RuntimeError:
+            pass
 
     def _apply(self, w: _Worker, msg: tuple) -> None:
         kind = msg[0]

@@ -23,6 +23,7 @@ from sentinel.proxy.analysis import AnalysisManager
 from sentinel.proxy.context import Limits, fd_budget
 from sentinel.proxy.ingest import JoinTable
 from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.multiproc import worker_share
 from sentinel.proxy.sampling import Sampler
 from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
@@ -111,7 +112,7 @@ class Sidecar:
                                     versions={m.name: m.version for m in config.models})
         self.samplers = {}
         for m in config.models:
-            s = (m.name, Sampler(config.sampling_for(m)))
+            s = (m.name, Sampler(worker_share(config.sampling_for(m), config.proxy.workers)))
             self.samplers[m.path_name] = s
             self.samplers.setdefault(m.name, s)
         self.up_host, self.up_port = upstream_address(config)

@@ -105,3 +105,12 @@ def test_delta_and_merge_round_trip():
             if s.name.startswith("sentinel_request_duration_seconds_bucket"):
                 assert get(s.name, s.labels) == s.value
     assert get("sentinel_proxy_errors_total", {"reason": "upstream_reset"}) == 1
+
+
+def test_sampling_cap_is_split_over_the_workers():
+    from sentinel.config import SamplingConfig
+
+    cfg = SamplingConfig(rate=0.5, max_per_second=100, max_bytes=1024)
+    assert multiproc.worker_share(cfg, 1) is cfg
+    share = multiproc.worker_share(cfg, 4)
+    assert (share.max_per_second, share.rate, share.max_bytes) == (25, 0.5, 1024)
