@@ -7,6 +7,10 @@ with wrk. Everything runs on loopback; the upstream is a static nginx.
 
     python benchmarks/proxy_bench.py --quick      # about 1-2 minutes
     python benchmarks/proxy_bench.py              # longer runs, steadier numbers
+    python benchmarks/proxy_bench.py --workers 2  # nginx worker_processes 2 vs sentinel proxy.workers 2
+
+Every cell is the median of ROUNDS interleaved runs (the targets take turns), printed with
+the spread (min-max) of the runs, since the machine may be shared.
 
 See benchmarks/proxy.md for what the columns mean and what limits them.
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from sentinel.protocols import oip_v2  # noqa: E402
 
-ROUNDS = 2   # each fixed-rate and saturation measurement is split into this many interleaved slices
+ROUNDS = 3   # each fixed-rate and saturation measurement: this many interleaved runs, median reported
 UPSTREAM_BODY = json.dumps({"model_name": "bench", "outputs": [
     {"name": "logits", "shape": [1, 10], "datatype": "FP32", "data": [0.1] * 10}]}, separators=(",", ":"))
 
@@ -62,7 +66,7 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 # --- the servers -----------------------------------------------------------------------
 
 NGINX_COMMON = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/{name}.pid;
 error_log {dir}/{name}.err warn;
@@ -102,20 +106,20 @@ PROXY_CONF = """
 """
 
 
-def start_nginx(tmp: Path, name: str, body: str) -> subprocess.Popen:
+def start_nginx(tmp: Path, name: str, body: str, workers: int = 1) -> subprocess.Popen:
     conf = tmp / f"{name}.conf"
-    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, body=body))
+    conf.write_text(NGINX_COMMON.format(dir=tmp, name=name, body=body, workers=workers))
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
-def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float) -> subprocess.Popen:
+def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, workers: int = 1) -> subprocess.Popen:
     cfg = tmp / "sentinel.yaml"
     cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: http://127.0.0.1:{up}\n"
                    f"log_level: warning\n"
                    f"models:\n  - {{name: bench, version: v1, protocol: v2}}\n"
                    f"sampling: {{rate: {rate}, max_per_second: 100, max_bytes: 8388608}}\n"
-                   f"proxy: {{max_body_bytes: 134217728}}\n")
+                   f"proxy: {{max_body_bytes: 134217728, workers: {workers}}}\n")
     return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -299,13 +303,28 @@ def soak(port: int, pid: int, req: bytes, seconds: float, step: float = 20.0) ->
 
 @dataclasses.dataclass
 class Row:
+    """One target at one body and rate: per-run figures (one entry per interleaved run)."""
+
     target: str
     size: str
     rate: int
-    p50: float
-    p99: float
-    cpu_per_1k: float | None
+    p50: list[float]
+    p99: list[float]
+    cpu_per_1k: list[float]
     errors: int
+
+
+def med(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    return (fmt.format(min(xs)) + "-" + fmt.format(max(xs))) if xs else "-"
+
+
+def added(run: list[float], base: list[float]) -> list[float]:
+    """Per-run differences to the direct path's run of the same round."""
+    return [a - b for a, b in zip(run, base, strict=False)]
 
 
 def main() -> None:
@@ -315,6 +334,9 @@ def main() -> None:
     ap.add_argument("--rates", default="200,1000")
     ap.add_argument("--wrk-seconds", type=float, help="seconds per saturation run")
     ap.add_argument("--sample-rate", type=float, default=0.05)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="nginx worker_processes and sentinel proxy.workers (compared at the same count)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved runs per cell (median reported)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="instead: large bodies at 200 rps through sentinel for SECONDS, printing its memory")
     ap.add_argument("--serve-sidecar", help=argparse.SUPPRESS)
@@ -342,11 +364,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sentinel-bench-"))
     up_port, ngx_port, sn_port, sn_admin = free_port(), free_port(), free_port(), free_port()
     procs = [start_nginx(tmp, "upstream", UPSTREAM_CONF.format(port=up_port, resp=UPSTREAM_BODY)),
-             start_nginx(tmp, "proxy", PROXY_CONF.format(up=up_port, port=ngx_port))]
-    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate)
+             start_nginx(tmp, "proxy", PROXY_CONF.format(up=up_port, port=ngx_port), args.workers)]
+    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate, args.workers)
+    rounds = max(1, args.rounds)
     procs.append(sent)
     rows: list[Row] = []
-    sat: dict[tuple[str, str], float] = {}
+    sat: dict[tuple[str, str], list[float]] = {}
     if args.soak:
         try:
             for p in (up_port, sn_port):
@@ -369,27 +392,25 @@ def main() -> None:
         for size, (body, headers) in bodies.items():
             req = request_bytes(path, body, headers)
             for rate in rates:
-                # Targets take turns (ROUNDS slices each), so a noisy neighbour hurts all of them alike.
-                lats: dict[str, list[np.ndarray]] = {t: [] for t in targets}
-                errs = dict.fromkeys(targets, 0)
-                cpu = dict.fromkeys(targets, 0.0)
-                for _ in range(ROUNDS):
+                # Targets take turns (`rounds` runs each), so a noisy neighbour hurts all of them alike;
+                # each run gives its own p50/p99/CPU, and the table shows the median and the spread.
+                cell = {t: Row(t, size, rate, [], [], [], 0) for t in targets}
+                for _ in range(rounds):
                     for name, (port, pid) in targets.items():
                         c0 = cpu_seconds(pid) if pid else 0.0
-                        lat, errors = open_loop(port, req, rate, seconds / ROUNDS)
-                        cpu[name] += (cpu_seconds(pid) - c0) if pid else 0.0
-                        lats[name].append(lat)
-                        errs[name] += errors
-                for name, (_port, pid) in targets.items():
-                    lat = np.concatenate(lats[name])
-                    n = max(len(lat) + errs[name], 1)
-                    rows.append(Row(name, size, rate, float(np.percentile(lat, 50)) if len(lat) else float("nan"),
-                                    float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-                                    cpu[name] / n * 1000.0 if pid else None, errs[name]))
-            for _ in range(ROUNDS):   # best of the rounds: saturation is what a path can do at all
+                        lat, errors = open_loop(port, req, rate, seconds / rounds)
+                        row = cell[name]
+                        row.errors += errors
+                        if len(lat):
+                            row.p50.append(float(np.percentile(lat, 50)))
+                            row.p99.append(float(np.percentile(lat, 99)))
+                        if pid:
+                            row.cpu_per_1k.append((cpu_seconds(pid) - c0) / max(len(lat) + errors, 1) * 1000.0)
+                rows.extend(cell.values())
+            for _ in range(rounds):
                 for name, (port, _pid) in targets.items():
-                    rps = wrk(port, path, body, headers, wrk_s / ROUNDS, tmp)
-                    sat[(name, size)] = max(sat.get((name, size), 0.0), rps)
+                    rps = wrk(port, path, body, headers, wrk_s / rounds, tmp)
+                    sat.setdefault((name, size), []).append(rps)
         rss1 = rss_mb(sent.pid)
         scrape = subprocess.run(["curl", "-s", f"http://127.0.0.1:{sn_admin}/metrics"], capture_output=True,
                                 text=True).stdout
@@ -403,24 +424,37 @@ def main() -> None:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nopen-loop fixed rate, {seconds:.0f} s per cell in {ROUNDS} interleaved slices; latency from intended send time (ms); "
-          f"sentinel sampling {args.sample_rate:.0%}; {os.cpu_count()} CPUs shared by client, proxies, upstream\n")
-    hdr = f"{'body':>10} {'rps':>5} | {'direct p50':>10} {'p99':>7} | {'nginx +p50':>10} {'+p99':>7} {'cpu s/1k':>8} | " \
-          f"{'sentinel +p50':>13} {'+p99':>7} {'cpu s/1k':>8} | {'errors':>6}"
+    print(f"\nopen-loop fixed rate, {seconds:.0f} s per cell in {rounds} interleaved runs; latency from intended "
+          f"send time (ms); median of the runs [min-max]; sentinel sampling {args.sample_rate:.0%}; "
+          f"{args.workers} worker process(es) each for nginx and sentinel; {os.cpu_count()} CPUs shared by "
+          f"client, proxies, upstream; load average at the end {os.getloadavg()[0]:.1f}\n")
+    hdr = (f"{'body':>10} {'rps':>5} | {'direct p50':>10} {'p99':>6} | {'nginx +p50':>10} {'+p99':>16} "
+           f"{'cpu s/1k':>17} | {'sentinel +p50':>13} {'+p99':>16} {'cpu s/1k':>17} | {'cpu x':>5} {'+p99 x':>6} "
+           f"| {'errors':>6}")
     print(hdr)
     print("-" * len(hdr))
     for size in bodies:
         for rate in rates:
             d, n, s = (next(r for r in rows if r.target == t and r.size == size and r.rate == rate)
                        for t in ("direct", "nginx", "sentinel"))
-            print(f"{size:>10} {rate:>5} | {d.p50:>10.3f} {d.p99:>7.3f} | {n.p50 - d.p50:>+10.3f} "
-                  f"{n.p99 - d.p99:>+7.3f} {n.cpu_per_1k:>8.3f} | {s.p50 - d.p50:>+13.3f} {s.p99 - d.p99:>+7.3f} "
-                  f"{s.cpu_per_1k:>8.3f} | {d.errors + n.errors + s.errors:>6}")
-    print(f"\nsaturation (wrk, 1 thread, 8 connections, best of {ROUNDS} x {wrk_s / ROUNDS:.0f} s), requests/s:")
-    print(f"{'body':>10} | {'direct':>9} {'nginx':>9} {'sentinel':>9} | {'sentinel/nginx':>14}")
+            n99, s99 = added(n.p99, d.p99), added(s.p99, d.p99)
+            cpu_x = med(s.cpu_per_1k) / med(n.cpu_per_1k) if n.cpu_per_1k and med(n.cpu_per_1k) else float("nan")
+            p99_x = med(s99) / med(n99) if n99 and med(n99) > 0 else float("nan")
+            print(f"{size:>10} {rate:>5} | {med(d.p50):>10.3f} {med(d.p99):>6.2f} | "
+                  f"{med(added(n.p50, d.p50)):>+10.3f} {med(n99):>+6.2f} [{spread(n99):>8}] "
+                  f"{med(n.cpu_per_1k):>6.3f} [{spread(n.cpu_per_1k, '{:.3f}'):>9}] | "
+                  f"{med(added(s.p50, d.p50)):>+13.3f} {med(s99):>+6.2f} [{spread(s99):>8}] "
+                  f"{med(s.cpu_per_1k):>6.3f} [{spread(s.cpu_per_1k, '{:.3f}'):>9}] | {cpu_x:>5.2f} {p99_x:>6.2f} "
+                  f"| {d.errors + n.errors + s.errors:>6}")
+    print("\ncpu x: sentinel CPU per request / nginx's (goal <= 2 at 1 kB, 1,000 rps); "
+          "+p99 x: sentinel added p99 / nginx's (goal <= 2 at 1,000 rps)")
+    print(f"\nsaturation (wrk, 1 thread, 8 connections, median of {rounds} x {wrk_s / rounds:.1f} s [min-max]), "
+          f"requests/s, {args.workers} worker process(es) each:")
+    print(f"{'body':>10} | {'direct':>9} {'nginx':>22} {'sentinel':>22} | {'sentinel/nginx':>14}")
     for size in bodies:
-        d, n, s = sat[("direct", size)], sat[("nginx", size)], sat[("sentinel", size)]
-        print(f"{size:>10} | {d:>9.0f} {n:>9.0f} {s:>9.0f} | {s / n:>14.0%}")
+        d, n, s = (sat[(t, size)] for t in ("direct", "nginx", "sentinel"))
+        print(f"{size:>10} | {med(d):>9.0f} {med(n):>9.0f} [{spread(n, '{:.0f}'):>11}] "
+              f"{med(s):>9.0f} [{spread(s, '{:.0f}'):>11}] | {med(s) / med(n):>14.0%}")
     print(f"\nsentinel resident memory (main + analysis worker): {rss0:.1f} MB after warm-up, {rss1:.1f} MB after "
           f"all runs, overload included (steady-state growth: --soak)")
     samples = [ln for ln in scrape.splitlines() if ln.startswith("sentinel_samples_total")]

@@ -127,6 +127,7 @@ class ProxyConfig:
     admin_max_connections: int = 128        # the admin listener's own budget
     admin_max_body_bytes: int = 0           # admin request bodies (/ingest); 0: twice the sampling cap + 64 KiB
     shed_retry_after_s: int = 1             # Retry-After of the 503 given when over the connection budget
+    workers: int = 1                        # proxy processes sharing the listen port (SO_REUSEPORT); README "Multi-process mode"
 
     def validate(self):
         for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s",
@@ -147,6 +148,8 @@ class ProxyConfig:
             yield "admin_max_body_bytes", "must be 0 (derived) or positive"
         if self.shed_retry_after_s < 0:
             yield "shed_retry_after_s", "must not be negative"
+        if not 1 <= self.workers <= 64:
+            yield "workers", "must be between 1 and 64"
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,7 @@ class ProxyContext:
         self.burst = BurstLog(log)
         self.shed_bytes = limits.shed_response()
         self.shedding = 0   # connections refused and lingering until closed
+        self.routes: dict[bytes, Any] = {}   # request target → Route or None (server.ROUTE_CACHE_SIZE)
 
     def count_sample(self, model: str | None, outcome: str) -> None:
         self.metrics.samples.labels(model or "none", outcome).inc()

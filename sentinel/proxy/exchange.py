@@ -27,6 +27,7 @@ NONE, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
 PENDING_HIGH_WATER = 256 * 1024   # body bytes buffered while the upstream connection opens
 REPLAY_MAX_BYTES = 1 << 20        # idempotent requests up to this size may be resent once
 _NO_BODY_STATUS = frozenset({204, 304})
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}   # (status, upstream reason) → response status line
 
 _ERROR_STATUS = {
     "upstream_refused": 502, "upstream_reset": 502, "upstream_bad_response": 502,
@@ -138,10 +139,8 @@ class Exchange:
         """Send the request head and whatever body has arrived over `up`."""
         self.upstream = up
         up.exchange = self
-        head = [self.method, b" ", self.url, b" HTTP/1.1\r\n"]
-        for line in self.fwd_headers:
-            head.append(line)
-        head.append(b"traceparent: " + self.ctx.traceparent(self) + b"\r\n")
+        head = [self.method + b" " + self.url + b" HTTP/1.1\r\n", *self.fwd_headers,
+                b"traceparent: " + self.ctx.traceparent(self) + b"\r\n"]
         if self.req_mode == LENGTH:
             head.append(b"content-length: %d\r\n" % self.content_length)
         elif self.req_mode == CHUNKED:
@@ -212,22 +211,37 @@ class Exchange:
         if self.finished:
             return
         self.status = status
-        skip = http.connection_tokens(headers) | http.HOP_BY_HOP
         has_length = False
         chunked_up = False
-        lines = [b"HTTP/1.1 %d " % status, reason or http.REASONS.get(status, b""), b"\r\n"]
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason or http.REASONS.get(status, b""))
+            if len(_STATUS_LINES) < 256:   # the upstream picks the reason phrase: bounded
+                _STATUS_LINES[(status, reason)] = line
+        lines = [line]
+        append = lines.append
+        hop = http.HOP_BY_HOP
+        named = False   # a Connection header names more than keep-alive/close
         for name, value in headers:
             lname = name.lower()
+            if lname in hop:
+                if lname == b"transfer-encoding":
+                    chunked_up = b"chunked" in value.lower()
+                elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
+                    named = True
+                continue
             if lname == b"content-length":
                 has_length = True
-            elif lname == b"transfer-encoding":
-                chunked_up = b"chunked" in value.lower()
-            if lname in skip:
-                continue
-            lines.append(name)
-            lines.append(b": ")
-            lines.append(value)
-            lines.append(b"\r\n")
+            append(name + b": " + value + b"\r\n")
+        if named:   # rare: drop the headers the Connection header names (RFC 9110 §7.6.1)
+            skip = http.connection_tokens(headers)
+            del lines[1:]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in hop and lname not in skip:
+                    append(name + b": " + value + b"\r\n")
+                elif lname == b"content-length":   # named in Connection: still the framing
+                    has_length = True
         if self.method == b"HEAD" or status in _NO_BODY_STATUS:
             self.resp_mode = NONE
         elif has_length:

@@ -19,6 +19,9 @@ REASONS = {
 }
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Connection header values that name no other header (the common case: nothing more to strip).
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+JOIN_BELOW = 64 * 1024   # buffered output smaller than this leaves as one buffer (one iovec)
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -110,7 +113,12 @@ class BufferedWriter:
         out, self._out = self._out, []
         t = self.transport
         if out and t is not None and not self.closed and not t.is_closing():
-            t.writelines(out)
+            if len(out) == 1:
+                t.write(out[0])
+            elif sum(map(len, out)) < JOIN_BELOW:
+                t.write(b"".join(out))   # a head and a small body: one copy here, one iovec in the kernel
+            else:
+                t.writelines(out)   # large bodies are not copied
 
 
 # Methods whose request may be sent twice without changing the outcome (RFC 9110 §9.2.2).

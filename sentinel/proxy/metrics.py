@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Exemplar
+from prometheus_client.values import MutexValue
 
 from sentinel import __version__
 from sentinel import metricnames as mn
@@ -15,6 +19,41 @@ log = logging.getLogger(__name__)
 
 NO_MODEL = "none"        # label of requests to non-inference paths
 OVERFLOW_MODEL = "other"  # label of models beyond the cardinality cap
+
+
+class _RequestChildren:
+    """The duration-histogram and request-counter children of one (model, protocol, code), bound once.
+
+    `observe` does what `Histogram.observe` + `Counter.inc` do, without per-call label
+    lookups, exemplar validation (a trace id is 32 hex characters, always valid) or a
+    linear bucket scan. It writes the values directly when they are prometheus_client's
+    in-process `MutexValue`s (the proxy's loop is their only writer; /metrics reads them
+    from another thread, and a float store is atomic under the GIL); otherwise it falls
+    back to the public API.
+    """
+
+    __slots__ = ("hist", "counter", "bounds", "buckets", "sum", "count", "fast")
+
+    def __init__(self, hist: Any, counter: Any):
+        self.hist = hist
+        self.counter = counter
+        self.bounds = list(hist._upper_bounds)
+        self.buckets = list(hist._buckets)
+        self.sum = hist._sum
+        self.count = counter._value
+        self.fast = all(type(v) is MutexValue for v in (*self.buckets, self.sum, self.count))
+
+    def observe(self, seconds: float, trace_id: str | None) -> None:
+        if not self.fast:
+            self.hist.observe(seconds, {"trace_id": trace_id} if trace_id else None)
+            self.counter.inc()
+            return
+        b = self.buckets[bisect.bisect_left(self.bounds, seconds)]
+        b._value += 1.0
+        if trace_id:
+            b._exemplar = Exemplar({"trace_id": trace_id}, seconds, time.time())
+        self.sum._value += seconds
+        self.count._value += 1.0
 
 
 def _make(spec: mn.MetricSpec, registry: CollectorRegistry, buckets: tuple[float, ...] | None = None) -> Any:
@@ -56,13 +95,15 @@ class ProxyMetrics:
             for model, version in versions.items():
                 info.labels(model).info({"version": version})
         self._by_name: dict[str, Any] = {}   # analysis metrics, created on first update
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], _RequestChildren] = {}
         self._known = dict(known_models)      # path name → configured model name
         self._labels: dict[str, str] = {}     # path name → label actually used
         self._max_labels = max_model_labels
         self.pending_buckets: dict[str, tuple[float, ...]] = {}
         self.inflight_count = 0
-        self.inflight.set_function(lambda: self.inflight_count)
+        self.remote_inflight: Any = None   # multi-process mode: the other workers' in-flight count
+        self.inflight.set_function(
+            lambda: self.inflight_count + (self.remote_inflight() if self.remote_inflight else 0))
 
     # --- hot path -------------------------------------------------------------------
     def model_label(self, path_model: str) -> str:
@@ -86,12 +127,25 @@ class ProxyMetrics:
 
     def observe_request(self, model: str, protocol: str, code: str, seconds: float, trace_id: str | None) -> None:
         key = (model, protocol, code)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
-            self._children[key] = pair
-        pair[0].observe(seconds, {"trace_id": trace_id} if trace_id else None)
-        pair[1].inc()
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _RequestChildren(
+                self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
+        children.observe(seconds, trace_id)
+
+    def merge_requests(self, key: tuple[str, str, str], count: float, total: float,
+                       buckets: tuple[float, ...]) -> None:
+        """Add another proxy worker's requests (count, sum, per-bucket counts) under `key` (multiproc.py)."""
+        children = self._children.get(key)
+        if children is None:
+            model, protocol, code = key
+            children = self._children[key] = _RequestChildren(
+                self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
+        for b, n in zip(children.buckets, buckets, strict=True):
+            if n:
+                b.inc(n)
+        children.sum.inc(total)
+        children.count.inc(count)
 
     # --- analysis updates -----------------------------------------------------------
     def apply(self, metric: str, labels: dict[str, str], op: str, value: float) -> None:

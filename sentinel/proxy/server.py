@@ -31,6 +31,10 @@ __all__ = ["ClientConnection", "ProxyContext", "close_idle"]
 log = logging.getLogger("sentinel.proxy")
 
 CANARY_HEADER = names.CANARY_HEADER.lower().encode()
+# Request headers the proxy reads itself (everything in http.HOP_BY_HOP is handled apart).
+_SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", CANARY_HEADER})
+ROUTE_CACHE_SIZE = 1024   # request targets whose route is remembered (cleared when full)
+_UNSEEN = object()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
@@ -248,9 +252,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
         lim = self.ctx.limits
-        if self.header_count > lim.max_headers:
-            raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
-        if self.header_bytes > lim.max_head:
+        if self.header_count > lim.max_headers or self.header_bytes > lim.max_head:
+            if self.header_count > lim.max_headers:
+                raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
             raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
     def on_headers_complete(self) -> None:
@@ -261,39 +265,50 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         ex.method = p.get_method()
         ex.http10 = p.get_http_version() == "1.0"
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
-        skip = http.connection_tokens(ex.req_headers)
         fwd = ex.fwd_headers
         upgrade = False
+        skip: frozenset[bytes] = frozenset()
+        hop = http.HOP_BY_HOP
         for name, value in ex.req_headers:
             lname = name.lower()
-            if lname == b"content-length":
-                ex.content_length = int(value)   # httptools has validated it
-                ex.req_mode = LENGTH
+            if lname not in hop:   # the common case: an end-to-end header, forwarded as is
+                if lname in _SPECIAL:
+                    if lname == b"content-length":
+                        ex.content_length = int(value)   # httptools has validated it
+                        ex.req_mode = LENGTH
+                        continue
+                    if lname == b"expect":
+                        ex.expect_continue = value.strip().lower() == b"100-continue"
+                        continue
+                    if lname == b"traceparent":
+                        ex.incoming_tp = value
+                        continue
+                    if lname == CANARY_HEADER and value.strip() == b"1":
+                        ex.canary = True
+                fwd.append(name + b": " + value + b"\r\n")
                 continue
             if lname == b"transfer-encoding":
                 ex.req_mode = CHUNKED
-                continue
-            if lname == b"expect":
-                ex.expect_continue = value.strip().lower() == b"100-continue"
-                continue
-            if lname == b"traceparent":
-                ex.incoming_tp = value
-                continue
-            if lname == CANARY_HEADER and value.strip() == b"1":
-                ex.canary = True
-            if lname == b"upgrade":
+            elif lname == b"upgrade":
                 upgrade = True
-            if lname in http.HOP_BY_HOP or lname in skip:
-                continue
-            fwd.append(name + b": " + value + b"\r\n")
+            elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
+                skip = http.connection_tokens(ex.req_headers)
+        if skip:   # headers named in Connection are hop-by-hop too (rare: a second pass)
+            fwd[:] = [line for line in fwd if line[:line.index(b":")].lower() not in skip]
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
             ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")
-        route = match(ex.url.decode("latin-1"))
+        ctx = self.ctx
+        route = ctx.routes.get(ex.url, _UNSEEN)
+        if route is _UNSEEN:
+            route = match(ex.url.decode("latin-1"))
+            if len(ctx.routes) >= ROUTE_CACHE_SIZE:
+                ctx.routes.clear()
+            ctx.routes[ex.url] = route
         if route is not None:
             ex.protocol = route.protocol
-            ex.model = self.ctx.metrics.model_label(route.model)
-            sampled = self.ctx.samplers.get(route.model)
+            ex.model = ctx.metrics.model_label(route.model)
+            sampled = ctx.samplers.get(route.model)
             if sampled is not None and not ex.canary and ex.refusal is None:
                 model_name, sampler = sampled
                 decision = sampler.decide(ex.content_length)

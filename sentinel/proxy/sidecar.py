@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import json
@@ -22,6 +23,7 @@ from sentinel.proxy.analysis import AnalysisManager
 from sentinel.proxy.context import Limits, fd_budget
 from sentinel.proxy.ingest import JoinTable
 from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.multiproc import worker_share
 from sentinel.proxy.sampling import Sampler
 from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
@@ -110,7 +112,7 @@ class Sidecar:
                                     versions={m.name: m.version for m in config.models})
         self.samplers = {}
         for m in config.models:
-            s = (m.name, Sampler(config.sampling_for(m)))
+            s = (m.name, Sampler(worker_share(config.sampling_for(m), config.proxy.workers)))
             self.samplers[m.path_name] = s
             self.samplers.setdefault(m.name, s)
         self.up_host, self.up_port = upstream_address(config)
@@ -127,6 +129,7 @@ class Sidecar:
         self.grpc_proxy: Any = None
         self.grpc_address: tuple[str, int] | None = None
         self.canary_problems: dict[str, str] = {}
+        self.workers: Any = None   # multiproc.WorkerSet when proxy.workers > 1
         self._add_gpu_collector()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -152,7 +155,8 @@ class Sidecar:
         admin_limits = Limits.from_config(cfg.proxy, admin=True)
         admin_conns = AdminConnections(admin_limits, self.ctx.fail)
         host, port = parse_hostport(cfg.listen)
-        self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port)
+        self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port,
+                                               reuse_port=cfg.proxy.workers > 1)
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
         admin_body = cfg.proxy.admin_max_body_bytes or 2 * max_ingest + 65536
@@ -168,6 +172,14 @@ class Sidecar:
             self.proxy_server.close()
             self.admin_server.close()
             raise
+        if cfg.proxy.workers > 1:
+            from sentinel.proxy.multiproc import WorkerSet
+
+            bound_host, bound_port = self.proxy_address   # port 0 resolved: every worker binds the same one
+            bound = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+            self.workers = WorkerSet(dataclasses.replace(cfg, listen=bound), self.metrics, self.analysis.submit,
+                                     self.ctx.fail, loop)
+            self.workers.start()
         self._start_canaries()
         self._export_model_sizes()
         self._tasks.append(loop.create_task(self._expire_ingest()))
@@ -201,9 +213,11 @@ class Sidecar:
         self.grpc_address = (parse_hostport(cfg.grpc_listen)[0], port)
         log.info("gRPC proxy on %s:%d → %s", *self.grpc_address, cfg.grpc_upstream)
 
-    async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int) -> Any:
+    async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int,
+                      reuse_port: bool = False) -> Any:
         try:
-            return await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True)
+            return await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True,
+                                                 reuse_port=reuse_port or None)
         except OSError as exc:
             raise InfrastructureError(f"cannot listen on {addr} ({self.config.source}: {field}): "
                                       f"{exc.strerror or exc}") from None
@@ -235,6 +249,8 @@ class Sidecar:
         self.proxy_server.close()
         grpc_stop = (asyncio.ensure_future(self.grpc_proxy.stop(self.config.proxy.drain_timeout_s))
                      if self.grpc_proxy is not None else None)
+        workers_stop = (asyncio.ensure_future(self.workers.stop(self.config.proxy.drain_timeout_s))
+                        if self.workers is not None else None)
         for conn in list(ctx.connections):
             if conn.idle():
                 conn.transport.close()  # type: ignore[union-attr]
@@ -247,6 +263,8 @@ class Sidecar:
                 conn.abort()
         if grpc_stop is not None:
             await grpc_stop   # drains gRPC calls in flight over the same deadline
+        if workers_stop is not None:
+            await workers_stop   # every proxy worker drains over the same deadline
         for c in self.canaries:
             c.stop(timeout=5.0)
         self.pool.close()
@@ -417,6 +435,7 @@ class Sidecar:
                 **{name: f"off: {why}" for name, why in self.canary_problems.items()},
             },
             "gpu": self.gpu_collector.status() if self.gpu_collector is not None else {"collector": "off"},
+            "proxy_workers": self.workers.state() if self.workers is not None else [],
         }
 
     def _ingest(self, req: Request) -> Response:
@@ -447,6 +466,7 @@ async def serve(config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY
     """Run until SIGTERM/SIGINT, then drain and return."""
     sc = Sidecar(config, monitor_factory=monitor_factory)
     await sc.start()
+    gc.freeze()   # what start-up built lives as long as the process: keep it out of the collector's scans
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sc.request_stop)

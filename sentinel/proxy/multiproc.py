@@ -1,0 +1,343 @@
+"""Multi-process mode (`proxy.workers: N`): N proxy processes share the listen port.
+
+The main process runs the admin listener, the analysis worker and proxy worker 0; it
+starts N-1 more proxy processes (spawned, so none inherits the event loop) that bind the
+same address with SO_REUSEPORT, so the kernel spreads new client connections across them.
+Each extra worker has its own upstream pool, limits and deadline sweep (the limits are per
+process) and its own registry; it ships to the main process over a pipe:
+
+- every `SHIP_INTERVAL_S` the deltas of its request counters, duration histograms, proxy
+  errors and sample outcomes since the last shipment, and its in-flight count; the main
+  process adds them to its own, so /metrics is one correct sum (exemplars of the extra
+  workers' requests are not shipped: only worker 0's requests carry exemplars);
+- each sample it copies, which the main process hands to the one analysis worker.
+
+A worker that dies (SIGKILL, a crash) is started again after `RESTART_DELAY_S` and the
+death is logged and counted in `sentinel_proxy_errors_total{reason="proxy_worker_died"}`;
+the connections it held are lost, as with any crashed proxy. SIGTERM to the main process
+drains every worker (each stops accepting, finishes its exchanges up to
+`proxy.drain_timeout_s`) before the main process exits. A worker whose main process is
+gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+from sentinel.config import Config, parse_hostport
+
+log = logging.getLogger("sentinel.proxy")
+
+SHIP_INTERVAL_S = 0.5
+RESTART_DELAY_S = 1.0
+SEND_QUEUE = 64   # messages (samples, metric deltas) a worker may have waiting for the pipe
+
+
+# --- what a worker ships -------------------------------------------------------------
+
+def _counter_values(metric: Any) -> dict[tuple[str, ...], float]:
+    children = getattr(metric, "_metrics", None)
+    if not children:
+        return {(): metric._value.get()} if not metric._labelnames else {}
+    return {lv: child._value.get() for lv, child in list(children.items())}
+
+
+SHIPPED_COUNTERS = ("proxy_errors", "samples", "overflow")
+
+
+def snapshot(metrics: Any) -> dict:
+    """Cumulative values of a worker's hot-path metrics: request children and shipped counters."""
+    out: dict = {}
+    for key, ch in list(metrics._children.items()):
+        out[("r", key)] = (ch.count.get(), ch.sum.get(), tuple(b.get() for b in ch.buckets))
+    for attr in SHIPPED_COUNTERS:
+        for lv, v in _counter_values(getattr(metrics, attr)).items():
+            out[("c", attr, lv)] = v
+    return out
+
+
+def delta(now: dict, before: dict) -> dict:
+    """What grew between two snapshots."""
+    out: dict = {}
+    for k, v in now.items():
+        old = before.get(k)
+        if k[0] == "r":
+            if old is None:
+                d = v
+            else:
+                d = (v[0] - old[0], v[1] - old[1], tuple(a - b for a, b in zip(v[2], old[2], strict=True)))
+            if d[0]:
+                out[k] = d
+        else:
+            d = v - (old or 0.0)
+            if d:
+                out[k] = d
+    return out
+
+
+def merge(metrics: Any, d: dict) -> None:
+    """Add a worker's deltas to the main process's metrics."""
+    for k, v in d.items():
+        if k[0] == "r":
+            metrics.merge_requests(k[1], v[0], v[1], v[2])
+        else:
+            m = getattr(metrics, k[1])
+            (m.labels(*k[2]) if k[2] else m).inc(v)
+
+
+def worker_share(sampling: Any, workers: int) -> Any:
+    """A worker's sampling config: the sidecar's per-second cap split evenly over the N proxy processes."""
+    if workers <= 1:
+        return sampling
+    return dataclasses.replace(sampling, max_per_second=sampling.max_per_second / workers)
+
+
+# --- the worker process --------------------------------------------------------------
+
+def worker_main(config: Config, index: int, conn: Any, buckets: tuple[float, ...] = ()) -> None:
+    """Entry point of proxy worker `index` (>= 1), spawned by `WorkerSet`."""
+    import uvloop
+
+    logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
+                        format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_worker(config, index, conn, buckets))
+
+
+async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, ...]) -> None:
+    from sentinel.proxy.context import Limits, ProxyContext, fd_budget
+    from sentinel.proxy.metrics import ProxyMetrics
+    from sentinel.proxy.sampling import Sampler
+    from sentinel.proxy.server import ClientConnection
+    from sentinel.proxy.sidecar import upstream_address
+    from sentinel.proxy.upstream import UpstreamPool
+
+    loop = asyncio.get_running_loop()
+    cfg = config
+    n = cfg.proxy.workers
+    known = {m.path_name: m.name for m in cfg.models} | {m.name: m.name for m in cfg.models}
+    metrics = ProxyMetrics(known, cfg.proxy.max_model_labels, buckets)   # the main process's bounds (SLO thresholds)
+    samplers: dict = {}
+    for m in cfg.models:
+        sc = cfg.sampling_for(m)
+        s = (m.name, Sampler(worker_share(sc, n)))
+        samplers[m.path_name] = s
+        samplers.setdefault(m.name, s)
+    host, port = upstream_address(cfg)
+    pool = UpstreamPool(host, port, cfg.proxy.connect_timeout_s, cfg.proxy.upstream_pool_size)
+    out: queue.Queue = queue.Queue(SEND_QUEUE)
+    ctx_box: list = []
+
+    def submit(sample: Any) -> None:
+        try:
+            out.put_nowait(("s", pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)))
+        except queue.Full:
+            ctx_box[0].count_sample(sample.model, "dropped")
+
+    limits = Limits.from_config(cfg.proxy)
+    budget = fd_budget(limits.max_connections, cfg.proxy.upstream_pool_size + 64)
+    if budget < limits.max_connections:
+        limits = dataclasses.replace(limits, max_connections=budget)
+    ctx = ProxyContext(loop=loop, pool=pool, metrics=metrics, max_body=cfg.proxy.max_body_bytes,
+                       samplers=samplers, submit=submit, tracer=None, limits=limits)
+    ctx_box.append(ctx)
+    lhost, lport = parse_hostport(cfg.listen)
+    server = await loop.create_server(lambda: ClientConnection(ctx), lhost, lport, backlog=2048,
+                                      reuse_address=True, reuse_port=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def sender() -> None:
+        while True:
+            msg = out.get()
+            if msg is None:
+                return
+            try:
+                conn.send(msg)
+            except (OSError, ValueError):   # the main process is gone
+                loop.call_soon_threadsafe(stop.set)
+                return
+
+    shipping = threading.Thread(target=sender, name="sentinel-ship", daemon=True)
+    shipping.start()
+    gc.freeze()   # start-up objects: out of the collector's scans (as in the main process)
+    out.put(("ready", os.getpid()))
+    sent: dict = {}
+
+    def ship(block: bool = False) -> None:
+        nonlocal sent
+        now = snapshot(metrics)
+        d = delta(now, sent)
+        msg = ("m", d, metrics.inflight_count)
+        try:
+            out.put(msg, timeout=5.0) if block else out.put_nowait(msg)
+        except queue.Full:
+            return   # tried again next time; the deltas keep growing
+        sent = now
+
+    async def shipper() -> None:
+        parent = os.getppid()
+        while not stop.is_set():
+            await asyncio.sleep(SHIP_INTERVAL_S)
+            ship()
+            if os.getppid() != parent:   # orphaned: the main process died without draining us
+                stop.set()
+
+    tasks = [loop.create_task(ctx.run_sweeper()), loop.create_task(shipper())]
+    await stop.wait()
+    # Drain as the main process does: stop accepting, close idle connections, let exchanges finish.
+    ctx.draining = True
+    server.close()
+    for c in list(ctx.connections):
+        if c.idle():
+            c.transport.close()
+    deadline = time.monotonic() + cfg.proxy.drain_timeout_s
+    while ctx.connections and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    for c in list(ctx.connections):
+        c.abort()
+    pool.close()
+    for t in tasks:
+        t.cancel()
+    ship(block=True)
+    out.put(None)
+    # The final shipment must leave before the interpreter exits (it does not wait for daemon threads).
+    await loop.run_in_executor(None, shipping.join, 10.0)
+
+
+# --- the main process's side ---------------------------------------------------------
+
+class _Worker:
+    __slots__ = ("index", "proc", "conn", "pid", "ready", "inflight", "requests", "restarts", "thread")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: Any = None
+        self.conn: Any = None
+        self.pid: int | None = None
+        self.ready = False
+        self.inflight = 0
+        self.requests = 0.0
+        self.restarts = 0
+        self.thread: threading.Thread | None = None
+
+
+class WorkerSet:
+    """The extra proxy processes of `proxy.workers: N` (N-1 of them), seen from the main process."""
+
+    def __init__(self, config: Config, metrics: Any, submit: Any, fail: Any,
+                 loop: asyncio.AbstractEventLoop):
+        self.config = config
+        self.metrics = metrics
+        self.submit = submit
+        self.fail = fail
+        self.loop = loop
+        self.stopping = False
+        self._mp = mp.get_context("spawn")
+        self.workers = [_Worker(i) for i in range(1, config.proxy.workers)]
+        metrics.remote_inflight = lambda: sum(w.inflight for w in self.workers)
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+
+    def _spawn(self, w: _Worker) -> None:
+        parent, child = self._mp.Pipe(duplex=True)
+        w.ready, w.inflight, w.pid = False, 0, None
+        w.proc = self._mp.Process(target=worker_main, name=f"sentinel-proxy-{w.index}", daemon=True,
+                                  args=(self.config, w.index, child, tuple(self.metrics.buckets)))
+        w.proc.start()
+        child.close()
+        w.conn = parent
+        w.thread = threading.Thread(target=self._read, args=(w, parent, w.proc), name=f"sentinel-w{w.index}",
+                                    daemon=True)
+        w.thread.start()
+
+    def _read(self, w: _Worker, conn: Any, proc: Any) -> None:
+        """Thread: receive one worker's messages and apply them on the event loop."""
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:   # an undecodable message: a bug, not a reason to stop listening
+                log.exception("proxy worker %d sent an unreadable message", w.index)
+                continue
+            try:
+                self.loop.call_soon_threadsafe(self._apply, w, msg)
+            except RuntimeError:   # the event loop is closed: the sidecar is gone
+                return
+        proc.join(timeout=5.0)
+        try:
+            self.loop.call_soon_threadsafe(self._exited, w, proc)
+        except RuntimeError:
+            pass
+
+    def _apply(self, w: _Worker, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "m":
+            merge(self.metrics, msg[1])
+            w.inflight = msg[2]
+            w.requests += sum(v[0] for k, v in msg[1].items() if k[0] == "r")
+        elif kind == "s":
+            try:
+                sample = pickle.loads(msg[1])
+            except Exception:
+                log.exception("proxy worker %d sent an unreadable sample", w.index)
+                return
+            self.submit(sample)
+        elif kind == "ready":
+            w.ready, w.pid = True, msg[1]
+
+    def _exited(self, w: _Worker, proc: Any) -> None:
+        if proc is not w.proc:
+            return
+        w.inflight = 0
+        w.ready = False
+        if self.stopping:
+            return
+        self.fail("proxy_worker_died", f"proxy worker {w.index} (pid {proc.pid}) ended with exit code "
+                                       f"{proc.exitcode}; starting it again in {RESTART_DELAY_S} s")
+        w.restarts += 1
+        self.loop.call_later(RESTART_DELAY_S, self._restart, w)
+
+    def _restart(self, w: _Worker) -> None:
+        if not self.stopping:
+            self._spawn(w)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM every worker (each drains), wait up to `timeout` + 5 s, then kill what is left."""
+        self.stopping = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.is_alive():
+                w.proc.terminate()
+        deadline = time.monotonic() + timeout + 5.0
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            left = max(0.0, deadline - time.monotonic())
+            await self.loop.run_in_executor(None, w.proc.join, left)
+            if w.proc.is_alive():
+                log.warning("proxy worker %d did not drain in time; killing it", w.index)
+                w.proc.kill()
+                await self.loop.run_in_executor(None, w.proc.join, 5.0)
+        for w in self.workers:   # let the readers apply the final shipments
+            if w.thread is not None:
+                await self.loop.run_in_executor(None, w.thread.join, 5.0)
+        await asyncio.sleep(0)
+
+    def state(self) -> list[dict]:
+        return [{"index": w.index, "pid": w.pid, "ready": w.ready, "inflight": w.inflight,
+                 "requests": int(w.requests), "restarts": w.restarts} for w in self.workers]
