@@ -125,7 +125,9 @@ def stack(tmp_path):
 
     slo = tmp_path / "slo.yaml"
     slo.write_text((REPO / "slo.yaml").read_text()
-                   .replace("period: 30d", "period: 4h").replace("scrape_interval: 30s", "scrape_interval: 1s"))
+                   .replace("period: 30d", "period: 4h").replace("scrape_interval: 30s", "scrape_interval: 1s")
+                   # the rules' plumbing is under test, not this loaded machine's tail: 1 s, not 150 ms
+                   .replace("threshold: 0.15}", "threshold: 1.0}"))
     spec = load_slo_file(slo)
     (tmp_path / "rules").mkdir()
     for f in generate_rule_files(spec):
