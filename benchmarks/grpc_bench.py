@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# The HTTP benchmark's process helpers (this folder is on sys.path when run as a script).
+from proxy_bench import cpu_seconds, free_port, serve_sidecar, wait_port  # noqa: E402
 
 from sentinel.protocols import oip_grpc  # noqa: E402
 
@@ -40,21 +41,6 @@ ROUNDS = 2          # each cell is split into this many slices, direct and senti
 MAX_INFLIGHT = 512  # calls in flight before the generator waits (that wait counts in the latency)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
 
 
 # --- child modes ---------------------------------------------------------------------------
@@ -96,28 +82,6 @@ def start_sidecar(tmp: Path, http_port: int, admin: int, grpc_port: int, up: int
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def serve_sidecar(cfg_path: str) -> None:
-    from sentinel.config import load_config
-    from sentinel.proxy.sidecar import run
-
-    run(load_config(cfg_path), monitor_factory="sentinel.proxy.builtin_monitor:build_builtin")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of a process and all its descendants."""
-    try:
-        p = psutil.Process(pid)
-        procs = [p] + p.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for q in procs:
-        try:
-            t = q.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 # --- open-loop load --------------------------------------------------------------------------
@@ -210,7 +174,7 @@ def main() -> None:
     rows: list[Row] = []
     try:
         for p in (up, grpc_port):
-            wait_port(p)
+            wait_port(p, timeout=30.0)
         targets = {"direct": (up, None), "sentinel": (grpc_port, sidecar.pid)}
         for body in bodies.values():   # warm up: channels, caches, the analysis worker
             for port, _ in targets.values():
