@@ -197,11 +197,15 @@ class ModelEntry:
         from sentinel.reference.densenet import DenseNet
         from sentinel.reference.weights import load_weights
 
-        model = DenseNet(self.densenet_config())
-        if load:
-            if verify:
-                self.check_weights()
-            load_weights(model, self.weights_path)
+        if not load:
+            return DenseNet(self.densenet_config()).eval()
+        if verify:
+            self.check_weights()
+        import torch
+
+        with torch.device("meta"):   # no random initialisation: every tensor comes from the file
+            model = DenseNet(self.densenet_config())
+        load_weights(model, self.weights_path, assign=True)
         return model.eval()
 
     def reference(self, device: str | None = None, batch_size: int = 64):
