@@ -197,15 +197,11 @@ class ModelEntry:
         from sentinel.reference.densenet import DenseNet
         from sentinel.reference.weights import load_weights
 
-        if not load:
-            return DenseNet(self.densenet_config()).eval()
-        if verify:
-            self.check_weights()
-        import torch
-
-        with torch.device("meta"):   # no random initialisation: every tensor comes from the file
-            model = DenseNet(self.densenet_config())
-        load_weights(model, self.weights_path, assign=True)
+        model = DenseNet(self.densenet_config())
+        if load:
+            if verify:
+                self.check_weights()
+            load_weights(model, self.weights_path)
         return model.eval()
 
     def reference(self, device: str | None = None, batch_size: int = 64):

@@ -114,13 +114,8 @@ def check_tensors(state: dict, p: Path) -> None:
             raise WeightsError(f"{p}: {key!r:.100} contains NaN or infinite values")
 
 
-def load_weights(model: nn.Module, path: str | Path, *, assign: bool = False) -> nn.Module:
-    """Load weights strictly: every key present, none extra, every shape equal.
-
-    `assign=True` puts the loaded tensors in the model instead of copying into its own, so
-    a model built on the meta device (no random initialisation) becomes a real one; the
-    strict key check above guarantees no meta tensor is left behind.
-    """
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights strictly: every key present, none extra, every shape equal."""
     state = remap_legacy_keys(read_state_dict(path))
     own = model.state_dict()
     problems: list[str] = []
@@ -137,7 +132,7 @@ def load_weights(model: nn.Module, path: str | Path, *, assign: bool = False) ->
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise WeightsError(f"{path}: weights do not fit the architecture: " + "; ".join(problems[:5]) + more)
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return model
 
 
