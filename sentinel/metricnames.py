@@ -146,6 +146,9 @@ ACCURACY_VERDICTS = _m("accuracy_verdicts", "counter",
 ACCURACY_ESTIMATE_RELIABLE = _m("accuracy_estimate_reliable", "gauge",
                                 "0 when more than 10% of the latest window's samples have unknown verdicts "
                                 "(the accuracy estimate is not to be trusted), else 1.", ("model",))
+ACCURACY_ESTIMATE_SAMPLES = _m("accuracy_estimate_samples", "gauge",
+                                "Samples (ATC verdicts) in the window behind the latest accuracy estimate; the SLO "
+                                "rules ignore an estimate resting on fewer than the SLO's min_samples.", ("model",))
 
 # --- GPU --------------------------------------------------------------------------------
 GPU_AVAILABLE = _m("gpu_available", "gauge", "1 when NVML is usable, else 0.")

@@ -390,6 +390,9 @@ class ModelMonitor:
         if v.reliable is not None:
             up.append(MetricUpdate(mn.ACCURACY_ESTIMATE_RELIABLE.name, {"model": self.name}, "set",
                                    1.0 if v.reliable else 0.0))
+            # How many samples the estimate rests on: the SLO rules skip estimates on too few.
+            up.append(MetricUpdate(mn.ACCURACY_ESTIMATE_SAMPLES.name, {"model": self.name}, "set",
+                                   float(sum(v.accuracy_verdicts.values()))))
         up += self._feature_means()
         # /status describes the very evaluation whose values the metrics above carry.
         self.last = {"window_id": self.windows, "samples_seen": self.seen, "n": v.n, "drift": v.drift,

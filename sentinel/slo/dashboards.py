@@ -188,6 +188,14 @@ def oncall(spec: SloFile) -> DashboardSpec:
                       "Label-free (ATC) accuracy estimate and its lower bound per replica over its last window.",
                       (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method=~"atc|atc_lower"}}', "{{instance}} {{method}}"),),
                       min=0, max=1),
+            PanelSpec("Accuracy estimate usable", "timeseries", "percentunit",
+                      "Share of replicas whose accuracy estimate the estimated-accuracy SLO counts now (at least "
+                      "its min_samples samples behind it, not flagged unreliable), and per replica the "
+                      "estimator's reliable flag. At 0 the SLO and its alerts are silent: "
+                      "SentinelAccuracyEstimateUnreliable says why.",
+                      (Query(f"{recorded.ESTIMATE_USABLE}{{{M}}}", "{{slo}} usable share"),
+                       Query(f"{mn.ACCURACY_ESTIMATE_RELIABLE.name}{{{MI}}}", "{{instance}} reliable")),
+                      min=0, max=1),
             PanelSpec("GPU memory used", "timeseries", "percentunit",
                       "Device memory in use over device total, per GPU. SentinelGpuMemoryHigh fires above 90% "
                       "for 5 minutes.",
@@ -320,8 +328,18 @@ def debug(spec: SloFile) -> DashboardSpec:
                       "combined), lowest replica per version.",
                       (Query(f"min by (detector, version) ({mn.DRIFT_P_VALUE.name}{{{MI}}})",
                              "{{detector}} {{version}}"),), min=0, max=1),
+            PanelSpec("Samples behind the accuracy estimate", "timeseries", "short",
+                      "Verdicts in each replica's window behind its latest accuracy estimate. Below the "
+                      "estimated-accuracy SLO's min_samples (" + _min_samples_note(spec) + ") the SLO does "
+                      "not count that replica's estimate.",
+                      (Query(f"{mn.ACCURACY_ESTIMATE_SAMPLES.name}{{{MI}}}", "{{instance}}"),)),
         ),
     )
+
+
+def _min_samples_note(spec: SloFile) -> str:
+    floors = sorted({s.sample_floor for s in spec.slos if s.sli == "estimated_accuracy"})
+    return ", ".join(str(f) for f in floors) if floors else "no such SLO"
 
 
 def dashboard_specs(spec: SloFile) -> tuple[DashboardSpec, ...]:

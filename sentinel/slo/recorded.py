@@ -16,6 +16,9 @@ OBJECTIVE = "slo:sentinel_objective:ratio"
 BUDGET_REMAINING = "slo:sentinel_error_budget:remaining_ratio"
 # NaN-free, replica-averaged label-free accuracy estimate, one sample per evaluation.
 ESTIMATED_ACCURACY = "slo:sentinel_estimated_accuracy:ratio"
+# Share of the replicas reporting an accuracy estimate whose estimate the SLO counts now
+# (enough samples, not flagged unreliable); 0 means the estimated-accuracy SLO is silent.
+ESTIMATE_USABLE = "slo:sentinel_estimated_accuracy_usable:ratio"
 
 
 def error_ratio_name(window_s: int) -> str:

@@ -38,6 +38,9 @@ SAMPLE_DROP_RATIO = 0.10      # analysis sees < 90% of the sampled traffic: drif
 SAMPLE_DROP_FOR = "15m"
 DRIFT_ALARM_FOR = "30m"       # one window's alarm is a statistic; half an hour of them is a shift
 ACCURACY_BELOW_FOR = "30m"
+UNRELIABLE_ALERT = "SentinelAccuracyEstimateUnreliable"
+UNRELIABLE_FOR = "10m"        # a sidecar's first window fills in minutes at ordinary sampling rates
+UNRELIABLE_REASONS = ("insufficient_samples", "flagged_unreliable")
 GPU_MEMORY_RATIO = 0.90
 GPU_FOR = "5m"
 CANARY_FAILURE_RATIO = 0.05   # golden inputs must replay cleanly; 1 in 20 failing is a defect
@@ -75,6 +78,7 @@ def recording_group(slo: SloSpec, plan: WindowPlan, interval: str) -> RuleGroup:
     rules: list[Rule] = []
     if slo.sli == "estimated_accuracy":
         rules.append(Rule(record=recorded.ESTIMATED_ACCURACY, expr=sli.accuracy_sample(slo), labels=static))
+        rules.append(Rule(record=recorded.ESTIMATE_USABLE, expr=sli.usable_share(slo), labels=static))
     for span in plan.ranges_s:
         rules.append(Rule(record=recorded.error_ratio_name(span),
                           expr=sli.error_ratio(slo, format_duration(span)), labels=static))
@@ -101,6 +105,10 @@ def burn_alert(slo: SloSpec, plan: WindowPlan, severity: Severity, spec: SloFile
     """
     pairs = plan.by_severity(severity)
     expr = "\nor\n".join(_pair_expr(slo, p) for p in pairs)
+    if slo.sli == "estimated_accuracy":
+        # Silent while no replica's estimate counts now (too few samples, or flagged unreliable):
+        # the windows then hold only older evaluations, and the estimator disowns the present.
+        expr = f"(\n{expr}\n)\nand on (model)\n{recorded.ESTIMATED_ACCURACY}{{{_labels(slo)}}}"
     rule_text = ", ".join(f"{p.long}/{p.short} above {num(p.factor)}x" for p in pairs)
     objective_pct = f"{slo.objective * 100:.10g}%"
     summary = (f"{{{{ $labels.model }}}}: {slo.name} SLO burning its error budget "
@@ -109,6 +117,10 @@ def burn_alert(slo: SloSpec, plan: WindowPlan, severity: Severity, spec: SloFile
                    f"{{{{ $labels.model }}}} is burning its error budget at "
                    f"{{{{ $value | printf \"%.1f\" }}}}x the sustainable rate over the long window. "
                    f"Fires when both windows of a pair burn too fast: {rule_text}.")
+    if slo.sli == "estimated_accuracy":
+        description += (f" Counts only estimates resting on at least {slo.sample_floor} samples that the "
+                        f"estimator does not flag unreliable; silent while none does ({UNRELIABLE_ALERT} "
+                        f"says why).")
     return Rule(
         alert=BURN_ALERT, expr=expr,
         labels=(("severity", severity), ("slo", slo.name), ("model", slo.model)),
@@ -204,11 +216,10 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
         if slo.sli != "estimated_accuracy":
             continue
         # The lower bound (unknown verdicts counted as wrong), which cannot stay green while inputs
-        # outside the golden support make ATC itself read high.
-        gauge = f'{mn.ESTIMATED_ACCURACY.name}{{model="{slo.model}",method="atc_lower"}}'
+        # outside the golden support make ATC itself read high; only the estimates the SLO counts.
         rules.append(Rule(
             alert="SentinelEstimatedAccuracyBelowObjective",
-            expr=f"avg by (model) ({gauge} >= 0) < {num(slo.objective)}", for_=ACCURACY_BELOW_FOR,
+            expr=f"{sli.accuracy_sample(slo)} < {num(slo.objective)}", for_=ACCURACY_BELOW_FOR,
             labels=(("severity", "ticket"), ("slo", slo.name)),
             annotations=_ann(spec, "SentinelEstimatedAccuracyBelowObjective",
                              "{{ $labels.model }}: estimated accuracy {{ $value | humanizePercentage }} "
@@ -217,6 +228,7 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
                              f"{slo.objective:.2%} for {ACCURACY_BELOW_FOR}. It is an estimate: confirm with "
                              f"labelled samples or a golden replay before rolling back."),
         ))
+        rules += unreliable_rules(slo, spec)
     used = mn.GPU_MEMORY_USED.name
     total = mn.GPU_MEMORY_TOTAL.name
     rules += [
@@ -252,6 +264,40 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
                               f"The {{{{ $labels.collector }}}} collector has failed every scrape for {COLLECTOR_FOR}; "
                               f"its metrics are stale or missing. See the sidecar's log.")),
     ]
+    return tuple(rules)
+
+
+def unreliable_rules(slo: SloSpec, spec: SloFile) -> tuple[Rule, ...]:
+    """`SentinelAccuracyEstimateUnreliable{reason}`: why an estimated-accuracy SLO is silent.
+
+    Fires (severity info) when no replica's estimate has counted for `UNRELIABLE_FOR`,
+    with one rule per reason so on-call reads which: too few samples behind the estimate,
+    or the estimator flagging it unreliable. `$value` is the number of replicas in that state.
+    """
+    why = {  # reason: (summary, what the description says, what to do)
+        "insufficient_samples": ("too few samples behind the accuracy estimate",
+                                 f"rests on fewer than {slo.sample_floor} samples (min_samples)",
+                                 "Traffic or sampling is too thin to fill the window: raise sampling.rate, "
+                                 "or lower min_samples in the SLO file if a coarser estimate will do."),
+        "flagged_unreliable": ("the accuracy estimate is flagged unreliable",
+                               "is flagged unreliable by the estimator (over 10% of its window outside the "
+                               "golden support, or a preprocessing mismatch or contract breach diagnosed)",
+                               f"Inputs differ from what the model was validated on: see {mn.DRIFT_DIAGNOSIS.name}, "
+                               f"SentinelInputContractViolations and SentinelDriftAlarm; confirm accuracy with "
+                               f"labelled samples or a golden replay."),
+    }
+    rules = []
+    for reason in UNRELIABLE_REASONS:
+        short, what, action = why[reason]
+        rules.append(Rule(
+            alert=UNRELIABLE_ALERT, expr=sli.unusable_estimates(slo, reason), for_=UNRELIABLE_FOR,
+            labels=(("severity", "info"), ("slo", slo.name), ("reason", reason)),
+            annotations=_ann(spec, UNRELIABLE_ALERT, f"{{{{ $labels.model }}}}: {slo.name} SLO silent, {short}",
+                             f"No replica's label-free accuracy estimate for model {{{{ $labels.model }}}} has "
+                             f"counted towards the {slo.name} SLO for {UNRELIABLE_FOR}: on {{{{ $value }}}} "
+                             f"replica(s) it {what}. Its burn-rate alerts stay silent meanwhile; that is not "
+                             f"a sign of health. {action}"),
+        ))
     return tuple(rules)
 
 

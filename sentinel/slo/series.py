@@ -119,6 +119,9 @@ def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
         else:
             values = [1.0 - profile.bad(s) for s in range(0, profile.steps + 1)]
             out.append(_series(mn.ESTIMATED_ACCURACY.name, {**base, "method": "atc_lower"}, values))
+            # every estimate rests on exactly the SLO's minimum and is reliable, so every one counts
+            out.append(_series(mn.ACCURACY_ESTIMATE_SAMPLES.name, base, [float(slo.sample_floor)] * len(values)))
+            out.append(_series(mn.ACCURACY_ESTIMATE_RELIABLE.name, base, [1.0] * len(values)))
     return out
 
 

@@ -112,6 +112,10 @@ def required_selectors(slo: SloSpec) -> tuple[str, ...]:
         assert slo.threshold is not None
         return (total_selector(slo),
                 _sel(mn.REQUEST_DURATION.sample_name, model=slo.model, le="~" + le_regex(slo.threshold)))
+    if slo.sli == "estimated_accuracy":
+        # Without these an estimate can never count (see `usable_estimates`): say so, do not go silent.
+        return (total_selector(slo), _sel(mn.ACCURACY_ESTIMATE_SAMPLES.name, model=slo.model),
+                _sel(mn.ACCURACY_ESTIMATE_RELIABLE.name, model=slo.model))
     return (total_selector(slo),)
 
 
@@ -150,10 +154,56 @@ def _raw_error_ratio(slo: SloSpec, window: str) -> str:
 
 
 def accuracy_sample(slo: SloSpec) -> str:
-    """PromQL for one NaN-free sample of the accuracy estimate, averaged over replicas.
+    """PromQL for one NaN-free sample of the accuracy estimate, averaged over the replicas whose estimate counts.
 
     `>= 0` drops NaN (an estimator that has not completed a window yet), so NaN never
-    reaches the averages over time built on this series.
+    reaches the averages over time built on this series. Empty when no replica's estimate
+    counts (see `usable_estimates`): such an evaluation adds nothing to any window.
     """
-    gauge = _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
-    return f"avg by (model) ({gauge} >= 0)"
+    return f"avg by (model) (\n  {usable_estimates(slo)}\n)"
+
+
+def estimates(slo: SloSpec) -> str:
+    """Every replica's NaN-free accuracy estimate (`atc_lower`), usable or not."""
+    return f"{_sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method='atc_lower')} >= 0"
+
+
+def usable_estimates(slo: SloSpec) -> str:
+    """Per replica, the estimate only where it rests on at least `min_samples` samples and
+    the estimator does not flag it unreliable.
+
+    A young window (a sidecar just started or restarted) holds a few dozen verdicts, and a
+    lower bound over 25 of them moves in steps of 0.04: it burns a 3% budget on noise. The
+    estimator's own `reliable` gauge is 0 when over 10% of the window lies outside the golden
+    support or the window is diagnosed a preprocessing mismatch or contract breach: then
+    the estimate says itself it is not to be trusted, and the drift and input-contract
+    alerts speak for that window instead. The three series come from the same scrape
+    target, so they match on every label but `method`.
+    """
+    samples = _sel(mn.ACCURACY_ESTIMATE_SAMPLES.name, model=slo.model)
+    reliable = _sel(mn.ACCURACY_ESTIMATE_RELIABLE.name, model=slo.model)
+    return (f"({estimates(slo)})\n  and ignoring (method) ({samples} >= {slo.sample_floor})"
+            f"\n  and ignoring (method) ({reliable} == 1)")
+
+
+def unusable_estimates(slo: SloSpec, reason: str) -> str:
+    """Per model, how many replicas' estimates do not count for `reason`, while none counts.
+
+    reason `insufficient_samples`: the estimate rests on fewer than `min_samples`;
+    `flagged_unreliable`: the estimator's reliable gauge is 0.
+    """
+    if reason == "insufficient_samples":
+        cond = f"{_sel(mn.ACCURACY_ESTIMATE_SAMPLES.name, model=slo.model)} < {slo.sample_floor}"
+    elif reason == "flagged_unreliable":
+        cond = f"{_sel(mn.ACCURACY_ESTIMATE_RELIABLE.name, model=slo.model)} == 0"
+    else:
+        raise ValueError(f"unknown reason {reason!r}")
+    return (f"count by (model) ({cond})\nunless on (model)\n"
+            f"count by (model) (\n  {usable_estimates(slo)}\n)")
+
+
+def usable_share(slo: SloSpec) -> str:
+    """Share of the replicas reporting an estimate whose estimate counts now (0: the SLO is silent)."""
+    every = f"count by (model) ({estimates(slo)})"
+    return (f"(\n  count by (model) (\n  {usable_estimates(slo)}\n  )\n  or 0 * {every}\n)"
+            f"\n/\n{every}")

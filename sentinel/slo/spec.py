@@ -35,6 +35,14 @@ _JOB = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 # The fastest page window is 1h of 30d (1/720 of the period); it must cover 4 scrapes.
 MIN_PERIOD_SCRAPES = 720 * 4
 
+# Fewest samples an accuracy estimate may rest on and still count towards an estimated_accuracy
+# SLO (`min_samples`). The estimate is a share of n verdicts, so it moves in steps of 1/n and its
+# binomial standard error near 0.97 is 0.034 at n = 25 and 0.017 at n = 100: 100 samples resolve
+# a 3% error budget, 25 do not. Keep it at most the sidecar's `drift.window_size` (default 200),
+# or the SLO never sees an estimate it may count.
+DEFAULT_MIN_SAMPLES = 100
+MAX_MIN_SAMPLES = 1_000_000
+
 DEFAULT_RUNBOOK_URL = "https://github.com/sentinel-densenet/sentinel/blob/main/deploy/RUNBOOK.md"
 
 
@@ -48,6 +56,8 @@ class SloSpec:
     sli: SliKind
     threshold: float | None = None  # seconds; latency SLIs only
     description: str = ""
+    # estimated_accuracy SLIs only: an estimate on fewer samples is not counted (default DEFAULT_MIN_SAMPLES)
+    min_samples: int | None = None
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if not _NAME.match(self.name or ""):
@@ -66,6 +76,18 @@ class SloSpec:
                 yield "threshold", f"must be a positive number of seconds, got {self.threshold}"
         elif self.threshold is not None:
             yield "threshold", f"only latency SLIs take a threshold, this one is {self.sli!r}"
+        if self.min_samples is not None:
+            if self.sli != "estimated_accuracy":
+                yield "min_samples", f"only estimated_accuracy SLIs take min_samples, this one is {self.sli!r}"
+            elif (isinstance(self.min_samples, int) and not isinstance(self.min_samples, bool)
+                  and not 1 <= self.min_samples <= MAX_MIN_SAMPLES):  # other types: the loader says so
+                yield "min_samples", (f"must be a whole number of samples from 1 to {MAX_MIN_SAMPLES} "
+                                      f"(default {DEFAULT_MIN_SAMPLES}), got {self.min_samples!r}")
+
+    @property
+    def sample_floor(self) -> int:
+        """Fewest samples an accuracy estimate must rest on to count (`min_samples` or its default)."""
+        return DEFAULT_MIN_SAMPLES if self.min_samples is None else self.min_samples
 
     @property
     def budget(self) -> float:

@@ -78,7 +78,7 @@ def test_cost_panel_uses_the_configured_costs_and_currency():
 def test_queries_use_only_known_metric_names():
     known = {m.sample_name for m in mn.METRICS} | {m.name for m in mn.METRICS}
     known |= {m.name + "_bucket" for m in mn.METRICS if m.kind == "histogram"}
-    records = {recorded.OBJECTIVE, recorded.BUDGET_REMAINING}
+    records = {recorded.OBJECTIVE, recorded.BUDGET_REMAINING, recorded.ESTIMATE_USABLE}
     for board in dashboard_specs(SPEC):
         for panel in board.panels:
             for q in panel.queries:
@@ -86,3 +86,13 @@ def test_queries_use_only_known_metric_names():
                     assert tok in known, (board.uid, panel.title, tok)
                 for tok in re.findall(r"(slo:[a-z_]+:[a-z_0-9]+)", q.expr):
                     assert tok in records or tok.startswith(recorded.ERROR_RATIO_PREFIX), tok
+
+
+def test_oncall_shows_why_the_accuracy_slo_may_be_silent():
+    (panel,) = [p for p in BOARDS["sentinel-oncall.json"]["panels"] if p["title"] == "Accuracy estimate usable"]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert exprs[0].startswith(recorded.ESTIMATE_USABLE) and mn.ACCURACY_ESTIMATE_RELIABLE.name in exprs[1]
+    assert "SentinelAccuracyEstimateUnreliable" in panel["description"]
+    (debug,) = [p for p in BOARDS["sentinel-debug.json"]["panels"]
+                if p["title"] == "Samples behind the accuracy estimate"]
+    assert mn.ACCURACY_ESTIMATE_SAMPLES.name in debug["targets"][0]["expr"] and "(100)" in debug["description"]

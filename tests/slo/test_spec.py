@@ -8,7 +8,7 @@ import pytest
 
 from sentinel.errors import ConfigError
 from sentinel.slo.durations import format_duration, parse_duration
-from sentinel.slo.spec import load_slo_file
+from sentinel.slo.spec import DEFAULT_MIN_SAMPLES, load_slo_file
 
 pytestmark = pytest.mark.unit
 
@@ -25,6 +25,8 @@ def test_committed_example_has_the_four_slos_of_the_issue():
         ("accuracy", "digits", 0.97, "estimated_accuracy", None),
     ]
     assert [s.budget for s in spec.slos] == [0.001, 0.01, 0.005, 0.03]
+    assert [s.min_samples for s in spec.slos] == [None, None, None, 100]
+    assert spec.slos[3].sample_floor == 100
 
 
 def _problems(tmp_path: Path, text: str) -> list[str]:
@@ -89,3 +91,31 @@ def test_durations_parse_and_format(text, seconds):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_min_samples_defaults_to_100_for_an_accuracy_slo(tmp_path):
+    path = tmp_path / "slo.yaml"
+    path.write_text("slos: [{name: acc, model: m, objective: 0.97, sli: estimated_accuracy}]\n")
+    assert load_slo_file(path).slos[0].sample_floor == DEFAULT_MIN_SAMPLES == 100
+
+
+@pytest.mark.parametrize("value,message", [
+    ("0", "must be a whole number of samples from 1 to 1000000 (default 100), got 0"),
+    ("-5", "must be a whole number of samples from 1 to 1000000 (default 100), got -5"),
+    ("2000000", "must be a whole number of samples from 1 to 1000000 (default 100), got 2000000"),
+])
+def test_min_samples_out_of_range(tmp_path, value, message):
+    assert _problems(tmp_path, f"slos: [{{name: acc, model: m, objective: 0.97, sli: estimated_accuracy, "
+                               f"min_samples: {value}}}]\n") == [f"slo.yaml: slos[0].min_samples: {message}"]
+
+
+@pytest.mark.parametrize("value", ["2.5", "lots", "true"])
+def test_min_samples_must_be_an_integer(tmp_path, value):
+    probs = _problems(tmp_path, f"slos: [{{name: acc, model: m, objective: 0.97, sli: estimated_accuracy, "
+                                f"min_samples: {value}}}]\n")
+    assert len(probs) == 1 and probs[0].startswith("slo.yaml: slos[0].min_samples: "), probs
+
+
+def test_min_samples_on_another_sli(tmp_path):
+    assert _problems(tmp_path, "slos: [{name: a, model: m, objective: 0.99, sli: availability, min_samples: 50}]\n") == [
+        "slo.yaml: slos[0].min_samples: only estimated_accuracy SLIs take min_samples, this one is 'availability'"]
