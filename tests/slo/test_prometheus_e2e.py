@@ -240,6 +240,17 @@ def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(
     assert checked >= 8, (checked, skipped)
     print(f"\ne2e: {checked} dashboard queries returned data; not expected to here: {sorted(set(skipped))}")
 
+    # the real sidecar says how many samples its accuracy estimate rests on (at most its window of
+    # 20, below the SLO's min_samples of 100): the accuracy SLO counts none of them and says so
+    samples = _wait("sentinel_accuracy_estimate_samples", lambda: _query(
+        prom, 'sentinel_accuracy_estimate_samples{model="digits"}'), 30)
+    assert 0 < float(samples[0]["value"][1]) <= 20
+    usable = _wait("the accuracy SLO's usable share", lambda: _query(
+        prom, 'slo:sentinel_estimated_accuracy_usable:ratio{slo="accuracy"}'), 15)
+    assert float(usable[0]["value"][1]) == 0.0
+    assert not _query(prom, 'slo:sentinel_estimated_accuracy:ratio{slo="accuracy"}')
+    assert not _query(prom, f'ALERTS{{alertname="{BURN_ALERT}",slo="accuracy"}}')
+
     # outage: the availability SLO pages, then resolves after recovery
     assert not _page(prom, "availability")
     stack["switch"].outage.set()
