@@ -128,7 +128,7 @@ def _k8s() -> list[dict]:
     return docs
 
 
-def test_kubernetes_manifests():
+def test_kubernetes_manifests(tmp_path):
     docs = {d["kind"]: d for d in _k8s()}
     assert set(docs) == {"ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
     admin_rules = [r for r in docs["NetworkPolicy"]["spec"]["ingress"]
@@ -139,8 +139,20 @@ def test_kubernetes_manifests():
     assert set(containers) == {"model-server", "sentinel"}
     assert containers["sentinel"]["args"][:2] == ["sentinel", "run"]
     ports = {p["name"]: p["containerPort"] for p in containers["sentinel"]["ports"]}
-    assert ports == {"http": 8080, "metrics": 9464}
+    assert ports == {"http": 8080, "grpc": 8001, "metrics": 9464}
+    # The ConfigMap's sentinel.yaml loads, and its listeners are the ports the pod exposes.
+    cfg_path = tmp_path / "sentinel.yaml"
+    cfg_path.write_text(docs["ConfigMap"]["data"]["sentinel.yaml"])
+    cfg = load_config(cfg_path)
+    assert cfg.listen.endswith(":8080") and cfg.grpc_listen.endswith(":8001") and cfg.admin.endswith(":9464")
+    model_args = containers["model-server"]["args"]
+    assert cfg.grpc_upstream.endswith(":" + model_args[model_args.index("--grpc-port") + 1])
+    assert cfg.upstream.endswith(":" + model_args[model_args.index("--port") + 1])
     svc_ports = {p["name"] for p in docs["Service"]["spec"]["ports"]}
+    assert svc_ports == {"http", "grpc", "metrics"}
+    open_ports = {p["port"] for r in docs["NetworkPolicy"]["spec"]["ingress"] if not r.get("from")
+                  for p in r["ports"]}
+    assert open_ports == {8080, 8001}
     assert docs["ServiceMonitor"]["spec"]["endpoints"][0]["port"] in svc_ports
     selector = docs["Service"]["spec"]["selector"].items()
     assert selector <= docs["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
