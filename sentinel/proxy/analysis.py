@@ -132,7 +132,26 @@ class AnalysisManager:
     def _handle(self, msg: tuple) -> None:
         """Apply one message from the worker; one branch per tag (see sentinel.proxy.worker)."""
         tag = msg[0]
-        if tag == "sample":
+        if tag == "batch":         # several messages in one write, in order
+            for m in msg[1]:
+                self._handle(m)
+        elif tag == "samples":     # n samples of one model: outcomes, rejections and summed updates
+            _, model, n, rejected, updates, size = msg
+            self.queued_bytes = max(0, self.queued_bytes - size)
+            self.outstanding = max(0, self.outstanding - n)
+            inflight = self._inflight
+            for _ in range(min(n, len(inflight))):
+                inflight.popleft()
+            n_rejected = sum(rejected.values())
+            if n > n_rejected:
+                self.metrics.samples.labels(model, "decoded").inc(n - n_rejected)
+            if n_rejected:
+                self.metrics.samples.labels(model, "rejected").inc(n_rejected)
+                for err, k in rejected.items():
+                    self.rejections.labels(model, err).inc(k)
+                    self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
+            self._apply(updates)
+        elif tag == "sample":      # one sample (the unbatched form)
             _, model, outcome, err, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
             self.outstanding = max(0, self.outstanding - 1)
@@ -142,12 +161,7 @@ class AnalysisManager:
             if err:
                 self.rejections.labels(model, err).inc()
                 self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
-            for metric, labels, op, value in updates:
-                try:
-                    self.metrics.apply(metric, labels, op, value)
-                except ValueError as exc:
-                    self.metrics.analysis_errors.labels("bad_update").inc()
-                    self._log_once(f"bad_update:{metric}", str(exc))
+            self._apply(updates)
         elif tag == "error":
             _, kind, message = msg
             self.metrics.analysis_errors.labels(kind).inc()
@@ -161,6 +175,14 @@ class AnalysisManager:
             self._deadline = time.monotonic() + max(float(msg[1]), self.hang_timeout_s)
         elif tag == "heartbeat":   # nothing to do: receiving it moved the deadline
             pass
+
+    def _apply(self, updates: list[tuple]) -> None:
+        for metric, labels, op, value in updates:
+            try:
+                self.metrics.apply(metric, labels, op, value)
+            except ValueError as exc:
+                self.metrics.analysis_errors.labels("bad_update").inc()
+                self._log_once(f"bad_update:{metric}", str(exc))
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:

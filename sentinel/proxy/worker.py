@@ -1,14 +1,22 @@
 """The analysis worker process: decode sampled pairs, feed the model's monitor, report back.
 
 Runs in a spawned process so decoding and analysis never hold the proxy's GIL. It reads
-pickled `Sample`s from one pipe and writes one plain tuple per message to another:
+pickled `Sample`s from one pipe and writes plain tuples to another:
 
-    ("sample", model, outcome, reject_reason | None, [(metric, labels, op, value)...], payload_bytes)
+    ("samples", model, n, {reject_reason: count}, [(metric, labels, op, value)...], payload_bytes)
+                                              n samples of one model handled since the last write
+                                              (counter increments summed, observations kept)
+    ("batch", [message, ...])                 several of these messages in one pipe write
     ("error", kind, message)                  an exception in a monitor
     ("status", model, dict)                   a monitor's status, at most once a second
     ("buckets", {metric: bounds})             histogram bounds a monitor asks for
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
     ("busy", seconds)                         the next message may take this long (building a monitor)
+
+Results are written in batches: everything handled while more samples were waiting, or
+within `RESULTS_LINGER_S` of the first unwritten result, goes out as one write, so a busy
+worker and the proxy's event loop pay one pickle, one write and one wake-up per batch
+rather than per sample. "busy" and "heartbeat" go out at once.
 
 No payload can end the worker: every exception of decoding one sample rejects that sample
 with a reason (a decode error kind, or one of `REJECT_REASONS`), every exception of a
@@ -30,6 +38,8 @@ from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
+RESULTS_LINGER_S = 0.1     # a result waits at most this long for others to share its write
+MAX_BATCH = 256            # ... and at most this many samples share one write
 
 # Reasons a sample is rejected besides the decoders' own DecodeError kinds.
 TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Python's stack
@@ -131,6 +141,20 @@ def reject_reason(exc: Exception) -> str:
     return UNEXPECTED
 
 
+_decoders: tuple[Any, ...] = ()
+
+
+def _imports() -> tuple[Any, ...]:
+    """DecodedBatch, DecodeHints, decode_request, decode_response: imported once, on first use."""
+    global _decoders
+    if not _decoders:
+        from sentinel.analysis.contract import DecodedBatch
+        from sentinel.protocols import DecodeHints, decode_request, decode_response
+
+        _decoders = (DecodedBatch, DecodeHints, decode_request, decode_response)
+    return _decoders
+
+
 def decode(sample: Any, model: str, hints: Any = None):
     """A DecodedBatch from a Sample, and the reason the first half failed to decode (or None).
 
@@ -138,9 +162,7 @@ def decode(sample: Any, model: str, hints: Any = None):
     tensor shape and dtype, the pixel bound of encoded images. Never raises an Exception:
     whatever a decoder raises becomes a reason.
     """
-    from sentinel.analysis.contract import DecodedBatch
-    from sentinel.protocols import DecodeHints, decode_request, decode_response
-
+    DecodedBatch, DecodeHints, decode_request, decode_response = _decoders or _imports()
     hints = hints or DecodeHints()
 
     inputs = form = outputs = kind = None
@@ -160,6 +182,42 @@ def decode(sample: Any, model: str, hints: Any = None):
     return batch, err
 
 
+class _Tally:
+    """What the samples of one model handled since the last write add up to."""
+
+    __slots__ = ("n", "rejected", "incs", "others", "size")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.rejected: dict[str, int] = {}
+        self.incs: dict[tuple, list] = {}     # (metric, label items) → [metric, labels, "inc", total]
+        self.others: list[tuple] = []         # observations and sets, in order
+        self.size = 0
+
+    def add(self, err: str | None, updates: list[tuple], size: int) -> None:
+        """One sample: its rejection reason (or None), its (metric, labels, op, value) updates, its bytes."""
+        self.n += 1
+        self.size += size
+        if err:
+            self.rejected[err] = self.rejected.get(err, 0) + 1
+        incs = self.incs
+        for u in updates:
+            if u[2] == "inc":
+                key = (u[0], tuple(u[1].items()))
+                acc = incs.get(key)
+                if acc is None:
+                    incs[key] = list(u)
+                else:
+                    acc[3] += u[3]
+            else:
+                self.others.append(u)
+
+    def message(self, model: str) -> tuple:
+        updates = [tuple(a) for a in self.incs.values()]
+        updates.extend(self.others)
+        return ("samples", model, self.n, self.rejected, updates, self.size)
+
+
 class Worker:
     """The worker's state: one monitor per model, the budget, and the results pipe."""
 
@@ -176,15 +234,40 @@ class Worker:
         self.budget = Budget(acfg.sample_timeout_s)
         self.build_timeout_s = acfg.worker_start_timeout_s
         self.last_sent = time.monotonic()
+        self.outbox: list[tuple] = []          # messages not yet written, in order
+        self.tallies: dict[str, _Tally] = {}   # samples not yet reported, per model
+        self.pending = 0                       # samples in the tallies
+        self.flush_at = 0.0                    # write by then (RESULTS_LINGER_S after the first)
 
-    def send(self, msg: tuple) -> None:
-        self.results.send(msg)
+    def send(self, msg: tuple, now: bool = False) -> None:
+        """Queue a message for the next write; `now`: write it (and everything queued) at once."""
+        if not self.outbox and not self.pending:
+            self.flush_at = time.monotonic() + RESULTS_LINGER_S
+        self.outbox.append(msg)
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued: the messages in order, then one "samples" message per model."""
+        msgs = self.outbox
+        if self.pending:
+            msgs.extend(t.message(model) for model, t in self.tallies.items())
+            self.tallies = {}
+            self.pending = 0
+        if not msgs:
+            return
+        self.outbox = []
+        self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
         self.last_sent = time.monotonic()
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self.outbox or self.pending)
 
     def monitor(self, model: str) -> Any:
         mon = self.monitors.get(model)
         if mon is None:
-            self.send(("busy", self.build_timeout_s))   # building may load a reference model
+            self.send(("busy", self.build_timeout_s), now=True)   # building may load a reference model
             mon = self.monitors[model] = self.factory(self.config, self.models[model])
             buckets = getattr(mon, "buckets", None)
             if callable(buckets):
@@ -203,9 +286,9 @@ class Worker:
         return self.hints[model]
 
     def handle(self, sample: Any) -> None:
-        """Decode and analyse one sample and report it, whatever it contains."""
+        """Decode and analyse one sample and tally it, whatever it contains (`flush` reports it)."""
         model = sample.model
-        updates: list[tuple] = []
+        updates: list = []
         err: str | None = None
         hints = self.hints_for(model)   # first sample of a model: may read its registry entry
         try:
@@ -226,8 +309,13 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
                 self.send(("error", type(exc).__name__, f"{model}: {str(exc)[:500]}"))
         batch = None   # free a large batch before the next recv
-        size = len(sample.request_body) + len(sample.response_body)
-        self.send(("sample", model, "rejected" if err else "decoded", err, updates, size))
+        if not self.outbox and not self.pending:
+            self.flush_at = time.monotonic() + RESULTS_LINGER_S
+        tally = self.tallies.get(model)
+        if tally is None:
+            tally = self.tallies[model] = _Tally()
+        tally.add(err, updates, len(sample.request_body) + len(sample.response_body))
+        self.pending += 1
         self.report_status(model)
 
     def report_status(self, model: str) -> None:
@@ -257,17 +345,25 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
     try:
-        worker.send(("heartbeat",))
+        worker.send(("heartbeat",), now=True)
         while True:
+            # Idle: wait for a sample up to the heartbeat; holding results: until they are due.
+            wait = max(0.0, worker.flush_at - time.monotonic()) if worker.unsent else heartbeat
             try:
-                if not samples.poll(heartbeat):
-                    worker.send(("heartbeat",))
+                if not samples.poll(wait):
+                    if worker.unsent:
+                        worker.flush()
+                    else:
+                        worker.send(("heartbeat",), now=True)
                     continue
                 sample = samples.recv()
             except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
                 break
             if sample is None:
                 break
-            worker.handle(sample)   # always answers with one "sample" message
+            worker.handle(sample)   # every sample is reported in the next write
+            if worker.pending >= MAX_BATCH or time.monotonic() >= worker.flush_at:
+                worker.flush()
+        worker.flush()   # what was handled before the end of input is reported
     except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
         return

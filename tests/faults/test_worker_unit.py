@@ -36,12 +36,25 @@ def sample(body: bytes, response: bytes = RESPONSE) -> Sample:
                   response)
 
 
+def messages(sent: list[tuple]) -> list[tuple]:
+    """The messages written, with batches unwrapped."""
+    out: list[tuple] = []
+    for m in sent:
+        out.extend(m[1] if m[0] == "batch" else [m])
+    return out
+
+
 def outcome(w: worker.Worker, body: bytes, response: bytes = RESPONSE) -> tuple:
     w.results.sent.clear()
     w.handle(sample(body, response))
-    msgs = [m for m in w.results.sent if m[0] == "sample"]
-    assert len(msgs) == 1   # exactly one answer per sample, whatever happened
-    return msgs[0][2], msgs[0][3], [m for m in w.results.sent if m[0] == "error"]
+    w.flush()
+    msgs = messages(w.results.sent)
+    counted = [m for m in msgs if m[0] == "samples"]
+    assert len(counted) == 1 and counted[0][2] == 1   # exactly one answer per sample, whatever happened
+    rejected = counted[0][3]
+    assert sum(rejected.values()) <= 1
+    why = next(iter(rejected), None)
+    return "rejected" if why else "decoded", why, [m for m in msgs if m[0] == "error"]
 
 
 def test_poison_payloads_are_rejected_with_a_reason():
