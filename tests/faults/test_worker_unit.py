@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from sentinel import metricnames as mn
 from sentinel.config import AnalysisConfig, Config, ModelConfig
 from sentinel.proxy import worker
 from sentinel.proxy.builtin_monitor import build_builtin
@@ -131,3 +132,55 @@ def test_config_validates_the_timeouts():
     problems = dict(AnalysisConfig(sample_timeout_s=40, hang_timeout_s=30).validate())
     assert "hang_timeout_s" in problems
     assert not dict(AnalysisConfig().validate())
+
+
+GOOD = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+
+
+def test_results_of_several_samples_go_out_in_one_write_with_counters_summed():
+    w = worker.Worker(config(), build_builtin, Pipe())
+    for body in [GOOD] * 5 + [b"{oops"]:
+        w.handle(sample(body))
+    assert [m[0] for m in w.results.sent] == ["busy"]   # building the monitor is said at once; the rest waits
+    w.results.sent.clear()
+    w.flush()
+    assert len(w.results.sent) == 1                     # one write for all six
+    msgs = messages(w.results.sent)
+    (counted,) = [m for m in msgs if m[0] == "samples"]
+    _, model, n, rejected, updates, size = counted
+    assert (model, n, rejected) == ("m", 6, {"malformed_json": 1})
+    assert size == 5 * (len(GOOD) + len(RESPONSE)) + len(b"{oops") + len(RESPONSE)
+    preds = [u for u in updates if u[0] == mn.PREDICTIONS.name]
+    assert preds == [(mn.PREDICTIONS.name, {"model": "m", "class": "1"}, "inc", 6.0)]   # summed
+    conf = [u for u in updates if u[2] == "observe"]
+    assert len(conf) == 6 and all(0.5 < u[3] < 1 for u in conf)   # one observation per sample, kept
+    assert [m[0] for m in msgs if m[0] == "status"] == ["status"]
+    w.flush()
+    assert len(w.results.sent) == 1   # nothing left to write
+
+
+def test_main_loop_drains_waiting_samples_into_few_writes():
+    import multiprocessing as mp
+    import signal
+
+    from sentinel.proxy.builtin_monitor import BuiltinMonitor  # noqa: F401 - imported before timing
+
+    cfg = Config(models=(ModelConfig(name="m", version="v1", protocol="v2"),),
+                 analysis=AnalysisConfig(sample_timeout_s=0, worker_memory_limit_bytes=0))
+    s_r, s_w = mp.Pipe(duplex=False)
+    r_r, r_w = mp.Pipe(duplex=False)
+    for _ in range(20):
+        s_w.send(sample(GOOD))
+    s_w.send(None)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        worker.main(cfg, "sentinel.proxy.builtin_monitor:build_builtin", s_r, r_w)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    writes = []
+    while r_r.poll(0):
+        writes.append(r_r.recv())
+    assert writes[0] == ("heartbeat",)
+    counted = [m for m in messages(writes) if m[0] == "samples"]
+    assert sum(m[2] for m in counted) == 20 and not any(m[3] for m in counted)
+    assert len(writes) <= 6   # 20 waiting samples: a handful of writes, not one per sample
