@@ -13,10 +13,11 @@ pickled `Sample`s from one pipe and writes plain tuples to another:
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
     ("busy", seconds)                         the next message may take this long (building a monitor)
 
-Results are written in batches: everything handled while more samples were waiting, or
-within `RESULTS_LINGER_S` of the first unwritten result, goes out as one write, so a busy
-worker and the proxy's event loop pay one pickle, one write and one wake-up per batch
-rather than per sample. "busy" and "heartbeat" go out at once.
+Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S`, then
+handles every sample waiting and writes all their results at once, so at modest rates the
+worker and the proxy's event loop pay one wake-up, one pickle and one write per burst
+rather than per sample (results reach the metrics at most that much later). "busy" and
+"heartbeat" go out at once.
 
 No payload can end the worker: every exception of decoding one sample rejects that sample
 with a reason (a decode error kind, or one of `REJECT_REASONS`), every exception of a
@@ -38,8 +39,8 @@ from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
-RESULTS_LINGER_S = 0.1     # a result waits at most this long for others to share its write
-MAX_BATCH = 256            # ... and at most this many samples share one write
+RESULTS_LINGER_S = 0.1     # after a sample arrives, wait this long for others to handle with it
+MAX_BATCH = 256            # at most this many samples share one write
 
 # Reasons a sample is rejected besides the decoders' own DecodeError kinds.
 TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Python's stack
@@ -237,12 +238,9 @@ class Worker:
         self.outbox: list[tuple] = []          # messages not yet written, in order
         self.tallies: dict[str, _Tally] = {}   # samples not yet reported, per model
         self.pending = 0                       # samples in the tallies
-        self.flush_at = 0.0                    # write by then (RESULTS_LINGER_S after the first)
 
     def send(self, msg: tuple, now: bool = False) -> None:
         """Queue a message for the next write; `now`: write it (and everything queued) at once."""
-        if not self.outbox and not self.pending:
-            self.flush_at = time.monotonic() + RESULTS_LINGER_S
         self.outbox.append(msg)
         if now:
             self.flush()
@@ -259,10 +257,6 @@ class Worker:
         self.outbox = []
         self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
         self.last_sent = time.monotonic()
-
-    @property
-    def unsent(self) -> bool:
-        return bool(self.outbox or self.pending)
 
     def monitor(self, model: str) -> Any:
         mon = self.monitors.get(model)
@@ -309,8 +303,6 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
                 self.send(("error", type(exc).__name__, f"{model}: {str(exc)[:500]}"))
         batch = None   # free a large batch before the next recv
-        if not self.outbox and not self.pending:
-            self.flush_at = time.monotonic() + RESULTS_LINGER_S
         tally = self.tallies.get(model)
         if tally is None:
             tally = self.tallies[model] = _Tally()
@@ -344,26 +336,47 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     limit_memory(acfg.worker_memory_limit_bytes)
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
+    linger = RESULTS_LINGER_S
     try:
         worker.send(("heartbeat",), now=True)
         while True:
-            # Idle: wait for a sample up to the heartbeat; holding results: until they are due.
-            wait = max(0.0, worker.flush_at - time.monotonic()) if worker.unsent else heartbeat
             try:
-                if not samples.poll(wait):
-                    if worker.unsent:
-                        worker.flush()
-                    else:
-                        worker.send(("heartbeat",), now=True)
+                if not samples.poll(heartbeat):   # idle: say so every heartbeat
+                    worker.send(("heartbeat",), now=True)
                     continue
-                sample = samples.recv()
             except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
                 break
-            if sample is None:
+            going, full = burst(worker, samples, linger)
+            if not going:
                 break
-            worker.handle(sample)   # every sample is reported in the next write
-            if worker.pending >= MAX_BATCH or time.monotonic() >= worker.flush_at:
-                worker.flush()
-        worker.flush()   # what was handled before the end of input is reported
+            linger = 0.0 if full else RESULTS_LINGER_S   # behind: no pause until it catches up
     except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
         return
+
+
+def burst(worker: Worker, samples: Any, linger: float) -> tuple[bool, bool]:
+    """A sample has arrived: wait `linger` for others, handle all that are waiting, write their results.
+
+    Rather than waking for each sample, the worker sleeps and then takes everything waiting
+    (up to MAX_BATCH) with warm caches, so at modest rates it wakes and writes once per
+    RESULTS_LINGER_S. Returns (input goes on, the batch was full); what was handled before
+    the end of input is still reported.
+    """
+    if linger > 0:
+        time.sleep(linger)
+    going = True
+    while worker.pending < MAX_BATCH:
+        try:
+            if not samples.poll(0):
+                break
+            sample = samples.recv()
+        except (EOFError, OSError):
+            going = False
+            break
+        if sample is None:
+            going = False
+            break
+        worker.handle(sample)   # every sample is reported in the next write
+    full = worker.pending >= MAX_BATCH
+    worker.flush()
+    return going, full
