@@ -29,6 +29,7 @@ log = logging.getLogger("sentinel.analysis")
 MAX_MESSAGES_PER_WAKEUP = 200
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SUPERVISE_EVERY_S = 0.25   # how often a dead or silent worker is noticed
+SAMPLE_PIPE_BYTES = 1 << 20   # kernel buffer of the samples pipe (the default max for unprivileged users)
 
 # Why a worker was restarted (the `reason` label of sentinel_analysis_worker_restarts_total).
 RESTART_EXIT = "exit"      # it exited by itself (an os._exit, a fatal error)
@@ -102,6 +103,7 @@ class AnalysisManager:
     def _start(self) -> None:
         self._restart_at = None
         sample_r, sample_w = self._mp.Pipe(duplex=False)
+        grow_pipe(sample_w.fileno())
         reader, writer = self._mp.Pipe(duplex=False)
         self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
                                      args=(self.config, self.factory, sample_r, writer))
@@ -290,6 +292,19 @@ class AnalysisManager:
                 "last_message_age_s": (round(time.monotonic() - self._last_heard, 3)
                                        if self._last_heard is not None else None),
                 "errors": dict(self.errors)}
+
+
+def grow_pipe(fd: int, size: int = SAMPLE_PIPE_BYTES) -> None:
+    """Enlarge a pipe's kernel buffer (Linux F_SETPIPE_SZ), so one large sample is one write; best effort."""
+    import fcntl
+
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsz is None:
+        return
+    try:
+        fcntl.fcntl(fd, setsz, size)
+    except OSError:   # over /proc/sys/fs/pipe-max-size or the user's pipe quota: keep the default
+        pass
 
 
 class PipeWriter:
