@@ -204,6 +204,21 @@ def _opens(raw: bytes, start: int = 0, end: int | None = None) -> int:
 
 _LEADING_WS = re.compile(rb"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+_PREFIX_BYTES = 1 << 16   # a large body's JSON object is first looked for in this many leading bytes
+
+
+def _raw_decode(raw: bytes, start: int) -> tuple[Any, int]:
+    """The JSON value at raw[start:] and where it ends, parsed from a latin-1 view (offsets = bytes).
+
+    A large body (binary tensors after a small header) is tried on its first _PREFIX_BYTES
+    only: an object that closes within them parses the same as in the whole body.
+    """
+    if len(raw) > 2 * _PREFIX_BYTES:
+        try:
+            return _DECODER.raw_decode(raw[:_PREFIX_BYTES].decode("latin-1"), start)
+        except (ValueError, RecursionError):
+            pass
+    return _DECODER.raw_decode(raw.decode("latin-1"), start)
 
 
 def _object_start(raw: bytes) -> int:
@@ -244,7 +259,7 @@ def json_object_prefix(body: bytes | memoryview) -> tuple[int, dict[str, Any] | 
     raw = body if isinstance(body, bytes) else bytes(body)
     start = _object_start(raw)
     try:
-        doc, end = _DECODER.raw_decode(raw.decode("latin-1"), start)
+        doc, end = _raw_decode(raw, start)
     except (ValueError, RecursionError):   # malformed (or absurdly deep): the scan says where it ends
         return json_prefix_length(raw), None
     # A valid object ends where its brackets outside strings return to depth 0: the scan's answer.

@@ -146,6 +146,17 @@ def test_adversarial_bodies(body):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("head_kb,tail_kb", [(1, 300), (70, 200), (200, 0), (63, 100)])
+def test_large_bodies_split_the_same(head_kb, tail_kb):
+    """Bodies past the prefix the fast path tries first: heads that close inside it and ones that do not."""
+    rng = np.random.default_rng(head_kb)
+    head = json.dumps({"inputs": [{"name": "x", "pad": "[{\\\"" * (head_kb * 200), "data": [0.5] * 10}]}).encode()
+    tail = rng.integers(0, 256, tail_kb * 1024, dtype=np.uint8).tobytes() + b'{"x":"\\'
+    for body in (head + tail, head, head[:-1] + tail):
+        assert same(outcome(fast_split_doc, body), outcome(slow_split_doc, body))
+
+
+@pytest.mark.unit
 def test_depth_errors_keep_their_kind_on_both_paths():
     over = b'{"a":' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}"
     assert outcome(fast_split_doc, over) == ("error", "too_deep")
@@ -193,7 +204,7 @@ data_lists = st.one_of(st.lists(leaf, min_size=1, max_size=8),
 
 
 @pytest.mark.unit
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data_lists, st.sampled_from(["FP32", "FP16", "FP64", "INT8", "INT64", "UINT8", "BOOL"]),
        st.sampled_from([None, (1, -1), (-1, 1)]))
 def test_from_json_fast_path_matches_flatten(data, datatype, layout):
