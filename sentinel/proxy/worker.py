@@ -13,7 +13,7 @@ pickled `Sample`s from one pipe and writes plain tuples to another:
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
     ("busy", seconds)                         the next message may take this long (building a monitor)
 
-Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S`, then
+Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S` (0.25 s, at most `heartbeat_s`), then
 handles every sample waiting and writes all their results at once, so at modest rates the
 worker and the proxy's event loop pay one wake-up, one pickle and one write per burst
 rather than per sample (results reach the metrics at most that much later). "busy" and
@@ -39,7 +39,7 @@ from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
-RESULTS_LINGER_S = 0.1     # after a sample arrives, wait this long for others to handle with it
+RESULTS_LINGER_S = 0.25    # after a sample arrives, wait this long for others (at most heartbeat_s)
 MAX_BATCH = 256            # at most this many samples share one write
 
 # Reasons a sample is rejected besides the decoders' own DecodeError kinds.
@@ -336,7 +336,8 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     limit_memory(acfg.worker_memory_limit_bytes)
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
-    linger = RESULTS_LINGER_S
+    pause = min(RESULTS_LINGER_S, heartbeat)
+    linger = pause
     try:
         worker.send(("heartbeat",), now=True)
         while True:
@@ -349,7 +350,7 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
             going, full = burst(worker, samples, linger)
             if not going:
                 break
-            linger = 0.0 if full else RESULTS_LINGER_S   # behind: no pause until it catches up
+            linger = 0.0 if full else pause   # behind: no pause until it catches up
     except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
         return
 
