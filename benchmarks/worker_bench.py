@@ -109,7 +109,7 @@ def loop(sample, rate: float, seconds: float) -> tuple[float, float]:
 
     import psutil
 
-    from sentinel.proxy import worker
+    from sentinel.proxy import analysis, worker
     from sentinel.proxy.analysis import AnalysisManager
     from sentinel.proxy.metrics import ProxyMetrics
 
@@ -117,6 +117,9 @@ def loop(sample, rate: float, seconds: float) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
     s_r, s_w = ctx.Pipe(duplex=False)
     r_r, r_w = ctx.Pipe(duplex=False)
+    grow = getattr(analysis, "grow_pipe", None)   # as this version's manager sets up the samples pipe
+    if grow is not None:
+        grow(s_w.fileno())
     proc = ctx.Process(target=worker.main, args=(cfg, "sentinel.proxy.builtin_monitor:build_builtin", s_r, r_w),
                        daemon=True)
     proc.start()
