@@ -13,10 +13,11 @@ pickled `Sample`s from one pipe and writes plain tuples to another:
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
     ("busy", seconds)                         the next message may take this long (building a monitor)
 
-Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S` (0.25 s, at most `heartbeat_s`), then
-handles every sample waiting and writes all their results at once, so at modest rates the
-worker and the proxy's event loop pay one wake-up, one pickle and one write per burst
-rather than per sample (results reach the metrics at most that much later). "busy" and
+Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S` (0.25 s,
+at most `heartbeat_s`), then handles every sample waiting and writes all their results at
+once (after MAX_BATCH samples or as long again of handling at the latest), so at modest
+rates the worker and the proxy's event loop pay one wake-up, one pickle and one write per
+burst rather than per sample (results reach the metrics that much later). "busy" and
 "heartbeat" go out at once.
 
 No payload can end the worker: every exception of decoding one sample rejects that sample
@@ -347,28 +348,34 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
                     continue
             except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
                 break
-            going, full = burst(worker, samples, linger)
+            going, behind = burst(worker, samples, linger, pause)
             if not going:
                 break
-            linger = 0.0 if full else pause   # behind: no pause until it catches up
+            linger = 0.0 if behind else pause   # behind: no pause until it catches up
     except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
         return
 
 
-def burst(worker: Worker, samples: Any, linger: float) -> tuple[bool, bool]:
+def burst(worker: Worker, samples: Any, linger: float, budget: float) -> tuple[bool, bool]:
     """A sample has arrived: wait `linger` for others, handle all that are waiting, write their results.
 
     Rather than waking for each sample, the worker sleeps and then takes everything waiting
-    (up to MAX_BATCH) with warm caches, so at modest rates it wakes and writes once per
-    RESULTS_LINGER_S. Returns (input goes on, the batch was full); what was handled before
-    the end of input is still reported.
+    with warm caches, so at modest rates it wakes and writes once per RESULTS_LINGER_S. It
+    writes after MAX_BATCH samples or `budget` seconds of handling at the latest, so the
+    manager hears from it as often as one sample at a time would let it. Returns (input goes
+    on, it stopped with samples possibly still waiting); what was handled before the end of
+    input is still reported.
     """
     if linger > 0:
         time.sleep(linger)
-    going = True
-    while worker.pending < MAX_BATCH:
+    going = behind = True
+    stop = time.monotonic() + budget
+    while True:
+        if worker.pending >= MAX_BATCH or time.monotonic() >= stop:
+            break
         try:
             if not samples.poll(0):
+                behind = False
                 break
             sample = samples.recv()
         except (EOFError, OSError):
@@ -378,6 +385,5 @@ def burst(worker: Worker, samples: Any, linger: float) -> tuple[bool, bool]:
             going = False
             break
         worker.handle(sample)   # every sample is reported in the next write
-    full = worker.pending >= MAX_BATCH
     worker.flush()
-    return going, full
+    return going, behind

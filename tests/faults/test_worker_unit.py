@@ -184,3 +184,31 @@ def test_main_loop_drains_waiting_samples_into_few_writes():
     counted = [m for m in messages(writes) if m[0] == "samples"]
     assert sum(m[2] for m in counted) == 20 and not any(m[3] for m in counted)
     assert len(writes) <= 6   # 20 waiting samples: a handful of writes, not one per sample
+
+
+class _Slow:
+    def observe(self, batch):
+        time.sleep(0.05)
+        return []
+
+    def status(self) -> dict:
+        return {}
+
+
+class _Samples:
+    """Always another sample waiting (a worker that cannot keep up)."""
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return True
+
+    def recv(self):
+        return sample(GOOD)
+
+
+def test_a_burst_of_slow_samples_still_writes_within_its_time_budget():
+    w = worker.Worker(config(), lambda c, m: _Slow(), Pipe())
+    t0 = time.monotonic()
+    going, behind = worker.burst(w, _Samples(), 0.0, 0.3)
+    assert going and behind and time.monotonic() - t0 < 2.0
+    counted = [m for m in messages(w.results.sent) if m[0] == "samples"]
+    assert len(counted) == 1 and 2 <= counted[0][2] < 40   # written after ~0.3 s, not after MAX_BATCH
