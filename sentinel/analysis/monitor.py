@@ -209,11 +209,14 @@ class ModelMonitor:
         probs = good if batch.output_kind == "probabilities" else softmax(good)
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
-        for k, cnt in zip(*np.unique(pred, return_counts=True), strict=False):
-            up.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.name, "class": self._class_label(int(k))},
+        # One row (the usual sample): its class is the count; np.unique costs more than the rest here.
+        counts = ([(int(pred[0]), 1)] if len(pred) == 1
+                  else [(int(k), int(c)) for k, c in zip(*np.unique(pred, return_counts=True), strict=True)])
+        for k, cnt in counts:
+            up.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.name, "class": self._class_label(k)},
                                    "inc", float(cnt)))
-        for c in conf:
-            up.append(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, {"model": self.name}, "observe", float(c)))
+        for c in conf.tolist():
+            up.append(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, {"model": self.name}, "observe", c))
         return logits, finite
 
     def _class_label(self, k: int) -> str:

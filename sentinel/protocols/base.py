@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -195,6 +196,40 @@ def json_depth(body: bytes | memoryview) -> int:
     return int(depth.max(initial=0))
 
 
+def _opens(raw: bytes, start: int = 0, end: int | None = None) -> int:
+    """Count of [ and { bytes in raw[start:end], strings included: an upper bound of the nesting depth."""
+    stop = len(raw) if end is None else end
+    return raw.count(b"[", start, stop) + raw.count(b"{", start, stop)
+
+
+_LEADING_WS = re.compile(rb"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_PREFIX_BYTES = 1 << 16   # a large body's JSON object is first looked for in this many leading bytes
+
+
+def _raw_decode(raw: bytes, start: int) -> tuple[Any, int]:
+    """The JSON value at raw[start:] and where it ends, parsed from a latin-1 view (offsets = bytes).
+
+    A large body (binary tensors after a small header) is tried on its first _PREFIX_BYTES
+    only: an object that closes within them parses the same as in the whole body.
+    """
+    if len(raw) > 2 * _PREFIX_BYTES:
+        try:
+            return _DECODER.raw_decode(raw[:_PREFIX_BYTES].decode("latin-1"), start)
+        except (ValueError, RecursionError):
+            pass
+    return _DECODER.raw_decode(raw.decode("latin-1"), start)
+
+
+def _object_start(raw: bytes) -> int:
+    """Offset of the `{` a body starts with (after JSON whitespace), or DecodeError."""
+    m = _LEADING_WS.match(raw)
+    start = m.end() if m else 0
+    if start >= len(raw) or raw[start] != 0x7B:
+        raise DecodeError("malformed_json", "body does not start with a JSON object")
+    return start
+
+
 def json_prefix_length(body: bytes | memoryview) -> int:
     """Length of the JSON object a body starts with (bytes after it may be binary), or DecodeError.
 
@@ -202,25 +237,47 @@ def json_prefix_length(body: bytes | memoryview) -> int:
     logger keeps only Content-Type) are split here: the object ends where the depth of
     brackets outside strings returns to zero; bytes after that point cannot change it.
     """
-    b = np.frombuffer(body, dtype=np.uint8)
-    start = 0
-    while start < len(b) and b[start] in (0x20, 0x09, 0x0A, 0x0D):
-        start += 1
-    if start >= len(b) or b[start] != 0x7B:
-        raise DecodeError("malformed_json", "body does not start with a JSON object")
-    pos, depth = _bracket_depths(b[start:])
+    raw = body if isinstance(body, bytes) else bytes(body)
+    start = _object_start(raw)
+    pos, depth = _bracket_depths(np.frombuffer(raw, dtype=np.uint8)[start:])
     closed = np.flatnonzero(depth == 0)
     if len(closed) == 0:
         raise DecodeError("malformed_json", "the JSON object at the start of the body never closes")
     return start + int(pos[closed[0]]) + 1
 
 
+def json_object_prefix(body: bytes | memoryview) -> tuple[int, dict[str, Any] | None]:
+    """`json_prefix_length` and, when it could be had exactly on the way, the parsed object.
+
+    The fast path parses the body's prefix once (`raw_decode` on a latin-1 view, whose
+    character offsets are byte offsets, so bytes after the object may be anything). The
+    object is returned only where parsing the prefix as `parse_json` would give the same
+    document: an ASCII prefix whose nesting is within MAX_JSON_DEPTH. Otherwise (the prefix
+    is malformed, deeper than the limit, or not ASCII) the object is None and the length is
+    `json_prefix_length`'s, so callers parse the prefix the usual way and get its errors.
+    """
+    raw = body if isinstance(body, bytes) else bytes(body)
+    start = _object_start(raw)
+    try:
+        doc, end = _raw_decode(raw, start)
+    except (ValueError, RecursionError):   # malformed (or absurdly deep): the scan says where it ends
+        return json_prefix_length(raw), None
+    # A valid object ends where its brackets outside strings return to depth 0: the scan's answer.
+    if not raw[start:end].isascii():
+        return end, None   # strings must be decoded as UTF-8 (and invalid UTF-8 refused): parse again
+    if _opens(raw, start, end) > MAX_JSON_DEPTH and json_depth(memoryview(raw)[start:end]) > MAX_JSON_DEPTH:
+        return end, None   # parse_json refuses it with its depth
+    return end, doc
+
+
 def parse_json(body: bytes | memoryview, what: str = "body") -> Any:
     """Parse JSON after checking its nesting depth, or raise DecodeError saying what was wrong."""
     raw = bytes(body)
-    depth = json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise DecodeError("too_deep", f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
+    if _opens(raw) > MAX_JSON_DEPTH:   # fewer brackets than the limit cannot nest deeper: no scan
+        depth = json_depth(raw)
+        if depth > MAX_JSON_DEPTH:
+            raise DecodeError("too_deep",
+                              f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -18,7 +18,7 @@ from sentinel.protocols.base import (
     Headers,
     combine_outputs,
     input_form,
-    json_prefix_length,
+    json_object_prefix,
     load_json_object,
 )
 from sentinel.protocols.images import decode_images, looks_like_image
@@ -33,6 +33,12 @@ def split_body(body: bytes, headers: Headers) -> tuple[bytes, memoryview]:
     With `Inference-Header-Content-Length` the split is where it says; without it (a body
     relayed by the KServe logger) the JSON object is found by parsing its prefix.
     """
+    head, rest, _ = _split(body, headers)
+    return head, rest
+
+
+def _split(body: bytes, headers: Headers) -> tuple[bytes, memoryview, dict[str, Any] | None]:
+    """split_body, plus the header's object when finding the split already parsed it (else None)."""
     hlen_s = headers.get(HEADER_LENGTH)
     if hlen_s is not None:
         try:
@@ -41,18 +47,19 @@ def split_body(body: bytes, headers: Headers) -> tuple[bytes, memoryview]:
             raise DecodeError("bad_header", f"{HEADER_LENGTH} is not an integer: {hlen_s[:40]!r}") from None
         if not 0 < hlen <= len(body):
             raise DecodeError("bad_header", f"{HEADER_LENGTH} is {hlen} but the body has {len(body)} bytes")
-        return body[:hlen], memoryview(body)[hlen:]
-    hlen = json_prefix_length(body)
+        return body[:hlen], memoryview(body)[hlen:], None
+    hlen, doc = json_object_prefix(body)
     rest = memoryview(body)[hlen:]
     if len(rest) < 64 and not bytes(rest).strip():
-        return body, memoryview(b"")   # plain JSON with trailing whitespace
-    return body[:hlen], rest
+        return body, memoryview(b""), doc   # plain JSON with trailing whitespace
+    return body[:hlen], rest, doc
 
 
 def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np.ndarray]]:
     """Every tensor under `key` of a request or response, as (name, array), in order."""
-    head, rest = split_body(body, headers)
-    doc = load_json_object(head)
+    head, rest, doc = _split(body, headers)
+    if doc is None:
+        doc = load_json_object(head)
     items = doc.get(key)
     if not isinstance(items, list) or not items:
         raise DecodeError("missing_field", f"no {key!r} list in body")

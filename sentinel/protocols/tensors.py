@@ -75,6 +75,19 @@ def numel(shape: Sequence[int]) -> int:
 
 def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
     """A tensor from OIP v2 JSON `data` (flat or nested, row-major); counts checked before allocation."""
+    if datatype != "BYTES" and type(data) is list and len(data) == numel(shape) and data \
+            and type(data[0]) is not list:
+        # The usual flat list of numbers: convert it as is; a 1-D result proves no element was a
+        # list, i.e. that flatten() would have returned `data` itself. Anything else: the full path.
+        dt = DTYPES.get(datatype)
+        if dt is not None:
+            try:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    arr = np.asarray(data, dtype=dt)
+            except (ValueError, TypeError, OverflowError):
+                arr = None
+            if arr is not None and arr.ndim == 1:
+                return arr.reshape(shape)
     flat = flatten(data)
     if len(flat) != numel(shape):
         raise DecodeError("bad_shape", f"tensor {name!r}: shape {list(shape)} needs {numel(shape)} "

@@ -29,6 +29,7 @@ log = logging.getLogger("sentinel.analysis")
 MAX_MESSAGES_PER_WAKEUP = 200
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SUPERVISE_EVERY_S = 0.25   # how often a dead or silent worker is noticed
+SAMPLE_PIPE_BYTES = 1 << 20   # kernel buffer of the samples pipe (the default max for unprivileged users)
 
 # Why a worker was restarted (the `reason` label of sentinel_analysis_worker_restarts_total).
 RESTART_EXIT = "exit"      # it exited by itself (an os._exit, a fatal error)
@@ -102,6 +103,7 @@ class AnalysisManager:
     def _start(self) -> None:
         self._restart_at = None
         sample_r, sample_w = self._mp.Pipe(duplex=False)
+        grow_pipe(sample_w.fileno())
         reader, writer = self._mp.Pipe(duplex=False)
         self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
                                      args=(self.config, self.factory, sample_r, writer))
@@ -132,7 +134,26 @@ class AnalysisManager:
     def _handle(self, msg: tuple) -> None:
         """Apply one message from the worker; one branch per tag (see sentinel.proxy.worker)."""
         tag = msg[0]
-        if tag == "sample":
+        if tag == "batch":         # several messages in one write, in order
+            for m in msg[1]:
+                self._handle(m)
+        elif tag == "samples":     # n samples of one model: outcomes, rejections and summed updates
+            _, model, n, rejected, updates, size = msg
+            self.queued_bytes = max(0, self.queued_bytes - size)
+            self.outstanding = max(0, self.outstanding - n)
+            inflight = self._inflight
+            for _ in range(min(n, len(inflight))):
+                inflight.popleft()
+            n_rejected = sum(rejected.values())
+            if n > n_rejected:
+                self.metrics.samples.labels(model, "decoded").inc(n - n_rejected)
+            if n_rejected:
+                self.metrics.samples.labels(model, "rejected").inc(n_rejected)
+                for err, k in rejected.items():
+                    self.rejections.labels(model, err).inc(k)
+                    self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
+            self._apply(updates)
+        elif tag == "sample":      # one sample (the unbatched form)
             _, model, outcome, err, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
             self.outstanding = max(0, self.outstanding - 1)
@@ -142,12 +163,7 @@ class AnalysisManager:
             if err:
                 self.rejections.labels(model, err).inc()
                 self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
-            for metric, labels, op, value in updates:
-                try:
-                    self.metrics.apply(metric, labels, op, value)
-                except ValueError as exc:
-                    self.metrics.analysis_errors.labels("bad_update").inc()
-                    self._log_once(f"bad_update:{metric}", str(exc))
+            self._apply(updates)
         elif tag == "error":
             _, kind, message = msg
             self.metrics.analysis_errors.labels(kind).inc()
@@ -161,6 +177,14 @@ class AnalysisManager:
             self._deadline = time.monotonic() + max(float(msg[1]), self.hang_timeout_s)
         elif tag == "heartbeat":   # nothing to do: receiving it moved the deadline
             pass
+
+    def _apply(self, updates: list[tuple]) -> None:
+        for metric, labels, op, value in updates:
+            try:
+                self.metrics.apply(metric, labels, op, value)
+            except ValueError as exc:
+                self.metrics.analysis_errors.labels("bad_update").inc()
+                self._log_once(f"bad_update:{metric}", str(exc))
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -268,6 +292,19 @@ class AnalysisManager:
                 "last_message_age_s": (round(time.monotonic() - self._last_heard, 3)
                                        if self._last_heard is not None else None),
                 "errors": dict(self.errors)}
+
+
+def grow_pipe(fd: int, size: int = SAMPLE_PIPE_BYTES) -> None:
+    """Enlarge a pipe's kernel buffer (Linux F_SETPIPE_SZ), so one large sample is one write; best effort."""
+    import fcntl
+
+    setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsz is None:
+        return
+    try:
+        fcntl.fcntl(fd, setsz, size)
+    except OSError:   # over /proc/sys/fs/pipe-max-size or the user's pipe quota: keep the default
+        pass
 
 
 class PipeWriter:

@@ -17,6 +17,17 @@ class BuiltinMonitor:
         self.batches = 0
         self.predictions = 0
         self.last_mean_confidence: float | None = None
+        self._model_labels = {"model": model}
+        self._class_labels: dict[int, dict[str, str]] = {}   # class index → labels (at most MAX_CLASS_LABELS + 1)
+
+    def _labels_of(self, c: int) -> dict[str, str]:
+        if c >= MAX_CLASS_LABELS:
+            c = MAX_CLASS_LABELS
+        labels = self._class_labels.get(c)
+        if labels is None:
+            label = str(c) if c < MAX_CLASS_LABELS else "other"
+            labels = self._class_labels[c] = {"model": self.model, "class": label}
+        return labels
 
     def observe(self, batch) -> list:
         from sentinel.analysis.contract import MetricUpdate
@@ -28,14 +39,18 @@ class BuiltinMonitor:
         probs = softmax(scores) if batch.output_kind == "logits" else scores
         conf = probs.max(axis=1)
         cls = probs.argmax(axis=1)
-        self.predictions += len(cls)
-        self.last_mean_confidence = float(conf.mean())
-        out = []
-        for c, n in zip(*np.unique(cls, return_counts=True), strict=False):
-            label = str(int(c)) if c < MAX_CLASS_LABELS else "other"
-            out.append(MetricUpdate(mn.PREDICTIONS.name, {"model": self.model, "class": label}, "inc", float(n)))
-        for v in conf:
-            out.append(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, {"model": self.model}, "observe", float(v)))
+        n = len(cls)
+        self.predictions += n
+        confs = conf.tolist()
+        if n == 1:   # the usual sample: no np.unique, no reduction for one value
+            self.last_mean_confidence = confs[0]
+            counts: list[tuple[int, int]] = [(int(cls[0]), 1)]
+        else:
+            self.last_mean_confidence = float(conf.mean())
+            counts = [(int(c), int(k)) for c, k in zip(*np.unique(cls, return_counts=True), strict=True)]
+        out = [MetricUpdate(mn.PREDICTIONS.name, self._labels_of(c), "inc", float(k)) for c, k in counts]
+        labels = self._model_labels
+        out.extend(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, labels, "observe", v) for v in confs)
         return out
 
     def status(self) -> dict:

@@ -1,14 +1,24 @@
 """The analysis worker process: decode sampled pairs, feed the model's monitor, report back.
 
 Runs in a spawned process so decoding and analysis never hold the proxy's GIL. It reads
-pickled `Sample`s from one pipe and writes one plain tuple per message to another:
+pickled `Sample`s from one pipe and writes plain tuples to another:
 
-    ("sample", model, outcome, reject_reason | None, [(metric, labels, op, value)...], payload_bytes)
+    ("samples", model, n, {reject_reason: count}, [(metric, labels, op, value)...], payload_bytes)
+                                              n samples of one model handled since the last write
+                                              (counter increments summed, observations kept)
+    ("batch", [message, ...])                 several of these messages in one pipe write
     ("error", kind, message)                  an exception in a monitor
     ("status", model, dict)                   a monitor's status, at most once a second
     ("buckets", {metric: bounds})             histogram bounds a monitor asks for
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
     ("busy", seconds)                         the next message may take this long (building a monitor)
+
+Samples are taken in bursts: when one arrives the worker sleeps `RESULTS_LINGER_S` (0.25 s,
+at most `heartbeat_s`), then handles every sample waiting and writes all their results at
+once (after MAX_BATCH samples or as long again of handling at the latest), so at modest
+rates the worker and the proxy's event loop pay one wake-up, one pickle and one write per
+burst rather than per sample (results reach the metrics that much later). "busy" and
+"heartbeat" go out at once.
 
 No payload can end the worker: every exception of decoding one sample rejects that sample
 with a reason (a decode error kind, or one of `REJECT_REASONS`), every exception of a
@@ -30,6 +40,8 @@ from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
+RESULTS_LINGER_S = 0.25    # after a sample arrives, wait this long for others (at most heartbeat_s)
+MAX_BATCH = 256            # at most this many samples share one write
 
 # Reasons a sample is rejected besides the decoders' own DecodeError kinds.
 TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Python's stack
@@ -131,6 +143,20 @@ def reject_reason(exc: Exception) -> str:
     return UNEXPECTED
 
 
+_decoders: tuple[Any, ...] = ()
+
+
+def _imports() -> tuple[Any, ...]:
+    """DecodedBatch, DecodeHints, decode_request, decode_response: imported once, on first use."""
+    global _decoders
+    if not _decoders:
+        from sentinel.analysis.contract import DecodedBatch
+        from sentinel.protocols import DecodeHints, decode_request, decode_response
+
+        _decoders = (DecodedBatch, DecodeHints, decode_request, decode_response)
+    return _decoders
+
+
 def decode(sample: Any, model: str, hints: Any = None):
     """A DecodedBatch from a Sample, and the reason the first half failed to decode (or None).
 
@@ -138,9 +164,7 @@ def decode(sample: Any, model: str, hints: Any = None):
     tensor shape and dtype, the pixel bound of encoded images. Never raises an Exception:
     whatever a decoder raises becomes a reason.
     """
-    from sentinel.analysis.contract import DecodedBatch
-    from sentinel.protocols import DecodeHints, decode_request, decode_response
-
+    DecodedBatch, DecodeHints, decode_request, decode_response = _decoders or _imports()
     hints = hints or DecodeHints()
 
     inputs = form = outputs = kind = None
@@ -160,6 +184,42 @@ def decode(sample: Any, model: str, hints: Any = None):
     return batch, err
 
 
+class _Tally:
+    """What the samples of one model handled since the last write add up to."""
+
+    __slots__ = ("n", "rejected", "incs", "others", "size")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.rejected: dict[str, int] = {}
+        self.incs: dict[tuple, list] = {}     # (metric, label items) → [metric, labels, "inc", total]
+        self.others: list[tuple] = []         # observations and sets, in order
+        self.size = 0
+
+    def add(self, err: str | None, updates: list[tuple], size: int) -> None:
+        """One sample: its rejection reason (or None), its (metric, labels, op, value) updates, its bytes."""
+        self.n += 1
+        self.size += size
+        if err:
+            self.rejected[err] = self.rejected.get(err, 0) + 1
+        incs = self.incs
+        for u in updates:
+            if u[2] == "inc":
+                key = (u[0], tuple(u[1].items()))
+                acc = incs.get(key)
+                if acc is None:
+                    incs[key] = list(u)
+                else:
+                    acc[3] += u[3]
+            else:
+                self.others.append(u)
+
+    def message(self, model: str) -> tuple:
+        updates = [tuple(a) for a in self.incs.values()]
+        updates.extend(self.others)
+        return ("samples", model, self.n, self.rejected, updates, self.size)
+
+
 class Worker:
     """The worker's state: one monitor per model, the budget, and the results pipe."""
 
@@ -176,15 +236,33 @@ class Worker:
         self.budget = Budget(acfg.sample_timeout_s)
         self.build_timeout_s = acfg.worker_start_timeout_s
         self.last_sent = time.monotonic()
+        self.outbox: list[tuple] = []          # messages not yet written, in order
+        self.tallies: dict[str, _Tally] = {}   # samples not yet reported, per model
+        self.pending = 0                       # samples in the tallies
 
-    def send(self, msg: tuple) -> None:
-        self.results.send(msg)
+    def send(self, msg: tuple, now: bool = False) -> None:
+        """Queue a message for the next write; `now`: write it (and everything queued) at once."""
+        self.outbox.append(msg)
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued: the messages in order, then one "samples" message per model."""
+        msgs = self.outbox
+        if self.pending:
+            msgs.extend(t.message(model) for model, t in self.tallies.items())
+            self.tallies = {}
+            self.pending = 0
+        if not msgs:
+            return
+        self.outbox = []
+        self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
         self.last_sent = time.monotonic()
 
     def monitor(self, model: str) -> Any:
         mon = self.monitors.get(model)
         if mon is None:
-            self.send(("busy", self.build_timeout_s))   # building may load a reference model
+            self.send(("busy", self.build_timeout_s), now=True)   # building may load a reference model
             mon = self.monitors[model] = self.factory(self.config, self.models[model])
             buckets = getattr(mon, "buckets", None)
             if callable(buckets):
@@ -203,9 +281,9 @@ class Worker:
         return self.hints[model]
 
     def handle(self, sample: Any) -> None:
-        """Decode and analyse one sample and report it, whatever it contains."""
+        """Decode and analyse one sample and tally it, whatever it contains (`flush` reports it)."""
         model = sample.model
-        updates: list[tuple] = []
+        updates: list = []
         err: str | None = None
         hints = self.hints_for(model)   # first sample of a model: may read its registry entry
         try:
@@ -226,8 +304,11 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
                 self.send(("error", type(exc).__name__, f"{model}: {str(exc)[:500]}"))
         batch = None   # free a large batch before the next recv
-        size = len(sample.request_body) + len(sample.response_body)
-        self.send(("sample", model, "rejected" if err else "decoded", err, updates, size))
+        tally = self.tallies.get(model)
+        if tally is None:
+            tally = self.tallies[model] = _Tally()
+        tally.add(err, updates, len(sample.request_body) + len(sample.response_body))
+        self.pending += 1
         self.report_status(model)
 
     def report_status(self, model: str) -> None:
@@ -256,18 +337,53 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     limit_memory(acfg.worker_memory_limit_bytes)
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
+    pause = min(RESULTS_LINGER_S, heartbeat)
+    linger = pause
     try:
-        worker.send(("heartbeat",))
+        worker.send(("heartbeat",), now=True)
         while True:
             try:
-                if not samples.poll(heartbeat):
-                    worker.send(("heartbeat",))
+                if not samples.poll(heartbeat):   # idle: say so every heartbeat
+                    worker.send(("heartbeat",), now=True)
                     continue
-                sample = samples.recv()
             except (EOFError, OSError):   # the daemon closed the pipe (stopping) or is gone
                 break
-            if sample is None:
+            going, behind = burst(worker, samples, linger, pause)
+            if not going:
                 break
-            worker.handle(sample)   # always answers with one "sample" message
+            linger = 0.0 if behind else pause   # behind: no pause until it catches up
     except (BrokenPipeError, OSError):   # the daemon is gone: nothing to report to
         return
+
+
+def burst(worker: Worker, samples: Any, linger: float, budget: float) -> tuple[bool, bool]:
+    """A sample has arrived: wait `linger` for others, handle all that are waiting, write their results.
+
+    Rather than waking for each sample, the worker sleeps and then takes everything waiting
+    with warm caches, so at modest rates it wakes and writes once per RESULTS_LINGER_S. It
+    writes after MAX_BATCH samples or `budget` seconds of handling at the latest, so the
+    manager hears from it as often as one sample at a time would let it. Returns (input goes
+    on, it stopped with samples possibly still waiting); what was handled before the end of
+    input is still reported.
+    """
+    if linger > 0:
+        time.sleep(linger)
+    going = behind = True
+    stop = time.monotonic() + budget
+    while True:
+        if worker.pending >= MAX_BATCH or time.monotonic() >= stop:
+            break
+        try:
+            if not samples.poll(0):
+                behind = False
+                break
+            sample = samples.recv()
+        except (EOFError, OSError):
+            going = False
+            break
+        if sample is None:
+            going = False
+            break
+        worker.handle(sample)   # every sample is reported in the next write
+    worker.flush()
+    return going, behind

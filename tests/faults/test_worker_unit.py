@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from sentinel import metricnames as mn
 from sentinel.config import AnalysisConfig, Config, ModelConfig
 from sentinel.proxy import worker
 from sentinel.proxy.builtin_monitor import build_builtin
@@ -36,12 +37,25 @@ def sample(body: bytes, response: bytes = RESPONSE) -> Sample:
                   response)
 
 
+def messages(sent: list[tuple]) -> list[tuple]:
+    """The messages written, with batches unwrapped."""
+    out: list[tuple] = []
+    for m in sent:
+        out.extend(m[1] if m[0] == "batch" else [m])
+    return out
+
+
 def outcome(w: worker.Worker, body: bytes, response: bytes = RESPONSE) -> tuple:
     w.results.sent.clear()
     w.handle(sample(body, response))
-    msgs = [m for m in w.results.sent if m[0] == "sample"]
-    assert len(msgs) == 1   # exactly one answer per sample, whatever happened
-    return msgs[0][2], msgs[0][3], [m for m in w.results.sent if m[0] == "error"]
+    w.flush()
+    msgs = messages(w.results.sent)
+    counted = [m for m in msgs if m[0] == "samples"]
+    assert len(counted) == 1 and counted[0][2] == 1   # exactly one answer per sample, whatever happened
+    rejected = counted[0][3]
+    assert sum(rejected.values()) <= 1
+    why = next(iter(rejected), None)
+    return "rejected" if why else "decoded", why, [m for m in msgs if m[0] == "error"]
 
 
 def test_poison_payloads_are_rejected_with_a_reason():
@@ -118,3 +132,86 @@ def test_config_validates_the_timeouts():
     problems = dict(AnalysisConfig(sample_timeout_s=40, hang_timeout_s=30).validate())
     assert "hang_timeout_s" in problems
     assert not dict(AnalysisConfig().validate())
+
+
+GOOD = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+
+
+def test_results_of_several_samples_go_out_in_one_write_with_counters_summed():
+    w = worker.Worker(config(), build_builtin, Pipe())
+    for body in [GOOD] * 5 + [b"{oops"]:
+        w.handle(sample(body))
+    assert [m[0] for m in w.results.sent] == ["busy"]   # building the monitor is said at once; the rest waits
+    w.results.sent.clear()
+    w.flush()
+    assert len(w.results.sent) == 1                     # one write for all six
+    msgs = messages(w.results.sent)
+    (counted,) = [m for m in msgs if m[0] == "samples"]
+    _, model, n, rejected, updates, size = counted
+    assert (model, n, rejected) == ("m", 6, {"malformed_json": 1})
+    assert size == 5 * (len(GOOD) + len(RESPONSE)) + len(b"{oops") + len(RESPONSE)
+    preds = [u for u in updates if u[0] == mn.PREDICTIONS.name]
+    assert preds == [(mn.PREDICTIONS.name, {"model": "m", "class": "1"}, "inc", 6.0)]   # summed
+    conf = [u for u in updates if u[2] == "observe"]
+    assert len(conf) == 6 and all(0.5 < u[3] < 1 for u in conf)   # one observation per sample, kept
+    assert [m[0] for m in msgs if m[0] == "status"] == ["status"]
+    w.flush()
+    assert len(w.results.sent) == 1   # nothing left to write
+
+
+def test_main_loop_drains_waiting_samples_into_few_writes():
+    import multiprocessing as mp
+    import signal
+
+    from sentinel.proxy.builtin_monitor import BuiltinMonitor  # noqa: F401 - imported before timing
+
+    cfg = Config(models=(ModelConfig(name="m", version="v1", protocol="v2"),),
+                 analysis=AnalysisConfig(sample_timeout_s=0, worker_memory_limit_bytes=0))
+    s_r, s_w = mp.Pipe(duplex=False)
+    r_r, r_w = mp.Pipe(duplex=False)
+    for _ in range(20):
+        s_w.send(sample(GOOD))
+    s_w.send(None)
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        worker.main(cfg, "sentinel.proxy.builtin_monitor:build_builtin", s_r, r_w)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    writes = []
+    while r_r.poll(0):
+        writes.append(r_r.recv())
+    assert writes[0] == ("heartbeat",)
+    counted = [m for m in messages(writes) if m[0] == "samples"]
+    assert sum(m[2] for m in counted) == 20 and not any(m[3] for m in counted)
+    assert len(writes) <= 6   # 20 waiting samples: a handful of writes, not one per sample
+
+
+class _Slow:
+    def observe(self, batch):
+        time.sleep(0.05)
+        return []
+
+    def status(self) -> dict:
+        return {}
+
+
+class _Samples:
+    """Always another sample waiting (a worker that cannot keep up)."""
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return True
+
+    def recv(self):
+        return sample(GOOD)
+
+
+def test_a_burst_of_slow_samples_still_writes_within_its_time_budget():
+    w = worker.Worker(config(), lambda c, m: _Slow(), Pipe())
+    w.handle(sample(GOOD))   # warm: imports, hints and the monitor
+    w.flush()
+    w.results.sent.clear()
+    t0 = time.monotonic()
+    going, behind = worker.burst(w, _Samples(), 0.0, 1.0)
+    assert going and behind and time.monotonic() - t0 < 6.0   # MAX_BATCH of them would take 12.8 s
+    counted = [m for m in messages(w.results.sent) if m[0] == "samples"]
+    assert len(counted) == 1 and 2 <= counted[0][2] <= 21   # written after ~1 s of 50 ms samples
