@@ -169,8 +169,11 @@ class AnalysisConfig:
     hang_timeout_s: float = 60.0     # a worker silent this long is killed and restarted (reason "hung")
     worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
     worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
+    worker_nice: int = 10            # the worker's CPU niceness: the proxy wins a contended core (0: same)
 
     def validate(self):
+        if not 0 <= self.worker_nice <= 19:
+            yield "worker_nice", f"must be 0 (same priority as the proxy) to 19, got {self.worker_nice}"
         if self.queue_size < 1:
             yield "queue_size", "must be at least 1"
         if self.queue_max_bytes < 1:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -108,6 +109,19 @@ def limit_memory(limit_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
     except (ValueError, OSError) as exc:   # e.g. already using more than the limit
         log.warning("cannot limit the analysis worker's memory to %d bytes: %s", limit_bytes, exc)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this process's niceness by `nice`: analysis is best-effort, the proxy is on the request path.
+
+    On a busy pod the kernel then gives a contended core to the proxy first, so a burst of
+    analysis delays metrics rather than requests. Lowering priority needs no privilege.
+    """
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as exc:
+            log.warning("cannot lower the analysis worker's CPU priority by %d: %s", nice, exc)
 
 
 def load_factory(spec: str) -> Callable[[Any, Any], Any]:
@@ -335,6 +349,7 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
     acfg = config.analysis
     limit_memory(acfg.worker_memory_limit_bytes)
+    lower_priority(acfg.worker_nice)
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
     pause = min(RESULTS_LINGER_S, heartbeat)

@@ -99,6 +99,14 @@ def poison(sc: RunningSidecar, body: bytes, headers: dict | None = None, *, must
     assert restarts(sc) == r0 and sc.sc.analysis.proc.pid == pid   # rejected inside the same worker
 
 
+def test_worker_runs_at_lower_cpu_priority_than_the_proxy(sidecar):
+    """analysis.worker_nice (default 10): on a contended core the kernel runs the proxy first."""
+    decoded_again(sidecar, 60)
+    proxy_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    worker_nice = os.getpriority(os.PRIO_PROCESS, sidecar.sc.analysis.proc.pid)
+    assert worker_nice == min(19, proxy_nice + sidecar.sc.config.analysis.worker_nice) > proxy_nice
+
+
 def test_json_nested_deeper_than_the_stack(sidecar):
     deep = b"[" * 5000 + b"]" * 5000
     poison(sidecar, b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":' + deep + b"}]}")
