@@ -14,6 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class _Scratch(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, int], np.ndarray] = {}
 
-    def get(self, name: str, shape: tuple[int, int], dtype: type) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, int], dtype: type | np.dtype[Any]) -> np.ndarray:
         size = shape[0] * shape[1]
         itemsize = np.dtype(dtype).itemsize
         buf = self.buffers.get((name, itemsize))
