@@ -104,3 +104,15 @@ def test_lattice_p_value_is_scipys_for_every_attainable_gap(n, m):
 def test_unattainable_gap_is_refused():
     with pytest.raises(ValueError, match="no ECDF gap"):
         _counts_for(10, 10, 10 * 10 + 10)
+
+
+@pytest.mark.parametrize("chunk", [1, 150, 1000])
+def test_features_in_blocks_give_the_same_statistics(monkeypatch, chunk):
+    from sentinel.drift import univariate
+
+    monkeypatch.setattr(univariate, "CHUNK", chunk)      # blocks of 1 feature, 2 features, several
+    rng = np.random.default_rng(chunk)
+    ref = _f32(rng.dirichlet(np.ones(13), size=70).round(3))
+    win = _f32(rng.dirichlet(np.linspace(0.5, 2, 13), size=50).round(3))
+    _check(ref, win)
+    _check(_f32(ref - 0.05), _f32(win - 0.05))           # signed: the 64-bit path, also in blocks
