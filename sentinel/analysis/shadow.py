@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -58,9 +59,18 @@ def _installed(module: str) -> bool:
 
 
 def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device. On Linux with no GPU device node, no, without importing
+    torch, which takes seconds and would be the larger part of a CPU host's start-up."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not _gpu_device_nodes():
+        return False
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def _gpu_device_nodes(dev: Path = Path("/dev")) -> bool:
+    """Any device node a CUDA runtime needs: NVIDIA's, ROCm's (/dev/kfd) or WSL2's (/dev/dxg)."""
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "kfd").exists() or (dev / "dxg").exists()
 
 
 def export_features_onnx(model, input_shape: tuple[int, ...], path: str | Path) -> None:

@@ -70,6 +70,9 @@ def check(
     golden_root: Path | None = typer.Option(None, "--golden-root", help="Default: the config's golden_sets."),
     registry: Path | None = typer.Option(None, "--registry"),
     config: Path | None = typer.Option(None, "--config", "-c"),
+    timings: bool = typer.Option(False, "--timings",
+                                 help="Print on stderr where the time went: start-up phases, then per window "
+                                      "inference, features, per-sample checks and detectors."),
 ) -> None:
     """Run the drift detectors and accuracy estimators on a file against the model's golden set."""
     import numpy as np
@@ -82,6 +85,15 @@ def check(
 
     started = time.perf_counter()
     first = 0.0
+    phases: dict[str, float] = {}
+    mark = started
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     drift, cfg_golden = _settings(config)
     entry = open_registry(config, registry).resolve(model)
     golden = golden_for(entry, golden_root or cfg_golden or "golden_sets")
@@ -102,30 +114,59 @@ def check(
     labels = arrays.get("labels")
     if labels is not None and len(labels) != len(x):
         raise UsageError(f"--input {input_file}: {len(labels)} labels for {len(x)} inputs")
+    lap("golden set and input")
     suite = Suite(Reference.from_golden(golden), _suite_settings(drift))
+    lap("detectors fitted")
     from sentinel.analysis.shadow import ReferenceRunner
 
     cache = drift.shadow_cache_dir          # relative to the working directory here
     # loaded once per run; a CLI run may use a few cores (the sidecar keeps one)
     runner = ReferenceRunner(entry, cache_dir=cache, check_inputs=golden.inputs[:32],
                              threads=max(1, min(4, os.cpu_count() or 1)))
-    runner.run(golden.inputs[:8])            # warm-up: first-call allocations of the runtime
-    suite.evaluate(Window(golden.logits[:20]))   # warm-up: scipy's lazily imported tests
-    loaded = time.perf_counter()
-    size = window_size or max(len(x), 1)
+    lap("reference model loaded")
     wire_kind = np.asarray(arrays["inputs"] if "inputs" in arrays else arrays["raw"]).dtype.kind
+    batch = 64                               # ReferenceRunner.run's batch: the warm-up allocates for this shape
+    size = window_size or max(len(x), 1)
+
+    def window_verdict(xs: np.ndarray, ys: np.ndarray | None, kind: str | None, clock: bool):
+        outs = runner.run(xs, batch_size=batch)
+        if clock:
+            lap("inference")
+        proj = suite.project(outs.embeddings)
+        stats = input_statistics(xs)
+        if clock:
+            lap("features")
+        smp = suite.samples(xs, outs.logits, proj, dtype_kind=kind)
+        if clock:
+            lap("per-sample checks")
+        v = suite.evaluate(Window(outs.logits, stats, proj, ys, smp.signatures,
+                                  None if smp.violations is None else smp.violations.any(axis=1), smp.verdicts))
+        if clock:
+            lap("detectors")
+        return v
+
+    # Warm-up on golden inputs through the whole path, at the window's batch shape: the runtime's
+    # first-call allocations, scipy's lazily imported tests and the p-value cache are paid here,
+    # so the first window costs what every later one does.
+    window_verdict(golden.inputs[:min(batch, size)], None, None, clock=False)
+    lap("warm-up")
+    start_up = dict(phases)
+    loaded = time.perf_counter()
     verdicts = []
+    per_window: list[dict[str, float]] = []
     for i in range(0, max(len(x), 1), size):
         # window by window: the first verdict is ready after one window's inference, not the file's
         sl = slice(i, i + size)
-        outs = runner.run(x[sl])
-        proj = suite.project(outs.embeddings)
-        smp = suite.samples(x[sl], outs.logits, proj, dtype_kind=wire_kind)
-        verdicts.append(suite.evaluate(Window(
-            outs.logits, input_statistics(x[sl]), proj, None if labels is None else labels[sl],
-            smp.signatures, None if smp.violations is None else smp.violations.any(axis=1), smp.verdicts)))
+        phases = {}                          # lap() now fills this window's
+        verdicts.append(window_verdict(x[sl], None if labels is None else labels[sl], wire_kind, clock=True))
+        per_window.append(phases)
         if len(verdicts) == 1:
             first = time.perf_counter() - loaded
+    if timings:
+        typer.echo("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in start_up.items()), err=True)
+        for i, w in enumerate(per_window):
+            typer.echo(f"  window {i + 1} (n={verdicts[i].n}): " + ", ".join(f"{k} {v:.3f}" for k, v in w.items())
+                       + f", total {sum(w.values()):.3f}", err=True)
     if not as_json:
         typer.echo(f"start-up {loaded - started:.2f} s (golden set, detectors, reference model); first window "
                    f"{first:.3f} s after the model was loaded", err=True)

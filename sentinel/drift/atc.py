@@ -87,14 +87,14 @@ class AccuracyEstimator:
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Per-sample ATC scores of the temperature-scaled softmax (compare with `threshold`)."""
-        p, ent = softmax_entropy(np.asarray(logits, dtype=np.float64) / self.temperature)
+        p, ent = softmax_entropy(_scaled32(logits, self.temperature))
         return -ent if self.score_kind is Score.NEG_ENTROPY else p.max(axis=1).astype(np.float64)
 
     def estimate(self, logits: np.ndarray) -> dict[str, float]:
         """Both estimates from one temperature-scaled softmax: {"atc": ..., "avg_conf": ...}."""
         if len(logits) == 0:
             return {"atc": float("nan"), "avg_conf": float("nan")}
-        p, ent = softmax_entropy(np.asarray(logits, dtype=np.float64) / self.temperature)
+        p, ent = softmax_entropy(_scaled32(logits, self.temperature))
         conf = p.max(axis=1)
         s = -ent if self.score_kind is Score.NEG_ENTROPY else conf.astype(np.float64)
         return {"atc": float(np.mean(s >= self.threshold)), "avg_conf": float(conf.mean(dtype=np.float64))}
@@ -104,3 +104,10 @@ class AccuracyEstimator:
         if len(logits) == 0:
             return float("nan")
         return float(softmax(logits, self.temperature).max(axis=1).mean())
+
+
+def _scaled32(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """float32(logits / temperature) divided in float64, as softmax_entropy(logits / t) would, without
+    the full float64 intermediate (numpy divides in float64 and rounds each result to the float32 output)."""
+    z = np.asarray(logits, dtype=np.float64)
+    return np.divide(z, temperature, out=np.empty(z.shape, np.float32), casting="same_kind")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,21 +27,40 @@ def pool_sparse(table: np.ndarray, min_expected: float = MIN_EXPECTED) -> np.nda
     t = t[:, t.sum(axis=0) > 0]
     if t.shape[1] == 0:
         return t
-    total = t.sum()
-    r_min = t.sum(axis=1).min()
-    bins: list[np.ndarray] = []
-    acc = np.zeros(2)
-    for c in np.argsort(t.sum(axis=0), kind="stable"):
-        acc = acc + t[:, c]
-        if r_min * acc.sum() / total >= min_expected:
-            bins.append(acc)
-            acc = np.zeros(2)
-    if acc.sum() > 0:
-        if bins:
-            bins[-1] = bins[-1] + acc
-        else:
-            bins.append(acc)
-    return np.stack(bins, axis=1)
+    total = float(t.sum())
+    r_min = float(t.sum(axis=1).min())
+    t = t[:, np.argsort(t.sum(axis=0), kind="stable")]
+    sizes = t.sum(axis=0).tolist()
+    cum = np.cumsum(sizes).tolist()         # counts: every partial sum is an exact integer
+    k = len(sizes)
+
+    def enough(count: float) -> bool:
+        return r_min * count / total >= min_expected
+
+    # Bins are runs of the sorted columns; each closes at the first column that brings it to the
+    # minimum (found by bisection on the cumulative counts, then checked with the rule itself).
+    # Columns are sorted by size, so once one column is enough alone, every later one is a bin.
+    starts: list[int] = []
+    start, base = 0, 0.0
+    guess = min_expected * total / r_min if r_min > 0 else math.inf
+    while start < k:
+        if enough(sizes[start]):
+            starts.extend(range(start, k))
+            start = k
+            break
+        end = max(start, bisect.bisect_left(cum, base + guess))
+        while end > start and enough(cum[end - 1] - base):
+            end -= 1
+        while end < k and not enough(cum[end] - base):
+            end += 1
+        if end >= k:
+            break                           # the remainder, too small to stand alone
+        starts.append(start)
+        start, base = end + 1, cum[end]
+    if not starts:
+        starts = [0]                        # no bin reached the minimum: everything is one bin
+    # a remainder (columns from `start` on) joins the last bin: reduceat sums to the end
+    return np.add.reduceat(t, starts, axis=1)
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,14 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
         assert w["diagnosis"]["kind"] == "none" and sum(w["accuracy_verdicts"].values()) == 25
         for d in w["detectors"]:
             assert set(d) == {"name", "statistic", "p_value", "threshold", "alarm"}
+    res = CliRunner().invoke(app, ["drift", "check", "--model", "digits:v3", "--input", str(f),
+                                   "--window-size", "25", "--json", "--timings"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith("timings (s): golden set and input ") and "warm-up" in lines[0]
+    assert [ln.split(":")[0].strip() for ln in lines[1:3]] == ["window 1 (n=25)", "window 2 (n=25)"]
+    assert all("inference" in ln and "detectors" in ln and "total" in ln for ln in lines[1:3])
+    assert len(json.loads(res.stdout)) == 2             # the JSON on stdout is untouched
     noisy = tmp_path / "n.npz"
     np.savez(noisy, raw=traffic["noisy_raw"][:60])
     res = CliRunner().invoke(app, ["drift", "check", "--model", "digits:v3", "--input", str(noisy),
