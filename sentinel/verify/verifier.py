@@ -223,8 +223,9 @@ def _import_torch() -> None:
       it reads the variable once, then the environment is restored): with the default
       spinning, a forward pass of 4 images on 2 busy cores took 2-4 CPU s instead of 0.7.
     - The cyclic garbage collector is paused during the import and torch's objects frozen
-      after it: the import creates about a million long-lived objects, which otherwise cost
-      several full collections during the import and another walk at interpreter exit.
+      after it: the import creates some 250,000 long-lived objects, which otherwise cost
+      full collections during the import and another walk at interpreter exit (0.5-1 s of
+      a failing verify's wall time on this project's 2-core machine).
 
     Only done when this call is the one importing torch: a process that already has it (or
     whose user set OMP_WAIT_POLICY) keeps its own settings.
