@@ -220,7 +220,7 @@ def main() -> None:
           "imports and exit):")
     for label in (PASS, FAIL):
         phases = {k: statistics.median(t[k] for t in inner[label]) for k in ("load", "run", "localize", "total")}
-        print(f"  {label:<22}" + "  ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        print(f"  {label:<24}" + "  ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     print(f"perturbed {perturbed}; localized to {first} "
           f"({'right' if first and perturbed.startswith(first) else 'WRONG'} module)")
     print(f"load average after: {os.getloadavg()[0]:.1f}; {args.repeats} interleaved round(s)")
