@@ -10,18 +10,23 @@ denseblock3 perturbed. Then times, as subprocesses and wall clock including inte
 start-up, runs interleaved so the machine's load hits every row alike:
 
 - `sentinel verify fp32.onnx` (passes; compares with the golden set's stored reference outputs),
-- `sentinel verify perturbed.onnx` (fails and localizes the first diverging layer),
+- `sentinel verify perturbed.onnx` (fails and localizes the first diverging layer; the
+  benchmark checks the answer is the perturbed module),
 - `polygraphy run X.onnx --onnxrt --load-inputs inputs.json --load-outputs reference.json
   --atol 1e-4 --rtol 1e-3` on both files: the same inputs (one batch of N) and the same
   stored reference logits, written in Polygraphy's JSON formats, at sentinel's fp32 tolerances.
 
-Goals (issue 15): sentinel pass ≤ Polygraphy pass; sentinel fail+localize ≤ 2× sentinel pass.
+One table shows each round side by side: sentinel pass, sentinel fail+localize, their ratio,
+Polygraphy pass and fail, sentinel pass / Polygraphy pass; then medians and spread (with
+--repeats > 1), CPU seconds, and sentinel's in-process phases (load, run, localize) from its
+--json report. Goals (issue 15): sentinel pass ≤ Polygraphy pass; fail+localize ≤ 2× pass.
 With --int8, also quantizes to int8 three ways and reports agreement and latency against fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -34,6 +39,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "results" / "verify"
+PASS, FAIL = "sentinel pass", "sentinel fail+localize"
+PG_PASS, PG_FAIL = "polygraphy pass", "polygraphy fail"
 
 
 def _timed(fn, *a, **kw):
@@ -130,6 +137,39 @@ def _run(cmd: list[str], want_rc: int) -> tuple[float, float]:
     return dt, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _table(times: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    """One table, every round's figures side by side: sentinel plain and localizing, their ratio
+    (goal ≤ 2), Polygraphy on the same files, and sentinel's pass over Polygraphy's (goal ≤ 1)."""
+    cols = [PASS, FAIL, "localize/plain", PG_PASS, PG_FAIL, "pass/polygraphy"]
+    width = [max(len(c), 8) + 2 for c in cols]
+    print("\nwall seconds per command (subprocess, interpreter start-up and exit included)")
+    print(f"{'':<13}" + "".join(f"{c:>{w}}" for c, w in zip(cols, width, strict=True)))
+
+    def line(label: str, f: dict[str, float | None]) -> None:
+        cells = []
+        for c, w in zip(cols, width, strict=True):
+            v = f.get(c)
+            text = "-" if v is None else (f"{v:.2f}×" if "/" in c else f"{v:.2f}")
+            cells.append(f"{text:>{w}}")
+        print(f"{label:<13}" + "".join(cells))
+
+    def ratios(f: dict[str, float | None]) -> dict[str, float | None]:
+        f = dict(f)
+        f["localize/plain"] = f[FAIL] / f[PASS] if f.get(FAIL) and f.get(PASS) else None
+        f["pass/polygraphy"] = f[PASS] / f[PG_PASS] if f.get(PASS) and f.get(PG_PASS) else None
+        return f
+
+    rounds = len(times[PASS])
+    for i in range(rounds):
+        line(f"round {i + 1}", ratios({k: v[i] for k, v in times.items()}))
+    if rounds > 1:
+        line("median", ratios({k: statistics.median(v) for k, v in times.items()}))
+        line("min", ratios({k: min(v) for k, v in times.items()}))
+        line("max", ratios({k: max(v) for k, v in times.items()}))
+    line("CPU s median", ratios({k: statistics.median(v) for k, v in cpu.items()}))
+    print(f"{'goal':<13}" + "".join(f"{g:>{w}}" for g, w in zip(["", "", "≤ 2×", "", "", "≤ 1×"], width, strict=True)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="densenet121:seed-0")
@@ -149,41 +189,41 @@ def main() -> None:
 
     py = sys.executable
     common = ["--model", entry.spec, "--registry", str(REPO / "models"), "--golden", str(gdir)]
+    reports = {PASS: OUT / "verify-pass.json", FAIL: OUT / "verify-fail.json"}
     rows: list[tuple[str, list[str], int]] = [
-        ("sentinel verify, passing export", [py, "-m", "sentinel", "verify", str(fp32), *common], 0),
-        ("sentinel verify, failing + localize", [py, "-m", "sentinel", "verify", str(bad), *common], 1),
+        (PASS, [py, "-m", "sentinel", "verify", str(fp32), *common, "--json", str(reports[PASS])], 0),
+        (FAIL, [py, "-m", "sentinel", "verify", str(bad), *common, "--json", str(reports[FAIL])], 1),
     ]
     files = _polygraphy_files(golden, fp32)
     if files is None:
-        print("polygraphy is not installed (pip install -e '.[bench]'): its rows are skipped")
+        print("polygraphy is not installed (pip install -e '.[bench]'): its columns are empty")
     else:
         exe = shutil.which("polygraphy", path=str(Path(py).parent)) or shutil.which("polygraphy")
         base = [py, exe] if exe else [py, "-m", "polygraphy"]
         pg = ["--onnxrt", "--load-inputs", str(files[0]), "--load-outputs", str(files[1]),
               "--atol", "1e-4", "--rtol", "1e-3"]
-        rows += [("polygraphy run --onnxrt, passing", [*base, "run", str(fp32), *pg], 0),
-                 ("polygraphy run --onnxrt, failing", [*base, "run", str(bad), *pg], 1)]
+        rows += [(PG_PASS, [*base, "run", str(fp32), *pg], 0), (PG_FAIL, [*base, "run", str(bad), *pg], 1)]
 
     times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     cpu: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    inner: dict[str, list[dict[str, float]]] = {PASS: [], FAIL: []}
     for _ in range(args.repeats):
         for label, cmd, rc in rows:
             wall, used = _run(cmd, rc)
             times[label].append(wall)
             cpu[label].append(used)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
-    print(f"\n{'command (subprocess, start-up included)':<40}{'wall s: median':>15}{'min':>7}{'max':>7}"
-          f"{'CPU s median':>14}")
-    for label, v in times.items():
-        print(f"{label:<40}{med[label]:>15.2f}{min(v):>7.2f}{max(v):>7.2f}{statistics.median(cpu[label]):>14.2f}")
-    ps, fs = "sentinel verify, passing export", "sentinel verify, failing + localize"
-    print(f"\nlocalize / plain: {med[fs] / med[ps]:.2f}× by medians, {best[fs] / best[ps]:.2f}× by minima (goal ≤ 2)")
-    if files is not None:
-        pp = "polygraphy run --onnxrt, passing"
-        print(f"sentinel pass / polygraphy pass: {med[ps] / med[pp]:.2f}× by medians, {best[ps] / best[pp]:.2f}× "
-              "by minima (goal ≤ 1)")
-    print(f"load average after: {os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds; perturbed {perturbed}")
+            if label in reports:
+                inner[label].append(json.loads(reports[label].read_text())["timings_s"])
+    _table(times, cpu)
+    first = json.loads(reports[FAIL].read_text())["first_divergence"]
+    print("\nin-process phases of sentinel verify (median s; the rest of the wall time is interpreter start-up, "
+          "imports and exit):")
+    for label in (PASS, FAIL):
+        phases = {k: statistics.median(t[k] for t in inner[label]) for k in ("load", "run", "localize", "total")}
+        print(f"  {label:<24}" + "  ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    print(f"perturbed {perturbed}; localized to {first} "
+          f"({'right' if first and perturbed.startswith(first) else 'WRONG'} module)")
+    print(f"load average after: {os.getloadavg()[0]:.1f}; {args.repeats} interleaved round(s)")
     print("command: " + " ".join(rows[0][1][1:]))
 
     if args.int8:

@@ -92,19 +92,22 @@ def checkpoint_names(config: Any) -> list[str]:
 
 
 def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
-    """For each module, the ONNX value holding its output (modules not found are left out)."""
-    scopes = [(node_scope(n), n) for n in graph.node]
-    found: dict[str, str] = {}
-    for m in modules:
-        last = None
-        for scope, node in scopes:
-            if scope is None or node.op_type in _SKIP_OPS or not node.output:
-                continue
-            if scope == m or scope.startswith(m + "."):
-                last = node
-        if last is not None:
-            found[m] = last.output[0]
-    return found
+    """For each module, the ONNX value holding its output (modules not found are left out).
+
+    One pass over the nodes: a node in scope `a.b.c` is the latest node of modules `a.b.c`,
+    `a.b` and `a` (those that are wanted)."""
+    wanted = set(modules)
+    last: dict[str, str] = {}
+    for node in graph.node:
+        scope = node_scope(node)
+        if not scope or node.op_type in _SKIP_OPS or not node.output:
+            continue
+        parts = scope.split(".")
+        for i in range(len(parts), 0, -1):
+            m = ".".join(parts[:i])
+            if m in wanted:
+                last[m] = node.output[0]
+    return {m: last[m] for m in modules if m in last}
 
 
 class _Stop(Exception):

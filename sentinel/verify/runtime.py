@@ -62,19 +62,31 @@ class OnnxExport:
     One session at a time, built on first use: the plain graph, or (after `instrument`) the
     graph with intermediate values exposed, cast to float32 whatever their real type, which
     then serves the plain run too, so a localizing verify builds one session, not two.
+
+    The file's bytes are kept (unless its tensors live in external data files) and handed to
+    the checker and to onnxruntime as they are, and an instrumented graph is those bytes plus
+    a small serialized graph fragment (protobuf merges a repeated message field by appending),
+    so a 30 MB model is never re-serialized. `model` is the parsed graph, for reading only.
     """
 
     format = "onnx"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
         import onnx
         from onnx import TensorProto
 
         self.path = path
         self.threads = threads
+        self.spin = spin   # False: idle onnxruntime workers sleep instead of spinning (see _session)
         try:
-            self.model = onnx.load(str(path))
-            onnx.checker.check_model(self.model)
+            raw: bytes | None = Path(path).read_bytes()
+            self.model = onnx.load_model_from_string(raw)
+            if _uses_external_data(self.model.graph):
+                from onnx.external_data_helper import load_external_data_for_model
+
+                load_external_data_for_model(self.model, str(Path(path).parent))
+                raw = None
+            onnx.checker.check_model(self.model if raw is None else raw)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
             raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
         graph = self.model.graph
@@ -97,20 +109,23 @@ class OnnxExport:
         self.input_dtype = {TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
         b = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None
+        self._raw = raw
         self._session_obj = None
         self.sessions_built = 0
         self.instrumented: dict[str, str] = {}   # value → float32 output name of the instrumented graph
 
-    def _session(self, model, spin: bool = True):
+    def _session(self, model: bytes, spin: bool | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        if not spin:   # idle workers sleep instead of spinning: another thread (the reference) needs the cores
+        if not (self.spin if spin is None else spin):
+            # idle workers sleep instead of spinning: on a shared or busy machine (or beside
+            # the reference loading on a thread) spinning workers burn the cores others need
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
             raise WeightsError(f"{self.path}: onnxruntime cannot load it ({_first_line(exc)})") from None
         self.sessions_built += 1
@@ -119,8 +134,12 @@ class OnnxExport:
     @property
     def session(self):
         if self._session_obj is None:
-            self._session_obj = self._session(self.model)
+            self._session_obj = self._session(self._bytes())
         return self._session_obj
+
+    def _bytes(self) -> bytes:
+        """The model serialized: the file's own bytes when it has no external data."""
+        return self._raw if self._raw is not None else self.model.SerializeToString()
 
     @property
     def precision(self) -> Precision:
@@ -154,23 +173,22 @@ class OnnxExport:
                 on_chunk(i, {n: v[-1] for n, v in parts.items()})
         return {n: np.concatenate(v) for n, v in parts.items()}
 
-    def instrument(self, values: list[str], spin: bool = True) -> dict[str, str]:
+    def instrument(self, values: list[str], spin: bool | None = None) -> dict[str, str]:
         """Rebuild the session exposing `values`, each through a Cast to float32 (fp16, bf16 and int8
         graphs carry other types); returns value → output name. The plain outputs stay as they were."""
         import onnx
         from onnx import TensorProto, helper
 
-        m = onnx.ModelProto()
-        m.CopyFrom(self.model)
+        extra = onnx.ModelProto()   # only the additions: parsed after the model, they are appended to it
         mapping = {}
         for v in values:
             out = v + CAST_SUFFIX
-            m.graph.node.append(helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT,
-                                                 name=f"sentinel_cast_{len(mapping)}"))
-            m.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+            extra.graph.node.append(helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT,
+                                                     name=f"sentinel_cast_{len(mapping)}"))
+            extra.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
             mapping[v] = out
         self._session_obj = None   # free the plain session first
-        self._session_obj = self._session(m, spin)
+        self._session_obj = self._session(self._bytes() + extra.SerializeToString(), spin)
         self.instrumented = mapping
         return mapping
 
@@ -207,7 +225,26 @@ class TorchScriptExport:
         return {"logits": np.concatenate(outs)}
 
 
-def open_export(path: Path, threads: int | None = None) -> OnnxExport | TorchScriptExport:
+def _uses_external_data(graph) -> bool:
+    """Whether any tensor of the graph (initializers, Constant values, subgraphs) is stored outside the file."""
+    from onnx import AttributeProto, TensorProto
+
+    if any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR and a.t.data_location == TensorProto.EXTERNAL:
+                return True
+            if a.type == AttributeProto.TENSORS and any(t.data_location == TensorProto.EXTERNAL for t in a.tensors):
+                return True
+            if a.type == AttributeProto.GRAPH and _uses_external_data(a.g):
+                return True
+            if a.type == AttributeProto.GRAPHS and any(_uses_external_data(g) for g in a.graphs):
+                return True
+    return False
+
+
+def open_export(path: Path, threads: int | None = None, spin: bool = True) -> OnnxExport | TorchScriptExport:
     """Open an export by content: TorchScript files are zip archives, anything else is tried as ONNX."""
     if not path.exists():
         raise InfrastructureError(f"{path}: export not found")
@@ -217,4 +254,4 @@ def open_export(path: Path, threads: int | None = None) -> OnnxExport | TorchScr
         magic = f.read(4)
     if magic == b"PK\x03\x04":
         return TorchScriptExport(path)
-    return OnnxExport(path, threads)
+    return OnnxExport(path, threads, spin)

@@ -15,9 +15,9 @@ from sentinel.golden import GoldenSet
 from sentinel.registry import ModelEntry, sha256_file
 from sentinel.scores import is_distribution
 from sentinel.verify.localize import (
+    LayerError,
     capture_reference,
     checkpoint_names,
-    compare_layers,
     first_divergence,
     layer_error,
     onnx_values,
@@ -61,7 +61,9 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
                   threads: int | None = None) -> VerifyReport:
     """Run the export on the golden inputs, compare with the reference outputs under the policy."""
     t0 = time.perf_counter()
-    export = open_export(path, threads)
+    # Sessions without spinning workers: verify shares the machine (a failing run loads the
+    # reference on a thread beside onnxruntime), and spinning burnt CPU without making it faster.
+    export = open_export(path, threads, spin=False)
     inputs = golden.inputs
     want = tuple(entry.manifest.input.shape)
     if tuple(inputs.shape[1:]) != want:
@@ -214,6 +216,46 @@ def _failure_watch(policy: Policy, ref_logits: np.ndarray):
     return doomed
 
 
+def _import_torch() -> None:
+    """`import torch` for the reference, set up for a short run on a shared machine.
+
+    - OpenMP workers wait passively (`OMP_WAIT_POLICY=PASSIVE` while torch's libgomp loads;
+      it reads the variable once, then the environment is restored): with the default
+      spinning, a forward pass of 4 images on 2 busy cores took 2-4 CPU s instead of 0.7.
+    - The cyclic garbage collector is paused during the import and torch's objects frozen
+      after it: the import creates some 250,000 long-lived objects, which otherwise cost
+      full collections during the import and another walk at interpreter exit (0.5-1 s of
+      a failing verify's wall time on this project's 2-core machine).
+
+    Only done when this call is the one importing torch: a process that already has it (or
+    whose user set OMP_WAIT_POLICY) keeps its own settings.
+    """
+    import gc
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return
+    set_policy = "OMP_WAIT_POLICY" not in os.environ
+    if set_policy:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+    finally:
+        if enabled:
+            gc.enable()
+        if set_policy:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    gc.freeze()
+
+
+def _build_reference(entry: ModelEntry) -> Any:
+    _import_torch()
+    return entry.build_model()
+
+
 class _Reference:
     """The torch reference model (and, given `export`, the instrumented session), built on a thread.
 
@@ -226,7 +268,7 @@ class _Reference:
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="sentinel-reference")
         self._localizer = pool.submit(_Localizer, export, entry) if export is not None else None
-        self._model = pool.submit(entry.build_model)
+        self._model = pool.submit(_build_reference, entry)
         pool.shutdown(wait=False)
 
     def localizer(self) -> _Localizer:
@@ -263,13 +305,18 @@ class _Localizer:
         exported = {v: got[out] for v, out in self.outputs.items()}
         model = reference_model()   # waits for the thread building it
 
-        def stop(module: str, ref: np.ndarray) -> bool:
-            v = self.values.get(module)
-            return layer_error(module, v, exported.get(v) if v else None, ref, policy.layer_rel).diverges
+        errors: dict[str, LayerError] = {}
 
-        reference = capture_reference(model, self.modules, x, stop if stop_at_divergence else None)
+        def measure(module: str, ref: np.ndarray) -> bool:
+            # each checkpoint is measured once, as its hook fires
+            v = self.values.get(module)
+            errors[module] = layer_error(module, v, exported.get(v) if v else None, ref, policy.layer_rel)
+            return stop_at_divergence and errors[module].diverges
+
+        reference = capture_reference(model, self.modules, x, measure)
         self.skipped = sum(1 for m in self.modules if m not in reference)
-        return compare_layers(self.modules, self.values, exported, reference, policy.layer_rel)
+        return [errors.get(m) or layer_error(m, self.values.get(m), None, None, policy.layer_rel)
+                for m in self.modules]
 
 
 def render_text(report: VerifyReport) -> str:

@@ -81,8 +81,8 @@ def test_fp16_localization_runs_in_one_session_and_measures_every_checkpoint(fp1
 
     real_open = verifier.open_export
 
-    def spy(path, threads=None):
-        e = real_open(path, threads)
+    def spy(path, threads=None, spin=True):
+        e = real_open(path, threads, spin)
         export_sessions.append(e)
         return e
 

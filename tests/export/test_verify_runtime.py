@@ -1,0 +1,89 @@
+"""OnnxExport hands the file's own bytes to the checker and onnxruntime, and instruments by
+appending a serialized fragment: the graphs it runs must be the ones a full re-serialization
+would give, with tensors in the file or in external data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from servers import REPO
+
+from sentinel.verify.runtime import CAST_SUFFIX, OnnxExport
+
+
+def _model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="/features/block/MatMul"),
+             helper.make_node("Relu", ["h"], ["r"], name="/features/block/Relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"], name="/classifier/MatMul")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])], [w1, w2])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _reference(m: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    w1, w2 = (numpy_helper.to_array(i) for i in m.graph.initializer)
+    r = np.maximum(x @ w1, 0)
+    return {"r": r, "logits": r @ w2}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("external", [False, True])
+def test_plain_and_instrumented_runs_from_file_bytes_or_external_data(tmp_path: Path, external: bool):
+    m = _model()
+    x = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    want = _reference(m, x)   # before saving: saving as external data rewrites m's tensors
+    path = tmp_path / "m.onnx"
+    if external:
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="m.weights", size_threshold=0)
+        assert (tmp_path / "m.weights").stat().st_size >= (8 * 16 + 16 * 4) * 4
+    else:
+        onnx.save_model(m, str(path))
+
+    e = OnnxExport(path, spin=False)
+    assert (e._raw is None) == external          # external data: the loaded model is serialized instead
+    np.testing.assert_allclose(e.run(x)["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+    names = e.instrument(["r"])
+    assert names == {"r": "r" + CAST_SUFFIX} and e.sessions_built == 2
+    got = e.run(x, names=["logits", names["r"]])
+    np.testing.assert_allclose(got[names["r"]], want["r"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+    assert [o.name for o in e.model.graph.output] == ["logits"]   # the parsed graph is left as it was
+
+
+@pytest.mark.unit
+def test_missing_external_data_file_is_a_weights_error(tmp_path: Path):
+    from sentinel.errors import WeightsError
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_model(), str(path), save_as_external_data=True, location="m.weights", size_threshold=0)
+    (tmp_path / "m.weights").unlink()
+    with pytest.raises(WeightsError, match="m.onnx"):
+        OnnxExport(path)
+
+
+@pytest.mark.slow
+def test_reference_torch_import_restores_the_environment_and_freezes_its_objects():
+    code = ("import gc, json, os, sys\n"
+            "from sentinel.verify.verifier import _import_torch\n"
+            "assert 'torch' not in sys.modules\n"
+            "_import_torch()\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'policy': os.environ.get('OMP_WAIT_POLICY'),\n"
+            "                  'gc': gc.isenabled(), 'frozen': gc.get_freeze_count()}))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["torch"] and got["policy"] is None and got["gc"]   # children see the user's environment
+    assert got["frozen"] > 100_000                                  # torch's objects skip later collections
