@@ -24,6 +24,7 @@ from sentinel.protocols.base import (
 from sentinel.protocols.images import decode_images, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
+_JSON_WS = b" \t\r\n"   # RFC 8259 whitespace
 Key = Literal["inputs", "outputs"]
 
 
@@ -88,7 +89,8 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
         else:
             raise DecodeError("missing_field", f"tensor {name!r}: neither data nor binary_data_size")
         out.append((name, arr))
-    if pos != len(rest):
+    if pos != len(rest) and not (pos == 0 and not bytes(rest).strip(_JSON_WS)):
+        # (no binary tensors and only whitespace after the object: a JSON body, which may end in any amount)
         raise DecodeError("bad_shape", f"{len(rest) - pos} bytes of binary data left after the last tensor")
     return out
 

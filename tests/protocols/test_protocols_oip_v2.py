@@ -180,3 +180,23 @@ def test_garbage_raises_only_decode_error(body, protocol, hlen):
             fn(protocol, body, headers)
         except DecodeError:
             pass
+
+
+@pytest.mark.parametrize("pad", [b" " * 63, b" " * 64, b"\n" * 500, b" \t\r\n" * 4096])
+@pytest.mark.parametrize("with_header", [False, True])
+def test_json_body_may_end_in_any_amount_of_whitespace(pad, with_header):
+    """RFC 8259 allows whitespace after the value: a JSON body padded to a fixed size decodes."""
+    doc = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).encode()
+    headers = {"inference-header-content-length": str(len(doc))} if with_header else {}
+    req = decode_request("v2", doc + pad, headers)
+    assert req.inputs.tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_whitespace_after_binary_tensors_is_still_refused():
+    """Bytes beyond the declared binary tensors are an error, whatever they are."""
+    raw = np.arange(3, dtype=np.float32).tobytes()
+    doc = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    with pytest.raises(DecodeError) as e:
+        decode_request("v2", doc + raw + b" " * 100, {"inference-header-content-length": str(len(doc))})
+    assert e.value.kind == "bad_shape"
