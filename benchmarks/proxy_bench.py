@@ -134,19 +134,24 @@ def serve_sidecar(cfg_path: str) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User+system CPU of a process and all its descendants."""
+    return sum(cpu_by_process(pid).values())
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User+system CPU of a process and each of its descendants, by pid."""
     try:
         p = psutil.Process(pid)
         procs = [p] + p.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return {}
+    out = {}
     for q in procs:
         try:
             t = q.cpu_times()
-            total += t.user + t.system
+            out[q.pid] = t.user + t.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
 
 
 def rss_mb(pid: int) -> float:
@@ -312,6 +317,7 @@ class Row:
     p99: list[float]
     cpu_per_1k: list[float]
     errors: int
+    main_cpu_per_1k: list[float] = dataclasses.field(default_factory=list)   # the target's own process only
 
 
 def med(xs: list[float]) -> float:
@@ -397,7 +403,7 @@ def main() -> None:
                 cell = {t: Row(t, size, rate, [], [], [], 0) for t in targets}
                 for _ in range(rounds):
                     for name, (port, pid) in targets.items():
-                        c0 = cpu_seconds(pid) if pid else 0.0
+                        c0 = cpu_by_process(pid) if pid else {}
                         lat, errors = open_loop(port, req, rate, seconds / rounds)
                         row = cell[name]
                         row.errors += errors
@@ -405,7 +411,10 @@ def main() -> None:
                             row.p50.append(float(np.percentile(lat, 50)))
                             row.p99.append(float(np.percentile(lat, 99)))
                         if pid:
-                            row.cpu_per_1k.append((cpu_seconds(pid) - c0) / max(len(lat) + errors, 1) * 1000.0)
+                            c1 = cpu_by_process(pid)
+                            n = max(len(lat) + errors, 1)
+                            row.cpu_per_1k.append((sum(c1.values()) - sum(c0.values())) / n * 1000.0)
+                            row.main_cpu_per_1k.append((c1.get(pid, 0.0) - c0.get(pid, 0.0)) / n * 1000.0)
                 rows.extend(cell.values())
             for _ in range(rounds):
                 for name, (port, _pid) in targets.items():
@@ -448,6 +457,10 @@ def main() -> None:
                   f"| {d.errors + n.errors + s.errors:>6}")
     print("\ncpu x: sentinel CPU per request / nginx's (goal <= 2 at 1 kB, 1,000 rps); "
           "+p99 x: sentinel added p99 / nginx's (goal <= 2 at 1,000 rps)")
+    print("sentinel's CPU s/1k split, proxy (main) process + the rest (analysis worker, other proxy workers): "
+          + "; ".join(f"{r.size} {r.rate} rps {med(r.main_cpu_per_1k):.3f} + "
+                      f"{med([a - b for a, b in zip(r.cpu_per_1k, r.main_cpu_per_1k, strict=True)]):.3f}"
+                      for r in rows if r.target == "sentinel" and r.main_cpu_per_1k))
     print(f"\nsaturation (wrk, 1 thread, 8 connections, median of {rounds} x {wrk_s / rounds:.1f} s [min-max]), "
           f"requests/s, {args.workers} worker process(es) each:")
     print(f"{'body':>10} | {'direct':>9} {'nginx':>22} {'sentinel':>22} | {'sentinel/nginx':>14}")
