@@ -169,7 +169,7 @@ class AnalysisConfig:
     hang_timeout_s: float = 60.0     # a worker silent this long is killed and restarted (reason "hung")
     worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
     worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
-    worker_nice: int = 10            # the worker's CPU niceness: the proxy wins a contended core (0: same)
+    worker_nice: int = 0             # raise the worker's niceness by this (1-19): the proxy wins a contended core
 
     def validate(self):
         if not 0 <= self.worker_nice <= 19:
