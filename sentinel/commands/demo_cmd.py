@@ -18,6 +18,22 @@ def _repo_root() -> Path:
     return source_checkout() or bundled_home() or here
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM both end the demo through its cleanup, which stops every child.
+
+    A script's background job starts with SIGINT ignored, and Python then leaves it ignored;
+    the default for SIGTERM ends the process without cleanup. Either would leave the model
+    server and the sidecar running, so both are set here explicitly.
+    """
+    import signal
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 def demo(
     out: Path = typer.Option(Path("demo-report"), "--out", "-o", help="Folder for the report and logs."),
     scale: float = typer.Option(1.0, "--scale", help="Multiply every phase's duration (0.2 for a quick run)."),
@@ -60,6 +76,7 @@ def demo(
     typer.echo(f"sentinel demo: {len(phases)} phases, {total:.0f} s of traffic at {rate:g} rps; "
                f"report in {opts.out}/", err=True)
     show_live = live and sys.stdout.isatty()
+    _stop_on_signals()
     demo_run = Demo(opts)
     try:
         demo_run.start()

@@ -72,16 +72,20 @@ def test_short_demo_detects_each_incident_and_cleans_up(tmp_path):
         assert not port_is_bound(port), f"{name} port {port} still bound"
 
 
-def test_interrupt_stops_every_child_and_frees_every_port(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupt_stops_every_child_and_frees_every_port(tmp_path, signame):
     import signal
     import time
 
     from sentinel.demo.processes import port_is_bound
 
     out = tmp_path / "demo"
+    # Started as a script's background job would be: with SIGINT ignored (inherited); the demo
+    # must still stop on it, and on SIGTERM, through its cleanup.
     proc = subprocess.Popen(
         [sys.executable, "-m", "sentinel", "demo", "--no-live", "--out", str(out),
-         "--durations", "normal=120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--durations", "normal=120"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 120
         while not (out / "children.json").exists() and time.monotonic() < deadline:
@@ -89,7 +93,7 @@ def test_interrupt_stops_every_child_and_frees_every_port(tmp_path):
             time.sleep(0.5)
         doc = json.loads((out / "children.json").read_text())
         time.sleep(3)  # mid-start-up or mid-traffic: either must clean up
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signame))
         proc.wait(60)
     finally:
         if proc.poll() is None:
@@ -97,6 +101,6 @@ def test_interrupt_stops_every_child_and_frees_every_port(tmp_path):
     assert proc.returncode != 0
     time.sleep(0.5)
     for name, pid in doc["children"].items():
-        assert not _alive(pid), f"{name} (pid {pid}) still running after Ctrl-C"
+        assert not _alive(pid), f"{name} (pid {pid}) still running after {signame}"
     for name, port in doc["ports"].items():
         assert not port_is_bound(port), f"{name} port {port} still bound after Ctrl-C"
