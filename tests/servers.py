@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,6 +34,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    """Poll `check` until it returns something truthy (returned); connection errors and missing keys count as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.TransportError, KeyError):
+            pass
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 class ServerURL(str):
@@ -109,7 +125,7 @@ def start_model_server(
             _wait_ready(proc, url, ready_timeout, logf.name)
             yield url
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def _log_tail(path: str, n: int = 4000) -> str:
@@ -130,11 +146,12 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: str)
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-    _stop(proc)
+    stop_process(proc)
     raise ServerFailed(f"sentinel serve not ready at {url} after {timeout:.0f} s:\n{_log_tail(log_path)}")
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns once the process is gone."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)

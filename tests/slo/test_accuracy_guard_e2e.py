@@ -18,7 +18,6 @@ one). Prometheus scrapes them every second with the rules generated from `slo.ya
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+from servers import free_port, stop_process, wait_for
 
 from sentinel import metricnames as mn
 from sentinel.slo import recorded
@@ -75,24 +75,8 @@ class Replica:
         self.server.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.TransportError, KeyError):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+def _wait_quarter(what: str, check: Callable[[], Any], timeout: float) -> Any:
+    return wait_for(what, check, timeout, every=0.25)
 
 
 @pytest.fixture()
@@ -105,7 +89,7 @@ def prom(tmp_path):
     for f in generate_rule_files(spec):
         (tmp_path / "rules" / f.filename).write_text(f.render())
     replicas = [Replica(), Replica()]
-    port = _free_port()
+    port = free_port()
     targets = ", ".join(f"'{r.target}'" for r in replicas)
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: ['rules/*.yml']\n"
@@ -116,16 +100,11 @@ def prom(tmp_path):
                             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0)
     try:
-        _wait("prometheus ready", lambda: client.get("/-/ready").status_code == 200, 30)
+        _wait_quarter("prometheus ready", lambda: client.get("/-/ready").status_code == 200, 30)
         yield {"client": client, "replicas": replicas, "spec": spec}
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
         for r in replicas:
             r.close()
@@ -160,8 +139,8 @@ def test_startup_is_silent_a_real_drop_pages_and_a_disowned_estimate_stops_it(pr
     fast = plan_windows(spec.period_seconds, spec.scrape_interval_seconds).by_severity("page")[0]
 
     # 1. startup: a bound of 0.5 on 40 samples
-    _wait("the usable share at 0", lambda: _usable(client) == 0.0, 30)
-    _wait("insufficient_samples pending",
+    _wait_quarter("the usable share at 0", lambda: _usable(client) == 0.0, 30)
+    _wait_quarter("insufficient_samples pending",
           lambda: _alerts(client, UNRELIABLE_ALERT, "pending", reason="insufficient_samples"), 30)
     time.sleep(fast.long_s / 2)
     assert not _query(client, f'ALERTS{{alertname="{BURN_ALERT}",slo="accuracy"}}')
@@ -169,8 +148,8 @@ def test_startup_is_silent_a_real_drop_pages_and_a_disowned_estimate_stops_it(pr
 
     # 2. healthy on enough samples, for longer than the fast pair's long window
     _set(replicas, bound=0.99, samples=2.0 * slo.sample_floor)
-    _wait("the usable share at 1", lambda: _usable(client) == 1.0, 15)
-    _wait("the unreliable alert reset", lambda: not _alerts(client, UNRELIABLE_ALERT, "pending"), 15)
+    _wait_quarter("the usable share at 1", lambda: _usable(client) == 1.0, 15)
+    _wait_quarter("the unreliable alert reset", lambda: not _alerts(client, UNRELIABLE_ALERT, "pending"), 15)
     time.sleep(fast.long_s + 3)
     never = f'count_over_time(ALERTS{{alertname="{BURN_ALERT}",slo="accuracy"}}[5m])'
     assert not _query(client, never), "an accuracy burn alert fired during startup or healthy traffic"
@@ -178,16 +157,16 @@ def test_startup_is_silent_a_real_drop_pages_and_a_disowned_estimate_stops_it(pr
     # 3. a real drop on enough samples
     _set(replicas, bound=0.2)
     t0 = time.monotonic()
-    _wait("the accuracy page", lambda: _alerts(client, BURN_ALERT, "firing", severity="page"),
+    _wait_quarter("the accuracy page", lambda: _alerts(client, BURN_ALERT, "firing", severity="page"),
           fast.detection_s(0.8, slo.budget) + LAG_S)
     detect = time.monotonic() - t0
 
     # 4. the estimator disowns the estimate: the page stops though the windows still hold 0.2
     _set(replicas, reliable=0.0)
     t1 = time.monotonic()
-    _wait("the page resolved", lambda: not _alerts(client, BURN_ALERT, "firing"), LAG_S)
+    _wait_quarter("the page resolved", lambda: not _alerts(client, BURN_ALERT, "firing"), LAG_S)
     stop = time.monotonic() - t1
-    _wait("flagged_unreliable pending",
+    _wait_quarter("flagged_unreliable pending",
           lambda: _alerts(client, UNRELIABLE_ALERT, "pending", reason="flagged_unreliable"), 15)
     print(f"\naccuracy guard e2e: page {detect:.1f}s after the drop (Workbook fast pair "
           f"{fast.detection_s(0.8, slo.budget):.1f}s), stopped {stop:.1f}s after the estimate was disowned")

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from servers import free_port, stop_process, wait_for
 
 from sentinel.slo.dashboards import dashboard_specs
 from sentinel.slo.rules import BURN_ALERT, generate_rule_files
@@ -39,14 +39,6 @@ BODY = b'{"inputs":[{"name":"input","shape":[1,8,8],"datatype":"FP32","data":[' 
 # Dashboard variables as an on-call engineer would pick them: everything, one model.
 SUBSTITUTE = {"$model": "digits", "$version": ".*", "$instance": ".*", "$__rate_interval": "5s", "$__range": "1m",
               "${datasource}": ""}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FaultSwitch:
@@ -90,33 +82,9 @@ class FaultSwitch:
         self.server.server_close()
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.TransportError, KeyError):
-            pass
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture()
@@ -136,7 +104,7 @@ def stack(tmp_path):
     procs: list[subprocess.Popen] = []
     with start_model_server("digits:v3") as model_url:
         switch = FaultSwitch(model_url)
-        port, admin, prom_port = _free_port(), _free_port(), _free_port()
+        port, admin, prom_port = free_port(), free_port(), free_port()
         (tmp_path / "sentinel.yaml").write_text(
             f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: {switch.url}\n"
             f"models:\n  - {{name: digits, version: v3, endpoint: {switch.url}, protocol: v2}}\n"
@@ -154,8 +122,8 @@ def stack(tmp_path):
                                  f"--storage.tsdb.path={tmp_path / 'data'}",
                                  f"--web.listen-address=127.0.0.1:{prom_port}"], tmp_path / "prometheus.log"))
             prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=5.0)
-            _wait("sentinel /healthz", lambda: httpx.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200, 30)
-            _wait("prometheus ready", lambda: prom.get("/-/ready").status_code == 200, 30)
+            wait_for("sentinel /healthz", lambda: httpx.get(f"http://127.0.0.1:{admin}/healthz").status_code == 200, 30)
+            wait_for("prometheus ready", lambda: prom.get("/-/ready").status_code == 200, 30)
 
             stop = threading.Event()
 
@@ -176,7 +144,7 @@ def stack(tmp_path):
             loader.join(10)
         finally:
             for p in reversed(procs):
-                _stop(p)
+                stop_process(p)
             switch.close()
 
 
@@ -196,9 +164,9 @@ def _page(prom: httpx.Client, slo: str) -> list[dict]:
 def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(stack):
     prom: httpx.Client = stack["prom"]
     # the recorded availability ratio exists once two scrapes fall in its shortest window
-    _wait("recorded availability ratio", lambda: _query(
+    wait_for("recorded availability ratio", lambda: _query(
         prom, 'slo:sentinel_sli_error:ratio_rate4s{slo="availability"}'), 30)
-    _wait("recorded latency ratio", lambda: _query(prom, 'slo:sentinel_sli_error:ratio_rate20s{slo="latency"}'), 30)
+    wait_for("recorded latency ratio", lambda: _query(prom, 'slo:sentinel_sli_error:ratio_rate20s{slo="latency"}'), 30)
     rules = prom.get("/api/v1/rules").json()["data"]["groups"]
     assert rules and all(r["health"] == "ok" for g in rules for r in g["rules"]), \
         [(r["name"], r.get("lastError")) for g in rules for r in g["rules"] if r["health"] != "ok"]
@@ -229,7 +197,7 @@ def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(
                     checked += 1
                     if not result:   # a counter that first moved less than one rate window ago
                         try:
-                            result = _wait(f"data for {panel.title}", lambda e=expr: _query(prom, e), 20)
+                            result = wait_for(f"data for {panel.title}", lambda e=expr: _query(prom, e), 20)
                         except AssertionError:
                             result = []
                     if not result:
@@ -242,10 +210,10 @@ def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(
 
     # the real sidecar says how many samples its accuracy estimate rests on (at most its window of
     # 20, below the SLO's min_samples of 100): the accuracy SLO counts none of them and says so
-    samples = _wait("sentinel_accuracy_estimate_samples", lambda: _query(
+    samples = wait_for("sentinel_accuracy_estimate_samples", lambda: _query(
         prom, 'sentinel_accuracy_estimate_samples{model="digits"}'), 30)
     assert 0 < float(samples[0]["value"][1]) <= 20
-    usable = _wait("the accuracy SLO's usable share", lambda: _query(
+    usable = wait_for("the accuracy SLO's usable share", lambda: _query(
         prom, 'slo:sentinel_estimated_accuracy_usable:ratio{slo="accuracy"}'), 15)
     assert float(usable[0]["value"][1]) == 0.0
     assert not _query(prom, 'slo:sentinel_estimated_accuracy:ratio{slo="accuracy"}')
@@ -255,13 +223,13 @@ def test_rules_and_dashboards_on_real_prometheus_and_outage_pages_then_resolves(
     assert not _page(prom, "availability")
     stack["switch"].outage.set()
     t0 = time.monotonic()
-    fired = _wait("availability page", lambda: _page(prom, "availability"), 30)
+    fired = wait_for("availability page", lambda: _page(prom, "availability"), 30)
     detect = time.monotonic() - t0
     assert float(re.search(r"at ([\d.]+)x", fired[0]["annotations"]["description"]).group(1)) > 14.4
     time.sleep(3)
     stack["switch"].outage.clear()
     t1 = time.monotonic()
-    _wait("availability page resolved", lambda: not _page(prom, "availability"), 45)
+    wait_for("availability page resolved", lambda: not _page(prom, "availability"), 45)
     reset = time.monotonic() - t1
     print(f"e2e: page after {detect:.1f}s of outage, resolved {reset:.1f}s after recovery")
     assert not _page(prom, "latency")
