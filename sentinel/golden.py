@@ -318,20 +318,84 @@ def load_contract(golden: GoldenSet):
         raise IntegrityError(f"{path}: {exc}") from None
 
 
+MAX_ARRAY_FILE_BYTES = 4 << 30   # an input file's arrays, uncompressed: refused above this
+
+
+def read_arrays(path: str | Path, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz or .npy file (or a directory of .npy files), with errors that name the file.
+
+    No pickle (object arrays are refused), and at most MAX_ARRAY_FILE_BYTES of array data,
+    checked from the headers before anything is read. `what` names the file in errors
+    (e.g. "--input window.npz").
+    """
+    import zipfile
+
+    p = Path(path)
+    files = sorted(p.glob("*.npy")) if p.is_dir() else [p]
+    if not p.exists():
+        raise UsageError(f"{what}: no such file or directory")
+    if not p.is_dir() and p.suffix not in (".npz", ".npy"):
+        raise UsageError(f"{what}: expected an .npz or .npy file or a directory of .npy files")
+    try:
+        if p.suffix == ".npz" and not p.is_dir():
+            with zipfile.ZipFile(p) as zf:
+                size = sum(i.file_size for i in zf.infolist())
+            _check_size(size, what)
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        _check_size(sum(f.stat().st_size for f in files), what)
+        if p.is_dir():
+            return {f.stem: np.load(f, allow_pickle=False) for f in files}
+        return {"inputs": np.load(p, allow_pickle=False)}
+    except UsageError:
+        raise
+    except zipfile.BadZipFile as exc:
+        raise UsageError(f"{what}: not a readable .npz ({exc})") from None
+    except ValueError as exc:   # object arrays (would need pickle), a bad header, a truncated array
+        raise UsageError(f"{what}: cannot read its arrays: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"{what}: cannot read it: {exc}") from None
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_ARRAY_FILE_BYTES:
+        raise UsageError(f"{what}: {size / 2**30:.1f} GiB of arrays, more than the {MAX_ARRAY_FILE_BYTES >> 30} GiB "
+                         "an input file may hold; split it")
+
+
+def numeric_samples(arr: np.ndarray, name: str, what: str) -> np.ndarray:
+    """`arr` if it holds at least one sample of numbers (bool, integer or float), else a UsageError."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "biuf":
+        raise UsageError(f"{what}: array '{name}' holds {arr.dtype} values, not numbers")
+    if arr.ndim == 0 or len(arr) == 0:
+        raise UsageError(f"{what}: array '{name}' has no samples (shape {arr.shape})")
+    return arr
+
+
+def class_labels(labels: np.ndarray, n: int, num_classes: int, what: str) -> np.ndarray:
+    """Integer labels in [0, num_classes), one per sample, or a UsageError naming the first bad one."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise UsageError(f"{what}: {labels.shape} labels for {n} inputs (one class index per sample)")
+    if labels.dtype.kind not in "iu":
+        raise UsageError(f"{what}: labels are {labels.dtype}, not integer class indices")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise UsageError(f"{what}: label {int(labels[bad[0]])} of sample {int(bad[0])} is not a class index "
+                         f"of this model (0-{num_classes - 1})")
+    return labels
+
+
 def load_source(path: str | Path) -> dict[str, np.ndarray]:
     """Read inputs for `golden build --from`: an .npz with raw/inputs, labels, ids."""
     p = Path(path)
-    if p.is_dir():
-        arrays = {f.stem: np.load(f, allow_pickle=False) for f in sorted(p.glob("*.npy"))}
-    elif p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    elif p.suffix == ".npy":
-        arrays = {"inputs": np.load(p, allow_pickle=False)}
-    else:
-        raise UsageError(f"{p}: expected an .npz or .npy file or a directory of .npy files")
+    arrays = read_arrays(p, str(p))
     if "raw" not in arrays and "inputs" not in arrays:
         raise UsageError(f"{p}: needs an array named 'raw' (server-side inputs) or 'inputs' (network inputs)")
+    for name in ("raw", "inputs"):
+        if name in arrays:
+            numeric_samples(arrays[name], name, str(p))
     return arrays
 
 

@@ -66,7 +66,7 @@ def check(
                                               help="Evaluate consecutive windows of N samples "
                                                    "(default: the whole file is one window)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list, one object per window."),
-    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when any window drifts."),
+    fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when any window drifts or violates the input contract."),
     golden_root: Path | None = typer.Option(None, "--golden-root", help="Default: the config's golden_sets."),
     registry: Path | None = typer.Option(None, "--registry"),
     config: Path | None = typer.Option(None, "--config", "-c"),
@@ -80,7 +80,7 @@ def check(
     from sentinel.drift import Reference, Suite, Window
     from sentinel.drift.features import input_statistics
     from sentinel.errors import UsageError
-    from sentinel.golden import golden_for
+    from sentinel.golden import class_labels, golden_for, numeric_samples, read_arrays
     from sentinel.registry import open_registry
 
     started = time.perf_counter()
@@ -99,23 +99,23 @@ def check(
     golden = golden_for(entry, golden_root or cfg_golden or "golden_sets")
     if input_file.suffix != ".npz" or not input_file.is_file():
         raise UsageError(f"--input {input_file}: expected an existing .npz file")
-    with np.load(input_file, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    what = f"--input {input_file}"
+    arrays = read_arrays(input_file, what)
     if "inputs" in arrays:
-        x = np.asarray(arrays["inputs"], np.float32)
+        x = np.asarray(numeric_samples(arrays["inputs"], "inputs", what), np.float32)
     elif "raw" in arrays:
-        x = entry.manifest.preprocessing.apply(arrays["raw"])
+        x = entry.manifest.preprocessing.apply(numeric_samples(arrays["raw"], "raw", what))
     else:
-        raise UsageError(f"--input {input_file}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
+        raise UsageError(f"{what}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
     expected = tuple(entry.manifest.input.shape)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
         raise UsageError(f"--input {input_file}: inputs have shape {tuple(x.shape[1:])} per sample; "
                          f"{entry.spec} expects {expected}")
     labels = arrays.get("labels")
-    if labels is not None and len(labels) != len(x):
-        raise UsageError(f"--input {input_file}: {len(labels)} labels for {len(x)} inputs")
     lap("golden set and input")
     suite = Suite(Reference.from_golden(golden), _suite_settings(drift))
+    if labels is not None:
+        labels = class_labels(labels, len(x), suite.num_classes, what)
     lap("detectors fitted")
     from sentinel.analysis.shadow import ReferenceRunner
 
@@ -196,7 +196,8 @@ def check(
                 state = "ALARM" if r.alarm else ("abstained: " + r.reason if r.abstained else "ok")
                 typer.echo(f"  {r.name:<12} statistic={_fmt(r.statistic):>8} p={_fmt(r.p_value):>8} "
                            f"alpha={r.threshold:g} {state}" + (f" (top: {r.feature})" if r.alarm and r.feature else ""))
-    if fail_on_drift and any(v.drift for v in verdicts):
+    if fail_on_drift and any(v.drift or (v.diagnosis is not None and v.diagnosis.kind == "input_contract")
+                             for v in verdicts):
         raise typer.Exit(1)
 
 

@@ -13,6 +13,10 @@ combined verdict alarms:
                             the black-box label-shift assumption of Lipton et al., ICML 2018)
     none                    the window does not alarm
 
+A window that does not alarm is still `input_contract` when at least `contract_share` of its
+samples violate the contract: such samples (non-finite values above all) may never reach the
+detectors, so a window made of them cannot alarm, and "none" would hide it.
+
 Comparison: every sample gets a *signature* (per-channel mean, std, quantiles, shares of
 values at the extremes and in mid-range, sharpness, gradient anisotropy, and how well it
 correlates with the golden per-class mean images in four orientations). For a candidate c
@@ -351,6 +355,11 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     common: dict[str, Any] = {"input_effects": dict(input_effects or {}), "class_shift": shift, "detectors": alarming,
               "contract_violating_share": share}
     if not alarm:
+        if share is not None and share >= contract_share:
+            # Samples the contract refuses (non-finite values, wrong range, ...) may never reach the
+            # detectors (non-finite outputs are dropped), so a window of them cannot alarm: say so.
+            return Diagnosis("input_contract", reason=f"{share:.1%} of the window's samples violate the input "
+                                                      "contract (the drift detectors did not alarm)", **common)
         return Diagnosis("none", reason="the combined verdict did not alarm", **common)
     have_inputs = diagnoser is not None and window_features is not None and len(window_features) >= 2
     if not have_inputs:

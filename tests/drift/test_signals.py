@@ -99,6 +99,19 @@ def test_contract_violations_make_input_contract_kind():
     assert d.kind == "input_contract" and d.contract_violating_share == pytest.approx(0.1)
 
 
+def test_contract_violations_are_named_even_when_the_detectors_cannot_alarm():
+    """Non-finite samples never reach the detectors: a window of them must not read "none"."""
+    viol = np.zeros(100, bool)
+    viol[:3] = True                                           # 3% >= CONTRACT_SHARE (2%)
+    d = diagnose(False, [], violating=viol)
+    assert d.kind == "input_contract" and "did not alarm" in d.reason
+    assert diagnose(False, [], violating=np.ones(40, bool)).contract_violating_share == 1.0
+    viol[:] = False
+    viol[0] = True                                            # 1%: below the share, nothing to say
+    assert diagnose(False, [], violating=viol).kind == "none"
+    assert diagnose(False, [], violating=None).kind == "none"
+
+
 def test_support_and_verdicts():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(300, 3))
