@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 # name → (script, quick arguments, what it compares)
 BENCHES = {
     "proxy": ("proxy_bench.py", ["--quick"], "direct vs nginx vs sentinel: added p50/p99, CPU per 1k requests, saturation"),
+    "floor": ("floor_bench.py", ["--seconds", "3"], "nginx vs a bare uvloop relay vs relay+httptools vs sentinel: CPU per 1k requests in situ"),
     "grpc": ("grpc_bench.py", ["--quick"], "OIP v2 over gRPC, direct vs sentinel: added p50/p99, CPU per 1k calls"),
     "replay": ("replay_bench.py", ["--seconds", "5"], "replay client: sustained rate and its own overhead"),
     "drift": ("drift_bench.py", [], "all detectors on a 1,000×1,000-class window; embedding vs raw onnxruntime"),
