@@ -90,10 +90,24 @@ def recording_group(slo: SloSpec, plan: WindowPlan, interval: str) -> RuleGroup:
     return RuleGroup(f"{_group_prefix(slo)}:recording", interval, tuple(rules))
 
 
+def estimate_age_s(pair: BurnWindow) -> int:
+    """How long the accuracy estimate must have been counting before `pair` may fire: half its short window."""
+    return max(1, pair.short_s // 2)
+
+
 def _pair_expr(slo: SloSpec, pair: BurnWindow) -> str:
     sel = f"{{{_labels(slo)}}}"
     long_ = f"{recorded.error_ratio_name(pair.long_s)}{sel} / {budget_expr(slo)} > {num(pair.factor)}"
     short = f"{recorded.error_ratio_name(pair.short_s)}{sel} / {budget_expr(slo)} > {num(pair.factor)}"
+    if slo.sli == "estimated_accuracy":
+        # An average of the estimate over less than half the short window is not a burn rate over
+        # that window: the first estimates of a new deployment would fill every window alone (a
+        # lower bound on 100 samples moves by ±0.02, most of a 3% budget). So the estimate must
+        # have counted at some point in the first half of the short window. Time-based, so it
+        # does not depend on how often the rules are evaluated.
+        age = estimate_age_s(pair)
+        short += (f"\nand on (model)\n  present_over_time({recorded.ESTIMATED_ACCURACY}{sel}"
+                  f"[{format_duration(pair.short_s - age)}] offset {format_duration(age)})")
     return f"(\n  {long_}\nand\n  {short}\n)"
 
 

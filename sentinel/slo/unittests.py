@@ -36,7 +36,7 @@ from sentinel.errors import SentinelError
 from sentinel.slo import recorded, series
 from sentinel.slo.durations import format_duration, parse_duration
 from sentinel.slo.model import RuleFile, dump_yaml
-from sentinel.slo.rules import ABSENT_ALERT, BURN_ALERT, alert_names
+from sentinel.slo.rules import ABSENT_ALERT, BURN_ALERT, alert_names, estimate_age_s
 from sentinel.slo.sli import required_selectors
 from sentinel.slo.spec import SloFile, SloSpec
 from sentinel.slo.windows import BurnWindow, WindowPlan, plan_windows
@@ -106,7 +106,16 @@ class _Scenario:
     def pair_fires(self, pair: BurnWindow, at: int, shorter_by: int = 0) -> bool:
         lo = self.burn(pair.long_s, at, shorter_by)
         sh = self.burn(pair.short_s, at, shorter_by)
-        return lo is not None and sh is not None and lo > pair.factor and sh > pair.factor
+        return (lo is not None and sh is not None and lo > pair.factor and sh > pair.factor
+                and self.estimate_old_enough(pair, at, shorter_by))
+
+    def estimate_old_enough(self, pair: BurnWindow, at: int, shorter_by: int = 0) -> bool:
+        """The accuracy pairs' age condition (rules.estimate_age_s): the synthetic estimate counts
+        from step 0, so it holds once half the short window has passed (one step later when
+        `shorter_by`, to flag the boundary ambiguous)."""
+        if self.slo.sli != "estimated_accuracy":
+            return True
+        return (at - shorter_by) * self.step >= estimate_age_s(pair)
 
     def ambiguous(self, at: int) -> bool:
         """True when some pair's verdict could flip with rounding or a one-sample-shorter range."""
@@ -284,7 +293,11 @@ class _Builder:
             for a in ats:
                 for scen in scens:
                     fired = scen.firing(a)
-                    if "page" in fired or "ticket" not in fired:
+                    # an accuracy estimate younger than half the short window of every ticket pair
+                    # this burn trips cannot tick yet
+                    young = not any(scen.estimate_old_enough(p, a) for p in self.plan.by_severity("ticket")
+                                    if p.factor < burn)
+                    if "page" in fired or ("ticket" not in fired and not young):
                         raise GenerationError(f"{scen.slo.name}: {name}: expected a ticket and no page at {a}")
             checks = [self.burn_check(scens, a) for a in ats]
         return {"name": name, "interval": format_duration(self.step),

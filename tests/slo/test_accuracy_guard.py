@@ -26,7 +26,13 @@ import yaml
 
 from sentinel import metricnames as mn
 from sentinel.slo import recorded, series
-from sentinel.slo.rules import BURN_ALERT, UNRELIABLE_ALERT, UNRELIABLE_FOR, generate_rule_files
+from sentinel.slo.rules import (
+    BURN_ALERT,
+    UNRELIABLE_ALERT,
+    UNRELIABLE_FOR,
+    estimate_age_s,
+    generate_rule_files,
+)
 from sentinel.slo.spec import load_slo_file
 from sentinel.slo.unittests import _Scenario
 from sentinel.slo.windows import plan_windows
@@ -118,13 +124,18 @@ def test_a_low_bound_on_too_few_samples_does_not_burn_and_says_why(tmp_path):
             _alerts(UNRELIABLE_ALERT, young + 1),                           # resolved once it counts
         ],
     }
-    # Control: the same bound on enough samples is a real drop from the start, and pages at once.
+    # Control: the same bound on enough samples is a real drop from the start, and pages as soon
+    # as the estimate has counted for half the fast pair's short window (not on its first values).
     enough = [g for i in INSTANCES for g in _gauges(i, low_then_healthy, [float(FLOOR)] * (steps + 1),
                                                      [1.0] * (steps + 1))]
+    fast = plan_windows(SPEC.period_seconds, SPEC.scrape_interval_seconds).by_severity("page")[0]
+    first_page = -(-estimate_age_s(fast) // STEP_S)
+    assert first_page == 3        # 5m short window: 2m30s of estimates
     control = {
-        "name": "control: the same lower bound on min_samples samples pages",
+        "name": "control: the same lower bound on min_samples samples pages once it has counted 2m30s",
         "interval": f"{STEP_S}s", "input_series": enough,
-        "promql_expr_test": [_alerts(BURN_ALERT, 1, severity="page", sli=SLO.sli),
+        "promql_expr_test": [_alerts(BURN_ALERT, first_page - 1, severity="page"),
+                             _alerts(BURN_ALERT, first_page, severity="page", sli=SLO.sli),
                              _alerts(UNRELIABLE_ALERT, fires_at)],
     }
     _run(tmp_path, [guarded, control])
