@@ -213,3 +213,26 @@ def test_one_replica_short_of_samples_neither_drags_the_estimate_nor_silences_th
         ],
     }
     _run(tmp_path, [test])
+
+
+def test_a_slow_burn_tickets_once_the_estimate_is_old_enough_and_never_pages(tmp_path):
+    """1.1x the budget rate from the first estimate: only the 3d/6h pair can trip, and only once the
+    estimate has counted for half of its 6h short window (3h); before that the young estimate alone
+    fills every window. A gap in the estimates restarts the clock."""
+    plan = plan_windows(SPEC.period_seconds, SPEC.scrape_interval_seconds)
+    slow = max(plan.by_severity("ticket"), key=lambda p: p.long_s)
+    assert (slow.long, slow.short, slow.factor) == ("3d", "6h", 1.0)
+    age = estimate_age_s(slow) // STEP_S                   # 180 steps
+    steps = age + 20
+    bound = [1 - 1.1 * SLO.budget] * (steps + 1)           # 0.967: just under the 0.97 objective
+    ones = [1.0] * (steps + 1)
+    inputs = [g for i in INSTANCES for g in _gauges(i, bound, [2.0 * FLOOR] * (steps + 1), ones)]
+    test = {
+        "name": "a slow burn from the start tickets at 3h, not before, and never pages",
+        "interval": f"{STEP_S}s", "input_series": inputs,
+        "promql_expr_test": [_alerts(BURN_ALERT, age - 2, "ticket"),
+                             _alerts(BURN_ALERT, age + 2, "ticket", sli=SLO.sli),
+                             {"expr": f'count_over_time(ALERTS{{alertname="{BURN_ALERT}",severity="page",'
+                                      f'slo="{SLO.name}"}}[{steps}m])', "eval_time": f"{steps}m", "exp_samples": []}],
+    }
+    _run(tmp_path, [test])
