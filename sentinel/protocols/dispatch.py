@@ -20,6 +20,7 @@ import numpy as np
 
 from sentinel.errors import DecodeError
 from sentinel.protocols.base import NO_HINTS, DecodedRequest, DecodedResponse, DecodeHints, Headers
+from sentinel.protocols.encoding import decoded
 from sentinel.protocols.names import AUTO, GRPC
 
 CODECS: dict[str, str] = {
@@ -88,14 +89,16 @@ def sniff(body: bytes, headers: Headers) -> str:
 
 
 def decode_request(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
-    """Decode an inference request body of the given protocol ("auto": sniffed)."""
+    """Decode an inference request body of the given protocol ("auto": sniffed); content codings undone."""
+    body, headers = decoded(body, headers)
     if protocol == AUTO:
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_request, body, headers, hints)
 
 
 def decode_response(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
-    """Decode an inference response body of the given protocol ("auto": sniffed)."""
+    """Decode an inference response body of the given protocol ("auto": sniffed); content codings undone."""
+    body, headers = decoded(body, headers)
     if protocol == AUTO:
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_response, body, headers, hints)

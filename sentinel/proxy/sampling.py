@@ -58,7 +58,7 @@ class Sample:
 
 
 # Headers a decoder may need; everything else (authorization, cookies...) stays in the proxy.
-DECODER_HEADERS = (b"content-type", b"inference-header-content-length")
+DECODER_HEADERS = (b"content-type", b"inference-header-content-length", b"content-encoding")
 
 
 class Capture:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import json
 import socket
 import struct
@@ -86,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, json.dumps({"predictions": LOGITS.tolist()}).encode())
             elif path.startswith("/predictions/"):
                 self._send(200, json.dumps(LOGITS[0].tolist()).encode())
+            elif "gzip" in self.headers.get("Accept-Encoding", ""):   # a server that compresses when asked
+                self._send(200, gzip.compress(v2_response()), extra={"Content-Encoding": "gzip"})
             else:
                 self._send(200, v2_response())
         elif path == "/v1/traces":   # an OTLP/HTTP collector

@@ -60,6 +60,29 @@ def test_sampled_pairs_are_decoded_and_predictions_counted():
         assert status["last_results"]["digits"]["predictions"] >= 1
 
 
+def test_compressed_bodies_are_decoded_not_rejected():
+    """tritonclient with request and response compression: the proxy forwards the bytes as they
+    are, and the worker decodes under the content coding (gzip, deflate) instead of rejecting."""
+    import tritonclient.http as triton
+
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0)) as sc:
+        client = triton.InferenceServerClient(sc.url.removeprefix("http://"))
+        inp = triton.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=False)
+        for algorithm in ("gzip", "deflate", "gzip"):
+            res = client.infer("digits", [inp], request_compression_algorithm=algorithm,
+                               response_compression_algorithm="gzip")
+            np.testing.assert_allclose(res.as_numpy("logits"), LOGITS, rtol=1e-6)
+        client.close()
+        seen = [r for r in up.seen if r["path"].endswith("/infer")]
+        assert [r["headers"].get("content-encoding") for r in seen] == ["gzip", "deflate", "gzip"]
+        assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "decoded"}, 3) == 3
+        assert sc.value(SAMPLES, {"model": "digits", "outcome": "rejected"}) == 0
+        cls = str(int(LOGITS.argmax()))
+        assert sc.wait_for(mn.PREDICTIONS.sample_name, {"model": "digits", "class": cls}, 3) == 3
+
+
 def test_monitor_raising_on_every_sample(caplog):
     caplog.set_level(logging.WARNING, logger="sentinel.analysis")
     with Upstream() as up, RunningSidecar(make_config(up.url, rate=1.0), "proxy_monitors:raising") as sc:
