@@ -76,10 +76,14 @@ class GoldenSet:
     meta: GoldenMeta
 
     def _load(self, name: str) -> np.ndarray | None:
+        """The array, memory-mapped copy-on-write: a slice (`inputs[:32]`) reads only the pages it
+        touches, a second access shares the page cache instead of reading the file again (a
+        densenet121 golden set's inputs are ~150 MB), and a caller writing into it changes
+        its own copy, never the file."""
         p = confined(self.path, f"{name}.npy", f"{self.path}: {name}.npy")
         if not p.exists():
             return None
-        return np.load(p, allow_pickle=False)
+        return np.load(p, allow_pickle=False, mmap_mode="c")
 
     @property
     def ids(self) -> np.ndarray:

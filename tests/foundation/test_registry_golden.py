@@ -106,6 +106,22 @@ def test_flipped_byte_is_caught_by_golden_check(tmp_path, digits_golden):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_writing_into_a_golden_array_never_changes_the_file(tmp_path, digits_golden):
+    """The arrays are memory-mapped copy-on-write: callers may scale them in place (torch needs
+    writable arrays), the golden set stays what its manifest's digests say."""
+    dst = tmp_path / "g"
+    shutil.copytree(digits_golden.path, dst)
+    g = load_golden(dst)
+    before = (dst / "inputs.npy").read_bytes()
+    x = g.inputs
+    assert x.flags.writeable and x.shape[0] == len(g)
+    x[:] = 0.0
+    x.flush()                                          # copy-on-write: nothing reaches the file
+    assert (dst / "inputs.npy").read_bytes() == before
+    assert float(np.abs(g.inputs).sum()) > 0          # a fresh access sees the file, not the write
+    assert check_golden(dst) == []
+
+
 def test_golden_set_of_another_model_is_refused(registry, digits_golden):
     v2 = registry.resolve("digits:v2")
     with pytest.raises(UsageError, match="golden set is for digits:v3, not digits:v2"):
