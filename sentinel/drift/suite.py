@@ -43,11 +43,19 @@ class Reference:
 
     @classmethod
     def from_golden(cls, golden: Any) -> Reference:
-        """Arrays of a loaded `sentinel.golden.GoldenSet` (and its stored input contract, digest-checked)."""
+        """Arrays of a loaded `sentinel.golden.GoldenSet` (and its stored input contract, digest-checked).
+
+        Copied into memory: a golden set's arrays are memory-mapped, and a suite lives as long
+        as the sidecar, which must not depend on the files staying as they were.
+        """
         from sentinel.golden import load_contract
 
-        return cls(np.asarray(golden.logits, np.float64), golden.labels, golden.inputs, golden.embeddings,
-                   raw=golden.raw, preprocessing=golden.meta.preprocessing, contract=load_contract(golden))
+        def owned(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.array(a)
+
+        return cls(np.array(golden.logits, np.float64), owned(golden.labels), owned(golden.inputs),
+                   owned(golden.embeddings), raw=owned(golden.raw), preprocessing=golden.meta.preprocessing,
+                   contract=load_contract(golden))
 
 
 @dataclass(frozen=True)
