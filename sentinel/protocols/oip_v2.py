@@ -51,7 +51,7 @@ def _split(body: bytes, headers: Headers) -> tuple[bytes, memoryview, dict[str, 
         return body[:hlen], memoryview(body)[hlen:], None
     hlen, doc = json_object_prefix(body)
     rest = memoryview(body)[hlen:]
-    if len(rest) < 64 and not bytes(rest).strip():
+    if len(rest) < 64 and not bytes(rest).strip(_JSON_WS):
         return body, memoryview(b""), doc   # plain JSON with trailing whitespace
     return body[:hlen], rest, doc
 

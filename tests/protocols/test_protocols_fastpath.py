@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sentinel.errors import DecodeError
@@ -60,7 +60,7 @@ def slow_split_doc(body: bytes) -> tuple[int, Any]:
     body when only a little whitespace follows)."""
     hlen = json_prefix_length(body)
     rest = body[hlen:]
-    head = body if len(rest) < 64 and not rest.strip() else body[:hlen]
+    head = body if len(rest) < 64 and not rest.strip(b" \t\r\n") else body[:hlen]
     return hlen, slow_object(head)
 
 
@@ -68,7 +68,7 @@ def fast_split_doc(body: bytes) -> tuple[int, Any]:
     hlen, doc = json_object_prefix(body)
     if doc is None:
         rest = body[hlen:]
-        doc = load_json_object(body if len(rest) < 64 and not rest.strip() else body[:hlen])
+        doc = load_json_object(body if len(rest) < 64 and not rest.strip(b" \t\r\n") else body[:hlen])
     return hlen, doc
 
 
@@ -101,6 +101,7 @@ def prefixed_bodies(draw: st.DrawFn) -> bytes:
 @pytest.mark.slow
 @SETTINGS
 @given(st.one_of(prefixed_bodies(), bodies, mutated()))
+@example(b"{}\x0b")   # found by a CI run: a vertical tab is not JSON whitespace
 def test_split_and_document_match_the_full_scan(body):
     assert same(outcome(fast_split_doc, body), outcome(slow_split_doc, body))
 

@@ -192,6 +192,14 @@ def test_json_body_may_end_in_any_amount_of_whitespace(pad, with_header):
     assert req.inputs.tolist() == [[1.0, 2.0, 3.0]]
 
 
+@pytest.mark.parametrize("pad", [b"\x0b", b"\x0c", b" \x0b", b"\x0c" * 100])
+def test_only_json_whitespace_may_follow_a_json_body(pad):
+    """Vertical tab and form feed are whitespace to Python's bytes.strip, not to RFC 8259."""
+    doc = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}).encode()
+    with pytest.raises(DecodeError):
+        decode_request("v2", doc + pad, {})
+
+
 def test_whitespace_after_binary_tensors_is_still_refused():
     """Bytes beyond the declared binary tensors are an error, whatever they are."""
     raw = np.arange(3, dtype=np.float32).tobytes()
