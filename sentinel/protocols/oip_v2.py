@@ -50,10 +50,7 @@ def _split(body: bytes, headers: Headers) -> tuple[bytes, memoryview, dict[str, 
             raise DecodeError("bad_header", f"{HEADER_LENGTH} is {hlen} but the body has {len(body)} bytes")
         return body[:hlen], memoryview(body)[hlen:], None
     hlen, doc = json_object_prefix(body)
-    rest = memoryview(body)[hlen:]
-    if len(rest) < 64 and not bytes(rest).strip(_JSON_WS):
-        return body, memoryview(b""), doc   # plain JSON with trailing whitespace
-    return body[:hlen], rest, doc
+    return body[:hlen], memoryview(body)[hlen:], doc
 
 
 def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np.ndarray]]:
@@ -90,7 +87,8 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
             raise DecodeError("missing_field", f"tensor {name!r}: neither data nor binary_data_size")
         out.append((name, arr))
     if pos != len(rest) and not (pos == 0 and not bytes(rest).strip(_JSON_WS)):
-        # (no binary tensors and only whitespace after the object: a JSON body, which may end in any amount)
+        # (no binary tensors and only whitespace after the object: a JSON body, which may end in any amount;
+        # the one place trailing whitespace is judged, with or without the header length)
         raise DecodeError("bad_shape", f"{len(rest) - pos} bytes of binary data left after the last tensor")
     return out
 

@@ -200,6 +200,17 @@ def test_only_json_whitespace_may_follow_a_json_body(pad):
         decode_request("v2", doc + pad, {})
 
 
+def test_short_binary_tensors_made_of_whitespace_bytes_are_read_without_the_header():
+    """Whitespace after the object is judged once, after the tensors are read: 12 bytes of binary
+    FP32 that happen to be spaces are a tensor, not JSON padding (without the header length too)."""
+    raw = b" " * 12
+    doc = json.dumps({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                                  "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    for headers in ({}, {"inference-header-content-length": str(len(doc))}):
+        req = decode_request("v2", doc + raw, headers)
+        assert req.inputs.tobytes() == raw
+
+
 def test_whitespace_after_binary_tensors_is_still_refused():
     """Bytes beyond the declared binary tensors are an error, whatever they are."""
     raw = np.arange(3, dtype=np.float32).tobytes()
