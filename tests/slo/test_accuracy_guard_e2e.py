@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from servers import free_port, stop_process, wait_for
+from servers import free_port, serve_in_thread, stop_process, stop_server, wait_for
 
 from sentinel import metricnames as mn
 from sentinel.slo import recorded
@@ -65,14 +64,11 @@ class Replica:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_in_thread(Handler)
         self.target = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_server(self.server)
 
 
 def _wait_quarter(what: str, check: Callable[[], Any], timeout: float) -> Any:

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from servers import free_port, stop_process, wait_for
+from servers import free_port, serve_in_thread, stop_process, stop_server, wait_for
 
 from sentinel.slo.dashboards import dashboard_specs
 from sentinel.slo.rules import BURN_ALERT, generate_rule_files
@@ -72,14 +72,11 @@ class FaultSwitch:
 
             do_GET = do_POST = _relay
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = serve_in_thread(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_server(self.server)
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
