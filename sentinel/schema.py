@@ -109,6 +109,7 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     kwargs: dict[str, Any] = {}
+    missing = False
     for key in data:
         if key not in fields:
             close = [f for f in fields if _similar(str(key), f)]
@@ -120,6 +121,9 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
             kwargs[name] = _convert(data[name], hints[name], fpath, probs)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             probs.add(fpath, "required field is missing")
+            missing = True
+    if missing:   # said once per field above; the constructor's TypeError would say it again
+        return None
     before = len(probs.items)
     try:
         obj = cls(**kwargs)

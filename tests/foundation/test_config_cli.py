@@ -46,8 +46,10 @@ def test_every_error_names_file_and_field(tmp_path):
 def test_missing_models_and_bad_yaml(tmp_path):
     p = tmp_path / "empty.yaml"
     p.write_text("listen: 127.0.0.1:1\n")
-    with pytest.raises(ConfigError, match=r"empty.yaml: models: required field is missing"):
+    with pytest.raises(ConfigError, match=r"empty.yaml: models: required field is missing") as info:
         load_config(p)
+    # said once, by its field: not again as the constructor's "missing 1 required positional argument"
+    assert info.value.problems == [f"{p}: models: required field is missing"]
     q = tmp_path / "broken.yaml"
     q.write_text("models: [\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: line \d+, column \d+: invalid YAML"):
