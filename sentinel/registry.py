@@ -411,4 +411,17 @@ def open_registry(config_path: str | Path | None = None, registry: str | Path | 
             root = cfg.resolve(cfg.registry)
     elif config_path:
         raise ConfigError([f"{cfg_file}: file not found"])
-    return Registry(root or data_home() / "models", default_model=default_model)
+    if root is None:
+        home = data_home()
+        root = home / "models"
+        shipped = home / "sentinel.yaml"
+        if default_model is None and shipped.is_file():
+            # The example data's own config names its default model (so `--model v3` works from
+            # any directory, whatever else was added to that registry).
+            from sentinel.config import load_config
+
+            try:
+                default_model = load_config(shipped).default_model
+            except ConfigError:
+                pass
+    return Registry(root, default_model=default_model)

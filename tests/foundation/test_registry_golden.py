@@ -162,3 +162,23 @@ def test_bundled_onnx_export_matches_its_record_and_verifies(digits_v3):
     assert sha256_file(digits_v3.directory / ref.file) == ref.sha256
     res = run_cli("verify", str(digits_v3.directory / ref.file), "--model", "digits:v3", "--quiet")
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_example_datas_default_model_applies_without_a_config(tmp_path, monkeypatch):
+    """From a directory without sentinel.yaml, `--model v3` resolves through the example data's
+    own config (default_model: digits), even when its registry holds another model too."""
+    from sentinel import registry as reg
+
+    home = tmp_path / "home"
+    shutil.copytree(reg.source_checkout() / "models" / "digits", home / "models" / "digits",
+                    ignore=shutil.ignore_patterns("*.onnx"))
+    shutil.copytree(home / "models" / "digits", home / "models" / "other")
+    for y in (home / "models" / "other").glob("*/model.yaml"):
+        y.write_text(y.read_text().replace("name: digits", "name: other"))
+    assert sorted(m.name for m in reg.Registry(home / "models").entries()) == ["digits", "digits", "other", "other"]
+    (home / "sentinel.yaml").write_text("default_model: digits\nmodels:\n  - name: digits\n    version: v3\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(reg, "data_home", lambda cwd=None: home)
+    assert reg.open_registry().resolve("v3").spec == "digits:v3"
