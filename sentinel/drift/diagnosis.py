@@ -19,13 +19,17 @@ detectors, so a window made of them cannot alarm, and "none" would hide it.
 
 Comparison: every sample gets a *signature* (per-channel mean, std, quantiles, shares of
 values at the extremes and in mid-range, sharpness, gradient anisotropy, and how well it
-correlates with the golden per-class mean images in four orientations). For a candidate c
+correlates with the golden per-class mean images in each orientation, and the differences of
+those fits). A candidate fits when d is small, and no single feature is far off (z² below
+FIT_MAX), and no other candidate fits about as well (AMBIGUITY): otherwise no transform is
+named, and the kind stays generic (covariate_shift, input_contract). For a candidate c
 the distance is d(c) = mean_j z_j², with z_j the Welch statistic of feature j between the
 window and T_c(golden). Candidates applied to golden inputs in their raw form (when the golden
 set has it) or in the network's unit space: multiply/divide by a factor and add an offset
-(both estimated from the window's per-sample extremes), invert, transpose, horizontal and
-vertical flip, binarize, blur (σ 0.5/1/2 pixels), channel order (C > 1), missing or doubled
-normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
+(both estimated from the window's per-sample extremes), invert, the seven other symmetries of
+the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
+the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
+pixels), channel order (C > 1), missing or doubled normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
 
 Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
 """
@@ -42,19 +46,27 @@ Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_sh
 KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
-                               "normalization_doubled")
+                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose")
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
 FIT = 12.0           # a candidate explains the window: its d below this ...
-FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity)
+FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity) ...
+FIT_MAX = 40.0       # ... and no feature's z² above this (z ≈ 6.3) ...
+FIT_MAX_FITTED = 120.0   # ... or above this for multiply/divide/offset, whose parameter is estimated
+AMBIGUITY = 2.0      # a second fitting candidate within this factor of the best d: none is named
 CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window input_contract
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
-ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
+# The eight symmetries of a square image (the dihedral group D4); rotations are counter-clockwise,
+# as numpy.rot90 turns an image shown with row 0 at the top. Those that swap height and width
+# exist only for square images (`SQUARE_ONLY`).
+ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical", "rotate_90", "rotate_180",
+                "rotate_270", "antitranspose")
+SQUARE_ONLY = ("transpose", "rotate_90", "rotate_270", "antitranspose")
 
 
 def _orient(img: np.ndarray, o: str) -> np.ndarray:
@@ -65,7 +77,20 @@ def _orient(img: np.ndarray, o: str) -> np.ndarray:
         return img[..., ::-1]
     if o == "flip_vertical":
         return img[..., ::-1, :]
+    if o == "rotate_90":
+        return np.rot90(img, 1, axes=(-2, -1))
+    if o == "rotate_180":
+        return img[..., ::-1, ::-1]
+    if o == "rotate_270":
+        return np.rot90(img, 3, axes=(-2, -1))
+    if o == "antitranspose":
+        return np.swapaxes(img, -1, -2)[..., ::-1, ::-1]
     return img
+
+
+def orientations(h: int, w: int) -> tuple[str, ...]:
+    """The orientations of an H×W image that keep its shape."""
+    return tuple(o for o in ORIENTATIONS if h == w or o not in SQUARE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -86,7 +111,7 @@ class Signature:
         gray = x.mean(axis=1)
         ks = np.unique(np.asarray(classes))
         means = np.stack([gray[np.asarray(classes) == k].mean(axis=0) for k in ks])
-        orients = [o for o in ORIENTATIONS if o != "transpose" or h == w]
+        orients = list(orientations(h, w))
         t = np.stack([_orient(means, o).reshape(len(ks), -1) for o in orients])
         t = t - t.mean(axis=2, keepdims=True)
         t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-12)
@@ -136,14 +161,19 @@ class Moments:
         return cls(f.mean(axis=0), f.var(axis=0, ddof=1) if len(f) > 1 else np.zeros(f.shape[1]), len(f))
 
 
-def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
-    """Mean squared Welch z over features (`scale` floors each feature's variance)."""
+def z_squared(window: Moments, ref: Moments, scale: np.ndarray) -> np.ndarray:
+    """Squared Welch z per feature (`scale` floors each feature's variance), capped at 1e6."""
     # plus a 0.5% relative tolerance: a fitted factor is not exact, and a feature with no spread
     # (a clipped maximum) must not turn that into an enormous z
     se2 = window.var / max(window.n, 1) + ref.var / max(ref.n, 1) + (scale ** 2) / max(window.n, 1) \
         + (REL_TOLERANCE * ref.mean) ** 2
-    z2 = (window.mean - ref.mean) ** 2 / se2
-    return float(np.mean(np.minimum(z2, 1e6)))
+    z2: np.ndarray = np.minimum((window.mean - ref.mean) ** 2 / se2, 1e6)
+    return z2
+
+
+def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
+    """Mean squared Welch z over features (`scale` floors each feature's variance)."""
+    return float(np.mean(z_squared(window, ref, scale)))
 
 
 @dataclass(frozen=True)
@@ -194,15 +224,15 @@ def _candidates(src: Source) -> list[Candidate]:
             return np.asarray(gaussian_filter(x, sigma=(0, 0, s, s), mode="constant"))
         return f
 
+    def orient(o: str) -> Callable[[np.ndarray, float], np.ndarray]:
+        return lambda x, _: np.ascontiguousarray(_orient(x, o))
+
     cands = [
         Candidate("invert", lambda x, _: lo + hi - x),
-        Candidate("flip_horizontal", lambda x, _: x[..., ::-1]),
-        Candidate("flip_vertical", lambda x, _: x[..., ::-1, :]),
+        *[Candidate(o, orient(o)) for o in orientations(h, w) if o != "identity"],
         Candidate("binarize", lambda x, _: np.where(x > (lo + hi) / 2, hi, lo)),
         *[Candidate("blur", blur(s)) for s in BLUR_SIGMAS],
     ]
-    if h == w:
-        cands.append(Candidate("transpose", lambda x, _: np.swapaxes(x, -1, -2)))
     if c > 1:
         cands.append(Candidate("channel_order", lambda x, _: x[:, ::-1]))
     m, s = _ch(src.norm_mean), _ch(src.norm_std)
@@ -226,13 +256,16 @@ class Diagnosis:
     detectors: dict[str, str] = field(default_factory=dict)        # alarming detector → its top feature
     contract_violating_share: float | None = None
     reason: str = ""
+    # share of the window the named transform explains: the weight s of T(golden) in the mixture
+    # (1 − s)·golden + s·T(golden) that best fits the window's mean signature (None: nothing named)
+    transformed_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter,
                 "inputs_moved": self.inputs_moved, "candidates": dict(self.candidates),
                 "input_effects": dict(self.input_effects), "class_shift": dict(self.class_shift),
                 "detectors": dict(self.detectors), "contract_violating_share": self.contract_violating_share,
-                "reason": self.reason}
+                "transformed_share": self.transformed_share, "reason": self.reason}
 
 
 class Diagnoser:
@@ -323,18 +356,80 @@ class Diagnoser:
         v = wts @ (var + mu ** 2) - mean ** 2
         return Moments(mean, np.maximum(v, 0.0), self.golden.n)
 
-    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None]]:
-        """d(candidate) for the identity and every candidate, with the fitted parameter where there is one."""
+    def candidate_moments(self, name: str, window_features: np.ndarray) -> Moments | None:
+        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant)."""
         wm = Moments.of(window_features)
-        out: dict[str, tuple[float, float | None]] = {"identity": (distance(wm, self.golden, self.scale), None)}
+        fitted = self._fitted(window_features)
+        if name in fitted:
+            return fitted[name][0]
+        ms = [m for k, m in self.fixed.items() if k.split("#")[0] == name]
+        return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
+
+    def transformed_share(self, name: str, window_features: np.ndarray) -> float | None:
+        """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
+        m = self.candidate_moments(name, window_features)
+        return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
+
+    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None, float]]:
+        """(d, fitted parameter or None, largest per-feature z²) of the identity and every candidate."""
+        wm = Moments.of(window_features)
+
+        def score(m: Moments) -> tuple[float, float]:
+            z2 = z_squared(wm, m, self.scale)
+            return float(np.mean(z2)), float(np.max(z2)) if len(z2) else 0.0
+
+        d0, m0 = score(self.golden)
+        out: dict[str, tuple[float, float | None, float]] = {"identity": (d0, None, m0)}
         for key, m in self.fixed.items():
             name = key.split("#")[0]
-            d = distance(wm, m, self.scale)
+            d, zmax = score(m)
             if name not in out or d < out[name][0]:
-                out[name] = (d, None)
+                out[name] = (d, None, zmax)
         for name, (m, p) in self._fitted(window_features).items():
-            out[name] = (distance(wm, m, self.scale), p)
+            d, zmax = score(m)
+            out[name] = (d, p, zmax)
         return out
+
+
+def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale: np.ndarray) -> float:
+    """Least-squares weight s in [0, 1] of `transformed` in (1 − s)·golden + s·transformed ≈ window means.
+
+    Features are weighted by their inverse squared standard error (as in `z_squared`), so the
+    precisely measured ones decide. 1 when the whole window is transformed, near 0 when none is.
+    """
+    a = transformed.mean - golden.mean
+    b = window.mean - golden.mean
+    se2 = window.var / max(window.n, 1) + transformed.var / max(transformed.n, 1) + (scale ** 2) / max(window.n, 1) \
+        + (REL_TOLERANCE * transformed.mean) ** 2
+    w = 1.0 / np.maximum(se2, 1e-300)
+    den = float(np.sum(w * a * a))
+    if not np.isfinite(den) or den <= 0:
+        return 1.0
+    return float(np.clip(np.sum(w * a * b) / den, 0.0, 1.0))
+
+
+def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str | None, str]:
+    """The one candidate transform that explains a window, or None, with the reason.
+
+    A candidate fits when its d is below FIT, FIT_RATIO times below the untransformed d, and no
+    single feature is off by more than FIT_MAX in z² (a mean over many features can hide a few
+    grossly wrong ones: a rotation by 90° looks like a transpose in every orientation-free
+    feature); FIT_MAX_FITTED for a candidate whose factor or offset is estimated from the
+    window's extremes, which is not exact and moves every feature a little. When a second candidate also fits within AMBIGUITY times the best d, the window
+    does not tell them apart, and no transform is named.
+    """
+    d_id = cands["identity"][0]
+    fit = sorted((v[0], k) for k, v in cands.items()
+                 if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
+                 and v[2] < (FIT_MAX if v[1] is None else FIT_MAX_FITTED))
+    if not fit:
+        best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
+        return None, f"no candidate transform fits (best {best}: d={cands[best][0]:.3g}, largest z²=" \
+                     f"{cands[best][2]:.3g}; untransformed d={d_id:.3g})"
+    (d_best, best), rest = fit[0], fit[1:]
+    if rest and rest[0][0] < AMBIGUITY * d_best:
+        return None, f"{best} and {rest[0][1]} fit about equally (d={d_best:.3g} vs {rest[0][0]:.3g}): not named"
+    return best, f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs {d_id:.3g} untransformed)"
 
 
 def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: Diagnoser | None = None,
@@ -370,28 +465,26 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     assert diagnoser is not None and window_features is not None
     moved = distance(Moments.of(window_features), diagnoser.reweighted(predicted), diagnoser.scale)
     cands = diagnoser.search(window_features)
-    d_id = cands["identity"][0]
-    best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
-    d_best, param = cands[best]
+    best, why = explaining(cands)
     top = dict(sorted(((k, round(v[0], 3)) for k, v in cands.items()), key=lambda kv: kv[1])[:4])
-    if moved > MOVED and d_best < FIT and d_best * FIT_RATIO < d_id:
-        return Diagnosis("preprocessing_mismatch", best, param, round(moved, 3), top,
-                         reason=f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs "
-                                f"{d_id:.3g} untransformed)", **common)
+    if moved > MOVED and best is not None:
+        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
+                         transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
         transform, p = None, None
         bad = np.asarray(violating, bool)
         if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
-            sb = min((k for k in sub if k != "identity"), key=lambda k: sub[k][0])
-            if sub[sb][0] < FIT and sub[sb][0] * FIT_RATIO < sub["identity"][0]:
-                transform, p = sb, sub[sb][1]
+            transform, _ = explaining(sub)
+            p = None if transform is None else sub[transform][1]
+        ts = None if transform is None else diagnoser.transformed_share(transform, window_features)
         return Diagnosis("input_contract", transform, p, round(moved, 3), top,
-                         reason=f"{share:.1%} of the window's samples violate the input contract", **common)
+                         reason=f"{share:.1%} of the window's samples violate the input contract",
+                         transformed_share=ts, **common)
     if moved > MOVED or "input_stats" in alarming:
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
-                                "and no candidate transform explains them", **common)
+                                f"and no one candidate transform explains them: {why}", **common)
     return Diagnosis("prior_shift", None, None, round(moved, 3), top,
                      reason=f"inputs match golden reweighted to the window's predicted classes (d={moved:.3g}); "
                             "the class shares moved", **common)

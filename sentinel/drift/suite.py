@@ -261,6 +261,13 @@ class Suite:
         diag = self._diagnose(window, results, combined, out)
         if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
             reliable = False        # inputs the model was not validated on: its confidence proves nothing
+        ts = diag.transformed_share
+        if ts is not None and "atc_lower" in est:
+            # The samples a named transform explains were fed wrongly prepared inputs: count them as
+            # unknown, whatever the per-sample verdicts say (a flipped or rotated digit still looks like
+            # a digit, to the support check and to the model, which is then confidently wrong).
+            est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
+            unknown_share = ts if unknown_share is None else max(unknown_share, ts)
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,

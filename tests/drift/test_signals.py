@@ -76,6 +76,47 @@ def test_diagnosis_names_the_transform(transform, expected):
     assert diagnose(False, [], diagnoser=dg, window_features=dg.features(shifted)).kind == "none"
 
 
+@pytest.mark.parametrize(("k", "expected"), [(1, "rotate_90"), (2, "rotate_180"), (3, "rotate_270")])
+def test_diagnosis_names_rotations_not_a_neighbouring_symmetry(k, expected):
+    """A rotation by 90° agrees with a transpose in every orientation-free feature: it must not be
+    called one (before the eight symmetries were candidates it was named `transpose`)."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(60, seed=1)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(np.ascontiguousarray(np.rot90(w, k, (2, 3)))),
+                 predicted=wy, golden_predicted_shares=np.bincount(y) / len(y))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", expected)
+
+
+@pytest.mark.parametrize("transform", [
+    lambda a: np.rot90(1.0 - a, 1, (2, 3)),                       # two candidates composed
+    lambda a: np.roll(a, 2, axis=3),                               # a translation: not a candidate
+])
+def test_diagnosis_names_no_transform_when_none_fits(transform):
+    """Shifts outside the candidate set get a generic kind, never a confidently wrong transform."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(200, seed=4)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(np.ascontiguousarray(transform(w))),
+                 predicted=wy, golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "covariate_shift" and d.transform is None, (d.kind, d.transform, d.candidates)
+    assert "no one candidate" in d.reason
+
+
+def test_ambiguous_candidates_are_not_named():
+    from sentinel.drift.diagnosis import explaining
+
+    cands = {"identity": (500.0, None, 900.0), "flip_vertical": (1.0, None, 5.0), "rotate_180": (1.5, None, 6.0),
+             "blur": (80.0, None, 300.0)}
+    assert explaining(cands)[0] is None and "about equally" in explaining(cands)[1]
+    cands["rotate_180"] = (3.0, None, 6.0)
+    assert explaining(cands)[0] == "flip_vertical"
+    cands["flip_vertical"] = (1.0, None, 90.0)            # one feature far off: no fit
+    assert explaining(cands)[0] == "rotate_180"
+    cands["multiply"] = (0.5, 3.0, 90.0)                  # a fitted factor is allowed more
+    assert explaining(cands)[0] == "multiply"
+
+
 def test_prior_shift_is_inputs_explained_by_class_shares():
     x, y = _images(300)
     dg = Diagnoser(x, y)
@@ -150,3 +191,51 @@ def test_stored_contract_is_digest_checked(tmp_path):
         load_contract(load_golden(dst))
     (dst / "contract.json").unlink()
     assert load_contract(load_golden(dst)) is None          # absent: derived from the inputs on load
+
+
+def _two_class_suite():
+    """A suite on the two-class images whose 'model' reads the class off the image's left half."""
+    from sentinel.drift import Reference, Settings, Suite
+
+    x, y = _images(300)
+
+    def logits(a: np.ndarray) -> np.ndarray:
+        left = a[:, 0, :, :4].mean(axis=(1, 2)) - a[:, 0, :, 4:].mean(axis=(1, 2))
+        return np.stack([40 * left, -40 * left], axis=1)
+
+    golden_logits = logits(x)
+    assert (golden_logits.argmax(1) == y).mean() > 0.95
+    return Suite(Reference(golden_logits, y, inputs=x), Settings(detectors=("bbsd", "label", "input_stats"))), logits
+
+
+def test_lower_bound_counts_a_named_transform_as_unknown():
+    """A horizontally flipped window on which the per-sample verdicts all read likely_correct (as
+    they do on digits, where a flipped digit stays in the golden support and the model is
+    confidently wrong): the diagnosis names the flip, and the samples it explains must not be
+    counted as correct (before: the lower bound read 1.0 at accuracy 0)."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=5)
+    flipped = np.ascontiguousarray(w[..., ::-1])
+    lg = logits(flipped)
+    fooled = np.full(len(w), LIKELY_CORRECT, np.int8)
+    v = suite.evaluate(Window(lg, input_statistics(flipped), labels=wy, signatures=suite.diagnoser.features(flipped),
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.drift and (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", "flip_horizontal")
+    assert v.diagnosis.transformed_share > 0.9 and v.accuracy < 0.05
+    assert v.estimated_accuracy["atc_lower"] <= v.accuracy + 0.1 and v.reliable is False
+    assert v.unknown_share > 0.9
+    half = np.concatenate([flipped[:100], w[100:]])               # half the window flipped
+    v = suite.evaluate(Window(logits(half), input_statistics(half), labels=wy, signatures=suite.diagnoser.features(half),
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    if v.diagnosis.transformed_share is not None:
+        assert v.estimated_accuracy["atc_lower"] <= v.accuracy + 0.1
+    clean_lg = logits(w)
+    smp = suite.samples(w, clean_lg)
+    v = suite.evaluate(Window(clean_lg, input_statistics(w), labels=wy, signatures=smp.signatures,
+                              violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+    assert not v.drift and v.diagnosis.transformed_share is None
+    assert abs(v.estimated_accuracy["atc_lower"] - v.accuracy) <= 0.03
