@@ -114,7 +114,7 @@ SHIFTS: dict[str, Fn] = {
     "nonfinite": _nonfinite,
 }
 # (shift, fraction shifted) pairs beyond whole windows
-PARTIAL = [(s, f) for s in ("x255", "rot90", "noise4", "x2", "flipv_transpose", "zoom4")
+PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")
            for f in (0.05, 0.1, 0.25, 0.5)]
 
 
@@ -124,6 +124,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="50,100,200")
     ap.add_argument("--only", default="")
     ap.add_argument("--no-partial", action="store_true")
+    ap.add_argument("--partial", default="", help="comma-separated shifts for partial windows (default: a fixed set)")
     ap.add_argument("--json", default="")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-shifts", action="store_true", help="also the shifts `drift eval` has (regressions)")
@@ -154,6 +155,7 @@ def main() -> int:
     rng = np.random.default_rng(a.seed)
     only = [s for s in a.only.split(",") if s]
     names = only or [k for k in SHIFTS if a.eval_shifts or not k.startswith("eval:")]
+    names += [s for s in a.partial.split(",") if s and s not in names]
     per: dict[str, dict[str, np.ndarray]] = {}
     for name in ["clean", *names]:
         x = raw if name == "clean" else SHIFTS[name](raw, rng)
@@ -174,9 +176,10 @@ def main() -> int:
 
     sizes = [int(s) for s in a.sizes.split(",")]
     conds: list[tuple[str, float, str]] = [("clean", 0.0, "none")]
-    conds += [(n, 1.0, "all") for n in names]
-    if not a.no_partial and not only:
-        conds += [(n, f, "partial") for n, f in PARTIAL]
+    conds += [(n, 1.0, "all") for n in names if not a.partial or n in only]
+    partial = [(s, f) for s in a.partial.split(",") if s for f in (0.05, 0.1, 0.25, 0.5)] if a.partial else PARTIAL
+    if not a.no_partial and (not only or a.partial):
+        conds += [(n, f, "partial") for n, f in partial]
     conds += [("label:two_classes", 0.0, "label"), ("label:one_dominant", 0.0, "label")]
     rows = []
     print(f"{'shift':<22}{'frac':>5}{'n':>5} {'alarm':>6} {'acc':>6} {'lb':>6} {'lb>acc+.03':>10} "

@@ -55,6 +55,10 @@ FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity)
 FIT_MAX = 40.0       # ... and no feature's z² above this (z ≈ 6.3) ...
 FIT_MAX_FITTED = 120.0   # ... or above this for multiply/divide/offset, whose parameter is estimated
 AMBIGUITY = 2.0      # a second fitting candidate within this factor of the best d: none is named
+PARTIAL_FIT = 2.5    # a mixture (1 − s)·golden + s·T(golden) fits a window when its d is below this ...
+PARTIAL_GAIN = 40.0  # ... and it lowers the summed z² over features by at least this much ...
+MIN_PARTIAL = 0.05   # ... with a share s of at least this ...
+PARTIAL_MARGIN = 10.0    # ... and by this much more than any other candidate's mixture
 CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window input_contract
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
@@ -341,7 +345,7 @@ class Diagnoser:
         return out
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
-        """Golden signature moments reweighted to the window's predicted-class shares."""
+        """Golden signature moments reweighted to the window's predicted-class shares (n: effective size)."""
         if predicted is None or len(predicted) == 0 or not self.per_class:
             return self.golden
         q = np.bincount(np.asarray(predicted, np.int64), minlength=self.num_classes).astype(np.float64)
@@ -354,7 +358,12 @@ class Diagnoser:
         var = np.stack([self.per_class[k][1] for k in keys])
         mean = wts @ mu
         v = wts @ (var + mu ** 2) - mean ** 2
-        return Moments(mean, np.maximum(v, 0.0), self.golden.n)
+        # Kish's effective sample size of the reweighted golden set: with the window's traffic on
+        # two classes only, ~2/10 of the golden samples carry the weight, and the standard error of
+        # its means is that of those few (with the full n, a pure prior shift read as moved inputs)
+        counts = np.array([self.per_class[k][2] for k in keys], np.float64)
+        n_eff = 1.0 / float(np.sum(wts ** 2 / counts))
+        return Moments(mean, np.maximum(v, 0.0), max(2, int(n_eff)))
 
     def candidate_moments(self, name: str, window_features: np.ndarray) -> Moments | None:
         """Signature moments of T(golden) for the candidate `name` (its best-fitting variant)."""
@@ -369,6 +378,33 @@ class Diagnoser:
         """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
         m = self.candidate_moments(name, window_features)
         return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
+
+    def mixtures(self, window_features: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
+        """Per parameter-free candidate T, the best mixture (1 − s)·golden + s·T(golden): (d of the
+        means, s, largest z², mean squared z of the log variances).
+
+        A window of which a share is transformed has the mixture's spread as well as its means; a
+        window in which every sample moved a little (a finer quantisation than binarize) may match
+        some mixture's means, but not its variances. The variance z uses log(var_w/var_mix) with
+        standard error sqrt(2/(n_w − 1) + 2/(n_golden − 1)) (normal approximation).
+        """
+        wm = Moments.of(window_features)
+        g = self.golden
+        floor = self.scale ** 2
+        se_v = np.sqrt(2.0 / max(wm.n - 1, 1) + 2.0 / max(g.n - 1, 1))
+        out: dict[str, tuple[float, float, float, float]] = {}
+        for key, m in self.fixed.items():
+            name = key.split("#")[0]
+            sh = mixture_share(wm, g, m, self.scale)
+            diff = m.mean - g.mean
+            mix = Moments((1 - sh) * g.mean + sh * m.mean,
+                          (1 - sh) * g.var + sh * m.var + sh * (1 - sh) * diff ** 2, g.n)
+            z2 = z_squared(wm, mix, self.scale)
+            d = float(np.mean(z2))
+            dv = float(np.mean((np.log((wm.var + floor) / (mix.var + floor)) / se_v) ** 2))
+            if name not in out or d < out[name][0]:
+                out[name] = (d, sh, float(np.max(z2)), dv)
+        return out
 
     def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None, float]]:
         """(d, fitted parameter or None, largest per-feature z²) of the identity and every candidate."""
@@ -406,6 +442,29 @@ def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale:
     if not np.isfinite(den) or den <= 0:
         return 1.0
     return float(np.clip(np.sum(w * a * b) / den, 0.0, 1.0))
+
+
+def partly_explaining(mixes: dict[str, tuple[float, float, float, float]], baseline: float,
+                      n_features: int) -> tuple[str | None, float, str]:
+    """The one transform that explains a share of the window (one client of several sending it).
+
+    Named when its mixture fits (d of the means and of the log variances below PARTIAL_FIT, no z²
+    above FIT_MAX), it explains at least
+    MIN_PARTIAL of the window, the summed z² drops by at least PARTIAL_GAIN from `baseline` (the
+    window against golden, d·features: a likelihood-ratio-like margin for one fitted share), and
+    it drops by at least PARTIAL_MARGIN more than with any other candidate (a flip explains part
+    of a rotation by 180°: the better one must be clearly better).
+    """
+    gains = sorted(((baseline - d) * n_features, k) for k, (d, sh, zmax, dv) in mixes.items()
+                   if d < PARTIAL_FIT and dv < PARTIAL_FIT and zmax < FIT_MAX and sh >= MIN_PARTIAL)
+    if not gains or gains[-1][0] < PARTIAL_GAIN:
+        return None, 0.0, "no candidate transform explains a share of the window"
+    gain, best = gains[-1]
+    if len(gains) > 1 and gains[-2][0] + PARTIAL_MARGIN > gain:
+        return None, 0.0, f"{best} and {gains[-2][1]} explain a share of the window about equally: not named"
+    d, sh, _, _ = mixes[best]
+    return best, sh, (f"{best} of the golden inputs explains about {sh:.0%} of the window (mixture d={d:.3g} vs "
+                      f"{baseline:.3g} without it)")
 
 
 def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str | None, str]:
@@ -481,7 +540,14 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
         return Diagnosis("input_contract", transform, p, round(moved, 3), top,
                          reason=f"{share:.1%} of the window's samples violate the input contract",
                          transformed_share=ts, **common)
-    if moved > MOVED or "input_stats" in alarming:
+    mixes = diagnoser.mixtures(window_features)
+    part, sh, why_part = partly_explaining(mixes, min(cands["identity"][0], moved), len(diagnoser.golden.mean))
+    if part is not None:
+        return Diagnosis("preprocessing_mismatch", part, None, round(moved, 3), top, reason=why_part,
+                         transformed_share=round(sh, 4), **common)
+    if moved > MOVED or ("input_stats" in alarming and "label" not in alarming):
+        # inputs moved beyond what the class shares explain; or only the input statistics moved
+        # (were the class mix the cause, the label test would see it)
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
                                 f"and no one candidate transform explains them: {why}", **common)

@@ -123,6 +123,8 @@ class Verdict:
     accuracy_verdicts: dict[str, int] = field(default_factory=dict)   # counts over the window
     unknown_share: float | None = None      # share of unknown verdicts (max of window and recent part)
     reliable: bool | None = None            # unknown_share <= support.UNRELIABLE_SHARE
+    outside_share: float | None = None      # lower bound on the window's share outside the golden support
+                                            # as a population (support.outside_share); counted as unknown
 
     @property
     def drift(self) -> bool:
@@ -185,13 +187,14 @@ class Suite:
             x = np.asarray(reference.inputs, np.float32)
             self.contract = reference.contract or InputContract.derive(x)
             self.diagnoser = Diagnoser(x, probs.argmax(axis=1), _source(reference))
-            self.input_support = KnnSupport.fit(self.diagnoser.golden_features)
+            self.input_support = KnnSupport.fit(self.diagnoser.golden_features, classes=self.diagnoser.classes)
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
             assert reference.embeddings is not None   # the PCA was fitted on them
             self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
-                                                    self.pca.transform(reference.embeddings))
+                                                    self.pca.transform(reference.embeddings),
+                                                    classes=probs.argmax(axis=1))
 
     def samples(self, inputs: np.ndarray | None, logits: np.ndarray | None,
                 embeddings: np.ndarray | None = None, dtype_kind: str | None = None) -> Samples:
@@ -258,6 +261,13 @@ class Suite:
                     lb, unk = min(lb, lb_r), max(unk, unk_r)
             est["atc_lower"] = lb
             unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
+        outside = self._outside_share(window, None if out is None else out[2].argmax(axis=1))
+        if outside is not None and "atc_lower" in est:
+            # a population outside the support, though its samples one by one pass: that share is unknown
+            est["atc_lower"] = min(est["atc_lower"], 1.0 - outside)
+            unknown_share = outside if unknown_share is None else max(unknown_share, outside)
+            from sentinel.drift.support import UNRELIABLE_SHARE
+            reliable = bool(unknown_share <= UNRELIABLE_SHARE)
         diag = self._diagnose(window, results, combined, out)
         if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
             reliable = False        # inputs the model was not validated on: its confidence proves nothing
@@ -268,7 +278,20 @@ class Suite:
             # a digit, to the support check and to the model, which is then confidently wrong).
             est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
             unknown_share = ts if unknown_share is None else max(unknown_share, ts)
-        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
+        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside)
+
+    def _outside_share(self, w: Window, predicted: np.ndarray | None) -> float | None:
+        """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
+        shares = []
+        for support, rows in ((self.input_support, w.signatures), (self.embedding_support, w.embeddings)):
+            if support is None or rows is None or not len(rows):
+                continue
+            f = np.asarray(rows, np.float64)
+            f = f[np.isfinite(f).all(axis=1)]
+            s = support.outside_share(f, predicted)
+            if s is not None:
+                shares.append(s)
+        return max(shares) if shares else None
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
                   out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> Diagnosis:

@@ -239,3 +239,82 @@ def test_lower_bound_counts_a_named_transform_as_unknown():
                               violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
     assert not v.drift and v.diagnosis.transformed_share is None
     assert abs(v.estimated_accuracy["atc_lower"] - v.accuracy) <= 0.03
+
+
+def test_outside_share_bounds_the_shifted_share_of_a_window():
+    from sentinel.drift.support import outside_share
+
+    rng = np.random.default_rng(7)
+    ref = rng.uniform(0, 1, 300)
+    assert max(outside_share(rng.uniform(0, 1, 200), ref) for _ in range(20)) < 0.1   # same distribution
+    moved = np.concatenate([rng.uniform(0, 1, 100), rng.uniform(0.8, 1.0, 100)])      # half moved up, in range
+    assert 0.2 < outside_share(moved, ref) <= 0.5
+    assert outside_share(rng.uniform(0.9, 1.0, 200), ref) > 0.7
+    # class-dependent reference scores: a window of one class is not "outside" once reweighted
+    cls = np.repeat([0, 1], 150)
+    ref2 = np.where(cls == 0, rng.uniform(0, 0.5, 300), rng.uniform(0.5, 1, 300))
+    win = rng.uniform(0.5, 1, 200)
+    assert outside_share(win, ref2) > 0.3
+    assert outside_share(win, ref2, reference_weights=(cls == 1).astype(float)) < 0.1
+
+
+def test_lower_bound_counts_a_population_outside_the_support():
+    """Every sample passes the per-sample kNN check, but the window as a whole lies farther from the
+    golden set than golden samples lie from each other: that share is unknown, and the estimate
+    says it is unreliable (before: lower bound 1.0, reliable)."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=6)
+    sup = suite.input_support
+    moved = np.clip(w + np.random.default_rng(0).normal(0, 0.02, w.shape), 0, 1).astype(np.float32)   # sensor noise
+    sig = suite.diagnoser.features(moved)
+    assert (sup.score(sig) <= 1).mean() > 0.9                  # almost every sample passes one by one
+    fooled = np.full(len(w), LIKELY_CORRECT, np.int8)
+    v = suite.evaluate(Window(logits(moved), input_statistics(moved), labels=wy, signatures=sig,
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.outside_share > 0.3
+    assert v.estimated_accuracy["atc_lower"] <= 1 - v.outside_share and v.reliable is False
+    sig = suite.diagnoser.features(w)
+    v = suite.evaluate(Window(logits(w), input_statistics(w), labels=wy, signatures=sig,
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.outside_share < 0.1 and v.estimated_accuracy["atc_lower"] == 1.0 and v.reliable
+
+
+def test_a_transform_on_part_of_the_window_is_named_with_its_share():
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(300, seed=8)
+    part = w.copy()
+    part[:90] = part[:90, ..., ::-1]                          # 30% of the traffic flipped (one client)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(part), predicted=wy,
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", "flip_horizontal"), d.reason
+    assert d.transformed_share == pytest.approx(0.3, abs=0.1)
+    # every sample moved a little (coarser values): not a share of the samples binarized
+    coarse = np.round(w * 3) / 3
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(coarse), predicted=wy,
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.transform is None and d.kind == "covariate_shift", d.reason
+
+
+def test_label_shift_with_moving_input_statistics_is_prior_shift():
+    """Traffic of one class: the input statistics move with the class mix (their test alarms), but
+    the golden set reweighted to the window's classes explains the inputs (before: covariate_shift,
+    and the reweighted golden set's standard errors used all N samples instead of the few weighted)."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(600, seed=9)
+    keep = np.flatnonzero(wy == 1)[:150]
+    d = diagnose(True, [decide("label", 9.0, 1e-9, 0.05, 300, 150, "class 1"),
+                        decide("input_stats", 9.0, 1e-9, 0.05, 300, 150, "mean_c0")],
+                 diagnoser=dg, window_features=dg.features(w[keep]), predicted=wy[keep],
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "prior_shift", d.reason
+    noisy = np.clip(w[:150] + np.random.default_rng(1).normal(0, 0.05, w[:150].shape), 0, 1)
+    d = diagnose(True, [decide("input_stats", 9.0, 1e-9, 0.05, 300, 150, "std_c0")],
+                 diagnoser=dg, window_features=dg.features(noisy.astype(np.float32)), predicted=wy[:150],
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "covariate_shift"
