@@ -7,7 +7,12 @@ combined verdict alarms:
                             reproduces the window (T(golden) ≈ window, i.e. T⁻¹ brings the window
                             back to the golden distribution); the transform is named
     input_contract          at least `contract_share` of the window's samples violate the input contract
+    preprocessing_mismatch  (again) one parameter-free T reproduces a share s of the window: the
+                            mixture (1 − s)·golden + s·T(golden) matches its means and variances
+                            (one client of several sending transformed inputs); `transformed_share`
     covariate_shift         inputs moved, even after reweighting golden by the window's class shares
+                            (or the input-statistics test alarmed, and the class mix either did not
+                            move or does not explain the inputs either)
     prior_shift             the outputs moved but the inputs are explained by the golden set
                             reweighted to the window's predicted-class shares (p(x|y) unchanged;
                             the black-box label-shift assumption of Lipton et al., ICML 2018)
@@ -50,6 +55,7 @@ TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transp
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
+MOVED_LOW = 2.0      # ... or above this when the input-statistics test alarms too (≈ 1 when nothing moved)
 FIT = 12.0           # a candidate explains the window: its d below this ...
 FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity) ...
 FIT_MAX = 40.0       # ... and no feature's z² above this (z ≈ 6.3) ...
@@ -545,9 +551,9 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     if part is not None:
         return Diagnosis("preprocessing_mismatch", part, None, round(moved, 3), top, reason=why_part,
                          transformed_share=round(sh, 4), **common)
-    if moved > MOVED or ("input_stats" in alarming and "label" not in alarming):
-        # inputs moved beyond what the class shares explain; or only the input statistics moved
-        # (were the class mix the cause, the label test would see it)
+    if moved > MOVED or ("input_stats" in alarming and ("label" not in alarming or moved > MOVED_LOW)):
+        # inputs moved beyond what the class shares explain; or the input statistics moved and either
+        # the class mix did not (the label test would see it) or it does not explain them either
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
                                 f"and no one candidate transform explains them: {why}", **common)

@@ -222,7 +222,9 @@ class Suite:
             lg = np.asarray(logits, np.float64)
             unknown = None
             if ood is not None and viol is not None and len(ood) == len(lg):
-                unknown = ood | viol.any(axis=1)
+                from sentinel.drift.inputcontract import untrusted
+
+                unknown = ood | untrusted(viol)
             codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
         return Samples(viol, sig, ood, codes)
 
@@ -244,8 +246,9 @@ class Suite:
             n = len(lg)
             if self.estimator is not None:
                 est = self.estimator.estimate(lg)
-            if window.labels is not None and len(window.labels) == len(ok) and n:
-                acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
+            if window.labels is not None and len(window.labels) == len(ok) and len(ok):
+                # over every row, as the client saw them: a non-finite output is a wrong answer
+                acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).sum() / len(ok))
         counts: dict[str, int] = {}
         unknown_share = reliable = None
         if window.verdicts is not None and len(window.verdicts):

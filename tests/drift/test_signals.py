@@ -318,3 +318,30 @@ def test_label_shift_with_moving_input_statistics_is_prior_shift():
                  diagnoser=dg, window_features=dg.features(noisy.astype(np.float32)), predicted=wy[:150],
                  golden_predicted_shares=np.bincount(y) / len(y))
     assert d.kind == "covariate_shift"
+
+
+def test_a_wire_dtype_alone_does_not_make_samples_unknown():
+    """Integers where floats were expected, same values: the dtype violation is counted, but the
+    network sees the same inputs, so ATC still judges them (before: every sample unknown, bound 0)."""
+    from sentinel.drift.support import UNKNOWN
+
+    suite, logits = _two_class_suite()
+    w, _ = _images(50, seed=10)
+    smp = suite.samples(w, logits(w), dtype_kind="i")
+    assert smp.violations[:, CHECKS.index("dtype")].all()
+    assert (smp.verdicts != UNKNOWN).mean() > 0.9
+    bad = w.copy()
+    bad[:5] *= 40                                             # values out of range: unknown, whatever the dtype
+    assert (suite.samples(bad, logits(bad), dtype_kind="f").verdicts[:5] == UNKNOWN).all()
+
+
+def test_true_accuracy_counts_nonfinite_outputs_as_wrong():
+    from sentinel.drift import Window
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(100, seed=11)
+    lg = logits(w)
+    lg[:10] = np.nan                                           # the client got NaN for 10 of 100 requests
+    v = suite.evaluate(Window(lg, labels=wy))
+    assert v.n == 90
+    assert v.accuracy == pytest.approx((logits(w)[10:].argmax(1) == wy[10:]).sum() / 100)
