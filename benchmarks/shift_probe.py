@@ -120,7 +120,7 @@ PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_tr
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--sizes", default="50,100,200")
     ap.add_argument("--only", default="")
     ap.add_argument("--no-partial", action="store_true")
