@@ -279,6 +279,16 @@ class Suite:
             # The samples a named transform explains were fed wrongly prepared inputs: count them as
             # unknown, whatever the per-sample verdicts say (a flipped or rotated digit still looks like
             # a digit, to the support check and to the model, which is then confidently wrong).
+            # As with the verdicts, the last `accuracy_recent` samples speak for now when more of them
+            # are transformed: a client that started sending flipped images 50 requests ago.
+            r = self.settings.accuracy_recent
+            sig = None if window.signatures is None else np.asarray(window.signatures, np.float64)
+            if diag.transform is not None and self.diagnoser is not None and sig is not None and 0 < r < len(sig):
+                sig = sig[np.isfinite(sig).all(axis=1)][-r:]
+                ts_r = self.diagnoser.transformed_share(diag.transform, sig) if len(sig) >= 2 else None
+                from sentinel.drift.support import UNRELIABLE_SHARE
+                if ts_r is not None and ts_r > max(ts, UNRELIABLE_SHARE):
+                    ts = ts_r
             est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
             unknown_share = ts if unknown_share is None else max(unknown_share, ts)
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside)

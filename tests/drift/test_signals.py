@@ -345,3 +345,21 @@ def test_true_accuracy_counts_nonfinite_outputs_as_wrong():
     v = suite.evaluate(Window(lg, labels=wy))
     assert v.n == 90
     assert v.accuracy == pytest.approx((logits(w)[10:].argmax(1) == wy[10:]).sum() / 100)
+
+
+def test_lower_bound_follows_a_transform_that_started_recently():
+    """A client began sending flipped images 80 requests ago: the last 50 samples are all
+    transformed, and the bound says so (as it does for recent unknown verdicts), not 1 − 40%."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=12)
+    x = w.copy()
+    x[-80:] = x[-80:, ..., ::-1]
+    v = suite.evaluate(Window(logits(x), input_statistics(x), labels=wy, signatures=suite.diagnoser.features(x),
+                              violating=np.zeros(len(x), bool), verdicts=np.full(len(x), LIKELY_CORRECT, np.int8)))
+    assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", "flip_horizontal"), v.diagnosis.reason
+    assert v.diagnosis.transformed_share == pytest.approx(0.4, abs=0.1)
+    assert v.estimated_accuracy["atc_lower"] < 0.3 and v.unknown_share > 0.7
