@@ -11,8 +11,9 @@ combined verdict alarms:
                             mixture (1 − s)·golden + s·T(golden) matches its means and variances
                             (one client of several sending transformed inputs); `transformed_share`
     covariate_shift         inputs moved, even after reweighting golden by the window's class shares
-                            (or the input-statistics test alarmed, and the class mix either did not
-                            move or does not explain the inputs either)
+                            (or more than OUTSIDE of the window lies outside the golden support as
+                            a population, or the input-statistics test alarmed, and the class mix
+                            either did not move or does not explain the inputs either)
     prior_shift             the outputs moved but the inputs are explained by the golden set
                             reweighted to the window's predicted-class shares (p(x|y) unchanged;
                             the black-box label-shift assumption of Lipton et al., ICML 2018)
@@ -56,6 +57,7 @@ TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transp
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
 MOVED_LOW = 2.0      # ... or above this when the input-statistics test alarms too (≈ 1 when nothing moved)
+OUTSIDE = 0.10       # ... or this share of the window is outside the golden support (support.outside_share)
 FIT = 12.0           # a candidate explains the window: its d below this ...
 FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity) ...
 FIT_MAX = 40.0       # ... and no feature's z² above this (z ≈ 6.3) ...
@@ -484,6 +486,8 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
     does not tell them apart, and no transform is named.
     """
     d_id = cands["identity"][0]
+    if len(cands) < 2:
+        return None, "no candidate transforms"
     fit = sorted((v[0], k) for k, v in cands.items()
                  if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
                  and v[2] < (FIT_MAX if v[1] is None else FIT_MAX_FITTED))
@@ -501,7 +505,7 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
-             contract_share: float = CONTRACT_SHARE) -> Diagnosis:
+             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None) -> Diagnosis:
     """The diagnosis of one window (see the module docstring for the rules)."""
     alarming = {r.name: r.feature for r in detectors if r.alarm}
     shift: dict[str, float] = {}
@@ -551,9 +555,13 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     if part is not None:
         return Diagnosis("preprocessing_mismatch", part, None, round(moved, 3), top, reason=why_part,
                          transformed_share=round(sh, 4), **common)
-    if moved > MOVED or ("input_stats" in alarming and ("label" not in alarming or moved > MOVED_LOW)):
-        # inputs moved beyond what the class shares explain; or the input statistics moved and either
-        # the class mix did not (the label test would see it) or it does not explain them either
+    outside = outside_share is not None and outside_share > OUTSIDE
+    if moved > MOVED or outside or ("input_stats" in alarming and ("label" not in alarming or moved > MOVED_LOW)):
+        # inputs moved beyond what the class shares explain, or a share of them left the golden support
+        # (support.outside_share, class-reweighted); or the input statistics moved and either the class
+        # mix did not (the label test would see it) or it does not explain them either
+        if outside and moved <= MOVED:
+            why = f"{outside_share:.0%} or more of the window lies outside the golden support; {why}"
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
                                 f"and no one candidate transform explains them: {why}", **common)

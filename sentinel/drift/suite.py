@@ -271,7 +271,7 @@ class Suite:
             unknown_share = outside if unknown_share is None else max(unknown_share, outside)
             from sentinel.drift.support import UNRELIABLE_SHARE
             reliable = bool(unknown_share <= UNRELIABLE_SHARE)
-        diag = self._diagnose(window, results, combined, out)
+        diag = self._diagnose(window, results, combined, out, outside)
         if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
             reliable = False        # inputs the model was not validated on: its confidence proves nothing
         ts = diag.transformed_share
@@ -307,7 +307,8 @@ class Suite:
         return max(shares) if shares else None
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
-                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> Diagnosis:
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                  outside: float | None = None) -> Diagnosis:
         effects: dict[str, float] = {}
         if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
             ws = np.asarray(w.input_stats, np.float64)
@@ -322,7 +323,7 @@ class Suite:
             sig = sig[np.isfinite(sig).all(axis=1)]
         return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
                         violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
-                        input_effects=effects)
+                        input_effects=effects, outside_share=outside)
 
     def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""

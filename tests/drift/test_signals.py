@@ -363,3 +363,18 @@ def test_lower_bound_follows_a_transform_that_started_recently():
     assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", "flip_horizontal"), v.diagnosis.reason
     assert v.diagnosis.transformed_share == pytest.approx(0.4, abs=0.1)
     assert v.estimated_accuracy["atc_lower"] < 0.3 and v.unknown_share > 0.7
+
+
+def test_a_window_outside_the_support_is_not_called_prior_shift():
+    """Inputs that match the class-reweighted golden means can still lie outside its support as a
+    population (a dead pixel row on a quarter of the traffic): then it is not only the class mix."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(200, seed=13)
+    label = [decide("label", 9.0, 1e-9, 0.05, 300, 200, "class 1")]
+    args = {"diagnoser": dg, "window_features": dg.features(w), "predicted": wy,
+            "golden_predicted_shares": np.bincount(y) / len(y)}
+    assert diagnose(True, label, **args).kind == "prior_shift"
+    assert diagnose(True, label, outside_share=0.05, **args).kind == "prior_shift"
+    d = diagnose(True, label, outside_share=0.3, **args)
+    assert d.kind == "covariate_shift" and "outside the golden support" in d.reason
