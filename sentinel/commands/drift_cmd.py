@@ -184,8 +184,10 @@ def check(
                        f"{acc}")
             d = v.diagnosis
             if d is not None and d.kind != "none":
+                part = "" if d.transformed_share is None or d.transformed_share >= 0.95 else \
+                    f" on ~{d.transformed_share:.0%} of the window"
                 typer.echo(f"  diagnosis: {d.kind}" + (f" ({d.transform}" + (
-                    f" {d.parameter:.3g})" if d.parameter is not None else ")") if d.transform else "")
+                    f" {d.parameter:.3g}" if d.parameter is not None else "") + part + ")" if d.transform else "")
                     + f" — {d.reason}")
                 if d.input_effects:
                     typer.echo("    inputs (window − golden median): " + ", ".join(
