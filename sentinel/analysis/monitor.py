@@ -117,6 +117,7 @@ class ModelMonitor:
         self.verdicts = SlidingWindow(drift.window_size, 1)
         self._counters_ready = False
         self._last_violations: np.ndarray | None = None
+        self._last_untrusted: np.ndarray | None = None    # violations of what the network sees (not dtype)
         est = self.suite.estimator
         self.confidence_buckets = confidence_buckets([est.confidence_threshold] if est else [])
         self.runner = runner
@@ -244,21 +245,23 @@ class ModelMonitor:
             n_bad = len(batch.inputs) if np.ndim(batch.inputs) else 1
             self._reject(up, "input_shape", n_bad)
             self._contract_counts(up, n_bad, {"shape": n_bad}, n_bad)
-            self._last_violations = None
+            self._last_violations = self._last_untrusted = None
             return None
-        viol = None
+        viol = untrusted = None
         if self.suite.contract is not None:
             from sentinel.drift.inputcontract import check
 
             rep = check(self.suite.contract, x, dtype_kind=kind)
             self._contract_counts(up, rep.n, rep.counts(), int(rep.violating.sum()))
-            viol = rep.violating
+            viol, untrusted = rep.violating, rep.untrusted
         ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if not ok.all():
             self._reject(up, "nonfinite_input", int((~ok).sum()))
             x = x[ok]
             viol = None if viol is None else viol[ok]
+            untrusted = None if viol is None else untrusted[ok]
         self._last_violations = viol
+        self._last_untrusted = None if viol is None else untrusted
         if self.suite.input_stats is not None and len(x):
             self.input_stats.push(input_statistics(x))
         return x
@@ -345,7 +348,9 @@ class ModelMonitor:
         if x is None:
             unknown = None                      # inputs not decoded: the support cannot be checked
         elif ood is not None and viol is not None and len(ood) == len(logits):
-            unknown = ood | viol
+            bad = self._last_untrusted if self._last_untrusted is not None and \
+                len(self._last_untrusted) == len(viol) else viol
+            unknown = ood | bad
         else:
             unknown = np.ones(len(logits), bool)    # inputs and outputs do not pair up row by row
         codes = verdicts(s.estimator.scores(logits), s.estimator.threshold, unknown)

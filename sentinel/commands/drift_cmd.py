@@ -51,6 +51,7 @@ def verdict_json(v) -> dict:
         "accuracy_verdicts": dict(v.accuracy_verdicts),
         "accuracy_estimate_reliable": v.reliable,
         "unknown_share": _num(v.unknown_share),
+        "outside_share": _num(v.outside_share),
         "diagnosis": None if v.diagnosis is None else v.diagnosis.to_dict(),
         "accuracy": _num(v.accuracy),
     }
@@ -179,12 +180,14 @@ def check(
             typer.echo(f"window {i + 1}: n={v.n} drift={'YES' if v.drift else 'no'} "
                        f"(combined p={_fmt(v.combined.p_value)}), estimated accuracy atc={_fmt(est.get('atc'))} "
                        f"avg_conf={_fmt(est.get('avg_conf'))} lower_bound={_fmt(est.get('atc_lower'))}"
-                       f"{'' if v.reliable is None or v.reliable else ' (UNRELIABLE: inputs outside the golden support)'}"
+                       f"{'' if v.reliable is None or v.reliable else f' (UNRELIABLE: {_unreliable_why(v)})'}"
                        f"{acc}")
             d = v.diagnosis
             if d is not None and d.kind != "none":
+                part = "" if d.transformed_share is None or d.transformed_share >= 0.95 else \
+                    f" on ~{d.transformed_share:.0%} of the window"
                 typer.echo(f"  diagnosis: {d.kind}" + (f" ({d.transform}" + (
-                    f" {d.parameter:.3g})" if d.parameter is not None else ")") if d.transform else "")
+                    f" {d.parameter:.3g}" if d.parameter is not None else "") + part + ")" if d.transform else "")
                     + f" — {d.reason}")
                 if d.input_effects:
                     typer.echo("    inputs (window − golden median): " + ", ".join(
@@ -258,6 +261,18 @@ def sample(
     typer.echo(f"wrote {out}: {n} held-out digits of {entry.spec}, "
                f"{int(mask.sum())} shifted by {shift} (samples {n_clean + 1}–{n})" if mask.any() else
                f"wrote {out}: {n} held-out digits of {entry.spec}, none shifted")
+
+
+def _unreliable_why(v) -> str:
+    """Why a window's accuracy estimate is flagged unreliable, in words."""
+    d = v.diagnosis
+    if d is not None and d.kind == "preprocessing_mismatch":
+        return f"inputs {d.transform or 'transformed'}" + (
+            f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")
+    if d is not None and d.kind == "input_contract":
+        return "inputs violate the input contract"
+    share = v.unknown_share
+    return "inputs outside the golden support" + (f" (~{share:.0%} of the window)" if share is not None else "")
 
 
 def _fmt(x: float | None) -> str:

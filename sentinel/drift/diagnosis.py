@@ -7,7 +7,13 @@ combined verdict alarms:
                             reproduces the window (T(golden) ≈ window, i.e. T⁻¹ brings the window
                             back to the golden distribution); the transform is named
     input_contract          at least `contract_share` of the window's samples violate the input contract
+    preprocessing_mismatch  (again) one parameter-free T reproduces a share s of the window: the
+                            mixture (1 − s)·golden + s·T(golden) matches its means and variances
+                            (one client of several sending transformed inputs); `transformed_share`
     covariate_shift         inputs moved, even after reweighting golden by the window's class shares
+                            (or more than OUTSIDE of the window lies outside the golden support as
+                            a population, or the input-statistics test alarmed, and the class mix
+                            either did not move or does not explain the inputs either)
     prior_shift             the outputs moved but the inputs are explained by the golden set
                             reweighted to the window's predicted-class shares (p(x|y) unchanged;
                             the black-box label-shift assumption of Lipton et al., ICML 2018)
@@ -19,13 +25,17 @@ detectors, so a window made of them cannot alarm, and "none" would hide it.
 
 Comparison: every sample gets a *signature* (per-channel mean, std, quantiles, shares of
 values at the extremes and in mid-range, sharpness, gradient anisotropy, and how well it
-correlates with the golden per-class mean images in four orientations). For a candidate c
+correlates with the golden per-class mean images in each orientation, and the differences of
+those fits). A candidate fits when d is small, and no single feature is far off (z² below
+FIT_MAX), and no other candidate fits about as well (AMBIGUITY): otherwise no transform is
+named, and the kind stays generic (covariate_shift, input_contract). For a candidate c
 the distance is d(c) = mean_j z_j², with z_j the Welch statistic of feature j between the
 window and T_c(golden). Candidates applied to golden inputs in their raw form (when the golden
 set has it) or in the network's unit space: multiply/divide by a factor and add an offset
-(both estimated from the window's per-sample extremes), invert, transpose, horizontal and
-vertical flip, binarize, blur (σ 0.5/1/2 pixels), channel order (C > 1), missing or doubled
-normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
+(both estimated from the window's per-sample extremes), invert, the seven other symmetries of
+the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
+the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
+pixels), channel order (C > 1), missing or doubled normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
 
 Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
 """
@@ -42,19 +52,33 @@ Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_sh
 KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
-                               "normalization_doubled")
+                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose")
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
+MOVED_LOW = 2.0      # ... or above this when the input-statistics test alarms too (≈ 1 when nothing moved)
+OUTSIDE = 0.10       # ... or this share of the window is outside the golden support (support.outside_share)
 FIT = 12.0           # a candidate explains the window: its d below this ...
-FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity)
+FIT_RATIO = 8.0      # ... and at least this many times smaller than d(identity) ...
+FIT_MAX = 40.0       # ... and no feature's z² above this (z ≈ 6.3) ...
+FIT_MAX_FITTED = 120.0   # ... or above this for multiply/divide/offset, whose parameter is estimated
+AMBIGUITY = 2.0      # a second fitting candidate within this factor of the best d: none is named
+PARTIAL_FIT = 2.5    # a mixture (1 − s)·golden + s·T(golden) fits a window when its d is below this ...
+PARTIAL_GAIN = 40.0  # ... and it lowers the summed z² over features by at least this much ...
+MIN_PARTIAL = 0.05   # ... with a share s of at least this ...
+PARTIAL_MARGIN = 10.0    # ... and by this much more than any other candidate's mixture
 CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window input_contract
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
-ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical")
+# The eight symmetries of a square image (the dihedral group D4); rotations are counter-clockwise,
+# as numpy.rot90 turns an image shown with row 0 at the top. Those that swap height and width
+# exist only for square images (`SQUARE_ONLY`).
+ORIENTATIONS = ("identity", "transpose", "flip_horizontal", "flip_vertical", "rotate_90", "rotate_180",
+                "rotate_270", "antitranspose")
+SQUARE_ONLY = ("transpose", "rotate_90", "rotate_270", "antitranspose")
 
 
 def _orient(img: np.ndarray, o: str) -> np.ndarray:
@@ -65,7 +89,20 @@ def _orient(img: np.ndarray, o: str) -> np.ndarray:
         return img[..., ::-1]
     if o == "flip_vertical":
         return img[..., ::-1, :]
+    if o == "rotate_90":
+        return np.rot90(img, 1, axes=(-2, -1))
+    if o == "rotate_180":
+        return img[..., ::-1, ::-1]
+    if o == "rotate_270":
+        return np.rot90(img, 3, axes=(-2, -1))
+    if o == "antitranspose":
+        return np.swapaxes(img, -1, -2)[..., ::-1, ::-1]
     return img
+
+
+def orientations(h: int, w: int) -> tuple[str, ...]:
+    """The orientations of an H×W image that keep its shape."""
+    return tuple(o for o in ORIENTATIONS if h == w or o not in SQUARE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,7 @@ class Signature:
         gray = x.mean(axis=1)
         ks = np.unique(np.asarray(classes))
         means = np.stack([gray[np.asarray(classes) == k].mean(axis=0) for k in ks])
-        orients = [o for o in ORIENTATIONS if o != "transpose" or h == w]
+        orients = list(orientations(h, w))
         t = np.stack([_orient(means, o).reshape(len(ks), -1) for o in orients])
         t = t - t.mean(axis=2, keepdims=True)
         t /= np.maximum(np.linalg.norm(t, axis=2, keepdims=True), 1e-12)
@@ -136,14 +173,19 @@ class Moments:
         return cls(f.mean(axis=0), f.var(axis=0, ddof=1) if len(f) > 1 else np.zeros(f.shape[1]), len(f))
 
 
-def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
-    """Mean squared Welch z over features (`scale` floors each feature's variance)."""
+def z_squared(window: Moments, ref: Moments, scale: np.ndarray) -> np.ndarray:
+    """Squared Welch z per feature (`scale` floors each feature's variance), capped at 1e6."""
     # plus a 0.5% relative tolerance: a fitted factor is not exact, and a feature with no spread
     # (a clipped maximum) must not turn that into an enormous z
     se2 = window.var / max(window.n, 1) + ref.var / max(ref.n, 1) + (scale ** 2) / max(window.n, 1) \
         + (REL_TOLERANCE * ref.mean) ** 2
-    z2 = (window.mean - ref.mean) ** 2 / se2
-    return float(np.mean(np.minimum(z2, 1e6)))
+    z2: np.ndarray = np.minimum((window.mean - ref.mean) ** 2 / se2, 1e6)
+    return z2
+
+
+def distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
+    """Mean squared Welch z over features (`scale` floors each feature's variance)."""
+    return float(np.mean(z_squared(window, ref, scale)))
 
 
 @dataclass(frozen=True)
@@ -194,15 +236,15 @@ def _candidates(src: Source) -> list[Candidate]:
             return np.asarray(gaussian_filter(x, sigma=(0, 0, s, s), mode="constant"))
         return f
 
+    def orient(o: str) -> Callable[[np.ndarray, float], np.ndarray]:
+        return lambda x, _: np.ascontiguousarray(_orient(x, o))
+
     cands = [
         Candidate("invert", lambda x, _: lo + hi - x),
-        Candidate("flip_horizontal", lambda x, _: x[..., ::-1]),
-        Candidate("flip_vertical", lambda x, _: x[..., ::-1, :]),
+        *[Candidate(o, orient(o)) for o in orientations(h, w) if o != "identity"],
         Candidate("binarize", lambda x, _: np.where(x > (lo + hi) / 2, hi, lo)),
         *[Candidate("blur", blur(s)) for s in BLUR_SIGMAS],
     ]
-    if h == w:
-        cands.append(Candidate("transpose", lambda x, _: np.swapaxes(x, -1, -2)))
     if c > 1:
         cands.append(Candidate("channel_order", lambda x, _: x[:, ::-1]))
     m, s = _ch(src.norm_mean), _ch(src.norm_std)
@@ -226,13 +268,16 @@ class Diagnosis:
     detectors: dict[str, str] = field(default_factory=dict)        # alarming detector → its top feature
     contract_violating_share: float | None = None
     reason: str = ""
+    # share of the window the named transform explains: the weight s of T(golden) in the mixture
+    # (1 − s)·golden + s·T(golden) that best fits the window's mean signature (None: nothing named)
+    transformed_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter,
                 "inputs_moved": self.inputs_moved, "candidates": dict(self.candidates),
                 "input_effects": dict(self.input_effects), "class_shift": dict(self.class_shift),
                 "detectors": dict(self.detectors), "contract_violating_share": self.contract_violating_share,
-                "reason": self.reason}
+                "transformed_share": self.transformed_share, "reason": self.reason}
 
 
 class Diagnoser:
@@ -308,7 +353,7 @@ class Diagnoser:
         return out
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
-        """Golden signature moments reweighted to the window's predicted-class shares."""
+        """Golden signature moments reweighted to the window's predicted-class shares (n: effective size)."""
         if predicted is None or len(predicted) == 0 or not self.per_class:
             return self.golden
         q = np.bincount(np.asarray(predicted, np.int64), minlength=self.num_classes).astype(np.float64)
@@ -321,27 +366,146 @@ class Diagnoser:
         var = np.stack([self.per_class[k][1] for k in keys])
         mean = wts @ mu
         v = wts @ (var + mu ** 2) - mean ** 2
-        return Moments(mean, np.maximum(v, 0.0), self.golden.n)
+        # Kish's effective sample size of the reweighted golden set: with the window's traffic on
+        # two classes only, ~2/10 of the golden samples carry the weight, and the standard error of
+        # its means is that of those few (with the full n, a pure prior shift read as moved inputs)
+        counts = np.array([self.per_class[k][2] for k in keys], np.float64)
+        n_eff = 1.0 / float(np.sum(wts ** 2 / counts))
+        return Moments(mean, np.maximum(v, 0.0), max(2, int(n_eff)))
 
-    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None]]:
-        """d(candidate) for the identity and every candidate, with the fitted parameter where there is one."""
+    def candidate_moments(self, name: str, window_features: np.ndarray) -> Moments | None:
+        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant)."""
         wm = Moments.of(window_features)
-        out: dict[str, tuple[float, float | None]] = {"identity": (distance(wm, self.golden, self.scale), None)}
+        fitted = self._fitted(window_features)
+        if name in fitted:
+            return fitted[name][0]
+        ms = [m for k, m in self.fixed.items() if k.split("#")[0] == name]
+        return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
+
+    def transformed_share(self, name: str, window_features: np.ndarray) -> float | None:
+        """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
+        m = self.candidate_moments(name, window_features)
+        return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
+
+    def mixtures(self, window_features: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
+        """Per parameter-free candidate T, the best mixture (1 − s)·golden + s·T(golden): (d of the
+        means, s, largest z², mean squared z of the log variances).
+
+        A window of which a share is transformed has the mixture's spread as well as its means; a
+        window in which every sample moved a little (a finer quantisation than binarize) may match
+        some mixture's means, but not its variances. The variance z uses log(var_w/var_mix) with
+        standard error sqrt(2/(n_w − 1) + 2/(n_golden − 1)) (normal approximation).
+        """
+        wm = Moments.of(window_features)
+        g = self.golden
+        floor = self.scale ** 2
+        se_v = np.sqrt(2.0 / max(wm.n - 1, 1) + 2.0 / max(g.n - 1, 1))
+        out: dict[str, tuple[float, float, float, float]] = {}
         for key, m in self.fixed.items():
             name = key.split("#")[0]
-            d = distance(wm, m, self.scale)
+            sh = mixture_share(wm, g, m, self.scale)
+            diff = m.mean - g.mean
+            mix = Moments((1 - sh) * g.mean + sh * m.mean,
+                          (1 - sh) * g.var + sh * m.var + sh * (1 - sh) * diff ** 2, g.n)
+            z2 = z_squared(wm, mix, self.scale)
+            d = float(np.mean(z2))
+            dv = float(np.mean((np.log((wm.var + floor) / (mix.var + floor)) / se_v) ** 2))
             if name not in out or d < out[name][0]:
-                out[name] = (d, None)
-        for name, (m, p) in self._fitted(window_features).items():
-            out[name] = (distance(wm, m, self.scale), p)
+                out[name] = (d, sh, float(np.max(z2)), dv)
         return out
+
+    def search(self, window_features: np.ndarray) -> dict[str, tuple[float, float | None, float]]:
+        """(d, fitted parameter or None, largest per-feature z²) of the identity and every candidate."""
+        wm = Moments.of(window_features)
+
+        def score(m: Moments) -> tuple[float, float]:
+            z2 = z_squared(wm, m, self.scale)
+            return float(np.mean(z2)), float(np.max(z2)) if len(z2) else 0.0
+
+        d0, m0 = score(self.golden)
+        out: dict[str, tuple[float, float | None, float]] = {"identity": (d0, None, m0)}
+        for key, m in self.fixed.items():
+            name = key.split("#")[0]
+            d, zmax = score(m)
+            if name not in out or d < out[name][0]:
+                out[name] = (d, None, zmax)
+        for name, (m, p) in self._fitted(window_features).items():
+            d, zmax = score(m)
+            out[name] = (d, p, zmax)
+        return out
+
+
+def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale: np.ndarray) -> float:
+    """Least-squares weight s in [0, 1] of `transformed` in (1 − s)·golden + s·transformed ≈ window means.
+
+    Features are weighted by their inverse squared standard error (as in `z_squared`), so the
+    precisely measured ones decide. 1 when the whole window is transformed, near 0 when none is.
+    """
+    a = transformed.mean - golden.mean
+    b = window.mean - golden.mean
+    se2 = window.var / max(window.n, 1) + transformed.var / max(transformed.n, 1) + (scale ** 2) / max(window.n, 1) \
+        + (REL_TOLERANCE * transformed.mean) ** 2
+    w = 1.0 / np.maximum(se2, 1e-300)
+    den = float(np.sum(w * a * a))
+    if not np.isfinite(den) or den <= 0:
+        return 1.0
+    return float(np.clip(np.sum(w * a * b) / den, 0.0, 1.0))
+
+
+def partly_explaining(mixes: dict[str, tuple[float, float, float, float]], baseline: float,
+                      n_features: int) -> tuple[str | None, float, str]:
+    """The one transform that explains a share of the window (one client of several sending it).
+
+    Named when its mixture fits (d of the means and of the log variances below PARTIAL_FIT, no z²
+    above FIT_MAX), it explains at least
+    MIN_PARTIAL of the window, the summed z² drops by at least PARTIAL_GAIN from `baseline` (the
+    window against golden, d·features: a likelihood-ratio-like margin for one fitted share), and
+    it drops by at least PARTIAL_MARGIN more than with any other candidate (a flip explains part
+    of a rotation by 180°: the better one must be clearly better).
+    """
+    gains = sorted(((baseline - d) * n_features, k) for k, (d, sh, zmax, dv) in mixes.items()
+                   if d < PARTIAL_FIT and dv < PARTIAL_FIT and zmax < FIT_MAX and sh >= MIN_PARTIAL)
+    if not gains or gains[-1][0] < PARTIAL_GAIN:
+        return None, 0.0, "no candidate transform explains a share of the window"
+    gain, best = gains[-1]
+    if len(gains) > 1 and gains[-2][0] + PARTIAL_MARGIN > gain:
+        return None, 0.0, f"{best} and {gains[-2][1]} explain a share of the window about equally: not named"
+    d, sh, _, _ = mixes[best]
+    return best, sh, (f"{best} of the golden inputs explains about {sh:.0%} of the window (mixture d={d:.3g} vs "
+                      f"{baseline:.3g} without it)")
+
+
+def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str | None, str]:
+    """The one candidate transform that explains a window, or None, with the reason.
+
+    A candidate fits when its d is below FIT, FIT_RATIO times below the untransformed d, and no
+    single feature is off by more than FIT_MAX in z² (a mean over many features can hide a few
+    grossly wrong ones: a rotation by 90° looks like a transpose in every orientation-free
+    feature); FIT_MAX_FITTED for a candidate whose factor or offset is estimated from the
+    window's extremes, which is not exact and moves every feature a little. When a second candidate also fits within AMBIGUITY times the best d, the window
+    does not tell them apart, and no transform is named.
+    """
+    d_id = cands["identity"][0]
+    if len(cands) < 2:
+        return None, "no candidate transforms"
+    fit = sorted((v[0], k) for k, v in cands.items()
+                 if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
+                 and v[2] < (FIT_MAX if v[1] is None else FIT_MAX_FITTED))
+    if not fit:
+        best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
+        return None, f"no candidate transform fits (best {best}: d={cands[best][0]:.3g}, largest z²=" \
+                     f"{cands[best][2]:.3g}; untransformed d={d_id:.3g})"
+    (d_best, best), rest = fit[0], fit[1:]
+    if rest and rest[0][0] < AMBIGUITY * d_best:
+        return None, f"{best} and {rest[0][1]} fit about equally (d={d_best:.3g} vs {rest[0][0]:.3g}): not named"
+    return best, f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs {d_id:.3g} untransformed)"
 
 
 def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: Diagnoser | None = None,
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
-             contract_share: float = CONTRACT_SHARE) -> Diagnosis:
+             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None) -> Diagnosis:
     """The diagnosis of one window (see the module docstring for the rules)."""
     alarming = {r.name: r.feature for r in detectors if r.alarm}
     shift: dict[str, float] = {}
@@ -370,28 +534,37 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     assert diagnoser is not None and window_features is not None
     moved = distance(Moments.of(window_features), diagnoser.reweighted(predicted), diagnoser.scale)
     cands = diagnoser.search(window_features)
-    d_id = cands["identity"][0]
-    best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
-    d_best, param = cands[best]
+    best, why = explaining(cands)
     top = dict(sorted(((k, round(v[0], 3)) for k, v in cands.items()), key=lambda kv: kv[1])[:4])
-    if moved > MOVED and d_best < FIT and d_best * FIT_RATIO < d_id:
-        return Diagnosis("preprocessing_mismatch", best, param, round(moved, 3), top,
-                         reason=f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs "
-                                f"{d_id:.3g} untransformed)", **common)
+    if moved > MOVED and best is not None:
+        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
+                         transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
         transform, p = None, None
         bad = np.asarray(violating, bool)
         if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
-            sb = min((k for k in sub if k != "identity"), key=lambda k: sub[k][0])
-            if sub[sb][0] < FIT and sub[sb][0] * FIT_RATIO < sub["identity"][0]:
-                transform, p = sb, sub[sb][1]
+            transform, _ = explaining(sub)
+            p = None if transform is None else sub[transform][1]
+        ts = None if transform is None else diagnoser.transformed_share(transform, window_features)
         return Diagnosis("input_contract", transform, p, round(moved, 3), top,
-                         reason=f"{share:.1%} of the window's samples violate the input contract", **common)
-    if moved > MOVED or "input_stats" in alarming:
+                         reason=f"{share:.1%} of the window's samples violate the input contract",
+                         transformed_share=ts, **common)
+    mixes = diagnoser.mixtures(window_features)
+    part, sh, why_part = partly_explaining(mixes, min(cands["identity"][0], moved), len(diagnoser.golden.mean))
+    if part is not None:
+        return Diagnosis("preprocessing_mismatch", part, None, round(moved, 3), top, reason=why_part,
+                         transformed_share=round(sh, 4), **common)
+    outside = outside_share is not None and outside_share > OUTSIDE
+    if moved > MOVED or outside or ("input_stats" in alarming and ("label" not in alarming or moved > MOVED_LOW)):
+        # inputs moved beyond what the class shares explain, or a share of them left the golden support
+        # (support.outside_share, class-reweighted); or the input statistics moved and either the class
+        # mix did not (the label test would see it) or it does not explain them either
+        if outside and moved <= MOVED:
+            why = f"{outside_share:.0%} or more of the window lies outside the golden support; {why}"
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
-                                "and no candidate transform explains them", **common)
+                                f"and no one candidate transform explains them: {why}", **common)
     return Diagnosis("prior_shift", None, None, round(moved, 3), top,
                      reason=f"inputs match golden reweighted to the window's predicted classes (d={moved:.3g}); "
                             "the class shares moved", **common)

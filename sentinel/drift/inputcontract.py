@@ -99,9 +99,25 @@ class ContractReport:
         """N bool: the sample violates at least one check."""
         return np.asarray(self.violations.any(axis=1), dtype=bool)
 
+    @property
+    def untrusted(self) -> np.ndarray:
+        """N bool: the sample violates a check on what the network sees (any check but `dtype`).
+
+        The wire dtype alone does not change the values: integers 0–16 where floats 0–16 were
+        expected are the same network input, so the accuracy estimate may still judge them (the
+        violation is counted all the same)."""
+        return untrusted(self.violations)
+
     def counts(self) -> dict[str, int]:
         """Violating samples per check."""
         return {name: int(k) for name, k in zip(CHECKS, self.violations.sum(axis=0), strict=True)}
+
+
+def untrusted(violations: np.ndarray) -> np.ndarray:
+    """N bool from an N×len(CHECKS) violation matrix: any check but `dtype` (see ContractReport.untrusted)."""
+    v = np.asarray(violations, bool)
+    keep = [i for i, name in enumerate(CHECKS) if name != "dtype"]
+    return np.asarray(v[:, keep].any(axis=1), dtype=bool)
 
 
 def _saturated_share(flat: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:

@@ -123,6 +123,8 @@ class Verdict:
     accuracy_verdicts: dict[str, int] = field(default_factory=dict)   # counts over the window
     unknown_share: float | None = None      # share of unknown verdicts (max of window and recent part)
     reliable: bool | None = None            # unknown_share <= support.UNRELIABLE_SHARE
+    outside_share: float | None = None      # lower bound on the window's share outside the golden support
+                                            # as a population (support.outside_share); counted as unknown
 
     @property
     def drift(self) -> bool:
@@ -185,13 +187,14 @@ class Suite:
             x = np.asarray(reference.inputs, np.float32)
             self.contract = reference.contract or InputContract.derive(x)
             self.diagnoser = Diagnoser(x, probs.argmax(axis=1), _source(reference))
-            self.input_support = KnnSupport.fit(self.diagnoser.golden_features)
+            self.input_support = KnnSupport.fit(self.diagnoser.golden_features, classes=self.diagnoser.classes)
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
             assert reference.embeddings is not None   # the PCA was fitted on them
             self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
-                                                    self.pca.transform(reference.embeddings))
+                                                    self.pca.transform(reference.embeddings),
+                                                    classes=probs.argmax(axis=1))
 
     def samples(self, inputs: np.ndarray | None, logits: np.ndarray | None,
                 embeddings: np.ndarray | None = None, dtype_kind: str | None = None) -> Samples:
@@ -219,7 +222,9 @@ class Suite:
             lg = np.asarray(logits, np.float64)
             unknown = None
             if ood is not None and viol is not None and len(ood) == len(lg):
-                unknown = ood | viol.any(axis=1)
+                from sentinel.drift.inputcontract import untrusted
+
+                unknown = ood | untrusted(viol)
             codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
         return Samples(viol, sig, ood, codes)
 
@@ -241,8 +246,9 @@ class Suite:
             n = len(lg)
             if self.estimator is not None:
                 est = self.estimator.estimate(lg)
-            if window.labels is not None and len(window.labels) == len(ok) and n:
-                acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).mean())
+            if window.labels is not None and len(window.labels) == len(ok) and len(ok):
+                # over every row, as the client saw them: a non-finite output is a wrong answer
+                acc = float((lg.argmax(axis=1) == np.asarray(window.labels)[ok]).sum() / len(ok))
         counts: dict[str, int] = {}
         unknown_share = reliable = None
         if window.verdicts is not None and len(window.verdicts):
@@ -258,13 +264,51 @@ class Suite:
                     lb, unk = min(lb, lb_r), max(unk, unk_r)
             est["atc_lower"] = lb
             unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
-        diag = self._diagnose(window, results, combined, out)
+        outside = self._outside_share(window, None if out is None else out[2].argmax(axis=1))
+        if outside is not None and "atc_lower" in est:
+            # a population outside the support, though its samples one by one pass: that share is unknown
+            est["atc_lower"] = min(est["atc_lower"], 1.0 - outside)
+            unknown_share = outside if unknown_share is None else max(unknown_share, outside)
+            from sentinel.drift.support import UNRELIABLE_SHARE
+            reliable = bool(unknown_share <= UNRELIABLE_SHARE)
+        diag = self._diagnose(window, results, combined, out, outside)
         if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
             reliable = False        # inputs the model was not validated on: its confidence proves nothing
-        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable)
+        ts = diag.transformed_share
+        if ts is not None and "atc_lower" in est:
+            # The samples a named transform explains were fed wrongly prepared inputs: count them as
+            # unknown, whatever the per-sample verdicts say (a flipped or rotated digit still looks like
+            # a digit, to the support check and to the model, which is then confidently wrong).
+            # As with the verdicts, the last `accuracy_recent` samples speak for now when more of them
+            # are transformed: a client that started sending flipped images 50 requests ago.
+            r = self.settings.accuracy_recent
+            sig = None if window.signatures is None else np.asarray(window.signatures, np.float64)
+            if diag.transform is not None and self.diagnoser is not None and sig is not None and 0 < r < len(sig):
+                sig = sig[np.isfinite(sig).all(axis=1)][-r:]
+                ts_r = self.diagnoser.transformed_share(diag.transform, sig) if len(sig) >= 2 else None
+                from sentinel.drift.support import UNRELIABLE_SHARE
+                if ts_r is not None and ts_r > max(ts, UNRELIABLE_SHARE):
+                    ts = ts_r
+            est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
+            unknown_share = ts if unknown_share is None else max(unknown_share, ts)
+        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside)
+
+    def _outside_share(self, w: Window, predicted: np.ndarray | None) -> float | None:
+        """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
+        shares = []
+        for support, rows in ((self.input_support, w.signatures), (self.embedding_support, w.embeddings)):
+            if support is None or rows is None or not len(rows):
+                continue
+            f = np.asarray(rows, np.float64)
+            f = f[np.isfinite(f).all(axis=1)]
+            s = support.outside_share(f, predicted)
+            if s is not None:
+                shares.append(s)
+        return max(shares) if shares else None
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
-                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> Diagnosis:
+                  out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                  outside: float | None = None) -> Diagnosis:
         effects: dict[str, float] = {}
         if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
             ws = np.asarray(w.input_stats, np.float64)
@@ -279,7 +323,7 @@ class Suite:
             sig = sig[np.isfinite(sig).all(axis=1)]
         return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
                         violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
-                        input_effects=effects)
+                        input_effects=effects, outside_share=outside)
 
     def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""

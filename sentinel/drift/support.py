@@ -12,6 +12,19 @@ The accuracy lower bound counts unknown as wrong: likely_correct / all. It is re
 share of unknown samples is at most `UNRELIABLE_SHARE` and the window is not diagnosed as a
 preprocessing mismatch or an input-contract breach (then the model's confidence proves nothing,
 even for samples that pass the support check: a flipped digit still looks like a digit).
+
+A window can also leave the support as a population while each of its samples passes: a dead
+row of pixels or noise moves every sample's kNN distance up, but not past the per-sample
+threshold, and the model can be confidently wrong on them. `outside_share` bounds, from below,
+the share of the window that does not follow the golden distribution of kNN distances (mixture
+proportion estimation, Blanchard, Lee & Scott, JMLR 2010 / Storey-like): if a window is the
+mixture (1 − s)·F0 + s·F1 of golden-like samples (distance CDF F0, the golden leave-one-out
+distances) and anything else, its CDF G satisfies G(t) ≥ (1 − s)·F0(t) for every t, so
+s ≥ 1 − G(t)/F0(t); with the empirical CDFs and a two-sample DKW margin
+ε = sqrt(ln(1/δ)/2 · (1/M + 1/N)) on F0 − G, s ≥ max_t (F̂0(t) − Ĝ(t) − ε)/F̂0(t) holds with
+probability about 1 − δ. The suite counts that share as unknown in the window's lower bound and
+its unknown share (so the estimate is flagged unreliable beyond `UNRELIABLE_SHARE`); the
+per-sample verdict counters are unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +37,10 @@ VERDICTS = ("likely_correct", "likely_wrong", "unknown")
 LIKELY_CORRECT, LIKELY_WRONG, UNKNOWN = 0, 1, 2
 OOD_QUANTILE = 0.998      # a golden sample is beyond this quantile of golden LOO kNN distances 0.2% of the time
 OOD_K = 5
-UNRELIABLE_SHARE = 0.10
-MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)   # more unknown than this in a window and the estimate is flagged unreliable
+UNRELIABLE_SHARE = 0.10   # more unknown than this in a window and the estimate is flagged unreliable
+MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)
+OUTSIDE_DELTA = 0.05      # error probability of the `outside_share` lower confidence bound
+MIN_OUTSIDE_SAMPLES = 20  # fewer window scores than this: no population bound
 
 
 @dataclass(frozen=True)
@@ -37,20 +52,48 @@ class KnnSupport:
     scale: np.ndarray
     threshold: float
     k: int = OOD_K
+    loo: np.ndarray | None = None  # leave-one-out scores of the reference (its own distance distribution)
+    loo_classes: np.ndarray | None = None  # the reference rows' predicted classes, aligned with `loo`
 
     @classmethod
     def fit(cls, features: np.ndarray, k: int = OOD_K, quantile: float = OOD_QUANTILE,
-            max_samples: int = MAX_REFERENCE, seed: int = 0) -> KnnSupport:
+            max_samples: int = MAX_REFERENCE, seed: int = 0, classes: np.ndarray | None = None) -> KnnSupport:
+        """`classes` (the reference rows' predicted classes) let `outside_share` compare a window with
+        the reference reweighted to the window's class shares (a pure prior shift is not "outside")."""
         f = np.asarray(features, np.float64)
+        cl = None if classes is None or len(classes) != len(f) else np.asarray(classes, np.int64)
         if len(f) > max_samples:       # bounded memory and time: distances are N×N at fit, M×N per batch
-            f = f[np.sort(np.random.default_rng(seed).choice(len(f), max_samples, replace=False))]
+            keep = np.sort(np.random.default_rng(seed).choice(len(f), max_samples, replace=False))
+            f = f[keep]
+            cl = None if cl is None else cl[keep]
         center = f.mean(axis=0)
         sd = f.std(axis=0)
         scale = np.where(sd > 1e-9 * (np.abs(center) + 1), sd, 1.0)
         z = (f - center) / scale
         k = int(min(k, len(z) - 1))
         d = _knn(z, z, k + 1)[:, -1]          # the nearest "neighbour" is the sample itself
-        return cls(z, center, scale, float(np.quantile(d, quantile)), k)
+        thr = float(np.quantile(d, quantile))
+        return cls(z, center, scale, thr, k, d / max(thr, 1e-12), cl)
+
+    def outside_share(self, features: np.ndarray, predicted: np.ndarray | None = None,
+                      delta: float = OUTSIDE_DELTA) -> float | None:
+        """Lower confidence bound on the share of these rows not distributed like the reference
+        (module docstring); None with fewer than MIN_OUTSIDE_SAMPLES rows or no LOO scores.
+
+        With the window's `predicted` classes (and the reference's), each reference score is weighted
+        by q_c/p_c (window over reference share of its class), as a label shift would reweight it.
+        """
+        if self.loo is None or len(features) < MIN_OUTSIDE_SAMPLES or len(self.loo) < MIN_OUTSIDE_SAMPLES:
+            return None
+        weights = None
+        if predicted is not None and self.loo_classes is not None and len(predicted):
+            k = int(max(self.loo_classes.max(), np.max(predicted))) + 1
+            q = np.bincount(np.asarray(predicted, np.int64), minlength=k) / len(predicted)
+            p = np.bincount(self.loo_classes, minlength=k) / len(self.loo_classes)
+            if q[p > 0].sum() >= 0.5:            # most of the window's classes are in the reference
+                w = np.where(p > 0, q / np.maximum(p, 1e-12), 0.0)[self.loo_classes]
+                weights = w if w.sum() > 0 else None
+        return outside_share(self.score(features), self.loo, delta, weights)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """N: kNN distance divided by the threshold (> 1: out of support)."""
@@ -58,6 +101,31 @@ class KnnSupport:
         if len(f) == 0:
             return np.zeros(0)
         return _knn((f - self.center) / self.scale, self.reference, self.k)[:, -1] / max(self.threshold, 1e-12)
+
+
+def outside_share(window_scores: np.ndarray, reference_scores: np.ndarray, delta: float = OUTSIDE_DELTA,
+                  reference_weights: np.ndarray | None = None) -> float:
+    """max(0, max_t (F̂0(t) − Ĝ(t) − ε)/F̂0(t)): a lower confidence bound on the share of the window
+    that is not drawn from the reference's score distribution (larger scores = farther out).
+
+    `reference_weights` make F̂0 a weighted ECDF; its n in ε is then Kish's effective size."""
+    w = np.sort(np.asarray(window_scores, np.float64))
+    order = np.argsort(np.asarray(reference_scores, np.float64), kind="stable")
+    r = np.asarray(reference_scores, np.float64)[order]
+    rw = np.ones(len(r)) if reference_weights is None else np.asarray(reference_weights, np.float64)[order]
+    m = len(w)
+    if m == 0 or len(r) == 0 or rw.sum() <= 0:
+        return 0.0
+    n = float(rw.sum() ** 2 / np.sum(rw ** 2))
+    eps = float(np.sqrt(np.log(1.0 / delta) / 2.0 * (1.0 / m + 1.0 / n)))
+    t = np.concatenate([w, r])
+    cum = np.concatenate([[0.0], np.cumsum(rw)]) / rw.sum()
+    f0 = cum[np.searchsorted(r, t, side="right")]
+    g = np.searchsorted(w, t, side="right") / m
+    ok = f0 > 0
+    if not ok.any():
+        return 0.0
+    return float(np.clip(np.max((f0[ok] - g[ok] - eps) / f0[ok]), 0.0, 1.0))
 
 
 def _knn(q: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:

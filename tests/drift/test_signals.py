@@ -76,6 +76,47 @@ def test_diagnosis_names_the_transform(transform, expected):
     assert diagnose(False, [], diagnoser=dg, window_features=dg.features(shifted)).kind == "none"
 
 
+@pytest.mark.parametrize(("k", "expected"), [(1, "rotate_90"), (2, "rotate_180"), (3, "rotate_270")])
+def test_diagnosis_names_rotations_not_a_neighbouring_symmetry(k, expected):
+    """A rotation by 90° agrees with a transpose in every orientation-free feature: it must not be
+    called one (before the eight symmetries were candidates it was named `transpose`)."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(60, seed=1)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(np.ascontiguousarray(np.rot90(w, k, (2, 3)))),
+                 predicted=wy, golden_predicted_shares=np.bincount(y) / len(y))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", expected)
+
+
+@pytest.mark.parametrize("transform", [
+    lambda a: np.rot90(1.0 - a, 1, (2, 3)),                       # two candidates composed
+    lambda a: np.roll(a, 2, axis=3),                               # a translation: not a candidate
+])
+def test_diagnosis_names_no_transform_when_none_fits(transform):
+    """Shifts outside the candidate set get a generic kind, never a confidently wrong transform."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(200, seed=4)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(np.ascontiguousarray(transform(w))),
+                 predicted=wy, golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "covariate_shift" and d.transform is None, (d.kind, d.transform, d.candidates)
+    assert "no one candidate" in d.reason
+
+
+def test_ambiguous_candidates_are_not_named():
+    from sentinel.drift.diagnosis import explaining
+
+    cands = {"identity": (500.0, None, 900.0), "flip_vertical": (1.0, None, 5.0), "rotate_180": (1.5, None, 6.0),
+             "blur": (80.0, None, 300.0)}
+    assert explaining(cands)[0] is None and "about equally" in explaining(cands)[1]
+    cands["rotate_180"] = (3.0, None, 6.0)
+    assert explaining(cands)[0] == "flip_vertical"
+    cands["flip_vertical"] = (1.0, None, 90.0)            # one feature far off: no fit
+    assert explaining(cands)[0] == "rotate_180"
+    cands["multiply"] = (0.5, 3.0, 90.0)                  # a fitted factor is allowed more
+    assert explaining(cands)[0] == "multiply"
+
+
 def test_prior_shift_is_inputs_explained_by_class_shares():
     x, y = _images(300)
     dg = Diagnoser(x, y)
@@ -150,3 +191,190 @@ def test_stored_contract_is_digest_checked(tmp_path):
         load_contract(load_golden(dst))
     (dst / "contract.json").unlink()
     assert load_contract(load_golden(dst)) is None          # absent: derived from the inputs on load
+
+
+def _two_class_suite():
+    """A suite on the two-class images whose 'model' reads the class off the image's left half."""
+    from sentinel.drift import Reference, Settings, Suite
+
+    x, y = _images(300)
+
+    def logits(a: np.ndarray) -> np.ndarray:
+        left = a[:, 0, :, :4].mean(axis=(1, 2)) - a[:, 0, :, 4:].mean(axis=(1, 2))
+        return np.stack([40 * left, -40 * left], axis=1)
+
+    golden_logits = logits(x)
+    assert (golden_logits.argmax(1) == y).mean() > 0.95
+    return Suite(Reference(golden_logits, y, inputs=x), Settings(detectors=("bbsd", "label", "input_stats"))), logits
+
+
+def test_lower_bound_counts_a_named_transform_as_unknown():
+    """A horizontally flipped window on which the per-sample verdicts all read likely_correct (as
+    they do on digits, where a flipped digit stays in the golden support and the model is
+    confidently wrong): the diagnosis names the flip, and the samples it explains must not be
+    counted as correct (before: the lower bound read 1.0 at accuracy 0)."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=5)
+    flipped = np.ascontiguousarray(w[..., ::-1])
+    lg = logits(flipped)
+    fooled = np.full(len(w), LIKELY_CORRECT, np.int8)
+    v = suite.evaluate(Window(lg, input_statistics(flipped), labels=wy, signatures=suite.diagnoser.features(flipped),
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.drift and (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", "flip_horizontal")
+    assert v.diagnosis.transformed_share > 0.9 and v.accuracy < 0.05
+    assert v.estimated_accuracy["atc_lower"] <= v.accuracy + 0.1 and v.reliable is False
+    assert v.unknown_share > 0.9
+    half = np.concatenate([flipped[:100], w[100:]])               # half the window flipped
+    v = suite.evaluate(Window(logits(half), input_statistics(half), labels=wy, signatures=suite.diagnoser.features(half),
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    if v.diagnosis.transformed_share is not None:
+        assert v.estimated_accuracy["atc_lower"] <= v.accuracy + 0.1
+    clean_lg = logits(w)
+    smp = suite.samples(w, clean_lg)
+    v = suite.evaluate(Window(clean_lg, input_statistics(w), labels=wy, signatures=smp.signatures,
+                              violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+    assert not v.drift and v.diagnosis.transformed_share is None
+    assert abs(v.estimated_accuracy["atc_lower"] - v.accuracy) <= 0.03
+
+
+def test_outside_share_bounds_the_shifted_share_of_a_window():
+    from sentinel.drift.support import outside_share
+
+    rng = np.random.default_rng(7)
+    ref = rng.uniform(0, 1, 300)
+    assert max(outside_share(rng.uniform(0, 1, 200), ref) for _ in range(20)) < 0.1   # same distribution
+    moved = np.concatenate([rng.uniform(0, 1, 100), rng.uniform(0.8, 1.0, 100)])      # half moved up, in range
+    assert 0.2 < outside_share(moved, ref) <= 0.5
+    assert outside_share(rng.uniform(0.9, 1.0, 200), ref) > 0.7
+    # class-dependent reference scores: a window of one class is not "outside" once reweighted
+    cls = np.repeat([0, 1], 150)
+    ref2 = np.where(cls == 0, rng.uniform(0, 0.5, 300), rng.uniform(0.5, 1, 300))
+    win = rng.uniform(0.5, 1, 200)
+    assert outside_share(win, ref2) > 0.3
+    assert outside_share(win, ref2, reference_weights=(cls == 1).astype(float)) < 0.1
+
+
+def test_lower_bound_counts_a_population_outside_the_support():
+    """Every sample passes the per-sample kNN check, but the window as a whole lies farther from the
+    golden set than golden samples lie from each other: that share is unknown, and the estimate
+    says it is unreliable (before: lower bound 1.0, reliable)."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=6)
+    sup = suite.input_support
+    moved = np.clip(w + np.random.default_rng(0).normal(0, 0.02, w.shape), 0, 1).astype(np.float32)   # sensor noise
+    sig = suite.diagnoser.features(moved)
+    assert (sup.score(sig) <= 1).mean() > 0.9                  # almost every sample passes one by one
+    fooled = np.full(len(w), LIKELY_CORRECT, np.int8)
+    v = suite.evaluate(Window(logits(moved), input_statistics(moved), labels=wy, signatures=sig,
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.outside_share > 0.3
+    assert v.estimated_accuracy["atc_lower"] <= 1 - v.outside_share and v.reliable is False
+    sig = suite.diagnoser.features(w)
+    v = suite.evaluate(Window(logits(w), input_statistics(w), labels=wy, signatures=sig,
+                              violating=np.zeros(len(w), bool), verdicts=fooled))
+    assert v.outside_share < 0.1 and v.estimated_accuracy["atc_lower"] == 1.0 and v.reliable
+
+
+def test_a_transform_on_part_of_the_window_is_named_with_its_share():
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(300, seed=8)
+    part = w.copy()
+    part[:90] = part[:90, ..., ::-1]                          # 30% of the traffic flipped (one client)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(part), predicted=wy,
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", "flip_horizontal"), d.reason
+    assert d.transformed_share == pytest.approx(0.3, abs=0.1)
+    # every sample moved a little (coarser values): not a share of the samples binarized
+    coarse = np.round(w * 3) / 3
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(coarse), predicted=wy,
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.transform is None and d.kind == "covariate_shift", d.reason
+
+
+def test_label_shift_with_moving_input_statistics_is_prior_shift():
+    """Traffic of one class: the input statistics move with the class mix (their test alarms), but
+    the golden set reweighted to the window's classes explains the inputs (before: covariate_shift,
+    and the reweighted golden set's standard errors used all N samples instead of the few weighted)."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(600, seed=9)
+    keep = np.flatnonzero(wy == 1)[:150]
+    d = diagnose(True, [decide("label", 9.0, 1e-9, 0.05, 300, 150, "class 1"),
+                        decide("input_stats", 9.0, 1e-9, 0.05, 300, 150, "mean_c0")],
+                 diagnoser=dg, window_features=dg.features(w[keep]), predicted=wy[keep],
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "prior_shift", d.reason
+    noisy = np.clip(w[:150] + np.random.default_rng(1).normal(0, 0.05, w[:150].shape), 0, 1)
+    d = diagnose(True, [decide("input_stats", 9.0, 1e-9, 0.05, 300, 150, "std_c0")],
+                 diagnoser=dg, window_features=dg.features(noisy.astype(np.float32)), predicted=wy[:150],
+                 golden_predicted_shares=np.bincount(y) / len(y))
+    assert d.kind == "covariate_shift"
+
+
+def test_a_wire_dtype_alone_does_not_make_samples_unknown():
+    """Integers where floats were expected, same values: the dtype violation is counted, but the
+    network sees the same inputs, so ATC still judges them (before: every sample unknown, bound 0)."""
+    from sentinel.drift.support import UNKNOWN
+
+    suite, logits = _two_class_suite()
+    w, _ = _images(50, seed=10)
+    smp = suite.samples(w, logits(w), dtype_kind="i")
+    assert smp.violations[:, CHECKS.index("dtype")].all()
+    assert (smp.verdicts != UNKNOWN).mean() > 0.9
+    bad = w.copy()
+    bad[:5] *= 40                                             # values out of range: unknown, whatever the dtype
+    assert (suite.samples(bad, logits(bad), dtype_kind="f").verdicts[:5] == UNKNOWN).all()
+
+
+def test_true_accuracy_counts_nonfinite_outputs_as_wrong():
+    from sentinel.drift import Window
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(100, seed=11)
+    lg = logits(w)
+    lg[:10] = np.nan                                           # the client got NaN for 10 of 100 requests
+    v = suite.evaluate(Window(lg, labels=wy))
+    assert v.n == 90
+    assert v.accuracy == pytest.approx((logits(w)[10:].argmax(1) == wy[10:]).sum() / 100)
+
+
+def test_lower_bound_follows_a_transform_that_started_recently():
+    """A client began sending flipped images 80 requests ago: the last 50 samples are all
+    transformed, and the bound says so (as it does for recent unknown verdicts), not 1 − 40%."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.support import LIKELY_CORRECT
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(200, seed=12)
+    x = w.copy()
+    x[-80:] = x[-80:, ..., ::-1]
+    v = suite.evaluate(Window(logits(x), input_statistics(x), labels=wy, signatures=suite.diagnoser.features(x),
+                              violating=np.zeros(len(x), bool), verdicts=np.full(len(x), LIKELY_CORRECT, np.int8)))
+    assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", "flip_horizontal"), v.diagnosis.reason
+    assert v.diagnosis.transformed_share == pytest.approx(0.4, abs=0.1)
+    assert v.estimated_accuracy["atc_lower"] < 0.3 and v.unknown_share > 0.7
+
+
+def test_a_window_outside_the_support_is_not_called_prior_shift():
+    """Inputs that match the class-reweighted golden means can still lie outside its support as a
+    population (a dead pixel row on a quarter of the traffic): then it is not only the class mix."""
+    x, y = _images(300)
+    dg = Diagnoser(x, y)
+    w, wy = _images(200, seed=13)
+    label = [decide("label", 9.0, 1e-9, 0.05, 300, 200, "class 1")]
+    args = {"diagnoser": dg, "window_features": dg.features(w), "predicted": wy,
+            "golden_predicted_shares": np.bincount(y) / len(y)}
+    assert diagnose(True, label, **args).kind == "prior_shift"
+    assert diagnose(True, label, outside_share=0.05, **args).kind == "prior_shift"
+    d = diagnose(True, label, outside_share=0.3, **args)
+    assert d.kind == "covariate_shift" and "outside the golden support" in d.reason

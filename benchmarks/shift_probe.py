@@ -1,0 +1,238 @@
+"""Probe the drift signals of digits:v3 with shifts `drift eval` does not contain.
+
+Holdout digits only (model.yaml split.holdout), the recorded golden set as reference, the real
+model (onnxruntime). Per shift and window size: combined alarm rate, the diagnoses named in
+alarming windows, mean true accuracy, mean accuracy lower bound, the share of windows whose
+lower bound exceeds the true accuracy by more than 0.03, and the share flagged unreliable.
+
+    python benchmarks/shift_probe.py [--windows 20] [--sizes 50,100,200] [--only a,b] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+Raw = np.ndarray
+Fn = Callable[[Raw, np.random.Generator], Raw]
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _rotate(deg: float) -> Fn:
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from scipy.ndimage import rotate
+        return _f32(np.clip(rotate(x, deg, axes=(1, 2), reshape=False, order=1, mode="constant"), 0, 16))
+    return f
+
+
+def _translate(dy: int, dx: int) -> Fn:
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        out = np.zeros_like(x)
+        h, w = x.shape[1:]
+        ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+        xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+        out[:, yd, xd] = x[:, ys, xs]
+        return _f32(out)
+    return f
+
+
+def _zoom(crop: int) -> Fn:
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from sentinel.preprocess import resize_bilinear
+        h = x.shape[1]
+        a = (h - crop) // 2
+        c = x[:, None, a:a + crop, a:a + crop].astype(np.float32)
+        return _f32(resize_bilinear(c, h, h)[:, 0])
+    return f
+
+
+def _salt_pepper(p: float) -> Fn:
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        u = r.random(x.shape)
+        return _f32(np.where(u < p / 2, 0.0, np.where(u < p, 16.0, x)))
+    return f
+
+
+def _noise(s: float) -> Fn:
+    return lambda x, r: _f32(np.clip(x + r.normal(0, s, x.shape), 0, 16))
+
+
+def _nonfinite(x: Raw, r: np.random.Generator) -> Raw:
+    y = x.copy()
+    y[:, 3, 3] = np.nan
+    y[::2, 4, 4] = np.inf
+    return _f32(y)
+
+
+def _per_image_std(x: Raw, r: np.random.Generator) -> Raw:
+    m = x.mean(axis=(1, 2), keepdims=True)
+    s = x.std(axis=(1, 2), keepdims=True)
+    return _f32((x - m) / np.maximum(s, 1e-6))
+
+
+SHIFTS: dict[str, Fn] = {
+    "rot90": lambda x, r: _f32(np.rot90(x, 1, axes=(1, 2))),
+    "rot180": lambda x, r: _f32(np.rot90(x, 2, axes=(1, 2))),
+    "rot270": lambda x, r: _f32(np.rot90(x, 3, axes=(1, 2))),
+    "rot10": _rotate(10), "rot20": _rotate(20), "rot-15": _rotate(-15),
+    "flipv_transpose": lambda x, r: _f32(np.swapaxes(x[:, ::-1, :], 1, 2)),
+    "x255": lambda x, r: _f32(x * 255.0),
+    "x1/255": lambda x, r: _f32(x / 255.0),
+    "x2": lambda x, r: _f32(x * 2.0),
+    "x0.5": lambda x, r: _f32(x * 0.5),
+    "+4": lambda x, r: _f32(x + 4), "+8": lambda x, r: _f32(x + 8),
+    "-4": lambda x, r: _f32(x - 4), "x-8": lambda x, r: _f32(x - 8),
+    "norm[-1,1]": lambda x, r: _f32(x / 8.0 - 1.0),
+    "std_dataset": lambda x, r: _f32((x - 4.88) / 6.02),
+    "std_image": _per_image_std,
+    "contrast0.5": lambda x, r: _f32((x - 8) * 0.5 + 8),
+    "gamma0.5": lambda x, r: _f32(16 * (x / 16) ** 0.5),
+    "gamma2": lambda x, r: _f32(16 * (x / 16) ** 2),
+    "noise1": _noise(1), "noise2": _noise(2), "noise4": _noise(4),
+    "saltpepper10": _salt_pepper(0.1),
+    "dead_col": lambda x, r: _f32(np.where(np.arange(8)[None, None, :] == 3, 0, x)),
+    "dead_row": lambda x, r: _f32(np.where(np.arange(8)[None, :, None] == 4, 0, x)),
+    "dead_2cols": lambda x, r: _f32(np.where(np.isin(np.arange(8), (3, 4))[None, None, :], 0, x)),
+    "zoom6": _zoom(6), "zoom4": _zoom(4),
+    "shift1": _translate(1, 1), "shift2": _translate(0, 2), "shift3": _translate(3, 0),
+    "quant4": lambda x, r: _f32(np.round(x / 4) * 4),
+    "quant8": lambda x, r: _f32(np.round(x / 8) * 8),
+    "nonfinite": _nonfinite,
+}
+# (shift, fraction shifted) pairs beyond whole windows
+PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")
+           for f in (0.05, 0.1, 0.25, 0.5)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=10)
+    ap.add_argument("--sizes", default="50,100,200")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--no-partial", action="store_true")
+    ap.add_argument("--partial", default="", help="comma-separated shifts for partial windows (default: a fixed set)")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-shifts", action="store_true", help="also the shifts `drift eval` has (regressions)")
+    a = ap.parse_args()
+    if a.eval_shifts:
+        from sentinel.drift.shifts import DIGITS_SHIFTS, MISMATCH_SHIFTS
+        SHIFTS.update({f"eval:{s.name}": s.apply for s in (*MISMATCH_SHIFTS, *DIGITS_SHIFTS) if s.apply is not None})
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    from sentinel.analysis.shadow import ReferenceRunner
+    from sentinel.drift import Reference, Settings, Suite, Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.golden import golden_for
+    from sentinel.registry import open_registry
+    from sentinel.training.digits import load_split
+
+    t0 = time.perf_counter()
+    entry = open_registry(None, None).resolve("digits:v3")
+    golden = golden_for(entry, ROOT / "golden_sets")
+    suite = Suite(Reference.from_golden(golden), Settings())
+    images, labels, _ = load_split()
+    hold = np.asarray(entry.manifest.split.holdout)
+    raw, y = images[hold].astype(np.float32), labels[hold]
+    runner = ReferenceRunner(entry, check_inputs=golden.inputs[:16], threads=1)
+    rng = np.random.default_rng(a.seed)
+    only = [s for s in a.only.split(",") if s]
+    names = only or [k for k in SHIFTS if a.eval_shifts or not k.startswith("eval:")]
+    names += [s for s in a.partial.split(",") if s and s not in names]
+    per: dict[str, dict[str, np.ndarray]] = {}
+    for name in ["clean", *names]:
+        x = raw if name == "clean" else SHIFTS[name](raw, rng)
+        net = entry.manifest.preprocessing.apply(x)
+        out = runner.run(net)
+        proj = suite.project(out.embeddings)
+        smp = suite.samples(net, out.logits, proj, dtype_kind="f")
+        per[name] = {"logits": out.logits.astype(np.float64), "stats": input_statistics(net), "emb": proj,
+                     "sig": smp.signatures, "viol": smp.violations.any(axis=1), "codes": smp.verdicts}
+    print(f"# per-sample outputs {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    def window(idx: np.ndarray, shifted: np.ndarray, name: str) -> Window:
+        cols = {k: v[idx].copy() for k, v in per["clean"].items()}
+        if shifted.any():
+            for k in cols:
+                cols[k][shifted] = per[name][k][idx[shifted]]
+        return Window(cols["logits"], cols["stats"], cols["emb"], y[idx], cols["sig"], cols["viol"], cols["codes"])
+
+    sizes = [int(s) for s in a.sizes.split(",")]
+    conds: list[tuple[str, float, str]] = [("clean", 0.0, "none")]
+    conds += [(n, 1.0, "all") for n in names if not a.partial or n in only]
+    partial = [(s, f) for s in a.partial.split(",") if s for f in (0.05, 0.1, 0.25, 0.5)] if a.partial else PARTIAL
+    if not a.no_partial and (not only or a.partial):
+        conds += [(n, f, "partial") for n, f in partial]
+    conds += [("label:two_classes", 0.0, "label"), ("label:one_dominant", 0.0, "label")]
+    rows = []
+    print(f"{'shift':<22}{'frac':>5}{'n':>5} {'alarm':>6} {'acc':>6} {'lb':>6} {'lb>acc+.03':>10} "
+          f"{'unrel':>6}  diagnoses")
+    for name, frac, kind in conds:
+        for size in sizes:
+            al, accs, lbs, over, unrel, diags = 0, [], [], 0, 0, Counter()
+            for _ in range(a.windows):
+                if kind == "label":
+                    if name.endswith("two_classes"):
+                        cl = rng.choice(10, 2, replace=False)
+                        pool = np.flatnonzero(np.isin(y, cl))
+                        idx = rng.choice(pool, size, replace=len(pool) < size)
+                    else:
+                        c = int(rng.integers(10))
+                        k = size // 2
+                        dom = rng.choice(np.flatnonzero(y == c), k, replace=True)
+                        rest = rng.choice(np.flatnonzero(y != c), size - k, replace=False)
+                        idx = np.concatenate([dom, rest])
+                    sh = np.zeros(size, bool)
+                    v = suite.evaluate(window(idx, sh, "clean"))
+                else:
+                    idx = rng.choice(len(y), size, replace=False)
+                    sh = np.zeros(size, bool)
+                    if frac > 0:
+                        sh[rng.choice(size, max(1, int(round(frac * size))), replace=False)] = True
+                    v = suite.evaluate(window(idx, sh, name if frac > 0 else "clean"))
+                acc = v.accuracy if v.accuracy is not None else float("nan")
+                # the true accuracy of the window as the client saw it: non-finite outputs count wrong
+                lg = window(idx, sh, name if frac > 0 else "clean").logits
+                ok = np.isfinite(lg).all(axis=1)
+                acc = float(np.mean(ok & (np.nan_to_num(lg).argmax(axis=1) == y[idx])))
+                lb = v.estimated_accuracy.get("atc_lower", float("nan"))
+                al += int(v.drift)
+                accs.append(acc)
+                lbs.append(lb)
+                over += int(lb > acc + 0.03)
+                unrel += int(v.reliable is False)
+                d = v.diagnosis
+                if v.drift or (d is not None and d.kind != "none"):
+                    diags[f"{d.kind}:{d.transform}" if d.transform else d.kind] += 1
+            row = {"shift": name, "fraction": frac, "n": size, "alarm": al / a.windows,
+                   "accuracy": float(np.mean(accs)), "lower": float(np.nanmean(lbs)),
+                   "lower_over": over / a.windows, "unreliable": unrel / a.windows, "diagnoses": dict(diags)}
+            rows.append(row)
+            dg = ", ".join(f"{k} {c}" for k, c in diags.most_common(3))
+            print(f"{name:<22}{frac:>5}{size:>5} {row['alarm']:>6.2f} {row['accuracy']:>6.3f} {row['lower']:>6.3f} "
+                  f"{row['lower_over']:>10.2f} {row['unreliable']:>6.2f}  {dg}", flush=True)
+    print(f"# {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
