@@ -168,6 +168,7 @@ class ProxyContext:
         if limits is None:
             limits = Limits() if upstream_timeout is None else Limits(ttfb=upstream_timeout)
         self.limits = limits
+        pool.max_head = limits.max_line + limits.max_head   # response heads: the same bound as requests'
         self.upstream_timeout = limits.ttfb
         self.samplers = samplers              # path model name → (configured name, sampler)
         self.submit_sample = submit

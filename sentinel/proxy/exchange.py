@@ -216,7 +216,7 @@ class Exchange:
         line = _STATUS_LINES.get((status, reason))
         if line is None:
             line = b"HTTP/1.1 %d %s\r\n" % (status, reason or http.REASONS.get(status, b""))
-            if len(_STATUS_LINES) < 256:   # the upstream picks the reason phrase: bounded
+            if len(_STATUS_LINES) < 256 and len(reason) <= 64:   # the upstream picks the reason: bounded
                 _STATUS_LINES[(status, reason)] = line
         lines = [line]
         append = lines.append
@@ -226,7 +226,13 @@ class Exchange:
             lname = name.lower()
             if lname in hop:
                 if lname == b"transfer-encoding":
-                    chunked_up = b"chunked" in value.lower()
+                    if value.strip().lower() != b"chunked":
+                        # gzip, identity...: the proxy re-frames bodies and would drop the coding
+                        self.upstream_failed("upstream_bad_response",
+                                             f"upstream used transfer coding {value.decode('latin-1')!r}; "
+                                             "the proxy relays only chunked")
+                        return
+                    chunked_up = True
                 elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                     named = True
                 continue
@@ -283,6 +289,14 @@ class Exchange:
     def response_done(self, reusable: bool) -> None:
         if self.finished:
             return
+        if not self.request_done and self.req_mode == CHUNKED:
+            # Answered before the client finished a body of unknown length: reading the rest
+            # would have no bound, so the connection closes (after a linger) instead.
+            self.keep_alive = False
+        if not self.request_done:
+            # The rest of the body is read and dropped (ClientConnection.check_deadlines times
+            # it): reading must not stay paused for an upstream connection that is now gone.
+            self.conn.resume_reading("upstream")
         if self.resp_mode == CHUNKED:
             self.conn.write(b"0\r\n\r\n")
         up, self.upstream = self.upstream, None

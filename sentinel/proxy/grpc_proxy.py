@@ -54,6 +54,16 @@ CANARY_KEY = "x-sentinel-canary"
 # server answered before reading the request (UNIMPLEMENTED) as INTERNAL.
 KNOWN_UNARY = frozenset({"/grpc.health.v1.Health/Check"})
 MAX_CACHED_METHODS = 64   # method names come from clients: cache handlers for this many only
+# The upstream is the model server in the same pod. grpcio's default reconnect back-off
+# grows to 120 s while it is down, so calls kept failing UNAVAILABLE for up to two minutes
+# after the model server was back; reconnecting over loopback is cheap, so it is capped.
+RECONNECT_BACKOFF_MS = 1000
+UPSTREAM_CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+]
 
 # gRPC status → HTTP status label (google.rpc.Code's documented HTTP mapping).
 CODE_LABELS: dict[grpc.StatusCode, str] = {
@@ -166,7 +176,7 @@ class GrpcProxy:
         """Bind `listen` (host:port) and start serving; returns the bound port (0 when binding failed)."""
         limits = [("grpc.max_receive_message_length", self.max_message),
                   ("grpc.max_send_message_length", self.max_message)]
-        self.channel = aio.insecure_channel(self.upstream, options=limits + [("grpc.enable_retries", 0)])
+        self.channel = aio.insecure_channel(self.upstream, options=limits + UPSTREAM_CHANNEL_OPTIONS)
         self.server = aio.server(options=limits + [("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_Router(self),))
         self.port = self.server.add_insecure_port(listen)

@@ -455,6 +455,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 ex.fail_local(408, "request_body_timeout",
                               f"no request body bytes for {lim.body_idle} s")
             return
+        if self.parsing is not None and self.parsing.finished and not self.in_head:
+            # The rest of a body whose exchange is over (the upstream answered early): dropped
+            # as it arrives, but a client that stops sending it must not hold the connection.
+            if now - self.last_active > lim.body_idle:
+                self.ctx.fail("request_body_timeout", f"no request body bytes for {lim.body_idle} s")
+                self.transport.close()
+            return
         if self.in_head:
             if now - self.head_started > lim.head_timeout:
                 self._refuse_head(_Refuse(408, "request_head_timeout",

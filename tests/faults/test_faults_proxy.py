@@ -183,6 +183,44 @@ def test_a_response_cut_after_its_head_is_not_a_200(env, path, reason):
     normal_request_ok(sc)
 
 
+# --- responses the proxy cannot relay as they are -------------------------------------------
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw bytes",
+    b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi",            # not a 3-digit status once relayed
+    b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nhi",            # outside RFC 9110's 100..599
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\ncoded",   # a coding re-framing would drop
+    b"HTTP/1.1 200 " + b"R" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nhi",   # a head over the bound
+    b"HTTP/1.1 200 OK\r\n" + b"X-Many: vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv\r\n" * 20_000,
+], ids=["101", "099", "600", "te-gzip", "huge-reason", "huge-head"])
+def test_a_response_the_proxy_cannot_relay_is_a_502_not_passed_on(env, raw):
+    up, sc = env
+    path = f"/canned/{len(up.canned)}"
+    up.canned[path] = (raw, "close")
+    before = _code(sc, "502")
+    with send_request(sc.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode()) as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 502 "), out[:100]
+    assert b"upstream_bad_response" in out or b"upstream_headers_too_large" in out
+    assert _code(sc, "502") == before + 1
+    normal_request_ok(sc)
+
+
+def test_a_close_delimited_body_cut_by_a_reset_is_incomplete_not_a_200(env):
+    up, sc = env
+    up.canned["/canned/until-close-reset"] = (b"HTTP/1.1 200 OK\r\n\r\npartial body", "reset")
+    up.canned["/canned/until-close"] = (b"HTTP/1.0 200 OK\r\n\r\nwhole body", "close")
+    ok, cut = _code(sc, "200"), _code(sc, "incomplete")
+    with send_request(sc.port, b"GET /canned/until-close HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+        assert read_all(s).endswith(b"\r\nwhole body\r\n0\r\n\r\n")   # the close ends the body: complete
+    assert _wait(lambda: _code(sc, "200") == ok + 1)
+    with send_request(sc.port, b"GET /canned/until-close-reset HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        out = read_all(s)
+    assert b"partial body" in out and not out.endswith(b"0\r\n\r\n")   # no last chunk: the client sees the cut
+    assert _wait(lambda: _code(sc, "incomplete") == cut + 1)
+    assert _code(sc, "200") == ok + 1
+    normal_request_ok(sc)
+
+
 def test_a_reader_that_never_reads_is_cut_and_not_a_200(env):
     up, sc = env
     before = _code(sc, "incomplete")

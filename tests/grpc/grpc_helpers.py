@@ -43,8 +43,8 @@ class GrpcUpstream:
     request's metadata echoed back as initial metadata `x-seen-<key>`.
     """
 
-    def __init__(self) -> None:
-        self.port = 0
+    def __init__(self, port: int = 0) -> None:
+        self.port = port   # 0: any free port
         self.seen: list[tuple[str, dict[str, Any], float | None]] = []
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -59,7 +59,7 @@ class GrpcUpstream:
                 {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer),
                  "ServerLive": grpc.unary_unary_rpc_method_handler(self._live),
                  "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}),))
-            self.port = server.add_insecure_port("127.0.0.1:0")
+            self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
             await server.start()
             self._ready.set()
             await self._stop.wait()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -143,6 +145,30 @@ def test_upstream_down_is_unavailable_and_counted():
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
         assert sc.wait_for(REQ, _labels("digits", "503"), 1, timeout=5) == 1
         assert sc.value(ERR, {"reason": "grpc_upstream_unavailable"}) == 1
+
+
+def test_a_model_server_back_after_an_outage_is_reached_within_a_second_or_so():
+    """grpcio's default reconnect back-off (up to 120 s) kept calls failing after the upstream was back."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with RunningSidecar(grpc_config(HTTP_UP, f"127.0.0.1:{port}")) as sc, _channel(sc) as ch:
+        infer = ch.unary_unary(INFER)
+        t = time.monotonic()
+        while time.monotonic() - t < 10:   # 5 failed connects: the default back-off is then 6.5 s ± 20%
+            with pytest.raises(grpc.RpcError):
+                infer(infer_request("digits"), timeout=2)
+            time.sleep(0.2)
+        with GrpcUpstream(port):
+            up_at = time.monotonic()
+            while True:
+                try:
+                    infer(infer_request("digits"), timeout=2)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() - up_at < 10
+                    time.sleep(0.05)
+            assert time.monotonic() - up_at < 2.5   # the capped back-off: 1 s ± 20%
 
 
 def test_concurrency_cap(upstream):
