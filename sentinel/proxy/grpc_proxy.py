@@ -94,6 +94,14 @@ _DROP_METADATA = frozenset({
 })
 
 
+# The client's deadline passing reaches the sidecar as the client's cancel, a few ms before
+# the sidecar's own copy of that deadline (grpc-timeout is rounded up in transit): a cancel
+# this close to the deadline is DEADLINE_EXCEEDED (504, as the client sees it), not 499.
+DEADLINE_SLACK_S = 0.05
+DEADLINE_SLACK_SHARE = 0.01   # ... plus this share of the call's whole deadline
+UPSTREAM_CANCELLED = "502"    # CANCELLED sent by the upstream: the client did not go away
+
+
 def code_label(code: grpc.StatusCode | None) -> str:
     """The `code` label of a gRPC status (see CODE_LABELS); an unknown status counts as 500."""
     return CODE_LABELS.get(code, "500") if code is not None else "500"
@@ -254,6 +262,7 @@ class GrpcProxy:
             model = "none"
             name: str | None = None
             code = grpc.StatusCode.OK
+            label: str | None = None   # when the code label is not code_label(code)
             proxy.inflight += 1
             if is_infer:
                 proxy.metrics.inflight_count += 1
@@ -288,7 +297,7 @@ class GrpcProxy:
                     response = await ucall
                 except aio.AioRpcError as exc:
                     code = exc.code()
-                    proxy._upstream_error(code, exc.details())
+                    label = proxy._upstream_error(code, exc.details())
                     initial = _forwardable(exc.initial_metadata())
                     if initial:
                         await context.send_initial_metadata(initial)
@@ -309,7 +318,10 @@ class GrpcProxy:
             except BaseException as exc:
                 if isinstance(exc, CancelledError):
                     code = grpc.StatusCode.CANCELLED   # the client went away or its deadline passed
-                    if context.time_remaining() is not None and context.time_remaining() <= 0:
+                    label = None
+                    left = context.time_remaining()
+                    if left is not None and left <= DEADLINE_SLACK_S + DEADLINE_SLACK_SHARE * (
+                            left + time.perf_counter() - t0):
                         code = grpc.StatusCode.DEADLINE_EXCEEDED
                 elif code == grpc.StatusCode.OK:
                     code = grpc.StatusCode.INTERNAL
@@ -321,12 +333,16 @@ class GrpcProxy:
                 if is_infer:
                     proxy.metrics.inflight_count -= 1
                     if not canary:
-                        proxy.metrics.observe_request(model, PROTOCOL_LABEL, code_label(code),
+                        proxy.metrics.observe_request(model, PROTOCOL_LABEL, label or code_label(code),
                                                       time.perf_counter() - t0, trace_id)
 
         return call
 
-    def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> None:
+    def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> str:
+        """Count a failed upstream call; returns its code label."""
+        if code == grpc.StatusCode.CANCELLED:
+            self.metrics.proxy_errors.labels("grpc_upstream_cancelled").inc()
+            return UPSTREAM_CANCELLED
         if code == grpc.StatusCode.UNAVAILABLE:
             self.metrics.proxy_errors.labels("grpc_upstream_unavailable").inc()
             self._log_once("grpc_upstream_unavailable", f"gRPC upstream {self.upstream}: {details}")
@@ -334,6 +350,7 @@ class GrpcProxy:
             self.metrics.proxy_errors.labels("grpc_upstream_deadline").inc()
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.metrics.proxy_errors.labels("grpc_resource_exhausted").inc()
+        return code_label(code)
 
     def _stream_fn(self, method: str):
         counted = method == STREAM_INFER
@@ -399,9 +416,9 @@ class GrpcProxy:
                     context.set_trailing_metadata(trailing)
             except aio.AioRpcError as exc:
                 code = exc.code()
-                proxy._upstream_error(code, exc.details())
+                label = proxy._upstream_error(code, exc.details())
                 if counted:
-                    observe(code_label(code))
+                    observe(label)
                 trailing = _forwardable(await ucall.trailing_metadata())
                 await context.abort(code, exc.details() or "", trailing)
             except CancelledError:

@@ -39,6 +39,7 @@ class GrpcUpstream:
     """A real grpc.aio server on loopback whose ModelInfer answers by the request's model_name.
 
     model_name "slow:S" sleeps S seconds, "fail" answers INTERNAL with trailing metadata,
+    "cancelled" answers CANCELLED,
     "big:N" answers N bytes; anything else gets a ModelInferResponse with LOGITS, and the
     request's metadata echoed back as initial metadata `x-seen-<key>`.
     """
@@ -76,6 +77,8 @@ class GrpcUpstream:
             await asyncio.sleep(float(name[5:]))
         elif name == "fail":
             await context.abort(grpc.StatusCode.INTERNAL, "model exploded", (("x-why", "test"),))
+        elif name == "cancelled":   # the server gives up on the call itself
+            await context.abort(grpc.StatusCode.CANCELLED, "server cancelled")
         elif name.startswith("big:"):
             return b"\0" * int(name[4:])
         await context.send_initial_metadata(tuple((f"x-seen-{k}", v) for k, v in md.items()

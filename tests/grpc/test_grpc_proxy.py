@@ -109,6 +109,23 @@ def test_deadline_exceeded_is_counted(sidecar, upstream):
     assert upstream.seen[-1][2] <= 0.51
 
 
+def test_a_client_deadline_passing_is_504_and_a_cancel_from_the_upstream_is_not_499(sidecar):
+    # The client's deadline reaches the sidecar as the client's cancel, a few ms before the
+    # sidecar's own copy of it: that must count as the DEADLINE_EXCEEDED the client saw.
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary(INFER)(infer_request("slow:2.5"), timeout=1.5)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sidecar.wait_for(REQ, _labels("slow:2.5", "504"), 1, timeout=5) == 1
+    assert sidecar.value(REQ, _labels("slow:2.5", "499")) == 0
+    # CANCELLED from the upstream reaches the client as is, but nobody went away: 502, not 499.
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary(INFER)(infer_request("cancelled"), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.CANCELLED
+    assert sidecar.wait_for(REQ, _labels("cancelled", "502"), 1, timeout=5) == 1
+    assert sidecar.value(REQ, _labels("cancelled", "499")) == 0
+    assert sidecar.value(ERR, {"reason": "grpc_upstream_cancelled"}) == 1
+
+
 def test_oversize_request_and_response_are_resource_exhausted(sidecar):
     with _channel(sidecar) as ch:
         with pytest.raises(grpc.RpcError) as ei:
