@@ -393,11 +393,17 @@ class Exchange:
         if self.started:
             ctx.metrics.inflight_count -= 1
             ctx.active.discard(self)
-        if self.conn.write_blocked_at and code[0] in "12345":
-            # The last bytes are out of our hands but the client is not reading: the
-            # response counts when the client drains it (or as cut when it never does).
-            self.conn.defer_record(self)
-            return
+        conn = self.conn
+        if (conn.write_blocked_at or conn.paused) and code[0] in "12345":
+            if conn.reset_by_peer():   # gone before it could be given this answer
+                ctx.errors.inc("client_disconnect")
+                self.record(CLIENT_CLOSED)
+                return
+            if conn.write_blocked_at:
+                # The last bytes are out of our hands but the client is not reading: the
+                # response counts when the client drains it (or as cut when it never does).
+                conn.defer_record(self)
+                return
         self.record(code)
 
     def record(self, code: str) -> None:

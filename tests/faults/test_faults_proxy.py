@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 
 import httpx
@@ -218,6 +219,23 @@ def test_a_close_delimited_body_cut_by_a_reset_is_incomplete_not_a_200(env):
     assert b"partial body" in out and not out.endswith(b"0\r\n\r\n")   # no last chunk: the client sees the cut
     assert _wait(lambda: _code(sc, "incomplete") == cut + 1)
     assert _code(sc, "200") == ok + 1
+    normal_request_ok(sc)
+
+
+def test_a_pipelining_client_that_resets_mid_response_is_499_not_its_answers(env):
+    # Reading is paused while the second request waits, so the reset is not read; the
+    # first response completing afterwards must not count as delivered.
+    up, sc = env
+    up.canned["/canned/in-two-parts"] = ([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", b"cd"], "keep")
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, b"GET /canned/in-two-parts HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()   # a reset
+    assert _wait(lambda: _code(sc, "499") == gone + 2)
+    time.sleep(0.6)   # the rest of the first response has arrived from the upstream by now
+    assert _code(sc, "200") == ok
     normal_request_ok(sc)
 
 

@@ -427,3 +427,35 @@ def test_an_unsupported_transfer_coding_from_the_upstream_is_502(env):
     up.exchange.response_head(200, b"OK", [(b"Transfer-Encoding", b"gzip, chunked")], up)
     assert t.out.startswith(b"HTTP/1.1 502 ") and b"upstream_bad_response" in t.out and up.aborted
     assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "502"}) == 1
+
+
+class _ResetSocket:
+    def getsockopt(self, level: int, name: int) -> int:
+        return 104   # ECONNRESET: the client reset the connection
+
+
+def test_a_client_reset_unseen_while_reading_is_paused_is_499_not_the_answer(env):
+    loop, ctx, _ = env
+    labels = {"model": "digits", "protocol": "v2"}
+    pipelined = (b"GET /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+    c, t = connect(ctx)
+    c.data_received(pipelined)
+    assert not t.reading   # the second request waits: a reset is not read until ...
+    up = ctx.pool.given[-1]
+    up.exchange.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    t.get_extra_info = lambda name: _ResetSocket() if name == "socket" else None   # type: ignore[method-assign]
+    up.exchange.response_body(b"ok")
+    up.exchange.response_done(reusable=True)   # ... the socket is asked when the answer is counted
+    assert value(ctx, REQ, {**labels, "code": "200"}) == 0
+    assert value(ctx, REQ, {**labels, "code": "499"}) == 1
+
+    c, t = connect(ctx)
+    c.data_received(pipelined)
+    up = ctx.pool.given[-1]
+    t.get_extra_info = lambda name: _ResetSocket() if name == "socket" else None   # type: ignore[method-assign]
+    ctx.sweep()   # ... and by the deadline sweep: the connection is dropped, both requests 499
+    assert t.aborted
+    c.connection_lost(None)
+    assert up.aborted
+    assert value(ctx, REQ, {**labels, "code": "499"}) == 3 and value(ctx, REQ, {**labels, "code": "200"}) == 0
