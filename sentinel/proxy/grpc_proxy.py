@@ -102,6 +102,13 @@ DEADLINE_SLACK_SHARE = 0.01   # ... plus this share of the call's whole deadline
 UPSTREAM_CANCELLED = "502"    # CANCELLED sent by the upstream: the client did not go away
 
 
+def cancel_code(left: float | None, elapsed: float) -> grpc.StatusCode:
+    """Why a call was cancelled on the client's side: its deadline (`left` s remained) or the client going away."""
+    if left is not None and left <= DEADLINE_SLACK_S + DEADLINE_SLACK_SHARE * (left + elapsed):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def code_label(code: grpc.StatusCode | None) -> str:
     """The `code` label of a gRPC status (see CODE_LABELS); an unknown status counts as 500."""
     return CODE_LABELS.get(code, "500") if code is not None else "500"
@@ -317,12 +324,9 @@ class GrpcProxy:
                 return response
             except BaseException as exc:
                 if isinstance(exc, CancelledError):
-                    code = grpc.StatusCode.CANCELLED   # the client went away or its deadline passed
+                    # the client went away or its deadline passed
+                    code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
                     label = None
-                    left = context.time_remaining()
-                    if left is not None and left <= DEADLINE_SLACK_S + DEADLINE_SLACK_SHARE * (
-                            left + time.perf_counter() - t0):
-                        code = grpc.StatusCode.DEADLINE_EXCEEDED
                 elif code == grpc.StatusCode.OK:
                     code = grpc.StatusCode.INTERNAL
                     proxy._log_once("internal_error", f"relaying {method} failed: {exc!r}")
@@ -358,6 +362,7 @@ class GrpcProxy:
         proxy = self
 
         async def call(request_iterator: AsyncIterator[bytes], context: Any) -> None:
+            t0 = time.perf_counter()
             fwd, trace_id, canary, _, span = proxy._outgoing(context, method)
             sent: deque[float] = deque()   # arrival times of request messages not yet answered
             last = time.perf_counter()
@@ -368,6 +373,11 @@ class GrpcProxy:
                     t = sent.popleft() if sent else last
                     proxy.metrics.observe_request(model, STREAM_PROTOCOL_LABEL, code_,
                                                   time.perf_counter() - t, trace_id)
+
+            def fail_pending(code_: str, at_least: int) -> None:
+                """The stream ended in failure: every request message not answered failed with it."""
+                for _ in range(max(len(sent), at_least)):
+                    observe(code_)
 
             # A stream lasts as long as the client wants: only the client's deadline bounds it.
             ucall = mc(timeout=context.time_remaining(), metadata=tuple(fwd))
@@ -418,12 +428,14 @@ class GrpcProxy:
                 code = exc.code()
                 label = proxy._upstream_error(code, exc.details())
                 if counted:
-                    observe(label)
+                    fail_pending(label, 1)
                 trailing = _forwardable(await ucall.trailing_metadata())
                 await context.abort(code, exc.details() or "", trailing)
             except CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
                 ucall.cancel()
+                if counted:
+                    fail_pending(code_label(code), 0)
                 raise
             finally:
                 pump_task.cancel()

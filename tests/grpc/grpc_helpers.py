@@ -41,12 +41,14 @@ class GrpcUpstream:
     model_name "slow:S" sleeps S seconds, "fail" answers INTERNAL with trailing metadata,
     "cancelled" answers CANCELLED,
     "big:N" answers N bytes; anything else gets a ModelInferResponse with LOGITS, and the
-    request's metadata echoed back as initial metadata `x-seen-<key>`.
+    request's metadata echoed back as initial metadata `x-seen-<key>`. ModelStreamInfer answers
+    each message in order; "fail" gets an error_message, "slow:S" is answered after S seconds.
     """
 
     def __init__(self, port: int = 0) -> None:
         self.port = port   # 0: any free port
         self.seen: list[tuple[str, dict[str, Any], float | None]] = []
+        self.seen_stream: list[str] = []   # model_name of every ModelStreamInfer message read
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -92,9 +94,12 @@ class GrpcUpstream:
     async def _stream(self, requests: Any, context: Any) -> Any:
         async for req in requests:
             msg = oip_grpc.parse(req)
+            self.seen_stream.append(msg.model_name)
             if msg.model_name == "fail":
                 yield b"\x0a\x04oops"   # ModelStreamInferResponse{error_message: "oops"}
                 continue
+            if msg.model_name.startswith("slow:"):
+                await asyncio.sleep(float(msg.model_name[5:]))
             inner = oip_grpc.encode([("logits", LOGITS)], "response", model_name=msg.model_name, id=msg.id)
             yield b"\x12" + _varint(len(inner)) + inner
 

@@ -155,6 +155,32 @@ def test_stream_infer_counted_per_message(sidecar):
     assert sidecar.wait_for(REQ, _labels("digits", "500", "grpc_stream"), 1, timeout=5) == 1
 
 
+def test_stream_messages_left_unanswered_count_with_how_the_stream_ended(sidecar, upstream):
+    def requests(hold_s: float):
+        yield infer_request("digits")
+        yield infer_request("slow:3")
+        yield infer_request("digits")
+        time.sleep(hold_s)   # the request stream stays open
+
+    stream = _labels("digits", "200", "grpc_stream")
+    ok, late, gone = (sidecar.value(REQ, {**stream, "code": c}) for c in ("200", "504", "499"))
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        list(ch.stream_stream(STREAM_INFER)(requests(2), timeout=1))
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sidecar.wait_for(REQ, {**stream, "code": "504"}, late + 2, timeout=5) == late + 2   # both unanswered
+    seen = len(upstream.seen_stream)
+    with _channel(sidecar) as ch:
+        call = ch.stream_stream(STREAM_INFER)(requests(2), timeout=10)
+        next(call)
+        deadline = time.monotonic() + 5
+        while len(upstream.seen_stream) < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)   # the third request is in the sidecar too (the upstream reads it after the slow one)
+        call.cancel()   # the client goes away with two requests unanswered
+    assert sidecar.wait_for(REQ, {**stream, "code": "499"}, gone + 2, timeout=5) == gone + 2
+    assert sidecar.value(REQ, stream) == ok + 2
+
+
 def test_upstream_down_is_unavailable_and_counted():
     with RunningSidecar(grpc_config(HTTP_UP, "127.0.0.1:9")) as sc:   # nothing listens on port 9
         with _channel(sc) as ch, pytest.raises(grpc.RpcError) as ei:
