@@ -44,7 +44,7 @@ class Exchange:
         "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
         "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
         "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
-        "req_done_at", "last_up", "refusal", "recorded",
+        "req_done_at", "last_up", "refusal", "recorded", "head_line",
     )
 
     def __init__(self, conn: ClientSide, ctx: ProxyContext):
@@ -86,6 +86,7 @@ class Exchange:
         self.req_done_at = 0.0     # loop time the request was complete and the exchange started
         self.last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
         self.refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
+        self.head_line = b""       # the response's status line as written (to take it back, see upstream_failed)
 
     # --- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -218,6 +219,7 @@ class Exchange:
             line = b"HTTP/1.1 %d %s\r\n" % (status, reason or http.REASONS.get(status, b""))
             if len(_STATUS_LINES) < 256 and len(reason) <= 64:   # the upstream picks the reason: bounded
                 _STATUS_LINES[(status, reason)] = line
+        self.head_line = line
         lines = [line]
         append = lines.append
         hop = http.HOP_BY_HOP
@@ -335,11 +337,12 @@ class Exchange:
             self.connect_task.cancel()
             self.connect_task = None
         self.ctx.fail(reason, message)
-        if self.response_started:
+        if self.response_started and not self.conn.take_back(self.head_line):
             # Status and part of the body are out; cutting the connection is the only honest signal.
             self._finish(INCOMPLETE)
             self.conn.abort()
             return
+        # Nothing of the response has left (a head and a malformed body in one read): a 502 can.
         status = _ERROR_STATUS.get(reason, 502)
         self._respond_error(status, reason, message)
 

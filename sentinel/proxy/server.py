@@ -398,6 +398,15 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def idle(self) -> bool:
         return not self.queue and self.parsing is None
 
+    def take_back(self, first: bytes) -> bool:
+        """Drop buffered output from the last `first` (identity) on, if none of it was written yet."""
+        out = self._out
+        for i in range(len(out) - 1, -1, -1):
+            if out[i] is first:
+                del out[i:]
+                return True
+        return False
+
     def reset_by_peer(self) -> bool:
         """Whether the client reset the connection while reading was paused (one getsockopt).
 
