@@ -126,6 +126,10 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A response nobody asked for: bytes after a complete response (a body longer than
+            # its Content-Length). Reused, the connection would answer the next request with them.
+            self.abort()
         self.headers = []
         self.reason = b""
         self.until_close = False

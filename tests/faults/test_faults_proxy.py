@@ -207,6 +207,20 @@ def test_a_response_the_proxy_cannot_relay_is_a_502_not_passed_on(env, raw):
     normal_request_ok(sc)
 
 
+def test_bytes_after_a_complete_response_are_never_served_to_the_next_request(env):
+    # A body longer than its Content-Length: the rest starts what looks like a second response.
+    up, sc = env
+    up.canned["/canned/overlong"] = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nev", "keep")
+    with send_request(sc.port, b"GET /canned/overlong HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+        assert read_all(s).endswith(b"\r\n\r\nhello")
+    for _ in range(3):   # the next requests get their own answers, not the rest of that one
+        with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+            out = read_all(s)
+        assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b'"target": "/ok"}'), out[:200]
+    assert _code(sc, "0") == 0
+
+
 def test_a_close_delimited_body_cut_by_a_reset_is_incomplete_not_a_200(env):
     up, sc = env
     up.canned["/canned/until-close-reset"] = (b"HTTP/1.1 200 OK\r\n\r\npartial body", "reset")
