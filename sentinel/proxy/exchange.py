@@ -44,7 +44,7 @@ class Exchange:
         "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
         "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
         "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
-        "req_done_at", "last_up", "refusal", "recorded",
+        "req_done_at", "last_up", "refusal", "recorded", "head_line",
     )
 
     def __init__(self, conn: ClientSide, ctx: ProxyContext):
@@ -86,6 +86,7 @@ class Exchange:
         self.req_done_at = 0.0     # loop time the request was complete and the exchange started
         self.last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
         self.refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
+        self.head_line = b""       # the response's status line as written (to take it back, see upstream_failed)
 
     # --- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -216,8 +217,9 @@ class Exchange:
         line = _STATUS_LINES.get((status, reason))
         if line is None:
             line = b"HTTP/1.1 %d %s\r\n" % (status, reason or http.REASONS.get(status, b""))
-            if len(_STATUS_LINES) < 256:   # the upstream picks the reason phrase: bounded
+            if len(_STATUS_LINES) < 256 and len(reason) <= 64:   # the upstream picks the reason: bounded
                 _STATUS_LINES[(status, reason)] = line
+        self.head_line = line
         lines = [line]
         append = lines.append
         hop = http.HOP_BY_HOP
@@ -226,7 +228,13 @@ class Exchange:
             lname = name.lower()
             if lname in hop:
                 if lname == b"transfer-encoding":
-                    chunked_up = b"chunked" in value.lower()
+                    if value.strip().lower() != b"chunked":
+                        # gzip, identity...: the proxy re-frames bodies and would drop the coding
+                        self.upstream_failed("upstream_bad_response",
+                                             f"upstream used transfer coding {value.decode('latin-1')!r}; "
+                                             "the proxy relays only chunked")
+                        return
+                    chunked_up = True
                 elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                     named = True
                 continue
@@ -283,6 +291,14 @@ class Exchange:
     def response_done(self, reusable: bool) -> None:
         if self.finished:
             return
+        if not self.request_done and self.req_mode == CHUNKED:
+            # Answered before the client finished a body of unknown length: reading the rest
+            # would have no bound, so the connection closes (after a linger) instead.
+            self.keep_alive = False
+        if not self.request_done:
+            # The rest of the body is read and dropped (ClientConnection.check_deadlines times
+            # it): reading must not stay paused for an upstream connection that is now gone.
+            self.conn.resume_reading("upstream")
         if self.resp_mode == CHUNKED:
             self.conn.write(b"0\r\n\r\n")
         up, self.upstream = self.upstream, None
@@ -321,11 +337,12 @@ class Exchange:
             self.connect_task.cancel()
             self.connect_task = None
         self.ctx.fail(reason, message)
-        if self.response_started:
+        if self.response_started and not self.conn.take_back(self.head_line):
             # Status and part of the body are out; cutting the connection is the only honest signal.
             self._finish(INCOMPLETE)
             self.conn.abort()
             return
+        # Nothing of the response has left (a head and a malformed body in one read): a 502 can.
         status = _ERROR_STATUS.get(reason, 502)
         self._respond_error(status, reason, message)
 
@@ -379,11 +396,17 @@ class Exchange:
         if self.started:
             ctx.metrics.inflight_count -= 1
             ctx.active.discard(self)
-        if self.conn.write_blocked_at and code[0] in "12345":
-            # The last bytes are out of our hands but the client is not reading: the
-            # response counts when the client drains it (or as cut when it never does).
-            self.conn.defer_record(self)
-            return
+        conn = self.conn
+        if (conn.write_blocked_at or conn.paused) and code[0] in "12345":
+            if conn.reset_by_peer():   # gone before it could be given this answer
+                ctx.errors.inc("client_disconnect")
+                self.record(CLIENT_CLOSED)
+                return
+            if conn.write_blocked_at:
+                # The last bytes are out of our hands but the client is not reading: the
+                # response counts when the client drains it (or as cut when it never does).
+                conn.defer_record(self)
+                return
         self.record(code)
 
     def record(self, code: str) -> None:

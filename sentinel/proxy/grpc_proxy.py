@@ -54,6 +54,16 @@ CANARY_KEY = "x-sentinel-canary"
 # server answered before reading the request (UNIMPLEMENTED) as INTERNAL.
 KNOWN_UNARY = frozenset({"/grpc.health.v1.Health/Check"})
 MAX_CACHED_METHODS = 64   # method names come from clients: cache handlers for this many only
+# The upstream is the model server in the same pod. grpcio's default reconnect back-off
+# grows to 120 s while it is down, so calls kept failing UNAVAILABLE for up to two minutes
+# after the model server was back; reconnecting over loopback is cheap, so it is capped.
+RECONNECT_BACKOFF_MS = 1000
+UPSTREAM_CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+]
 
 # gRPC status → HTTP status label (google.rpc.Code's documented HTTP mapping).
 CODE_LABELS: dict[grpc.StatusCode, str] = {
@@ -82,6 +92,21 @@ _DROP_METADATA = frozenset({
     "grpc-message-type", "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding",
     "upgrade", "traceparent", "grpc-status", "grpc-message", "content-length",
 })
+
+
+# The client's deadline passing reaches the sidecar as the client's cancel, a few ms before
+# the sidecar's own copy of that deadline (grpc-timeout is rounded up in transit): a cancel
+# this close to the deadline is DEADLINE_EXCEEDED (504, as the client sees it), not 499.
+DEADLINE_SLACK_S = 0.05
+DEADLINE_SLACK_SHARE = 0.01   # ... plus this share of the call's whole deadline
+UPSTREAM_CANCELLED = "502"    # CANCELLED sent by the upstream: the client did not go away
+
+
+def cancel_code(left: float | None, elapsed: float) -> grpc.StatusCode:
+    """Why a call was cancelled on the client's side: its deadline (`left` s remained) or the client going away."""
+    if left is not None and left <= DEADLINE_SLACK_S + DEADLINE_SLACK_SHARE * (left + elapsed):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def code_label(code: grpc.StatusCode | None) -> str:
@@ -166,7 +191,7 @@ class GrpcProxy:
         """Bind `listen` (host:port) and start serving; returns the bound port (0 when binding failed)."""
         limits = [("grpc.max_receive_message_length", self.max_message),
                   ("grpc.max_send_message_length", self.max_message)]
-        self.channel = aio.insecure_channel(self.upstream, options=limits + [("grpc.enable_retries", 0)])
+        self.channel = aio.insecure_channel(self.upstream, options=limits + UPSTREAM_CHANNEL_OPTIONS)
         self.server = aio.server(options=limits + [("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_Router(self),))
         self.port = self.server.add_insecure_port(listen)
@@ -244,6 +269,7 @@ class GrpcProxy:
             model = "none"
             name: str | None = None
             code = grpc.StatusCode.OK
+            label: str | None = None   # when the code label is not code_label(code)
             proxy.inflight += 1
             if is_infer:
                 proxy.metrics.inflight_count += 1
@@ -278,7 +304,7 @@ class GrpcProxy:
                     response = await ucall
                 except aio.AioRpcError as exc:
                     code = exc.code()
-                    proxy._upstream_error(code, exc.details())
+                    label = proxy._upstream_error(code, exc.details())
                     initial = _forwardable(exc.initial_metadata())
                     if initial:
                         await context.send_initial_metadata(initial)
@@ -298,9 +324,9 @@ class GrpcProxy:
                 return response
             except BaseException as exc:
                 if isinstance(exc, CancelledError):
-                    code = grpc.StatusCode.CANCELLED   # the client went away or its deadline passed
-                    if context.time_remaining() is not None and context.time_remaining() <= 0:
-                        code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    # the client went away or its deadline passed
+                    code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
+                    label = None
                 elif code == grpc.StatusCode.OK:
                     code = grpc.StatusCode.INTERNAL
                     proxy._log_once("internal_error", f"relaying {method} failed: {exc!r}")
@@ -311,12 +337,16 @@ class GrpcProxy:
                 if is_infer:
                     proxy.metrics.inflight_count -= 1
                     if not canary:
-                        proxy.metrics.observe_request(model, PROTOCOL_LABEL, code_label(code),
+                        proxy.metrics.observe_request(model, PROTOCOL_LABEL, label or code_label(code),
                                                       time.perf_counter() - t0, trace_id)
 
         return call
 
-    def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> None:
+    def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> str:
+        """Count a failed upstream call; returns its code label."""
+        if code == grpc.StatusCode.CANCELLED:
+            self.metrics.proxy_errors.labels("grpc_upstream_cancelled").inc()
+            return UPSTREAM_CANCELLED
         if code == grpc.StatusCode.UNAVAILABLE:
             self.metrics.proxy_errors.labels("grpc_upstream_unavailable").inc()
             self._log_once("grpc_upstream_unavailable", f"gRPC upstream {self.upstream}: {details}")
@@ -324,6 +354,7 @@ class GrpcProxy:
             self.metrics.proxy_errors.labels("grpc_upstream_deadline").inc()
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.metrics.proxy_errors.labels("grpc_resource_exhausted").inc()
+        return code_label(code)
 
     def _stream_fn(self, method: str):
         counted = method == STREAM_INFER
@@ -331,6 +362,7 @@ class GrpcProxy:
         proxy = self
 
         async def call(request_iterator: AsyncIterator[bytes], context: Any) -> None:
+            t0 = time.perf_counter()
             fwd, trace_id, canary, _, span = proxy._outgoing(context, method)
             sent: deque[float] = deque()   # arrival times of request messages not yet answered
             last = time.perf_counter()
@@ -341,6 +373,11 @@ class GrpcProxy:
                     t = sent.popleft() if sent else last
                     proxy.metrics.observe_request(model, STREAM_PROTOCOL_LABEL, code_,
                                                   time.perf_counter() - t, trace_id)
+
+            def fail_pending(code_: str, at_least: int) -> None:
+                """The stream ended in failure: every request message not answered failed with it."""
+                for _ in range(max(len(sent), at_least)):
+                    observe(code_)
 
             # A stream lasts as long as the client wants: only the client's deadline bounds it.
             ucall = mc(timeout=context.time_remaining(), metadata=tuple(fwd))
@@ -389,14 +426,16 @@ class GrpcProxy:
                     context.set_trailing_metadata(trailing)
             except aio.AioRpcError as exc:
                 code = exc.code()
-                proxy._upstream_error(code, exc.details())
+                label = proxy._upstream_error(code, exc.details())
                 if counted:
-                    observe(code_label(code))
+                    fail_pending(label, 1)
                 trailing = _forwardable(await ucall.trailing_metadata())
                 await context.abort(code, exc.details() or "", trailing)
             except CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
                 ucall.cancel()
+                if counted:
+                    fail_pending(code_label(code), 0)
                 raise
             finally:
                 pump_task.cancel()

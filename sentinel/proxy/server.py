@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 
 import httptools
@@ -59,7 +60,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
-        self._paused: set[str] = set()
+        self.paused: set[str] = set()   # why reading is paused ("pipeline", "upstream", "connecting")
         self.closed = False
         self.discarding = False
         self.shed = False
@@ -365,7 +366,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             return
         # Half-close and discard what the client is still sending, so it can read our answer.
         self.discarding = True
-        self._paused.clear()
+        self.paused.clear()
         t.resume_reading()
         try:
             if t.can_write_eof():
@@ -380,22 +381,47 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             self.transport.abort()
 
     def pause_reading(self, reason: str) -> None:
-        if not self._paused and not self.closed and not self.discarding:
+        if not self.paused and not self.closed and not self.discarding:
             self.transport.pause_reading()
             if reason != "pipeline":
                 self.paused_at = self.ctx.loop.time()
-        self._paused.add(reason)
+        self.paused.add(reason)
 
     def resume_reading(self, reason: str) -> None:
-        if reason in self._paused:
-            self._paused.discard(reason)
-            if not self._paused and not self.closed:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and not self.closed:
                 self.paused_at = 0.0
                 self.last_active = self.ctx.loop.time()   # a paused body was not the client's delay
                 self.transport.resume_reading()
 
     def idle(self) -> bool:
         return not self.queue and self.parsing is None
+
+    def take_back(self, first: bytes) -> bool:
+        """Drop buffered output from the last `first` (identity) on, if none of it was written yet."""
+        out = self._out
+        for i in range(len(out) - 1, -1, -1):
+            if out[i] is first:
+                del out[i:]
+                return True
+        return False
+
+    def reset_by_peer(self) -> bool:
+        """Whether the client reset the connection while reading was paused (one getsockopt).
+
+        A reset is noticed by reading; while reading is paused (pipelined requests queued,
+        a body waiting for the upstream) only the socket's pending error tells.
+        """
+        if not self.paused or self.transport is None:
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            return True
 
     # --- refusals ---------------------------------------------------------------------
     def _refuse_head(self, r: _Refuse) -> None:
@@ -428,6 +454,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """Apply whichever timeout of `lim` this connection's state has passed (see context.py)."""
         if self.closed or self.discarding or self.transport is None:
             return
+        if self.paused and self.reset_by_peer():
+            self.transport.abort()   # connection_lost: what is in flight counts 499
+            return
         if self.write_blocked_at:
             # Progress, not a deadline: a client that drains anything restarts the clock.
             size = self.transport.get_write_buffer_size()
@@ -454,6 +483,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             elif now - self.last_active > lim.body_idle:
                 ex.fail_local(408, "request_body_timeout",
                               f"no request body bytes for {lim.body_idle} s")
+            return
+        if self.parsing is not None and self.parsing.finished and not self.in_head:
+            # The rest of a body whose exchange is over (the upstream answered early): dropped
+            # as it arrives, but a client that stops sending it must not hold the connection.
+            if now - self.last_active > lim.body_idle:
+                self.ctx.fail("request_body_timeout", f"no request body bytes for {lim.body_idle} s")
+                self.transport.close()
             return
         if self.in_head:
             if now - self.head_started > lim.head_timeout:

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sentinel.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024
+# Bytes of one response head (status line and headers) before it is refused as 502; the
+# pool's `max_head` is set from `proxy.max_request_line_bytes + max_header_bytes`.
+MAX_RESPONSE_HEAD = 8192 + 65536
 
 
 class UpstreamConnection(BufferedWriter, asyncio.Protocol):
@@ -31,7 +34,9 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.until_close = False   # response body delimited by connection close
-        self.informational = False
+        self.informational = False  # the message being parsed is not the final response: skip it
+        self.in_head = False        # a response head has begun and is not complete
+        self.head_bytes = 0
         self.outbox = pool.outbox
         self._out: list[bytes] = []
         self._poll: Any = None
@@ -64,6 +69,14 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.outbox.active = True
         try:
             self._feed(data)
+            if self.in_head:   # the upstream picks the head's size: bounded like a request head
+                self.head_bytes += len(data)
+                if self.head_bytes > self.pool.max_head and not self.closed:
+                    ex = self.exchange
+                    self.abort()
+                    if ex is not None:
+                        ex.upstream_failed("upstream_headers_too_large",
+                                           f"response head from upstream longer than {self.pool.max_head} bytes")
         finally:
             self.outbox.flush()
 
@@ -78,10 +91,15 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             if ex is not None:
                 ex.upstream_failed("internal_error", "internal error in the proxy")
         except httptools.HttpParserError as exc:
-            ex = self.exchange
-            self.abort()
-            if ex is not None:
-                ex.upstream_failed("upstream_bad_response", f"malformed response from upstream: {exc}")
+            self._bad_response(f"malformed response from upstream: {exc}")
+        except httptools.HttpParserUpgrade:   # a 101 (refused in on_headers_complete); nothing more to read
+            self._bad_response("upstream switched protocols")
+
+    def _bad_response(self, message: str) -> None:
+        ex = self.exchange
+        self.abort()
+        if ex is not None:
+            ex.upstream_failed("upstream_bad_response", message)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -92,8 +110,8 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if ex is None:
             return
-        if self.until_close and ex.response_started:
-            ex.response_done(reusable=False)
+        if self.until_close and ex.response_started and exc is None:
+            ex.response_done(reusable=False)   # the close (FIN) is the end of this body; a reset is not
         else:
             ex.upstream_failed("upstream_reset", "upstream closed the connection" +
                                (f": {exc}" if exc else " before the response was complete"))
@@ -108,9 +126,15 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A response nobody asked for: bytes after a complete response (a body longer than
+            # its Content-Length). Reused, the connection would answer the next request with them.
+            self.abort()
         self.headers = []
         self.reason = b""
         self.until_close = False
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -119,11 +143,19 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         status = self.parser.get_status_code()
-        self.informational = 100 <= status < 200 and status != 101
-        if self.informational or self.exchange is None:
-            return   # 100 Continue and friends: the proxy answered Expect itself
-        self.exchange.response_head(status, self.reason, self.headers, self)
+        if 200 <= status < 600:
+            self.informational = False
+            if self.exchange is not None:
+                self.exchange.response_head(status, self.reason, self.headers, self)
+            return
+        self.informational = True   # not a final response: its (empty) body is skipped too
+        if 100 <= status < 200 and status != 101:
+            return   # 100 Continue, 103 Early Hints...: the proxy answered Expect itself; dropped
+        # 101 (the proxy forwards no Upgrade, so none was asked for) or a status outside
+        # RFC 9110's 100..599: not a response a client can be given.
+        self._bad_response(f"upstream answered with status {status}, which the proxy cannot relay")
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:
@@ -161,6 +193,7 @@ class UpstreamPool:
         self.port = port
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
+        self.max_head = MAX_RESPONSE_HEAD   # set from the listener's limits by ProxyContext
         self.idle: list[UpstreamConnection] = []
         self.opened = 0
 

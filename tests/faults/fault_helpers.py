@@ -35,6 +35,8 @@ class RawUpstream:
     /stall              promises 1000 bytes, sends 10, then sends nothing for 30 s
     /big?n=N            200 with N bytes (blocking writes: the reader sets the pace)
     /read-and-close     reads the whole request, closes without answering
+    any path in `canned` sends those raw bytes (a list: its parts, 0.5 s apart), then keeps
+                        the connection ("keep"), closes it ("close") or resets it ("reset")
     """
 
     def __init__(self) -> None:
@@ -43,6 +45,7 @@ class RawUpstream:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)
         self.seen: list[tuple[str, str]] = []   # (method, target) of every request read
+        self.canned: dict[str, tuple[bytes | list[bytes], str]] = {}   # path → (raw response, then)
         self.lock = threading.Lock()
         self.stopping = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -105,6 +108,16 @@ class RawUpstream:
         path, _, query = target.partition("?")
         if "://" in path:
             path = "/" + path.split("://", 1)[1].partition("/")[2]
+        if path in self.canned:
+            raw, then = self.canned[path]
+            for i, part in enumerate([raw] if isinstance(raw, bytes) else raw):
+                if i:
+                    time.sleep(0.5)
+                conn.sendall(part)
+            if then == "reset":
+                time.sleep(0.05)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return then == "keep"
         if path == "/truncate":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
             time.sleep(0.05)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 
 import httpx
@@ -180,6 +181,76 @@ def test_a_response_cut_after_its_head_is_not_a_200(env, path, reason):
     assert _wait(lambda: _code(sc, "incomplete") == before + 1)   # ... but the response was cut
     assert _code(sc, "200") == ok
     assert sc.value(ERR, {"reason": reason}) >= 1
+    normal_request_ok(sc)
+
+
+# --- responses the proxy cannot relay as they are -------------------------------------------
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw bytes",
+    b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi",            # not a 3-digit status once relayed
+    b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nhi",            # outside RFC 9110's 100..599
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\ncoded",   # a coding re-framing would drop
+    b"HTTP/1.1 200 " + b"R" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nhi",   # a head over the bound
+    b"HTTP/1.1 200 OK\r\n" + b"X-Many: vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv\r\n" * 20_000,
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",   # bad framing, one read
+], ids=["101", "099", "600", "te-gzip", "huge-reason", "huge-head", "bad-chunk-with-head"])
+def test_a_response_the_proxy_cannot_relay_is_a_502_not_passed_on(env, raw):
+    up, sc = env
+    path = f"/canned/{len(up.canned)}"
+    up.canned[path] = (raw, "close")
+    before = _code(sc, "502")
+    with send_request(sc.port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode()) as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 502 "), out[:100]
+    assert b"upstream_bad_response" in out or b"upstream_headers_too_large" in out
+    assert _code(sc, "502") == before + 1
+    normal_request_ok(sc)
+
+
+def test_bytes_after_a_complete_response_are_never_served_to_the_next_request(env):
+    # A body longer than its Content-Length: the rest starts what looks like a second response.
+    up, sc = env
+    up.canned["/canned/overlong"] = (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nev", "keep")
+    with send_request(sc.port, b"GET /canned/overlong HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+        assert read_all(s).endswith(b"\r\n\r\nhello")
+    for _ in range(3):   # the next requests get their own answers, not the rest of that one
+        with send_request(sc.port, b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+            out = read_all(s)
+        assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b'"target": "/ok"}'), out[:200]
+    assert _code(sc, "0") == 0
+
+
+def test_a_close_delimited_body_cut_by_a_reset_is_incomplete_not_a_200(env):
+    up, sc = env
+    up.canned["/canned/until-close-reset"] = (b"HTTP/1.1 200 OK\r\n\r\npartial body", "reset")
+    up.canned["/canned/until-close"] = (b"HTTP/1.0 200 OK\r\n\r\nwhole body", "close")
+    ok, cut = _code(sc, "200"), _code(sc, "incomplete")
+    with send_request(sc.port, b"GET /canned/until-close HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as s:
+        assert read_all(s).endswith(b"\r\nwhole body\r\n0\r\n\r\n")   # the close ends the body: complete
+    assert _wait(lambda: _code(sc, "200") == ok + 1)
+    with send_request(sc.port, b"GET /canned/until-close-reset HTTP/1.1\r\nHost: x\r\n\r\n") as s:
+        out = read_all(s)
+    assert b"partial body" in out and not out.endswith(b"0\r\n\r\n")   # no last chunk: the client sees the cut
+    assert _wait(lambda: _code(sc, "incomplete") == cut + 1)
+    assert _code(sc, "200") == ok + 1
+    normal_request_ok(sc)
+
+
+def test_a_pipelining_client_that_resets_mid_response_is_499_not_its_answers(env):
+    # Reading is paused while the second request waits, so the reset is not read; the
+    # first response completing afterwards must not count as delivered.
+    up, sc = env
+    up.canned["/canned/in-two-parts"] = ([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", b"cd"], "keep")
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, b"GET /canned/in-two-parts HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()   # a reset
+    assert _wait(lambda: _code(sc, "499") == gone + 2)
+    time.sleep(0.6)   # the rest of the first response has arrived from the upstream by now
+    assert _code(sc, "200") == ok
     normal_request_ok(sc)
 
 

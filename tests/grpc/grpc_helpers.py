@@ -39,13 +39,16 @@ class GrpcUpstream:
     """A real grpc.aio server on loopback whose ModelInfer answers by the request's model_name.
 
     model_name "slow:S" sleeps S seconds, "fail" answers INTERNAL with trailing metadata,
+    "cancelled" answers CANCELLED,
     "big:N" answers N bytes; anything else gets a ModelInferResponse with LOGITS, and the
-    request's metadata echoed back as initial metadata `x-seen-<key>`.
+    request's metadata echoed back as initial metadata `x-seen-<key>`. ModelStreamInfer answers
+    each message in order; "fail" gets an error_message, "slow:S" is answered after S seconds.
     """
 
-    def __init__(self) -> None:
-        self.port = 0
+    def __init__(self, port: int = 0) -> None:
+        self.port = port   # 0: any free port
         self.seen: list[tuple[str, dict[str, Any], float | None]] = []
+        self.seen_stream: list[str] = []   # model_name of every ModelStreamInfer message read
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -59,7 +62,7 @@ class GrpcUpstream:
                 {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer),
                  "ServerLive": grpc.unary_unary_rpc_method_handler(self._live),
                  "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}),))
-            self.port = server.add_insecure_port("127.0.0.1:0")
+            self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
             await server.start()
             self._ready.set()
             await self._stop.wait()
@@ -76,6 +79,8 @@ class GrpcUpstream:
             await asyncio.sleep(float(name[5:]))
         elif name == "fail":
             await context.abort(grpc.StatusCode.INTERNAL, "model exploded", (("x-why", "test"),))
+        elif name == "cancelled":   # the server gives up on the call itself
+            await context.abort(grpc.StatusCode.CANCELLED, "server cancelled")
         elif name.startswith("big:"):
             return b"\0" * int(name[4:])
         await context.send_initial_metadata(tuple((f"x-seen-{k}", v) for k, v in md.items()
@@ -89,9 +94,12 @@ class GrpcUpstream:
     async def _stream(self, requests: Any, context: Any) -> Any:
         async for req in requests:
             msg = oip_grpc.parse(req)
+            self.seen_stream.append(msg.model_name)
             if msg.model_name == "fail":
                 yield b"\x0a\x04oops"   # ModelStreamInferResponse{error_message: "oops"}
                 continue
+            if msg.model_name.startswith("slow:"):
+                await asyncio.sleep(float(msg.model_name[5:]))
             inner = oip_grpc.encode([("logits", LOGITS)], "response", model_name=msg.model_name, id=msg.id)
             yield b"\x12" + _varint(len(inner)) + inner
 

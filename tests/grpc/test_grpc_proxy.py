@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -107,6 +109,23 @@ def test_deadline_exceeded_is_counted(sidecar, upstream):
     assert upstream.seen[-1][2] <= 0.51
 
 
+def test_a_client_deadline_passing_is_504_and_a_cancel_from_the_upstream_is_not_499(sidecar):
+    # The client's deadline reaches the sidecar as the client's cancel, a few ms before the
+    # sidecar's own copy of it: that must count as the DEADLINE_EXCEEDED the client saw.
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary(INFER)(infer_request("slow:2.5"), timeout=1.5)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sidecar.wait_for(REQ, _labels("slow:2.5", "504"), 1, timeout=5) == 1
+    assert sidecar.value(REQ, _labels("slow:2.5", "499")) == 0
+    # CANCELLED from the upstream reaches the client as is, but nobody went away: 502, not 499.
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.unary_unary(INFER)(infer_request("cancelled"), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.CANCELLED
+    assert sidecar.wait_for(REQ, _labels("cancelled", "502"), 1, timeout=5) == 1
+    assert sidecar.value(REQ, _labels("cancelled", "499")) == 0
+    assert sidecar.value(ERR, {"reason": "grpc_upstream_cancelled"}) == 1
+
+
 def test_oversize_request_and_response_are_resource_exhausted(sidecar):
     with _channel(sidecar) as ch:
         with pytest.raises(grpc.RpcError) as ei:
@@ -136,6 +155,32 @@ def test_stream_infer_counted_per_message(sidecar):
     assert sidecar.wait_for(REQ, _labels("digits", "500", "grpc_stream"), 1, timeout=5) == 1
 
 
+def test_stream_messages_left_unanswered_count_with_how_the_stream_ended(sidecar, upstream):
+    def requests(hold_s: float):
+        yield infer_request("digits")
+        yield infer_request("slow:3")
+        yield infer_request("digits")
+        time.sleep(hold_s)   # the request stream stays open
+
+    stream = _labels("digits", "200", "grpc_stream")
+    ok, late, gone = (sidecar.value(REQ, {**stream, "code": c}) for c in ("200", "504", "499"))
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        list(ch.stream_stream(STREAM_INFER)(requests(2), timeout=1))
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert sidecar.wait_for(REQ, {**stream, "code": "504"}, late + 2, timeout=5) == late + 2   # both unanswered
+    seen = len(upstream.seen_stream)
+    with _channel(sidecar) as ch:
+        call = ch.stream_stream(STREAM_INFER)(requests(2), timeout=10)
+        next(call)
+        deadline = time.monotonic() + 5
+        while len(upstream.seen_stream) < seen + 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)   # the third request is in the sidecar too (the upstream reads it after the slow one)
+        call.cancel()   # the client goes away with two requests unanswered
+    assert sidecar.wait_for(REQ, {**stream, "code": "499"}, gone + 2, timeout=5) == gone + 2
+    assert sidecar.value(REQ, stream) == ok + 2
+
+
 def test_upstream_down_is_unavailable_and_counted():
     with RunningSidecar(grpc_config(HTTP_UP, "127.0.0.1:9")) as sc:   # nothing listens on port 9
         with _channel(sc) as ch, pytest.raises(grpc.RpcError) as ei:
@@ -143,6 +188,30 @@ def test_upstream_down_is_unavailable_and_counted():
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
         assert sc.wait_for(REQ, _labels("digits", "503"), 1, timeout=5) == 1
         assert sc.value(ERR, {"reason": "grpc_upstream_unavailable"}) == 1
+
+
+def test_a_model_server_back_after_an_outage_is_reached_within_a_second_or_so():
+    """grpcio's default reconnect back-off (up to 120 s) kept calls failing after the upstream was back."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with RunningSidecar(grpc_config(HTTP_UP, f"127.0.0.1:{port}")) as sc, _channel(sc) as ch:
+        infer = ch.unary_unary(INFER)
+        t = time.monotonic()
+        while time.monotonic() - t < 10:   # 5 failed connects: the default back-off is then 6.5 s ± 20%
+            with pytest.raises(grpc.RpcError):
+                infer(infer_request("digits"), timeout=2)
+            time.sleep(0.2)
+        with GrpcUpstream(port):
+            up_at = time.monotonic()
+            while True:
+                try:
+                    infer(infer_request("digits"), timeout=2)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() - up_at < 10
+                    time.sleep(0.05)
+            assert time.monotonic() - up_at < 2.5   # the capped back-off: 1 s ± 20%
 
 
 def test_concurrency_cap(upstream):

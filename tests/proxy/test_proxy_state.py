@@ -372,3 +372,90 @@ def test_any_bytes_give_a_well_formed_answer_or_none_and_never_raise(env, pieces
     if t.out:
         assert t.out[:9] in (b"HTTP/1.1 ",), bytes(t.out[:40])
         assert t.out[9:12].isdigit()
+
+
+# --- an upstream that answers before the request body is in ---------------------------------
+def _early_answer(c: ClientConnection, ctx: ProxyContext, head: bytes) -> FakeUpstream:
+    c.data_received(head)
+    up = ctx.pool.given[-1]
+    up.exchange.response_head(413, b"Too Big", [(b"Content-Length", b"2")], up)
+    up.exchange.response_body(b"no")
+    up.exchange.response_done(reusable=True)
+    return up
+
+
+def test_a_body_still_arriving_after_an_early_answer_is_timed(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _early_answer(c, ctx, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+    assert t.out.startswith(b"HTTP/1.1 413 ") and up.aborted and not t.closed
+    c.data_received(b"x" * 10)   # the rest of a declared body is read and dropped ...
+    loop.now += 19
+    ctx.sweep()
+    assert not t.closed
+    loop.now += 2   # ... but a client that stops sending it does not hold the connection
+    ctx.sweep()
+    assert t.closed and value(ctx, ERR, {"reason": "request_body_timeout"}) == 1
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "413"}) == 1
+
+
+def test_an_early_answer_resumes_a_client_paused_for_the_upstream(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+    c.pause_reading("upstream")   # the upstream stopped reading the body: so does the proxy
+    assert not t.reading
+    up = ctx.pool.given[-1]
+    up.exchange.response_head(413, b"Too Big", [(b"Content-Length", b"2")], up)
+    up.exchange.response_done(reusable=True)
+    assert t.reading   # that upstream is gone: the rest of the body is read (and dropped)
+
+
+def test_an_early_answer_to_a_chunked_body_closes_the_connection(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    _early_answer(c, ctx, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"3\r\nabc\r\n")
+    assert t.out.startswith(b"HTTP/1.1 413 ") and t.eof_written   # a body with no length: not read forever
+    assert any(fn == t.close for _, fn in loop.later)
+
+
+def test_an_unsupported_transfer_coding_from_the_upstream_is_502(env):
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    up.exchange.response_head(200, b"OK", [(b"Transfer-Encoding", b"gzip, chunked")], up)
+    assert t.out.startswith(b"HTTP/1.1 502 ") and b"upstream_bad_response" in t.out and up.aborted
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "502"}) == 1
+
+
+class _ResetSocket:
+    def getsockopt(self, level: int, name: int) -> int:
+        return 104   # ECONNRESET: the client reset the connection
+
+
+def test_a_client_reset_unseen_while_reading_is_paused_is_499_not_the_answer(env):
+    loop, ctx, _ = env
+    labels = {"model": "digits", "protocol": "v2"}
+    pipelined = (b"GET /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"GET /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n\r\n")
+    c, t = connect(ctx)
+    c.data_received(pipelined)
+    assert not t.reading   # the second request waits: a reset is not read until ...
+    up = ctx.pool.given[-1]
+    up.exchange.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    t.get_extra_info = lambda name: _ResetSocket() if name == "socket" else None   # type: ignore[method-assign]
+    up.exchange.response_body(b"ok")
+    up.exchange.response_done(reusable=True)   # ... the socket is asked when the answer is counted
+    assert value(ctx, REQ, {**labels, "code": "200"}) == 0
+    assert value(ctx, REQ, {**labels, "code": "499"}) == 1
+
+    c, t = connect(ctx)
+    c.data_received(pipelined)
+    up = ctx.pool.given[-1]
+    t.get_extra_info = lambda name: _ResetSocket() if name == "socket" else None   # type: ignore[method-assign]
+    ctx.sweep()   # ... and by the deadline sweep: the connection is dropped, both requests 499
+    assert t.aborted
+    c.connection_lost(None)
+    assert up.aborted
+    assert value(ctx, REQ, {**labels, "code": "499"}) == 3 and value(ctx, REQ, {**labels, "code": "200"}) == 0
