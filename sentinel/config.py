@@ -254,7 +254,7 @@ class GrpcConfig:
 
     max_message_bytes: int = 64 * 1024 * 1024  # larger request or response messages: RESOURCE_EXHAUSTED
     upstream_timeout_s: float = 30.0   # cap on an upstream call; a client's shorter deadline wins
-    max_concurrent_rpcs: int = 1024    # calls in flight beyond this are refused with RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 1024    # calls in flight beyond this are shed with UNAVAILABLE (503)
 
     def validate(self):
         if self.max_message_bytes <= 0:

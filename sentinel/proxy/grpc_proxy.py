@@ -286,7 +286,9 @@ class GrpcProxy:
                     if name is not None:
                         model = proxy.metrics.model_label(name)
                 if proxy.inflight > proxy.max_concurrent:
-                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    # The sidecar shedding load is the service being unavailable (as HTTP's 503 +
+                    # Retry-After): UNAVAILABLE, which clients retry and the availability SLI counts.
+                    code = grpc.StatusCode.UNAVAILABLE
                     proxy.metrics.proxy_errors.labels("concurrency_limit").inc()
                     await context.abort(code, f"the sidecar has {proxy.max_concurrent} calls in flight "
                                               "(grpc.max_concurrent_rpcs)")

@@ -232,8 +232,12 @@ def test_concurrency_cap(upstream):
         for t in threads:
             t.join(20)
         assert codes.count(grpc.StatusCode.OK) >= 1
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        assert grpc.StatusCode.UNAVAILABLE in codes   # shed: retryable, and bad in the availability SLI
         assert sc.value(ERR, {"reason": "concurrency_limit"}) >= 1
+        shed = codes.count(grpc.StatusCode.UNAVAILABLE)
+        counted = sum(smp.value for m in sc.sc.metrics.registry.collect() for smp in m.samples
+                      if smp.name == REQ and smp.labels.get("code") == "503")
+        assert counted == shed
 
 
 def test_bad_listen_address_is_a_clear_error(upstream):
