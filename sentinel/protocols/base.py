@@ -38,6 +38,8 @@ class DecodeHints:
     this dtype and (per instance) shape. input_shape: the network input (C×H×W), which sets
     the pixel bound of encoded images (`max_image_pixels`, unless given). classes: class
     names, to read answers that name classes instead of scoring them (TorchServe top-k).
+    num_classes: how many classes the model scores, to tell its score output from others
+    (embeddings...) in a response that carries several (default: len(classes), if given).
     """
 
     raw_shape: tuple[int, ...] | None = None
@@ -45,6 +47,11 @@ class DecodeHints:
     input_shape: tuple[int, ...] | None = None
     max_image_pixels: int | None = None
     classes: tuple[str, ...] = ()
+    num_classes: int | None = None
+
+    @property
+    def class_count(self) -> int | None:
+        return self.num_classes or (len(self.classes) or None)
 
     @property
     def image_pixel_limit(self) -> int:
@@ -105,8 +112,18 @@ def input_form(arr: np.ndarray) -> InputForm:
     return "network" if arr.ndim == 4 and arr.dtype.kind == "f" else "raw"
 
 
+_CLASSIFICATION = re.compile(rb"-?[0-9.eE+-]+(?:nan|inf)?:[0-9]+(?::.*)?", re.DOTALL | re.IGNORECASE)
+
+
 def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
     """Scores shaped N × classes (float64), or DecodeError saying why they are not scores."""
+    if arr.dtype == object:
+        items = arr.reshape(-1)[:8]
+        if len(items) and all(isinstance(b, bytes) and _CLASSIFICATION.fullmatch(b) for b in items):
+            raise DecodeError("unsupported", f"output {name or '(unnamed)'} holds top-k 'score:index:label' "
+                                             "strings (the classification extension, class_count), not a score "
+                                             "vector; request the output without class_count")
+        raise DecodeError("bad_datatype", f"output {name or '(unnamed)'} is BYTES, not numeric scores")
     if arr.dtype.kind not in "fiub":
         raise DecodeError("bad_datatype", f"output {name or '(unnamed)'} is {arr.dtype}, not numeric scores")
     if arr.ndim == 0 or arr.size == 0:
@@ -136,19 +153,35 @@ def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
                            probabilities=out if kind == "probabilities" else None)
 
 
-def combine_outputs(named: list[tuple[str, np.ndarray]]) -> DecodedResponse:
-    """The response of several named outputs: the first with a class axis is primary; a logits and a
-    probabilities output are both kept when present (same row count)."""
+_SCORE_NAME = re.compile(r"prob|softmax|logit|score|class|output|predict", re.IGNORECASE)
+_FEATURE_NAME = re.compile(r"embed|feature|feat|hidden|pool|latent|penultimate", re.IGNORECASE)
+
+
+def combine_outputs(named: list[tuple[str, np.ndarray]], hints: DecodeHints = NO_HINTS) -> DecodedResponse:
+    """The response of several named outputs; a logits and a probabilities output are both kept
+    when present (same shape).
+
+    The primary output is the first with the model's class count (the hints'); among those (or
+    all, without hints) one not named like features (embeddings, hidden...) before one that is,
+    and one named like scores (prob, logit, score, class, output, predict) before others: an
+    embeddings output listed first is not read as the class scores.
+    """
     decoded: list[DecodedResponse] = []
+    names: list[str] = []
     last: DecodeError | None = None
     for name, arr in named:
         try:
             decoded.append(as_output_batch(arr, name))
+            names.append(name)
         except DecodeError as exc:
             last = exc
     if not decoded:
         raise last or DecodeError("missing_field", "no outputs")
-    first = decoded[0]
+    k = hints.class_count
+    order = sorted(range(len(decoded)), key=lambda i: (
+        k is not None and decoded[i].outputs.shape[1] != k, bool(_FEATURE_NAME.search(names[i])),
+        not _SCORE_NAME.search(names[i]), i))
+    first = decoded[order[0]]
     logits = next((d.outputs for d in decoded if d.kind == "logits"
                    and d.outputs.shape == first.outputs.shape), None)
     probs = next((d.outputs for d in decoded if d.kind == "probabilities"

@@ -1,0 +1,200 @@
+"""Bodies from clients nobody wrote the decoders against: tritonclient (HTTP and gRPC), kserve's
+InferRequest/InferResponse, Triton's extensions (shared memory, classification, BF16).
+
+Each decodes to exactly what the client sent, or is refused with the specific kind that
+`sentinel_sample_rejections_total{reason}` will count, never a different tensor. HTTP bodies
+are made by the real clients here; gRPC bodies were captured once from `tritonclient.grpc`
+(it and kserve register the same protobuf names, so one process cannot import both).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sentinel.errors import DecodeError
+from sentinel.protocols import decode_request, decode_response, oip_grpc, oip_v2, tensors
+from sentinel.protocols.base import DecodeHints
+
+pytestmark = pytest.mark.unit
+
+th = pytest.importorskip("tritonclient.http")
+GRPC = "oip_v2_grpc"
+
+# tritonclient.grpc 2.73 InferInput("x", [1, 3], "FP32").set_shared_memory("r0", 12), request id "7"
+GRPC_SHM_REQUEST = bytes.fromhex(
+    "0a016d1a01372a4a0a01781204465033321a020103221c0a147368617265645f6d656d6f72795f726567696f6e"
+    "12041a027230221d0a177368617265645f6d656d6f72795f627974655f73697a651202100c")
+# tritonclient.grpc 2.73 InferInput("x", [1, 4], "BF16") of ml_dtypes.bfloat16 [1.5, -2.25, 3e38, 1e-39]
+GRPC_BF16_REQUEST = bytes.fromhex("0a016d1a01372a0d0a01781204424631361a0201043a08c03f10c0627f0b00")
+BF16_AS_FP32 = np.array([[1.5, -2.25, 3.0040553e38, 1.0101905e-39]], dtype=np.float32)
+
+
+def _http(inputs, outputs=None, **kw) -> tuple[bytes, dict[str, str]]:
+    body, hlen = th.InferenceServerClient.generate_request_body(inputs, outputs=outputs, **kw)
+    return body, ({oip_v2.HEADER_LENGTH: str(hlen)} if hlen else {"content-type": "application/json"})
+
+
+def _kind(fn, *args) -> str:
+    with pytest.raises(DecodeError) as err:
+        fn(*args)
+    return err.value.kind
+
+
+# --- BF16 -----------------------------------------------------------------------------
+def test_bf16_from_tritonclient_http_and_grpc_decodes_exactly_as_float32():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.array([[1.5, -2.25, 3.0e38, 1e-39]], dtype=ml_dtypes.bfloat16)
+    inp = th.InferInput("x", [1, 4], "BF16")
+    inp.set_data_from_numpy(x, binary_data=True)
+    got = decode_request("v2", *_http([inp])).inputs
+    assert got.dtype == np.float32 and np.array_equal(got, x.astype(np.float32))
+    assert np.array_equal(got, BF16_AS_FP32)
+    got = decode_request(GRPC, GRPC_BF16_REQUEST, {}).inputs
+    assert got.dtype == np.float32 and got.tobytes() == BF16_AS_FP32.tobytes()
+
+
+def test_bf16_json_data_is_rounded_to_bfloat16():
+    arr = tensors.from_json([1.0, 1.00390625, 1.01171875, float("nan")], (4,), "BF16", "x")
+    # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1.0); 1 + 3·2^-8 rounds up to 1 + 2^-6
+    assert arr.dtype == np.float32 and arr[:3].tolist() == [1.0, 1.0, 1.015625] and np.isnan(arr[3])
+
+
+# --- shared memory ----------------------------------------------------------------------
+def test_shared_memory_inputs_are_unsupported_not_decoded_from_an_empty_body():
+    inp = th.InferInput("x", [1, 3, 4, 4], "FP32")
+    inp.set_shared_memory("region0", 192)
+    with pytest.raises(DecodeError) as err:
+        decode_request("v2", *_http([inp]))
+    assert err.value.kind == "unsupported" and "shared-memory region 'region0'" in str(err.value)
+    assert _kind(decode_request, GRPC, GRPC_SHM_REQUEST, {}) == "unsupported"
+
+
+def test_a_response_output_in_shared_memory_is_skipped_when_another_carries_scores():
+    p = np.array([[0.25, 0.75]], dtype=np.float32)
+    shm = {"name": "probs", "datatype": "FP32", "shape": [1, 2],
+           "parameters": {"shared_memory_region": "out0", "shared_memory_byte_size": 8}}
+    both = json.dumps({"outputs": [shm, {"name": "p2", "datatype": "FP32", "shape": [1, 2],
+                                         "data": p.ravel().tolist()}]}).encode()
+    assert np.array_equal(decode_response("v2", both, {}).outputs, p)
+    only = json.dumps({"outputs": [shm]}).encode()
+    assert _kind(decode_response, "v2", only, {}) == "unsupported"
+    # the gRPC decoder reads the same parameter of an output tensor
+    resp = oip_grpc.encode([("probs", p)], "response", raw=False)
+    with_shm = _grpc_output_with_parameter(resp, "shared_memory_region", "out0")
+    assert _kind(decode_response, GRPC, with_shm, {}) == "unsupported"
+
+
+def _grpc_output_with_parameter(resp: bytes, key: str, value: str) -> bytes:
+    """`resp` (one output, typed contents) with the output's contents replaced by a parameter."""
+    out = bytearray()
+    for num, _, val in oip_grpc.fields(resp):
+        if num != 5:
+            oip_grpc._bytes_field(out, num, bytes(val))
+            continue
+        t = bytearray()
+        for tnum, _, tval in oip_grpc.fields(val):
+            if tnum != 5:
+                oip_grpc._bytes_field(t, tnum, bytes(tval))
+        oip_grpc._bytes_field(t, 4, oip_grpc._param_entry(key, value))
+        oip_grpc._bytes_field(out, 5, bytes(t))
+    return bytes(out)
+
+
+# --- classification extension, several outputs ------------------------------------------
+def test_classification_extension_output_is_unsupported_naming_class_count():
+    body = json.dumps({"outputs": [{"name": "probs", "datatype": "BYTES", "shape": [2, 1],
+                                    "data": ["0.93:3:three", "0.51:7:seven"]}]}).encode()
+    with pytest.raises(DecodeError) as err:
+        decode_response("v2", body, {})
+    assert err.value.kind == "unsupported" and "class_count" in str(err.value)
+    grpc = oip_grpc.encode([("probs", np.array([[b"0.93:3"], [b"0.5:1"]], dtype=object))], "response")
+    assert _kind(decode_response, GRPC, grpc, {}) == "unsupported"
+
+
+def test_the_score_output_is_found_among_several_outputs():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3, 16)).astype(np.float32)
+    logits = rng.standard_normal((3, 10)).astype(np.float32)
+    for binary in (False, True):
+        body, hdrs = oip_v2.encode_response([("embeddings", emb), ("out", logits)], binary=binary)
+        # by name without hints, by the model's class count with them
+        assert np.array_equal(decode_response("v2", body, hdrs).outputs, logits)
+        body, hdrs = oip_v2.encode_response([("feat", emb), ("head", logits)], binary=binary)
+        assert np.array_equal(decode_response("v2", body, hdrs, DecodeHints(num_classes=10)).outputs, logits)
+    grpc = oip_grpc.encode([("feat", emb), ("head", logits)], "response")
+    assert np.array_equal(decode_response(GRPC, grpc, {}, DecodeHints(num_classes=10)).outputs, logits)
+
+
+def test_the_model_input_is_found_among_several_inputs_by_its_shape():
+    x = np.arange(2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8)
+    mask = np.ones((2, 3), dtype=np.int64)
+    a = th.InferInput("mask", list(mask.shape), "INT64")
+    a.set_data_from_numpy(mask)
+    b = th.InferInput("pixels", list(x.shape), "FP32")
+    b.set_data_from_numpy(x, binary_data=False)
+    got = decode_request("v2", *_http([a, b]), DecodeHints(raw_shape=(8, 8)))
+    assert np.array_equal(got.inputs, x)
+
+
+# --- JSON values the datatype cannot hold -------------------------------------------------
+@pytest.mark.parametrize(("data", "datatype", "kind"), [
+    ([[1, 2, 3], [4]], "FP32", "bad_shape"),          # ragged rows, same count as the shape
+    ([[1, 2], [3, [4]]], "FP32", "bad_shape"),        # a list where the other rows hold numbers
+    ([None, 1], "FP32", "bad_datatype"),              # null is not NaN
+    ([1.7, 1], "INT32", "bad_datatype"),              # no silent truncation
+    ([2, 0], "BOOL", "bad_datatype"),
+    (["1", 2], "INT8", "bad_datatype"),
+    ([300, 1], "INT8", "bad_datatype"),
+    ([2 ** 64, 0], "UINT64", "bad_datatype"),
+])
+def test_json_data_the_datatype_cannot_hold_is_refused(data, datatype, kind):
+    shape = (2, 2) if isinstance(data[0], list) else (2,)
+    with pytest.raises(DecodeError) as err:
+        tensors.from_json(data, shape, datatype, "x")
+    assert err.value.kind == kind
+    if kind == "bad_shape":
+        assert "[2, 2]" in str(err.value)
+
+
+def test_json_integers_beyond_int64_and_whole_floats_decode_exactly():
+    assert tensors.from_json([2 ** 64 - 1, 0], (2,), "UINT64", "x").tolist() == [2 ** 64 - 1, 0]
+    assert tensors.from_json([3.0, -2], (2,), "INT16", "x").tolist() == [3, -2]
+    assert tensors.from_json([1, 0.0], (2,), "BOOL", "x").tolist() == [True, False]
+
+
+def test_grpc_typed_contents_beyond_the_datatype_are_refused_not_wrapped():
+    msg = oip_grpc.encode([("x", np.array([[300, 1]], dtype=np.int32))], raw=False)
+    narrowed = _retyped(msg, "INT8")
+    assert _kind(decode_request, GRPC, narrowed, {}) == "bad_datatype"
+    ok = _retyped(oip_grpc.encode([("x", np.array([[-5, 7]], dtype=np.int32))], raw=False), "INT8")
+    got = decode_request(GRPC, ok, {}).inputs
+    assert got.dtype == np.int8 and got.tolist() == [[-5, 7]]
+
+
+def _retyped(msg: bytes, datatype: str) -> bytes:
+    """A request whose one input keeps its typed contents but is labelled `datatype`."""
+    out = bytearray()
+    for num, _, val in oip_grpc.fields(msg):
+        if num != 5:
+            oip_grpc._bytes_field(out, num, bytes(val))
+            continue
+        t = bytearray()
+        for tnum, _, tval in oip_grpc.fields(val):
+            oip_grpc._bytes_field(t, tnum, datatype.encode() if tnum == 2 else bytes(tval))
+        oip_grpc._bytes_field(out, 5, bytes(t))
+    return bytes(out)
+
+
+def test_hints_for_a_registry_model_carry_its_class_count():
+    from testpaths import REPO
+
+    from sentinel.config import Config, ModelConfig
+    from sentinel.protocols.hints import hints_for
+
+    if not (REPO / "models/digits/v3/model.yaml").is_file():
+        pytest.skip("digits:v3 not in the registry")
+    cfg = Config(models=(ModelConfig(name="digits", version="v3", protocol="v2"),), registry=str(REPO / "models"))
+    assert hints_for(cfg, cfg.models[0]).class_count == 10
