@@ -5,18 +5,35 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from sentinel.errors import DecodeError
 
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
 
 
 def looks_like_image(data: bytes) -> bool:
     """True when the bytes start with a common image file signature."""
     return any(data.startswith(m) for m in _MAGIC)
+
+
+def _pixels(im: Any, i: int) -> np.ndarray:
+    """One decoded image as uint8 H×W (grey) or H×W×3: alpha dropped, palettes expanded, and
+    16-bit grey scaled to 8 bits (65535 → 255), never clipped (Pillow's convert("L") clips)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        wide = np.asarray(im).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise DecodeError("unsupported", f"image {i}: 32-bit integer pixels beyond 16 bits")
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    if mode == "F":
+        raise DecodeError("unsupported", f"image {i}: floating-point pixels (mode F) have no 8-bit reading")
+    grey = mode in ("1", "L", "LA", "La")
+    return np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
 
 
 def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
@@ -47,8 +64,7 @@ def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
                         raise DecodeError("too_large", f"images 0..{i}: {total} pixels in one batch, more than "
                                                        f"{BATCH_PIXEL_FACTOR * max_pixels}")
                     im.load()
-                    grey = im.mode in ("1", "L", "LA", "I", "I;16")
-                    arrays.append(np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8))
+                    arrays.append(_pixels(im, i))
         except DecodeError:
             raise
         except Image.DecompressionBombError as exc:

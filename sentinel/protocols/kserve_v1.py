@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -27,23 +28,84 @@ from sentinel.protocols.images import decode_images
 SCORE_KEYS = ("probabilities", "scores", "logits")
 
 
-def _unwrap(item: Any) -> Any:
-    """A row-format instance `{"name": value}` → value; `{"b64": s}` stays as is."""
-    if isinstance(item, dict) and "b64" not in item and len(item) >= 1:
-        return next(iter(item.values()))
-    return item
+_WS = re.compile(r"[ \t\r\n]+")
+
+
+def b64_bytes(text: Any) -> bytes:
+    """Base64 text as clients write it: standard or URL-safe alphabet, maybe wrapped in lines
+    (MIME style); anything else is binascii.Error/TypeError, as b64decode's own."""
+    if not isinstance(text, str):
+        raise TypeError(f"b64 value is a {type(text).__name__}, not a string")
+    text = _WS.sub("", text)
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    return base64.b64decode(text, validate=True)
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of nested lists (None when ragged or not numbers-like)."""
+    try:
+        return tuple(np.shape(value))
+    except (ValueError, TypeError):
+        return None
+
+
+def _is_tensor(value: Any) -> bool:
+    """Numbers, lists of them, or an encoded image `{"b64": ...}`: what a model input can be."""
+    if isinstance(value, dict):
+        return "b64" in value
+    return isinstance(value, (list, int, float)) and not isinstance(value, bool)
+
+
+def _pick_key(first: dict[str, Any], hints: DecodeHints, columnar: bool, what: str) -> str:
+    """Which named input of a row (or columnar) instance is the model's: the only one, the one
+    with the model's input shape, or the only one that holds numbers or an image."""
+    keys = list(first)
+    if len(keys) == 1:
+        return keys[0]
+    candidates = [k for k in keys if _is_tensor(first[k])]
+    shapes = {s for s in (hints.raw_shape, hints.input_shape) if s}
+    for k in candidates:
+        shape = _shape(first[k])
+        if shape is not None and (shape[1:] if columnar else shape) in shapes:
+            return k
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(repr(k)[:40] for k in keys[:6])
+    raise DecodeError("unsupported", f"{what} name several inputs ({names}) and none has the model's input "
+                                     "shape; sentinel cannot tell which one the model reads")
+
+
+def _rows(doc: dict[str, Any], hints: DecodeHints) -> list[Any]:
+    """The instances of a v1 request: row format `instances` (plain or `{"name": value}` objects), or
+    columnar `inputs` (a list, or `{"name": batch}`)."""
+    rows = doc.get("instances", doc.get("inputs"))
+    if isinstance(rows, dict) and "b64" not in rows and "instances" not in doc:   # columnar, named
+        if not rows:
+            raise DecodeError("missing_field", "'inputs' is an empty object")
+        rows = rows[_pick_key(rows, hints, True, "'inputs'")]
+        if not isinstance(rows, list):
+            raise DecodeError("bad_shape", "the columnar input is not a list (a batch)")
+    if not isinstance(rows, list) or not rows:
+        raise DecodeError("missing_field", "no non-empty 'instances' list in body")
+    if isinstance(rows[0], dict) and "b64" not in rows[0]:   # row format, named inputs
+        keys = set(rows[0])
+        if not all(isinstance(r, dict) and set(r) == keys for r in rows):
+            raise DecodeError("bad_shape", "instances are objects naming different inputs")
+        if not keys:
+            raise DecodeError("missing_field", "instances are empty objects")
+        key = _pick_key(rows[0], hints, False, "instances")
+        rows = [r[key] for r in rows]
+    return rows
 
 
 def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
     """The batch under `instances` (or `inputs`); `{"b64": ...}` items are decoded images."""
     doc = load_json_object(body)
-    rows = doc.get("instances", doc.get("inputs"))
-    if not isinstance(rows, list) or not rows:
-        raise DecodeError("missing_field", "no non-empty 'instances' list in body")
-    rows = [_unwrap(r) for r in rows]
+    rows = _rows(doc, hints)
     if all(isinstance(r, dict) and "b64" in r for r in rows):
         try:
-            blobs = [base64.b64decode(r["b64"], validate=True) for r in rows]
+            blobs = [b64_bytes(r["b64"]) for r in rows]
         except (binascii.Error, TypeError, ValueError) as exc:
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
         return DecodedRequest(decode_images(blobs, hints.image_pixel_limit), "raw")
