@@ -67,14 +67,17 @@ def codec(name: str) -> Codec:
     return cast(Codec, mod)
 
 
-_V2_TENSORS = re.compile(rb'"(?:inputs|outputs)"\s*:\s*\[\s*\{')
+# A v2 tensor object starts with one of its own keys; a v1 `inputs` list of `{"b64": ...}` or of
+# named instances does not.
+_V2_TENSORS = re.compile(rb'"(?:inputs|outputs)"\s*:\s*\[\s*\{\s*"(?:name|shape|datatype|parameters|data)"')
 _V1_KEYS = re.compile(rb'"(?:instances|predictions|inputs|outputs)"\s*:')
 
 
 def sniff(body: bytes, headers: Headers) -> str:
     """The protocol of a body whose protocol nobody told us (KServe logger CloudEvents).
 
-    v2: an object whose "inputs"/"outputs" is a list of tensor objects (binary tensors may
+    v2: an object whose "inputs"/"outputs" is a list of tensor objects (a first key of
+    name, shape, datatype, parameters or data; binary tensors may
     follow the JSON header); v1: an object with "instances"/"predictions" (or columnar
     "inputs"/"outputs"); anything else (an image, a JSON list, raw bytes): TorchServe.
     Looks at the first 64 KiB only.

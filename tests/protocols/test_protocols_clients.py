@@ -297,3 +297,19 @@ def test_torchserve_json_base64_image_string():
     body = _v1({"data": base64.b64encode(_png(img)).decode()})
     assert np.array_equal(decode_request("torchserve", body, V1).inputs[0], img)
     assert _kind(decode_request, "torchserve", _v1({"data": "aGVsbG8="}), V1) == "unsupported"
+
+
+def test_sniff_tells_v1_b64_inputs_from_v2_tensors():
+    from sentinel.protocols import sniff
+
+    assert sniff(b'{"inputs": [{"b64": "iVBORw0KGgo="}]}', {}) == "v1"
+    assert sniff(b'{"inputs": [{"image": [1, 2]}]}', {}) == "v1"
+    body, _ = _http([_fp32_input()])
+    assert sniff(body, {}) == "v2"
+    assert sniff(b'{"id": "1", "outputs": [ {"datatype": "FP32", "name": "p", "shape": [1], "data": [1]}]}', {}) == "v2"
+
+
+def _fp32_input():
+    inp = th.InferInput("x", [1, 2], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 2), np.float32))
+    return inp
