@@ -82,9 +82,10 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
     """A tensor from OIP v2 JSON `data` (flat or nested, row-major); counts checked before allocation.
 
     Nested data must be rectangular (ragged rows are refused naming the shape). Values must be
-    what the datatype holds: no null, no fraction or out-of-range value in an integer or BOOL
-    tensor, no string in an integer or BOOL tensor; a value that cannot be represented is an
-    error, never a silently different tensor.
+    what the datatype holds: no null, fraction, string or out-of-range value in an integer or
+    BOOL tensor; a value that cannot be represented is an error, never a silently different
+    tensor. In a float tensor null is NaN (KServe's client writes NaN and ±Infinity as null,
+    and its server reads null back as NaN).
     """
     if datatype != "BYTES" and type(data) is list and len(data) == numel(shape) and data \
             and type(data[0]) is not list:
@@ -154,12 +155,11 @@ def _cast(inferred: np.ndarray, flat: list[Any], datatype: str, name: str) -> np
 
 
 def _checked_values(flat: list[Any], dt: np.dtype, bad: Any) -> list[Any]:
-    """JSON values one by one: no null or container; for integer and BOOL tensors whole numbers only."""
+    """JSON values one by one: no container; for integer and BOOL tensors whole numbers only (no null)."""
     if dt.kind == "f":
+        # null reads as NaN, as KServe reads it: its client (orjson) writes NaN and ±Infinity as null
         for v in flat:
-            if v is None:
-                raise bad("holds null")
-            if not isinstance(v, (int, float, str)):
+            if v is not None and not isinstance(v, (int, float, str)):
                 raise bad(f"holds a JSON {type(v).__name__}")
         return flat
     out: list[Any] = []

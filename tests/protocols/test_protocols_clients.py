@@ -22,6 +22,7 @@ pytestmark = pytest.mark.unit
 
 th = pytest.importorskip("tritonclient.http")
 GRPC = "oip_v2_grpc"
+V1 = {"content-type": "application/json"}
 
 # tritonclient.grpc 2.73 InferInput("x", [1, 3], "FP32").set_shared_memory("r0", 12), request id "7"
 GRPC_SHM_REQUEST = bytes.fromhex(
@@ -143,7 +144,7 @@ def test_the_model_input_is_found_among_several_inputs_by_its_shape():
 @pytest.mark.parametrize(("data", "datatype", "kind"), [
     ([[1, 2, 3], [4]], "FP32", "bad_shape"),          # ragged rows, same count as the shape
     ([[1, 2], [3, [4]]], "FP32", "bad_shape"),        # a list where the other rows hold numbers
-    ([None, 1], "FP32", "bad_datatype"),              # null is not NaN
+    ([None, 1], "INT32", "bad_datatype"),             # null is no integer
     ([1.7, 1], "INT32", "bad_datatype"),              # no silent truncation
     ([2, 0], "BOOL", "bad_datatype"),
     (["1", 2], "INT8", "bad_datatype"),
@@ -157,6 +158,18 @@ def test_json_data_the_datatype_cannot_hold_is_refused(data, datatype, kind):
     assert err.value.kind == kind
     if kind == "bad_shape":
         assert "[2, 2]" in str(err.value)
+
+
+def test_kserve_client_nan_written_as_null_reads_as_nan_like_kserve_does():
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    orjson = pytest.importorskip("orjson")
+    inp = InferInput("x", [1, 3], "FP32")
+    inp.set_data_from_numpy(np.array([[np.nan, 2.5, -1.0]], dtype=np.float32), binary_data=False)
+    body = orjson.dumps(InferRequest("m", [inp]).to_rest()[0])   # what InferenceRESTClient posts
+    assert b"null" in body
+    got = decode_request("v2", body, V1).inputs
+    assert np.isnan(got[0, 0]) and got[0, 1:].tolist() == [2.5, -1.0]
 
 
 def test_json_integers_beyond_int64_and_whole_floats_decode_exactly():
@@ -201,7 +214,6 @@ def test_hints_for_a_registry_model_carry_its_class_count():
 
 
 # --- KServe v1: named instances, columnar inputs, base64 as clients write it ------------------
-V1 = {"content-type": "application/json"}
 
 
 def _v1(doc) -> bytes:

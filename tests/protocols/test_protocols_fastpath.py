@@ -179,17 +179,19 @@ def test_v2_split_without_the_header_matches_with_it():
 
 
 def slow_from_json(data: Any, shape: tuple[int, ...], datatype: str) -> np.ndarray:
-    """from_json's rules applied value by value: no null or container; whole numbers (and 0/1 for BOOL),
-    never strings, in integer and BOOL tensors; then numpy's conversion of the whole list."""
+    """from_json's rules applied value by value: no container; whole numbers (and 0/1 for BOOL), never
+    strings or null, in integer and BOOL tensors; then numpy's conversion of the whole list (null: NaN)."""
     flat = tensors.flatten(data)
     if len(flat) != tensors.numel(shape):
         raise DecodeError("bad_shape", "count")
     dt = tensors.numpy_dtype(datatype)
     values = []
     for v in flat:
-        if v is None or not isinstance(v, (bool, int, float, str)):
+        if v is not None and not isinstance(v, (bool, int, float, str)):
             raise DecodeError("bad_datatype", "not a number")
         if dt.kind in "iub":
+            if v is None:
+                raise DecodeError("bad_datatype", "null")
             if isinstance(v, str) or (isinstance(v, float) and not v.is_integer()):
                 raise DecodeError("bad_datatype", "not an integer")
             v = int(v)
