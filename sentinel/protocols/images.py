@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +17,35 @@ from sentinel.errors import DecodeError
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
+
+
+_WS = re.compile(r"[ \t\r\n]+")
+
+
+def b64_bytes(text: Any) -> bytes:
+    """Base64 text as clients write it: standard or URL-safe alphabet, maybe wrapped in lines
+    (MIME style); anything else is binascii.Error/TypeError, as b64decode's own."""
+    if not isinstance(text, str):
+        raise TypeError(f"b64 value is a {type(text).__name__}, not a string")
+    text = _WS.sub("", text)
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    return base64.b64decode(text, validate=True)
+
+
+def b64_images(items: Sequence[bytes]) -> list[bytes] | None:
+    """The encoded images that base64 text items hold (KServe's v2 image clients send BYTES that
+    way), or None when any item is not base64 of an image."""
+    out = []
+    for item in items:
+        try:
+            blob = b64_bytes(item.decode("ascii"))
+        except (binascii.Error, TypeError, ValueError):
+            return None
+        if not looks_like_image(blob):
+            return None
+        out.append(blob)
+    return out
 
 
 def looks_like_image(data: bytes) -> bool:

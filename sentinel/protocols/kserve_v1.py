@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -23,23 +21,9 @@ from sentinel.protocols.base import (
     numeric_array,
     score_matrix,
 )
-from sentinel.protocols.images import decode_images
+from sentinel.protocols.images import b64_bytes, decode_images
 
 SCORE_KEYS = ("probabilities", "scores", "logits")
-
-
-_WS = re.compile(r"[ \t\r\n]+")
-
-
-def b64_bytes(text: Any) -> bytes:
-    """Base64 text as clients write it: standard or URL-safe alphabet, maybe wrapped in lines
-    (MIME style); anything else is binascii.Error/TypeError, as b64decode's own."""
-    if not isinstance(text, str):
-        raise TypeError(f"b64 value is a {type(text).__name__}, not a string")
-    text = _WS.sub("", text)
-    if "-" in text or "_" in text:
-        text = text.replace("-", "+").replace("_", "/")
-    return base64.b64decode(text, validate=True)
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

@@ -21,7 +21,7 @@ from sentinel.protocols.base import (
     json_object_prefix,
     load_json_object,
 )
-from sentinel.protocols.images import decode_images, looks_like_image
+from sentinel.protocols.images import b64_images, decode_images, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_WS = b" \t\r\n"   # RFC 8259 whitespace
@@ -121,8 +121,11 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
     name, arr = pick_input(named, hints)
     if arr.dtype == object:
         items = list(arr.reshape(-1))
-        if not items or not all(looks_like_image(b) for b in items):
-            raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images")
+        if items and not all(looks_like_image(b) for b in items):
+            items = b64_images(items) or []   # base64 text of images, as KServe's image examples send
+        if not items:
+            raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images "
+                                             "(nor base64 text of images)")
         return DecodedRequest(decode_images(items, hints.image_pixel_limit), "raw")
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")

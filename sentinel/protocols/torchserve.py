@@ -22,8 +22,7 @@ from sentinel.protocols.base import (
     numeric_array,
     parse_json,
 )
-from sentinel.protocols.images import decode_images, looks_like_image
-from sentinel.protocols.kserve_v1 import b64_bytes
+from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
 from sentinel.protocols.tensors import numel
 
 OCTET_STREAM = "application/octet-stream"

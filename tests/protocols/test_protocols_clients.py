@@ -325,3 +325,18 @@ def _fp32_input():
     inp = th.InferInput("x", [1, 2], "FP32")
     inp.set_data_from_numpy(np.ones((1, 2), np.float32))
     return inp
+
+
+def test_v2_bytes_inputs_holding_base64_images_decode_like_kserve_image_clients_send_them():
+    import base64
+
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    orjson = pytest.importorskip("orjson")
+    imgs = [np.full((4, 4), v, dtype=np.uint8) for v in (0, 200)]
+    inp = InferInput("image", [2], "BYTES", data=[base64.b64encode(_png(a)).decode() for a in imgs])
+    got = decode_request("v2", orjson.dumps(InferRequest("m", [inp]).to_rest()[0]), V1).inputs
+    assert np.array_equal(got, np.stack(imgs))
+    text = InferInput("text", [1], "BYTES", data=["aGVsbG8="])   # base64, but not of an image
+    body = orjson.dumps(InferRequest("m", [text]).to_rest()[0])
+    assert _kind(decode_request, "v2", body, V1) == "unsupported"
