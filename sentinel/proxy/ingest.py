@@ -86,7 +86,27 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     half = _half(headers.get("ce-type", ""))
     service = headers.get("ce-inferenceservicename", "")
     payload = {k: v for k, v in headers.items() if k in ("content-type", "inference-header-content-length")}
+    if body.lstrip()[:1] == b'"' and _is_json(ctype):
+        body = _unquoted(body)
     return Event(ce_id[:256], half, service[:256], payload, body)
+
+
+def _is_json(ctype: str) -> bool:
+    """Whether a media type (parameters allowed) is JSON: application/json, text/json, anything+json."""
+    return ctype.split(";", 1)[0].strip().lower().endswith("json")
+
+
+def _unquoted(body: bytes) -> bytes:
+    """A JSON payload that arrived as a JSON string holding JSON text (the Python cloudevents SDK
+    sends `str` data that way, in binary mode too) → that text; anything else unchanged.
+    No inference body is a bare JSON string, so nothing decodable is altered."""
+    try:
+        text = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if isinstance(text, str) and text.lstrip()[:1] in ("{", "["):
+        return text.encode()
+    return body
 
 
 def parse_events(headers: dict[str, str], body: bytes) -> list[Event | IngestError]:
@@ -143,8 +163,8 @@ def _structured_event(doc: Any, mode: str) -> Event:
             raise IngestError(f"{mode}: data_base64 is not base64: {exc}"[:300]) from None
     elif "data" in doc:
         raw = doc["data"]
-        if isinstance(raw, str) and not dctype.endswith("json"):
-            data = raw.encode()
+        if isinstance(raw, str) and (not _is_json(dctype) or raw.lstrip()[:1] in ("{", "[")):
+            data = raw.encode()   # text, or JSON text given as a string (the SDKs' str data)
         else:
             try:
                 data = json.dumps(raw, separators=(",", ":")).encode()

@@ -177,3 +177,18 @@ def test_a_batch_of_structured_events_is_taken_event_by_event():
     assert got.shape == (1, 1, 1) and got.dtype == np.uint8
     status, _, _ = post(b'{"not": "an array"}')
     assert status == 400 and counts["rejected"] == 2
+
+
+@pytest.mark.unit
+def test_json_text_given_to_the_sdk_as_a_string_is_the_payload_in_both_modes():
+    doc = {"instances": [[1.0, 2.0]]}
+    event = CloudEvent({"id": "t1", "type": REQUEST_TYPE, "source": "x", "inferenceservicename": "digits",
+                        "datacontenttype": "application/json"}, json.dumps(doc))
+    for mode in (to_binary, to_structured):
+        h, body = mode(event)
+        assert body.lstrip()[:1] in (b'"', b"{")   # the SDK quotes str data
+        ev = parse_event({k.lower(): v for k, v in h.items()}, body)
+        assert json.loads(ev.body) == doc
+    h, body = to_binary(CloudEvent({"id": "t2", "type": REQUEST_TYPE, "source": "x",
+                                    "datacontenttype": "application/json"}, "plain words"))
+    assert parse_event({k.lower(): v for k, v in h.items()}, body).body == body   # not JSON text: as sent
