@@ -327,12 +327,16 @@ def load_json_object(body: bytes | memoryview, what: str = "body") -> dict[str, 
 
 def numeric_array(data: Any, what: str) -> np.ndarray:
     """A rectangular numeric array from nested JSON lists (float → float32), or DecodeError."""
+    if isinstance(data, str):
+        raise DecodeError("unsupported", f"{what} are a string (text), not numbers or images")
     if isinstance(data, bool) or not isinstance(data, (list, int, float)):
         raise DecodeError("bad_datatype", f"{what} are not numbers")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting
         raise DecodeError("bad_shape", f"{what} are not a rectangular array: {exc}") from None
+    if arr.dtype.kind in "US":   # text: a model input sentinel does not analyse, not a malformed body
+        raise DecodeError("unsupported", f"{what} are strings (text), not numbers or images")
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise DecodeError("bad_datatype", f"{what} are not numbers (dtype {arr.dtype})")
     if arr.ndim == 0:

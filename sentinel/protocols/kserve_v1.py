@@ -21,7 +21,7 @@ from sentinel.protocols.base import (
     numeric_array,
     score_matrix,
 )
-from sentinel.protocols.images import b64_bytes, decode_images
+from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
 
 SCORE_KEYS = ("probabilities", "scores", "logits")
 
@@ -92,6 +92,8 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             blobs = [b64_bytes(r["b64"]) for r in rows]
         except (binascii.Error, TypeError, ValueError) as exc:
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
+        if not all(looks_like_image(b) for b in blobs):   # audio, text, serialized tensors...
+            raise DecodeError("unsupported", "b64 instances that are not encoded images")
         return DecodedRequest(decode_images(blobs, hints.image_pixel_limit), "raw")
     arr = numeric_array(rows, "instances")
     return DecodedRequest(arr, input_form(arr))

@@ -340,3 +340,11 @@ def test_v2_bytes_inputs_holding_base64_images_decode_like_kserve_image_clients_
     text = InferInput("text", [1], "BYTES", data=["aGVsbG8="])   # base64, but not of an image
     body = orjson.dumps(InferRequest("m", [text]).to_rest()[0])
     assert _kind(decode_request, "v2", body, V1) == "unsupported"
+
+
+def test_text_inputs_are_unsupported_not_malformed():
+    assert _kind(decode_request, "v1", _v1({"instances": ["a review", "another"]}), V1) == "unsupported"
+    assert _kind(decode_request, "v1", _v1({"instances": [{"b64": "aGVsbG8="}]}), V1) == "unsupported"
+    assert _kind(decode_request, "torchserve", _v1({"data": ["some text"]}), V1) == "unsupported"
+    # a corrupt image is still a bad image
+    assert _kind(decode_request, "v1", _v1({"instances": [{"b64": "iVBORw0KGgoAAAA="}]}), V1) == "bad_image"
