@@ -16,6 +16,7 @@ from sentinel.protocols.base import (
     DecodeHints,
     Headers,
     as_output_batch,
+    combine_outputs,
     input_form,
     load_json_object,
     numeric_array,
@@ -100,16 +101,20 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
 
 
 def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
-    """The scores under `predictions`; `{"probabilities"|"scores"|"logits": [...]}` items keep each kind."""
+    """The scores under `predictions` (or TF Serving's `outputs`); `{"probabilities"|"scores"|"logits": [...]}`
+    items keep each kind. Prediction objects or columnar `{"name": batch}` outputs under other names
+    are read like several OIP outputs: the one with the model's class count, else named like scores."""
     doc = load_json_object(body)
     preds = doc.get("predictions", doc.get("outputs"))
+    if isinstance(preds, dict) and preds:   # columnar, named: {"outputs": {"scores": [[...]], "classes": [...]}}
+        preds = _columnar_rows(preds)
     if not isinstance(preds, list) or not preds:
         raise DecodeError("missing_field", "no non-empty 'predictions' list in body")
     if all(isinstance(p, dict) for p in preds):
         found = {key: numeric_array([p[key] for p in preds], f"predictions' {key}")
                  for key in SCORE_KEYS if all(key in p for p in preds)}
         if not found:
-            raise DecodeError("unsupported", "prediction objects carry no probabilities, scores or logits")
+            return _other_named(preds, hints)
         first_key, first = next(iter(found.items()))
         primary = as_output_batch(first, first_key)
         logits = score_matrix(found["logits"], "logits") if "logits" in found else primary.logits
@@ -120,6 +125,33 @@ def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS
     if arr.ndim == 1:
         raise DecodeError("unsupported", "predictions are one value per instance (class labels), not scores")
     return as_output_batch(arr)
+
+
+def _columnar_rows(cols: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columnar named outputs (each a batch) as one object per row, like row-format predictions."""
+    batches = list(cols.values())
+    if not all(isinstance(b, list) for b in batches) or len({len(b) for b in batches}) != 1:
+        raise DecodeError("bad_shape", "columnar outputs are not batches of one size")
+    return [dict(zip(cols, row, strict=True)) for row in zip(*batches, strict=True)]
+
+
+def _other_named(preds: list[dict[str, Any]], hints: DecodeHints) -> DecodedResponse:
+    """Prediction objects whose score vectors have other names (a Keras layer name, `output_0`...):
+    every name every row has with a vector per row; one value per row (a class id) is not scores."""
+    named: list[tuple[str, np.ndarray]] = []
+    for key in preds[0]:
+        if not all(key in p for p in preds):
+            continue
+        try:
+            arr = numeric_array([p[key] for p in preds], f"predictions' {key}")
+        except DecodeError:
+            continue
+        if arr.ndim >= 2:
+            named.append((str(key), arr))
+    if not named:
+        raise DecodeError("unsupported", "prediction objects carry no score vectors "
+                                         "(probabilities, scores, logits or another per-class list)")
+    return combine_outputs(named, hints)
 
 
 def encode_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:

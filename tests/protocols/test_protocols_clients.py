@@ -348,3 +348,17 @@ def test_text_inputs_are_unsupported_not_malformed():
     assert _kind(decode_request, "torchserve", _v1({"data": ["some text"]}), V1) == "unsupported"
     # a corrupt image is still a bad image
     assert _kind(decode_request, "v1", _v1({"instances": [{"b64": "iVBORw0KGgoAAAA="}]}), V1) == "bad_image"
+
+
+def test_v1_tf_serving_columnar_and_other_named_prediction_objects():
+    hints = DecodeHints(num_classes=2)
+    body = _v1({"outputs": {"classes": [1, 0], "scores": [[0.1, 0.9], [0.8, 0.2]]}})
+    got = decode_response("v1", body, V1, hints)
+    assert got.kind == "probabilities" and np.allclose(got.outputs, [[0.1, 0.9], [0.8, 0.2]])
+    # a Keras layer name and a class id per row: the per-class list is the scores
+    got = decode_response("v1", _v1({"predictions": [{"dense_2": [0.2, 0.8], "class_id": 1}]}), V1)
+    assert np.allclose(got.outputs, [[0.2, 0.8]])
+    got = decode_response("v1", _v1({"predictions": [{"embedding": [1.0, 2.0, 3.0], "out": [2.0, -1.0]}]}), V1, hints)
+    assert got.kind == "logits" and np.allclose(got.outputs, [[2.0, -1.0]])
+    assert _kind(decode_response, "v1", _v1({"predictions": [{"class_id": 1}]}), V1) == "unsupported"
+    assert _kind(decode_response, "v1", _v1({"outputs": {"a": [[1, 2]], "b": [[1, 2], [3, 4]]}}), V1) == "bad_shape"
