@@ -50,17 +50,28 @@ class IngestError(DecodeError):
 
 @dataclass(frozen=True)
 class Event:
-    """One CloudEvent: its id, which half of an exchange it is, the model it names, its payload."""
+    """One CloudEvent: its id, which half of an exchange it is, the model it names, its payload.
+
+    origin: the logger's `component` and `endpoint` extensions (predictor or transformer,
+    default or canary): halves pair only within one service and origin, since a transformer's
+    and its predictor's loggers can log one request id (a client's `Ce-Id` is reused).
+    """
 
     id: str
     half: Half
     service: str
     headers: dict[str, str]   # payload headers a decoder reads (content-type...)
     body: bytes
+    origin: str = ""
 
     @property
     def size(self) -> int:
-        return len(self.body) + len(self.id) + 64
+        return len(self.body) + len(self.id) + len(self.origin) + 64
+
+    @property
+    def key(self) -> str:
+        """What pairs a request with its response: service, origin and id."""
+        return f"{self.service}\x1f{self.origin}\x1f{self.id}"
 
 
 def _half(ce_type: str) -> Half:
@@ -88,7 +99,8 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     payload = {k: v for k, v in headers.items() if k in ("content-type", "inference-header-content-length")}
     if body.lstrip()[:1] == b'"' and _is_json(ctype):
         body = _unquoted(body)
-    return Event(ce_id[:256], half, service[:256], payload, body)
+    origin = f"{headers.get('ce-component', '')[:128]}/{headers.get('ce-endpoint', '')[:128]}"
+    return Event(ce_id[:256], half, service[:256], payload, body, origin)
 
 
 def _is_json(ctype: str) -> bool:
@@ -172,11 +184,12 @@ def _structured_event(doc: Any, mode: str) -> Event:
                 raise IngestError(f"{mode}: data cannot be re-encoded: {exc}"[:300]) from None
     else:
         raise IngestError(f"{mode}: the envelope has neither 'data' nor 'data_base64'")
-    return Event(ce_id[:256], half, str(service)[:256], {"content-type": dctype[:200]}, data)
+    origin = f"{str(doc.get('component', ''))[:128]}/{str(doc.get('endpoint', ''))[:128]}"
+    return Event(ce_id[:256], half, str(service)[:256], {"content-type": dctype[:200]}, data, origin)
 
 
 class JoinTable:
-    """Pending halves by id, bounded in count, total bytes and age; what falls out is counted.
+    """Pending halves by key (service, origin, id), bounded in count, total bytes and age; what falls out is counted.
 
     `add` returns the pair an event completes, plus how many halves became orphans: too old,
     pushed out (oldest first) to stay within `max_pending` and `max_bytes`, or replaced by a
@@ -203,17 +216,17 @@ class JoinTable:
     def add(self, ev: Event, now: float) -> tuple[tuple[Event, Event] | None, int]:
         """((request, response) when `ev` completes a pair, else None), and how many halves were pushed out."""
         dropped = self.expire(now)
-        other = self._pending.get(ev.id)
+        other = self._pending.get(ev.key)
         if other is not None and other[1].half != ev.half:
-            self._drop(ev.id)
+            self._drop(ev.key)
             req, resp = (ev, other[1]) if ev.half == "request" else (other[1], ev)
             return (req, resp), dropped
         if other is not None:   # the same half twice: keep the newer one
             dropped += 1
-            self._drop(ev.id)
+            self._drop(ev.key)
         if ev.size > self.max_bytes:
             return None, dropped + 1   # can never be joined within the budget
-        self._pending[ev.id] = (now, ev)
+        self._pending[ev.key] = (now, ev)
         self.bytes += ev.size
         while len(self._pending) > self.max_pending or self.bytes > self.max_bytes:
             self._drop()

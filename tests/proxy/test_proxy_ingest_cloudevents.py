@@ -192,3 +192,32 @@ def test_json_text_given_to_the_sdk_as_a_string_is_the_payload_in_both_modes():
     h, body = to_binary(CloudEvent({"id": "t2", "type": REQUEST_TYPE, "source": "x",
                                     "datacontenttype": "application/json"}, "plain words"))
     assert parse_event({k.lower(): v for k, v in h.items()}, body).body == body   # not JSON text: as sent
+
+
+@pytest.mark.unit
+def test_a_transformer_and_its_predictor_logging_one_request_id_pair_within_each_component():
+    from sentinel.proxy.ingest import handle
+
+    def event(ce_type: str, component: str, body: bytes) -> tuple[dict, bytes]:
+        ev = CloudEvent({"id": "client-ce-id", "type": ce_type, "source": "x", "inferenceservicename": "digits",
+                         "component": component, "endpoint": "default", "datacontenttype": "application/json"}, body)
+        h, b = to_binary(ev)
+        return {k.lower(): v for k, v in h.items()}, b
+
+    class Sampler:
+        max_bytes = 1 << 20
+
+    join, counts, submitted = JoinTable(30, 16), {}, []
+    for ce_type, component, body in [(REQUEST_TYPE, "transformer", b'{"instances": [[1]]}'),
+                                     (REQUEST_TYPE, "predictor", b'{"instances": [[2]]}'),
+                                     (RESPONSE_TYPE, "predictor", b'{"predictions": [[0.2, 0.8]]}'),
+                                     (RESPONSE_TYPE, "transformer", b'{"predictions": [[0.1, 0.9]]}')]:
+        status, _, _ = handle(*event(ce_type, component, body), join=join,
+                              count=lambda o, n: counts.__setitem__(o, counts.get(o, 0) + n),
+                              route=lambda service: ("digits", Sampler()), submit=submitted.append,
+                              known_models="digits", now=0.0)
+        assert status == 200
+    assert counts == {"accepted": 2, "joined": 2} and len(join) == 0
+    pairs = sorted((s.request_body, s.response_body) for s in submitted)
+    assert pairs == [(b'{"instances": [[1]]}', b'{"predictions": [[0.1, 0.9]]}'),
+                     (b'{"instances": [[2]]}', b'{"predictions": [[0.2, 0.8]]}')]
