@@ -133,12 +133,18 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
 
 
 def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> tuple[str, np.ndarray]:
-    """The (name, tensor) that is the model's input: by per-instance shape where the hints know it, else the first."""
+    """The (name, tensor) that is the model's input: the first with the model's per-instance shape
+    (where the hints know it), else the first BYTES input of encoded images, else the first."""
+    if len(named) == 1:
+        return named[0]
     shapes = {s for s in (hints.raw_shape, hints.input_shape) if s}
-    if len(named) > 1 and shapes:
-        for name, arr in named:
-            if tuple(arr.shape[1:]) in shapes:
-                return name, arr
+    for name, arr in named:
+        if shapes and tuple(arr.shape[1:]) in shapes:
+            return name, arr
+    for name, arr in named:
+        if arr.dtype == object and arr.size and isinstance(first := arr.reshape(-1)[0], bytes) \
+                and (looks_like_image(first) or b64_images([first])):
+            return name, arr
     return named[0]
 
 

@@ -362,3 +362,13 @@ def test_v1_tf_serving_columnar_and_other_named_prediction_objects():
     assert got.kind == "logits" and np.allclose(got.outputs, [[2.0, -1.0]])
     assert _kind(decode_response, "v1", _v1({"predictions": [{"class_id": 1}]}), V1) == "unsupported"
     assert _kind(decode_response, "v1", _v1({"outputs": {"a": [[1, 2]], "b": [[1, 2], [3, 4]]}}), V1) == "bad_shape"
+
+
+def test_a_bytes_image_input_is_the_model_input_beside_other_inputs():
+    img = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    mask = th.InferInput("mask", [1, 3], "INT64")
+    mask.set_data_from_numpy(np.zeros((1, 3), dtype=np.int64))
+    image = th.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([_png(img)], dtype=object))
+    got = decode_request("v2", *_http([mask, image]), DecodeHints(raw_shape=(8, 8))).inputs
+    assert np.array_equal(got, img[None])
