@@ -50,6 +50,19 @@ class DecodeHints:
     num_classes: int | None = None
 
     @property
+    def image_channels(self) -> int | None:
+        """Channels the model reads from an image (1 grey, 3 colour), when its shapes say: a raw
+        input H×W is grey, H×W×C or a network input C×H×W has C; else None."""
+        raw, net = self.raw_shape, self.input_shape
+        if raw is not None and len(raw) == 2:
+            return 1
+        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3):
+            return raw[-1]
+        if net is not None and len(net) == 3 and net[0] in (1, 3):
+            return net[0]
+        return None
+
+    @property
     def class_count(self) -> int | None:
         return self.num_classes or (len(self.classes) or None)
 

@@ -53,23 +53,39 @@ def looks_like_image(data: bytes) -> bool:
     return any(data.startswith(m) for m in _MAGIC)
 
 
-def _pixels(im: Any, i: int) -> np.ndarray:
-    """One decoded image as uint8 H×W (grey) or H×W×3: alpha dropped, palettes expanded, and
+def _pixels(im: Any, i: int, channels: int | None) -> np.ndarray:
+    """One decoded image as uint8 H×W (grey) or H×W×3, for a model reading `channels` (1 or 3; None:
+    as the image is, grey images and grey palettes grey). Alpha is dropped, palettes expanded, and
     16-bit grey scaled to 8 bits (65535 → 255), never clipped (Pillow's convert("L") clips)."""
     mode = im.mode
     if mode in _SIXTEEN_BIT or mode == "I":
         wide = np.asarray(im).astype(np.int64)
         if wide.size and (wide.min() < 0 or wide.max() > 65535):
             raise DecodeError("unsupported", f"image {i}: 32-bit integer pixels beyond 16 bits")
-        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        eight: np.ndarray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(eight[..., None], 3, axis=2) if channels == 3 else eight
     if mode == "F":
         raise DecodeError("unsupported", f"image {i}: floating-point pixels (mode F) have no 8-bit reading")
-    grey = mode in ("1", "L", "LA", "La")
+    if channels is None:
+        grey = mode in ("1", "L", "LA", "La") or (mode in ("P", "PA") and _grey_palette(im))
+    else:
+        grey = channels == 1
     return np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
 
 
-def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
-    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×C.
+def _grey_palette(im: Any) -> bool:
+    """Whether every colour of a palette image's palette is a grey (r = g = b)."""
+    pal = im.getpalette() or []
+    rgb = np.asarray(pal[:len(pal) - len(pal) % 3], dtype=np.int64).reshape(-1, 3)
+    return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
+
+
+def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None = None) -> np.ndarray:
+    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×3.
+
+    `channels` (1 or 3) is what the model reads (`DecodeHints.image_channels`): every image is
+    converted to it, as a server's preprocessing would (a colour photo for a grey model, a
+    grey scan for a colour one); None keeps each image's own.
 
     Each image's dimensions are read from its header (Pillow opens lazily) and checked
     against `max_pixels` before its bitmap is decoded, so a small file that claims a huge
@@ -96,7 +112,7 @@ def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
                         raise DecodeError("too_large", f"images 0..{i}: {total} pixels in one batch, more than "
                                                        f"{BATCH_PIXEL_FACTOR * max_pixels}")
                     im.load()
-                    arrays.append(_pixels(im, i))
+                    arrays.append(_pixels(im, i, channels))
         except DecodeError:
             raise
         except Image.DecompressionBombError as exc:

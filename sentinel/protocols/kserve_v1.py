@@ -95,7 +95,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
         if not all(looks_like_image(b) for b in blobs):   # audio, text, serialized tensors...
             raise DecodeError("unsupported", "b64 instances that are not encoded images")
-        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit), "raw")
+        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit, hints.image_channels), "raw")
     arr = numeric_array(rows, "instances")
     return DecodedRequest(arr, input_form(arr))
 

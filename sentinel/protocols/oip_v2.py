@@ -126,7 +126,7 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
         if not items:
             raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images "
                                              "(nor base64 text of images)")
-        return DecodedRequest(decode_images(items, hints.image_pixel_limit), "raw")
+        return DecodedRequest(decode_images(items, hints.image_pixel_limit, hints.image_channels), "raw")
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
     return DecodedRequest(arr, input_form(arr))

@@ -47,7 +47,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
         body, headers = multipart_part(body, headers)
         media = _media_type(headers)
     if looks_like_image(body) or media.startswith("image/"):
-        return DecodedRequest(decode_images([body], hints.image_pixel_limit), "raw")
+        return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
     if media == OCTET_STREAM:
         return DecodedRequest(*_raw_tensor(body, hints))
     doc: Any = parse_json(body, "body (neither an image nor raw tensor bytes)")
@@ -65,7 +65,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"input is a string but not base64: {exc}"[:300]) from None
         if not looks_like_image(blob):
             raise DecodeError("unsupported", "input is a base64 string that is not an encoded image")
-        return DecodedRequest(decode_images([blob], hints.image_pixel_limit), "raw")
+        return DecodedRequest(decode_images([blob], hints.image_pixel_limit, hints.image_channels), "raw")
     arr = numeric_array(doc, "input")
     arr = first_instance_shape(arr, hints.raw_shape)
     return DecodedRequest(arr, input_form(arr))

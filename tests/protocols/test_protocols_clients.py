@@ -372,3 +372,24 @@ def test_a_bytes_image_input_is_the_model_input_beside_other_inputs():
     image.set_data_from_numpy(np.array([_png(img)], dtype=object))
     got = decode_request("v2", *_http([mask, image]), DecodeHints(raw_shape=(8, 8))).inputs
     assert np.array_equal(got, img[None])
+
+
+def test_images_are_read_with_the_models_channels():
+    import io
+
+    from PIL import Image
+
+    colour = np.zeros((4, 4, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    grey_model = DecodeHints(raw_shape=(4, 4))
+    got = decode_request("torchserve", _png(colour), {}, grey_model).inputs
+    assert got.shape == (1, 4, 4) and got[0, 0, 0] == Image.new("RGB", (1, 1), (200, 0, 0)).convert("L").getpixel((0, 0))
+    colour_model = DecodeHints(input_shape=(3, 4, 4))
+    got = decode_request("torchserve", _png(np.full((4, 4), 9, dtype=np.uint8)), {}, colour_model).inputs
+    assert got.shape == (1, 4, 4, 3) and (got == 9).all()
+    # a palette of greys, model unknown: grey, not three copies
+    pal = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, "PNG")
+    got = decode_request("torchserve", buf.getvalue(), {}).inputs
+    assert got.shape == (1, 4, 4) and got.ravel().tolist() == list(range(16))
