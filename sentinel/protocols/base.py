@@ -20,6 +20,7 @@ DecodeErrorKind = Literal[
     "malformed_json", "missing_field", "bad_shape", "bad_datatype", "truncated",
     "bad_header", "unsupported", "bad_image", "too_large", "too_deep",
     "bad_event",    # a CloudEvent envelope (sentinel.proxy.ingest)
+    "nonfinite_output",   # the model answered NaN or ±Infinity scores: the model's fault, not the body's
     "unexpected",   # a decoder raised something else: a bug, reported instead of crashing the worker
 ]
 
@@ -154,7 +155,9 @@ def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
                                        "(class labels rather than scores?)")
     out = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(out)):
-        raise DecodeError("bad_shape", "output contains NaN or infinite scores")
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: {bad} of {len(out)} rows hold NaN "
+                                              "or infinite scores (what the model answered)")
     return out
 
 

@@ -393,3 +393,16 @@ def test_images_are_read_with_the_models_channels():
     pal.save(buf, "PNG")
     got = decode_request("torchserve", buf.getvalue(), {}).inputs
     assert got.shape == (1, 4, 4) and got.ravel().tolist() == list(range(16))
+
+
+def test_nan_scores_from_the_model_are_counted_as_its_fault_not_a_bad_shape():
+    from kserve.protocol.infer_type import InferOutput, InferResponse
+
+    orjson = pytest.importorskip("orjson")
+    out = InferOutput("logits", [2, 3], "FP32")
+    out.set_data_from_numpy(np.array([[1.0, np.nan, 0.0], [0.5, 0.2, 0.1]], dtype=np.float32))
+    body = orjson.dumps(InferResponse("r", "m", [out]).to_rest()[0])   # orjson writes NaN as null
+    with pytest.raises(DecodeError) as err:
+        decode_response("v2", body, V1)
+    assert err.value.kind == "nonfinite_output" and "1 of 2 rows" in str(err.value)
+    assert _kind(decode_response, "v1", b'{"predictions": [[Infinity, 0.0]]}', V1) == "nonfinite_output"
