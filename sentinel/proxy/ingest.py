@@ -5,9 +5,11 @@ org.kubeflow.serving.inference.request|response`, `Ce-Inferenceservicename`, the
 the body with its `Content-Type`. Structured mode (`Content-Type:
 application/cloudevents+json`): the same attributes in a JSON envelope, the payload in
 `data` (JSON) or `data_base64`. Batch mode (`application/cloudevents-batch+json`): a JSON
-array of such envelopes, each event taken and answered on its own. Events carry no protocol and the logger forwards no
-`Inference-Header-Content-Length`, so joined pairs go to analysis as protocol "auto": the
-worker sniffs v1, v2 JSON and v2 binary-tensor bodies (`sentinel.protocols.sniff`).
+array of such envelopes, each event taken and answered on its own. Halves pair by
+InferenceService, logger origin (`component`, `endpoint`) and id. Events carry no protocol
+and the logger forwards no `Inference-Header-Content-Length`, so joined pairs go to analysis
+as protocol "auto": the worker sniffs v1, v2 JSON and v2 binary-tensor bodies
+(`sentinel.protocols.sniff`).
 
 This runs in the proxy process: it parses only the envelope (never a tensor), and the
 join table is bounded in count, bytes and age; every drop is counted.
