@@ -91,18 +91,38 @@ def sniff(body: bytes, headers: Headers) -> str:
     return "torchserve"
 
 
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+def _relayed(body: bytes, headers: Headers) -> tuple[bytes, Headers]:
+    """A body relayed without its Content-Encoding (the KServe logger forwards only Content-Type):
+    gzip bytes are inflated when they inflate, else left as they are (they may be a raw tensor)."""
+    if "content-encoding" in headers or not body.startswith(_GZIP_MAGIC):
+        return body, headers
+    try:
+        return decoded(body, {**headers, "content-encoding": "gzip"})
+    except DecodeError as exc:
+        if exc.kind == "too_large":
+            raise
+        return body, headers
+
+
 def decode_request(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
-    """Decode an inference request body of the given protocol ("auto": sniffed); content codings undone."""
+    """Decode an inference request body of the given protocol ("auto": sniffed); content codings undone
+    (for "auto", relayed bodies, also a gzip body whose Content-Encoding was lost on the way)."""
     body, headers = decoded(body, headers)
     if protocol == AUTO:
+        body, headers = _relayed(body, headers)
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_request, body, headers, hints)
 
 
 def decode_response(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
-    """Decode an inference response body of the given protocol ("auto": sniffed); content codings undone."""
+    """Decode an inference response body of the given protocol ("auto": sniffed); content codings undone
+    (for "auto" also a gzip body whose Content-Encoding was lost on the way)."""
     body, headers = decoded(body, headers)
     if protocol == AUTO:
+        body, headers = _relayed(body, headers)
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_response, body, headers, hints)
 

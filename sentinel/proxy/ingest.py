@@ -98,7 +98,8 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
                           f"Content-Type: {STRUCTURED})")
     half = _half(headers.get("ce-type", ""))
     service = headers.get("ce-inferenceservicename", "")
-    payload = {k: v for k, v in headers.items() if k in ("content-type", "inference-header-content-length")}
+    payload = {k: v for k, v in headers.items()
+               if k in ("content-type", "inference-header-content-length", "content-encoding")}
     if body.lstrip()[:1] == b'"' and _is_json(ctype):
         body = _unquoted(body)
     origin = f"{headers.get('ce-component', '')[:128]}/{headers.get('ce-endpoint', '')[:128]}"

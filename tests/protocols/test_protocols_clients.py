@@ -406,3 +406,17 @@ def test_nan_scores_from_the_model_are_counted_as_its_fault_not_a_bad_shape():
         decode_response("v2", body, V1)
     assert err.value.kind == "nonfinite_output" and "1 of 2 rows" in str(err.value)
     assert _kind(decode_response, "v1", b'{"predictions": [[Infinity, 0.0]]}', V1) == "nonfinite_output"
+
+
+def test_auto_bodies_relayed_without_their_content_encoding_are_inflated():
+    import gzip
+
+    body, _ = oip_v2.encode_request([("x", np.arange(4, dtype=np.float32).reshape(1, 4))])
+    ctype = {"content-type": "application/json"}   # all the KServe logger forwards
+    got = decode_request("auto", gzip.compress(body, mtime=0), ctype).inputs
+    assert got.tolist() == [[0.0, 1.0, 2.0, 3.0]]
+    # raw tensor bytes that merely start like gzip are read as they are
+    raw = np.frombuffer(b"\x1f\x8b\x08\x00" + bytes(12), dtype=np.float32).reshape(1, 4)
+    got = decode_request("auto", raw.tobytes(), {"content-type": "application/octet-stream"},
+                         DecodeHints(raw_shape=(4,))).inputs
+    assert got.tobytes() == raw.tobytes()
