@@ -46,6 +46,15 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
     if media == MULTIPART:
         body, headers = multipart_part(body, headers)
         media = _media_type(headers)
+    if media == OCTET_STREAM and looks_like_image(body) and _whole_instances(body, hints):
+        # Raw tensor bytes can start like an image file (two pixels 66, 77 read "BM"): an image
+        # only when it decodes as one, else the raw tensor its length fits.
+        try:
+            return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+        except DecodeError as exc:
+            if exc.kind != "bad_image":
+                raise
+            return DecodedRequest(*_raw_tensor(body, hints))
     if looks_like_image(body) or media.startswith("image/"):
         return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
     if media == OCTET_STREAM:
@@ -111,6 +120,14 @@ def multipart_part(body: bytes, headers: Headers) -> tuple[bytes, dict[str, str]
             if field == wanted:
                 return content, phead
     return parts[0][2], parts[0][1]
+
+
+def _whole_instances(body: bytes, hints: DecodeHints) -> bool:
+    """Whether the body's length is a whole number of the hints' raw instances."""
+    if hints.raw_shape is None or hints.raw_dtype not in RAW_DTYPES:
+        return False
+    per = numel(hints.raw_shape) * np.dtype(hints.raw_dtype).itemsize
+    return per > 0 and len(body) > 0 and len(body) % per == 0
 
 
 def _raw_tensor(body: bytes, hints: DecodeHints) -> tuple[np.ndarray, Literal["raw", "network"]]:

@@ -420,3 +420,14 @@ def test_auto_bodies_relayed_without_their_content_encoding_are_inflated():
     got = decode_request("auto", raw.tobytes(), {"content-type": "application/octet-stream"},
                          DecodeHints(raw_shape=(4,))).inputs
     assert got.tobytes() == raw.tobytes()
+
+
+def test_raw_octet_stream_pixels_that_start_like_an_image_file_stay_a_tensor():
+    hints = DecodeHints(raw_shape=(8, 8), raw_dtype="uint8")
+    pixels = np.zeros((1, 8, 8), dtype=np.uint8)
+    pixels[0, 0, :2] = (66, 77)   # "BM", a bitmap's signature
+    octet = {"content-type": "application/octet-stream"}
+    got = decode_request("torchserve", pixels.tobytes(), octet, hints).inputs
+    assert got.dtype == np.uint8 and np.array_equal(got, pixels)
+    img = np.arange(64, dtype=np.uint8).reshape(8, 8)   # a real PNG sent as octet-stream is still an image
+    assert np.array_equal(decode_request("torchserve", _png(img), octet, hints).inputs[0], img)
