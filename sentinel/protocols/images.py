@@ -14,7 +14,7 @@ import numpy as np
 
 from sentinel.errors import DecodeError
 
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
 
@@ -49,8 +49,9 @@ def b64_images(items: Sequence[bytes]) -> list[bytes] | None:
 
 
 def looks_like_image(data: bytes) -> bool:
-    """True when the bytes start with a common image file signature."""
-    return any(data.startswith(m) for m in _MAGIC)
+    """True when the bytes start with a common image file signature (RIFF only when WebP: a RIFF
+    WAVE is audio)."""
+    return any(data.startswith(m) for m in _MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _pixels(im: Any, i: int, channels: int | None) -> np.ndarray:

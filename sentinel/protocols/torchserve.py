@@ -59,6 +59,8 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
         return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
     if media == OCTET_STREAM:
         return DecodedRequest(*_raw_tensor(body, hints))
+    if media.startswith(("audio/", "video/")):
+        raise DecodeError("unsupported", f"a {media[:60]} body: sentinel reads images, raw tensors and JSON")
     doc: Any = parse_json(body, "body (neither an image nor raw tensor bytes)")
     if isinstance(doc, dict):
         for key in ("data", "instances", "input", "inputs"):

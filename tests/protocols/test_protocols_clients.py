@@ -431,3 +431,18 @@ def test_raw_octet_stream_pixels_that_start_like_an_image_file_stay_a_tensor():
     assert got.dtype == np.uint8 and np.array_equal(got, pixels)
     img = np.arange(64, dtype=np.uint8).reshape(8, 8)   # a real PNG sent as octet-stream is still an image
     assert np.array_equal(decode_request("torchserve", _png(img), octet, hints).inputs[0], img)
+
+
+def test_wav_audio_is_not_taken_for_an_image():
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(bytes(64))
+    assert _kind(decode_request, "torchserve", buf.getvalue(), {"content-type": "audio/wav"}) == "unsupported"
+    assert _kind(decode_request, "torchserve", buf.getvalue(), {"content-type": "application/octet-stream"}) \
+        == "unsupported"   # a raw tensor, but the model's raw shape is not configured
