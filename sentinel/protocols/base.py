@@ -20,6 +20,7 @@ DecodeErrorKind = Literal[
     "malformed_json", "missing_field", "bad_shape", "bad_datatype", "truncated",
     "bad_header", "unsupported", "bad_image", "too_large", "too_deep",
     "bad_event",    # a CloudEvent envelope (sentinel.proxy.ingest)
+    "nonfinite_output",   # the model answered NaN or ±Infinity scores: the model's fault, not the body's
     "unexpected",   # a decoder raised something else: a bug, reported instead of crashing the worker
 ]
 
@@ -38,6 +39,8 @@ class DecodeHints:
     this dtype and (per instance) shape. input_shape: the network input (C×H×W), which sets
     the pixel bound of encoded images (`max_image_pixels`, unless given). classes: class
     names, to read answers that name classes instead of scoring them (TorchServe top-k).
+    num_classes: how many classes the model scores, to tell its score output from others
+    (embeddings...) in a response that carries several (default: len(classes), if given).
     """
 
     raw_shape: tuple[int, ...] | None = None
@@ -45,6 +48,24 @@ class DecodeHints:
     input_shape: tuple[int, ...] | None = None
     max_image_pixels: int | None = None
     classes: tuple[str, ...] = ()
+    num_classes: int | None = None
+
+    @property
+    def image_channels(self) -> int | None:
+        """Channels the model reads from an image (1 grey, 3 colour), when its shapes say: a raw
+        input H×W is grey, H×W×C or a network input C×H×W has C; else None."""
+        raw, net = self.raw_shape, self.input_shape
+        if raw is not None and len(raw) == 2:
+            return 1
+        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3):
+            return raw[-1]
+        if net is not None and len(net) == 3 and net[0] in (1, 3):
+            return net[0]
+        return None
+
+    @property
+    def class_count(self) -> int | None:
+        return self.num_classes or (len(self.classes) or None)
 
     @property
     def image_pixel_limit(self) -> int:
@@ -105,8 +126,18 @@ def input_form(arr: np.ndarray) -> InputForm:
     return "network" if arr.ndim == 4 and arr.dtype.kind == "f" else "raw"
 
 
+_CLASSIFICATION = re.compile(rb"-?[0-9.eE+-]+(?:nan|inf)?:[0-9]+(?::.*)?", re.DOTALL | re.IGNORECASE)
+
+
 def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
     """Scores shaped N × classes (float64), or DecodeError saying why they are not scores."""
+    if arr.dtype == object:
+        items = arr.reshape(-1)[:8]
+        if len(items) and all(isinstance(b, bytes) and _CLASSIFICATION.fullmatch(b) for b in items):
+            raise DecodeError("unsupported", f"output {name or '(unnamed)'} holds top-k 'score:index:label' "
+                                             "strings (the classification extension, class_count), not a score "
+                                             "vector; request the output without class_count")
+        raise DecodeError("bad_datatype", f"output {name or '(unnamed)'} is BYTES, not numeric scores")
     if arr.dtype.kind not in "fiub":
         raise DecodeError("bad_datatype", f"output {name or '(unnamed)'} is {arr.dtype}, not numeric scores")
     if arr.ndim == 0 or arr.size == 0:
@@ -124,7 +155,9 @@ def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
                                        "(class labels rather than scores?)")
     out = arr.astype(np.float64, copy=False)
     if not np.all(np.isfinite(out)):
-        raise DecodeError("bad_shape", "output contains NaN or infinite scores")
+        bad = int((~np.isfinite(out)).any(axis=1).sum())
+        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: {bad} of {len(out)} rows hold NaN "
+                                              "or infinite scores (what the model answered)")
     return out
 
 
@@ -136,19 +169,35 @@ def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
                            probabilities=out if kind == "probabilities" else None)
 
 
-def combine_outputs(named: list[tuple[str, np.ndarray]]) -> DecodedResponse:
-    """The response of several named outputs: the first with a class axis is primary; a logits and a
-    probabilities output are both kept when present (same row count)."""
+_SCORE_NAME = re.compile(r"prob|softmax|logit|score|class|output|predict", re.IGNORECASE)
+_FEATURE_NAME = re.compile(r"embed|feature|feat|hidden|pool|latent|penultimate", re.IGNORECASE)
+
+
+def combine_outputs(named: list[tuple[str, np.ndarray]], hints: DecodeHints = NO_HINTS) -> DecodedResponse:
+    """The response of several named outputs; a logits and a probabilities output are both kept
+    when present (same shape).
+
+    The primary output is the first with the model's class count (the hints'); among those (or
+    all, without hints) one not named like features (embeddings, hidden...) before one that is,
+    and one named like scores (prob, logit, score, class, output, predict) before others: an
+    embeddings output listed first is not read as the class scores.
+    """
     decoded: list[DecodedResponse] = []
+    names: list[str] = []
     last: DecodeError | None = None
     for name, arr in named:
         try:
             decoded.append(as_output_batch(arr, name))
+            names.append(name)
         except DecodeError as exc:
             last = exc
     if not decoded:
         raise last or DecodeError("missing_field", "no outputs")
-    first = decoded[0]
+    k = hints.class_count
+    order = sorted(range(len(decoded)), key=lambda i: (
+        k is not None and decoded[i].outputs.shape[1] != k, bool(_FEATURE_NAME.search(names[i])),
+        not _SCORE_NAME.search(names[i]), i))
+    first = decoded[order[0]]
     logits = next((d.outputs for d in decoded if d.kind == "logits"
                    and d.outputs.shape == first.outputs.shape), None)
     probs = next((d.outputs for d in decoded if d.kind == "probabilities"
@@ -294,12 +343,16 @@ def load_json_object(body: bytes | memoryview, what: str = "body") -> dict[str, 
 
 def numeric_array(data: Any, what: str) -> np.ndarray:
     """A rectangular numeric array from nested JSON lists (float → float32), or DecodeError."""
+    if isinstance(data, str):
+        raise DecodeError("unsupported", f"{what} are a string (text), not numbers or images")
     if isinstance(data, bool) or not isinstance(data, (list, int, float)):
         raise DecodeError("bad_datatype", f"{what} are not numbers")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting
         raise DecodeError("bad_shape", f"{what} are not a rectangular array: {exc}") from None
+    if arr.dtype.kind in "US":   # text: a model input sentinel does not analyse, not a malformed body
+        raise DecodeError("unsupported", f"{what} are strings (text), not numbers or images")
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise DecodeError("bad_datatype", f"{what} are not numbers (dtype {arr.dtype})")
     if arr.ndim == 0:

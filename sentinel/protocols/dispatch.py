@@ -67,14 +67,17 @@ def codec(name: str) -> Codec:
     return cast(Codec, mod)
 
 
-_V2_TENSORS = re.compile(rb'"(?:inputs|outputs)"\s*:\s*\[\s*\{')
+# A v2 tensor object starts with one of its own keys; a v1 `inputs` list of `{"b64": ...}` or of
+# named instances does not.
+_V2_TENSORS = re.compile(rb'"(?:inputs|outputs)"\s*:\s*\[\s*\{\s*"(?:name|shape|datatype|parameters|data)"')
 _V1_KEYS = re.compile(rb'"(?:instances|predictions|inputs|outputs)"\s*:')
 
 
 def sniff(body: bytes, headers: Headers) -> str:
     """The protocol of a body whose protocol nobody told us (KServe logger CloudEvents).
 
-    v2: an object whose "inputs"/"outputs" is a list of tensor objects (binary tensors may
+    v2: an object whose "inputs"/"outputs" is a list of tensor objects (a first key of
+    name, shape, datatype, parameters or data; binary tensors may
     follow the JSON header); v1: an object with "instances"/"predictions" (or columnar
     "inputs"/"outputs"); anything else (an image, a JSON list, raw bytes): TorchServe.
     Looks at the first 64 KiB only.
@@ -88,18 +91,38 @@ def sniff(body: bytes, headers: Headers) -> str:
     return "torchserve"
 
 
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+
+
+def _relayed(body: bytes, headers: Headers) -> tuple[bytes, Headers]:
+    """A body relayed without its Content-Encoding (the KServe logger forwards only Content-Type):
+    gzip bytes are inflated when they inflate, else left as they are (they may be a raw tensor)."""
+    if "content-encoding" in headers or not body.startswith(_GZIP_MAGIC):
+        return body, headers
+    try:
+        return decoded(body, {**headers, "content-encoding": "gzip"})
+    except DecodeError as exc:
+        if exc.kind == "too_large":
+            raise
+        return body, headers
+
+
 def decode_request(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
-    """Decode an inference request body of the given protocol ("auto": sniffed); content codings undone."""
+    """Decode an inference request body of the given protocol ("auto": sniffed); content codings undone
+    (for "auto", relayed bodies, also a gzip body whose Content-Encoding was lost on the way)."""
     body, headers = decoded(body, headers)
     if protocol == AUTO:
+        body, headers = _relayed(body, headers)
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_request, body, headers, hints)
 
 
 def decode_response(protocol: str, body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
-    """Decode an inference response body of the given protocol ("auto": sniffed); content codings undone."""
+    """Decode an inference response body of the given protocol ("auto": sniffed); content codings undone
+    (for "auto" also a gzip body whose Content-Encoding was lost on the way)."""
     body, headers = decoded(body, headers)
     if protocol == AUTO:
+        body, headers = _relayed(body, headers)
         protocol = sniff(body, headers)
     return _checked(codec(protocol).decode_response, body, headers, hints)
 

@@ -13,13 +13,15 @@ log = logging.getLogger("sentinel.protocols")
 def hints_for(config: Any, model: Any) -> DecodeHints:
     """Hints for `model` (a ModelConfig of `config`): config fields first, then the registry entry.
 
-    Class names are left out: the analysis needs score vectors, not a top-1 name.
+    Class names are left out (the analysis needs score vectors, not a top-1 name); their
+    count is kept, to find the score output among several.
     A registry that cannot be read leaves the hints at what the config says (decoding still
     works; raw octet-stream bodies are then refused with a message naming the field).
     """
     raw_shape = tuple(model.raw_input_shape) if getattr(model, "raw_input_shape", None) else None
     raw_dtype = getattr(model, "raw_input_dtype", "float32")
     input_shape = None
+    num_classes = None
     try:
         from sentinel.registry import Registry
 
@@ -27,6 +29,7 @@ def hints_for(config: Any, model: Any) -> DecodeHints:
             f"{model.name}:{model.version}")
         man = entry.manifest
         input_shape = tuple(man.input.shape)
+        num_classes = len(man.classes) or None
         if raw_shape is None:
             if man.raw_input is not None:
                 raw_shape, raw_dtype = tuple(man.raw_input.shape), man.raw_input.dtype
@@ -35,4 +38,4 @@ def hints_for(config: Any, model: Any) -> DecodeHints:
     except Exception as exc:  # noqa: BLE001 - no registry entry: the config's fields are all we know
         log.info("decode hints for %s: registry entry not readable (%s); using the config only", model.name, exc)
     return DecodeHints(raw_shape=raw_shape, raw_dtype=raw_dtype, input_shape=input_shape,
-                       max_image_pixels=getattr(model, "max_image_pixels", None))
+                       max_image_pixels=getattr(model, "max_image_pixels", None), num_classes=num_classes)

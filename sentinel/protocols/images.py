@@ -2,25 +2,91 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import re
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from sentinel.errors import DecodeError
 
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
 
 
+_WS = re.compile(r"[ \t\r\n]+")
+
+
+def b64_bytes(text: Any) -> bytes:
+    """Base64 text as clients write it: standard or URL-safe alphabet, maybe wrapped in lines
+    (MIME style); anything else is binascii.Error/TypeError, as b64decode's own."""
+    if not isinstance(text, str):
+        raise TypeError(f"b64 value is a {type(text).__name__}, not a string")
+    text = _WS.sub("", text)
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    return base64.b64decode(text, validate=True)
+
+
+def b64_images(items: Sequence[bytes]) -> list[bytes] | None:
+    """The encoded images that base64 text items hold (KServe's v2 image clients send BYTES that
+    way), or None when any item is not base64 of an image."""
+    out = []
+    for item in items:
+        try:
+            blob = b64_bytes(item.decode("ascii"))
+        except (binascii.Error, TypeError, ValueError):
+            return None
+        if not looks_like_image(blob):
+            return None
+        out.append(blob)
+    return out
+
+
 def looks_like_image(data: bytes) -> bool:
-    """True when the bytes start with a common image file signature."""
-    return any(data.startswith(m) for m in _MAGIC)
+    """True when the bytes start with a common image file signature (RIFF only when WebP: a RIFF
+    WAVE is audio)."""
+    return any(data.startswith(m) for m in _MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
-    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×C.
+def _pixels(im: Any, i: int, channels: int | None) -> np.ndarray:
+    """One decoded image as uint8 H×W (grey) or H×W×3, for a model reading `channels` (1 or 3; None:
+    as the image is, grey images and grey palettes grey). Alpha is dropped, palettes expanded, and
+    16-bit grey scaled to 8 bits (65535 → 255), never clipped (Pillow's convert("L") clips)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        wide = np.asarray(im).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise DecodeError("unsupported", f"image {i}: 32-bit integer pixels beyond 16 bits")
+        eight: np.ndarray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(eight[..., None], 3, axis=2) if channels == 3 else eight
+    if mode == "F":
+        raise DecodeError("unsupported", f"image {i}: floating-point pixels (mode F) have no 8-bit reading")
+    if channels is None:
+        grey = mode in ("1", "L", "LA", "La") or (mode in ("P", "PA") and _grey_palette(im))
+    else:
+        grey = channels == 1
+    return np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+
+
+def _grey_palette(im: Any) -> bool:
+    """Whether every colour of a palette image's palette is a grey (r = g = b)."""
+    pal = im.getpalette() or []
+    rgb = np.asarray(pal[:len(pal) - len(pal) % 3], dtype=np.int64).reshape(-1, 3)
+    return bool(len(rgb)) and bool((rgb == rgb[:, :1]).all())
+
+
+def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None = None) -> np.ndarray:
+    """N encoded images of one size → uint8 array N×H×W (grey) or N×H×W×3.
+
+    `channels` (1 or 3) is what the model reads (`DecodeHints.image_channels`): every image is
+    converted to it, as a server's preprocessing would (a colour photo for a grey model, a
+    grey scan for a colour one); None keeps each image's own.
 
     Each image's dimensions are read from its header (Pillow opens lazily) and checked
     against `max_pixels` before its bitmap is decoded, so a small file that claims a huge
@@ -47,8 +113,7 @@ def decode_images(items: Sequence[bytes], max_pixels: int) -> np.ndarray:
                         raise DecodeError("too_large", f"images 0..{i}: {total} pixels in one batch, more than "
                                                        f"{BATCH_PIXEL_FACTOR * max_pixels}")
                     im.load()
-                    grey = im.mode in ("1", "L", "LA", "I", "I;16")
-                    arrays.append(np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8))
+                    arrays.append(_pixels(im, i, channels))
         except DecodeError:
             raise
         except Image.DecompressionBombError as exc:

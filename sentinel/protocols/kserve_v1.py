@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from typing import Any
@@ -17,51 +16,105 @@ from sentinel.protocols.base import (
     DecodeHints,
     Headers,
     as_output_batch,
+    combine_outputs,
     input_form,
     load_json_object,
     numeric_array,
     score_matrix,
 )
-from sentinel.protocols.images import decode_images
+from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
 
 SCORE_KEYS = ("probabilities", "scores", "logits")
 
 
-def _unwrap(item: Any) -> Any:
-    """A row-format instance `{"name": value}` → value; `{"b64": s}` stays as is."""
-    if isinstance(item, dict) and "b64" not in item and len(item) >= 1:
-        return next(iter(item.values()))
-    return item
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """The shape of nested lists (None when ragged or not numbers-like)."""
+    try:
+        return tuple(np.shape(value))
+    except (ValueError, TypeError):
+        return None
+
+
+def _is_tensor(value: Any) -> bool:
+    """Numbers, lists of them, or an encoded image `{"b64": ...}`: what a model input can be."""
+    if isinstance(value, dict):
+        return "b64" in value
+    return isinstance(value, (list, int, float)) and not isinstance(value, bool)
+
+
+def _pick_key(first: dict[str, Any], hints: DecodeHints, columnar: bool, what: str) -> str:
+    """Which named input of a row (or columnar) instance is the model's: the only one, the one
+    with the model's input shape, or the only one that holds numbers or an image."""
+    keys = list(first)
+    if len(keys) == 1:
+        return keys[0]
+    candidates = [k for k in keys if _is_tensor(first[k])]
+    shapes = {s for s in (hints.raw_shape, hints.input_shape) if s}
+    for k in candidates:
+        shape = _shape(first[k])
+        if shape is not None and (shape[1:] if columnar else shape) in shapes:
+            return k
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(repr(k)[:40] for k in keys[:6])
+    raise DecodeError("unsupported", f"{what} name several inputs ({names}) and none has the model's input "
+                                     "shape; sentinel cannot tell which one the model reads")
+
+
+def _rows(doc: dict[str, Any], hints: DecodeHints) -> list[Any]:
+    """The instances of a v1 request: row format `instances` (plain or `{"name": value}` objects), or
+    columnar `inputs` (a list, or `{"name": batch}`)."""
+    rows = doc.get("instances", doc.get("inputs"))
+    if isinstance(rows, dict) and "b64" not in rows and "instances" not in doc:   # columnar, named
+        if not rows:
+            raise DecodeError("missing_field", "'inputs' is an empty object")
+        rows = rows[_pick_key(rows, hints, True, "'inputs'")]
+        if not isinstance(rows, list):
+            raise DecodeError("bad_shape", "the columnar input is not a list (a batch)")
+    if not isinstance(rows, list) or not rows:
+        raise DecodeError("missing_field", "no non-empty 'instances' list in body")
+    if isinstance(rows[0], dict) and "b64" not in rows[0]:   # row format, named inputs
+        keys = set(rows[0])
+        if not all(isinstance(r, dict) and set(r) == keys for r in rows):
+            raise DecodeError("bad_shape", "instances are objects naming different inputs")
+        if not keys:
+            raise DecodeError("missing_field", "instances are empty objects")
+        key = _pick_key(rows[0], hints, False, "instances")
+        rows = [r[key] for r in rows]
+    return rows
 
 
 def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
     """The batch under `instances` (or `inputs`); `{"b64": ...}` items are decoded images."""
     doc = load_json_object(body)
-    rows = doc.get("instances", doc.get("inputs"))
-    if not isinstance(rows, list) or not rows:
-        raise DecodeError("missing_field", "no non-empty 'instances' list in body")
-    rows = [_unwrap(r) for r in rows]
+    rows = _rows(doc, hints)
     if all(isinstance(r, dict) and "b64" in r for r in rows):
         try:
-            blobs = [base64.b64decode(r["b64"], validate=True) for r in rows]
+            blobs = [b64_bytes(r["b64"]) for r in rows]
         except (binascii.Error, TypeError, ValueError) as exc:
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
-        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit), "raw")
+        if not all(looks_like_image(b) for b in blobs):   # audio, text, serialized tensors...
+            raise DecodeError("unsupported", "b64 instances that are not encoded images")
+        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit, hints.image_channels), "raw")
     arr = numeric_array(rows, "instances")
     return DecodedRequest(arr, input_form(arr))
 
 
 def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
-    """The scores under `predictions`; `{"probabilities"|"scores"|"logits": [...]}` items keep each kind."""
+    """The scores under `predictions` (or TF Serving's `outputs`); `{"probabilities"|"scores"|"logits": [...]}`
+    items keep each kind. Prediction objects or columnar `{"name": batch}` outputs under other names
+    are read like several OIP outputs: the one with the model's class count, else named like scores."""
     doc = load_json_object(body)
     preds = doc.get("predictions", doc.get("outputs"))
+    if isinstance(preds, dict) and preds:   # columnar, named: {"outputs": {"scores": [[...]], "classes": [...]}}
+        preds = _columnar_rows(preds)
     if not isinstance(preds, list) or not preds:
         raise DecodeError("missing_field", "no non-empty 'predictions' list in body")
     if all(isinstance(p, dict) for p in preds):
         found = {key: numeric_array([p[key] for p in preds], f"predictions' {key}")
                  for key in SCORE_KEYS if all(key in p for p in preds)}
         if not found:
-            raise DecodeError("unsupported", "prediction objects carry no probabilities, scores or logits")
+            return _other_named(preds, hints)
         first_key, first = next(iter(found.items()))
         primary = as_output_batch(first, first_key)
         logits = score_matrix(found["logits"], "logits") if "logits" in found else primary.logits
@@ -72,6 +125,33 @@ def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS
     if arr.ndim == 1:
         raise DecodeError("unsupported", "predictions are one value per instance (class labels), not scores")
     return as_output_batch(arr)
+
+
+def _columnar_rows(cols: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columnar named outputs (each a batch) as one object per row, like row-format predictions."""
+    batches = list(cols.values())
+    if not all(isinstance(b, list) for b in batches) or len({len(b) for b in batches}) != 1:
+        raise DecodeError("bad_shape", "columnar outputs are not batches of one size")
+    return [dict(zip(cols, row, strict=True)) for row in zip(*batches, strict=True)]
+
+
+def _other_named(preds: list[dict[str, Any]], hints: DecodeHints) -> DecodedResponse:
+    """Prediction objects whose score vectors have other names (a Keras layer name, `output_0`...):
+    every name every row has with a vector per row; one value per row (a class id) is not scores."""
+    named: list[tuple[str, np.ndarray]] = []
+    for key in preds[0]:
+        if not all(key in p for p in preds):
+            continue
+        try:
+            arr = numeric_array([p[key] for p in preds], f"predictions' {key}")
+        except DecodeError:
+            continue
+        if arr.ndim >= 2:
+            named.append((str(key), arr))
+    if not named:
+        raise DecodeError("unsupported", "prediction objects carry no score vectors "
+                                         "(probabilities, scores, logits or another per-class list)")
+    return combine_outputs(named, hints)
 
 
 def encode_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:

@@ -198,6 +198,7 @@ class _Tensor:
     datatype: str = ""
     shape: list[int] = field(default_factory=list)
     contents: memoryview | None = None
+    shared_region: str | None = None   # the tensor's data is in this shared-memory region
 
 
 def _tensor(buf: memoryview, index: int, what: str) -> _Tensor:
@@ -210,6 +211,10 @@ def _tensor(buf: memoryview, index: int, what: str) -> _Tensor:
             t.datatype = _text(val, f"{what}[{index}].datatype")
         elif num == 3 and wt in (VARINT, LENGTH):
             shape_pieces.append((wt, val))
+        elif num == 4 and wt == LENGTH:
+            key, value = _parameter(val)
+            if key == "shared_memory_region":
+                t.shared_region = str(value)
         elif num == 5 and wt == LENGTH:
             t.contents = val
     dims = _repeated_scalar(shape_pieces, "varint").astype(np.int64)   # int64: wraps negatives back
@@ -220,7 +225,7 @@ def _tensor(buf: memoryview, index: int, what: str) -> _Tensor:
 def _from_contents(t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
     spec = _CONTENTS.get(t.datatype)
     if spec is None:
-        if t.datatype in tensors.DTYPES:
+        if t.datatype in tensors.DATATYPES:
             raise DecodeError("unsupported", f"tensor {t.name!r}: {t.datatype} travels only in raw contents")
         raise DecodeError("bad_datatype", f"tensor {t.name!r}: unknown datatype {t.datatype!r}")
     want, kind = spec
@@ -244,6 +249,18 @@ def _from_contents(t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
     if kind == "varint":
         dt = tensors.DTYPES[t.datatype]
         values = values.astype(np.int64) if dt.kind == "i" else values   # sign of int32/int64 on the wire
+        if values.size:
+            # INT8/INT16 travel as int32, UINT8/UINT16 as uint32, BOOL as a varint: a value the
+            # datatype cannot hold is refused, never wrapped into a different tensor
+            lo, hi = int(values.min()), int(values.max())
+            if dt.kind == "b":
+                if hi > 1:
+                    raise DecodeError("bad_datatype", f"tensor {t.name!r}: BOOL contents hold {hi}, not 0 or 1")
+            else:
+                info = np.iinfo(dt)
+                if lo < info.min or hi > info.max:
+                    raise DecodeError("bad_datatype", f"tensor {t.name!r}: {t.datatype} contents hold values "
+                                                      f"from {lo} to {hi}, beyond its range")
         values = values.astype(dt)
     if values.size != tensors.numel(shape):
         raise DecodeError("bad_shape", f"tensor {t.name!r}: shape {list(shape)} needs {tensors.numel(shape)} "
@@ -281,15 +298,33 @@ def parse(body: bytes | memoryview, kind: str = "request") -> InferMessage:
             for onum, _, oval in fields(val):
                 if onum == 1:
                     requested.append(_text(oval, "outputs[].name"))
-    if raws and len(raws) != len(specs):
+    in_shm = [t.shared_region is not None and t.contents is None for t in specs]
+    if raws and len(raws) != len(specs) - sum(in_shm):
         raise DecodeError("bad_shape", f"{len(raws)} raw contents for {len(specs)} {what}")
     out: list[tuple[str, np.ndarray]] = []
+    shared: DecodeError | None = None
+    raw_index = 0
     for i, t in enumerate(specs):
         if not t.datatype:
             raise DecodeError("missing_field", f"tensor {t.name!r}: no datatype")
+        if in_shm[i]:
+            # like the HTTP decoder: a request's input in shared memory is refused; a response's
+            # output in shared memory is left out, its other outputs may still be read
+            from sentinel.protocols.oip_v2 import shared_memory_error
+
+            shared = shared_memory_error(t.name, t.shared_region)
+            if is_req:
+                raise shared
+            continue
         shape = tensors.check_shape(t.shape, t.name)
-        arr = tensors.from_binary(raws[i], shape, t.datatype, t.name) if raws else _from_contents(t, shape)
+        if raws:
+            arr = tensors.from_binary(raws[raw_index], shape, t.datatype, t.name)
+            raw_index += 1
+        else:
+            arr = _from_contents(t, shape)
         out.append((t.name, arr))
+    if not out and shared is not None:
+        raise shared
     return InferMessage(name, version, rid, tuple(out), params, tuple(requested))
 
 
@@ -309,7 +344,7 @@ def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS
     msg = parse(body, "response")
     if not msg.tensors:
         raise DecodeError("missing_field", "ModelInferResponse has no outputs")
-    return combine_outputs(list(msg.tensors))
+    return combine_outputs(list(msg.tensors), hints)
 
 
 def _param_entry(key: str, value: Any) -> bytes:

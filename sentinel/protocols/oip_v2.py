@@ -21,7 +21,7 @@ from sentinel.protocols.base import (
     json_object_prefix,
     load_json_object,
 )
-from sentinel.protocols.images import decode_images, looks_like_image
+from sentinel.protocols.images import b64_images, decode_images, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_WS = b" \t\r\n"   # RFC 8259 whitespace
@@ -53,8 +53,19 @@ def _split(body: bytes, headers: Headers) -> tuple[bytes, memoryview, dict[str, 
     return body[:hlen], memoryview(body)[hlen:], doc
 
 
+def shared_memory_error(name: str, region: Any) -> DecodeError:
+    """The error for a tensor whose data lives in a shared-memory region instead of the message."""
+    return DecodeError("unsupported", f"tensor {name!r}: its data is in shared-memory region {str(region)[:80]!r} "
+                                      "(Triton's shared-memory extension); sentinel sees only the bytes on the wire")
+
+
 def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np.ndarray]]:
-    """Every tensor under `key` of a request or response, as (name, array), in order."""
+    """Every tensor under `key` of a request or response, as (name, array), in order.
+
+    A tensor in shared memory (`shared_memory_region`, no data in the message) is an
+    "unsupported" DecodeError for a request; a response's are left out (its other outputs
+    may still be read), and the error is raised only when no output is left.
+    """
     head, rest, doc = _split(body, headers)
     if doc is None:
         doc = load_json_object(head)
@@ -62,6 +73,7 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
     if not isinstance(items, list) or not items:
         raise DecodeError("missing_field", f"no {key!r} list in body")
     out: list[tuple[str, np.ndarray]] = []
+    shared: DecodeError | None = None
     pos = 0
     for i, t in enumerate(items):
         if not isinstance(t, dict):
@@ -73,6 +85,11 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
         shape = tensors.check_shape(t.get("shape"), name)
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if isinstance(params, dict) and "shared_memory_region" in params and size is None and "data" not in t:
+            shared = shared_memory_error(name, params["shared_memory_region"])
+            if key == "inputs":
+                raise shared
+            continue
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise DecodeError("bad_header", f"tensor {name!r}: binary_data_size must be a non-negative integer")
@@ -90,20 +107,45 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
         # (no binary tensors and only whitespace after the object: a JSON body, which may end in any amount;
         # the one place trailing whitespace is judged, with or without the header length)
         raise DecodeError("bad_shape", f"{len(rest) - pos} bytes of binary data left after the last tensor")
+    if not out and shared is not None:
+        raise shared
     return out
 
 
 def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> DecodedRequest:
-    """The input batch: the first input tensor (encoded images are decoded within the hints' pixel bound)."""
-    name, arr = named[0]
+    """The input batch: the model's input tensor (encoded images are decoded within the hints' pixel bound).
+
+    With several inputs, the first whose per-instance shape is the model's input shape (the
+    hints' raw or network shape); without such a match, the first input.
+    """
+    name, arr = pick_input(named, hints)
     if arr.dtype == object:
         items = list(arr.reshape(-1))
-        if not items or not all(looks_like_image(b) for b in items):
-            raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images")
-        return DecodedRequest(decode_images(items, hints.image_pixel_limit), "raw")
+        if items and not all(looks_like_image(b) for b in items):
+            items = b64_images(items) or []   # base64 text of images, as KServe's image examples send
+        if not items:
+            raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images "
+                                             "(nor base64 text of images)")
+        return DecodedRequest(decode_images(items, hints.image_pixel_limit, hints.image_channels), "raw")
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
     return DecodedRequest(arr, input_form(arr))
+
+
+def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> tuple[str, np.ndarray]:
+    """The (name, tensor) that is the model's input: the first with the model's per-instance shape
+    (where the hints know it), else the first BYTES input of encoded images, else the first."""
+    if len(named) == 1:
+        return named[0]
+    shapes = {s for s in (hints.raw_shape, hints.input_shape) if s}
+    for name, arr in named:
+        if shapes and tuple(arr.shape[1:]) in shapes:
+            return name, arr
+    for name, arr in named:
+        if arr.dtype == object and arr.size and isinstance(first := arr.reshape(-1)[0], bytes) \
+                and (looks_like_image(first) or b64_images([first])):
+            return name, arr
+    return named[0]
 
 
 def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
@@ -113,7 +155,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
 
 def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:
     """The output batch: the first numeric output with a class axis (logits and probabilities both kept)."""
-    return combine_outputs(parse_message(body, headers, "outputs"))
+    return combine_outputs(parse_message(body, headers, "outputs"), hints)
 
 
 def encode(named: Sequence[tuple[str, np.ndarray]], key: Key = "inputs", binary: bool = True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import json
 from typing import Any, Literal
 
@@ -21,20 +22,45 @@ from sentinel.protocols.base import (
     numeric_array,
     parse_json,
 )
-from sentinel.protocols.images import decode_images, looks_like_image
+from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
 from sentinel.protocols.tensors import numel
 
 OCTET_STREAM = "application/octet-stream"
 RAW_DTYPES = ("float32", "float16", "uint8", "int64")
 
 
+MULTIPART = "multipart/form-data"
+MAX_PARTS = 64   # parts of one multipart body looked at
+_PART_NAMES = ("data", "body")   # the form fields TorchServe's handlers read, in that order
+
+
+def _media_type(headers: Headers) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
 def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
-    """An image file body; raw tensor bytes (octet-stream, shaped by the hints); or JSON: a (batch of)
-    tensors, or `{"data"|"instances"|"input"|"inputs": ...}`."""
-    if looks_like_image(body):
-        return DecodedRequest(decode_images([body], hints.image_pixel_limit), "raw")
-    if headers.get("content-type", "").split(";", 1)[0].strip().lower() == OCTET_STREAM:
+    """An image file body; raw tensor bytes (octet-stream, shaped by the hints); a multipart form
+    (`curl -F data=@img.png`: its `data` or `body` part, else the first); or JSON: a (batch of)
+    tensors, `{"data"|"instances"|"input"|"inputs": ...}`, or a base64-encoded image string."""
+    media = _media_type(headers)
+    if media == MULTIPART:
+        body, headers = multipart_part(body, headers)
+        media = _media_type(headers)
+    if media == OCTET_STREAM and looks_like_image(body) and _whole_instances(body, hints):
+        # Raw tensor bytes can start like an image file (two pixels 66, 77 read "BM"): an image
+        # only when it decodes as one, else the raw tensor its length fits.
+        try:
+            return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+        except DecodeError as exc:
+            if exc.kind != "bad_image":
+                raise
+            return DecodedRequest(*_raw_tensor(body, hints))
+    if looks_like_image(body) or media.startswith("image/"):
+        return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+    if media == OCTET_STREAM:
         return DecodedRequest(*_raw_tensor(body, hints))
+    if media.startswith(("audio/", "video/")):
+        raise DecodeError("unsupported", f"a {media[:60]} body: sentinel reads images, raw tensors and JSON")
     doc: Any = parse_json(body, "body (neither an image nor raw tensor bytes)")
     if isinstance(doc, dict):
         for key in ("data", "instances", "input", "inputs"):
@@ -43,9 +69,67 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
                 break
         else:
             raise DecodeError("missing_field", "JSON object has no data, instances or input field")
+    if isinstance(doc, str):   # TorchServe's vision handlers take a base64 image in JSON
+        try:
+            blob = b64_bytes(doc)
+        except (binascii.Error, TypeError, ValueError) as exc:
+            raise DecodeError("bad_image", f"input is a string but not base64: {exc}"[:300]) from None
+        if not looks_like_image(blob):
+            raise DecodeError("unsupported", "input is a base64 string that is not an encoded image")
+        return DecodedRequest(decode_images([blob], hints.image_pixel_limit, hints.image_channels), "raw")
     arr = numeric_array(doc, "input")
     arr = first_instance_shape(arr, hints.raw_shape)
     return DecodedRequest(arr, input_form(arr))
+
+
+def multipart_part(body: bytes, headers: Headers) -> tuple[bytes, dict[str, str]]:
+    """The part of a multipart/form-data body a TorchServe handler reads (field `data`, else
+    `body`, else the first), and its headers (lower-case names); DecodeError when malformed."""
+    ctype = headers.get("content-type", "")
+    boundary = ""
+    for param in ctype.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.strip().lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary or len(boundary) > 200:
+        raise DecodeError("bad_header", "multipart/form-data without a usable boundary parameter")
+    delim = b"--" + boundary.encode("latin-1")
+    chunks = body.split(delim, MAX_PARTS + 1)
+    parts: list[tuple[str, dict[str, str], bytes]] = []
+    for chunk in chunks[1:MAX_PARTS + 1]:
+        if chunk.startswith(b"--"):   # the closing delimiter
+            break
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise DecodeError("truncated", "a multipart part has no blank line after its headers")
+        if content.endswith(b"\r\n"):
+            content = content[:-2]
+        phead: dict[str, str] = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            name, colon, value = line.partition(":")
+            if colon:
+                phead[name.strip().lower()] = value.strip()
+        field = ""
+        for param in phead.get("content-disposition", "").split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "name":
+                field = value.strip().strip('"')
+        parts.append((field, phead, content))
+    if not parts:
+        raise DecodeError("missing_field", "multipart/form-data body has no parts (wrong boundary?)")
+    for wanted in _PART_NAMES:
+        for field, phead, content in parts:
+            if field == wanted:
+                return content, phead
+    return parts[0][2], parts[0][1]
+
+
+def _whole_instances(body: bytes, hints: DecodeHints) -> bool:
+    """Whether the body's length is a whole number of the hints' raw instances."""
+    if hints.raw_shape is None or hints.raw_dtype not in RAW_DTYPES:
+        return False
+    per = numel(hints.raw_shape) * np.dtype(hints.raw_dtype).itemsize
+    return per > 0 and len(body) > 0 and len(body) % per == 0
 
 
 def _raw_tensor(body: bytes, hints: DecodeHints) -> tuple[np.ndarray, Literal["raw", "network"]]:

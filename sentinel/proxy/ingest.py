@@ -4,9 +4,12 @@ Binary mode (what the KServe logger sends): `Ce-Id`, `Ce-Type:
 org.kubeflow.serving.inference.request|response`, `Ce-Inferenceservicename`, the payload as
 the body with its `Content-Type`. Structured mode (`Content-Type:
 application/cloudevents+json`): the same attributes in a JSON envelope, the payload in
-`data` (JSON) or `data_base64`. Events carry no protocol and the logger forwards no
-`Inference-Header-Content-Length`, so joined pairs go to analysis as protocol "auto": the
-worker sniffs v1, v2 JSON and v2 binary-tensor bodies (`sentinel.protocols.sniff`).
+`data` (JSON) or `data_base64`. Batch mode (`application/cloudevents-batch+json`): a JSON
+array of such envelopes, each event taken and answered on its own. Halves pair by
+InferenceService, logger origin (`component`, `endpoint`) and id. Events carry no protocol
+and the logger forwards no `Inference-Header-Content-Length`, so joined pairs go to analysis
+as protocol "auto": the worker sniffs v1, v2 JSON and v2 binary-tensor bodies
+(`sentinel.protocols.sniff`).
 
 This runs in the proxy process: it parses only the envelope (never a tensor), and the
 join table is bounded in count, bytes and age; every drop is counted.
@@ -29,6 +32,8 @@ from sentinel.protocols.names import AUTO
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+MAX_BATCH_EVENTS = 1024   # events in one batched request (the body itself is bounded by the admin listener)
 Half = Literal["request", "response"]
 
 # Outcomes of sentinel_ingest_events_total (the HELP text in metricnames lists them all).
@@ -47,17 +52,28 @@ class IngestError(DecodeError):
 
 @dataclass(frozen=True)
 class Event:
-    """One CloudEvent: its id, which half of an exchange it is, the model it names, its payload."""
+    """One CloudEvent: its id, which half of an exchange it is, the model it names, its payload.
+
+    origin: the logger's `component` and `endpoint` extensions (predictor or transformer,
+    default or canary): halves pair only within one service and origin, since a transformer's
+    and its predictor's loggers can log one request id (a client's `Ce-Id` is reused).
+    """
 
     id: str
     half: Half
     service: str
     headers: dict[str, str]   # payload headers a decoder reads (content-type...)
     body: bytes
+    origin: str = ""
 
     @property
     def size(self) -> int:
-        return len(self.body) + len(self.id) + 64
+        return len(self.body) + len(self.id) + len(self.origin) + 64
+
+    @property
+    def key(self) -> str:
+        """What pairs a request with its response: service, origin and id."""
+        return f"{self.service}\x1f{self.origin}\x1f{self.id}"
 
 
 def _half(ce_type: str) -> Half:
@@ -73,17 +89,64 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype == STRUCTURED:
         return _parse_structured(body)
-    if ctype.startswith("application/cloudevents-batch"):
-        raise IngestError("batched CloudEvents (application/cloudevents-batch+json) are not accepted; "
-                          "send one event per request (binary or structured mode)", "unsupported")
+    if ctype == BATCH:
+        raise IngestError("a batch of CloudEvents (application/cloudevents-batch+json) holds several events: "
+                          "parse it with parse_events")
     ce_id = headers.get("ce-id")
     if not ce_id:
         raise IngestError("missing Ce-Id header (a binary-mode CloudEvent, or structured mode with "
                           f"Content-Type: {STRUCTURED})")
     half = _half(headers.get("ce-type", ""))
     service = headers.get("ce-inferenceservicename", "")
-    payload = {k: v for k, v in headers.items() if k in ("content-type", "inference-header-content-length")}
-    return Event(ce_id[:256], half, service[:256], payload, body)
+    payload = {k: v for k, v in headers.items()
+               if k in ("content-type", "inference-header-content-length", "content-encoding")}
+    if body.lstrip()[:1] == b'"' and _is_json(ctype):
+        body = _unquoted(body)
+    origin = f"{headers.get('ce-component', '')[:128]}/{headers.get('ce-endpoint', '')[:128]}"
+    return Event(ce_id[:256], half, service[:256], payload, body, origin)
+
+
+def _is_json(ctype: str) -> bool:
+    """Whether a media type (parameters allowed) is JSON: application/json, text/json, anything+json."""
+    return ctype.split(";", 1)[0].strip().lower().endswith("json")
+
+
+def _unquoted(body: bytes) -> bytes:
+    """A JSON payload that arrived as a JSON string holding JSON text (the Python cloudevents SDK
+    sends `str` data that way, in binary mode too) → that text; anything else unchanged.
+    No inference body is a bare JSON string, so nothing decodable is altered."""
+    try:
+        text = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return body
+    if isinstance(text, str) and text.lstrip()[:1] in ("{", "["):
+        return text.encode()
+    return body
+
+
+def parse_events(headers: dict[str, str], body: bytes) -> list[Event | IngestError]:
+    """The events of one POST: one (binary or structured mode), or each of a batch
+    (`application/cloudevents-batch+json`: a JSON array of structured-mode envelopes), an
+    IngestError in place of each event of a batch that cannot be used. IngestError when the
+    request as a whole cannot be read."""
+    ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != BATCH:
+        return [parse_event(headers, body)]
+    try:
+        docs = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise IngestError(f"batch mode: the body is not JSON: {exc}"[:300]) from None
+    if not isinstance(docs, list) or not docs:
+        raise IngestError("batch mode: the body is not a non-empty JSON array of events")
+    if len(docs) > MAX_BATCH_EVENTS:
+        raise IngestError(f"batch mode: {len(docs)} events in one request, more than {MAX_BATCH_EVENTS}", "too_large")
+    out: list[Event | IngestError] = []
+    for doc in docs:
+        try:
+            out.append(_structured_event(doc, "batch mode"))
+        except IngestError as exc:
+            out.append(exc)
+    return out
 
 
 def _parse_structured(body: bytes) -> Event:
@@ -92,11 +155,16 @@ def _parse_structured(body: bytes) -> Event:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise IngestError(f"structured mode: the envelope is not JSON: {exc}"[:300]) from None
+    return _structured_event(doc, "structured mode")
+
+
+def _structured_event(doc: Any, mode: str) -> Event:
+    """An event from its parsed structured-mode envelope (`mode` names where it came from in errors)."""
     if not isinstance(doc, dict):
-        raise IngestError("structured mode: the envelope is not a JSON object")
+        raise IngestError(f"{mode}: the envelope is not a JSON object")
     ce_id = doc.get("id")
     if not isinstance(ce_id, str) or not ce_id:
-        raise IngestError("structured mode: the envelope has no string 'id'")
+        raise IngestError(f"{mode}: the envelope has no string 'id'")
     ce_type = doc.get("type")
     half = _half(ce_type if isinstance(ce_type, str) else "")
     service = doc.get("inferenceservicename", "")
@@ -107,23 +175,24 @@ def _parse_structured(body: bytes) -> Event:
         try:
             data = base64.b64decode(doc["data_base64"], validate=True)
         except (binascii.Error, TypeError, ValueError) as exc:
-            raise IngestError(f"structured mode: data_base64 is not base64: {exc}"[:300]) from None
+            raise IngestError(f"{mode}: data_base64 is not base64: {exc}"[:300]) from None
     elif "data" in doc:
         raw = doc["data"]
-        if isinstance(raw, str) and not dctype.endswith("json"):
-            data = raw.encode()
+        if isinstance(raw, str) and (not _is_json(dctype) or raw.lstrip()[:1] in ("{", "[")):
+            data = raw.encode()   # text, or JSON text given as a string (the SDKs' str data)
         else:
             try:
                 data = json.dumps(raw, separators=(",", ":")).encode()
             except (ValueError, TypeError, RecursionError) as exc:
-                raise IngestError(f"structured mode: data cannot be re-encoded: {exc}"[:300]) from None
+                raise IngestError(f"{mode}: data cannot be re-encoded: {exc}"[:300]) from None
     else:
-        raise IngestError("structured mode: the envelope has neither 'data' nor 'data_base64'")
-    return Event(ce_id[:256], half, str(service)[:256], {"content-type": dctype[:200]}, data)
+        raise IngestError(f"{mode}: the envelope has neither 'data' nor 'data_base64'")
+    origin = f"{str(doc.get('component', ''))[:128]}/{str(doc.get('endpoint', ''))[:128]}"
+    return Event(ce_id[:256], half, str(service)[:256], {"content-type": dctype[:200]}, data, origin)
 
 
 class JoinTable:
-    """Pending halves by id, bounded in count, total bytes and age; what falls out is counted.
+    """Pending halves by key (service, origin, id), bounded in count, total bytes and age; what falls out is counted.
 
     `add` returns the pair an event completes, plus how many halves became orphans: too old,
     pushed out (oldest first) to stay within `max_pending` and `max_bytes`, or replaced by a
@@ -150,17 +219,17 @@ class JoinTable:
     def add(self, ev: Event, now: float) -> tuple[tuple[Event, Event] | None, int]:
         """((request, response) when `ev` completes a pair, else None), and how many halves were pushed out."""
         dropped = self.expire(now)
-        other = self._pending.get(ev.id)
+        other = self._pending.get(ev.key)
         if other is not None and other[1].half != ev.half:
-            self._drop(ev.id)
+            self._drop(ev.key)
             req, resp = (ev, other[1]) if ev.half == "request" else (other[1], ev)
             return (req, resp), dropped
         if other is not None:   # the same half twice: keep the newer one
             dropped += 1
-            self._drop(ev.id)
+            self._drop(ev.key)
         if ev.size > self.max_bytes:
             return None, dropped + 1   # can never be joined within the budget
-        self._pending[ev.id] = (now, ev)
+        self._pending[ev.key] = (now, ev)
         self.bytes += ev.size
         while len(self._pending) > self.max_pending or self.bytes > self.max_bytes:
             self._drop()
@@ -188,32 +257,50 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
            known_models: str, now: float | None = None) -> Response:
     """Answer one POST /ingest: 200 for an event accepted or joined (what the KServe logger expects),
     400 naming the problem otherwise. `route(service)` gives (model, sampler) or None; `submit`
-    takes the joined Sample; `count(outcome, n)` counts sentinel_ingest_events_total."""
-    from sentinel.proxy.sampling import Sample
+    takes the joined Sample; `count(outcome, n)` counts sentinel_ingest_events_total.
 
+    A batch (`application/cloudevents-batch+json`) is answered once for all its events: 200
+    when every event was accepted or joined, else 400; either way `events` lists, in order, each
+    event's own HTTP `code` and answer, and every usable event of the batch was taken."""
     now = time.monotonic() if now is None else now
     try:
-        ev = parse_event(headers, body)
+        events = parse_events(headers, body)
     except IngestError as exc:
         count("rejected", 1)
         return _reply(400, {"error": str(exc)})
+    answers = [_one(ev, join, count, route, submit, known_models, now) for ev in events]
+    if headers.get("content-type", "").split(";", 1)[0].strip().lower() != BATCH:
+        status, doc = answers[0]
+        return _reply(status, doc)
+    status = 200 if all(a[0] == 200 for a in answers) else 400
+    return _reply(status, {"events": [{"code": a[0], **a[1]} for a in answers]})
+
+
+def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], None],
+         route: Callable[[str], tuple[str, Any] | None], submit: Callable[[Any], Any],
+         known_models: str, now: float) -> tuple[int, dict[str, Any]]:
+    """The answer (status, document) to one event, counted."""
+    from sentinel.proxy.sampling import Sample
+
+    if isinstance(ev, IngestError):
+        count("rejected", 1)
+        return 400, {"error": str(ev)}
     model = route(ev.service)
     if model is None:
         count("rejected", 1)
-        return _reply(400, {"error": f"Ce-Inferenceservicename {ev.service!r} matches no configured model "
-                                     f"({known_models})"})
+        return 400, {"error": f"Ce-Inferenceservicename {ev.service!r} matches no configured model ({known_models})"}
     name, sampler = model
     if len(ev.body) > sampler.max_bytes:
         count("oversize", 1)
-        return _reply(200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes})
+        return 200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes}
     pair, dropped = join.add(ev, now)
     if dropped:
         count("orphaned", dropped)
     if pair is None:
         count("accepted", 1)
-        return _reply(200, {"status": "waiting for the other half"})
+        return 200, {"status": "waiting for the other half"}
     count("joined", 1)
     req_ev, resp_ev = pair
     submit(Sample(name, AUTO, req_ev.headers, req_ev.body, resp_ev.headers, resp_ev.body, "ingest", ev.id,
                   time.time()))
-    return _reply(200, {"status": "joined"})
+    return 200, {"status": "joined"}

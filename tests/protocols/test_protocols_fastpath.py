@@ -179,13 +179,28 @@ def test_v2_split_without_the_header_matches_with_it():
 
 
 def slow_from_json(data: Any, shape: tuple[int, ...], datatype: str) -> np.ndarray:
+    """from_json's rules applied value by value: no container; whole numbers (and 0/1 for BOOL), never
+    strings or null, in integer and BOOL tensors; then numpy's conversion of the whole list (null: NaN)."""
     flat = tensors.flatten(data)
     if len(flat) != tensors.numel(shape):
         raise DecodeError("bad_shape", "count")
     dt = tensors.numpy_dtype(datatype)
+    values = []
+    for v in flat:
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise DecodeError("bad_datatype", "not a number")
+        if dt.kind in "iub":
+            if v is None:
+                raise DecodeError("bad_datatype", "null")
+            if isinstance(v, str) or (isinstance(v, float) and not v.is_integer()):
+                raise DecodeError("bad_datatype", "not an integer")
+            v = int(v)
+            if dt.kind == "b" and v not in (0, 1):
+                raise DecodeError("bad_datatype", "not 0/1")
+        values.append(v)
     try:
         with np.errstate(over="ignore", invalid="ignore"):
-            arr = np.asarray(flat, dtype=dt)
+            arr = np.asarray(values, dtype=dt)
     except (ValueError, TypeError, OverflowError):
         raise DecodeError("bad_datatype", "x") from None
     return arr.reshape(shape)
@@ -196,6 +211,10 @@ def array_outcome(fn, *args) -> tuple[str, Any]:
     if kind == "ok":
         return kind, (val.dtype.str, val.shape, val.tobytes())
     return kind, val
+
+
+def _leaves(data: Any) -> int:
+    return sum(_leaves(d) for d in data) if isinstance(data, list) else 1
 
 
 leaf = st.one_of(st.floats(allow_nan=True), st.integers(-2**40, 2**40), st.booleans(), st.none(),
@@ -209,7 +228,7 @@ data_lists = st.one_of(st.lists(leaf, min_size=1, max_size=8),
 @given(data_lists, st.sampled_from(["FP32", "FP16", "FP64", "INT8", "INT64", "UINT8", "BOOL"]),
        st.sampled_from([None, (1, -1), (-1, 1)]))
 def test_from_json_fast_path_matches_flatten(data, datatype, layout):
-    n = len(tensors.flatten(data))
+    n = _leaves(data)   # ragged data too: both sides must refuse it
     shape = (n,) if layout is None else ((1, n) if layout == (1, -1) else (n, 1))
     fast = array_outcome(tensors.from_json, data, shape, datatype, "t")
     slow = array_outcome(slow_from_json, data, shape, datatype)

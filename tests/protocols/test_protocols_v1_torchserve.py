@@ -53,7 +53,7 @@ def test_v1_prediction_objects():
 @pytest.mark.parametrize("body,kind", [
     (b'{"predictions": [1, 7]}', "unsupported"),          # class labels only
     (b'{"predictions": [[1, 2], [3]]}', "bad_shape"),      # ragged
-    (b'{"predictions": [["a", "b"]]}', "bad_datatype"),
+    (b'{"predictions": [["a", "b"]]}', "unsupported"),      # class names, not scores
     (b'{"outputs_missing": 1}', "missing_field"),
     (b'nope', "malformed_json"),
 ])

@@ -138,3 +138,86 @@ def test_structured_mode_envelopes_parse():
                                         "inferenceservicename": "digits"}, {"predictions": [[0.5, 0.5]]}))
     ev = parse_event({k.lower(): v for k, v in h.items()}, body)
     assert json.loads(ev.body) == {"predictions": [[0.5, 0.5]]} and ev.half == "response"
+
+
+@pytest.mark.unit
+def test_a_batch_of_structured_events_is_taken_event_by_event():
+    import base64
+
+    from sentinel.protocols import decode_request
+    from sentinel.proxy.ingest import BATCH, handle
+
+    png = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010800000000"
+                        "3a7e9b550000000a49444154789c6360000000020001e221bc330000000049454e44ae426082")
+    # a v1 request whose `inputs` list holds {"b64": ...}: sniffed as v1, not as v2 tensors
+    req_data = {"inputs": [{"b64": base64.b64encode(png).decode()}]}
+    envelopes = [json.loads(to_structured(_event("b1", REQUEST_TYPE, req_data, "application/json"))[1]),
+                 json.loads(to_structured(_event("b1", RESPONSE_TYPE, {"predictions": [[0.25, 0.75]]},
+                                                 "application/json"))[1]),
+                 {"type": REQUEST_TYPE, "source": "x", "data": {}}]   # no id
+    counts: dict[str, int] = {}
+    submitted: list = []
+
+    class Sampler:
+        max_bytes = 1 << 20
+
+    def post(body: bytes):
+        return handle({"content-type": BATCH}, body, join=JoinTable(30, 16),
+                      count=lambda o, n: counts.__setitem__(o, counts.get(o, 0) + n),
+                      route=lambda service: ("digits", Sampler()), submit=submitted.append,
+                      known_models="digits", now=0.0)
+
+    status, _, reply = post(json.dumps(envelopes).encode())
+    doc = json.loads(reply)
+    assert status == 400 and [e["code"] for e in doc["events"]] == [200, 200, 400]
+    assert "no string 'id'" in doc["events"][2]["error"] and "batch mode" in doc["events"][2]["error"]
+    assert counts == {"accepted": 1, "joined": 1, "rejected": 1}
+    (sample,) = submitted
+    got = decode_request(sample.protocol, sample.request_body, sample.request_headers).inputs
+    assert got.shape == (1, 1, 1) and got.dtype == np.uint8
+    status, _, _ = post(b'{"not": "an array"}')
+    assert status == 400 and counts["rejected"] == 2
+
+
+@pytest.mark.unit
+def test_json_text_given_to_the_sdk_as_a_string_is_the_payload_in_both_modes():
+    doc = {"instances": [[1.0, 2.0]]}
+    event = CloudEvent({"id": "t1", "type": REQUEST_TYPE, "source": "x", "inferenceservicename": "digits",
+                        "datacontenttype": "application/json"}, json.dumps(doc))
+    for mode in (to_binary, to_structured):
+        h, body = mode(event)
+        assert body.lstrip()[:1] in (b'"', b"{")   # the SDK quotes str data
+        ev = parse_event({k.lower(): v for k, v in h.items()}, body)
+        assert json.loads(ev.body) == doc
+    h, body = to_binary(CloudEvent({"id": "t2", "type": REQUEST_TYPE, "source": "x",
+                                    "datacontenttype": "application/json"}, "plain words"))
+    assert parse_event({k.lower(): v for k, v in h.items()}, body).body == body   # not JSON text: as sent
+
+
+@pytest.mark.unit
+def test_a_transformer_and_its_predictor_logging_one_request_id_pair_within_each_component():
+    from sentinel.proxy.ingest import handle
+
+    def event(ce_type: str, component: str, body: bytes) -> tuple[dict, bytes]:
+        ev = CloudEvent({"id": "client-ce-id", "type": ce_type, "source": "x", "inferenceservicename": "digits",
+                         "component": component, "endpoint": "default", "datacontenttype": "application/json"}, body)
+        h, b = to_binary(ev)
+        return {k.lower(): v for k, v in h.items()}, b
+
+    class Sampler:
+        max_bytes = 1 << 20
+
+    join, counts, submitted = JoinTable(30, 16), {}, []
+    for ce_type, component, body in [(REQUEST_TYPE, "transformer", b'{"instances": [[1]]}'),
+                                     (REQUEST_TYPE, "predictor", b'{"instances": [[2]]}'),
+                                     (RESPONSE_TYPE, "predictor", b'{"predictions": [[0.2, 0.8]]}'),
+                                     (RESPONSE_TYPE, "transformer", b'{"predictions": [[0.1, 0.9]]}')]:
+        status, _, _ = handle(*event(ce_type, component, body), join=join,
+                              count=lambda o, n: counts.__setitem__(o, counts.get(o, 0) + n),
+                              route=lambda service: ("digits", Sampler()), submit=submitted.append,
+                              known_models="digits", now=0.0)
+        assert status == 200
+    assert counts == {"accepted": 2, "joined": 2} and len(join) == 0
+    pairs = sorted((s.request_body, s.response_body) for s in submitted)
+    assert pairs == [(b'{"instances": [[1]]}', b'{"predictions": [[0.1, 0.9]]}'),
+                     (b'{"instances": [[2]]}', b'{"predictions": [[0.2, 0.8]]}')]
