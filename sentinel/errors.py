@@ -111,7 +111,7 @@ class DecodeError(InfrastructureError, ValueError):
 
     `kind` is a short label for metrics (malformed_json, missing_field, bad_shape,
     bad_datatype, truncated, bad_header, unsupported, bad_image, too_large, too_deep,
-    bad_event, unexpected).
+    bad_event, nonfinite_output, unexpected).
     Every decoder in `sentinel.protocols` raises it, and only it, for malformed input.
     """
 
