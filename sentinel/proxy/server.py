@@ -39,7 +39,9 @@ _UNSEEN = object()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
-LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded
+LINGER_MAX_BYTES = 64 << 20   # ... or until this much was discarded: more than the socket buffers
+# can hold in flight (tcp_rmem's max is 6-32 MiB), so a client that was mid-upload when refused
+# reads its answer instead of a reset; LINGER_S still bounds the time
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 

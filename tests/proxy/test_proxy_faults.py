@@ -107,6 +107,17 @@ def test_declared_1gb_body_refused_without_reading_it(env):
     assert sc.value(REQ, {"model": "digits", "protocol": "v2", "code": "413"}) >= 1
 
 
+def test_client_mid_upload_reads_its_413_rather_than_a_reset(env):
+    """Refused while megabytes of its body are already in flight (the socket buffers hold up to
+    tens of MiB on loopback): the proxy drains them and the client reads the 413, not a reset."""
+    up, sc = env
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=10) as s:
+        s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n")
+        s.sendall(b"x" * (8 << 20))
+        data = s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 413 "), data[:200]
+
+
 def test_streamed_chunked_body_over_limit_is_413(env):
     """A chunked upload that would reach 1 GB is cut at the 1 MiB limit; the client gets 413."""
     up, sc = env
