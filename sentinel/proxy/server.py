@@ -39,9 +39,9 @@ _UNSEEN = object()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
-LINGER_MAX_BYTES = 64 << 20   # ... or until this much was discarded: more than the socket buffers
-# can hold in flight (tcp_rmem's max is 6-32 MiB), so a client that was mid-upload when refused
-# reads its answer instead of a reset; LINGER_S still bounds the time
+LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded (a refused head: cut a flood early)
+BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buffers hold in flight
+# (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 
@@ -67,6 +67,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.discarding = False
         self.shed = False
         self.discarded = 0
+        self.drain_limit = LINGER_MAX_BYTES   # bytes discarded after a refusal before giving up
         self.eof = False            # the client half-closed: answer what was asked, then close
         self.outbox = ctx.outbox
         self._out: list[bytes] = []
@@ -115,7 +116,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             self.discarded += len(data)
-            if self.discarded > LINGER_MAX_BYTES and self.transport is not None:
+            if self.discarded > self.drain_limit and self.transport is not None:
                 self.transport.abort()   # refused, and still sending: stop listening
             return
         self.last_active = self.ctx.loop.time()
@@ -368,6 +369,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             return
         # Half-close and discard what the client is still sending, so it can read our answer.
         self.discarding = True
+        if request_read is False and self.parsing is not None and not self.in_head:
+            self.drain_limit = BODY_LINGER_MAX_BYTES   # the rest of a body it had begun sending
         self.paused.clear()
         t.resume_reading()
         try:
