@@ -9,7 +9,7 @@ those teaches people to ignore it. Below its minimum sample count a criterion is
 
 | criterion | test | effect size (fails above) |
 | --- | --- | --- |
-| error_ratio | two-proportion z (Fisher's exact when sparse), one-sided; binomial against the SLO budget | ratio difference > SLO budget |
+| error_ratio | two-proportion z (Fisher's exact when sparse), one-sided; binomial against the SLO budget; the same two-proportion test on 4xx | ratio difference > SLO budget; 4xx ratio difference > max_client_error_increase |
 | latency | chi-square homogeneity on bucket increments | P95 or P99 ratio > tolerance and slower by > min diff |
 | prediction_distribution | chi-square homogeneity on predicted-class increments | Cramér's V > max_cramers_v |
 | reference_agreement | two-proportion z on disagreements, one-sided | agreement drop > max_agreement_drop |
@@ -27,6 +27,8 @@ from enum import Enum
 
 from sentinel.gate import stats
 from sentinel.gate.settings import GateSettings
+
+CLIENT_CODE = re.compile("4..")   # refused requests: no SLO budget spent, still compared between versions
 
 
 class Verdict(str, Enum):
@@ -108,17 +110,31 @@ def error_ratio(b: VersionData, c: VersionData, s: GateSettings, alpha: float, b
     diff = r_c - r_b
     worse = vs_base.p_value < alpha and diff > budget
     over = vs_budget.p_value < alpha
+    # Client errors (4xx) do not spend the SLO budget, but on the same traffic a canary that
+    # refuses more requests than its baseline (a changed input contract, a route it lacks)
+    # fails its clients all the same.
+    cli_b = _n(sum(v for k, v in b.codes.items() if CLIENT_CODE.fullmatch(k)))
+    cli_c = _n(sum(v for k, v in c.codes.items() if CLIENT_CODE.fullmatch(k)))
+    q_b, q_c = cli_b / n_b, cli_c / n_c
+    vs_cli = stats.two_proportions(cli_b, n_b, cli_c, n_c)
+    cli_diff = q_c - q_b
+    refuses = vs_cli.p_value < alpha and cli_diff > s.max_client_error_increase
     common = dict(test=f"{vs_base.test} vs baseline; binomial vs budget {budget:g}", statistic=vs_base.statistic,
                   p_value=vs_base.p_value, alpha=alpha, effect_name="error ratio difference", effect=diff,
                   effect_threshold=budget, n_baseline=n_b, n_canary=n_c, baseline=r_b, canary=r_c)
     text = (f"canary error ratio {r_c:.4f} ({bad_c}/{n_c}) vs baseline {r_b:.4f} ({bad_b}/{n_b}), "
             f"p={_fmt_p(vs_base.p_value)}; vs SLO budget {budget:g} p={_fmt_p(vs_budget.p_value)}")
-    if worse or over:
+    if cli_b or cli_c:
+        text += (f"; client errors (4xx) {q_c:.4f} ({cli_c}/{n_c}) vs {q_b:.4f} ({cli_b}/{n_b}), "
+                 f"p={_fmt_p(vs_cli.p_value)}")
+    if worse or over or refuses:
         why = []
         if worse:
             why.append(f"higher than baseline by {diff:.4f} > {budget:g}")
         if over:
             why.append(f"above the SLO budget {budget:g}")
+        if refuses:
+            why.append(f"client errors (4xx) higher than baseline by {cli_diff:.4f} > {s.max_client_error_increase:g}")
         return Criterion(name, Verdict.FAIL, text + ": " + " and ".join(why), **common)
     return Criterion(name, Verdict.PASS, text, **common)
 
@@ -128,12 +144,26 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
     name = "latency"
     if not b.buckets and not c.buckets:
         return Criterion(name, Verdict.SKIPPED, "no latency histogram for either version")
-    bounds = sorted(set(b.buckets) | set(c.buckets))
-    cum_b = {le: b.buckets.get(le, 0.0) for le in bounds}
-    cum_c = {le: c.buckets.get(le, 0.0) for le in bounds}
-    n_b, n_c = _n(max(cum_b.values(), default=0)), _n(max(cum_c.values(), default=0))
+    n_b, n_c = _n(max(b.buckets.values(), default=0)), _n(max(c.buckets.values(), default=0))
     if min(n_b, n_c) < s.min_requests:
         return _too_few(name, "requests", n_b, n_c, s.min_requests)
+    # Cumulative buckets compare only at bounds both histograms have: a bound one version
+    # lacks is not a count of 0 there, and comparing different layouts bucket by bucket
+    # would find a "difference" in the layouts rather than in the latencies.
+    bounds = sorted(set(b.buckets) & set(c.buckets))
+    finite_bounds = [le for le in bounds if not math.isinf(le)]
+    if not finite_bounds:
+        return Criterion(name, Verdict.INCONCLUSIVE,
+                         "the versions' latency histograms share no finite bucket bound "
+                         f"(baseline: {_bounds(b.buckets)}; canary: {_bounds(c.buckets)}), so their "
+                         "latencies cannot be compared: give both sidecars the same buckets",
+                         n_baseline=n_b, n_canary=n_c)
+    if math.inf not in bounds:
+        bounds.append(math.inf)
+    cum_b = {le: b.buckets.get(le, float(n_b)) for le in bounds}
+    cum_c = {le: c.buckets.get(le, float(n_c)) for le in bounds}
+    layouts = "" if set(b.buckets) == set(c.buckets) else (
+        f"; bucket layouts differ, compared on the {len(finite_bounds)} finite bounds both have")
     h = stats.homogeneity(stats.differences(cum_b), stats.differences(cum_c))
     parts, slower = [], []
     worst_ratio = 0.0
@@ -145,7 +175,7 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
         if ratio > s.latency_tolerance and qc - qb > s.latency_min_diff_s:
             slower.append(f"P{int(q * 100)}")
     text = (f"canary {', '.join(parts)}; chi-square on {h.columns} buckets p={_fmt_p(h.p_value)}, "
-            f"Cramér's V {h.cramers_v:.3f}")
+            f"Cramér's V {h.cramers_v:.3f}{layouts}")
     common = dict(test="chi_square_homogeneity(latency buckets)", statistic=h.statistic, p_value=h.p_value,
                   alpha=alpha, effect_name="worst P95/P99 ratio", effect=worst_ratio,
                   effect_threshold=s.latency_tolerance, n_baseline=n_b, n_canary=n_c,
@@ -155,6 +185,13 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
                          text + f": {' and '.join(slower)} slower than x{s.latency_tolerance:g} "
                                 f"and by more than {s.latency_min_diff_s * 1000:g} ms", **common)
     return Criterion(name, Verdict.PASS, text, **common)
+
+
+def _bounds(buckets: dict[float, float]) -> str:
+    shown = [f"{le:g}" for le in sorted(buckets)]
+    if len(shown) > 9:
+        shown = shown[:8] + ["...", shown[-1]]
+    return ", ".join(shown) or "none"
 
 
 def prediction_distribution(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Criterion:
@@ -209,6 +246,12 @@ def reference_agreement(b: VersionData, c: VersionData, s: GateSettings, alpha: 
                             _n(c.agreement.get("agree", 0)), n_c, s.max_agreement_drop, alpha, "disagreements")
 
 
+def _unreliable(b: VersionData, c: VersionData) -> str:
+    """The sentence saying whose accuracy estimate was flagged unreliable in the window ("" if none)."""
+    which = " and ".join(v for v, d in (("baseline", b), ("canary", c)) if d.reliable == 0)
+    return f"the accuracy estimate of the {which} was flagged unreliable in the window" if which else ""
+
+
 def accuracy(b: VersionData, c: VersionData, s: GateSettings, alpha: float, n_b_pred: int,
              n_c_pred: int) -> Criterion:
     """Label-free accuracy: the verdicts' lower bound where exported, else the ATC estimate."""
@@ -217,11 +260,8 @@ def accuracy(b: VersionData, c: VersionData, s: GateSettings, alpha: float, n_b_
         n_b, n_c = _n(sum(b.verdicts.values())), _n(sum(c.verdicts.values()))
         if min(n_b, n_c) < s.min_compared:
             return _too_few(name, "accuracy verdicts", n_b, n_c, s.min_compared)
-        if b.reliable == 0 or c.reliable == 0:
-            which = " and ".join(v for v, d in (("baseline", b), ("canary", c)) if d.reliable == 0)
-            return Criterion(name, Verdict.INCONCLUSIVE,
-                             f"the accuracy estimate of the {which} was flagged unreliable in the window",
-                             n_baseline=n_b, n_canary=n_c)
+        if unreliable := _unreliable(b, c):
+            return Criterion(name, Verdict.INCONCLUSIVE, unreliable, n_baseline=n_b, n_canary=n_c)
         return _proportion_drop(name, "accuracy lower bound", _n(b.verdicts.get("likely_correct", 0)), n_b,
                                 _n(c.verdicts.get("likely_correct", 0)), n_c, s.max_accuracy_drop, alpha,
                                 "likely_correct verdicts")
@@ -230,6 +270,8 @@ def accuracy(b: VersionData, c: VersionData, s: GateSettings, alpha: float, n_b_
     if b.atc is None or c.atc is None or min(n_b_pred, n_c_pred) < s.min_compared:
         return _too_few(name, "sampled predictions with an ATC estimate", n_b_pred if b.atc is not None else 0,
                         n_c_pred if c.atc is not None else 0, s.min_compared)
+    if unreliable := _unreliable(b, c):
+        return Criterion(name, Verdict.INCONCLUSIVE, unreliable, n_baseline=n_b_pred, n_canary=n_c_pred)
     # The ATC estimate is the share of sampled predictions whose confidence clears the
     # fitted threshold: treated as that many successes out of the sampled predictions.
     return _proportion_drop(name, "ATC accuracy estimate", _n(b.atc * n_b_pred), n_b_pred,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -57,21 +58,31 @@ class Prometheus:
         try:
             body = resp.json()
         except ValueError:
+            body = None
+        if not isinstance(body, dict):
             raise InfrastructureError(
-                f"Prometheus at {self.url} answered HTTP {resp.status_code} without JSON to a query") from None
+                f"Prometheus at {self.url} answered HTTP {resp.status_code} without a Prometheus API JSON "
+                f"object to the query {_short(expr)!r} (is --prometheus the Prometheus base URL?)")
         if resp.status_code != 200 or body.get("status") != "success":
             raise InfrastructureError(
                 f"Prometheus at {self.url} rejected the query {expr!r}: "
                 f"{body.get('errorType', resp.status_code)}: {body.get('error', '')}")
-        data = body.get("data") or {}
-        kind, result = data.get("resultType"), data.get("result")
-        if kind == "scalar":
-            return [Sample({}, _float(result[1]))]
-        if kind != "vector" or not isinstance(result, list):
-            raise InfrastructureError(f"Prometheus at {self.url}: expected an instant vector for {expr!r}, got {kind}")
-        if len(result) > MAX_SERIES:
-            raise InfrastructureError(f"query {expr!r} returned {len(result)} series (more than {MAX_SERIES})")
-        return [Sample(dict(r.get("metric") or {}), _float(r["value"][1])) for r in result]
+        data = body.get("data")
+        kind, result = (data.get("resultType"), data.get("result")) if isinstance(data, dict) else (None, None)
+        try:
+            if kind == "scalar":
+                return [Sample({}, _float(result[1]))]   # type: ignore[index]
+            if kind != "vector" or not isinstance(result, list):
+                raise InfrastructureError(
+                    f"Prometheus at {self.url}: expected an instant vector for {expr!r}, got {kind}")
+            if len(result) > MAX_SERIES:
+                raise InfrastructureError(f"query {expr!r} returned {len(result)} series (more than {MAX_SERIES})")
+            return [Sample({str(k): str(v) for k, v in (r.get("metric") or {}).items()}, _float(r["value"][1]))
+                        for r in result]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            raise InfrastructureError(
+                f"Prometheus at {self.url} answered the query {_short(expr)!r} with a malformed "
+                f"{kind or 'result'}: {_short(json.dumps(data))}") from None
 
     def vector(self, expr: str, label: str) -> dict[str, float]:
         """`{label value: sample value}` of a query grouped by `label` (NaN samples dropped)."""
@@ -81,6 +92,10 @@ class Prometheus:
         """The single value of a query without grouping, None when it has no result."""
         got = [s.value for s in self.query(expr) if not math.isnan(s.value)]
         return got[0] if got else None
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _float(text: Any) -> float:

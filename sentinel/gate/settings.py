@@ -12,6 +12,7 @@ gate:
   max_agreement_drop: 0.02     # agreement with the reference may drop by at most 2 points
   max_accuracy_drop: 0.02      # accuracy lower bound (or ATC estimate) may drop by at most 2 points
   max_contract_violation_ratio: 0.01  # canary's share of inputs violating the input contract
+  max_client_error_increase: 0.01  # canary's 4xx ratio may exceed the baseline's by at most 1 point
   max_drift_alarm_share: 0.5   # canary's combined drift alarm may be up at most half the window
 cost:
   replica_hour: 0.0            # cost of one model-server replica for an hour (any currency)
@@ -41,6 +42,7 @@ class GateSettings:
     max_accuracy_drop: float = 0.02
     max_contract_violation_ratio: float = 0.01
     max_drift_alarm_share: float = 0.5
+    max_client_error_increase: float = 0.01
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if not 0 < self.alpha < 1:
@@ -53,7 +55,7 @@ class GateSettings:
         if self.latency_min_diff_s < 0:
             yield "latency_min_diff_s", f"must not be negative, got {self.latency_min_diff_s}"
         for name in ("max_cramers_v", "max_agreement_drop", "max_accuracy_drop",
-                     "max_contract_violation_ratio", "max_drift_alarm_share"):
+                     "max_contract_violation_ratio", "max_drift_alarm_share", "max_client_error_increase"):
             if not 0 <= getattr(self, name) <= 1:
                 yield name, f"must be between 0 and 1, got {getattr(self, name)}"
 

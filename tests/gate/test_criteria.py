@@ -53,12 +53,27 @@ def test_error_ratio_fails_against_baseline_and_budget_and_names_numbers():
     assert c.verdict == Verdict.FAIL
     assert c.canary == pytest.approx(0.06) and c.baseline == 0
     assert "0.0600 (30/500)" in c.summary and "above the SLO budget" in c.summary
-    # 4xx are the client's: not errors under the SLO's bad-code rule
-    ok = criteria.error_ratio(version(), version(codes={"200": 470.0, "404": 30.0}), S, ALPHA, 0.001, "5..")
-    assert ok.verdict == Verdict.PASS
+    # 4xx are the client's: not errors under the SLO's bad-code rule (same share on both versions)
+    ok = criteria.error_ratio(version(codes={"200": 470.0, "404": 30.0}), version(codes={"200": 470.0, "404": 30.0}),
+                              S, ALPHA, 0.001, "5..")
+    assert ok.verdict == Verdict.PASS and "above the SLO budget" not in ok.summary
     # a code that a newer proxy uses for cut responses counts when the rule says so
     cut = criteria.error_ratio(version(), version(codes={"200": 470.0, "599": 30.0}), S, ALPHA, 0.001, "5..")
     assert cut.verdict == Verdict.FAIL
+
+
+def test_canary_refusing_requests_the_baseline_serves_fails_on_client_errors():
+    # same traffic: the canary answers 400/404 where the baseline answers 200 (a changed input
+    # contract, a missing route). No 5xx, so the SLO rule alone would pass it.
+    for refused in ({"400": 500.0}, {"200": 470.0, "404": 30.0}):
+        c = criteria.error_ratio(version(), version(codes=refused), S, ALPHA, 0.001, "5..")
+        assert c.verdict == Verdict.FAIL, c.summary
+        assert "client errors (4xx)" in c.summary and "higher than baseline" in c.summary
+        assert "above the SLO budget" not in c.summary
+    # a few more 4xx than the baseline, within max_client_error_increase, is not a failure
+    few = criteria.error_ratio(version(codes={"200": 4950.0, "400": 50.0}), version(codes={"200": 4920.0, "400": 80.0}),
+                               S, ALPHA, 0.001, "5..")
+    assert few.verdict == Verdict.PASS, few.summary
 
 
 def test_one_error_in_five_hundred_is_not_proof_of_a_budget_breach():
@@ -81,6 +96,32 @@ def test_latency_difference_below_the_minimum_is_not_a_failure():
     assert c.p_value < ALPHA and c.verdict == Verdict.PASS
 
 
+def test_latency_compares_different_bucket_layouts_only_at_shared_bounds():
+    # same latencies (all between 50 and 100 ms); the canary's sidecar has extra bounds.
+    # A missing bound is not a count of 0: compared on the shared bounds, nothing differs.
+    base = {0.05: 0.0, 0.1: 1000.0, 0.4: 1000.0, math.inf: 1000.0}
+    finer = {0.05: 0.0, 0.06: 400.0, 0.075: 700.0, 0.1: 1000.0, 0.2: 1000.0, 0.4: 1000.0, math.inf: 1000.0}
+    r = criteria.latency(version(codes={"200": 1000.0}, buckets=base),
+                         version(codes={"200": 1000.0}, buckets=finer), S, ALPHA)
+    assert r.verdict == Verdict.PASS, r.summary
+    assert "bucket layouts differ" in r.summary and r.effect == pytest.approx(1.0)
+    # still fails a really slower canary with its own layout
+    slow = {0.05: 0.0, 0.1: 0.0, 0.2: 900.0, 0.4: 1000.0, math.inf: 1000.0}
+    r = criteria.latency(version(codes={"200": 1000.0}, buckets=base),
+                         version(codes={"200": 1000.0}, buckets=slow), S, ALPHA)
+    assert r.verdict == Verdict.FAIL, r.summary
+
+
+def test_latency_without_a_shared_finite_bucket_is_inconclusive_not_pass():
+    only_inf = {math.inf: 1000.0}
+    r = criteria.latency(version(buckets=only_inf), version(buckets=only_inf), S, ALPHA)
+    assert r.verdict == Verdict.INCONCLUSIVE and "no finite bucket bound" in r.summary
+    disjoint = criteria.latency(version(buckets={0.1: 900.0, math.inf: 1000.0}),
+                                version(buckets={0.05: 0.0, 0.2: 1000.0, math.inf: 1000.0}), S, ALPHA)
+    assert disjoint.verdict == Verdict.INCONCLUSIVE, disjoint.summary
+    assert "baseline: 0.1, inf" in disjoint.summary and "canary: 0.05, 0.2, inf" in disjoint.summary
+
+
 def test_prediction_distribution_fails_with_effect_size():
     c = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
     assert c.verdict == Verdict.FAIL and c.effect > S.max_cramers_v
@@ -98,6 +139,13 @@ def test_agreement_and_accuracy_drop():
 def test_unreliable_accuracy_estimate_is_inconclusive():
     c = criteria.accuracy(version(), version(reliable=0.0), S, ALPHA, 500, 500)
     assert c.verdict == Verdict.INCONCLUSIVE and "canary" in c.summary
+
+
+def test_unreliable_atc_estimate_is_inconclusive_not_pass():
+    # no verdicts exported: the ATC branch must honour the reliability flag too
+    b, c = version(verdicts={}, atc=0.9), version(verdicts={}, atc=0.9, reliable=0.0)
+    r = criteria.accuracy(b, c, S, ALPHA, 500, 500)
+    assert r.verdict == Verdict.INCONCLUSIVE and "canary" in r.summary and "unreliable" in r.summary
 
 
 def test_accuracy_falls_back_to_the_atc_estimate_without_verdicts():

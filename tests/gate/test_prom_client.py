@@ -1,0 +1,76 @@
+"""The gate's Prometheus client on answers a real Prometheus never gives but a proxy in front might."""
+
+from __future__ import annotations
+
+import json
+from http.server import BaseHTTPRequestHandler
+
+import pytest
+
+from sentinel.errors import InfrastructureError
+from sentinel.gate.prom import Prometheus
+from tests.servers import serve_in_thread, stop_server
+
+pytestmark = pytest.mark.unit
+
+QUERY = 'sum by (code) (increase(sentinel_requests_total{model="digits",version="v3"}[10m]))'
+
+ANSWERS = {
+    "/list": (200, "application/json", "[]"),
+    "/string": (200, "application/json", '"ok"'),
+    "/html": (502, "text/html", "<html><body>Bad Gateway</body></html>"),
+    "/login": (200, "text/html", "<html>sign in</html>"),
+    "/no-data": (200, "application/json", '{"status": "success", "data": null}'),
+    "/data-list": (200, "application/json", '{"status": "success", "data": []}'),
+    "/sample-not-object": (200, "application/json",
+                           '{"status": "success", "data": {"resultType": "vector", "result": ["x"]}}'),
+    "/no-value": (200, "application/json",
+                  '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}}]}}'),
+    "/value-null": (200, "application/json",
+                    '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": null}]}}'),
+    "/scalar-short": (200, "application/json", '{"status": "success", "data": {"resultType": "scalar", "result": 3}}'),
+    "/metric-list": (200, "application/json",
+                     '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": [1], "value": [0, "1"]}]}}'),
+}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        prefix = self.path.removesuffix("/api/v1/query")
+        if prefix == "/ok":
+            status, ctype, body = 200, "application/json", json.dumps({"status": "success", "data": {
+                "resultType": "vector", "result": [{"metric": {"code": "200"}, "value": [0, "5"]},
+                                                   {"metric": {"code": "500"}, "value": [0, "NaN"]}]}})
+        else:
+            status, ctype, body = ANSWERS[prefix]
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    server = serve_in_thread(_Handler)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    stop_server(server)
+
+
+@pytest.mark.parametrize("path", sorted(ANSWERS))
+def test_malformed_answers_are_one_infrastructure_error_naming_url_and_query(base_url, path):
+    with Prometheus(base_url + path) as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    message = str(err.value)
+    assert base_url + path in message and "\n" not in message
+    assert "sentinel_requests_total" in message   # which query it was
+
+
+def test_well_formed_answer_still_parses(base_url):
+    with Prometheus(base_url + "/ok") as prom:
+        assert prom.vector(QUERY, "code") == {"200": 5.0}
