@@ -114,10 +114,20 @@ def latency_quantile(q: float, model: str, version: str, window: str) -> str:
     return f"histogram_quantile({q}, {latency_buckets(model, version, window)})"
 
 
-def latency_quantile_ratio(q: float, model: str, baseline: str, canary: str, window: str) -> str:
-    """Canary's latency quantile over the baseline's."""
-    return (f"{latency_quantile(q, model, canary, window)}\n/\n"
-            f"clamp_min({latency_quantile(q, model, baseline, window)}, 1e-6)")
+def latency_quantile_ratio(q: float, model: str, baseline: str, canary: str, window: str,
+                           min_diff_s: float = 0.0) -> str:
+    """Canary's latency quantile over the baseline's; 1 when the canary is slower by `min_diff_s` or less.
+
+    The gate fails latency only when the ratio exceeds its tolerance *and* the canary is
+    slower by more than `latency_min_diff_s`; a controller comparing the ratio alone would
+    roll back a 1 ms model that became 2 ms.
+    """
+    qc, qb = latency_quantile(q, model, canary, window), latency_quantile(q, model, baseline, window)
+    ratio = f"{qc}\n/\nclamp_min({qb}, 1e-6)"
+    if min_diff_s <= 0:
+        return ratio
+    return (f"(\n{ratio}\n)\nand on () (({qc}) - ({qb}) > {min_diff_s!r})\n"
+            f"or on () (0 * (\n{ratio}\n) + 1)")
 
 
 def agreement_ratio(model: str, version: str, window: str) -> str:

@@ -57,6 +57,7 @@ class Check:
     max: float
     guard: Callable[[str, str, str], str] | None   # (model, version, window) -> count query
     min_count: int = 0
+    canary_only: bool = False   # the guard counts the canary's samples only (its check judges the canary alone)
 
 
 def checks(spec: SloFile) -> tuple[Check, ...]:
@@ -66,11 +67,11 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
         Check("error-ratio-increase", "canary's error ratio minus the baseline's (5xx per the SLO rule)",
               q.error_ratio_increase, budget, q.request_count, s.min_requests),
         Check("latency-p95-ratio", "canary's P95 latency over the baseline's",
-              lambda m, b, c, w: q.latency_quantile_ratio(0.95, m, b, c, w), s.latency_tolerance,
-              q.request_count, s.min_requests),
+              lambda m, b, c, w: q.latency_quantile_ratio(0.95, m, b, c, w, s.latency_min_diff_s),
+              s.latency_tolerance, q.request_count, s.min_requests),
         Check("latency-p99-ratio", "canary's P99 latency over the baseline's",
-              lambda m, b, c, w: q.latency_quantile_ratio(0.99, m, b, c, w), s.latency_tolerance,
-              q.request_count, s.min_requests),
+              lambda m, b, c, w: q.latency_quantile_ratio(0.99, m, b, c, w, s.latency_min_diff_s),
+              s.latency_tolerance, q.request_count, s.min_requests),
         Check("prediction-shift", "total variation distance between the versions' predicted-class shares",
               q.prediction_shift, MAX_PREDICTION_SHIFT, _predictions, s.min_predictions),
         Check("agreement-drop", "baseline's agreement with the reference model minus the canary's",
@@ -80,7 +81,8 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
         Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up",
               lambda m, b, c, w: q.canary_drift_share(m, c, w), s.max_drift_alarm_share, None),
         Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract",
-              lambda m, b, c, w: q.canary_contract_ratio(m, c, w), s.max_contract_violation_ratio, None),
+              lambda m, b, c, w: q.canary_contract_ratio(m, c, w), s.max_contract_violation_ratio,
+              q.contract_checked, s.min_compared, canary_only=True),
     )
 
 
@@ -101,8 +103,10 @@ def guarded(check: Check, model: str, baseline: str, canary: str, window: str) -
     expr = check.query(model, baseline, canary, window)
     if check.guard is None:
         return expr
-    return (f"(\n{expr}\n)\nand on () ({check.guard(model, baseline, window)} >= {check.min_count})"
-            f"\nand on () ({check.guard(model, canary, window)} >= {check.min_count})")
+    canary_guard = f"\nand on () ({check.guard(model, canary, window)} >= {check.min_count})"
+    if check.canary_only:
+        return f"(\n{expr}\n){canary_guard}"
+    return f"(\n{expr}\n)\nand on () ({check.guard(model, baseline, window)} >= {check.min_count}){canary_guard}"
 
 
 def _num(x: float) -> str:

@@ -1,0 +1,103 @@
+"""The controller templates decide as `sentinel gate` does on the same series: each Argo query is
+evaluated by `promtool test rules` on literal series, and the gate's criterion on the same counts."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sentinel import metricnames as mn
+from sentinel.gate import criteria
+from sentinel.gate.criteria import Verdict, VersionData
+from sentinel.gate.judge import TESTED_CRITERIA
+from sentinel.gate.templates import argo_analysis_template
+from sentinel.slo.spec import load_slo_file
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = load_slo_file(REPO / "slo.yaml")
+S = SPEC.gate
+
+pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+
+LAT = mn.REQUEST_DURATION.sample_name
+REQ = mn.REQUESTS.sample_name
+CHECKED = mn.INPUT_CONTRACT_CHECKED.sample_name
+VIOLATING = mn.INPUT_CONTRACT_VIOLATING.sample_name
+
+# 10 requests/s each over 10 minutes. A fast model: v3 answers within 1 ms, v4 half within
+# 1 ms and half within 2 ms: twice as slow at P95/P99, but by under a millisecond, less than
+# latency_min_diff_s (10 ms). v4's sidecar checks no inputs against the contract in the window.
+SERIES = [
+    (f'{REQ}{{model="digits",version="v3",code="200"}}', "0+10x600"),
+    (f'{REQ}{{model="digits",version="v4",code="200"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v3",le="0.001"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v3",le="0.002"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v3",le="0.05"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v3",le="+Inf"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v4",le="0.001"}}', "0+5x600"),
+    (f'{LAT}{{model="digits",version="v4",le="0.002"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v4",le="0.05"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v4",le="+Inf"}}', "0+10x600"),
+    (f'{CHECKED}{{model="digits",version="v4"}}', "0x600"),
+    (f'{VIOLATING}{{model="digits",version="v4"}}', "0x600"),
+    # v5: really slower (P95 ~48 ms against 1 ms), and one in ten checked inputs violates the contract
+    (f'{REQ}{{model="digits",version="v5",code="200"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v5",le="0.001"}}', "0x600"),
+    (f'{LAT}{{model="digits",version="v5",le="0.002"}}', "0x600"),
+    (f'{LAT}{{model="digits",version="v5",le="0.05"}}', "0+10x600"),
+    (f'{LAT}{{model="digits",version="v5",le="+Inf"}}', "0+10x600"),
+    (f'{CHECKED}{{model="digits",version="v5"}}', "0+1x600"),
+    (f'{VIOLATING}{{model="digits",version="v5"}}', "0+0.1x600"),
+]
+
+
+def _argo_queries(canary: str) -> dict[str, str]:
+    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": "v3", "{{args.canary-version}}": canary,
+             "{{args.window}}": "10m"}
+    out = {}
+    for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
+        expr = m["provider"]["prometheus"]["query"]
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        out[m["name"]] = expr
+    return out
+
+
+def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
+    inf = math.inf
+    base = VersionData(codes={"200": 6000.0}, buckets={0.001: 6000.0, 0.002: 6000.0, inf: 6000.0})
+    canary = VersionData(codes={"200": 6000.0}, buckets={0.001: 3000.0, 0.002: 6000.0, inf: 6000.0},
+                         contract_checked=0.0, contract_violating=0.0)
+    alpha = S.alpha / TESTED_CRITERIA
+    lat = criteria.latency(base, canary, S, alpha)
+    assert lat.verdict == Verdict.PASS and lat.effect > S.latency_tolerance   # ratio x1.9, but < 10 ms
+    assert criteria.input_contract(canary, S, alpha).verdict == Verdict.INCONCLUSIVE
+
+    q, q5 = _argo_queries("v4"), _argo_queries("v5")
+    tests = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1s",
+        "input_series": [{"series": s, "values": v} for s, v in SERIES],
+        "promql_expr_test": [
+            # a ratio that is not a failure for the gate must not fail the rollout either
+            {"expr": f"({q['latency-p95-ratio']}) <= {S.latency_tolerance}", "eval_time": "10m",
+             "exp_samples": [{"labels": "{}", "value": 1.0}]},
+            {"expr": f"({q['latency-p99-ratio']}) <= {S.latency_tolerance}", "eval_time": "10m",
+             "exp_samples": [{"labels": "{}", "value": 1.0}]},
+            # no inputs checked: no result (Argo: Inconclusive), not a passing 0
+            {"expr": q["contract-violation-ratio"], "eval_time": "10m", "exp_samples": []},
+            # a really slower canary and one violating the contract still fail
+            {"expr": f"({q5['latency-p95-ratio']}) > {S.latency_tolerance} > bool 0", "eval_time": "10m",
+             "exp_samples": [{"labels": "{}", "value": 1.0}]},
+            {"expr": f"({q5['contract-violation-ratio']}) > {S.max_contract_violation_ratio} > bool 0",
+             "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]},
+        ],
+    }]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
