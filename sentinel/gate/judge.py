@@ -88,6 +88,18 @@ def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, win
                     f"label: scrape each sidecar with a `{queries.VERSION_LABEL}` target label "
                     f"(deploy/README.md, 'Per-version series')")
         raise InfrastructureError("; ".join(missing) + hint)
+    scrapes = prom.vector(q["scrapes"], queries.VERSION_LABEL)
+    thin = [f"{role} {model}:{version} ({_n_scrapes(scrapes.get(version, 0))})"
+            for role, version in (("baseline", baseline), ("canary", canary)) if scrapes.get(version, 0) < 2]
+    if thin:
+        raise UsageError(
+            f"--window {window}: {' and '.join(thin)} in the window, but counting what happened in it "
+            f"takes two scrapes of sentinel_requests_total: use a --window of at least twice the scrape "
+            f"interval (or, for a version just deployed, wait one scrape interval)")
+
+
+def _n_scrapes(n: float) -> str:
+    return "1 scrape" if n == 1 else f"{int(n)} scrapes"
 
 
 def _re_escape(value: str) -> str:

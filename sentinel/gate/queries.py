@@ -41,6 +41,9 @@ def presence(model: str, versions: str, window: str) -> dict[str, str]:
                       f"{_sel(mn.MODEL_INFO.sample_name, model=model, **{VERSION_LABEL: '~' + versions})}[{window}]))",
         "requests": f"count by ({VERSION_LABEL}) (last_over_time("
                     f"{_sel(mn.REQUESTS.sample_name, model=model, **{VERSION_LABEL: '~' + versions})}[{window}]))",
+        # samples per series in the window: increase() needs two, so a window shorter than two scrapes has no data
+        "scrapes": f"max by ({VERSION_LABEL}) (count_over_time("
+                   f"{_sel(mn.REQUESTS.sample_name, model=model, **{VERSION_LABEL: '~' + versions})}[{window}]))",
         # `version=""` matches series without the label: sidecars scraped without a version target label
         "unlabelled_requests": f"count(last_over_time("
                                f"{_sel(mn.REQUESTS.sample_name, model=model, **{VERSION_LABEL: ''})}[{window}]))",

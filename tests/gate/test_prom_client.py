@@ -74,3 +74,32 @@ def test_malformed_answers_are_one_infrastructure_error_naming_url_and_query(bas
 def test_well_formed_answer_still_parses(base_url):
     with Prometheus(base_url + "/ok") as prom:
         assert prom.vector(QUERY, "code") == {"200": 5.0}
+
+
+class _Answers:
+    """Stands in for Prometheus in check_versions: each query answered by the first matching key."""
+
+    def __init__(self, scrapes: dict[str, float]):
+        self.scrapes = scrapes
+
+    def vector(self, expr: str, label: str) -> dict[str, float]:
+        if expr.startswith("max by (version) (count_over_time("):
+            return self.scrapes
+        return {"v3": 1.0, "v4": 1.0}   # model_info and requests present for both
+
+    def scalar(self, expr: str) -> float | None:
+        return None
+
+
+def test_window_shorter_than_two_scrapes_is_a_usage_error_not_skipped_criteria():
+    from sentinel.errors import UsageError
+    from sentinel.gate.judge import check_versions
+
+    # one sample per series in a 15s window scraped every 30s: increase() has nothing to say,
+    # which used to come out as every criterion "skipped: no request series" and exit 3
+    with pytest.raises(UsageError) as err:
+        check_versions(_Answers({"v3": 1.0, "v4": 2.0}), "digits", "v3", "v4", "15s")  # type: ignore[arg-type]
+    message = str(err.value)
+    assert "--window 15s" in message and "baseline digits:v3 (1 scrape)" in message and "v4" not in message
+    assert "twice the scrape interval" in message
+    check_versions(_Answers({"v3": 3.0, "v4": 2.0}), "digits", "v3", "v4", "1m")  # type: ignore[arg-type]
