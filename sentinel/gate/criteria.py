@@ -167,13 +167,19 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
     h = stats.homogeneity(stats.differences(cum_b), stats.differences(cum_c))
     parts, slower = [], []
     worst_ratio = 0.0
+    top = finite_bounds[-1]
+    beyond = []   # quantiles of the canary above the highest shared bound, the baseline's below it
     for q in (0.95, 0.99):
         qb, qc = stats.quantile(q, cum_b), stats.quantile(q, cum_c)
         ratio = qc / qb if qb > 0 else math.inf if qc > 0 else 1.0
         worst_ratio = max(worst_ratio, ratio)
-        parts.append(f"P{int(q * 100)} {qc * 1000:.1f} ms vs {qb * 1000:.1f} ms (x{ratio:.2f})")
+        unbounded = cum_c[top] < q * n_c and cum_b[top] >= q * n_b
+        parts.append(f"P{int(q * 100)} {'>' if unbounded else ''}{qc * 1000:.1f} ms vs {qb * 1000:.1f} ms "
+                     f"(x{'>' if unbounded else ''}{ratio:.2f})")
         if ratio > s.latency_tolerance and qc - qb > s.latency_min_diff_s:
             slower.append(f"P{int(q * 100)}")
+        elif unbounded:
+            beyond.append(f"P{int(q * 100)}")
     text = (f"canary {', '.join(parts)}; chi-square on {h.columns} buckets p={_fmt_p(h.p_value)}, "
             f"Cramér's V {h.cramers_v:.3f}{layouts}")
     common = dict(test="chi_square_homogeneity(latency buckets)", statistic=h.statistic, p_value=h.p_value,
@@ -184,6 +190,12 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
         return Criterion(name, Verdict.FAIL,
                          text + f": {' and '.join(slower)} slower than x{s.latency_tolerance:g} "
                                 f"and by more than {s.latency_min_diff_s * 1000:g} ms", **common)
+    if h.p_value < alpha and beyond:
+        # Only a lower bound is known (the +Inf bucket): "x1.1" may be x1.1 or x10.
+        return Criterion(name, Verdict.INCONCLUSIVE,
+                         text + f": the canary's {' and '.join(beyond)} lie above the highest shared bucket "
+                                f"bound ({top * 1000:g} ms), the baseline's below it; how much slower is unknown",
+                         **common)
     return Criterion(name, Verdict.PASS, text, **common)
 
 

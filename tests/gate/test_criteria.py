@@ -112,6 +112,21 @@ def test_latency_compares_different_bucket_layouts_only_at_shared_bounds():
     assert r.verdict == Verdict.FAIL, r.summary
 
 
+def test_latency_beyond_the_highest_bound_is_not_a_pass_on_the_bound():
+    # baseline P95/P99 at 8-10 s, canary all in +Inf (> 10 s): its quantiles read as "10 s",
+    # x1.0-1.2, which is a lower bound, not a measurement
+    base = {1.0: 0.0, 5.0: 0.0, 10.0: 1000.0, math.inf: 1000.0}
+    canary = {1.0: 0.0, 5.0: 0.0, 10.0: 0.0, math.inf: 1000.0}
+    r = criteria.latency(version(codes={"200": 1000.0}, buckets=base),
+                         version(codes={"200": 1000.0}, buckets=canary), S, ALPHA)
+    assert r.verdict == Verdict.INCONCLUSIVE, r.summary
+    assert "above the highest shared bucket bound (10000 ms)" in r.summary and "P95 >10000.0 ms" in r.summary
+    # both beyond the top bound: nothing to tell them apart, not inconclusive on that account
+    same = criteria.latency(version(codes={"200": 1000.0}, buckets=canary),
+                            version(codes={"200": 1000.0}, buckets=canary), S, ALPHA)
+    assert same.verdict == Verdict.PASS
+
+
 def test_latency_without_a_shared_finite_bucket_is_inconclusive_not_pass():
     only_inf = {math.inf: 1000.0}
     r = criteria.latency(version(buckets=only_inf), version(buckets=only_inf), S, ALPHA)
