@@ -8,7 +8,7 @@ gate:
   min_compared: 100            # per version, for agreement and accuracy
   latency_tolerance: 1.25      # canary P95 or P99 may be at most this times the baseline's...
   latency_min_diff_s: 0.01     # ...and must also be slower by at least this much to fail
-  max_cramers_v: 0.1           # predicted-class shift below this effect size is not a failure
+  max_cramers_v: 0.1           # predicted-class shift below this effect size is not a failure (V at an equal split)
   max_agreement_drop: 0.02     # agreement with the reference may drop by at most 2 points
   max_accuracy_drop: 0.02      # accuracy lower bound (or ATC estimate) may drop by at most 2 points
   max_contract_violation_ratio: 0.01  # canary's share of inputs violating the input contract

@@ -11,7 +11,8 @@ arithmetic; their settings (alpha, effect sizes) live in `sentinel.gate.settings
   fixed budget" (the SLO's 1 - objective).
 * `homogeneity`: Pearson's chi-square test of homogeneity on a 2 x k table (predicted
   classes, latency buckets), after merging adjacent sparse columns so every expected
-  count is at least 5 (Cochran's rule); effect size Cramér's V = sqrt(chi2 / n).
+  count is at least 5 (Cochran's rule); effect size Cramér's V = sqrt(chi2 / n), and the
+  same V with both rows scaled to equal totals (`balanced_v`, independent of the split).
 * `quantile`: the quantile of a histogram from its bucket counts, interpolated linearly
   inside the bucket as Prometheus' `histogram_quantile` does.
 """
@@ -73,6 +74,10 @@ class Homogeneity:
     dof: int
     cramers_v: float
     columns: int   # after merging sparse columns
+    # Cramér's V of the same two distributions with equal row totals: the effect size
+    # without the traffic split in it (plain V of a 1% canary stays below ~0.1 even when
+    # its distribution shares nothing with the baseline's). Equals cramers_v at a 50/50 split.
+    balanced_v: float = 0.0
 
 
 def homogeneity(a: Sequence[float], b: Sequence[float]) -> Homogeneity:
@@ -83,6 +88,7 @@ def homogeneity(a: Sequence[float], b: Sequence[float]) -> Homogeneity:
     n = sum(x for c in cols for x in c)
     if len(cols) < 2 or n <= 0:
         return Homogeneity(0.0, 1.0, 0, 0.0, len(cols))
+    balanced = _balanced_v(cols)
     from scipy.stats import chi2
 
     row_a = sum(c[0] for c in cols)
@@ -95,7 +101,25 @@ def homogeneity(a: Sequence[float], b: Sequence[float]) -> Homogeneity:
             if exp > 0:
                 stat += (obs - exp) ** 2 / exp
     dof = len(cols) - 1
-    return Homogeneity(stat, float(chi2.sf(stat, dof)), dof, math.sqrt(stat / n), len(cols))
+    return Homogeneity(stat, float(chi2.sf(stat, dof)), dof, math.sqrt(stat / n), len(cols), balanced)
+
+
+def _balanced_v(cols: list[tuple[float, float]]) -> float:
+    """Cramér's V of a 2 x k table after scaling both rows to the same total.
+
+    With row shares a_i and b_i, V^2 = sum (a_i - b_i)^2 / (2 (a_i + b_i)): 0 for identical
+    distributions, 1 for disjoint ones, whatever the rows' sizes.
+    """
+    total_a = sum(c[0] for c in cols)
+    total_b = sum(c[1] for c in cols)
+    if total_a <= 0 or total_b <= 0:
+        return 0.0
+    v2 = 0.0
+    for ca, cb in cols:
+        sa, sb = ca / total_a, cb / total_b
+        if sa + sb > 0:
+            v2 += (sa - sb) ** 2 / (2 * (sa + sb))
+    return math.sqrt(min(1.0, v2))
 
 
 def _merge_sparse(a: list[float], b: list[float]) -> list[tuple[float, float]]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sentinel.gate import criteria
+from sentinel.gate import criteria, stats
 from sentinel.gate.criteria import Verdict, VersionData
 from sentinel.gate.judge import TESTED_CRITERIA, GateReport, judge
 from sentinel.gate.report import as_dict, text, to_json
@@ -141,6 +141,23 @@ def test_prediction_distribution_fails_with_effect_size():
     c = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
     assert c.verdict == Verdict.FAIL and c.effect > S.max_cramers_v
     assert "class 1" in c.summary
+
+
+def test_prediction_shift_of_a_one_percent_canary_is_judged_by_a_split_free_effect_size():
+    # 1% canary that never predicts class 3 (10% of the baseline's answers): plain Cramér's V
+    # is ~0.03 at a 200:20000 split, under 0.1 whatever the canary does
+    base = {str(k): 2000.0 for k in range(10)}
+    never3 = {**{str(k): 22.0 for k in range(10)}, "3": 0.0, "4": 24.0}
+    r = criteria.prediction_distribution(version(classes=base), version(classes=never3), S, ALPHA)
+    assert r.verdict == Verdict.FAIL, r.summary
+    assert r.effect > S.max_cramers_v and "at equal traffic" in r.summary
+    # the same distribution at 1% is not a shift; nor is it at 50%
+    same = {k: v / 100 for k, v in base.items()}
+    assert criteria.prediction_distribution(version(classes=base), version(classes=same), S, ALPHA).verdict \
+        == Verdict.PASS
+    # at an equal split the effect is the plain Cramér's V (thresholds keep their meaning)
+    r = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
+    assert r.effect == pytest.approx(stats.homogeneity(list(CLASSES.values()), list(SKEWED.values())).balanced_v)
 
 
 def test_agreement_and_accuracy_drop():

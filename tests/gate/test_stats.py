@@ -69,3 +69,14 @@ def test_quantile_interpolates_like_histogram_quantile():
 
 def test_differences_from_cumulative_buckets():
     assert stats.differences({0.1: 5.0, 0.5: 7.0, math.inf: 7.0}) == [5.0, 2.0, 0.0]
+
+
+def test_balanced_cramers_v_ignores_the_split_and_equals_v_at_an_even_split():
+    a = [50.0, 50.0, 100.0]
+    b = [100.0, 20.0, 80.0]
+    h = stats.homogeneity(a, b)
+    assert h.balanced_v == pytest.approx(h.cramers_v)            # equal totals: the same V
+    small = stats.homogeneity([x * 100 for x in a], b)            # 100:1 split, same distributions
+    assert small.balanced_v == pytest.approx(h.balanced_v)
+    assert small.cramers_v < h.cramers_v / 2                      # plain V shrinks with the split
+    assert stats.homogeneity([100.0, 0.0], [0.0, 100.0]).balanced_v == pytest.approx(1.0)
