@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from sentinel.gate import stats
+from sentinel.gate.queries import CLIENT_CODE_REGEX
 from sentinel.gate.settings import GateSettings
 
-CLIENT_CODE = re.compile("4..")   # refused requests: no SLO budget spent, still compared between versions
+CLIENT_CODE = re.compile(CLIENT_CODE_REGEX)   # refused requests: no SLO budget spent, still compared
 
 
 class Verdict(str, Enum):

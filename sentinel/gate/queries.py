@@ -17,6 +17,7 @@ from sentinel.slo.sli import BAD_CODE_REGEX, _sel
 
 VERSION_LABEL = "version"
 AGREEMENT_SOURCES = "shadow|replay"
+CLIENT_CODE_REGEX = "4.."        # refused requests (sentinel.gate.criteria.CLIENT_CODE)
 COMBINED_DETECTOR = "combined"   # the drift suite's combined verdict (sentinel.drift.combine)
 
 
@@ -113,6 +114,13 @@ def error_ratio(model: str, version: str, window: str) -> str:
     return f"({bad} or 0 * {total}) / clamp_min({total}, 1)"
 
 
+def client_error_ratio(model: str, version: str, window: str) -> str:
+    """Share of the version's requests answered 4xx (no SLO budget spent, still compared between versions)."""
+    total = _inc(_v(mn.REQUESTS.sample_name, model, version), window)
+    refused = _inc(_v(mn.REQUESTS.sample_name, model, version, code="~" + CLIENT_CODE_REGEX), window)
+    return f"({refused} or 0 * {total}) / clamp_min({total}, 1)"
+
+
 def latency_quantile(q: float, model: str, version: str, window: str) -> str:
     return f"histogram_quantile({q}, {latency_buckets(model, version, window)})"
 
@@ -155,6 +163,12 @@ def request_count(model: str, version: str, window: str) -> str:
 def error_ratio_increase(model: str, baseline: str, canary: str, window: str) -> str:
     """Canary's error ratio minus the baseline's (negative when the canary errs less)."""
     return f"(\n{error_ratio(model, canary, window)}\n)\n-\n(\n{error_ratio(model, baseline, window)}\n)"
+
+
+def client_error_increase(model: str, baseline: str, canary: str, window: str) -> str:
+    """Canary's 4xx ratio minus the baseline's."""
+    return (f"(\n{client_error_ratio(model, canary, window)}\n)\n-\n"
+            f"(\n{client_error_ratio(model, baseline, window)}\n)")
 
 
 def agreement_drop(model: str, baseline: str, canary: str, window: str) -> str:

@@ -66,6 +66,8 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
     return (
         Check("error-ratio-increase", "canary's error ratio minus the baseline's (5xx per the SLO rule)",
               q.error_ratio_increase, budget, q.request_count, s.min_requests),
+        Check("client-error-increase", "canary's 4xx ratio minus the baseline's (same traffic, same refusals)",
+              q.client_error_increase, s.max_client_error_increase, q.request_count, s.min_requests),
         Check("latency-p95-ratio", "canary's P95 latency over the baseline's",
               lambda m, b, c, w: q.latency_quantile_ratio(0.95, m, b, c, w, s.latency_min_diff_s),
               s.latency_tolerance, q.request_count, s.min_requests),

@@ -64,7 +64,7 @@ def test_argo_analysis_template_fields():
         assert used <= set(arg_names), used - set(arg_names)
         names.append(m["name"])
     assert len(names) == len(set(names))
-    assert {"error-ratio-increase", "latency-p95-ratio", "latency-p99-ratio", "prediction-shift",
+    assert {"error-ratio-increase", "client-error-increase", "latency-p95-ratio", "latency-p99-ratio", "prediction-shift",
             "agreement-drop", "accuracy-drop", "drift-alarm-share", "contract-violation-ratio"} == set(names)
 
 

@@ -45,8 +45,10 @@ SERIES = [
     (f'{LAT}{{model="digits",version="v4",le="+Inf"}}', "0+10x600"),
     (f'{CHECKED}{{model="digits",version="v4"}}', "0x600"),
     (f'{VIOLATING}{{model="digits",version="v4"}}', "0x600"),
-    # v5: really slower (P95 ~48 ms against 1 ms), and one in ten checked inputs violates the contract
-    (f'{REQ}{{model="digits",version="v5",code="200"}}', "0+10x600"),
+    # v5: really slower (P95 ~48 ms against 1 ms), refuses one request in ten (400) and one in
+    # ten checked inputs violates the contract
+    (f'{REQ}{{model="digits",version="v5",code="200"}}', "0+9x600"),
+    (f'{REQ}{{model="digits",version="v5",code="400"}}', "0+1x600"),
     (f'{LAT}{{model="digits",version="v5",le="0.001"}}', "0x600"),
     (f'{LAT}{{model="digits",version="v5",le="0.002"}}', "0x600"),
     (f'{LAT}{{model="digits",version="v5",le="0.05"}}', "0+10x600"),
@@ -77,6 +79,8 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
     lat = criteria.latency(base, canary, S, alpha)
     assert lat.verdict == Verdict.PASS and lat.effect > S.latency_tolerance   # ratio x1.9, but < 10 ms
     assert criteria.input_contract(canary, S, alpha).verdict == Verdict.INCONCLUSIVE
+    refusing = VersionData(codes={"200": 5400.0, "400": 600.0})
+    assert criteria.error_ratio(base, refusing, S, alpha, 0.001, "5..").verdict == Verdict.FAIL
 
     q, q5 = _argo_queries("v4"), _argo_queries("v5")
     tests = {"evaluation_interval": "1m", "tests": [{
@@ -93,6 +97,9 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
             # a really slower canary and one violating the contract still fail
             {"expr": f"({q5['latency-p95-ratio']}) > {S.latency_tolerance} > bool 0", "eval_time": "10m",
              "exp_samples": [{"labels": "{}", "value": 1.0}]},
+            {"expr": f"({q5['client-error-increase']}) > {S.max_client_error_increase} > bool 0",
+             "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]},
+            {"expr": q["client-error-increase"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 0.0}]},
             {"expr": f"({q5['contract-violation-ratio']}) > {S.max_contract_violation_ratio} > bool 0",
              "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]},
         ],
