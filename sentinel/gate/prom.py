@@ -35,6 +35,7 @@ class Prometheus:
             raise InfrastructureError(f"--prometheus: expected an http(s) URL, got {url!r}")
         self.url = url.rstrip("/")
         self.time = time
+        self.timeout = timeout
         self._client = httpx.Client(base_url=self.url, timeout=timeout)
 
     def close(self) -> None:
@@ -53,8 +54,14 @@ class Prometheus:
             params["time"] = self.time
         try:
             resp = self._client.post("/api/v1/query", data=params)
+        except httpx.TimeoutException as exc:
+            raise InfrastructureError(
+                f"Prometheus at {self.url} did not answer the query {_short(expr)!r} within "
+                f"{self.timeout:g} s ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise InfrastructureError(f"Prometheus at {self.url} could not be queried: {exc}") from exc
+            raise InfrastructureError(
+                f"Prometheus at {self.url} could not be queried ({_short(expr)!r}): "
+                f"{type(exc).__name__}: {exc}") from exc
         try:
             body = resp.json()
         except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -38,6 +39,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         prefix = self.path.removesuffix("/api/v1/query")
+        if prefix == "/slow":
+            time.sleep(3)
+            return
         if prefix == "/ok":
             status, ctype, body = 200, "application/json", json.dumps({"status": "success", "data": {
                 "resultType": "vector", "result": [{"metric": {"code": "200"}, "value": [0, "5"]},
@@ -69,6 +73,14 @@ def test_malformed_answers_are_one_infrastructure_error_naming_url_and_query(bas
     message = str(err.value)
     assert base_url + path in message and "\n" not in message
     assert "sentinel_requests_total" in message   # which query it was
+
+
+def test_slow_prometheus_is_one_line_naming_the_query_and_the_timeout(base_url):
+    with Prometheus(base_url + "/slow", timeout=0.3) as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    message = str(err.value)
+    assert "did not answer the query" in message and "sentinel_requests_total" in message
+    assert "within 0.3 s" in message and base_url + "/slow" in message
 
 
 def test_well_formed_answer_still_parses(base_url):
