@@ -16,9 +16,16 @@ def text(report: GateReport) -> str:
     """A few lines: the verdict, then one line per criterion with its numbers."""
     when = datetime.fromtimestamp(report.evaluated_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     failed = [c.name for c in report.criteria if c.verdict == Verdict.FAIL]
+    # More traffic helps only criteria short of samples; others (an unreliable estimate,
+    # histograms without a shared bound) say in their line what stands in the way.
+    stuck = [c.name for c in report.criteria
+             if c.verdict == Verdict.INCONCLUSIVE and not c.summary.startswith("too few")]
+    undecided = "INCONCLUSIVE: not enough evidence yet (send more traffic or widen --window)"
+    if stuck:
+        undecided = f"INCONCLUSIVE: {', '.join(stuck)} could not be judged (more traffic may not help: see below)"
     head = {Verdict.PASS: "PASS: the canary is as good as the baseline on every criterion",
             Verdict.FAIL: f"FAIL: {', '.join(failed)}",
-            Verdict.INCONCLUSIVE: "INCONCLUSIVE: not enough evidence yet (send more traffic or widen --window)"}
+            Verdict.INCONCLUSIVE: undecided}
     lines = [f"gate {report.model}: canary {report.canary} vs baseline {report.baseline} over the last "
              f"{report.window} ({when}), family-wise alpha {report.alpha:g}",
              head[report.verdict]]

@@ -221,3 +221,15 @@ def test_failure_outranks_inconclusive_and_reports_render():
     data = as_dict(report)
     assert data["failed"] == ["prediction_distribution"] and data["exit_code"] == 1
     assert to_json(report)   # no NaN reaches JSON
+
+
+def test_inconclusive_headline_names_criteria_more_traffic_will_not_settle():
+    only_inf = {math.inf: 500.0}
+    results = judge(version(buckets=only_inf), version(buckets=only_inf), S, 0.001)
+    report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)
+    assert report.exit_code == 3
+    head = text(report).splitlines()[1]
+    assert head.startswith("INCONCLUSIVE: latency could not be judged") and "send more traffic" not in head
+    few = judge(version(), version(codes={"200": 20.0}, buckets=hist([10, 10, 0, 0, 0, 0, 0])), S, 0.001)
+    report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, few)
+    assert "send more traffic" in text(report).splitlines()[1]
