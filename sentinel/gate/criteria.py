@@ -11,7 +11,7 @@ those teaches people to ignore it. Below its minimum sample count a criterion is
 | --- | --- | --- |
 | error_ratio | two-proportion z (Fisher's exact when sparse), one-sided; binomial against the SLO budget; the same two-proportion test on 4xx | ratio difference > SLO budget; 4xx ratio difference > max_client_error_increase |
 | latency | chi-square homogeneity on bucket increments | P95 or P99 ratio > tolerance and slower by > min diff |
-| prediction_distribution | chi-square homogeneity on predicted-class increments | Cramér's V at an equal split > max_cramers_v |
+| prediction_distribution | chi-square homogeneity on predicted-class increments, and per-class exact tests (alpha split) | Cramér's V at an equal split > max_cramers_v |
 | reference_agreement | two-proportion z on disagreements, one-sided | agreement drop > max_agreement_drop |
 | accuracy | two-proportion z on likely_correct verdicts (lower bound), one-sided; ATC estimate when verdicts are absent | drop > max_accuracy_drop |
 | drift | canary only: share of the window its combined alarm was up | share > max_drift_alarm_share |
@@ -218,19 +218,24 @@ def prediction_distribution(b: VersionData, c: VersionData, s: GateSettings, alp
     n_b, n_c = _n(sum(vb)), _n(sum(vc))
     if min(n_b, n_c) < s.min_predictions:
         return _too_few(name, "sampled predictions", n_b, n_c, s.min_predictions)
-    h = stats.homogeneity([round(x) for x in vb], [round(x) for x in vc])
+    counts_b, counts_c = [round(x) for x in vb], [round(x) for x in vc]
+    h = stats.homogeneity(counts_b, counts_c)
+    # Omnibus chi-square and per-class exact tests, alpha split between them: the chi-square
+    # merges sparse classes, so a class only one version predicts needs the per-class test.
+    worst, p_class = stats.category_shift(counts_b, counts_c)
     moved = sorted(classes, key=lambda k: -abs(c.classes.get(k, 0) / max(n_c, 1) - b.classes.get(k, 0) / max(n_b, 1)))
     top = ", ".join(f"class {k} {c.classes.get(k, 0) / n_c:.1%} vs {b.classes.get(k, 0) / n_b:.1%}"
                     for k in moved[:3])
     # The effect is Cramér's V at an equal split: the plain V shrinks with the canary's share
     # of traffic (a 1% canary could never reach 0.1), so the threshold would mean nothing.
     split = "" if n_b == n_c else f" at equal traffic (V {h.cramers_v:.3f} at this {n_c}:{n_b} split)"
-    text = (f"chi-square over {h.columns} classes p={_fmt_p(h.p_value)}, Cramér's V {h.balanced_v:.3f}{split} "
-            f"(threshold {s.max_cramers_v:g}); largest shifts: {top}")
+    per_class = f"; per-class test p={_fmt_p(p_class)} (class {classes[worst]})" if worst >= 0 else ""
+    text = (f"chi-square over {h.columns} classes p={_fmt_p(h.p_value)}{per_class}, Cramér's V "
+            f"{h.balanced_v:.3f}{split} (threshold {s.max_cramers_v:g}); largest shifts: {top}")
     common = dict(test="chi_square_homogeneity(predicted classes)", statistic=h.statistic, p_value=h.p_value,
                   alpha=alpha, effect_name="Cramér's V (equal split)", effect=h.balanced_v,
                   effect_threshold=s.max_cramers_v, n_baseline=n_b, n_canary=n_c)
-    if h.p_value < alpha and h.balanced_v > s.max_cramers_v:
+    if min(h.p_value, p_class) < alpha / 2 and h.balanced_v > s.max_cramers_v:
         return Criterion(name, Verdict.FAIL, "canary predicts differently: " + text, **common)
     return Criterion(name, Verdict.PASS, text, **common)
 

@@ -13,6 +13,8 @@ arithmetic; their settings (alpha, effect sizes) live in `sentinel.gate.settings
   classes, latency buckets), after merging adjacent sparse columns so every expected
   count is at least 5 (Cochran's rule); effect size Cramér's V = sqrt(chi2 / n), and the
   same V with both rows scaled to equal totals (`balanced_v`, independent of the split).
+* `category_shift`: per-category 2 x 2 tests (Fisher's exact when sparse), Bonferroni-corrected:
+  a class only one version predicts, which the chi-square's column merging would dilute.
 * `quantile`: the quantile of a histogram from its bucket counts, interpolated linearly
   inside the bucket as Prometheus' `histogram_quantile` does.
 """
@@ -120,6 +122,34 @@ def _balanced_v(cols: list[tuple[float, float]]) -> float:
         if sa + sb > 0:
             v2 += (sa - sb) ** 2 / (2 * (sa + sb))
     return math.sqrt(min(1.0, v2))
+
+
+def category_shift(a: Sequence[int], b: Sequence[int]) -> tuple[int, float]:
+    """The category whose share differs most significantly between a and b, and its p-value.
+
+    One 2 x 2 test per category (that category against the rest; two-sided Fisher's exact
+    test when an expected count is below 5, else the two-proportion z-test), Bonferroni-
+    corrected over the categories. The chi-square test has to merge sparse columns first,
+    which hides a class only one version predicts; this test needs no merging.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"count vectors differ in length: {len(a)} and {len(b)}")
+    n_a, n_b = sum(a), sum(b)
+    if n_a <= 0 or n_b <= 0 or len(a) < 2:
+        return -1, 1.0
+    from scipy.stats import fisher_exact, norm
+
+    best, best_p = -1, 1.0
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        pooled = (x + y) / (n_a + n_b)
+        if min(n_a * pooled, n_a * (1 - pooled), n_b * pooled, n_b * (1 - pooled)) < MIN_EXPECTED:
+            p = float(fisher_exact([[x, n_a - x], [y, n_b - y]]).pvalue)
+        else:
+            se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
+            p = float(2 * norm.sf(abs(x / n_a - y / n_b) / se)) if se > 0 else 1.0
+        if p < best_p:
+            best, best_p = i, p
+    return best, min(1.0, best_p * len(a))
 
 
 def _merge_sparse(a: list[float], b: list[float]) -> list[tuple[float, float]]:

@@ -80,3 +80,14 @@ def test_balanced_cramers_v_ignores_the_split_and_equals_v_at_an_even_split():
     assert small.balanced_v == pytest.approx(h.balanced_v)
     assert small.cramers_v < h.cramers_v / 2                      # plain V shrinks with the split
     assert stats.homogeneity([100.0, 0.0], [0.0, 100.0]).balanced_v == pytest.approx(1.0)
+
+
+def test_category_shift_finds_a_class_only_one_sample_has():
+    a = [2000] * 10 + [0]
+    b = [18] * 10 + [20]
+    i, p = stats.category_shift(a, b)
+    assert i == 10 and p < 1e-20
+    # same shares: nothing significant, p is Bonferroni-capped at 1
+    i, p = stats.category_shift([100, 200, 300], [10, 20, 30])
+    assert p == pytest.approx(1.0)
+    assert stats.category_shift([5, 5], [0, 0]) == (-1, 1.0)
