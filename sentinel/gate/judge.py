@@ -67,30 +67,41 @@ def check_window(window: str) -> str:
 
 
 def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, window: str) -> None:
-    """InfrastructureError naming what is missing when either version has no series."""
+    """InfrastructureError naming what is missing when either version has no series.
+
+    A version whose sidecar is up but has served no request yet passes: its criteria come
+    out inconclusive (too few requests), as for any canary with too little traffic.
+    """
     if baseline == canary:
         raise UsageError(f"--baseline and --canary are both {baseline!r}: compare two different versions")
     alternatives = "|".join(_re_escape(v) for v in (baseline, canary))
     q = queries.presence(model, alternatives, window)
     info = prom.vector(q["model_info"], queries.VERSION_LABEL)
     reqs = prom.vector(q["requests"], queries.VERSION_LABEL)
-    missing = []
+    missing, idle = [], []
     for role, version in (("baseline", baseline), ("canary", canary)):
         lacks = [name for name, got in (("sentinel_model_info", info), ("sentinel_requests_total", reqs))
                  if version not in got]
-        if lacks:
-            missing.append(f"{role} {model}:{version} has no {' or '.join(lacks)} series "
-                           f"with {queries.VERSION_LABEL}={version!r} in the last {window}")
-    if missing:
+        if not lacks:
+            continue
+        text = (f"{role} {model}:{version} has no {' or '.join(lacks)} series "
+                f"with {queries.VERSION_LABEL}={version!r} in the last {window}")
+        # A sidecar that is up (model info) but has served nothing yet has no request series
+        # (they appear with the first request): that is too little traffic, not a fault.
+        (idle if lacks == ["sentinel_requests_total"] else missing).append((version, text))
+    unlabelled = bool(prom.scalar(q["unlabelled_requests"])) if missing or idle else False
+    if missing or (idle and unlabelled):
         hint = ""
-        if prom.scalar(q["unlabelled_requests"]):
+        if unlabelled:
             hint = (f"; some sentinel_requests_total{{model={model!r}}} series carry no {queries.VERSION_LABEL} "
                     f"label: scrape each sidecar with a `{queries.VERSION_LABEL}` target label "
                     f"(deploy/README.md, 'Per-version series')")
-        raise InfrastructureError("; ".join(missing) + hint)
+        raise InfrastructureError("; ".join(text for _, text in missing + idle) + hint)
     scrapes = prom.vector(q["scrapes"], queries.VERSION_LABEL)
+    served = {version for version, _ in idle} ^ {baseline, canary}
     thin = [f"{role} {model}:{version} ({_n_scrapes(scrapes.get(version, 0))})"
-            for role, version in (("baseline", baseline), ("canary", canary)) if scrapes.get(version, 0) < 2]
+            for role, version in (("baseline", baseline), ("canary", canary))
+            if version in served and scrapes.get(version, 0) < 2]
     if thin:
         raise UsageError(
             f"--window {window}: {' and '.join(thin)} in the window, but counting what happened in it "

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from sentinel.errors import InfrastructureError
+from sentinel.gate.criteria import VersionData
 from sentinel.gate.prom import Prometheus
 from tests.servers import serve_in_thread, stop_server
 
@@ -91,16 +92,19 @@ def test_well_formed_answer_still_parses(base_url):
 class _Answers:
     """Stands in for Prometheus in check_versions: each query answered by the first matching key."""
 
-    def __init__(self, scrapes: dict[str, float]):
-        self.scrapes = scrapes
+    def __init__(self, scrapes: dict[str, float], requests: tuple[str, ...] = ("v3", "v4"),
+                 unlabelled: float | None = None):
+        self.scrapes, self.requests, self.unlabelled = scrapes, requests, unlabelled
 
     def vector(self, expr: str, label: str) -> dict[str, float]:
         if expr.startswith("max by (version) (count_over_time("):
             return self.scrapes
-        return {"v3": 1.0, "v4": 1.0}   # model_info and requests present for both
+        if "sentinel_requests_total" in expr:
+            return {v: 1.0 for v in self.requests}
+        return {"v3": 1.0, "v4": 1.0}   # model_info present for both
 
     def scalar(self, expr: str) -> float | None:
-        return None
+        return self.unlabelled
 
 
 def test_window_shorter_than_two_scrapes_is_a_usage_error_not_skipped_criteria():
@@ -115,3 +119,19 @@ def test_window_shorter_than_two_scrapes_is_a_usage_error_not_skipped_criteria()
     assert "--window 15s" in message and "baseline digits:v3 (1 scrape)" in message and "v4" not in message
     assert "twice the scrape interval" in message
     check_versions(_Answers({"v3": 3.0, "v4": 2.0}), "digits", "v3", "v4", "1m")  # type: ignore[arg-type]
+
+
+def test_canary_up_but_without_traffic_yet_is_not_an_infrastructure_error():
+    from sentinel.gate.criteria import Verdict
+    from sentinel.gate.judge import check_versions, judge
+    from sentinel.gate.settings import GateSettings
+
+    # v4's sidecar is up (model info) but no request reached it: no request series yet
+    check_versions(_Answers({"v3": 30.0}, requests=("v3",)), "digits", "v3", "v4", "5m")  # type: ignore[arg-type]
+    results = judge(VersionData(codes={"200": 500.0}), VersionData(), GateSettings(), 0.001)
+    assert {r.verdict for r in results} <= {Verdict.INCONCLUSIVE, Verdict.SKIPPED}
+    # ...unless unlabelled request series suggest the version target label is missing
+    with pytest.raises(InfrastructureError) as err:
+        check_versions(_Answers({"v3": 30.0}, requests=("v3",), unlabelled=2.0),  # type: ignore[arg-type]
+                       "digits", "v3", "v4", "5m")
+    assert "canary digits:v4 has no sentinel_requests_total" in str(err.value) and "target label" in str(err.value)
