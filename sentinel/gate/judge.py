@@ -119,8 +119,15 @@ def _re_escape(value: str) -> str:
 
 def fetch(prom: Prometheus, model: str, version: str, window: str) -> VersionData:
     """Every count and gauge the criteria need, for one version."""
+    # Replicas with different bucket layouts (each sidecar adds its SLO thresholds as bounds):
+    # summed by `le`, a bound only some replicas have holds only their counts, and the sum
+    # is no histogram. Keep the bounds every series of the version has.
+    carriers = prom.vector(queries.latency_bucket_series(model, version, window), "le")
+    every = max(carriers.values(), default=0.0)
     buckets = {}
     for le, count in prom.vector(queries.latency_buckets(model, version, window), "le").items():
+        if carriers.get(le, every) < every:
+            continue
         try:
             buckets[float(le)] = count
         except ValueError:

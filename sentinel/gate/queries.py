@@ -59,6 +59,11 @@ def latency_buckets(model: str, version: str, window: str) -> str:
     return _inc(_v(mn.REQUEST_DURATION.sample_name, model, version), window, "le")
 
 
+def latency_bucket_series(model: str, version: str, window: str) -> str:
+    """How many series (replica x protocol x code) of the version carry each bucket bound."""
+    return f"count by (le) (increase({_v(mn.REQUEST_DURATION.sample_name, model, version)}[{window}]))"
+
+
 def predictions_by_class(model: str, version: str, window: str) -> str:
     return _inc(_v(mn.PREDICTIONS.sample_name, model, version), window, "class")
 

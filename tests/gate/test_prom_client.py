@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from http.server import BaseHTTPRequestHandler
 
@@ -135,3 +136,24 @@ def test_canary_up_but_without_traffic_yet_is_not_an_infrastructure_error():
         check_versions(_Answers({"v3": 30.0}, requests=("v3",), unlabelled=2.0),  # type: ignore[arg-type]
                        "digits", "v3", "v4", "5m")
     assert "canary digits:v4 has no sentinel_requests_total" in str(err.value) and "target label" in str(err.value)
+
+
+class _Replicas:
+    """Two replicas of one version: a {0.05, +Inf} layout and a {0.1, +Inf} one, 100 requests each at 30 ms."""
+
+    def vector(self, expr: str, label: str) -> dict[str, float]:
+        if expr.startswith("count by (le) (increase(sentinel_request_duration_seconds_bucket"):
+            return {"0.05": 1.0, "0.1": 1.0, "+Inf": 2.0}
+        if expr.startswith("sum by (le) (increase(sentinel_request_duration_seconds_bucket"):
+            return {"0.05": 100.0, "0.1": 100.0, "+Inf": 200.0}   # 0.1 holds only one replica's 100
+        return {}
+
+    def scalar(self, expr: str) -> float | None:
+        return None
+
+
+def test_bounds_only_some_replicas_export_are_left_out_of_the_version_histogram():
+    from sentinel.gate.judge import fetch
+
+    data = fetch(_Replicas(), "digits", "v4", "10m")  # type: ignore[arg-type]
+    assert data.buckets == {math.inf: 200.0}

@@ -142,7 +142,7 @@ def test_every_template_and_gate_query_parses_with_promtool(tmp_path):
     for d in yaml.safe_load_all(DOCS["flagger/metrictemplates.yaml"]):
         if d:
             exprs.append(d["spec"]["query"].replace("{{ target }}", "digits").replace("{{ interval }}", "1m"))
-    for fn in (q.requests_by_code, q.latency_buckets, q.predictions_by_class, q.agreement_by_result, q.verdicts,
+    for fn in (q.requests_by_code, q.latency_buckets, q.latency_bucket_series, q.predictions_by_class, q.agreement_by_result, q.verdicts,
                q.estimate_reliable, q.atc_estimate, q.drift_alarm_share, q.contract_checked, q.contract_violating,
                q.contract_by_check):
         exprs.append(fn("digits", "v4", "10m"))
