@@ -79,13 +79,19 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
         Check("agreement-drop", "baseline's agreement with the reference model minus the canary's",
               q.agreement_drop, s.max_agreement_drop, _compared, s.min_compared),
         Check("accuracy-drop", "baseline's label-free accuracy lower bound minus the canary's",
-              q.accuracy_drop, s.max_accuracy_drop, _verdicts, s.min_compared),
+              _trusted_accuracy_drop, s.max_accuracy_drop, _verdicts, s.min_compared),
         Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up",
               lambda m, b, c, w: q.canary_drift_share(m, c, w), s.max_drift_alarm_share, None),
         Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract",
               lambda m, b, c, w: q.canary_contract_ratio(m, c, w), s.max_contract_violation_ratio,
               q.contract_checked, s.min_compared, canary_only=True),
     )
+
+
+def _trusted_accuracy_drop(m: str, b: str, c: str, w: str) -> str:
+    """The accuracy drop, empty (Inconclusive) while either version's estimate was flagged unreliable, as in the gate."""
+    return (f"(\n{q.accuracy_drop(m, b, c, w)}\n)\nunless on () ({q.estimate_reliable(m, b, w)} == 0)"
+            f"\nunless on () ({q.estimate_reliable(m, c, w)} == 0)")
 
 
 def _predictions(m: str, v: str, w: str) -> str:

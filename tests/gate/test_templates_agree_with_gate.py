@@ -28,6 +28,8 @@ LAT = mn.REQUEST_DURATION.sample_name
 REQ = mn.REQUESTS.sample_name
 CHECKED = mn.INPUT_CONTRACT_CHECKED.sample_name
 VIOLATING = mn.INPUT_CONTRACT_VIOLATING.sample_name
+VERDICTS = mn.ACCURACY_VERDICTS.sample_name
+RELIABLE = mn.ACCURACY_ESTIMATE_RELIABLE.name
 
 # 10 requests/s each over 10 minutes. A fast model: v3 answers within 1 ms, v4 half within
 # 1 ms and half within 2 ms: twice as slow at P95/P99, but by under a millisecond, less than
@@ -55,6 +57,14 @@ SERIES = [
     (f'{LAT}{{model="digits",version="v5",le="+Inf"}}', "0+10x600"),
     (f'{CHECKED}{{model="digits",version="v5"}}', "0+1x600"),
     (f'{VIOLATING}{{model="digits",version="v5"}}', "0+0.1x600"),
+    # accuracy verdicts: v3 and v4 alike (v4 exports no reliability flag); v5 half wrong, but
+    # its estimate was flagged unreliable during the window
+    (f'{VERDICTS}{{model="digits",version="v3",verdict="likely_correct"}}', "0+1x600"),
+    (f'{VERDICTS}{{model="digits",version="v4",verdict="likely_correct"}}', "0+1x600"),
+    (f'{VERDICTS}{{model="digits",version="v5",verdict="likely_correct"}}', "0+0.5x600"),
+    (f'{VERDICTS}{{model="digits",version="v5",verdict="likely_wrong"}}', "0+0.5x600"),
+    (f'{RELIABLE}{{model="digits",version="v3"}}', "1x600"),
+    (f'{RELIABLE}{{model="digits",version="v5"}}', "1x300 0x10 1x290"),
 ]
 
 
@@ -79,6 +89,9 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
     lat = criteria.latency(base, canary, S, alpha)
     assert lat.verdict == Verdict.PASS and lat.effect > S.latency_tolerance   # ratio x1.9, but < 10 ms
     assert criteria.input_contract(canary, S, alpha).verdict == Verdict.INCONCLUSIVE
+    half_wrong = VersionData(verdicts={"likely_correct": 300.0, "likely_wrong": 300.0}, reliable=0.0)
+    sure = VersionData(verdicts={"likely_correct": 600.0}, reliable=1.0)
+    assert criteria.accuracy(sure, half_wrong, S, alpha, 600, 600).verdict == Verdict.INCONCLUSIVE
     refusing = VersionData(codes={"200": 5400.0, "400": 600.0})
     assert criteria.error_ratio(base, refusing, S, alpha, 0.001, "5..").verdict == Verdict.FAIL
 
@@ -100,6 +113,9 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
             {"expr": f"({q5['client-error-increase']}) > {S.max_client_error_increase} > bool 0",
              "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]},
             {"expr": q["client-error-increase"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 0.0}]},
+            # unreliable estimate: no result (Inconclusive), as the gate; without a flag: judged
+            {"expr": q5["accuracy-drop"], "eval_time": "10m", "exp_samples": []},
+            {"expr": q["accuracy-drop"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 0.0}]},
             {"expr": f"({q5['contract-violation-ratio']}) > {S.max_contract_violation_ratio} > bool 0",
              "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]},
         ],
