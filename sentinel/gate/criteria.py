@@ -110,7 +110,11 @@ def error_ratio(b: VersionData, c: VersionData, s: GateSettings, alpha: float, b
     vs_budget = stats.above_rate(bad_c, n_c, budget)
     diff = r_c - r_b
     worse = vs_base.p_value < alpha and diff > budget
-    over = vs_budget.p_value < alpha
+    # When the baseline itself is above the budget, the budget cannot tell the versions apart:
+    # failing every canary there would block the very rollout that fixes it. The comparison
+    # with the baseline decides.
+    base_over = stats.above_rate(bad_b, n_b, budget).p_value < alpha
+    over = vs_budget.p_value < alpha and not base_over
     # Client errors (4xx) do not spend the SLO budget, but on the same traffic a canary that
     # refuses more requests than its baseline (a changed input contract, a route it lacks)
     # fails its clients all the same.
@@ -125,6 +129,8 @@ def error_ratio(b: VersionData, c: VersionData, s: GateSettings, alpha: float, b
                   effect_threshold=budget, n_baseline=n_b, n_canary=n_c, baseline=r_b, canary=r_c)
     text = (f"canary error ratio {r_c:.4f} ({bad_c}/{n_c}) vs baseline {r_b:.4f} ({bad_b}/{n_b}), "
             f"p={_fmt_p(vs_base.p_value)}; vs SLO budget {budget:g} p={_fmt_p(vs_budget.p_value)}")
+    if base_over and vs_budget.p_value < alpha:
+        text += "; the baseline is above the SLO budget too, so only the comparison with it counts"
     if cli_b or cli_c:
         text += (f"; client errors (4xx) {q_c:.4f} ({cli_c}/{n_c}) vs {q_b:.4f} ({cli_b}/{n_b}), "
                  f"p={_fmt_p(vs_cli.p_value)}")

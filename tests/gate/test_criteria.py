@@ -76,6 +76,20 @@ def test_canary_refusing_requests_the_baseline_serves_fails_on_client_errors():
     assert few.verdict == Verdict.PASS, few.summary
 
 
+def test_a_canary_better_than_a_baseline_over_budget_is_not_failed_on_the_budget():
+    # baseline 0.5% errors, canary 0.3%, budget 0.1%: both above the budget; the canary is the fix
+    base = version(codes={"200": 9950.0, "503": 50.0})
+    r = criteria.error_ratio(base, version(codes={"200": 9970.0, "503": 30.0}), S, ALPHA, 0.001, "5..")
+    assert r.verdict == Verdict.PASS and "baseline is above the SLO budget too" in r.summary, r.summary
+    # still failed when clearly worse than that baseline
+    r = criteria.error_ratio(base, version(codes={"200": 9800.0, "503": 200.0}), S, ALPHA, 0.001, "5..")
+    assert r.verdict == Verdict.FAIL and "higher than baseline" in r.summary, r.summary
+    # and a canary over budget against a baseline within it still fails on the budget
+    r = criteria.error_ratio(version(codes={"200": 10000.0}), version(codes={"200": 9970.0, "503": 30.0}), S,
+                             ALPHA, 0.001, "5..")
+    assert r.verdict == Verdict.FAIL and "above the SLO budget" in r.summary, r.summary
+
+
 def test_one_error_in_five_hundred_is_not_proof_of_a_budget_breach():
     c = criteria.error_ratio(version(), version(codes={"200": 499.0, "500": 1.0}), S, ALPHA, 0.001, "5..")
     assert c.verdict == Verdict.PASS
