@@ -14,8 +14,6 @@ from sentinel.gate.criteria import VersionData
 from sentinel.gate.prom import Prometheus
 from tests.servers import serve_in_thread, stop_server
 
-pytestmark = pytest.mark.unit
-
 QUERY = 'sum by (code) (increase(sentinel_requests_total{model="digits",version="v3"}[10m]))'
 
 ANSWERS = {
