@@ -115,3 +115,18 @@ def test_latency_slo_objective_counts_requests_within_the_threshold():
                        tolerance=Tolerance(), objectives=Objectives(latency_threshold_ms=150, latency_ratio=0.99))
     assert rep.doc["latency_ms"]["corrected"]["within_threshold"] == 0.97
     assert not rep.passed and "only 97.00% of requests within 150 ms" in rep.missed[0].message
+
+
+@pytest.mark.parametrize("protocol,body", [
+    ("v2", b'{"outputs": [{"name": "logits", "shape": [1, 7], "datatype": "FP32", "data": [0,1,2,3,4,5,6]}]}'),
+    ("v1", b'{"predictions": [[0.1, 0.9]]}'),
+    ("torchserve", b"[0.2, 0.1, 0.3, 0.4]"),
+])
+def test_an_answer_with_another_class_count_is_a_decode_error_not_a_mismatch(protocol, body):
+    # Compared as they came, 7 scores against a 3-class reference gave chance top-1 agreements
+    # and blamed the model for the rest; the answer itself is what is wrong.
+    w = WireFormat(protocol, "m", classes=("a", "b", "c"))
+    with pytest.raises(DecodeError, match="has 3 classes") as info:
+        w.decode({}, body)
+    assert info.value.kind == "bad_shape"
+    assert WireFormat(protocol, "m").decode({}, body).top1 >= 0   # classes unknown: read as served
