@@ -333,8 +333,9 @@ def render_text(report: VerifyReport) -> str:
                                                   for r in w))
     if d["first_divergence"]:
         row = next(l for l in d["layers"] if l["module"] == d["first_divergence"])
-        lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, "
-                     f"max |Δ| {row['max_abs']:.3g} = {row['rel']:.2g} of its largest reference value)")
+        how = (row.get("problem") if row["max_abs"] is None else
+               f"max |Δ| {row['max_abs']:.3g} = {row['rel']:.2g} of its largest reference value")
+        lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, {how})")
     elif d["localization_note"]:
         lines.append(f"localization: {d['localization_note']}")
     lines.append("PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]))
