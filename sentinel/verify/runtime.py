@@ -17,6 +17,43 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
               "MatMulInteger", "DynamicQuantizeLinear"}
 CAST_SUFFIX = "__sentinel_fp32"
 
+# Ops whose output is a quantized tensor: op → (index of the output scale input, of its zero point).
+# QOperator graphs (onnxruntime's QLinear* ops, some in com.microsoft) carry activations as
+# int8/uint8 from one op to the next; read as float, a value of 200 would be compared with a
+# reference of 0.3.
+_QUANTIZED_OUTPUT = {"QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7),
+                     "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearConcat": (0, 1),
+                     "QLinearAveragePool": (3, 4), "QLinearGlobalAveragePool": (3, 4),
+                     "QLinearLeakyRelu": (3, 4), "QLinearSigmoid": (3, 4), "QLinearSoftmax": (3, 4),
+                     "QGemm": (7, 8)}
+# Ops that move quantized data without requantizing it (their output keeps the input's scale).
+_QUANTIZED_PASS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                   "Slice", "Gather", "Split", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"}
+
+
+def quantization_of(graph, value: str, producers: dict | None = None) -> tuple[str, str | None] | None:
+    """(scale, zero point) names when `value` holds quantized integers, else None (a float value).
+
+    `producers` (value → node) may be passed in when asking about many values of one graph."""
+    if producers is None:
+        producers = {o: n for n in graph.node for o in n.output}
+    for _ in range(64):   # a chain of pass-through ops back to the op that quantized
+        node = producers.get(value)
+        if node is None:
+            return None
+        if node.op_type == "DynamicQuantizeLinear":
+            return (node.output[1], node.output[2]) if node.output[0] == value else None
+        where = _QUANTIZED_OUTPUT.get(node.op_type)
+        if where is not None:
+            scale, zero = where
+            if len(node.input) <= scale or not node.input[scale]:
+                return None   # e.g. QGemm without an output scale answers float
+            return node.input[scale], (node.input[zero] if len(node.input) > zero and node.input[zero] else None)
+        if node.op_type not in _QUANTIZED_PASS or not node.input:
+            return None
+        value = node.input[0]
+    return None
+
 
 def graph_precision(model) -> Precision:
     """The precision the graph computes in, from its real types (not its inputs).
@@ -174,17 +211,25 @@ class OnnxExport:
         return {n: np.concatenate(v) for n, v in parts.items()}
 
     def instrument(self, values: list[str], spin: bool | None = None) -> dict[str, str]:
-        """Rebuild the session exposing `values`, each through a Cast to float32 (fp16, bf16 and int8
-        graphs carry other types); returns value → output name. The plain outputs stay as they were."""
+        """Rebuild the session exposing `values`, each as float32: through a Cast (fp16 and bf16 graphs
+        carry other types), or a DequantizeLinear with the value's own scale and zero point where it
+        holds quantized integers (QOperator int8 graphs); returns value → output name. The plain
+        outputs stay as they were."""
         import onnx
         from onnx import TensorProto, helper
 
         extra = onnx.ModelProto()   # only the additions: parsed after the model, they are appended to it
         mapping = {}
+        producers = {o: n for n in self.model.graph.node for o in n.output}
         for v in values:
             out = v + CAST_SUFFIX
-            extra.graph.node.append(helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT,
-                                                     name=f"sentinel_cast_{len(mapping)}"))
+            q = quantization_of(self.model.graph, v, producers)
+            if q is None:
+                node = helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT, name=f"sentinel_cast_{len(mapping)}")
+            else:
+                node = helper.make_node("DequantizeLinear", [v, q[0], *([q[1]] if q[1] else [])], [out],
+                                        name=f"sentinel_dequantize_{len(mapping)}")
+            extra.graph.node.append(node)
             extra.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
             mapping[v] = out
         self._session_obj = None   # free the plain session first

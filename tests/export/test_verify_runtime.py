@@ -87,3 +87,25 @@ def test_reference_torch_import_restores_the_environment_and_freezes_its_objects
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["torch"] and got["policy"] is None and got["gc"]   # children see the user's environment
     assert got["frozen"] > 100_000                                  # torch's objects skip later collections
+
+
+@pytest.mark.unit
+def test_quantized_intermediate_values_are_dequantized_with_their_own_scale(tmp_path: Path):
+    # A QOperator int8 graph carries activations as uint8 between ops: exposing them through
+    # a Cast compared raw integers (0..255) with the reference's floats, so every quantized
+    # checkpoint "diverged" by orders of magnitude. MaxPool keeps its input's scale.
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="/features/quant"),
+             helper.make_node("MaxPool", ["q"], ["m"], kernel_shape=[2, 2], name="/features/pool/MaxPool"),
+             helper.make_node("DequantizeLinear", ["m", "s", "zp"], ["y"], name="/classifier/dq")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 1, 1])], inits)
+    path = tmp_path / "q.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    e = OnnxExport(path)
+    names = e.instrument(["q", "m"])
+    x = np.array([[[[0.5, -1.0], [2.0, 0.25]]]], np.float32)
+    got = e.run(x, names=[names["q"], names["m"]])
+    np.testing.assert_allclose(got[names["q"]], x, atol=0.025)
+    np.testing.assert_allclose(got[names["m"]], [[[[2.0]]]], atol=0.025)
