@@ -71,8 +71,9 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if isinstance(export, OnnxExport):
         got_shape = tuple(export.input_shape[1:])
         if all(isinstance(d, int) for d in got_shape) and got_shape != want:
-            raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; "
-                             "is this an export of another model?")
+            why = ("a channels-last (NHWC) export? verify feeds N×C×H×W as the reference takes it"
+                   if sorted(got_shape) == sorted(want) else "is this an export of another model?")
+            raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; {why}")
     detected = export.precision
     prec = precision or recorded_precision(entry, path) or detected
     if prec not in PRECISIONS:
@@ -99,11 +100,8 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
 
     outs = export.run(inputs, on_chunk=on_chunk) if on_chunk else export.run(inputs)
     t_run = time.perf_counter()
-    name = "logits" if "logits" in outs else export.output_names[0]
+    name = _scores_output(path, outs, export.output_names, ref_logits.shape)
     out = outs[name]
-    if out.shape != ref_logits.shape:
-        raise UsageError(f"{path}: output {name!r} has shape {list(out.shape)}, the reference {list(ref_logits.shape)}; "
-                         "is this an export of another model?")
     served_probs = is_distribution(out) and name != "logits"
     got_probs = out if served_probs else softmax(out.astype(np.float64))
     stats: dict[str, Any] = {}
@@ -153,6 +151,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "export": str(path),
         "format": export.format,
         "precision": prec,
+        "output": name,
         "detected_precision": detected,
         "model": entry.spec,
         "golden": str(golden.path),
@@ -171,6 +170,21 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
                       "localize": round(t_end - t_run, 3), "total": round(t_end - t0, 3)},
     }
     return VerifyReport(doc)
+
+
+def _scores_output(path: Path, outs: dict[str, np.ndarray], order: list[str], want: tuple[int, ...]) -> str:
+    """The output holding the class scores: `logits` by name, else the first of the reference's shape.
+
+    Exports with more than one output (embeddings first, then scores) and other names are
+    common; the first output is only a guess, so the shape decides."""
+    if "logits" in outs and outs["logits"].shape == want:
+        return "logits"
+    fits = [n for n in order if outs[n].shape == want]
+    if fits:
+        return fits[0]
+    shapes = ", ".join(f"{n!r} {list(outs[n].shape)}" for n in order)
+    raise UsageError(f"{path}: no output has the reference's shape {list(want)} (outputs: {shapes}); "
+                     "is this an export of another model?")
 
 
 def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.ndarray,
