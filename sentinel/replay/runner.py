@@ -43,6 +43,8 @@ class LoadPlan:
         p = []
         if self.rate is not None and self.concurrency is not None:
             p.append("--rate and --concurrency exclude each other")
+        if self.count is not None and self.duration_s is not None:
+            p.append("--count and --duration exclude each other (the count would win and the duration be ignored)")
         if self.rate is not None and self.rate <= 0:
             p.append(f"--rate must be positive, got {self.rate}")
         if self.concurrency is not None and self.concurrency < 1:

@@ -130,3 +130,10 @@ def test_an_answer_with_another_class_count_is_a_decode_error_not_a_mismatch(pro
         w.decode({}, body)
     assert info.value.kind == "bad_shape"
     assert WireFormat(protocol, "m").decode({}, body).top1 >= 0   # classes unknown: read as served
+
+
+def test_count_and_duration_together_are_a_usage_error():
+    # the count silently won and --duration was ignored
+    assert LoadPlan(rate=5, count=10, duration_s=5).validate() == [
+        "--count and --duration exclude each other (the count would win and the duration be ignored)"]
+    assert LoadPlan(rate=5, duration_s=5).validate() == [] and LoadPlan(concurrency=2, count=3).validate() == []
