@@ -298,5 +298,32 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
+        kind = _archive_kind(path)
+        if kind == "checkpoint":
+            raise WeightsError(f"{path}: is a torch.save checkpoint (a pickle), not an export; sentinel never "
+                               "unpickles. Verify an ONNX or TorchScript export of it (`sentinel export`)")
+        if kind == "pt2":
+            raise UsageError(f"{path}: is a torch.export archive (.pt2); verify runs ONNX or TorchScript: "
+                             "convert it with torch.onnx.export(exported_program, ...) first")
         return TorchScriptExport(path)
     return OnnxExport(path, threads, spin)
+
+
+def _archive_kind(path: Path) -> str:
+    """What a PyTorch zip archive holds, from its member names (nothing is extracted or unpickled):
+    `torchscript` (code/ and constants.pkl), `pt2` (torch.export), `checkpoint` (torch.save), or
+    `unknown` (left to torch.jit.load to refuse)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.split("/", 1)[-1] for n in z.namelist()[:100_000]]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "unknown"
+    if any(n.startswith("code/") or n == "constants.pkl" for n in names):
+        return "torchscript"
+    if "archive_format" in names:
+        return "pt2"
+    if "data.pkl" in names:
+        return "checkpoint"
+    return "unknown"

@@ -109,3 +109,24 @@ def test_quantized_intermediate_values_are_dequantized_with_their_own_scale(tmp_
     got = e.run(x, names=[names["q"], names["m"]])
     np.testing.assert_allclose(got[names["q"]], x, atol=0.025)
     np.testing.assert_allclose(got[names["m"]], [[[[2.0]]]], atol=0.025)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("members,error", [
+    (["ckpt/data.pkl", "ckpt/version", "ckpt/byteorder"], "is a torch.save checkpoint .* never unpickles"),
+    (["model/archive_format", "model/models/model.json"], r"is a torch.export archive \(.pt2\)"),
+])
+def test_pytorch_archives_that_are_not_torchscript_are_named(tmp_path: Path, members, error):
+    # both went to torch.jit.load and came back as "PytorchStreamReader failed locating file
+    # constants.pkl ... your checkpoint file is corrupted"
+    import zipfile
+
+    from sentinel.errors import SentinelError
+    from sentinel.verify.runtime import open_export
+
+    path = tmp_path / "m.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for m in members:
+            z.writestr(m, b"\x80\x02cposix\nsystem\nq\x00." if m.endswith(".pkl") else b"1")
+    with pytest.raises(SentinelError, match=error):
+        open_export(path)
