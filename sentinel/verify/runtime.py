@@ -115,10 +115,21 @@ class OnnxExport:
         self.path = path
         self.threads = threads
         self.spin = spin   # False: idle onnxruntime workers sleep instead of spinning (see _session)
+        size = Path(path).stat().st_size
+        if size > MAX_ONNX_FILE_BYTES:
+            raise WeightsError(f"{path}: {size} bytes; an ONNX file holds at most 2 GiB (protobuf's limit), "
+                               "larger models keep their tensors in external data files")
         try:
             raw: bytes | None = Path(path).read_bytes()
             self.model = onnx.load_model_from_string(raw)
-            if _uses_external_data(self.model.graph):
+        except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
+            raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        external = _uses_external_data(self.model.graph)
+        if external:
+            # before anything is read: every file inside the model's directory, sizes as declared, bounded
+            check_external_data(self.model.graph, Path(path))
+        try:
+            if external:
                 from onnx.external_data_helper import load_external_data_for_model
 
                 load_external_data_for_model(self.model, str(Path(path).parent))
@@ -268,6 +279,73 @@ class TorchScriptExport:
             for i in range(0, len(x), 64):
                 outs.append(self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64]))).float().numpy())
         return {"logits": np.concatenate(outs)}
+
+
+MAX_ONNX_FILE_BYTES = 2 << 30        # protobuf's limit on one serialized message
+MAX_EXTERNAL_DATA_BYTES = 8 << 30    # tensors in external files, all together (densenet201 fp32: 80 MB)
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph: initializers, Constant/attribute values, subgraphs'."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_tensors(g)
+
+
+def check_external_data(graph, path: Path) -> None:
+    """Refuse external data that would make loading read outside the model's directory or unbounded bytes.
+
+    Each tensor's `location` must stay in the directory of the .onnx file (symlinks resolved,
+    `sentinel.registry.confined`); its bytes (`length`, else the file from `offset` on) must
+    exist and match what its dims and type declare; all of them together at most
+    MAX_EXTERNAL_DATA_BYTES. Checked from the manifest and file sizes, before any is read."""
+    from onnx import TensorProto, helper
+
+    from sentinel.registry import confined
+
+    total = 0
+    for t in _all_tensors(graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = f"{path}: tensor {t.name!r} external data location"
+        file = confined(path.parent, info.get("location", ""), where)
+        if not file.is_file():
+            raise WeightsError(f"{path}: tensor {t.name!r}: external data file {file} is missing")
+        try:
+            offset, length = int(info.get("offset") or 0), int(info.get("length") or 0)
+        except ValueError:
+            raise WeightsError(f"{path}: tensor {t.name!r}: offset/length are not integers") from None
+        available = file.stat().st_size - offset
+        n = length or available
+        if offset < 0 or length < 0 or n > available:
+            raise WeightsError(f"{path}: tensor {t.name!r} declares {n} bytes at offset {offset} of {file}, "
+                               f"which holds {file.stat().st_size}")
+        count = 1
+        for d in t.dims:
+            count *= d
+        try:
+            want = count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            want = n   # a type numpy cannot size (4-bit, strings): its bytes as declared
+        if want != n:
+            raise WeightsError(f"{path}: tensor {t.name!r} has dims {list(t.dims)} ({want} bytes) "
+                               f"but its external data holds {n} bytes")
+        total += n
+        if total > MAX_EXTERNAL_DATA_BYTES:
+            raise WeightsError(f"{path}: external data exceeds {MAX_EXTERNAL_DATA_BYTES >> 30} GiB "
+                               f"(at tensor {t.name!r}); refusing to load it")
 
 
 def _uses_external_data(graph) -> bool:

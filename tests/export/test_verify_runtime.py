@@ -130,3 +130,48 @@ def test_pytorch_archives_that_are_not_torchscript_are_named(tmp_path: Path, mem
             z.writestr(m, b"\x80\x02cposix\nsystem\nq\x00." if m.endswith(".pkl") else b"1")
     with pytest.raises(SentinelError, match=error):
         open_export(path)
+
+
+def _external(tmp_path: Path, location: str, length: int | None = None) -> Path:
+    """`_model()` saved with w1 in external data, then its location (and length) rewritten."""
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    path = d / "m.onnx"
+    onnx.save_model(_model(), str(path), save_as_external_data=True, location="m.weights", size_threshold=0)
+    m = onnx.load_model(str(path), load_external_data=False)
+    for e in m.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = location
+        if e.key == "length" and length is not None:
+            e.value = str(length)
+    onnx.save_model(m, str(path))
+    return path
+
+
+@pytest.mark.unit
+def test_external_data_outside_the_model_directory_is_refused_naming_the_path(tmp_path: Path):
+    from sentinel.errors import RegistryError
+
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 512)   # w1: 8×16 float32
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "link.bin").symlink_to(secret)
+    for location in ("../secret.bin", str(secret), "link.bin"):
+        with pytest.raises(RegistryError, match=r"m\.onnx: tensor 'w1' external data location: .* outside"):
+            OnnxExport(_external(tmp_path, location))
+
+
+@pytest.mark.unit
+def test_external_data_sizes_are_checked_before_anything_is_read(tmp_path: Path, monkeypatch):
+    from sentinel.errors import WeightsError
+    from sentinel.verify import runtime
+
+    with pytest.raises(WeightsError, match=r"tensor 'w1' declares 4096 bytes at offset 0 of .*m\.weights"):
+        OnnxExport(_external(tmp_path, "m.weights", length=4096))
+    path = _external(tmp_path, "m.weights")
+    monkeypatch.setattr(runtime, "MAX_EXTERNAL_DATA_BYTES", 600)   # w1 512 B + w2 256 B
+    with pytest.raises(WeightsError, match=r"external data exceeds 0 GiB \(at tensor 'w2'\)"):
+        OnnxExport(path)
+    monkeypatch.setattr(runtime, "MAX_ONNX_FILE_BYTES", 100)
+    with pytest.raises(WeightsError, match="at most 2 GiB"):
+        OnnxExport(path)
