@@ -215,7 +215,12 @@ class OnnxExport:
             if self.fixed_batch and len(chunk) != self.fixed_batch:
                 raise UsageError(f"{self.path}: has a fixed batch of {self.fixed_batch}; "
                                  f"cannot run a batch of {len(chunk)}")
-            for n, v in zip(names, sess.run(names, {self.input_name: chunk}), strict=False):
+            try:
+                got = sess.run(names, {self.input_name: chunk})
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
+                raise WeightsError(f"{self.path}: onnxruntime failed running it on a batch of {len(chunk)} "
+                                   f"({_first_line(exc)})") from None
+            for n, v in zip(names, got, strict=False):
                 parts[n].append(np.asarray(v, dtype=np.float32))
             if on_chunk is not None:
                 on_chunk(i, {n: v[-1] for n, v in parts.items()})
@@ -277,7 +282,12 @@ class TorchScriptExport:
         outs = []
         with torch.inference_mode():
             for i in range(0, len(x), 64):
-                outs.append(self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64]))).float().numpy())
+                try:
+                    out = self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64])))
+                    outs.append(out.float().numpy())
+                except Exception as exc:  # noqa: BLE001 - a scripted forward may raise anything
+                    raise WeightsError(f"{self.path}: the TorchScript module failed on a batch of "
+                                       f"{len(x[i:i + 64])} ({_first_line(exc)})") from None
         return {"logits": np.concatenate(outs)}
 
 

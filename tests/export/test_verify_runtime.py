@@ -175,3 +175,19 @@ def test_external_data_sizes_are_checked_before_anything_is_read(tmp_path: Path,
     monkeypatch.setattr(runtime, "MAX_ONNX_FILE_BYTES", 100)
     with pytest.raises(WeightsError, match="at most 2 GiB"):
         OnnxExport(path)
+
+
+@pytest.mark.unit
+def test_an_export_that_fails_at_run_time_is_a_weights_error(tmp_path: Path):
+    # a Reshape that cannot hold the input: onnxruntime's Fail escaped as a traceback (exit 1,
+    # the code of "the export differs") instead of a clear exit-2 error
+    from sentinel.errors import WeightsError
+
+    shape = numpy_helper.from_array(np.array([-1, 7], np.int64), "shp")
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shp"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 7])], [shape])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(WeightsError, match=r"bad\.onnx: onnxruntime failed running it on a batch of 3 \(Fail: "):
+        OnnxExport(path).run(np.zeros((3, 8), np.float32))
