@@ -12,9 +12,24 @@ def write_json_report(doc: dict, json_out: Path | None) -> None:
 
     if json_out is None:
         return
-    text = json.dumps(doc, indent=2) + "\n"
+    # NaN and infinities are not JSON (json.dumps writes bare NaN tokens other parsers refuse):
+    # a statistic that has no finite value is written as null.
+    text = json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n"
     if str(json_out) == "-":
         sys.stdout.write(text)
     else:
         json_out.parent.mkdir(parents=True, exist_ok=True)  # the folder the user named, nothing else
         json_out.write_text(text, encoding="utf-8")
+
+
+def json_safe(v: object) -> object:
+    """`v` with every non-finite float (NaN, ±inf) replaced by None, recursively."""
+    import math
+
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v

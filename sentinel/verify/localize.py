@@ -164,6 +164,10 @@ def layer_error(module: str, value: str | None, a: np.ndarray | None, b: np.ndar
     if a.shape != b.shape:
         return LayerError(module, value, None, None, None, True,
                           problem=f"shape {list(a.shape)} where the reference has {list(b.shape)}")
+    bad = int(np.count_nonzero(~np.isfinite(a) & np.isfinite(b)))
+    if bad:   # NaN compares false with any bound: it must diverge by itself
+        return LayerError(module, value, None, None, None, True,
+                          problem=f"{bad} NaN or infinite values where the reference's are finite")
     diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
     ref_max = float(np.max(np.abs(b))) if b.size else 0.0
     rel = diff / max(ref_max, 1e-12)

@@ -111,6 +111,10 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     top1 = topk_agreement(got_probs, ref_logits, 1)
     top5 = topk_agreement(got_probs, ref_logits, 5)
     failures = _judge(policy, stats, top1, got_probs, ref_probs)
+    nonfinite = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if len(nonfinite):
+        failures.insert(0, f"{name} holds NaN or infinite values for {len(nonfinite)} of {len(out)} samples "
+                           f"(e.g. id {int(golden.ids[nonfinite[0]])})")
 
     per_sample = np.max(np.abs((out if not served_probs else got_probs).astype(np.float64)
                                - (ref_logits if not served_probs else ref_probs)), axis=1)
@@ -159,6 +163,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "policy": policy.as_dict(),
         "passed": not failures,
         "failures": failures,
+        "nonfinite_samples": int(len(nonfinite)),
         "top1_agreement": round(top1, 6),
         "top5_agreement": round(top5, 6),
         "outputs": {k: v.as_dict() for k, v in stats.items()},

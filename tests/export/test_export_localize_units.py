@@ -90,3 +90,14 @@ def test_a_checkpoint_of_another_shape_is_where_the_export_parts_from_the_refere
            "passed": False, "failures": ["top-1 agreement 50.00% is below 100.00%"]}
     assert "first divergence: stem (ONNX value 'v0', shape [2, 16, 8, 8] where the reference has" in \
         render_text(VerifyReport(doc))
+
+
+def test_nan_in_an_exported_checkpoint_diverges():
+    # NaN > bound is False: a checkpoint full of NaN passed as "not diverging" and the note
+    # said the error accumulates across layers
+    from sentinel.verify.localize import layer_error
+
+    a = np.array([[1.0, np.nan, 2.0], [np.inf, 0.0, 1.0]])
+    e = layer_error("classifier", "logits", a, np.ones((2, 3)), 1e-4)
+    assert e.diverges and e.problem == "2 NaN or infinite values where the reference's are finite"
+    assert not layer_error("x", "v", np.ones(3), np.ones(3), 1e-4).diverges

@@ -194,3 +194,25 @@ def test_a_channels_last_export_is_named_as_such(entry, golden, tmp_path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "nhwc.onnx"))
     with pytest.raises(UsageError, match=r"takes inputs \[32, 32, 1\] per sample, .* \[1, 32, 32\]; a channels-last"):
         verify_export(tmp_path / "nhwc.onnx", entry, golden, localize="never")
+
+
+def test_nan_scores_fail_by_name_and_the_json_report_stays_json(entry, golden, tmp_path):
+    from onnx import helper
+
+    from sentinel.commands._common import write_json_report
+
+    m = onnx.load(str(REPO / "models" / "digits" / "v3" / "model.onnx"))
+    gemm = [n for n in m.graph.node if n.op_type == "Gemm"][-1]
+    gemm.output[0] = "pre"
+    m.graph.node.append(helper.make_node("Sqrt", ["pre"], ["logits"], name="/classifier/Sqrt"))  # NaN where < 0
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    report = verify_export(tmp_path / "nan.onnx", entry, golden, localize="never")
+    assert report.doc["nonfinite_samples"] > 0
+    assert report.failures[0].startswith(f"logits holds NaN or infinite values for {report.doc['nonfinite_samples']} of 300")
+    write_json_report(report.doc, tmp_path / "r.json")
+
+    def refuse(token):
+        raise ValueError(f"{token} in the JSON report")
+
+    doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)   # bare NaN tokens were written
+    assert doc["outputs"]["logits"]["max_abs"] is None
