@@ -51,6 +51,8 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
                progress: Progress | None = None) -> ReplayReport:
     """Check the target is reachable, replay, and build the report (objectives evaluated)."""
     problems = plan.validate() + objectives.validate()
+    if spec.samples is not None and spec.samples < 1:
+        problems.append(f"--samples must be at least 1, got {spec.samples}")
     if problems:
         raise UsageError("; ".join(problems))
     if spec.protocol == "grpc":

@@ -137,3 +137,14 @@ def test_count_and_duration_together_are_a_usage_error():
     assert LoadPlan(rate=5, count=10, duration_s=5).validate() == [
         "--count and --duration exclude each other (the count would win and the duration be ignored)"]
     assert LoadPlan(rate=5, duration_s=5).validate() == [] and LoadPlan(concurrency=2, count=3).validate() == []
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_samples_below_one_is_a_usage_error(digits_v3, digits_golden, n):
+    # 0 crashed with ZeroDivisionError; -3 silently replayed all but the last 3 samples
+    from sentinel.errors import UsageError
+    from sentinel.replay.session import ReplaySpec, run_replay
+
+    spec = ReplaySpec(target="http://127.0.0.1:9", protocol="v2", model_path_name="digits", samples=n)
+    with pytest.raises(UsageError, match=f"--samples must be at least 1, got {n}"):
+        run_replay(digits_v3, digits_golden, spec, LoadPlan(rate=5, count=1), Objectives())
