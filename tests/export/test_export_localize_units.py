@@ -101,3 +101,17 @@ def test_nan_in_an_exported_checkpoint_diverges():
     e = layer_error("classifier", "logits", a, np.ones((2, 3)), 1e-4)
     assert e.diverges and e.problem == "2 NaN or infinite values where the reference's are finite"
     assert not layer_error("x", "v", np.ones(3), np.ones(3), 1e-4).diverges
+
+
+@pytest.mark.parametrize("kw,msg", [({"atol": -1.0}, "--atol must be a finite number ≥ 0, got -1.0"),
+                                    ({"rtol": float("inf")}, "--rtol must be a finite number ≥ 0, got inf"),
+                                    ({"atol": float("nan")}, "--atol must be a finite number ≥ 0, got nan"),
+                                    ({"min_top1": 1.5}, "--min-top1 must be a fraction between 0 and 1, got 1.5")])
+def test_out_of_range_tolerances_are_usage_errors(kw, msg):
+    # they were taken as given: a negative or NaN atol failed every export (exit 1), inf passed any
+    from sentinel.errors import UsageError
+    from sentinel.verify.policy import policy_for
+
+    with pytest.raises(UsageError, match=msg):
+        policy_for("fp32", **kw)
+    assert policy_for("fp32", atol=0.0, rtol=0.0, min_top1=0.0).atol == 0.0
