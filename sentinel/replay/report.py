@@ -24,8 +24,8 @@ class Objectives:
 
     def validate(self) -> list[str]:
         p = []
-        if self.p99_ms is not None and self.p99_ms <= 0:
-            p.append(f"--p99-ms must be positive, got {self.p99_ms}")
+        if self.p99_ms is not None and not 0 < self.p99_ms < math.inf:   # NaN fails too
+            p.append(f"--p99-ms must be a positive number, got {self.p99_ms}")
         for name in ("min_agreement", "max_error_ratio"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:

@@ -45,18 +45,19 @@ class LoadPlan:
             p.append("--rate and --concurrency exclude each other")
         if self.count is not None and self.duration_s is not None:
             p.append("--count and --duration exclude each other (the count would win and the duration be ignored)")
-        if self.rate is not None and self.rate <= 0:
-            p.append(f"--rate must be positive, got {self.rate}")
+        # `not 0 < v < inf` rather than `v <= 0`: NaN compares false with everything and slipped through
+        if self.rate is not None and not 0 < self.rate < math.inf:
+            p.append(f"--rate must be a positive number, got {self.rate}")
         if self.concurrency is not None and self.concurrency < 1:
             p.append(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.count is not None and self.count < 1:
             p.append(f"--count must be at least 1, got {self.count}")
-        if self.duration_s is not None and self.duration_s <= 0:
-            p.append(f"--duration must be positive, got {self.duration_s}")
+        if self.duration_s is not None and not 0 < self.duration_s < math.inf:
+            p.append(f"--duration must be a positive number, got {self.duration_s}")
         if self.connections < 1:
             p.append(f"--connections must be at least 1, got {self.connections}")
-        if self.timeout_s <= 0:
-            p.append(f"--timeout must be positive, got {self.timeout_s}")
+        if not 0 < self.timeout_s < math.inf:
+            p.append(f"--timeout must be a positive number, got {self.timeout_s}")
         return p
 
     @property

@@ -148,3 +148,15 @@ def test_samples_below_one_is_a_usage_error(digits_v3, digits_golden, n):
     spec = ReplaySpec(target="http://127.0.0.1:9", protocol="v2", model_path_name="digits", samples=n)
     with pytest.raises(UsageError, match=f"--samples must be at least 1, got {n}"):
         run_replay(digits_v3, digits_golden, spec, LoadPlan(rate=5, count=1), Objectives())
+
+
+def test_nan_and_infinite_load_and_objectives_are_usage_errors():
+    # NaN passed `<= 0` checks: --rate nan sent at full speed, --duration nan crashed,
+    # --timeout nan leaked coroutines, --p99-ms nan "missed" by nan ms
+    nan, inf = float("nan"), float("inf")
+    assert LoadPlan(rate=nan).validate() == ["--rate must be a positive number, got nan"]
+    assert LoadPlan(rate=inf).validate() == ["--rate must be a positive number, got inf"]
+    assert LoadPlan(rate=5, duration_s=nan).validate() == ["--duration must be a positive number, got nan"]
+    assert LoadPlan(rate=5, timeout_s=nan).validate() == ["--timeout must be a positive number, got nan"]
+    assert Objectives(p99_ms=nan).validate() == ["--p99-ms must be a positive number, got nan"]
+    assert LoadPlan(rate=5, duration_s=1, timeout_s=2).validate() == [] and Objectives(p99_ms=5).validate() == []
