@@ -279,16 +279,30 @@ class TorchScriptExport:
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        outs = []
+        parts: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
             for i in range(0, len(x), 64):
                 try:
                     out = self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64])))
-                    outs.append(out.float().numpy())
                 except Exception as exc:  # noqa: BLE001 - a scripted forward may raise anything
                     raise WeightsError(f"{self.path}: the TorchScript module failed on a batch of "
                                        f"{len(x[i:i + 64])} ({_first_line(exc)})") from None
-        return {"logits": np.concatenate(outs)}
+                for name, t in _named_outputs(out).items():
+                    if not isinstance(t, torch.Tensor):
+                        raise WeightsError(f"{self.path}: output {name!r} is a {type(t).__name__}, not a tensor")
+                    parts.setdefault(name, []).append(t.float().numpy())
+        self.output_names = list(parts)
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _named_outputs(out) -> dict[str, object]:
+    """A module's outputs by name: a tensor is `logits`; a tuple or list `output0`, `output1`, …;
+    a dict by its keys (verify then takes `logits`, else the first of the reference's shape)."""
+    if isinstance(out, dict):
+        return {str(k): v for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return {f"output{i}": v for i, v in enumerate(out)}
+    return {"logits": out}
 
 
 MAX_ONNX_FILE_BYTES = 2 << 30        # protobuf's limit on one serialized message
