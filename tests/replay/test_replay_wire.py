@@ -160,3 +160,19 @@ def test_nan_and_infinite_load_and_objectives_are_usage_errors():
     assert LoadPlan(rate=5, timeout_s=nan).validate() == ["--timeout must be a positive number, got nan"]
     assert Objectives(p99_ms=nan).validate() == ["--p99-ms must be a positive number, got nan"]
     assert LoadPlan(rate=5, duration_s=1, timeout_s=2).validate() == [] and Objectives(p99_ms=5).validate() == []
+
+
+def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path):
+    # `--json /tmp` ran the whole replay, then died with IsADirectoryError and lost the report
+    from sentinel.commands._common import check_json_target, write_json_report
+    from sentinel.errors import InfrastructureError, UsageError
+
+    with pytest.raises(UsageError, match="is a directory"):
+        check_json_target(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match=r"file is not a writable directory"):
+        check_json_target(tmp_path / "file" / "sub" / "r.json")
+    check_json_target(tmp_path / "new" / "r.json")   # fine, and nothing created yet
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(InfrastructureError, match="cannot write the report"):
+        write_json_report({"a": 1}, tmp_path / "file" / "r.json")
