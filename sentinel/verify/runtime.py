@@ -212,16 +212,19 @@ class OnnxExport:
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for i, j in zip(starts, ends, strict=True):
             chunk = np.ascontiguousarray(x[i:j], dtype=self.input_dtype)
-            if self.fixed_batch and len(chunk) != self.fixed_batch:
-                raise UsageError(f"{self.path}: has a fixed batch of {self.fixed_batch}; "
-                                 f"cannot run a batch of {len(chunk)}")
+            rows = len(chunk)
+            if self.fixed_batch and rows < self.fixed_batch:
+                # A fixed-batch export gets a full batch: the last row repeated, its outputs dropped
+                # (the golden set's size or the localization's few samples need not divide the batch).
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - rows, axis=0)])
             try:
                 got = sess.run(names, {self.input_name: chunk})
             except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
                 raise WeightsError(f"{self.path}: onnxruntime failed running it on a batch of {len(chunk)} "
                                    f"({_first_line(exc)})") from None
             for n, v in zip(names, got, strict=False):
-                parts[n].append(np.asarray(v, dtype=np.float32))
+                v = np.asarray(v, dtype=np.float32)
+                parts[n].append(v[:rows] if len(chunk) != rows and v.ndim and len(v) == len(chunk) else v)
             if on_chunk is not None:
                 on_chunk(i, {n: v[-1] for n, v in parts.items()})
         return {n: np.concatenate(v) for n, v in parts.items()}

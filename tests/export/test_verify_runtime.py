@@ -191,3 +191,20 @@ def test_an_export_that_fails_at_run_time_is_a_weights_error(tmp_path: Path):
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     with pytest.raises(WeightsError, match=r"bad\.onnx: onnxruntime failed running it on a batch of 3 \(Fail: "):
         OnnxExport(path).run(np.zeros((3, 8), np.float32))
+
+
+@pytest.mark.unit
+def test_a_fixed_batch_export_runs_any_number_of_rows(tmp_path: Path):
+    # batch 3 fixed in the graph: 5 rows (300 golden samples with batch 7, or the 4
+    # localization samples with batch 8) were refused ("cannot run a batch of 2")
+    m = _model()
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = 3
+    path = tmp_path / "fixed.onnx"
+    onnx.save(m, str(path))
+    e = OnnxExport(path)
+    assert e.fixed_batch == 3
+    x = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+    got = e.run(x)["logits"]
+    assert got.shape == (5, 4)
+    np.testing.assert_allclose(got, _reference(m, x)["logits"], rtol=1e-5, atol=1e-5)
