@@ -113,3 +113,40 @@ def test_ctrl_c_ends_a_replay_with_the_partial_result_and_abandons_requests_in_f
                        tolerance=Tolerance(), objectives=Objectives())
     assert doc.doc["interrupted"] is True and doc.doc["abandoned"] == result.abandoned
     assert "INTERRUPTED after" in render_text(doc)
+
+
+@pytest.mark.parametrize("answer,kind", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\nxx", "too_large"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nxx", "protocol"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n", "protocol"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\nxx", "too_large"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 150 + b"\r\n", "protocol"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", "protocol"),
+    (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 5000, "too_large"),   # body to EOF, over the (lowered) bound
+])
+def test_a_hostile_response_is_a_bounded_error_not_a_crash_or_unbounded_read(monkeypatch, answer, kind):
+    # A bad Content-Length or chunk size raised ValueError out of the replay (a traceback; in the
+    # daemon's canary, a dead task); a huge one was read into memory whatever its size.
+    from sentinel.replay import http
+
+    monkeypatch.setattr(http, "MAX_RESPONSE_BYTES", 4096)
+
+    async def main():
+        async def handler(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        srv, port = await _serve_once(handler)
+        t = Target.parse(f"http://127.0.0.1:{port}")
+        conn = Connection(t)
+        try:
+            with pytest.raises(HttpError) as info:
+                await asyncio.wait_for(conn.request(build_head(t, "POST", "/x", {}, 0), b""), 10)
+        finally:
+            conn.close()
+            srv.close()
+        return info.value
+
+    assert asyncio.run(main()).kind == kind
