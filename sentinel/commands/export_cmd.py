@@ -123,6 +123,9 @@ def verify(
 
     if localize not in ("auto", "always", "never"):
         raise UsageError(f"--localize must be auto, always or never, got {localize!r}")
+    from sentinel.commands._common import check_json_target
+
+    check_json_target(json_out)
     entry = open_registry(config, registry).resolve(model)
     gs = checked_golden(entry, golden_root or _golden_root(config), golden)
     report = verify_export(path, entry, gs, precision=precision, atol=atol, rtol=rtol, min_top1=min_top1,

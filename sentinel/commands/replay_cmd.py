@@ -55,6 +55,9 @@ def replay(
         raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)} or grpc, got {protocol!r}")
     if send not in ("auto", "raw", "inputs"):
         raise UsageError(f"--send must be auto, raw or inputs, got {send!r}")
+    from sentinel.commands._common import check_json_target
+
+    check_json_target(json_out)   # before the run, whose report would otherwise be lost
     headers = []
     for h in header:
         name, sep, value = h.partition(":")
@@ -120,6 +123,9 @@ def replay(
         from sentinel.replay.push import push
 
         push(pushgateway, prom, entry.name)
+    if report.doc.get("interrupted"):
+        typer.echo("replay interrupted: the report covers the requests that finished", err=True)
+        raise typer.Exit(130)
     if not report.passed:
         for o in report.missed:
             typer.echo(f"objective missed: {o.message}", err=True)

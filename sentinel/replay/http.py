@@ -14,6 +14,11 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+# What a model server's answer may take in the client (replay, and the canary inside the daemon):
+# a prediction for one sample is kilobytes; a server streaming gigabytes must not exhaust memory.
+MAX_RESPONSE_BYTES = 64 << 20   # body, as proxy.max_body_bytes
+MAX_RESPONSE_HEADERS = 100      # header lines (each at most the StreamReader's 64 KiB line limit)
+
 
 class HttpError(Exception):
     """A transport failure; `kind` is a short label for reports (connect, timeout, reset, protocol)."""
@@ -107,6 +112,15 @@ class Connection:
         if len(body) >= 65536:
             self._writer.write(body)
         await self._writer.drain()
+        try:
+            return await self._read_response()
+        except (ValueError, asyncio.LimitOverrunError) as exc:   # ValueError: a line over the reader's limit
+            self.close()
+            raise HttpError("protocol", f"malformed response from {self.target.authority}: {exc}") from None
+
+    async def _read_response(self) -> Response:
+        """Status line, headers and body, each bounded (`MAX_RESPONSE_BYTES`, `MAX_RESPONSE_HEADERS`)."""
+        assert self._reader is not None
         line = await self._reader.readuntil(b"\r\n")
         try:
             _, code, *_ = line.split(b" ", 2)
@@ -115,31 +129,59 @@ class Connection:
             self.close()
             raise HttpError("protocol", f"bad status line {line[:80]!r}") from None
         headers: dict[str, str] = {}
-        while True:
+        for _ in range(MAX_RESPONSE_HEADERS + 1):
             h = await self._reader.readuntil(b"\r\n")
             if h == b"\r\n":
                 break
             name, _, value = h.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
+        else:
+            self.close()
+            raise HttpError("protocol", f"more than {MAX_RESPONSE_HEADERS} header lines in the response")
         if "content-length" in headers:
-            data = await self._reader.readexactly(int(headers["content-length"]))
+            try:
+                n = int(headers["content-length"])
+            except ValueError:
+                n = -1
+            if not 0 <= n <= MAX_RESPONSE_BYTES:
+                self.close()
+                raise HttpError("too_large" if n > 0 else "protocol",
+                                f"response Content-Length {headers['content-length'][:40]!r}; "
+                                f"at most {MAX_RESPONSE_BYTES} bytes are read")
+            data = await self._reader.readexactly(n)
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             data = await self._read_chunked()
         elif status in (204, 304) or 100 <= status < 200:
             data = b""
         else:
-            data = await self._reader.read()
+            data = await self._read_to_eof()
             self.close()
         if headers.get("connection", "").lower() == "close":
             self.close()
         return Response(status, headers, data)
 
+    async def _read_to_eof(self) -> bytes:
+        assert self._reader is not None
+        parts, total = [], 0
+        while chunk := await self._reader.read(65536):
+            total += len(chunk)
+            if total > MAX_RESPONSE_BYTES:
+                self.close()
+                raise HttpError("too_large", f"response body over {MAX_RESPONSE_BYTES} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
     async def _read_chunked(self) -> bytes:
         assert self._reader is not None
         parts = []
+        total = 0
         while True:
             size_line = await self._reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";", 1)[0], 16)
+            size = int(size_line.split(b";", 1)[0], 16)   # ValueError → "protocol"
+            total += size
+            if size < 0 or total > MAX_RESPONSE_BYTES:
+                self.close()
+                raise HttpError("too_large", f"chunked response body over {MAX_RESPONSE_BYTES} bytes")
             if size == 0:
                 while await self._reader.readuntil(b"\r\n") != b"\r\n":
                     pass  # trailers

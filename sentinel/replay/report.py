@@ -24,8 +24,8 @@ class Objectives:
 
     def validate(self) -> list[str]:
         p = []
-        if self.p99_ms is not None and self.p99_ms <= 0:
-            p.append(f"--p99-ms must be positive, got {self.p99_ms}")
+        if self.p99_ms is not None and not 0 < self.p99_ms < math.inf:   # NaN fails too
+            p.append(f"--p99-ms must be a positive number, got {self.p99_ms}")
         for name in ("min_agreement", "max_error_ratio"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 1:
@@ -172,6 +172,8 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "connections": plan.connections if plan.open_loop else plan.concurrency,
         "planned": result.planned,
         "sent": result.sent,
+        "interrupted": result.interrupted,
+        "abandoned": result.abandoned,
         "answered": len(comps),
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
@@ -234,6 +236,9 @@ def render_text(report: ReplayReport) -> str:
             for m in shown) + (" …" if d["mismatch_count"] > len(shown) else ""))
     for o in report.objectives:
         lines.append(f"{'ok    ' if o.met else 'MISSED'} {o.message}")
+    if d.get("interrupted"):
+        lines.append(f"INTERRUPTED after {d['duration_s']} s: a partial run ({d['sent']} of {d['planned'] or '?'} "
+                     f"planned finished, {d['abandoned']} in flight abandoned)")
     return "\n".join(lines)
 
 

@@ -22,9 +22,18 @@ __all__ = ["PROTOCOLS", "DecodeError", "Decoded", "WireFormat", "decoded_first"]
 
 
 def decoded_first(resp: protocols.DecodedResponse, classes: tuple[str, ...] = ()) -> Decoded:
-    """What a decoded response says about its first sample."""
+    """What a decoded response says about its first sample.
+
+    With the model's classes known, an answer whose score vector has another width is refused
+    (`DecodeError` kind `bad_shape`): an argmax over 7 scores compared with a 10-class reference
+    would count chance agreements and call the rest mismatches of the model, not of the answer.
+    """
     if resp.labels:
         return Decoded(classes.index(resp.labels[0]))
+    width = resp.outputs.shape[1] if resp.outputs.ndim == 2 else None
+    if classes and width != len(classes):
+        got = "no scores" if resp.outputs.size == 0 else f"{width} scores per sample"
+        raise DecodeError("bad_shape", f"the answer has {got}; the model has {len(classes)} classes")
     probs = resp.probabilities_or_softmax()[0]
     logits = resp.logits[0] if resp.logits is not None else None
     return Decoded(int(np.argmax(probs)), probabilities=probs, logits=logits)

@@ -32,11 +32,13 @@ class LayerError:
     ref_max: float | None
     rel: float | None        # max_abs / max |ref|
     diverges: bool
+    problem: str | None = None   # why it diverges without a number (another shape), else None
 
     def as_dict(self) -> dict[str, Any]:
         f = lambda v: None if v is None else float(f"{v:.6g}")  # noqa: E731
         return {"module": self.module, "onnx_value": self.value, "max_abs": f(self.max_abs),
-                "ref_max": f(self.ref_max), "rel": f(self.rel), "diverges": self.diverges}
+                "ref_max": f(self.ref_max), "rel": f(self.rel), "diverges": self.diverges,
+                "problem": self.problem}
 
 
 def node_scope(node: Any) -> str | None:
@@ -152,9 +154,20 @@ def capture_reference(model: Any, modules: list[str], x: np.ndarray,
 
 def layer_error(module: str, value: str | None, a: np.ndarray | None, b: np.ndarray | None,
                 layer_rel: float) -> LayerError:
-    """One checkpoint's error: exported value `a` against reference `b` (None: not measured)."""
-    if a is None or b is None or a.shape != b.shape:
+    """One checkpoint's error: exported value `a` against reference `b` (None: not measured).
+
+    Values of different shapes diverge: the export computes something else there (another
+    architecture's widths, a wrong model), and every later checkpoint inherits it, so the
+    first such checkpoint is where the export and the reference part."""
+    if a is None or b is None:
         return LayerError(module, value, None, None, None, False)
+    if a.shape != b.shape:
+        return LayerError(module, value, None, None, None, True,
+                          problem=f"shape {list(a.shape)} where the reference has {list(b.shape)}")
+    bad = int(np.count_nonzero(~np.isfinite(a) & np.isfinite(b)))
+    if bad:   # NaN compares false with any bound: it must diverge by itself
+        return LayerError(module, value, None, None, None, True,
+                          problem=f"{bad} NaN or infinite values where the reference's are finite")
     diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
     ref_max = float(np.max(np.abs(b))) if b.size else 0.0
     rel = diff / max(ref_max, 1e-12)

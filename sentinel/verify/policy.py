@@ -38,7 +38,17 @@ POLICIES = {
 
 def policy_for(precision: str, *, atol: float | None = None, rtol: float | None = None,
                min_top1: float | None = None) -> Policy:
-    """The default policy of a precision with command-line overrides applied."""
+    """The default policy of a precision with command-line overrides applied (UsageError when out of range)."""
+    import math
+
+    from sentinel.errors import UsageError
+
+    problems = [f"--{flag} must be a finite number ≥ 0, got {v}" for flag, v in (("atol", atol), ("rtol", rtol))
+                if v is not None and not (math.isfinite(v) and v >= 0)]
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:   # NaN fails both comparisons
+        problems.append(f"--min-top1 must be a fraction between 0 and 1, got {min_top1}")
+    if problems:
+        raise UsageError("; ".join(problems))
     p = POLICIES[precision]
     changes = {k: v for k, v in (("atol", atol), ("rtol", rtol), ("min_top1", min_top1)) if v is not None}
     return replace(p, **changes) if changes else p

@@ -17,6 +17,43 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
               "MatMulInteger", "DynamicQuantizeLinear"}
 CAST_SUFFIX = "__sentinel_fp32"
 
+# Ops whose output is a quantized tensor: op → (index of the output scale input, of its zero point).
+# QOperator graphs (onnxruntime's QLinear* ops, some in com.microsoft) carry activations as
+# int8/uint8 from one op to the next; read as float, a value of 200 would be compared with a
+# reference of 0.3.
+_QUANTIZED_OUTPUT = {"QuantizeLinear": (1, 2), "QLinearConv": (6, 7), "QLinearMatMul": (6, 7),
+                     "QLinearAdd": (6, 7), "QLinearMul": (6, 7), "QLinearConcat": (0, 1),
+                     "QLinearAveragePool": (3, 4), "QLinearGlobalAveragePool": (3, 4),
+                     "QLinearLeakyRelu": (3, 4), "QLinearSigmoid": (3, 4), "QLinearSoftmax": (3, 4),
+                     "QGemm": (7, 8)}
+# Ops that move quantized data without requantizing it (their output keeps the input's scale).
+_QUANTIZED_PASS = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+                   "Slice", "Gather", "Split", "Resize", "Pad", "DepthToSpace", "SpaceToDepth"}
+
+
+def quantization_of(graph, value: str, producers: dict | None = None) -> tuple[str, str | None] | None:
+    """(scale, zero point) names when `value` holds quantized integers, else None (a float value).
+
+    `producers` (value → node) may be passed in when asking about many values of one graph."""
+    if producers is None:
+        producers = {o: n for n in graph.node for o in n.output}
+    for _ in range(64):   # a chain of pass-through ops back to the op that quantized
+        node = producers.get(value)
+        if node is None:
+            return None
+        if node.op_type == "DynamicQuantizeLinear":
+            return (node.output[1], node.output[2]) if node.output[0] == value else None
+        where = _QUANTIZED_OUTPUT.get(node.op_type)
+        if where is not None:
+            scale, zero = where
+            if len(node.input) <= scale or not node.input[scale]:
+                return None   # e.g. QGemm without an output scale answers float
+            return node.input[scale], (node.input[zero] if len(node.input) > zero and node.input[zero] else None)
+        if node.op_type not in _QUANTIZED_PASS or not node.input:
+            return None
+        value = node.input[0]
+    return None
+
 
 def graph_precision(model) -> Precision:
     """The precision the graph computes in, from its real types (not its inputs).
@@ -78,10 +115,21 @@ class OnnxExport:
         self.path = path
         self.threads = threads
         self.spin = spin   # False: idle onnxruntime workers sleep instead of spinning (see _session)
+        size = Path(path).stat().st_size
+        if size > MAX_ONNX_FILE_BYTES:
+            raise WeightsError(f"{path}: {size} bytes; an ONNX file holds at most 2 GiB (protobuf's limit), "
+                               "larger models keep their tensors in external data files")
         try:
             raw: bytes | None = Path(path).read_bytes()
             self.model = onnx.load_model_from_string(raw)
-            if _uses_external_data(self.model.graph):
+        except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
+            raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+        external = _uses_external_data(self.model.graph)
+        if external:
+            # before anything is read: every file inside the model's directory, sizes as declared, bounded
+            check_external_data(self.model.graph, Path(path))
+        try:
+            if external:
                 from onnx.external_data_helper import load_external_data_for_model
 
                 load_external_data_for_model(self.model, str(Path(path).parent))
@@ -164,27 +212,43 @@ class OnnxExport:
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for i, j in zip(starts, ends, strict=True):
             chunk = np.ascontiguousarray(x[i:j], dtype=self.input_dtype)
-            if self.fixed_batch and len(chunk) != self.fixed_batch:
-                raise UsageError(f"{self.path}: has a fixed batch of {self.fixed_batch}; "
-                                 f"cannot run a batch of {len(chunk)}")
-            for n, v in zip(names, sess.run(names, {self.input_name: chunk}), strict=False):
-                parts[n].append(np.asarray(v, dtype=np.float32))
+            rows = len(chunk)
+            if self.fixed_batch and rows < self.fixed_batch:
+                # A fixed-batch export gets a full batch: the last row repeated, its outputs dropped
+                # (the golden set's size or the localization's few samples need not divide the batch).
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - rows, axis=0)])
+            try:
+                got = sess.run(names, {self.input_name: chunk})
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's pybind errors have no common base
+                raise WeightsError(f"{self.path}: onnxruntime failed running it on a batch of {len(chunk)} "
+                                   f"({_first_line(exc)})") from None
+            for n, v in zip(names, got, strict=False):
+                v = np.asarray(v, dtype=np.float32)
+                parts[n].append(v[:rows] if len(chunk) != rows and v.ndim and len(v) == len(chunk) else v)
             if on_chunk is not None:
                 on_chunk(i, {n: v[-1] for n, v in parts.items()})
         return {n: np.concatenate(v) for n, v in parts.items()}
 
     def instrument(self, values: list[str], spin: bool | None = None) -> dict[str, str]:
-        """Rebuild the session exposing `values`, each through a Cast to float32 (fp16, bf16 and int8
-        graphs carry other types); returns value → output name. The plain outputs stay as they were."""
+        """Rebuild the session exposing `values`, each as float32: through a Cast (fp16 and bf16 graphs
+        carry other types), or a DequantizeLinear with the value's own scale and zero point where it
+        holds quantized integers (QOperator int8 graphs); returns value → output name. The plain
+        outputs stay as they were."""
         import onnx
         from onnx import TensorProto, helper
 
         extra = onnx.ModelProto()   # only the additions: parsed after the model, they are appended to it
         mapping = {}
+        producers = {o: n for n in self.model.graph.node for o in n.output}
         for v in values:
             out = v + CAST_SUFFIX
-            extra.graph.node.append(helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT,
-                                                     name=f"sentinel_cast_{len(mapping)}"))
+            q = quantization_of(self.model.graph, v, producers)
+            if q is None:
+                node = helper.make_node("Cast", [v], [out], to=TensorProto.FLOAT, name=f"sentinel_cast_{len(mapping)}")
+            else:
+                node = helper.make_node("DequantizeLinear", [v, q[0], *([q[1]] if q[1] else [])], [out],
+                                        name=f"sentinel_dequantize_{len(mapping)}")
+            extra.graph.node.append(node)
             extra.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
             mapping[v] = out
         self._session_obj = None   # free the plain session first
@@ -218,11 +282,97 @@ class TorchScriptExport:
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        outs = []
+        parts: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
             for i in range(0, len(x), 64):
-                outs.append(self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64]))).float().numpy())
-        return {"logits": np.concatenate(outs)}
+                try:
+                    out = self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64])))
+                except Exception as exc:  # noqa: BLE001 - a scripted forward may raise anything
+                    raise WeightsError(f"{self.path}: the TorchScript module failed on a batch of "
+                                       f"{len(x[i:i + 64])} ({_first_line(exc)})") from None
+                for name, t in _named_outputs(out).items():
+                    if not isinstance(t, torch.Tensor):
+                        raise WeightsError(f"{self.path}: output {name!r} is a {type(t).__name__}, not a tensor")
+                    parts.setdefault(name, []).append(t.float().numpy())
+        self.output_names = list(parts)
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _named_outputs(out) -> dict[str, object]:
+    """A module's outputs by name: a tensor is `logits`; a tuple or list `output0`, `output1`, …;
+    a dict by its keys (verify then takes `logits`, else the first of the reference's shape)."""
+    if isinstance(out, dict):
+        return {str(k): v for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return {f"output{i}": v for i, v in enumerate(out)}
+    return {"logits": out}
+
+
+MAX_ONNX_FILE_BYTES = 2 << 30        # protobuf's limit on one serialized message
+MAX_EXTERNAL_DATA_BYTES = 8 << 30    # tensors in external files, all together (densenet201 fp32: 80 MB)
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph: initializers, Constant/attribute values, subgraphs'."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_tensors(g)
+
+
+def check_external_data(graph, path: Path) -> None:
+    """Refuse external data that would make loading read outside the model's directory or unbounded bytes.
+
+    Each tensor's `location` must stay in the directory of the .onnx file (symlinks resolved,
+    `sentinel.registry.confined`); its bytes (`length`, else the file from `offset` on) must
+    exist and match what its dims and type declare; all of them together at most
+    MAX_EXTERNAL_DATA_BYTES. Checked from the manifest and file sizes, before any is read."""
+    from onnx import TensorProto, helper
+
+    from sentinel.registry import confined
+
+    total = 0
+    for t in _all_tensors(graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        where = f"{path}: tensor {t.name!r} external data location"
+        file = confined(path.parent, info.get("location", ""), where)
+        if not file.is_file():
+            raise WeightsError(f"{path}: tensor {t.name!r}: external data file {file} is missing")
+        try:
+            offset, length = int(info.get("offset") or 0), int(info.get("length") or 0)
+        except ValueError:
+            raise WeightsError(f"{path}: tensor {t.name!r}: offset/length are not integers") from None
+        available = file.stat().st_size - offset
+        n = length or available
+        if offset < 0 or length < 0 or n > available:
+            raise WeightsError(f"{path}: tensor {t.name!r} declares {n} bytes at offset {offset} of {file}, "
+                               f"which holds {file.stat().st_size}")
+        count = 1
+        for d in t.dims:
+            count *= d
+        try:
+            want = count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            want = n   # a type numpy cannot size (4-bit, strings): its bytes as declared
+        if want != n:
+            raise WeightsError(f"{path}: tensor {t.name!r} has dims {list(t.dims)} ({want} bytes) "
+                               f"but its external data holds {n} bytes")
+        total += n
+        if total > MAX_EXTERNAL_DATA_BYTES:
+            raise WeightsError(f"{path}: external data exceeds {MAX_EXTERNAL_DATA_BYTES >> 30} GiB "
+                               f"(at tensor {t.name!r}); refusing to load it")
 
 
 def _uses_external_data(graph) -> bool:
@@ -253,5 +403,32 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
+        kind = _archive_kind(path)
+        if kind == "checkpoint":
+            raise WeightsError(f"{path}: is a torch.save checkpoint (a pickle), not an export; sentinel never "
+                               "unpickles. Verify an ONNX or TorchScript export of it (`sentinel export`)")
+        if kind == "pt2":
+            raise UsageError(f"{path}: is a torch.export archive (.pt2); verify runs ONNX or TorchScript: "
+                             "convert it with torch.onnx.export(exported_program, ...) first")
         return TorchScriptExport(path)
     return OnnxExport(path, threads, spin)
+
+
+def _archive_kind(path: Path) -> str:
+    """What a PyTorch zip archive holds, from its member names (nothing is extracted or unpickled):
+    `torchscript` (code/ and constants.pkl), `pt2` (torch.export), `checkpoint` (torch.save), or
+    `unknown` (left to torch.jit.load to refuse)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.split("/", 1)[-1] for n in z.namelist()[:100_000]]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return "unknown"
+    if any(n.startswith("code/") or n == "constants.pkl" for n in names):
+        return "torchscript"
+    if "archive_format" in names:
+        return "pt2"
+    if "data.pkl" in names:
+        return "checkpoint"
+    return "unknown"

@@ -71,8 +71,9 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     if isinstance(export, OnnxExport):
         got_shape = tuple(export.input_shape[1:])
         if all(isinstance(d, int) for d in got_shape) and got_shape != want:
-            raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; "
-                             "is this an export of another model?")
+            why = ("a channels-last (NHWC) export? verify feeds N×C×H×W as the reference takes it"
+                   if sorted(got_shape) == sorted(want) else "is this an export of another model?")
+            raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; {why}")
     detected = export.precision
     prec = precision or recorded_precision(entry, path) or detected
     if prec not in PRECISIONS:
@@ -99,11 +100,8 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
 
     outs = export.run(inputs, on_chunk=on_chunk) if on_chunk else export.run(inputs)
     t_run = time.perf_counter()
-    name = "logits" if "logits" in outs else export.output_names[0]
+    name = _scores_output(path, outs, export.output_names, ref_logits.shape)
     out = outs[name]
-    if out.shape != ref_logits.shape:
-        raise UsageError(f"{path}: output {name!r} has shape {list(out.shape)}, the reference {list(ref_logits.shape)}; "
-                         "is this an export of another model?")
     served_probs = is_distribution(out) and name != "logits"
     got_probs = out if served_probs else softmax(out.astype(np.float64))
     stats: dict[str, Any] = {}
@@ -113,6 +111,10 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     top1 = topk_agreement(got_probs, ref_logits, 1)
     top5 = topk_agreement(got_probs, ref_logits, 5)
     failures = _judge(policy, stats, top1, got_probs, ref_probs)
+    nonfinite = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if len(nonfinite):
+        failures.insert(0, f"{name} holds NaN or infinite values for {len(nonfinite)} of {len(out)} samples "
+                           f"(e.g. id {int(golden.ids[nonfinite[0]])})")
 
     per_sample = np.max(np.abs((out if not served_probs else got_probs).astype(np.float64)
                                - (ref_logits if not served_probs else ref_probs)), axis=1)
@@ -153,6 +155,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "export": str(path),
         "format": export.format,
         "precision": prec,
+        "output": name,
         "detected_precision": detected,
         "model": entry.spec,
         "golden": str(golden.path),
@@ -160,6 +163,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "policy": policy.as_dict(),
         "passed": not failures,
         "failures": failures,
+        "nonfinite_samples": int(len(nonfinite)),
         "top1_agreement": round(top1, 6),
         "top5_agreement": round(top5, 6),
         "outputs": {k: v.as_dict() for k, v in stats.items()},
@@ -171,6 +175,21 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
                       "localize": round(t_end - t_run, 3), "total": round(t_end - t0, 3)},
     }
     return VerifyReport(doc)
+
+
+def _scores_output(path: Path, outs: dict[str, np.ndarray], order: list[str], want: tuple[int, ...]) -> str:
+    """The output holding the class scores: `logits` by name, else the first of the reference's shape.
+
+    Exports with more than one output (embeddings first, then scores) and other names are
+    common; the first output is only a guess, so the shape decides."""
+    if "logits" in outs and outs["logits"].shape == want:
+        return "logits"
+    fits = [n for n in order if outs[n].shape == want]
+    if fits:
+        return fits[0]
+    shapes = ", ".join(f"{n!r} {list(outs[n].shape)}" for n in order)
+    raise UsageError(f"{path}: no output has the reference's shape {list(want)} (outputs: {shapes}); "
+                     "is this an export of another model?")
 
 
 def _judge(policy: Policy, stats: dict[str, Any], top1: float, got_probs: np.ndarray,
@@ -333,8 +352,9 @@ def render_text(report: VerifyReport) -> str:
                                                   for r in w))
     if d["first_divergence"]:
         row = next(l for l in d["layers"] if l["module"] == d["first_divergence"])
-        lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, "
-                     f"max |Δ| {row['max_abs']:.3g} = {row['rel']:.2g} of its largest reference value)")
+        how = (row.get("problem") if row["max_abs"] is None else
+               f"max |Δ| {row['max_abs']:.3g} = {row['rel']:.2g} of its largest reference value")
+        lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, {how})")
     elif d["localization_note"]:
         lines.append(f"localization: {d['localization_note']}")
     lines.append("PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]))

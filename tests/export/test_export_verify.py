@@ -143,6 +143,27 @@ def test_torchscript_export_passes(entry, golden, reg_dir):
     assert rep.passed and rep.doc["format"] == "torchscript", rep.doc["failures"]
 
 
+def test_torchscript_module_returning_embeddings_and_logits_is_verified_on_its_scores(entry, golden, tmp_path):
+    # a tuple output made `.float()` fail: the module was refused as broken
+    import torch
+
+    model = entry.build_model()
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            e = self.m.embed(x)
+            return e, self.m.classifier(e)
+
+    with torch.no_grad():
+        torch.jit.trace(Two(), torch.zeros(2, *entry.manifest.input.shape)).save(str(tmp_path / "two.pt"))
+    rep = verify_export(tmp_path / "two.pt", entry, golden)
+    assert rep.passed and rep.doc["output"] == "output1", rep.doc["failures"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_broken_onnx_files_exit_2_with_a_clear_error(legacy_onnx, reg_dir, tmp_path, damage):
     data = legacy_onnx.read_bytes()

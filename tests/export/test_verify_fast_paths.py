@@ -15,6 +15,7 @@ import pytest
 from onnx import numpy_helper
 from servers import REPO
 
+from sentinel.errors import UsageError
 from sentinel.registry import Registry
 from sentinel.verify.localize import checkpoint_names, node_scope
 from sentinel.verify.policy import policy_for
@@ -148,3 +149,70 @@ def test_watched_run_splits_batches_differently_but_gives_identical_outputs(fp32
     assert seen == [(0, 4), (4, 16), (20, 16), (36, 4)]
     plain = e.run(x)
     assert all(np.array_equal(watched[k], plain[k]) for k in plain)   # the verdict cannot depend on the split
+
+
+def _reshape_outputs(src: Path, dst: Path, classes: int | None = None) -> None:
+    """The bundled export with the embeddings as a first output "out0" and the scores renamed
+    "out1" (or, with `classes`, only the first `classes` scores)."""
+    from onnx import helper
+
+    m = onnx.load(str(src))
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    tail = [helper.make_node("Identity", [gemm.input[0]], ["out0"])]
+    if classes is None:
+        tail.append(helper.make_node("Identity", ["logits"], ["out1"]))
+    else:
+        m.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+                                    (("s0", [0]), ("s1", [classes]), ("ax", [1]))])
+        tail.append(helper.make_node("Slice", ["logits", "s0", "s1", "ax"], ["out1"]))
+    m.graph.node.extend(tail)
+    del m.graph.output[:]
+    m.graph.output.extend([helper.make_tensor_value_info("out0", onnx.TensorProto.FLOAT, ["n", None]),
+                           helper.make_tensor_value_info("out1", onnx.TensorProto.FLOAT, ["n", None])])
+    onnx.save(m, str(dst))
+
+
+def test_scores_are_found_by_shape_when_another_output_comes_first(entry, golden, tmp_path):
+    # embeddings first and no output named "logits": the first output was taken as the scores
+    # and the export refused as "another model"
+    src = REPO / "models" / "digits" / "v3" / "model.onnx"
+    _reshape_outputs(src, tmp_path / "two.onnx")
+    report = verify_export(tmp_path / "two.onnx", entry, golden, localize="never")
+    assert report.passed and report.doc["output"] == "out1"
+    _reshape_outputs(src, tmp_path / "seven.onnx", classes=7)
+    with pytest.raises(UsageError, match=r"no output has the reference's shape \[300, 10\] \(outputs: 'out0' "
+                                         r"\[300, \d+\], 'out1' \[300, 7\]\)"):
+        verify_export(tmp_path / "seven.onnx", entry, golden, localize="never")
+
+
+def test_a_channels_last_export_is_named_as_such(entry, golden, tmp_path):
+    from onnx import helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 32, 32, 1])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 32, 32, 1])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "nhwc.onnx"))
+    with pytest.raises(UsageError, match=r"takes inputs \[32, 32, 1\] per sample, .* \[1, 32, 32\]; a channels-last"):
+        verify_export(tmp_path / "nhwc.onnx", entry, golden, localize="never")
+
+
+def test_nan_scores_fail_by_name_and_the_json_report_stays_json(entry, golden, tmp_path):
+    from onnx import helper
+
+    from sentinel.commands._common import write_json_report
+
+    m = onnx.load(str(REPO / "models" / "digits" / "v3" / "model.onnx"))
+    gemm = [n for n in m.graph.node if n.op_type == "Gemm"][-1]
+    gemm.output[0] = "pre"
+    m.graph.node.append(helper.make_node("Sqrt", ["pre"], ["logits"], name="/classifier/Sqrt"))  # NaN where < 0
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    report = verify_export(tmp_path / "nan.onnx", entry, golden, localize="never")
+    assert report.doc["nonfinite_samples"] > 0
+    assert report.failures[0].startswith(f"logits holds NaN or infinite values for {report.doc['nonfinite_samples']} of 300")
+    write_json_report(report.doc, tmp_path / "r.json")
+
+    def refuse(token):
+        raise ValueError(f"{token} in the JSON report")
+
+    doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)   # bare NaN tokens were written
+    assert doc["outputs"]["logits"]["max_abs"] is None

@@ -115,3 +115,64 @@ def test_latency_slo_objective_counts_requests_within_the_threshold():
                        tolerance=Tolerance(), objectives=Objectives(latency_threshold_ms=150, latency_ratio=0.99))
     assert rep.doc["latency_ms"]["corrected"]["within_threshold"] == 0.97
     assert not rep.passed and "only 97.00% of requests within 150 ms" in rep.missed[0].message
+
+
+@pytest.mark.parametrize("protocol,body", [
+    ("v2", b'{"outputs": [{"name": "logits", "shape": [1, 7], "datatype": "FP32", "data": [0,1,2,3,4,5,6]}]}'),
+    ("v1", b'{"predictions": [[0.1, 0.9]]}'),
+    ("torchserve", b"[0.2, 0.1, 0.3, 0.4]"),
+])
+def test_an_answer_with_another_class_count_is_a_decode_error_not_a_mismatch(protocol, body):
+    # Compared as they came, 7 scores against a 3-class reference gave chance top-1 agreements
+    # and blamed the model for the rest; the answer itself is what is wrong.
+    w = WireFormat(protocol, "m", classes=("a", "b", "c"))
+    with pytest.raises(DecodeError, match="has 3 classes") as info:
+        w.decode({}, body)
+    assert info.value.kind == "bad_shape"
+    assert WireFormat(protocol, "m").decode({}, body).top1 >= 0   # classes unknown: read as served
+
+
+def test_count_and_duration_together_are_a_usage_error():
+    # the count silently won and --duration was ignored
+    assert LoadPlan(rate=5, count=10, duration_s=5).validate() == [
+        "--count and --duration exclude each other (the count would win and the duration be ignored)"]
+    assert LoadPlan(rate=5, duration_s=5).validate() == [] and LoadPlan(concurrency=2, count=3).validate() == []
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_samples_below_one_is_a_usage_error(digits_v3, digits_golden, n):
+    # 0 crashed with ZeroDivisionError; -3 silently replayed all but the last 3 samples
+    from sentinel.errors import UsageError
+    from sentinel.replay.session import ReplaySpec, run_replay
+
+    spec = ReplaySpec(target="http://127.0.0.1:9", protocol="v2", model_path_name="digits", samples=n)
+    with pytest.raises(UsageError, match=f"--samples must be at least 1, got {n}"):
+        run_replay(digits_v3, digits_golden, spec, LoadPlan(rate=5, count=1), Objectives())
+
+
+def test_nan_and_infinite_load_and_objectives_are_usage_errors():
+    # NaN passed `<= 0` checks: --rate nan sent at full speed, --duration nan crashed,
+    # --timeout nan leaked coroutines, --p99-ms nan "missed" by nan ms
+    nan, inf = float("nan"), float("inf")
+    assert LoadPlan(rate=nan).validate() == ["--rate must be a positive number, got nan"]
+    assert LoadPlan(rate=inf).validate() == ["--rate must be a positive number, got inf"]
+    assert LoadPlan(rate=5, duration_s=nan).validate() == ["--duration must be a positive number, got nan"]
+    assert LoadPlan(rate=5, timeout_s=nan).validate() == ["--timeout must be a positive number, got nan"]
+    assert Objectives(p99_ms=nan).validate() == ["--p99-ms must be a positive number, got nan"]
+    assert LoadPlan(rate=5, duration_s=1, timeout_s=2).validate() == [] and Objectives(p99_ms=5).validate() == []
+
+
+def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path):
+    # `--json /tmp` ran the whole replay, then died with IsADirectoryError and lost the report
+    from sentinel.commands._common import check_json_target, write_json_report
+    from sentinel.errors import InfrastructureError, UsageError
+
+    with pytest.raises(UsageError, match="is a directory"):
+        check_json_target(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match=r"file is not a writable directory"):
+        check_json_target(tmp_path / "file" / "sub" / "r.json")
+    check_json_target(tmp_path / "new" / "r.json")   # fine, and nothing created yet
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(InfrastructureError, match="cannot write the report"):
+        write_json_report({"a": 1}, tmp_path / "file" / "r.json")
