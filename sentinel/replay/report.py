@@ -172,8 +172,6 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "connections": plan.connections if plan.open_loop else plan.concurrency,
         "planned": result.planned,
         "sent": result.sent,
-        "interrupted": result.interrupted,
-        "abandoned": result.abandoned,
         "answered": len(comps),
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
@@ -236,9 +234,6 @@ def render_text(report: ReplayReport) -> str:
             for m in shown) + (" …" if d["mismatch_count"] > len(shown) else ""))
     for o in report.objectives:
         lines.append(f"{'ok    ' if o.met else 'MISSED'} {o.message}")
-    if d.get("interrupted"):
-        lines.append(f"INTERRUPTED after {d['duration_s']} s: a partial run ({d['sent']} of {d['planned'] or '?'} "
-                     f"planned finished, {d['abandoned']} in flight abandoned)")
     return "\n".join(lines)
 
 

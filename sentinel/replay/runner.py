@@ -106,8 +106,6 @@ class RunResult:
     comparisons: list[Comparison] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    interrupted: bool = False   # Ctrl-C ended the run early: what is here is what finished before
-    abandoned: int = 0          # requests in flight when it was interrupted (not in `sent`)
 
 
 Observer = Callable[[Outcome], None]
@@ -145,51 +143,27 @@ class Replayer:
             return 0  # closed loop until the time is up
         return len(self.samples)
 
-    def run(self, plan: LoadPlan, *, partial_on_interrupt: bool = False) -> RunResult:
-        """Run the plan on a fresh event loop (uvloop when installed).
-
-        With `partial_on_interrupt`, a Ctrl-C (asyncio.Runner cancels the run on the first
-        SIGINT) ends the run early: requests in flight are abandoned and the result holds what
-        finished, marked `interrupted`; a second Ctrl-C still raises KeyboardInterrupt."""
+    def run(self, plan: LoadPlan) -> RunResult:
+        """Run the plan on a fresh event loop (uvloop when installed)."""
         try:
             import uvloop
 
             factory = uvloop.new_event_loop
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
             factory = None
-        self.last_result: RunResult | None = None
-
-        async def main() -> RunResult:
-            try:
-                return await self.run_async(plan)
-            except asyncio.CancelledError:
-                r = self.last_result
-                if not partial_on_interrupt or r is None:
-                    raise
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                r.interrupted = True
-                r.abandoned = r.sent - r.completed
-                r.sent = r.completed   # sent = answered + errors, as in a run that ran to its end
-                return r
-
         with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(main())
+            return runner.run(self.run_async(plan))
 
     async def run_async(self, plan: LoadPlan) -> RunResult:
         planned = self.planned_count(plan)
         result = RunResult("open" if plan.open_loop else "closed", planned)
-        self.last_result = result
         cpu0, t0 = time.process_time(), time.perf_counter()
-        try:
-            if plan.open_loop:
-                await self._open_loop(plan, planned, result)
-            else:
-                await self._closed_loop(plan, planned, result)
-        finally:
-            result.wall_s = time.perf_counter() - t0
-            result.cpu_s = time.process_time() - cpu0
+        if plan.open_loop:
+            await self._open_loop(plan, planned, result)
+        else:
+            await self._closed_loop(plan, planned, result)
+        result.wall_s = time.perf_counter() - t0
+        result.cpu_s = time.process_time() - cpu0
         return result
 
     async def _one(self, conn: Connection, i: int, intended: float, timeout: float, result: RunResult) -> None:
@@ -254,28 +228,20 @@ class Replayer:
 
         start = time.perf_counter()
         interval = 1.0 / plan.rate
-        try:
-            for i in range(planned):
-                intended = start + i * interval
-                delay = intended - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await slots.acquire()   # all connections busy: this send is late, and that counts
-                result.sent += 1
-                t = asyncio.create_task(send(i, intended))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-        finally:
-            # cancelled (Ctrl-C): requests still in flight are abandoned, their connections closed
-            pending = [t for t in tasks if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            for c in idle:
-                c.close()
+        for i in range(planned):
+            intended = start + i * interval
+            delay = intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await slots.acquire()   # all connections busy: this send is late, and that counts
+            result.sent += 1
+            t = asyncio.create_task(send(i, intended))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        for c in idle:
+            c.close()
 
     async def _closed_loop(self, plan: LoadPlan, planned: int, result: RunResult) -> None:
         workers = plan.concurrency or 1

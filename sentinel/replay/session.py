@@ -69,7 +69,7 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = WireFormat(spec.protocol, spec.model_path_name, binary=spec.binary, classes=entry.manifest.classes)
     replayer = Replayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan, partial_on_interrupt=True)
+    result = replayer.run(plan)
     if result.sent and result.errors.get("connect", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every request failed to connect to {target.authority}")
     if objectives.min_agreement is None:
@@ -95,7 +95,7 @@ def _run_grpc(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Load
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = GrpcWire(spec.model_path_name, classes=entry.manifest.classes)
     replayer = GrpcReplayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan, partial_on_interrupt=True)
+    result = replayer.run(plan)
     if result.sent and result.errors.get("grpc_unavailable", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every call failed with UNAVAILABLE at {target.authority}")
     if objectives.min_agreement is None:
