@@ -137,9 +137,9 @@ def main() -> int:
         threadpool_limits(1)
     except ImportError:
         pass
+    from sentinel.analysis.evaluation import mixed_window, sample_columns
     from sentinel.analysis.shadow import ReferenceRunner
     from sentinel.drift import Reference, Settings, Suite, Window
-    from sentinel.drift.features import input_statistics
     from sentinel.golden import golden_for
     from sentinel.registry import open_registry
     from sentinel.training.digits import load_split
@@ -160,19 +160,11 @@ def main() -> int:
     for name in ["clean", *names]:
         x = raw if name == "clean" else SHIFTS[name](raw, rng)
         net = entry.manifest.preprocessing.apply(x)
-        out = runner.run(net)
-        proj = suite.project(out.embeddings)
-        smp = suite.samples(net, out.logits, proj, dtype_kind="f")
-        per[name] = {"logits": out.logits.astype(np.float64), "stats": input_statistics(net), "emb": proj,
-                     "sig": smp.signatures, "viol": smp.violations.any(axis=1), "codes": smp.verdicts}
+        per[name] = sample_columns(suite, runner, net)
     print(f"# per-sample outputs {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     def window(idx: np.ndarray, shifted: np.ndarray, name: str) -> Window:
-        cols = {k: v[idx].copy() for k, v in per["clean"].items()}
-        if shifted.any():
-            for k in cols:
-                cols[k][shifted] = per[name][k][idx[shifted]]
-        return Window(cols["logits"], cols["stats"], cols["emb"], y[idx], cols["sig"], cols["viol"], cols["codes"])
+        return mixed_window(per, y, idx, shifted, name)
 
     sizes = [int(s) for s in a.sizes.split(",")]
     conds: list[tuple[str, float, str]] = [("clean", 0.0, "none")]

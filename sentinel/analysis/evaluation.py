@@ -271,13 +271,36 @@ class SignalsPlan:
     seed: int = 0
 
 
+def sample_columns(suite, runner, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-sample columns of network inputs `x` through the reference runner: logits, input
+    statistics, projected embeddings, signatures, contract violations and ATC verdict codes."""
+    from sentinel.drift.features import input_statistics
+
+    out = runner.run(x)
+    proj = suite.project(out.embeddings)
+    smp = suite.samples(x, out.logits, proj, dtype_kind="f")
+    return {"logits": out.logits.astype(np.float64), "stats": input_statistics(x), "emb": proj,
+            "sig": smp.signatures, "viol": smp.violations.any(axis=1), "codes": smp.verdicts}
+
+
+def mixed_window(per: dict[str, dict[str, np.ndarray]], labels: np.ndarray, idx: np.ndarray,
+                 shifted: np.ndarray, name: str):
+    """The window of samples `idx`: clean columns, with the `shifted` positions taken from `per[name]`."""
+    from sentinel.drift import Window
+
+    cols = {k: v[idx].copy() for k, v in per["clean"].items()}
+    if shifted.any():
+        for k in cols:
+            cols[k][shifted] = per[name][k][idx[shifted]]
+    return Window(cols["logits"], cols["stats"], cols["emb"], labels[idx], cols["sig"], cols["viol"], cols["codes"])
+
+
 def run_signals_eval(entry, plan: SignalsPlan, settings, *, golden_root: Any = "golden_sets",
                      persistence: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Diagnosis accuracy, accuracy-estimate error (ATC and its lower bound), knock-out power and
     false alarms on exchangeable and writer-grouped windows, against the recorded golden set."""
     from sentinel.analysis.shadow import ReferenceRunner
     from sentinel.drift import Reference, Suite, Window
-    from sentinel.drift.features import input_statistics
     from sentinel.drift.shifts import DIGITS_SHIFTS, MISMATCH_SHIFTS
     from sentinel.golden import golden_for
     from sentinel.training.digits import load_split
@@ -295,20 +318,12 @@ def run_signals_eval(entry, plan: SignalsPlan, settings, *, golden_root: Any = "
     for s in (None, *shifts):
         name = "clean" if s is None else s.name
         x = entry.manifest.preprocessing.apply(raw if s is None else s.apply(raw, rng))
-        out = runner.run(x)
-        proj = suite.project(out.embeddings)
-        smp = suite.samples(x, out.logits, proj, dtype_kind="f")
-        per[name] = {"logits": out.logits.astype(np.float64), "stats": input_statistics(x), "emb": proj,
-                     "sig": smp.signatures, "viol": smp.violations.any(axis=1), "codes": smp.verdicts}
+        per[name] = sample_columns(suite, runner, x)
     log(f"signals eval: per-sample outputs for {len(y)} holdout digits × {len(shifts) + 1} conditions "
         f"({time.perf_counter() - t0:.0f} s)")
 
     def window(idx: np.ndarray, shifted: np.ndarray, name: str) -> Window:
-        cols = {k: v[idx].copy() for k, v in per["clean"].items()}
-        if shifted.any():
-            for k in cols:
-                cols[k][shifted] = per[name][k][idx[shifted]]
-        return Window(cols["logits"], cols["stats"], cols["emb"], y[idx], cols["sig"], cols["viol"], cols["codes"])
+        return mixed_window(per, y, idx, shifted, name)
 
     rows = []
     for s in shifts:

@@ -88,20 +88,24 @@ def test_a_response_output_in_shared_memory_is_skipped_when_another_carries_scor
     assert _kind(decode_response, GRPC, with_shm, {}) == "unsupported"
 
 
-def _grpc_output_with_parameter(resp: bytes, key: str, value: str) -> bytes:
-    """`resp` (one output, typed contents) with the output's contents replaced by a parameter."""
+def _with_tensor(msg: bytes, rewrite) -> bytes:
+    """`msg` with each tensor (field 5 of a request or response) replaced by `rewrite(its fields)`."""
     out = bytearray()
-    for num, _, val in oip_grpc.fields(resp):
+    for num, _, val in oip_grpc.fields(msg):
         if num != 5:
             oip_grpc._bytes_field(out, num, bytes(val))
             continue
         t = bytearray()
-        for tnum, _, tval in oip_grpc.fields(val):
-            if tnum != 5:
-                oip_grpc._bytes_field(t, tnum, bytes(tval))
-        oip_grpc._bytes_field(t, 4, oip_grpc._param_entry(key, value))
+        for tnum, tval in rewrite([(tnum, bytes(tval)) for tnum, _, tval in oip_grpc.fields(val)]):
+            oip_grpc._bytes_field(t, tnum, tval)
         oip_grpc._bytes_field(out, 5, bytes(t))
     return bytes(out)
+
+
+def _grpc_output_with_parameter(resp: bytes, key: str, value: str) -> bytes:
+    """`resp` (one output, typed contents) with the output's contents replaced by a parameter."""
+    return _with_tensor(resp, lambda fs: [(n, v) for n, v in fs if n != 5]
+                        + [(4, oip_grpc._param_entry(key, value))])
 
 
 # --- classification extension, several outputs ------------------------------------------
@@ -189,16 +193,7 @@ def test_grpc_typed_contents_beyond_the_datatype_are_refused_not_wrapped():
 
 def _retyped(msg: bytes, datatype: str) -> bytes:
     """A request whose one input keeps its typed contents but is labelled `datatype`."""
-    out = bytearray()
-    for num, _, val in oip_grpc.fields(msg):
-        if num != 5:
-            oip_grpc._bytes_field(out, num, bytes(val))
-            continue
-        t = bytearray()
-        for tnum, _, tval in oip_grpc.fields(val):
-            oip_grpc._bytes_field(t, tnum, datatype.encode() if tnum == 2 else bytes(tval))
-        oip_grpc._bytes_field(out, 5, bytes(t))
-    return bytes(out)
+    return _with_tensor(msg, lambda fs: [(n, datatype.encode() if n == 2 else v) for n, v in fs])
 
 
 def test_hints_for_a_registry_model_carry_its_class_count():
