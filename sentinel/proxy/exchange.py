@@ -291,11 +291,11 @@ class Exchange:
     def response_done(self, reusable: bool) -> None:
         if self.finished:
             return
-        if not self.request_done and self.req_mode == CHUNKED:
-            # Answered before the client finished a body of unknown length: reading the rest
-            # would have no bound, so the connection closes (after a linger) instead.
-            self.keep_alive = False
         if not self.request_done:
+            if self.req_mode == CHUNKED:
+                # Answered before the client finished a body of unknown length: reading the rest
+                # would have no bound, so the connection closes (after a linger) instead.
+                self.keep_alive = False
             # The rest of the body is read and dropped (ClientConnection.check_deadlines times
             # it): reading must not stay paused for an upstream connection that is now gone.
             self.conn.resume_reading("upstream")
