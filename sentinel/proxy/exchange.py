@@ -211,6 +211,11 @@ class Exchange:
                       up: UpstreamSide) -> None:
         if self.finished:
             return
+        if status == 408 and self.replay is not None and self.request_done and not self.response_started:
+            # A pooled connection the server was closing as idle: its 408 raced our request
+            # (RFC 9110 §15.5.9). Sent once more on a fresh connection, as for a reset.
+            self._retry_fresh()
+            return
         self.status = status
         has_length = False
         chunked_up = False
@@ -240,13 +245,15 @@ class Exchange:
                 continue
             if lname == b"content-length":
                 has_length = True
+                if status == 204:   # a 204 has no body and must not say it has (RFC 9110 §8.6)
+                    continue
             append(name + b": " + value + b"\r\n")
         if named:   # rare: drop the headers the Connection header names (RFC 9110 §7.6.1)
             skip = http.connection_tokens(headers)
             del lines[1:]
             for name, value in headers:
                 lname = name.lower()
-                if lname not in hop and lname not in skip:
+                if lname not in hop and lname not in skip and not (lname == b"content-length" and status == 204):
                     append(name + b": " + value + b"\r\n")
                 elif lname == b"content-length":   # named in Connection: still the framing
                     has_length = True
@@ -328,10 +335,7 @@ class Exchange:
             # An idempotent request on a pooled connection that closed before answering a
             # byte: sending it once more on a fresh connection cannot change the outcome.
             # Non-idempotent requests are never resent once written (see UpstreamPool.get_idle).
-            self.ctx.errors.inc("stale_connection_retried")
-            replay, self.replay = self.replay, None
-            self.reused = False
-            self.connect_task = self.ctx.loop.create_task(self._connect(replay))
+            self._retry_fresh()
             return
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -345,6 +349,17 @@ class Exchange:
         # Nothing of the response has left (a head and a malformed body in one read): a 502 can.
         status = _ERROR_STATUS.get(reason, 502)
         self._respond_error(status, reason, message)
+
+    def _retry_fresh(self) -> None:
+        """Send the request again on a new connection (an idempotent one a stale pooled connection lost)."""
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        self.ctx.errors.inc("stale_connection_retried")
+        replay, self.replay = self.replay, None
+        self.reused = False
+        self.last_up = 0.0
+        self.connect_task = self.ctx.loop.create_task(self._connect(replay))
 
     def _drop_upstream(self) -> None:
         """Abort the upstream connection and any connect still in progress."""

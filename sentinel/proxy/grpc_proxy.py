@@ -100,6 +100,7 @@ _DROP_METADATA = frozenset({
 DEADLINE_SLACK_S = 0.05
 DEADLINE_SLACK_SHARE = 0.01   # ... plus this share of the call's whole deadline
 UPSTREAM_CANCELLED = "502"    # CANCELLED sent by the upstream: the client did not go away
+EOF_SETTLE_YIELDS = 3   # loop turns for the transport's cancel of a refused (oversize) message to land
 
 
 def cancel_code(left: float | None, elapsed: float) -> grpc.StatusCode:
@@ -276,11 +277,19 @@ class GrpcProxy:
             try:
                 request = await context.read()
                 if request is aio.EOF:
-                    # No message: the transport refused it as larger than max_message_bytes.
+                    # No message: either the transport refused it as larger than max_message_bytes
+                    # (it has already answered RESOURCE_EXHAUSTED and cancels this handler at the
+                    # next yield) or the client half-closed without sending one.
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                    proxy.metrics.proxy_errors.labels("message_too_large").inc()
-                    await context.abort(code, f"request message larger than the sidecar's limit of "
-                                              f"{proxy.max_message} bytes")
+                    try:
+                        for _ in range(EOF_SETTLE_YIELDS):
+                            await asyncio.sleep(0)
+                    except CancelledError:
+                        proxy.metrics.proxy_errors.labels("message_too_large").inc()
+                        raise
+                    code = grpc.StatusCode.INVALID_ARGUMENT
+                    proxy.metrics.proxy_errors.labels("grpc_empty_request").inc()
+                    await context.abort(code, f"{method} is unary but the call carried no request message")
                 if is_infer:
                     name = peek_model_name(request)
                     if name is not None:
@@ -325,7 +334,9 @@ class GrpcProxy:
                                             "proxy", trace_id, time.time()))
                 return response
             except BaseException as exc:
-                if isinstance(exc, CancelledError):
+                if isinstance(exc, CancelledError) and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    label = None   # the transport refused the message (see above)
+                elif isinstance(exc, CancelledError):
                     # the client went away or its deadline passed
                     code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
                     label = None

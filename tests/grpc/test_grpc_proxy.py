@@ -139,6 +139,19 @@ def test_oversize_request_and_response_are_resource_exhausted(sidecar):
     assert sidecar.wait_for(REQ, _labels("big:40000", "429"), 1, timeout=5) == 1
 
 
+def test_unary_call_without_a_message_is_invalid_argument_not_too_large(sidecar):
+    # A client that half-closes a unary call without sending its message: the transport
+    # reports end-of-stream as it does for an oversize message, but this one is the client's error.
+    too_large = sidecar.value(ERR, {"reason": "message_too_large"})
+    with _channel(sidecar) as ch, pytest.raises(grpc.RpcError) as ei:
+        ch.stream_unary(INFER)(iter(()), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no request message" in (ei.value.details() or "")
+    assert sidecar.wait_for(ERR, {"reason": "grpc_empty_request"}, 1, timeout=5) == 1
+    assert sidecar.wait_for(REQ, _labels("none", "400"), 1, timeout=5) == 1
+    assert sidecar.value(ERR, {"reason": "message_too_large"}) == too_large
+
+
 def test_canary_calls_are_not_counted(sidecar):
     with _channel(sidecar) as ch:
         ch.unary_unary(INFER)(infer_request("canary-model"), metadata=(("x-sentinel-canary", "1"),), timeout=10)

@@ -124,6 +124,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self._send(200, b'{"second":"try"}')
+        elif path == "/408-once":
+            # a server timing out an idle keep-alive connection: 408, then close (RFC 9110 §15.5.9)
+            if srv.dropped < 1:
+                srv.dropped += 1
+                self.wfile.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                self.close_connection = True
+                return
+            self._send(200, b'{"second":"try"}')
         elif path == "/close-delimited":
             self.wfile.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-close-body")
             self.close_connection = True

@@ -155,6 +155,24 @@ def test_stale_pooled_connection_is_retried_once_for_idempotent_requests(env):
     assert sc.value(ERR, {"reason": "stale_connection_retried"}) == 1
 
 
+def test_a_408_on_a_pooled_connection_is_retried_once_for_idempotent_requests(env):
+    # The server's idle-timeout 408 raced a GET on the pooled connection: the GET is sent
+    # again on a fresh one; a 408 to a POST (it may have been read) reaches the client.
+    up, sc = env
+    up.dropped = 0
+    retried = sc.value(ERR, {"reason": "stale_connection_retried"})
+    with httpx.Client(base_url=sc.url) as c:
+        assert c.get("/echo").status_code == 200     # leaves a pooled upstream connection
+        r = c.get("/408-once")
+    assert r.status_code == 200 and r.json() == {"second": "try"}
+    assert sc.value(ERR, {"reason": "stale_connection_retried"}) == retried + 1
+    up.dropped = 0
+    with httpx.Client(base_url=sc.url) as c:
+        assert c.get("/echo").status_code == 200
+        assert c.post("/408-once", content=b"x").status_code == 408
+    assert sc.value(ERR, {"reason": "stale_connection_retried"}) == retried + 1
+
+
 def test_post_the_upstream_read_is_not_sent_again(env):
     """The upstream read the POST and closed: it may have run, so the client gets 502, not a rerun."""
     up, sc = env

@@ -356,6 +356,24 @@ def test_keep_alive_idle_closes_a_used_connection(env):
     assert t.closed
 
 
+@pytest.mark.parametrize("connection", [None, b"close, x-extra"])
+def test_a_204_is_relayed_without_the_content_length_an_upstream_gave_it(env, connection):
+    # RFC 9110 §8.6: no Content-Length in a 204; a client that trusted one would wait for a body.
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    headers = [(b"Content-Length", b"5"), (b"X-Extra", b"1"), (b"X-Kept", b"1")]
+    if connection is not None:
+        headers.append((b"Connection", connection))
+    up.exchange.response_head(204, b"No Content", headers, up)
+    up.exchange.response_done(reusable=True)
+    head = bytes(t.out).lower()
+    assert head.startswith(b"http/1.1 204 no content\r\n") and head.endswith(b"\r\n\r\n")
+    assert b"content-length" not in head and b"transfer-encoding" not in head
+    assert b"x-kept: 1" in head and (b"x-extra" in head) == (connection is None)
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "204"}) == 1
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.binary(max_size=64),
                           st.sampled_from([b"GET ", b"POST ", b"CONNECT ", b"/v2/models/digits/infer", b" HTTP/1.1",
