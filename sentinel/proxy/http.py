@@ -16,6 +16,7 @@ REASONS = {
     413: b"Content Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 403: b"Forbidden", 408: b"Request Timeout",
     414: b"URI Too Long", 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
+    505: b"HTTP Version Not Supported",
 }
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

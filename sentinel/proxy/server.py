@@ -267,7 +267,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.in_head = False
         p = self.parser
         ex.method = p.get_method()
-        ex.http10 = p.get_http_version() == "1.0"
+        version = p.get_http_version()
+        ex.http10 = version == "1.0"
+        if version == "0.9":   # no headers, no status line back: nothing a model client speaks
+            ex.refusal = (505, "http_version_unsupported", "HTTP/0.9 requests are not supported")
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
         fwd = ex.fwd_headers
         upgrade = False
@@ -293,6 +296,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 continue
             if lname == b"transfer-encoding":
                 ex.req_mode = CHUNKED
+                if value.strip().lower() != b"chunked" and ex.refusal is None:
+                    # gzip, deflate...: re-framed as chunked, the coding would be silently dropped
+                    ex.keep_alive = False
+                    ex.refusal = (501, "transfer_coding_unsupported",
+                                  f"request transfer coding {value.decode('latin-1')[:64]!r} is not "
+                                  "supported; the proxy relays only chunked")
             elif lname == b"upgrade":
                 upgrade = True
             elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
