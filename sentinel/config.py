@@ -170,10 +170,13 @@ class AnalysisConfig:
     worker_start_timeout_s: float = 300.0  # grace to start the worker and to build a model's monitor
     worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
     worker_nice: int = 0             # raise the worker's niceness by this (1-19): the proxy wins a contended core
+    worker_scheduling: str = "normal"  # "batch": Linux SCHED_BATCH, the worker's wake-ups never preempt the proxy
 
     def validate(self):
         if not 0 <= self.worker_nice <= 19:
             yield "worker_nice", f"must be 0 (same priority as the proxy) to 19, got {self.worker_nice}"
+        if self.worker_scheduling not in ("normal", "batch"):
+            yield "worker_scheduling", f"must be 'normal' or 'batch', got {self.worker_scheduling!r}"
         if self.queue_size < 1:
             yield "queue_size", "must be at least 1"
         if self.queue_max_bytes < 1:

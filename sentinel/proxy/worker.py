@@ -124,6 +124,24 @@ def lower_priority(nice: int) -> None:
             log.warning("cannot lower the analysis worker's CPU priority by %d: %s", nice, exc)
 
 
+def set_scheduling(policy: str) -> None:
+    """`batch`: SCHED_BATCH (Linux), so the worker's wake-ups do not preempt the proxy mid-request.
+
+    The worker keeps its fair share of a contended core (unlike a raised niceness); only the
+    wake-up preemption the kernel grants interactive tasks is given up. Needs no privilege.
+    """
+    if policy != "batch":
+        return
+    setter = getattr(os, "sched_setscheduler", None)
+    if setter is None or not hasattr(os, "SCHED_BATCH"):
+        log.warning("analysis.worker_scheduling: batch needs Linux; the worker runs with normal scheduling")
+        return
+    try:
+        setter(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError as exc:
+        log.warning("cannot give the analysis worker batch scheduling: %s", exc)
+
+
 def load_factory(spec: str) -> Callable[[Any, Any], Any]:
     """`module:function` → the function; the built-in monitor when the default module is absent."""
     mod_name, _, fn_name = spec.partition(":")
@@ -350,6 +368,7 @@ def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
     acfg = config.analysis
     limit_memory(acfg.worker_memory_limit_bytes)
     lower_priority(acfg.worker_nice)
+    set_scheduling(acfg.worker_scheduling)
     worker = Worker(config, load_factory(factory_spec), results)
     heartbeat = acfg.heartbeat_s
     pause = min(RESULTS_LINGER_S, heartbeat)

@@ -102,16 +102,20 @@ def poison(sc: RunningSidecar, body: bytes, headers: dict | None = None, *, must
 
 
 def test_worker_runs_at_lower_cpu_priority_than_the_proxy():
-    """analysis.worker_nice (off by default): on a contended core the kernel runs the proxy first."""
+    """analysis.worker_nice (off by default): on a contended core the kernel runs the proxy first;
+    analysis.worker_scheduling: batch gives the worker SCHED_BATCH (its wake-ups do not preempt)."""
     with Upstream() as up:
         cfg = make_config(up.url, rate=1.0)
         assert cfg.analysis.worker_nice == 0
-        cfg = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, worker_nice=10))
+        cfg = dataclasses.replace(cfg, analysis=dataclasses.replace(cfg.analysis, worker_nice=10,
+                                                                    worker_scheduling="batch"))
         with RunningSidecar(cfg) as sc:
             decoded_again(sc, 60)
             proxy_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
             worker_nice = os.getpriority(os.PRIO_PROCESS, sc.sc.analysis.proc.pid)
             assert worker_nice == min(19, proxy_nice + 10) > proxy_nice
+            assert os.sched_getscheduler(sc.sc.analysis.proc.pid) == os.SCHED_BATCH
+            assert os.sched_getscheduler(0) == os.SCHED_OTHER   # the proxy keeps normal scheduling
 
 
 def test_json_nested_deeper_than_the_stack(sidecar):

@@ -31,6 +31,7 @@ def test_every_error_names_file_and_field(tmp_path):
         "  - {name: digits, version: v3, protocl: v2, endpoint: 'ftp://x'}\n"
         "drift: {alpha: 1.5, window_size: 3}\n"
         "sampling: {rate: -1}\n"
+        "analysis: {worker_scheduling: idle}\n"
     )
     with pytest.raises(ConfigError) as err:
         load_config(p)
@@ -41,6 +42,7 @@ def test_every_error_names_file_and_field(tmp_path):
     assert f"{p}: drift.alpha: must be between 0 and 1, got 1.5" in lines
     assert f"{p}: drift.window_size: must be at least 10" in lines
     assert f"{p}: sampling.rate: must be between 0 and 1, got -1.0" in lines
+    assert f"{p}: analysis.worker_scheduling: must be 'normal' or 'batch', got 'idle'" in lines
 
 
 def test_missing_models_and_bad_yaml(tmp_path):
