@@ -90,6 +90,7 @@ class Window:
     shadow_agreement: float
     canary_agreement: float
     samples: dict[str, float]
+    estimate_reliable: float = math.nan   # sentinel_accuracy_estimate_reliable (1/0; NaN: not yet published)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -130,4 +131,5 @@ def window(a: Snapshot, b: Snapshot, model: str, threshold_s: float) -> Window:
         shadow_agreement=agreement("shadow"),
         canary_agreement=agreement("replay"),
         samples=b.values(mn.SAMPLES.sample_name, "outcome", model=model),
+        estimate_reliable=b.values(mn.ACCURACY_ESTIMATE_RELIABLE.name, "model").get(model, math.nan),
     )

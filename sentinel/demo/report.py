@@ -7,7 +7,14 @@ import math
 from pathlib import Path
 
 from sentinel.demo.runner import Demo
-from sentinel.demo.summary import ALERT_COLUMNS, NOT_DETECTED, alert_rows, detect, phase_table
+from sentinel.demo.summary import (
+    ALERT_COLUMNS,
+    NOT_DETECTED,
+    alert_rows,
+    detect,
+    phase_table,
+    reliable_text,
+)
 
 W, H = 780, 290
 LEFT, RIGHT, TOP, BOTTOM = 58, 18, 40, 62   # plot area margins: phase names above, ticks and legend below
@@ -145,6 +152,7 @@ def write_report(demo: Demo, out_dir: Path) -> Path:
     charts.append(_chart(
         "Estimated accuracy (label-free) vs true accuracy of the labelled traffic",
         [("ATC estimate", [(w.t, w.estimated_accuracy.get("atc", math.nan)) for w in ws]),
+         ("ATC lower bound", [(w.t, w.estimated_accuracy.get("atc_lower", math.nan)) for w in ws]),
          ("average confidence", [(w.t, w.estimated_accuracy.get("avg_conf", math.nan)) for w in ws]),
          ("true accuracy (5 s bins)", true_acc)],
         demo, ymin=0, ymax=1, hlines=[(f"objective {demo.slo['accuracy']}", demo.slo["accuracy"])]))
@@ -158,7 +166,7 @@ def write_report(demo: Demo, out_dir: Path) -> Path:
     rows = "".join(
         f"<tr><td>{html.escape(r['phase'])}</td><td>{r['rps']:.1f}</td><td>{r['p50_ms']:.1f}</td>"
         f"<td>{r['p99_ms']:.1f}</td><td>{r['error_ratio']:.1%}</td><td>{r['estimated_accuracy']:.3f}</td>"
-        f"<td>{r['true_accuracy']:.3f}</td><td>{'yes' if r['drift_alarm'] else 'no'}</td></tr>"
+        f"<td>{r['accuracy_lower']:.3f}</td><td>{reliable_text(r['reliable_share'])}</td><td>{r['true_accuracy']:.3f}</td><td>{'yes' if r['drift_alarm'] else 'no'}</td></tr>"
         for r in phase_table(demo))
     dets = "".join(
         f"<li><b>{html.escape(d.phase)}</b>: "
@@ -182,7 +190,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{t
 <h2>Incidents</h2><ul>{dets}</ul>
 {alert_table}
 <h2>Phases</h2><table><tr><th>phase</th><th>rps</th><th>p50 ms</th><th>p99 ms</th><th>errors</th>
-<th>est. accuracy</th><th>true accuracy</th><th>drift alarm began</th></tr>{rows}</table>
+<th>est. accuracy</th><th>lower bound</th><th>estimate reliable</th><th>true accuracy</th><th>drift alarm began</th></tr>{rows}</table>
 {"".join(charts)}
 </body></html>"""
     path = out_dir / "report.html"

@@ -175,6 +175,10 @@ def phase_table(demo: Demo) -> list[dict]:
             "p99_ms": max([w.p99_ms for w in ws if not math.isnan(w.p99_ms)], default=math.nan),
             "error_ratio": mean(lambda w: w.error_ratio),
             "estimated_accuracy": mean(lambda w: w.estimated_accuracy.get("atc", math.nan)),
+            # what on-call should read beside the point estimate: its lower bound, and how much
+            # of the phase the sidecar itself called the estimate reliable
+            "accuracy_lower": mean(lambda w: w.estimated_accuracy.get("atc_lower", math.nan)),
+            "reliable_share": mean(lambda w: w.estimate_reliable),
             "true_accuracy": tl.true_accuracy(start, end),
             "drift_alarm": i in alarmed,   # an alarm began in this phase
         })
@@ -205,14 +209,22 @@ def alert_rows(alerts: list[dict]) -> list[dict[str, str]]:
     return rows
 
 
+def reliable_text(share: float) -> str:
+    """A phase's share of windows with the estimate flagged reliable, as the summary prints it."""
+    return "-" if math.isnan(share) else f"{share:.0%}"
+
+
 def render_text(demo: Demo) -> str:
     lines = ["sentinel demo summary", ""]
     lines.append(f"{'phase':<20} {'rps':>5} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7} {'est acc':>8} "
-                 f"{'true acc':>8}  drift alarm began")
+                 f"{'lower':>6} {'reliable':>8} {'true acc':>8}  drift alarm began")
     for r in phase_table(demo):
         lines.append(f"{r['phase']:<20} {r['rps']:>5.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
-                     f"{r['error_ratio']:>7.1%} {r['estimated_accuracy']:>8.3f} {r['true_accuracy']:>8.3f}  "
+                     f"{r['error_ratio']:>7.1%} {r['estimated_accuracy']:>8.3f} {r['accuracy_lower']:>6.3f} "
+                     f"{reliable_text(r['reliable_share']):>8} {r['true_accuracy']:>8.3f}  "
                      f"{'yes' if r['drift_alarm'] else 'no'}")
+    lines.append("(est acc: the ATC point estimate; lower: its lower bound, unknown verdicts counted wrong;"
+                 " reliable: share of the phase the sidecar flagged the estimate reliable)")
     lines += ["", "incidents:"]
     for d in detect(demo):
         when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -199,3 +200,22 @@ def test_report_has_alert_table_real_alpha_time_ticks_and_every_phase(tmp_path):
     assert "drift: rotation      not detected separately: drift alarm already raised since 14.0 s (in 'drift: noise')" \
         in text
     Path(tmp_path / "summary.txt").write_text(text)
+
+
+def test_summary_puts_the_lower_bound_and_reliability_beside_the_estimate():
+    # The point estimate alone read 0.45 while true accuracy was 0.14 under rotation; the
+    # lower bound and the reliability flag are what tell on-call not to believe it.
+    from sentinel.demo.summary import phase_table, render_text
+
+    ws = []
+    for w in timeline(14, 34):
+        rotated = 20 < w.t <= 30
+        w.estimated_accuracy.update(atc=0.45 if rotated else 0.99, atc_lower=0.03 if rotated else 0.97)
+        reliable = math.nan if w.t == 2 else 0.0 if rotated and w.t > 26 else 1.0   # NaN: not yet published
+        ws.append(dataclasses.replace(w, estimate_reliable=reliable))
+    rows = {r["phase"]: r for r in phase_table(_Demo(ws))}
+    assert rows["drift: rotation"]["accuracy_lower"] == pytest.approx(0.03)
+    assert rows["drift: rotation"]["reliable_share"] == pytest.approx(1 / 3)   # windows at 26, 28, 30 s
+    assert rows["normal"]["reliable_share"] == 1.0
+    line = next(x for x in render_text(_Demo(ws)).splitlines() if x.startswith("drift: rotation"))
+    assert "   0.450  0.030      33%" in line
