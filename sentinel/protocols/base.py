@@ -95,7 +95,10 @@ class DecodedResponse:
     """The output batch of one inference response.
 
     outputs/kind: the scores the analysis reads (N × classes, float64) and whether they are
-    logits or probabilities. logits/probabilities: each where the response carried it by
+    logits or probabilities. Rows are as served: a row of NaN or ±Infinity scores (the model's
+    fault) is kept in place, so rows still pair with the request's inputs; `finite` marks the
+    rows to analyse and `nonfinite_rows` counts the others (a response with no finite row is
+    refused by the decoder as `nonfinite_output`). logits/probabilities: each where the response carried it by
     name or kind (a v2 response may carry both). labels: class names per row when the
     response carried only names (TorchServe's top-k mapping); outputs is then N × 0.
     """
@@ -107,11 +110,27 @@ class DecodedResponse:
     labels: tuple[str, ...] = ()
 
     @property
+    def finite(self) -> np.ndarray:
+        """Per row: whether every score is finite (rows of labels only: True)."""
+        if self.outputs.shape[1] == 0:
+            return np.ones(len(self.outputs), dtype=bool)
+        ok: np.ndarray = np.isfinite(self.outputs).all(axis=1)
+        return ok
+
+    @property
+    def nonfinite_rows(self) -> int:
+        """How many rows hold NaN or infinite scores (counted as `nonfinite_output`, one per row)."""
+        return int((~self.finite).sum())
+
+    @property
     def top1(self) -> np.ndarray:
-        """Index of the highest score per row (empty when the response carried only labels)."""
+        """Index of the highest score per row (empty when the response carried only labels; -1 for a
+        row of NaN/infinite scores)."""
         if self.outputs.shape[1] == 0:
             return np.zeros(0, dtype=np.int64)
         top: np.ndarray = self.outputs.argmax(axis=1)
+        if self.nonfinite_rows:
+            top = np.where(self.finite, top, -1)
         return top
 
     def probabilities_or_softmax(self) -> np.ndarray:
@@ -154,17 +173,21 @@ def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
         raise DecodeError("bad_shape", f"output shape {list(arr.shape)} has fewer than 2 classes "
                                        "(class labels rather than scores?)")
     out = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(out)):
-        bad = int((~np.isfinite(out)).any(axis=1).sum())
-        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: {bad} of {len(out)} rows hold NaN "
+    if not np.isfinite(out).all() and not np.isfinite(out).all(axis=1).any():
+        # Every row NaN/±Inf: nothing to analyse (a one-sample answer, as replay and the canary get).
+        # Some rows only: the rows are kept as served; each consumer counts the bad rows per sample
+        # (DecodedResponse.finite) and analyses the others.
+        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: all {len(out)} rows hold NaN "
                                               "or infinite scores (what the model answered)")
     return out
 
 
 def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
-    """Shape scores as N × classes and tell logits from probabilities (`sentinel.scores.output_kind`)."""
+    """Shape scores as N × classes and tell logits from probabilities (`sentinel.scores.output_kind`,
+    judged on the finite rows: one NaN row does not make probabilities read as logits)."""
     out = score_matrix(arr, name)
-    kind = output_kind(out, name)
+    finite = np.isfinite(out).all(axis=1)
+    kind = output_kind(out if finite.all() else out[finite], name)
     return DecodedResponse(out, kind, logits=out if kind == "logits" else None,
                            probabilities=out if kind == "probabilities" else None)
 
