@@ -14,6 +14,7 @@ from sentinel.errors import DecodeError
 from sentinel.scores import OutputKind, output_kind, softmax
 
 InputForm = Literal["raw", "network"]
+Layout = Literal["NHW", "NHWC", "NCHW"]   # of a raw input (model.yaml preprocessing.layout)
 Headers = Mapping[str, str]   # lower-case names
 
 DecodeErrorKind = Literal[
@@ -41,6 +42,9 @@ class DecodeHints:
     names, to read answers that name classes instead of scoring them (TorchServe top-k).
     num_classes: how many classes the model scores, to tell its score output from others
     (embeddings...) in a response that carries several (default: len(classes), if given).
+    raw_layout: the axis order of the raw input (model.yaml `preprocessing.layout`: NHW, NHWC
+    or NCHW); decoded images are laid out so, and a raw tensor whose channel axis is on the
+    other side is moved to it (`input_batch`). None: inferred from raw_shape where it can be.
     """
 
     raw_shape: tuple[int, ...] | None = None
@@ -49,15 +53,37 @@ class DecodeHints:
     max_image_pixels: int | None = None
     classes: tuple[str, ...] = ()
     num_classes: int | None = None
+    raw_layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout | None:
+        """The raw input's layout: as declared, else what raw_shape says unambiguously (H×W: NHW;
+        a 1 or 3 at one end only of a 3-D shape: the channels there), else None."""
+        if self.raw_layout is not None:
+            return self.raw_layout
+        raw = self.raw_shape
+        if raw is not None and len(raw) == 2:
+            return "NHW"
+        if raw is not None and len(raw) == 3:
+            last, first = raw[-1] in (1, 3), raw[0] in (1, 3)
+            if last != first:
+                return "NHWC" if last else "NCHW"
+        return None
 
     @property
     def image_channels(self) -> int | None:
         """Channels the model reads from an image (1 grey, 3 colour), when its shapes say: a raw
-        input H×W is grey, H×W×C or a network input C×H×W has C; else None."""
+        input H×W is grey, H×W×C or C×H×W (as its layout says) or a network input C×H×W has C;
+        else None."""
         raw, net = self.raw_shape, self.input_shape
         if raw is not None and len(raw) == 2:
             return 1
-        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3):
+        layout = self.layout
+        if raw is not None and len(raw) == 3 and layout in ("NHWC", "NCHW"):
+            c = raw[-1] if layout == "NHWC" else raw[0]
+            if c in (1, 3):
+                return c
+        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3) and layout is None:
             return raw[-1]
         if net is not None and len(net) == 3 and net[0] in (1, 3):
             return net[0]
@@ -141,8 +167,76 @@ class DecodedResponse:
 
 
 def input_form(arr: np.ndarray) -> InputForm:
-    """`network` for float N×C×H×W tensors (already preprocessed), else `raw`."""
+    """`network` for float N×C×H×W tensors (already preprocessed), else `raw` (without hints)."""
     return "network" if arr.ndim == 4 and arr.dtype.kind == "f" else "raw"
+
+
+def images_in_layout(images: np.ndarray, layout: Layout | None) -> np.ndarray:
+    """Decoded images (N×H×W grey, N×H×W×C) laid out as a raw input of `layout` (None: as they are)."""
+    if layout == "NCHW":
+        return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    if layout == "NHWC" and images.ndim == 3:
+        return images[..., None]
+    if layout == "NHW" and images.ndim == 4 and images.shape[-1] == 1:
+        return images[..., 0]
+    return images
+
+
+def _relaid(arr: np.ndarray, shape: tuple[int, ...], channels_last: bool | None, what: str) -> np.ndarray | None:
+    """`arr` (batch-first) with instances of `shape` when its instances are the same pixels in
+    another layout: a size-1 axis added or dropped (the same bytes), or the channel axis at the
+    other end (moved). None when they are not; DecodeError when the axes are a permutation of
+    `shape` whose channel axis cannot be told (it is as long as H or W)."""
+    per = tuple(arr.shape[1:])
+    if [d for d in per if d != 1] == [d for d in shape if d != 1]:
+        return arr.reshape((len(arr), *shape))
+    if len(per) != 3 or len(shape) != 3 or sorted(per) != sorted(shape) or channels_last is None:
+        return None
+    c, hw = (shape[2], shape[:2]) if channels_last else (shape[0], shape[1:])
+    if c not in hw:
+        if channels_last and per == (c, *hw):
+            return arr.transpose(0, 2, 3, 1)
+        if not channels_last and per == (*hw, c):
+            return arr.transpose(0, 3, 1, 2)
+    order = "N×H×W×C" if channels_last else "N×C×H×W"
+    raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds the axes of the model's {what} "
+                                   f"{list(shape)} ({order}) in another order, and which axis is the "
+                                   "channels is ambiguous; sentinel does not guess (send the declared layout)")
+
+
+def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
+    """A decoded input tensor as the model reads it: its raw input (preprocessed by the analysis in
+    the declared layout) or its network input, judged by shape as the reference server does (raw
+    first). A raw input with a singleton channel axis added or dropped (N×1×8×8 or N×8×8×1 for an
+    N×8×8 model), or with its channel axis at the other end (N×3×H×W for an N×H×W×3 model), is
+    laid out as declared; an axis order that cannot be told is refused (bad_shape). Without a
+    matching shape in the hints: `input_form`'s guess."""
+    if arr.ndim == 0:
+        raise DecodeError("bad_shape", "input is a scalar, expected a batch")
+    per = tuple(arr.shape[1:])
+    raw, net = hints.raw_shape, hints.input_shape
+    if raw is not None and per == raw:
+        return DecodedRequest(arr, "raw")
+    if net is not None and per == net:
+        return DecodedRequest(arr, "network")
+    layout = hints.layout
+    candidates: list[tuple[tuple[int, ...], bool | None, InputForm]] = []
+    if raw is not None:
+        candidates.append((raw, None if layout in (None, "NHW") else layout == "NHWC", "raw"))
+    if net is not None:
+        candidates.append((net, False, "network"))
+    ambiguous: DecodeError | None = None
+    for shape, channels_last, form in candidates:
+        try:
+            moved = _relaid(arr, shape, channels_last, "raw input" if form == "raw" else "network input")
+        except DecodeError as exc:
+            ambiguous = ambiguous or exc
+            continue
+        if moved is not None:
+            return DecodedRequest(moved, form)
+    if ambiguous is not None:
+        raise ambiguous
+    return DecodedRequest(arr, input_form(arr))
 
 
 _CLASSIFICATION = re.compile(rb"-?[0-9.eE+-]+(?:nan|inf)?:[0-9]+(?::.*)?", re.DOTALL | re.IGNORECASE)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from sentinel.errors import DecodeError
+from sentinel.protocols.base import DecodedRequest, DecodeHints, images_in_layout
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -126,3 +127,10 @@ def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None 
         raise DecodeError("bad_shape", "images in one batch differ in size: "
                                        + ", ".join(str(a.shape) for a in arrays[:4]))
     return np.stack(arrays)
+
+
+def image_batch(items: Sequence[bytes], hints: DecodeHints) -> DecodedRequest:
+    """Encoded images as the model's raw input batch: decoded within the hints' pixel bound, converted
+    to the channels it reads and laid out as its raw input is (N×H×W, N×H×W×C or N×C×H×W)."""
+    images = decode_images(items, hints.image_pixel_limit, hints.image_channels)
+    return DecodedRequest(images_in_layout(images, hints.layout), "raw")

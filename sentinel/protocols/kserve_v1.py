@@ -17,12 +17,12 @@ from sentinel.protocols.base import (
     Headers,
     as_output_batch,
     combine_outputs,
-    input_form,
+    input_batch,
     load_json_object,
     numeric_array,
     score_matrix,
 )
-from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
+from sentinel.protocols.images import b64_bytes, image_batch, looks_like_image
 
 SCORE_KEYS = ("probabilities", "scores", "logits")
 
@@ -95,9 +95,9 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
         if not all(looks_like_image(b) for b in blobs):   # audio, text, serialized tensors...
             raise DecodeError("unsupported", "b64 instances that are not encoded images")
-        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch(blobs, hints)
     arr = numeric_array(rows, "instances")
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints)
 
 
 def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:

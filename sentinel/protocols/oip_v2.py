@@ -17,11 +17,11 @@ from sentinel.protocols.base import (
     DecodeHints,
     Headers,
     combine_outputs,
-    input_form,
+    input_batch,
     json_object_prefix,
     load_json_object,
 )
-from sentinel.protocols.images import b64_images, decode_images, looks_like_image
+from sentinel.protocols.images import b64_images, image_batch, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_WS = b" \t\r\n"   # RFC 8259 whitespace
@@ -126,10 +126,10 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
         if not items:
             raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images "
                                              "(nor base64 text of images)")
-        return DecodedRequest(decode_images(items, hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch(items, hints)
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints)
 
 
 def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> tuple[str, np.ndarray]:

@@ -18,11 +18,11 @@ from sentinel.protocols.base import (
     Headers,
     as_output_batch,
     first_instance_shape,
-    input_form,
+    input_batch,
     numeric_array,
     parse_json,
 )
-from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
+from sentinel.protocols.images import b64_bytes, image_batch, looks_like_image
 from sentinel.protocols.tensors import numel
 
 OCTET_STREAM = "application/octet-stream"
@@ -50,13 +50,13 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
         # Raw tensor bytes can start like an image file (two pixels 66, 77 read "BM"): an image
         # only when it decodes as one, else the raw tensor its length fits.
         try:
-            return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+            return image_batch([body], hints)
         except DecodeError as exc:
             if exc.kind != "bad_image":
                 raise
             return DecodedRequest(*_raw_tensor(body, hints))
     if looks_like_image(body) or media.startswith("image/"):
-        return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch([body], hints)
     if media == OCTET_STREAM:
         return DecodedRequest(*_raw_tensor(body, hints))
     if media.startswith(("audio/", "video/")):
@@ -76,10 +76,10 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"input is a string but not base64: {exc}"[:300]) from None
         if not looks_like_image(blob):
             raise DecodeError("unsupported", "input is a base64 string that is not an encoded image")
-        return DecodedRequest(decode_images([blob], hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch([blob], hints)
     arr = numeric_array(doc, "input")
     arr = first_instance_shape(arr, hints.raw_shape)
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints)
 
 
 def multipart_part(body: bytes, headers: Headers) -> tuple[bytes, dict[str, str]]:
