@@ -387,8 +387,20 @@ def _raw_decode(raw: bytes, start: int) -> tuple[Any, int]:
     return _DECODER.raw_decode(raw.decode("latin-1"), start)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _refuse_bom(raw: bytes, what: str) -> None:
+    """A JSON text must not start with a byte order mark (RFC 8259 §8.1); KServe (orjson) and Triton
+    refuse such a body, so the sample is refused too, saying why (json.loads(bytes) would skip it)."""
+    if raw.startswith(_BOM):
+        raise DecodeError("malformed_json", f"{what} starts with a UTF-8 byte order mark, which JSON forbids "
+                                            "(RFC 8259; KServe and Triton refuse the body too)")
+
+
 def _object_start(raw: bytes) -> int:
     """Offset of the `{` a body starts with (after JSON whitespace), or DecodeError."""
+    _refuse_bom(raw, "body")
     m = _LEADING_WS.match(raw)
     start = m.end() if m else 0
     if start >= len(raw) or raw[start] != 0x7B:
@@ -437,15 +449,17 @@ def json_object_prefix(body: bytes | memoryview) -> tuple[int, dict[str, Any] | 
 
 
 def parse_json(body: bytes | memoryview, what: str = "body") -> Any:
-    """Parse JSON after checking its nesting depth, or raise DecodeError saying what was wrong."""
+    """Parse JSON (UTF-8, no byte order mark: what model servers read) after checking its nesting
+    depth, or raise DecodeError saying what was wrong."""
     raw = bytes(body)
+    _refuse_bom(raw, what)
     if _opens(raw) > MAX_JSON_DEPTH:   # fewer brackets than the limit cannot nest deeper: no scan
         depth = json_depth(raw)
         if depth > MAX_JSON_DEPTH:
             raise DecodeError("too_deep",
                               f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(raw)
+    try:   # decoded as UTF-8 first: json.loads(bytes) would also read UTF-16/32, which servers refuse
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError("malformed_json", f"{what} is not JSON: {exc}") from None
 

@@ -1,0 +1,45 @@
+"""Bodies from clients and servers the decoders were not written against (third round): a byte
+order mark, other JSON encodings, and the Triton / KServe / CloudEvents variants probed here.
+
+Each decodes to what the client sent or is refused with the kind that says why.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sentinel.errors import DecodeError
+from sentinel.protocols import decode_request, decode_response
+
+pytestmark = pytest.mark.unit
+
+JSON = {"content-type": "application/json"}
+BOM = b"\xef\xbb\xbf"
+V2_REQUEST = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+
+
+def _refused(fn, *args) -> DecodeError:
+    with pytest.raises(DecodeError) as err:
+        fn(*args)
+    return err.value
+
+
+@pytest.mark.parametrize(("protocol", "body"), [
+    ("v2", V2_REQUEST), ("auto", V2_REQUEST), ("v1", b'{"instances": [[1, 2]]}'), ("torchserve", b"[[1, 2]]"),
+])
+def test_a_json_body_with_a_byte_order_mark_is_refused_naming_it(protocol, body):
+    assert decode_request(protocol, body, JSON).inputs.shape == (1, 2)
+    err = _refused(decode_request, protocol, BOM + body, JSON)   # v1/torchserve read it; auto called it bad_datatype
+    assert err.kind == "malformed_json" and "byte order mark" in str(err)
+    resp = json.dumps({"predictions": [[0.2, 0.8]]}).encode()
+    assert _refused(decode_response, "v1", BOM + resp, JSON).kind == "malformed_json"
+
+
+def test_json_in_utf16_is_not_read():
+    # json.loads(bytes) reads UTF-16 and UTF-32; model servers read UTF-8 only
+    body = '{"instances": [[1, 2]]}'.encode("utf-16")
+    assert _refused(decode_request, "v1", body, JSON).kind == "malformed_json"
+    assert np.array_equal(decode_request("v1", body.decode("utf-16").encode(), JSON).inputs, [[1, 2]])
