@@ -213,6 +213,8 @@ def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS) -> DecodedReques
     matching shape in the hints: `input_form`'s guess."""
     if arr.ndim == 0:
         raise DecodeError("bad_shape", "input is a scalar, expected a batch")
+    if arr.size == 0:   # nothing to analyse; and a shape [2**27, 0] would count 2**27 rows of nothing
+        raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds no values")
     per = tuple(arr.shape[1:])
     raw, net = hints.raw_shape, hints.input_shape
     if raw is not None and per == raw:

@@ -119,6 +119,8 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
     hints' raw or network shape); without such a match, the first input.
     """
     name, arr = pick_input(named, hints)
+    if arr.size == 0:
+        raise DecodeError("bad_shape", f"input {name!r} of shape {list(arr.shape)} holds no values")
     if arr.dtype == object:
         items = list(arr.reshape(-1))
         if items and not all(looks_like_image(b) for b in items):

@@ -43,3 +43,38 @@ def test_json_in_utf16_is_not_read():
     body = '{"instances": [[1, 2]]}'.encode("utf-16")
     assert _refused(decode_request, "v1", body, JSON).kind == "malformed_json"
     assert np.array_equal(decode_request("v1", body.decode("utf-16").encode(), JSON).inputs, [[1, 2]])
+
+
+def _png(arr: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+IMG = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+
+
+def test_v1_b64_images_nested_in_lists_or_batch_less_are_images():
+    import base64
+
+    b64 = base64.b64encode(_png(IMG)).decode()
+    for doc in ({"instances": [[{"b64": b64}], [{"b64": b64}]]},          # an N×1 string input
+                {"signature_name": "serving_default", "instances": [{"image_bytes": [{"b64": b64}], "key": "1"}]},
+                {"inputs": {"b64": b64}}):                                 # TF Serving columnar, no batch axis
+        got = decode_request("v1", json.dumps(doc).encode(), JSON).inputs   # were bad_datatype / missing_field
+        assert got.shape[1:] == (8, 8) and np.array_equal(got[0], IMG)
+    err = _refused(decode_request, "v1", json.dumps({"instances": [[{"b64": b64}, {"b64": b64}]]}).encode(), JSON)
+    assert err.kind == "unsupported" and "several" in str(err)
+
+
+@pytest.mark.parametrize("shape", [[0, 8, 8], [1 << 27, 0], [0]])
+def test_an_input_with_no_values_is_refused_not_counted_as_rows(shape):
+    # [2**27, 0] decoded to 134 million empty rows, each then counted by the analysis
+    doc = {"inputs": [{"name": "x", "datatype": "BYTES" if shape == [0] else "FP32", "shape": shape, "data": []}]}
+    err = _refused(decode_request, "v2", json.dumps(doc).encode(), JSON)
+    assert err.kind == "bad_shape" and "holds no values" in str(err)
+    assert _refused(decode_request, "v1", b'{"instances": [[], []]}', JSON).kind == "bad_shape"
