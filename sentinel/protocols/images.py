@@ -18,6 +18,8 @@ from sentinel.protocols.base import DecodedRequest, DecodeHints, images_in_layou
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
+MAX_IMAGES = 4096        # encoded images in one batch: 1×1 PNGs (67 bytes) pass the pixel bound, and a
+                         # 64 MiB body of them (a million) would take minutes of the worker to open
 
 
 _WS = re.compile(r"[ \t\r\n]+")
@@ -97,6 +99,8 @@ def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None 
         from PIL import Image  # lazy: only the analysis worker decodes images
     except ImportError:
         raise DecodeError("unsupported", "encoded images need Pillow, which is not installed") from None
+    if len(items) > MAX_IMAGES:
+        raise DecodeError("too_large", f"{len(items)} encoded images in one batch, more than the limit {MAX_IMAGES}")
     arrays = []
     total = 0
     for i, data in enumerate(items):

@@ -78,3 +78,16 @@ def test_an_input_with_no_values_is_refused_not_counted_as_rows(shape):
     err = _refused(decode_request, "v2", json.dumps(doc).encode(), JSON)
     assert err.kind == "bad_shape" and "holds no values" in str(err)
     assert _refused(decode_request, "v1", b'{"instances": [[], []]}', JSON).kind == "bad_shape"
+
+
+def test_a_batch_of_very_many_tiny_images_is_refused_before_decoding():
+    from sentinel.protocols import oip_v2
+    from sentinel.protocols.images import MAX_IMAGES
+
+    th = pytest.importorskip("tritonclient.http")
+    dot = _png(np.zeros((1, 1), np.uint8))   # 67 bytes: a million fit in a 64 MiB body, within the pixel bound
+    inp = th.InferInput("image", [MAX_IMAGES + 1], "BYTES")
+    inp.set_data_from_numpy(np.array([dot] * (MAX_IMAGES + 1), dtype=object), binary_data=True)
+    body, hlen = th.InferenceServerClient.generate_request_body([inp])
+    err = _refused(decode_request, "v2", body, {oip_v2.HEADER_LENGTH: str(hlen)})
+    assert err.kind == "too_large" and f"{MAX_IMAGES + 1} encoded images" in str(err)
