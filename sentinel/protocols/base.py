@@ -260,11 +260,11 @@ def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     elif arr.ndim > 2:
-        # e.g. N×C×1×1 from a conv head: squeeze trailing singleton axes only
-        squeezed = arr.reshape(arr.shape[0], -1)
-        if squeezed.shape[1] != arr.shape[1]:
+        # N×C×1×1 from a conv head, N×1×C from an export that kept a length-1 axis: the size-1 axes
+        # after the batch go; exactly one other axis (the classes) may remain
+        if sum(d != 1 for d in arr.shape[1:]) > 1:
             raise DecodeError("bad_shape", f"output shape {list(arr.shape)} is not N × classes")
-        arr = squeezed
+        arr = arr.reshape(arr.shape[0], -1)
     if arr.shape[1] < 2:
         raise DecodeError("bad_shape", f"output shape {list(arr.shape)} has fewer than 2 classes "
                                        "(class labels rather than scores?)")

@@ -91,3 +91,14 @@ def test_a_batch_of_very_many_tiny_images_is_refused_before_decoding():
     body, hlen = th.InferenceServerClient.generate_request_body([inp])
     err = _refused(decode_request, "v2", body, {oip_v2.HEADER_LENGTH: str(hlen)})
     assert err.kind == "too_large" and f"{MAX_IMAGES + 1} encoded images" in str(err)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 10), (2, 10, 1, 1), (2, 1, 10, 1)])
+def test_score_outputs_with_size_one_axes_anywhere_after_the_batch(shape):
+    scores = np.random.default_rng(3).normal(size=(2, 10)).astype(np.float32)
+    doc = {"outputs": [{"name": "logits", "datatype": "FP32", "shape": list(shape),
+                        "data": scores.reshape(-1).tolist()}]}
+    got = decode_response("v2", json.dumps(doc).encode(), JSON)   # N×1×C was bad_shape
+    assert got.outputs.shape == (2, 10) and np.allclose(got.outputs, scores)
+    doc["outputs"][0]["shape"] = [2, 2, 5]
+    assert _refused(decode_response, "v2", json.dumps(doc).encode(), JSON).kind == "bad_shape"
