@@ -204,17 +204,27 @@ def _relaid(arr: np.ndarray, shape: tuple[int, ...], channels_last: bool | None,
                                    "channels is ambiguous; sentinel does not guess (send the declared layout)")
 
 
-def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
+def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS, *, maybe_single: bool = False) -> DecodedRequest:
     """A decoded input tensor as the model reads it: its raw input (preprocessed by the analysis in
     the declared layout) or its network input, judged by shape as the reference server does (raw
     first). A raw input with a singleton channel axis added or dropped (N×1×8×8 or N×8×8×1 for an
     N×8×8 model), or with its channel axis at the other end (N×3×H×W for an N×H×W×3 model), is
-    laid out as declared; an axis order that cannot be told is refused (bad_shape). Without a
-    matching shape in the hints: `input_form`'s guess."""
+    laid out as declared; an axis order that cannot be told is refused (bad_shape). maybe_single:
+    the body may be one instance without a batch axis (TorchServe JSON), taken as a batch of one
+    when only that reading fits. Without a fitting shape in the hints: `input_form`'s guess."""
     if arr.ndim == 0:
         raise DecodeError("bad_shape", "input is a scalar, expected a batch")
     if arr.size == 0:   # nothing to analyse; and a shape [2**27, 0] would count 2**27 rows of nothing
         raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds no values")
+    got = fitted(arr, hints)
+    if got is None and maybe_single:
+        got = fitted(arr[None], hints)
+    return got if got is not None else DecodedRequest(arr, input_form(arr))
+
+
+def fitted(arr: np.ndarray, hints: DecodeHints) -> DecodedRequest | None:
+    """`input_batch`'s reading of a batch whose instances fit the hints' raw or network shape (as they
+    are, or laid out again), else None; DecodeError when only an ambiguous axis order would fit."""
     per = tuple(arr.shape[1:])
     raw, net = hints.raw_shape, hints.input_shape
     if raw is not None and per == raw:
@@ -238,7 +248,7 @@ def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS) -> DecodedReques
             return DecodedRequest(moved, form)
     if ambiguous is not None:
         raise ambiguous
-    return DecodedRequest(arr, input_form(arr))
+    return None
 
 
 _CLASSIFICATION = re.compile(rb"-?[0-9.eE+-]+(?:nan|inf)?:[0-9]+(?::.*)?", re.DOTALL | re.IGNORECASE)

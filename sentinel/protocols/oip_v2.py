@@ -17,6 +17,7 @@ from sentinel.protocols.base import (
     DecodeHints,
     Headers,
     combine_outputs,
+    fitted,
     input_batch,
     json_object_prefix,
     load_json_object,
@@ -143,6 +144,12 @@ def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> t
     for name, arr in named:
         if shapes and tuple(arr.shape[1:]) in shapes:
             return name, arr
+    for name, arr in named:   # the model's input in another layout (N×1×8×8 for N×8×8)
+        try:
+            if shapes and arr.dtype != object and arr.size and fitted(arr, hints) is not None:
+                return name, arr
+        except DecodeError:
+            continue
     for name, arr in named:
         if arr.dtype == object and arr.size and isinstance(first := arr.reshape(-1)[0], bytes) \
                 and (looks_like_image(first) or b64_images([first])):

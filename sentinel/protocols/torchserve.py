@@ -79,7 +79,7 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
         return image_batch([blob], hints)
     arr = numeric_array(doc, "input")
     arr = first_instance_shape(arr, hints.raw_shape)
-    return input_batch(arr, hints)
+    return input_batch(arr, hints, maybe_single=True)
 
 
 def multipart_part(body: bytes, headers: Headers) -> tuple[bytes, dict[str, str]]:

@@ -117,3 +117,22 @@ def test_hints_for_a_registry_model_carry_its_layout():
     assert hints.layout == "NHW" and hints.raw_shape == (8, 8) and hints.image_channels == 1
     got = decode_request("v2", *_triton(np.ones((3, 1, 8, 8), np.float32)), hints)
     assert got.form == "raw" and got.inputs.shape == (3, 8, 8)
+
+
+def test_a_torchserve_single_instance_in_another_layout_is_a_batch_of_one():
+    x = np.arange(3 * 6 * 6, dtype=np.float32).reshape(3, 6, 6)   # one C×H×W instance, no batch axis
+    got = decode_request("torchserve", json.dumps(x.tolist()).encode(), {"content-type": "application/json"}, COLOUR)
+    assert got.form == "raw" and got.inputs.shape == (1, 6, 6, 3) and np.array_equal(got.inputs[0], x.transpose(1, 2, 0))
+    one = np.ones((8, 8, 1), np.float32)   # H×W×1 for an H×W model
+    got = decode_request("torchserve", json.dumps(one.tolist()).encode(), {}, GREY)
+    assert got.form == "raw" and got.inputs.shape == (1, 8, 8)
+
+
+def test_among_several_inputs_the_models_is_found_in_another_layout():
+    meta = th.InferInput("meta", [2, 2], "FP32")
+    meta.set_data_from_numpy(np.zeros((2, 2), np.float32), binary_data=True)
+    img = th.InferInput("image", [2, 1, 8, 8], "FP32")
+    img.set_data_from_numpy(np.full((2, 1, 8, 8), 7, np.float32), binary_data=True)
+    body, hlen = th.InferenceServerClient.generate_request_body([meta, img])
+    got = decode_request("v2", body, {oip_v2.HEADER_LENGTH: str(hlen)}, GREY)   # was 'meta', a 2×2 "input"
+    assert got.form == "raw" and got.inputs.shape == (2, 8, 8) and (got.inputs == 7).all()
