@@ -309,23 +309,32 @@ def combine_outputs(named: list[tuple[str, np.ndarray]], hints: DecodeHints = NO
     The primary output is the first with the model's class count (the hints'); among those (or
     all, without hints) one not named like features (embeddings, hidden...) before one that is,
     and one named like scores (prob, logit, score, class, output, predict) before others: an
-    embeddings output listed first is not read as the class scores.
+    embeddings output listed first is not read as the class scores. An output that would rank
+    strictly before every readable one but cannot be read (all NaN, top-k strings) is the
+    answer's error: the embeddings beside it are not read as the scores instead.
     """
     decoded: list[DecodedResponse] = []
     names: list[str] = []
-    last: DecodeError | None = None
+    failed: list[tuple[tuple[bool, bool, bool], DecodeError]] = []
+    k = hints.class_count
+
+    def rank(name: str, width: int) -> tuple[bool, bool, bool]:
+        return (k is not None and width != k, bool(_FEATURE_NAME.search(name)), not _SCORE_NAME.search(name))
+
     for name, arr in named:
         try:
             decoded.append(as_output_batch(arr, name))
             names.append(name)
         except DecodeError as exc:
-            last = exc
+            width = int(np.prod(arr.shape[1:])) if arr.ndim >= 2 else (arr.shape[0] if arr.ndim == 1 else 0)
+            failed.append((rank(name, width), exc))
     if not decoded:
-        raise last or DecodeError("missing_field", "no outputs")
-    k = hints.class_count
-    order = sorted(range(len(decoded)), key=lambda i: (
-        k is not None and decoded[i].outputs.shape[1] != k, bool(_FEATURE_NAME.search(names[i])),
-        not _SCORE_NAME.search(names[i]), i))
+        raise failed[-1][1] if failed else DecodeError("missing_field", "no outputs")
+    order = sorted(range(len(decoded)), key=lambda i: (*rank(names[i], decoded[i].outputs.shape[1]), i))
+    best = rank(names[order[0]], decoded[order[0]].outputs.shape[1])
+    for key, exc in failed:
+        if key < best:
+            raise exc
     first = decoded[order[0]]
     logits = next((d.outputs for d in decoded if d.kind == "logits"
                    and d.outputs.shape == first.outputs.shape), None)

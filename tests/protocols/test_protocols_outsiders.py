@@ -102,3 +102,22 @@ def test_score_outputs_with_size_one_axes_anywhere_after_the_batch(shape):
     assert got.outputs.shape == (2, 10) and np.allclose(got.outputs, scores)
     doc["outputs"][0]["shape"] = [2, 2, 5]
     assert _refused(decode_response, "v2", json.dumps(doc).encode(), JSON).kind == "bad_shape"
+
+
+def test_an_unreadable_score_output_is_not_replaced_by_the_embeddings_beside_it():
+    from sentinel.protocols.base import DecodeHints
+
+    emb = np.random.default_rng(4).normal(size=(2, 16)).tolist()
+    nan_logits = [[float("nan")] * 10] * 2
+    doc = {"outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [2, 16], "data": sum(emb, [])},
+                       {"name": "logits", "datatype": "FP32", "shape": [2, 10], "data": sum(nan_logits, [])}]}
+    body = json.dumps(doc).encode()
+    for hints in (DecodeHints(), DecodeHints(num_classes=10)):   # embeddings were read as the scores
+        assert _refused(decode_response, "v2", body, JSON, hints).kind == "nonfinite_output"
+    doc["outputs"][1] = {"name": "logits", "datatype": "BYTES", "shape": [2, 1], "data": ["0.9:3:three", "0.8:1:one"]}
+    err = _refused(decode_response, "v2", json.dumps(doc).encode(), JSON, DecodeHints(num_classes=10))
+    assert err.kind == "unsupported"
+    # an auxiliary output that cannot be read beside the scores does not matter, listed first or not
+    doc["outputs"] = [{"name": "classes", "datatype": "BYTES", "shape": [2, 1], "data": ["3", "1"]},
+                      {"name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [0.1, 0.9, 0.6, 0.4]}]
+    assert decode_response("v2", json.dumps(doc).encode(), JSON).top1.tolist() == [1, 0]
