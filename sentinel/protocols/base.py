@@ -332,9 +332,9 @@ def combine_outputs(named: list[tuple[str, np.ndarray]], hints: DecodeHints = NO
         raise failed[-1][1] if failed else DecodeError("missing_field", "no outputs")
     order = sorted(range(len(decoded)), key=lambda i: (*rank(names[i], decoded[i].outputs.shape[1]), i))
     best = rank(names[order[0]], decoded[order[0]].outputs.shape[1])
-    for key, exc in failed:
+    for key, error in failed:
         if key < best:
-            raise exc
+            raise error
     first = decoded[order[0]]
     logits = next((d.outputs for d in decoded if d.kind == "logits"
                    and d.outputs.shape == first.outputs.shape), None)
