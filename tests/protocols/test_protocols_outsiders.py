@@ -121,3 +121,37 @@ def test_an_unreadable_score_output_is_not_replaced_by_the_embeddings_beside_it(
     doc["outputs"] = [{"name": "classes", "datatype": "BYTES", "shape": [2, 1], "data": ["3", "1"]},
                       {"name": "probabilities", "datatype": "FP32", "shape": [2, 2], "data": [0.1, 0.9, 0.6, 0.4]}]
     assert decode_response("v2", json.dumps(doc).encode(), JSON).top1.tolist() == [1, 0]
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_a_numpy_npy_body_is_read_by_its_own_header():
+    from sentinel.protocols.base import DecodeHints
+
+    hints = DecodeHints(raw_shape=(8, 8), raw_dtype="uint8", raw_layout="NHW")
+    x = np.arange(128, dtype=np.uint8).reshape(2, 8, 8)
+    for ctype in ("application/octet-stream", "application/x-npy"):
+        # octet-stream: its 128-byte header was read as two more 8×8 instances of pixels
+        got = decode_request("torchserve", _npy(x), {"content-type": ctype}, hints)
+        assert got.form == "raw" and np.array_equal(got.inputs, x)
+    one = np.asfortranarray(np.arange(64, dtype=">f4").reshape(8, 8))   # one instance, big-endian, Fortran order
+    got = decode_request("torchserve", _npy(one), {"content-type": "application/x-npy"}, hints).inputs
+    assert got.shape == (1, 8, 8) and got.dtype == np.float32 and np.array_equal(got[0], one)
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    (_npy(np.zeros((2, 8, 8), np.uint8))[:-1], "truncated"),
+    (_npy(np.zeros((2, 8, 8), np.uint8)) + b"x", "bad_shape"),
+    (b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x'}    ", "bad_header"),
+    (_npy(np.array(["a", "b"])), "unsupported"),
+    (b"\x93NUMPY\x01\x00\x46\x00{'descr': '<f4', 'fortran_order': False, 'shape': (1073741824, 8)}   \n",
+     "too_large"),
+], ids=["short", "long", "bad-header", "text", "huge-shape"])
+def test_a_bad_npy_body_is_refused_by_kind(body, kind):
+    assert _refused(decode_request, "torchserve", body, {"content-type": "application/x-npy"}).kind == kind
