@@ -227,13 +227,17 @@ def fitted(arr: np.ndarray, hints: DecodeHints) -> DecodedRequest | None:
     are, or laid out again), else None; DecodeError when only an ambiguous axis order would fit."""
     per = tuple(arr.shape[1:])
     raw, net = hints.raw_shape, hints.input_shape
+    if raw is not None and raw == net and per == raw:
+        # One shape for both (a model without raw_input: `hints_for` takes the network input's):
+        # the shape cannot tell, `input_form` guesses (float: already preprocessed)
+        return DecodedRequest(arr, input_form(arr))
     if raw is not None and per == raw:
         return DecodedRequest(arr, "raw")
     if net is not None and per == net:
         return DecodedRequest(arr, "network")
     layout = hints.layout
     candidates: list[tuple[tuple[int, ...], bool | None, InputForm]] = []
-    if raw is not None:
+    if raw is not None and raw != net:
         candidates.append((raw, None if layout in (None, "NHW") else layout == "NHWC", "raw"))
     if net is not None:
         candidates.append((net, False, "network"))
@@ -245,7 +249,7 @@ def fitted(arr: np.ndarray, hints: DecodeHints) -> DecodedRequest | None:
             ambiguous = ambiguous or exc
             continue
         if moved is not None:
-            return DecodedRequest(moved, form)
+            return DecodedRequest(moved, input_form(moved) if raw == net else form)
     if ambiguous is not None:
         raise ambiguous
     return None

@@ -136,3 +136,12 @@ def test_among_several_inputs_the_models_is_found_in_another_layout():
     body, hlen = th.InferenceServerClient.generate_request_body([meta, img])
     got = decode_request("v2", body, {oip_v2.HEADER_LENGTH: str(hlen)}, GREY)   # was 'meta', a 2×2 "input"
     assert got.form == "raw" and got.inputs.shape == (2, 8, 8) and (got.inputs == 7).all()
+
+
+def test_a_model_whose_raw_and_network_shapes_are_one_keeps_floats_as_network_tensors():
+    # hints_for gives a model without raw_input its network shape as raw shape: a float N×C×H×W batch
+    # is already preprocessed (read as raw, the analysis would normalise it a second time)
+    same = DecodeHints(raw_shape=(3, 4, 4), input_shape=(3, 4, 4), raw_layout="NCHW")
+    assert input_batch(np.zeros((2, 3, 4, 4), np.float32), same).form == "network"
+    assert input_batch(np.zeros((2, 3, 4, 4), np.uint8), same).form == "raw"
+    assert input_batch(np.zeros((2, 4, 4, 3), np.float32), same).form == "network"   # laid out N×C×H×W
