@@ -215,6 +215,8 @@ def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS
             raise DecodeError("bad_datatype", f"cannot read class scores from keys {sorted(map(str, row))[:5]}") from None
         if not scored:
             raise DecodeError("missing_field", "empty {class: score} mapping")
+        if not all(np.isfinite(v) for v in scored.values()):   # max() over NaN answers whichever came first
+            raise DecodeError("nonfinite_output", "the {class: score} mapping holds NaN or infinite scores")
         best = max(scored, key=scored.__getitem__)
         if best not in classes:
             raise DecodeError("unsupported", f"class {best[:80]!r} in the response is not among the model's classes")

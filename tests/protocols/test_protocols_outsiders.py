@@ -155,3 +155,13 @@ def test_a_numpy_npy_body_is_read_by_its_own_header():
 ], ids=["short", "long", "bad-header", "text", "huge-shape"])
 def test_a_bad_npy_body_is_refused_by_kind(body, kind):
     assert _refused(decode_request, "torchserve", body, {"content-type": "application/x-npy"}).kind == kind
+
+
+def test_a_torchserve_top_k_mapping_with_nan_is_the_models_fault_not_a_label():
+    from sentinel.protocols.base import DecodeHints
+
+    hints = DecodeHints(classes=("cat", "dog"))
+    assert decode_response("torchserve", b'{"cat": 0.3, "dog": 0.7}', JSON, hints).labels == ("dog",)
+    # max() over a NaN answered whichever class came first ("cat"), a label the model never gave
+    err = _refused(decode_response, "torchserve", b'{"cat": NaN, "dog": 0.7}', JSON, hints)
+    assert err.kind == "nonfinite_output"
