@@ -128,8 +128,11 @@ def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None 
     if not arrays:
         raise DecodeError("bad_shape", "no images in payload")
     if any(a.shape != arrays[0].shape for a in arrays):
-        raise DecodeError("bad_shape", "images in one batch differ in size: "
-                                       + ", ".join(str(a.shape) for a in arrays[:4]))
+        # A valid request (a server resizes each image on its own), which the analysis cannot stack:
+        # unsupported, not the client's bad_shape
+        raise DecodeError("unsupported", "images in one batch differ in size ("
+                                         + ", ".join("×".join(map(str, a.shape[:2])) for a in arrays[:4])
+                                         + "); sentinel analyses a batch of images of one size")
     return np.stack(arrays)
 
 

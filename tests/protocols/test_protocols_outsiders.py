@@ -165,3 +165,12 @@ def test_a_torchserve_top_k_mapping_with_nan_is_the_models_fault_not_a_label():
     # max() over a NaN answered whichever class came first ("cat"), a label the model never gave
     err = _refused(decode_response, "torchserve", b'{"cat": NaN, "dog": 0.7}', JSON, hints)
     assert err.kind == "nonfinite_output"
+
+
+def test_a_batch_of_images_of_different_sizes_is_unsupported_not_the_clients_fault():
+    import base64
+
+    small, big = (base64.b64encode(_png(np.zeros(s, np.uint8))).decode() for s in ((8, 8), (16, 12)))
+    body = json.dumps({"instances": [{"b64": small}, {"b64": big}]}).encode()   # photos of several sizes
+    err = _refused(decode_request, "v1", body, JSON)
+    assert err.kind == "unsupported" and "8×8, 16×12" in str(err)
