@@ -199,9 +199,10 @@ def _relaid(arr: np.ndarray, shape: tuple[int, ...], channels_last: bool | None,
         if not channels_last and per == (*hw, c):
             return arr.transpose(0, 3, 1, 2)
     order = "N×H×W×C" if channels_last else "N×C×H×W"
+    why = "which axis is the channels is ambiguous" if c in hw else "not with the channels at one end"
     raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds the axes of the model's {what} "
-                                   f"{list(shape)} ({order}) in another order, and which axis is the "
-                                   "channels is ambiguous; sentinel does not guess (send the declared layout)")
+                                   f"{list(shape)} ({order}) in another order, {why}; sentinel does not "
+                                   "guess (send the declared layout)")
 
 
 def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS, *, maybe_single: bool = False) -> DecodedRequest:

@@ -145,3 +145,9 @@ def test_a_model_whose_raw_and_network_shapes_are_one_keeps_floats_as_network_te
     assert input_batch(np.zeros((2, 3, 4, 4), np.float32), same).form == "network"
     assert input_batch(np.zeros((2, 3, 4, 4), np.uint8), same).form == "raw"
     assert input_batch(np.zeros((2, 4, 4, 3), np.float32), same).form == "network"   # laid out N×C×H×W
+
+
+def test_an_axis_order_with_the_channels_in_the_middle_is_refused():
+    with pytest.raises(DecodeError) as err:
+        input_batch(np.zeros((1, 6, 3, 6), np.float32), COLOUR)   # N×H×C×W
+    assert err.value.kind == "bad_shape" and "not with the channels at one end" in str(err.value)
