@@ -14,6 +14,7 @@ from sentinel.errors import DecodeError
 from sentinel.scores import OutputKind, output_kind, softmax
 
 InputForm = Literal["raw", "network"]
+Layout = Literal["NHW", "NHWC", "NCHW"]   # of a raw input (model.yaml preprocessing.layout)
 Headers = Mapping[str, str]   # lower-case names
 
 DecodeErrorKind = Literal[
@@ -41,6 +42,9 @@ class DecodeHints:
     names, to read answers that name classes instead of scoring them (TorchServe top-k).
     num_classes: how many classes the model scores, to tell its score output from others
     (embeddings...) in a response that carries several (default: len(classes), if given).
+    raw_layout: the axis order of the raw input (model.yaml `preprocessing.layout`: NHW, NHWC
+    or NCHW); decoded images are laid out so, and a raw tensor whose channel axis is on the
+    other side is moved to it (`input_batch`). None: inferred from raw_shape where it can be.
     """
 
     raw_shape: tuple[int, ...] | None = None
@@ -49,15 +53,37 @@ class DecodeHints:
     max_image_pixels: int | None = None
     classes: tuple[str, ...] = ()
     num_classes: int | None = None
+    raw_layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout | None:
+        """The raw input's layout: as declared, else what raw_shape says unambiguously (H×W: NHW;
+        a 1 or 3 at one end only of a 3-D shape: the channels there), else None."""
+        if self.raw_layout is not None:
+            return self.raw_layout
+        raw = self.raw_shape
+        if raw is not None and len(raw) == 2:
+            return "NHW"
+        if raw is not None and len(raw) == 3:
+            last, first = raw[-1] in (1, 3), raw[0] in (1, 3)
+            if last != first:
+                return "NHWC" if last else "NCHW"
+        return None
 
     @property
     def image_channels(self) -> int | None:
         """Channels the model reads from an image (1 grey, 3 colour), when its shapes say: a raw
-        input H×W is grey, H×W×C or a network input C×H×W has C; else None."""
+        input H×W is grey, H×W×C or C×H×W (as its layout says) or a network input C×H×W has C;
+        else None."""
         raw, net = self.raw_shape, self.input_shape
         if raw is not None and len(raw) == 2:
             return 1
-        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3):
+        layout = self.layout
+        if raw is not None and len(raw) == 3 and layout in ("NHWC", "NCHW"):
+            c = raw[-1] if layout == "NHWC" else raw[0]
+            if c in (1, 3):
+                return c
+        if raw is not None and len(raw) == 3 and raw[-1] in (1, 3) and layout is None:
             return raw[-1]
         if net is not None and len(net) == 3 and net[0] in (1, 3):
             return net[0]
@@ -95,7 +121,10 @@ class DecodedResponse:
     """The output batch of one inference response.
 
     outputs/kind: the scores the analysis reads (N × classes, float64) and whether they are
-    logits or probabilities. logits/probabilities: each where the response carried it by
+    logits or probabilities. Rows are as served: a row of NaN or ±Infinity scores (the model's
+    fault) is kept in place, so rows still pair with the request's inputs; `finite` marks the
+    rows to analyse and `nonfinite_rows` counts the others (a response with no finite row is
+    refused by the decoder as `nonfinite_output`). logits/probabilities: each where the response carried it by
     name or kind (a v2 response may carry both). labels: class names per row when the
     response carried only names (TorchServe's top-k mapping); outputs is then N × 0.
     """
@@ -107,11 +136,27 @@ class DecodedResponse:
     labels: tuple[str, ...] = ()
 
     @property
+    def finite(self) -> np.ndarray:
+        """Per row: whether every score is finite (rows of labels only: True)."""
+        if self.outputs.shape[1] == 0:
+            return np.ones(len(self.outputs), dtype=bool)
+        ok: np.ndarray = np.isfinite(self.outputs).all(axis=1)
+        return ok
+
+    @property
+    def nonfinite_rows(self) -> int:
+        """How many rows hold NaN or infinite scores (counted as `nonfinite_output`, one per row)."""
+        return int((~self.finite).sum())
+
+    @property
     def top1(self) -> np.ndarray:
-        """Index of the highest score per row (empty when the response carried only labels)."""
+        """Index of the highest score per row (empty when the response carried only labels; -1 for a
+        row of NaN/infinite scores)."""
         if self.outputs.shape[1] == 0:
             return np.zeros(0, dtype=np.int64)
         top: np.ndarray = self.outputs.argmax(axis=1)
+        if self.nonfinite_rows:
+            top = np.where(self.finite, top, -1)
         return top
 
     def probabilities_or_softmax(self) -> np.ndarray:
@@ -122,8 +167,93 @@ class DecodedResponse:
 
 
 def input_form(arr: np.ndarray) -> InputForm:
-    """`network` for float N×C×H×W tensors (already preprocessed), else `raw`."""
+    """`network` for float N×C×H×W tensors (already preprocessed), else `raw` (without hints)."""
     return "network" if arr.ndim == 4 and arr.dtype.kind == "f" else "raw"
+
+
+def images_in_layout(images: np.ndarray, layout: Layout | None) -> np.ndarray:
+    """Decoded images (N×H×W grey, N×H×W×C) laid out as a raw input of `layout` (None: as they are)."""
+    if layout == "NCHW":
+        return images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+    if layout == "NHWC" and images.ndim == 3:
+        return images[..., None]
+    if layout == "NHW" and images.ndim == 4 and images.shape[-1] == 1:
+        return images[..., 0]
+    return images
+
+
+def _relaid(arr: np.ndarray, shape: tuple[int, ...], channels_last: bool | None, what: str) -> np.ndarray | None:
+    """`arr` (batch-first) with instances of `shape` when its instances are the same pixels in
+    another layout: a size-1 axis added or dropped (the same bytes), or the channel axis at the
+    other end (moved). None when they are not; DecodeError when the axes are a permutation of
+    `shape` whose channel axis cannot be told (it is as long as H or W)."""
+    per = tuple(arr.shape[1:])
+    if [d for d in per if d != 1] == [d for d in shape if d != 1]:
+        return arr.reshape((len(arr), *shape))
+    if len(per) != 3 or len(shape) != 3 or sorted(per) != sorted(shape) or channels_last is None:
+        return None
+    c, hw = (shape[2], shape[:2]) if channels_last else (shape[0], shape[1:])
+    if c not in hw:
+        if channels_last and per == (c, *hw):
+            return arr.transpose(0, 2, 3, 1)
+        if not channels_last and per == (*hw, c):
+            return arr.transpose(0, 3, 1, 2)
+    order = "N×H×W×C" if channels_last else "N×C×H×W"
+    why = "which axis is the channels is ambiguous" if c in hw else "not with the channels at one end"
+    raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds the axes of the model's {what} "
+                                   f"{list(shape)} ({order}) in another order, {why}; sentinel does not "
+                                   "guess (send the declared layout)")
+
+
+def input_batch(arr: np.ndarray, hints: DecodeHints = NO_HINTS, *, maybe_single: bool = False) -> DecodedRequest:
+    """A decoded input tensor as the model reads it: its raw input (preprocessed by the analysis in
+    the declared layout) or its network input, judged by shape as the reference server does (raw
+    first). A raw input with a singleton channel axis added or dropped (N×1×8×8 or N×8×8×1 for an
+    N×8×8 model), or with its channel axis at the other end (N×3×H×W for an N×H×W×3 model), is
+    laid out as declared; an axis order that cannot be told is refused (bad_shape). maybe_single:
+    the body may be one instance without a batch axis (TorchServe JSON), taken as a batch of one
+    when only that reading fits. Without a fitting shape in the hints: `input_form`'s guess."""
+    if arr.ndim == 0:
+        raise DecodeError("bad_shape", "input is a scalar, expected a batch")
+    if arr.size == 0:   # nothing to analyse; and a shape [2**27, 0] would count 2**27 rows of nothing
+        raise DecodeError("bad_shape", f"input shape {list(arr.shape)} holds no values")
+    got = fitted(arr, hints)
+    if got is None and maybe_single:
+        got = fitted(arr[None], hints)
+    return got if got is not None else DecodedRequest(arr, input_form(arr))
+
+
+def fitted(arr: np.ndarray, hints: DecodeHints) -> DecodedRequest | None:
+    """`input_batch`'s reading of a batch whose instances fit the hints' raw or network shape (as they
+    are, or laid out again), else None; DecodeError when only an ambiguous axis order would fit."""
+    per = tuple(arr.shape[1:])
+    raw, net = hints.raw_shape, hints.input_shape
+    if raw is not None and raw == net and per == raw:
+        # One shape for both (a model without raw_input: `hints_for` takes the network input's):
+        # the shape cannot tell, `input_form` guesses (float: already preprocessed)
+        return DecodedRequest(arr, input_form(arr))
+    if raw is not None and per == raw:
+        return DecodedRequest(arr, "raw")
+    if net is not None and per == net:
+        return DecodedRequest(arr, "network")
+    layout = hints.layout
+    candidates: list[tuple[tuple[int, ...], bool | None, InputForm]] = []
+    if raw is not None and raw != net:
+        candidates.append((raw, None if layout in (None, "NHW") else layout == "NHWC", "raw"))
+    if net is not None:
+        candidates.append((net, False, "network"))
+    ambiguous: DecodeError | None = None
+    for shape, channels_last, form in candidates:
+        try:
+            moved = _relaid(arr, shape, channels_last, "raw input" if form == "raw" else "network input")
+        except DecodeError as exc:
+            ambiguous = ambiguous or exc
+            continue
+        if moved is not None:
+            return DecodedRequest(moved, input_form(moved) if raw == net else form)
+    if ambiguous is not None:
+        raise ambiguous
+    return None
 
 
 _CLASSIFICATION = re.compile(rb"-?[0-9.eE+-]+(?:nan|inf)?:[0-9]+(?::.*)?", re.DOTALL | re.IGNORECASE)
@@ -145,26 +275,30 @@ def score_matrix(arr: np.ndarray, name: str = "") -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     elif arr.ndim > 2:
-        # e.g. N×C×1×1 from a conv head: squeeze trailing singleton axes only
-        squeezed = arr.reshape(arr.shape[0], -1)
-        if squeezed.shape[1] != arr.shape[1]:
+        # N×C×1×1 from a conv head, N×1×C from an export that kept a length-1 axis: the size-1 axes
+        # after the batch go; exactly one other axis (the classes) may remain
+        if sum(d != 1 for d in arr.shape[1:]) > 1:
             raise DecodeError("bad_shape", f"output shape {list(arr.shape)} is not N × classes")
-        arr = squeezed
+        arr = arr.reshape(arr.shape[0], -1)
     if arr.shape[1] < 2:
         raise DecodeError("bad_shape", f"output shape {list(arr.shape)} has fewer than 2 classes "
                                        "(class labels rather than scores?)")
     out = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(out)):
-        bad = int((~np.isfinite(out)).any(axis=1).sum())
-        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: {bad} of {len(out)} rows hold NaN "
+    if not np.isfinite(out).all() and not np.isfinite(out).all(axis=1).any():
+        # Every row NaN/±Inf: nothing to analyse (a one-sample answer, as replay and the canary get).
+        # Some rows only: the rows are kept as served; each consumer counts the bad rows per sample
+        # (DecodedResponse.finite) and analyses the others.
+        raise DecodeError("nonfinite_output", f"output {name or '(unnamed)'}: all {len(out)} rows hold NaN "
                                               "or infinite scores (what the model answered)")
     return out
 
 
 def as_output_batch(arr: np.ndarray, name: str = "") -> DecodedResponse:
-    """Shape scores as N × classes and tell logits from probabilities (`sentinel.scores.output_kind`)."""
+    """Shape scores as N × classes and tell logits from probabilities (`sentinel.scores.output_kind`,
+    judged on the finite rows: one NaN row does not make probabilities read as logits)."""
     out = score_matrix(arr, name)
-    kind = output_kind(out, name)
+    finite = np.isfinite(out).all(axis=1)
+    kind = output_kind(out if finite.all() else out[finite], name)
     return DecodedResponse(out, kind, logits=out if kind == "logits" else None,
                            probabilities=out if kind == "probabilities" else None)
 
@@ -180,23 +314,32 @@ def combine_outputs(named: list[tuple[str, np.ndarray]], hints: DecodeHints = NO
     The primary output is the first with the model's class count (the hints'); among those (or
     all, without hints) one not named like features (embeddings, hidden...) before one that is,
     and one named like scores (prob, logit, score, class, output, predict) before others: an
-    embeddings output listed first is not read as the class scores.
+    embeddings output listed first is not read as the class scores. An output that would rank
+    strictly before every readable one but cannot be read (all NaN, top-k strings) is the
+    answer's error: the embeddings beside it are not read as the scores instead.
     """
     decoded: list[DecodedResponse] = []
     names: list[str] = []
-    last: DecodeError | None = None
+    failed: list[tuple[tuple[bool, bool, bool], DecodeError]] = []
+    k = hints.class_count
+
+    def rank(name: str, width: int) -> tuple[bool, bool, bool]:
+        return (k is not None and width != k, bool(_FEATURE_NAME.search(name)), not _SCORE_NAME.search(name))
+
     for name, arr in named:
         try:
             decoded.append(as_output_batch(arr, name))
             names.append(name)
         except DecodeError as exc:
-            last = exc
+            width = int(np.prod(arr.shape[1:])) if arr.ndim >= 2 else (arr.shape[0] if arr.ndim == 1 else 0)
+            failed.append((rank(name, width), exc))
     if not decoded:
-        raise last or DecodeError("missing_field", "no outputs")
-    k = hints.class_count
-    order = sorted(range(len(decoded)), key=lambda i: (
-        k is not None and decoded[i].outputs.shape[1] != k, bool(_FEATURE_NAME.search(names[i])),
-        not _SCORE_NAME.search(names[i]), i))
+        raise failed[-1][1] if failed else DecodeError("missing_field", "no outputs")
+    order = sorted(range(len(decoded)), key=lambda i: (*rank(names[i], decoded[i].outputs.shape[1]), i))
+    best = rank(names[order[0]], decoded[order[0]].outputs.shape[1])
+    for key, error in failed:
+        if key < best:
+            raise error
     first = decoded[order[0]]
     logits = next((d.outputs for d in decoded if d.kind == "logits"
                    and d.outputs.shape == first.outputs.shape), None)
@@ -270,8 +413,20 @@ def _raw_decode(raw: bytes, start: int) -> tuple[Any, int]:
     return _DECODER.raw_decode(raw.decode("latin-1"), start)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _refuse_bom(raw: bytes, what: str) -> None:
+    """A JSON text must not start with a byte order mark (RFC 8259 §8.1); KServe (orjson) and Triton
+    refuse such a body, so the sample is refused too, saying why (json.loads(bytes) would skip it)."""
+    if raw.startswith(_BOM):
+        raise DecodeError("malformed_json", f"{what} starts with a UTF-8 byte order mark, which JSON forbids "
+                                            "(RFC 8259; KServe and Triton refuse the body too)")
+
+
 def _object_start(raw: bytes) -> int:
     """Offset of the `{` a body starts with (after JSON whitespace), or DecodeError."""
+    _refuse_bom(raw, "body")
     m = _LEADING_WS.match(raw)
     start = m.end() if m else 0
     if start >= len(raw) or raw[start] != 0x7B:
@@ -320,15 +475,17 @@ def json_object_prefix(body: bytes | memoryview) -> tuple[int, dict[str, Any] | 
 
 
 def parse_json(body: bytes | memoryview, what: str = "body") -> Any:
-    """Parse JSON after checking its nesting depth, or raise DecodeError saying what was wrong."""
+    """Parse JSON (UTF-8, no byte order mark: what model servers read) after checking its nesting
+    depth, or raise DecodeError saying what was wrong."""
     raw = bytes(body)
+    _refuse_bom(raw, what)
     if _opens(raw) > MAX_JSON_DEPTH:   # fewer brackets than the limit cannot nest deeper: no scan
         depth = json_depth(raw)
         if depth > MAX_JSON_DEPTH:
             raise DecodeError("too_deep",
                               f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
-    try:
-        return json.loads(raw)
+    try:   # decoded as UTF-8 first: json.loads(bytes) would also read UTF-16/32, which servers refuse
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError("malformed_json", f"{what} is not JSON: {exc}") from None
 

@@ -82,7 +82,7 @@ def sniff(body: bytes, headers: Headers) -> str:
     "inputs"/"outputs"); anything else (an image, a JSON list, raw bytes): TorchServe.
     Looks at the first 64 KiB only.
     """
-    head = bytes(body[:65536]).lstrip()
+    head = bytes(body[:65536]).removeprefix(b"\xef\xbb\xbf").lstrip()   # a BOM: the codec refuses it, naming it
     if head.startswith(b"{"):
         if _V2_TENSORS.search(head):
             return "v2"

@@ -20,8 +20,10 @@ from collections.abc import Mapping
 from sentinel.errors import DecodeError
 
 MAX_INFLATED_BYTES = 64 << 20   # one decoded body; larger is DecodeError("too_large")
+MAX_GZIP_MEMBERS = 1024         # gzip members in one body (each costs a decompressor); more is "too_large"
 _CHUNK = 1 << 20
 
+_GZIP_MAGIC = b"\x1f\x8b"
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -44,32 +46,51 @@ def decoded(body: bytes, headers: Mapping[str, str],
 
 
 def _inflate(data: bytes, wbits: int, coding: str, limit: int) -> bytes:
+    """The bytes under one coding. gzip may be several members one after the other (RFC 1952 §2.2;
+    `pigz`, appended logs), all inflated as model servers' readers do; bytes after the last
+    stream that start no member, or a body that does not start like the coding, are
+    DecodeError("bad_header"): the header names a coding the body is not in."""
+    gzip = wbits == 16 + zlib.MAX_WBITS
+    if gzip and not data.startswith(_GZIP_MAGIC):
+        raise DecodeError("bad_header", f"content-encoding {coding} but the body does not start like gzip "
+                                        f"(first bytes {data[:4].hex() or 'none'})")
     if coding == "deflate" and not _zlib_header(data):
         wbits = -zlib.MAX_WBITS   # "deflate" sent as a raw DEFLATE stream (no zlib header), as some servers do
-    d = zlib.decompressobj(wbits)
     out: list[bytes] = []
     size = 0
+    members = 1
     pending = data
-    try:
-        while True:
-            chunk = d.decompress(pending, _CHUNK)
-            size += len(chunk)
-            if size > limit:
-                raise DecodeError("too_large", f"{coding} body inflates past {limit} bytes")
-            out.append(chunk)
-            pending = d.unconsumed_tail
-            if not pending:
-                break
-        tail = d.flush()
-    except zlib.error as exc:
-        raise DecodeError("truncated", f"{coding} body does not inflate: {exc}") from None
-    size += len(tail)
-    if size > limit:
-        raise DecodeError("too_large", f"{coding} body inflates past {limit} bytes")
-    if not d.eof:
-        raise DecodeError("truncated", f"{coding} body ends before its compressed stream does")
-    out.append(tail)
-    return b"".join(out)
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            while True:
+                chunk = d.decompress(pending, _CHUNK)
+                size += len(chunk)
+                if size > limit:
+                    raise DecodeError("too_large", f"{coding} body inflates past {limit} bytes")
+                out.append(chunk)
+                pending = d.unconsumed_tail
+                if not pending:
+                    break
+            tail = d.flush()
+        except zlib.error as exc:
+            raise DecodeError("truncated", f"{coding} body does not inflate: {exc}") from None
+        size += len(tail)
+        if size > limit:
+            raise DecodeError("too_large", f"{coding} body inflates past {limit} bytes")
+        if not d.eof:
+            raise DecodeError("truncated", f"{coding} body ends before its compressed stream does")
+        out.append(tail)
+        rest = d.unused_data
+        if not rest:
+            return b"".join(out)
+        if not (gzip and rest.startswith(_GZIP_MAGIC)):
+            raise DecodeError("bad_header", f"{len(rest)} bytes follow the {coding} stream that are not "
+                                            f"{'another gzip member' if gzip else coding}")
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise DecodeError("too_large", f"gzip body of more than {MAX_GZIP_MEMBERS} members")
+        pending = rest
 
 
 def _zlib_header(data: bytes) -> bool:

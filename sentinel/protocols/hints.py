@@ -22,6 +22,7 @@ def hints_for(config: Any, model: Any) -> DecodeHints:
     raw_dtype = getattr(model, "raw_input_dtype", "float32")
     input_shape = None
     num_classes = None
+    layout = None
     try:
         from sentinel.registry import Registry
 
@@ -30,6 +31,7 @@ def hints_for(config: Any, model: Any) -> DecodeHints:
         man = entry.manifest
         input_shape = tuple(man.input.shape)
         num_classes = len(man.classes) or None
+        layout = man.preprocessing.layout if man.preprocessing.layout in ("NHW", "NHWC", "NCHW") else None
         if raw_shape is None:
             if man.raw_input is not None:
                 raw_shape, raw_dtype = tuple(man.raw_input.shape), man.raw_input.dtype
@@ -38,4 +40,5 @@ def hints_for(config: Any, model: Any) -> DecodeHints:
     except Exception as exc:  # noqa: BLE001 - no registry entry: the config's fields are all we know
         log.info("decode hints for %s: registry entry not readable (%s); using the config only", model.name, exc)
     return DecodeHints(raw_shape=raw_shape, raw_dtype=raw_dtype, input_shape=input_shape,
-                       max_image_pixels=getattr(model, "max_image_pixels", None), num_classes=num_classes)
+                       max_image_pixels=getattr(model, "max_image_pixels", None), num_classes=num_classes,
+                       raw_layout=layout)

@@ -13,10 +13,13 @@ from typing import Any
 import numpy as np
 
 from sentinel.errors import DecodeError
+from sentinel.protocols.base import DecodedRequest, DecodeHints, images_in_layout
 
 _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 BATCH_PIXEL_FACTOR = 8   # a batch may hold this many images of the per-image limit
+MAX_IMAGES = 4096        # encoded images in one batch: 1×1 PNGs (67 bytes) pass the pixel bound, and a
+                         # 64 MiB body of them (a million) would take minutes of the worker to open
 
 
 _WS = re.compile(r"[ \t\r\n]+")
@@ -96,6 +99,8 @@ def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None 
         from PIL import Image  # lazy: only the analysis worker decodes images
     except ImportError:
         raise DecodeError("unsupported", "encoded images need Pillow, which is not installed") from None
+    if len(items) > MAX_IMAGES:
+        raise DecodeError("too_large", f"{len(items)} encoded images in one batch, more than the limit {MAX_IMAGES}")
     arrays = []
     total = 0
     for i, data in enumerate(items):
@@ -123,6 +128,16 @@ def decode_images(items: Sequence[bytes], max_pixels: int, channels: int | None 
     if not arrays:
         raise DecodeError("bad_shape", "no images in payload")
     if any(a.shape != arrays[0].shape for a in arrays):
-        raise DecodeError("bad_shape", "images in one batch differ in size: "
-                                       + ", ".join(str(a.shape) for a in arrays[:4]))
+        # A valid request (a server resizes each image on its own), which the analysis cannot stack:
+        # unsupported, not the client's bad_shape
+        raise DecodeError("unsupported", "images in one batch differ in size ("
+                                         + ", ".join("×".join(map(str, a.shape[:2])) for a in arrays[:4])
+                                         + "); sentinel analyses a batch of images of one size")
     return np.stack(arrays)
+
+
+def image_batch(items: Sequence[bytes], hints: DecodeHints) -> DecodedRequest:
+    """Encoded images as the model's raw input batch: decoded within the hints' pixel bound, converted
+    to the channels it reads and laid out as its raw input is (N×H×W, N×H×W×C or N×C×H×W)."""
+    images = decode_images(items, hints.image_pixel_limit, hints.image_channels)
+    return DecodedRequest(images_in_layout(images, hints.layout), "raw")

@@ -17,12 +17,12 @@ from sentinel.protocols.base import (
     Headers,
     as_output_batch,
     combine_outputs,
-    input_form,
+    input_batch,
     load_json_object,
     numeric_array,
     score_matrix,
 )
-from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
+from sentinel.protocols.images import b64_bytes, image_batch, looks_like_image
 
 SCORE_KEYS = ("probabilities", "scores", "logits")
 
@@ -65,6 +65,8 @@ def _rows(doc: dict[str, Any], hints: DecodeHints) -> list[Any]:
     """The instances of a v1 request: row format `instances` (plain or `{"name": value}` objects), or
     columnar `inputs` (a list, or `{"name": batch}`)."""
     rows = doc.get("instances", doc.get("inputs"))
+    if isinstance(rows, dict) and "b64" in rows and "instances" not in doc:
+        rows = [rows]   # columnar `{"inputs": {"b64": ...}}`: one image, TF Serving's batch-less string input
     if isinstance(rows, dict) and "b64" not in rows and "instances" not in doc:   # columnar, named
         if not rows:
             raise DecodeError("missing_field", "'inputs' is an empty object")
@@ -84,10 +86,30 @@ def _rows(doc: dict[str, Any], hints: DecodeHints) -> list[Any]:
     return rows
 
 
+def _one_image(row: Any) -> Any:
+    """An instance that is one `{"b64": ...}` image nested in lists (`[{"b64": ...}]`, an N×1 string
+    input) is that image; several images in one instance are unsupported; anything else is as it is."""
+    if not isinstance(row, list):
+        return row
+    leaves: list[Any] = []
+    stack = [row]
+    while stack and len(leaves) < 2:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            leaves.append(item)
+    if not leaves or not isinstance(leaves[0], dict) or "b64" not in leaves[0]:
+        return row
+    if len(leaves) > 1 or stack:
+        raise DecodeError("unsupported", "an instance holds several b64 images; sentinel reads one image per instance")
+    return leaves[0]
+
+
 def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedRequest:
     """The batch under `instances` (or `inputs`); `{"b64": ...}` items are decoded images."""
     doc = load_json_object(body)
-    rows = _rows(doc, hints)
+    rows = [_one_image(r) for r in _rows(doc, hints)]
     if all(isinstance(r, dict) and "b64" in r for r in rows):
         try:
             blobs = [b64_bytes(r["b64"]) for r in rows]
@@ -95,9 +117,9 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"instances carry invalid base64: {exc}") from None
         if not all(looks_like_image(b) for b in blobs):   # audio, text, serialized tensors...
             raise DecodeError("unsupported", "b64 instances that are not encoded images")
-        return DecodedRequest(decode_images(blobs, hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch(blobs, hints)
     arr = numeric_array(rows, "instances")
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints)
 
 
 def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS) -> DecodedResponse:

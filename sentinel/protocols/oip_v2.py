@@ -17,11 +17,12 @@ from sentinel.protocols.base import (
     DecodeHints,
     Headers,
     combine_outputs,
-    input_form,
+    fitted,
+    input_batch,
     json_object_prefix,
     load_json_object,
 )
-from sentinel.protocols.images import b64_images, decode_images, looks_like_image
+from sentinel.protocols.images import b64_images, image_batch, looks_like_image
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_WS = b" \t\r\n"   # RFC 8259 whitespace
@@ -119,6 +120,8 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
     hints' raw or network shape); without such a match, the first input.
     """
     name, arr = pick_input(named, hints)
+    if arr.size == 0:
+        raise DecodeError("bad_shape", f"input {name!r} of shape {list(arr.shape)} holds no values")
     if arr.dtype == object:
         items = list(arr.reshape(-1))
         if items and not all(looks_like_image(b) for b in items):
@@ -126,10 +129,10 @@ def request_from_tensors(named: Sequence[tuple[str, np.ndarray]], hints: DecodeH
         if not items:
             raise DecodeError("unsupported", f"input {name!r}: BYTES that are not encoded images "
                                              "(nor base64 text of images)")
-        return DecodedRequest(decode_images(items, hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch(items, hints)
     if arr.ndim == 0:
         raise DecodeError("bad_shape", f"input {name!r} is a scalar, expected a batch")
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints)
 
 
 def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> tuple[str, np.ndarray]:
@@ -141,6 +144,12 @@ def pick_input(named: Sequence[tuple[str, np.ndarray]], hints: DecodeHints) -> t
     for name, arr in named:
         if shapes and tuple(arr.shape[1:]) in shapes:
             return name, arr
+    for name, arr in named:   # the model's input in another layout (N×1×8×8 for N×8×8)
+        try:
+            if shapes and arr.dtype != object and arr.size and fitted(arr, hints) is not None:
+                return name, arr
+        except DecodeError:
+            continue
     for name, arr in named:
         if arr.dtype == object and arr.size and isinstance(first := arr.reshape(-1)[0], bytes) \
                 and (looks_like_image(first) or b64_images([first])):

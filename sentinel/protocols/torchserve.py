@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import io
 import json
 from typing import Any, Literal
 
@@ -18,12 +19,12 @@ from sentinel.protocols.base import (
     Headers,
     as_output_batch,
     first_instance_shape,
-    input_form,
+    input_batch,
     numeric_array,
     parse_json,
 )
-from sentinel.protocols.images import b64_bytes, decode_images, looks_like_image
-from sentinel.protocols.tensors import numel
+from sentinel.protocols.images import b64_bytes, image_batch, looks_like_image
+from sentinel.protocols.tensors import check_shape, numel
 
 OCTET_STREAM = "application/octet-stream"
 RAW_DTYPES = ("float32", "float16", "uint8", "int64")
@@ -46,17 +47,27 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
     if media == MULTIPART:
         body, headers = multipart_part(body, headers)
         media = _media_type(headers)
+    if body.startswith(NPY_MAGIC):
+        # A NumPy .npy file (np.save; clients of handlers that np.load the body): its own header says
+        # dtype and shape. Read as raw octet-stream, its header became pixels of extra instances.
+        try:
+            arr = npy_array(body)
+        except DecodeError:
+            if media != OCTET_STREAM or not _whole_instances(body, hints):
+                raise
+        else:
+            return input_batch(first_instance_shape(arr, hints.raw_shape), hints, maybe_single=True)
     if media == OCTET_STREAM and looks_like_image(body) and _whole_instances(body, hints):
         # Raw tensor bytes can start like an image file (two pixels 66, 77 read "BM"): an image
         # only when it decodes as one, else the raw tensor its length fits.
         try:
-            return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+            return image_batch([body], hints)
         except DecodeError as exc:
             if exc.kind != "bad_image":
                 raise
             return DecodedRequest(*_raw_tensor(body, hints))
     if looks_like_image(body) or media.startswith("image/"):
-        return DecodedRequest(decode_images([body], hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch([body], hints)
     if media == OCTET_STREAM:
         return DecodedRequest(*_raw_tensor(body, hints))
     if media.startswith(("audio/", "video/")):
@@ -76,10 +87,38 @@ def decode_request(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS)
             raise DecodeError("bad_image", f"input is a string but not base64: {exc}"[:300]) from None
         if not looks_like_image(blob):
             raise DecodeError("unsupported", "input is a base64 string that is not an encoded image")
-        return DecodedRequest(decode_images([blob], hints.image_pixel_limit, hints.image_channels), "raw")
+        return image_batch([blob], hints)
     arr = numeric_array(doc, "input")
     arr = first_instance_shape(arr, hints.raw_shape)
-    return DecodedRequest(arr, input_form(arr))
+    return input_batch(arr, hints, maybe_single=True)
+
+
+NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER_MAX = 10000   # bytes of a .npy header read (NumPy's own default bound)
+
+
+def npy_array(body: bytes) -> np.ndarray:
+    """The array of a NumPy .npy file: numbers only (no pickled objects), its shape checked against
+    the element bound and its data length against the shape before anything is allocated."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(body)
+    try:
+        version = npy.read_magic(f)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=_NPY_HEADER_MAX)
+    except (ValueError, SyntaxError, TypeError, OverflowError) as exc:
+        raise DecodeError("bad_header", f".npy body with an unreadable header: {exc}"[:300]) from None
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise DecodeError("unsupported", f".npy body of dtype {str(dtype)[:60]}: sentinel reads numeric arrays")
+    shape = check_shape(list(shape), ".npy")
+    data = memoryview(body)[f.tell():]
+    want = numel(shape) * dtype.itemsize
+    if len(data) != want:
+        raise DecodeError("truncated" if len(data) < want else "bad_shape",
+                          f".npy body: shape {list(shape)} of {dtype} needs {want} bytes, got {len(data)}")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
 def multipart_part(body: bytes, headers: Headers) -> tuple[bytes, dict[str, str]]:
@@ -176,6 +215,8 @@ def decode_response(body: bytes, headers: Headers, hints: DecodeHints = NO_HINTS
             raise DecodeError("bad_datatype", f"cannot read class scores from keys {sorted(map(str, row))[:5]}") from None
         if not scored:
             raise DecodeError("missing_field", "empty {class: score} mapping")
+        if not all(np.isfinite(v) for v in scored.values()):   # max() over NaN answers whichever came first
+            raise DecodeError("nonfinite_output", "the {class: score} mapping holds NaN or infinite scores")
         best = max(scored, key=scored.__getitem__)
         if best not in classes:
             raise DecodeError("unsupported", f"class {best[:80]!r} in the response is not among the model's classes")

@@ -397,10 +397,22 @@ def test_nan_scores_from_the_model_are_counted_as_its_fault_not_a_bad_shape():
     out = InferOutput("logits", [2, 3], "FP32")
     out.set_data_from_numpy(np.array([[1.0, np.nan, 0.0], [0.5, 0.2, 0.1]], dtype=np.float32))
     body = orjson.dumps(InferResponse("r", "m", [out]).to_rest()[0])   # orjson writes NaN as null
-    with pytest.raises(DecodeError) as err:
+    got = decode_response("v2", body, V1)   # one bad row of two: the rows as served, the bad one marked
+    assert got.finite.tolist() == [False, True] and got.nonfinite_rows == 1 and got.top1.tolist() == [-1, 0]
+    assert np.isnan(got.outputs[0, 1]) and got.outputs[1].tolist() == pytest.approx([0.5, 0.2, 0.1])
+    out.set_data_from_numpy(np.array([[1.0, np.nan, 0.0], [np.inf, 0.2, 0.1]], dtype=np.float32))
+    body = orjson.dumps(InferResponse("r", "m", [out]).to_rest()[0])
+    with pytest.raises(DecodeError) as err:   # no row to analyse: the pair is rejected, the model named
         decode_response("v2", body, V1)
-    assert err.value.kind == "nonfinite_output" and "1 of 2 rows" in str(err.value)
+    assert err.value.kind == "nonfinite_output" and "all 2 rows" in str(err.value)
     assert _kind(decode_response, "v1", b'{"predictions": [[Infinity, 0.0]]}', V1) == "nonfinite_output"
+
+
+def test_a_nan_row_does_not_make_probabilities_read_as_logits():
+    body = json.dumps({"predictions": [[0.7, 0.2, 0.1], [float("nan"), 0.5, 0.5], [0.1, 0.1, 0.8]]}).encode()
+    got = decode_response("v1", body, V1)
+    assert got.kind == "probabilities" and got.probabilities is not None and got.nonfinite_rows == 1
+    assert got.top1.tolist() == [0, -1, 2]
 
 
 def test_auto_bodies_relayed_without_their_content_encoding_are_inflated():

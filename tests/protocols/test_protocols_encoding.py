@@ -59,9 +59,13 @@ def test_binary_extension_request_under_gzip_decodes_like_the_plain_one():
 @pytest.mark.parametrize("coding, packed, kind, words", [
     ("br", b"\x0b\x02\x80", "unsupported", "content-encoding 'br'"),
     ("gzip", _gz(BODY)[:-12], "truncated", "ends before"),
-    ("gzip", b"not gzip at all", "truncated", "does not inflate"),
+    ("gzip", b"not gzip at all", "bad_header", "does not start like gzip"),   # the header lies; nothing is cut
     ("deflate", b"\x78\x9c garbage", "truncated", "does not inflate"),
-], ids=["br", "gzip-truncated", "not-gzip", "deflate-garbage"])
+    ("gzip", _gz(BODY) + b"\n", "bad_header", "1 bytes follow the gzip stream"),   # were ignored
+    ("deflate", zlib.compress(BODY) + b"{}", "bad_header", "2 bytes follow the deflate stream"),
+    ("gzip", b"".join(_gz(b"") for _ in range(1025)) + _gz(BODY), "too_large", "more than 1024 members"),
+], ids=["br", "gzip-truncated", "not-gzip", "deflate-garbage", "gzip-trailing", "deflate-trailing",
+        "gzip-members"])
 def test_bad_or_unknown_codings_are_decode_errors(coding, packed, kind, words):
     with pytest.raises(DecodeError) as info:
         decode_request("v2", packed, {"content-encoding": coding})
@@ -76,3 +80,11 @@ def test_a_gzip_bomb_stops_at_the_bound_not_after_inflating():
     assert info.value.kind == "too_large" and "inflates past 1048576 bytes" in str(info.value)
     body, _ = decoded(bomb, {"content-encoding": "gzip"}, limit=8 << 20)   # exactly at the bound: fine
     assert len(body) == 8 << 20
+
+
+def test_a_multi_member_gzip_body_is_inflated_whole():
+    # RFC 1952 §2.2: members one after another (pigz, concatenated files); only the first was read,
+    # and the sample came out malformed_json (or a shorter tensor)
+    body = _gz(BODY[:20]) + _gz(BODY[20:41]) + _gz(BODY[41:])
+    got = decode_request("v2", body, {"content-encoding": "gzip"}).inputs
+    np.testing.assert_array_equal(got, decode_request("v2", BODY, {}).inputs)

@@ -38,12 +38,14 @@ def outcome(fn, *args) -> tuple[str, Any]:
 
 
 def slow_parse(raw: bytes) -> Any:
-    """parse_json as it was: always scan the depth, then parse."""
+    """parse_json as it was: always scan the depth, then parse (UTF-8 without a byte order mark only)."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise DecodeError("malformed_json", "BOM")
     depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
         raise DecodeError("too_deep", f"{depth}")
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError("malformed_json", "x") from None
 
