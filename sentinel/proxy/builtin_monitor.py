@@ -36,6 +36,17 @@ class BuiltinMonitor:
         if batch.outputs is None:
             return []
         scores = np.asarray(batch.outputs, dtype=np.float64)
+        if scores.ndim == 1:
+            scores = scores[None]
+        finite = np.isfinite(scores).all(axis=1)
+        out = []
+        if not finite.all():   # rows as served: a NaN row is the model's failure, not class 0
+            bad = float((~finite).sum())
+            out.append(MetricUpdate(mn.DRIFT_REJECTED.name, {"model": self.model, "reason": "nonfinite_output"},
+                                    "inc", bad))
+            scores = scores[finite]
+            if not len(scores):
+                return out
         probs = softmax(scores) if batch.output_kind == "logits" else scores
         conf = probs.max(axis=1)
         cls = probs.argmax(axis=1)
@@ -48,7 +59,7 @@ class BuiltinMonitor:
         else:
             self.last_mean_confidence = float(conf.mean())
             counts = [(int(c), int(k)) for c, k in zip(*np.unique(cls, return_counts=True), strict=True)]
-        out = [MetricUpdate(mn.PREDICTIONS.name, self._labels_of(c), "inc", float(k)) for c, k in counts]
+        out.extend(MetricUpdate(mn.PREDICTIONS.name, self._labels_of(c), "inc", float(k)) for c, k in counts)
         labels = self._model_labels
         out.extend(MetricUpdate(mn.PREDICTION_CONFIDENCE.name, labels, "observe", v) for v in confs)
         return out

@@ -215,3 +215,25 @@ def test_a_burst_of_slow_samples_still_writes_within_its_time_budget():
     assert going and behind and time.monotonic() - t0 < 6.0   # MAX_BATCH of them would take 12.8 s
     counted = [m for m in messages(w.results.sent) if m[0] == "samples"]
     assert len(counted) == 1 and 2 <= counted[0][2] <= 21   # written after ~1 s of 50 ms samples
+
+
+def test_builtin_monitor_counts_a_nonfinite_row_as_such_not_as_class_0():
+    # The decoders keep a batch's rows as served (a NaN row no longer rejects the answer):
+    # the built-in monitor must not read NaN scores as a class-0 prediction.
+    import numpy as np
+
+    from sentinel.analysis.contract import DecodedBatch
+    from sentinel.proxy.builtin_monitor import BuiltinMonitor
+
+    m = BuiltinMonitor("digits")
+    scores = np.array([[0.1, 2.0, -1.0], [np.nan, 1.0, 0.0], [3.0, 0.0, 0.0]], dtype=np.float32)
+    ups = m.observe(DecodedBatch("digits", outputs=scores, output_kind="logits"))
+    by = {(u.metric, tuple(sorted(u.labels.items()))): u.value for u in ups if u.op == "inc"}
+    assert by[(mn.DRIFT_REJECTED.name, (("model", "digits"), ("reason", "nonfinite_output")))] == 1
+    assert by[(mn.PREDICTIONS.name, (("class", "1"), ("model", "digits")))] == 1
+    assert by[(mn.PREDICTIONS.name, (("class", "0"), ("model", "digits")))] == 1   # the third row only
+    confs = [u.value for u in ups if u.op == "observe"]
+    assert len(confs) == 2 and all(np.isfinite(confs))
+    assert m.predictions == 2
+    only_nan = m.observe(DecodedBatch("digits", outputs=scores[1:2], output_kind="logits"))
+    assert [u.metric for u in only_nan] == [mn.DRIFT_REJECTED.name]
