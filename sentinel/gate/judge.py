@@ -3,7 +3,8 @@
 Exit codes: 0 every judged criterion passed; 1 at least one failed (a failure outranks
 an inconclusive one: a canary already shown to be worse needs no more traffic);
 3 none failed but at least one was inconclusive (too few samples); 2 usage or
-infrastructure errors, among them a version without series (raised, not returned).
+infrastructure errors, among them a version without series and a run that did not get its
+answers from Prometheus within `--timeout` (raised, not returned).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from sentinel.errors import InfrastructureError, UsageError
 from sentinel.gate import criteria, queries
 from sentinel.gate.criteria import Criterion, Verdict, VersionData
-from sentinel.gate.prom import Prometheus
+from sentinel.gate.prom import BudgetSpent, Prometheus
 from sentinel.gate.settings import GateSettings
 from sentinel.slo.durations import parse_duration
 from sentinel.slo.sli import BAD_CODE_REGEX
@@ -25,6 +26,12 @@ from sentinel.slo.spec import SloFile
 # chance that a canary as good as its baseline fails any of them is at most `alpha`.
 TESTED_CRITERIA = 6
 DEFAULT_BUDGET = 0.001    # when the SLO file has no availability SLO for the model
+# Seconds one whole gate run may spend querying Prometheus (`--timeout`). A run makes ~35
+# queries; a healthy Prometheus answers them in a few seconds all told, while each alone may
+# take up to prom.TIMEOUT_S, so without this bound a slow one could hold a rollout step for
+# over a quarter of an hour. Running out is exit 2, an infrastructure error like a Prometheus
+# that does not answer (not 3: more traffic would not help).
+DEFAULT_RUN_TIMEOUT_S = 120.0
 
 EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
 
@@ -177,15 +184,25 @@ def judge(b: VersionData, c: VersionData, settings: GateSettings, budget: float)
 
 
 def run_gate(prometheus: str, model: str, baseline: str, canary: str, window: str = "10m",
-             slo: SloFile | None = None, at: float | None = None) -> GateReport:
-    """Query Prometheus and judge `canary` against `baseline` over the last `window`."""
+             slo: SloFile | None = None, at: float | None = None,
+             timeout: float = DEFAULT_RUN_TIMEOUT_S) -> GateReport:
+    """Query Prometheus and judge `canary` against `baseline` over the last `window`, within `timeout` seconds."""
     check_window(window)
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise UsageError(f"--timeout: must be a positive number of seconds, got {timeout:g}")
     settings = slo.gate if slo is not None else GateSettings()
     evaluated_at = at if at is not None else time.time()
-    with Prometheus(prometheus, time=evaluated_at) as prom:
-        check_versions(prom, model, baseline, canary, window)
-        b = fetch(prom, model, baseline, window)
-        c = fetch(prom, model, canary, window)
+    step = "checking that both versions have series"
+    try:
+        with Prometheus(prometheus, time=evaluated_at, budget=timeout) as prom:
+            check_versions(prom, model, baseline, canary, window)
+            step = f"fetching the baseline's ({baseline}) series"
+            b = fetch(prom, model, baseline, window)
+            step = f"fetching the canary's ({canary}) series"
+            c = fetch(prom, model, canary, window)
+    except BudgetSpent as exc:
+        raise BudgetSpent(f"{exc} (while {step}); no criterion was judged: raise --timeout "
+                          f"or look at Prometheus' query latency") from None
     results = judge(b, c, settings, budget_for(slo, model))
     return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results)
 

@@ -42,6 +42,20 @@ class _Handler(BaseHTTPRequestHandler):
         if prefix == "/slow":
             time.sleep(3)
             return
+        if prefix == "/drip":   # a valid answer, one byte every 50 ms (each read well within any timeout)
+            data = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
         if prefix == "/ok":
             status, ctype, body = 200, "application/json", json.dumps({"status": "success", "data": {
                 "resultType": "vector", "result": [{"metric": {"code": "200"}, "value": [0, "5"]},
@@ -81,6 +95,60 @@ def test_slow_prometheus_is_one_line_naming_the_query_and_the_timeout(base_url):
     message = str(err.value)
     assert "did not answer the query" in message and "sentinel_requests_total" in message
     assert "within 0.3 s" in message and base_url + "/slow" in message
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_query_timeout(base_url):
+    # every read returns within httpx's (per-read) timeout, so before the body was read in
+    # timed chunks the whole 3 s answer was waited for, however small the timeout
+    started = time.monotonic()
+    with Prometheus(base_url + "/drip", timeout=0.4) as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    assert time.monotonic() - started < 2.0
+    assert "did not answer the query" in str(err.value) and "within 0.4 s" in str(err.value)
+
+
+def test_the_run_budget_bounds_all_queries_together_and_names_the_one_unanswered(base_url):
+    from sentinel.gate.prom import BudgetSpent
+
+    started = time.monotonic()
+    with Prometheus(base_url + "/drip", timeout=30, budget=0.5) as prom:
+        with pytest.raises(BudgetSpent) as err:
+            prom.vector(QUERY, "code")
+        assert time.monotonic() - started < 2.0   # the budget, not the 30 s per query
+        assert "time budget of 0.5 s ran out after 0 answered queries" in str(err.value)
+        assert "sentinel_requests_total" in str(err.value)
+        with pytest.raises(BudgetSpent):          # nothing is sent once the budget is spent
+            prom.vector("up", "job")
+    with Prometheus(base_url + "/ok", budget=30) as prom:
+        assert prom.vector(QUERY, "code") == {"200": 5.0} and prom.answered == 1
+
+
+def test_an_oversized_answer_is_not_read_into_memory(base_url, monkeypatch):
+    from sentinel.gate import prom as prom_module
+
+    monkeypatch.setattr(prom_module, "MAX_BODY_BYTES", 64)
+    with Prometheus(base_url + "/ok") as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    assert "more than" in str(err.value) and "not read further" in str(err.value)
+
+
+def test_gate_run_past_its_timeout_is_exit_2_naming_the_step(base_url):
+    from sentinel.errors import UsageError
+    from sentinel.gate.judge import DEFAULT_RUN_TIMEOUT_S, run_gate
+    from sentinel.gate.prom import BudgetSpent
+
+    with pytest.raises(BudgetSpent) as err:
+        run_gate(base_url + "/drip", "digits", "v3", "v4", "10m", timeout=0.3)
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    assert "time budget of 0.3 s" in message and "while checking that both versions have series" in message
+    assert "no criterion was judged" in message and "--timeout" in message
+    with pytest.raises(UsageError):
+        run_gate(base_url + "/ok", "digits", "v3", "v4", "10m", timeout=0)
+    import inspect
+
+    from sentinel.commands.gate_cmd import gate
+    assert inspect.signature(gate).parameters["timeout"].default.default == DEFAULT_RUN_TIMEOUT_S
 
 
 def test_well_formed_answer_still_parses(base_url):
