@@ -198,12 +198,23 @@ def _class_shares(model: str, version: str, window: str) -> str:
 
 
 def prediction_shift(model: str, baseline: str, canary: str, window: str) -> str:
-    """Total variation distance between the versions' predicted-class shares (0 same, 1 disjoint).
+    """Cramér's V between the versions' predicted classes at an equal split, less what chance alone gives.
 
-    A class only one version predicted counts with its whole share (the `or` arms).
+    The gate's effect size (`stats.homogeneity(...).balanced_v`): with class shares b_i and
+    c_i, V^2 = 1/2 sum (c_i - b_i)^2 / (c_i + b_i); a class only one version predicted counts
+    with its whole share (the `or` arms). A controller has no significance test, so the
+    value between two identical versions at n_b and n_c predictions,
+    E[V^2] ~ (k - 1)(1/n_b + 1/n_c)/4 for k classes (0.098^2 at 470 each over 10 classes,
+    against a threshold of 0.1), is subtracted from V^2 (floored at 0): an identical canary
+    reads about 0, a real shift keeps its size once the counts are large.
     """
     c, b = _class_shares(model, canary, window), _class_shares(model, baseline, window)
-    return f"0.5 * sum(abs(\n  ({c}) - ({b})\n  or ({c})\n  or -({b})\n))"
+    n_c = _inc(_v(mn.PREDICTIONS.sample_name, model, canary), window)
+    n_b = _inc(_v(mn.PREDICTIONS.sample_name, model, baseline), window)
+    v2 = (f"0.5 * sum(\n  (({c}) - ({b})) ^ 2 / clamp_min(({c}) + ({b}), 1e-12)\n"
+          f"  or ({c})\n  or ({b})\n)")
+    chance = f"(count(\n  ({c})\n  or ({b})\n) - 1)\n* (1 / clamp_min({n_b}, 1) + 1 / clamp_min({n_c}, 1)) / 4"
+    return f"sqrt(clamp_min(\n{v2}\n- on ()\n{chance}\n, 0))"
 
 
 def canary_drift_share(model: str, canary: str, window: str) -> str:

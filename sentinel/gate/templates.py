@@ -33,10 +33,6 @@ from sentinel.slo.spec import SloFile
 ARGO_API = "argoproj.io/v1alpha1"
 FLAGGER_API = "flagger.app/v1beta1"
 TEMPLATE_NAME = "sentinel-model-canary"
-# Total variation distance between predicted-class shares above which the controllers
-# fail the canary (the gate itself uses a chi-square test and Cramér's V).
-MAX_PREDICTION_SHIFT = 0.1
-
 # Placeholders each controller substitutes.
 ARGO = {"model": "{{args.model}}", "baseline": "{{args.baseline-version}}",
         "canary": "{{args.canary-version}}", "window": "{{args.window}}"}
@@ -74,8 +70,9 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
         Check("latency-p99-ratio", "canary's P99 latency over the baseline's",
               lambda m, b, c, w: q.latency_quantile_ratio(0.99, m, b, c, w, s.latency_min_diff_s),
               s.latency_tolerance, q.request_count, s.min_requests),
-        Check("prediction-shift", "total variation distance between the versions' predicted-class shares",
-              q.prediction_shift, MAX_PREDICTION_SHIFT, _predictions, s.min_predictions),
+        Check("prediction-shift", "Cramér's V between the versions' predicted classes at an equal split (the gate's "
+                                  "effect size, max_cramers_v), less its value between identical versions",
+              q.prediction_shift, s.max_cramers_v, _predictions, s.min_predictions),
         Check("agreement-drop", "baseline's agreement with the reference model minus the canary's",
               q.agreement_drop, s.max_agreement_drop, _compared, s.min_compared),
         Check("accuracy-drop", "baseline's label-free accuracy lower bound minus the canary's",

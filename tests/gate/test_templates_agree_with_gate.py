@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sentinel import metricnames as mn
-from sentinel.gate import criteria
+from sentinel.gate import criteria, stats
 from sentinel.gate.criteria import Verdict, VersionData
 from sentinel.gate.judge import TESTED_CRITERIA
 from sentinel.gate.templates import argo_analysis_template
@@ -124,3 +124,50 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
     proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+PRED = mn.PREDICTIONS.sample_name
+
+
+def _promtool(tmp_path: Path, series: list[tuple[str, str]], checks: list[dict]) -> None:
+    tests = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1s", "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": checks}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prediction_shift_is_the_gates_effect_size_held_to_max_cramers_v(tmp_path):
+    import dataclasses
+
+    # The template's threshold is the SLO file's max_cramers_v, not a constant of its own.
+    strict = dataclasses.replace(SPEC, gate=dataclasses.replace(S, max_cramers_v=0.07))
+    metrics = {m["name"]: m for m in argo_analysis_template(strict, "http://p:9090")["spec"]["metrics"]}
+    assert metrics["prediction-shift"]["successCondition"].endswith("<= 0.07")
+
+    # Over 10 minutes, 300 predictions each: v3 uniform over 10 classes; v4 the same model
+    # with the sampling noise of 300 draws (plain V 0.108 > 0.1: chance alone); v6 never
+    # predicts class 0, which v3 gives 10% of the time.
+    counts = {"v3": [30] * 10, "v4": [21, 40, 24, 36, 30, 38, 22, 33, 25, 31],
+              "v6": [0, 33, 33, 33, 33, 33, 33, 33, 33, 36]}
+    series = [(f'{PRED}{{model="digits",version="{v}",class="{k}"}}', f"0+{n / 600!r}x600")
+              for v, row in counts.items() for k, n in enumerate(row)]
+    alpha = S.alpha / TESTED_CRITERIA
+    checks = []
+    for canary, verdict in (("v4", Verdict.PASS), ("v6", Verdict.FAIL)):
+        b = VersionData(classes={str(k): float(n) for k, n in enumerate(counts["v3"])})
+        c = VersionData(classes={str(k): float(n) for k, n in enumerate(counts[canary])})
+        judged = criteria.prediction_distribution(b, c, S, alpha)
+        assert judged.verdict == verdict
+        # the gate's balanced V, less its value between identical versions at 300 each over 10 classes
+        expected = math.sqrt(max(0.0, judged.effect ** 2 - 9 * (1 / 300 + 1 / 300) / 4))
+        query = _argo_queries(canary)["prediction-shift"]
+        checks.append({"expr": f"abs(({query}) - {expected!r}) < bool 1e-6", "eval_time": "10m",
+                       "exp_samples": [{"labels": "{}", "value": 1.0}]})
+        passes = "<=" if verdict == Verdict.PASS else ">"
+        checks.append({"expr": f"({query}) {passes} bool {S.max_cramers_v}", "eval_time": "10m",
+                       "exp_samples": [{"labels": "{}", "value": 1.0}]})
+    assert stats.homogeneity(counts["v3"], counts["v4"]).balanced_v > S.max_cramers_v   # uncorrected: a false fail
+    _promtool(tmp_path, series, checks)
