@@ -126,8 +126,23 @@ def client_error_ratio(model: str, version: str, window: str) -> str:
     return f"({refused} or 0 * {total}) / clamp_min({total}, 1)"
 
 
-def latency_quantile(q: float, model: str, version: str, window: str) -> str:
-    return f"histogram_quantile({q}, {latency_buckets(model, version, window)})"
+def whole_latency_buckets(model: str, version: str, window: str) -> str:
+    """The version's buckets summed over its replicas, at the bounds every one of its series has.
+
+    Replicas may have different layouts (each sidecar adds its SLO file's latency thresholds as
+    bounds); a bound only some export holds only their counts, so the plain sum is no histogram
+    (`histogram_quantile` then "fixes" it into a wrong one). As `judge.fetch`.
+    """
+    carriers = latency_bucket_series(model, version, window)
+    return f"(\n{latency_buckets(model, version, window)}\nand on (le) ({carriers} == scalar(max({carriers})))\n)"
+
+
+def latency_quantile(q: float, model: str, version: str, window: str, other: str | None = None) -> str:
+    """The version's latency quantile; with `other`, at only the bounds both versions have (as the gate)."""
+    buckets = whole_latency_buckets(model, version, window)
+    if other is not None:
+        buckets = f"(\n{buckets}\nand on (le)\n{whole_latency_buckets(model, other, window)}\n)"
+    return f"histogram_quantile({q}, {buckets})"
 
 
 def latency_quantile_ratio(q: float, model: str, baseline: str, canary: str, window: str,
@@ -138,7 +153,8 @@ def latency_quantile_ratio(q: float, model: str, baseline: str, canary: str, win
     slower by more than `latency_min_diff_s`; a controller comparing the ratio alone would
     roll back a 1 ms model that became 2 ms.
     """
-    qc, qb = latency_quantile(q, model, canary, window), latency_quantile(q, model, baseline, window)
+    qc = latency_quantile(q, model, canary, window, other=baseline)
+    qb = latency_quantile(q, model, baseline, window, other=canary)
     ratio = f"{qc}\n/\nclamp_min({qb}, 1e-6)"
     if min_diff_s <= 0:
         return ratio

@@ -171,3 +171,35 @@ def test_prediction_shift_is_the_gates_effect_size_held_to_max_cramers_v(tmp_pat
                        "exp_samples": [{"labels": "{}", "value": 1.0}]})
     assert stats.homogeneity(counts["v3"], counts["v4"]).balanced_v > S.max_cramers_v   # uncorrected: a false fail
     _promtool(tmp_path, series, checks)
+
+
+def test_latency_ratio_reads_replicas_with_different_bucket_layouts_as_the_gate(tmp_path):
+    # v4's second replica (a tenth of the traffic) has the SLO file's newer threshold 0.2 as an
+    # extra bound. Summed by `le`, that bound holds only its replica's count, Prometheus'
+    # histogram_quantile "fixes" the non-monotonic sum, and P95 came out 245.8 ms where the
+    # gate, on the bounds every replica has, reads 237.5 ms.
+    rates = {  # requests per second at or below each bound
+        ("v3", "a"): {"0.05": 2, "0.1": 8, "0.25": 10, "+Inf": 10},
+        ("v4", "a"): {"0.05": 0, "0.1": 4, "0.25": 10, "+Inf": 10},
+        ("v4", "b"): {"0.05": 0, "0.1": 0.4, "0.2": 0.4, "0.25": 1, "+Inf": 1},
+    }
+    series = [(f'{LAT}{{model="digits",version="{v}",pod="{pod}",le="{le}"}}', f"0+{r!r}x600")
+              for (v, pod), row in rates.items() for le, r in row.items()]
+    series += [(f'{REQ}{{model="digits",version="{v}",code="200"}}', f"0+{n}x600") for v, n in (("v3", 10), ("v4", 11))]
+    inf = math.inf
+    base = VersionData(codes={"200": 6000.0}, buckets={0.05: 1200.0, 0.1: 4800.0, 0.25: 6000.0, inf: 6000.0})
+    # judge.fetch leaves out 0.2 (one of v4's two series carries it)
+    canary = VersionData(codes={"200": 6600.0}, buckets={0.05: 0.0, 0.1: 2640.0, 0.25: 6600.0, inf: 6600.0})
+    judged = criteria.latency(base, canary, S, S.alpha / TESTED_CRITERIA)
+    p95 = stats.quantile(0.95, canary.buckets) / stats.quantile(0.95, base.buckets)
+    p99 = stats.quantile(0.99, canary.buckets) / stats.quantile(0.99, base.buckets)
+    assert judged.verdict == Verdict.PASS and math.isclose(judged.effect, max(p95, p99))
+    # P99 247.5 ms vs 242.5 ms: slower by less than latency_min_diff_s, so the template reads 1
+    assert stats.quantile(0.99, canary.buckets) - stats.quantile(0.99, base.buckets) < S.latency_min_diff_s
+    q = _argo_queries("v4")
+    _promtool(tmp_path, series, [
+        {"expr": f"abs(({q['latency-p95-ratio']}) - {p95!r}) < bool 1e-6", "eval_time": "10m",
+         "exp_samples": [{"labels": "{}", "value": 1.0}]},
+        {"expr": f"({q['latency-p99-ratio']})", "eval_time": "10m",
+         "exp_samples": [{"labels": "{}", "value": 1.0}]},
+    ])
