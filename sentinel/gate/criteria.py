@@ -151,6 +151,15 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
     name = "latency"
     if not b.buckets and not c.buckets:
         return Criterion(name, Verdict.SKIPPED, "no latency histogram for either version")
+    # The +Inf bucket counts every request; without it the requests slower than the top bound
+    # are in no bucket, and a canary whose slowest tenth went past it would look as fast.
+    no_total = [f"{role}'s (top bound {max(d.buckets) * 1000:g} ms)" for role, d in (("baseline", b), ("canary", c))
+                if d.buckets and math.inf not in d.buckets]
+    if no_total:
+        return Criterion(name, Verdict.INCONCLUSIVE,
+                         f"the {' and the '.join(no_total)} latency histogram has no le=\"+Inf\" bucket on every "
+                         "series, so requests slower than its top bound are counted nowhere: check that no "
+                         "relabelling drops le=\"+Inf\"")
     n_b, n_c = _n(max(b.buckets.values(), default=0)), _n(max(c.buckets.values(), default=0))
     if min(n_b, n_c) < s.min_requests:
         return _too_few(name, "requests", n_b, n_c, s.min_requests)

@@ -151,6 +151,17 @@ def test_latency_without_a_shared_finite_bucket_is_inconclusive_not_pass():
     assert "baseline: 0.1, inf" in disjoint.summary and "canary: 0.05, 0.2, inf" in disjoint.summary
 
 
+def test_latency_histogram_without_the_inf_bucket_is_inconclusive_not_pass():
+    # a relabelling dropped le="+Inf": the canary's slowest tenth (above 1 s) is in no bucket
+    base = {0.1: 9000.0, 0.25: 10000.0, 1.0: 10000.0, math.inf: 10000.0}
+    canary = {0.1: 8100.0, 0.25: 9000.0, 1.0: 9000.0}
+    r = criteria.latency(version(buckets=base), version(buckets=canary), S, ALPHA)
+    assert r.verdict == Verdict.INCONCLUSIVE, r.summary
+    assert "canary's (top bound 1000 ms)" in r.summary and 'le="+Inf"' in r.summary and "baseline" not in r.summary
+    both = criteria.latency(version(buckets=canary), version(buckets=canary), S, ALPHA)
+    assert both.verdict == Verdict.INCONCLUSIVE and "baseline's" in both.summary and "canary's" in both.summary
+
+
 def test_prediction_distribution_fails_with_effect_size():
     c = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
     assert c.verdict == Verdict.FAIL and c.effect > S.max_cramers_v
