@@ -10,7 +10,6 @@ answers from Prometheus within `--timeout` (raised, not returned).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from sentinel.errors import InfrastructureError, UsageError
@@ -18,7 +17,7 @@ from sentinel.gate import criteria, queries
 from sentinel.gate.criteria import Criterion, Verdict, VersionData
 from sentinel.gate.prom import BudgetSpent, Prometheus
 from sentinel.gate.settings import GateSettings
-from sentinel.slo.durations import parse_duration
+from sentinel.slo.durations import format_duration, parse_duration
 from sentinel.slo.sli import BAD_CODE_REGEX
 from sentinel.slo.spec import SloFile
 
@@ -70,7 +69,9 @@ def check_window(window: str) -> str:
         raise UsageError(f"--window: {exc}") from None
     if seconds < 10:
         raise UsageError(f"--window: {window} is too short to hold two scrapes; use at least 10s")
-    return window
+    # Prometheus' own spelling: it refuses units out of order or repeated (`30m1h`, `5m5m`),
+    # which would reach it as a rejected query, an infrastructure error, instead of this one.
+    return format_duration(seconds)
 
 
 def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, window: str) -> None:
@@ -187,14 +188,20 @@ def run_gate(prometheus: str, model: str, baseline: str, canary: str, window: st
              slo: SloFile | None = None, at: float | None = None,
              timeout: float = DEFAULT_RUN_TIMEOUT_S) -> GateReport:
     """Query Prometheus and judge `canary` against `baseline` over the last `window`, within `timeout` seconds."""
-    check_window(window)
+    window = check_window(window)
+    if baseline == canary:
+        raise UsageError(f"--baseline and --canary are both {baseline!r}: compare two different versions")
     if not (timeout > 0 and math.isfinite(timeout)):
         raise UsageError(f"--timeout: must be a positive number of seconds, got {timeout:g}")
     settings = slo.gate if slo is not None else GateSettings()
-    evaluated_at = at if at is not None else time.time()
-    step = "checking that both versions have series"
+    step = "asking Prometheus for its time"
     try:
-        with Prometheus(prometheus, time=evaluated_at, budget=timeout) as prom:
+        with Prometheus(prometheus, time=at, budget=timeout) as prom:
+            # "Now" is Prometheus' now, fixed for every query: a gate host whose clock runs ahead
+            # would otherwise judge a window partly in Prometheus' future (a shorter one, or none).
+            evaluated_at = at if at is not None else prom.server_time()
+            prom.time = evaluated_at
+            step = "checking that both versions have series"
             check_versions(prom, model, baseline, canary, window)
             step = f"fetching the baseline's ({baseline}) series"
             b = fetch(prom, model, baseline, window)

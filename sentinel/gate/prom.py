@@ -136,6 +136,17 @@ class Prometheus:
             f"the time budget of {self.budget:g} s ran out after {self.answered} answered "
             f"queries to Prometheus at {self.url}, before an answer to {_short(expr)!r}")
 
+    def server_time(self) -> float:
+        """Prometheus' clock now (Unix seconds): `time()` evaluated without a `time` parameter."""
+        pinned, self.time = self.time, None
+        try:
+            now = self.scalar("time()")
+        finally:
+            self.time = pinned
+        if now is None or not math.isfinite(now) or now <= 0:
+            raise InfrastructureError(f"Prometheus at {self.url} answered time() with {now!r}, not a Unix time")
+        return now
+
     def vector(self, expr: str, label: str) -> dict[str, float]:
         """`{label value: sample value}` of a query grouped by `label` (NaN samples dropped)."""
         return {s.labels.get(label, ""): s.value for s in self.query(expr) if not math.isnan(s.value)}

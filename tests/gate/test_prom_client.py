@@ -35,10 +35,29 @@ ANSWERS = {
 }
 
 
+CLOCK: list[dict[str, list[str]]] = []   # the form of every query to /clock
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        form = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         prefix = self.path.removesuffix("/api/v1/query")
+        if prefix == "/clock":   # Prometheus' clock reads 1000.5 (the gate host's is decades ahead)
+            from urllib.parse import parse_qs
+
+            params = parse_qs(form.decode())
+            CLOCK.append(params)
+            result: object = []
+            kind = "vector"
+            if params["query"] == ["time()"] and "time" not in params:
+                kind, result = "scalar", [1000.5, "1000.5"]
+            data = json.dumps({"status": "success", "data": {"resultType": kind, "result": result}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if prefix == "/slow":
             time.sleep(3)
             return
@@ -141,7 +160,7 @@ def test_gate_run_past_its_timeout_is_exit_2_naming_the_step(base_url):
         run_gate(base_url + "/drip", "digits", "v3", "v4", "10m", timeout=0.3)
     assert err.value.exit_code == 2
     message = str(err.value)
-    assert "time budget of 0.3 s" in message and "while checking that both versions have series" in message
+    assert "time budget of 0.3 s" in message and "while asking Prometheus for its time" in message
     assert "no criterion was judged" in message and "--timeout" in message
     with pytest.raises(UsageError):
         run_gate(base_url + "/ok", "digits", "v3", "v4", "10m", timeout=0)
@@ -149,6 +168,20 @@ def test_gate_run_past_its_timeout_is_exit_2_naming_the_step(base_url):
 
     from sentinel.commands.gate_cmd import gate
     assert inspect.signature(gate).parameters["timeout"].default.default == DEFAULT_RUN_TIMEOUT_S
+
+
+def test_the_gate_judges_at_prometheus_now_not_the_hosts_and_in_prometheus_duration_spelling(base_url):
+    from sentinel.gate.judge import run_gate
+
+    CLOCK.clear()
+    # no series at all: exit 2, but only after every query was asked at Prometheus' time
+    with pytest.raises(InfrastructureError) as err:
+        run_gate(base_url + "/clock", "digits", "v3", "v4", "30m60m")
+    assert "has no sentinel_model_info" in str(err.value)
+    first, *rest = CLOCK
+    assert first == {"query": ["time()"]} and rest
+    assert all(q["time"] == ["1000.5"] for q in rest), rest
+    assert all("[1h30m]" in q["query"][0] for q in rest if "[" in q["query"][0])   # not [30m60m]: Prometheus refuses it
 
 
 def test_well_formed_answer_still_parses(base_url):
