@@ -57,6 +57,19 @@ def test_objective_out_of_range_and_unknown_sli(tmp_path):
     ]
 
 
+def test_a_quoted_number_is_one_problem_not_a_traceback(tmp_path):
+    # validate() compared the string with 0.0 and raised TypeError out of the loader
+    probs = _problems(tmp_path, "slos:\n  - {name: a, model: m, objective: '0.999', sli: availability}\n"
+                                "  - {name: l, model: m, objective: 0.99, sli: latency, threshold: '150ms'}\n"
+                                "gate: {latency_tolerance: '1.25', alpha: .nan}\n")
+    assert probs == [
+        "slo.yaml: slos[0].objective: expected a number, got '0.999'",
+        "slo.yaml: slos[1].threshold: expected a number, got '150ms'",
+        "slo.yaml: gate.latency_tolerance: expected a number, got '1.25'",
+        "slo.yaml: gate.alpha: must be between 0 and 1, got nan",
+    ]
+
+
 def test_unknown_field_suggests_the_right_one(tmp_path):
     probs = _problems(tmp_path, "perod: 7d\nslos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
     assert len(probs) == 1 and probs[0].startswith("slo.yaml: perod: unknown field (did you mean 'period'?)")
