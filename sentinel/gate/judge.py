@@ -32,6 +32,9 @@ DEFAULT_BUDGET = 0.001    # when the SLO file has no availability SLO for the mo
 # that does not answer (not 3: more traffic would not help).
 DEFAULT_RUN_TIMEOUT_S = 120.0
 
+# Scrapes of one version in the window that show the window spans several scrape intervals.
+SCRAPES_FOR_A_LONG_WINDOW = 4
+
 EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
 
 
@@ -110,7 +113,10 @@ def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, win
     thin = [f"{role} {model}:{version} ({_n_scrapes(scrapes.get(version, 0))})"
             for role, version in (("baseline", baseline), ("canary", canary))
             if version in served and scrapes.get(version, 0) < 2]
-    if thin:
+    # A window holding several scrapes of the other version is long enough: the thin version has
+    # just begun serving (its request series appear with its first request). That is too little
+    # traffic, inconclusive like an idle one, and a wider --window would not help.
+    if thin and max(scrapes.values(), default=0) < SCRAPES_FOR_A_LONG_WINDOW:
         raise UsageError(
             f"--window {window}: {' and '.join(thin)} in the window, but counting what happened in it "
             f"takes two scrapes of sentinel_requests_total: use a --window of at least twice the scrape "

@@ -221,6 +221,19 @@ def test_window_shorter_than_two_scrapes_is_a_usage_error_not_skipped_criteria()
     check_versions(_Answers({"v3": 3.0, "v4": 2.0}), "digits", "v3", "v4", "1m")  # type: ignore[arg-type]
 
 
+def test_a_canary_whose_first_requests_came_in_the_last_scrape_is_too_little_traffic_not_a_short_window():
+    from sentinel.gate.criteria import Verdict
+    from sentinel.gate.judge import check_versions, judge
+    from sentinel.gate.settings import GateSettings
+
+    # 40 scrapes of the baseline in the 10m window: its length is fine. The canary's request
+    # series has one sample (traffic reached it just now); "use a --window of at least twice the
+    # scrape interval" (exit 2) sent the user after the wrong fix.
+    check_versions(_Answers({"v3": 40.0, "v4": 1.0}), "digits", "v3", "v4", "10m")  # type: ignore[arg-type]
+    results = judge(VersionData(codes={"200": 5000.0}), VersionData(), GateSettings(), 0.001)
+    assert {r.verdict for r in results} <= {Verdict.INCONCLUSIVE, Verdict.SKIPPED}
+
+
 def test_canary_up_but_without_traffic_yet_is_not_an_infrastructure_error():
     from sentinel.gate.criteria import Verdict
     from sentinel.gate.judge import check_versions, judge
