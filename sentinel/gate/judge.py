@@ -185,8 +185,8 @@ def judge(b: VersionData, c: VersionData, settings: GateSettings, budget: float)
         criteria.prediction_distribution(b, c, settings, alpha),
         criteria.accuracy(b, c, settings, alpha, n_b_pred, n_c_pred),
         criteria.reference_agreement(b, c, settings, alpha),
-        criteria.drift(c, settings),
-        criteria.input_contract(c, settings, alpha),
+        criteria.drift(c, settings, b),
+        criteria.input_contract(c, settings, alpha, b),
     )
 
 

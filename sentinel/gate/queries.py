@@ -241,3 +241,21 @@ def canary_drift_share(model: str, canary: str, window: str) -> str:
 def canary_contract_ratio(model: str, canary: str, window: str) -> str:
     """Canary's share of sampled inputs violating the input contract."""
     return f"{contract_violating(model, canary, window)}\n/ clamp_min({contract_checked(model, canary, window)}, 1)"
+
+
+def drift_share_beyond_baseline(model: str, baseline: str, canary: str, window: str, max_share: float) -> str:
+    """The canary's drift alarm share; 0 when the baseline's alarm was up more than `max_share` too.
+
+    Both see the same traffic: a baseline alarming as long says the traffic drifted (as the gate).
+    """
+    c, b = canary_drift_share(model, canary, window), canary_drift_share(model, baseline, window)
+    return f"(\n{c}\nunless on () ({b} > {max_share!r})\n)\nor on () (0 * {c})"
+
+
+def contract_ratio_beyond_baseline(model: str, baseline: str, canary: str, window: str, max_ratio: float,
+                                   min_checked: int) -> str:
+    """The canary's contract-violation ratio; its excess over the baseline's when the baseline's
+    inputs (checked at least `min_checked` times) violate beyond `max_ratio` too (as the gate)."""
+    c, b = canary_contract_ratio(model, canary, window), canary_contract_ratio(model, baseline, window)
+    base_bad = f"(({b}) > {max_ratio!r}) and on () ({contract_checked(model, baseline, window)} >= {min_checked})"
+    return f"(\n{c}\nunless on () ({base_bad})\n)\nor on () (\n({c})\n- on ()\n({b})\n)"

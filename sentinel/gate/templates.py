@@ -77,11 +77,15 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
               q.agreement_drop, s.max_agreement_drop, _compared, s.min_compared),
         Check("accuracy-drop", "baseline's label-free accuracy lower bound minus the canary's",
               _trusted_accuracy_drop, s.max_accuracy_drop, _verdicts, s.min_compared),
-        Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up",
-              lambda m, b, c, w: q.canary_drift_share(m, c, w), s.max_drift_alarm_share, None),
-        Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract",
-              lambda m, b, c, w: q.canary_contract_ratio(m, c, w), s.max_contract_violation_ratio,
-              q.contract_checked, s.min_compared, canary_only=True),
+        Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up "
+                                   "(0 when the baseline's was up as long: the traffic drifted)",
+              lambda m, b, c, w: q.drift_share_beyond_baseline(m, b, c, w, s.max_drift_alarm_share),
+              s.max_drift_alarm_share, None),
+        Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract "
+                                          "(its excess over the baseline's when the baseline's violate too)",
+              lambda m, b, c, w: q.contract_ratio_beyond_baseline(m, b, c, w, s.max_contract_violation_ratio,
+                                                                   s.min_compared),
+              s.max_contract_violation_ratio, q.contract_checked, s.min_compared, canary_only=True),
     )
 
 

@@ -241,6 +241,25 @@ def test_drift_and_contract_judge_the_canary_only():
     assert criteria.input_contract(ok, S, ALPHA).verdict == Verdict.PASS
 
 
+def test_drift_and_contract_violations_the_baseline_shares_are_the_traffics_not_the_canarys():
+    # the inputs shifted for everyone: the baseline alarmed 90% of the window, the canary 80%
+    drifting = version(drift={"combined": 0.8})
+    d = criteria.drift(drifting, S, version(drift={"combined": 0.9}))
+    assert d.verdict == Verdict.PASS and "baseline's was up 90%" in d.summary and "traffic drifted" in d.summary
+    assert criteria.drift(drifting, S, version(drift={"combined": 0.1})).verdict == Verdict.FAIL
+    # clients send 12% malformed inputs to both versions
+    base = version(contract_checked=500.0, contract_violating=60.0)
+    same = version(contract_checked=500.0, contract_violating=62.0)
+    k = criteria.input_contract(same, S, ALPHA, base)
+    assert k.verdict == Verdict.PASS and "traffic breaks the contract" in k.summary and "60/500" in k.summary
+    worse = version(contract_checked=500.0, contract_violating=150.0)   # the canary's contract rejects more
+    assert criteria.input_contract(worse, S, ALPHA, base).verdict == Verdict.FAIL
+    clean = version(contract_checked=500.0, contract_violating=0.0)
+    assert criteria.input_contract(same, S, ALPHA, clean).verdict == Verdict.FAIL
+    by = {r.name: r for r in judge(base, same, S, 0.001)}
+    assert by["input_contract"].verdict == Verdict.PASS
+
+
 def test_failure_outranks_inconclusive_and_reports_render():
     results = judge(version(), version(classes=SKEWED, codes={"200": 20.0}), S, 0.001)
     report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)

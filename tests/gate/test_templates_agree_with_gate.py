@@ -203,3 +203,44 @@ def test_latency_ratio_reads_replicas_with_different_bucket_layouts_as_the_gate(
         {"expr": f"({q['latency-p99-ratio']})", "eval_time": "10m",
          "exp_samples": [{"labels": "{}", "value": 1.0}]},
     ])
+
+
+def _queries(baseline: str, canary: str) -> dict[str, str]:
+    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
+             "{{args.window}}": "10m"}
+    out = {}
+    for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
+        expr = m["provider"]["prometheus"]["query"]
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        out[m["name"]] = expr
+    return out
+
+
+def test_drift_and_contract_the_baseline_shares_do_not_fail_the_canary_in_the_templates(tmp_path):
+    drift, checked, violating = mn.DRIFT_ALARM.name, CHECKED, VIOLATING
+    # v3 and v4 see inputs that drifted and that break the contract 12% of the time; v6 rejects
+    # 30%; v9 (a baseline on clean traffic) neither alarms nor rejects
+    series = [(f'{drift}{{model="digits",version="{v}",detector="combined"}}', vals)
+              for v, vals in (("v3", "1x600"), ("v4", "1x600"), ("v9", "0x600"))]
+    series += [(f'{checked}{{model="digits",version="{v}"}}', "0+1x600") for v in ("v3", "v4", "v6", "v9")]
+    series += [(f'{violating}{{model="digits",version="{v}"}}', f"0+{r}x600")
+               for v, r in (("v3", 0.12), ("v4", 0.12), ("v6", 0.3), ("v9", 0))]
+    alpha = S.alpha / TESTED_CRITERIA
+    data = {v: VersionData(drift={"combined": share}, contract_checked=600.0, contract_violating=600.0 * r)
+            for v, share, r in (("v3", 1.0, 0.12), ("v4", 1.0, 0.12), ("v6", 0.0, 0.3), ("v9", 0.0, 0.0))}
+    checks = []
+    for base, canary, verdict in (("v3", "v4", Verdict.PASS), ("v3", "v6", Verdict.FAIL), ("v9", "v4", Verdict.FAIL)):
+        gate = criteria.input_contract(data[canary], S, alpha, data[base])
+        assert gate.verdict == verdict, (base, canary, gate.summary)
+        q = _queries(base, canary)
+        cond = "<=" if verdict == Verdict.PASS else ">"
+        checks.append({"expr": f"({q['contract-violation-ratio']}) {cond} bool {S.max_contract_violation_ratio}",
+                       "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 1.0}]})
+    assert criteria.drift(data["v4"], S, data["v3"]).verdict == Verdict.PASS
+    assert criteria.drift(data["v4"], S, data["v9"]).verdict == Verdict.FAIL
+    checks.append({"expr": _queries("v3", "v4")["drift-alarm-share"], "eval_time": "10m",
+                   "exp_samples": [{"labels": "{}", "value": 0.0}]})
+    checks.append({"expr": _queries("v9", "v4")["drift-alarm-share"], "eval_time": "10m",
+                   "exp_samples": [{"labels": "{}", "value": 1.0}]})
+    _promtool(tmp_path, series, checks)
