@@ -87,3 +87,13 @@ def test_objectives_the_workbook_factors_fit_keep_them():
             if w.factor * budget <= (1 + budget) / 2:
                 assert w.factor_for(budget) == w.factor
     assert [w.factor_for(0.001) for w in plan_windows(30 * DAY, 30).pairs] == [14.4, 6.0, 3.0, 1.0]
+
+
+def test_the_burn_rate_panel_says_when_a_low_objective_pages_lower(tmp_path):
+    from sentinel.slo.dashboards import _lowered_factors
+    from sentinel.slo.spec import load_slo_file
+
+    (tmp_path / "slo.yaml").write_text("slos:\n  - {name: availability, model: m, objective: 0.999, sli: availability}\n"
+                                       "  - {name: accuracy, model: m, objective: 0.9, sli: estimated_accuracy}\n")
+    spec = load_slo_file(tmp_path / "slo.yaml")
+    assert _lowered_factors(spec, plan_windows(30 * DAY, 30)) == " Lower objectives page lower: accuracy (m) at 5.5x, 5.5x."
