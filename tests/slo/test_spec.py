@@ -70,6 +70,12 @@ def test_a_quoted_number_is_one_problem_not_a_traceback(tmp_path):
     ]
 
 
+def test_latency_min_diff_in_milliseconds_by_mistake_is_refused(tmp_path):
+    probs = _problems(tmp_path, "slos: [{name: a, model: m, objective: 0.99, sli: availability}]\n"
+                                "gate: {latency_min_diff_s: 10}\n")
+    assert probs == ["slo.yaml: gate.latency_min_diff_s: is in seconds (0.01 is 10 ms) and at most 5, got 10.0"]
+
+
 def test_unknown_field_suggests_the_right_one(tmp_path):
     probs = _problems(tmp_path, "perod: 7d\nslos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
     assert len(probs) == 1 and probs[0].startswith("slo.yaml: perod: unknown field (did you mean 'period'?)")
