@@ -76,6 +76,16 @@ def test_latency_min_diff_in_milliseconds_by_mistake_is_refused(tmp_path):
     assert probs == ["slo.yaml: gate.latency_min_diff_s: is in seconds (0.01 is 10 ms) and at most 5, got 10.0"]
 
 
+@pytest.mark.parametrize("url, problem", [
+    ("https://wiki.example.com/runbooks#sentinel", "must have no #fragment"),   # became ...#sentinel#sentinelerrorbudgetburn
+    ("https://wiki.example.com/{{ $labels.model }}", "must be a plain URL"),    # expanded by Prometheus' templating
+    ("https://wiki.example.com/run books", "must be a plain URL"),
+])
+def test_runbook_url_the_alerts_can_link_to(tmp_path, url, problem):
+    probs = _problems(tmp_path, f"runbook_url: '{url}'\nslos: [{{name: a, model: m, objective: 0.99, sli: availability}}]\n")
+    assert len(probs) == 1 and probs[0].startswith("slo.yaml: runbook_url: " + problem), probs
+
+
 def test_unknown_field_suggests_the_right_one(tmp_path):
     probs = _problems(tmp_path, "perod: 7d\nslos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
     assert len(probs) == 1 and probs[0].startswith("slo.yaml: perod: unknown field (did you mean 'period'?)")
