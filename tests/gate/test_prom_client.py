@@ -61,7 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
         if prefix == "/slow":
             time.sleep(3)
             return
-        if prefix == "/drip":   # a valid answer, one byte every 50 ms (each read well within any timeout)
+        if prefix == "/drip":   # a valid answer, one byte every 100 ms (~7 s in all) (each read well within any timeout)
             data = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -71,7 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
                 for i in range(len(data)):
                     self.wfile.write(data[i:i + 1])
                     self.wfile.flush()
-                    time.sleep(0.05)
+                    time.sleep(0.1)
             except OSError:
                 pass
             return
@@ -118,11 +118,11 @@ def test_slow_prometheus_is_one_line_naming_the_query_and_the_timeout(base_url):
 
 def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_query_timeout(base_url):
     # every read returns within httpx's (per-read) timeout, so before the body was read in
-    # timed chunks the whole 3 s answer was waited for, however small the timeout
+    # timed chunks the whole ~7 s answer was waited for, however small the timeout
     started = time.monotonic()
     with Prometheus(base_url + "/drip", timeout=0.4) as prom, pytest.raises(InfrastructureError) as err:
         prom.vector(QUERY, "code")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 4.0   # loose for a loaded machine; the answer takes ~7 s
     assert "did not answer the query" in str(err.value) and "within 0.4 s" in str(err.value)
 
 
@@ -133,7 +133,7 @@ def test_the_run_budget_bounds_all_queries_together_and_names_the_one_unanswered
     with Prometheus(base_url + "/drip", timeout=30, budget=0.5) as prom:
         with pytest.raises(BudgetSpent) as err:
             prom.vector(QUERY, "code")
-        assert time.monotonic() - started < 2.0   # the budget, not the 30 s per query
+        assert time.monotonic() - started < 4.0   # the budget, not the 30 s per query
         assert "time budget of 0.5 s ran out after 0 answered queries" in str(err.value)
         assert "sentinel_requests_total" in str(err.value)
         with pytest.raises(BudgetSpent):          # nothing is sent once the budget is spent
