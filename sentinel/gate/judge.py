@@ -50,13 +50,16 @@ class GateReport:
     evaluated_at: float
     alpha: float
     criteria: tuple[Criterion, ...]
+    # Warnings Prometheus (or a Thanos/Mimir query frontend) sent with its answers, e.g. a partial
+    # response with a store down: the counts may be missing replicas, so no pass rests on them.
+    warnings: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> Verdict:
         verdicts = {c.verdict for c in self.criteria}
         if Verdict.FAIL in verdicts:
             return Verdict.FAIL
-        if Verdict.INCONCLUSIVE in verdicts or Verdict.PASS not in verdicts:
+        if Verdict.INCONCLUSIVE in verdicts or Verdict.PASS not in verdicts or self.warnings:
             return Verdict.INCONCLUSIVE
         return Verdict.PASS
 
@@ -217,7 +220,8 @@ def run_gate(prometheus: str, model: str, baseline: str, canary: str, window: st
         raise BudgetSpent(f"{exc} (while {step}); no criterion was judged: raise --timeout "
                           f"or look at Prometheus' query latency") from None
     results = judge(b, c, settings, budget_for(slo, model))
-    return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results)
+    return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results,
+                      tuple(prom.warnings))
 
 
 def finite(x: float | None) -> float | None:

@@ -17,6 +17,7 @@ from sentinel.errors import InfrastructureError
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MAX_SERIES = 10_000        # a gate query returning more series than this is a mistake, not data
+MAX_WARNINGS = 20          # distinct warnings kept from all answers (each cut to 300 characters)
 MAX_BODY_BYTES = 64 * 1024 * 1024   # an answer larger than this is not read (10,000 series fit in a few MiB)
 TIMEOUT_S = 30.0           # one query
 
@@ -52,6 +53,7 @@ class Prometheus:
         self.timeout = timeout
         self.budget = budget
         self.answered = 0
+        self.warnings: list[str] = []   # distinct `warnings` of successful answers (partial data)
         self._deadline = None if budget is None else _time.monotonic() + budget
         self._client = httpx.Client(base_url=self.url, timeout=timeout)
 
@@ -105,6 +107,7 @@ class Prometheus:
             raise InfrastructureError(
                 f"Prometheus at {self.url} rejected the query {expr!r}: "
                 f"{body.get('errorType', resp.status_code)}: {body.get('error', '')}")
+        self._note_warnings(body.get("warnings"))
         data = body.get("data")
         kind, result = (data.get("resultType"), data.get("result")) if isinstance(data, dict) else (None, None)
         try:
@@ -121,6 +124,14 @@ class Prometheus:
             raise InfrastructureError(
                 f"Prometheus at {self.url} answered the query {_short(expr)!r} with a malformed "
                 f"{kind or 'result'}: {_short(json.dumps(data))}") from None
+
+    def _note_warnings(self, warnings: Any) -> None:
+        if not isinstance(warnings, list):
+            return
+        for w in warnings:
+            text = _short(str(w), 300)
+            if text not in self.warnings and len(self.warnings) < MAX_WARNINGS:
+                self.warnings.append(text)
 
     def _limit(self, expr: str) -> tuple[float, bool]:
         """Seconds this query may take, and whether that limit is the run's remaining budget."""

@@ -282,3 +282,19 @@ def test_inconclusive_headline_names_criteria_more_traffic_will_not_settle():
     few = judge(version(), version(codes={"200": 20.0}, buckets=hist([10, 10, 0, 0, 0, 0, 0])), S, 0.001)
     report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, few)
     assert "send more traffic" in text(report).splitlines()[1]
+
+
+def test_a_pass_on_answers_prometheus_warned_about_is_inconclusive():
+    results = judge(version(), version(), S, 0.001)
+    clean = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)
+    assert clean.exit_code == 0
+    # a Thanos querier with a store down answers "success" with a warning: the counts miss replicas
+    partial = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results,
+                         ("No StoreAPIs matched for this query",))
+    assert partial.verdict == Verdict.INCONCLUSIVE and partial.exit_code == 3
+    out = text(partial)
+    assert out.splitlines()[1].startswith("INCONCLUSIVE: Prometheus warned that its answers may be incomplete")
+    assert "  Prometheus warning: No StoreAPIs matched for this query" in out
+    assert as_dict(partial)["warnings"] == ["No StoreAPIs matched for this query"]
+    failing = judge(version(), version(classes=SKEWED), S, 0.001)
+    assert GateReport("http://p", "digits", "v3", "v4", "10m", 0.0, S.alpha, failing, ("x",)).exit_code == 1

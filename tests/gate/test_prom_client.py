@@ -30,6 +30,9 @@ ANSWERS = {
     "/value-null": (200, "application/json",
                     '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": null}]}}'),
     "/scalar-short": (200, "application/json", '{"status": "success", "data": {"resultType": "scalar", "result": 3}}'),
+    "/partial": (200, "application/json",
+                 '{"status": "success", "warnings": ["No StoreAPIs matched for this query", "No StoreAPIs matched '
+                 'for this query"], "data": {"resultType": "vector", "result": []}}'),
     "/metric-list": (200, "application/json",
                      '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": [1], "value": [0, "1"]}]}}'),
 }
@@ -99,7 +102,7 @@ def base_url():
     stop_server(server)
 
 
-@pytest.mark.parametrize("path", sorted(ANSWERS))
+@pytest.mark.parametrize("path", sorted(set(ANSWERS) - {"/partial"}))
 def test_malformed_answers_are_one_infrastructure_error_naming_url_and_query(base_url, path):
     with Prometheus(base_url + path) as prom, pytest.raises(InfrastructureError) as err:
         prom.vector(QUERY, "code")
@@ -182,6 +185,13 @@ def test_the_gate_judges_at_prometheus_now_not_the_hosts_and_in_prometheus_durat
     assert first == {"query": ["time()"]} and rest
     assert all(q["time"] == ["1000.5"] for q in rest), rest
     assert all("[1h30m]" in q["query"][0] for q in rest if "[" in q["query"][0])   # not [30m60m]: Prometheus refuses it
+
+
+def test_warnings_of_a_successful_answer_are_kept_once(base_url):
+    with Prometheus(base_url + "/partial") as prom:
+        assert prom.vector(QUERY, "code") == {}
+        prom.vector(QUERY, "code")
+        assert prom.warnings == ["No StoreAPIs matched for this query"]
 
 
 def test_well_formed_answer_still_parses(base_url):
