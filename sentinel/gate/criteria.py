@@ -29,9 +29,6 @@ from sentinel.gate import stats
 from sentinel.gate.queries import CLIENT_CODE_REGEX
 from sentinel.gate.settings import GateSettings
 
-# Requests a latency quantile must rest on (beyond it, per version) before a slower-looking one may pass
-# untested: Cochran's expected count, below which the chi-square merges the tail buckets.
-MIN_TAIL = 5.0
 CLIENT_CODE = re.compile(CLIENT_CODE_REGEX)   # refused requests: no SLO budget spent, still compared
 
 
@@ -209,15 +206,6 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
         return Criterion(name, Verdict.FAIL,
                          text + f": {' and '.join(slower)} slower than x{s.latency_tolerance:g} "
                                 f"and by more than {s.latency_min_diff_s * 1000:g} ms", **common)
-    # Not significant, but a quantile looks slower beyond the tolerance: where that quantile rests
-    # on a handful of requests (P99 of 300 is 3), the chi-square merged those sparse tail buckets
-    # away, and a tail 10x slower passed "at p=1". More traffic settles it; a pass does not.
-    thin = [p for p, q in (("P95", 0.95), ("P99", 0.99)) if p in slower and min(n_b, n_c) * (1 - q) < MIN_TAIL]
-    if h.p_value >= alpha and thin:
-        return Criterion(name, Verdict.INCONCLUSIVE,
-                         f"too few requests behind the canary's slower {' and '.join(thin)} to judge "
-                         f"({min(n_b, n_c) * (1 - (0.99 if 'P99' in thin else 0.95)):.0f} per version, need "
-                         f"{MIN_TAIL:g}): {text}", **common)
     if h.p_value < alpha and beyond:
         # Only a lower bound is known (the +Inf bucket): "x1.1" may be x1.1 or x10.
         return Criterion(name, Verdict.INCONCLUSIVE,
