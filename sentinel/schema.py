@@ -107,6 +107,7 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
         probs.add(path, f"expected a mapping, got {type(data).__name__}")
         return None
     hints = get_type_hints(cls)
+    reported = len(probs.items)
     fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     kwargs: dict[str, Any] = {}
     missing = False
@@ -133,8 +134,14 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
         return None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        for sub, msg in validate():
-            probs.add(_join(path, sub) if sub else path, msg)
+        try:
+            for sub, msg in validate():
+                probs.add(_join(path, sub) if sub else path, msg)
+        except (TypeError, ValueError, AttributeError):
+            # a field of the wrong type (`objective: "0.999"`), reported above, tripped a check
+            # written for the right one: the report stands, without a traceback
+            if len(probs.items) == reported:
+                raise
     return obj
 
 

@@ -25,6 +25,9 @@ def gate(
     window: str = typer.Option("10m", "--window", help="Range both versions are judged over, ending now."),
     slo: Path | None = typer.Option(None, "--slo", help="SLO file: availability budget and `gate:` settings."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON here ('-': stdout)."),
+    timeout: float = typer.Option(120.0, "--timeout",
+                                  help="Seconds the whole run may spend on Prometheus' answers (each query also "
+                                       "at most 30); past it: exit 2 naming the query left unanswered."),
 ) -> None:
     """Judge --canary against --baseline over the last --window."""
     if ctx.invoked_subcommand is not None:
@@ -43,7 +46,7 @@ def gate(
 
         spec = load_slo_file(slo)
     assert prometheus and model and baseline and canary
-    result = run_gate(prometheus, model, baseline, canary, window, spec)
+    result = run_gate(prometheus, model, baseline, canary, window, spec, timeout=timeout)
     if json_out is not None and str(json_out) == "-":
         sys.stdout.write(report.to_json(result))
     else:

@@ -14,8 +14,8 @@ those teaches people to ignore it. Below its minimum sample count a criterion is
 | prediction_distribution | chi-square homogeneity on predicted-class increments, and per-class exact tests (alpha split) | Cramér's V at an equal split > max_cramers_v |
 | reference_agreement | two-proportion z on disagreements, one-sided | agreement drop > max_agreement_drop |
 | accuracy | two-proportion z on likely_correct verdicts (lower bound), one-sided; ATC estimate when verdicts are absent | drop > max_accuracy_drop |
-| drift | canary only: share of the window its combined alarm was up | share > max_drift_alarm_share |
-| input_contract | canary only: binomial test of violating samples against the allowed ratio | ratio > max_contract_violation_ratio |
+| drift | canary: share of the window its combined alarm was up (pass when the baseline's was up as long) | share > max_drift_alarm_share |
+| input_contract | canary: binomial test of violating samples against the allowed ratio; against the baseline's when it violates too | ratio (or excess over the baseline's) > max_contract_violation_ratio |
 """
 
 from __future__ import annotations
@@ -151,6 +151,15 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
     name = "latency"
     if not b.buckets and not c.buckets:
         return Criterion(name, Verdict.SKIPPED, "no latency histogram for either version")
+    # The +Inf bucket counts every request; without it the requests slower than the top bound
+    # are in no bucket, and a canary whose slowest tenth went past it would look as fast.
+    no_total = [f"{role}'s (top bound {max(d.buckets) * 1000:g} ms)" for role, d in (("baseline", b), ("canary", c))
+                if d.buckets and math.inf not in d.buckets]
+    if no_total:
+        return Criterion(name, Verdict.INCONCLUSIVE,
+                         f"the {' and the '.join(no_total)} latency histogram has no le=\"+Inf\" bucket on every "
+                         "series, so requests slower than its top bound are counted nowhere: check that no "
+                         "relabelling drops le=\"+Inf\"")
     n_b, n_c = _n(max(b.buckets.values(), default=0)), _n(max(c.buckets.values(), default=0))
     if min(n_b, n_c) < s.min_requests:
         return _too_few(name, "requests", n_b, n_c, s.min_requests)
@@ -306,8 +315,12 @@ def accuracy(b: VersionData, c: VersionData, s: GateSettings, alpha: float, n_b_
                             "confidence above the ATC threshold")
 
 
-def drift(c: VersionData, s: GateSettings) -> Criterion:
-    """Canary only: its combined drift alarm must not be up for most of the window."""
+def drift(c: VersionData, s: GateSettings, b: VersionData | None = None) -> Criterion:
+    """The canary's combined drift alarm must not be up for most of the window, unless the baseline's was too.
+
+    Both versions see the same traffic: when the baseline alarmed as long, the traffic drifted,
+    and holding the canary back would not undo it (the criteria comparing the versions judge it).
+    """
     name = "drift"
     if not c.drift:
         return Criterion(name, Verdict.SKIPPED, "no drift alarm series for the canary (analysis off?)")
@@ -324,12 +337,21 @@ def drift(c: VersionData, s: GateSettings) -> Criterion:
     common = dict(test="share of window alarming", effect_name="alarm share", effect=share,
                   effect_threshold=s.max_drift_alarm_share, canary=share)
     if share > s.max_drift_alarm_share:
+        base = None if b is None or not b.drift else b.drift.get(COMBINED_DETECTOR, max(b.drift.values()))
+        if base is not None and base > s.max_drift_alarm_share:
+            return Criterion(name, Verdict.PASS,
+                             text + f"; the baseline's was up {base:.0%} of the window too: the traffic drifted, "
+                                    "not the canary", **common)
         return Criterion(name, Verdict.FAIL, text, **common)
     return Criterion(name, Verdict.PASS, text, **common)
 
 
-def input_contract(c: VersionData, s: GateSettings, alpha: float) -> Criterion:
-    """Canary only: share of sampled inputs violating the input contract."""
+def input_contract(c: VersionData, s: GateSettings, alpha: float, b: VersionData | None = None) -> Criterion:
+    """The canary's share of sampled inputs violating its input contract, against the allowed ratio.
+
+    When the baseline's inputs (the same traffic) violate its contract beyond the ratio too, the
+    clients send bad inputs: the canary then fails only if it rejects significantly more.
+    """
     name = "input_contract"
     if c.contract_checked is None:
         return Criterion(name, Verdict.SKIPPED, "no input-contract series for the canary")
@@ -345,6 +367,17 @@ def input_contract(c: VersionData, s: GateSettings, alpha: float) -> Criterion:
     common = dict(test="binomial vs allowed ratio", statistic=bad / n, p_value=t.p_value, alpha=alpha,
                   effect_name="violating ratio", effect=bad / n, effect_threshold=s.max_contract_violation_ratio,
                   n_canary=n, canary=bad / n)
+    if t.p_value < alpha and b is not None and b.contract_checked is not None and _n(b.contract_checked) >= s.min_compared:
+        n_b, bad_b = _n(b.contract_checked), _n(b.contract_violating or 0)
+        if stats.above_rate(bad_b, n_b, s.max_contract_violation_ratio).p_value < alpha:
+            vs = stats.two_proportions(bad_b, n_b, bad, n)
+            text += (f"; the baseline's inputs violate its contract too ({bad_b}/{n_b}, {bad_b / n_b:.2%}): "
+                     f"canary vs baseline p={_fmt_p(vs.p_value)}")
+            if vs.p_value < alpha and bad / n - bad_b / n_b > s.max_contract_violation_ratio:
+                return Criterion(name, Verdict.FAIL, text + f": higher by more than "
+                                 f"{s.max_contract_violation_ratio:.2%}", **common)
+            return Criterion(name, Verdict.PASS, text + ": the traffic breaks the contract, not the canary",
+                             **common)
     if t.p_value < alpha:
         return Criterion(name, Verdict.FAIL, text, **common)
     return Criterion(name, Verdict.PASS, text, **common)

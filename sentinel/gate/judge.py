@@ -3,21 +3,21 @@
 Exit codes: 0 every judged criterion passed; 1 at least one failed (a failure outranks
 an inconclusive one: a canary already shown to be worse needs no more traffic);
 3 none failed but at least one was inconclusive (too few samples); 2 usage or
-infrastructure errors, among them a version without series (raised, not returned).
+infrastructure errors, among them a version without series and a run that did not get its
+answers from Prometheus within `--timeout` (raised, not returned).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from sentinel.errors import InfrastructureError, UsageError
 from sentinel.gate import criteria, queries
 from sentinel.gate.criteria import Criterion, Verdict, VersionData
-from sentinel.gate.prom import Prometheus
+from sentinel.gate.prom import BudgetSpent, Prometheus
 from sentinel.gate.settings import GateSettings
-from sentinel.slo.durations import parse_duration
+from sentinel.slo.durations import format_duration, parse_duration
 from sentinel.slo.sli import BAD_CODE_REGEX
 from sentinel.slo.spec import SloFile
 
@@ -25,6 +25,15 @@ from sentinel.slo.spec import SloFile
 # chance that a canary as good as its baseline fails any of them is at most `alpha`.
 TESTED_CRITERIA = 6
 DEFAULT_BUDGET = 0.001    # when the SLO file has no availability SLO for the model
+# Seconds one whole gate run may spend querying Prometheus (`--timeout`). A run makes ~35
+# queries; a healthy Prometheus answers them in a few seconds all told, while each alone may
+# take up to prom.TIMEOUT_S, so without this bound a slow one could hold a rollout step for
+# over a quarter of an hour. Running out is exit 2, an infrastructure error like a Prometheus
+# that does not answer (not 3: more traffic would not help).
+DEFAULT_RUN_TIMEOUT_S = 120.0
+
+# Scrapes of one version in the window that show the window spans several scrape intervals.
+SCRAPES_FOR_A_LONG_WINDOW = 4
 
 EXIT = {Verdict.PASS: 0, Verdict.FAIL: 1, Verdict.INCONCLUSIVE: 3}
 
@@ -41,13 +50,16 @@ class GateReport:
     evaluated_at: float
     alpha: float
     criteria: tuple[Criterion, ...]
+    # Warnings Prometheus (or a Thanos/Mimir query frontend) sent with its answers, e.g. a partial
+    # response with a store down: the counts may be missing replicas, so no pass rests on them.
+    warnings: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> Verdict:
         verdicts = {c.verdict for c in self.criteria}
         if Verdict.FAIL in verdicts:
             return Verdict.FAIL
-        if Verdict.INCONCLUSIVE in verdicts or Verdict.PASS not in verdicts:
+        if Verdict.INCONCLUSIVE in verdicts or Verdict.PASS not in verdicts or self.warnings:
             return Verdict.INCONCLUSIVE
         return Verdict.PASS
 
@@ -63,7 +75,9 @@ def check_window(window: str) -> str:
         raise UsageError(f"--window: {exc}") from None
     if seconds < 10:
         raise UsageError(f"--window: {window} is too short to hold two scrapes; use at least 10s")
-    return window
+    # Prometheus' own spelling: it refuses units out of order or repeated (`30m1h`, `5m5m`),
+    # which would reach it as a rejected query, an infrastructure error, instead of this one.
+    return format_duration(seconds)
 
 
 def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, window: str) -> None:
@@ -102,7 +116,10 @@ def check_versions(prom: Prometheus, model: str, baseline: str, canary: str, win
     thin = [f"{role} {model}:{version} ({_n_scrapes(scrapes.get(version, 0))})"
             for role, version in (("baseline", baseline), ("canary", canary))
             if version in served and scrapes.get(version, 0) < 2]
-    if thin:
+    # A window holding several scrapes of the other version is long enough: the thin version has
+    # just begun serving (its request series appear with its first request). That is too little
+    # traffic, inconclusive like an idle one, and a wider --window would not help.
+    if thin and max(scrapes.values(), default=0) < SCRAPES_FOR_A_LONG_WINDOW:
         raise UsageError(
             f"--window {window}: {' and '.join(thin)} in the window, but counting what happened in it "
             f"takes two scrapes of sentinel_requests_total: use a --window of at least twice the scrape "
@@ -171,23 +188,40 @@ def judge(b: VersionData, c: VersionData, settings: GateSettings, budget: float)
         criteria.prediction_distribution(b, c, settings, alpha),
         criteria.accuracy(b, c, settings, alpha, n_b_pred, n_c_pred),
         criteria.reference_agreement(b, c, settings, alpha),
-        criteria.drift(c, settings),
-        criteria.input_contract(c, settings, alpha),
+        criteria.drift(c, settings, b),
+        criteria.input_contract(c, settings, alpha, b),
     )
 
 
 def run_gate(prometheus: str, model: str, baseline: str, canary: str, window: str = "10m",
-             slo: SloFile | None = None, at: float | None = None) -> GateReport:
-    """Query Prometheus and judge `canary` against `baseline` over the last `window`."""
-    check_window(window)
+             slo: SloFile | None = None, at: float | None = None,
+             timeout: float = DEFAULT_RUN_TIMEOUT_S) -> GateReport:
+    """Query Prometheus and judge `canary` against `baseline` over the last `window`, within `timeout` seconds."""
+    window = check_window(window)
+    if baseline == canary:
+        raise UsageError(f"--baseline and --canary are both {baseline!r}: compare two different versions")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise UsageError(f"--timeout: must be a positive number of seconds, got {timeout:g}")
     settings = slo.gate if slo is not None else GateSettings()
-    evaluated_at = at if at is not None else time.time()
-    with Prometheus(prometheus, time=evaluated_at) as prom:
-        check_versions(prom, model, baseline, canary, window)
-        b = fetch(prom, model, baseline, window)
-        c = fetch(prom, model, canary, window)
+    step = "asking Prometheus for its time"
+    try:
+        with Prometheus(prometheus, time=at, budget=timeout) as prom:
+            # "Now" is Prometheus' now, fixed for every query: a gate host whose clock runs ahead
+            # would otherwise judge a window partly in Prometheus' future (a shorter one, or none).
+            evaluated_at = at if at is not None else prom.server_time()
+            prom.time = evaluated_at
+            step = "checking that both versions have series"
+            check_versions(prom, model, baseline, canary, window)
+            step = f"fetching the baseline's ({baseline}) series"
+            b = fetch(prom, model, baseline, window)
+            step = f"fetching the canary's ({canary}) series"
+            c = fetch(prom, model, canary, window)
+    except BudgetSpent as exc:
+        raise BudgetSpent(f"{exc} (while {step}); no criterion was judged: raise --timeout "
+                          f"or look at Prometheus' query latency") from None
     results = judge(b, c, settings, budget_for(slo, model))
-    return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results)
+    return GateReport(prometheus, model, baseline, canary, window, evaluated_at, settings.alpha, results,
+                      tuple(prom.warnings))
 
 
 def finite(x: float | None) -> float | None:

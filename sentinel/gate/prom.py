@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time as _time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,9 @@ from sentinel.errors import InfrastructureError
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 MAX_SERIES = 10_000        # a gate query returning more series than this is a mistake, not data
-TIMEOUT_S = 30.0
+MAX_WARNINGS = 20          # distinct warnings kept from all answers (each cut to 300 characters)
+MAX_BODY_BYTES = 64 * 1024 * 1024   # an answer larger than this is not read (10,000 series fit in a few MiB)
+TIMEOUT_S = 30.0           # one query
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,31 @@ class Sample:
     value: float
 
 
-class Prometheus:
-    """Instant queries against one Prometheus (or Thanos/Mimir query frontend) at `url`."""
+class BudgetSpent(InfrastructureError):
+    """The whole run's time budget (`sentinel gate --timeout`) ran out before a query was answered."""
 
-    def __init__(self, url: str, *, timeout: float = TIMEOUT_S, time: float | None = None):
+
+class Prometheus:
+    """Instant queries against one Prometheus (or Thanos/Mimir query frontend) at `url`.
+
+    `timeout` bounds one query; `budget` (seconds, None: unbounded) all of them together,
+    counted from construction: a query is cut when the budget runs out, whatever the per-query
+    timeout, and one started after it raises `BudgetSpent`. Both hold for a server that
+    trickles its answer a byte at a time (httpx's timeouts are per read), since the body is
+    read in chunks with the clock checked between them.
+    """
+
+    def __init__(self, url: str, *, timeout: float = TIMEOUT_S, time: float | None = None,
+                 budget: float | None = None):
         if not url.startswith(("http://", "https://")):
             raise InfrastructureError(f"--prometheus: expected an http(s) URL, got {url!r}")
         self.url = url.rstrip("/")
         self.time = time
         self.timeout = timeout
+        self.budget = budget
+        self.answered = 0
+        self.warnings: list[str] = []   # distinct `warnings` of successful answers (partial data)
+        self._deadline = None if budget is None else _time.monotonic() + budget
         self._client = httpx.Client(base_url=self.url, timeout=timeout)
 
     def close(self) -> None:
@@ -52,9 +71,22 @@ class Prometheus:
         params: dict[str, Any] = {"query": expr}
         if self.time is not None:
             params["time"] = self.time
+        limit, by_budget = self._limit(expr)
+        started = _time.monotonic()
         try:
-            resp = self._client.post("/api/v1/query", data=params)
+            with self._client.stream("POST", "/api/v1/query", data=params, timeout=limit) as resp:
+                raw = bytearray()
+                for chunk in resp.iter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_BODY_BYTES:
+                        raise InfrastructureError(
+                            f"Prometheus at {self.url} answered the query {_short(expr)!r} with more than "
+                            f"{MAX_BODY_BYTES // (1024 * 1024)} MiB; not read further")
+                    if _time.monotonic() - started > limit:
+                        raise httpx.ReadTimeout("answer still arriving")
         except httpx.TimeoutException as exc:
+            if by_budget:
+                raise self._spent(expr) from exc
             raise InfrastructureError(
                 f"Prometheus at {self.url} did not answer the query {_short(expr)!r} within "
                 f"{self.timeout:g} s ({type(exc).__name__})") from exc
@@ -62,8 +94,9 @@ class Prometheus:
             raise InfrastructureError(
                 f"Prometheus at {self.url} could not be queried ({_short(expr)!r}): "
                 f"{type(exc).__name__}: {exc}") from exc
+        self.answered += 1
         try:
-            body = resp.json()
+            body = json.loads(bytes(raw))
         except ValueError:
             body = None
         if not isinstance(body, dict):
@@ -74,6 +107,7 @@ class Prometheus:
             raise InfrastructureError(
                 f"Prometheus at {self.url} rejected the query {expr!r}: "
                 f"{body.get('errorType', resp.status_code)}: {body.get('error', '')}")
+        self._note_warnings(body.get("warnings"))
         data = body.get("data")
         kind, result = (data.get("resultType"), data.get("result")) if isinstance(data, dict) else (None, None)
         try:
@@ -90,6 +124,39 @@ class Prometheus:
             raise InfrastructureError(
                 f"Prometheus at {self.url} answered the query {_short(expr)!r} with a malformed "
                 f"{kind or 'result'}: {_short(json.dumps(data))}") from None
+
+    def _note_warnings(self, warnings: Any) -> None:
+        if not isinstance(warnings, list):
+            return
+        for w in warnings:
+            text = _short(str(w), 300)
+            if text not in self.warnings and len(self.warnings) < MAX_WARNINGS:
+                self.warnings.append(text)
+
+    def _limit(self, expr: str) -> tuple[float, bool]:
+        """Seconds this query may take, and whether that limit is the run's remaining budget."""
+        if self._deadline is None:
+            return self.timeout, False
+        left = self._deadline - _time.monotonic()
+        if left <= 0:
+            raise self._spent(expr)
+        return (left, True) if left < self.timeout else (self.timeout, False)
+
+    def _spent(self, expr: str) -> BudgetSpent:
+        return BudgetSpent(
+            f"the time budget of {self.budget:g} s ran out after {self.answered} answered "
+            f"queries to Prometheus at {self.url}, before an answer to {_short(expr)!r}")
+
+    def server_time(self) -> float:
+        """Prometheus' clock now (Unix seconds): `time()` evaluated without a `time` parameter."""
+        pinned, self.time = self.time, None
+        try:
+            now = self.scalar("time()")
+        finally:
+            self.time = pinned
+        if now is None or not math.isfinite(now) or now <= 0:
+            raise InfrastructureError(f"Prometheus at {self.url} answered time() with {now!r}, not a Unix time")
+        return now
 
     def vector(self, expr: str, label: str) -> dict[str, float]:
         """`{label value: sample value}` of a query grouped by `label` (NaN samples dropped)."""

@@ -21,7 +21,10 @@ def text(report: GateReport) -> str:
     stuck = [c.name for c in report.criteria
              if c.verdict == Verdict.INCONCLUSIVE and not c.summary.startswith("too few")]
     undecided = "INCONCLUSIVE: not enough evidence yet (send more traffic or widen --window)"
-    if stuck:
+    if report.warnings and not stuck and all(c.verdict != Verdict.INCONCLUSIVE for c in report.criteria):
+        undecided = ("INCONCLUSIVE: Prometheus warned that its answers may be incomplete (see below), "
+                     "so the counts may miss replicas")
+    elif stuck:
         undecided = f"INCONCLUSIVE: {', '.join(stuck)} could not be judged (more traffic may not help: see below)"
     head = {Verdict.PASS: "PASS: the canary is as good as the baseline on every criterion",
             Verdict.FAIL: f"FAIL: {', '.join(failed)}",
@@ -32,6 +35,8 @@ def text(report: GateReport) -> str:
     width = max(len(c.name) for c in report.criteria)
     for c in report.criteria:
         lines.append(f"  {_MARK[c.verdict]:<12} {c.name:<{width}}  {c.summary}")
+    for w in report.warnings:
+        lines.append(f"  Prometheus warning: {w}")
     return "\n".join(lines) + "\n"
 
 
@@ -41,6 +46,7 @@ def as_dict(report: GateReport) -> dict[str, Any]:
         "prometheus": report.prometheus, "evaluated_at": report.evaluated_at, "alpha": report.alpha,
         "verdict": report.verdict.value, "exit_code": report.exit_code,
         "failed": [c.name for c in report.criteria if c.verdict == Verdict.FAIL],
+        "warnings": list(report.warnings),
         "criteria": [{
             "name": c.name, "verdict": c.verdict.value, "summary": c.summary, "test": c.test,
             "statistic": finite(c.statistic), "p_value": finite(c.p_value), "alpha": c.alpha,

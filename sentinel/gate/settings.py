@@ -7,7 +7,7 @@ gate:
   min_predictions: 200         # per version, for the predicted-class criterion
   min_compared: 100            # per version, for agreement and accuracy
   latency_tolerance: 1.25      # canary P95 or P99 may be at most this times the baseline's...
-  latency_min_diff_s: 0.01     # ...and must also be slower by at least this much to fail
+  latency_min_diff_s: 0.01     # ...and must also be slower by at least this much to fail (seconds, at most 5)
   max_cramers_v: 0.1           # predicted-class shift below this effect size is not a failure (V at an equal split)
   max_agreement_drop: 0.02     # agreement with the reference may drop by at most 2 points
   max_accuracy_drop: 0.02      # accuracy lower bound (or ATC estimate) may drop by at most 2 points
@@ -25,6 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+# An online classifier slower by seconds is slower by any standard; a larger `latency_min_diff_s`
+# is a unit mistake (milliseconds written as seconds).
+MAX_LATENCY_MIN_DIFF_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,10 @@ class GateSettings:
             yield "latency_tolerance", f"must be at least 1 (a ratio of quantiles), got {self.latency_tolerance}"
         if self.latency_min_diff_s < 0:
             yield "latency_min_diff_s", f"must not be negative, got {self.latency_min_diff_s}"
+        elif self.latency_min_diff_s > MAX_LATENCY_MIN_DIFF_S:
+            # `10` meant as milliseconds is 10 s: latency could then never fail
+            yield "latency_min_diff_s", (f"is in seconds (0.01 is 10 ms) and at most {MAX_LATENCY_MIN_DIFF_S:g}, "
+                                         f"got {self.latency_min_diff_s}")
         for name in ("max_cramers_v", "max_agreement_drop", "max_accuracy_drop",
                      "max_contract_violation_ratio", "max_drift_alarm_share", "max_client_error_increase"):
             if not 0 <= getattr(self, name) <= 1:

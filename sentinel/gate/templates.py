@@ -33,10 +33,6 @@ from sentinel.slo.spec import SloFile
 ARGO_API = "argoproj.io/v1alpha1"
 FLAGGER_API = "flagger.app/v1beta1"
 TEMPLATE_NAME = "sentinel-model-canary"
-# Total variation distance between predicted-class shares above which the controllers
-# fail the canary (the gate itself uses a chi-square test and Cramér's V).
-MAX_PREDICTION_SHIFT = 0.1
-
 # Placeholders each controller substitutes.
 ARGO = {"model": "{{args.model}}", "baseline": "{{args.baseline-version}}",
         "canary": "{{args.canary-version}}", "window": "{{args.window}}"}
@@ -74,17 +70,22 @@ def checks(spec: SloFile) -> tuple[Check, ...]:
         Check("latency-p99-ratio", "canary's P99 latency over the baseline's",
               lambda m, b, c, w: q.latency_quantile_ratio(0.99, m, b, c, w, s.latency_min_diff_s),
               s.latency_tolerance, q.request_count, s.min_requests),
-        Check("prediction-shift", "total variation distance between the versions' predicted-class shares",
-              q.prediction_shift, MAX_PREDICTION_SHIFT, _predictions, s.min_predictions),
+        Check("prediction-shift", "Cramér's V between the versions' predicted classes at an equal split (the gate's "
+                                  "effect size, max_cramers_v), less its value between identical versions",
+              q.prediction_shift, s.max_cramers_v, _predictions, s.min_predictions),
         Check("agreement-drop", "baseline's agreement with the reference model minus the canary's",
               q.agreement_drop, s.max_agreement_drop, _compared, s.min_compared),
         Check("accuracy-drop", "baseline's label-free accuracy lower bound minus the canary's",
               _trusted_accuracy_drop, s.max_accuracy_drop, _verdicts, s.min_compared),
-        Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up",
-              lambda m, b, c, w: q.canary_drift_share(m, c, w), s.max_drift_alarm_share, None),
-        Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract",
-              lambda m, b, c, w: q.canary_contract_ratio(m, c, w), s.max_contract_violation_ratio,
-              q.contract_checked, s.min_compared, canary_only=True),
+        Check("drift-alarm-share", "share of the window the canary's combined drift alarm was up "
+                                   "(0 when the baseline's was up as long: the traffic drifted)",
+              lambda m, b, c, w: q.drift_share_beyond_baseline(m, b, c, w, s.max_drift_alarm_share),
+              s.max_drift_alarm_share, None),
+        Check("contract-violation-ratio", "canary's share of sampled inputs violating the input contract "
+                                          "(its excess over the baseline's when the baseline's violate too)",
+              lambda m, b, c, w: q.contract_ratio_beyond_baseline(m, b, c, w, s.max_contract_violation_ratio,
+                                                                   s.min_compared),
+              s.max_contract_violation_ratio, q.contract_checked, s.min_compared, canary_only=True),
     )
 
 

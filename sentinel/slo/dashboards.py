@@ -30,7 +30,7 @@ from sentinel.slo import recorded
 from sentinel.slo.rules import BURN_ALERT
 from sentinel.slo.sli import BAD_CODE_REGEX
 from sentinel.slo.spec import SloFile
-from sentinel.slo.windows import plan_windows
+from sentinel.slo.windows import WindowPlan, plan_windows
 
 PanelKind = Literal["timeseries", "stat", "table"]
 
@@ -124,7 +124,8 @@ def overview(spec: SloFile) -> DashboardSpec:
             PanelSpec("Burn rate (page windows)", "timeseries", "suffix:x",
                       "Error-budget burn rate over the long window of each page pair: 1 spends the budget "
                       "exactly over the period; the page pairs fire above "
-                      + ", ".join(f"{p.factor:g}x ({p.long})" for p in plan.by_severity("page")) + ".",
+                      + ", ".join(f"{p.factor:g}x ({p.long})" for p in plan.by_severity("page")) + "."
+                      + _lowered_factors(spec, plan),
                       burn_queries, width=12),
             PanelSpec("Estimated accuracy", "timeseries", "percentunit",
                       "Label-free accuracy estimate (ATC) and its lower bound (samples outside the golden "
@@ -420,3 +421,11 @@ def _drop_nulls(value: object) -> object:
 def generate_dashboards(spec: SloFile) -> dict[str, str]:
     """filename -> dashboard JSON, for every dashboard."""
     return {d.filename: render(d) for d in dashboard_specs(spec)}
+
+
+def _lowered_factors(spec: SloFile, plan: WindowPlan) -> str:
+    """The page factors of SLOs whose budget is too large for the Workbook's (windows.BurnWindow.factor_for)."""
+    lowered = [f"{slo.name} ({slo.model}) at " + ", ".join(f"{p.factor_for(slo.budget):g}x" for p in plan.by_severity("page"))
+               for slo in spec.slos
+               if any(p.factor_for(slo.budget) != p.factor for p in plan.by_severity("page"))]
+    return f" Lower objectives page lower: {'; '.join(lowered)}." if lowered else ""

@@ -97,8 +97,9 @@ def estimate_age_s(pair: BurnWindow) -> int:
 
 def _pair_expr(slo: SloSpec, pair: BurnWindow) -> str:
     sel = f"{{{_labels(slo)}}}"
-    long_ = f"{recorded.error_ratio_name(pair.long_s)}{sel} / {budget_expr(slo)} > {num(pair.factor)}"
-    short = f"{recorded.error_ratio_name(pair.short_s)}{sel} / {budget_expr(slo)} > {num(pair.factor)}"
+    factor = num(pair.factor_for(slo.budget))
+    long_ = f"{recorded.error_ratio_name(pair.long_s)}{sel} / {budget_expr(slo)} > {factor}"
+    short = f"{recorded.error_ratio_name(pair.short_s)}{sel} / {budget_expr(slo)} > {factor}"
     if slo.sli == "estimated_accuracy":
         # An average of the estimate over less than half the short window is not a burn rate over
         # that window: the first estimates of a new deployment would fill every window alone (a
@@ -123,7 +124,7 @@ def burn_alert(slo: SloSpec, plan: WindowPlan, severity: Severity, spec: SloFile
         # Silent while no replica's estimate counts now (too few samples, or flagged unreliable):
         # the windows then hold only older evaluations, and the estimator disowns the present.
         expr = f"(\n{expr}\n)\nand on (model)\n{recorded.ESTIMATED_ACCURACY}{{{_labels(slo)}}}"
-    rule_text = ", ".join(f"{p.long}/{p.short} above {num(p.factor)}x" for p in pairs)
+    rule_text = ", ".join(f"{p.long}/{p.short} above {num(p.factor_for(slo.budget))}x" for p in pairs)
     objective_pct = f"{slo.objective * 100:.10g}%"
     summary = (f"{{{{ $labels.model }}}}: {slo.name} SLO burning its error budget "
                f"({'page' if severity == 'page' else 'ticket'})")

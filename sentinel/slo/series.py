@@ -117,7 +117,9 @@ def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
             if profile.bad_series_exists:
                 out.append(_series(name, {**base, "source": source, "result": "disagree"}, _counter(bad_k)))
         else:
-            values = [1.0 - profile.bad(s) for s in range(0, profile.steps + 1)]
+            # rounded as the recorded ratios are (sli.RATIO_DECIMALS): 1 - 0.07 is 0.9299999999999999,
+            # an estimate "below" an objective of 0.93 that it equals
+            values = [round(1.0 - profile.bad(s), 12) for s in range(0, profile.steps + 1)]
             out.append(_series(mn.ESTIMATED_ACCURACY.name, {**base, "method": "atc_lower"}, values))
             # every estimate rests on exactly the SLO's minimum and is reliable, so every one counts
             out.append(_series(mn.ACCURACY_ESTIMATE_SAMPLES.name, base, [float(slo.sample_floor)] * len(values)))

@@ -126,6 +126,12 @@ class SloFile:
             yield "job", f"must be a Prometheus job name, got {self.job!r}"
         if not self.runbook_url.startswith(("http://", "https://")):
             yield "runbook_url", f"expected an http(s) URL, got {self.runbook_url!r}"
+        elif "#" in self.runbook_url:
+            yield "runbook_url", (f"must have no #fragment: each alert links to its own section "
+                                  f"(<runbook_url>#sentinelerrorbudgetburn), got {self.runbook_url!r}")
+        elif "{{" in self.runbook_url or "}}" in self.runbook_url or any(c.isspace() for c in self.runbook_url):
+            # annotations are Prometheus templates: `{{ ... }}` would be expanded (or fail to be)
+            yield "runbook_url", f"must be a plain URL, without '{{{{', '}}}}' or spaces, got {self.runbook_url!r}"
         if not self.slos:
             yield "slos", "at least one SLO is required"
         seen: set[tuple[str, str]] = set()

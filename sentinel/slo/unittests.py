@@ -106,7 +106,8 @@ class _Scenario:
     def pair_fires(self, pair: BurnWindow, at: int, shorter_by: int = 0) -> bool:
         lo = self.burn(pair.long_s, at, shorter_by)
         sh = self.burn(pair.short_s, at, shorter_by)
-        return (lo is not None and sh is not None and lo > pair.factor and sh > pair.factor
+        factor = pair.factor_for(self.slo.budget)
+        return (lo is not None and sh is not None and lo > factor and sh > factor
                 and self.estimate_old_enough(pair, at, shorter_by))
 
     def estimate_old_enough(self, pair: BurnWindow, at: int, shorter_by: int = 0) -> bool:
@@ -123,9 +124,9 @@ class _Scenario:
             states = []
             for w in (pair.long_s, pair.short_s):
                 b = self.burn(w, at)
-                if b is None or b < pair.factor * (1 - MARGIN):
+                if b is None or b < pair.factor_for(self.slo.budget) * (1 - MARGIN):
                     states.append("below")
-                elif b > pair.factor * (1 + MARGIN):
+                elif b > pair.factor_for(self.slo.budget) * (1 + MARGIN):
                     states.append("above")
                 else:
                     states.append("near")
@@ -296,7 +297,7 @@ class _Builder:
                     # an accuracy estimate younger than half the short window of every ticket pair
                     # this burn trips cannot tick yet
                     young = not any(scen.estimate_old_enough(p, a) for p in self.plan.by_severity("ticket")
-                                    if p.factor < burn)
+                                    if p.factor_for(scen.slo.budget) < burn)
                     if "page" in fired or ("ticket" not in fired and not young):
                         raise GenerationError(f"{scen.slo.name}: {name}: expected a ticket and no page at {a}")
             checks = [self.burn_check(scens, a) for a in ats]

@@ -15,6 +15,15 @@ fires after spending the same fraction of the budget (a 7-day SLO pages on 14m/1
 No window is shorter than `MIN_SCRAPES_PER_WINDOW` scrape intervals: `rate()` needs
 several samples to mean anything. A clamped window spends a little more budget before
 it fires; `BurnWindow.budget_fraction` reports the real figure.
+
+A low objective leaves a budget so large that a factor times it exceeds 1: the pair would
+need more than every event to be bad and could never fire (14.4x of a 90% objective's 10%
+budget is 144%), and one that needs nearly every event bad fires late even in a full outage.
+Where the factor's error ratio would exceed the midpoint between the budget and 1, the
+pair fires at that midpoint instead (`BurnWindow.factor_for`: 55% bad for a 90% objective,
+still above anything the budget allows). Objectives of 0.93 and up (page pairs) or 0.8 and
+up (ticket pairs) keep the Workbook's factors; lower ones page on 55% errors within about
+half the fast pair's long window (a 30-day period: some 30 minutes).
 """
 
 from __future__ import annotations
@@ -62,20 +71,28 @@ class BurnWindow:
         """Fraction of the period's budget spent when the long window reaches the factor."""
         return self.factor * self.long_s / self.period_s
 
+    def factor_for(self, budget: float) -> float:
+        """The burn rate this pair fires above for an SLO with `budget`: the factor, lowered for a
+        large budget to fire at the error ratio midway between the budget and 1 (see the module)."""
+        midpoint = (1.0 + budget) / 2
+        if self.factor * budget <= midpoint:
+            return self.factor
+        return round(midpoint / budget, 6)
+
     def detection_s(self, error_ratio: float, budget: float) -> float:
         """Seconds from the start of a constant error ratio until both windows exceed the factor.
 
         Assumes error-free traffic before the start and a history longer than the long
         window; `math.inf` when the ratio never reaches the factor.
         """
-        threshold = self.factor * budget
+        threshold = self.factor_for(budget) * budget
         if error_ratio <= threshold:
             return math.inf
         return threshold / error_ratio * self.long_s
 
     def reset_s(self, budget: float) -> float:
         """Seconds after a full outage (at least a short window long) ends until the short window clears."""
-        return self.short_s * (1.0 - min(1.0, self.factor * budget))
+        return self.short_s * (1.0 - min(1.0, self.factor_for(budget) * budget))
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,17 @@ def test_latency_without_a_shared_finite_bucket_is_inconclusive_not_pass():
     assert "baseline: 0.1, inf" in disjoint.summary and "canary: 0.05, 0.2, inf" in disjoint.summary
 
 
+def test_latency_histogram_without_the_inf_bucket_is_inconclusive_not_pass():
+    # a relabelling dropped le="+Inf": the canary's slowest tenth (above 1 s) is in no bucket
+    base = {0.1: 9000.0, 0.25: 10000.0, 1.0: 10000.0, math.inf: 10000.0}
+    canary = {0.1: 8100.0, 0.25: 9000.0, 1.0: 9000.0}
+    r = criteria.latency(version(buckets=base), version(buckets=canary), S, ALPHA)
+    assert r.verdict == Verdict.INCONCLUSIVE, r.summary
+    assert "canary's (top bound 1000 ms)" in r.summary and 'le="+Inf"' in r.summary and "baseline" not in r.summary
+    both = criteria.latency(version(buckets=canary), version(buckets=canary), S, ALPHA)
+    assert both.verdict == Verdict.INCONCLUSIVE and "baseline's" in both.summary and "canary's" in both.summary
+
+
 def test_prediction_distribution_fails_with_effect_size():
     c = criteria.prediction_distribution(version(), version(classes=SKEWED), S, ALPHA)
     assert c.verdict == Verdict.FAIL and c.effect > S.max_cramers_v
@@ -230,6 +241,25 @@ def test_drift_and_contract_judge_the_canary_only():
     assert criteria.input_contract(ok, S, ALPHA).verdict == Verdict.PASS
 
 
+def test_drift_and_contract_violations_the_baseline_shares_are_the_traffics_not_the_canarys():
+    # the inputs shifted for everyone: the baseline alarmed 90% of the window, the canary 80%
+    drifting = version(drift={"combined": 0.8})
+    d = criteria.drift(drifting, S, version(drift={"combined": 0.9}))
+    assert d.verdict == Verdict.PASS and "baseline's was up 90%" in d.summary and "traffic drifted" in d.summary
+    assert criteria.drift(drifting, S, version(drift={"combined": 0.1})).verdict == Verdict.FAIL
+    # clients send 12% malformed inputs to both versions
+    base = version(contract_checked=500.0, contract_violating=60.0)
+    same = version(contract_checked=500.0, contract_violating=62.0)
+    k = criteria.input_contract(same, S, ALPHA, base)
+    assert k.verdict == Verdict.PASS and "traffic breaks the contract" in k.summary and "60/500" in k.summary
+    worse = version(contract_checked=500.0, contract_violating=150.0)   # the canary's contract rejects more
+    assert criteria.input_contract(worse, S, ALPHA, base).verdict == Verdict.FAIL
+    clean = version(contract_checked=500.0, contract_violating=0.0)
+    assert criteria.input_contract(same, S, ALPHA, clean).verdict == Verdict.FAIL
+    by = {r.name: r for r in judge(base, same, S, 0.001)}
+    assert by["input_contract"].verdict == Verdict.PASS
+
+
 def test_failure_outranks_inconclusive_and_reports_render():
     results = judge(version(), version(classes=SKEWED, codes={"200": 20.0}), S, 0.001)
     report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)
@@ -252,3 +282,19 @@ def test_inconclusive_headline_names_criteria_more_traffic_will_not_settle():
     few = judge(version(), version(codes={"200": 20.0}, buckets=hist([10, 10, 0, 0, 0, 0, 0])), S, 0.001)
     report = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, few)
     assert "send more traffic" in text(report).splitlines()[1]
+
+
+def test_a_pass_on_answers_prometheus_warned_about_is_inconclusive():
+    results = judge(version(), version(), S, 0.001)
+    clean = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results)
+    assert clean.exit_code == 0
+    # a Thanos querier with a store down answers "success" with a warning: the counts miss replicas
+    partial = GateReport("http://p", "digits", "v3", "v4", "10m", 1_700_000_000.0, S.alpha, results,
+                         ("No StoreAPIs matched for this query",))
+    assert partial.verdict == Verdict.INCONCLUSIVE and partial.exit_code == 3
+    out = text(partial)
+    assert out.splitlines()[1].startswith("INCONCLUSIVE: Prometheus warned that its answers may be incomplete")
+    assert "  Prometheus warning: No StoreAPIs matched for this query" in out
+    assert as_dict(partial)["warnings"] == ["No StoreAPIs matched for this query"]
+    failing = judge(version(), version(classes=SKEWED), S, 0.001)
+    assert GateReport("http://p", "digits", "v3", "v4", "10m", 0.0, S.alpha, failing, ("x",)).exit_code == 1

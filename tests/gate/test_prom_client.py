@@ -30,17 +30,53 @@ ANSWERS = {
     "/value-null": (200, "application/json",
                     '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": null}]}}'),
     "/scalar-short": (200, "application/json", '{"status": "success", "data": {"resultType": "scalar", "result": 3}}'),
+    "/partial": (200, "application/json",
+                 '{"status": "success", "warnings": ["No StoreAPIs matched for this query", "No StoreAPIs matched '
+                 'for this query"], "data": {"resultType": "vector", "result": []}}'),
     "/metric-list": (200, "application/json",
                      '{"status": "success", "data": {"resultType": "vector", "result": [{"metric": [1], "value": [0, "1"]}]}}'),
 }
 
 
+CLOCK: list[dict[str, list[str]]] = []   # the form of every query to /clock
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        form = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         prefix = self.path.removesuffix("/api/v1/query")
+        if prefix == "/clock":   # Prometheus' clock reads 1000.5 (the gate host's is decades ahead)
+            from urllib.parse import parse_qs
+
+            params = parse_qs(form.decode())
+            CLOCK.append(params)
+            result: object = []
+            kind = "vector"
+            if params["query"] == ["time()"] and "time" not in params:
+                kind, result = "scalar", [1000.5, "1000.5"]
+            data = json.dumps({"status": "success", "data": {"resultType": kind, "result": result}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if prefix == "/slow":
             time.sleep(3)
+            return
+        if prefix == "/drip":   # a valid answer, one byte every 100 ms (~7 s in all) (each read well within any timeout)
+            data = json.dumps({"status": "success", "data": {"resultType": "vector", "result": []}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
             return
         if prefix == "/ok":
             status, ctype, body = 200, "application/json", json.dumps({"status": "success", "data": {
@@ -66,7 +102,7 @@ def base_url():
     stop_server(server)
 
 
-@pytest.mark.parametrize("path", sorted(ANSWERS))
+@pytest.mark.parametrize("path", sorted(set(ANSWERS) - {"/partial"}))
 def test_malformed_answers_are_one_infrastructure_error_naming_url_and_query(base_url, path):
     with Prometheus(base_url + path) as prom, pytest.raises(InfrastructureError) as err:
         prom.vector(QUERY, "code")
@@ -81,6 +117,81 @@ def test_slow_prometheus_is_one_line_naming_the_query_and_the_timeout(base_url):
     message = str(err.value)
     assert "did not answer the query" in message and "sentinel_requests_total" in message
     assert "within 0.3 s" in message and base_url + "/slow" in message
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_query_timeout(base_url):
+    # every read returns within httpx's (per-read) timeout, so before the body was read in
+    # timed chunks the whole ~7 s answer was waited for, however small the timeout
+    started = time.monotonic()
+    with Prometheus(base_url + "/drip", timeout=0.4) as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    assert time.monotonic() - started < 4.0   # loose for a loaded machine; the answer takes ~7 s
+    assert "did not answer the query" in str(err.value) and "within 0.4 s" in str(err.value)
+
+
+def test_the_run_budget_bounds_all_queries_together_and_names_the_one_unanswered(base_url):
+    from sentinel.gate.prom import BudgetSpent
+
+    started = time.monotonic()
+    with Prometheus(base_url + "/drip", timeout=30, budget=0.5) as prom:
+        with pytest.raises(BudgetSpent) as err:
+            prom.vector(QUERY, "code")
+        assert time.monotonic() - started < 4.0   # the budget, not the 30 s per query
+        assert "time budget of 0.5 s ran out after 0 answered queries" in str(err.value)
+        assert "sentinel_requests_total" in str(err.value)
+        with pytest.raises(BudgetSpent):          # nothing is sent once the budget is spent
+            prom.vector("up", "job")
+    with Prometheus(base_url + "/ok", budget=30) as prom:
+        assert prom.vector(QUERY, "code") == {"200": 5.0} and prom.answered == 1
+
+
+def test_an_oversized_answer_is_not_read_into_memory(base_url, monkeypatch):
+    from sentinel.gate import prom as prom_module
+
+    monkeypatch.setattr(prom_module, "MAX_BODY_BYTES", 64)
+    with Prometheus(base_url + "/ok") as prom, pytest.raises(InfrastructureError) as err:
+        prom.vector(QUERY, "code")
+    assert "more than" in str(err.value) and "not read further" in str(err.value)
+
+
+def test_gate_run_past_its_timeout_is_exit_2_naming_the_step(base_url):
+    from sentinel.errors import UsageError
+    from sentinel.gate.judge import DEFAULT_RUN_TIMEOUT_S, run_gate
+    from sentinel.gate.prom import BudgetSpent
+
+    with pytest.raises(BudgetSpent) as err:
+        run_gate(base_url + "/drip", "digits", "v3", "v4", "10m", timeout=0.3)
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    assert "time budget of 0.3 s" in message and "while asking Prometheus for its time" in message
+    assert "no criterion was judged" in message and "--timeout" in message
+    with pytest.raises(UsageError):
+        run_gate(base_url + "/ok", "digits", "v3", "v4", "10m", timeout=0)
+    import inspect
+
+    from sentinel.commands.gate_cmd import gate
+    assert inspect.signature(gate).parameters["timeout"].default.default == DEFAULT_RUN_TIMEOUT_S
+
+
+def test_the_gate_judges_at_prometheus_now_not_the_hosts_and_in_prometheus_duration_spelling(base_url):
+    from sentinel.gate.judge import run_gate
+
+    CLOCK.clear()
+    # no series at all: exit 2, but only after every query was asked at Prometheus' time
+    with pytest.raises(InfrastructureError) as err:
+        run_gate(base_url + "/clock", "digits", "v3", "v4", "30m60m")
+    assert "has no sentinel_model_info" in str(err.value)
+    first, *rest = CLOCK
+    assert first == {"query": ["time()"]} and rest
+    assert all(q["time"] == ["1000.5"] for q in rest), rest
+    assert all("[1h30m]" in q["query"][0] for q in rest if "[" in q["query"][0])   # not [30m60m]: Prometheus refuses it
+
+
+def test_warnings_of_a_successful_answer_are_kept_once(base_url):
+    with Prometheus(base_url + "/partial") as prom:
+        assert prom.vector(QUERY, "code") == {}
+        prom.vector(QUERY, "code")
+        assert prom.warnings == ["No StoreAPIs matched for this query"]
 
 
 def test_well_formed_answer_still_parses(base_url):
@@ -118,6 +229,19 @@ def test_window_shorter_than_two_scrapes_is_a_usage_error_not_skipped_criteria()
     assert "--window 15s" in message and "baseline digits:v3 (1 scrape)" in message and "v4" not in message
     assert "twice the scrape interval" in message
     check_versions(_Answers({"v3": 3.0, "v4": 2.0}), "digits", "v3", "v4", "1m")  # type: ignore[arg-type]
+
+
+def test_a_canary_whose_first_requests_came_in_the_last_scrape_is_too_little_traffic_not_a_short_window():
+    from sentinel.gate.criteria import Verdict
+    from sentinel.gate.judge import check_versions, judge
+    from sentinel.gate.settings import GateSettings
+
+    # 40 scrapes of the baseline in the 10m window: its length is fine. The canary's request
+    # series has one sample (traffic reached it just now); "use a --window of at least twice the
+    # scrape interval" (exit 2) sent the user after the wrong fix.
+    check_versions(_Answers({"v3": 40.0, "v4": 1.0}), "digits", "v3", "v4", "10m")  # type: ignore[arg-type]
+    results = judge(VersionData(codes={"200": 5000.0}), VersionData(), GateSettings(), 0.001)
+    assert {r.verdict for r in results} <= {Verdict.INCONCLUSIVE, Verdict.SKIPPED}
 
 
 def test_canary_up_but_without_traffic_yet_is_not_an_infrastructure_error():

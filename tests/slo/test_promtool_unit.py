@@ -43,3 +43,17 @@ def test_the_tests_catch_a_page_that_waits_too_long(tmp_path):
     with pytest.raises(CheckFailed) as info:   # ... and fails once the page waits too long
         run_promtool_tests(tmp_path / "rules")
     assert "FAILED" in str(info.value)
+
+
+def test_low_objectives_generate_rules_that_page_and_pass_their_tests(tmp_path):
+    # objective 0.9: 14.4x its budget is an error ratio of 1.44 (generation crashed on an infinite
+    # detection time); 0.93 accuracy: an estimate of 1 - 0.07 = 0.9299999999999999 read as below 0.93
+    (tmp_path / "slo.yaml").write_text(
+        "period: 1d\nslos:\n"
+        "  - {name: availability, model: digits, objective: 0.9, sli: availability}\n"
+        "  - {name: accuracy, model: digits, objective: 0.93, sli: estimated_accuracy}\n")
+    result = write_rules(load_slo_file(tmp_path / "slo.yaml"), tmp_path / "rules", None)
+    text = (tmp_path / "rules" / "sentinel-slo.rules.yml").read_text()
+    assert "/ 0.1 > 5.5\n" in text and "> 14.4" not in text.split("digits:availability:alerts")[1].split("accuracy")[0]
+    assert "SUCCESS" in run_promtool_tests(tmp_path / "rules")
+    assert result is not None

@@ -57,6 +57,35 @@ def test_objective_out_of_range_and_unknown_sli(tmp_path):
     ]
 
 
+def test_a_quoted_number_is_one_problem_not_a_traceback(tmp_path):
+    # validate() compared the string with 0.0 and raised TypeError out of the loader
+    probs = _problems(tmp_path, "slos:\n  - {name: a, model: m, objective: '0.999', sli: availability}\n"
+                                "  - {name: l, model: m, objective: 0.99, sli: latency, threshold: '150ms'}\n"
+                                "gate: {latency_tolerance: '1.25', alpha: .nan}\n")
+    assert probs == [
+        "slo.yaml: slos[0].objective: expected a number, got '0.999'",
+        "slo.yaml: slos[1].threshold: expected a number, got '150ms'",
+        "slo.yaml: gate.latency_tolerance: expected a number, got '1.25'",
+        "slo.yaml: gate.alpha: must be between 0 and 1, got nan",
+    ]
+
+
+def test_latency_min_diff_in_milliseconds_by_mistake_is_refused(tmp_path):
+    probs = _problems(tmp_path, "slos: [{name: a, model: m, objective: 0.99, sli: availability}]\n"
+                                "gate: {latency_min_diff_s: 10}\n")
+    assert probs == ["slo.yaml: gate.latency_min_diff_s: is in seconds (0.01 is 10 ms) and at most 5, got 10.0"]
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("https://wiki.example.com/runbooks#sentinel", "must have no #fragment"),   # became ...#sentinel#sentinelerrorbudgetburn
+    ("https://wiki.example.com/{{ $labels.model }}", "must be a plain URL"),    # expanded by Prometheus' templating
+    ("https://wiki.example.com/run books", "must be a plain URL"),
+])
+def test_runbook_url_the_alerts_can_link_to(tmp_path, url, problem):
+    probs = _problems(tmp_path, f"runbook_url: '{url}'\nslos: [{{name: a, model: m, objective: 0.99, sli: availability}}]\n")
+    assert len(probs) == 1 and probs[0].startswith("slo.yaml: runbook_url: " + problem), probs
+
+
 def test_unknown_field_suggests_the_right_one(tmp_path):
     probs = _problems(tmp_path, "perod: 7d\nslos: [{name: a, model: m, objective: 0.99, sli: availability}]\n")
     assert len(probs) == 1 and probs[0].startswith("slo.yaml: perod: unknown field (did you mean 'period'?)")

@@ -62,3 +62,38 @@ def test_burn_below_the_factor_never_detects():
     fast = plan_windows(30 * DAY, 30).pairs[0]
     assert fast.detection_s(0.0144, 0.001) == float("inf")
     assert fast.reset_s(0.001) == pytest.approx(300 * (1 - 0.0144))
+
+
+@pytest.mark.parametrize("objective", [0.9, 0.8, 0.5, 0.93])
+def test_a_low_objective_still_pages_and_tickets_below_an_error_ratio_of_one(objective):
+    # 14.4x a 10% budget is an error ratio of 144%: the pair could never fire (and rule
+    # generation crashed computing its detection time)
+    budget = round(1 - objective, 12)
+    pairs = plan_windows(30 * DAY, 30).pairs
+    for w in pairs:
+        ratio = w.factor_for(budget) * budget
+        assert budget <= ratio <= (1 + budget) / 2 + 1e-9, (w, ratio)   # the budget or above, below all-bad
+        assert w.detection_s(1.0, budget) < w.long_s
+    # a full outage pages within about half the fast pair's long window
+    assert pairs[0].detection_s(1.0, budget) <= 0.5 * (2 - objective) * 3600 + 1e-6
+    # the slow pairs keep their order: a ticket's factor never above a page's
+    assert pairs[2].factor_for(budget) <= pairs[1].factor_for(budget) <= pairs[0].factor_for(budget)
+
+
+def test_objectives_the_workbook_factors_fit_keep_them():
+    for objective in (0.999, 0.99, 0.97, 0.95):
+        budget = round(1 - objective, 12)
+        for w in plan_windows(30 * DAY, 30).pairs:
+            if w.factor * budget <= (1 + budget) / 2:
+                assert w.factor_for(budget) == w.factor
+    assert [w.factor_for(0.001) for w in plan_windows(30 * DAY, 30).pairs] == [14.4, 6.0, 3.0, 1.0]
+
+
+def test_the_burn_rate_panel_says_when_a_low_objective_pages_lower(tmp_path):
+    from sentinel.slo.dashboards import _lowered_factors
+    from sentinel.slo.spec import load_slo_file
+
+    (tmp_path / "slo.yaml").write_text("slos:\n  - {name: availability, model: m, objective: 0.999, sli: availability}\n"
+                                       "  - {name: accuracy, model: m, objective: 0.9, sli: estimated_accuracy}\n")
+    spec = load_slo_file(tmp_path / "slo.yaml")
+    assert _lowered_factors(spec, plan_windows(30 * DAY, 30)) == " Lower objectives page lower: accuracy (m) at 5.5x, 5.5x."
