@@ -69,8 +69,11 @@ class Connection:
     async def _connect(self) -> None:
         try:
             ctx = _tls_context() if self.target.tls else None
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port, ssl=ctx), self.connect_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+            # arrives as the connect completes, and the cancelled request then waits for an answer.
+            async with asyncio.timeout(self.connect_timeout):
+                self._reader, self._writer = await asyncio.open_connection(self.target.host, self.target.port,
+                                                                           ssl=ctx)
         except TimeoutError:
             raise HttpError("connect", f"connect to {self.target.authority} timed out") from None
         except ssl.SSLError as exc:

@@ -10,6 +10,10 @@ from sentinel.golden import Tolerance
 from sentinel.replay.runner import LoadPlan, RunResult
 
 MAX_LISTED_MISMATCHES = 1000
+# Failed requests / sent allowed when neither --max-error-ratio nor an --slo availability
+# objective says otherwise: none. A replay is a test against a golden set, not production
+# traffic; an error budget has to be asked for.
+DEFAULT_MAX_ERROR_RATIO = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ class ReplayReport:
 
     @property
     def passed(self) -> bool:
-        return all(o.met for o in self.objectives)
+        """Every objective met, on a run that ran to its end (an interrupted run passes nothing)."""
+        return all(o.met for o in self.objectives) and not self.doc.get("interrupted", False)
 
     @property
     def missed(self) -> list[ObjectiveResult]:
@@ -172,6 +177,8 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "connections": plan.connections if plan.open_loop else plan.concurrency,
         "planned": result.planned,
         "sent": result.sent,
+        "interrupted": result.interrupted,
+        "abandoned": result.abandoned,
         "answered": len(comps),
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
@@ -203,8 +210,9 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         doc["latency_ms"]["corrected"]["threshold"] = objectives.latency_threshold_ms
     verdicts = evaluate(objectives, doc)
     doc["objectives"] = [o.as_dict() for o in verdicts]
-    doc["passed"] = all(o.met for o in verdicts)
-    return ReplayReport(doc, verdicts)
+    report = ReplayReport(doc, verdicts)
+    doc["passed"] = report.passed
+    return report
 
 
 def _us(ms: float) -> float:
@@ -234,6 +242,9 @@ def render_text(report: ReplayReport) -> str:
             for m in shown) + (" …" if d["mismatch_count"] > len(shown) else ""))
     for o in report.objectives:
         lines.append(f"{'ok    ' if o.met else 'MISSED'} {o.message}")
+    if d.get("interrupted"):
+        lines.append(f"INTERRUPTED after {d['duration_s']} s: a partial run, {d['sent']} of "
+                     f"{d['planned'] or '?'} planned requests finished, {d['abandoned']} in flight abandoned")
     return "\n".join(lines)
 
 

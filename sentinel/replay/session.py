@@ -13,7 +13,7 @@ from sentinel.golden import GoldenSet, Tolerance
 from sentinel.protocols.names import WireProtocol
 from sentinel.registry import ModelEntry
 from sentinel.replay.http import HttpError, Target, probe
-from sentinel.replay.report import Objectives, ReplayReport, build_report
+from sentinel.replay.report import DEFAULT_MAX_ERROR_RATIO, Objectives, ReplayReport, build_report
 from sentinel.replay.runner import LoadPlan, Observer, Progress, Replayer, Samples
 from sentinel.replay.wire import WireFormat
 
@@ -46,6 +46,17 @@ def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", li
                    logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
 
 
+def with_defaults(objectives: Objectives, tolerance: Tolerance) -> Objectives:
+    """The objectives a replay is judged by when neither flags nor --slo set them: agreement
+    at the golden set's `min_top1_agreement`, and no failed request (`DEFAULT_MAX_ERROR_RATIO`):
+    a run whose requests mostly failed must not exit 0 because nothing asked about errors."""
+    if objectives.min_agreement is None:
+        objectives = replace(objectives, min_agreement=tolerance.min_top1_agreement)
+    if objectives.max_error_ratio is None:
+        objectives = replace(objectives, max_error_ratio=DEFAULT_MAX_ERROR_RATIO)
+    return objectives
+
+
 def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: LoadPlan, objectives: Objectives, *,
                tolerance: Tolerance | None = None, observer: Observer | None = None,
                progress: Progress | None = None) -> ReplayReport:
@@ -69,11 +80,10 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = WireFormat(spec.protocol, spec.model_path_name, binary=spec.binary, classes=entry.manifest.classes)
     replayer = Replayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan)
+    result = replayer.run(plan, partial_on_interrupt=True)
     if result.sent and result.errors.get("connect", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every request failed to connect to {target.authority}")
-    if objectives.min_agreement is None:
-        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    objectives = with_defaults(objectives, samples.tolerance)
     return build_report(result, model=entry.spec, target=spec.target + wire.path, protocol=spec.protocol,
                         binary=spec.binary, plan=plan, tolerance=samples.tolerance, objectives=objectives,
                         golden=str(golden.path))
@@ -95,11 +105,10 @@ def _run_grpc(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Load
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = GrpcWire(spec.model_path_name, classes=entry.manifest.classes)
     replayer = GrpcReplayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan)
+    result = replayer.run(plan, partial_on_interrupt=True)
     if result.sent and result.errors.get("grpc_unavailable", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every call failed with UNAVAILABLE at {target.authority}")
-    if objectives.min_agreement is None:
-        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    objectives = with_defaults(objectives, samples.tolerance)
     return build_report(result, model=entry.spec, target=f"grpc://{target.authority}{wire.path}", protocol="grpc",
                         binary=True, plan=plan, tolerance=samples.tolerance, objectives=objectives,
                         golden=str(golden.path))
