@@ -46,6 +46,37 @@ def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", li
                    logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
 
 
+FD_RESERVE = 64   # descriptors kept for everything else: golden files, stdio, the event loop, the probe
+
+
+def check_fd_room(plan: LoadPlan, reserve: int = FD_RESERVE) -> None:
+    """Refuse a plan needing more connections than this process may open files.
+
+    Past the limit every further connect fails with EMFILE, which the run counted as the
+    target's `connect` errors (`--concurrency 2000` under `ulimit -n 512`: 93% "errors").
+    The soft limit is raised towards the hard one first, as far as needed."""
+    import resource
+
+    wanted = (plan.connections if plan.open_loop else plan.concurrency or 1)
+    if plan.count is not None:
+        wanted = min(wanted, plan.count)   # never more connections than requests
+    need = wanted + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    except (ValueError, OSError):
+        pass
+    if soft < need:
+        flag = "--connections" if plan.open_loop else "--concurrency"
+        raise UsageError(f"{flag} {wanted} needs {wanted} connections, but this process may open only {soft} "
+                         f"files (ulimit -n; {reserve} kept for the rest): use at most {max(1, soft - reserve)} "
+                         "or raise the limit")
+
+
 def with_defaults(objectives: Objectives, tolerance: Tolerance) -> Objectives:
     """The objectives a replay is judged by when neither flags nor --slo set them: agreement
     at the golden set's `min_top1_agreement`, and no failed request (`DEFAULT_MAX_ERROR_RATIO`):
@@ -66,6 +97,7 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
         problems.append(f"--samples must be at least 1, got {spec.samples}")
     if problems:
         raise UsageError("; ".join(problems))
+    check_fd_room(plan)
     if spec.protocol == "grpc":
         return _run_grpc(entry, golden, spec, plan, objectives, tolerance=tolerance, observer=observer,
                          progress=progress)

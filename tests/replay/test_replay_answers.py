@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler
 
+import pytest
 from servers import serve_in_thread, stop_server
 
 from sentinel.replay.report import Objectives
@@ -64,3 +65,38 @@ def test_failed_requests_fail_the_run_without_an_error_objective(digits_v3, digi
     rep = _replay(digits_v3, digits_golden, lambda n: (500, {"error": "boom"}) if n == 1 else (200, good),
                   Objectives(max_error_ratio=0.25))
     assert rep.passed
+
+
+def test_an_answer_with_more_rows_than_inputs_is_a_decode_error(digits_v3, digits_golden):
+    # One input, two rows back (someone else's result, a batching bug): the first row was
+    # compared as this sample's answer and the run passed.
+    p = [float(v) for v in digits_golden.probabilities[0]]
+    two = {"outputs": [{"name": "probabilities", "shape": [2, 10], "datatype": "FP32", "data": p + p[::-1]}]}
+    rep = _replay(digits_v3, digits_golden, lambda n: (200, two), count=2)
+    assert rep.doc["answered"] == 0 and rep.doc["errors_by_kind"] == {"decode": 2}
+    assert rep.doc["error_examples"]["decode"] == "the answer has 2 rows for 1 input sample"
+    assert not rep.passed
+
+
+def test_more_connections_than_the_file_limit_allows_is_a_usage_error(monkeypatch):
+    # Past RLIMIT_NOFILE every connect failed with EMFILE, counted as the target's `connect`
+    # errors (--concurrency 2000 under ulimit -n 512: 93% "errors" blamed on the server).
+    import resource
+
+    from sentinel.errors import UsageError
+    from sentinel.replay.session import check_fd_room
+
+    limits = {"soft": 512, "hard": 1024}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (limits["soft"], limits["hard"]))
+
+    def setrlimit(_, value):
+        limits["soft"] = value[0]
+
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    check_fd_room(LoadPlan(concurrency=900))          # fits once the soft limit is raised
+    assert limits["soft"] == 964
+    check_fd_room(LoadPlan(concurrency=5000, count=10))  # 10 requests need 10 connections
+    with pytest.raises(UsageError, match=r"--concurrency 2000 needs 2000 connections.*only 1024 files.*at most 960"):
+        check_fd_room(LoadPlan(concurrency=2000))
+    with pytest.raises(UsageError, match=r"--connections 4000"):
+        check_fd_room(LoadPlan(rate=10, connections=4000))
