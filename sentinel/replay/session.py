@@ -42,8 +42,37 @@ def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", li
     use_raw = raw is not None and (send == "raw" or (send == "auto" and entry.manifest.raw_input is not None))
     x = raw if use_raw else golden.inputs
     n = len(x) if limit is None else min(limit, len(x))
-    return Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
-                   logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
+    samples = Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
+                      logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
+    check_samples(entry, golden, samples, "raw" if use_raw else "inputs")
+    return samples
+
+
+def check_samples(entry: ModelEntry, golden: GoldenSet, samples: Samples, form: str) -> None:
+    """Refuse golden rows that do not fit the model, naming the file: they pass the digest check
+    (a set built by another tool, or for another model and re-signed), and every answer would
+    then be called a mismatch of the model, or every request a 400 of the server."""
+    classes = len(entry.manifest.classes)
+    for name in ("probabilities", "logits"):
+        a = getattr(samples, name)
+        where = f"{golden.path / (name + '.npy')}"
+        if a.ndim != 2 or (classes and a.shape[1] != classes):
+            raise UsageError(f"{where}: reference scores of shape {list(a.shape[1:])} per sample; "
+                             f"{entry.spec} has {classes} classes")
+        bad = np.flatnonzero(~np.isfinite(np.asarray(a, np.float64)).all(axis=1))
+        if bad.size:
+            raise UsageError(f"{where}: {bad.size} reference rows hold NaN or infinite scores "
+                             f"(first: sample id {int(samples.ids[bad[0]])}); rebuild the golden set")
+    spec = entry.manifest.raw_input if form == "raw" else entry.manifest.input
+    if spec is not None and tuple(samples.inputs.shape[1:]) != tuple(spec.shape):
+        field = "raw_input" if form == "raw" else "input"
+        raise UsageError(f"{golden.path / (form + '.npy')}: samples of shape {list(samples.inputs.shape[1:])}; "
+                         f"{entry.spec}'s model.yaml {field} is {list(spec.shape)}")
+    ids, counts = np.unique(samples.ids, return_counts=True)
+    if (counts > 1).any():
+        dup = int(ids[np.argmax(counts)])
+        raise UsageError(f"{golden.path / 'ids.npy'}: sample id {dup} appears {int(counts.max())} times; "
+                         "ids name the samples in the report's mismatches and must be unique")
 
 
 FD_RESERVE = 64   # descriptors kept for everything else: golden files, stdio, the event loop, the probe

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler
 
+import numpy as np
 import pytest
 from servers import serve_in_thread, stop_server
 
@@ -100,3 +101,27 @@ def test_more_connections_than_the_file_limit_allows_is_a_usage_error(monkeypatc
         check_fd_room(LoadPlan(concurrency=2000))
     with pytest.raises(UsageError, match=r"--connections 4000"):
         check_fd_room(LoadPlan(rate=10, connections=4000))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: {"probabilities": np.pad(s.probabilities, ((0, 0), (0, 1)))},
+     r"probabilities.npy: reference scores of shape \[11\] per sample; digits:v3 has 10 classes"),
+    (lambda s: {"logits": s.logits[:, :9]}, r"logits.npy: reference scores of shape \[9\]"),
+    (lambda s: {"probabilities": np.where(np.arange(4)[:, None] == 2, np.nan, s.probabilities)},
+     r"probabilities.npy: 1 reference rows hold NaN or infinite scores \(first: sample id \d+\)"),
+    (lambda s: {"inputs": s.inputs.reshape(4, -1)},
+     r"inputs.npy: samples of shape \[1024\]; digits:v3's model.yaml input is \[1, 32, 32\]"),
+    (lambda s: {"ids": np.array([7, 8, 7, 9])}, r"ids.npy: sample id 7 appears 2 times"),
+])
+def test_golden_rows_that_do_not_fit_the_model_are_refused_naming_the_file(digits_v3, digits_golden, edit, message):
+    # Such a set passes its digest check once re-signed; replay then called every answer a
+    # mismatch of the model (11-wide or NaN reference), or ids named two samples at once.
+    from dataclasses import replace
+
+    from sentinel.errors import UsageError
+    from sentinel.replay.session import check_samples, select_samples
+
+    s = select_samples(digits_v3, digits_golden, "inputs", limit=4)
+    check_samples(digits_v3, digits_golden, s, "inputs")   # the real set fits
+    with pytest.raises(UsageError, match=message):
+        check_samples(digits_v3, digits_golden, replace(s, **edit(s)), "inputs")
