@@ -104,7 +104,11 @@ def evaluate(objectives: Objectives, doc: dict[str, Any]) -> tuple[ObjectiveResu
                    f"agreement {a:.2%} is below {objectives.min_agreement:.2%} by "
                    f"{(objectives.min_agreement - a) * 100:.2f} points ({n_bad} mismatching samples)")
             out.append(ObjectiveResult("min_agreement", objectives.min_agreement, a, met, msg))
-    if objectives.max_error_ratio is not None:
+    if objectives.max_error_ratio is not None and not doc["sent"]:
+        # 0 of 0 is no evidence that the target answers (`--duration` shorter than one request)
+        out.append(ObjectiveResult("max_error_ratio", objectives.max_error_ratio, None, False,
+                                   "no request was sent: no error ratio measured"))
+    elif objectives.max_error_ratio is not None:
         r = doc["error_ratio"] or 0.0
         met = r <= objectives.max_error_ratio
         msg = (f"error ratio {r:.2%} ≤ {objectives.max_error_ratio:.2%}" if met else

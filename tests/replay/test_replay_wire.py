@@ -176,3 +176,13 @@ def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(InfrastructureError, match="cannot write the report"):
         write_json_report({"a": 1}, tmp_path / "file" / "r.json")
+
+
+def test_an_error_objective_is_missed_when_nothing_was_sent():
+    # --duration shorter than one request: "ok error ratio 0.00% ≤ 0.00%" on 0 of 0 requests
+    rep = build_report(RunResult("closed", 0), model="digits:v3", target="http://x", protocol="v2", binary=False,
+                       plan=LoadPlan(concurrency=4, duration_s=1e-4), tolerance=Tolerance(),
+                       objectives=Objectives(max_error_ratio=0.0))
+    assert not rep.passed
+    assert [(o.name, o.actual, o.message) for o in rep.missed] == [
+        ("max_error_ratio", None, "no request was sent: no error ratio measured")]
