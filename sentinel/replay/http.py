@@ -65,6 +65,7 @@ class Connection:
         self.connect_timeout = connect_timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.retries = 0   # requests resent once on a fresh connection after the kept-alive one closed
 
     async def _connect(self) -> None:
         try:
@@ -98,6 +99,8 @@ class Connection:
             if reused and isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)) \
                     and not getattr(exc, "partial", b""):
                 # The server closed an idle keep-alive connection: retry once on a fresh one.
+                # Counted: a server that closes after reading the request looks the same.
+                self.retries += 1
                 await self._connect()
                 try:
                     return await self._exchange(head, body)

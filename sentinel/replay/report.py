@@ -187,6 +187,7 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
         "errors_by_kind": dict(sorted(result.errors.items())),
+        "retried": result.retried,
         "error_examples": dict(sorted(result.error_examples.items())),
         "agreement": _ratio(agree, len(comps)),
         "top1_agreement": _ratio(top1, len(comps)),
@@ -232,6 +233,7 @@ def render_text(report: ReplayReport) -> str:
              f"sent {d['sent']}, answered {d['answered']}, errors {d['errors']}"
              + (f" ({_pct(d['error_ratio'])}: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_kind"].items()) + ")"
                 if d["errors"] else "")
+             + (f"; {d['retried']} resent after the server closed a kept-alive connection" if d.get("retried") else "")
              + f"; achieved {d['achieved_rps']} rps over {d['duration_s']} s",
              f"{'latency ms':<12}{'p50':>9}{'p90':>9}{'p95':>9}{'p99':>9}{'p99.9':>9}{'max':>9}"]
     for kind in ("corrected", "uncorrected"):

@@ -108,6 +108,7 @@ class RunResult:
     comparisons: list[Comparison] = field(default_factory=list)
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    retried: int = 0            # requests resent on a fresh connection after a kept-alive one closed
     interrupted: bool = False   # Ctrl-C (SIGINT) ended the run early: what is here is what finished before
     abandoned: int = 0          # requests in flight when it was interrupted (not counted in `sent`)
 
@@ -239,6 +240,7 @@ class Replayer:
         error = None
         cmp = None
         t_wait = t_send
+        retries = getattr(conn, "retries", 0)
         try:
             async with asyncio.timeout(timeout):   # not wait_for: see http.Connection._connect
                 resp = await conn.request(self._requests[k], b"")
@@ -265,6 +267,7 @@ class Replayer:
             error = exc.kind
             result.error_examples.setdefault(error, str(exc))
         result.completed += 1
+        result.retried += getattr(conn, "retries", 0) - retries
         result.corrected.record(t_done - intended)
         result.uncorrected.record(t_done - t_send)
         result.send_lag.record(t_send - intended)

@@ -186,3 +186,13 @@ def test_an_error_objective_is_missed_when_nothing_was_sent():
     assert not rep.passed
     assert [(o.name, o.actual, o.message) for o in rep.missed] == [
         ("max_error_ratio", None, "no request was sent: no error ratio measured")]
+
+
+def test_resent_requests_are_in_the_report():
+    from sentinel.replay.report import render_text
+
+    rep = build_report(RunResult("closed", 3, sent=3, completed=3, retried=2), model="digits:v3", target="http://x",
+                       protocol="v2", binary=False, plan=LoadPlan(concurrency=1), tolerance=Tolerance(),
+                       objectives=Objectives())
+    assert rep.doc["retried"] == 2
+    assert "2 resent after the server closed a kept-alive connection" in render_text(rep)
