@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -78,17 +79,18 @@ def check_samples(entry: ModelEntry, golden: GoldenSet, samples: Samples, form: 
 FD_RESERVE = 64   # descriptors kept for everything else: golden files, stdio, the event loop, the probe
 
 
-def check_fd_room(plan: LoadPlan, reserve: int = FD_RESERVE) -> None:
+def check_fd_room(plan: LoadPlan, requests: int | None = None, reserve: int = FD_RESERVE) -> None:
     """Refuse a plan needing more connections than this process may open files.
 
     Past the limit every further connect fails with EMFILE, which the run counted as the
     target's `connect` errors (`--concurrency 2000` under `ulimit -n 512`: 93% "errors").
-    The soft limit is raised towards the hard one first, as far as needed."""
+    No more connections are opened than `requests` (when known). The soft limit is raised
+    towards the hard one first, as far as needed."""
     import resource
 
     wanted = (plan.connections if plan.open_loop else plan.concurrency or 1)
-    if plan.count is not None:
-        wanted = min(wanted, plan.count)   # never more connections than requests
+    if requests is not None:
+        wanted = min(wanted, requests)   # never more connections than requests
     need = wanted + reserve
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
@@ -126,7 +128,10 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
         problems.append(f"--samples must be at least 1, got {spec.samples}")
     if problems:
         raise UsageError("; ".join(problems))
-    check_fd_room(plan)
+    n = len(golden.ids)
+    check_fd_room(plan, plan.count if plan.count is not None else
+                  math.ceil(plan.rate * plan.duration_s) if plan.rate is not None and plan.duration_s is not None else
+                  None if plan.duration_s is not None else min(spec.samples or n, n))
     if spec.protocol == "grpc":
         return _run_grpc(entry, golden, spec, plan, objectives, tolerance=tolerance, observer=observer,
                          progress=progress)

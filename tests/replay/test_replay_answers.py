@@ -96,7 +96,7 @@ def test_more_connections_than_the_file_limit_allows_is_a_usage_error(monkeypatc
     monkeypatch.setattr(resource, "setrlimit", setrlimit)
     check_fd_room(LoadPlan(concurrency=900))          # fits once the soft limit is raised
     assert limits["soft"] == 964
-    check_fd_room(LoadPlan(concurrency=5000, count=10))  # 10 requests need 10 connections
+    check_fd_room(LoadPlan(concurrency=5000), requests=10)   # 10 requests need 10 connections
     with pytest.raises(UsageError, match=r"--concurrency 2000 needs 2000 connections.*only 1024 files.*at most 960"):
         check_fd_room(LoadPlan(concurrency=2000))
     with pytest.raises(UsageError, match=r"--connections 4000"):
