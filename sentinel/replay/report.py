@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentinel.golden import Tolerance
+from sentinel.replay.compare import MAX_LISTED_MISMATCHES, Tally
 from sentinel.replay.runner import LoadPlan, RunResult
 
-MAX_LISTED_MISMATCHES = 1000
 # Failed requests / sent allowed when neither --max-error-ratio nor an --slo availability
 # objective says otherwise: none. A replay is a test against a golden set, not production
 # traffic; an error budget has to be asked for.
@@ -160,13 +160,10 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
                  golden: str = "") -> ReplayReport:
     """The report document (fields documented in docs/replay_verify.md) and objective verdicts."""
     comps = result.comparisons
-    agree = sum(1 for c in comps if c.agrees(tolerance))
-    top1 = sum(1 for c in comps if c.top1_agrees)
-    bad = sorted((c for c in comps if not c.agrees(tolerance)),
-                 key=lambda c: (c.top1_agrees, -(c.prob_max_abs or 0.0)))
+    t = comps if isinstance(comps, Tally) else Tally.of(comps, tolerance)
+    if t.tolerance != tolerance:   # agreement was counted as the run went, under the samples' tolerance
+        raise ValueError(f"the run compared under {t.tolerance}, the report asks for {tolerance}")
     errors = sum(result.errors.values())
-    pdiffs = [c.prob_max_abs for c in comps if c.prob_max_abs is not None]
-    ldiffs = [c.logits_max_abs for c in comps if c.logits_max_abs is not None]
     lag = result.send_lag.summary()
     ct = result.client_time.summary()
     doc: dict[str, Any] = {
@@ -183,16 +180,16 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "sent": result.sent,
         "interrupted": result.interrupted,
         "abandoned": result.abandoned,
-        "answered": len(comps),
+        "answered": t.answered,
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
         "errors_by_kind": dict(sorted(result.errors.items())),
         "retried": result.retried,
         "error_examples": dict(sorted(result.error_examples.items())),
-        "agreement": _ratio(agree, len(comps)),
-        "top1_agreement": _ratio(top1, len(comps)),
-        "prob_max_abs": round(max(pdiffs), 9) if pdiffs else None,
-        "logits_max_abs": round(max(ldiffs), 9) if ldiffs else None,
+        "agreement": _ratio(t.agreed, t.answered),
+        "top1_agreement": _ratio(t.top1_agreed, t.answered),
+        "prob_max_abs": None if t.prob_max_abs is None else round(t.prob_max_abs, 9),
+        "logits_max_abs": None if t.logits_max_abs is None else round(t.logits_max_abs, 9),
         "tolerance": {"prob_atol": tolerance.prob_atol, "logits_atol": tolerance.logits_atol,
                       "logits_rtol": tolerance.logits_rtol},
         "duration_s": round(result.wall_s, 3),
@@ -206,8 +203,8 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
             "decode_compare_us": _clean({"p50": _us(ct.p50), "p99": _us(ct.p99)}),
             "cpu_per_request_us": round(result.cpu_s / result.completed * 1e6, 1) if result.completed else None,
         },
-        "mismatch_count": len(bad),
-        "mismatches": [c.as_dict() for c in bad[:MAX_LISTED_MISMATCHES]],
+        "mismatch_count": t.mismatch_count,
+        "mismatches": [c.as_dict() for c in t.worst()[:MAX_LISTED_MISMATCHES]],
     }
     if objectives.latency_threshold_ms is not None:
         w = result.corrected.fraction_within(objectives.latency_threshold_ms / 1000.0)

@@ -24,7 +24,7 @@ import numpy as np
 
 from sentinel.errors import DecodeError
 from sentinel.golden import Tolerance
-from sentinel.replay.compare import Comparison, compare
+from sentinel.replay.compare import Comparison, Tally, compare
 from sentinel.replay.histogram import LatencyHistogram
 from sentinel.replay.http import Connection, HttpError, Target, build_head
 from sentinel.replay.wire import WireFormat
@@ -105,7 +105,7 @@ class RunResult:
     client_time: LatencyHistogram = field(default_factory=LatencyHistogram)  # per request, not waiting
     errors: Counter = field(default_factory=Counter)
     error_examples: dict[str, str] = field(default_factory=dict)
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: Tally | list[Comparison] = field(default_factory=Tally)   # the run's: a Tally (bounded)
     wall_s: float = 0.0
     cpu_s: float = 0.0
     retried: int = 0            # requests resent on a fresh connection after a kept-alive one closed
@@ -220,7 +220,8 @@ class Replayer:
 
     async def run_async(self, plan: LoadPlan) -> RunResult:
         planned = self.planned_count(plan)
-        result = RunResult("open" if plan.open_loop else "closed", planned)
+        result = RunResult("open" if plan.open_loop else "closed", planned,
+                           comparisons=Tally(self.samples.tolerance))
         self._result = result
         cpu0, t0 = time.process_time(), time.perf_counter()
         try:
