@@ -188,6 +188,12 @@ class ReferenceRunner:
     def _ort_session(self, path: Path):
         import onnxruntime as ort
 
+        from sentinel.verify.runtime import check_onnx_file
+
+        # verify's checks before any byte of external data is read: confined to the model's
+        # directory, sized as declared, bounded (onnxruntime's own checks vary by version)
+        check_onnx_file(path)
+
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = self.threads

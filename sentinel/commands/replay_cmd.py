@@ -26,7 +26,9 @@ def replay(
     min_agreement: float | None = typer.Option(
         None, "--min-agreement", help="Objective: fraction of answers agreeing with the reference "
                                       "(default: the golden set's min_top1_agreement)."),
-    max_error_ratio: float | None = typer.Option(None, "--max-error-ratio", help="Objective: failed / sent at most this."),
+    max_error_ratio: float | None = typer.Option(
+        None, "--max-error-ratio", help="Objective: failed / sent at most this (default: the --slo availability "
+                                        "objective, else 0: any failed request fails the run)."),
     slo: Path | None = typer.Option(None, "--slo", help="Objectives from an SLO file's availability, latency and "
                                                            "agreement SLOs for this model (flags win)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
@@ -42,7 +44,9 @@ def replay(
     """Replay the golden set against a model server: latency percentiles (corrected for coordinated
     omission), agreement with the reference, objectives.
 
-    Exit 0 when every objective is met, 1 when one is missed, 2 on usage or infrastructure errors.
+    Exit 0 when every objective is met, 1 when one is missed (by default any failed request is
+    one), 2 on usage or infrastructure errors, 130 after Ctrl-C (the report of what finished,
+    marked interrupted, is still printed and written).
     """
     from sentinel.errors import UsageError
     from sentinel.registry import open_registry
@@ -123,6 +127,9 @@ def replay(
         from sentinel.replay.push import push
 
         push(pushgateway, prom, entry.name)
+    if report.doc.get("interrupted"):
+        typer.echo("replay interrupted: the report covers the requests that finished", err=True)
+        raise typer.Exit(130)
     if not report.passed:
         for o in report.missed:
             typer.echo(f"objective missed: {o.message}", err=True)

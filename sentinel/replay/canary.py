@@ -25,6 +25,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from sentinel.protocols.names import CANARY_HEADER
+from sentinel.replay.compare import Tally
 from sentinel.replay.http import Target
 from sentinel.replay.push import ReplayMetrics
 from sentinel.replay.runner import LoadPlan, Outcome, Replayer, RunResult, Samples
@@ -157,13 +158,13 @@ class Canary:
         self.metrics.observe(self.model, o, agrees)
 
     def _summarize(self, r: RunResult) -> CanaryRun:
-        agreed = sum(1 for c in r.comparisons if c.agrees(self.samples.tolerance))
+        t = r.comparisons if isinstance(r.comparisons, Tally) else Tally.of(r.comparisons, self.samples.tolerance)
         p99 = r.corrected.value_at(99) if r.completed else None
-        run = CanaryRun(r.sent, sum(r.errors.values()), agreed, len(r.comparisons) - agreed, p99)
+        run = CanaryRun(r.sent, sum(r.errors.values()), t.agreed, t.answered - t.agreed, p99)
         self.last = run
         if run.errors or run.disagreed:
             log.warning("canary %s: %d errors, %d of %d answers disagree with the reference (%s)",
-                        self.model, run.errors, run.disagreed, len(r.comparisons), dict(r.errors))
+                        self.model, run.errors, run.disagreed, t.answered, dict(r.errors))
         return run
 
     def run_once(self) -> CanaryRun:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,3 +63,54 @@ def compare(sample_id: int, got: Decoded, ref_probs: np.ndarray, ref_logits: np.
     elif got.logits is not None or (got.probabilities is not None and pdiff is None):
         close = False  # outputs of the wrong width cannot agree
     return Comparison(int(sample_id), expected, int(got.top1), pdiff, ldiff, close)
+
+
+MAX_LISTED_MISMATCHES = 1000
+
+
+class Tally:
+    """The comparisons of a run, summed as they arrive under one tolerance: how many answered,
+    agreed, agreed on top-1, the largest differences, and the worst MAX_LISTED_MISMATCHES
+    mismatches (top-1 disagreements first, then by |Δp|, then in arrival order). Memory stays
+    bounded however long the run (a list of every comparison took ~240 B a request: 2 GB for
+    a day at 100 rps)."""
+
+    def __init__(self, tolerance: Tolerance | None = None, keep: int = MAX_LISTED_MISMATCHES):
+        self.tolerance = tolerance or Tolerance()
+        self.keep = keep
+        self.answered = self.agreed = self.top1_agreed = self.mismatch_count = 0
+        self.prob_max_abs: float | None = None
+        self.logits_max_abs: float | None = None
+        self._worst: list[tuple[int, float, int, Comparison]] = []   # max-heap by badness, negated
+
+    @classmethod
+    def of(cls, comparisons: Iterable[Comparison], tolerance: Tolerance) -> Tally:
+        t = cls(tolerance)
+        for c in comparisons:
+            t.append(c)
+        return t
+
+    def append(self, c: Comparison) -> None:
+        self.answered += 1
+        self.top1_agreed += c.top1_agrees
+        if c.prob_max_abs is not None:
+            self.prob_max_abs = max(self.prob_max_abs or 0.0, c.prob_max_abs)
+        if c.logits_max_abs is not None:
+            self.logits_max_abs = max(self.logits_max_abs or 0.0, c.logits_max_abs)
+        if c.agrees(self.tolerance):
+            self.agreed += 1
+            return
+        self.mismatch_count += 1
+        # badness key (0 for a top-1 disagreement, -|Δp|, arrival) ascending = worst first; negated in the heap
+        item = (-int(c.top1_agrees), c.prob_max_abs or 0.0, -self.mismatch_count, c)
+        if len(self._worst) < self.keep:
+            heapq.heappush(self._worst, item)
+        elif item[:3] > self._worst[0][:3]:
+            heapq.heapreplace(self._worst, item)
+
+    def worst(self) -> list[Comparison]:
+        """The kept mismatches, worst first."""
+        return [i[3] for i in sorted(self._worst, key=lambda i: i[:3], reverse=True)]
+
+    def __len__(self) -> int:
+        return self.answered

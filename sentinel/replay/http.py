@@ -65,12 +65,16 @@ class Connection:
         self.connect_timeout = connect_timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.retries = 0   # requests resent once on a fresh connection after the kept-alive one closed
 
     async def _connect(self) -> None:
         try:
             ctx = _tls_context() if self.target.tls else None
-            self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port, ssl=ctx), self.connect_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
+            # arrives as the connect completes, and the cancelled request then waits for an answer.
+            async with asyncio.timeout(self.connect_timeout):
+                self._reader, self._writer = await asyncio.open_connection(self.target.host, self.target.port,
+                                                                           ssl=ctx)
         except TimeoutError:
             raise HttpError("connect", f"connect to {self.target.authority} timed out") from None
         except ssl.SSLError as exc:
@@ -95,6 +99,8 @@ class Connection:
             if reused and isinstance(exc, (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)) \
                     and not getattr(exc, "partial", b""):
                 # The server closed an idle keep-alive connection: retry once on a fresh one.
+                # Counted: a server that closes after reading the request looks the same.
+                self.retries += 1
                 await self._connect()
                 try:
                     return await self._exchange(head, body)

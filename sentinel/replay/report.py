@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sentinel.golden import Tolerance
+from sentinel.replay.compare import MAX_LISTED_MISMATCHES, Tally
 from sentinel.replay.runner import LoadPlan, RunResult
 
-MAX_LISTED_MISMATCHES = 1000
+# Failed requests / sent allowed when neither --max-error-ratio nor an --slo availability
+# objective says otherwise: none. A replay is a test against a golden set, not production
+# traffic; an error budget has to be asked for.
+DEFAULT_MAX_ERROR_RATIO = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ class ReplayReport:
 
     @property
     def passed(self) -> bool:
-        return all(o.met for o in self.objectives)
+        """Every objective met, on a run that ran to its end (an interrupted run passes nothing)."""
+        return all(o.met for o in self.objectives) and not self.doc.get("interrupted", False)
 
     @property
     def missed(self) -> list[ObjectiveResult]:
@@ -99,7 +104,11 @@ def evaluate(objectives: Objectives, doc: dict[str, Any]) -> tuple[ObjectiveResu
                    f"agreement {a:.2%} is below {objectives.min_agreement:.2%} by "
                    f"{(objectives.min_agreement - a) * 100:.2f} points ({n_bad} mismatching samples)")
             out.append(ObjectiveResult("min_agreement", objectives.min_agreement, a, met, msg))
-    if objectives.max_error_ratio is not None:
+    if objectives.max_error_ratio is not None and not doc["sent"]:
+        # 0 of 0 is no evidence that the target answers (`--duration` shorter than one request)
+        out.append(ObjectiveResult("max_error_ratio", objectives.max_error_ratio, None, False,
+                                   "no request was sent: no error ratio measured"))
+    elif objectives.max_error_ratio is not None:
         r = doc["error_ratio"] or 0.0
         met = r <= objectives.max_error_ratio
         msg = (f"error ratio {r:.2%} ≤ {objectives.max_error_ratio:.2%}" if met else
@@ -151,13 +160,10 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
                  golden: str = "") -> ReplayReport:
     """The report document (fields documented in docs/replay_verify.md) and objective verdicts."""
     comps = result.comparisons
-    agree = sum(1 for c in comps if c.agrees(tolerance))
-    top1 = sum(1 for c in comps if c.top1_agrees)
-    bad = sorted((c for c in comps if not c.agrees(tolerance)),
-                 key=lambda c: (c.top1_agrees, -(c.prob_max_abs or 0.0)))
+    t = comps if isinstance(comps, Tally) else Tally.of(comps, tolerance)
+    if t.tolerance != tolerance:   # agreement was counted as the run went, under the samples' tolerance
+        raise ValueError(f"the run compared under {t.tolerance}, the report asks for {tolerance}")
     errors = sum(result.errors.values())
-    pdiffs = [c.prob_max_abs for c in comps if c.prob_max_abs is not None]
-    ldiffs = [c.logits_max_abs for c in comps if c.logits_max_abs is not None]
     lag = result.send_lag.summary()
     ct = result.client_time.summary()
     doc: dict[str, Any] = {
@@ -172,15 +178,18 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         "connections": plan.connections if plan.open_loop else plan.concurrency,
         "planned": result.planned,
         "sent": result.sent,
-        "answered": len(comps),
+        "interrupted": result.interrupted,
+        "abandoned": result.abandoned,
+        "answered": t.answered,
         "errors": errors,
         "error_ratio": _ratio(errors, result.sent),
         "errors_by_kind": dict(sorted(result.errors.items())),
+        "retried": result.retried,
         "error_examples": dict(sorted(result.error_examples.items())),
-        "agreement": _ratio(agree, len(comps)),
-        "top1_agreement": _ratio(top1, len(comps)),
-        "prob_max_abs": round(max(pdiffs), 9) if pdiffs else None,
-        "logits_max_abs": round(max(ldiffs), 9) if ldiffs else None,
+        "agreement": _ratio(t.agreed, t.answered),
+        "top1_agreement": _ratio(t.top1_agreed, t.answered),
+        "prob_max_abs": None if t.prob_max_abs is None else round(t.prob_max_abs, 9),
+        "logits_max_abs": None if t.logits_max_abs is None else round(t.logits_max_abs, 9),
         "tolerance": {"prob_atol": tolerance.prob_atol, "logits_atol": tolerance.logits_atol,
                       "logits_rtol": tolerance.logits_rtol},
         "duration_s": round(result.wall_s, 3),
@@ -194,8 +203,8 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
             "decode_compare_us": _clean({"p50": _us(ct.p50), "p99": _us(ct.p99)}),
             "cpu_per_request_us": round(result.cpu_s / result.completed * 1e6, 1) if result.completed else None,
         },
-        "mismatch_count": len(bad),
-        "mismatches": [c.as_dict() for c in bad[:MAX_LISTED_MISMATCHES]],
+        "mismatch_count": t.mismatch_count,
+        "mismatches": [c.as_dict() for c in t.worst()[:MAX_LISTED_MISMATCHES]],
     }
     if objectives.latency_threshold_ms is not None:
         w = result.corrected.fraction_within(objectives.latency_threshold_ms / 1000.0)
@@ -203,8 +212,9 @@ def build_report(result: RunResult, *, model: str, target: str, protocol: str, b
         doc["latency_ms"]["corrected"]["threshold"] = objectives.latency_threshold_ms
     verdicts = evaluate(objectives, doc)
     doc["objectives"] = [o.as_dict() for o in verdicts]
-    doc["passed"] = all(o.met for o in verdicts)
-    return ReplayReport(doc, verdicts)
+    report = ReplayReport(doc, verdicts)
+    doc["passed"] = report.passed
+    return report
 
 
 def _us(ms: float) -> float:
@@ -220,6 +230,7 @@ def render_text(report: ReplayReport) -> str:
              f"sent {d['sent']}, answered {d['answered']}, errors {d['errors']}"
              + (f" ({_pct(d['error_ratio'])}: " + ", ".join(f"{k} {v}" for k, v in d["errors_by_kind"].items()) + ")"
                 if d["errors"] else "")
+             + (f"; {d['retried']} resent after the server closed a kept-alive connection" if d.get("retried") else "")
              + f"; achieved {d['achieved_rps']} rps over {d['duration_s']} s",
              f"{'latency ms':<12}{'p50':>9}{'p90':>9}{'p95':>9}{'p99':>9}{'p99.9':>9}{'max':>9}"]
     for kind in ("corrected", "uncorrected"):
@@ -234,6 +245,9 @@ def render_text(report: ReplayReport) -> str:
             for m in shown) + (" …" if d["mismatch_count"] > len(shown) else ""))
     for o in report.objectives:
         lines.append(f"{'ok    ' if o.met else 'MISSED'} {o.message}")
+    if d.get("interrupted"):
+        lines.append(f"INTERRUPTED after {d['duration_s']} s: a partial run, {d['sent']} of "
+                     f"{d['planned'] or '?'} planned requests finished, {d['abandoned']} in flight abandoned")
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import numpy as np
 
 from sentinel.errors import DecodeError
 from sentinel.golden import Tolerance
-from sentinel.replay.compare import Comparison, compare
+from sentinel.replay.compare import Comparison, Tally, compare
 from sentinel.replay.histogram import LatencyHistogram
 from sentinel.replay.http import Connection, HttpError, Target, build_head
 from sentinel.replay.wire import WireFormat
@@ -103,10 +105,16 @@ class RunResult:
     client_time: LatencyHistogram = field(default_factory=LatencyHistogram)  # per request, not waiting
     errors: Counter = field(default_factory=Counter)
     error_examples: dict[str, str] = field(default_factory=dict)
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: Tally | list[Comparison] = field(default_factory=Tally)   # the run's: a Tally (bounded)
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    retried: int = 0            # requests resent on a fresh connection after a kept-alive one closed
+    interrupted: bool = False   # Ctrl-C (SIGINT) ended the run early: what is here is what finished before
+    abandoned: int = 0          # requests in flight when it was interrupted (not counted in `sent`)
 
+
+# After Ctrl-C: how long requests in flight get to unwind before the run ends without them.
+CANCEL_GRACE_S = 2.0
 
 Observer = Callable[[Outcome], None]
 Progress = Callable[[int, int], None]
@@ -143,27 +151,87 @@ class Replayer:
             return 0  # closed loop until the time is up
         return len(self.samples)
 
-    def run(self, plan: LoadPlan) -> RunResult:
-        """Run the plan on a fresh event loop (uvloop when installed)."""
+    def run(self, plan: LoadPlan, *, partial_on_interrupt: bool = False) -> RunResult:
+        """Run the plan on a fresh event loop (uvloop when installed).
+
+        With `partial_on_interrupt` (the CLI; only on the main thread, and only when SIGINT is
+        not ignored, as in a script's background job), the first SIGINT ends the run early:
+        requests in flight are cancelled, their connections closed, and the result holds what
+        finished, marked `interrupted`. The handler is the event loop's own (a wake-up fd, so it
+        is seen even while the loop sleeps in C), and it puts back the default action at once,
+        so a second SIGINT ends the process whatever the run is doing. The previous handler is
+        restored when the run ends."""
         try:
             import uvloop
 
-            factory = uvloop.new_event_loop
+            loop = uvloop.new_event_loop()
         except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-            factory = None
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(self.run_async(plan))
+            loop = asyncio.new_event_loop()
+        self._result: RunResult | None = None
+        task = loop.create_task(self.run_async(plan))
+        interrupted = False
+        stopper: asyncio.Handle | None = None
+        previous = None
+        if partial_on_interrupt and threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is signal.SIG_IGN:
+                previous = None   # ignored by whoever started us (a script's background job): leave it so
+
+        def on_sigint() -> None:
+            nonlocal interrupted, stopper
+            interrupted = True
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second Ctrl-C: stop at once
+            task.cancel()
+            # Whatever does not unwind in time is left behind: the loop stops, the run ends.
+            stopper = loop.call_later(CANCEL_GRACE_S, loop.stop)
+
+        t0 = time.perf_counter()
+        try:
+            if previous is not None:
+                loop.add_signal_handler(signal.SIGINT, on_sigint)
+            try:
+                return loop.run_until_complete(task)
+            except (asyncio.CancelledError, RuntimeError):   # RuntimeError: stopped by `stopper`
+                r = self._result
+                if not interrupted or r is None:
+                    raise
+                r.interrupted = True
+                r.abandoned = r.sent - r.completed
+                r.sent = r.completed   # sent = answered + errors, as in a run that ran to its end
+                r.wall_s = r.wall_s or time.perf_counter() - t0
+                return r
+        finally:
+            try:
+                if stopper is not None:
+                    stopper.cancel()
+                if previous is not None:
+                    if not interrupted:
+                        loop.remove_signal_handler(signal.SIGINT)
+                    signal.signal(signal.SIGINT, previous)
+                try:
+                    _cancel_all(loop)
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                except RuntimeError:   # stopped again by what `stopper` left behind: we are ending anyway
+                    if not interrupted:
+                        raise
+            finally:
+                loop.close()
 
     async def run_async(self, plan: LoadPlan) -> RunResult:
         planned = self.planned_count(plan)
-        result = RunResult("open" if plan.open_loop else "closed", planned)
+        result = RunResult("open" if plan.open_loop else "closed", planned,
+                           comparisons=Tally(self.samples.tolerance))
+        self._result = result
         cpu0, t0 = time.process_time(), time.perf_counter()
-        if plan.open_loop:
-            await self._open_loop(plan, planned, result)
-        else:
-            await self._closed_loop(plan, planned, result)
-        result.wall_s = time.perf_counter() - t0
-        result.cpu_s = time.process_time() - cpu0
+        try:
+            if plan.open_loop:
+                await self._open_loop(plan, planned, result)
+            else:
+                await self._closed_loop(plan, planned, result)
+        finally:
+            result.wall_s = time.perf_counter() - t0
+            result.cpu_s = time.process_time() - cpu0
         return result
 
     async def _one(self, conn: Connection, i: int, intended: float, timeout: float, result: RunResult) -> None:
@@ -173,8 +241,10 @@ class Replayer:
         error = None
         cmp = None
         t_wait = t_send
+        retries = getattr(conn, "retries", 0)
         try:
-            resp = await asyncio.wait_for(conn.request(self._requests[k], b""), timeout)
+            async with asyncio.timeout(timeout):   # not wait_for: see http.Connection._connect
+                resp = await conn.request(self._requests[k], b"")
             t_done = time.perf_counter()
             t_wait = t_done
             if 200 <= resp.status < 300:
@@ -198,6 +268,7 @@ class Replayer:
             error = exc.kind
             result.error_examples.setdefault(error, str(exc))
         result.completed += 1
+        result.retried += getattr(conn, "retries", 0) - retries
         result.corrected.record(t_done - intended)
         result.uncorrected.record(t_done - t_send)
         result.send_lag.record(t_send - intended)
@@ -228,20 +299,29 @@ class Replayer:
 
         start = time.perf_counter()
         interval = 1.0 / plan.rate
-        for i in range(planned):
-            intended = start + i * interval
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await slots.acquire()   # all connections busy: this send is late, and that counts
-            result.sent += 1
-            t = asyncio.create_task(send(i, intended))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-        for c in idle:
-            c.close()
+        try:
+            for i in range(planned):
+                intended = start + i * interval
+                delay = intended - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await slots.acquire()   # all connections busy: this send is late, and that counts
+                result.sent += 1
+                t = asyncio.create_task(send(i, intended))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            # Cancelled (Ctrl-C): the requests still in flight are abandoned. Their connections
+            # go back to `idle` as each task unwinds, and every connection is closed.
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+            for c in idle:
+                c.close()
 
     async def _closed_loop(self, plan: LoadPlan, planned: int, result: RunResult) -> None:
         workers = plan.concurrency or 1
@@ -262,6 +342,16 @@ class Replayer:
         await asyncio.gather(*(worker() for _ in range(workers)))
         if not planned:
             result.planned = result.sent
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and reap every task still on `loop` (asyncio.Runner's clean-up, for our own loop), waiting
+    at most `CANCEL_GRACE_S`."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in pending:
+        t.cancel()
+    if pending:   # bounded: a task that swallows its cancellation must not keep the process
+        loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE_S))
 
 
 def _count():

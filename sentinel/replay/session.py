@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -13,7 +14,7 @@ from sentinel.golden import GoldenSet, Tolerance
 from sentinel.protocols.names import WireProtocol
 from sentinel.registry import ModelEntry
 from sentinel.replay.http import HttpError, Target, probe
-from sentinel.replay.report import Objectives, ReplayReport, build_report
+from sentinel.replay.report import DEFAULT_MAX_ERROR_RATIO, Objectives, ReplayReport, build_report
 from sentinel.replay.runner import LoadPlan, Observer, Progress, Replayer, Samples
 from sentinel.replay.wire import WireFormat
 
@@ -42,8 +43,80 @@ def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", li
     use_raw = raw is not None and (send == "raw" or (send == "auto" and entry.manifest.raw_input is not None))
     x = raw if use_raw else golden.inputs
     n = len(x) if limit is None else min(limit, len(x))
-    return Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
-                   logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
+    samples = Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
+                      logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
+    check_samples(entry, golden, samples, "raw" if use_raw else "inputs")
+    return samples
+
+
+def check_samples(entry: ModelEntry, golden: GoldenSet, samples: Samples, form: str) -> None:
+    """Refuse golden rows that do not fit the model, naming the file: they pass the digest check
+    (a set built by another tool, or for another model and re-signed), and every answer would
+    then be called a mismatch of the model, or every request a 400 of the server."""
+    classes = len(entry.manifest.classes)
+    for name in ("probabilities", "logits"):
+        a = getattr(samples, name)
+        where = f"{golden.path / (name + '.npy')}"
+        if a.ndim != 2 or (classes and a.shape[1] != classes):
+            raise UsageError(f"{where}: reference scores of shape {list(a.shape[1:])} per sample; "
+                             f"{entry.spec} has {classes} classes")
+        bad = np.flatnonzero(~np.isfinite(np.asarray(a, np.float64)).all(axis=1))
+        if bad.size:
+            raise UsageError(f"{where}: {bad.size} reference rows hold NaN or infinite scores "
+                             f"(first: sample id {int(samples.ids[bad[0]])}); rebuild the golden set")
+    spec = entry.manifest.raw_input if form == "raw" else entry.manifest.input
+    if spec is not None and tuple(samples.inputs.shape[1:]) != tuple(spec.shape):
+        field = "raw_input" if form == "raw" else "input"
+        raise UsageError(f"{golden.path / (form + '.npy')}: samples of shape {list(samples.inputs.shape[1:])}; "
+                         f"{entry.spec}'s model.yaml {field} is {list(spec.shape)}")
+    ids, counts = np.unique(samples.ids, return_counts=True)
+    if (counts > 1).any():
+        dup = int(ids[np.argmax(counts)])
+        raise UsageError(f"{golden.path / 'ids.npy'}: sample id {dup} appears {int(counts.max())} times; "
+                         "ids name the samples in the report's mismatches and must be unique")
+
+
+FD_RESERVE = 64   # descriptors kept for everything else: golden files, stdio, the event loop, the probe
+
+
+def check_fd_room(plan: LoadPlan, requests: int | None = None, reserve: int = FD_RESERVE) -> None:
+    """Refuse a plan needing more connections than this process may open files.
+
+    Past the limit every further connect fails with EMFILE, which the run counted as the
+    target's `connect` errors (`--concurrency 2000` under `ulimit -n 512`: 93% "errors").
+    No more connections are opened than `requests` (when known). The soft limit is raised
+    towards the hard one first, as far as needed."""
+    import resource
+
+    wanted = (plan.connections if plan.open_loop else plan.concurrency or 1)
+    if requests is not None:
+        wanted = min(wanted, requests)   # never more connections than requests
+    need = wanted + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    except (ValueError, OSError):
+        pass
+    if soft < need:
+        flag = "--connections" if plan.open_loop else "--concurrency"
+        raise UsageError(f"{flag} {wanted} needs {wanted} connections, but this process may open only {soft} "
+                         f"files (ulimit -n; {reserve} kept for the rest): use at most {max(1, soft - reserve)} "
+                         "or raise the limit")
+
+
+def with_defaults(objectives: Objectives, tolerance: Tolerance) -> Objectives:
+    """The objectives a replay is judged by when neither flags nor --slo set them: agreement
+    at the golden set's `min_top1_agreement`, and no failed request (`DEFAULT_MAX_ERROR_RATIO`):
+    a run whose requests mostly failed must not exit 0 because nothing asked about errors."""
+    if objectives.min_agreement is None:
+        objectives = replace(objectives, min_agreement=tolerance.min_top1_agreement)
+    if objectives.max_error_ratio is None:
+        objectives = replace(objectives, max_error_ratio=DEFAULT_MAX_ERROR_RATIO)
+    return objectives
 
 
 def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: LoadPlan, objectives: Objectives, *,
@@ -55,6 +128,10 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
         problems.append(f"--samples must be at least 1, got {spec.samples}")
     if problems:
         raise UsageError("; ".join(problems))
+    n = len(golden.ids)
+    check_fd_room(plan, plan.count if plan.count is not None else
+                  math.ceil(plan.rate * plan.duration_s) if plan.rate is not None and plan.duration_s is not None else
+                  None if plan.duration_s is not None else min(spec.samples or n, n))
     if spec.protocol == "grpc":
         return _run_grpc(entry, golden, spec, plan, objectives, tolerance=tolerance, observer=observer,
                          progress=progress)
@@ -69,11 +146,10 @@ def run_replay(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Loa
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = WireFormat(spec.protocol, spec.model_path_name, binary=spec.binary, classes=entry.manifest.classes)
     replayer = Replayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan)
+    result = replayer.run(plan, partial_on_interrupt=True)
     if result.sent and result.errors.get("connect", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every request failed to connect to {target.authority}")
-    if objectives.min_agreement is None:
-        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    objectives = with_defaults(objectives, samples.tolerance)
     return build_report(result, model=entry.spec, target=spec.target + wire.path, protocol=spec.protocol,
                         binary=spec.binary, plan=plan, tolerance=samples.tolerance, objectives=objectives,
                         golden=str(golden.path))
@@ -95,11 +171,10 @@ def _run_grpc(entry: ModelEntry, golden: GoldenSet, spec: ReplaySpec, plan: Load
     samples = select_samples(entry, golden, spec.send, spec.samples, tolerance)
     wire = GrpcWire(spec.model_path_name, classes=entry.manifest.classes)
     replayer = GrpcReplayer(target, wire, samples, headers=dict(spec.headers), observer=observer, progress=progress)
-    result = replayer.run(plan)
+    result = replayer.run(plan, partial_on_interrupt=True)
     if result.sent and result.errors.get("grpc_unavailable", 0) == result.sent:
         raise InfrastructureError(f"target unreachable: every call failed with UNAVAILABLE at {target.authority}")
-    if objectives.min_agreement is None:
-        objectives = replace(objectives, min_agreement=samples.tolerance.min_top1_agreement)
+    objectives = with_defaults(objectives, samples.tolerance)
     return build_report(result, model=entry.spec, target=f"grpc://{target.authority}{wire.path}", protocol="grpc",
                         binary=True, plan=plan, tolerance=samples.tolerance, objectives=objectives,
                         golden=str(golden.path))

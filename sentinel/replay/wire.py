@@ -27,7 +27,13 @@ def decoded_first(resp: protocols.DecodedResponse, classes: tuple[str, ...] = ()
     With the model's classes known, an answer whose score vector has another width is refused
     (`DecodeError` kind `bad_shape`): an argmax over 7 scores compared with a 10-class reference
     would count chance agreements and call the rest mismatches of the model, not of the answer.
+    Replay asks about one sample at a time, so an answer with another number of rows (a
+    batch of 2 for 1 input: another request's results, or a batching bug) is refused too
+    (`bad_shape`), rather than its first row compared as if it were this sample's.
     """
+    rows = len(resp.labels) if resp.labels else (resp.outputs.shape[0] if resp.outputs.ndim >= 1 else 0)
+    if rows != 1:
+        raise DecodeError("bad_shape", f"the answer has {rows} rows for 1 input sample")
     if resp.labels:
         return Decoded(classes.index(resp.labels[0]))
     width = resp.outputs.shape[1] if resp.outputs.ndim == 2 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -127,7 +128,12 @@ class OnnxExport:
         external = _uses_external_data(self.model.graph)
         if external:
             # before anything is read: every file inside the model's directory, sizes as declared, bounded
-            check_external_data(self.model.graph, Path(path))
+            # (the same check, on the same bytes, as the sidecar's shadow makes: check_onnx_file)
+            try:
+                tensors = list(external_tensors(raw))
+            except ValueError as exc:
+                raise WeightsError(f"{path}: not a valid ONNX model ({exc})") from None
+            check_external_tensors(tensors, Path(path))
         try:
             if external:
                 from onnx.external_data_helper import load_external_data_for_model
@@ -330,22 +336,60 @@ def _all_tensors(graph):
                     yield from _all_tensors(g)
 
 
+@dataclass(frozen=True)
+class ExternalTensor:
+    """What a tensor stored outside the .onnx file says about its bytes."""
+
+    name: str
+    dims: tuple[int, ...]
+    data_type: int                 # TensorProto.DataType
+    info: dict[str, str]           # external_data: location, offset, length, checksum
+
+
+# TensorProto.DataType → bytes per element (4-bit and string types are sized as declared).
+_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
+             16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 23: 1}
+
+
 def check_external_data(graph, path: Path) -> None:
+    """`check_external_tensors` on a graph parsed by the onnx package."""
+    from onnx import TensorProto
+
+    check_external_tensors((ExternalTensor(t.name, tuple(t.dims), t.data_type,
+                                           {e.key: e.value for e in t.external_data})
+                            for t in _all_tensors(graph) if t.data_location == TensorProto.EXTERNAL), path)
+
+
+def check_onnx_file(path: Path) -> bytes:
+    """The bytes of an .onnx file after the checks `verify` makes before loading one, without the
+    onnx package (the sidecar's shadow has only onnxruntime): at most MAX_ONNX_FILE_BYTES, and
+    every external data tensor confined and sized (`check_external_tensors`), found by walking
+    the protobuf (`external_tensors`). Raises WeightsError or RegistryError naming the file."""
+    size = Path(path).stat().st_size
+    if size > MAX_ONNX_FILE_BYTES:
+        raise WeightsError(f"{path}: {size} bytes; an ONNX file holds at most 2 GiB (protobuf's limit), "
+                           "larger models keep their tensors in external data files")
+    raw = Path(path).read_bytes()
+    try:
+        tensors = list(external_tensors(raw))
+    except ValueError as exc:
+        raise WeightsError(f"{path}: not a valid ONNX model ({exc})") from None
+    check_external_tensors(tensors, Path(path))
+    return raw
+
+
+def check_external_tensors(tensors, path: Path) -> None:
     """Refuse external data that would make loading read outside the model's directory or unbounded bytes.
 
     Each tensor's `location` must stay in the directory of the .onnx file (symlinks resolved,
     `sentinel.registry.confined`); its bytes (`length`, else the file from `offset` on) must
     exist and match what its dims and type declare; all of them together at most
     MAX_EXTERNAL_DATA_BYTES. Checked from the manifest and file sizes, before any is read."""
-    from onnx import TensorProto, helper
-
     from sentinel.registry import confined
 
     total = 0
-    for t in _all_tensors(graph):
-        if t.data_location != TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
+    for t in tensors:
+        info = t.info
         where = f"{path}: tensor {t.name!r} external data location"
         file = confined(path.parent, info.get("location", ""), where)
         if not file.is_file():
@@ -362,10 +406,8 @@ def check_external_data(graph, path: Path) -> None:
         count = 1
         for d in t.dims:
             count *= d
-        try:
-            want = count * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            want = n   # a type numpy cannot size (4-bit, strings): its bytes as declared
+        itemsize = _ITEMSIZE.get(t.data_type)
+        want = n if itemsize is None else count * itemsize   # a type not sized here: its bytes as declared
         if want != n:
             raise WeightsError(f"{path}: tensor {t.name!r} has dims {list(t.dims)} ({want} bytes) "
                                f"but its external data holds {n} bytes")
@@ -373,6 +415,133 @@ def check_external_data(graph, path: Path) -> None:
         if total > MAX_EXTERNAL_DATA_BYTES:
             raise WeightsError(f"{path}: external data exceeds {MAX_EXTERNAL_DATA_BYTES >> 30} GiB "
                                f"(at tensor {t.name!r}); refusing to load it")
+
+
+# Protobuf field numbers (onnx.proto3) leading to every TensorProto of a model.
+_MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 20, 25
+_TRAINING_GRAPHS = (1, 2)                     # TrainingInfoProto: initialization, algorithm
+_FUNCTION_NODE = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE = 1, 5, 15
+_SPARSE_TENSORS = (1, 2)                      # SparseTensorProto: values, indices
+_NODE_ATTRIBUTE = 5
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_T_DIMS, _T_TYPE, _T_NAME, _T_EXTERNAL, _T_LOCATION = 1, 2, 8, 13, 14
+MAX_GRAPH_DEPTH = 64
+
+
+def external_tensors(raw: bytes):
+    """Every tensor of a serialized ModelProto stored as external data, read from the protobuf
+    wire format directly (lengths checked against the buffer; graphs nested at most
+    MAX_GRAPH_DEPTH deep). Raises ValueError on bytes that are not a well-formed message."""
+    buf = memoryview(raw)
+
+    def graph(a: int, b: int, depth: int):
+        if depth > MAX_GRAPH_DEPTH:
+            raise ValueError(f"graphs nested more than {MAX_GRAPH_DEPTH} deep")
+        for num, lo, hi in _messages(buf, a, b):
+            if num == _GRAPH_NODE:
+                yield from node(lo, hi, depth)
+            elif num == _GRAPH_INITIALIZER:
+                yield from tensor(lo, hi)
+            elif num == _GRAPH_SPARSE:
+                yield from sparse(lo, hi)
+
+    def node(a: int, b: int, depth: int):
+        for num, lo, hi in _messages(buf, a, b):
+            if num == _NODE_ATTRIBUTE:
+                for n2, lo2, hi2 in _messages(buf, lo, hi):
+                    if n2 in (_ATTR_T, _ATTR_TENSORS):
+                        yield from tensor(lo2, hi2)
+                    elif n2 in (_ATTR_G, _ATTR_GRAPHS):
+                        yield from graph(lo2, hi2, depth + 1)
+                    elif n2 in (_ATTR_SPARSE, _ATTR_SPARSES):
+                        yield from sparse(lo2, hi2)
+
+    def sparse(a: int, b: int):
+        for num, lo, hi in _messages(buf, a, b):
+            if num in _SPARSE_TENSORS:
+                yield from tensor(lo, hi)
+
+    def tensor(a: int, b: int):
+        dims: list[int] = []
+        data_type, name, external, info = 0, "", False, {}
+        for num, wire, v, lo, hi in _fields(buf, a, b):
+            if num == _T_DIMS:
+                vals = [v] if wire == 0 else _packed_varints(buf, lo, hi)
+                dims.extend(x - (1 << 64) if x >= 1 << 63 else x for x in vals)
+            elif num == _T_TYPE and wire == 0:
+                data_type = v
+            elif num == _T_NAME and wire == 2:
+                name = bytes(buf[lo:hi]).decode("utf-8", "replace")
+            elif num == _T_LOCATION and wire == 0:
+                external = v == 1
+            elif num == _T_EXTERNAL and wire == 2:
+                kv = {k: bytes(buf[l2:h2]).decode("utf-8", "replace") for k, l2, h2 in _messages(buf, lo, hi)}
+                info[kv.get(1, "")] = kv.get(2, "")
+        if external:
+            yield ExternalTensor(name, tuple(dims), data_type, info)
+
+    for num, lo, hi in _messages(buf, 0, len(buf)):
+        if num == _MODEL_GRAPH:
+            yield from graph(lo, hi, 0)
+        elif num == _MODEL_TRAINING:
+            for n2, lo2, hi2 in _messages(buf, lo, hi):
+                if n2 in _TRAINING_GRAPHS:
+                    yield from graph(lo2, hi2, 1)
+        elif num == _MODEL_FUNCTIONS:
+            for n2, lo2, hi2 in _messages(buf, lo, hi):
+                if n2 == _FUNCTION_NODE:
+                    yield from node(lo2, hi2, 1)
+
+
+def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = buf[i]
+        i += 1
+        v |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return v, i
+        shift += 7
+
+
+def _fields(buf: memoryview, a: int, b: int):
+    """(field number, wire type, varint value, start, end) of each field of the message in buf[a:b]."""
+    i = a
+    while i < b:
+        key, i = _varint(buf, i, b)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i, b)
+            yield num, 0, v, i, i
+            continue
+        if wire == 2:
+            n, i = _varint(buf, i, b)
+            lo, i = i, i + n
+        elif wire in (1, 5):
+            lo, i = i, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire} (groups are not used by ONNX)")
+        if i > b:
+            raise ValueError("a field runs past the end of its message")
+        yield num, wire, 0, lo, i
+
+
+def _messages(buf: memoryview, a: int, b: int):
+    """(field number, start, end) of each length-delimited field of the message in buf[a:b]."""
+    for num, wire, _, lo, hi in _fields(buf, a, b):
+        if wire == 2:
+            yield num, lo, hi
+
+
+def _packed_varints(buf: memoryview, a: int, b: int) -> list[int]:
+    out, i = [], a
+    while i < b:
+        v, i = _varint(buf, i, b)
+        out.append(v)
+    return out
 
 
 def _uses_external_data(graph) -> bool:

@@ -156,6 +156,8 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "format": export.format,
         "precision": prec,
         "output": name,
+        # other outputs the scores could be in: a failing verdict on `output` may be the wrong guess
+        "same_shape_outputs": [n for n in export.output_names if n != name and outs[n].shape == out.shape],
         "detected_precision": detected,
         "model": entry.spec,
         "golden": str(golden.path),
@@ -357,5 +359,9 @@ def render_text(report: VerifyReport) -> str:
         lines.append(f"first divergence: {d['first_divergence']} (ONNX value {row['onnx_value']!r}, {how})")
     elif d["localization_note"]:
         lines.append(f"localization: {d['localization_note']}")
+    if d.get("same_shape_outputs"):
+        lines.append(f"compared output {d['output']!r}; also of the reference's shape: "
+                     + ", ".join(repr(n) for n in d["same_shape_outputs"])
+                     + " (verify compares `logits` by name, else the first output of that shape)")
     lines.append("PASSED" if d["passed"] else "FAILED: " + "; ".join(d["failures"]))
     return "\n".join(lines)

@@ -216,3 +216,21 @@ def test_nan_scores_fail_by_name_and_the_json_report_stays_json(entry, golden, t
 
     doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)   # bare NaN tokens were written
     assert doc["outputs"]["logits"]["max_abs"] is None
+
+
+def test_a_failure_on_one_of_several_outputs_of_the_scores_shape_names_the_others(entry, golden, tmp_path):
+    # out0 (an auxiliary head of the same shape) first, the real scores in out1: verify
+    # compared out0 and failed without a word about out1
+    from onnx import helper
+
+    from sentinel.verify.verifier import render_text
+
+    m = onnx.load(str(REPO / "models" / "digits" / "v3" / "model.onnx"))
+    m.graph.node.extend([helper.make_node("Relu", ["logits"], ["out0"]),
+                         helper.make_node("Identity", ["logits"], ["out1"])])
+    del m.graph.output[:]
+    m.graph.output.extend([helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["n", 10]) for n in ("out0", "out1")])
+    onnx.save(m, str(tmp_path / "aux.onnx"))
+    report = verify_export(tmp_path / "aux.onnx", entry, golden, localize="never")
+    assert not report.passed and report.doc["output"] == "out0" and report.doc["same_shape_outputs"] == ["out1"]
+    assert "compared output 'out0'; also of the reference's shape: 'out1'" in render_text(report)

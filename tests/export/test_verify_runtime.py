@@ -208,3 +208,50 @@ def test_a_fixed_batch_export_runs_any_number_of_rows(tmp_path: Path):
     got = e.run(x)["logits"]
     assert got.shape == (5, 4)
     np.testing.assert_allclose(got, _reference(m, x)["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_the_protobuf_walk_finds_every_external_tensor_the_onnx_package_finds(tmp_path: Path):
+    # check_onnx_file (the sidecar's shadow, no onnx package there) walks the protobuf itself:
+    # initializers, Constant values, subgraph initializers, packed and negative dims
+    from sentinel.verify.runtime import _all_tensors, external_tensors
+
+    rng = np.random.default_rng(1)
+    then_w = numpy_helper.from_array(rng.normal(size=(4,)).astype(np.float32), "then_w")
+    then_g = helper.make_graph([helper.make_node("Add", ["then_w", "then_w"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])], [then_w])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(
+        rng.normal(size=(2, 2)).astype(np.float64).reshape(4), "else_c"))], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.DOUBLE, [4])])
+    m = _model()
+    m.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=then_g, else_branch=else_g))
+    m.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, location="m.weights", size_threshold=0)
+    raw = path.read_bytes()
+    mine = {t.name: (t.dims, t.data_type, t.info) for t in external_tensors(raw)}
+    parsed = onnx.load_model(str(path), load_external_data=False)
+    theirs = {t.name: (tuple(t.dims), t.data_type, {e.key: e.value for e in t.external_data})
+              for t in _all_tensors(parsed.graph) if t.data_location == TensorProto.EXTERNAL}
+    assert mine == theirs and {"w1", "w2", "then_w"} <= set(mine)
+    assert list(external_tensors((REPO / "models/digits/v3/model.features.onnx").read_bytes())) == []
+    with pytest.raises(ValueError, match="past the end"):
+        list(external_tensors(raw[:len(raw) // 2]))
+
+
+@pytest.mark.unit
+def test_the_shadow_loads_onnx_through_the_same_checks_as_verify(tmp_path: Path):
+    # The sidecar's shadow handed the path straight to onnxruntime: external data outside the
+    # model's directory or of another size than declared was left to the installed version.
+    from sentinel.analysis.shadow import ReferenceRunner
+    from sentinel.errors import RegistryError, WeightsError
+
+    runner = object.__new__(ReferenceRunner)   # only the loader: no entry, no golden check
+    runner.threads = 1
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 512)
+    with pytest.raises(RegistryError, match=r"m\.onnx: tensor 'w1' external data location: .* outside"):
+        runner._ort_session(_external(tmp_path, "../secret.bin"))
+    with pytest.raises(WeightsError, match=r"tensor 'w1' declares 4096 bytes"):
+        runner._ort_session(_external(tmp_path, "m.weights", length=4096))
+    sess = runner._ort_session(_external(tmp_path, "m.weights"))
+    assert sess.get_outputs()[0].name == "logits"

@@ -109,3 +109,35 @@ def test_a_hostile_response_is_a_bounded_error_not_a_crash_or_unbounded_read(mon
         return info.value
 
     assert asyncio.run(main()).kind == kind
+
+
+def test_a_request_resent_after_the_server_closed_the_connection_is_counted():
+    # The server reads the second request and closes without answering: the client resends it
+    # on a fresh connection (right for an idle keep-alive close), and said nothing of it.
+    async def main():
+        calls = []
+
+        async def handler(reader, writer):
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                calls.append(1)
+                if len(calls) == 2:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            writer.close()
+
+        srv, port = await _serve_once(handler)
+        t = Target.parse(f"http://127.0.0.1:{port}")
+        conn = Connection(t)
+        head = build_head(t, "POST", "/x", {}, 0)
+        got = [(await conn.request(head, b"")).body for _ in range(2)]
+        conn.close()
+        srv.close()
+        return got, conn.retries, len(calls)
+
+    got, retries, calls = asyncio.run(main())
+    assert got == [b"ok", b"ok"] and calls == 3 and retries == 1

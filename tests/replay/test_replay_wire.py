@@ -176,3 +176,42 @@ def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(InfrastructureError, match="cannot write the report"):
         write_json_report({"a": 1}, tmp_path / "file" / "r.json")
+
+
+def test_an_error_objective_is_missed_when_nothing_was_sent():
+    # --duration shorter than one request: "ok error ratio 0.00% ≤ 0.00%" on 0 of 0 requests
+    rep = build_report(RunResult("closed", 0), model="digits:v3", target="http://x", protocol="v2", binary=False,
+                       plan=LoadPlan(concurrency=4, duration_s=1e-4), tolerance=Tolerance(),
+                       objectives=Objectives(max_error_ratio=0.0))
+    assert not rep.passed
+    assert [(o.name, o.actual, o.message) for o in rep.missed] == [
+        ("max_error_ratio", None, "no request was sent: no error ratio measured")]
+
+
+def test_resent_requests_are_in_the_report():
+    from sentinel.replay.report import render_text
+
+    rep = build_report(RunResult("closed", 3, sent=3, completed=3, retried=2), model="digits:v3", target="http://x",
+                       protocol="v2", binary=False, plan=LoadPlan(concurrency=1), tolerance=Tolerance(),
+                       objectives=Objectives())
+    assert rep.doc["retried"] == 2
+    assert "2 resent after the server closed a kept-alive connection" in render_text(rep)
+
+
+def test_the_tally_keeps_the_worst_mismatches_in_bounded_memory():
+    # Every comparison was kept in a list (~240 B a request: 2 GB for a day at 100 rps); the
+    # tally keeps counts, maxima and the worst `keep` mismatches, in the order a full sort gave.
+    from sentinel.replay.compare import Comparison, Tally
+
+    rng = np.random.default_rng(3)
+    tol = Tolerance(prob_atol=0.05)
+    comps = [Comparison(i, 1, int(rng.integers(0, 3)), float(round(rng.random() * 0.1, 2)), None, True)
+             for i in range(5000)]
+    t = Tally(tol, keep=50)
+    for c in comps:
+        t.append(c)
+    bad = [c for c in comps if not c.agrees(tol)]
+    assert len(t._worst) == 50 and t.mismatch_count == len(bad) and t.answered == 5000
+    assert t.worst() == sorted(bad, key=lambda c: (c.top1_agrees, -(c.prob_max_abs or 0.0)))[:50]
+    assert t.agreed == 5000 - len(bad) and t.top1_agreed == sum(c.top1_agrees for c in comps)
+    assert t.prob_max_abs == max(c.prob_max_abs for c in comps)
