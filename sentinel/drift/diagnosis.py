@@ -505,8 +505,13 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
-             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None) -> Diagnosis:
-    """The diagnosis of one window (see the module docstring for the rules)."""
+             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None,
+             feature_violating: np.ndarray | None = None) -> Diagnosis:
+    """The diagnosis of one window (see the module docstring for the rules).
+
+    `violating` flags every row of the window (its share is the contract share); `feature_violating`
+    flags the rows of `window_features` (rows without usable features dropped), when that differs.
+    """
     alarming = {r.name: r.feature for r in detectors if r.alarm}
     shift: dict[str, float] = {}
     if predicted is not None and golden_predicted_shares is not None and len(predicted):
@@ -541,8 +546,8 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
                          transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
         transform, p = None, None
-        bad = np.asarray(violating, bool)
-        if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
+        bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
+        if len(bad) == len(window_features) and bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
             transform, _ = explaining(sub)
             p = None if transform is None else sub[transform][1]

@@ -125,6 +125,8 @@ class Verdict:
     reliable: bool | None = None            # unknown_share <= support.UNRELIABLE_SHARE
     outside_share: float | None = None      # lower bound on the window's share outside the golden support
                                             # as a population (support.outside_share); counted as unknown
+    samples: int | None = None              # rows the window holds, usable or not (verdicts or contract rows)
+    unreliable_reason: str | None = None    # why `reliable` is False, in words (None when reliable or unknown)
 
     @property
     def drift(self) -> bool:
@@ -213,6 +215,12 @@ class Suite:
                 sig = self.diagnoser.features(inputs)
                 assert self.input_support is not None
                 ood = self.input_support.score(sig) > 1.0
+                # a sample with a non-finite value has no signature (as in the sidecar, which drops it
+                # from the input windows): its zero-filled stand-in would pull the diagnosis and support
+                finite = np.isfinite(np.asarray(inputs).reshape(len(inputs), -1)).all(axis=1)
+                if not finite.all():
+                    sig[~finite] = np.nan
+                    ood[~finite] = True
             else:
                 ood = np.ones(len(viol), bool)
         if embeddings is not None and self.embedding_support is not None and len(embeddings):
@@ -291,7 +299,11 @@ class Suite:
                     ts = ts_r
             est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
             unknown_share = ts if unknown_share is None else max(unknown_share, ts)
-        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside)
+        samples = max(len(window.verdicts) if window.verdicts is not None else 0,
+                      len(window.violating) if window.violating is not None else 0, n)
+        why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples)
+        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
+                       samples, why)
 
     def _outside_share(self, w: Window, predicted: np.ndarray | None) -> float | None:
         """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
@@ -318,12 +330,16 @@ class Suite:
                 effects = {f: round(float(v), 4) for f, v in zip(self.input_stats.features, d, strict=True)}
         pred = None if out is None else out[2].argmax(axis=1)
         sig = w.signatures
+        aligned = None               # the violating flags of the signature rows kept (rows align when counts match)
         if sig is not None:
             sig = np.asarray(sig, np.float64)
-            sig = sig[np.isfinite(sig).all(axis=1)]
+            keep = np.isfinite(sig).all(axis=1)
+            if w.violating is not None and len(w.violating) == len(sig):
+                aligned = np.asarray(w.violating, bool)[keep]
+            sig = sig[keep]
         return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
                         violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
-                        input_effects=effects, outside_share=outside)
+                        input_effects=effects, outside_share=outside, feature_violating=aligned)
 
     def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
@@ -361,6 +377,26 @@ class Suite:
         if w.embeddings is None:
             return abstain(name, a, self.n_reference, 0, "no reference embeddings for the window (shadow off?)")
         return test.test(w.embeddings)
+
+
+def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[str, int], n: int,
+                       samples: int) -> str:
+    """Why a window's accuracy estimate is flagged unreliable, in words (drift check, /status)."""
+    judged = counts.get("likely_correct", 0) + counts.get("likely_wrong", 0)
+    if samples and (n == 0 or (counts and judged == 0 and counts.get("unknown", 0) == samples)):
+        # nothing in the window the estimator could judge: say so rather than report a number
+        what = "no finite model outputs" if n == 0 else "every sample unknown to the estimator"
+        contract = "" if d.contract_violating_share is None else \
+            f"; {d.contract_violating_share:.0%} violate the input contract"
+        return f"no usable samples: {what} ({samples} in the window{contract})"
+    if d.kind == "preprocessing_mismatch":
+        return f"inputs {d.transform or 'transformed'}" + (
+            f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")
+    if d.kind == "input_contract":
+        return "inputs violate the input contract" + (
+            f" (~{d.contract_violating_share:.0%} of the window)" if d.contract_violating_share is not None else "")
+    return "inputs outside the golden support" + (
+        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "")
 
 
 def _source(ref: Reference) -> Source | None:

@@ -378,3 +378,31 @@ def test_a_window_outside_the_support_is_not_called_prior_shift():
     assert diagnose(True, label, outside_share=0.05, **args).kind == "prior_shift"
     d = diagnose(True, label, outside_share=0.3, **args)
     assert d.kind == "covariate_shift" and "outside the golden support" in d.reason
+
+
+def test_nonfinite_rows_have_no_signature_and_a_window_of_them_says_no_usable_samples():
+    """Rows with a NaN input get a NaN signature (their zero-filled stand-in pulled the diagnosis: 70%
+    scaled + 30% NaN read input_contract with no transform, and the violating flags no longer lined
+    up with the finite signature rows); a window with no finite output says it has nothing to judge."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(100, seed=13)
+    w[:70] = w[:70] * 4.0                                    # a wrong scale on 70%
+    w[70:] = np.nan                                          # and NaN on the rest
+    lg = logits(w)
+    smp = suite.samples(w, lg)
+    assert np.isnan(smp.signatures[70:]).all() and np.isfinite(smp.signatures[:70]).all()
+    assert smp.ood[70:].all() and (smp.verdicts[70:] == UNKNOWN).all()
+    v = suite.evaluate(Window(lg, input_statistics(w), labels=wy, signatures=smp.signatures,
+                              violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+    assert v.n == 70 and v.samples == 100 and v.reliable is False
+    assert v.diagnosis.transform == "multiply" and v.unreliable_reason
+    # every output non-finite: no estimate, and the reason says there was nothing usable
+    nan_lg = np.full((40, 2), np.nan)
+    v = suite.evaluate(Window(nan_lg, violating=np.ones(40, bool), verdicts=np.full(40, UNKNOWN, np.int8)))
+    assert v.n == 0 and v.samples == 40 and np.isnan(v.estimated_accuracy["atc"])
+    assert v.estimated_accuracy["atc_lower"] == 0.0 and v.reliable is False
+    assert v.combined.abstained and v.diagnosis.kind == "input_contract"
+    assert v.unreliable_reason.startswith("no usable samples: no finite model outputs (40 in the window")
