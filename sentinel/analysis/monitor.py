@@ -366,7 +366,7 @@ class ModelMonitor:
             self.violating.push(viol.astype(np.float64)[:, None])
             ood = np.ones(rows, bool)
             if len(x):
-                o = s.input_support.score(sig[fin]) > 1.0
+                o = s.outside(sig[fin])
                 if proj is not None and s.embedding_support is not None and len(proj):
                     k = min(len(proj), len(o))
                     o[:k] |= s.embedding_support.score(proj[:k]) > 1.0

@@ -313,6 +313,7 @@ class Diagnoser:
         self.src_max_med = np.median(src_flat.max(axis=2), axis=0)
         self.src_min_med = np.median(src_flat.min(axis=2), axis=0)
         self.fixed: dict[str, Moments] = {}
+        self.fixed_features: dict[str, np.ndarray] = {}   # signatures of T(golden), row for row
         for cand in _candidates(source):
             key = cand.name
             n = 1
@@ -321,7 +322,12 @@ class Diagnoser:
                 key = f"{cand.name}#{n}"
             t = cand.apply(x.astype(np.float64), 0.0) if cand.network else \
                 source.to_network(cand.apply(source.images, 0.0))
-            self.fixed[key] = Moments.of(self.signature.features(t))
+            tf = self.signature.features(t)
+            self.fixed[key] = Moments.of(tf)
+            self.fixed_features[key] = tf
+        from sentinel.drift.support import TransformLike
+
+        self.transform_like = TransformLike.fit(f, self.fixed_features)
 
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)

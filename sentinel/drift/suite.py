@@ -213,8 +213,7 @@ class Suite:
             viol = rep.violations
             if not rep.violations[:, 0].any():           # shape fits: signatures can be computed
                 sig = self.diagnoser.features(inputs)
-                assert self.input_support is not None
-                ood = self.input_support.score(sig) > 1.0
+                ood = self.outside(sig)
                 # a sample with a non-finite value has no signature (as in the sidecar, which drops it
                 # from the input windows): its zero-filled stand-in would pull the diagnosis and support
                 finite = np.isfinite(np.asarray(inputs).reshape(len(inputs), -1)).all(axis=1)
@@ -235,6 +234,16 @@ class Suite:
                 unknown = ood | untrusted(viol)
             codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
         return Samples(viol, sig, ood, codes)
+
+    def outside(self, signatures: np.ndarray) -> np.ndarray:
+        """Per sample: outside the golden input support (kNN), or nearer a transformed golden sample
+        than a golden one (`support.TransformLike`: a flipped digit the model is confidently wrong on)."""
+        assert self.input_support is not None and self.diagnoser is not None
+        ood: np.ndarray = self.input_support.score(signatures) > 1.0
+        tl = self.diagnoser.transform_like
+        if tl is not None and len(signatures):
+            ood |= tl.flags(signatures)
+        return ood
 
     def project(self, embeddings: np.ndarray) -> np.ndarray | None:
         """Reduce raw embeddings with the golden PCA (None when the reference had none)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from sentinel.drift.support import (
 )
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _images(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -406,3 +409,51 @@ def test_nonfinite_rows_have_no_signature_and_a_window_of_them_says_no_usable_sa
     assert v.estimated_accuracy["atc_lower"] == 0.0 and v.reliable is False
     assert v.combined.abstained and v.diagnosis.kind == "input_contract"
     assert v.unreliable_reason.startswith("no usable samples: no finite model outputs (40 in the window")
+
+
+def test_transform_like_flags_samples_nearer_a_transformed_golden_than_golden():
+    """Golden on one side of feature 0, its mirror image the transform: a mirrored sample is flagged
+    (it may well pass the kNN support check), a clean one rarely, one on the mirror axis (symmetric:
+    as near golden as its mirror, the model reads it the same) never."""
+    from sentinel.drift.support import TRANSFORM_LIKE_FPR, TRANSFORM_LIKE_RATIO, TransformLike
+
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        f = rng.normal(size=(n, 4))
+        f[:, 0] = 1.5 + 0.5 * np.abs(f[:, 0])
+        return f
+
+    golden = draw(400)
+    mirror = golden * np.array([-1.0, 1, 1, 1])
+    tl = TransformLike.fit(golden, {"flip": mirror, "bad": np.full((3, 4), np.nan)})
+    assert tl is not None and tl.names == ("flip",) and 0 < tl.thresholds[0] <= TRANSFORM_LIKE_RATIO
+    clean = draw(1000)
+    assert tl.flags(clean).mean() <= 2 * TRANSFORM_LIKE_FPR
+    flipped = draw(200) * np.array([-1.0, 1, 1, 1])
+    assert tl.flags(flipped).mean() > 0.95
+    on_axis = draw(100)
+    on_axis[:, 0] = 0.0
+    assert not tl.flags(on_axis).any()
+    assert list(tl.flags(np.array([[np.nan, 0, 0, 0], [-2.0, 0, 0, 0]]))) == [False, True]
+    assert TransformLike.fit(golden[:5], {"flip": mirror[:5]}) is None          # too few rows for k
+
+
+def test_a_rotated_digit_inside_the_golden_support_is_unknown_to_the_estimator():
+    """Digits rotated by 180°: most pass the kNN support check (the model is confidently wrong on the
+    asymmetric ones, so ATC counted them correct and a 25% rot180 window read its lower bound above
+    its accuracy); nearer rotate_180(golden) than golden, they are unknown now. Clean digits are not."""
+    from sentinel.drift import Reference, Suite
+    from sentinel.golden import golden_for
+    from sentinel.registry import open_registry
+    from sentinel.training.digits import load_split
+
+    entry = open_registry(None, None).resolve("digits:v3")
+    suite = Suite(Reference.from_golden(golden_for(entry, REPO / "golden_sets")))
+    images, _, _ = load_split()
+    raw = images[np.asarray(entry.manifest.split.holdout)[:200]].astype(np.float32)
+    pre = entry.manifest.preprocessing
+    clean = suite.diagnoser.features(pre.apply(raw))
+    rot = suite.diagnoser.features(pre.apply(np.ascontiguousarray(raw[:, ::-1, ::-1])))
+    assert np.mean(suite.input_support.score(rot) > 1.0) < 0.1             # the support alone misses them
+    assert suite.outside(rot).mean() > 0.3 and suite.outside(clean).mean() <= 0.03
