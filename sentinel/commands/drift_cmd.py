@@ -107,7 +107,19 @@ def check(
     if "inputs" in arrays:
         x = np.asarray(numeric_samples(arrays["inputs"], "inputs", what), np.float32)
     elif "raw" in arrays:
-        x = entry.manifest.preprocessing.apply(numeric_samples(arrays["raw"], "raw", what))
+        raw = numeric_samples(arrays["raw"], "raw", what)
+        pre = entry.manifest.preprocessing
+        dims = 3 if pre.layout == "NHW" else 4
+        if raw.ndim != dims:
+            # the preprocessing takes one image without its batch axis too: a file of 64-value rows
+            # would be read as one 5×64 image, resized; a file is a batch, so say what it must be
+            raise UsageError(f"{what}: array 'raw' has shape {tuple(raw.shape)}; {entry.spec} takes "
+                             f"{'×'.join(pre.layout)} raw inputs ({dims} axes, the first one samples)")
+        try:
+            x = pre.apply(raw)
+        except ValueError as exc:
+            raise UsageError(f"{what}: array 'raw' of shape {tuple(raw.shape)} cannot be preprocessed for "
+                             f"{entry.spec}: {exc}") from None
     else:
         raise UsageError(f"{what}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
     expected = tuple(entry.manifest.input.shape)

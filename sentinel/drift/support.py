@@ -173,15 +173,15 @@ class TransformLike:
         z = (g - center) / scale
         zt = np.stack([(np.asarray(transformed[n], np.float64) - center) / scale for n in names])
         d0 = _knn(z, z, k + 1)[:, -1]                      # the nearest is the sample itself
-        q = fpr / len(names)
-        thr = np.empty(len(names))
-        for i in range(len(names)):
-            d2 = _sq_dist(z, zt[i])
-            d2[np.arange(len(z)), np.arange(len(z))] = np.inf   # T(the sample itself) left out
-            dk = np.sqrt(np.partition(d2, k - 1, axis=1)[:, k - 1])
-            thr[i] = min(TRANSFORM_LIKE_RATIO, float(np.quantile(dk / np.maximum(d0, 1e-12), q)))
+        n, t = len(z), len(names)
         flat = np.ascontiguousarray(zt.reshape(-1, zt.shape[2]))
-        return cls(z, zt, names, center, scale, thr, k, flat, (flat ** 2).sum(axis=1))
+        sq = (flat ** 2).sum(axis=1)
+        d2 = _sq_dist(z, flat, sq).reshape(n, t, n)          # one product for every candidate
+        d2[np.arange(n), :, np.arange(n)] = np.inf           # T(the sample itself) left out
+        dk = np.sqrt(np.partition(d2, k - 1, axis=2)[:, :, k - 1])     # N×T
+        ratios = dk / np.maximum(d0, 1e-12)[:, None]
+        thr = np.minimum(TRANSFORM_LIKE_RATIO, np.quantile(ratios, fpr / t, axis=0))
+        return cls(z, zt, names, center, scale, thr, k, flat, sq)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """N bool: the row looks like a transformed golden sample (non-finite rows: False)."""
@@ -194,17 +194,17 @@ class TransformLike:
         d0 = np.maximum(_knn(z, self.golden, self.k)[:, -1], 1e-12)
         t, n, _ = self.transformed.shape
         flat = self.transformed.reshape(t * n, -1) if self.flat is None else self.flat
-        sq = (flat ** 2).sum(axis=1) if self.flat_sq is None else self.flat_sq
         # one product against every candidate's rows, then the k-th smallest per candidate
-        d2 = np.maximum((z ** 2).sum(axis=1)[:, None] + sq[None, :] - 2.0 * (z @ flat.T), 0.0).reshape(len(z), t, n)
+        d2 = _sq_dist(z, flat, self.flat_sq).reshape(len(z), t, n)
         dk = np.sqrt(np.partition(d2, self.k - 1, axis=2)[:, :, self.k - 1])
         out[ok] = (dk / d0[:, None] < self.thresholds[None, :]).any(axis=1)
         return out
 
 
-def _sq_dist(q: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    d2: np.ndarray = np.maximum((q ** 2).sum(axis=1)[:, None] + (ref ** 2).sum(axis=1)[None, :] - 2.0 * q @ ref.T,
-                                0.0)
+def _sq_dist(q: np.ndarray, ref: np.ndarray, ref_sq: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distances, len(q)×len(ref) (`ref_sq`: the rows' squared norms, when known)."""
+    rs = (ref ** 2).sum(axis=1) if ref_sq is None else ref_sq
+    d2: np.ndarray = np.maximum((q ** 2).sum(axis=1)[:, None] + rs[None, :] - 2.0 * (q @ ref.T), 0.0)
     return d2
 
 

@@ -230,6 +230,9 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
      "label 10 of sample 2 is not a class index of this model (0-9)"),
     ({"raw": np.zeros((4, 8, 8)), "labels": np.array([1, 2, 3])}, "(3,) labels for 4 inputs"),
     ({"x": np.zeros(3)}, "needs an array named 'raw' or 'inputs' (has ['x'])"),
+    # a batch of rows or of colour images is not N×H×W: was one 5×64 image resized, or a traceback
+    ({"raw": np.zeros((5, 64), np.float32)}, "array 'raw' has shape (5, 64); digits:v3 takes N×H×W raw inputs"),
+    ({"raw": np.zeros((5, 8, 8, 3), np.float32)}, "array 'raw' has shape (5, 8, 8, 3); digits:v3 takes N×H×W"),
 ])
 def test_drift_check_names_what_is_wrong_with_the_input(tmp_path, monkeypatch, arrays, message):
     from typer.testing import CliRunner
