@@ -71,6 +71,7 @@ CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
+DEAD_BANDS = 8       # bands per axis a dead-band check (support.TransformLike) blanks, one at a time
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
 # The eight symmetries of a square image (the dihedral group D4); rotations are counter-clockwise,
@@ -226,6 +227,24 @@ def _ch(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape(1, -1, 1, 1)
 
 
+def _dead_bands(src: Source) -> list[tuple[str, np.ndarray]]:
+    """The source images with one horizontal or vertical band at the channel's golden low value:
+    min(DEAD_BANDS, H) bands of rows and min(DEAD_BANDS, W) of columns."""
+    x = src.images
+    lo = _ch(src.low)
+    h, w = x.shape[2:]
+    out = []
+    for axis, size in ((2, h), (3, w)):
+        edges = np.linspace(0, size, min(DEAD_BANDS, size) + 1).round().astype(int)
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            t = x.copy()
+            idx = [slice(None)] * 4
+            idx[axis] = slice(int(a), int(b))
+            t[tuple(idx)] = np.broadcast_to(lo, t[tuple(idx)].shape) if t[tuple(idx)].size else t[tuple(idx)]
+            out.append((f"dead_{'row' if axis == 2 else 'col'}_{i}", t))
+    return out
+
+
 def _candidates(src: Source) -> list[Candidate]:
     lo, hi = _ch(src.low), _ch(src.high)
     c, h, w = src.images.shape[1:]
@@ -327,7 +346,10 @@ class Diagnoser:
             self.fixed_features[key] = tf
         from sentinel.drift.support import TransformLike
 
-        self.transform_like = TransformLike.fit(f, self.fixed_features)
+        # Per-sample evidence only (never a diagnosis name): dead bands of the image, a faulty sensor
+        # line or a decoder zeroing a stripe, which leave a digit in the support but make it misread.
+        dead = {name: self.signature.features(source.to_network(t)) for name, t in _dead_bands(source)}
+        self.transform_like = TransformLike.fit(f, {**self.fixed_features, **dead})
 
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)

@@ -44,6 +44,7 @@ MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond
 OUTSIDE_DELTA = 0.05      # error probability of the `outside_share` lower confidence bound
 MIN_OUTSIDE_SAMPLES = 20  # fewer window scores than this: no population bound
 TRANSFORM_LIKE_FPR = 0.01  # share of golden samples (leave-one-out) `TransformLike` may flag, at most
+FIT_BLOCK = 1 << 21        # distances computed at once when fitting `TransformLike` (16 MiB)
 TRANSFORM_LIKE_RATIO = 0.8  # ... and a flagged sample is at least this much nearer T(golden) than golden
 
 
@@ -176,9 +177,13 @@ class TransformLike:
         n, t = len(z), len(names)
         flat = np.ascontiguousarray(zt.reshape(-1, zt.shape[2]))
         sq = (flat ** 2).sum(axis=1)
-        d2 = _sq_dist(z, flat, sq).reshape(n, t, n)          # one product for every candidate
-        d2[np.arange(n), :, np.arange(n)] = np.inf           # T(the sample itself) left out
-        dk = np.sqrt(np.partition(d2, k - 1, axis=2)[:, :, k - 1])     # N×T
+        dk = np.empty((n, t))
+        step = max(1, FIT_BLOCK // max(t * n, 1))
+        for a in range(0, n, step):                         # blocks of rows: bounded memory at fit
+            rows = np.arange(a, min(n, a + step))
+            d2 = _sq_dist(z[rows], flat, sq).reshape(len(rows), t, n)
+            d2[np.arange(len(rows)), :, rows] = np.inf       # T(the sample itself) left out
+            dk[rows] = np.sqrt(np.partition(d2, k - 1, axis=2)[:, :, k - 1])
         ratios = dk / np.maximum(d0, 1e-12)[:, None]
         thr = np.minimum(TRANSFORM_LIKE_RATIO, np.quantile(ratios, fpr / t, axis=0))
         return cls(z, zt, names, center, scale, thr, k, flat, sq)

@@ -440,7 +440,7 @@ def test_transform_like_flags_samples_nearer_a_transformed_golden_than_golden():
 
 
 def test_a_rotated_digit_inside_the_golden_support_is_unknown_to_the_estimator():
-    """Digits rotated by 180°: most pass the kNN support check (the model is confidently wrong on the
+    """Digits rotated by 180° (or with a dead pixel row): most pass the kNN support check (the model is confidently wrong on the
     asymmetric ones, so ATC counted them correct and a 25% rot180 window read its lower bound above
     its accuracy); nearer rotate_180(golden) than golden, they are unknown now. Clean digits are not."""
     from sentinel.drift import Reference, Suite
@@ -457,3 +457,8 @@ def test_a_rotated_digit_inside_the_golden_support_is_unknown_to_the_estimator()
     rot = suite.diagnoser.features(pre.apply(np.ascontiguousarray(raw[:, ::-1, ::-1])))
     assert np.mean(suite.input_support.score(rot) > 1.0) < 0.1             # the support alone misses them
     assert suite.outside(rot).mean() > 0.3 and suite.outside(clean).mean() <= 0.03
+    dead = raw.copy()
+    dead[:, 4, :] = 0.0                                  # a dead pixel row: read wrong ~half the time
+    dead_sig = suite.diagnoser.features(pre.apply(dead))
+    assert np.mean(suite.input_support.score(dead_sig) > 1.0) < 0.1
+    assert suite.outside(dead_sig).mean() > 0.2
