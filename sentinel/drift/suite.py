@@ -23,7 +23,7 @@ from sentinel.drift.inputcontract import InputContract
 from sentinel.drift.inputcontract import check as check_contract
 from sentinel.drift.label import LabelShiftTest
 from sentinel.drift.result import DetectorResult, abstain
-from sentinel.drift.univariate import FeatureShiftTest, Univariate
+from sentinel.drift.univariate import MIN_SAMPLES, FeatureShiftTest, Univariate
 
 ALL_DETECTORS = ("bbsd", "label", "confidence", "input_stats", "embedding", "mmd")
 
@@ -310,6 +310,10 @@ class Suite:
             unknown_share = ts if unknown_share is None else max(unknown_share, ts)
         samples = max(len(window.verdicts) if window.verdicts is not None else 0,
                       len(window.violating) if window.violating is not None else 0, n)
+        judged = sum(counts.values())
+        few = bool(counts) and judged < MIN_SAMPLES
+        if reliable and few:
+            reliable = False        # a share of 2 or 5 samples bounds nothing (the detectors abstain too)
         why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples)
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
                        samples, why)
@@ -398,6 +402,8 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
         contract = "" if d.contract_violating_share is None else \
             f"; {d.contract_violating_share:.0%} violate the input contract"
         return f"no usable samples: {what} ({samples} in the window{contract})"
+    if sum(counts.values()) < MIN_SAMPLES and d.kind not in ("preprocessing_mismatch", "input_contract"):
+        return f"too few samples: {sum(counts.values())} in the window (at least {MIN_SAMPLES})"
     if d.kind == "preprocessing_mismatch":
         return f"inputs {d.transform or 'transformed'}" + (
             f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")

@@ -462,3 +462,21 @@ def test_a_rotated_digit_inside_the_golden_support_is_unknown_to_the_estimator()
     dead_sig = suite.diagnoser.features(pre.apply(dead))
     assert np.mean(suite.input_support.score(dead_sig) > 1.0) < 0.1
     assert suite.outside(dead_sig).mean() > 0.2
+
+
+def test_a_window_of_a_few_samples_is_not_a_reliable_estimate():
+    """drift check -w 5 on clean digits read 'lower_bound=1' as a reliable estimate from 5 (or 2) samples,
+    while every detector abstained for having fewer than 10."""
+    from sentinel.drift import Window
+    from sentinel.drift.univariate import MIN_SAMPLES
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(MIN_SAMPLES + 5, seed=17)
+    smp = suite.samples(w, logits(w))
+    for n in (2, MIN_SAMPLES - 1, MIN_SAMPLES):
+        v = suite.evaluate(Window(logits(w[:n]), labels=wy[:n], signatures=smp.signatures[:n],
+                                  violating=smp.violations.any(axis=1)[:n], verdicts=smp.verdicts[:n]))
+        if n < MIN_SAMPLES:
+            assert v.reliable is False and v.unreliable_reason == f"too few samples: {n} in the window (at least 10)"
+        else:
+            assert v.reliable is True and v.unreliable_reason is None
