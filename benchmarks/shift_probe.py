@@ -125,7 +125,7 @@ SHIFTS: dict[str, Fn] = {
     "nearest4": lambda x, r: _f32(np.repeat(np.repeat(x[:, ::2, ::2], 2, axis=1), 2, axis=2)),
     "signnoise2": lambda x, r: _f32(np.clip(x + 2 * np.sign(r.normal(size=x.shape)), 0, 16)),
     "constant": lambda x, r: _f32(np.full_like(x, 4.0)),
-    "stuck": lambda x, r: _f32(np.broadcast_to(x[:1], x.shape)),
+    # (a stuck client repeating one image is not here: its true labels are not the window's)
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")
