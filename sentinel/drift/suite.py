@@ -417,18 +417,21 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
 def _source(ref: Reference) -> Source | None:
     """Golden raw inputs as the space candidate transforms act on, when the golden set has them."""
     pre = ref.preprocessing
-    if ref.raw is None or pre is None or pre.layout not in ("NHW", "NCHW"):
+    if ref.raw is None or pre is None or pre.layout not in ("NHW", "NCHW", "NHWC"):
         return None
     raw = np.asarray(ref.raw, np.float64)
-    images = raw[:, None] if pre.layout == "NHW" else raw
-    if images.ndim != 4:
+    if raw.ndim != (3 if pre.layout == "NHW" else 4):
         return None
+    # candidates act on N×C×H×W source images: an NHWC client's raw inputs (the usual layout of
+    # decoded images) are transposed, so channel order and normalisation are judged where they happen
+    images = raw[:, None] if pre.layout == "NHW" else (raw.transpose(0, 3, 1, 2) if pre.layout == "NHWC" else raw)
     mean = np.broadcast_to(np.asarray(pre.mean, np.float64), (images.shape[1],)).copy()
     std = np.broadcast_to(np.asarray(pre.std, np.float64), (images.shape[1],)).copy()
     scale = float(pre.scale) if pre.scale else 1.0
 
     def to_network(a: np.ndarray) -> np.ndarray:
-        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else (
+            a.transpose(0, 2, 3, 1) if pre.layout == "NHWC" else a))
         return x
 
     return Source(images, to_network, std / scale, mean / scale, mean, std)

@@ -480,3 +480,47 @@ def test_a_window_of_a_few_samples_is_not_a_reliable_estimate():
             assert v.reliable is False and v.unreliable_reason == f"too few samples: {n} in the window (at least 10)"
         else:
             assert v.reliable is True and v.unreliable_reason is None
+
+
+def _rgb_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """N×16×16×3 uint8-range images (an NHWC client's decoded pictures) of three colour/shape classes."""
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, n)
+    yy, xx = np.mgrid[:16, :16]
+    shapes = (yy < 8, xx < 8, (yy + xx) < 16)
+    colours = (np.array([200, 120, 60]), np.array([60, 180, 90]), np.array([90, 70, 210]))
+    x = np.stack([shapes[c][..., None] * colours[c] for c in y]) + r.uniform(0, 40, (n, 16, 16, 3))
+    return np.clip(x, 0, 255).astype(np.float32), y
+
+
+def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
+    """An NHWC model with ImageNet mean/std: its candidates were applied to network inputs (the
+    source ignored NHWC), so a client skipping the mean/std step, or normalising twice, was never
+    named, and channel order was reversed after normalisation instead of before."""
+    from sentinel.drift import Reference, Settings, Suite, Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.preprocess import Preprocessing
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    pre = Preprocessing(scale=1 / 255, mean=tuple(mean), std=tuple(std), layout="NHWC")
+
+    def model(net):
+        m = net.mean(axis=(2, 3))
+        return np.stack([m[:, 0] - m[:, 2], m[:, 1] - m[:, 0], m[:, 2] - m[:, 1]], axis=1) * 3
+
+    raw, y = _rgb_images(150, 0)
+    net = pre.apply(raw)
+    suite = Suite(Reference(model(net), y, inputs=net, raw=raw, preprocessing=pre),
+                  Settings(detectors=("bbsd", "label", "input_stats")))
+    w, _ = _rgb_images(100, 1)
+    cases = {"normalization_missing": (w / 255).transpose(0, 3, 1, 2),
+             "normalization_doubled": (pre.apply(w) - mean[None, :, None, None]) / std[None, :, None, None]}
+    for expected, x in cases.items():
+        x = x.astype(np.float32)
+        smp = suite.samples(x, model(x))
+        v = suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
+                                  violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+        assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", expected)
+    bgr = pre.apply(np.ascontiguousarray(w[..., ::-1]))
+    cands = suite.diagnoser.search(suite.diagnoser.features(bgr))
+    assert min(cands, key=lambda k: cands[k][0]) == "channel_order" and cands["channel_order"][0] < 1.0
