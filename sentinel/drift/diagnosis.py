@@ -5,7 +5,9 @@ combined verdict alarms:
 
     preprocessing_mismatch  inputs moved, and one candidate transform T of the golden inputs
                             reproduces the window (T(golden) ≈ window, i.e. T⁻¹ brings the window
-                            back to the golden distribution); the transform is named
+                            back to the golden distribution); the transform is named (also when
+                            the inputs moved less, if T fits FIT_RATIO times better than golden
+                            reweighted to the window's classes: a BGR client's classes are wrong)
     input_contract          at least `contract_share` of the window's samples violate the input contract
     preprocessing_mismatch  (again) one parameter-free T reproduces a share s of the window: the
                             mixture (1 − s)·golden + s·T(golden) matches its means and variances
@@ -569,7 +571,10 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     cands = diagnoser.search(window_features)
     best, why = explaining(cands)
     top = dict(sorted(((k, round(v[0], 3)) for k, v in cands.items()), key=lambda kv: kv[1])[:4])
-    if moved > MOVED and best is not None:
+    # A transform that fits far better than golden reweighted to the window's predicted classes is
+    # named even when that reweighting leaves the inputs only a little moved: the predicted classes
+    # are the transformed inputs' (a BGR client's), so the reweighting partly absorbs the transform.
+    if best is not None and (moved > MOVED or cands[best][0] * FIT_RATIO < moved):
         return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
                          transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
