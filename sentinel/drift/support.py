@@ -199,10 +199,11 @@ class TransformLike:
         d0 = np.maximum(_knn(z, self.golden, self.k)[:, -1], 1e-12)
         t, n, _ = self.transformed.shape
         flat = self.transformed.reshape(t * n, -1) if self.flat is None else self.flat
-        # one product against every candidate's rows, then the k-th smallest per candidate
+        # one product against every candidate's rows; the k-th nearest of T(golden) lies within
+        # threshold·d0 exactly when at least k of its rows do (a count: cheaper than a partition)
         d2 = _sq_dist(z, flat, self.flat_sq).reshape(len(z), t, n)
-        dk = np.sqrt(np.partition(d2, self.k - 1, axis=2)[:, :, self.k - 1])
-        out[ok] = (dk / d0[:, None] < self.thresholds[None, :]).any(axis=1)
+        radius2 = (self.thresholds[None, :] * d0[:, None]) ** 2
+        out[ok] = ((d2 < radius2[:, :, None]).sum(axis=2) >= self.k).any(axis=1)
         return out
 
 
