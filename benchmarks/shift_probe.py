@@ -78,6 +78,11 @@ def _nonfinite(x: Raw, r: np.random.Generator) -> Raw:
     return _f32(y)
 
 
+def _blur(x: Raw, sigma: float) -> Raw:
+    from scipy.ndimage import gaussian_filter
+    return np.asarray(gaussian_filter(x, sigma=(0, sigma, sigma), mode="constant"))
+
+
 def _per_image_std(x: Raw, r: np.random.Generator) -> Raw:
     m = x.mean(axis=(1, 2), keepdims=True)
     s = x.std(axis=(1, 2), keepdims=True)
@@ -112,6 +117,15 @@ SHIFTS: dict[str, Fn] = {
     "quant4": lambda x, r: _f32(np.round(x / 4) * 4),
     "quant8": lambda x, r: _f32(np.round(x / 8) * 8),
     "nonfinite": _nonfinite,
+    # shifts added after the first round (signals3)
+    "blur1": lambda x, r: _f32(_blur(x, 1.0)),
+    "bright+2": lambda x, r: _f32(np.clip(x + 2, 0, 16)),
+    "invert": lambda x, r: _f32(16 - x),
+    "clip8": lambda x, r: _f32(np.clip(x, 0, 8)),
+    "nearest4": lambda x, r: _f32(np.repeat(np.repeat(x[:, ::2, ::2], 2, axis=1), 2, axis=2)),
+    "signnoise2": lambda x, r: _f32(np.clip(x + 2 * np.sign(r.normal(size=x.shape)), 0, 16)),
+    "constant": lambda x, r: _f32(np.full_like(x, 4.0)),
+    # (a stuck client repeating one image is not here: its true labels are not the window's)
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")

@@ -101,8 +101,16 @@ def run_eval(entry, plan: EvalPlan, settings, *, golden_root: Any = "golden_sets
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole protocol; returns a JSON-ready report."""
     from sentinel.drift.shifts import DIGITS_SHIFTS, knockout_weights
+    from sentinel.errors import UsageError
 
     t0 = time.perf_counter()
+    split = getattr(getattr(entry, "manifest", None), "split", None)
+    if split is not None and split.golden and split.holdout:
+        n_split = len(split.golden) + len(split.holdout)
+        if plan.reference_size + max(plan.sizes) > n_split:   # said before a minute of inference, not after
+            raise UsageError(f"--samples {max(plan.sizes)}: the marginal protocol draws a reference of "
+                             f"{plan.reference_size} and a window from {n_split} non-training digits; windows "
+                             f"of at most {n_split - plan.reference_size} fit")
     data = _prepare(entry, plan.seed, log)
     n_all = len(data.labels)
     rng = np.random.default_rng(plan.seed + 1)

@@ -118,6 +118,8 @@ class ModelMonitor:
         self._counters_ready = False
         self._last_violations: np.ndarray | None = None
         self._last_untrusted: np.ndarray | None = None    # violations of what the network sees (not dtype)
+        self._last_finite_in: np.ndarray | None = None    # per row of the last batch: a usable input (right
+                                                          # shape, every value finite); None: no inputs
         est = self.suite.estimator
         self.confidence_buckets = confidence_buckets([est.confidence_threshold] if est else [])
         self.runner = runner
@@ -171,8 +173,11 @@ class ModelMonitor:
         proj = None
         if x is not None and self.runner is not None:
             proj = self._shadow(x, batch, logits, finite_out, up)
-        self._support(x, logits, proj, up)
-        new = len(logits) if logits is not None else (len(x) if x is not None else 0)
+        self._support(x, logits, finite_out, proj, up)
+        # every observed row counts toward the cadence, usable or not: a stream of non-finite samples
+        # must still produce evaluations that say so (not leave the last healthy one standing)
+        new = len(finite_out) if finite_out is not None else (
+            len(self._last_finite_in) if self._last_finite_in is not None else 0)
         self._since += new
         self.seen += new
         if new and self._since >= self.cfg.evaluate_every:
@@ -206,7 +211,9 @@ class ModelMonitor:
             self._reject(up, "nonfinite_output", int((~finite).sum()))
         good = out[finite]
         logits = log_probabilities(good) if batch.output_kind == "probabilities" else good
-        self.logits.push(logits)
+        # one window row per observed sample, NaN where unusable (the suite drops such rows), so the
+        # window is always the last `window_size` samples, not the last finite ones however old
+        self.logits.push(logits if finite.all() else _rows(logits, finite))
         probs = good if batch.output_kind == "probabilities" else softmax(good)
         pred = probs.argmax(axis=1)
         conf = probs.max(axis=1)
@@ -231,6 +238,7 @@ class ModelMonitor:
     def _inputs(self, batch: DecodedBatch, up: list[MetricUpdate]) -> np.ndarray | None:
         from sentinel.drift.features import input_statistics
 
+        self._last_finite_in = None
         if batch.inputs is None:
             return None
         try:
@@ -246,6 +254,9 @@ class ModelMonitor:
             self._reject(up, "input_shape", n_bad)
             self._contract_counts(up, n_bad, {"shape": n_bad}, n_bad)
             self._last_violations = self._last_untrusted = None
+            self._last_finite_in = np.zeros(n_bad, bool)   # no row of it is usable
+            if self.suite.input_stats is not None:
+                self.input_stats.push(np.full((n_bad, self.input_stats.width), np.nan))
             return None
         viol = untrusted = None
         if self.suite.contract is not None:
@@ -258,12 +269,13 @@ class ModelMonitor:
         if not ok.all():
             self._reject(up, "nonfinite_input", int((~ok).sum()))
             x = x[ok]
-            viol = None if viol is None else viol[ok]
-            untrusted = None if viol is None else untrusted[ok]
+        # per row of the whole batch (rows with non-finite values included), aligned with the outputs
+        self._last_finite_in = ok
         self._last_violations = viol
         self._last_untrusted = None if viol is None else untrusted
-        if self.suite.input_stats is not None and len(x):
-            self.input_stats.push(input_statistics(x))
+        if self.suite.input_stats is not None and len(ok):
+            stats = input_statistics(x) if len(x) else np.zeros((0, self.suite.input_stats.reference.shape[1]))
+            self.input_stats.push(stats if ok.all() else _rows(stats, ok))
         return x
 
     def _shadow(self, x: np.ndarray, batch: DecodedBatch, logits, finite_out, up: list[MetricUpdate]) -> None:
@@ -328,32 +340,54 @@ class ModelMonitor:
             if k:
                 up.append(MetricUpdate(mn.INPUT_CONTRACT_VIOLATIONS.name, {**m, "check": check_name}, "inc", float(k)))
 
-    def _support(self, x, logits, proj, up: list[MetricUpdate]) -> None:
-        """Signatures and support of the batch's inputs, and one ATC verdict per output row."""
-        from sentinel.drift.support import VERDICTS, verdicts
+    def _support(self, x, logits, finite_out, proj, up: list[MetricUpdate]) -> None:
+        """Signatures and support of the batch's inputs, and one ATC verdict per output row.
+
+        Every row of the batch takes one row of the signature, violating and verdict windows, usable or
+        not: a row with a non-finite input has a NaN signature, counts as violating and is `unknown`; a
+        row with a non-finite output (a wrong answer to its client) is `likely_wrong` unless its input is
+        untrusted. So a window of unusable samples says so instead of keeping older, healthy rows.
+        """
+        from sentinel.drift.support import UNKNOWN, VERDICTS, verdicts
 
         s = self.suite
-        ood = viol = None
-        if x is not None and len(x) and s.diagnoser is not None and s.input_support is not None:
-            sig = s.diagnoser.features(x)
-            viol = self._last_violations if self._last_violations is not None else np.zeros(len(x), bool)
+        fin = self._last_finite_in
+        ood = bad = None                          # per row of the whole batch, when inputs were decoded
+        if fin is not None and s.diagnoser is not None and s.input_support is not None:
+            rows = len(fin)
+            x = x if x is not None and len(x) == int(fin.sum()) else np.zeros((0,))
+            sig = np.full((rows, len(s.diagnoser.signature.names)), np.nan)
+            if len(x):
+                sig[fin] = s.diagnoser.features(x)
+            viol = self._last_violations if self._last_violations is not None and \
+                len(self._last_violations) == rows else ~fin
+            viol = viol | ~fin
             self.signatures.push(sig)
             self.violating.push(viol.astype(np.float64)[:, None])
-            ood = s.input_support.score(sig) > 1.0
-            if proj is not None and s.embedding_support is not None and len(proj):
-                k = min(len(proj), len(ood))
-                ood[:k] |= s.embedding_support.score(proj[:k]) > 1.0
-        if logits is None or not len(logits) or s.estimator is None:
+            ood = np.ones(rows, bool)
+            if len(x):
+                o = s.outside(sig[fin])
+                if proj is not None and s.embedding_support is not None and len(proj):
+                    k = min(len(proj), len(o))
+                    o[:k] |= s.embedding_support.score(proj[:k]) > 1.0
+                ood[fin] = o
+            untrusted = self._last_untrusted if self._last_untrusted is not None and \
+                len(self._last_untrusted) == rows else viol
+            bad = untrusted | ~fin
+        if finite_out is None or s.estimator is None:
             return
-        if x is None:
-            unknown = None                      # inputs not decoded: the support cannot be checked
-        elif ood is not None and viol is not None and len(ood) == len(logits):
-            bad = self._last_untrusted if self._last_untrusted is not None and \
-                len(self._last_untrusted) == len(viol) else viol
-            unknown = ood | bad
+        rows = len(finite_out)
+        if not rows:
+            return
+        codes = np.full(rows, 1, np.int8)         # a non-finite output: a wrong answer
+        if logits is not None and len(logits):
+            codes[finite_out] = verdicts(s.estimator.scores(logits), s.estimator.threshold, None)
+        if fin is None:
+            pass                                  # inputs not decoded: the support cannot be checked
+        elif ood is not None and bad is not None and len(ood) == rows:
+            codes[ood | bad] = UNKNOWN
         else:
-            unknown = np.ones(len(logits), bool)    # inputs and outputs do not pair up row by row
-        codes = verdicts(s.estimator.scores(logits), s.estimator.threshold, unknown)
+            codes[:] = UNKNOWN                    # inputs and outputs do not pair up row by row
         self.verdicts.push(codes.astype(np.float64)[:, None])
         for i, n in enumerate(np.bincount(codes.astype(np.int64), minlength=3)):
             if n:
@@ -382,9 +416,10 @@ class ModelMonitor:
             up.append(MetricUpdate(mn.DRIFT_STATISTIC.name, lbl, "set", r.statistic))
             up.append(MetricUpdate(mn.DRIFT_ALARM.name, lbl, "set", 1.0 if alarm else 0.0))
         for method, value in v.estimated_accuracy.items():
-            if math.isfinite(value):
-                up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
-                                       "set", value))
+            # NaN when the window has no finite output to estimate from: the gauge must not keep the
+            # last healthy value (as the p-values of abstaining detectors are NaN)
+            up.append(MetricUpdate(mn.ESTIMATED_ACCURACY.name, {"model": self.name, "method": method},
+                                   "set", value if math.isfinite(value) else math.nan))
         from sentinel.drift.diagnosis import KINDS, TRANSFORMS
 
         d = v.diagnosis
@@ -410,6 +445,8 @@ class ModelMonitor:
                                             for k, x in v.estimated_accuracy.items()},
                      "accuracy_verdicts": dict(v.accuracy_verdicts), "unknown_share": v.unknown_share,
                      "accuracy_estimate_reliable": v.reliable,
+                     "accuracy_estimate_unreliable_reason": v.unreliable_reason,
+                     "outside_share": v.outside_share, "samples": v.samples,
                      "diagnosis": None if d is None else d.to_dict()}
         return up
 
@@ -420,6 +457,9 @@ class ModelMonitor:
             return []
         live = np.asarray(self.input_stats.values(), np.float64)
         if live.ndim != 2 or live.shape[1] != len(test.features):
+            return []
+        live = live[np.isfinite(live).all(axis=1)]
+        if not len(live):
             return []
         golden = np.asarray(test.reference, np.float64).mean(axis=0)
         out = []
@@ -476,3 +516,10 @@ class ModelMonitor:
         return {"backend": self.runner.backend, "note": self.runner.note,
                 "throughput_per_s": round(self.throughput, 1), "rate_cap_per_s": round(self.shadow_rate, 1),
                 "last_max_abs_diff": None if math.isnan(self.last_max_abs_diff) else self.last_max_abs_diff}
+
+
+def _rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`values` (one row per True of `mask`) spread over len(mask) rows, NaN where `mask` is False."""
+    out = np.full((len(mask), *values.shape[1:]), np.nan)
+    out[mask] = values
+    return out

@@ -52,6 +52,8 @@ def verdict_json(v) -> dict:
         "accuracy_estimate_reliable": v.reliable,
         "unknown_share": _num(v.unknown_share),
         "outside_share": _num(v.outside_share),
+        "samples": v.samples,
+        "unreliable_reason": v.unreliable_reason,
         "diagnosis": None if v.diagnosis is None else v.diagnosis.to_dict(),
         "accuracy": _num(v.accuracy),
     }
@@ -105,7 +107,19 @@ def check(
     if "inputs" in arrays:
         x = np.asarray(numeric_samples(arrays["inputs"], "inputs", what), np.float32)
     elif "raw" in arrays:
-        x = entry.manifest.preprocessing.apply(numeric_samples(arrays["raw"], "raw", what))
+        raw = numeric_samples(arrays["raw"], "raw", what)
+        pre = entry.manifest.preprocessing
+        dims = 3 if pre.layout == "NHW" else 4
+        if raw.ndim != dims:
+            # the preprocessing takes one image without its batch axis too: a file of 64-value rows
+            # would be read as one 5×64 image, resized; a file is a batch, so say what it must be
+            raise UsageError(f"{what}: array 'raw' has shape {tuple(raw.shape)}; {entry.spec} takes "
+                             f"{'×'.join(pre.layout)} raw inputs ({dims} axes, the first one samples)")
+        try:
+            x = pre.apply(raw)
+        except ValueError as exc:
+            raise UsageError(f"{what}: array 'raw' of shape {tuple(raw.shape)} cannot be preprocessed for "
+                             f"{entry.spec}: {exc}") from None
     else:
         raise UsageError(f"{what}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
     expected = tuple(entry.manifest.input.shape)
@@ -177,7 +191,9 @@ def check(
         for i, v in enumerate(verdicts):
             acc = "" if v.accuracy is None else f", true accuracy {v.accuracy:.3f}"
             est = v.estimated_accuracy
-            typer.echo(f"window {i + 1}: n={v.n} drift={'YES' if v.drift else 'no'} "
+            usable = "" if not v.samples or v.samples == v.n else f" of {v.samples} (the rest non-finite)"
+            drifted = "YES" if v.drift else ("unknown" if v.combined.abstained else "no")
+            typer.echo(f"window {i + 1}: n={v.n}{usable} drift={drifted} "
                        f"(combined p={_fmt(v.combined.p_value)}), estimated accuracy atc={_fmt(est.get('atc'))} "
                        f"avg_conf={_fmt(est.get('avg_conf'))} lower_bound={_fmt(est.get('atc_lower'))}"
                        f"{'' if v.reliable is None or v.reliable else f' (UNRELIABLE: {_unreliable_why(v)})'}"
@@ -264,15 +280,8 @@ def sample(
 
 
 def _unreliable_why(v) -> str:
-    """Why a window's accuracy estimate is flagged unreliable, in words."""
-    d = v.diagnosis
-    if d is not None and d.kind == "preprocessing_mismatch":
-        return f"inputs {d.transform or 'transformed'}" + (
-            f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")
-    if d is not None and d.kind == "input_contract":
-        return "inputs violate the input contract"
-    share = v.unknown_share
-    return "inputs outside the golden support" + (f" (~{share:.0%} of the window)" if share is not None else "")
+    """Why a window's accuracy estimate is flagged unreliable, in words (the suite's reason)."""
+    return v.unreliable_reason or "flagged by the estimator"
 
 
 def _fmt(x: float | None) -> str:

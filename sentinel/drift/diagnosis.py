@@ -5,7 +5,9 @@ combined verdict alarms:
 
     preprocessing_mismatch  inputs moved, and one candidate transform T of the golden inputs
                             reproduces the window (T(golden) ≈ window, i.e. T⁻¹ brings the window
-                            back to the golden distribution); the transform is named
+                            back to the golden distribution); the transform is named (also when
+                            the inputs moved less, if T fits FIT_RATIO times better than golden
+                            reweighted to the window's classes: a BGR client's classes are wrong)
     input_contract          at least `contract_share` of the window's samples violate the input contract
     preprocessing_mismatch  (again) one parameter-free T reproduces a share s of the window: the
                             mixture (1 − s)·golden + s·T(golden) matches its means and variances
@@ -71,6 +73,7 @@ CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
+DEAD_BANDS = 8       # bands per axis a dead-band check (support.TransformLike) blanks, one at a time
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
 # The eight symmetries of a square image (the dihedral group D4); rotations are counter-clockwise,
@@ -226,6 +229,24 @@ def _ch(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape(1, -1, 1, 1)
 
 
+def _dead_bands(src: Source) -> list[tuple[str, np.ndarray]]:
+    """The source images with one horizontal or vertical band at the channel's golden low value:
+    min(DEAD_BANDS, H) bands of rows and min(DEAD_BANDS, W) of columns."""
+    x = src.images
+    lo = _ch(src.low)
+    h, w = x.shape[2:]
+    out = []
+    for axis, size in ((2, h), (3, w)):
+        edges = np.linspace(0, size, min(DEAD_BANDS, size) + 1).round().astype(int)
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            t = x.copy()
+            idx = [slice(None)] * 4
+            idx[axis] = slice(int(a), int(b))
+            t[tuple(idx)] = np.broadcast_to(lo, t[tuple(idx)].shape) if t[tuple(idx)].size else t[tuple(idx)]
+            out.append((f"dead_{'row' if axis == 2 else 'col'}_{i}", t))
+    return out
+
+
 def _candidates(src: Source) -> list[Candidate]:
     lo, hi = _ch(src.low), _ch(src.high)
     c, h, w = src.images.shape[1:]
@@ -313,6 +334,7 @@ class Diagnoser:
         self.src_max_med = np.median(src_flat.max(axis=2), axis=0)
         self.src_min_med = np.median(src_flat.min(axis=2), axis=0)
         self.fixed: dict[str, Moments] = {}
+        self.fixed_features: dict[str, np.ndarray] = {}   # signatures of T(golden), row for row
         for cand in _candidates(source):
             key = cand.name
             n = 1
@@ -321,7 +343,15 @@ class Diagnoser:
                 key = f"{cand.name}#{n}"
             t = cand.apply(x.astype(np.float64), 0.0) if cand.network else \
                 source.to_network(cand.apply(source.images, 0.0))
-            self.fixed[key] = Moments.of(self.signature.features(t))
+            tf = self.signature.features(t)
+            self.fixed[key] = Moments.of(tf)
+            self.fixed_features[key] = tf
+        from sentinel.drift.support import TransformLike
+
+        # Per-sample evidence only (never a diagnosis name): dead bands of the image, a faulty sensor
+        # line or a decoder zeroing a stripe, which leave a digit in the support but make it misread.
+        dead = {name: self.signature.features(source.to_network(t)) for name, t in _dead_bands(source)}
+        self.transform_like = TransformLike.fit(f, {**self.fixed_features, **dead})
 
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)
@@ -505,8 +535,13 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
-             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None) -> Diagnosis:
-    """The diagnosis of one window (see the module docstring for the rules)."""
+             contract_share: float = CONTRACT_SHARE, outside_share: float | None = None,
+             feature_violating: np.ndarray | None = None) -> Diagnosis:
+    """The diagnosis of one window (see the module docstring for the rules).
+
+    `violating` flags every row of the window (its share is the contract share); `feature_violating`
+    flags the rows of `window_features` (rows without usable features dropped), when that differs.
+    """
     alarming = {r.name: r.feature for r in detectors if r.alarm}
     shift: dict[str, float] = {}
     if predicted is not None and golden_predicted_shares is not None and len(predicted):
@@ -536,13 +571,16 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     cands = diagnoser.search(window_features)
     best, why = explaining(cands)
     top = dict(sorted(((k, round(v[0], 3)) for k, v in cands.items()), key=lambda kv: kv[1])[:4])
-    if moved > MOVED and best is not None:
+    # A transform that fits far better than golden reweighted to the window's predicted classes is
+    # named even when that reweighting leaves the inputs only a little moved: the predicted classes
+    # are the transformed inputs' (a BGR client's), so the reweighting partly absorbs the transform.
+    if best is not None and (moved > MOVED or cands[best][0] * FIT_RATIO < moved):
         return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
                          transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
         transform, p = None, None
-        bad = np.asarray(violating, bool)
-        if bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
+        bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
+        if len(bad) == len(window_features) and bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
             transform, _ = explaining(sub)
             p = None if transform is None else sub[transform][1]

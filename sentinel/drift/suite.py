@@ -23,7 +23,7 @@ from sentinel.drift.inputcontract import InputContract
 from sentinel.drift.inputcontract import check as check_contract
 from sentinel.drift.label import LabelShiftTest
 from sentinel.drift.result import DetectorResult, abstain
-from sentinel.drift.univariate import FeatureShiftTest, Univariate
+from sentinel.drift.univariate import MIN_SAMPLES, FeatureShiftTest, Univariate
 
 ALL_DETECTORS = ("bbsd", "label", "confidence", "input_stats", "embedding", "mmd")
 
@@ -125,6 +125,8 @@ class Verdict:
     reliable: bool | None = None            # unknown_share <= support.UNRELIABLE_SHARE
     outside_share: float | None = None      # lower bound on the window's share outside the golden support
                                             # as a population (support.outside_share); counted as unknown
+    samples: int | None = None              # rows the window holds, usable or not (verdicts or contract rows)
+    unreliable_reason: str | None = None    # why `reliable` is False, in words (None when reliable or unknown)
 
     @property
     def drift(self) -> bool:
@@ -211,8 +213,13 @@ class Suite:
             viol = rep.violations
             if not rep.violations[:, 0].any():           # shape fits: signatures can be computed
                 sig = self.diagnoser.features(inputs)
-                assert self.input_support is not None
-                ood = self.input_support.score(sig) > 1.0
+                ood = self.outside(sig)
+                # a sample with a non-finite value has no signature (as in the sidecar, which drops it
+                # from the input windows): its zero-filled stand-in would pull the diagnosis and support
+                finite = np.isfinite(np.asarray(inputs).reshape(len(inputs), -1)).all(axis=1)
+                if not finite.all():
+                    sig[~finite] = np.nan
+                    ood[~finite] = True
             else:
                 ood = np.ones(len(viol), bool)
         if embeddings is not None and self.embedding_support is not None and len(embeddings):
@@ -227,6 +234,16 @@ class Suite:
                 unknown = ood | untrusted(viol)
             codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
         return Samples(viol, sig, ood, codes)
+
+    def outside(self, signatures: np.ndarray) -> np.ndarray:
+        """Per sample: outside the golden input support (kNN), or nearer a transformed golden sample
+        than a golden one (`support.TransformLike`: a flipped digit the model is confidently wrong on)."""
+        assert self.input_support is not None and self.diagnoser is not None
+        ood: np.ndarray = self.input_support.score(signatures) > 1.0
+        tl = self.diagnoser.transform_like
+        if tl is not None and len(signatures):
+            ood |= tl.flags(signatures)
+        return ood
 
     def project(self, embeddings: np.ndarray) -> np.ndarray | None:
         """Reduce raw embeddings with the golden PCA (None when the reference had none)."""
@@ -291,7 +308,15 @@ class Suite:
                     ts = ts_r
             est["atc_lower"] = min(est["atc_lower"], 1.0 - ts)
             unknown_share = ts if unknown_share is None else max(unknown_share, ts)
-        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside)
+        samples = max(len(window.verdicts) if window.verdicts is not None else 0,
+                      len(window.violating) if window.violating is not None else 0, n)
+        judged = sum(counts.values())
+        few = bool(counts) and judged < MIN_SAMPLES
+        if reliable and few:
+            reliable = False        # a share of 2 or 5 samples bounds nothing (the detectors abstain too)
+        why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples)
+        return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
+                       samples, why)
 
     def _outside_share(self, w: Window, predicted: np.ndarray | None) -> float | None:
         """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
@@ -318,12 +343,16 @@ class Suite:
                 effects = {f: round(float(v), 4) for f, v in zip(self.input_stats.features, d, strict=True)}
         pred = None if out is None else out[2].argmax(axis=1)
         sig = w.signatures
+        aligned = None               # the violating flags of the signature rows kept (rows align when counts match)
         if sig is not None:
             sig = np.asarray(sig, np.float64)
-            sig = sig[np.isfinite(sig).all(axis=1)]
+            keep = np.isfinite(sig).all(axis=1)
+            if w.violating is not None and len(w.violating) == len(sig):
+                aligned = np.asarray(w.violating, bool)[keep]
+            sig = sig[keep]
         return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
                         violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
-                        input_effects=effects, outside_share=outside)
+                        input_effects=effects, outside_share=outside, feature_violating=aligned)
 
     def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
@@ -363,21 +392,46 @@ class Suite:
         return test.test(w.embeddings)
 
 
+def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[str, int], n: int,
+                       samples: int) -> str:
+    """Why a window's accuracy estimate is flagged unreliable, in words (drift check, /status)."""
+    judged = counts.get("likely_correct", 0) + counts.get("likely_wrong", 0)
+    if samples and (n == 0 or (counts and judged == 0 and counts.get("unknown", 0) == samples)):
+        # nothing in the window the estimator could judge: say so rather than report a number
+        what = "no finite model outputs" if n == 0 else "every sample unknown to the estimator"
+        contract = "" if d.contract_violating_share is None else \
+            f"; {d.contract_violating_share:.0%} violate the input contract"
+        return f"no usable samples: {what} ({samples} in the window{contract})"
+    if sum(counts.values()) < MIN_SAMPLES and d.kind not in ("preprocessing_mismatch", "input_contract"):
+        return f"too few samples: {sum(counts.values())} in the window (at least {MIN_SAMPLES})"
+    if d.kind == "preprocessing_mismatch":
+        return f"inputs {d.transform or 'transformed'}" + (
+            f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")
+    if d.kind == "input_contract":
+        return "inputs violate the input contract" + (
+            f" (~{d.contract_violating_share:.0%} of the window)" if d.contract_violating_share is not None else "")
+    return "inputs outside the golden support" + (
+        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "")
+
+
 def _source(ref: Reference) -> Source | None:
     """Golden raw inputs as the space candidate transforms act on, when the golden set has them."""
     pre = ref.preprocessing
-    if ref.raw is None or pre is None or pre.layout not in ("NHW", "NCHW"):
+    if ref.raw is None or pre is None or pre.layout not in ("NHW", "NCHW", "NHWC"):
         return None
     raw = np.asarray(ref.raw, np.float64)
-    images = raw[:, None] if pre.layout == "NHW" else raw
-    if images.ndim != 4:
+    if raw.ndim != (3 if pre.layout == "NHW" else 4):
         return None
+    # candidates act on N×C×H×W source images: an NHWC client's raw inputs (the usual layout of
+    # decoded images) are transposed, so channel order and normalisation are judged where they happen
+    images = raw[:, None] if pre.layout == "NHW" else (raw.transpose(0, 3, 1, 2) if pre.layout == "NHWC" else raw)
     mean = np.broadcast_to(np.asarray(pre.mean, np.float64), (images.shape[1],)).copy()
     std = np.broadcast_to(np.asarray(pre.std, np.float64), (images.shape[1],)).copy()
     scale = float(pre.scale) if pre.scale else 1.0
 
     def to_network(a: np.ndarray) -> np.ndarray:
-        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else a)
+        x: np.ndarray = pre.apply(a[:, 0] if pre.layout == "NHW" else (
+            a.transpose(0, 2, 3, 1) if pre.layout == "NHWC" else a))
         return x
 
     return Source(images, to_network, std / scale, mean / scale, mean, std)

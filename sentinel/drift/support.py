@@ -5,7 +5,9 @@ input scale or heavy blur makes a DenseNet confidently wrong. So a sample is `un
 trusted by ATC) when it violates the input contract, or when it is out of the golden support:
 its k-nearest-neighbour distance (Sun et al., ICML 2022) in a standardised feature space — the
 input signature, and the golden PCA of the reference embeddings when the shadow ran — exceeds
-the golden set's own `OOD_QUANTILE` leave-one-out kNN distance. Otherwise ATC decides: score at
+the golden set's own `OOD_QUANTILE` leave-one-out kNN distance; or when it looks like a transformed
+golden sample (`TransformLike`: a digit rotated by 180° stays in the support, and the model is
+confidently wrong on it). Otherwise ATC decides: score at
 or above its threshold → `likely_correct`, else `likely_wrong`.
 
 The accuracy lower bound counts unknown as wrong: likely_correct / all. It is reliable when the
@@ -41,6 +43,12 @@ UNRELIABLE_SHARE = 0.10   # more unknown than this in a window and the estimate 
 MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)
 OUTSIDE_DELTA = 0.05      # error probability of the `outside_share` lower confidence bound
 MIN_OUTSIDE_SAMPLES = 20  # fewer window scores than this: no population bound
+TRANSFORM_LIKE_FPR = 0.01  # share of golden samples (leave-one-out) `TransformLike` may flag, at most
+FIT_BLOCK = 1 << 21        # distances computed at once when fitting `TransformLike` (16 MiB)
+TRANSFORM_LIKE_RATIO = 0.8  # ... and a flagged sample is at least this much nearer T(golden) than golden
+TRANSFORM_LIKE_MARGIN = 0.95  # ... and nearer by this factor than the golden samples' quantile: with ~300
+                              # golden rows that quantile is their smallest ratio, which a new clean sample
+                              # undercuts more often than the nominal rate (1.2% of clean digits at 1.0, 0.6% here)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,87 @@ def outside_share(window_scores: np.ndarray, reference_scores: np.ndarray, delta
     if not ok.any():
         return 0.0
     return float(np.clip(np.max((f0[ok] - g[ok] - eps) / f0[ok]), 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class TransformLike:
+    """Per sample: does it look more like a transformed golden sample than like a golden one?
+
+    A rotated or flipped digit can stay inside the golden support (its kNN distance passes) while
+    the model is confidently wrong on it: ATC then counts it as correct. For each parameter-free
+    candidate transform T of the diagnosis (`diagnosis._candidates`), the ratio
+    r_T = d_k(sample, T(golden)) / d_k(sample, golden) of k-th nearest-neighbour distances in the
+    golden-standardised signature space is small for such a sample. A sample is flagged when, for
+    some T, r_T < min(TRANSFORM_LIKE_RATIO, t_T): clearly nearer T(golden) than golden (a sample about
+    as near both, or far from both, is left to the support check), and below what golden samples
+    themselves reach (t_T: TRANSFORM_LIKE_MARGIN × the TRANSFORM_LIKE_FPR / #candidates quantile of
+    their leave-one-out ratios, the transformed copy of the sample itself left out too), so about
+    TRANSFORM_LIKE_FPR of clean samples at most are flagged. A symmetric sample (a 0 rotated by 180°) is as near
+    golden as T(golden) and is not flagged, as the model reads it right.
+    """
+
+    golden: np.ndarray               # N×F standardised golden signatures
+    transformed: np.ndarray          # T×N×F standardised signatures of T(golden), per candidate
+    names: tuple[str, ...]
+    center: np.ndarray
+    scale: np.ndarray
+    thresholds: np.ndarray           # T: min(TRANSFORM_LIKE_RATIO, MARGIN × golden LOO quantile)
+    k: int = OOD_K
+    flat: np.ndarray | None = None   # (T·N)×F `transformed`, and its squared row norms (per-batch cost)
+    flat_sq: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, golden: np.ndarray, transformed: dict[str, np.ndarray], k: int = OOD_K,
+            fpr: float = TRANSFORM_LIKE_FPR) -> TransformLike | None:
+        """None without candidates or with too few golden rows."""
+        g = np.asarray(golden, np.float64)
+        names = tuple(n for n, t in transformed.items() if np.shape(t) == g.shape and np.isfinite(t).all())
+        if not names or len(g) <= k + 1:
+            return None
+        center = g.mean(axis=0)
+        sd = g.std(axis=0)
+        scale = np.where(sd > 1e-9 * (np.abs(center) + 1), sd, 1.0)
+        z = (g - center) / scale
+        zt = np.stack([(np.asarray(transformed[n], np.float64) - center) / scale for n in names])
+        d0 = _knn(z, z, k + 1)[:, -1]                      # the nearest is the sample itself
+        n, t = len(z), len(names)
+        flat = np.ascontiguousarray(zt.reshape(-1, zt.shape[2]))
+        sq = (flat ** 2).sum(axis=1)
+        dk = np.empty((n, t))
+        step = max(1, FIT_BLOCK // max(t * n, 1))
+        for a in range(0, n, step):                         # blocks of rows: bounded memory at fit
+            rows = np.arange(a, min(n, a + step))
+            d2 = _sq_dist(z[rows], flat, sq).reshape(len(rows), t, n)
+            d2[np.arange(len(rows)), :, rows] = np.inf       # T(the sample itself) left out
+            dk[rows] = np.sqrt(np.partition(d2, k - 1, axis=2)[:, :, k - 1])
+        ratios = dk / np.maximum(d0, 1e-12)[:, None]
+        thr = np.minimum(TRANSFORM_LIKE_RATIO, TRANSFORM_LIKE_MARGIN * np.quantile(ratios, fpr / t, axis=0))
+        return cls(z, zt, names, center, scale, thr, k, flat, sq)
+
+    def flags(self, features: np.ndarray) -> np.ndarray:
+        """N bool: the row looks like a transformed golden sample (non-finite rows: False)."""
+        f = np.asarray(features, np.float64)
+        out = np.zeros(len(f), bool)
+        ok = np.isfinite(f).all(axis=1) if len(f) else out
+        if not ok.any():
+            return out
+        z = (f[ok] - self.center) / self.scale
+        d0 = np.maximum(_knn(z, self.golden, self.k)[:, -1], 1e-12)
+        t, n, _ = self.transformed.shape
+        flat = self.transformed.reshape(t * n, -1) if self.flat is None else self.flat
+        # one product against every candidate's rows; the k-th nearest of T(golden) lies within
+        # threshold·d0 exactly when at least k of its rows do (a count: cheaper than a partition)
+        d2 = _sq_dist(z, flat, self.flat_sq).reshape(len(z), t, n)
+        radius2 = (self.thresholds[None, :] * d0[:, None]) ** 2
+        out[ok] = ((d2 < radius2[:, :, None]).sum(axis=2) >= self.k).any(axis=1)
+        return out
+
+
+def _sq_dist(q: np.ndarray, ref: np.ndarray, ref_sq: np.ndarray | None = None) -> np.ndarray:
+    """Squared Euclidean distances, len(q)×len(ref) (`ref_sq`: the rows' squared norms, when known)."""
+    rs = (ref ** 2).sum(axis=1) if ref_sq is None else ref_sq
+    d2: np.ndarray = np.maximum((q ** 2).sum(axis=1)[:, None] + rs[None, :] - 2.0 * (q @ ref.T), 0.0)
+    return d2
 
 
 def _knn(q: np.ndarray, ref: np.ndarray, k: int) -> np.ndarray:

@@ -41,6 +41,22 @@ def test_run_eval_reports_every_table(monkeypatch):
     assert "BBSD+KS  combined" in text and "False-alarm rate" in text and "ATC" in text
 
 
+def test_windows_larger_than_the_data_are_refused_before_any_inference(monkeypatch):
+    """`drift eval --samples 5000` ran a minute of inference, then ended in a ValueError traceback."""
+    import pytest
+
+    from sentinel.errors import UsageError
+
+    def prepare(*a, **k):
+        raise AssertionError("inference started")
+
+    monkeypatch.setattr(ev, "_prepare", prepare)
+    split = SimpleNamespace(golden=list(range(300)), holdout=list(range(300, 500)))
+    entry = SimpleNamespace(spec="fake:v1", manifest=SimpleNamespace(split=split))
+    with pytest.raises(UsageError, match="--samples 5000: .* from 500 non-training digits; windows of at most 200"):
+        ev.run_eval(entry, ev.EvalPlan(sizes=(50, 5000)), Settings(), log=lambda s: None)
+
+
 def test_shifts_keep_shape_and_range():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 17, (4, 8, 8)).astype(np.float32)

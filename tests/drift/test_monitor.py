@@ -192,8 +192,9 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
     assert len(out) == 2
     for w in out:
         assert set(w) == {"n", "drift", "detectors", "estimated_accuracy", "accuracy", "accuracy_verdicts",
-                          "accuracy_estimate_reliable", "unknown_share", "outside_share", "diagnosis"}
-        assert w["n"] == 25 and w["drift"] is False and 0.8 <= w["accuracy"] <= 1
+                          "accuracy_estimate_reliable", "unknown_share", "outside_share", "diagnosis",
+                          "samples", "unreliable_reason"}
+        assert w["n"] == 25 and w["samples"] == 25 and w["unreliable_reason"] is None and w["drift"] is False and 0.8 <= w["accuracy"] <= 1
         assert set(w["estimated_accuracy"]) == {"atc", "avg_conf", "atc_lower"}
         assert w["diagnosis"]["kind"] == "none" and sum(w["accuracy_verdicts"].values()) == 25
         for d in w["detectors"]:
@@ -216,7 +217,9 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["drift", "check", "--model", "digits:v3", "--input", str(nan), "--fail-on-drift"])
     assert res.exit_code == 1, res.output
     assert "diagnosis: input_contract — 100.0% of the window's samples violate" in res.output
-    assert "UNRELIABLE" in res.output
+    # nothing usable: said so, not a drift=no beside a number
+    assert "n=0 of 30 (the rest non-finite) drift=unknown" in res.output
+    assert "atc=- avg_conf=- lower_bound=0 (UNRELIABLE: no usable samples: no finite model outputs" in res.output
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -227,6 +230,9 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
      "label 10 of sample 2 is not a class index of this model (0-9)"),
     ({"raw": np.zeros((4, 8, 8)), "labels": np.array([1, 2, 3])}, "(3,) labels for 4 inputs"),
     ({"x": np.zeros(3)}, "needs an array named 'raw' or 'inputs' (has ['x'])"),
+    # a batch of rows or of colour images is not N×H×W: was one 5×64 image resized, or a traceback
+    ({"raw": np.zeros((5, 64), np.float32)}, "array 'raw' has shape (5, 64); digits:v3 takes N×H×W raw inputs"),
+    ({"raw": np.zeros((5, 8, 8, 3), np.float32)}, "array 'raw' has shape (5, 8, 8, 3); digits:v3 takes N×H×W"),
 ])
 def test_drift_check_names_what_is_wrong_with_the_input(tmp_path, monkeypatch, arrays, message):
     from typer.testing import CliRunner
@@ -322,3 +328,36 @@ def test_wrong_scale_counts_from_the_first_bad_sample_and_is_diagnosed(traffic):
     assert last["window_id"] == mon.windows and last["diagnosis"]["kind"] == "input_contract"
     assert last["diagnosis"]["transform"] == "multiply" and last["accuracy_estimate_reliable"] is False
     assert last["estimated_accuracy"]["atc_lower"] == lower[-1]
+
+
+@pytest.mark.parametrize("outputs", ["nan", "finite"])
+def test_a_stream_of_unusable_samples_says_so_instead_of_keeping_the_last_healthy_window(traffic, outputs):
+    """Clean traffic, then every input NaN (the server answering NaN, or answering anyway): windows
+    keep being evaluated over the unusable rows, and metrics and /status say there is nothing to
+    estimate from instead of repeating the last clean window's verdict."""
+    from sentinel.analysis.monitor import build_monitor
+
+    cfg = _config(window_size=100, evaluate_every=50)
+    mon = build_monitor(cfg, cfg.models[0])
+    _stream(mon, traffic["raw"][:100], traffic["clean"][:100])
+    assert mon.status()["last"]["accuracy_estimate_reliable"] is True
+    before = mon.windows
+    bad_in = np.full((100, 8, 8), np.nan, np.float32)
+    bad_out = np.full((100, 10), np.nan, np.float32) if outputs == "nan" else traffic["clean"][100:200]
+    ups = _stream(mon, bad_in, bad_out)
+    assert mon.windows == before + 2                    # the cadence counts unusable samples too
+    last = json.loads(json.dumps(mon.status()))["last"]
+    assert last["samples"] == 100 and last["accuracy_estimate_reliable"] is False
+    assert last["diagnosis"]["kind"] == "input_contract" and last["diagnosis"]["contract_violating_share"] == 1.0
+    assert last["estimated_accuracy"]["atc_lower"] == 0.0 and last["unknown_share"] == 1.0
+    assert "outside_share" in last and last["diagnosis"]["input_effects"] == {}   # no stale clean inputs
+    assert last["accuracy_estimate_unreliable_reason"].startswith("no usable samples")
+    est = {u.labels["method"]: u.value for u in ups if u.metric == "sentinel_estimated_accuracy_ratio"}
+    if outputs == "nan":
+        assert last["n"] == 0 and math.isnan(est["atc"]) and math.isnan(est["avg_conf"])
+        assert "no finite model outputs" in last["accuracy_estimate_unreliable_reason"]
+    else:
+        assert last["n"] == 100 and "every sample unknown" in last["accuracy_estimate_unreliable_reason"]
+    assert est["atc_lower"] == 0.0
+    reliable = [u.value for u in ups if u.metric == "sentinel_accuracy_estimate_reliable"]
+    assert reliable and reliable[-1] == 0.0

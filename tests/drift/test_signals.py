@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from sentinel.drift.support import (
 )
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _images(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -378,3 +381,148 @@ def test_a_window_outside_the_support_is_not_called_prior_shift():
     assert diagnose(True, label, outside_share=0.05, **args).kind == "prior_shift"
     d = diagnose(True, label, outside_share=0.3, **args)
     assert d.kind == "covariate_shift" and "outside the golden support" in d.reason
+
+
+def test_nonfinite_rows_have_no_signature_and_a_window_of_them_says_no_usable_samples():
+    """Rows with a NaN input get a NaN signature (their zero-filled stand-in pulled the diagnosis: 70%
+    scaled + 30% NaN read input_contract with no transform, and the violating flags no longer lined
+    up with the finite signature rows); a window with no finite output says it has nothing to judge."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(100, seed=13)
+    w[:70] = w[:70] * 4.0                                    # a wrong scale on 70%
+    w[70:] = np.nan                                          # and NaN on the rest
+    lg = logits(w)
+    smp = suite.samples(w, lg)
+    assert np.isnan(smp.signatures[70:]).all() and np.isfinite(smp.signatures[:70]).all()
+    assert smp.ood[70:].all() and (smp.verdicts[70:] == UNKNOWN).all()
+    v = suite.evaluate(Window(lg, input_statistics(w), labels=wy, signatures=smp.signatures,
+                              violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+    assert v.n == 70 and v.samples == 100 and v.reliable is False
+    assert v.diagnosis.transform == "multiply" and v.unreliable_reason
+    # every output non-finite: no estimate, and the reason says there was nothing usable
+    nan_lg = np.full((40, 2), np.nan)
+    v = suite.evaluate(Window(nan_lg, violating=np.ones(40, bool), verdicts=np.full(40, UNKNOWN, np.int8)))
+    assert v.n == 0 and v.samples == 40 and np.isnan(v.estimated_accuracy["atc"])
+    assert v.estimated_accuracy["atc_lower"] == 0.0 and v.reliable is False
+    assert v.combined.abstained and v.diagnosis.kind == "input_contract"
+    assert v.unreliable_reason.startswith("no usable samples: no finite model outputs (40 in the window")
+
+
+def test_transform_like_flags_samples_nearer_a_transformed_golden_than_golden():
+    """Golden on one side of feature 0, its mirror image the transform: a mirrored sample is flagged
+    (it may well pass the kNN support check), a clean one rarely, one on the mirror axis (symmetric:
+    as near golden as its mirror, the model reads it the same) never."""
+    from sentinel.drift.support import TRANSFORM_LIKE_FPR, TRANSFORM_LIKE_RATIO, TransformLike
+
+    rng = np.random.default_rng(0)
+
+    def draw(n):
+        f = rng.normal(size=(n, 4))
+        f[:, 0] = 1.5 + 0.5 * np.abs(f[:, 0])
+        return f
+
+    golden = draw(400)
+    mirror = golden * np.array([-1.0, 1, 1, 1])
+    tl = TransformLike.fit(golden, {"flip": mirror, "bad": np.full((3, 4), np.nan)})
+    assert tl is not None and tl.names == ("flip",) and 0 < tl.thresholds[0] <= TRANSFORM_LIKE_RATIO
+    clean = draw(1000)
+    assert tl.flags(clean).mean() <= 2 * TRANSFORM_LIKE_FPR
+    flipped = draw(200) * np.array([-1.0, 1, 1, 1])
+    assert tl.flags(flipped).mean() > 0.95
+    on_axis = draw(100)
+    on_axis[:, 0] = 0.0
+    assert not tl.flags(on_axis).any()
+    assert list(tl.flags(np.array([[np.nan, 0, 0, 0], [-2.0, 0, 0, 0]]))) == [False, True]
+    assert TransformLike.fit(golden[:5], {"flip": mirror[:5]}) is None          # too few rows for k
+
+
+def test_a_rotated_digit_inside_the_golden_support_is_unknown_to_the_estimator():
+    """Digits rotated by 180° (or with a dead pixel row): most pass the kNN support check (the model is confidently wrong on the
+    asymmetric ones, so ATC counted them correct and a 25% rot180 window read its lower bound above
+    its accuracy); nearer rotate_180(golden) than golden, they are unknown now. Clean digits are not."""
+    from sentinel.drift import Reference, Suite
+    from sentinel.golden import golden_for
+    from sentinel.registry import open_registry
+    from sentinel.training.digits import load_split
+
+    entry = open_registry(None, None).resolve("digits:v3")
+    suite = Suite(Reference.from_golden(golden_for(entry, REPO / "golden_sets")))
+    images, _, _ = load_split()
+    raw = images[np.asarray(entry.manifest.split.holdout)[:200]].astype(np.float32)
+    pre = entry.manifest.preprocessing
+    clean = suite.diagnoser.features(pre.apply(raw))
+    rot = suite.diagnoser.features(pre.apply(np.ascontiguousarray(raw[:, ::-1, ::-1])))
+    assert np.mean(suite.input_support.score(rot) > 1.0) < 0.1             # the support alone misses them
+    assert suite.outside(rot).mean() > 0.3 and suite.outside(clean).mean() <= 0.03
+    dead = raw.copy()
+    dead[:, 4, :] = 0.0                                  # a dead pixel row: read wrong ~half the time
+    dead_sig = suite.diagnoser.features(pre.apply(dead))
+    assert np.mean(suite.input_support.score(dead_sig) > 1.0) < 0.1
+    assert suite.outside(dead_sig).mean() > 0.2
+
+
+def test_a_window_of_a_few_samples_is_not_a_reliable_estimate():
+    """drift check -w 5 on clean digits read 'lower_bound=1' as a reliable estimate from 5 (or 2) samples,
+    while every detector abstained for having fewer than 10."""
+    from sentinel.drift import Window
+    from sentinel.drift.univariate import MIN_SAMPLES
+
+    suite, logits = _two_class_suite()
+    w, wy = _images(MIN_SAMPLES + 5, seed=17)
+    smp = suite.samples(w, logits(w))
+    for n in (2, MIN_SAMPLES - 1, MIN_SAMPLES):
+        v = suite.evaluate(Window(logits(w[:n]), labels=wy[:n], signatures=smp.signatures[:n],
+                                  violating=smp.violations.any(axis=1)[:n], verdicts=smp.verdicts[:n]))
+        if n < MIN_SAMPLES:
+            assert v.reliable is False and v.unreliable_reason == f"too few samples: {n} in the window (at least 10)"
+        else:
+            assert v.reliable is True and v.unreliable_reason is None
+
+
+def _rgb_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """N×16×16×3 uint8-range images (an NHWC client's decoded pictures) of three colour/shape classes."""
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, n)
+    yy, xx = np.mgrid[:16, :16]
+    shapes = (yy < 8, xx < 8, (yy + xx) < 16)
+    colours = (np.array([200, 120, 60]), np.array([60, 180, 90]), np.array([90, 70, 210]))
+    x = np.stack([shapes[c][..., None] * colours[c] for c in y]) + r.uniform(0, 40, (n, 16, 16, 3))
+    return np.clip(x, 0, 255).astype(np.float32), y
+
+
+def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
+    """An NHWC model with ImageNet mean/std: its candidates were applied to network inputs (the
+    source ignored NHWC), so a client skipping the mean/std step, or normalising twice, was never
+    named, and channel order was reversed after normalisation instead of before (and, fitting, was
+    not named when golden reweighted to the window's predicted classes moved little)."""
+    from sentinel.drift import Reference, Settings, Suite, Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.preprocess import Preprocessing
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    pre = Preprocessing(scale=1 / 255, mean=tuple(mean), std=tuple(std), layout="NHWC")
+
+    def model(net):
+        m = net.mean(axis=(2, 3))
+        return np.stack([m[:, 0] - m[:, 2], m[:, 1] - m[:, 0], m[:, 2] - m[:, 1]], axis=1) * 3
+
+    raw, y = _rgb_images(150, 0)
+    net = pre.apply(raw)
+    suite = Suite(Reference(model(net), y, inputs=net, raw=raw, preprocessing=pre),
+                  Settings(detectors=("bbsd", "label", "input_stats")))
+    w, _ = _rgb_images(100, 1)
+    # a BGR client: its predicted classes are the swapped colours', so golden reweighted to them
+    # looks only a little moved (d < MOVED); channel order fits far better and is named
+    cases = {"normalization_missing": (w / 255).transpose(0, 3, 1, 2),
+             "normalization_doubled": (pre.apply(w) - mean[None, :, None, None]) / std[None, :, None, None],
+             "channel_order": pre.apply(np.ascontiguousarray(w[..., ::-1]))}
+    for expected, x in cases.items():
+        x = x.astype(np.float32)
+        smp = suite.samples(x, model(x))
+        v = suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
+                                  violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+        assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", expected), v.diagnosis.reason
+        assert v.reliable is False
