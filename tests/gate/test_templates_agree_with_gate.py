@@ -68,8 +68,8 @@ SERIES = [
 ]
 
 
-def _argo_queries(canary: str) -> dict[str, str]:
-    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": "v3", "{{args.canary-version}}": canary,
+def _queries(baseline: str, canary: str) -> dict[str, str]:
+    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
              "{{args.window}}": "10m"}
     out = {}
     for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
@@ -95,7 +95,7 @@ def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):
     refusing = VersionData(codes={"200": 5400.0, "400": 600.0})
     assert criteria.error_ratio(base, refusing, S, alpha, 0.001, "5..").verdict == Verdict.FAIL
 
-    q, q5 = _argo_queries("v4"), _argo_queries("v5")
+    q, q5 = _queries("v3", "v4"), _queries("v3", "v5")
     tests = {"evaluation_interval": "1m", "tests": [{
         "interval": "1s",
         "input_series": [{"series": s, "values": v} for s, v in SERIES],
@@ -163,7 +163,7 @@ def test_prediction_shift_is_the_gates_effect_size_held_to_max_cramers_v(tmp_pat
         assert judged.verdict == verdict
         # the gate's balanced V, less its value between identical versions at 300 each over 10 classes
         expected = math.sqrt(max(0.0, judged.effect ** 2 - 9 * (1 / 300 + 1 / 300) / 4))
-        query = _argo_queries(canary)["prediction-shift"]
+        query = _queries("v3", canary)["prediction-shift"]
         checks.append({"expr": f"abs(({query}) - {expected!r}) < bool 1e-6", "eval_time": "10m",
                        "exp_samples": [{"labels": "{}", "value": 1.0}]})
         passes = "<=" if verdict == Verdict.PASS else ">"
@@ -196,25 +196,13 @@ def test_latency_ratio_reads_replicas_with_different_bucket_layouts_as_the_gate(
     assert judged.verdict == Verdict.PASS and math.isclose(judged.effect, max(p95, p99))
     # P99 247.5 ms vs 242.5 ms: slower by less than latency_min_diff_s, so the template reads 1
     assert stats.quantile(0.99, canary.buckets) - stats.quantile(0.99, base.buckets) < S.latency_min_diff_s
-    q = _argo_queries("v4")
+    q = _queries("v3", "v4")
     _promtool(tmp_path, series, [
         {"expr": f"abs(({q['latency-p95-ratio']}) - {p95!r}) < bool 1e-6", "eval_time": "10m",
          "exp_samples": [{"labels": "{}", "value": 1.0}]},
         {"expr": f"({q['latency-p99-ratio']})", "eval_time": "10m",
          "exp_samples": [{"labels": "{}", "value": 1.0}]},
     ])
-
-
-def _queries(baseline: str, canary: str) -> dict[str, str]:
-    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
-             "{{args.window}}": "10m"}
-    out = {}
-    for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
-        expr = m["provider"]["prometheus"]["query"]
-        for k, v in subst.items():
-            expr = expr.replace(k, v)
-        out[m["name"]] = expr
-    return out
 
 
 def test_drift_and_contract_the_baseline_shares_do_not_fail_the_canary_in_the_templates(tmp_path):
