@@ -100,7 +100,7 @@ _DROP_METADATA = frozenset({
 DEADLINE_SLACK_S = 0.05
 DEADLINE_SLACK_SHARE = 0.01   # ... plus this share of the call's whole deadline
 UPSTREAM_CANCELLED = "502"    # CANCELLED sent by the upstream: the client did not go away
-EOF_SETTLE_YIELDS = 3   # loop turns for the transport's cancel of a refused (oversize) message to land
+EOF_SETTLE_YIELDS = 3   # extra loop turns after the round trip below, for the cancel to land
 
 
 def cancel_code(left: float | None, elapsed: float) -> grpc.StatusCode:
@@ -278,12 +278,21 @@ class GrpcProxy:
                 request = await context.read()
                 if request is aio.EOF:
                     # No message: either the transport refused it as larger than max_message_bytes
-                    # (it has already answered RESOURCE_EXHAUSTED and cancels this handler at the
-                    # next yield) or the client half-closed without sending one.
+                    # (it has already answered RESOURCE_EXHAUSTED and cancels this handler) or the
+                    # client half-closed without sending one. Counting loop turns alone misread
+                    # the first as the second when the poller thread was slow to deliver that
+                    # cancel (a loaded machine). So make a round trip through the transport:
+                    # sending the (empty) initial metadata completes after the cancel of a call
+                    # the transport has already ended, which arrives first and cancels this task
+                    # (or fails the send); on a live call it succeeds.
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
                     try:
+                        await context.send_initial_metadata(())
                         for _ in range(EOF_SETTLE_YIELDS):
                             await asyncio.sleep(0)
+                    except Exception as exc:
+                        proxy.metrics.proxy_errors.labels("message_too_large").inc()
+                        raise CancelledError() from exc
                     except CancelledError:
                         proxy.metrics.proxy_errors.labels("message_too_large").inc()
                         raise
