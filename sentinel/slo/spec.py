@@ -46,6 +46,12 @@ MAX_MIN_SAMPLES = 1_000_000
 DEFAULT_RUNBOOK_URL = "https://github.com/sentinel-densenet/sentinel/blob/main/deploy/RUNBOOK.md"
 
 
+# An online classifier's latency SLO above a minute is a unit mistake (milliseconds written as
+# seconds: `threshold: 150` meant 0.15 s); the proxy gives up on an upstream call after
+# `proxy.upstream_timeout_s` (30 s by default) anyway, so such an SLO could never burn.
+MAX_LATENCY_THRESHOLD_S = 60.0
+
+
 @dataclass(frozen=True)
 class SloSpec:
     """One service-level objective for one model."""
@@ -72,8 +78,12 @@ class SloSpec:
         if self.sli == "latency":
             if self.threshold is None:
                 yield "threshold", "required for a latency SLI (seconds, e.g. 0.15)"
-            elif not 0.0 < self.threshold <= 3600.0:
+            elif not 0.0 < self.threshold:
                 yield "threshold", f"must be a positive number of seconds, got {self.threshold}"
+            elif self.threshold > MAX_LATENCY_THRESHOLD_S:
+                yield "threshold", (f"is in seconds and must be at most {MAX_LATENCY_THRESHOLD_S:g}, got "
+                                    f"{self.threshold:g} ({self.threshold:g} ms would be "
+                                    f"{self.threshold / 1000:g})")
         elif self.threshold is not None:
             yield "threshold", f"only latency SLIs take a threshold, this one is {self.sli!r}"
         if self.min_samples is not None:

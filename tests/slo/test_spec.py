@@ -148,3 +148,11 @@ def test_min_samples_must_be_an_integer(tmp_path, value):
 def test_min_samples_on_another_sli(tmp_path):
     assert _problems(tmp_path, "slos: [{name: a, model: m, objective: 0.99, sli: availability, min_samples: 50}]\n") == [
         "slo.yaml: slos[0].min_samples: only estimated_accuracy SLIs take min_samples, this one is 'availability'"]
+
+
+def test_latency_threshold_in_milliseconds_is_refused(tmp_path):
+    # `threshold: 150` meant 150 ms; read as seconds it is an SLO no request could ever miss.
+    assert _problems(tmp_path, "slos: [{name: l, model: m, objective: 0.99, sli: latency, threshold: 150}]\n") == [
+        "slo.yaml: slos[0].threshold: is in seconds and must be at most 60, got 150 (150 ms would be 0.15)"]
+    (tmp_path / "ok.yaml").write_text("slos: [{name: l, model: m, objective: 0.99, sli: latency, threshold: 60}]\n")
+    assert load_slo_file(tmp_path / "ok.yaml").slos[0].threshold == 60
