@@ -263,7 +263,8 @@ class Demo:
                 self.timeline.notes.append(f"scrape failed at {time.perf_counter() - self.timeline.started:.0f}s: {exc}")
             self.children.check_alive()
             try:
-                await asyncio.wait_for(done.wait(), timeout=self.opts.scrape_every)
+                async with asyncio.timeout(self.opts.scrape_every):
+                    await done.wait()
             except TimeoutError:
                 pass
 

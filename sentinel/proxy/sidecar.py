@@ -389,8 +389,8 @@ class Sidecar:
         if time.monotonic() - at < READY_CACHE_S:
             return ok, why
         try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(self.up_host, self.up_port),
-                                          self.config.proxy.connect_timeout_s)
+            async with asyncio.timeout(self.config.proxy.connect_timeout_s):
+                _, w = await asyncio.open_connection(self.up_host, self.up_port)
             w.close()
             ok, why = True, f"{self.up_host}:{self.up_port} reachable"
         except (TimeoutError, OSError) as exc:
@@ -407,7 +407,8 @@ class Sidecar:
         assert addr is not None
         host, port = parse_hostport(addr)
         try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(host, port), self.config.proxy.connect_timeout_s)
+            async with asyncio.timeout(self.config.proxy.connect_timeout_s):
+                _, w = await asyncio.open_connection(host, port)
             w.close()
             ok, why = True, f"{addr} reachable"
         except (TimeoutError, OSError) as exc:

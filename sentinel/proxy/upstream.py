@@ -217,9 +217,11 @@ class UpstreamPool:
 
     async def connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
-            self.connect_timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancel (the client
+        # went away) that arrives just as the connect completes, and it runs the connect in a
+        # task of its own.
+        async with asyncio.timeout(self.connect_timeout):
+            _, proto = await loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port)
         self.opened += 1
         return proto
 
