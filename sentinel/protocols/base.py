@@ -395,7 +395,25 @@ def _opens(raw: bytes, start: int = 0, end: int | None = None) -> int:
 
 
 _LEADING_WS = re.compile(rb"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key that appears twice (ValueError).
+
+    RFC 8259 §4 leaves duplicate names undefined, and JSON parsers differ: some keep the first
+    value, some the last. Whichever this decoder kept, the sample might not be what the model
+    saw, so it is refused rather than analysed.
+    """
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))   # type: ignore[func-returns-value]
+        raise ValueError(f"the key {dup!r} appears twice in one object, and JSON parsers differ on "
+                         "which one counts (the first or the last)")
+    return doc
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 _PREFIX_BYTES = 1 << 16   # a large body's JSON object is first looked for in this many leading bytes
 
 
@@ -485,7 +503,7 @@ def parse_json(body: bytes | memoryview, what: str = "body") -> Any:
             raise DecodeError("too_deep",
                               f"{what} nests JSON {depth} levels deep, more than the limit {MAX_JSON_DEPTH}")
     try:   # decoded as UTF-8 first: json.loads(bytes) would also read UTF-16/32, which servers refuse
-        return json.loads(raw.decode("utf-8"))
+        return _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise DecodeError("malformed_json", f"{what} is not JSON: {exc}") from None
 

@@ -38,16 +38,23 @@ def outcome(fn, *args) -> tuple[str, Any]:
 
 
 def slow_parse(raw: bytes) -> Any:
-    """parse_json as it was: always scan the depth, then parse (UTF-8 without a byte order mark only)."""
+    """parse_json as it was: always scan the depth, then parse (UTF-8 without a byte order mark, no key twice)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raise DecodeError("malformed_json", "BOM")
     depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
         raise DecodeError("too_deep", f"{depth}")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_once_each)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise DecodeError("malformed_json", "x") from None
+
+
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A key twice in one object is refused (parsers differ on which value counts)."""
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError("duplicate key")
+    return dict(pairs)
 
 
 def slow_object(raw: bytes) -> Any:

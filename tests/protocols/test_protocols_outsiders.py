@@ -174,3 +174,32 @@ def test_a_batch_of_images_of_different_sizes_is_unsupported_not_the_clients_fau
     body = json.dumps({"instances": [{"b64": small}, {"b64": big}]}).encode()   # photos of several sizes
     err = _refused(decode_request, "v1", body, JSON)
     assert err.kind == "unsupported" and "8×8, 16×12" in str(err)
+
+
+@pytest.mark.parametrize(("protocol", "body"), [
+    ("v2", b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2],"data":[3,4]}]}'),
+    ("v2", b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}],'
+           b'"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[3,4]}]}'),
+    ("auto", b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}],'
+             b'"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[3,4]}]}'),
+    ("v1", b'{"instances": [[1, 2]], "instances": [[3, 4]]}'),
+])
+def test_a_key_twice_in_one_object_is_refused_not_guessed(protocol, body):
+    # Servers' JSON parsers keep the first or the last value: which inputs the model saw is unknown.
+    err = _refused(decode_request, protocol, body, JSON)
+    assert err.kind == "malformed_json"
+    assert "appears twice" in str(err)
+
+
+def test_a_key_twice_in_a_response_and_after_binary_data_is_refused():
+    resp = b'{"predictions": [[0.2, 0.8]], "predictions": [[0.8, 0.2]]}'
+    assert "appears twice" in str(_refused(decode_response, "v1", resp, JSON))
+    head = b'{"outputs":[{"name":"y","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8},' \
+           b'"name":"z"}]}'
+    body = head + np.array([0.2, 0.8], dtype=np.float32).tobytes()
+    err = _refused(decode_response, "v2", body, {"content-type": "application/octet-stream",
+                                                 "inference-header-content-length": str(len(head))})
+    assert "appears twice" in str(err)
+    # the same keys in different objects are fine
+    ok = decode_request("v1", b'{"instances": [{"a": [1, 2]}, {"a": [3, 4]}]}', JSON)
+    assert ok is not None
