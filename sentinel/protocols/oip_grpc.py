@@ -38,6 +38,7 @@ from sentinel.protocols.base import (
     Headers,
     combine_outputs,
 )
+from sentinel.protocols.varint import VarintError, read_varint
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 
@@ -52,19 +53,10 @@ _CONTENTS: dict[str, tuple[int, str]] = {
 
 # --- protobuf wire format --------------------------------------------------------------
 def _varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    n = len(buf)
-    while True:
-        if pos >= n:
-            raise DecodeError("truncated", f"varint cut short at byte {pos}")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise DecodeError("unsupported", f"varint longer than 10 bytes at byte {pos}")
+    try:
+        return read_varint(buf, pos)
+    except VarintError as exc:
+        raise DecodeError("truncated" if exc.truncated else "unsupported", str(exc)) from None
 
 
 def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, Any]]:

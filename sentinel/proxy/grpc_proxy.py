@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from sentinel.protocols.varint import VarintError, read_varint
 from sentinel.proxy import tracing
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.sampling import Sample, Sampler
@@ -147,15 +148,10 @@ def peek_model_name(body: bytes) -> str | None:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int | None, int]:
-    result = shift = 0
-    while pos < len(buf) and shift < 70:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-    return None, pos
+    try:
+        return read_varint(buf, pos)
+    except VarintError:
+        return None, pos
 
 
 def _forwardable(md: Any) -> tuple[tuple[str, Any], ...]:

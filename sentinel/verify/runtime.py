@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 
 from sentinel.errors import InfrastructureError, UsageError, WeightsError
+from sentinel.protocols.varint import read_varint
 
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
@@ -494,31 +495,18 @@ def external_tensors(raw: bytes):
                     yield from node(lo2, hi2, 1)
 
 
-def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        if i >= end or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = buf[i]
-        i += 1
-        v |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return v, i
-        shift += 7
-
-
 def _fields(buf: memoryview, a: int, b: int):
     """(field number, wire type, varint value, start, end) of each field of the message in buf[a:b]."""
     i = a
     while i < b:
-        key, i = _varint(buf, i, b)
+        key, i = read_varint(buf, i, b)
         num, wire = key >> 3, key & 7
         if wire == 0:
-            v, i = _varint(buf, i, b)
+            v, i = read_varint(buf, i, b)
             yield num, 0, v, i, i
             continue
         if wire == 2:
-            n, i = _varint(buf, i, b)
+            n, i = read_varint(buf, i, b)
             lo, i = i, i + n
         elif wire in (1, 5):
             lo, i = i, i + (8 if wire == 1 else 4)
@@ -539,7 +527,7 @@ def _messages(buf: memoryview, a: int, b: int):
 def _packed_varints(buf: memoryview, a: int, b: int) -> list[int]:
     out, i = [], a
     while i < b:
-        v, i = _varint(buf, i, b)
+        v, i = read_varint(buf, i, b)
         out.append(v)
     return out
 
