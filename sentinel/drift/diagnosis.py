@@ -44,7 +44,7 @@ Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +76,14 @@ BLUR_SIGMAS = (0.5, 1.0, 2.0)
 DEAD_BANDS = 8       # bands per axis a dead-band check (support.TransformLike) blanks, one at a time
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
+# Bounds that keep large images (a 3×224×224 DenseNet input is 2,350 digits) cheap; none changes
+# anything for images within them (8×8 digits). Before them a 256-image 224×224 golden set took
+# 137 s and 6.4 GB to fit (16 dead-band copies held at once, 8 × classes full-size templates).
+MAX_GOLDEN_VALUES = 1 << 24      # golden input values the fit uses: fewer samples for large images ...
+MIN_GOLDEN_LARGE = 100           # ... but never fewer than this many (or all there are)
+MAX_FIT_SIDE = 32                # orientation fits use grayscale images area-pooled to at most this side
+MAX_STAT_PIXELS = 4096           # per-channel statistics read at most about this many pixels (fixed stride)
+FEATURE_CHUNK_VALUES = 1 << 22   # signatures are computed this many input values at a time
 # The eight symmetries of a square image (the dihedral group D4); rotations are counter-clockwise,
 # as numpy.rot90 turns an image shown with row 0 at the top. Those that swap height and width
 # exist only for square images (`SQUARE_ONLY`).
@@ -103,6 +111,20 @@ def _orient(img: np.ndarray, o: str) -> np.ndarray:
     return img
 
 
+def _pool(gray: np.ndarray) -> np.ndarray:
+    """N×H×W images area-averaged by one integer factor until no side exceeds MAX_FIT_SIDE (the
+    centre kept where a side does not divide, so flips and rotations commute with it)."""
+    n, h, w = gray.shape
+    f = -(-max(h, w) // MAX_FIT_SIDE)
+    if f <= 1:
+        return gray
+    ph, pw = max(h // f, 1), max(w // f, 1)
+    fh, fw = min(f, h), min(f, w)
+    top, left = (h - ph * fh) // 2, (w - pw * fw) // 2
+    g = gray[:, top:top + ph * fh, left:left + pw * fw]
+    return np.asarray(g.reshape(n, ph, fh, pw, fw).mean(axis=(2, 4)))
+
+
 def orientations(h: int, w: int) -> tuple[str, ...]:
     """The orientations of an H×W image that keep its shape."""
     return tuple(o for o in ORIENTATIONS if h == w or o not in SQUARE_ONLY)
@@ -123,7 +145,7 @@ class Signature:
         c, h, w = x.shape[1:]
         flat = x.reshape(len(x), c, -1)
         low, high = flat.min(axis=(0, 2)), flat.max(axis=(0, 2))
-        gray = x.mean(axis=1)
+        gray = _pool(x.mean(axis=1))
         ks = np.unique(np.asarray(classes))
         means = np.stack([gray[np.asarray(classes) == k].mean(axis=0) for k in ks])
         orients = list(orientations(h, w))
@@ -138,9 +160,22 @@ class Signature:
 
     def features(self, inputs: np.ndarray) -> np.ndarray:
         """N×F signature features of N×C×H×W network inputs (non-finite values count as 0)."""
-        x = np.nan_to_num(np.asarray(inputs, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.asarray(inputs)
+        per = max(int(np.prod(arr.shape[1:])), 1)
+        step = max(FEATURE_CHUNK_VALUES // per, 1)
+        if len(arr) <= step:
+            return self._features(arr)
+        return np.concatenate([self._features(arr[i:i + step]) for i in range(0, len(arr), step)])
+
+    def _features(self, inputs: np.ndarray) -> np.ndarray:
+        x = np.asarray(inputs, dtype=np.float64)
+        if not np.isfinite(np.add.reduce(x, axis=None)):   # one pass: a NaN or ±inf makes the sum non-finite
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         n, c = x.shape[:2]
         flat = x.reshape(n, c, -1)
+        stride = -(-flat.shape[2] // MAX_STAT_PIXELS)
+        if stride > 1:
+            flat = flat[:, :, ::stride]
         rng = np.maximum(self.high - self.low, 1e-12)[None, :, None]
         lo, hi = self.low[None, :, None], self.high[None, :, None]
         q = np.quantile(flat, (0.1, 0.5, 0.9), axis=2)                     # 3×N×C
@@ -153,7 +188,7 @@ class Signature:
         gx = np.abs(np.diff(x, axis=3)).mean(axis=(1, 2, 3)) if x.shape[3] > 1 else np.zeros(n)
         gy = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) if x.shape[2] > 1 else np.zeros(n)
         aniso = gx / np.maximum(gx + gy, 1e-12)
-        g = x.mean(axis=1).reshape(n, -1)
+        g = _pool(x.mean(axis=1)).reshape(n, -1)
         g = g - g.mean(axis=1, keepdims=True)
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
         o, k, d = self.templates.shape
@@ -229,13 +264,12 @@ def _ch(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape(1, -1, 1, 1)
 
 
-def _dead_bands(src: Source) -> list[tuple[str, np.ndarray]]:
+def _dead_bands(src: Source) -> Iterator[tuple[str, np.ndarray]]:
     """The source images with one horizontal or vertical band at the channel's golden low value:
-    min(DEAD_BANDS, H) bands of rows and min(DEAD_BANDS, W) of columns."""
+    min(DEAD_BANDS, H) bands of rows and min(DEAD_BANDS, W) of columns, one copy at a time."""
     x = src.images
     lo = _ch(src.low)
     h, w = x.shape[2:]
-    out = []
     for axis, size in ((2, h), (3, w)):
         edges = np.linspace(0, size, min(DEAD_BANDS, size) + 1).round().astype(int)
         for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
@@ -243,8 +277,7 @@ def _dead_bands(src: Source) -> list[tuple[str, np.ndarray]]:
             idx = [slice(None)] * 4
             idx[axis] = slice(int(a), int(b))
             t[tuple(idx)] = np.broadcast_to(lo, t[tuple(idx)].shape) if t[tuple(idx)].size else t[tuple(idx)]
-            out.append((f"dead_{'row' if axis == 2 else 'col'}_{i}", t))
-    return out
+            yield f"dead_{'row' if axis == 2 else 'col'}_{i}", t
 
 
 def _candidates(src: Source) -> list[Candidate]:
@@ -308,6 +341,8 @@ class Diagnoser:
                  max_samples: int = MAX_GOLDEN, seed: int = 0):
         x = np.asarray(network_inputs, dtype=np.float32)
         self.classes = np.asarray(classes, dtype=np.int64)
+        per = max(int(np.prod(x.shape[1:])), 1)
+        max_samples = min(max_samples, max(MAX_GOLDEN_VALUES // per, MIN_GOLDEN_LARGE))
         if len(x) > max_samples:       # bounded fit cost: candidate moments from a seeded subsample
             keep = np.sort(np.random.default_rng(seed).choice(len(x), max_samples, replace=False))
             x, self.classes = x[keep], self.classes[keep]

@@ -526,3 +526,41 @@ def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
                                   violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
         assert (v.diagnosis.kind, v.diagnosis.transform) == ("preprocessing_mismatch", expected), v.diagnosis.reason
         assert v.reliable is False
+
+
+def _large(x: np.ndarray) -> np.ndarray:
+    """1×8×8 test images as 3×72×72 (each pixel a 9×9 block, channels scaled apart): beyond
+    MAX_FIT_SIDE and MAX_STAT_PIXELS, so the pooled fits and strided statistics are what name it."""
+    up = np.kron(x, np.ones((1, 1, 9, 9), dtype=x.dtype))
+    return np.concatenate([up, 0.8 * up, 0.6 * up], axis=1).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_large_images_are_diagnosed_through_pooled_fits():
+    x, y = _images(150)
+    dg = Diagnoser(_large(x), y)
+    assert dg.signature.templates.shape[2] == 24 * 24          # 72×72 pooled by 3, not 5,184 pixels
+    w, wy = _images(60, seed=1)
+    big = _large(w).astype(np.float64)
+    for transform, expected in ((lambda a: a[..., ::-1, ::-1], "rotate_180"),
+                                (lambda a: np.rot90(a, 1, (2, 3)), "rotate_90"),
+                                (lambda a: a[..., ::-1], "flip_horizontal")):
+        shifted = np.ascontiguousarray(transform(big)).astype(np.float32)
+        d = diagnose(True, [], diagnoser=dg, window_features=dg.features(shifted), predicted=wy,
+                     golden_predicted_shares=np.bincount(y) / len(y))
+        assert (d.kind, d.transform) == ("preprocessing_mismatch", expected)
+    assert diagnose(True, [], diagnoser=dg, window_features=dg.features(_large(w)), predicted=wy).kind == "prior_shift"
+
+
+def test_golden_fit_takes_fewer_samples_of_large_images(monkeypatch):
+    from sentinel.drift import diagnosis
+
+    x, y = _images(300)
+    monkeypatch.setattr(diagnosis, "MAX_GOLDEN_VALUES", 64 * 150)   # as if each 8×8 image were 3×224×224
+    assert len(Diagnoser(x, y).golden_features) == 150
+    monkeypatch.setattr(diagnosis, "MAX_GOLDEN_VALUES", 64 * 10)    # never below MIN_GOLDEN_LARGE
+    assert len(Diagnoser(x, y).golden_features) == diagnosis.MIN_GOLDEN_LARGE
+    # signatures in chunks equal signatures in one go
+    dg = Diagnoser(x[:120], y[:120])
+    monkeypatch.setattr(diagnosis, "FEATURE_CHUNK_VALUES", 64 * 7)
+    assert np.allclose(dg.features(x), dg.signature._features(x), rtol=1e-9, atol=1e-12)
