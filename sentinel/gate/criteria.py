@@ -225,17 +225,19 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
                          text + f": the canary's {' and '.join(beyond)} lie above the highest shared bucket "
                                 f"bound ({top * 1000:g} ms), the baseline's below it; how much slower is unknown",
                          **common)
-    if slower and t.p_value < s.alpha:
+    if (slower or beyond) and t.p_value < s.alpha:
         # A slower-looking quantile with tail evidence at the gate's own alpha, short of the
         # criterion's share of it: typically a handful of slow canary requests at an equal split
         # (6 of 300 against none of 300 happens by chance 1.5% of the time, which no test can
         # call significant at alpha / criteria). More traffic settles it; a pass would not.
         # Same distributions land here at most alpha of the time (less: a quantile must look
-        # slower beyond the tolerance too).
+        # slower beyond the tolerance, or lie above the top bound, too).
+        looks = slower + beyond
         return Criterion(name, Verdict.INCONCLUSIVE,
-                         text + f": {' and '.join(slower)} look{'s' if len(slower) == 1 else ''} slower than x{s.latency_tolerance:g}, but the tail "
-                                f"test (p={_fmt_p(t.p_value)}) is not significant at {_fmt_p(alpha / 2)}: "
-                                "too few slow requests to tell; judge a longer window", **common)
+                         text + f": {' and '.join(looks)} look{'s' if len(looks) == 1 else ''} slower"
+                                f"{f' than x{s.latency_tolerance:g}' if slower else ''}, but the tail test "
+                                f"(p={_fmt_p(t.p_value)}) is not significant at {_fmt_p(alpha / 2)}: too few slow "
+                                "requests to tell; judge a longer window", **common)
     return Criterion(name, Verdict.PASS, text, **common)
 
 

@@ -115,3 +115,13 @@ def test_same_latency_distribution_passes_at_least_95_percent_of_seeded_draws():
             for b, c in zip(cum_b, cum_c, strict=True))
         assert verdicts[Verdict.PASS] >= 190, (slow_share, verdicts)
         assert verdicts[Verdict.FAIL] <= 4, (slow_share, verdicts)
+
+
+def test_a_thin_tail_above_the_top_bound_is_inconclusive_like_a_thin_slower_one():
+    # the canary's 6 slowest of 300 lie above 2.5 s (+Inf), the baseline's P99 just below the
+    # top bound (2-2.5 s): "x1.11" is only a lower bound; 6 against 0 is suggestive, not significant
+    base = {0.05: 150.0, 0.1: 294.0, 2.0: 294.0, 2.5: 300.0, math.inf: 300.0}
+    canary = {0.05: 150.0, 0.1: 294.0, 2.0: 294.0, 2.5: 294.0, math.inf: 300.0}
+    r = judge(base, canary)
+    assert r.verdict == Verdict.INCONCLUSIVE, r.summary
+    assert "P99 >2500.0 ms vs 2250.0 ms (x>1.11)" in r.summary and "P99 looks slower, but the tail test" in r.summary
