@@ -225,19 +225,21 @@ def latency(b: VersionData, c: VersionData, s: GateSettings, alpha: float) -> Cr
                          text + f": the canary's {' and '.join(beyond)} lie above the highest shared bucket "
                                 f"bound ({top * 1000:g} ms), the baseline's below it; how much slower is unknown",
                          **common)
-    if (slower or beyond) and t.p_value < s.alpha:
-        # A slower-looking quantile with tail evidence at the gate's own alpha, short of the
-        # criterion's share of it: typically a handful of slow canary requests at an equal split
-        # (6 of 300 against none of 300 happens by chance 1.5% of the time, which no test can
-        # call significant at alpha / criteria). More traffic settles it; a pass would not.
-        # Same distributions land here at most alpha of the time (less: a quantile must look
-        # slower beyond the tolerance, or lie above the top bound, too).
+    if (slower or beyond) and t.p_value < s.alpha and t.attainable >= alpha / 2:
+        # A slower-looking quantile, tail evidence at the gate's own alpha, and too few requests
+        # above the bound for the test to reach the criterion's share of alpha even had every one
+        # of them been the canary's: typically a handful of slow canary requests at an equal
+        # split (6 of 300 against none of 300 happens by chance 1.5% of the time). More traffic
+        # settles it; a pass would not. Where the test could have rejected and did not (dozens of
+        # requests above), its "no" is an answer: pass. Same distributions land here at most
+        # alpha of the time, and less: a quantile must look slower too, the tail be thin.
         looks = slower + beyond
         return Criterion(name, Verdict.INCONCLUSIVE,
                          text + f": {' and '.join(looks)} look{'s' if len(looks) == 1 else ''} slower"
                                 f"{f' than x{s.latency_tolerance:g}' if slower else ''}, but the tail test "
-                                f"(p={_fmt_p(t.p_value)}) is not significant at {_fmt_p(alpha / 2)}: too few slow "
-                                "requests to tell; judge a longer window", **common)
+                                f"(p={_fmt_p(t.p_value)}) is not significant at {_fmt_p(alpha / 2)}, nor could be on "
+                                f"{t.above_b + t.above_c} requests above {t.bound * 1000:g} ms: too few slow requests "
+                                "to tell; judge a longer window", **common)
     return Criterion(name, Verdict.PASS, text, **common)
 
 

@@ -218,6 +218,10 @@ class TailShift:
     above_b: int          # the baseline's requests above it
     above_c: int          # the canary's requests above it
     tested: int           # tests counted in the correction (distinct tables with a request above)
+    # The smallest p that bound's table could give, corrected the same way (every request above
+    # it the canary's): above the alpha it is held to, the test could not have rejected whatever
+    # the split, and "not significant" says nothing (a handful of slow requests).
+    attainable: float = 1.0
 
 
 def tail_shift(cum_a: Mapping[float, float], cum_b: Mapping[float, float], tail_share: float = 0.9) -> TailShift:
@@ -258,4 +262,7 @@ def tail_shift(cum_a: Mapping[float, float], cum_b: Mapping[float, float], tail_
     # P(b's count above >= observed | pooled count above, n_b drawn from the pooled requests)
     p = hypergeom.sf([k[1] - 1 for k in keys], total, [k[0] + k[1] for k in keys], n_b)
     i = min(range(len(keys)), key=lambda j: (float(p[j]), -tables[keys[j]]))
-    return TailShift(min(1.0, float(p[i]) * len(keys)), tables[keys[i]], keys[i][0], keys[i][1], len(keys))
+    above = keys[i][0] + keys[i][1]
+    best = float(hypergeom.sf(min(above, n_b) - 1, total, above, n_b))
+    return TailShift(min(1.0, float(p[i]) * len(keys)), tables[keys[i]], keys[i][0], keys[i][1], len(keys),
+                     min(1.0, best * len(keys)))
