@@ -37,7 +37,11 @@ set has it) or in the network's unit space: multiply/divide by a factor and add 
 (both estimated from the window's per-sample extremes), invert, the seven other symmetries of
 the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
 the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
-pixels), channel order (C > 1), missing or doubled normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
+pixels), channel order (C > 1), missing or doubled normalisation, and any other normalisation
+(`normalization_mismatch`: an increasing affine map x -> a·x + b per channel, a and b fitted by
+least squares on the window's median per-sample minimum, quantiles, maximum and mean against
+golden's, so a client normalising with some other mean/std is named with the map it applied; the
+simpler special cases above are preferred when they fit about as well). Non-invertible transforms (blur, binarize) are why the search runs forwards.
 
 Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
 """
@@ -54,7 +58,16 @@ Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_sh
 KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
-                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose")
+                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose",
+                               "normalization_mismatch")
+# Candidates with parameters estimated from the window (allowed FIT_MAX_FITTED), and the simpler
+# candidates that are special cases of the affine `normalization_mismatch`: when one of those fits
+# about as well (within AMBIGUITY), it is named instead.
+FITTED: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_mismatch")
+AFFINE_SPECIAL: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_missing", "normalization_doubled")
+# Per-channel signature statistics an increasing affine map x -> a·x + b carries over exactly
+# (per-sample minimum, quantiles, maximum and mean): a and b are fitted on their window medians.
+AFFINE_STATS: tuple[str, ...] = ("min", "q10", "q50", "q90", "max", "mean")
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
@@ -292,9 +305,12 @@ class Diagnosis:
     # share of the window the named transform explains: the weight s of T(golden) in the mixture
     # (1 − s)·golden + s·T(golden) that best fits the window's mean signature (None: nothing named)
     transformed_share: float | None = None
+    # normalization_mismatch: the fitted map x -> scale·x + offset per channel in source units, and
+    # the mean/std (on the model's scaled 0..1 axis) a client would have normalised with to send it
+    affine: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter,
+        return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter, "affine": self.affine,
                 "inputs_moved": self.inputs_moved, "candidates": dict(self.candidates),
                 "input_effects": dict(self.input_effects), "class_shift": dict(self.class_shift),
                 "detectors": dict(self.detectors), "contract_violating_share": self.contract_violating_share,
@@ -356,6 +372,53 @@ class Diagnoser:
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)
 
+    def affine_fit(self, window_features: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel (a, b) of the increasing affine map x -> a·x + b (source units) that best takes
+        golden's median per-sample statistics (AFFINE_STATS) to the window's; None when there is no
+        such map (a window of fewer than 2 samples, a non-increasing fit, or a channel without spread)."""
+        if len(window_features) < 2:
+            return None
+        names = self.signature.names
+        c = len(self.signature.low)
+        ua, ub = self.source.unit_a, self.source.unit_b
+        a, b = np.ones(c), np.zeros(c)
+        for i in range(c):
+            idx = [names.index(f"{s}_c{i}") for s in AFFINE_STATS]
+            g = np.median(self.golden_features[:, idx], axis=0) * ua[i] + ub[i]
+            w = np.median(window_features[:, idx], axis=0) * ua[i] + ub[i]
+            gc = g - g.mean()
+            den = float(gc @ gc)
+            if not np.isfinite(den) or den <= 1e-12 * max(float(np.max(np.abs(g))), 1e-12) ** 2:
+                return None
+            a[i] = float(gc @ (w - w.mean())) / den
+            b[i] = float(w.mean() - a[i] * g.mean())
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0)):
+            return None
+        return a, b
+
+    def affine_report(self, window_features: np.ndarray) -> tuple[dict[str, list[float]] | None, str]:
+        """The fitted affine map as `Diagnosis.affine` and a sentence for on-call."""
+        fit = self.affine_fit(window_features)
+        if fit is None:
+            return None, ""
+        a, b = fit
+        out: dict[str, list[float]] = {"scale": [round(float(v), 4) for v in a],
+                                       "offset": [round(float(v), 4) for v in b]}
+        maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
+        text = f"inputs look like {maps} of what the model expects (source units{', per channel' if len(a) > 1 else ''})"
+        m, sd = self.source.norm_mean, self.source.norm_std
+        # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
+        # network see (x·k − m')/s' with s' = s/a and m' = (m − b·k)/a
+        k = self.source.norm_std / np.maximum(self.source.unit_a, 1e-300)
+        if np.any(sd != 1) or np.any(m != 0):
+            s2 = sd / a
+            m2 = (m - b * k) / a
+            out["mean"] = [round(float(v), 4) for v in m2]
+            out["std"] = [round(float(v), 4) for v in s2]
+            text += (f"; as a normalisation: mean {_fmt_list(m2)} std {_fmt_list(s2)} where the model expects "
+                     f"mean {_fmt_list(m)} std {_fmt_list(sd)}")
+        return out, text
+
     def _fitted(self, window_features: np.ndarray) -> dict[str, tuple[Moments, float]]:
         """Scale and offset candidates with parameters estimated from the window's per-sample extremes."""
         out: dict[str, tuple[Moments, float]] = {}
@@ -380,6 +443,13 @@ class Diagnoser:
         if np.isfinite(offset) and abs(offset) > MIN_OFFSET * float(np.median(rng)):
             t = self.source.to_network(src + offset)
             out["offset"] = (Moments.of(self.signature.features(t)), offset)
+        fit = self.affine_fit(window_features)
+        if fit is not None:
+            aa, bb = fit
+            moved = np.abs(aa * self.src_min_med + bb - self.src_min_med)
+            if np.any(np.abs(np.log(aa)) > np.log(MIN_FACTOR)) or np.any(moved > MIN_OFFSET * rng):
+                t = self.source.to_network(src * _ch(aa) + _ch(bb))
+                out["normalization_mismatch"] = (Moments.of(self.signature.features(t)), float(np.median(aa)))
         return out
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
@@ -461,8 +531,13 @@ class Diagnoser:
                 out[name] = (d, None, zmax)
         for name, (m, p) in self._fitted(window_features).items():
             d, zmax = score(m)
-            out[name] = (d, p, zmax)
+            out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
         return out
+
+
+def _fmt_list(v: np.ndarray) -> str:
+    v = np.asarray(v, np.float64).ravel()
+    return f"{v[0]:.3g}" if len(v) == 1 else "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
 
 
 def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale: np.ndarray) -> float:
@@ -513,14 +588,19 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
     grossly wrong ones: a rotation by 90° looks like a transpose in every orientation-free
     feature); FIT_MAX_FITTED for a candidate whose factor or offset is estimated from the
     window's extremes, which is not exact and moves every feature a little. When a second candidate also fits within AMBIGUITY times the best d, the window
-    does not tell them apart, and no transform is named.
+    does not tell them apart, and no transform is named. The affine `normalization_mismatch` is
+    dropped when one of its special cases (AFFINE_SPECIAL) fits within AMBIGUITY of its d: the
+    simpler name is the more useful one (x·255 is `multiply`, not "some normalisation").
     """
     d_id = cands["identity"][0]
     if len(cands) < 2:
         return None, "no candidate transforms"
     fit = sorted((v[0], k) for k, v in cands.items()
                  if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
-                 and v[2] < (FIT_MAX if v[1] is None else FIT_MAX_FITTED))
+                 and v[2] < (FIT_MAX if v[1] is None and k not in FITTED else FIT_MAX_FITTED))
+    aff = [d for d, k in fit if k == "normalization_mismatch"]
+    if aff and any(k in AFFINE_SPECIAL and d < AMBIGUITY * aff[0] for d, k in fit):
+        fit = [(d, k) for d, k in fit if k != "normalization_mismatch"]
     if not fit:
         best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
         return None, f"no candidate transform fits (best {best}: d={cands[best][0]:.3g}, largest z²=" \
@@ -575,18 +655,23 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     # named even when that reweighting leaves the inputs only a little moved: the predicted classes
     # are the transformed inputs' (a BGR client's), so the reweighting partly absorbs the transform.
     if best is not None and (moved > MOVED or cands[best][0] * FIT_RATIO < moved):
-        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
+        affine, text = diagnoser.affine_report(window_features) if best == "normalization_mismatch" else (None, "")
+        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, affine=affine,
+                         reason=why + (f": {text}" if text else ""),
                          transformed_share=diagnoser.transformed_share(best, window_features), **common)
     if share is not None and share >= contract_share:
-        transform, p = None, None
+        transform, p, affine, text = None, None, None, ""
         bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
         if len(bad) == len(window_features) and bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
             transform, _ = explaining(sub)
             p = None if transform is None else sub[transform][1]
+            if transform == "normalization_mismatch":
+                affine, text = diagnoser.affine_report(window_features[bad])
         ts = None if transform is None else diagnoser.transformed_share(transform, window_features)
-        return Diagnosis("input_contract", transform, p, round(moved, 3), top,
-                         reason=f"{share:.1%} of the window's samples violate the input contract",
+        return Diagnosis("input_contract", transform, p, round(moved, 3), top, affine=affine,
+                         reason=f"{share:.1%} of the window's samples violate the input contract"
+                                + (f": {text}" if text else ""),
                          transformed_share=ts, **common)
     mixes = diagnoser.mixtures(window_features)
     part, sh, why_part = partly_explaining(mixes, min(cands["identity"][0], moved), len(diagnoser.golden.mean))
