@@ -68,6 +68,11 @@ AFFINE_SPECIAL: tuple[str, ...] = ("multiply", "divide", "offset", "normalizatio
 # Per-channel signature statistics an increasing affine map x -> a·x + b carries over exactly
 # (per-sample minimum, quantiles, maximum and mean): a and b are fitted on their window medians.
 AFFINE_STATS: tuple[str, ...] = ("min", "q10", "q50", "q90", "max", "mean")
+AFFINE_MARGIN = 2.0  # ... or within this much of its d (two fitted parameters per channel fit noise better)
+AFFINE_FIT = 3.0     # the affine candidate fits only this closely (and with no z² above FIT_MAX): its fit is
+                     # exact for an affine map, and a near-affine shift (brightness clipped at the top) must
+                     # not take its name
+MIN_AFFINE_MOVE = 0.01   # an affine map moving no channel's golden range ends by this share of it is no candidate
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
@@ -382,16 +387,28 @@ class Diagnoser:
         c = len(self.signature.low)
         ua, ub = self.source.unit_a, self.source.unit_b
         a, b = np.ones(c), np.zeros(c)
+        nw, ng = len(window_features), len(self.golden_features)
         for i in range(c):
             idx = [names.index(f"{s}_c{i}") for s in AFFINE_STATS]
             g = np.median(self.golden_features[:, idx], axis=0) * ua[i] + ub[i]
             w = np.median(window_features[:, idx], axis=0) * ua[i] + ub[i]
-            gc = g - g.mean()
-            den = float(gc @ gc)
-            if not np.isfinite(den) or den <= 1e-12 * max(float(np.max(np.abs(g))), 1e-12) ** 2:
-                return None
-            a[i] = float(gc @ (w - w.mean())) / den
-            b[i] = float(w.mean() - a[i] * g.mean())
+            vg = self.golden_features[:, idx].var(axis=0) * ua[i] ** 2
+            vw = window_features[:, idx].var(axis=0) * ua[i] ** 2
+            floor = (self.scale[idx] * ua[i]) ** 2
+            wt = np.ones(len(idx))
+            # least squares, then again weighted by each statistic's inverse squared standard error
+            # under the first fit (as the z statistics weigh it): a statistic with no spread (a
+            # background quantile) is matched exactly, not traded against the noisier ones
+            for _ in range(2):
+                gm, wm = (wt @ g) / wt.sum(), (wt @ w) / wt.sum()
+                gc = g - gm
+                den = float(wt @ (gc * gc))
+                if not np.isfinite(den) or den <= 1e-12 * max(float(np.max(np.abs(g))), 1e-12) ** 2:
+                    return None
+                a[i] = float(wt @ (gc * (w - wm))) / den
+                b[i] = float(wm - a[i] * gm)
+                wt = 1.0 / (vw / nw + a[i] ** 2 * vg / ng + floor + 1e-300)
+                wt = wt / wt.max()
         if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0)):
             return None
         return a, b
@@ -446,8 +463,17 @@ class Diagnoser:
         fit = self.affine_fit(window_features)
         if fit is not None:
             aa, bb = fit
-            moved = np.abs(aa * self.src_min_med + bb - self.src_min_med)
-            if np.any(np.abs(np.log(aa)) > np.log(MIN_FACTOR)) or np.any(moved > MIN_OFFSET * rng):
+            ends = np.stack([self.src_min_med, self.src_max_med])
+            mapped = aa * ends + bb
+            tol = MIN_AFFINE_MOVE * rng * np.maximum(aa, 1.0)
+            # the map is a special case (within tol of the mapped range at both ends of every channel's
+            # golden range) when
+            # it moves nothing, or is one factor about golden's minimum (multiply/divide), or one
+            # offset: those candidates name it (with their own parameter)
+            f = float(np.median(aa))
+            as_factor = (ends - self.src_min_med) * f + self.src_min_med
+            as_offset = ends + float(np.median(mapped[0] - ends[0]))
+            if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset)):
                 t = self.source.to_network(src * _ch(aa) + _ch(bb))
                 out["normalization_mismatch"] = (Moments.of(self.signature.features(t)), float(np.median(aa)))
         return out
@@ -589,7 +615,9 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
     feature); FIT_MAX_FITTED for a candidate whose factor or offset is estimated from the
     window's extremes, which is not exact and moves every feature a little. When a second candidate also fits within AMBIGUITY times the best d, the window
     does not tell them apart, and no transform is named. The affine `normalization_mismatch` is
-    dropped when one of its special cases (AFFINE_SPECIAL) fits within AMBIGUITY of its d: the
+    named only when it fits as closely as an exact transform (d below AFFINE_FIT, no z² above
+    FIT_MAX), and dropped when one of its special cases (AFFINE_SPECIAL) fits within AMBIGUITY of
+    its d (or within AFFINE_MARGIN of it): the
     simpler name is the more useful one (x·255 is `multiply`, not "some normalisation").
     """
     d_id = cands["identity"][0]
@@ -597,9 +625,10 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
         return None, "no candidate transforms"
     fit = sorted((v[0], k) for k, v in cands.items()
                  if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
-                 and v[2] < (FIT_MAX if v[1] is None and k not in FITTED else FIT_MAX_FITTED))
+                 and v[2] < (FIT_MAX if v[1] is None and k not in FITTED else FIT_MAX_FITTED)
+                 and (k != "normalization_mismatch" or (v[0] < AFFINE_FIT and v[2] < FIT_MAX)))
     aff = [d for d, k in fit if k == "normalization_mismatch"]
-    if aff and any(k in AFFINE_SPECIAL and d < AMBIGUITY * aff[0] for d, k in fit):
+    if aff and any(k in AFFINE_SPECIAL and d < max(AMBIGUITY * aff[0], aff[0] + AFFINE_MARGIN) for d, k in fit):
         fit = [(d, k) for d, k in fit if k != "normalization_mismatch"]
     if not fit:
         best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])

@@ -56,6 +56,7 @@ def test_simpler_candidates_are_preferred(fitted, shift, expected):
     lambda w, r: gaussian_filter(w, (0, 0, 1, 1)),                              # blur
     lambda w, r: np.where(np.arange(8)[None, None, :, None] == 3, 0, w),        # a dead row
     lambda w, r: w ** 0.5,                                                      # gamma: monotonic, not affine
+    lambda w, r: np.clip(w + 0.15, 0, 1),              # brightness clipped at the top: nearly affine
 ])
 def test_real_covariate_shifts_are_not_a_normalisation(fitted, shift):
     d = _diagnose(fitted, shift(fitted[2], np.random.default_rng(5)))
@@ -71,18 +72,33 @@ def test_prior_shift_and_a_clean_window_are_not_a_normalisation(fitted):
 
 
 def test_the_affine_candidate_yields_to_a_special_case_that_fits_about_as_well():
-    cands = {"identity": (500.0, None, 900.0), "normalization_mismatch": (1.0, None, 50.0),
-             "multiply": (1.8, 16.0, 60.0)}
-    assert explaining(cands)[0] == "multiply"
-    cands["multiply"] = (3.0, 16.0, 60.0)                  # the affine map fits clearly better
+    cands = {"identity": (500.0, None, 900.0), "normalization_mismatch": (0.5, None, 20.0),
+             "multiply": (2.4, 16.0, 60.0)}
+    assert explaining(cands)[0] == "multiply"              # within AFFINE_MARGIN
+    cands["multiply"] = (3.5, 16.0, 60.0)                  # the affine map fits clearly better
     assert explaining(cands)[0] == "normalization_mismatch"
-    cands["blur"] = (1.5, None, 10.0)                      # a non-special candidate as good: ambiguous
+    cands["normalization_mismatch"] = (0.5, None, 50.0)    # the affine fit must be exact: no z² above FIT_MAX
+    assert explaining(cands)[0] == "multiply"
+    cands["normalization_mismatch"] = (4.0, None, 20.0)    # ... and d below AFFINE_FIT
+    assert explaining(cands)[0] == "multiply"
+    cands["normalization_mismatch"] = (0.5, None, 20.0)
+    cands["blur"] = (0.8, None, 10.0)                      # a non-special candidate as good: ambiguous
     assert explaining(cands)[0] is None
 
 
+def test_an_affine_fit_that_is_a_factor_or_an_offset_is_left_to_that_candidate(fitted):
+    dg, _, w, _ = fitted
+    for window in (w * 16.0, w + 0.5, w):
+        assert "normalization_mismatch" not in dg.search(dg.features(window.astype(np.float32)))
+    assert "normalization_mismatch" in dg.search(dg.features((w * 16.0 + 0.5).astype(np.float32)))
+
+
+@pytest.mark.slow
 def test_an_rgb_client_with_other_mean_std_is_named_with_the_mean_std_it_used():
-    """An NHWC model normalising with ImageNet's mean/std; a client normalising with (0.5, 0.5, 0.5)
-    / (0.25, 0.3, 0.2) instead: the diagnosis names it and reports that mean/std per channel."""
+    """An NHWC model normalising with ImageNet's mean/std; clients normalising with (0.5, 0.5, 0.5)
+    / (0.25, 0.3, 0.2), with one grey mean/std for all channels (means off by a few hundredths), or
+    with ImageNet's in BGR order: the diagnosis names each and reports the mean/std it used (the
+    grey one read input_contract with no transform)."""
     from sentinel.drift import Reference, Settings, Suite, Window
     from sentinel.drift.features import input_statistics
     from sentinel.preprocess import Preprocessing
@@ -99,14 +115,15 @@ def test_an_rgb_client_with_other_mean_std_is_named_with_the_mean_std_it_used():
     suite = Suite(Reference(model(net), y, inputs=net, raw=raw, preprocessing=pre),
                   Settings(detectors=("bbsd", "label", "input_stats")))
     w, _ = _rgb_images(100, 1)
-    m2, s2 = np.array([0.5, 0.5, 0.5]), np.array([0.25, 0.3, 0.2])
-    x = ((w / 255 - m2) / s2).transpose(0, 3, 1, 2).astype(np.float32)
-    smp = suite.samples(x, model(x))
-    v = suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
-                              violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
-    d = v.diagnosis
-    assert d.transform == "normalization_mismatch", (d.kind, d.candidates, d.reason)
-    assert d.affine is not None
-    np.testing.assert_allclose(d.affine["mean"], m2, atol=0.03)
-    np.testing.assert_allclose(d.affine["std"], s2, rtol=0.05)
-    assert "as a normalisation: mean (0.5" in d.reason
+    for m2, s2 in (((0.5, 0.5, 0.5), (0.25, 0.3, 0.2)), ((0.45, 0.45, 0.45), (0.226, 0.226, 0.226)),
+                   (mean[::-1], std[::-1])):
+        x = ((w / 255 - np.array(m2)) / np.array(s2)).transpose(0, 3, 1, 2).astype(np.float32)
+        smp = suite.samples(x, model(x))
+        v = suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
+                                  violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+        d = v.diagnosis
+        assert (d.kind, d.transform) == ("preprocessing_mismatch", "normalization_mismatch"), (d.kind, d.reason)
+        assert d.affine is not None
+        np.testing.assert_allclose(d.affine["mean"], m2, atol=0.015)
+        np.testing.assert_allclose(d.affine["std"], s2, rtol=0.05)
+        assert f"as a normalisation: mean ({d.affine['mean'][0]:.3g}, " in d.reason
