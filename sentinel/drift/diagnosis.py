@@ -474,8 +474,7 @@ class Diagnoser:
             as_factor = (ends - self.src_min_med) * f + self.src_min_med
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
             if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset)):
-                t = self.source.to_network(src * _ch(aa) + _ch(bb))
-                out["normalization_mismatch"] = (Moments.of(self.signature.features(t)), float(np.median(aa)))
+                out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
         return out
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
@@ -499,18 +498,28 @@ class Diagnoser:
         n_eff = 1.0 / float(np.sum(wts ** 2 / counts))
         return Moments(mean, np.maximum(v, 0.0), max(2, int(n_eff)))
 
-    def candidate_moments(self, name: str, window_features: np.ndarray) -> Moments | None:
-        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant)."""
+    def affine_moments(self, a: np.ndarray, b: np.ndarray) -> Moments:
+        """Signature moments of golden mapped by x -> a·x + b per channel (source units)."""
+        t = self.source.to_network(self.source.images * _ch(a) + _ch(b))
+        return Moments.of(self.signature.features(t))
+
+    def candidate_moments(self, name: str, window_features: np.ndarray,
+                          affine: dict[str, list[float]] | None = None) -> Moments | None:
+        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant; for
+        normalization_mismatch the map `affine` when given, as in `Diagnosis.affine`)."""
         wm = Moments.of(window_features)
+        if name == "normalization_mismatch" and affine is not None:
+            return self.affine_moments(np.asarray(affine["scale"], np.float64), np.asarray(affine["offset"], np.float64))
         fitted = self._fitted(window_features)
         if name in fitted:
             return fitted[name][0]
         ms = [m for k, m in self.fixed.items() if k.split("#")[0] == name]
         return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
 
-    def transformed_share(self, name: str, window_features: np.ndarray) -> float | None:
+    def transformed_share(self, name: str, window_features: np.ndarray,
+                          affine: dict[str, list[float]] | None = None) -> float | None:
         """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
-        m = self.candidate_moments(name, window_features)
+        m = self.candidate_moments(name, window_features, affine)
         return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
 
     def mixtures(self, window_features: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
@@ -557,13 +566,27 @@ class Diagnoser:
                 out[name] = (d, None, zmax)
         for name, (m, p) in self._fitted(window_features).items():
             d, zmax = score(m)
-            out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
+            if name == "normalization_mismatch":
+                # its means match any mixture of golden and a stronger map of the same kind (the mean
+                # of a linear statistic over a mixture is that of the averaged map): the spread tells a
+                # window that is all mapped from a share of it (`log_variance_distance`)
+                d = max(d, log_variance_distance(wm, m, self.scale))
+                p = None
+            out[name] = (d, p, zmax)
         return out
 
 
 def _fmt_list(v: np.ndarray) -> str:
     v = np.asarray(v, np.float64).ravel()
     return f"{v[0]:.3g}" if len(v) == 1 else "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
+
+
+def log_variance_distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
+    """Mean squared z of log(var_window / var_ref) per feature (standard error sqrt(2/(n_w − 1) +
+    2/(n_ref − 1)), the normal approximation; `scale` floors each variance)."""
+    floor = scale ** 2
+    se = np.sqrt(2.0 / max(window.n - 1, 1) + 2.0 / max(ref.n - 1, 1))
+    return float(np.mean((np.log((window.var + floor) / (ref.var + floor)) / se) ** 2))
 
 
 def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale: np.ndarray) -> float:
@@ -687,7 +710,7 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
         affine, text = diagnoser.affine_report(window_features) if best == "normalization_mismatch" else (None, "")
         return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, affine=affine,
                          reason=why + (f": {text}" if text else ""),
-                         transformed_share=diagnoser.transformed_share(best, window_features), **common)
+                         transformed_share=diagnoser.transformed_share(best, window_features, affine), **common)
     if share is not None and share >= contract_share:
         transform, p, affine, text = None, None, None, ""
         bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
@@ -697,7 +720,9 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
             p = None if transform is None else sub[transform][1]
             if transform == "normalization_mismatch":
                 affine, text = diagnoser.affine_report(window_features[bad])
-        ts = None if transform is None else diagnoser.transformed_share(transform, window_features)
+        # the share of the window the violating samples' transform explains (an affine map: the one
+        # fitted on them, not on the whole window, which a partial map's mixture also fits)
+        ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine)
         return Diagnosis("input_contract", transform, p, round(moved, 3), top, affine=affine,
                          reason=f"{share:.1%} of the window's samples violate the input contract"
                                 + (f": {text}" if text else ""),

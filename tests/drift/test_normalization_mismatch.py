@@ -127,3 +127,19 @@ def test_an_rgb_client_with_other_mean_std_is_named_with_the_mean_std_it_used():
         np.testing.assert_allclose(d.affine["mean"], m2, atol=0.015)
         np.testing.assert_allclose(d.affine["std"], s2, rtol=0.05)
         assert f"as a normalisation: mean ({d.affine['mean'][0]:.3g}, " in d.reason
+
+
+def test_a_share_of_the_window_mapped_is_not_read_as_the_whole_window_mapped(fitted):
+    """Half the window x*0.44+0.5: the window's means equal those of a milder map over all of it
+    (so that map fitted, and the whole window read transformed: lower bound 0 at accuracy ~0.5).
+    The spread tells them apart; the violating samples' own map is named, with their share."""
+    dg, shares, w, wy = fitted
+    half = np.arange(len(w)) % 2 == 0
+    mixed = np.where(half[:, None, None, None], w * 0.44 + 0.5, w).astype(np.float32)
+    f = dg.features(mixed)
+    assert dg.search(f)["normalization_mismatch"][0] > 3.0            # no longer fits the whole window
+    d = diagnose(True, [], diagnoser=dg, window_features=f, predicted=wy, golden_predicted_shares=shares,
+                 violating=half)
+    assert (d.kind, d.transform) == ("input_contract", "normalization_mismatch"), d.reason
+    assert d.affine["scale"][0] == pytest.approx(0.44, rel=0.05)
+    assert d.transformed_share == pytest.approx(0.5, abs=0.1)
