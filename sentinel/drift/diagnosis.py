@@ -571,8 +571,7 @@ class Diagnoser:
                 # of a linear statistic over a mixture is that of the averaged map): the spread tells a
                 # window that is all mapped from a share of it (`log_variance_distance`)
                 d = max(d, log_variance_distance(wm, m, self.scale))
-                p = None
-            out[name] = (d, p, zmax)
+            out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
         return out
 
 
