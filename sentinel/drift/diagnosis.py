@@ -40,7 +40,9 @@ the four that swap height and width only when they are equal), binarize, blur (�
 pixels), channel order (C > 1), missing or doubled normalisation, and any other normalisation
 (`normalization_mismatch`: an increasing affine map x -> a·x + b per channel, a and b fitted by
 least squares on the window's median per-sample minimum, quantiles, maximum and mean against
-golden's, so a client normalising with some other mean/std is named with the map it applied; the
+golden's, so a client normalising with some other mean/std is named with the map it applied and
+the mean/std that implies; it must fit as closely as an exact transform, the features' spreads
+included, since a share of the window mapped has the means of a milder map over all of it; the
 simpler special cases above are preferred when they fit about as well). Non-invertible transforms (blur, binarize) are why the search runs forwards.
 
 Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
@@ -346,6 +348,7 @@ class Diagnoser:
         self.num_classes = int(self.classes.max()) + 1 if len(self.classes) else 0
         self.per_class = {int(k): (f[self.classes == k].mean(axis=0), f[self.classes == k].var(axis=0), int(n))
                           for k, n in zip(*np.unique(self.classes, return_counts=True), strict=True)}
+        self.units = "network input units" if source is None else "raw input units"
         if source is None:
             source = Source(x.astype(np.float64), lambda a: np.asarray(a, np.float32), np.ones(x.shape[1]),
                             np.zeros(x.shape[1]), np.zeros(x.shape[1]), np.ones(x.shape[1]))
@@ -422,7 +425,7 @@ class Diagnoser:
         out: dict[str, list[float]] = {"scale": [round(float(v), 4) for v in a],
                                        "offset": [round(float(v), 4) for v in b]}
         maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
-        text = f"inputs look like {maps} of what the model expects (source units{', per channel' if len(a) > 1 else ''})"
+        text = f"inputs look like {maps} of what the model expects ({self.units}{', per channel' if len(a) > 1 else ''})"
         m, sd = self.source.norm_mean, self.source.norm_std
         # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
         # network see (x·k − m')/s' with s' = s/a and m' = (m − b·k)/a
