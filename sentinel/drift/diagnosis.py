@@ -572,8 +572,10 @@ class Diagnoser:
             if name == "normalization_mismatch":
                 # its means match any mixture of golden and a stronger map of the same kind (the mean
                 # of a linear statistic over a mixture is that of the averaged map): the spread tells a
-                # window that is all mapped from a share of it (`log_variance_distance`)
-                d = max(d, log_variance_distance(wm, m, self.scale))
+                # window that is all mapped from a share of it, so d is the mean squared z over the
+                # means and the log variances together (`log_variance_distance`; a window from a few
+                # writers has somewhat other spreads too, hence together rather than each below AFFINE_FIT)
+                d = (d + log_variance_distance(wm, m, self.scale)) / 2
             out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
         return out
 

@@ -143,3 +143,26 @@ def test_a_share_of_the_window_mapped_is_not_read_as_the_whole_window_mapped(fit
     assert (d.kind, d.transform) == ("input_contract", "normalization_mismatch"), d.reason
     assert d.affine["scale"][0] == pytest.approx(0.44, rel=0.05)
     assert d.transformed_share == pytest.approx(0.5, abs=0.1)
+
+
+def test_digits_from_a_few_writers_normalised_with_other_statistics(digits_v3, digits_golden):
+    """digits:v3 expects mean 0.3 / std 0.4 on the 0..1 scale. The first 100 holdout digits (a few
+    writers: their spreads differ from golden's, d over the log variances 3.1) normalised with
+    ImageNet's red or MNIST's statistics are named with those statistics (the first read
+    input_contract when the means and the variances each had to fit below AFFINE_FIT); the same
+    digits brightened by 2 and clipped are not."""
+    from sentinel.drift import Reference, Settings, Suite
+    from sentinel.training.digits import load_split
+
+    suite = Suite(Reference.from_golden(digits_golden), Settings(detectors=("label",)))
+    images, _, _ = load_split()
+    raw = images[np.asarray(digits_v3.manifest.split.holdout)[:100]].astype(np.float32)
+    pre = digits_v3.manifest.preprocessing
+    for m, s in ((0.485, 0.229), (0.1307, 0.3081)):
+        x = 16 * (0.3 + 0.4 * (raw / 16 - m) / s)
+        d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(x)))
+        assert d.transform == "normalization_mismatch", d.reason
+        assert d.affine["mean"][0] == pytest.approx(m, abs=0.01) and d.affine["std"][0] == pytest.approx(s, rel=0.03)
+    bright = np.clip(raw + 2, 0, 16)
+    d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(bright)))
+    assert d.kind == "covariate_shift" and d.transform is None, d.reason
