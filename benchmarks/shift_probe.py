@@ -83,6 +83,12 @@ def _blur(x: Raw, sigma: float) -> Raw:
     return np.asarray(gaussian_filter(x, sigma=(0, sigma, sigma), mode="constant"))
 
 
+def _renorm(mean: float, std: float) -> Fn:
+    """A client normalising with (mean, std) on the 0..1 scale where digits:v3 expects (0.3, 0.4):
+    the raw values that make the model's preprocessing produce (x/16 - mean)/std."""
+    return lambda x, r: _f32(16 * (0.3 + 0.4 * (x / 16 - mean) / std))
+
+
 def _per_image_std(x: Raw, r: np.random.Generator) -> Raw:
     m = x.mean(axis=(1, 2), keepdims=True)
     s = x.std(axis=(1, 2), keepdims=True)
@@ -126,6 +132,9 @@ SHIFTS: dict[str, Fn] = {
     "signnoise2": lambda x, r: _f32(np.clip(x + 2 * np.sign(r.normal(size=x.shape)), 0, 16)),
     "constant": lambda x, r: _f32(np.full_like(x, 4.0)),
     # (a stuck client repeating one image is not here: its true labels are not the window's)
+    # other normalisations (signals4): affine maps x -> a*x + b that are neither a pure factor nor an offset
+    "norm_imagenet_r": _renorm(0.485, 0.229), "norm_mnist": _renorm(0.1307, 0.3081),
+    "norm_half": _renorm(0.5, 0.5), "x0.44+5": lambda x, r: _f32(x * 0.44 + 5),
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")

@@ -37,7 +37,13 @@ set has it) or in the network's unit space: multiply/divide by a factor and add 
 (both estimated from the window's per-sample extremes), invert, the seven other symmetries of
 the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
 the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
-pixels), channel order (C > 1), missing or doubled normalisation. Non-invertible transforms (blur, binarize) are why the search runs forwards.
+pixels), channel order (C > 1), missing or doubled normalisation, and any other normalisation
+(`normalization_mismatch`: an increasing affine map x -> a·x + b per channel, a and b fitted by
+least squares on the window's median per-sample minimum, quantiles, maximum and mean against
+golden's, so a client normalising with some other mean/std is named with the map it applied and
+the mean/std that implies; it must fit as closely as an exact transform, the features' spreads
+included, since a share of the window mapped has the means of a milder map over all of it; the
+simpler special cases above are preferred when they fit about as well). Non-invertible transforms (blur, binarize) are why the search runs forwards.
 
 Pure numpy (scipy.ndimage for blur): arrays in, a frozen `Diagnosis` out.
 """
@@ -54,7 +60,21 @@ Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_sh
 KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
-                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose")
+                               "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose",
+                               "normalization_mismatch")
+# Candidates with parameters estimated from the window (allowed FIT_MAX_FITTED), and the simpler
+# candidates that are special cases of the affine `normalization_mismatch`: when one of those fits
+# about as well (within AMBIGUITY), it is named instead.
+FITTED: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_mismatch")
+AFFINE_SPECIAL: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_missing", "normalization_doubled")
+# Per-channel signature statistics an increasing affine map x -> a·x + b carries over exactly
+# (per-sample minimum, quantiles, maximum and mean): a and b are fitted on their window medians.
+AFFINE_STATS: tuple[str, ...] = ("min", "q10", "q50", "q90", "max", "mean")
+AFFINE_MARGIN = 2.0  # ... or within this much of its d (two fitted parameters per channel fit noise better)
+AFFINE_FIT = 3.0     # the affine candidate fits only this closely (and with no z² above FIT_MAX): its fit is
+                     # exact for an affine map, and a near-affine shift (brightness clipped at the top) must
+                     # not take its name
+MIN_AFFINE_MOVE = 0.01   # an affine map moving no channel's golden range ends by this share of it is no candidate
 
 # Thresholds on d = mean squared Welch z over signature features (≈ 1 when nothing moved).
 MOVED = 6.0          # inputs moved: d(identity, class-reweighted golden) above this
@@ -325,9 +345,12 @@ class Diagnosis:
     # share of the window the named transform explains: the weight s of T(golden) in the mixture
     # (1 − s)·golden + s·T(golden) that best fits the window's mean signature (None: nothing named)
     transformed_share: float | None = None
+    # normalization_mismatch: the fitted map x -> scale·x + offset per channel in source units, and
+    # the mean/std (on the model's scaled 0..1 axis) a client would have normalised with to send it
+    affine: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter,
+        return {"kind": self.kind, "transform": self.transform, "parameter": self.parameter, "affine": self.affine,
                 "inputs_moved": self.inputs_moved, "candidates": dict(self.candidates),
                 "input_effects": dict(self.input_effects), "class_shift": dict(self.class_shift),
                 "detectors": dict(self.detectors), "contract_violating_share": self.contract_violating_share,
@@ -360,6 +383,7 @@ class Diagnoser:
         self.num_classes = int(self.classes.max()) + 1 if len(self.classes) else 0
         self.per_class = {int(k): (f[self.classes == k].mean(axis=0), f[self.classes == k].var(axis=0), int(n))
                           for k, n in zip(*np.unique(self.classes, return_counts=True), strict=True)}
+        self.units = "network input units" if source is None else "raw input units"
         if source is None:
             source = Source(x.astype(np.float64), lambda a: np.asarray(a, np.float32), np.ones(x.shape[1]),
                             np.zeros(x.shape[1]), np.zeros(x.shape[1]), np.ones(x.shape[1]))
@@ -391,6 +415,65 @@ class Diagnoser:
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
         return self.signature.features(network_inputs)
 
+    def affine_fit(self, window_features: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel (a, b) of the increasing affine map x -> a·x + b (source units) that best takes
+        golden's median per-sample statistics (AFFINE_STATS) to the window's; None when there is no
+        such map (a window of fewer than 2 samples, a non-increasing fit, or a channel without spread)."""
+        if len(window_features) < 2:
+            return None
+        names = self.signature.names
+        c = len(self.signature.low)
+        ua, ub = self.source.unit_a, self.source.unit_b
+        a, b = np.ones(c), np.zeros(c)
+        nw, ng = len(window_features), len(self.golden_features)
+        for i in range(c):
+            idx = [names.index(f"{s}_c{i}") for s in AFFINE_STATS]
+            g = np.median(self.golden_features[:, idx], axis=0) * ua[i] + ub[i]
+            w = np.median(window_features[:, idx], axis=0) * ua[i] + ub[i]
+            vg = self.golden_features[:, idx].var(axis=0) * ua[i] ** 2
+            vw = window_features[:, idx].var(axis=0) * ua[i] ** 2
+            floor = (self.scale[idx] * ua[i]) ** 2
+            wt = np.ones(len(idx))
+            # least squares, then again weighted by each statistic's inverse squared standard error
+            # under the first fit (as the z statistics weigh it): a statistic with no spread (a
+            # background quantile) is matched exactly, not traded against the noisier ones
+            for _ in range(2):
+                gm, wm = (wt @ g) / wt.sum(), (wt @ w) / wt.sum()
+                gc = g - gm
+                den = float(wt @ (gc * gc))
+                if not np.isfinite(den) or den <= 1e-12 * max(float(np.max(np.abs(g))), 1e-12) ** 2:
+                    return None
+                a[i] = float(wt @ (gc * (w - wm))) / den
+                b[i] = float(wm - a[i] * gm)
+                wt = 1.0 / (vw / nw + a[i] ** 2 * vg / ng + floor + 1e-300)
+                wt = wt / wt.max()
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0)):
+            return None
+        return a, b
+
+    def affine_report(self, window_features: np.ndarray) -> tuple[dict[str, list[float]] | None, str]:
+        """The fitted affine map as `Diagnosis.affine` and a sentence for on-call."""
+        fit = self.affine_fit(window_features)
+        if fit is None:
+            return None, ""
+        a, b = fit
+        out: dict[str, list[float]] = {"scale": [round(float(v), 4) for v in a],
+                                       "offset": [round(float(v), 4) for v in b]}
+        maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
+        text = f"inputs look like {maps} of what the model expects ({self.units}{', per channel' if len(a) > 1 else ''})"
+        m, sd = self.source.norm_mean, self.source.norm_std
+        # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
+        # network see (x·k − m')/s' with s' = s/a and m' = (m − b·k)/a
+        k = self.source.norm_std / np.maximum(self.source.unit_a, 1e-300)
+        if np.any(sd != 1) or np.any(m != 0):
+            s2 = sd / a
+            m2 = (m - b * k) / a
+            out["mean"] = [round(float(v), 4) for v in m2]
+            out["std"] = [round(float(v), 4) for v in s2]
+            text += (f"; as a normalisation: mean {_fmt_list(m2)} std {_fmt_list(s2)} where the model expects "
+                     f"mean {_fmt_list(m)} std {_fmt_list(sd)}")
+        return out, text
+
     def _fitted(self, window_features: np.ndarray) -> dict[str, tuple[Moments, float]]:
         """Scale and offset candidates with parameters estimated from the window's per-sample extremes."""
         out: dict[str, tuple[Moments, float]] = {}
@@ -415,6 +498,21 @@ class Diagnoser:
         if np.isfinite(offset) and abs(offset) > MIN_OFFSET * float(np.median(rng)):
             t = self.source.to_network(src + offset)
             out["offset"] = (Moments.of(self.signature.features(t)), offset)
+        fit = self.affine_fit(window_features)
+        if fit is not None:
+            aa, bb = fit
+            ends = np.stack([self.src_min_med, self.src_max_med])
+            mapped = aa * ends + bb
+            tol = MIN_AFFINE_MOVE * rng * np.maximum(aa, 1.0)
+            # the map is a special case (within tol of the mapped range at both ends of every channel's
+            # golden range) when
+            # it moves nothing, or is one factor about golden's minimum (multiply/divide), or one
+            # offset: those candidates name it (with their own parameter)
+            f = float(np.median(aa))
+            as_factor = (ends - self.src_min_med) * f + self.src_min_med
+            as_offset = ends + float(np.median(mapped[0] - ends[0]))
+            if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset)):
+                out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
         return out
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
@@ -438,18 +536,28 @@ class Diagnoser:
         n_eff = 1.0 / float(np.sum(wts ** 2 / counts))
         return Moments(mean, np.maximum(v, 0.0), max(2, int(n_eff)))
 
-    def candidate_moments(self, name: str, window_features: np.ndarray) -> Moments | None:
-        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant)."""
+    def affine_moments(self, a: np.ndarray, b: np.ndarray) -> Moments:
+        """Signature moments of golden mapped by x -> a·x + b per channel (source units)."""
+        t = self.source.to_network(self.source.images * _ch(a) + _ch(b))
+        return Moments.of(self.signature.features(t))
+
+    def candidate_moments(self, name: str, window_features: np.ndarray,
+                          affine: dict[str, list[float]] | None = None) -> Moments | None:
+        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant; for
+        normalization_mismatch the map `affine` when given, as in `Diagnosis.affine`)."""
         wm = Moments.of(window_features)
+        if name == "normalization_mismatch" and affine is not None:
+            return self.affine_moments(np.asarray(affine["scale"], np.float64), np.asarray(affine["offset"], np.float64))
         fitted = self._fitted(window_features)
         if name in fitted:
             return fitted[name][0]
         ms = [m for k, m in self.fixed.items() if k.split("#")[0] == name]
         return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
 
-    def transformed_share(self, name: str, window_features: np.ndarray) -> float | None:
+    def transformed_share(self, name: str, window_features: np.ndarray,
+                          affine: dict[str, list[float]] | None = None) -> float | None:
         """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
-        m = self.candidate_moments(name, window_features)
+        m = self.candidate_moments(name, window_features, affine)
         return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
 
     def mixtures(self, window_features: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
@@ -496,8 +604,28 @@ class Diagnoser:
                 out[name] = (d, None, zmax)
         for name, (m, p) in self._fitted(window_features).items():
             d, zmax = score(m)
-            out[name] = (d, p, zmax)
+            if name == "normalization_mismatch":
+                # its means match any mixture of golden and a stronger map of the same kind (the mean
+                # of a linear statistic over a mixture is that of the averaged map): the spread tells a
+                # window that is all mapped from a share of it, so d is the mean squared z over the
+                # means and the log variances together (`log_variance_distance`; a window from a few
+                # writers has somewhat other spreads too, hence together rather than each below AFFINE_FIT)
+                d = (d + log_variance_distance(wm, m, self.scale)) / 2
+            out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
         return out
+
+
+def _fmt_list(v: np.ndarray) -> str:
+    v = np.asarray(v, np.float64).ravel()
+    return f"{v[0]:.3g}" if len(v) == 1 else "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
+
+
+def log_variance_distance(window: Moments, ref: Moments, scale: np.ndarray) -> float:
+    """Mean squared z of log(var_window / var_ref) per feature (standard error sqrt(2/(n_w − 1) +
+    2/(n_ref − 1)), the normal approximation; `scale` floors each variance)."""
+    floor = scale ** 2
+    se = np.sqrt(2.0 / max(window.n - 1, 1) + 2.0 / max(ref.n - 1, 1))
+    return float(np.mean((np.log((window.var + floor) / (ref.var + floor)) / se) ** 2))
 
 
 def mixture_share(window: Moments, golden: Moments, transformed: Moments, scale: np.ndarray) -> float:
@@ -548,14 +676,22 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
     grossly wrong ones: a rotation by 90° looks like a transpose in every orientation-free
     feature); FIT_MAX_FITTED for a candidate whose factor or offset is estimated from the
     window's extremes, which is not exact and moves every feature a little. When a second candidate also fits within AMBIGUITY times the best d, the window
-    does not tell them apart, and no transform is named.
+    does not tell them apart, and no transform is named. The affine `normalization_mismatch` is
+    named only when it fits as closely as an exact transform (d below AFFINE_FIT, no z² above
+    FIT_MAX), and dropped when one of its special cases (AFFINE_SPECIAL) fits within AMBIGUITY of
+    its d (or within AFFINE_MARGIN of it): the
+    simpler name is the more useful one (x·255 is `multiply`, not "some normalisation").
     """
     d_id = cands["identity"][0]
     if len(cands) < 2:
         return None, "no candidate transforms"
     fit = sorted((v[0], k) for k, v in cands.items()
                  if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
-                 and v[2] < (FIT_MAX if v[1] is None else FIT_MAX_FITTED))
+                 and v[2] < (FIT_MAX if v[1] is None and k not in FITTED else FIT_MAX_FITTED)
+                 and (k != "normalization_mismatch" or (v[0] < AFFINE_FIT and v[2] < FIT_MAX)))
+    aff = [d for d, k in fit if k == "normalization_mismatch"]
+    if aff and any(k in AFFINE_SPECIAL and d < max(AMBIGUITY * aff[0], aff[0] + AFFINE_MARGIN) for d, k in fit):
+        fit = [(d, k) for d, k in fit if k != "normalization_mismatch"]
     if not fit:
         best = min((k for k in cands if k != "identity"), key=lambda k: cands[k][0])
         return None, f"no candidate transform fits (best {best}: d={cands[best][0]:.3g}, largest z²=" \
@@ -610,18 +746,25 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     # named even when that reweighting leaves the inputs only a little moved: the predicted classes
     # are the transformed inputs' (a BGR client's), so the reweighting partly absorbs the transform.
     if best is not None and (moved > MOVED or cands[best][0] * FIT_RATIO < moved):
-        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, reason=why,
-                         transformed_share=diagnoser.transformed_share(best, window_features), **common)
+        affine, text = diagnoser.affine_report(window_features) if best == "normalization_mismatch" else (None, "")
+        return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, affine=affine,
+                         reason=why + (f": {text}" if text else ""),
+                         transformed_share=diagnoser.transformed_share(best, window_features, affine), **common)
     if share is not None and share >= contract_share:
-        transform, p = None, None
+        transform, p, affine, text = None, None, None, ""
         bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
         if len(bad) == len(window_features) and bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
             sub = diagnoser.search(window_features[bad])
             transform, _ = explaining(sub)
             p = None if transform is None else sub[transform][1]
-        ts = None if transform is None else diagnoser.transformed_share(transform, window_features)
-        return Diagnosis("input_contract", transform, p, round(moved, 3), top,
-                         reason=f"{share:.1%} of the window's samples violate the input contract",
+            if transform == "normalization_mismatch":
+                affine, text = diagnoser.affine_report(window_features[bad])
+        # the share of the window the violating samples' transform explains (an affine map: the one
+        # fitted on them, not on the whole window, which a partial map's mixture also fits)
+        ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine)
+        return Diagnosis("input_contract", transform, p, round(moved, 3), top, affine=affine,
+                         reason=f"{share:.1%} of the window's samples violate the input contract"
+                                + (f": {text}" if text else ""),
                          transformed_share=ts, **common)
     mixes = diagnoser.mixtures(window_features)
     part, sh, why_part = partly_explaining(mixes, min(cands["identity"][0], moved), len(diagnoser.golden.mean))

@@ -302,7 +302,7 @@ class Suite:
             sig = None if window.signatures is None else np.asarray(window.signatures, np.float64)
             if diag.transform is not None and self.diagnoser is not None and sig is not None and 0 < r < len(sig):
                 sig = sig[np.isfinite(sig).all(axis=1)][-r:]
-                ts_r = self.diagnoser.transformed_share(diag.transform, sig) if len(sig) >= 2 else None
+                ts_r = self.diagnoser.transformed_share(diag.transform, sig, diag.affine) if len(sig) >= 2 else None
                 from sentinel.drift.support import UNRELIABLE_SHARE
                 if ts_r is not None and ts_r > max(ts, UNRELIABLE_SHARE):
                     ts = ts_r
