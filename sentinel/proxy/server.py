@@ -188,6 +188,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # whatever the client sends next is not HTTP we parse.
             self.discarding = True
         except httptools.HttpParserError as exc:
+            if self.parsing is None and self.queue and not self.queue[-1].keep_alive:
+                # Bytes after a request that ends the connection (Connection: close, HTTP/1.0):
+                # not processed (RFC 9112 §9.6), and no reason to cut the answers still owed.
+                self.pause_reading("closing")
+                return
             msg = str(exc)
             if "Content-Length" in msg and "Transfer-Encoding" in msg:
                 self._bad_request("content_length_and_transfer_encoding",
