@@ -135,7 +135,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     if end > 0:
                         data, rest = data[:end + 4], memoryview(data)[end + 4:]
                 self._feed(data)
-                if self.discarding or self.closed:
+                if self.discarding or self.closed or "closing" in self.paused:
                     return
                 if self.in_head:
                     self.head_bytes += len(data)
@@ -290,7 +290,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                         ex.req_mode = LENGTH
                         continue
                     if lname == b"expect":
-                        ex.expect_continue = value.strip().lower() == b"100-continue"
+                        # an HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1)
+                        ex.expect_continue = value.strip().lower() == b"100-continue" and not ex.http10
                         continue
                     if lname == b"traceparent":
                         ex.incoming_tp = value
@@ -447,17 +448,36 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """Answer a head the proxy will not forward (408, 414, 431), then close."""
         self.in_head = False
         if self.queue:   # a pipelined head behind a running exchange: answers must stay in order
-            self.ctx.fail(r.reason, r.message)
-            self.abort()
+            self._refuse_in_order(r.status, r.reason, r.message)
             return
         self._answer_and_close(r.status, r.reason, r.message)
 
     def _bad_request(self, reason: str, message: str) -> None:
         if self.queue:   # mid-exchange: the stream is unusable, and answers must stay in order
-            self.ctx.errors.inc(reason)
-            self.abort()
+            self._refuse_in_order(400, reason, message)
             return
         self._answer_and_close(400, reason, message)
+
+    def _refuse_in_order(self, status: int, reason: str, message: str) -> None:
+        """The request being parsed is refused while earlier ones are still owed answers.
+
+        Nothing more is read; the answers owed go out in order, this request's refusal last
+        (or, when it is the one in flight, now: its upstream exchange is dropped), then the
+        connection closes. Before, the connection was cut: a malformed chunk in a body already
+        being forwarded left its client with no answer, counted 499 as if it had left.
+        """
+        ex, self.parsing = self.parsing, None
+        self.in_head = False
+        self.pause_reading("closing")
+        if ex is None or ex.finished:   # garbage where a request should begin
+            ex = Exchange(self, self.ctx)
+        ex.keep_alive = False
+        if ex.started:   # in flight: its upstream gets a cut request, its client the refusal
+            ex.fail_local(status, reason, message)
+            return
+        ex.refusal = (status, reason, message)
+        if ex not in self.queue:
+            self.queue.append(ex)
 
     def _answer_and_close(self, status: int, reason: str, message: str) -> None:
         ctx = self.ctx

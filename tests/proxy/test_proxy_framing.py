@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from proxy_helpers import (
@@ -53,3 +54,46 @@ def test_a_request_closing_the_connection_is_answered_though_more_bytes_follow_i
     assert sc.wait_for(REQ, {**OTHER, "code": "200"}, before + 1) == before + 1
     assert sc.value(REQ, {**OTHER, "code": "499"}) == 0
     assert not any(line.startswith(b"GET /b") for _, line in up.seen)
+
+
+def _count(sc, code: str) -> float:
+    return sc.value(REQ, {**OTHER, "code": code})
+
+
+@pytest.mark.parametrize("bad", [
+    b"BAD\x01REQUEST\r\n\r\n",                                              # malformed head
+    b"GET /c HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",  # 431
+])
+def test_a_refused_pipelined_request_is_answered_after_those_before_it(env, bad):
+    up, sc = env
+    ok, refused, gone = _count(sc, "200"), _count(sc, "400") + _count(sc, "431"), _count(sc, "499")
+    out = raw_exchange(sc.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n" + bad)
+    first, second, third = out.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200") and second.startswith(b"200")
+    assert third.startswith((b"400", b"431")) and b"connection: close" in third
+    assert sc.wait_for(REQ, {**OTHER, "code": "200"}, ok + 2) == ok + 2
+    assert _count(sc, "400") + _count(sc, "431") == refused + 1
+    assert _count(sc, "499") == gone
+
+
+@pytest.mark.parametrize("chunk", [b"0x3\r\nabc\r\n", b"fffffffffffffffffff3\r\nabc\r\n", b"3\r\nabcXY"])
+def test_a_malformed_chunk_in_a_body_already_forwarded_is_answered_400(env, chunk):
+    up, sc = env
+    bad, gone = _count(sc, "400"), _count(sc, "499")
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        # one write: the scripted upstream answers as soon as it has a head, which would race this
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n" + chunk)
+        status, headers, body = ResponseReader(s).read()
+    assert status == 400 and headers["connection"] == "close" and b"hunk" in body
+    assert _count(sc, "400") == bad + 1 and _count(sc, "499") == gone
+
+
+def test_an_http10_expectation_is_not_answered_100_continue(env):
+    """RFC 9110 §10.1.1: a server ignores 100-continue in an HTTP/1.0 request."""
+    up, sc = env
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        s.sendall(b"POST /a HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        time.sleep(0.2)
+        s.sendall(b"abc")
+        status, _, body = ResponseReader(s).read()
+    assert status == 200 and body == b"ok"
