@@ -398,6 +398,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def abort(self) -> None:
         self._out = []
         if self.transport is not None and not self.closed:
+            for ex in self.queue:   # pipelined behind the exchange that forced the cut: never tried
+                if not ex.started and not ex.finished:
+                    ex.dropped_unstarted()
             self.transport.abort()
 
     def pause_reading(self, reason: str) -> None:

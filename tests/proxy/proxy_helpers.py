@@ -322,8 +322,9 @@ class ScriptedUpstream:
     as (connection number, request line).
     """
 
-    def __init__(self, replies: dict[bytes, bytes]):
+    def __init__(self, replies: dict[bytes, bytes], close_after: frozenset[bytes] = frozenset()):
         self.replies = replies
+        self.close_after = close_after   # paths whose reply is followed by closing the connection
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -368,8 +369,10 @@ class ScriptedUpstream:
                 buf = buf[length:]
                 first = head.split(b"\r\n", 1)[0]
                 self.seen.append((n, first))
-                c.sendall(self.replies.get(first.split(b" ")[1],
-                                           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+                path = first.split(b" ")[1]
+                c.sendall(self.replies.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+                if path in self.close_after:
+                    return
         except OSError:
             return
         finally:

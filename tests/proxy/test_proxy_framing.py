@@ -23,12 +23,14 @@ OTHER = {"model": "none", "protocol": "other"}
 REPLIES = {
     # a response with a second, unasked-for one right behind it in the same write
     b"/extra": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!",
+    # a body cut short: 3 of 10 bytes, then the connection closes
+    b"/short": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
 }
 
 
 @pytest.fixture(scope="module")
 def env():
-    with ScriptedUpstream(REPLIES) as up, RunningSidecar(make_config(up.url)) as sc:
+    with ScriptedUpstream(REPLIES, close_after=frozenset({b"/short"})) as up, RunningSidecar(make_config(up.url)) as sc:
         yield up, sc
 
 
@@ -97,3 +99,15 @@ def test_an_http10_expectation_is_not_answered_100_continue(env):
         s.sendall(b"abc")
         status, _, body = ResponseReader(s).read()
     assert status == 200 and body == b"ok"
+
+
+def test_pipelined_requests_dropped_when_the_proxy_cuts_the_connection_are_not_499(env):
+    """The upstream cuts the first response mid-body; the proxy must cut the client too. The
+    request queued behind it was never tried: the proxy's failure (502), not the client's (499)."""
+    up, sc = env
+    cut, dropped, gone = _count(sc, "incomplete"), _count(sc, "502"), _count(sc, "499")
+    out = raw_exchange(sc.port, b"GET /short HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"abc")
+    assert sc.wait_for(REQ, {**OTHER, "code": "502"}, dropped + 1) == dropped + 1
+    assert _count(sc, "incomplete") == cut + 1 and _count(sc, "499") == gone
+    assert sc.value(ERR, {"reason": "pipelined_request_dropped"}) >= 1
