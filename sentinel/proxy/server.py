@@ -42,6 +42,7 @@ LINGER_S = 2.0   # after refusing a body, read and discard for this long so the 
 LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded (a refused head: cut a flood early)
 BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buffers hold in flight
 # (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
+MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next is refused 429 and the connection closed
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 
@@ -317,6 +318,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
             ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")
+        pipelined = bool(self.queue)
+        if pipelined and len(self.queue) >= MAX_PIPELINED:
+            # One read can hold thousands of tiny pipelined requests, each an Exchange held until
+            # its turn: the answers owed go out, this one is refused, then the connection closes.
+            raise _Refuse(429, "pipeline_too_deep",
+                          f"more than {MAX_PIPELINED} pipelined requests waiting on one connection; "
+                          "send the rest on a new connection")
         ctx = self.ctx
         route = ctx.routes.get(ex.url, _UNSEEN)
         if route is _UNSEEN:
@@ -337,10 +345,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 elif decision is not None:
                     self.ctx.count_sample(model_name, decision)
         self.queue.append(ex)
-        if len(self.queue) == 1:
-            ex.start()
-        else:
+        if pipelined:
             self.pause_reading("pipeline")
+        else:
+            ex.start()
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:

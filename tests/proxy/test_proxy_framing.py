@@ -15,6 +15,7 @@ from proxy_helpers import (
 )
 
 from sentinel import metricnames as mn
+from sentinel.proxy import server
 
 REQ = mn.REQUESTS.sample_name
 ERR = mn.PROXY_ERRORS.sample_name
@@ -111,3 +112,17 @@ def test_pipelined_requests_dropped_when_the_proxy_cuts_the_connection_are_not_4
     assert sc.wait_for(REQ, {**OTHER, "code": "502"}, dropped + 1) == dropped + 1
     assert _count(sc, "incomplete") == cut + 1 and _count(sc, "499") == gone
     assert sc.value(ERR, {"reason": "pipelined_request_dropped"}) >= 1
+
+
+def test_pipelining_is_bounded_per_connection(env):
+    """One write of thousands of tiny pipelined requests: the first MAX_PIPELINED are answered
+    in order, the next is refused 429, the rest is never parsed (each would hold an Exchange)."""
+    up, sc = env
+    depth = getattr(server, "MAX_PIPELINED", 64)
+    refused = _count(sc, "429")
+    out = raw_exchange(sc.port, b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 5000, timeout=10)
+    answers = out.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == depth + 1
+    assert all(a.startswith(b"200 OK") for a in answers[:-1])
+    assert answers[-1].startswith(b"429") and b"pipeline_too_deep" in answers[-1]
+    assert sc.wait_for(REQ, {**OTHER, "code": "429"}, refused + 1) == refused + 1
