@@ -126,7 +126,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             while data:
                 if self.raw_left:
                     data = self._raw_body(data)
-                    if not data or self.discarding or self.closed:
+                    if not data or self.discarding or self.closed or "closing" in self.paused:
                         return
                     data = bytes(data)   # a pipelined request after the body (rare)
                 rest = b""
@@ -172,6 +172,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             ex.request_body(body)
             if self.raw_left == 0:
                 self.on_message_complete()
+                if not ex.keep_alive:
+                    # The parser was replaced for this body and does not know the connection
+                    # ends here: nothing after this request is read (RFC 9112 §9.6).
+                    self.pause_reading("closing")
         return rest
 
     def _feed(self, data: bytes) -> None:

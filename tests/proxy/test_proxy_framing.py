@@ -160,3 +160,16 @@ def test_admin_pipelining_is_bounded(env):
     up, sc = env
     out = raw_exchange(_admin_port(sc), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2000, timeout=10)
     assert 1 <= out.count(b"HTTP/1.1 200 OK") <= 8
+
+
+def test_nothing_after_a_closing_request_with_a_large_body_is_read(env):
+    """A body past the parser (large Content-Length) and then more: the request after it was
+    parsed and queued, then dropped at the close and counted 499 as if its client had left."""
+    up, sc = env
+    gone = _count(sc, "499")
+    body = b"x" * 40000
+    out = raw_exchange(sc.port, b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                       % len(body) + body + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.count(b"HTTP/1.1") == 1
+    time.sleep(0.2)
+    assert _count(sc, "499") == gone
