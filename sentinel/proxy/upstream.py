@@ -171,11 +171,10 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             return
         # The rest of this read is still to be parsed: a pipelined request behind this one must
         # not be handed this connection (and be answered with those bytes) before it is.
+        # (No try/finally: if response_done raises, _feed aborts this connection anyway.)
         self.completing = True
-        try:
-            self.exchange.response_done(reusable=self.parser.should_keep_alive())
-        finally:
-            self.completing = False
+        self.exchange.response_done(reusable=self.parser.should_keep_alive())
+        self.completing = False
 
     # --- used by the exchange (write, writelines, flush: BufferedWriter) ---------
     def pause_reading(self) -> None:
