@@ -199,7 +199,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 self.pause_reading("closing")
                 return
             msg = str(exc)
-            if "Content-Length" in msg and "Transfer-Encoding" in msg:
+            if not self.queue and data.startswith(b"PRI * HTTP/2"):
+                # An HTTP/2 client with prior knowledge (gRPC, curl --http2-prior-knowledge): was
+                # "malformed HTTP request: Pause on PRI/Upgrade" (400), which names no cause.
+                self._answer_and_close(505, "http2_on_http1_listener",
+                                       "HTTP/2 connection preface on the HTTP/1.1 listener; point gRPC "
+                                       "and HTTP/2 clients at the gRPC listener (grpc_listen)")
+            elif "Content-Length" in msg and "Transfer-Encoding" in msg:
                 self._bad_request("content_length_and_transfer_encoding",
                                   "a request must not carry both Content-Length and Transfer-Encoding")
             else:

@@ -173,3 +173,12 @@ def test_nothing_after_a_closing_request_with_a_large_body_is_read(env):
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.count(b"HTTP/1.1") == 1
     time.sleep(0.2)
     assert _count(sc, "499") == gone
+
+
+def test_an_http2_prior_knowledge_client_is_told_what_is_wrong(env):
+    """A gRPC client pointed at the HTTP port: 505 naming HTTP/2 and the gRPC listener, not 400."""
+    up, sc = env
+    before = sc.value(ERR, {"reason": "http2_on_http1_listener"})
+    out = raw_exchange(sc.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    assert out.startswith(b"HTTP/1.1 505 ") and b"grpc_listen" in out
+    assert sc.value(ERR, {"reason": "http2_on_http1_listener"}) == before + 1
