@@ -5,13 +5,15 @@ flood of the proxy port leaves `/healthz` and `/metrics` answering: a head must 
 complete within `request_head_timeout_s` (408), a body must keep arriving
 (`body_idle_timeout_s`), idle keep-alive connections close, a declared body over the
 limit is refused (413) before it is read, oversized heads get 414/431, and Upgrade or
-CONNECT get 501 — never a traceback.
+CONNECT get 501 — never a traceback. Pipelined requests are answered one at a time, in
+order; at most `MAX_PIPELINED` are read ahead, then the connection closes after answering them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import httptools
@@ -22,6 +24,7 @@ from sentinel.proxy.context import Limits
 log = logging.getLogger("sentinel.admin")
 
 LINGER_S = 1.0
+MAX_PIPELINED = 8   # requests read ahead of their answers on one connection; nothing more is read
 
 
 class Request:
@@ -45,6 +48,10 @@ class _Refuse(Exception):
     def __init__(self, status: int, reason: str, message: str):
         super().__init__(message)
         self.status, self.reason, self.message = status, reason, message
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: nothing after this request is read (see on_message_complete)."""
 
 
 class AdminConnections:
@@ -83,6 +90,8 @@ class AdminConnection(asyncio.Protocol):
         self._size = 0
         self._head_bytes = 0
         self._busy: asyncio.Task | None = None
+        self._pending: deque[tuple[Request, bool]] = deque()   # read, not yet answered, in order
+        self._stopped = False  # nothing more is read: answer what is pending, then close
         self._done = False     # an answer was given that ends the connection
         self.in_head = False
         self.in_body = False
@@ -105,13 +114,15 @@ class AdminConnection(asyncio.Protocol):
         self.shared.open.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._done:
+        if self._done or self._stopped:
             return
         self.last_active = asyncio.get_running_loop().time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             r = exc.__context__
+            if isinstance(r, _Stop):
+                return
             if isinstance(r, _Refuse):
                 self._refuse(r.status, r.reason, r.message)
             else:
@@ -170,31 +181,51 @@ class AdminConnection(asyncio.Protocol):
         req = Request(self.parser.get_method().decode(), self._url.decode("latin-1"), self._headers,
                       b"".join(self._body), self.peer)
         self._body = []
-        self.transport.pause_reading()  # type: ignore[union-attr]
-        self._busy = asyncio.get_running_loop().create_task(self._run(req, keep))
+        # Pipelined requests in the same read are answered one at a time, in order (they were
+        # handled concurrently and their answers lost); a few are read ahead, then reading stops.
+        self._pending.append((req, keep))
+        if self._busy is None:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self._busy = asyncio.get_running_loop().create_task(self._run())
+        if not keep or len(self._pending) >= MAX_PIPELINED:
+            self._stopped = True
+            raise _Stop()   # stop this read's parse here: what follows is not read
 
-    async def _run(self, req: Request, keep: bool) -> None:
-        try:
-            status, ctype, body = await self.handler(req)
-        except Exception as exc:  # an admin endpoint bug must not kill the listener
-            log.exception("admin handler failed for %s %s", req.method, req.path)
-            status, ctype, body = 500, b"application/json", http.error_body(500, "internal", str(exc))
+    async def _run(self) -> None:
+        while self._pending:
+            req, keep = self._pending.popleft()
+            try:
+                status, ctype, body = await self.handler(req)
+            except Exception as exc:  # an admin endpoint bug must not kill the listener
+                log.exception("admin handler failed for %s %s", req.method, req.path)
+                status, ctype, body = 500, b"application/json", http.error_body(500, "internal", str(exc))
+            last = self._stopped and not self._pending
+            self._send(status, ctype, body, keep and not last, head=req.method == "HEAD")
+            if not keep or last or self.transport is None:
+                break
+        self._pending.clear()
         self._busy = None
-        self._send(status, ctype, body, keep)
-        if self.transport is not None and keep:
+        if self.transport is not None and not self._stopped:
             self.last_active = asyncio.get_running_loop().time()
             self.transport.resume_reading()
 
-    def _send(self, status: int, ctype: bytes, body: bytes, keep: bool) -> None:
+    def _send(self, status: int, ctype: bytes, body: bytes, keep: bool, head: bool = False) -> None:
         if self.transport is None:
             return
-        self.transport.write(http.response(status, body, ctype, keep_alive=keep))
+        out = http.response(status, body, ctype, keep_alive=keep)
+        if head and body:   # a HEAD answer says the body's length but carries none (RFC 9110 §9.3.2)
+            out = out[:-len(body)]
+        self.transport.write(out)
         if not keep:
             self.transport.close()
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         """Answer without reading further, then close."""
         self.shared.fail(reason, f"admin listener: {message}")
+        if self._busy is not None:   # answers still owed come first: they go out, then the close
+            self._stopped = True
+            self.in_head = self.in_body = False
+            return
         self._done = True
         self.in_head = self.in_body = False
         self._body = []

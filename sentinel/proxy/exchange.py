@@ -6,7 +6,8 @@ An Exchange knows its request and its response; it does not time itself (the own
 Recorded codes (`sentinel_requests_total{code}`): the upstream's status when the whole
 response reached the client; the proxy's own status when it answered (400, 408, 413, 414,
 431, 501, 502, 503, 504); `499` when the client left before its response was complete;
-`incomplete` when the response head went out but its body was cut (see context.INCOMPLETE).
+`incomplete` when the response head went out but its body was cut (see context.INCOMPLETE);
+`502` for a pipelined request never tried because the proxy had to cut its connection.
 """
 
 from __future__ import annotations
@@ -404,6 +405,17 @@ class Exchange:
         self._drop_upstream()
         self.ctx.errors.inc("client_disconnect")
         self._finish(CLIENT_CLOSED)
+
+    def dropped_unstarted(self) -> None:
+        """A pipelined request the proxy dropped unanswered when it cut the connection.
+
+        The client did not leave (not 499): the cut was the proxy's, forced by a failure of a
+        request ahead of this one (an upstream cut mid-response, a slow reader), so it counts 502.
+        """
+        self.finished = True
+        self.capture = None
+        self.ctx.errors.inc("pipelined_request_dropped")
+        self.record("502")
 
     def _finish(self, code: str) -> None:
         self.finished = True

@@ -15,7 +15,7 @@ REASONS = {
     100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     413: b"Content Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 403: b"Forbidden", 408: b"Request Timeout",
-    414: b"URI Too Long", 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
+    414: b"URI Too Long", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 501: b"Not Implemented",
     505: b"HTTP Version Not Supported",
 }
 

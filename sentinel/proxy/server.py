@@ -42,6 +42,7 @@ LINGER_S = 2.0   # after refusing a body, read and discard for this long so the 
 LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded (a refused head: cut a flood early)
 BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buffers hold in flight
 # (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
+MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next is refused 429 and the connection closed
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 
 
@@ -125,7 +126,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             while data:
                 if self.raw_left:
                     data = self._raw_body(data)
-                    if not data or self.discarding or self.closed:
+                    if not data or self.discarding or self.closed or "closing" in self.paused:
                         return
                     data = bytes(data)   # a pipelined request after the body (rare)
                 rest = b""
@@ -135,7 +136,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     if end > 0:
                         data, rest = data[:end + 4], memoryview(data)[end + 4:]
                 self._feed(data)
-                if self.discarding or self.closed:
+                if self.discarding or self.closed or "closing" in self.paused:
                     return
                 if self.in_head:
                     self.head_bytes += len(data)
@@ -171,6 +172,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             ex.request_body(body)
             if self.raw_left == 0:
                 self.on_message_complete()
+                if not ex.keep_alive:
+                    # The parser was replaced for this body and does not know the connection
+                    # ends here: nothing after this request is read (RFC 9112 §9.6).
+                    self.pause_reading("closing")
         return rest
 
     def _feed(self, data: bytes) -> None:
@@ -188,8 +193,19 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # whatever the client sends next is not HTTP we parse.
             self.discarding = True
         except httptools.HttpParserError as exc:
+            if self.parsing is None and self.queue and not self.queue[-1].keep_alive:
+                # Bytes after a request that ends the connection (Connection: close, HTTP/1.0):
+                # not processed (RFC 9112 §9.6), and no reason to cut the answers still owed.
+                self.pause_reading("closing")
+                return
             msg = str(exc)
-            if "Content-Length" in msg and "Transfer-Encoding" in msg:
+            if not self.queue and data.startswith(b"PRI * HTTP/2"):
+                # An HTTP/2 client with prior knowledge (gRPC, curl --http2-prior-knowledge): was
+                # "malformed HTTP request: Pause on PRI/Upgrade" (400), which names no cause.
+                self._answer_and_close(505, "http2_on_http1_listener",
+                                       "HTTP/2 connection preface on the HTTP/1.1 listener; point gRPC "
+                                       "and HTTP/2 clients at the gRPC listener (grpc_listen)")
+            elif "Content-Length" in msg and "Transfer-Encoding" in msg:
                 self._bad_request("content_length_and_transfer_encoding",
                                   "a request must not carry both Content-Length and Transfer-Encoding")
             else:
@@ -285,7 +301,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                         ex.req_mode = LENGTH
                         continue
                     if lname == b"expect":
-                        ex.expect_continue = value.strip().lower() == b"100-continue"
+                        # an HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1)
+                        ex.expect_continue = value.strip().lower() == b"100-continue" and not ex.http10
                         continue
                     if lname == b"traceparent":
                         ex.incoming_tp = value
@@ -311,6 +328,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
             ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")
+        pipelined = bool(self.queue)
+        if pipelined and len(self.queue) >= MAX_PIPELINED:
+            # One read can hold thousands of tiny pipelined requests, each an Exchange held until
+            # its turn: the answers owed go out, this one is refused, then the connection closes.
+            raise _Refuse(429, "pipeline_too_deep",
+                          f"more than {MAX_PIPELINED} pipelined requests waiting on one connection; "
+                          "send the rest on a new connection")
         ctx = self.ctx
         route = ctx.routes.get(ex.url, _UNSEEN)
         if route is _UNSEEN:
@@ -331,10 +355,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 elif decision is not None:
                     self.ctx.count_sample(model_name, decision)
         self.queue.append(ex)
-        if len(self.queue) == 1:
-            ex.start()
-        else:
+        if pipelined:
             self.pause_reading("pipeline")
+        else:
+            ex.start()
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:
@@ -392,6 +416,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def abort(self) -> None:
         self._out = []
         if self.transport is not None and not self.closed:
+            for ex in self.queue:   # pipelined behind the exchange that forced the cut: never tried
+                if not ex.started and not ex.finished:
+                    ex.dropped_unstarted()
             self.transport.abort()
 
     def pause_reading(self, reason: str) -> None:
@@ -442,17 +469,36 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """Answer a head the proxy will not forward (408, 414, 431), then close."""
         self.in_head = False
         if self.queue:   # a pipelined head behind a running exchange: answers must stay in order
-            self.ctx.fail(r.reason, r.message)
-            self.abort()
+            self._refuse_in_order(r.status, r.reason, r.message)
             return
         self._answer_and_close(r.status, r.reason, r.message)
 
     def _bad_request(self, reason: str, message: str) -> None:
         if self.queue:   # mid-exchange: the stream is unusable, and answers must stay in order
-            self.ctx.errors.inc(reason)
-            self.abort()
+            self._refuse_in_order(400, reason, message)
             return
         self._answer_and_close(400, reason, message)
+
+    def _refuse_in_order(self, status: int, reason: str, message: str) -> None:
+        """The request being parsed is refused while earlier ones are still owed answers.
+
+        Nothing more is read; the answers owed go out in order, this request's refusal last
+        (or, when it is the one in flight, now: its upstream exchange is dropped), then the
+        connection closes. Before, the connection was cut: a malformed chunk in a body already
+        being forwarded left its client with no answer, counted 499 as if it had left.
+        """
+        ex, self.parsing = self.parsing, None
+        self.in_head = False
+        self.pause_reading("closing")
+        if ex is None or ex.finished:   # garbage where a request should begin
+            ex = Exchange(self, self.ctx)
+        ex.keep_alive = False
+        if ex.started:   # in flight: its upstream gets a cut request, its client the refusal
+            ex.fail_local(status, reason, message)
+            return
+        ex.refusal = (status, reason, message)
+        if ex not in self.queue:
+            self.queue.append(ex)
 
     def _answer_and_close(self, status: int, reason: str, message: str) -> None:
         ctx = self.ctx

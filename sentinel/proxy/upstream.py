@@ -40,6 +40,8 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.outbox = pool.outbox
         self._out: list[bytes] = []
         self._poll: Any = None
+        self.completing = False      # inside on_message_complete: the parser may hold more of this read
+        self.release_pending = False  # released while completing: pooled once the read is parsed
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,6 +80,9 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
                         ex.upstream_failed("upstream_headers_too_large",
                                            f"response head from upstream longer than {self.pool.max_head} bytes")
         finally:
+            if self.release_pending:   # bytes after the response were parsed first (on_message_begin)
+                self.release_pending = False
+                self.pool.release(self)
             self.outbox.flush()
 
     def _feed(self, data: bytes) -> None:
@@ -164,7 +169,12 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.informational or self.exchange is None:
             return
+        # The rest of this read is still to be parsed: a pipelined request behind this one must
+        # not be handed this connection (and be answered with those bytes) before it is.
+        # (No try/finally: if response_done raises, _feed aborts this connection anyway.)
+        self.completing = True
         self.exchange.response_done(reusable=self.parser.should_keep_alive())
+        self.completing = False
 
     # --- used by the exchange (write, writelines, flush: BufferedWriter) ---------
     def pause_reading(self) -> None:
@@ -228,6 +238,9 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         conn.exchange = None
         if conn.closed:
+            return
+        if conn.completing:   # see UpstreamConnection.on_message_complete
+            conn.release_pending = True
             return
         if len(self.idle) < self.max_idle:
             conn.resume_reading()

@@ -312,3 +312,75 @@ class ResponseReader:
 def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """Read one Content-Length response from a socket (status, headers, body)."""
     return ResponseReader(s).read()
+
+
+class ScriptedUpstream:
+    """A raw-socket upstream on loopback: each request's first line picks the bytes sent back.
+
+    `replies` maps a request path to the raw bytes to answer with (anything a real server
+    would not send is the point); other paths get a 2-byte 200. Requests seen are kept
+    as (connection number, request line).
+    """
+
+    def __init__(self, replies: dict[bytes, bytes], close_after: frozenset[bytes] = frozenset()):
+        self.replies = replies
+        self.close_after = close_after   # paths whose reply is followed by closing the connection
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.seen: list[tuple[int, bytes]] = []
+        self.conns = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns += 1
+            threading.Thread(target=self._serve, args=(c, self.conns), daemon=True).start()
+
+    def _serve(self, c: socket.socket, n: int) -> None:
+        buf = b""
+        c.settimeout(10)
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    more = c.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    more = c.recv(65536)
+                    if not more:
+                        return
+                    buf += more
+                buf = buf[length:]
+                first = head.split(b"\r\n", 1)[0]
+                self.seen.append((n, first))
+                path = first.split(b" ")[1]
+                c.sendall(self.replies.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+                if path in self.close_after:
+                    return
+        except OSError:
+            return
+        finally:
+            c.close()
+
+    def __enter__(self) -> ScriptedUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sock.close()
