@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
-from test_signals import _images, _rgb_images
+from test_signals import _images, _rgb_suite
 
 from sentinel.drift.diagnosis import Diagnoser, diagnose, explaining
 
@@ -99,22 +99,11 @@ def test_an_rgb_client_with_other_mean_std_is_named_with_the_mean_std_it_used():
     / (0.25, 0.3, 0.2), with one grey mean/std for all channels (means off by a few hundredths), or
     with ImageNet's in BGR order: the diagnosis names each and reports the mean/std it used (the
     grey one read input_contract with no transform)."""
-    from sentinel.drift import Reference, Settings, Suite, Window
+    from sentinel.drift import Window
     from sentinel.drift.features import input_statistics
-    from sentinel.preprocess import Preprocessing
 
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    pre = Preprocessing(scale=1 / 255, mean=tuple(mean), std=tuple(std), layout="NHWC")
-
-    def model(net):
-        m = net.mean(axis=(2, 3))
-        return np.stack([m[:, 0] - m[:, 2], m[:, 1] - m[:, 0], m[:, 2] - m[:, 1]], axis=1) * 3
-
-    raw, y = _rgb_images(150, 0)
-    net = pre.apply(raw)
-    suite = Suite(Reference(model(net), y, inputs=net, raw=raw, preprocessing=pre),
-                  Settings(detectors=("bbsd", "label", "input_stats")))
-    w, _ = _rgb_images(100, 1)
+    suite, pre, model, w = _rgb_suite()
+    mean, std = np.asarray(pre.mean), np.asarray(pre.std)
     for m2, s2 in (((0.5, 0.5, 0.5), (0.25, 0.3, 0.2)), ((0.45, 0.45, 0.45), (0.226, 0.226, 0.226)),
                    (mean[::-1], std[::-1])):
         x = ((w / 255 - np.array(m2)) / np.array(s2)).transpose(0, 3, 1, 2).astype(np.float32)

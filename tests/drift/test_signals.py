@@ -493,17 +493,14 @@ def _rgb_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(x, 0, 255).astype(np.float32), y
 
 
-def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
-    """An NHWC model with ImageNet mean/std: its candidates were applied to network inputs (the
-    source ignored NHWC), so a client skipping the mean/std step, or normalising twice, was never
-    named, and channel order was reversed after normalisation instead of before (and, fitting, was
-    not named when golden reweighted to the window's predicted classes moved little)."""
-    from sentinel.drift import Reference, Settings, Suite, Window
-    from sentinel.drift.features import input_statistics
+def _rgb_suite():
+    """A suite fitted on 150 RGB golden images of an ImageNet-normalised NHWC model (a toy model of
+    the channel means), its preprocessing, the model, and a 100-image window of raw client images."""
+    from sentinel.drift import Reference, Settings, Suite
     from sentinel.preprocess import Preprocessing
 
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    pre = Preprocessing(scale=1 / 255, mean=tuple(mean), std=tuple(std), layout="NHWC")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pre = Preprocessing(scale=1 / 255, mean=mean, std=std, layout="NHWC")
 
     def model(net):
         m = net.mean(axis=(2, 3))
@@ -513,7 +510,19 @@ def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
     net = pre.apply(raw)
     suite = Suite(Reference(model(net), y, inputs=net, raw=raw, preprocessing=pre),
                   Settings(detectors=("bbsd", "label", "input_stats")))
-    w, _ = _rgb_images(100, 1)
+    return suite, pre, model, _rgb_images(100, 1)[0]
+
+
+def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
+    """An NHWC model with ImageNet mean/std: its candidates were applied to network inputs (the
+    source ignored NHWC), so a client skipping the mean/std step, or normalising twice, was never
+    named, and channel order was reversed after normalisation instead of before (and, fitting, was
+    not named when golden reweighted to the window's predicted classes moved little)."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+
+    suite, pre, model, w = _rgb_suite()
+    mean, std = np.asarray(pre.mean), np.asarray(pre.std)
     # a BGR client: its predicted classes are the swapped colours', so golden reweighted to them
     # looks only a little moved (d < MOVED); channel order fits far better and is named
     cases = {"normalization_missing": (w / 255).transpose(0, 3, 1, 2),
