@@ -33,7 +33,7 @@ log = logging.getLogger("sentinel.proxy")
 
 CANARY_HEADER = names.CANARY_HEADER.lower().encode()
 # Request headers the proxy reads itself (everything in http.HOP_BY_HOP is handled apart).
-_SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", CANARY_HEADER})
+_SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", b"host", CANARY_HEADER})
 ROUTE_CACHE_SIZE = 1024   # request targets whose route is remembered (cleared when full)
 _UNSEEN = object()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
@@ -290,6 +290,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
         fwd = ex.fwd_headers
         upgrade = False
+        hosts = 0
         skip: frozenset[bytes] = frozenset()
         hop = http.HOP_BY_HOP
         for name, value in ex.req_headers:
@@ -307,6 +308,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     if lname == b"traceparent":
                         ex.incoming_tp = value
                         continue
+                    if lname == b"host":
+                        hosts += 1
                     if lname == CANARY_HEADER and value.strip() == b"1":
                         ex.canary = True
                 fwd.append(name + b": " + value + b"\r\n")
@@ -325,6 +328,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 skip = http.connection_tokens(ex.req_headers)
         if skip:   # headers named in Connection are hop-by-hop too (rare: a second pass)
             fwd[:] = [line for line in fwd if line[:line.index(b":")].lower() not in skip]
+        if (hosts != 1 and (hosts or not ex.http10)) and ex.refusal is None:
+            # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets 400. Two could
+            # name two different hosts, and the model server might route on the other one.
+            ex.refusal = (400, "invalid_host_header",
+                          "the request has two Host header fields" if hosts else
+                          "an HTTP/1.1 request must carry a Host header field")
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
             ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")

@@ -182,3 +182,24 @@ def test_an_http2_prior_knowledge_client_is_told_what_is_wrong(env):
     out = raw_exchange(sc.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     assert out.startswith(b"HTTP/1.1 505 ") and b"grpc_listen" in out
     assert sc.value(ERR, {"reason": "http2_on_http1_listener"}) == before + 1
+
+
+@pytest.mark.parametrize(("head", "why"), [
+    (b"GET /h HTTP/1.1\r\n\r\n", b"must carry a Host"),
+    (b"GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"two Host"),
+    (b"GET /h HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n", b"two Host"),
+])
+def test_a_missing_or_doubled_host_is_refused_not_forwarded(env, head, why):
+    """RFC 9112 §3.2: 400. Two Hosts could name two hosts; the model server might route on either."""
+    up, sc = env
+    before = sc.value(ERR, {"reason": "invalid_host_header"})
+    out = raw_exchange(sc.port, head)
+    assert out.startswith(b"HTTP/1.1 400 ") and why in out
+    assert sc.wait_for(ERR, {"reason": "invalid_host_header"}, before + 1) == before + 1
+    assert not any(line.startswith(b"GET /h") for _, line in up.seen)
+
+
+def test_an_http10_request_without_host_is_forwarded(env):
+    up, sc = env
+    out = raw_exchange(sc.port, b"GET /h10 HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"ok")
