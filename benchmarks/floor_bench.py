@@ -24,14 +24,12 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_bench as pb  # noqa: E402
@@ -137,9 +135,7 @@ def main() -> None:
         procs[name] = pb.start_sentinel(d, ports[key], ports[key + "a"], up, rate)
     targets = [("nginx", ports["nginx"]), ("relay", ports["relay"]), ("relay+parse", ports["parse"]),
                ("sentinel 0%", ports["s0"]), ("sentinel 5%", ports["s5"])]
-    small = b'{"inputs":[{"name":"x","shape":[1,200],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 200) + b"]}]}"
-    small += b" " * (1024 - len(small))
-    req = pb.request_bytes("/v2/models/bench/infer", small, {"Content-Type": "application/json"})
+    req = pb.request_bytes("/v2/models/bench/infer", pb.SMALL_JSON, pb.JSON_HEADERS)
     cpu: dict[str, list[float]] = {t: [] for t, _ in targets}
     p99: dict[str, list[float]] = {t: [] for t, _ in targets}
     errors = 0
@@ -150,22 +146,16 @@ def main() -> None:
             pb.open_loop(port, req, 200, 1.0)
         for _ in range(max(1, args.rounds)):
             for name, port in targets:
-                ps = [psutil.Process(procs[name].pid)] + psutil.Process(procs[name].pid).children(recursive=True)
-                before = {q.pid: sum(q.cpu_times()[:2]) for q in ps}
+                before = pb.cpu_by_process(procs[name].pid)   # the process and its children (all sidecar processes)
                 lat, err = pb.open_loop(port, req, args.rate, args.seconds)
                 n = len(lat) + err
                 errors += err
-                used = sum(sum(q.cpu_times()[:2]) - before[q.pid] for q in ps if q.is_running())
+                after = pb.cpu_by_process(procs[name].pid)
+                used = sum(after[pid] - t for pid, t in before.items() if pid in after)
                 cpu[name].append(used / max(n, 1) * 1000.0)
                 p99[name].append(float(np.percentile(lat, 99)) if len(lat) else float("nan"))
     finally:
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        pb.stop_processes(procs.values())
         shutil.rmtree(tmp, ignore_errors=True)
 
     ngx = pb.med(cpu["nginx"])

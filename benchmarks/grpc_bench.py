@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The HTTP benchmark's process helpers (this folder is on sys.path when run as a script).
-from proxy_bench import cpu_seconds, free_port, serve_sidecar, wait_port  # noqa: E402
+from proxy_bench import cpu_seconds, free_port, serve_sidecar, stop_processes, wait_port  # noqa: E402
 
 from sentinel.protocols import oip_grpc  # noqa: E402
 
@@ -200,13 +200,7 @@ def main() -> None:
         scrape = subprocess.run(["curl", "-s", f"http://127.0.0.1:{admin}/metrics"], capture_output=True,
                                 text=True).stdout
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
     print(f"\ngRPC ModelInfer, open-loop fixed rate, {seconds:g} s per cell in {ROUNDS} interleaved slices; latency "
           f"from intended send time (ms); sentinel sampling {args.sample_rate:.0%}; {os.cpu_count()} CPUs shared "

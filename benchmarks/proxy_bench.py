@@ -46,6 +46,24 @@ UPSTREAM_BODY = json.dumps({"model_name": "bench", "outputs": [
     {"name": "logits", "shape": [1, 10], "datatype": "FP32", "data": [0.1] * 10}]}, separators=(",", ":"))
 
 
+# The 1 kB body of every small-body benchmark: a v2 JSON request padded with trailing whitespace
+# (which JSON allows) to exactly 1,024 bytes.
+SMALL_JSON = b'{"inputs":[{"name":"x","shape":[1,200],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 200) + b"]}]}"
+SMALL_JSON += b" " * (1024 - len(SMALL_JSON))
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def stop_processes(procs, timeout: float = 15.0) -> None:
+    """SIGTERM every process, then wait for each, killing one that outlives `timeout`."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -357,9 +375,7 @@ def main() -> None:
     wrk_s = args.wrk_seconds or (4.0 if args.quick else 10.0)
     rates = [int(r) for r in args.rates.split(",")]
 
-    small = b'{"inputs":[{"name":"x","shape":[1,200],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 200) + b"]}]}"
-    small += b" " * (1024 - len(small))   # JSON allows trailing whitespace: exactly 1 kB
-    small_h = {"Content-Type": "application/json"}
+    small, small_h = SMALL_JSON, JSON_HEADERS
     image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     large, large_h = oip_v2.encode([("input-0", image)])
     large_h = {"Content-Type": large_h["content-type"],
@@ -382,9 +398,7 @@ def main() -> None:
                 wait_port(p)
             soak(sn_port, sent.pid, request_bytes(path, large, large_h), args.soak)
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-                p.wait(15)
+            stop_processes(procs)
             shutil.rmtree(tmp, ignore_errors=True)
         return
     try:
@@ -424,13 +438,7 @@ def main() -> None:
         scrape = subprocess.run(["curl", "-s", f"http://127.0.0.1:{sn_admin}/metrics"], capture_output=True,
                                 text=True).stdout
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nopen-loop fixed rate, {seconds:.0f} s per cell in {rounds} interleaved runs; latency from intended "

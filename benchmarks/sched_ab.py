@@ -7,7 +7,6 @@ sampling 5%) take turns; prints the median [min-max] of CPU per 1k requests and 
 added to direct's in the same round.
 """
 
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,7 @@ for name, extra in (("normal", ""), ("batch", "worker_scheduling: batch"), ("nic
     procs[name] = subprocess.Popen([sys.executable, str(HERE / "proxy_bench.py"), "--serve-sidecar", str(cfg)],
                                    cwd=str(HERE.parent), stdout=subprocess.DEVNULL)
     ports[name] = p
-small = b'{"inputs":[{"name":"x","shape":[1,200],"datatype":"FP32","data":[' + b",".join([b"0.5"] * 200) + b"]}]}"
-small += b" " * (1024 - len(small))
-req = pb.request_bytes("/v2/models/bench/infer", small, {"Content-Type": "application/json"})
+req = pb.request_bytes("/v2/models/bench/infer", pb.SMALL_JSON, pb.JSON_HEADERS)
 try:
     for p in ports.values():
         pb.wait_port(p)
@@ -61,10 +58,4 @@ try:
         print(f"{name:8s} cpu s/1k med {np.median([x[0] for x in v]):.3f} [{min(x[0] for x in v):.3f}-{max(x[0] for x in v):.3f}]"
               f"  p99 {np.median([x[1] for x in v]):.2f}  added p99 med {np.median(add):+.2f} [{min(add):+.2f}..{max(add):+.2f}]  err {sum(x[3] for x in v)}")
 finally:
-    for p in procs.values():
-        p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    pb.stop_processes(procs.values(), 10.0)
