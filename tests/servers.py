@@ -13,6 +13,7 @@ a temporary file and quoted in the error when it fails to start.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -59,6 +60,16 @@ def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServe
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, doc: Any) -> None:
+    """Answer `doc` as a JSON body with Content-Length (keep-alive safe) from a BaseHTTPRequestHandler."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def stop_server(server: ThreadingHTTPServer) -> None:

@@ -12,7 +12,7 @@ import pytest
 from sentinel.errors import InfrastructureError
 from sentinel.gate.criteria import VersionData
 from sentinel.gate.prom import Prometheus
-from tests.servers import serve_in_thread, stop_server
+from tests.servers import send_json, serve_in_thread, stop_server
 
 QUERY = 'sum by (code) (increase(sentinel_requests_total{model="digits",version="v3"}[10m]))'
 
@@ -54,12 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
             kind = "vector"
             if params["query"] == ["time()"] and "time" not in params:
                 kind, result = "scalar", [1000.5, "1000.5"]
-            data = json.dumps({"status": "success", "data": {"resultType": kind, "result": result}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, 200, {"status": "success", "data": {"resultType": kind, "result": result}})
             return
         if prefix == "/slow":
             time.sleep(3)

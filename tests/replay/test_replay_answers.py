@@ -3,12 +3,11 @@ errors, bodies that are not answers, other shapes. Each run sends one golden sam
 
 from __future__ import annotations
 
-import json
 from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 import pytest
-from servers import serve_in_thread, stop_server
+from servers import send_json, serve_in_thread, stop_server
 
 from sentinel.replay.report import Objectives
 from sentinel.replay.runner import LoadPlan
@@ -26,12 +25,7 @@ def _server(answer):
             self.rfile.read(int(self.headers["Content-Length"]))
             status, doc = answer(seen[0])
             seen[0] += 1
-            body = json.dumps(doc).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_json(self, status, doc)
 
         def log_message(self, *args):
             pass
