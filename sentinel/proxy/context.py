@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sentinel import metricnames as mn
 from sentinel.config import ProxyConfig
+from sentinel.fdlimit import raise_open_files
 from sentinel.proxy import http, tracing
 from sentinel.proxy.metrics import ProxyMetrics
 from sentinel.proxy.sampling import Sample, Sampler
@@ -242,15 +242,7 @@ def fd_budget(wanted: int, reserve: int) -> int:
     `reserve` descriptors stay free for the admin listener, upstream connections and files,
     so a flood of client connections cannot starve `/healthz` of descriptors.
     """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted + reserve
-    if soft != resource.RLIM_INFINITY and soft < target:
-        new = target if hard == resource.RLIM_INFINITY else min(target, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
+    soft = raise_open_files(wanted + reserve)
+    if soft is None:
         return wanted
     return max(16, min(wanted, soft - reserve))

@@ -86,22 +86,14 @@ def check_fd_room(plan: LoadPlan, requests: int | None = None, reserve: int = FD
     target's `connect` errors (`--concurrency 2000` under `ulimit -n 512`: 93% "errors").
     No more connections are opened than `requests` (when known). The soft limit is raised
     towards the hard one first, as far as needed."""
-    import resource
+    from sentinel.fdlimit import raise_open_files
 
     wanted = (plan.connections if plan.open_loop else plan.concurrency or 1)
     if requests is not None:
         wanted = min(wanted, requests)   # never more connections than requests
     need = wanted + reserve
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = new
-    except (ValueError, OSError):
-        pass
-    if soft < need:
+    soft = raise_open_files(need)
+    if soft is not None and soft < need:
         flag = "--connections" if plan.open_loop else "--concurrency"
         raise UsageError(f"{flag} {wanted} needs {wanted} connections, but this process may open only {soft} "
                          f"files (ulimit -n; {reserve} kept for the rest): use at most {max(1, soft - reserve)} "
