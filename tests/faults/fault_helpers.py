@@ -17,6 +17,7 @@ from proxy_helpers import (  # noqa: E402  (tests/proxy is not a package)
     BUILTIN_MONITOR,
     RunningSidecar,
     make_config,
+    read_request,
     v2_response,
 )
 
@@ -79,22 +80,11 @@ class RawUpstream:
         buf = b""
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-                n = int(headers.get("content-length", "0"))
-                while len(buf) < n:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                buf = buf[n:]
+                got = read_request(conn, buf)
+                if got is None:
+                    return
+                head, buf = got
+                method, target, _ = head.decode("latin-1").split("\r\n", 1)[0].split(" ", 2)
                 with self.lock:
                     self.seen.append((method, target))
                 if not self._answer(conn, method, target):

@@ -314,6 +314,28 @@ def read_response(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return ResponseReader(s).read()
 
 
+def read_request(conn: socket.socket, buf: bytes) -> tuple[bytes, bytes] | None:
+    """One request from `conn` (`buf`: bytes already read): its head without the blank line, and
+    what follows its Content-Length body (the body itself is read and dropped); None at EOF."""
+    while b"\r\n\r\n" not in buf:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        buf += more
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buf) < length:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        buf += more
+    return head, buf[length:]
+
+
 class ScriptedUpstream:
     """A raw-socket upstream on loopback: each request's first line picks the bytes sent back.
 
@@ -350,23 +372,10 @@ class ScriptedUpstream:
         c.settimeout(10)
         try:
             while True:
-                while b"\r\n\r\n" not in buf:
-                    more = c.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    more = c.recv(65536)
-                    if not more:
-                        return
-                    buf += more
-                buf = buf[length:]
+                got = read_request(c, buf)
+                if got is None:
+                    return
+                head, buf = got
                 first = head.split(b"\r\n", 1)[0]
                 self.seen.append((n, first))
                 path = first.split(b" ")[1]
