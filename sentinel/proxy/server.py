@@ -302,9 +302,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                         ex.req_mode = LENGTH
                         continue
                     if lname == b"expect":
-                        # an HTTP/1.0 client's expectation is ignored (RFC 9110 §10.1.1)
-                        ex.expect_continue = value.strip().lower() == b"100-continue" and not ex.http10
-                        continue
+                        if value.strip().lower() == b"100-continue":
+                            # answered by the proxy (start); an HTTP/1.0 client's is ignored (RFC 9110 §10.1.1)
+                            ex.expect_continue = not ex.http10
+                            continue
+                        # any other expectation is the model server's to meet or refuse (417): forwarded
                     if lname == b"traceparent":
                         ex.incoming_tp = value
                         continue

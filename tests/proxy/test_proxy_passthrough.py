@@ -124,6 +124,17 @@ def test_expect_100_continue_answered_by_proxy(env):
     assert "expect" not in up.seen[-1]["headers"]
 
 
+def test_other_expectations_reach_the_model_server(env):
+    """Only 100-continue is the proxy's to answer; any other expectation is forwarded unchanged,
+    so the server meets it or refuses it (417), instead of the proxy dropping it unseen."""
+    up, sc = env
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: x-audit; id=7\r\n\r\nbody")
+        status, _, body = read_response(s)
+    assert status == 200 and body == b"body"
+    assert up.seen[-1]["headers"]["expect"] == "x-audit; id=7"
+
+
 def test_http10_client(env):
     up, sc = env
     out = raw_exchange(sc.port, b"GET /chunked?n=2 HTTP/1.0\r\n\r\n")
