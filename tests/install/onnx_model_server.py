@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # tests/: run as a script, not collected
+from servers import send_json  # noqa: E402
 
 
 def main() -> None:
@@ -30,28 +34,20 @@ def main() -> None:
         def log_message(self, *a) -> None:
             pass
 
-        def _send(self, status: int, doc: dict) -> None:
-            body = json.dumps(doc).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
         def do_GET(self) -> None:
-            self._send(200 if self.path.startswith("/v2/health") else 404, {})
+            send_json(self, 200 if self.path.startswith("/v2/health") else 404, {})
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if self.path != f"/v2/models/{name}/infer":
-                return self._send(404, {"error": "no such model"})
+                return send_json(self, 404, {"error": "no such model"})
             try:
                 t = json.loads(body)["inputs"][0]
                 x = np.asarray(t["data"], np.float32).reshape(t["shape"])
                 y = sess.run([out_name], {in_name: x})[0]
             except (KeyError, ValueError, TypeError, IndexError) as exc:
-                return self._send(400, {"error": str(exc)})
-            self._send(200, {"model_name": name, "outputs": [
+                return send_json(self, 400, {"error": str(exc)})
+            send_json(self, 200, {"model_name": name, "outputs": [
                 {"name": "logits", "shape": list(y.shape), "datatype": "FP32", "data": y.ravel().tolist()}]})
 
     srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
