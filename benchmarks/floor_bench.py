@@ -220,6 +220,12 @@ def serve_compact(port: int, up_port: int) -> None:
     uvloop.run(main())
 
 
+def cpu_since(pid: int, before: dict[int, float]) -> float:
+    """CPU seconds the processes of `before` (pb.cpu_by_process of `pid`) used since, those still running."""
+    after = pb.cpu_by_process(pid)
+    return sum(after[p] - t for p, t in before.items() if p in after)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=float, default=1000.0)
@@ -271,18 +277,14 @@ def main() -> None:
                 lat, err = pb.open_loop(port, req, args.rate, args.seconds)
                 n = len(lat) + err
                 errors += err
-                after = pb.cpu_by_process(procs[name].pid)
-                used = sum(after[pid] - t for pid, t in before.items() if pid in after)
-                cpu[name].append(used / max(n, 1) * 1000.0)
+                cpu[name].append(cpu_since(procs[name].pid, before) / max(n, 1) * 1000.0)
                 p99[name].append(float(np.percentile(lat, 99)) if len(lat) else float("nan"))
         for _ in range(max(1, args.rounds) if args.saturation else 0):
             for name, port in targets:
                 before = pb.cpu_by_process(procs[name].pid)
                 r = pb.wrk(port, "/v2/models/bench/infer", pb.SMALL_JSON, pb.JSON_HEADERS, 3.0, tmp)
-                after = pb.cpu_by_process(procs[name].pid)
-                used = sum(after[pid] - t for pid, t in before.items() if pid in after)
                 rps[name].append(r)
-                sat_us[name].append(used / max(r * 3.0, 1.0) * 1e6)
+                sat_us[name].append(cpu_since(procs[name].pid, before) / max(r * 3.0, 1.0) * 1e6)
     finally:
         pb.stop_processes(procs.values())
         shutil.rmtree(tmp, ignore_errors=True)
