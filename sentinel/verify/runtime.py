@@ -159,8 +159,14 @@ class OnnxExport:
         except (UnicodeDecodeError, ValueError) as exc:
             raise WeightsError(f"{path}: unreadable inputs or outputs in the ONNX graph ({_first_line(exc)})") from None
         if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
-            raise UsageError(f"{path}: input {inp.name!r} is {TensorProto.DataType.Name(elem)}; "
-                             "verify feeds float32, float16 or float64 inputs")
+            # a file fault like any other (the checker lets an UNDEFINED or out-of-range type through)
+            try:
+                kind = TensorProto.DataType.Name(elem)
+            except ValueError:
+                kind = f"element type {elem}"
+            what = "has no element type" if elem == TensorProto.UNDEFINED else f"is {kind}"
+            raise WeightsError(f"{path}: input {inp.name!r} {what}; "
+                               "verify feeds float32, float16 or float64 inputs")
         self.input_dtype = {TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
         b = self.input_shape[0] if self.input_shape else None
         self.fixed_batch = b if isinstance(b, int) and b > 0 else None

@@ -155,6 +155,24 @@ def test_malformed_onnx(tmp_path):
             assert str(p) in str(exc)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("elem, says", [(0, "has no element type"), (7, "is INT64"), (3, "is INT8")])
+def test_onnx_input_type_verify_cannot_feed(tmp_path, elem, says):
+    """An input typed UNDEFINED (the checker lets it through; found by the CI fuzz) or an integer
+    type is a fault of the file, a WeightsError naming file and input, like every other."""
+    import onnx
+
+    from sentinel.verify.runtime import OnnxExport
+
+    model = onnx.load_from_string(onnx_file())
+    model.graph.input[0].type.tensor_type.elem_type = elem
+    p = write(tmp_path, "typed.onnx", model.SerializeToString())
+    with pytest.raises(WeightsError) as got:
+        OnnxExport(p)
+    msg = str(got.value)
+    assert str(p) in msg and "input 'x' " + says in msg and "float32, float16 or float64" in msg, msg
+
+
 @pytest.mark.slow
 def test_serve_with_corrupt_weights_exits_with_one_line(tmp_path):
     """The digest matches (the file was corrupted before it was recorded): the loader must still refuse.
