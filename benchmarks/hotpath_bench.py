@@ -14,6 +14,7 @@ transports: no sockets, no event loop, no wake-ups. Two figures per code version
     python benchmarks/hotpath_bench.py                   # this checkout
     python benchmarks/hotpath_bench.py --before HEAD~3   # a git revision beside it
     python benchmarks/hotpath_bench.py --sample-rate 1   # every request captured for analysis
+    python benchmarks/hotpath_bench.py --top 60          # every function on the path, not the first 12
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class MemoryTransport:
         pass
 
 
-def child(requests: int, sample_rate: float) -> None:
+def child(requests: int, sample_rate: float, top: int) -> None:
     """Child mode: measure the `sentinel` package on PYTHONPATH; print one JSON line."""
     import asyncio
 
@@ -135,13 +136,14 @@ def child(requests: int, sample_rate: float) -> None:
         one()
     sys.settrace(None)
     print(json.dumps({"us": best, "opcodes": sum(counts.values()) / n,
-                      "top": [(k, v / n) for k, v in counts.most_common(12)]}))
+                      "top": [(k, v / n) for k, v in counts.most_common(top)]}))
 
 
-def run_child(tree: Path, requests: int, sample_rate: float) -> dict:
+def run_child(tree: Path, requests: int, sample_rate: float, top: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--requests", str(requests),
-                        "--sample-rate", str(sample_rate)], env=env, cwd=tree, capture_output=True, text=True,
+                        "--sample-rate", str(sample_rate), "--top", str(top)],
+                       env=env, cwd=tree, capture_output=True, text=True,
                        timeout=600)
     if r.returncode != 0:
         raise SystemExit(f"the run on {tree} failed:\n{r.stderr[-3000:]}")
@@ -153,17 +155,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20000, help="requests per timed run (best of 5)")
     ap.add_argument("--sample-rate", type=float, default=0.0, help="share of requests captured for analysis")
     ap.add_argument("--before", metavar="REV", help="also measure this git revision, side by side")
+    ap.add_argument("--top", type=int, default=12, help="how many functions to list, most opcodes first")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.requests, args.sample_rate)
+        child(args.requests, args.sample_rate, args.top)
         return
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:
             runs.append((args.before, run_child(worker_bench.baseline_tree(args.before, Path(tmp)), args.requests,
-                                                args.sample_rate)))
-        runs.append(("this checkout", run_child(pb.REPO, args.requests, args.sample_rate)))
+                                                args.sample_rate, args.top)))
+        runs.append(("this checkout", run_child(pb.REPO, args.requests, args.sample_rate, args.top)))
     print(f"Proxy hot path in-process, 1 kB v2 JSON POST, sampling {args.sample_rate:g} "
           f"(best of 5 x {args.requests} requests; opcodes over 200)\n")
     print("| code | µs per request | opcodes per request |")
