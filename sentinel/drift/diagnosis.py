@@ -38,9 +38,10 @@ set has it) or in the network's unit space: multiply/divide by a factor and add 
 the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
 the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
 pixels), channel order (C > 1), missing or doubled normalisation, and any other normalisation
-(`normalization_mismatch`: an increasing affine map x -> a·x + b per channel, a and b fitted by
+(`normalization_mismatch`: an affine map x -> a·x + b per channel, a and b fitted by
 least squares on the window's median per-sample minimum, quantiles, maximum and mean against
-golden's, so a client normalising with some other mean/std is named with the map it applied and
+golden's (mirrored for a decreasing map, a < 0: an inverted image normalised some other way), so
+a client normalising with some other mean/std is named with the map it applied and
 the mean/std that implies; it must fit as closely as an exact transform, the features' spreads
 included, since a share of the window mapped has the means of a milder map over all of it; the
 simpler special cases above are preferred when they fit about as well). Non-invertible transforms (blur, binarize) are why the search runs forwards.
@@ -66,9 +67,10 @@ TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transp
 # candidates that are special cases of the affine `normalization_mismatch`: when one of those fits
 # about as well (within AMBIGUITY), it is named instead.
 FITTED: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_mismatch")
-AFFINE_SPECIAL: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_missing", "normalization_doubled")
-# Per-channel signature statistics an increasing affine map x -> a·x + b carries over exactly
-# (per-sample minimum, quantiles, maximum and mean): a and b are fitted on their window medians.
+AFFINE_SPECIAL: tuple[str, ...] = ("multiply", "divide", "offset", "normalization_missing", "normalization_doubled",
+                                   "invert")
+# Per-channel signature statistics an affine map x -> a·x + b carries over exactly (per-sample
+# minimum, quantiles, maximum and mean; mirrored when a < 0): a and b are fitted on their window medians.
 AFFINE_STATS: tuple[str, ...] = ("min", "q10", "q50", "q90", "max", "mean")
 AFFINE_MARGIN = 2.0  # ... or within this much of its d (two fitted parameters per channel fit noise better)
 AFFINE_FIT = 3.0     # the affine candidate fits only this closely (and with no z² above FIT_MAX): its fit is
@@ -347,6 +349,7 @@ class Diagnosis:
     transformed_share: float | None = None
     # normalization_mismatch: the fitted map x -> scale·x + offset per channel in source units, and
     # the mean/std (on the model's scaled 0..1 axis) a client would have normalised with to send it
+    # (scale < 0: the image was inverted, lo + hi − x, and mean/std are those applied after that)
     affine: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -417,21 +420,41 @@ class Diagnoser:
         return self.signature.features(network_inputs)
 
     def affine_fit(self, window_features: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per-channel (a, b) of the increasing affine map x -> a·x + b (source units) that best takes
-        golden's median per-sample statistics (AFFINE_STATS) to the window's; None when there is no
-        such map (a window of fewer than 2 samples, a non-increasing fit, or a channel without spread)."""
+        """Per-channel (a, b) of the affine map x -> a·x + b (source units) that best takes golden's
+        median per-sample statistics (AFFINE_STATS) to the window's; None when there is no such map
+        (a window of fewer than 2 samples, a channel without spread, or no monotone fit).
+
+        Increasing (a > 0) and decreasing (a < 0: an inverted image, then normalised some other
+        way) maps are both fitted; a decreasing map takes golden's per-sample maximum to the
+        window's minimum, q90 to q10 and so on, so its statistics are matched mirrored. The one
+        with the smaller weighted residual over all channels is returned; one direction holds for
+        every channel."""
         if len(window_features) < 2:
             return None
+        best: tuple[float, np.ndarray, np.ndarray] | None = None
+        for decreasing in (False, True):
+            fit = self._affine_fit_one(window_features, decreasing)
+            if fit is not None and (best is None or fit[0] < best[0]):
+                best = fit
+        return None if best is None else (best[1], best[2])
+
+    def _affine_fit_one(self, window_features: np.ndarray,
+                        decreasing: bool) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """(weighted residual, a, b) of the increasing or decreasing affine fit, or None."""
         names = self.signature.names
         c = len(self.signature.low)
         ua, ub = self.source.unit_a, self.source.unit_b
         a, b = np.ones(c), np.zeros(c)
         nw, ng = len(window_features), len(self.golden_features)
+        # golden's statistic that a map of this direction takes to each of the window's AFFINE_STATS
+        mirror = {"min": "max", "q10": "q90", "q90": "q10", "max": "min"} if decreasing else {}
+        residual = 0.0
         for i in range(c):
             idx = [names.index(f"{s}_c{i}") for s in AFFINE_STATS]
-            g = np.median(self.golden_features[:, idx], axis=0) * ua[i] + ub[i]
+            gidx = [names.index(f"{mirror.get(s, s)}_c{i}") for s in AFFINE_STATS]
+            g = np.median(self.golden_features[:, gidx], axis=0) * ua[i] + ub[i]
             w = np.median(window_features[:, idx], axis=0) * ua[i] + ub[i]
-            vg = self.golden_features[:, idx].var(axis=0) * ua[i] ** 2
+            vg = self.golden_features[:, gidx].var(axis=0) * ua[i] ** 2
             vw = window_features[:, idx].var(axis=0) * ua[i] ** 2
             floor = (self.scale[idx] * ua[i]) ** 2
             wt = np.ones(len(idx))
@@ -447,10 +470,12 @@ class Diagnoser:
                 a[i] = float(wt @ (gc * (w - wm))) / den
                 b[i] = float(wm - a[i] * gm)
                 wt = 1.0 / (vw / nw + a[i] ** 2 * vg / ng + floor + 1e-300)
-                wt = wt / wt.max()
-        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0)):
+            residual += float(wt @ (w - a[i] * g - b[i]) ** 2)
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.isfinite(residual)):
             return None
-        return a, b
+        if not (np.all(a < 0) if decreasing else np.all(a > 0)):
+            return None
+        return residual, a, b
 
     def affine_report(self, window_features: np.ndarray) -> tuple[dict[str, list[float]] | None, str]:
         """The fitted affine map as `Diagnosis.affine` and a sentence for on-call."""
@@ -463,6 +488,14 @@ class Diagnoser:
         maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
         text = f"inputs look like {maps} of what the model expects ({self.units}{', per channel' if len(a) > 1 else ''})"
         m, sd = self.source.norm_mean, self.source.norm_std
+        inverted = bool(np.all(a < 0))
+        if inverted:
+            # a·x + b = (−a)·(L − x) + (b + a·L), L = lo + hi (the `invert` candidate's map): the
+            # image inverted, then the increasing map read as a normalisation below
+            big_l = self.src_low + self.src_high
+            a, b = -a, b + a * big_l
+            text += (f"; that is the image inverted ({_fmt_list(big_l)} − x), then "
+                     + ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True)))
         # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
         # network see (x·k − m')/s' with s' = s/a and m' = (m − b·k)/a
         k = self.source.norm_std / np.maximum(self.source.unit_a, 1e-300)
@@ -471,8 +504,8 @@ class Diagnoser:
             m2 = (m - b * k) / a
             out["mean"] = [round(float(v), 4) for v in m2]
             out["std"] = [round(float(v), 4) for v in s2]
-            text += (f"; as a normalisation: mean {_fmt_list(m2)} std {_fmt_list(s2)} where the model expects "
-                     f"mean {_fmt_list(m)} std {_fmt_list(sd)}")
+            text += (f"; as a normalisation{' of the inverted image' if inverted else ''}: mean {_fmt_list(m2)} "
+                     f"std {_fmt_list(s2)} where the model expects mean {_fmt_list(m)} std {_fmt_list(sd)}")
         return out, text
 
     def _fitted(self, window_features: np.ndarray) -> dict[str, tuple[Moments, float]]:
@@ -518,15 +551,16 @@ class Diagnoser:
             aa, bb = fit
             ends = np.stack([self.src_min_med, self.src_max_med])
             mapped = aa * ends + bb
-            tol = MIN_AFFINE_MOVE * rng * np.maximum(aa, 1.0)
+            tol = MIN_AFFINE_MOVE * rng * np.maximum(np.abs(aa), 1.0)
             # the map is a special case (within tol of the mapped range at both ends of every channel's
             # golden range) when
             # it moves nothing, or is one factor about golden's minimum (multiply/divide), or one
-            # offset: those candidates name it (with their own parameter)
+            # offset, or the inversion lo + hi − x: those candidates name it (with their own parameter)
             f = float(np.median(aa))
             as_factor = (ends - self.src_min_med) * f + self.src_min_med
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
-            if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset)):
+            as_invert = self.src_low + self.src_high - ends
+            if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset, as_invert)):
                 out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
         return out
 

@@ -38,10 +38,21 @@ def test_an_affine_normalisation_is_named_with_its_map(fitted, a, b):
     assert d.to_dict()["affine"] == d.affine
 
 
+@pytest.mark.parametrize(("a", "b"), [(-0.5, 0.8), (-2.0, 1.7), (-1.0, 1.4)])
+def test_an_inverted_image_normalised_some_other_way_is_named_with_its_map(fitted, a, b):
+    """A decreasing map (an inverted image, then another normalisation) read input_contract or
+    covariate_shift with no transform: it is fitted with golden's statistics mirrored."""
+    d = _diagnose(fitted, fitted[2] * a + b)
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", "normalization_mismatch"), d.reason
+    assert d.affine["scale"][0] == pytest.approx(a, rel=0.05)
+    assert d.affine["offset"][0] == pytest.approx(b, abs=0.05)
+    assert "the image inverted" in d.reason and f"x*{d.affine['scale'][0]:.3g}" in d.reason
+
+
 @pytest.mark.parametrize(("shift", "expected"), [
     (lambda w: w * 16.0, "multiply"),               # special cases of the affine map keep their names
     (lambda w: w + 0.5, "offset"),
-    (lambda w: 1.0 - w, "invert"),                 # a decreasing map is not a normalisation
+    (lambda w: 1.0 - w, "invert"),                 # the plain inversion keeps its name
     (lambda w: w[..., ::-1, ::-1], "rotate_180"),
 ])
 def test_simpler_candidates_are_preferred(fitted, shift, expected):
@@ -152,6 +163,12 @@ def test_digits_from_a_few_writers_normalised_with_other_statistics(digits_v3, d
         d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(x)))
         assert d.transform == "normalization_mismatch", d.reason
         assert d.affine["mean"][0] == pytest.approx(m, abs=0.01) and d.affine["std"][0] == pytest.approx(s, rel=0.03)
+        # inverted (white digits on black turned black on white) before the same normalisation
+        x = 16 * (0.3 + 0.4 * ((16 - raw) / 16 - m) / s)
+        d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(x)))
+        assert d.transform == "normalization_mismatch" and d.affine["scale"][0] < 0, d.reason
+        assert d.affine["mean"][0] == pytest.approx(m, abs=0.01) and d.affine["std"][0] == pytest.approx(s, rel=0.03)
+        assert "as a normalisation of the inverted image" in d.reason
     bright = np.clip(raw + 2, 0, 16)
     d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(bright)))
     assert d.kind == "covariate_shift" and d.transform is None, d.reason
