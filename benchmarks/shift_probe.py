@@ -135,6 +135,9 @@ SHIFTS: dict[str, Fn] = {
     # other normalisations (signals4): affine maps x -> a*x + b that are neither a pure factor nor an offset
     "norm_imagenet_r": _renorm(0.485, 0.229), "norm_mnist": _renorm(0.1307, 0.3081),
     "norm_half": _renorm(0.5, 0.5), "x0.44+5": lambda x, r: _f32(x * 0.44 + 5),
+    # an inverted image, then some other scaling (round 5): decreasing affine maps
+    "invert/16": lambda x, r: _f32((16 - x) / 16),
+    "invert_norm_imagenet_r": lambda x, r: _renorm(0.485, 0.229)(16 - x, r),
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")

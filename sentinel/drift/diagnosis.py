@@ -751,6 +751,25 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
     return best, f"{best} of the golden inputs reproduces the window (d={d_best:.3g} vs {d_id:.3g} untransformed)"
 
 
+def _violating_transform(diagnoser: Diagnoser, window_features: np.ndarray, violating: np.ndarray | None,
+                         feature_violating: np.ndarray | None
+                         ) -> tuple[str | None, float | None, dict[str, list[float]] | None, str, float | None]:
+    """The transform of the window's contract-violating samples alone, when one fits (at least 5 of
+    them): (name, fitted parameter, affine map, its sentence, share of the window it explains)."""
+    transform, p, affine, text = None, None, None, ""
+    bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
+    if len(bad) == len(window_features) and bad.sum() >= 5:
+        sub = diagnoser.search(window_features[bad])
+        transform, _ = explaining(sub)
+        p = None if transform is None else sub[transform][1]
+        if transform == "normalization_mismatch":
+            affine, text = diagnoser.affine_report(window_features[bad])
+    # the share of the window the violating samples' transform explains (an affine map: the one
+    # fitted on them, not on the whole window, which a partial map's mixture also fits)
+    ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine)
+    return transform, p, affine, text, ts
+
+
 def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: Diagnoser | None = None,
              window_features: np.ndarray | None = None,
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
@@ -776,9 +795,15 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     if not alarm:
         if share is not None and share >= contract_share:
             # Samples the contract refuses (non-finite values, wrong range, ...) may never reach the
-            # detectors (non-finite outputs are dropped), so a window of them cannot alarm: say so.
-            return Diagnosis("input_contract", reason=f"{share:.1%} of the window's samples violate the input "
-                                                      "contract (the drift detectors did not alarm)", **common)
+            # detectors (non-finite outputs are dropped), so a window of them cannot alarm: say so,
+            # with the transform of the violating samples when one fits (a few clients of many
+            # normalising some other way: too few to move the detectors, enough to name)
+            transform, p, affine, text, ts = (None, None, None, "", None) if diagnoser is None \
+                or window_features is None else _violating_transform(diagnoser, window_features, violating,
+                                                                      feature_violating)
+            return Diagnosis("input_contract", transform, p, affine=affine, transformed_share=ts,
+                             reason=f"{share:.1%} of the window's samples violate the input contract (the drift "
+                                    "detectors did not alarm)" + (f": {text}" if text else ""), **common)
         return Diagnosis("none", reason="the combined verdict did not alarm", **common)
     have_inputs = diagnoser is not None and window_features is not None and len(window_features) >= 2
     if not have_inputs:
@@ -800,17 +825,8 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
                          reason=why + (f": {text}" if text else ""),
                          transformed_share=diagnoser.transformed_share(best, window_features, affine), **common)
     if share is not None and share >= contract_share:
-        transform, p, affine, text = None, None, None, ""
-        bad = np.asarray(violating if feature_violating is None else feature_violating, bool)
-        if len(bad) == len(window_features) and bad.sum() >= 5:            # name the transform of the violating samples alone, when one fits
-            sub = diagnoser.search(window_features[bad])
-            transform, _ = explaining(sub)
-            p = None if transform is None else sub[transform][1]
-            if transform == "normalization_mismatch":
-                affine, text = diagnoser.affine_report(window_features[bad])
-        # the share of the window the violating samples' transform explains (an affine map: the one
-        # fitted on them, not on the whole window, which a partial map's mixture also fits)
-        ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine)
+        transform, p, affine, text, ts = _violating_transform(diagnoser, window_features, violating,
+                                                              feature_violating)
         return Diagnosis("input_contract", transform, p, round(moved, 3), top, affine=affine,
                          reason=f"{share:.1%} of the window's samples violate the input contract"
                                 + (f": {text}" if text else ""),

@@ -172,3 +172,23 @@ def test_digits_from_a_few_writers_normalised_with_other_statistics(digits_v3, d
     bright = np.clip(raw + 2, 0, 16)
     d = diagnose(True, [], diagnoser=suite.diagnoser, window_features=suite.diagnoser.features(pre.apply(bright)))
     assert d.kind == "covariate_shift" and d.transform is None, d.reason
+
+
+def test_a_few_clients_too_few_to_alarm_are_named_by_the_violating_samples_map(fitted):
+    """10% of the window x*0.44+0.5 and flagged by the contract, the detectors quiet: the window
+    read input_contract with no transform (the non-alarming branch never searched); the
+    violating samples' own map is named, with their share. Fewer than 5 of them name nothing."""
+    dg, shares, w, wy = fitted
+    some = np.arange(len(w)) % 10 == 0
+    mixed = np.where(some[:, None, None, None], w * 0.44 + 0.5, w).astype(np.float32)
+    f = dg.features(mixed)
+    d = diagnose(False, [], diagnoser=dg, window_features=f, predicted=wy, golden_predicted_shares=shares,
+                 violating=some)
+    assert (d.kind, d.transform) == ("input_contract", "normalization_mismatch"), d.reason
+    assert d.affine["scale"][0] == pytest.approx(0.44, rel=0.05)
+    assert d.transformed_share == pytest.approx(0.1, abs=0.05)
+    assert "did not alarm" in d.reason and "x*0.44" in d.reason
+    few = np.arange(len(w)) < 4
+    d = diagnose(False, [], diagnoser=dg, window_features=f, predicted=wy, golden_predicted_shares=shares,
+                 violating=few)
+    assert (d.kind, d.transform, d.transformed_share) == ("input_contract", None, None), d.reason
