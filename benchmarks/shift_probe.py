@@ -201,10 +201,10 @@ def main() -> int:
     conds += [("label:two_classes", 0.0, "label"), ("label:one_dominant", 0.0, "label")]
     rows = []
     print(f"{'shift':<22}{'frac':>5}{'n':>5} {'alarm':>6} {'acc':>6} {'lb':>6} {'lb>acc+.03':>10} "
-          f"{'unrel':>6}  diagnoses")
+          f"{'unrel':>6} {'over&rel':>9}  diagnoses")
     for name, frac, kind in conds:
         for size in sizes:
-            al, accs, lbs, over, unrel, diags = 0, [], [], 0, 0, Counter()
+            al, accs, lbs, over, unrel, silent, diags = 0, [], [], 0, 0, 0, Counter()
             for _ in range(a.windows):
                 if kind == "label":
                     if name.endswith("two_classes"):
@@ -236,16 +236,18 @@ def main() -> int:
                 lbs.append(lb)
                 over += int(lb > acc + 0.03)
                 unrel += int(v.reliable is False)
+                silent += int(lb > acc + 0.03 and v.reliable is not False)   # over-read, not flagged
                 d = v.diagnosis
                 if v.drift or (d is not None and d.kind != "none"):
                     diags[f"{d.kind}:{d.transform}" if d.transform else d.kind] += 1
             row = {"shift": name, "fraction": frac, "n": size, "alarm": al / a.windows,
                    "accuracy": float(np.mean(accs)), "lower": float(np.nanmean(lbs)),
-                   "lower_over": over / a.windows, "unreliable": unrel / a.windows, "diagnoses": dict(diags)}
+                   "lower_over": over / a.windows, "unreliable": unrel / a.windows,
+                   "over_not_flagged": silent / a.windows, "diagnoses": dict(diags)}
             rows.append(row)
             dg = ", ".join(f"{k} {c}" for k, c in diags.most_common(3))
             print(f"{name:<22}{frac:>5}{size:>5} {row['alarm']:>6.2f} {row['accuracy']:>6.3f} {row['lower']:>6.3f} "
-                  f"{row['lower_over']:>10.2f} {row['unreliable']:>6.2f}  {dg}", flush=True)
+                  f"{row['lower_over']:>10.2f} {row['unreliable']:>6.2f} {row['over_not_flagged']:>9.2f}  {dg}", flush=True)
     print(f"# {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
