@@ -447,7 +447,7 @@ def main() -> None:
           f"client, proxies, upstream; load average at the end {os.getloadavg()[0]:.1f}\n")
     hdr = (f"{'body':>10} {'rps':>5} | {'direct p50':>10} {'p99':>6} | {'nginx +p50':>10} {'+p99':>16} "
            f"{'cpu s/1k':>17} | {'sentinel +p50':>13} {'+p99':>16} {'cpu s/1k':>17} | {'cpu x':>5} {'+p99 x':>6} "
-           f"| {'errors':>6}")
+           f"| {'errors d/n/s':>12}")
     print(hdr)
     print("-" * len(hdr))
     for size in bodies:
@@ -462,9 +462,10 @@ def main() -> None:
                   f"{med(n.cpu_per_1k):>6.3f} [{spread(n.cpu_per_1k, '{:.3f}'):>9}] | "
                   f"{med(added(s.p50, d.p50)):>+13.3f} {med(s99):>+6.2f} [{spread(s99):>8}] "
                   f"{med(s.cpu_per_1k):>6.3f} [{spread(s.cpu_per_1k, '{:.3f}'):>9}] | {cpu_x:>5.2f} {p99_x:>6.2f} "
-                  f"| {d.errors + n.errors + s.errors:>6}")
+                  f"| {f'{d.errors}/{n.errors}/{s.errors}':>12}")
     print("\ncpu x: sentinel CPU per request / nginx's (goal <= 2 at 1 kB, 1,000 rps); "
-          "+p99 x: sentinel added p99 / nginx's (goal <= 2 at 1,000 rps)")
+          "+p99 x: sentinel added p99 / nginx's (goal <= 2 at 1,000 rps); errors: requests without a 200 "
+          "(or unanswered 10 s after the run) direct/nginx/sentinel")
     print("sentinel's CPU s/1k split, proxy (main) process + the rest (analysis worker, other proxy workers): "
           + "; ".join(f"{r.size} {r.rate} rps {med(r.main_cpu_per_1k):.3f} + "
                       f"{med([a - b for a, b in zip(r.cpu_per_1k, r.main_cpu_per_1k, strict=True)]):.3f}"
