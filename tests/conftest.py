@@ -13,6 +13,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from testpaths import REPO, TEST_DATA  # noqa: E402,F401 - re-exported for fixtures below
 
+try:
+    from hypothesis import settings as _hyp_settings
+except ImportError:   # the property tests skip themselves without the test extra
+    pass
+else:
+    # The README's test command (and CI) draws the same examples on every run, derived from each
+    # test's name: a run cannot go red on an example nobody has seen, and a failure reproduces.
+    # HYPOTHESIS_PROFILE=explore draws new examples each run: how new failing inputs are found.
+    _hyp_settings.register_profile("ci", derandomize=True, database=None)
+    _hyp_settings.register_profile("explore", derandomize=False)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 @pytest.fixture(scope="session")
 def repo() -> Path:

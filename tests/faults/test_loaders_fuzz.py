@@ -1,7 +1,8 @@
 """Hypothesis fuzzing of the weight loaders: any bytes either load or raise WeightsError naming the file.
 
-Bounded: SENTINEL_FUZZ_EXAMPLES examples per loader (default 60). For a timed run of each
-loader, see `python tests/faults/fuzz_loaders.py --seconds 60`.
+Bounded: SENTINEL_FUZZ_EXAMPLES examples per loader (default 60), the same ones each run unless
+HYPOTHESIS_PROFILE=explore (tests/conftest.py). For a timed run of each loader, see
+`python tests/faults/fuzz_loaders.py --seconds 60`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sentinel.reference.weights import read_state_dict
 pytestmark = pytest.mark.slow
 
 EXAMPLES = int(os.environ.get("SENTINEL_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SEEDS = {"zip.pt": pt_zip, "legacy.pt": pt_legacy, "w.safetensors": safetensors_file, "m.onnx": onnx_file}
 
