@@ -52,11 +52,14 @@ def input_statistics(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected N×C×H×W inputs, got shape {a.shape}")
     n, c = a.shape[:2]
     flat = a.reshape(n, c, -1)
-    cols = [flat.mean(axis=2), flat.std(axis=2)]
-    if c > 1:
-        allpix = a.reshape(n, -1)
-        cols += [allpix.mean(axis=1, keepdims=True), allpix.std(axis=1, keepdims=True)]
-    gy = np.abs(np.diff(a, axis=2)).mean(axis=(1, 2, 3)) if a.shape[2] > 1 else np.zeros(n)
-    gx = np.abs(np.diff(a, axis=3)).mean(axis=(1, 2, 3)) if a.shape[3] > 1 else np.zeros(n)
-    cols.append(((gx + gy) / 2)[:, None])
+    # a row with NaN or ±inf (a contract violation, counted and dropped downstream) gets non-finite
+    # statistics; inf − inf is expected there, not worth a RuntimeWarning in the daemon's log
+    with np.errstate(invalid="ignore", over="ignore"):
+        cols = [flat.mean(axis=2), flat.std(axis=2)]
+        if c > 1:
+            allpix = a.reshape(n, -1)
+            cols += [allpix.mean(axis=1, keepdims=True), allpix.std(axis=1, keepdims=True)]
+        gy = np.abs(np.diff(a, axis=2)).mean(axis=(1, 2, 3)) if a.shape[2] > 1 else np.zeros(n)
+        gx = np.abs(np.diff(a, axis=3)).mean(axis=(1, 2, 3)) if a.shape[3] > 1 else np.zeros(n)
+        cols.append(((gx + gy) / 2)[:, None])
     return np.concatenate(cols, axis=1)

@@ -116,3 +116,19 @@ def test_missing_window_parts_make_their_detectors_abstain():
     assert "no decoded inputs" in reasons["input_stats"] and "shadow" in reasons["embedding"]
     with pytest.raises(ValueError, match="classes"):
         suite.evaluate(Window(logits=np.zeros((20, K + 1))))
+
+
+def test_input_statistics_of_non_finite_rows_are_non_finite_and_silent():
+    """inf − inf in a row of ±inf is expected (the row is a contract violation, dropped downstream):
+    its statistics are non-finite, the other rows' are untouched, and no RuntimeWarning reaches
+    the daemon's log."""
+    import warnings
+
+    x = np.random.default_rng(0).random((3, 1, 8, 8))
+    bad = x.copy()
+    bad[0, 0, 0, 0], bad[0, 0, 1, 0], bad[1, 0, 2, 2] = np.inf, -np.inf, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = input_statistics(bad)
+    assert not np.isfinite(got[0]).all() and not np.isfinite(got[1]).all()
+    np.testing.assert_array_equal(got[2], input_statistics(x)[2])
