@@ -272,6 +272,9 @@ class Source:
     unit_b: np.ndarray
     norm_mean: np.ndarray            # network normalisation (for the missing/doubled candidates)
     norm_std: np.ndarray
+    # the top of the raw range where the preprocessing names it (1/scale: 255 for 8-bit images, 16
+    # for digits); None where it does not (no scale, or 1), and golden's own range stands in for it
+    full_scale: np.ndarray | None = None
 
     @property
     def low(self) -> np.ndarray:
@@ -280,6 +283,11 @@ class Source:
     @property
     def high(self) -> np.ndarray:
         return np.asarray(self.images.max(axis=(0, 2, 3)))
+
+    @property
+    def invert_sum(self) -> np.ndarray:
+        """L of the inversion x -> L − x per channel: the full scale when known, else golden's lo + hi."""
+        return np.asarray(self.full_scale if self.full_scale is not None else self.low + self.high, np.float64)
 
 
 def _ch(v: np.ndarray) -> np.ndarray:
@@ -315,8 +323,9 @@ def _candidates(src: Source) -> list[Candidate]:
     def orient(o: str) -> Callable[[np.ndarray, float], np.ndarray]:
         return lambda x, _: np.ascontiguousarray(_orient(x, o))
 
+    inv = _ch(src.invert_sum)
     cands = [
-        Candidate("invert", lambda x, _: lo + hi - x),
+        Candidate("invert", lambda x, _: inv - x),
         *[Candidate(o, orient(o)) for o in orientations(h, w) if o != "identity"],
         Candidate("binarize", lambda x, _: np.where(x > (lo + hi) / 2, hi, lo)),
         *[Candidate("blur", blur(s)) for s in BLUR_SIGMAS],
@@ -349,7 +358,8 @@ class Diagnosis:
     transformed_share: float | None = None
     # normalization_mismatch: the fitted map x -> scale·x + offset per channel in source units, and
     # the mean/std (on the model's scaled 0..1 axis) a client would have normalised with to send it
-    # (scale < 0: the image was inverted, lo + hi − x, and mean/std are those applied after that)
+    # (scale < 0: the image was inverted, L − x with L as in `Source.invert_sum`, and mean/std are
+    # those applied after that)
     affine: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,7 +384,7 @@ class Diagnoser:
             x, self.classes = x[keep], self.classes[keep]
             if source is not None:
                 source = Source(source.images[keep], source.to_network, source.unit_a, source.unit_b,
-                                source.norm_mean, source.norm_std)
+                                source.norm_mean, source.norm_std, source.full_scale)
         self.signature = Signature.fit(x, self.classes)
         f = self.signature.features(x)
         self.golden_features = f
@@ -392,6 +402,7 @@ class Diagnoser:
                             np.zeros(x.shape[1]), np.zeros(x.shape[1]), np.ones(x.shape[1]))
         self.source = source
         self.src_low, self.src_high = source.low, source.high
+        self.invert_sum = source.invert_sum
         src_flat = source.images.reshape(len(source.images), source.images.shape[1], -1)
         self.src_max_med = np.median(src_flat.max(axis=2), axis=0)
         self.src_min_med = np.median(src_flat.min(axis=2), axis=0)
@@ -488,17 +499,17 @@ class Diagnoser:
         maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
         text = f"inputs look like {maps} of what the model expects ({self.units}{', per channel' if len(a) > 1 else ''})"
         m, sd = self.source.norm_mean, self.source.norm_std
-        inverted = bool(np.all(a < 0))
-        if inverted:
-            # a·x + b = (−a)·(L − x) + (b + a·L), L = lo + hi (the `invert` candidate's map): the
-            # image inverted, then the increasing map read as a normalisation below
-            big_l = self.src_low + self.src_high
-            a, b = -a, b + a * big_l
-            text += (f"; that is the image inverted ({_fmt_list(big_l)} − x), then "
-                     + ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True)))
         # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
         # network see (x·k − m')/s' with s' = s/a and m' = (m − b·k)/a
         k = self.source.norm_std / np.maximum(self.source.unit_a, 1e-300)
+        inverted = bool(np.all(a < 0))
+        if inverted:
+            # a·x + b = (−a)·(L − x) + (b + a·L): the image inverted, then the increasing map read as
+            # a normalisation below; L as in the `invert` candidate (Source.invert_sum)
+            big_l = self.invert_sum
+            a, b = -a, b + a * big_l
+            text += (f"; that is the image inverted ({_fmt_list(big_l)} − x), then "
+                     + ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True)))
         if np.any(sd != 1) or np.any(m != 0):
             s2 = sd / a
             m2 = (m - b * k) / a
@@ -559,7 +570,7 @@ class Diagnoser:
             f = float(np.median(aa))
             as_factor = (ends - self.src_min_med) * f + self.src_min_med
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
-            as_invert = self.src_low + self.src_high - ends
+            as_invert = self.invert_sum - ends
             if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset, as_invert)):
                 out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
         return out

@@ -434,4 +434,5 @@ def _source(ref: Reference) -> Source | None:
             a.transpose(0, 2, 3, 1) if pre.layout == "NHWC" else a))
         return x
 
-    return Source(images, to_network, std / scale, mean / scale, mean, std)
+    full = np.full(images.shape[1], 1.0 / scale) if scale != 1.0 else None
+    return Source(images, to_network, std / scale, mean / scale, mean, std, full)

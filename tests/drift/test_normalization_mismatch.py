@@ -129,6 +129,33 @@ def test_an_rgb_client_with_other_mean_std_is_named_with_the_mean_std_it_used():
         assert f"as a normalisation: mean ({d.affine['mean'][0]:.3g}, " in d.reason
 
 
+@pytest.mark.slow
+def test_an_inverted_rgb_client_is_named_against_the_full_scale_not_goldens_range():
+    """8-bit RGB whose golden set tops out at (240, 220, 250): a client inverting with 255 − x
+    (a full-scale inversion) and normalising as the model does is `invert` (the candidate took
+    golden's lo + hi, so this read normalization_mismatch "then x*1+15.1"); inverting and then
+    normalising with 0.5/0.25 is named with that mean/std, after "the image inverted (255 − x)"."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+
+    suite, pre, model, w = _rgb_suite()
+
+    def diagnosis(m2, s2):
+        x = (((255 - w) / 255 - np.array(m2)) / np.array(s2)).transpose(0, 3, 1, 2).astype(np.float32)
+        smp = suite.samples(x, model(x))
+        return suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
+                                     violating=smp.violations.any(axis=1), verdicts=smp.verdicts)).diagnosis
+
+    d = diagnosis(pre.mean, pre.std)
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", "invert"), d.reason
+    d = diagnosis((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert (d.kind, d.transform) == ("preprocessing_mismatch", "normalization_mismatch"), d.reason
+    assert all(v < 0 for v in d.affine["scale"])
+    np.testing.assert_allclose(d.affine["mean"], 0.5, atol=0.015)
+    np.testing.assert_allclose(d.affine["std"], 0.25, rtol=0.05)
+    assert "the image inverted ((255, 255, 255) − x)" in d.reason
+
+
 def test_a_share_of_the_window_mapped_is_not_read_as_the_whole_window_mapped(fitted):
     """Half the window x*0.44+0.5: the window's means equal those of a milder map over all of it
     (so that map fitted, and the whole window read transformed: lower bound 0 at accuracy ~0.5).
