@@ -273,7 +273,7 @@ class Source:
     norm_mean: np.ndarray            # network normalisation (for the missing/doubled candidates)
     norm_std: np.ndarray
     # the top of the raw range where the preprocessing names it (1/scale: 255 for 8-bit images, 16
-    # for digits); None where it does not (no scale, or 1), and golden's own range stands in for it
+    # for digits, golden within [0, 1/scale]); None otherwise, and golden's own range stands in for it
     full_scale: np.ndarray | None = None
 
     @property

@@ -434,5 +434,11 @@ def _source(ref: Reference) -> Source | None:
             a.transpose(0, 2, 3, 1) if pre.layout == "NHWC" else a))
         return x
 
-    full = np.full(images.shape[1], 1.0 / scale) if scale != 1.0 else None
+    # the raw range's top, 1/scale (255, 16), where golden lies within [0, 1/scale]: a preprocessing
+    # written x/127.5 − 1 has golden reaching 255, and its own range stands in (Source.invert_sum)
+    full = None
+    if scale > 0 and scale != 1.0:
+        top = 1.0 / scale
+        if images.min() >= -1e-6 * top and images.max() <= top * (1 + 1e-6):
+            full = np.full(images.shape[1], top)
     return Source(images, to_network, std / scale, mean / scale, mean, std, full)

@@ -219,3 +219,27 @@ def test_a_few_clients_too_few_to_alarm_are_named_by_the_violating_samples_map(f
     d = diagnose(False, [], diagnoser=dg, window_features=f, predicted=wy, golden_predicted_shares=shares,
                  violating=few)
     assert (d.kind, d.transform, d.transformed_share) == ("input_contract", None, None), d.reason
+
+
+@pytest.mark.parametrize(("scale", "top", "expected"), [
+    (1 / 255, 240.0, 255.0),     # golden within [0, 255]: the full scale, whatever golden reaches
+    (1 / 16, 16.0, 16.0),        # digits
+    (1 / 127.5, 250.0, None),    # x/127.5 − 1 written as a scale: golden passes 1/scale, its own range stands
+    (1.0, 240.0, None),          # no scale: nothing says where the range ends
+])
+def test_the_inversion_is_about_the_full_scale_only_where_the_preprocessing_names_it(scale, top, expected):
+    from types import SimpleNamespace
+
+    from sentinel.drift.suite import _source
+    from sentinel.preprocess import Preprocessing
+
+    raw = np.random.default_rng(0).uniform(0, top, (20, 1, 4, 4))
+    raw[0, 0, 0, 0] = top
+    src = _source(SimpleNamespace(raw=raw, preprocessing=Preprocessing(scale=scale, mean=(0.5,), std=(0.25,))))
+    assert src is not None
+    if expected is None:
+        assert src.full_scale is None
+        np.testing.assert_allclose(src.invert_sum, raw.min() + top)
+    else:
+        np.testing.assert_allclose(src.full_scale, [expected])
+        np.testing.assert_allclose(src.invert_sum, [expected])
