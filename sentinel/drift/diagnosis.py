@@ -37,7 +37,8 @@ set has it) or in the network's unit space: multiply/divide by a factor and add 
 (both estimated from the window's per-sample extremes), invert, the seven other symmetries of
 the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
 the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
-pixels), channel order (C > 1), missing or doubled normalisation, and any other normalisation
+pixels), channel order and grayscale (one luma channel repeated; C > 1), missing or doubled
+normalisation, and any other normalisation
 (`normalization_mismatch`: an affine map x -> a·x + b per channel, a and b fitted by
 least squares on the window's median per-sample minimum, quantiles, maximum and mean against
 golden's (mirrored for a decreasing map, a < 0: an inverted image normalised some other way), so
@@ -62,7 +63,7 @@ KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "c
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
                                "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose",
-                               "normalization_mismatch")
+                               "normalization_mismatch", "grayscale")
 # Candidates with parameters estimated from the window (allowed FIT_MAX_FITTED), and the simpler
 # candidates that are special cases of the affine `normalization_mismatch`: when one of those fits
 # about as well (within AMBIGUITY), it is named instead.
@@ -332,6 +333,11 @@ def _candidates(src: Source) -> list[Candidate]:
     ]
     if c > 1:
         cands.append(Candidate("channel_order", lambda x, _: x[:, ::-1]))
+        # decoded as one grey channel and repeated (PIL's convert("L"), OpenCV's IMREAD_GRAYSCALE):
+        # ITU-R 601 luma for 3 channels, as both compute it; the channel mean otherwise
+        wts = np.array([0.299, 0.587, 0.114]) if c == 3 else np.full(c, 1.0 / c)
+        cands.append(Candidate("grayscale", lambda x, _: np.repeat(
+            np.tensordot(x, wts, axes=([1], [0]))[:, None], c, axis=1)))
     m, s = _ch(src.norm_mean), _ch(src.norm_std)
     if np.any(s != 1) or np.any(m != 0):
         cands.append(Candidate("normalization_missing", lambda x, _: x * s + m, network=True))

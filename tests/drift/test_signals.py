@@ -527,7 +527,9 @@ def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
     # looks only a little moved (d < MOVED); channel order fits far better and is named
     cases = {"normalization_missing": (w / 255).transpose(0, 3, 1, 2),
              "normalization_doubled": (pre.apply(w) - mean[None, :, None, None]) / std[None, :, None, None],
-             "channel_order": pre.apply(np.ascontiguousarray(w[..., ::-1]))}
+             "channel_order": pre.apply(np.ascontiguousarray(w[..., ::-1])),
+             # decoded as grey (ITU-R 601 luma, as PIL's convert("L")) and repeated to 3 channels
+             "grayscale": pre.apply(np.repeat((w @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=3))}
     for expected, x in cases.items():
         x = x.astype(np.float32)
         smp = suite.samples(x, model(x))
