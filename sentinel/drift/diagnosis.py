@@ -609,8 +609,9 @@ class Diagnoser:
 
     def candidate_moments(self, name: str, window_features: np.ndarray,
                           affine: dict[str, list[float]] | None = None) -> Moments | None:
-        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant; for
-        normalization_mismatch the map `affine` when given, as in `Diagnosis.affine`)."""
+        """Signature moments of T(golden) for the candidate `name` (its best-fitting variant, and its
+        parameter fitted, on `window_features`; for normalization_mismatch the map `affine` when
+        given, as in `Diagnosis.affine`)."""
         wm = Moments.of(window_features)
         if name == "normalization_mismatch" and affine is not None:
             return self.affine_moments(np.asarray(affine["scale"], np.float64), np.asarray(affine["offset"], np.float64))
@@ -621,9 +622,15 @@ class Diagnoser:
         return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
 
     def transformed_share(self, name: str, window_features: np.ndarray,
-                          affine: dict[str, list[float]] | None = None) -> float | None:
-        """`mixture_share` of the candidate `name` in the window (None for an unknown name)."""
-        m = self.candidate_moments(name, window_features, affine)
+                          affine: dict[str, list[float]] | None = None,
+                          fit_features: np.ndarray | None = None) -> float | None:
+        """`mixture_share` of the candidate `name` in the window (None for an unknown name).
+
+        `fit_features`: the samples T's variant and parameter are chosen on (default: the window).
+        Where only a share of the window is transformed (the contract-violating samples), the
+        window's own extremes give a milder factor than the transformed samples': x/255 on a
+        quarter of a window read a share of 0.8, or none."""
+        m = self.candidate_moments(name, window_features if fit_features is None else fit_features, affine)
         return None if m is None else round(mixture_share(Moments.of(window_features), self.golden, m, self.scale), 4)
 
     def mixtures(self, window_features: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
@@ -781,9 +788,11 @@ def _violating_transform(diagnoser: Diagnoser, window_features: np.ndarray, viol
         p = None if transform is None else sub[transform][1]
         if transform == "normalization_mismatch":
             affine, text = diagnoser.affine_report(window_features[bad])
-    # the share of the window the violating samples' transform explains (an affine map: the one
-    # fitted on them, not on the whole window, which a partial map's mixture also fits)
-    ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine)
+    # the share of the window the violating samples' transform explains, with T fitted on them (an
+    # affine map, a factor, an offset, a blur σ), not on the whole window, whose extremes and means
+    # are a mixture's
+    ts = None if transform is None else diagnoser.transformed_share(transform, window_features, affine,
+                                                                    fit_features=window_features[bad])
     return transform, p, affine, text, ts
 
 

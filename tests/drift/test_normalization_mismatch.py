@@ -243,3 +243,17 @@ def test_the_inversion_is_about_the_full_scale_only_where_the_preprocessing_name
     else:
         np.testing.assert_allclose(src.full_scale, [expected])
         np.testing.assert_allclose(src.invert_sum, [expected])
+
+
+@pytest.mark.parametrize("factor", [16.0, 4.0, 0.25])
+def test_the_share_of_a_fitted_factor_is_fitted_on_the_violating_samples(fitted, factor):
+    """A quarter of the window scaled (flagged by the contract): the factor fitted on the whole
+    window's extremes is a milder one, whose mixture share read ~0.8 or no share at all; fitted on
+    the violating samples, the share is the quarter that was scaled."""
+    dg, shares, w, wy = fitted
+    some = np.arange(len(w)) % 4 == 0
+    mixed = np.where(some[:, None, None, None], w * factor, w).astype(np.float32)
+    d = diagnose(True, [], diagnoser=dg, window_features=dg.features(mixed), predicted=wy,
+                 golden_predicted_shares=shares, violating=some)
+    assert (d.kind, d.transform) == ("input_contract", "multiply" if factor > 1 else "divide"), d.reason
+    assert d.transformed_share == pytest.approx(0.25, abs=0.08)
