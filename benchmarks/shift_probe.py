@@ -234,9 +234,10 @@ def main() -> int:
                 al += int(v.drift)
                 accs.append(acc)
                 lbs.append(lb)
-                over += int(lb > acc + 0.03)
+                over_read = lb > acc + 0.03
+                over += int(over_read)
                 unrel += int(v.reliable is False)
-                silent += int(lb > acc + 0.03 and v.reliable is not False)   # over-read, not flagged
+                silent += int(over_read and v.reliable is not False)   # over-read, not flagged
                 d = v.diagnosis
                 if v.drift or (d is not None and d.kind != "none"):
                     diags[f"{d.kind}:{d.transform}" if d.transform else d.kind] += 1

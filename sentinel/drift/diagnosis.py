@@ -502,7 +502,7 @@ class Diagnoser:
         a, b = fit
         out: dict[str, list[float]] = {"scale": [round(float(v), 4) for v in a],
                                        "offset": [round(float(v), 4) for v in b]}
-        maps = ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
+        maps = _fmt_maps(a, b)
         text = f"inputs look like {maps} of what the model expects ({self.units}{', per channel' if len(a) > 1 else ''})"
         m, sd = self.source.norm_mean, self.source.norm_std
         # network = (x·k − m)/s with k = 1/scale, so unit_a = s/k: a client sending a·x + b makes the
@@ -515,7 +515,7 @@ class Diagnoser:
             big_l = self.invert_sum
             a, b = -a, b + a * big_l
             text += (f"; that is the image inverted ({_fmt_list(big_l)} − x), then "
-                     + ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True)))
+                     + _fmt_maps(a, b))
         if np.any(sd != 1) or np.any(m != 0):
             s2 = sd / a
             m2 = (m - b * k) / a
@@ -572,7 +572,8 @@ class Diagnoser:
             # the map is a special case (within tol of the mapped range at both ends of every channel's
             # golden range) when
             # it moves nothing, or is one factor about golden's minimum (multiply/divide), or one
-            # offset, or the inversion lo + hi − x: those candidates name it (with their own parameter)
+            # offset, or the inversion L − x (Source.invert_sum): those candidates name it (with their
+            # own parameter)
             f = float(np.median(aa))
             as_factor = (ends - self.src_min_med) * f + self.src_min_med
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
@@ -686,6 +687,11 @@ class Diagnoser:
                 d = (d + log_variance_distance(wm, m, self.scale)) / 2
             out[name] = (d, None if name == "normalization_mismatch" else p, zmax)
         return out
+
+
+def _fmt_maps(a: np.ndarray, b: np.ndarray) -> str:
+    """Per-channel affine maps as on-call reads them: "x*0.44+5, x*1.2-0.3"."""
+    return ", ".join(f"x*{ai:.3g}{bi:+.3g}" for ai, bi in zip(a, b, strict=True))
 
 
 def _fmt_list(v: np.ndarray) -> str:
