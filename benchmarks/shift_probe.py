@@ -95,6 +95,44 @@ def _per_image_std(x: Raw, r: np.random.Generator) -> Raw:
     return _f32((x - m) / np.maximum(s, 1e-6))
 
 
+def _occlude(size: int, value: float) -> Fn:
+    """A size×size square at a random place per image set to `value` (a sticker, a glare)."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        out = np.array(x, np.float32)
+        h, w = x.shape[1], x.shape[2]
+        ys, xs = r.integers(0, h - size + 1, len(x)), r.integers(0, w - size + 1, len(x))
+        for i, (y0, x0) in enumerate(zip(ys, xs, strict=True)):
+            out[i, y0:y0 + size, x0:x0 + size] = value
+        return out
+    return f
+
+
+def _random_rotate(deg: float) -> Fn:
+    """Each image rotated by its own angle in [-deg, deg] (a hand-held camera)."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from scipy.ndimage import rotate
+        angles = r.uniform(-deg, deg, len(x))
+        return _f32(np.stack([np.clip(rotate(im, a, reshape=False, order=1, mode="constant"), 0, 16)
+                              for im, a in zip(x, angles, strict=True)]))
+    return f
+
+
+def _morph(x: Raw, op: str) -> Raw:
+    """Strokes one pixel thicker (grey dilation) or thinner (erosion): another pen."""
+    from scipy.ndimage import grey_dilation, grey_erosion
+    fn = grey_dilation if op == "max" else grey_erosion
+    return np.stack([fn(im, size=(2, 2)) for im in x])
+
+
+def _shear(k: float) -> Fn:
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from scipy.ndimage import affine_transform
+        m = np.array([[1.0, k], [0.0, 1.0]])
+        c = np.array([3.5, 3.5])
+        return _f32(np.stack([np.clip(affine_transform(im, m, offset=c - m @ c, order=1), 0, 16) for im in x]))
+    return f
+
+
 SHIFTS: dict[str, Fn] = {
     "rot90": lambda x, r: _f32(np.rot90(x, 1, axes=(1, 2))),
     "rot180": lambda x, r: _f32(np.rot90(x, 2, axes=(1, 2))),
@@ -138,6 +176,13 @@ SHIFTS: dict[str, Fn] = {
     # an inverted image, then some other scaling (round 5): decreasing affine maps
     "invert/16": lambda x, r: _f32((16 - x) / 16),
     "invert_norm_imagenet_r": lambda x, r: _renorm(0.485, 0.229)(16 - x, r),
+    # round 6: occlusion, per-image randomness, stroke width, shear
+    "occlude3": _occlude(3, 0.0), "occlude3_white": _occlude(3, 16.0),
+    "dropout20": lambda x, r: _f32(np.where(r.random(x.shape) < 0.2, 0, x)),
+    "exposure": lambda x, r: _f32(np.clip(x * r.uniform(0.5, 1.5, (len(x), 1, 1)), 0, 16)),
+    "rot_random30": _random_rotate(30),
+    "thick": lambda x, r: _f32(_morph(x, "max")), "thin": lambda x, r: _f32(_morph(x, "min")),
+    "shear": _shear(0.3),
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")
