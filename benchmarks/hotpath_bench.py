@@ -135,6 +135,10 @@ def child(requests: int, sample_rate: float, top: int) -> None:
     for _ in range(n):
         one()
     sys.settrace(None)
+    import sentinel
+    tree = os.environ.get("PYTHONPATH", "")
+    if tree and not Path(sentinel.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"measured {sentinel.__file__}, not the tree under {tree}")
     print(json.dumps({"us": best, "opcodes": sum(counts.values()) / n,
                       "top": [(k, v / n) for k, v in counts.most_common(top)]}))
 

@@ -37,7 +37,8 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:   # appended: a PYTHONPATH tree (hotpath/worker_bench --before) must win
+    sys.path.append(str(REPO))
 
 from sentinel.protocols import oip_v2  # noqa: E402
 
