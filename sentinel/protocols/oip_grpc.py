@@ -292,6 +292,11 @@ def parse(body: bytes | memoryview, kind: str = "request") -> InferMessage:
                     requested.append(_text(oval, "outputs[].name"))
     in_shm = [t.shared_region is not None and t.contents is None for t in specs]
     if raws and len(raws) != len(specs) - sum(in_shm):
+        typed = [t.name for t in specs if t.contents is not None]
+        if typed:   # the spec: with raw contents, no tensor may carry typed `contents` (Triton refuses too)
+            raise DecodeError("bad_shape", f"{len(raws)} raw contents for {len(specs)} {what}, with "
+                                           f"typed contents in {', '.join(map(repr, typed[:4]))}: a message "
+                                           "sends every tensor raw or none (OIP gRPC raw_*_contents)")
         raise DecodeError("bad_shape", f"{len(raws)} raw contents for {len(specs)} {what}")
     out: list[tuple[str, np.ndarray]] = []
     shared: DecodeError | None = None

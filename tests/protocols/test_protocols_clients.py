@@ -119,6 +119,21 @@ def test_classification_extension_output_is_unsupported_naming_class_count():
     assert _kind(decode_response, GRPC, grpc, {}) == "unsupported"
 
 
+def test_grpc_typed_and_raw_contents_mixed_are_refused_naming_the_typed_tensor():
+    """The spec allows raw contents only for every tensor of a message; a mix was refused as
+    "1 raw contents for 2 outputs", which did not say what was wrong."""
+    typed = oip_grpc.encode([("feat", np.zeros((1, 3), np.float32))], "response", raw=False)
+    raw = oip_grpc.encode([("head", np.ones((1, 10), np.float32))], "response", raw=True)
+    # the typed tensor spec, the raw tensor's spec and its raw contents, in one message
+    mixed = bytearray()
+    for msg in (typed, raw):
+        for num, _, val in oip_grpc.fields(msg):
+            if num in (5, 6):
+                oip_grpc._bytes_field(mixed, num, bytes(val))
+    with pytest.raises(DecodeError, match=r"1 raw contents for 2 outputs, with typed contents in 'feat'"):
+        oip_grpc.parse(bytes(mixed), "response")
+
+
 def test_the_score_output_is_found_among_several_outputs():
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((3, 16)).astype(np.float32)
