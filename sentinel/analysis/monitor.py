@@ -105,6 +105,13 @@ class ModelMonitor:
             alpha=drift.alpha, detectors=tuple(drift.detectors), univariate=Univariate(drift.univariate),
             combination=Combination(drift.combination), pca_components=drift.pca_components,
             atc_score=Score(drift.atc_score), accuracy_recent=getattr(drift, "accuracy_recent", 50)))
+        from sentinel.drift.support import SMALL_GOLDEN
+
+        if self.suite.n_support is not None and self.suite.n_support < SMALL_GOLDEN:
+            log.warning("%s: the golden set %s has %d samples; with fewer than %d the support checks also "
+                        "flag clean samples (a few %% of each window), so clean traffic can read unknown and "
+                        "its accuracy estimate be flagged unreliable: record a larger golden set",
+                        name, self.golden_path, self.suite.n_support, SMALL_GOLDEN)
         self.input_shape = tuple(entry.manifest.input.shape)
         self.logits = SlidingWindow(drift.window_size, self.num_classes)
         n_stats = self.suite.input_stats.reference.shape[1] if self.suite.input_stats else 1

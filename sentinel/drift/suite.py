@@ -183,6 +183,7 @@ class Suite:
         self.contract: InputContract | None = None
         self.diagnoser: Diagnoser | None = None
         self.input_support = self.embedding_support = None
+        self.n_support: int | None = None   # golden rows the support checks were fitted on
         if reference.inputs is not None:
             from sentinel.drift.support import KnnSupport
 
@@ -190,6 +191,7 @@ class Suite:
             self.contract = reference.contract or InputContract.derive(x)
             self.diagnoser = Diagnoser(x, probs.argmax(axis=1), _source(reference))
             self.input_support = KnnSupport.fit(self.diagnoser.golden_features, classes=self.diagnoser.classes)
+            self.n_support = len(self.input_support.reference)
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
@@ -314,7 +316,8 @@ class Suite:
         few = bool(counts) and judged < MIN_SAMPLES
         if reliable and few:
             reliable = False        # a share of 2 or 5 samples bounds nothing (the detectors abstain too)
-        why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples)
+        why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples,
+                                                                    self.n_support)
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
                        samples, why)
 
@@ -393,7 +396,7 @@ class Suite:
 
 
 def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[str, int], n: int,
-                       samples: int) -> str:
+                       samples: int, n_support: int | None = None) -> str:
     """Why a window's accuracy estimate is flagged unreliable, in words (drift check, /status)."""
     judged = counts.get("likely_correct", 0) + counts.get("likely_wrong", 0)
     if samples and (n == 0 or (counts and judged == 0 and counts.get("unknown", 0) == samples)):
@@ -410,8 +413,14 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
     if d.kind == "input_contract":
         return "inputs violate the input contract" + (
             f" (~{d.contract_violating_share:.0%} of the window)" if d.contract_violating_share is not None else "")
+    from sentinel.drift.support import SMALL_GOLDEN
+
+    # A few % unknown can be the golden set's own doing; a window mostly outside the support is not.
+    small = "" if n_support is None or n_support >= SMALL_GOLDEN or (unknown_share or 0.0) > 0.3 else (
+        f"; the golden set has only {n_support} samples, too few to tell a clean sample at the edge of "
+        f"the support from one outside it (clean windows read a few % unknown): keep {SMALL_GOLDEN} or more")
     return "inputs outside the golden support" + (
-        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "")
+        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "") + small
 
 
 def _source(ref: Reference) -> Source | None:

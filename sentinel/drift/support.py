@@ -41,6 +41,9 @@ OOD_QUANTILE = 0.998      # a golden sample is beyond this quantile of golden LO
 OOD_K = 5
 UNRELIABLE_SHARE = 0.10   # more unknown than this in a window and the estimate is flagged unreliable
 MAX_REFERENCE = 2000      # reference rows kept for kNN (seeded subsample beyond)
+SMALL_GOLDEN = 300        # fewer golden samples than this: the support thresholds (extreme order statistics
+                          # of the golden set's own scores) also flag clean samples, a few % per window
+                          # (150 toy RGB images: 3-8% outside the kNN support, 2-11% transform-like)
 OUTSIDE_DELTA = 0.05      # error probability of the `outside_share` lower confidence bound
 MIN_OUTSIDE_SAMPLES = 20  # fewer window scores than this: no population bound
 TRANSFORM_LIKE_FPR = 0.01  # share of golden samples (leave-one-out) `TransformLike` may flag, at most

@@ -361,3 +361,21 @@ def test_a_stream_of_unusable_samples_says_so_instead_of_keeping_the_last_health
     assert est["atc_lower"] == 0.0
     reliable = [u.value for u in ups if u.metric == "sentinel_accuracy_estimate_reliable"]
     assert reliable and reliable[-1] == 0.0
+
+
+def test_a_golden_set_too_small_for_the_support_checks_is_named_at_start(traffic, caplog, monkeypatch):
+    """Below support.SMALL_GOLDEN samples the support checks flag clean samples too: the sidecar
+    says so when it loads the golden set, not only when a window reads unreliable."""
+    import sentinel.drift.support as support
+    from sentinel.analysis.monitor import ModelMonitor
+    from sentinel.golden import golden_for
+
+    golden = golden_for(traffic["entry"], REPO / "golden_sets")
+    with caplog.at_level("WARNING", logger="sentinel.analysis.monitor"):
+        ModelMonitor("digits", traffic["entry"], golden, DriftConfig(shadow=False))
+    assert not [r for r in caplog.records if "golden set" in r.getMessage()]   # 300: enough
+    monkeypatch.setattr(support, "SMALL_GOLDEN", 1000)
+    with caplog.at_level("WARNING", logger="sentinel.analysis.monitor"):
+        ModelMonitor("digits", traffic["entry"], golden, DriftConfig(shadow=False))
+    msgs = [r.getMessage() for r in caplog.records if "golden set" in r.getMessage()]
+    assert len(msgs) == 1 and "has 300 samples; with fewer than 1000" in msgs[0], msgs

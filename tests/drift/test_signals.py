@@ -513,6 +513,35 @@ def _rgb_suite():
     return suite, pre, model, _rgb_images(100, 1)[0]
 
 
+def test_an_unreliable_window_says_when_the_golden_set_is_too_small_for_its_support_checks():
+    """150 golden images: clean windows read a few % unknown (extreme order statistics of so few
+    golden scores) and can be flagged unreliable; the reason must say the golden set is the cause."""
+    from sentinel.drift import Window
+    from sentinel.drift.features import input_statistics
+    from sentinel.drift.suite import _unreliable_reason
+    from sentinel.drift.support import SMALL_GOLDEN
+
+    suite, pre, model, _ = _rgb_suite()
+    assert suite.n_support == 150 < SMALL_GOLDEN
+    reasons = []
+    for seed in range(2, 8):   # clean windows from the golden set's own generator
+        x = pre.apply(_rgb_images(100, seed)[0]).astype(np.float32)
+        smp = suite.samples(x, model(x))
+        v = suite.evaluate(Window(model(x), input_statistics(x), signatures=smp.signatures,
+                                  violating=smp.violations.any(axis=1), verdicts=smp.verdicts))
+        if v.reliable is False:
+            reasons.append(v.unreliable_reason)
+    assert reasons, "no clean window was flagged: the premise of this test no longer holds"
+    assert all("the golden set has only 150 samples" in r for r in reasons), reasons
+    d = suite.evaluate(Window(model(x), input_statistics(x))).diagnosis
+    assert "golden set" not in _unreliable_reason(d, 0.2, {"likely_correct": 80, "unknown": 20}, 100, 100,
+                                                  SMALL_GOLDEN)
+    # most of a window outside the support is a shift, whatever the golden set's size
+    assert "golden set" not in _unreliable_reason(d, 0.6, {"likely_correct": 40, "unknown": 60}, 100, 100, 150)
+    assert "golden set has only 150" in _unreliable_reason(d, 0.15, {"likely_correct": 85, "unknown": 15},
+                                                           100, 100, 150)
+
+
 def test_candidates_act_on_the_raw_inputs_of_an_nhwc_model():
     """An NHWC model with ImageNet mean/std: its candidates were applied to network inputs (the
     source ignored NHWC), so a client skipping the mean/std step, or normalising twice, was never
