@@ -14,6 +14,7 @@ unless `--sample-rate`), one after the other:
 
     python benchmarks/insitu_profile.py                      # about 1 minute
     python benchmarks/insitu_profile.py --sample-rate 0.05 --targets sentinel
+    python benchmarks/insitu_profile.py --rate 1000 --strace-seconds 0   # at issue 15's fixed rate
 
 Needs nginx, wrk, perf and strace (`apt-get install -y nginx-light wrk linux-perf strace`);
 perf needs `kernel.perf_event_paranoid` <= 1 or root. Figures are in benchmarks/proxy.md
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_bench as pb  # noqa: E402
 
 PATH = "/v2/models/bench/infer"
+REQUEST = pb.request_bytes(PATH, pb.SMALL_JSON, pb.JSON_HEADERS)
 GROUPS = (("python", re.compile(r"libpython|python3")), ("kernel", re.compile(r"\[kernel")),
           ("httptools", re.compile(r"^parser\.")), ("uvloop", re.compile(r"^loop\.")),
           ("libc", re.compile(r"^libc")))
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="wrk seconds per target while perf samples")
     ap.add_argument("--freq", type=int, default=2000, help="perf samples per second")
     ap.add_argument("--sample-rate", type=float, default=0.0, help="sentinel's sampling rate")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="a fixed request rate (open loop, as proxy_bench) instead of wrk's saturation")
     ap.add_argument("--strace-seconds", type=float, default=3.0, help="0: no syscall counts")
     args = ap.parse_args()
     missing = [t for t in ("nginx", "wrk", "perf") + (("strace",) if args.strace_seconds else ())
@@ -150,7 +154,11 @@ def main() -> None:
             th = threading.Thread(target=lambda h=holder, p=pids, f=tmp / f"{t}.perf": h.update(
                 perf_split(p, args.seconds - 0.5, args.freq, f)))
             th.start()
-            rps = run_wrk(ports[t], script, args.seconds)
+            if args.rate:
+                lat, err = pb.open_loop(ports[t], REQUEST, args.rate, args.seconds)
+                rps = (len(lat) + err) / args.seconds
+            else:
+                rps = run_wrk(ports[t], script, args.seconds)
             th.join()
             cpu = sum(pb.cpu_by_process(procs[t].pid).values()) - before
             us = cpu / max(rps * args.seconds, 1.0) * 1e6
@@ -163,7 +171,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     names = [g for g, _ in GROUPS] + ["other"]
-    print(f"\nsaturation (wrk -t1 -c8, {args.seconds:.0f} s each, 1 kB v2 JSON POST); CPU per request of the "
+    load = f"{args.rate:.0f} rps open loop (" if args.rate else "saturation (wrk -t1 -c8, "
+    print(f"\n{load}{args.seconds:.0f} s each, 1 kB v2 JSON POST); CPU per request of the "
           f"target's processes, split by perf samples ({args.freq} Hz) by where they ran")
     print(f"{'target':<9} | {'req/s':>7} | {'us/req':>6} | " + " | ".join(f"{n:>9}" for n in names))
     print("-" * (32 + 12 * len(names)))
