@@ -10,6 +10,41 @@ _REGISTRY = typer.Option(None, "--registry", help="Registry directory (default: 
 _CONFIG = typer.Option(None, "--config", "-c", help="sentinel.yaml (default: ./sentinel.yaml if present).")
 
 
+def _check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written, before minutes of exporting (UsageError, exit 2)."""
+    import os
+
+    from sentinel.errors import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"-o {path}: is a directory; give the file to write (e.g. {path / 'model.onnx'})")
+    parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"-o {path}: {parent} is not a directory")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"-o {path}: cannot write there (permission denied, or no such directory)")
+
+
+class _writing:
+    """Turn an OSError (or torch's "enforce fail" RuntimeError) while writing `path` into a UsageError naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        from sentinel.errors import UsageError
+
+        if isinstance(exc, OSError):
+            raise UsageError(f"-o {self.path}: cannot write it ({exc.strerror or exc})") from None
+        if isinstance(exc, RuntimeError) and "enforce fail" in str(exc):   # torch.jit.save's "file open" failure
+            raise UsageError(f"-o {self.path}: cannot write it ({str(exc).splitlines()[0][:200]})") from None
+        return False
+
+
 def export(
     model: str | None = typer.Option(None, "--model", "-m", help="Model spec: v3, digits:v3 or digits."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
@@ -52,9 +87,15 @@ def export(
         raise UsageError("--int8-activations must be s8 or u8, --int8-format qdq or qoperator")
     if exporter not in ("dynamo", "legacy"):
         raise UsageError(f"--exporter must be dynamo or legacy, got {exporter!r}")
+    if not int8 and (int8_activations != "s8" or int8_format != "qdq" or calibration != "golden"):
+        # were silently ignored: an fp32 export made where an int8 one was meant
+        raise UsageError("--int8-activations, --int8-format and --calibration apply only with --int8")
+    if int8 and calibration != "golden" and not Path(calibration).is_dir():
+        raise UsageError(f"--calibration {calibration}: not a golden set directory (or 'golden' for the model's own)")
     entry = open_registry(config, registry).resolve(model)
     entry.check_weights()
     path = out or default_path(entry, fmt, int8, dynamic_batch)
+    _check_output(path)
     if register is None:
         register = inside_model_directory(entry, path)
     elif register and not inside_model_directory(entry, path):
@@ -70,10 +111,12 @@ def export(
                          dynamic_batch=dynamic)
 
     if fmt == "torchscript":
-        export_torchscript(entry, path)
+        with _writing(path):
+            export_torchscript(entry, path)
         ref = record("torchscript", "fp32", True)
     elif not int8:
-        export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
+        with _writing(path):
+            export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
         ref = record("onnx", "fp32", dynamic_batch)
     else:
         from sentinel.commands.replay_cmd import checked_golden

@@ -90,9 +90,26 @@ def graph_precision(model) -> Precision:
 
 
 def _first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, safe for exceptions with an empty message."""
+    """`Type: first line of the message`, safe for exceptions with an empty message.
+
+    TorchScript's interpreter errors open with "The following operation failed in the TorchScript
+    interpreter." and a traceback: their cause is the last line, which is taken instead.
+    """
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[0]
+    if "TorchScript interpreter" in line and len(lines) > 1:
+        line = lines[-1]
+        name, sep, rest = line.partition(": ")
+        if sep and name.isidentifier() and name.endswith("Error"):   # "RuntimeError: ..." as torch prints it
+            return f"{name}: {_clip(rest)}"
+    return f"{type(exc).__name__}: {_clip(line)}"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 class OnnxExport:
@@ -281,6 +298,7 @@ class TorchScriptExport:
     format = "torchscript"
     fixed_batch = None
     precision: Precision = "fp32"
+    names_outputs = False   # a bare tensor output is called `logits` by verify, not by the file
 
     def __init__(self, path: Path):
         import torch
@@ -291,6 +309,8 @@ class TorchScriptExport:
         except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and others
             raise WeightsError(f"{path}: not a loadable TorchScript file ({_first_line(exc)})") from None
         self.output_names = ["logits"]
+        self.precision, self.weight_dtype = _torchscript_precision(self.module)
+        self.input_dtype = None   # float32 unless the module refuses it and its weights are half
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -298,17 +318,48 @@ class TorchScriptExport:
         parts: dict[str, list[np.ndarray]] = {}
         with torch.inference_mode():
             for i in range(0, len(x), 64):
+                batch = torch.from_numpy(np.ascontiguousarray(x[i:i + 64]))
                 try:
-                    out = self.module(torch.from_numpy(np.ascontiguousarray(x[i:i + 64])))
+                    out = self.module(batch if self.input_dtype is None else batch.to(self.input_dtype))
                 except Exception as exc:  # noqa: BLE001 - a scripted forward may raise anything
-                    raise WeightsError(f"{self.path}: the TorchScript module failed on a batch of "
-                                       f"{len(x[i:i + 64])} ({_first_line(exc)})") from None
+                    if i == 0 and self.input_dtype is None and self.weight_dtype is not None:
+                        # a half-precision module that takes half inputs (model.half() traced as is)
+                        try:
+                            out = self.module(batch.to(self.weight_dtype))
+                            self.input_dtype = self.weight_dtype
+                        except Exception:  # noqa: BLE001 - report the float32 failure, the first one
+                            out = None
+                    else:
+                        out = None
+                    if out is None:
+                        raise WeightsError(f"{self.path}: the TorchScript module failed on a batch of "
+                                           f"{len(x[i:i + 64])} float32 inputs ({_first_line(exc)})") from None
                 for name, t in _named_outputs(out).items():
                     if not isinstance(t, torch.Tensor):
                         raise WeightsError(f"{self.path}: output {name!r} is a {type(t).__name__}, not a tensor")
                     parts.setdefault(name, []).append(t.float().numpy())
         self.output_names = list(parts)
         return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _torchscript_precision(module) -> tuple[Precision, object]:
+    """The precision a TorchScript module computes in, from its weights and graph, and the half
+    dtype of its weights (None when they are float32): fp16 or bf16 weights, or int8 when the
+    graph calls quantized kernels (torch.ao dynamic or static quantization); else fp32."""
+    import torch
+
+    floats = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()}
+    try:
+        graph = str(module.inlined_graph)
+    except Exception:  # noqa: BLE001 - a module without a graph to print: judged by its weights
+        graph = ""
+    if "quantized::" in graph:
+        return "int8", None
+    if torch.float16 in floats and torch.float32 not in floats:
+        return "fp16", torch.float16
+    if torch.bfloat16 in floats and torch.float32 not in floats:
+        return "bf16", torch.bfloat16
+    return "fp32", None
 
 
 def _named_outputs(out) -> dict[str, object]:

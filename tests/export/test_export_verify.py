@@ -195,3 +195,96 @@ def test_golden_set_of_another_model_exits_2(legacy_onnx, reg_dir, tmp_path):
     r = sentinel("verify", str(legacy_onnx), "--model", "digits:v3", "--registry", str(reg_dir), "--golden", str(g.path))
     assert r.returncode == 2, r.stderr
     assert "golden set is for digits:v9, not digits:v3" in r.stderr
+
+
+def _softmax_head(model, temperature: float = 1.0, log: bool = False):
+    import torch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            z = self.m(x) / temperature
+            return torch.log_softmax(z, 1) if log else torch.softmax(z, 1)
+
+    return Head().eval()
+
+
+def test_an_export_serving_probabilities_is_held_to_the_elementwise_tolerance(entry, golden, tmp_path):
+    """A corrupted layer behind a softmax passed: for probability outputs only top-1 was judged."""
+    import torch
+
+    model = entry.build_model()
+    x = torch.zeros(1, *entry.manifest.input.shape)
+
+    def onnx_of(module, name: str) -> Path:
+        p = tmp_path / name
+        with torch.no_grad():
+            torch.onnx.export(module, (x,), str(p), dynamo=False, input_names=["input"], output_names=["probs"],
+                              dynamic_axes={"input": {0: "b"}, "probs": {0: "b"}}, opset_version=17)
+        return p
+
+    ok = verify_export(onnx_of(_softmax_head(model), "probs.onnx"), entry, golden, localize="never")
+    assert ok.passed and "logits" not in ok.doc["outputs"], ok.doc["failures"]
+    logp = verify_export(onnx_of(_softmax_head(model, log=True), "logp.onnx"), entry, golden, localize="never")
+    assert logp.passed, logp.doc["failures"]   # log-probabilities: compared as probabilities, not as logits
+    hot = verify_export(onnx_of(_softmax_head(model, temperature=3.0), "hot.onnx"), entry, golden, localize="never")
+    assert not hot.passed and hot.doc["failures"][-1].startswith("probabilities differ by up to"), hot.doc
+    with torch.no_grad():
+        dict(model.named_parameters())["features.denseblock2.denselayer3.conv2.weight"].mul_(1.05)
+    bad = verify_export(onnx_of(_softmax_head(model), "bad.onnx"), entry, golden, localize="never")
+    assert not bad.passed and any("probabilities differ" in f for f in bad.doc["failures"]), bad.doc
+
+
+def test_torchscript_softmax_and_half_modules_are_judged_as_what_they_serve(entry, golden, tmp_path):
+    """A bare TorchScript tensor was taken for logits (a good softmax export failed), every module
+    was judged fp32, a half module taking half inputs could not run, and its errors read "The
+    following operation failed in the TorchScript interpreter." with no cause."""
+    import torch
+
+    model = entry.build_model()
+    x = torch.zeros(2, *entry.manifest.input.shape)
+    with torch.no_grad():
+        torch.jit.trace(_softmax_head(model), x).save(str(tmp_path / "probs.pt"))
+        torch.jit.trace(_softmax_head(model, temperature=3.0), x).save(str(tmp_path / "hot.pt"))
+        torch.jit.trace(model.half(), x.half()).save(str(tmp_path / "half.pt"))
+    assert verify_export(tmp_path / "probs.pt", entry, golden).passed
+    hot = verify_export(tmp_path / "hot.pt", entry, golden)
+    assert not hot.passed and "probabilities differ" in hot.doc["failures"][-1]
+    half = verify_export(tmp_path / "half.pt", entry, golden, atol=0.05)
+    assert half.doc["precision"] == "fp16" and half.passed, half.doc["failures"]
+    told = verify_export(tmp_path / "half.pt", entry, golden, precision="fp32")
+    assert told.doc["precision"] == "fp32" and told.doc["detected_precision"] == "fp16"
+    from sentinel.verify.runtime import _first_line
+
+    try:
+        torch.jit.trace(model.float(), x)(torch.zeros(2, 8, 8, 1))
+    except RuntimeError as exc:
+        line = _first_line(exc)
+    assert "TorchScript interpreter" not in line and "channels" in line, line
+
+
+def test_export_refuses_an_unwritable_output_and_int8_flags_without_int8(reg_dir, tmp_path):
+    """A directory or unwritable -o printed a traceback after the export ran; --int8-activations
+    without --int8 made an fp32 export as if it had been asked for."""
+    cases = {("-o", str(tmp_path)): "is a directory",
+             ("-o", "/proc/sentinel-none/x.onnx"): "cannot write",
+             ("--int8-activations", "u8", "-o", str(tmp_path / "a.onnx")): "apply only with --int8",
+             ("--int8", "--calibration", str(tmp_path / "none"), "-o", str(tmp_path / "b.onnx")): "not a golden set"}
+    for args, message in cases.items():
+        r = sentinel("export", "--model", "digits:v3", "--registry", str(reg_dir), *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_u8_activations_int8_export_passes_verify_on_cpus_without_vnni(legacy_onnx, entry, golden, tmp_path):
+    """U8S8 saturated on AVX2 without VNNI (top-1 98.3-98.7%, verify failed); 7-bit weights
+    (reduce_range) keep the export the README recommends for such CPUs within the int8 policy."""
+    from sentinel.export.quantize import quantize_int8
+
+    for fmt in ("qdq", "qoperator"):
+        p = quantize_int8(legacy_onnx, tmp_path / f"u8_{fmt}.onnx", golden.inputs[:64], activations="u8", fmt=fmt)
+        rep = verify_export(p, entry, golden, localize="never")
+        assert rep.doc["precision"] == "int8" and rep.passed, (fmt, rep.doc["failures"])
