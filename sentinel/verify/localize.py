@@ -99,17 +99,41 @@ def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
     One pass over the nodes: a node in scope `a.b.c` is the latest node of modules `a.b.c`,
     `a.b` and `a` (those that are wanted)."""
     wanted = set(modules)
+    roots = {m.split(".")[0] for m in modules}
     last: dict[str, str] = {}
+    scope_of: dict[str, str] = {}   # value → the scope of the node that made it
     for node in graph.node:
         scope = node_scope(node)
+        if scope is None and node.input:
+            # A node without a scope of its own (onnxruntime's quantizer drops the metadata of the
+            # QLinearConv, QuantizeLinear... it writes) belongs where its data input came from: the
+            # layer whose ReLU feeds it. Without this, a QOperator export's layers ended at that
+            # ReLU and every layer "diverged" by shape.
+            scope = scope_of.get(node.input[0])
+        if scope is None:
+            continue
+        for o in node.output:
+            scope_of[o] = scope
         if not scope or node.op_type in _SKIP_OPS or not node.output:
             continue
         parts = scope.split(".")
+        if parts[0] not in roots:
+            # a wrapper around the model (preprocessing baked in, torch.nn.Sequential): its scopes
+            # read `model.features...` or `0.features...`; the model's own path starts at a root
+            start = next((i for i, p in enumerate(parts) if p in roots), None)
+            if start is None:
+                continue
+            parts = parts[start:]
         for i in range(len(parts), 0, -1):
             m = ".".join(parts[:i])
             if m in wanted:
                 last[m] = node.output[0]
-    return {m: last[m] for m in modules if m in last}
+    # A container (a dense block) whose last node is its last child's: the container's own output
+    # (the block's concatenation) lost its scope, so its value is not its output; left unmeasured
+    # rather than reported as a shape "divergence" (QOperator graphs' QLinearConcat).
+    inner = {v for m, v in last.items() if "." in m and m.rsplit(".", 1)[0] in last}
+    return {m: last[m] for m in modules if m in last
+            and not (last[m] in inner and any(c.startswith(m + ".") and last.get(c) == last[m] for c in last))}
 
 
 class _Stop(Exception):
