@@ -196,6 +196,7 @@ class OnnxExport:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3   # onnxruntime's own warnings (unused initializers...) are not verify's findings
         if self.threads:
             opts.intra_op_num_threads = self.threads
         if not (self.spin if spin is None else spin):
