@@ -434,6 +434,10 @@ class Exchange:
                 # response counts when the client drains it (or as cut when it never does).
                 conn.defer_record(self)
                 return
+        if code[0] in "12345" and getattr(conn, "fin_early", False):
+            # the client sent FIN before this answer: counted once its fate is known (server._confirm)
+            conn.defer_record(self)
+            return
         self.record(code)
 
     def record(self, code: str) -> None:

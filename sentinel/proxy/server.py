@@ -44,6 +44,7 @@ BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buff
 # (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
 MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next is refused 429 and the connection closed
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
+CONFIRM_S = 0.5   # a client that sent FIN before its answer: how long after the answer to look for its reset
 
 
 class _Refuse(Exception):
@@ -85,6 +86,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.blocked_size = 0        # bytes it had left unread then
         self.unrecorded: list[Exchange] | None = None   # complete, counted once the client drains
         self.used = False           # a request has begun on this connection
+        self.fin_early = False      # the client sent FIN before the answer at the head of the queue began
+        self.confirming = False     # answers written after such a FIN wait to learn whether the client took them
+        self.closing = False        # the proxy decided to close (queued requests it drops are its own doing)
+        self.lingering = False      # a shed connection counted in ctx.shedding
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
@@ -102,11 +107,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.shed = self.discarding = True
         ctx.fail("connection_limit", f"more than {ctx.limits.max_connections} client connections; "
                                      "new ones are answered 503 with Retry-After")
-        ctx.metrics.observe_request("none", "other", "503", 0.0, None)
         if ctx.shedding > ctx.limits.max_connections:   # a flood of floods: do not even linger
-            transport.abort()
+            transport.abort()   # no answer: not counted as a 503 the client never got
             return
+        ctx.metrics.observe_request("none", "other", "503", 0.0, None)
         ctx.shedding += 1
+        self.lingering = True
         transport.write(ctx.shed_bytes)
         try:
             transport.write_eof()
@@ -215,20 +221,28 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """A half-close after a complete request still wants its answer; anything else ends here."""
         self.eof = True
         if self.queue and self.parsing is None and not self.in_head and not self.queue[0].response_started:
+            # A half-close (shutdown(SHUT_WR)) still wants its answer, and a client that closed for
+            # good (a timeout) sent the same FIN. Which it was shows only when the answer reaches
+            # it: a closed socket answers with a reset. The answer is counted after that (_confirm).
+            self.fin_early = True
             return True   # keep writing; exchange_finished closes when the queue is empty
         # EOF mid-request, or once the answer has begun (a client going away, not a half-close).
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.shed:
-            self.ctx.shedding -= 1
+            if self.lingering:   # aborted floods were never counted in ctx.shedding
+                self.ctx.shedding -= 1
             self.closed = True
             return
         self.closed = True
         self._out = []
         self.ctx.connections.discard(self)
         for ex in list(self.queue):
-            ex.client_gone()
+            if self.closing and exc is None and not ex.started and not ex.finished:
+                ex.dropped_unstarted()   # pipelined behind the close the proxy chose: not the client's leaving
+            else:
+                ex.client_gone()
         if self.parsing is not None and self.parsing not in self.queue:
             self.parsing.finished = True
         self.queue.clear()
@@ -407,7 +421,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         t = self.transport
         if t is None or self.closed:
             return
+        self.closing = True
         self.flush()
+        if self.fin_early and self.unrecorded and not self.confirming:
+            self.confirming = True
+            self.ctx.loop.call_later(CONFIRM_S, self._confirm)
+            return
         if (request_read and self.parsing is None) or self.eof:
             t.close()
             return
@@ -423,6 +442,47 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         except OSError:
             pass
         self.ctx.loop.call_later(LINGER_S, t.close)
+
+    def _confirm(self) -> None:
+        """Count the answers written after the client's early FIN, then close (see eof_received).
+
+        A client that closed for good resets the connection when the answer reaches it: those
+        count 499 (`client_disconnect`), like any client that left before its answer. A half-closed
+        client takes the answer: its status counts. Before, every client timeout counted as the
+        upstream's status (a 200 nobody received) when the answer was small.
+        """
+        self.confirming = False
+        t = self.transport
+        if self.closed or t is None:
+            return   # connection_lost counted them
+        if t.get_write_buffer_size() and not self._peer_reset():
+            # not all out yet: a slow reader is check_deadlines' to judge; look again later
+            self.confirming = True
+            self.ctx.loop.call_later(CONFIRM_S, self._confirm)
+            return
+        gone = self._peer_reset()
+        for ex in self.unrecorded or ():
+            if gone:
+                self.ctx.errors.inc("client_disconnect")
+                ex.record(CLIENT_CLOSED)
+            else:
+                ex.record(str(ex.status))
+        self.unrecorded = None
+        for ex in list(self.queue):   # pipelined behind the answer: never started on this connection
+            if not ex.started and not ex.finished:
+                ex.client_gone() if gone else ex.dropped_unstarted()
+        self.queue.clear()
+        t.abort() if gone else t.close()
+
+    def _peer_reset(self) -> bool:
+        """Whether the socket holds an error (the client reset the connection); one getsockopt."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            return True
 
     def abort(self) -> None:
         self._out = []
@@ -467,13 +527,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """
         if not self.paused or self.transport is None:
             return False
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        try:
-            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
-        except OSError:
-            return True
+        return self._peer_reset()
 
     # --- refusals ---------------------------------------------------------------------
     def _refuse_head(self, r: _Refuse) -> None:
@@ -525,6 +579,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         """Apply whichever timeout of `lim` this connection's state has passed (see context.py)."""
         if self.closed or self.discarding or self.transport is None:
             return
+        if self.confirming and not self.write_blocked_at:
+            return   # counting answers written after an early FIN (_confirm closes the connection)
         if self.paused and self.reset_by_peer():
             self.transport.abort()   # connection_lost: what is in flight counts 499
             return

@@ -313,10 +313,61 @@ def test_half_close_after_a_complete_request_still_gets_its_answer(env):
     ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
     ex.response_body(b"ok")
     ex.response_done(reusable=True)
-    assert t.out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in t.out and t.closed
+    assert t.out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in t.out
+    # counted once the answer has had time to meet a reset (a client that closed for good)
+    assert not t.closed and value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 0
+    for _, fn in loop.later:
+        fn()
+    assert t.closed and not t.aborted
     c.connection_lost(None)
     assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 1
     assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "499"}) == 0
+
+
+class _ResetSocket:
+    """A socket whose peer has reset the connection (SO_ERROR ECONNRESET)."""
+
+    def getsockopt(self, level: int, opt: int) -> int:
+        return 104
+
+
+def test_a_client_that_closed_before_its_answer_counts_499_not_the_upstreams_200(env):
+    """curl --max-time, requests' timeouts: the client closes (FIN) before the answer. It was
+    taken for a half-close and the upstream's 200 was counted, though nobody received it."""
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    assert c.eof_received() is True
+    t.get_extra_info = lambda name: _ResetSocket() if name == "socket" else None   # the answer met a reset
+    ex = up.exchange
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"ok")
+    ex.response_done(reusable=True)
+    for _, fn in loop.later:
+        fn()
+    c.connection_lost(ConnectionResetError())
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "499"}) == 1
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 0
+    assert value(ctx, ERR, {"reason": "client_disconnect"}) == 1
+
+
+def test_pipelined_requests_behind_a_close_the_proxy_chose_count_502_not_499(env):
+    """An HTTP/1.0 answer relayed until close: the request pipelined behind it was never tried.
+    The client did not leave, so it is not 499 client_disconnect."""
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"GET /v2/models/digits/infer HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                    b"GET /v2/models/digits/infer HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    up = ctx.pool.given[-1]
+    up.exchange.response_head(200, b"OK", [], up)    # no length: relayed until close
+    up.exchange.response_body(b"ok")
+    up.exchange.response_done(reusable=False)
+    assert t.closed
+    c.connection_lost(None)
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 1
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "502"}) == 1
+    assert value(ctx, ERR, {"reason": "pipelined_request_dropped"}) == 1
+    assert value(ctx, ERR, {"reason": "client_disconnect"}) == 0
 
 
 def test_a_client_gone_mid_response_is_499(env):
@@ -340,6 +391,22 @@ def test_over_the_connection_budget_new_connections_get_503(env):
     conns[0][0].connection_lost(None)
     c, t = connect(ctx)
     assert not t.out
+
+
+def test_a_flood_of_floods_is_aborted_uncounted_and_the_shed_budget_stays_whole(env):
+    """Connections aborted without an answer were counted as 503s, and their close decremented
+    ctx.shedding, which they never incremented: it went negative and the flood guard weakened."""
+    loop, ctx, _ = env
+    conns = [connect(ctx) for _ in range(3)]                        # LIMITS: 3 connections
+    shed = [connect(ctx) for _ in range(8)]
+    answered = [t for _, t in shed if t.out.startswith(b"HTTP/1.1 503 ")]
+    aborted = [t for _, t in shed if t.aborted and not t.out]
+    assert len(answered) + len(aborted) == 8 and aborted
+    assert value(ctx, REQ, {"model": "none", "protocol": "other", "code": "503"}) == len(answered)
+    for c, _ in shed:
+        c.connection_lost(None)
+    assert ctx.shedding == 0
+    assert conns
 
 
 def test_keep_alive_idle_closes_a_used_connection(env):
