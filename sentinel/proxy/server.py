@@ -14,8 +14,11 @@ both come from `context.Limits`. Nothing of a refused head is forwarded.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
+import sys
+import termios
 from collections import deque
 
 import httptools
@@ -253,7 +256,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.ctx.loop.time()
-        self.blocked_size = self.transport.get_write_buffer_size()
+        self.blocked_size = self._unread()
         if self.queue and self.queue[0].upstream is not None:
             self.queue[0].upstream.pause_reading()
 
@@ -325,7 +328,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                         ex.incoming_tp = value
                         continue
                     if lname == b"host":
-                        hosts += 1
+                        hosts += 1 + value.count(b",")   # `Host: a, b` names two hosts as two fields do
                     if lname == CANARY_HEADER and value.strip() == b"1":
                         ex.canary = True
                 fwd.append(name + b": " + value + b"\r\n")
@@ -348,7 +351,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets 400. Two could
             # name two different hosts, and the model server might route on the other one.
             ex.refusal = (400, "invalid_host_header",
-                          "the request has two Host header fields" if hosts else
+                          "the request names more than one host (two Host fields, or a list in one)" if hosts else
                           "an HTTP/1.1 request must carry a Host header field")
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
@@ -474,6 +477,24 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.queue.clear()
         t.abort() if gone else t.close()
 
+    def _unread(self) -> int:
+        """Bytes of ours the client has not taken: our write buffer plus what the kernel holds unacknowledged.
+
+        The write buffer alone shrinks only when the kernel takes more, which needs about half
+        its send queue drained: a client reading steadily but slowly (32 KiB/s into a 4 KiB
+        receive buffer) looked stalled and was cut as a slow reader.
+        """
+        t = self.transport
+        n = t.get_write_buffer_size() if t is not None else 0
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is not None:
+            try:
+                buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")   # SIOCOUTQ: unacked bytes
+                n += int.from_bytes(buf, sys.byteorder, signed=True)
+            except (OSError, ValueError):
+                pass
+        return n
+
     def _peer_reset(self) -> bool:
         """Whether the socket holds an error (the client reset the connection); one getsockopt."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
@@ -586,7 +607,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             return
         if self.write_blocked_at:
             # Progress, not a deadline: a client that drains anything restarts the clock.
-            size = self.transport.get_write_buffer_size()
+            size = self._unread()
             if size < self.blocked_size:
                 self.blocked_size = size
                 self.write_blocked_at = now

@@ -37,6 +37,7 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.informational = False  # the message being parsed is not the final response: skip it
         self.in_head = False        # a response head has begun and is not complete
         self.head_bytes = 0
+        self.head_size = 0          # bytes of the head's fields, counted as they are parsed
         self.outbox = pool.outbox
         self._out: list[bytes] = []
         self._poll: Any = None
@@ -140,15 +141,26 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.until_close = False
         self.in_head = True
         self.head_bytes = 0
+        self.head_size = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
+        self.head_size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.head_size > self.pool.max_head and self.exchange is not None:
+            # A head that arrived within one read is never seen by data_received's running count
+            # (it is complete when the read is parsed): measured here as well, whatever the reads.
+            ex = self.exchange
+            self.abort()
+            ex.upstream_failed("upstream_headers_too_large",
+                               f"response head from upstream longer than {self.pool.max_head} bytes")
+            return
         status = self.parser.get_status_code()
         if 200 <= status < 600:
             self.informational = False

@@ -193,7 +193,9 @@ def test_a_response_cut_after_its_head_is_not_a_200(env, path, reason):
     b"HTTP/1.1 200 " + b"R" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nhi",   # a head over the bound
     b"HTTP/1.1 200 OK\r\n" + b"X-Many: vvvvvvvvvvvvvvvvvvvvvvvvvvvvvv\r\n" * 20_000,
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",   # bad framing, one read
-], ids=["101", "099", "600", "te-gzip", "huge-reason", "huge-head", "bad-chunk-with-head"])
+    # just over the bound (8,192 + 65,536 bytes), small enough to arrive in one read: was relayed
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * 74_000 + b"\r\nContent-Length: 2\r\n\r\nhi",
+], ids=["101", "099", "600", "te-gzip", "huge-reason", "huge-head", "bad-chunk-with-head", "head-just-over"])
 def test_a_response_the_proxy_cannot_relay_is_a_502_not_passed_on(env, raw):
     up, sc = env
     path = f"/canned/{len(up.canned)}"
