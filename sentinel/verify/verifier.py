@@ -68,9 +68,17 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     want = tuple(entry.manifest.input.shape)
     if tuple(inputs.shape[1:]) != want:
         raise UsageError(f"{golden.path}: inputs are {list(inputs.shape[1:])} per sample; {entry.spec} takes {list(want)}")
+    feed = inputs   # what the export is given; the reference's checkpoints always see network inputs
+    raw_spec = entry.manifest.raw_input
     if isinstance(export, OnnxExport):
         got_shape = tuple(export.input_shape[1:])
-        if all(isinstance(d, int) for d in got_shape) and got_shape != want:
+        raw_shape = tuple(raw_spec.shape) if raw_spec is not None else None
+        if (got_shape != want and got_shape == raw_shape and golden.raw is not None
+                and tuple(golden.raw.shape[1:]) == raw_shape):
+            # preprocessing baked into the export: it takes what the server receives (model.yaml's
+            # raw_input), and the golden set keeps those inputs too
+            feed = np.asarray(golden.raw, np.float32)
+        elif all(isinstance(d, int) for d in got_shape) and got_shape != want:
             why = ("a channels-last (NHWC) export? verify feeds N×C×H×W as the reference takes it"
                    if sorted(got_shape) == sorted(want) else "is this an export of another model?")
             raise UsageError(f"{path}: takes inputs {list(got_shape)} per sample, but {entry.spec} takes {list(want)}; {why}")
@@ -98,7 +106,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
                 reference = _Reference(entry, export)
     t_load = time.perf_counter()
 
-    outs = export.run(inputs, on_chunk=on_chunk) if on_chunk else export.run(inputs)
+    outs = export.run(feed, on_chunk=on_chunk) if on_chunk else export.run(feed)
     t_run = time.perf_counter()
     name = _scores_output(path, outs, export.output_names, ref_logits.shape)
     out = outs[name]
@@ -143,7 +151,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
             sel = np.sort(order[:max(1, localize_samples)])
             reference = reference or _Reference(entry, export)
             localizer = localizer or reference.localizer()
-            layer_errors = localizer.compare(inputs[sel], policy, reference.model,
+            layer_errors = localizer.compare(inputs[sel], policy, reference.model, feed=feed[sel],
                                              stop_at_divergence=localize == "auto")
             layers = [l.as_dict() for l in layer_errors]
             first = first_divergence(layer_errors)
@@ -171,6 +179,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
         "model": entry.spec,
         "golden": str(golden.path),
         "samples": int(len(inputs)),
+        "fed": "raw" if feed is not inputs else "network",   # raw: the export takes model.yaml's raw_input
         "policy": policy.as_dict(),
         "passed": not failures,
         "failures": failures,
@@ -349,13 +358,13 @@ class _Localizer:
         self.skipped = 0
 
     def compare(self, x: np.ndarray, policy: Policy, reference_model: Callable[[], Any],
-                stop_at_divergence: bool = False):
+                stop_at_divergence: bool = False, feed: np.ndarray | None = None):
         """Per-checkpoint errors on inputs x (exported values cast to float32, whatever the graph's type).
 
         With `stop_at_divergence` the reference's forward pass ends at the first diverging
         checkpoint; later ones are reported unmeasured and counted in `skipped`."""
         names = sorted(set(self.outputs.values()))
-        got = self.export.run(x, names=names)
+        got = self.export.run(x if feed is None else feed, names=names)   # `feed`: the export's own inputs (raw)
         exported = {v: got[out] for v, out in self.outputs.items()}
         model = reference_model()   # waits for the thread building it
 
@@ -375,7 +384,9 @@ class _Localizer:
 
 def render_text(report: VerifyReport) -> str:
     d = report.doc
-    lines = [f"verify {d['export']} ({d['format']} {d['precision']}) against {d['model']} on {d['samples']} golden samples",
+    fed = " (their raw inputs: the export takes model.yaml's raw_input)" if d.get("fed") == "raw" else ""
+    lines = [f"verify {d['export']} ({d['format']} {d['precision']}) against {d['model']} on {d['samples']} golden samples"
+             + fed,
              f"top-1 agreement {d['top1_agreement']:.2%}, top-5 {d['top5_agreement']:.2%}"]
     lines.append(f"{'output':<14}{'max abs':>11}{'mean abs':>11}{'p99 abs':>11}{'max rel':>11}{'min atol':>11}{'min rtol':>11}")
     for name, s in d["outputs"].items():

@@ -329,3 +329,36 @@ def test_a_qoperator_export_of_the_dynamo_graph_localizes_without_shape_divergen
     assert layers["features.denseblock2.denselayer3"]["onnx_value"] and layers["features.denseblock2.denselayer3"]["rel"] is not None
     assert rep.passed, rep.doc["failures"]
     assert all(row["rel"] is not None for row in layers.values() if row["diverges"])   # numbers, not shapes
+
+
+def test_an_export_with_the_preprocessing_baked_in_is_fed_the_golden_raw_inputs(entry, golden, tmp_path):
+    """An export taking model.yaml's raw_input (8×8 pixel values, resized and normalised inside)
+    was refused as "is this an export of another model?"; the golden set keeps those raw inputs."""
+    import torch
+    import torch.nn.functional as F
+
+    model = entry.build_model()
+
+    class RawIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, r):
+            x = F.interpolate((r * 0.0625).unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False)
+            return self.m((x - 0.3) / 0.4)
+
+    def export(name: str) -> Path:
+        p = tmp_path / name
+        with torch.no_grad():
+            torch.onnx.export(RawIn().eval(), (torch.zeros(1, 8, 8),), str(p), dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "b"}}, opset_version=17)
+        return p
+
+    assert tuple(entry.manifest.raw_input.shape) == (8, 8)
+    ok = verify_export(export("raw.onnx"), entry, golden, localize="never")
+    assert ok.passed and ok.doc["fed"] == "raw", ok.doc["failures"]
+    with torch.no_grad():
+        dict(model.named_parameters())["features.denseblock2.denselayer3.conv2.weight"].mul_(1.5)
+    bad = verify_export(export("bad.onnx"), entry, golden)
+    assert not bad.passed and bad.doc["first_divergence"] == "features.denseblock2.denselayer3", bad.doc
