@@ -626,6 +626,16 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
             raise UsageError(f"{path}: is a torch.export archive (.pt2); verify runs ONNX or TorchScript: "
                              "convert it with torch.onnx.export(exported_program, ...) first")
         return TorchScriptExport(path)
+    if magic[:1] == b"\x80" and 2 <= magic[1] <= 5:
+        # a pickle protocol 2-5 header: torch.save's legacy (non-zip) format, or a plain pickle
+        raise WeightsError(f"{path}: is a pickle (torch.save's legacy format?), not an export; sentinel never "
+                           "unpickles. Verify an ONNX or TorchScript export of it (`sentinel export`)")
+    with open(path, "rb") as f:
+        head = f.read(10)
+    if len(head) == 10 and head[8:10] == b'{"' and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+        # safetensors: an 8-byte little-endian header length, then the JSON header
+        raise WeightsError(f"{path}: is a safetensors weights file, not an export; verify runs ONNX or "
+                           "TorchScript exports (`sentinel export` makes them)")
     return OnnxExport(path, threads, spin)
 
 

@@ -255,3 +255,19 @@ def test_the_shadow_loads_onnx_through_the_same_checks_as_verify(tmp_path: Path)
         runner._ort_session(_external(tmp_path, "m.weights", length=4096))
     sess = runner._ort_session(_external(tmp_path, "m.weights"))
     assert sess.get_outputs()[0].name == "logits"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("head,error", [
+    (b"\x80\x02cposix\nsystem\nq\x00.", "is a pickle .* never unpickles"),   # torch.save's legacy format
+    (len(b'{"w":{}}').to_bytes(8, "little") + b'{"w":{}}', "is a safetensors weights file"),
+])
+def test_weights_files_that_are_not_exports_are_named_not_read_as_onnx(tmp_path: Path, head, error):
+    # both read "not a valid ONNX model (DecodeError ...)", which named no cause
+    from sentinel.errors import WeightsError
+    from sentinel.verify.runtime import open_export
+
+    path = tmp_path / "m.bin"
+    path.write_bytes(head)
+    with pytest.raises(WeightsError, match=error):
+        open_export(path)
