@@ -45,7 +45,7 @@ class Exchange:
         "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
         "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
         "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
-        "req_done_at", "last_up", "refusal", "recorded", "head_line",
+        "req_done_at", "last_up", "refusal", "recorded", "head_line", "done_at",
     )
 
     def __init__(self, conn: ClientSide, ctx: ProxyContext):
@@ -88,6 +88,7 @@ class Exchange:
         self.last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
         self.refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
         self.head_line = b""       # the response's status line as written (to take it back, see upstream_failed)
+        self.done_at = 0.0         # perf_counter when the answer was complete, for a count made later (0: now)
 
     # --- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -435,7 +436,9 @@ class Exchange:
                 conn.defer_record(self)
                 return
         if code[0] in "12345" and getattr(conn, "fin_early", False):
-            # the client sent FIN before this answer: counted once its fate is known (server._confirm)
+            # the client sent FIN before this answer: counted once its fate is known (server._confirm),
+            # with the duration it has now, not the confirmation's wait
+            self.done_at = time.perf_counter()
             conn.defer_record(self)
             return
         self.record(code)
@@ -447,6 +450,6 @@ class Exchange:
         self.recorded = True
         if not self.canary:
             self.ctx.metrics.observe_request(self.model, self.protocol, code,
-                                             time.perf_counter() - self.t0, self.trace_id)
+                                             (self.done_at or time.perf_counter()) - self.t0, self.trace_id)
         if self.span is not None:
             self.ctx.end_span(self, code)
