@@ -458,12 +458,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         t = self.transport
         if self.closed or t is None:
             return   # connection_lost counted them
-        if t.get_write_buffer_size() and not self._peer_reset():
+        gone = self._peer_reset()   # read once: getsockopt(SO_ERROR) clears the error it reports
+        if t.get_write_buffer_size() and not gone:
             # not all out yet: a slow reader is check_deadlines' to judge; look again later
             self.confirming = True
             self.ctx.loop.call_later(CONFIRM_S, self._confirm)
             return
-        gone = self._peer_reset()
         for ex in self.unrecorded or ():
             if gone:
                 self.ctx.errors.inc("client_disconnect")
@@ -473,7 +473,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.unrecorded = None
         for ex in list(self.queue):   # pipelined behind the answer: never started on this connection
             if not ex.started and not ex.finished:
-                ex.client_gone() if gone else ex.dropped_unstarted()
+                if gone:
+                    ex.client_gone()
+                else:
+                    ex.dropped_unstarted()
         self.queue.clear()
         t.abort() if gone else t.close()
 

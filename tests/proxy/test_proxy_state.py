@@ -356,6 +356,39 @@ def test_a_client_that_closed_before_its_answer_counts_499_not_the_upstreams_200
     assert value(ctx, ERR, {"reason": "client_disconnect"}) == 1
 
 
+class _ClearingResetSocket:
+    """As the kernel does: SO_ERROR reports the reset once, then reads 0."""
+
+    def __init__(self) -> None:
+        self.err = 104
+
+    def getsockopt(self, level: int, opt: int) -> int:
+        err, self.err = self.err, 0
+        return err
+
+
+def test_an_early_fin_answer_still_in_the_buffer_when_the_reset_comes_counts_499(env):
+    """The confirmation read SO_ERROR twice; the first read cleared it, so an answer still in our
+    buffer when the reset arrived counted the upstream's 200."""
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    assert c.eof_received() is True
+    sock = _ClearingResetSocket()
+    t.get_extra_info = lambda name: sock if name == "socket" else None
+    t.unread = 10
+    ex = up.exchange
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"ok")
+    ex.response_done(reusable=True)
+    for _, fn in loop.later:
+        fn()
+    assert t.aborted
+    c.connection_lost(ConnectionResetError())
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "499"}) == 1
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 0
+
+
 def test_pipelined_requests_behind_a_close_the_proxy_chose_count_502_not_499(env):
     """An HTTP/1.0 answer relayed until close: the request pipelined behind it was never tried.
     The client did not leave, so it is not 499 client_disconnect."""
