@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -18,7 +20,7 @@ def _check_output(path: Path) -> None:
 
     if path.is_dir():
         raise UsageError(f"-o {path}: is a directory; give the file to write (e.g. {path / 'model.onnx'})")
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"-o {path}: {parent} is not a directory")
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
@@ -26,23 +28,19 @@ def _check_output(path: Path) -> None:
         raise UsageError(f"-o {path}: cannot write there (permission denied, or no such directory)")
 
 
-class _writing:
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
     """Turn an OSError (or torch's "enforce fail" RuntimeError) while writing `path` into a UsageError naming it."""
+    from sentinel.errors import UsageError
 
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:  # type: ignore[no-untyped-def]
-        from sentinel.errors import UsageError
-
-        if isinstance(exc, OSError):
-            raise UsageError(f"-o {self.path}: cannot write it ({exc.strerror or exc})") from None
-        if isinstance(exc, RuntimeError) and "enforce fail" in str(exc):   # torch.jit.save's "file open" failure
-            raise UsageError(f"-o {self.path}: cannot write it ({str(exc).splitlines()[0][:200]})") from None
-        return False
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"-o {path}: cannot write it ({exc.strerror or exc})") from None
+    except RuntimeError as exc:
+        if "enforce fail" not in str(exc):   # torch.jit.save's "file open" failure; anything else is not ours
+            raise
+        raise UsageError(f"-o {path}: cannot write it ({str(exc).splitlines()[0][:200]})") from None
 
 
 def export(

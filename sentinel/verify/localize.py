@@ -131,9 +131,8 @@ def onnx_values(graph: Any, modules: list[str]) -> dict[str, str]:
     # A container (a dense block) whose last node is its last child's: the container's own output
     # (the block's concatenation) lost its scope, so its value is not its output; left unmeasured
     # rather than reported as a shape "divergence" (QOperator graphs' QLinearConcat).
-    inner = {v for m, v in last.items() if "." in m and m.rsplit(".", 1)[0] in last}
-    return {m: last[m] for m in modules if m in last
-            and not (last[m] in inner and any(c.startswith(m + ".") and last.get(c) == last[m] for c in last))}
+    return {m: last[m] for m in modules
+            if m in last and not any(c.startswith(m + ".") and last[c] == last[m] for c in last)}
 
 
 class _Stop(Exception):

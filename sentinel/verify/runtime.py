@@ -126,6 +126,7 @@ class OnnxExport:
     """
 
     format = "onnx"
+    names_outputs = True   # output names are the file's own (TorchScriptExport: verify names a bare tensor)
 
     def __init__(self, path: Path, threads: int | None = None, spin: bool = True):
         import onnx
@@ -616,7 +617,8 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
     if not path.is_file():
         raise UsageError(f"{path}: is not a file")
     with open(path, "rb") as f:
-        magic = f.read(4)
+        head = f.read(10)
+    magic = head[:4]
     if magic == b"PK\x03\x04":
         kind = _archive_kind(path)
         if kind == "checkpoint":
@@ -626,12 +628,10 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
             raise UsageError(f"{path}: is a torch.export archive (.pt2); verify runs ONNX or TorchScript: "
                              "convert it with torch.onnx.export(exported_program, ...) first")
         return TorchScriptExport(path)
-    if magic[:1] == b"\x80" and 2 <= magic[1] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         # a pickle protocol 2-5 header: torch.save's legacy (non-zip) format, or a plain pickle
         raise WeightsError(f"{path}: is a pickle (torch.save's legacy format?), not an export; sentinel never "
                            "unpickles. Verify an ONNX or TorchScript export of it (`sentinel export`)")
-    with open(path, "rb") as f:
-        head = f.read(10)
     if len(head) == 10 and head[8:10] == b'{"' and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
         # safetensors: an 8-byte little-endian header length, then the JSON header
         raise WeightsError(f"{path}: is a safetensors weights file, not an export; verify runs ONNX or "

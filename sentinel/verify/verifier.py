@@ -112,7 +112,7 @@ def verify_export(path: Path, entry: ModelEntry, golden: GoldenSet, *, precision
     out = outs[name]
     # An output named `logits` by the export is taken at its word; TorchScript's bare tensor is
     # named so by verify, not by its author, and may hold a softmax.
-    named_logits = name == "logits" and getattr(export, "names_outputs", True)
+    named_logits = name == "logits" and export.names_outputs
     served = "logits" if named_logits else _served_kind(out)
     if served == "probabilities":
         got_probs = out.astype(np.float64)
