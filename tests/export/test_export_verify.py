@@ -149,17 +149,12 @@ def test_torchscript_module_returning_embeddings_and_logits_is_verified_on_its_s
 
     model = entry.build_model()
 
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            e = self.m.embed(x)
-            return e, self.m.classifier(e)
+    def two(m, x):
+        e = m.embed(x)
+        return e, m.classifier(e)
 
     with torch.no_grad():
-        torch.jit.trace(Two(), torch.zeros(2, *entry.manifest.input.shape)).save(str(tmp_path / "two.pt"))
+        torch.jit.trace(_wrapped(model, two), torch.zeros(2, *entry.manifest.input.shape)).save(str(tmp_path / "two.pt"))
     rep = verify_export(tmp_path / "two.pt", entry, golden)
     assert rep.passed and rep.doc["output"] == "output1", rep.doc["failures"]
 
@@ -197,19 +192,29 @@ def test_golden_set_of_another_model_exits_2(legacy_onnx, reg_dir, tmp_path):
     assert "golden set is for digits:v9, not digits:v3" in r.stderr
 
 
-def _softmax_head(model, temperature: float = 1.0, log: bool = False):
+def _wrapped(model, forward):
+    """`model` inside a module whose forward is `forward(model, x)`: an export's own wrapper."""
     import torch
 
-    class Head(torch.nn.Module):
+    class Wrapper(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.m = model
 
         def forward(self, x):
-            z = self.m(x) / temperature
-            return torch.log_softmax(z, 1) if log else torch.softmax(z, 1)
+            return forward(self.m, x)
 
-    return Head().eval()
+    return Wrapper().eval()
+
+
+def _softmax_head(model, temperature: float = 1.0, log: bool = False):
+    import torch
+
+    def head(m, x):
+        z = m(x) / temperature
+        return torch.log_softmax(z, 1) if log else torch.softmax(z, 1)
+
+    return _wrapped(model, head)
 
 
 def test_an_export_serving_probabilities_is_held_to_the_elementwise_tolerance(entry, golden, tmp_path):
@@ -299,17 +304,9 @@ def test_a_wrapped_model_is_localized_through_its_wrappers_scopes(entry, golden,
     with torch.no_grad():
         dict(model.named_parameters())["features.denseblock2.denselayer3.conv2.weight"].mul_(1.5)
 
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            return self.m(x * 1.0)
-
     p = tmp_path / "wrapped.onnx"
     with torch.no_grad():
-        torch.onnx.export(Wrapped().eval(), (torch.zeros(1, *entry.manifest.input.shape),), str(p), dynamo=False,
+        torch.onnx.export(_wrapped(model, lambda m, x: m(x * 1.0)), (torch.zeros(1, *entry.manifest.input.shape),), str(p), dynamo=False,
                           input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "b"}},
                           opset_version=17)
     rep = verify_export(p, entry, golden)
@@ -339,19 +336,14 @@ def test_an_export_with_the_preprocessing_baked_in_is_fed_the_golden_raw_inputs(
 
     model = entry.build_model()
 
-    class RawIn(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, r):
-            x = F.interpolate((r * 0.0625).unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False)
-            return self.m((x - 0.3) / 0.4)
+    def raw_in(m, r):
+        x = F.interpolate((r * 0.0625).unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False)
+        return m((x - 0.3) / 0.4)
 
     def export(name: str) -> Path:
         p = tmp_path / name
         with torch.no_grad():
-            torch.onnx.export(RawIn().eval(), (torch.zeros(1, 8, 8),), str(p), dynamo=False, input_names=["input"],
+            torch.onnx.export(_wrapped(model, raw_in), (torch.zeros(1, 8, 8),), str(p), dynamo=False, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "b"}}, opset_version=17)
         return p
 
