@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import select
 import socket
 import sys
 import termios
@@ -47,6 +48,7 @@ BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buff
 # (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
 MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next is refused 429 and the connection closed
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
+RDHUP = getattr(select, "POLLRDHUP", 0x2000)   # the peer shut its sending side (Linux)
 CONFIRM_S = 0.5   # a client that sent FIN before its answer: how long after the answer to look for its reset
 
 
@@ -148,6 +150,13 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 if self.discarding or self.closed or "closing" in self.paused:
                     return
                 if self.in_head:
+                    if (not self.header_count and data.endswith(b"\n") and self.parsing is not None
+                            and self.parsing.url and self.parser.get_http_version() == "0.0"):
+                        # `GET /path` and a line end: an HTTP/0.9 request, which has no blank line
+                        # to wait for (it waited for the head timeout and got 408)
+                        self._refuse_head(_Refuse(505, "http_version_unsupported",
+                                                  "HTTP/0.9 requests are not supported"))
+                        return
                     self.head_bytes += len(data)
                     if self.head_bytes > self.ctx.limits.max_line + self.ctx.limits.max_head:
                         self._refuse_head(self._head_too_large())
@@ -223,12 +232,17 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """A half-close after a complete request still wants its answer; anything else ends here."""
         self.eof = True
-        if self.queue and self.parsing is None and not self.in_head and not self.queue[0].response_started:
-            # A half-close (shutdown(SHUT_WR)) still wants its answer, and a client that closed for
-            # good (a timeout) sent the same FIN. Which it was shows only when the answer reaches
-            # it: a closed socket answers with a reset. The answer is counted after that (_confirm).
-            self.fin_early = True
-            return True   # keep writing; exchange_finished closes when the queue is empty
+        if self.parsing is None and not self.in_head:
+            if self.queue and (self.fin_early or not self.queue[0].response_started):
+                # A half-close (shutdown(SHUT_WR)) still wants its answer, and a client that closed for
+                # good (a timeout) sent the same FIN. Which it was shows only when the answer reaches
+                # it: a closed socket answers with a reset. The answer is counted after that (_confirm).
+                self.fin_early = True
+                return True   # keep writing; exchange_finished closes when the queue is empty
+            if self.fin_early and self.unrecorded:
+                # answers written after a FIN that paused reading hid (peer_shut): counted by _confirm
+                self.close_gracefully(True)
+                return True
         # EOF mid-request, or once the answer has begun (a client going away, not a half-close).
         return None
 
@@ -542,6 +556,27 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 del out[i:]
                 return True
         return False
+
+    def peer_shut(self) -> bool:
+        """Whether the client sent a FIN that paused reading has not seen (one poll, nothing read).
+
+        While pipelined requests wait, reading is paused, so a client that gave up (a timeout)
+        is not noticed before the answer at the head of the queue is written. POLLRDHUP tells
+        without consuming the pipelined bytes still unread. Once seen, it is the early FIN of
+        eof_received: the answers count after _confirm.
+        """
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            p = select.poll()
+            p.register(sock.fileno(), RDHUP)
+            shut = bool(p.poll(0))
+        except (OSError, ValueError):
+            return False
+        if shut:
+            self.fin_early = True
+        return shut
 
     def reset_by_peer(self) -> bool:
         """Whether the client reset the connection while reading was paused (one getsockopt).

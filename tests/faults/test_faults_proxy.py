@@ -62,6 +62,33 @@ def test_a_lone_byte_gets_408_and_is_closed(env):
     normal_request_ok(sc)
 
 
+@pytest.mark.parametrize("line", [b"GET /ok\r\n", b"GET /ok\n", [b"GET /o", b"k\r", b"\n"],
+                                  b"GET /ok\r\n\r\n"], ids=["crlf", "lf", "in-pieces", "blank-line"])
+def test_an_http09_request_is_refused_505_at_once_not_408_at_the_head_timeout(env, line):
+    up, sc = env
+    n = len(up.seen)
+    t = time.monotonic()
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        for part in line if isinstance(line, list) else [line]:
+            s.sendall(part)
+            time.sleep(0.05)
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 505 ") and b"http_version_unsupported" in out
+    assert time.monotonic() - t < 0.6   # not the head timeout (0.8 s here)
+    assert len(up.seen) == n
+    normal_request_ok(sc)
+
+
+def test_leading_blank_lines_before_a_request_are_not_http09(env):
+    up, sc = env
+    with socket.create_connection(("127.0.0.1", sc.port), timeout=5) as s:
+        for part in (b"\r\nGET /o", b"k HTTP/1.1\r\n", b"Host: x\r\nConnection: close\r\n\r\n"):
+            s.sendall(part)
+            time.sleep(0.05)
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 200 ")
+
+
 def test_a_head_trickled_a_byte_at_a_time_is_cut_at_the_head_timeout(env):
     up, sc = env
     n = len(up.seen)
@@ -253,6 +280,38 @@ def test_a_pipelining_client_that_resets_mid_response_is_499_not_its_answers(env
     assert _wait(lambda: _code(sc, "499") == gone + 2)
     time.sleep(0.6)   # the rest of the first response has arrived from the upstream by now
     assert _code(sc, "200") == ok
+    normal_request_ok(sc)
+
+
+def test_a_pipelining_client_that_times_out_counts_499_for_every_answer_it_never_took(env):
+    """A client timeout (FIN) while two pipelined requests wait: reading is paused for the second,
+    so the FIN is not read, and the first answer counted 200 when it was written."""
+    up, sc = env
+    up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    s.close()   # the client gave up: FIN, and a reset for whatever reaches it afterwards
+    assert _wait(lambda: _code(sc, "499") == gone + 2)
+    time.sleep(0.3)
+    assert _code(sc, "200") == ok
+    normal_request_ok(sc)
+
+
+def test_a_pipelining_client_that_half_closes_gets_every_answer_counted_as_sent(env):
+    up, sc = env
+    up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    s.shutdown(socket.SHUT_WR)   # done sending, still reading
+    out = read_all(s)
+    s.close()
+    assert out.count(b"HTTP/1.1 200 ") == 2 and out.endswith(b"ok")
+    assert _wait(lambda: _code(sc, "200") == ok + 2)
+    assert _code(sc, "499") == gone
     normal_request_ok(sc)
 
 
