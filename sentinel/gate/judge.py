@@ -142,7 +142,7 @@ def fetch(prom: Prometheus, model: str, version: str, window: str) -> VersionDat
     carriers = prom.vector(queries.latency_bucket_series(model, version, window), "le")
     every = max(carriers.values(), default=0.0)
     buckets = {}
-    for le, count in prom.vector(queries.latency_buckets(model, version, window), "le").items():
+    for le, count in prom.vector(queries.latency_buckets(model, version, window, counted=True), "le").items():
         if carriers.get(le, every) < every:
             continue
         try:
@@ -150,7 +150,7 @@ def fetch(prom: Prometheus, model: str, version: str, window: str) -> VersionDat
         except ValueError:
             continue
     diag = queries.diagnosis(model, version)
-    checked = prom.scalar(queries.contract_checked(model, version, window))
+    checked = prom.scalar(queries.contract_checked(model, version, window, counted=True))
     return VersionData(
         codes=prom.vector(queries.requests_by_code(model, version, window), "code"),
         buckets=buckets,
@@ -161,7 +161,8 @@ def fetch(prom: Prometheus, model: str, version: str, window: str) -> VersionDat
         atc=prom.scalar(queries.atc_estimate(model, version, window)),
         drift=prom.vector(queries.drift_alarm_share(model, version, window), "detector"),
         contract_checked=checked,
-        contract_violating=prom.scalar(queries.contract_violating(model, version, window)) if checked else None,
+        contract_violating=(prom.scalar(queries.contract_violating(model, version, window, counted=True))
+                            if checked else None),
         contract_by_check=prom.vector(queries.contract_by_check(model, version, window), "check") if checked else {},
         diagnosis_kind=tuple(sorted(prom.vector(diag["kind"], "kind"))),
         diagnosis_transform=tuple(sorted(prom.vector(diag["transform"], "transform"))),

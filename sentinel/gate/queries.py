@@ -35,6 +35,31 @@ def _inc(selector: str, window: str, by: str = "") -> str:
     return f"sum{grouping} (increase({selector}[{window}]))"
 
 
+def _counted(metric: str, model: str, version: str, window: str, by: str = "", **extra: str) -> str:
+    """Events counted in the window, `_inc` but for series created within it too (the gate's counts).
+
+    A sidecar creates a labelled series at its first event (the first 503, the first `disagree`,
+    every series of a canary pod that just started), and `increase()` starts counting at the
+    series' first *sample*: what that sample already holds is lost. A canary whose 20 errors all
+    came between two scrapes showed `increase()` 0 errors of 420 and passed. A series whose
+    `_created` timestamp (prometheus_client exports one per counter and histogram child) lies in
+    the window counted from 0 within it: its events are its last value (or its increase where
+    larger: a reset after it began). Decided by `_created`, not by a sample missing at the
+    window's start, which a failed scrape or a Prometheus younger than the window also gives.
+    Without `_created` series: `increase()` alone, as before. `window` must be a duration.
+    """
+    from sentinel.slo.durations import parse_duration
+
+    sel = _v(metric, model, version, **extra)
+    created = _v(metric.removesuffix("_total").removesuffix("_bucket") + "_created", model, version, **extra)
+    born = f"({created} > time() - {parse_duration(window):g})"
+    inc, last = f"increase({sel}[{window}])", f"last_over_time({sel}[{window}])"
+    grouping = f" by ({by})" if by else ""
+    return (f"sum{grouping} (\n  ({inc} unless ignoring (le) {born})\n"
+            f"  or (({inc} >= {last}) and ignoring (le) {born})\n"
+            f"  or ({last} and ignoring (le) {born})\n)")
+
+
 def presence(model: str, versions: str, window: str) -> dict[str, str]:
     """Which versions have series at all: model info and request counters, by version."""
     return {
@@ -51,11 +76,16 @@ def presence(model: str, versions: str, window: str) -> dict[str, str]:
     }
 
 
+# The gate's counts (`judge.fetch`) use `_counted`; the controller templates still use `_inc`
+# (`counted=False` where they share a function with the gate).
+
 def requests_by_code(model: str, version: str, window: str) -> str:
-    return _inc(_v(mn.REQUESTS.sample_name, model, version), window, "code")
+    return _counted(mn.REQUESTS.sample_name, model, version, window, "code")
 
 
-def latency_buckets(model: str, version: str, window: str) -> str:
+def latency_buckets(model: str, version: str, window: str, counted: bool = False) -> str:
+    if counted:
+        return _counted(mn.REQUEST_DURATION.sample_name, model, version, window, "le")
     return _inc(_v(mn.REQUEST_DURATION.sample_name, model, version), window, "le")
 
 
@@ -64,17 +94,19 @@ def latency_bucket_series(model: str, version: str, window: str) -> str:
     return f"count by (le) (increase({_v(mn.REQUEST_DURATION.sample_name, model, version)}[{window}]))"
 
 
-def predictions_by_class(model: str, version: str, window: str) -> str:
+def predictions_by_class(model: str, version: str, window: str, counted: bool = True) -> str:
+    if counted:
+        return _counted(mn.PREDICTIONS.sample_name, model, version, window, "class")
     return _inc(_v(mn.PREDICTIONS.sample_name, model, version), window, "class")
 
 
 def agreement_by_result(model: str, version: str, window: str) -> str:
-    return _inc(_v(mn.REFERENCE_AGREEMENT.sample_name, model, version, source="~" + AGREEMENT_SOURCES),
-                window, "result")
+    return _counted(mn.REFERENCE_AGREEMENT.sample_name, model, version, window, "result",
+                    source="~" + AGREEMENT_SOURCES)
 
 
 def verdicts(model: str, version: str, window: str) -> str:
-    return _inc(_v(mn.ACCURACY_VERDICTS.sample_name, model, version), window, "verdict")
+    return _counted(mn.ACCURACY_VERDICTS.sample_name, model, version, window, "verdict")
 
 
 def estimate_reliable(model: str, version: str, window: str) -> str:
@@ -92,16 +124,20 @@ def drift_alarm_share(model: str, version: str, window: str) -> str:
     return f"max by (detector) (avg_over_time({_v(mn.DRIFT_ALARM.name, model, version)}[{window}]))"
 
 
-def contract_checked(model: str, version: str, window: str) -> str:
+def contract_checked(model: str, version: str, window: str, counted: bool = False) -> str:
+    if counted:
+        return _counted(mn.INPUT_CONTRACT_CHECKED.sample_name, model, version, window)
     return _inc(_v(mn.INPUT_CONTRACT_CHECKED.sample_name, model, version), window)
 
 
-def contract_violating(model: str, version: str, window: str) -> str:
+def contract_violating(model: str, version: str, window: str, counted: bool = False) -> str:
+    if counted:
+        return _counted(mn.INPUT_CONTRACT_VIOLATING.sample_name, model, version, window)
     return _inc(_v(mn.INPUT_CONTRACT_VIOLATING.sample_name, model, version), window)
 
 
 def contract_by_check(model: str, version: str, window: str) -> str:
-    return _inc(_v(mn.INPUT_CONTRACT_VIOLATIONS.sample_name, model, version), window, "check")
+    return _counted(mn.INPUT_CONTRACT_VIOLATIONS.sample_name, model, version, window, "check")
 
 
 def diagnosis(model: str, version: str) -> dict[str, str]:
@@ -209,7 +245,7 @@ def atc_drop(model: str, baseline: str, canary: str, window: str) -> str:
 
 
 def _class_shares(model: str, version: str, window: str) -> str:
-    return (f"{predictions_by_class(model, version, window)}\n/ scalar(clamp_min("
+    return (f"{predictions_by_class(model, version, window, counted=False)}\n/ scalar(clamp_min("
             f"{_inc(_v(mn.PREDICTIONS.sample_name, model, version), window)}, 1))")
 
 

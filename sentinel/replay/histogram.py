@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -97,7 +98,9 @@ class LatencyHistogram:
         that rank (nearest-rank, as HdrHistogram reports), never above the recorded maximum."""
         if self.count == 0:
             return math.nan
-        rank = max(1, math.ceil(percentile / 100.0 * self.count))
+        # In exact decimal arithmetic: as floats, 99.9 / 100 * 1000 is 999.0000000000001, whose
+        # ceiling made P99.9 of 1,000 requests the slowest one (the 1,000th) instead of the 999th.
+        rank = max(1, math.ceil(Fraction(repr(float(percentile))) * self.count / 100))
         idx = int(np.searchsorted(np.cumsum(self.counts), rank))
         return min(bucket_bounds(idx)[1], self.max_us) / 1e6
 

@@ -261,7 +261,7 @@ class _Replicas:
     def vector(self, expr: str, label: str) -> dict[str, float]:
         if expr.startswith("count by (le) (increase(sentinel_request_duration_seconds_bucket"):
             return {"0.05": 1.0, "0.1": 1.0, "+Inf": 2.0}
-        if expr.startswith("sum by (le) (increase(sentinel_request_duration_seconds_bucket"):
+        if expr.startswith("sum by (le) (\n  (increase(sentinel_request_duration_seconds_bucket"):
             return {"0.05": 100.0, "0.1": 100.0, "+Inf": 200.0}   # 0.1 holds only one replica's 100
         return {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def test_percentiles_match_numpy_nearest_rank_within_resolution():
     for v in values:
         h.record(float(v))
     for p in (50, 90, 99, 99.9):
-        exact = np.sort(values)[math.ceil(p / 100 * len(values)) - 1]
+        exact = np.sort(values)[math.ceil(Fraction(str(p)) * len(values) / 100) - 1]   # nearest rank, exactly
         assert abs(h.value_at(p) - exact) <= max(exact * 1e-3, 1e-6), p
     s = h.summary()
     assert s.count == 20_000
@@ -51,3 +52,16 @@ def test_merge_and_empty():
     b.record(2.0)
     a.merge(b)
     assert a.count == 2 and a.value_at(100) == 2.0 and a.summary().min == 1.0
+
+
+@pytest.mark.parametrize("n", [1000, 2000, 20_000])
+def test_p999_of_a_round_count_is_the_nearest_rank_not_the_maximum(n):
+    # 1..n ms: nearest rank of P99.9 is ceil(0.999 n), the (n - n/1000)th value. As floats,
+    # 99.9 / 100 * 1000 is 999.0000000000001, and P99.9 of 1,000 requests read as the slowest one.
+    h = LatencyHistogram()
+    for ms in range(1, n + 1):
+        h.record(ms / 1000)
+    want = n - n // 1000
+    assert abs(h.value_at(99.9) * 1000 - want) <= want * 1e-3
+    assert h.value_at(99.9) < h.value_at(100)
+    assert h.summary().p999 < h.summary().max
