@@ -17,6 +17,9 @@ from sentinel import metricnames as mn
 
 log = logging.getLogger(__name__)
 
+# The failure codes whose request counters exist from the start (zero_failures): the
+# availability SLI's 5xx the model server and the proxy give most, and a cut response.
+ZERO_CODES = ("500", "502", "503", "504", "incomplete")
 NO_MODEL = "none"        # label of requests to non-inference paths
 OVERFLOW_MODEL = "other"  # label of models beyond the cardinality cap
 
@@ -104,6 +107,20 @@ class ProxyMetrics:
         self.remote_inflight: Any = None   # multi-process mode: the other workers' in-flight count
         self.inflight.set_function(
             lambda: self.inflight_count + (self.remote_inflight() if self.remote_inflight else 0))
+
+    def zero_failures(self, model: str, protocols: tuple[str, ...]) -> None:
+        """Create `model`'s request counters of the failure codes at 0 (`ZERO_CODES`).
+
+        A series Prometheus first scrapes already holding N loses those N: `rate()` and
+        `increase()` count from a series' first sample. The sidecar made each code's series at
+        its first event, so the first burst of 503s of every sidecar's life was missing from
+        the availability SLI, the burn-rate alerts and the controller templates (a burst between
+        two scrapes: all of it). Codes outside this list (a 501, a 507) still begin at their
+        first event.
+        """
+        for protocol in protocols:
+            for code in ZERO_CODES:
+                self.requests.labels(model, protocol, code)
 
     # --- hot path -------------------------------------------------------------------
     def model_label(self, path_model: str) -> str:
