@@ -68,13 +68,12 @@ def dashboards_generate(
 ) -> None:
     """Write the overview, on-call and debug dashboards (Grafana JSON)."""
     from sentinel.slo.dashboards import generate_dashboards
+    from sentinel.slo.generate import write_file
     from sentinel.slo.spec import load_slo_file
 
     spec = load_slo_file(slo)
-    out.mkdir(parents=True, exist_ok=True)
     for name, text in generate_dashboards(spec).items():
-        (out / name).write_text(text, encoding="utf-8")
-        typer.echo(f"wrote {out / name}")
+        typer.echo(f"wrote {write_file(out / name, text)}")
 
 
 def _print_pins(pins) -> None:  # type: ignore[no-untyped-def]

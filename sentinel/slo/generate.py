@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sentinel.errors import CheckFailed, InfrastructureError
+from sentinel.errors import CheckFailed, InfrastructureError, UsageError
 from sentinel.slo.model import RuleFile, dump_yaml
 from sentinel.slo.rules import generate_rule_files
 from sentinel.slo.spec import SloFile
@@ -49,18 +49,23 @@ def write_rules(spec: SloFile, out_dir: Path, prometheusrule: Path | None) -> Ru
     """Write rule files to `out_dir`, their promtool tests to `out_dir/tests`, and the PrometheusRule."""
     files, tests = render_rules(spec)
     written: list[Path] = []
-    out_dir.mkdir(parents=True, exist_ok=True)
     for f in files:
-        written.append(_write(out_dir / f.filename, f.render()))
-    written.append(_write(out_dir / TESTS_DIR / tests.filename, tests.text))
+        written.append(write_file(out_dir / f.filename, f.render()))
+    written.append(write_file(out_dir / TESTS_DIR / tests.filename, tests.text))
     if prometheusrule is not None:
-        written.append(_write(prometheusrule, prometheus_rule(files, spec)))
+        written.append(write_file(prometheusrule, prometheus_rule(files, spec)))
     return RulesOutput(tuple(written), tests.pins)
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+def write_file(path: Path, text: str) -> Path:
+    """Write `text` to `path`, making its folders; UsageError (exit 2) when that cannot be done."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except FileExistsError as exc:  # --out (or a folder above it) names a file
+        raise UsageError(f"cannot write {path}: {exc.filename} is a file, not a directory") from None
+    except OSError as exc:  # a read-only place, no permission...
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 

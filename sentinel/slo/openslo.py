@@ -108,7 +108,12 @@ def load_openslo(text: str, source: str, defaults: dict[str, Any] | None = None)
             continue
         objective = objectives[0].get("target")
         if objective is None and objectives[0].get("targetPercent") is not None:
-            objective = float(objectives[0]["targetPercent"]) / 100
+            percent = objectives[0]["targetPercent"]
+            if isinstance(percent, bool) or not isinstance(percent, (int, float)):
+                problems.append(f"{where}.spec.objectives[0].targetPercent: expected a number of percent "
+                                f"(99.9), got {percent!r}")
+                continue
+            objective = float(percent) / 100
         indicator = spec.get("indicator") or objectives[0].get("indicator")
         ind_path = "spec.indicator"
         if indicator is None and isinstance(spec.get("indicatorRef"), str):

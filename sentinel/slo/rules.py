@@ -166,13 +166,34 @@ def absence_rules(spec: SloFile) -> tuple[Rule, ...]:
     rules = []
     for selector, slo in seen.items():
         metric = selector.split("{", 1)[0]
+        labels: tuple[tuple[str, str], ...] = (("severity", "ticket"), ("model", slo.model), ("metric", metric))
+        if "le=~" in selector:   # one rule per threshold: two latency SLOs of a model need two buckets
+            assert slo.threshold is not None
+            labels += (("threshold", f"{slo.threshold:g}"),)
         rules.append(Rule(
-            alert=ABSENT_ALERT, expr=f"absent({selector})", for_=ABSENT_FOR,
-            labels=(("severity", "ticket"), ("model", slo.model), ("metric", metric)),
+            alert=ABSENT_ALERT, expr=f"absent({selector})", for_=ABSENT_FOR, labels=labels,
             annotations=_ann(
                 spec, ABSENT_ALERT, f"{{{{ $labels.model }}}}: SLI metric {metric} is absent",
                 f"No series match {selector} for {ABSENT_FOR}: SLOs of model {slo.model} that need it "
                 f"cannot burn or alert. Check that the sidecar runs, is scraped, and serves the model."),
+        ))
+    for selector, slo in seen.items():
+        if "le=~" not in selector or slo.threshold is None:
+            continue
+        # absent() above fires only when no replica has the bucket. A replica whose histogram
+        # lacks it (a sidecar started with another SLO file) is left out of the latency SLI
+        # (sli.error_ratio): say which, rather than let it go unnoticed.
+        rules.append(Rule(
+            alert=ABSENT_ALERT, expr=sli.missing_bucket(slo), for_=ABSENT_FOR,
+            labels=(("severity", "ticket"), ("model", slo.model), ("metric", mn.REQUEST_DURATION.sample_name),
+                    ("threshold", f"{slo.threshold:g}"), ("scope", "replica")),
+            annotations=_ann(
+                spec, ABSENT_ALERT,
+                f"{{{{ $labels.model }}}}: {{{{ $labels.instance }}}} has no latency bucket at {slo.threshold:g}s",
+                f"Replica {{{{ $labels.instance }}}} exports {mn.REQUEST_DURATION.name} for model {slo.model} "
+                f"without a bucket at the latency SLO threshold {slo.threshold:g}s (le), so its requests are left "
+                f"out of the {slo.name} SLO. Its sidecar probably runs with another SLO file: restart it with "
+                f"the one these rules were generated from."),
         ))
     return tuple(rules)
 

@@ -84,8 +84,23 @@ def _series(metric: str, labels: dict[str, str], values: list[float]) -> dict[st
     return {"series": f"{metric}{{{label_text}}}", "values": compress(values)}
 
 
-def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
-    """promtool input series feeding `slo`'s SLI with `profile`, split over two instances."""
+def input_key(slo: SloSpec) -> tuple[str, str, float | None]:
+    """What identifies the input series `input_series` writes for `slo`.
+
+    Two SLOs with the same key read the very same series (two availability SLOs of one model,
+    say, with different objectives), so one promtool test cannot give them different profiles.
+    Latency SLOs with different thresholds differ in their bucket and share only `_count` and
+    the `+Inf` bucket, which depend on the traffic alone.
+    """
+    return (slo.model, slo.sli, slo.threshold if slo.sli == "latency" else None)
+
+
+def input_series(slo: SloSpec, profile: Profile, samples: int | None = None) -> list[dict[str, str]]:
+    """promtool input series feeding `slo`'s SLI with `profile`, split over two instances.
+
+    `samples`: what the accuracy estimates rest on (default the SLO's own `min_samples`); give the
+    largest `min_samples` of the model's estimated-accuracy SLOs, which all read the same gauge.
+    """
     steps = range(1, profile.steps + 1)
     totals = [profile.traffic] * profile.steps if profile.traffic else [0] * profile.steps
     bads = [profile.bad_count(s) if profile.traffic else 0 for s in steps]
@@ -121,8 +136,10 @@ def input_series(slo: SloSpec, profile: Profile) -> list[dict[str, str]]:
             # an estimate "below" an objective of 0.93 that it equals
             values = [round(1.0 - profile.bad(s), 12) for s in range(0, profile.steps + 1)]
             out.append(_series(mn.ESTIMATED_ACCURACY.name, {**base, "method": "atc_lower"}, values))
-            # every estimate rests on exactly the SLO's minimum and is reliable, so every one counts
-            out.append(_series(mn.ACCURACY_ESTIMATE_SAMPLES.name, base, [float(slo.sample_floor)] * len(values)))
+            # every estimate rests on exactly the SLO's minimum (the largest of the model's) and is
+            # reliable, so every one counts
+            floor = slo.sample_floor if samples is None else samples
+            out.append(_series(mn.ACCURACY_ESTIMATE_SAMPLES.name, base, [float(floor)] * len(values)))
             out.append(_series(mn.ACCURACY_ESTIMATE_RELIABLE.name, base, [1.0] * len(values)))
     return out
 

@@ -106,12 +106,24 @@ def total_selector(slo: SloSpec) -> str:
     return _sel(mn.ESTIMATED_ACCURACY.name, model=slo.model, method="atc_lower")
 
 
+def threshold_bucket(slo: SloSpec) -> str:
+    """The selector of a latency SLO's histogram bucket at its threshold (any spelling of `le`)."""
+    assert slo.threshold is not None
+    return _sel(mn.REQUEST_DURATION.sample_name, model=slo.model, le="~" + le_regex(slo.threshold))
+
+
+def missing_bucket(slo: SloSpec) -> str:
+    """PromQL: per model and replica, the latency histograms without a bucket at the SLO's threshold."""
+    count = _sel(mn.REQUEST_DURATION.name + "_count", model=slo.model)
+    return (f"count by (model, instance) ({count})\nunless on (model, instance)\n"
+            f"count by (model, instance) ({threshold_bucket(slo)})")
+
+
 def required_selectors(slo: SloSpec) -> tuple[str, ...]:
     """Selectors that must match some series for the SLI to be computable."""
     if slo.sli == "latency":
         assert slo.threshold is not None
-        return (total_selector(slo),
-                _sel(mn.REQUEST_DURATION.sample_name, model=slo.model, le="~" + le_regex(slo.threshold)))
+        return (total_selector(slo), threshold_bucket(slo))
     if slo.sli == "estimated_accuracy":
         # Without these an estimate can never count (see `usable_estimates`): say so, do not go silent.
         return (total_selector(slo), _sel(mn.ACCURACY_ESTIMATE_SAMPLES.name, model=slo.model),
@@ -133,9 +145,15 @@ def _raw_error_ratio(slo: SloSpec, window: str) -> str:
         return _ratio(bad, total)
     if slo.sli == "latency":
         assert slo.threshold is not None
-        total = _sum_rate(_sel(mn.REQUEST_DURATION.name + "_count", model=model), window)
-        good = _sum_rate(_sel(mn.REQUEST_DURATION.sample_name, model=model,
-                              le="~" + le_regex(slo.threshold)), window)
+        bucket = threshold_bucket(slo)
+        # Only histograms that have a bucket at the threshold count: a replica whose buckets miss
+        # it (an older SLO file, another bucket layout) cannot say which requests were fast, and
+        # counting its _count without a bucket would score every one of its requests slow.
+        # SentinelMetricsAbsent{scope="replica"} names such replicas. Both sides are ranges, so a replica
+        # gone since (a rescheduled pod) still counts for the part of the window it served.
+        total = (f"sum by (model) (rate({_sel(mn.REQUEST_DURATION.name + '_count', model=model)}[{window}])"
+                 f" and ignoring (le) rate({bucket}[{window}]))")
+        good = _sum_rate(bucket, window)
         # total - good: requests slower than the threshold. clamp_min guards against a
         # bucket that momentarily runs ahead of _count between two scrapes.
         return f"clamp_min({total} - {good}, 0)\n/\nclamp_min({total}, {RATE_FLOOR})"

@@ -28,9 +28,11 @@ from sentinel.slo.durations import parse_duration
 
 SliKind = Literal["availability", "latency", "agreement", "estimated_accuracy"]
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_JOB = re.compile(r"^[A-Za-z0-9_.:/-]+$")
+# Matched with fullmatch: `$` also matches before a trailing newline, and a name such as "digits\n"
+# (a quoted YAML string) would reach the PromQL label matchers and break every generated rule.
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_JOB = re.compile(r"[A-Za-z0-9_.:/-]+")
 
 # The fastest page window is 1h of 30d (1/720 of the period); it must cover 4 scrapes.
 MIN_PERIOD_SCRAPES = 720 * 4
@@ -66,10 +68,10 @@ class SloSpec:
     min_samples: int | None = None
 
     def validate(self) -> Iterator[tuple[str, str]]:
-        if not _NAME.match(self.name or ""):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             yield "name", (f"must be lower-case letters, digits, '_' or '-', starting with a letter, "
                            f"got {self.name!r}")
-        if not _MODEL.match(self.model or ""):
+        if not isinstance(self.model, str) or not _MODEL.fullmatch(self.model):
             yield "model", f"must be a model name (letters, digits, '_', '.', ':', '-'), got {self.model!r}"
         if not 0.0 < self.objective < 1.0:
             yield "objective", f"must be a ratio strictly between 0 and 1 (0.999 is 99.9%), got {self.objective}"
@@ -132,7 +134,7 @@ class SloFile:
             yield "period", (f"{self.period} is too short for a {self.scrape_interval} scrape interval: "
                              f"the fastest page window (period/720) must span at least 4 scrapes, "
                              f"so the period must be at least {MIN_PERIOD_SCRAPES} scrape intervals")
-        if not _JOB.match(self.job or ""):
+        if not isinstance(self.job, str) or not _JOB.fullmatch(self.job):
             yield "job", f"must be a Prometheus job name, got {self.job!r}"
         if not self.runbook_url.startswith(("http://", "https://")):
             yield "runbook_url", f"expected an http(s) URL, got {self.runbook_url!r}"
@@ -187,3 +189,6 @@ def _read_text(path: Path) -> str:
         raise ConfigError([f"{path}: file not found"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})"]) \
+            from None
