@@ -8,6 +8,7 @@ are resolved against the file's directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,10 +47,42 @@ def _check_addr(value: str) -> str | None:
 
 
 def _check_url(value: str) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port   # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        return f"expected an http(s) URL, got {value!r} ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"expected an http(s) URL, got {value!r}"
     return None
+
+
+def _nonfinite(obj: object, prefix: str):
+    """(field path, problem) for every NaN or infinite float in `obj` and the dataclasses it holds.
+
+    `x <= 0` is False for NaN, so range checks let it through, and a NaN or infinite timeout
+    breaks the daemon at run time (a NaN `proxy.drain_timeout_s` dropped every in-flight
+    request on SIGTERM; an infinite one crashed the stop of `proxy.workers`). A field its own
+    `validate()` already reported is not reported twice.
+    """
+    if obj is None or not dataclasses.is_dataclass(obj):
+        return
+    try:
+        own = getattr(obj, "validate", None)
+        flagged = {name for name, _ in own()} if callable(own) else set()
+    except (TypeError, ValueError, AttributeError):   # a field of the wrong type, reported by the loader
+        flagged = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            if f.name not in flagged:
+                yield f"{prefix}{f.name}", f"must be a finite number, got {value}"
+        elif dataclasses.is_dataclass(value):
+            yield from _nonfinite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, tuple):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _nonfinite(item, f"{prefix}{f.name}[{i}].")
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,10 @@ class ProxyConfig:
             yield "shed_retry_after_s", "must not be negative"
         if not 1 <= self.workers <= 64:
             yield "workers", "must be between 1 and 64"
+        if self.max_model_labels < 0:
+            yield "max_model_labels", "must be 0 (every unknown model is 'other') or positive"
+        if self.upstream_pool_size < 0:
+            yield "upstream_pool_size", "must be 0 (no idle connections kept) or positive"
 
 
 @dataclass(frozen=True)
@@ -183,6 +220,8 @@ class AnalysisConfig:
             yield "queue_max_bytes", "must be positive"
         if self.ingest_max_pending < 1:
             yield "ingest_max_pending", "must be at least 1"
+        if not self.ingest_ttl_s > 0:
+            yield "ingest_ttl_s", f"must be positive, got {self.ingest_ttl_s}"
         if self.ingest_max_pending_bytes < 1:
             yield "ingest_max_pending_bytes", "must be positive"
         if self.sample_timeout_s < 0:
@@ -276,11 +315,22 @@ class GpuConfig:
     cgroup: str | None = None
     scrape_budget_s: float = 0.5
 
+    def validate(self):
+        if not self.scrape_budget_s > 0:   # 0 or less: every scrape fails with budget_exceeded
+            yield "scrape_budget_s", f"must be positive, got {self.scrape_budget_s}"
+        for i, pid in enumerate(self.pids):
+            if isinstance(pid, int) and pid < 1:
+                yield f"pids[{i}]", f"must be a process id (1 or more), got {pid}"
+
 
 @dataclass(frozen=True)
 class TracingConfig:
     otlp_endpoint: str | None = None  # no exporter runs unless set
     service_name: str = "sentinel"
+
+    def validate(self):
+        if self.otlp_endpoint is not None and (err := _check_url(self.otlp_endpoint)):
+            yield "otlp_endpoint", err
 
 
 @dataclass(frozen=True)
@@ -330,6 +380,12 @@ class Config:
                 seen.add(m.name)
         if self.default_model is not None and self.default_model not in seen:
             yield "default_model", f"{self.default_model!r} is not among models ({', '.join(sorted(seen))})"
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from _nonfinite(value, f"{f.name}.")
+        for i, m in enumerate(self.models or ()):
+            yield from _nonfinite(m, f"models[{i}].")
 
     @property
     def base_dir(self) -> Path:

@@ -86,11 +86,30 @@ def delta(now: dict, before: dict) -> dict:
     return out
 
 
+def _fold_model(metrics: Any, key: tuple[str, str, str], count: float) -> tuple[str, str, str]:
+    """`key` with its model label passed through the main process's cardinality cap.
+
+    Each worker caps its own unknown model names at `proxy.max_model_labels`, but different
+    workers see different names: without this, N workers exported up to N times the cap.
+    The main process's `model_label` decides every label it exports; a label it folds into
+    `other` counts the worker's requests in `sentinel_unmatched_path_overflow_total`.
+    """
+    from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL
+
+    model = key[0]
+    if model in (NO_MODEL, OVERFLOW_MODEL):
+        return key
+    label = metrics.model_label(model)   # counts one overflow when it folds
+    if label == OVERFLOW_MODEL and count > 1:
+        metrics.overflow.inc(count - 1)
+    return key if label == model else (label, key[1], key[2])
+
+
 def merge(metrics: Any, d: dict) -> None:
     """Add a worker's deltas to the main process's metrics."""
     for k, v in d.items():
         if k[0] == "r":
-            metrics.merge_requests(k[1], v[0], v[1], v[2])
+            metrics.merge_requests(_fold_model(metrics, k[1], v[0]), v[0], v[1], v[2])
         else:
             m = getattr(metrics, k[1])
             (m.labels(*k[2]) if k[2] else m).inc(v)

@@ -132,6 +132,8 @@ class Sidecar:
         self.grpc_address: tuple[str, int] | None = None
         self.canary_problems: dict[str, str] = {}
         self.workers: Any = None   # multiproc.WorkerSet when proxy.workers > 1
+        self._proxy_address: tuple[str, int] | None = None
+        self._admin_address: tuple[str, int] | None = None
         self._add_gpu_collector()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -159,6 +161,7 @@ class Sidecar:
         host, port = parse_hostport(cfg.listen)
         self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port,
                                                reuse_port=cfg.proxy.workers > 1)
+        self._proxy_address = self.proxy_server.sockets[0].getsockname()[:2]
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
         admin_body = cfg.proxy.admin_max_body_bytes or 2 * max_ingest + 65536
@@ -168,6 +171,7 @@ class Sidecar:
         except InfrastructureError:
             self.proxy_server.close()
             raise
+        self._admin_address = self.admin_server.sockets[0].getsockname()[:2]
         try:
             await self._start_grpc()
         except InfrastructureError:
@@ -218,6 +222,14 @@ class Sidecar:
     async def _listen(self, field: str, addr: str, factory: Any, host: str, port: int,
                       reuse_port: bool = False) -> Any:
         try:
+            if reuse_port and port:
+                # SO_REUSEPORT lets any socket of the same user share the port: another daemon
+                # already listening there (a second sentinel with proxy.workers > 1) would be
+                # joined silently, each getting part of the connections. A plain bind first
+                # fails with "address in use" when anything listens there.
+                probe = await self.loop.create_server(factory, host, port, reuse_address=True)
+                probe.close()
+                await probe.wait_closed()
             return await self.loop.create_server(factory, host, port, backlog=2048, reuse_address=True,
                                                  reuse_port=reuse_port or None)
         except OSError as exc:
@@ -226,11 +238,16 @@ class Sidecar:
 
     @property
     def proxy_address(self) -> tuple[str, int]:
-        return self.proxy_server.sockets[0].getsockname()[:2]
+        # Kept from start: a closed server (a drain) has no sockets left, and /status still answers.
+        if self._proxy_address is None:
+            self._proxy_address = self.proxy_server.sockets[0].getsockname()[:2]
+        return self._proxy_address
 
     @property
     def admin_address(self) -> tuple[str, int]:
-        return self.admin_server.sockets[0].getsockname()[:2]
+        if self._admin_address is None:
+            self._admin_address = self.admin_server.sockets[0].getsockname()[:2]
+        return self._admin_address
 
     def request_stop(self) -> None:
         """Begin a graceful stop (signal handlers call this)."""
@@ -380,6 +397,9 @@ class Sidecar:
                 gok, gwhy = await self._grpc_upstream_ready()
                 doc["ready"] = ok = ok and gok
                 doc["grpc_upstream"] = gwhy
+            if self.ctx.draining:   # SIGTERM: the proxy listener is closed; send no more traffic here
+                doc["ready"] = ok = False
+                doc["draining"] = True
             body = json.dumps(doc).encode()
             return (200 if ok else 503), JSON, body
         if path == "/status":
