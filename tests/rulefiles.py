@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -21,3 +22,14 @@ def keep_test_groups(rules_dir: Path, name_prefix: str) -> list[str]:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert kept, f"no test group named {name_prefix!r}... in {rules_dir}/tests"
     return kept
+
+
+def promql_expr_test(tmp_path: Path, series: list[tuple[str, str]], checks: list[dict], interval: str = "1s") -> None:
+    """Run `promtool test rules` on `checks` (promql_expr_test entries) over `series` (name, values)."""
+    tests = {"evaluation_interval": "1m", "tests": [{
+        "interval": interval, "input_series": [{"series": s, "values": v} for s, v in series],
+        "promql_expr_test": checks}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

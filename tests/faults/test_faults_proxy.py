@@ -283,15 +283,21 @@ def test_a_pipelining_client_that_resets_mid_response_is_499_not_its_answers(env
     normal_request_ok(sc)
 
 
+def _two_late_pipelined(up, sc):
+    """Two pipelined requests whose answers come 0.5 s late; the socket and the 200/499 counts before."""
+    up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
+    before = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
+                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.2)
+    return s, before
+
+
 def test_a_pipelining_client_that_times_out_counts_499_for_every_answer_it_never_took(env):
     """A client timeout (FIN) while two pipelined requests wait: reading is paused for the second,
     so the FIN is not read, and the first answer counted 200 when it was written."""
     up, sc = env
-    up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
-    ok, gone = _code(sc, "200"), _code(sc, "499")
-    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
-                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.2)
+    s, (ok, gone) = _two_late_pipelined(up, sc)
     s.close()   # the client gave up: FIN, and a reset for whatever reaches it afterwards
     assert _wait(lambda: _code(sc, "499") == gone + 2)
     time.sleep(0.3)
@@ -301,11 +307,7 @@ def test_a_pipelining_client_that_times_out_counts_499_for_every_answer_it_never
 
 def test_a_pipelining_client_that_half_closes_gets_every_answer_counted_as_sent(env):
     up, sc = env
-    up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
-    ok, gone = _code(sc, "200"), _code(sc, "499")
-    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
-                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.2)
+    s, (ok, gone) = _two_late_pipelined(up, sc)
     s.shutdown(socket.SHUT_WR)   # done sending, still reading
     out = read_all(s)
     s.close()

@@ -9,10 +9,9 @@ counts from a series' first sample, so what that sample already holds was lost: 
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import pytest
-import yaml
+from rulefiles import promql_expr_test
 
 from sentinel import metricnames as mn
 from sentinel.gate import criteria, queries
@@ -60,13 +59,7 @@ def test_events_of_series_born_in_the_window_are_counted(tmp_path):
         {"expr": queries.agreement_by_result("digits", "v4", "10m"), "eval_time": "20m",
          "exp_samples": [{"labels": '{result="agree"}', "value": 360}, {"labels": '{result="disagree"}', "value": 11}]},
     ]
-    tests = {"evaluation_interval": "1m", "tests": [{
-        "interval": "15s", "input_series": [{"series": s, "values": v} for s, v in SERIES],
-        "promql_expr_test": checks}]}
-    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    promql_expr_test(tmp_path, SERIES, checks, interval="15s")
     # ...and on those counts the burst of errors fails the canary
     s = GateSettings()
     verdict = criteria.error_ratio(VersionData(codes={"200": 400.0}), VersionData(codes={"200": 400.0, "503": 20.0}),

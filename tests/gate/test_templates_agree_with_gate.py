@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rulefiles import promql_expr_test
 
 from sentinel import metricnames as mn
 from sentinel.gate import criteria, stats
@@ -130,13 +131,7 @@ PRED = mn.PREDICTIONS.sample_name
 
 
 def _promtool(tmp_path: Path, series: list[tuple[str, str]], checks: list[dict]) -> None:
-    tests = {"evaluation_interval": "1m", "tests": [{
-        "interval": "1s", "input_series": [{"series": s, "values": v} for s, v in series],
-        "promql_expr_test": checks}]}
-    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    promql_expr_test(tmp_path, series, checks)
 
 
 def test_prediction_shift_is_the_gates_effect_size_held_to_max_cramers_v(tmp_path):
