@@ -78,8 +78,9 @@ SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
 INGEST_EVENTS = _m("ingest_events", "counter",
                    "CloudEvents received on /ingest by outcome: accepted (first half, waiting for its pair), "
                    "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
-                   "table's bounds, or repeated), rejected (malformed, unknown model), oversize (over "
-                   "sampling.max_bytes).",
+                   "table's bounds, repeated, or its other half over sampling.max_bytes), rejected "
+                   "(malformed, unknown model; a refused batch counts each event), oversize (over "
+                   "sampling.max_bytes, or its other half was).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------

@@ -44,10 +44,13 @@ Response = tuple[int, bytes, bytes]
 
 
 class IngestError(DecodeError):
-    """An event that cannot be used; the message says which attribute or header is wrong."""
+    """An event that cannot be used; the message says which attribute or header is wrong.
 
-    def __init__(self, message: str, kind: str = "bad_event"):
+    events: how many events it stands for (a refused batch counts every event it held)."""
+
+    def __init__(self, message: str, kind: str = "bad_event", events: int = 1):
         super().__init__(kind, message)
+        self.events = events
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ def parse_events(headers: dict[str, str], body: bytes) -> list[Event | IngestErr
     if not isinstance(docs, list) or not docs:
         raise IngestError("batch mode: the body is not a non-empty JSON array of events")
     if len(docs) > MAX_BATCH_EVENTS:
-        raise IngestError(f"batch mode: {len(docs)} events in one request, more than {MAX_BATCH_EVENTS}", "too_large")
+        raise IngestError(f"batch mode: {len(docs)} events in one request, more than {MAX_BATCH_EVENTS}", "too_large",
+                          events=len(docs))
     out: list[Event | IngestError] = []
     for doc in docs:
         try:
@@ -197,6 +201,11 @@ class JoinTable:
     `add` returns the pair an event completes, plus how many halves became orphans: too old,
     pushed out (oldest first) to stay within `max_pending` and `max_bytes`, or replaced by a
     second copy of the same half; `expire` drops halves older than the TTL.
+
+    A half over the sampling cap is never kept: `oversize` drops its other half if that is
+    waiting, else remembers its key (no body; as many keys as `max_pending`, for the TTL) so
+    that `partner_oversize` turns the other half away when it comes, instead of keeping it
+    until the TTL and counting it an orphan.
     """
 
     def __init__(self, ttl_s: float, max_pending: int, max_bytes: int = 64 * 1024 * 1024):
@@ -205,6 +214,7 @@ class JoinTable:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._pending: OrderedDict[str, tuple[float, Event]] = OrderedDict()
+        self._oversize: OrderedDict[str, tuple[float, Half]] = OrderedDict()   # key → (when, which half)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -236,6 +246,37 @@ class JoinTable:
             dropped += 1
         return None, dropped
 
+    def oversize(self, ev: Event, now: float) -> int:
+        """`ev` is over the sampling cap, so its pair is never analysed: drop its other half if it
+        is waiting (returns 1, that orphan), else remember the key for `partner_oversize`."""
+        self._expire_oversize(now)
+        other = self._pending.get(ev.key)
+        if other is not None and other[1].half != ev.half:
+            self._drop(ev.key)
+            return 1
+        seen = self._oversize.pop(ev.key, None)
+        if seen is not None and seen[1] != ev.half:
+            return 0   # both halves over the cap: nothing is waiting for either
+        self._oversize[ev.key] = (now, ev.half)
+        while len(self._oversize) > self.max_pending:
+            self._oversize.popitem(last=False)
+        return 0
+
+    def partner_oversize(self, ev: Event, now: float) -> bool:
+        """Whether `ev`'s other half came over the sampling cap (within the TTL); forgets it if so."""
+        self._expire_oversize(now)
+        seen = self._oversize.get(ev.key)
+        if seen is None or seen[1] == ev.half:
+            return False
+        del self._oversize[ev.key]
+        return True
+
+    def _expire_oversize(self, now: float) -> None:
+        while self._oversize:
+            if now - next(iter(self._oversize.values()))[0] < self.ttl_s:
+                break
+            self._oversize.popitem(last=False)
+
     def expire(self, now: float) -> int:
         """Drop halves older than the TTL; returns how many."""
         n = 0
@@ -266,7 +307,7 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
     try:
         events = parse_events(headers, body)
     except IngestError as exc:
-        count("rejected", 1)
+        count("rejected", exc.events)
         return _reply(400, {"error": str(exc)})
     answers = [_one(ev, join, count, route, submit, known_models, now) for ev in events]
     if headers.get("content-type", "").split(";", 1)[0].strip().lower() != BATCH:
@@ -292,7 +333,14 @@ def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], N
     name, sampler = model
     if len(ev.body) > sampler.max_bytes:
         count("oversize", 1)
+        orphans = join.oversize(ev, now)   # its other half, if waiting, will never be joined
+        if orphans:
+            count("orphaned", orphans)
         return 200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes}
+    if join.partner_oversize(ev, now):
+        count("oversize", 1)
+        return 200, {"status": "not analysed: the other half's body was over sampling.max_bytes",
+                     "max_bytes": sampler.max_bytes}
     pair, dropped = join.add(ev, now)
     if dropped:
         count("orphaned", dropped)
