@@ -281,16 +281,18 @@ class GrpcProxy:
                     # sending the (empty) initial metadata completes after the cancel of a call
                     # the transport has already ended, which arrives first and cancels this task
                     # (or fails the send); on a live call it succeeds.
+                    # A call whose deadline passed before its message arrived ends the same way
+                    # (the client saw DEADLINE_EXCEEDED): that is a 504, not a message too large.
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
                     try:
                         await context.send_initial_metadata(())
                         for _ in range(EOF_SETTLE_YIELDS):
                             await asyncio.sleep(0)
                     except Exception as exc:
-                        proxy.metrics.proxy_errors.labels("message_too_large").inc()
+                        code = proxy._refused_or_late(context, t0)
                         raise CancelledError() from exc
                     except CancelledError:
-                        proxy.metrics.proxy_errors.labels("message_too_large").inc()
+                        code = proxy._refused_or_late(context, t0)
                         raise
                     code = grpc.StatusCode.INVALID_ARGUMENT
                     proxy.metrics.proxy_errors.labels("grpc_empty_request").inc()
@@ -335,12 +337,13 @@ class GrpcProxy:
                     if len(response) > sampler[1].max_bytes:
                         proxy.count_sample(sampler[0], "oversize")
                     else:
-                        proxy.submit(Sample(sampler[0], SAMPLE_PROTOCOL, {}, request, {}, response,
-                                            "proxy", trace_id, time.time()))
+                        proxy._submit(Sample(sampler[0], SAMPLE_PROTOCOL, {}, request, {}, response,
+                                             "proxy", trace_id, time.time()))
                 return response
             except BaseException as exc:
-                if isinstance(exc, CancelledError) and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    label = None   # the transport refused the message (see above)
+                if isinstance(exc, CancelledError) and code in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                grpc.StatusCode.DEADLINE_EXCEEDED):
+                    label = None   # the transport refused the message, or the deadline passed first (see above)
                 elif isinstance(exc, CancelledError):
                     # the client went away or its deadline passed
                     code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
@@ -359,6 +362,21 @@ class GrpcProxy:
                                                       time.perf_counter() - t0, trace_id)
 
         return call
+
+    def _submit(self, sample: Sample) -> None:
+        """Hand a sample to the analysis side; the model's answer is sent whatever becomes of it."""
+        try:
+            self.submit(sample)
+        except Exception as exc:   # e.g. the analysis worker could not be started (fork failed)
+            self.count_sample(sample.model, "dropped")
+            self._log_once("sample_submit_failed", f"a gRPC sample was dropped: {exc!r}")
+
+    def _refused_or_late(self, context: Any, t0: float) -> grpc.StatusCode:
+        """A unary call ended by the transport before its message was read: too large, or past its deadline."""
+        if cancel_code(context.time_remaining(), time.perf_counter() - t0) == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        self.metrics.proxy_errors.labels("message_too_large").inc()
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def _upstream_error(self, code: grpc.StatusCode, details: str | None) -> str:
         """Count a failed upstream call; returns its code label."""
@@ -397,7 +415,24 @@ class GrpcProxy:
                 for _ in range(max(len(sent), at_least)):
                     observe(code_)
 
-            # A stream lasts as long as the client wants: only the client's deadline bounds it.
+            # A stream lasts as long as the client wants (only the client's deadline bounds it),
+            # so it holds its slot of grpc.max_concurrent_rpcs as a unary call does, and is shed
+            # the same way: before anything is opened upstream.
+            proxy.inflight += 1
+            code = grpc.StatusCode.OK
+            try:
+                if proxy.inflight > proxy.max_concurrent:
+                    code = grpc.StatusCode.UNAVAILABLE
+                    proxy.metrics.proxy_errors.labels("concurrency_limit").inc()
+                    if counted:
+                        fail_pending(code_label(code), 1)
+                    await context.abort(code, f"the sidecar has {proxy.max_concurrent} calls in flight "
+                                              "(grpc.max_concurrent_rpcs)")
+            except BaseException:
+                proxy.inflight -= 1
+                proxy._end_span(span, method, code, model)
+                raise
+
             ucall = mc(timeout=context.time_remaining(), metadata=tuple(fwd))
 
             async def pump() -> None:
@@ -420,19 +455,23 @@ class GrpcProxy:
                 except (aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError):
                     return
 
+            async def send_initial() -> None:
+                """The upstream's initial metadata, once: before the first message, or with the status."""
+                nonlocal initial_sent
+                if not initial_sent:
+                    initial_sent = True
+                    initial = _forwardable(await ucall.initial_metadata())
+                    if initial:
+                        await context.send_initial_metadata(initial)
+
             pump_task = asyncio.ensure_future(pump())
-            code = grpc.StatusCode.OK
             initial_sent = False
             try:
                 while True:
                     resp = await ucall.read()
                     if resp is aio.EOF:
                         break
-                    if not initial_sent:
-                        initial_sent = True
-                        initial = _forwardable(await ucall.initial_metadata())
-                        if initial:
-                            await context.send_initial_metadata(initial)
+                    await send_initial()
                     if counted:
                         observe("500" if _stream_error(resp) else "200")
                     await context.write(resp)
@@ -440,6 +479,7 @@ class GrpcProxy:
                 trailing = _forwardable(await ucall.trailing_metadata())
                 if code != grpc.StatusCode.OK:
                     raise aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), await ucall.details())
+                await send_initial()   # a stream answered with no message still has its metadata
                 if trailing:
                     context.set_trailing_metadata(trailing)
             except aio.AioRpcError as exc:
@@ -448,6 +488,7 @@ class GrpcProxy:
                 if counted:
                     fail_pending(label, 1)
                 trailing = _forwardable(await ucall.trailing_metadata())
+                await send_initial()
                 await context.abort(code, exc.details() or "", trailing)
             except CancelledError:
                 code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
@@ -456,6 +497,7 @@ class GrpcProxy:
                     fail_pending(code_label(code), 0)
                 raise
             finally:
+                proxy.inflight -= 1
                 pump_task.cancel()
                 proxy._end_span(span, method, code, model)
 
