@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sentinel.errors import IntegrityError, RegistryError, UsageError
+from sentinel.errors import ConfigError, IntegrityError, RegistryError, UsageError
 from sentinel.preprocess import Preprocessing
 from sentinel.registry import ModelEntry, confined, manifest_to_dict, sha256_file
 from sentinel.schema import load_mapping, read_yaml
@@ -117,64 +117,201 @@ class GoldenSet:
         return self.meta.count
 
 
+MAX_META_BYTES = 16 << 20        # manifest.json, golden.yaml, contract.json: refused above this
+MAX_GOLDEN_BYTES = 4 << 30       # a golden set's array files together (they are copied into memory)
+
+# dtype kinds and number of axes each array must have (None: at least 2, the first samples)
+_LAYOUT = {"ids": ("iu", 1), "labels": ("iu", 1), "inputs": ("f", 4), "logits": ("f", 2),
+           "probabilities": ("f", 2), "embeddings": ("f", 2), "raw": ("buif", None)}
+_FINITE = ("raw", "inputs", "logits", "probabilities", "embeddings")
+
+
+def _read_small(path: Path, what: str) -> str:
+    """The text of a small metadata file; UsageError when it is not a regular file or too large."""
+    if not path.is_file():
+        raise UsageError(f"{what}: not a regular file")
+    size = path.stat().st_size
+    if size > MAX_META_BYTES:
+        raise UsageError(f"{what}: {size} bytes, more than the {MAX_META_BYTES >> 20} MiB a golden set's "
+                         "metadata file may hold")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{what}: cannot read it ({exc})") from None
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json as a mapping (confined to `root`, bounded), or UsageError naming what is wrong."""
+    mpath = confined(root, "manifest.json", str(root))
+    text = _read_small(mpath, str(mpath))
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{mpath}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{mpath}: unreadable manifest (expected a JSON object, got {type(manifest).__name__})")
+    return manifest
+
+
+def _read_meta(root: Path) -> GoldenMeta:
+    path = confined(root, "golden.yaml", str(root))
+    _read_small(path, str(path))          # a regular file of bounded size, inside the golden set
+    return load_mapping(read_yaml(path), GoldenMeta, str(path))
+
+
+def _all_finite(arr: np.ndarray, chunk_bytes: int = 64 << 20) -> bool:
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return True
+    step = max(1, chunk_bytes // max(1, arr[0].nbytes))
+    return all(bool(np.isfinite(arr[i:i + step]).all()) for i in range(0, len(arr), step))
+
+
+def _content_problems(root: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+    """What makes an intact (digest-matching) golden set unusable: its arrays against golden.yaml and each other."""
+    try:
+        meta = _read_meta(root)
+    except ConfigError as exc:
+        return list(exc.problems)
+    except UsageError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    k = len(meta.classes)
+    if meta.count < 1:
+        problems.append(f"{root / 'golden.yaml'}: count: {meta.count}; a golden set needs at least one sample")
+    for name, arr in sorted(arrays.items()):
+        p = root / f"{name}.npy"
+        kinds, ndim = _LAYOUT[name]
+        if arr.dtype.kind not in kinds or arr.dtype.fields is not None:
+            problems.append(f"{p}: dtype {arr.dtype}; {name} must be "
+                            f"{'integers' if kinds == 'iu' else 'floating point' if kinds == 'f' else 'numbers'}")
+            continue
+        if (arr.ndim != ndim) if ndim is not None else (arr.ndim < 2):
+            want = f"{ndim} axes" if ndim is not None else "at least 2 axes"
+            problems.append(f"{p}: shape {list(arr.shape)}; {name} must have {want}, the first one samples")
+            continue
+        if len(arr) != meta.count:
+            problems.append(f"{p}: has {len(arr)} rows; golden.yaml says count: {meta.count}")
+        if name in ("logits", "probabilities") and arr.shape[1] != k:
+            problems.append(f"{p}: {arr.shape[1]} columns; golden.yaml lists {k} classes")
+        if name in _FINITE and not _all_finite(arr):
+            problems.append(f"{p}: contains NaN or infinite values")
+    lg, pr = arrays.get("logits"), arrays.get("probabilities")
+    if lg is not None and pr is not None and lg.ndim == pr.ndim == 2 and lg.shape != pr.shape:
+        problems.append(f"{root / 'probabilities.npy'}: shape {list(pr.shape)} differs from logits' {list(lg.shape)}")
+    labels = arrays.get("labels")
+    if labels is not None and labels.dtype.kind in "iu" and labels.ndim == 1:
+        bad = np.flatnonzero((labels < 0) | (labels >= k))
+        if len(bad):
+            problems.append(f"{root / 'labels.npy'}: label {int(labels[bad[0]])} of sample {int(bad[0])} is not a "
+                            f"class index (0-{k - 1}; golden.yaml lists {k} classes)")
+    ids = arrays.get("ids")
+    if ids is not None and ids.dtype.kind in "iu" and ids.ndim == 1:
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            dup = uniq[counts > 1]
+            problems.append(f"{root / 'ids.npy'}: {len(ids) - len(uniq)} duplicated sample ids (e.g. {int(dup[0])}); "
+                            "each sample must appear once")
+    return problems
+
+
 def check_golden(path: str | Path) -> list[str]:
-    """Every problem with a golden set's files (empty when it is intact)."""
+    """Every problem with a golden set's files (empty when it is intact).
+
+    Besides the digests, shapes and dtypes of manifest.json: every path stays inside the
+    directory, golden.yaml and contract.json have digests, no array file is present unlisted,
+    and the arrays are what golden.yaml says (rows = count, one column per class, labels are
+    class indices, ids unique, values finite).
+    """
     root = Path(path)
     problems: list[str] = []
-    mpath = root / "manifest.json"
-    if not (root / "golden.yaml").is_file():
+    if not (root / "golden.yaml").exists():
         return [f"{root / 'golden.yaml'}: missing (is {root} a golden set?)"]
-    if not mpath.is_file():
-        return [f"{mpath}: missing"]
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        return [f"{mpath}: unreadable manifest ({exc})"]
-    if not isinstance(files, dict):
-        return [f"{mpath}: files must map file names to their sha256, shape and dtype"]
-    for fixed in ("golden.yaml", *(f"{a}.npy" for a in ARRAYS)):
+    for fixed in ("manifest.json", "golden.yaml", CONTRACT_FILE, *(f"{a}.npy" for a in ARRAYS)):
         try:
             confined(root, fixed, str(root))
         except RegistryError as exc:
             problems.append(str(exc))
     if problems:
         return problems
+    mpath = root / "manifest.json"
+    if not mpath.exists():
+        return [f"{mpath}: missing"]
+    try:
+        manifest = _read_manifest(root)
+        _read_small(root / "golden.yaml", str(root / "golden.yaml"))
+    except UsageError as exc:
+        return [str(exc)]
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return [f"{mpath}: files must map file names to their sha256, shape and dtype"]
     ydigest = manifest.get("golden.yaml")
-    if ydigest and sha256_file(root / "golden.yaml") != ydigest:
+    if not isinstance(ydigest, str):
+        problems.append(f"{mpath}: no sha256 for golden.yaml (its model, count, classes and tolerance are unverified)")
+    elif sha256_file(root / "golden.yaml") != ydigest:
         problems.append(f"{root / 'golden.yaml'}: sha256 does not match manifest.json")
+    cpath = root / CONTRACT_FILE
+    if cpath.exists() or cpath.is_symlink():
+        cdigest = manifest.get(CONTRACT_FILE)
+        if not cpath.is_file():
+            problems.append(f"{cpath}: not a regular file")
+        elif not isinstance(cdigest, str):
+            problems.append(f"{mpath}: no sha256 for {CONTRACT_FILE}")
+        elif sha256_file(cpath) != cdigest:
+            problems.append(f"{cpath}: sha256 does not match manifest.json")
     for req in REQUIRED:
         if f"{req}.npy" not in files:
             problems.append(f"{mpath}: files: {req}.npy is required but not listed")
+    for a in ARRAYS:
+        if f"{a}.npy" not in files and (root / f"{a}.npy").exists():
+            problems.append(f"{root / f'{a}.npy'}: present but not listed in manifest.json (it would be used "
+                            "unverified; remove it or rebuild the golden set)")
     count = None
+    total = 0
+    loaded: dict[str, np.ndarray] = {}
     for name, info in sorted(files.items()):
         try:
             p = confined(root, str(name), f"{mpath}: files")
         except RegistryError as exc:
             problems.append(str(exc))
             continue
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in info["shape"])):
+            problems.append(f"{mpath}: files: {name!r} needs a sha256 (string), a shape (list of integers) and a dtype")
+            continue
         if not p.is_file():
             problems.append(f"{p}: missing")
             continue
+        total += p.stat().st_size
+        if total > MAX_GOLDEN_BYTES:
+            problems.append(f"{p}: the golden set's arrays exceed {MAX_GOLDEN_BYTES >> 30} GiB; not read")
+            break
         digest = sha256_file(p)
-        if digest != info.get("sha256"):
-            problems.append(f"{p}: sha256 {digest[:12]}… does not match manifest {str(info.get('sha256'))[:12]}…")
+        if digest != info["sha256"]:
+            problems.append(f"{p}: sha256 {digest[:12]}… does not match manifest {info['sha256'][:12]}…")
             continue
         try:
             arr = np.load(p, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as exc:
             problems.append(f"{p}: not a readable .npy array ({exc})")
             continue
-        if list(arr.shape) != list(info.get("shape", [])):
-            problems.append(f"{p}: shape {list(arr.shape)} does not match manifest {info.get('shape')}")
-        if str(arr.dtype) != info.get("dtype"):
-            problems.append(f"{p}: dtype {arr.dtype} does not match manifest {info.get('dtype')}")
-        n = arr.shape[0] if arr.ndim else None
+        if list(arr.shape) != list(info["shape"]):
+            problems.append(f"{p}: shape {list(arr.shape)} does not match manifest {info['shape']}")
+        if str(arr.dtype) != info["dtype"]:
+            problems.append(f"{p}: dtype {arr.dtype} does not match manifest {info['dtype']}")
+        if not arr.ndim:
+            problems.append(f"{p}: holds a single value (shape []), not one row per sample")
+            continue
+        n = arr.shape[0]
         if count is None:
             count = n
         elif n != count:
             problems.append(f"{p}: has {n} rows, other files have {count}")
-    return problems
+        if Path(str(name)).suffix == ".npy" and Path(str(name)).stem in ARRAYS and Path(str(name)).parent == Path("."):
+            loaded[Path(str(name)).stem] = arr
+    if problems:
+        return problems
+    return _content_problems(root, loaded)
 
 
 def load_golden(path: str | Path, *, check: bool = True) -> GoldenSet:
@@ -184,10 +321,9 @@ def load_golden(path: str | Path, *, check: bool = True) -> GoldenSet:
         problems = check_golden(root)
         if problems:
             raise IntegrityError("golden set failed its check: " + "; ".join(problems))
-    elif not (root / "golden.yaml").is_file():
+    elif not (root / "golden.yaml").exists():
         raise UsageError(f"{root}: not a golden set (no golden.yaml)")
-    meta = load_mapping(read_yaml(root / "golden.yaml"), GoldenMeta, str(root / "golden.yaml"))
-    return GoldenSet(root, meta)
+    return GoldenSet(root, _read_meta(root))
 
 
 def golden_path(root: str | Path, entry: ModelEntry) -> Path:
@@ -225,6 +361,21 @@ def golden_for(entry: ModelEntry, root: str | Path | None = "golden_sets",
     if g.meta.weights_sha256 and g.meta.weights_sha256 != entry.manifest.weights.sha256:
         raise UsageError(
             f"{g.path}: golden set was computed with other weights than {entry.spec}'s model.yaml names; rebuild it")
+    # A golden set without a weights digest (or one edited) may still be for another network:
+    # its shapes must be this model's, or every consumer fails deep inside with a broadcast error.
+    if tuple(g.meta.classes) != tuple(entry.manifest.classes):
+        raise UsageError(f"{g.path}: golden.yaml lists {len(g.meta.classes)} classes "
+                         f"({', '.join(g.meta.classes[:5])}{', …' if len(g.meta.classes) > 5 else ''}), "
+                         f"{entry.spec} has {len(entry.manifest.classes)} "
+                         f"({', '.join(entry.manifest.classes[:5])}{', …' if len(entry.manifest.classes) > 5 else ''})")
+    shape = tuple(g.inputs.shape[1:])
+    if shape != tuple(entry.manifest.input.shape):
+        raise UsageError(f"{g.path}: inputs have shape {shape} per sample; {entry.spec} expects "
+                         f"{tuple(entry.manifest.input.shape)}")
+    width = entry.densenet_config().feature_width
+    if g.embeddings.shape[1] != width:
+        raise UsageError(f"{g.path}: embeddings have {g.embeddings.shape[1]} features; {entry.spec}'s network "
+                         f"has {width}")
     return g
 
 
@@ -232,6 +383,61 @@ def _write_array(root: Path, name: str, arr: np.ndarray, files: dict[str, Any]) 
     p = root / f"{name}.npy"
     np.save(p, np.ascontiguousarray(arr), allow_pickle=False)
     files[p.name] = {"sha256": sha256_file(p), "shape": list(arr.shape), "dtype": str(arr.dtype)}
+
+
+def _golden_files() -> set[str]:
+    """The file names a golden set owns (what `build_golden` replaces in an existing one)."""
+    return {f"{a}.npy" for a in ARRAYS} | {"golden.yaml", "manifest.json", CONTRACT_FILE}
+
+
+def _check_out_dir(root: Path) -> None:
+    """Refuse to write a golden set where it would replace anything but a golden set's own files."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--out {root}: exists and is not a directory")
+    if root.is_dir() and not (root / "golden.yaml").is_file() and any(root.iterdir()):
+        raise UsageError(f"--out {root}: not empty and not a golden set (no golden.yaml); name a new or empty "
+                         "directory (building replaces a golden set's files)")
+
+
+def _check_build_inputs(entry: ModelEntry, inputs: np.ndarray, raw: np.ndarray | None, ids: np.ndarray,
+                        labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """ids and labels as int64 once every array fits the inputs; UsageError naming the first that does not."""
+    n = len(inputs)
+    if n < 1:
+        raise UsageError("a golden set needs at least one sample (got 0)")
+    if not _all_finite(np.asarray(inputs)):
+        bad = int(np.flatnonzero(~np.isfinite(np.asarray(inputs).reshape(n, -1)).all(axis=1))[0])
+        raise UsageError(f"inputs: sample {bad} contains NaN or infinite values")
+    if raw is not None and len(raw) != n:
+        raise UsageError(f"raw: {len(raw)} samples for {n} inputs")
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or len(ids) != n:
+        raise UsageError(f"ids: shape {tuple(ids.shape)}; one id per sample ({n}) expected")
+    if ids.dtype.kind not in "iu":
+        raise UsageError(f"ids: {ids.dtype} values; ids are integers")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != n:
+        raise UsageError(f"ids: {n - len(uniq)} duplicated (e.g. {int(uniq[counts > 1][0])}); each sample must "
+                         "appear once in a golden set")
+    if labels is not None:
+        labels = class_labels(labels, n, len(entry.manifest.classes), "labels")
+    return ids.astype(np.int64), None if labels is None else labels.astype(np.int64)
+
+
+def _labels_look_unrelated(pred: np.ndarray, labels: np.ndarray, k: int) -> str | None:
+    """Why `labels` look unrelated to the inputs (agreement with the reference no better than chance), or None."""
+    n = len(labels)
+    if n < 20 or k < 2:
+        return None
+    acc = float((pred == labels).mean())
+    # agreement expected if labels and predictions were unrelated (Cohen's chance agreement)
+    chance = float(np.dot(np.bincount(labels, minlength=k), np.bincount(pred, minlength=k)) / n / n)
+    if chance > 0.99:            # one class throughout: agreement tells nothing
+        return None
+    if acc <= chance + 3 * float(np.sqrt(chance * (1 - chance) / n)):
+        return (f"the reference model agrees with only {acc:.1%} of the labels (chance level {chance:.1%} on "
+                f"{n} samples): are the labels in the same order as the inputs?")
+    return None
 
 
 def build_golden(
@@ -246,43 +452,85 @@ def build_golden(
     tolerance: Tolerance | None = None,
     device: str | None = None,
 ) -> GoldenSet:
-    """Compute reference outputs for the inputs and write a golden set with its manifest."""
+    """Compute reference outputs for the inputs and write a golden set with its manifest.
+
+    Everything is checked (shapes, ids, labels, finite inputs, labels against the reference's
+    predictions) and written to a temporary folder beside `out` first: bad input leaves an
+    existing golden set as it was, and a folder that is not a golden set is never written into.
+    """
+    import os
+    import shutil
+    import tempfile
+
     pre = entry.manifest.preprocessing
     if inputs is None:
         if raw is None:
             raise UsageError("a golden set needs raw or preprocessed inputs")
         inputs = pre.apply(raw)
+    elif raw is not None:
+        if len(raw) != len(inputs):
+            raise UsageError(f"raw: {len(raw)} samples for {len(inputs)} inputs")
+        if len(raw) and not np.allclose(pre.apply(raw), inputs, atol=1e-4, equal_nan=True):
+            raise UsageError(f"raw and inputs disagree: {entry.spec}'s preprocessing of raw does not give inputs "
+                             "(give one of them)")
     expected = tuple(entry.manifest.input.shape)
     if tuple(inputs.shape[1:]) != expected:
         raise UsageError(f"inputs have shape {tuple(inputs.shape[1:])} per sample; {entry.spec} expects {expected}")
+    ids, labels = _check_build_inputs(entry, inputs, raw, ids, labels)
+    root = Path(out)
+    _check_out_dir(root)
     ref = entry.reference(device=device)
     outs = ref.run(inputs)
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("*.npy"):
-        stale.unlink()
-    files: dict[str, Any] = {}
-    _write_array(root, "ids", np.asarray(ids, np.int64), files)
-    if raw is not None:
-        _write_array(root, "raw", np.asarray(raw, np.float32), files)
-    _write_array(root, "inputs", np.asarray(inputs, np.float32), files)
-    if labels is not None:
-        _write_array(root, "labels", np.asarray(labels, np.int64), files)
-    _write_array(root, "logits", outs.logits, files)
-    _write_array(root, "probabilities", outs.probabilities, files)
-    _write_array(root, "embeddings", outs.embeddings, files)
-    meta = GoldenMeta(
-        model=entry.name, version=entry.version, count=int(len(inputs)), classes=entry.manifest.classes,
-        preprocessing=pre, tolerance=tolerance or Tolerance(), source=source,
-        weights_sha256=entry.manifest.weights.sha256,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    # golden.yaml has the same shape as model.yaml's dataclasses; reuse its serializer.
-    (root / "golden.yaml").write_text(yaml.safe_dump(manifest_to_dict(meta), sort_keys=False), encoding="utf-8")
-    manifest = {"golden.yaml": sha256_file(root / "golden.yaml"), "files": files}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_contract(root, np.asarray(inputs, np.float32),
-                  np.dtype(np.asarray(raw).dtype if raw is not None else entry.manifest.input.dtype).kind)
+    if labels is not None and (why := _labels_look_unrelated(outs.probabilities.argmax(1), labels,
+                                                             len(entry.manifest.classes))):
+        raise UsageError(f"labels: {why}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+    try:
+        files: dict[str, Any] = {}
+        _write_array(tmp, "ids", ids, files)
+        if raw is not None:
+            _write_array(tmp, "raw", np.asarray(raw, np.float32), files)
+        _write_array(tmp, "inputs", np.asarray(inputs, np.float32), files)
+        if labels is not None:
+            _write_array(tmp, "labels", labels, files)
+        _write_array(tmp, "logits", outs.logits, files)
+        _write_array(tmp, "probabilities", outs.probabilities, files)
+        _write_array(tmp, "embeddings", outs.embeddings, files)
+        meta = GoldenMeta(
+            model=entry.name, version=entry.version, count=int(len(inputs)), classes=entry.manifest.classes,
+            preprocessing=pre, tolerance=tolerance or Tolerance(), source=source,
+            weights_sha256=entry.manifest.weights.sha256,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        # golden.yaml has the same shape as model.yaml's dataclasses; reuse its serializer.
+        (tmp / "golden.yaml").write_text(yaml.safe_dump(manifest_to_dict(meta), sort_keys=False), encoding="utf-8")
+        manifest = {"golden.yaml": sha256_file(tmp / "golden.yaml"), "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        try:
+            save_contract(tmp, np.asarray(inputs, np.float32),
+                          np.dtype(np.asarray(raw).dtype if raw is not None else entry.manifest.input.dtype).kind)
+        except ValueError as exc:
+            raise UsageError(f"inputs: cannot derive the input contract: {exc}") from None
+        problems = check_golden(tmp)
+        if problems:
+            raise IntegrityError("the golden set built failed its check: " + "; ".join(problems))
+        # Into place: the old manifest goes first, so a set caught half-replaced fails its check.
+        _check_out_dir(root)
+        root.mkdir(exist_ok=True)
+        (root / "manifest.json").unlink(missing_ok=True)
+        for name in sorted(_golden_files() - {"manifest.json"}):
+            if (tmp / name).exists():
+                os.replace(tmp / name, root / name)
+            else:
+                (root / name).unlink(missing_ok=True)
+        os.replace(tmp / "manifest.json", root / "manifest.json")
+    except OSError as exc:
+        from sentinel.errors import InfrastructureError
+
+        raise InfrastructureError(f"--out {root}: cannot write the golden set ({exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return load_golden(root)
 
 
@@ -307,17 +555,18 @@ def load_contract(golden: GoldenSet):
     """The golden set's stored input contract (None when it has none); IntegrityError when its digest is off."""
     from sentinel.drift.inputcontract import InputContract
 
-    path = golden.path / CONTRACT_FILE
-    if not path.is_file():
+    path = confined(golden.path, CONTRACT_FILE, str(golden.path))
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        digest = json.loads((golden.path / "manifest.json").read_text()).get(CONTRACT_FILE)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{golden.path / 'manifest.json'}: unreadable ({exc})") from None
-    if digest is None or sha256_file(path) != digest:
+        digest = _read_manifest(golden.path).get(CONTRACT_FILE)
+        text = _read_small(path, str(path))
+    except UsageError as exc:
+        raise IntegrityError(str(exc)) from None
+    if not isinstance(digest, str) or sha256_file(path) != digest:
         raise IntegrityError(f"{path}: sha256 does not match manifest.json (rebuild the golden set)")
     try:
-        return InputContract.from_json(path.read_text(encoding="utf-8"))
+        return InputContract.from_json(text)
     except ValueError as exc:
         raise IntegrityError(f"{path}: {exc}") from None
 
@@ -343,22 +592,68 @@ def read_arrays(path: str | Path, what: str) -> dict[str, np.ndarray]:
     try:
         if p.suffix == ".npz" and not p.is_dir():
             with zipfile.ZipFile(p) as zf:
-                size = sum(i.file_size for i in zf.infolist())
-            _check_size(size, what)
+                infos = zf.infolist()
+                _check_size(sum(i.file_size for i in infos), what)
+                declared = 0
+                for info in infos:
+                    if info.filename.endswith(".npy"):
+                        with zf.open(info) as fp:
+                            declared += _npy_data_bytes(fp, info.file_size, f"{what}: {info.filename}")
+                _check_size(declared, what)
             with np.load(p, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
+        if any(not f.is_file() for f in files):
+            raise UsageError(f"{what}: not a regular file")
         _check_size(sum(f.stat().st_size for f in files), what)
+        declared = 0
+        for f in files:
+            with open(f, "rb") as fp:
+                declared += _npy_data_bytes(fp, f.stat().st_size, what if f == p else f"{what}: {f.name}")
+        _check_size(declared, what)
         if p.is_dir():
             return {f.stem: np.load(f, allow_pickle=False) for f in files}
         return {"inputs": np.load(p, allow_pickle=False)}
     except UsageError:
         raise
+    except MemoryError:
+        raise UsageError(f"{what}: its arrays do not fit in memory; split it") from None
     except zipfile.BadZipFile as exc:
         raise UsageError(f"{what}: not a readable .npz ({exc})") from None
     except ValueError as exc:   # object arrays (would need pickle), a bad header, a truncated array
         raise UsageError(f"{what}: cannot read its arrays: {exc}") from None
     except (OSError, EOFError) as exc:
         raise UsageError(f"{what}: cannot read it: {exc}") from None
+
+
+def _npy_data_bytes(fp: Any, file_bytes: int, what: str) -> int:
+    """Bytes of array data an .npy header declares, checked against the bytes there are, before any is read.
+
+    An 8-byte file can declare a 4-PiB array; numpy would allocate it before finding the file short.
+    """
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = npformat.read_array_header_2_0(fp)
+        else:
+            shape, _, dtype = npformat._read_array_header(fp, version)  # noqa: SLF001 - 3.0 has no public reader
+    except (ValueError, OSError, EOFError) as exc:
+        raise UsageError(f"{what}: not a readable .npy array ({exc})") from None
+    if dtype.hasobject:
+        raise UsageError(f"{what}: cannot read its arrays: Object arrays cannot be loaded without pickle "
+                         f"({dtype}); refused")
+    n = 1
+    for d in shape:
+        n *= int(d)
+    declared = n * dtype.itemsize
+    available = file_bytes - fp.tell()
+    if declared > available:
+        raise UsageError(f"{what}: cannot read its arrays: its header declares {declared:,} bytes of {dtype} {tuple(shape)}, the file holds "
+                         f"{max(available, 0):,} (truncated or forged)")
+    return declared
 
 
 def _check_size(size: int, what: str) -> None:

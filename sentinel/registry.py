@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sentinel.errors import ConfigError, IntegrityError, RegistryError
+from sentinel.errors import ConfigError, IntegrityError, RegistryError, WeightsError
 from sentinel.preprocess import Preprocessing
 from sentinel.protocols.names import WireProtocol
 from sentinel.schema import load_mapping, read_yaml
@@ -115,9 +115,12 @@ def confined(base: str | Path, rel: str, where: str) -> Path:
     Manifests come from outside (a registry or golden set someone hands over); a path in one
     must not make sentinel read or hash arbitrary files. Raises RegistryError naming `where`.
     """
-    root = Path(base).resolve()
     candidate = Path(base) / rel
-    target = candidate.resolve()
+    try:
+        root = Path(base).resolve()
+        target = candidate.resolve()
+    except (ValueError, OSError) as exc:   # a NUL byte, a symlink loop, a name too long
+        raise RegistryError(f"{where}: {rel!r} is not a usable path ({exc})") from None
     if Path(rel).is_absolute() or not target.is_relative_to(root):
         raise RegistryError(
             f"{where}: {rel!r} resolves to {target}, outside {root}; paths in a manifest must stay in its directory")
@@ -183,9 +186,19 @@ class ModelEntry:
                 f"{self.manifest.weights.sha256[:16]}…")
 
     def densenet_config(self):
-        from sentinel.reference.arch import resolve_config
+        import dataclasses
 
-        cfg = resolve_config(self.manifest.arch, **self.manifest.architecture)
+        from sentinel.reference.arch import DenseNetConfig, resolve_config
+
+        known = {f.name for f in dataclasses.fields(DenseNetConfig)}
+        unknown = sorted(set(self.manifest.architecture) - known)
+        if unknown:
+            raise ConfigError([f"{self.manifest_path}: architecture.{unknown[0]}: unknown field "
+                               f"(known: {', '.join(sorted(known))})"])
+        try:
+            cfg = resolve_config(self.manifest.arch, **self.manifest.architecture)
+        except (TypeError, ValueError) as exc:   # an unknown field, a mistyped or out-of-range value
+            raise ConfigError([f"{self.manifest_path}: architecture: {exc}"]) from None
         if cfg.num_classes != len(self.manifest.classes):
             raise ConfigError([
                 f"{self.manifest_path}: classes: lists {len(self.manifest.classes)} classes but "
@@ -197,10 +210,23 @@ class ModelEntry:
         from sentinel.reference.densenet import DenseNet
         from sentinel.reference.weights import load_weights
 
-        model = DenseNet(self.densenet_config())
+        cfg = self.densenet_config()
+        if load and verify:
+            self.check_weights()
+        if load and self.weights_path.is_file():
+            # Before the network is allocated: model.yaml's architecture decides its size, and
+            # only a weights file that can hold that many parameters (at least a byte each) may
+            # make sentinel allocate it.
+            from sentinel.gpu.memory import weights_bytes
+
+            params = weights_bytes(cfg)[0]
+            size = self.weights_path.stat().st_size
+            if params > size:
+                raise WeightsError(
+                    f"{self.weights_path}: {size} bytes cannot hold the {params:,} parameters {self.manifest_path}'s "
+                    f"architecture needs; the weights are for another architecture")
+        model = DenseNet(cfg)
         if load:
-            if verify:
-                self.check_weights()
             load_weights(model, self.weights_path)
         return model.eval()
 
@@ -289,8 +315,18 @@ def write_manifest(m: ModelManifest, path: str | Path) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
+MAX_MANIFEST_BYTES = 16 << 20   # a model.yaml larger than this is refused unread
+
+
 def load_manifest(path: str | Path) -> ModelManifest:
-    return load_mapping(read_yaml(path), ModelManifest, str(path))
+    """A model.yaml: a regular file of bounded size (a FIFO would block the reader forever)."""
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ConfigError([f"{p}: not a regular file"])
+    if p.is_file() and p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ConfigError([f"{p}: {p.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES >> 20} MiB a "
+                           "model.yaml may hold"])
+    return load_mapping(read_yaml(p), ModelManifest, str(p))
 
 
 class Registry:
@@ -306,6 +342,7 @@ class Registry:
         if not self.root.is_dir():
             return out
         for path in sorted(self.root.glob("*/*/model.yaml")):
+            confined(path.parent, "model.yaml", str(path.parent))   # a symlink to a file elsewhere is refused
             out.append(ModelEntry(path.parent, load_manifest(path)))
         return sorted(out, key=lambda e: (e.name, _version_key(e.version)))
 

@@ -83,7 +83,13 @@ def check(
     from sentinel.drift import Reference, Suite, Window
     from sentinel.drift.features import input_statistics
     from sentinel.errors import UsageError
-    from sentinel.golden import class_labels, golden_for, numeric_samples, read_arrays
+    from sentinel.golden import (
+        MAX_ARRAY_FILE_BYTES,
+        class_labels,
+        golden_for,
+        numeric_samples,
+        read_arrays,
+    )
     from sentinel.registry import open_registry
 
     started = time.perf_counter()
@@ -104,6 +110,17 @@ def check(
         raise UsageError(f"--input {input_file}: expected an existing .npz file")
     what = f"--input {input_file}"
     arrays = read_arrays(input_file, what)
+    expected = tuple(entry.manifest.input.shape)
+    for name in ("inputs", "raw"):
+        # the network sees float32 N×C×H×W: bounded like the file, before converting or preprocessing
+        # (8×8 raw digits become 32×32 inputs, 16 times the bytes)
+        if name in arrays and np.asarray(arrays[name]).ndim:
+            need = len(arrays[name]) * math.prod(expected) * 4
+            if need > MAX_ARRAY_FILE_BYTES:
+                raise UsageError(f"{what}: array '{name}' makes {need / 2**30:.1f} GiB of network inputs for "
+                                 f"{entry.spec}, more than the {MAX_ARRAY_FILE_BYTES >> 30} GiB a run may hold; "
+                                 "split it")
+            break
     if "inputs" in arrays:
         x = np.asarray(numeric_samples(arrays["inputs"], "inputs", what), np.float32)
     elif "raw" in arrays:
@@ -122,7 +139,6 @@ def check(
                              f"{entry.spec}: {exc}") from None
     else:
         raise UsageError(f"{what}: needs an array named 'raw' or 'inputs' (has {sorted(arrays)})")
-    expected = tuple(entry.manifest.input.shape)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
         raise UsageError(f"--input {input_file}: inputs have shape {tuple(x.shape[1:])} per sample; "
                          f"{entry.spec} expects {expected}")

@@ -17,7 +17,7 @@ def build(
                                help="An .npz/.npy file or directory with 'raw' or 'inputs' (and optional "
                                     "'labels', 'ids'), or 'sklearn-digits' to use the model's recorded split."),
     split: str = typer.Option("golden", "--split", help="With --from sklearn-digits: which split."),
-    count: int | None = typer.Option(None, "--count", help="Use the first N samples."),
+    count: int | None = typer.Option(None, "--count", min=1, help="Use the first N samples."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Default: golden_sets/<model>/<version>."),
     golden_root: Path = typer.Option(Path("golden_sets"), "--golden-root"),
     registry: Path | None = typer.Option(None, "--registry"),
@@ -85,9 +85,9 @@ def show(
 
     from sentinel.golden import check_golden, load_golden
 
-    g = load_golden(path, check=False)
     problems = check_golden(path)
-    files = json.loads((Path(path) / "manifest.json").read_text())["files"]
+    g = load_golden(path, check=False)
+    files = _listed_files(path) if not any("manifest.json" in p for p in problems) else {}
     info = {
         "path": str(g.path), "model": g.meta.model, "version": g.meta.version, "count": g.meta.count,
         "source": g.meta.source, "created": g.meta.created, "intact": not problems, "problems": problems,
@@ -103,12 +103,24 @@ def show(
                f"{'intact' if not problems else 'FAILS CHECK'}")
     typer.echo(f"  source: {g.meta.source}  created: {g.meta.created}")
     for name, f in sorted(files.items()):
-        typer.echo(f"  {name:<20} {str(f['shape']):<18} {f['dtype']:<8} {f['sha256'][:16]}…")
+        typer.echo(f"  {name:<20} {str(f.get('shape')):<18} {str(f.get('dtype')):<8} {str(f.get('sha256'))[:16]}…")
     if "reference_accuracy" in info:
         typer.echo(f"  reference accuracy on labels: {info['reference_accuracy']:.4f}")
     typer.echo(f"  tolerance: {info['tolerance']}")
     for p in problems:
         typer.echo(f"  problem: {p}")
+
+
+def _listed_files(path: Path) -> dict:
+    """manifest.json's `files` entries that are mappings (what `show` can print), else nothing."""
+    from sentinel.errors import UsageError
+    from sentinel.golden import _read_manifest
+
+    try:
+        files = _read_manifest(Path(path)).get("files")
+    except UsageError:
+        return {}
+    return {str(k): v for k, v in files.items() if isinstance(v, dict)} if isinstance(files, dict) else {}
 
 
 def register(app: typer.Typer) -> None:

@@ -29,8 +29,11 @@ def list_models(
             cfg = e.densenet_config()
             params = _param_count(cfg)
         except Exception as exc:  # noqa: BLE001 - a bad entry is reported, not fatal
+            from sentinel.errors import ConfigError
+
             params = None
-            typer.echo(f"{e.manifest_path}: {exc}", err=True)
+            for line in exc.problems if isinstance(exc, ConfigError) else [f"{e.manifest_path}: {exc}"]:
+                typer.echo(line, err=True)
         rows.append({
             "name": e.name, "version": e.version, "arch": e.manifest.arch, "parameters": params,
             "weights": str(e.weights_path), "weights_ok": e.weights_ok(),

@@ -48,7 +48,12 @@ class Reference:
         Copied into memory: a golden set's arrays are memory-mapped, and a suite lives as long
         as the sidecar, which must not depend on the files staying as they were.
         """
+        from sentinel.errors import UsageError
         from sentinel.golden import load_contract
+
+        if len(golden.logits) < MIN_SAMPLES:
+            raise UsageError(f"{golden.path}: {len(golden.logits)} samples; the drift detectors need a golden set "
+                             f"of at least {MIN_SAMPLES}")
 
         def owned(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else np.array(a)

@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+# Bounds on what a model.yaml may ask for (DenseNet-264, the largest published, has 124 dense
+# layers, growth rate 32 and 1000 classes; ImageNet-21k has 21,841 classes).
+MAX_LAYERS = 1000
+_LIMITS = {"growth_rate": 1024, "num_init_features": 4096, "bn_size": 64, "num_classes": 1_000_000,
+           "in_channels": 1024}
+
 
 @dataclass(frozen=True)
 class DenseNetConfig:
@@ -25,6 +31,26 @@ class DenseNetConfig:
     compression: float = 0.5     # transition width factor
 
     def __post_init__(self) -> None:
+        import numbers
+
+        for name in ("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if not isinstance(self.block_config, (tuple, list)) or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in self.block_config):
+            raise ValueError(f"block_config must be a list of integers, got {self.block_config!r}")
+        for name in ("drop_rate", "compression"):
+            v = getattr(self, name)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        for name, most in _LIMITS.items():
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} {getattr(self, name)} is more than {most:,} (a model.yaml sets the size "
+                                 "of the network sentinel allocates)")
+        if sum(int(n) for n in self.block_config) > MAX_LAYERS or len(self.block_config) > 32:
+            raise ValueError(f"block_config {list(self.block_config)} has more than {MAX_LAYERS} dense layers "
+                             "or 32 blocks")
         if self.growth_rate < 1 or self.num_init_features < 1 or self.bn_size < 1:
             raise ValueError("growth_rate, num_init_features and bn_size must be positive")
         if not self.block_config or any(int(n) < 1 for n in self.block_config):
