@@ -166,7 +166,7 @@ class GrpcProxy:
     def __init__(self, *, upstream: str, metrics: ProxyMetrics, samplers: dict[str, tuple[str, Sampler]],
                  submit: Callable[[Sample], None], count_sample: Callable[[str | None, str], None],
                  max_message_bytes: int, upstream_timeout_s: float, max_concurrent: int,
-                 tracer: tracing.SpanExporter | None = None):
+                 tracer: tracing.SpanExporter | None = None, request_timeout_s: float = 60.0):
         self.upstream = upstream
         self.metrics = metrics
         self.samplers = samplers
@@ -175,6 +175,7 @@ class GrpcProxy:
         self.max_message = max_message_bytes
         self.upstream_timeout = upstream_timeout_s
         self.max_concurrent = max_concurrent
+        self.request_timeout = request_timeout_s   # a unary call's message must arrive within this
         self.tracer = tracer
         self.inflight = 0
         self.server: Any = None
@@ -271,7 +272,15 @@ class GrpcProxy:
             if is_infer:
                 proxy.metrics.inflight_count += 1
             try:
-                request = await context.read()
+                try:
+                    # Bounded as an HTTP request body is (proxy.body_idle_timeout_s): a client with no
+                    # deadline that never sends its message held a max_concurrent_rpcs slot forever.
+                    request = await asyncio.wait_for(context.read(), proxy.request_timeout)
+                except TimeoutError:
+                    code, label = grpc.StatusCode.DEADLINE_EXCEEDED, "408"   # the client's delay, as HTTP's 408
+                    proxy.metrics.proxy_errors.labels("request_body_timeout").inc()
+                    await context.abort(code, f"no request message within {proxy.request_timeout:g} s "
+                                              "(proxy.body_idle_timeout_s)")
                 if request is aio.EOF:
                     # No message: either the transport refused it as larger than max_message_bytes
                     # (it has already answered RESOURCE_EXHAUSTED and cancels this handler) or the

@@ -205,7 +205,7 @@ class Sidecar:
             upstream=cfg.grpc_upstream, metrics=self.metrics, samplers=self.samplers, submit=self.analysis.submit,
             count_sample=self.ctx.count_sample, max_message_bytes=cfg.grpc.max_message_bytes,
             upstream_timeout_s=cfg.grpc.upstream_timeout_s, max_concurrent=cfg.grpc.max_concurrent_rpcs,
-            tracer=self.tracer)
+            tracer=self.tracer, request_timeout_s=cfg.proxy.body_idle_timeout_s)
         try:
             port = await self.grpc_proxy.start(cfg.grpc_listen)
         except RuntimeError as exc:

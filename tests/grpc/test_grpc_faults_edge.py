@@ -4,6 +4,7 @@ request arrives, and metadata of streams the upstream answers without a message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -90,6 +91,32 @@ def test_a_deadline_passing_before_the_request_message_is_504_not_message_too_la
         with pytest.raises(grpc.RpcError) as ei:
             ch.unary_unary(INFER)(infer_request("digits", n=8192), timeout=10)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_unary_call_whose_message_never_comes_is_cut_at_the_body_timeout_not_held(upstream):
+    """No deadline and no message: the call held a max_concurrent_rpcs slot forever."""
+    cfg = grpc_config(HTTP_UP, upstream.address, max_concurrent_rpcs=1)
+    cfg = dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, body_idle_timeout_s=0.5))
+    with RunningSidecar(cfg) as sc, _channel(sc) as ch:
+        stop = threading.Event()
+
+        def never():
+            stop.wait(10)
+            return
+            yield   # a generator that sends nothing
+
+        t = time.monotonic()
+        try:
+            with pytest.raises(grpc.RpcError) as ei:
+                ch.stream_unary(INFER)(never())   # no deadline
+        finally:
+            stop.set()
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "body_idle_timeout_s" in ei.value.details()
+        assert time.monotonic() - t < 5
+        assert sc.wait_for(REQ, _labels("none", "408"), 1, timeout=5) == 1
+        assert sc.value(ERR, {"reason": "request_body_timeout"}) == 1
+        assert sc.sc.grpc_proxy.inflight == 0  # type: ignore[union-attr]
+        assert len(ch.unary_unary(INFER)(infer_request("digits"), timeout=10)) > 0   # the slot is free
 
 
 class QuietUpstream:
