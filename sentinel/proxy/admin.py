@@ -168,6 +168,12 @@ class AdminConnection(asyncio.Protocol):
             raise _Refuse(413, "body_too_large", f"body of {cl} bytes exceeds the limit of {self.max_body}")
         if self.parser.get_method() == b"CONNECT" or "upgrade" in self._headers:
             raise _Refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
+        te = self._headers.get("transfer-encoding")
+        if te is not None and te.strip().lower() != "chunked":
+            # `gzip, chunked` is framed as chunks but still coded: refused as the proxy listener
+            # refuses it (it waited out the body timeout here)
+            raise _Refuse(501, "transfer_coding_unsupported",
+                          f"request transfer coding {te[:64]!r} is not supported; send chunked or Content-Length")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)

@@ -79,6 +79,18 @@ def test_admin_upgrade_and_connect_get_501_without_a_traceback(env, caplog):
     _healthz_ok(sc)
 
 
+@pytest.mark.parametrize("te", [b"gzip, chunked", b"x, chunked", b"gzip"])
+def test_admin_refuses_a_transfer_coding_other_than_chunked_at_once(env, te):
+    up, sc = env
+    t = time.monotonic()
+    with send_request(_admin_port(sc), b"POST /ingest HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + te +
+                      b"\r\n\r\n5\r\nhello\r\n") as s:
+        out = read_all(s)
+    assert out.startswith(b"HTTP/1.1 501 ") and b"transfer_coding_unsupported" in out
+    assert time.monotonic() - t < 2   # not the body timeout
+    _healthz_ok(sc)
+
+
 def test_admin_large_target_and_headers_are_refused(env):
     up, sc = env
     with send_request(_admin_port(sc), b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n") as s:
