@@ -471,10 +471,13 @@ class Sidecar:
         s = self.samplers.get(service)
         if s is not None:
             return s
-        if len(self.config.models) == 1 or self.config.default_model:
+        if len(self.config.models) == 1:
             # One model behind this sidecar: an InferenceService named differently is still it.
             m = self.config.model()
             return self.samplers[m.name]
+        # Several: an unknown service is refused naming the known models. `default_model` (the
+        # model commands use when none is named) used to take it, so another service's payloads
+        # fed that model's drift windows and accuracy estimate.
         return None
 
     async def _expire_ingest(self) -> None:

@@ -110,3 +110,22 @@ def test_a_batch_refused_for_holding_too_many_events_counts_each_of_them():
     # a request that cannot be read at all is one rejection
     assert ing.post({"content-type": BATCH}, b"[not json")[0] == 400
     assert ing.counts == {"rejected": MAX_BATCH_EVENTS + 2}
+
+
+def test_an_unknown_inference_service_is_not_given_to_the_default_model():
+    """With several models, `default_model` took every unknown InferenceService's events, so another
+    service's payloads fed that model's drift windows and accuracy estimate."""
+    import dataclasses
+
+    from proxy_helpers import make_config
+
+    from sentinel.config import ModelConfig
+    from sentinel.proxy.sidecar import Sidecar
+
+    models = (ModelConfig(name="digits", version="v3", protocol="v2"), ModelConfig(name="mnist", version="v1"))
+    sc = Sidecar(dataclasses.replace(make_config("http://127.0.0.1:1", models=models), default_model="digits"))
+    assert sc._model_for_service("digits")[0] == "digits"
+    assert sc._model_for_service("mnist")[0] == "mnist"
+    assert sc._model_for_service("someone-elses-service") is None
+    one = Sidecar(make_config("http://127.0.0.1:1"))   # one model: any service name is it
+    assert one._model_for_service("digits-predictor")[0] == "digits"
