@@ -34,6 +34,10 @@ RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 MAX_BATCH_EVENTS = 1024   # events in one batched request (the body itself is bounded by the admin listener)
+# Structured and batch envelopes are JSON parsed (and `data` re-encoded) on the proxy's event
+# loop, about 50 ms per MiB: above this they are refused, naming binary mode, which carries the
+# payload as the body and is never parsed here (KServe's logger sends binary mode).
+STRUCTURED_MAX_BYTES = 256 * 1024
 Half = Literal["request", "response"]
 
 # Outcomes of sentinel_ingest_events_total (the HELP text in metricnames lists them all).
@@ -90,6 +94,8 @@ def _half(ce_type: str) -> Half:
 def parse_event(headers: dict[str, str], body: bytes) -> Event:
     """An Event from CloudEvent headers (lower-case names) and body, binary or structured mode."""
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype in (STRUCTURED, BATCH):
+        _bounded_envelope(body, ctype)
     if ctype == STRUCTURED:
         return _parse_structured(body)
     if ctype == BATCH:
@@ -103,10 +109,19 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     service = headers.get("ce-inferenceservicename", "")
     payload = {k: v for k, v in headers.items()
                if k in ("content-type", "inference-header-content-length", "content-encoding")}
-    if body.lstrip()[:1] == b'"' and _is_json(ctype):
-        body = _unquoted(body)
+    if body.lstrip()[:1] == b'"' and _is_json(ctype) and len(body) <= STRUCTURED_MAX_BYTES:
+        body = _unquoted(body)   # (a larger one is left for the worker to refuse: not parsed on the loop)
     origin = f"{headers.get('ce-component', '')[:128]}/{headers.get('ce-endpoint', '')[:128]}"
     return Event(ce_id[:256], half, service[:256], payload, body, origin)
+
+
+def _bounded_envelope(body: bytes, ctype: str) -> None:
+    """IngestError when a structured or batch body is too large to parse on the event loop."""
+    if len(body) > STRUCTURED_MAX_BYTES:
+        raise IngestError(f"{ctype}: {len(body)} bytes, more than the {STRUCTURED_MAX_BYTES >> 10} KiB a JSON "
+                          "envelope may hold (it is parsed on the proxy's event loop); send large payloads as "
+                          "binary-mode CloudEvents (Ce-* headers, the payload as the body), as KServe's logger does",
+                          "too_large")
 
 
 def _is_json(ctype: str) -> bool:
@@ -135,6 +150,7 @@ def parse_events(headers: dict[str, str], body: bytes) -> list[Event | IngestErr
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != BATCH:
         return [parse_event(headers, body)]
+    _bounded_envelope(body, ctype)
     try:
         docs = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

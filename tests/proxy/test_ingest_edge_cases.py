@@ -18,6 +18,8 @@ from sentinel.proxy.ingest import (
     MAX_BATCH_EVENTS,
     REQUEST_TYPE,
     RESPONSE_TYPE,
+    STRUCTURED,
+    STRUCTURED_MAX_BYTES,
     Event,
     JoinTable,
     handle,
@@ -102,7 +104,7 @@ def test_oversize_keys_are_bounded_by_max_pending():
 
 def test_a_batch_refused_for_holding_too_many_events_counts_each_of_them():
     ing = _Ingest()
-    envelope = json.loads(to_structured(_event("z", REQUEST_TYPE, RESP))[1])
+    envelope = {"specversion": "1.0", "type": REQUEST_TYPE, "source": "x", "data": {}}   # small: under the byte bound
     docs = [dict(envelope, id=str(i)) for i in range(MAX_BATCH_EVENTS + 1)]
     status, doc = ing.post({"content-type": BATCH}, json.dumps(docs).encode())
     assert status == 400 and "more than" in doc["error"]
@@ -129,3 +131,23 @@ def test_an_unknown_inference_service_is_not_given_to_the_default_model():
     assert sc._model_for_service("someone-elses-service") is None
     one = Sidecar(make_config("http://127.0.0.1:1"))   # one model: any service name is it
     assert one._model_for_service("digits-predictor")[0] == "digits"
+
+
+@pytest.mark.parametrize("ctype", [STRUCTURED, BATCH])
+def test_a_json_envelope_too_large_to_parse_on_the_event_loop_is_refused_naming_binary_mode(ctype):
+    """A 4 MB structured event was parsed and re-encoded on the proxy's event loop (~200 ms stall)."""
+    import time
+
+    ing = _Ingest()
+    data = [[0.5] * 1000] * 500   # ~2.5 MB of JSON numbers
+    doc = {"specversion": "1.0", "id": "a", "type": REQUEST_TYPE, "source": "x", "data": data}
+    body = json.dumps(doc if ctype == STRUCTURED else [doc]).encode()
+    assert len(body) > STRUCTURED_MAX_BYTES
+    t = time.perf_counter()
+    status, reply = ing.post({"content-type": ctype}, body)
+    assert time.perf_counter() - t < 0.02   # refused before parsing
+    assert status == 400 and "binary-mode" in reply["error"]
+    assert ing.counts == {"rejected": 1}
+    # the same payload in binary mode is taken (its body is never parsed here)
+    status, _ = ing.post(*to_binary(_event("a", REQUEST_TYPE, json.dumps(data).encode())))
+    assert status == 200
