@@ -5,6 +5,8 @@ drift windows. Results feed, on the registry passed in:
     sentinel_replay_duration_seconds{model}            (latency from the intended send time)
     sentinel_replay_requests_total{model, result=ok|error}
     sentinel_reference_agreement_total{model, source="replay", result=agree|disagree}
+Every canary on one registry (one per configured model) records into the same three metrics,
+and into a `sentinel_reference_agreement_total` the shadow's updates already made there.
 Before its first round the canary waits for the model server to say it is ready (the
 protocol's readiness endpoint, polled with exponential backoff up to `ready_timeout_s`), so a
 server that is still loading its model is not counted as canary errors.
@@ -19,11 +21,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from sentinel import metricnames as mn
 from sentinel.protocols.names import CANARY_HEADER
 from sentinel.replay.compare import Tally
 from sentinel.replay.http import Target
@@ -34,6 +37,29 @@ from sentinel.replay.wire import WireFormat
 log = logging.getLogger("sentinel.canary")
 
 READY_BACKOFF_S = (0.1, 2.0)  # first and longest pause between readiness polls
+
+_METRICS_LOCK = threading.Lock()
+
+
+def replay_metrics(registry: CollectorRegistry) -> ReplayMetrics:
+    """The replay metrics on `registry`, shared: a collector already registered under one of the
+    names (another model's canary, or the shadow's agreement counter made by an analysis update)
+    is used as it is, the others are registered. A second `ReplayMetrics(registry)` would raise
+    "Duplicated timeseries", and the sidecar would run a canary for its first model only."""
+    with _METRICS_LOCK:
+        fresh = ReplayMetrics(CollectorRegistry(auto_describe=True))
+        have = registry._names_to_collectors  # what prometheus_client itself checks duplicates against
+        for attr, spec in (("duration", mn.REPLAY_DURATION), ("requests", mn.REPLAY_REQUESTS),
+                           ("agreement", mn.REFERENCE_AGREEMENT)):
+            found = have.get(spec.name)
+            if found is None:
+                registry.register(getattr(fresh, attr))
+                continue
+            if tuple(getattr(found, "_labelnames", ())) != tuple(spec.labels):
+                raise ValueError(f"{spec.name} is already registered with labels "
+                                 f"{list(getattr(found, '_labelnames', ()))}, not {list(spec.labels)}")
+            setattr(fresh, attr, found)
+        return fresh
 
 
 def readiness_path(protocol: str, model: str) -> str:
@@ -94,6 +120,10 @@ class CanaryRun:
     agreed: int
     disagreed: int
     p99_s: float | None
+    top1_disagreed: int = 0            # of `disagreed`: another class (not only scores out of tolerance)
+    prob_max_abs: float | None = None  # largest |served - reference| probability in the round
+    error_kinds: dict[str, int] = field(default_factory=dict)  # e.g. {"http_500": 3, "timeout": 1}
+    error_example: str = ""            # the first error's message (what /status shows as why)
 
 
 class Canary:
@@ -111,7 +141,7 @@ class Canary:
         self.samples = samples
         self.interval_s = interval_s
         self.plan = LoadPlan(rate=rate, count=count, connections=4, timeout_s=timeout_s)
-        self.metrics = ReplayMetrics(registry)
+        self.metrics = replay_metrics(registry)
         if getattr(wire, "protocol", None) == "grpc":   # replay.protocol: grpc
             from sentinel.replay.grpc_client import GrpcReplayer, GrpcTarget
 
@@ -122,6 +152,8 @@ class Canary:
                                       observer=self._observe)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._round_lock = threading.Lock()
+        self._round: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None   # the thread's round in flight
         self.last: CanaryRun | None = None
 
     @classmethod
@@ -160,11 +192,17 @@ class Canary:
     def _summarize(self, r: RunResult) -> CanaryRun:
         t = r.comparisons if isinstance(r.comparisons, Tally) else Tally.of(r.comparisons, self.samples.tolerance)
         p99 = r.corrected.value_at(99) if r.completed else None
-        run = CanaryRun(r.sent, sum(r.errors.values()), t.agreed, t.answered - t.agreed, p99)
+        kinds = {k: int(n) for k, n in r.errors.most_common()}
+        example = next((f"{k}: {r.error_examples[k]}" for k in kinds if k in r.error_examples), "")
+        run = CanaryRun(r.sent, sum(r.errors.values()), t.agreed, t.answered - t.agreed, p99,
+                        top1_disagreed=t.answered - t.top1_agreed,
+                        prob_max_abs=None if t.prob_max_abs is None else float(f"{t.prob_max_abs:.6g}"),
+                        error_kinds=kinds, error_example=example[:300])
         self.last = run
         if run.errors or run.disagreed:
-            log.warning("canary %s: %d errors, %d of %d answers disagree with the reference (%s)",
-                        self.model, run.errors, run.disagreed, t.answered, dict(r.errors))
+            log.warning("canary %s: %d errors, %d of %d answers disagree with the reference "
+                        "(%d on the top-1 class, max |Δp| %s) (%s)", self.model, run.errors, run.disagreed,
+                        t.answered, run.top1_disagreed, run.prob_max_abs, example or kinds)
         return run
 
     def run_once(self) -> CanaryRun:
@@ -203,7 +241,17 @@ class Canary:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; a round in flight is cancelled (its connections closed), not waited for:
+        against a slow or stalled model server a round lasts up to count/rate + timeout seconds,
+        and the sidecar stops its canaries one after the other on its event loop."""
         self._stop.set()
+        with self._round_lock:
+            if self._round is not None:
+                loop, task = self._round
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:   # the loop has just closed: the round is over
+                    pass
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -215,7 +263,38 @@ class Canary:
         self._log_readiness(ok, why)
         while not self._stop.is_set():
             try:
-                self.run_once()
+                self._run_stoppable_round()
             except Exception:  # noqa: BLE001 - a failed round is logged; the next one runs
                 log.exception("canary round for %s failed", self.model)
             self._stop.wait(self.interval_s)
+
+    def _run_stoppable_round(self) -> CanaryRun | None:
+        """One round on a private event loop that `stop()` can cancel (None when it did)."""
+        from sentinel.replay.runner import _cancel_all
+
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(self._replayer.run_async(self.plan))
+            with self._round_lock:
+                self._round = (loop, task)
+            if self._stop.is_set():   # stop() came before the round was registered
+                task.cancel()
+            try:
+                result = loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                log.info("canary %s: stopped during a round", self.model)
+                return None
+            return self._summarize(result)
+        finally:
+            with self._round_lock:
+                self._round = None
+            try:
+                _cancel_all(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()

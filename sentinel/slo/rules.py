@@ -291,8 +291,10 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
              annotations=_ann(spec, "SentinelCanaryReplayFailing",
                               "{{ $labels.model }}: {{ $value | humanizePercentage }} of canary replays fail",
                               f"More than {CANARY_FAILURE_RATIO:.0%} of golden-set canary requests over "
-                              f"{CANARY_WINDOW} did not return the reference result (result != ok). Run "
-                              f"`sentinel replay` against the model server to see which inputs fail.")),
+                              f"{CANARY_WINDOW} got no usable answer (result != ok: an error, a timeout, an "
+                              f"answer that does not decode). Answers that disagree with the reference are "
+                              f"not errors: they burn the agreement SLO. Run `sentinel replay` against the "
+                              f"model server to see which inputs fail.")),
         Rule(alert="SentinelCollectorFailing", expr=f"{mn.COLLECTOR_SUCCESS.name} == 0", for_=COLLECTOR_FOR,
              labels=(("severity", "ticket"),),
              annotations=_ann(spec, "SentinelCollectorFailing",
