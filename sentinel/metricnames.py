@@ -80,7 +80,8 @@ INGEST_EVENTS = _m("ingest_events", "counter",
                    "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
                    "table's bounds, repeated, or its other half over sampling.max_bytes), rejected "
                    "(malformed, unknown model; a refused batch counts each event), oversize (over "
-                   "sampling.max_bytes, or its other half was).",
+                   "sampling.max_bytes, or its other half was), canary (the sidecar's own canary request "
+                   "and its answer, never analysed).",
                    ("outcome",))
 
 # --- drift, accuracy, agreement ------------------------------------------------------

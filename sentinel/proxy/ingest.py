@@ -230,7 +230,7 @@ class JoinTable:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._pending: OrderedDict[str, tuple[float, Event]] = OrderedDict()
-        self._oversize: OrderedDict[str, tuple[float, Half]] = OrderedDict()   # key → (when, which half)
+        self._oversize: OrderedDict[str, tuple[float, Half, str]] = OrderedDict()   # key → (when, which half, why)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -262,9 +262,10 @@ class JoinTable:
             dropped += 1
         return None, dropped
 
-    def oversize(self, ev: Event, now: float) -> int:
-        """`ev` is over the sampling cap, so its pair is never analysed: drop its other half if it
-        is waiting (returns 1, that orphan), else remember the key for `partner_oversize`."""
+    def oversize(self, ev: Event, now: float, why: str = "oversize") -> int:
+        """`ev` is over the sampling cap (or the sidecar's own canary request: `why`), so its pair is
+        never analysed: drop its other half if it is waiting (returns 1, that orphan), else
+        remember the key for `partner_oversize`."""
         self._expire_oversize(now)
         other = self._pending.get(ev.key)
         if other is not None and other[1].half != ev.half:
@@ -273,19 +274,20 @@ class JoinTable:
         seen = self._oversize.pop(ev.key, None)
         if seen is not None and seen[1] != ev.half:
             return 0   # both halves over the cap: nothing is waiting for either
-        self._oversize[ev.key] = (now, ev.half)
+        self._oversize[ev.key] = (now, ev.half, why)
         while len(self._oversize) > self.max_pending:
             self._oversize.popitem(last=False)
         return 0
 
-    def partner_oversize(self, ev: Event, now: float) -> bool:
-        """Whether `ev`'s other half came over the sampling cap (within the TTL); forgets it if so."""
+    def partner_oversize(self, ev: Event, now: float) -> str | None:
+        """Why `ev`'s other half was not analysed (over the sampling cap, a canary request), when it
+        came within the TTL, else None; forgets it."""
         self._expire_oversize(now)
         seen = self._oversize.get(ev.key)
         if seen is None or seen[1] == ev.half:
-            return False
+            return None
         del self._oversize[ev.key]
-        return True
+        return seen[2]
 
     def _expire_oversize(self, now: float) -> None:
         while self._oversize:
@@ -311,10 +313,14 @@ def _reply(status: int, doc: dict[str, Any]) -> Response:
 
 def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Callable[[str, int], None],
            route: Callable[[str], tuple[str, Any] | None], submit: Callable[[Any], Any],
-           known_models: str, now: float | None = None) -> Response:
+           known_models: str, now: float | None = None,
+           canary: Callable[[str, bytes], bool] | None = None) -> Response:
     """Answer one POST /ingest: 200 for an event accepted or joined (what the KServe logger expects),
     400 naming the problem otherwise. `route(service)` gives (model, sampler) or None; `submit`
-    takes the joined Sample; `count(outcome, n)` counts sentinel_ingest_events_total.
+    takes the joined Sample; `count(outcome, n)` counts sentinel_ingest_events_total;
+    `canary(model, body)` says whether a request body is one the sidecar's own canary sends (the
+    model server's logger reports canary traffic too): such a pair is counted `canary`, never
+    analysed.
 
     A batch (`application/cloudevents-batch+json`) is answered once for all its events: 200
     when every event was accepted or joined, else 400; either way `events` lists, in order, each
@@ -325,7 +331,7 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
     except IngestError as exc:
         count("rejected", exc.events)
         return _reply(400, {"error": str(exc)})
-    answers = [_one(ev, join, count, route, submit, known_models, now) for ev in events]
+    answers = [_one(ev, join, count, route, submit, known_models, now, canary) for ev in events]
     if headers.get("content-type", "").split(";", 1)[0].strip().lower() != BATCH:
         status, doc = answers[0]
         return _reply(status, doc)
@@ -335,7 +341,8 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
 
 def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], None],
          route: Callable[[str], tuple[str, Any] | None], submit: Callable[[Any], Any],
-         known_models: str, now: float) -> tuple[int, dict[str, Any]]:
+         known_models: str, now: float, canary: Callable[[str, bytes], bool] | None = None,
+         ) -> tuple[int, dict[str, Any]]:
     """The answer (status, document) to one event, counted."""
     from sentinel.proxy.sampling import Sample
 
@@ -353,7 +360,19 @@ def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], N
         if orphans:
             count("orphaned", orphans)
         return 200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes}
-    if join.partner_oversize(ev, now):
+    if ev.half == "request" and canary is not None and canary(name, ev.body):
+        # golden samples the sidecar's canary sent: in drift windows and the accuracy estimate they
+        # would dilute a shift and raise the estimate (they are the easy, known-good inputs)
+        count("canary", 1)
+        orphans = join.oversize(ev, now, "canary")
+        if orphans:
+            count("orphaned", orphans)
+        return 200, {"status": "not analysed: the sidecar's own canary request"}
+    why = join.partner_oversize(ev, now)
+    if why == "canary":
+        count("canary", 1)
+        return 200, {"status": "not analysed: the answer to the sidecar's own canary request"}
+    if why is not None:
         count("oversize", 1)
         return 200, {"status": "not analysed: the other half's body was over sampling.max_bytes",
                      "max_bytes": sampler.max_bytes}

@@ -185,6 +185,18 @@ class Canary:
                    ready_timeout_s=getattr(r, "canary_ready_timeout_s", 120.0),
                    grpc_target=target if r.protocol == "grpc" else None)
 
+    def request_bodies(self) -> tuple[frozenset[int], frozenset[bytes]]:
+        """(lengths, blake2b-128 digests) of the request bodies this canary sends over HTTP.
+
+        The model server's payload logger (KServe's, posting to the sidecar's /ingest) reports
+        canary requests as ordinary traffic; the sidecar drops the bodies it knows it sent. gRPC
+        canaries send none of these (the logger sees HTTP only): empty."""
+        import hashlib
+
+        bodies = [r.partition(b"\r\n\r\n")[2] for r in getattr(self._replayer, "_requests", ())]
+        return (frozenset(len(b) for b in bodies),
+                frozenset(hashlib.blake2b(b, digest_size=16).digest() for b in bodies))
+
     def _observe(self, o: Outcome) -> None:
         agrees = None if o.comparison is None else o.comparison.agrees(self.samples.tolerance)
         self.metrics.observe(self.model, o, agrees)

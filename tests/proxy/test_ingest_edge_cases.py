@@ -38,16 +38,18 @@ class _Sampler:
 class _Ingest:
     """handle() with its counters and submissions kept."""
 
-    def __init__(self, ttl_s: float = 30.0) -> None:
+    def __init__(self, ttl_s: float = 30.0, canary=None, max_bytes: int | None = None) -> None:
         self.join = JoinTable(ttl_s, 16)
+        self.canary = canary
+        self.sampler = _Sampler() if max_bytes is None else type("S", (), {"max_bytes": max_bytes})()
         self.counts: dict[str, int] = {}
         self.submitted: list = []
 
     def post(self, headers: dict, body: bytes, now: float = 0.0) -> tuple[int, dict]:
         status, _, reply = handle({k.lower(): v for k, v in headers.items()}, body, join=self.join,
                                   count=lambda o, n: self.counts.__setitem__(o, self.counts.get(o, 0) + n),
-                                  route=lambda service: ("digits", _Sampler()), submit=self.submitted.append,
-                                  known_models="digits", now=now)
+                                  route=lambda service: ("digits", self.sampler), submit=self.submitted.append,
+                                  known_models="digits", now=now, canary=self.canary)
         return status, json.loads(reply)
 
 
@@ -151,3 +153,25 @@ def test_a_json_envelope_too_large_to_parse_on_the_event_loop_is_refused_naming_
     # the same payload in binary mode is taken (its body is never parsed here)
     status, _ = ing.post(*to_binary(_event("a", REQUEST_TYPE, json.dumps(data).encode())))
     assert status == 200
+
+
+def test_the_sidecars_own_canary_requests_and_their_answers_are_never_analysed():
+    """KServe's logger reports the canary's golden replays like any traffic: they fed the drift
+    windows and the accuracy estimate (easy, known-good inputs that dilute a shift)."""
+    canary_body = b'{"instances": [[0.0, 1.0]]}'
+    ing = _Ingest(canary=lambda model, body: model == "digits" and body == canary_body, max_bytes=1 << 20)
+
+    def post(ev_id, ce_type, body, now):
+        return ing.post(*to_binary(_event(ev_id, ce_type, body)), now=now)
+
+    assert post("c1", REQUEST_TYPE, canary_body, 0.0)[0] == 200
+    assert post("c1", RESPONSE_TYPE, RESP, 0.1)[1]["status"].startswith("not analysed")
+    assert ing.counts == {"canary": 2} and len(ing.join) == 0 and ing.submitted == []
+    # the answer first (logger workers race): it waits, then goes when the canary request comes
+    post("c2", RESPONSE_TYPE, RESP, 1.0)
+    post("c2", REQUEST_TYPE, canary_body, 1.1)
+    assert ing.counts == {"canary": 3, "accepted": 1, "orphaned": 1} and len(ing.join) == 0
+    # client traffic still joins
+    post("t1", REQUEST_TYPE, b'{"instances": [[1.0, 0.0]]}', 2.0)
+    assert post("t1", RESPONSE_TYPE, RESP, 2.1)[1]["status"] == "joined"
+    assert len(ing.submitted) == 1

@@ -117,3 +117,41 @@ def test_stop_cancels_a_round_in_flight(v3, faults, digits_v3, digits_golden):
     assert not thread.is_alive()
     assert canary.last is None   # the cancelled round is not reported as a finished one
     assert not [t for t in threading.enumerate() if t.name == "sentinel-canary"]
+
+
+def test_request_bodies_are_the_bytes_the_canary_sends(digits_v3, digits_golden):
+    """The sidecar's /ingest drops what the model server's payload logger reports of canary traffic
+    by these digests: they must be the very bodies on the wire."""
+    import hashlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[bytes] = []
+
+    class Capture(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a) -> None:
+            pass
+
+        def do_GET(self) -> None:   # readiness
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self) -> None:
+            seen.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        c = _canary("digits", f"http://127.0.0.1:{srv.server_address[1]}", digits_v3, digits_golden,
+                    CollectorRegistry(), count=4, rate=50.0, ready_timeout_s=5.0)
+        c.run_once()
+    finally:
+        srv.shutdown()
+    lengths, digests = c.request_bodies()
+    assert len(seen) == 4
+    assert all(len(b) in lengths and hashlib.blake2b(b, digest_size=16).digest() in digests for b in seen)
