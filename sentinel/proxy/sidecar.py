@@ -455,7 +455,7 @@ class Sidecar:
             "last_results": self.analysis.statuses,
             "ingest_pending": len(self.join),
             "canary": {
-                **{c.model: (vars(c.last) if c.last is not None else "first round pending") for c in self.canaries},
+                **{c.model: c.status() for c in self.canaries},
                 **{name: f"off: {why}" for name, why in self.canary_problems.items()},
             },
             "gpu": self.gpu_collector.status() if self.gpu_collector is not None else {"collector": "off"},

@@ -91,15 +91,19 @@ def check_ready(target: Target, path: str, timeout_s: float = 2.0) -> tuple[bool
 
 
 def wait_ready(target: Target, path: str, timeout_s: float, *,
-               sleep: Callable[[float], bool] | None = None) -> tuple[bool, str]:
+               sleep: Callable[[float], bool] | None = None,
+               report: Callable[[str], None] | None = None) -> tuple[bool, str]:
     """Poll readiness with exponential backoff until ready or `timeout_s` has passed.
 
     `sleep(seconds)` returns True to give up early (a stop event's `wait`); default time.sleep.
+    `report(why)` hears each poll's answer (what /status shows while the first round waits).
     """
     deadline = time.monotonic() + timeout_s
     pause, longest = READY_BACKOFF_S
     while True:
         ok, why = check_ready(target, path, min(2.0, max(0.1, timeout_s)))
+        if report is not None:
+            report(why)
         left = deadline - time.monotonic()
         if ok or left <= 0:
             return ok, why
@@ -155,6 +159,7 @@ class Canary:
         self._round_lock = threading.Lock()
         self._round: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None   # the thread's round in flight
         self.last: CanaryRun | None = None
+        self.waiting = "not started"   # before the first round: what the readiness polls say
 
     @classmethod
     def from_config(cls, config, model_name: str | None, registry: CollectorRegistry) -> Canary:
@@ -225,7 +230,18 @@ class Canary:
         """One round on the caller's event loop."""
         return self._summarize(await self._replayer.run_async(self.plan))
 
+    def _waiting_for(self, why: str) -> None:
+        self.waiting = f"waiting for the model server to be ready: {why}"
+
+    def status(self) -> dict | str:
+        """What /status shows: the last round, or why there has been none yet."""
+        if self.last is not None:
+            return vars(self.last)
+        return f"first round pending ({self.waiting})"
+
     def _log_readiness(self, ok: bool, why: str) -> None:
+        self.waiting = "model server ready; the first round is running" if ok else \
+            f"model server not ready after {self.ready_timeout_s:.0f} s ({why}); the first round is running"
         if ok:
             log.info("canary %s: model server ready (%s)", self.model, why)
         else:
@@ -269,7 +285,8 @@ class Canary:
             self._thread = None
 
     def _loop(self) -> None:
-        ok, why = wait_ready(self.target, self.ready_path, self.ready_timeout_s, sleep=self._stop.wait)
+        ok, why = wait_ready(self.target, self.ready_path, self.ready_timeout_s, sleep=self._stop.wait,
+                             report=self._waiting_for)
         if self._stop.is_set():
             return
         self._log_readiness(ok, why)

@@ -155,3 +155,23 @@ def test_request_bodies_are_the_bytes_the_canary_sends(digits_v3, digits_golden)
     lengths, digests = c.request_bodies()
     assert len(seen) == 4
     assert all(len(b) in lengths and hashlib.blake2b(b, digest_size=16).digest() in digests for b in seen)
+
+
+def test_status_before_the_first_round_says_what_the_readiness_polls_answer(digits_v3, digits_golden):
+    """/status said only "first round pending" while the canary waited for a server that refused it."""
+    from servers import free_port
+
+    c = _canary("digits", f"http://127.0.0.1:{free_port()}", digits_v3, digits_golden, CollectorRegistry(),
+                ready_timeout_s=60.0)
+    c.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "waiting" not in str(c.status()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = c.status()
+        assert isinstance(status, str) and status.startswith("first round pending (waiting for the model server")
+        assert "127.0.0.1" in status
+    finally:
+        t = time.monotonic()
+        c.stop(timeout=5)
+        assert time.monotonic() - t < 3
