@@ -209,6 +209,9 @@ class Canary:
     def _summarize(self, r: RunResult) -> CanaryRun:
         t = r.comparisons if isinstance(r.comparisons, Tally) else Tally.of(r.comparisons, self.samples.tolerance)
         p99 = r.corrected.value_at(99) if r.completed else None
+        # the next round replays the next golden samples: over rounds every class is covered (the
+        # first 16 digits hold no 4, 8 or 9, and a fault in one class showed in no round)
+        self._replayer.offset = (self._replayer.offset + (self.plan.count or 0)) % len(self.samples)
         kinds = {k: int(n) for k, n in r.errors.most_common()}
         example = next((f"{k}: {r.error_examples[k]}" for k in kinds if k in r.error_examples), "")
         run = CanaryRun(r.sent, sum(r.errors.values()), t.agreed, t.answered - t.agreed, p99,

@@ -123,6 +123,8 @@ Progress = Callable[[int, int], None]
 class Replayer:
     """Sends golden samples to a target and measures latency and agreement."""
 
+    offset = 0   # request i sends golden sample (i + offset) mod n (the canary moves it each round)
+
     def __init__(self, target: Target, wire: WireFormat, samples: Samples, *,
                  headers: dict[str, str] | None = None, observer: Observer | None = None,
                  progress: Progress | None = None):
@@ -236,7 +238,7 @@ class Replayer:
 
     async def _one(self, conn: Connection, i: int, intended: float, timeout: float, result: RunResult) -> None:
         """Send request i on `conn`; record latency, errors and the comparison."""
-        k = i % len(self.samples)
+        k = (i + self.offset) % len(self.samples)
         t_send = time.perf_counter()
         error = None
         cmp = None

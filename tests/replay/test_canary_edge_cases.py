@@ -150,10 +150,11 @@ def test_request_bodies_are_the_bytes_the_canary_sends(digits_v3, digits_golden)
         c = _canary("digits", f"http://127.0.0.1:{srv.server_address[1]}", digits_v3, digits_golden,
                     CollectorRegistry(), count=4, rate=50.0, ready_timeout_s=5.0)
         c.run_once()
+        c.run_once()   # the next round replays the next samples: over rounds, every class
     finally:
         srv.shutdown()
     lengths, digests = c.request_bodies()
-    assert len(seen) == 4
+    assert len(seen) == 8 and len(set(seen)) == 8
     assert all(len(b) in lengths and hashlib.blake2b(b, digest_size=16).digest() in digests for b in seen)
 
 
