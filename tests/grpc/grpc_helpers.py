@@ -35,7 +35,50 @@ def grpc_config(http_upstream: str, grpc_upstream: str, *, rate: float = 0.0, **
                                grpc=GrpcConfig(**grpc_kw))
 
 
-class GrpcUpstream:
+class ThreadedGrpcServer:
+    """A grpc.aio server on loopback, on its own thread and loop; subclasses name their handlers."""
+
+    server_options: tuple[tuple[str, Any], ...] = ()
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port   # 0: any free port
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Method name → handler, of inference.GRPCInferenceService."""
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            server = aio.server(options=list(self.server_options))
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", self.handlers()),))
+            self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+            await server.start()
+            self._ready.set()
+            await self._stop.wait()
+            await server.stop(0)
+
+        asyncio.run(main())
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class GrpcUpstream(ThreadedGrpcServer):
     """A real grpc.aio server on loopback whose ModelInfer answers by the request's model_name.
 
     model_name "slow:S" sleeps S seconds, "fail" answers INTERNAL with trailing metadata,
@@ -45,30 +88,17 @@ class GrpcUpstream:
     each message in order; "fail" gets an error_message, "slow:S" is answered after S seconds.
     """
 
+    server_options = (("grpc.max_send_message_length", 64 << 20),)
+
     def __init__(self, port: int = 0) -> None:
-        self.port = port   # 0: any free port
+        super().__init__(port)
         self.seen: list[tuple[str, dict[str, Any], float | None]] = []
         self.seen_stream: list[str] = []   # model_name of every ModelStreamInfer message read
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            server = aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService",
-                {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer),
-                 "ServerLive": grpc.unary_unary_rpc_method_handler(self._live),
-                 "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}),))
-            self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-            await server.start()
-            self._ready.set()
-            await self._stop.wait()
-            await server.stop(0)
-
-        asyncio.run(main())
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {"ModelInfer": grpc.unary_unary_rpc_method_handler(self._infer),
+                "ServerLive": grpc.unary_unary_rpc_method_handler(self._live),
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}
 
     async def _infer(self, request: bytes, context: Any) -> bytes:
         md = {k: v for k, v in context.invocation_metadata()}
@@ -103,18 +133,6 @@ class GrpcUpstream:
             inner = oip_grpc.encode([("logits", LOGITS)], "response", model_name=msg.model_name, id=msg.id)
             yield b"\x12" + _varint(len(inner)) + inner
 
-    def __enter__(self) -> GrpcUpstream:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 def _varint(n: int) -> bytes:

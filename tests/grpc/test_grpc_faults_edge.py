@@ -3,7 +3,6 @@ request arrives, and metadata of streams the upstream answers without a message.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import threading
 import time
@@ -12,7 +11,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
-from grpc_helpers import GrpcUpstream, RunningSidecar, grpc_config, infer_request
+from grpc_helpers import (
+    GrpcUpstream,
+    RunningSidecar,
+    ThreadedGrpcServer,
+    grpc_config,
+    infer_request,
+)
 
 from sentinel import metricnames as mn
 from sentinel.proxy.grpc_proxy import INFER, STREAM_INFER
@@ -119,30 +124,12 @@ def test_a_unary_call_whose_message_never_comes_is_cut_at_the_body_timeout_not_h
         assert len(ch.unary_unary(INFER)(infer_request("digits"), timeout=10)) > 0   # the slot is free
 
 
-class QuietUpstream:
+class QuietUpstream(ThreadedGrpcServer):
     """ModelStreamInfer that sends initial metadata and trailers but no message: OK, or FAILED_PRECONDITION
     when the first request's model_name is "refuse" (as a server that rejects a stream before answering)."""
 
-    def __init__(self) -> None:
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            server = aio.server()
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService",
-                {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}),))
-            self.port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            self._ready.set()
-            await self._stop.wait()
-            await server.stop(0)
-
-        asyncio.run(main())
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self._stream)}
 
     async def _stream(self, requests: Any, context: Any) -> Any:
         await context.send_initial_metadata((("x-init", "s"), ("x-init-bin", b"\x00\xff")))
@@ -152,15 +139,6 @@ class QuietUpstream:
         while await context.read() is not aio.EOF:
             pass
         context.set_trailing_metadata((("x-trailer", "t"),))
-
-    def __enter__(self) -> QuietUpstream:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 def _stream_outcome(addr: str, model: str) -> tuple[Any, ...]:
