@@ -108,6 +108,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {_clip(line)}"
 
 
+def _dims(value_info) -> list:
+    """A graph input's declared shape: sizes, dimension names, or None where neither is given."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value_info.type.tensor_type.shape.dim]
+
+
 def _clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
@@ -144,7 +150,7 @@ class OnnxExport:
             self.model = onnx.load_model_from_string(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
             raise WeightsError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
-        external = _uses_external_data(self.model.graph)
+        external = _uses_external_data(self.model)
         if external:
             # before anything is read: every file inside the model's directory, sizes as declared, bounded
             # (the same check, on the same bytes, as the sidecar's shadow makes: check_onnx_file)
@@ -155,9 +161,7 @@ class OnnxExport:
             check_external_tensors(tensors, Path(path))
         try:
             if external:
-                from onnx.external_data_helper import load_external_data_for_model
-
-                load_external_data_for_model(self.model, str(Path(path).parent))
+                _load_external_data(self.model, Path(path).parent)
                 raw = None
             onnx.checker.check_model(self.model if raw is None else raw)
         except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise assorted types
@@ -168,6 +172,12 @@ class OnnxExport:
             inputs = [i for i in graph.input if i.name not in inits]
             if not inputs or not graph.output:
                 raise WeightsError(f"{path}: the ONNX graph has no inputs or no outputs")
+            if len(inputs) > 1:
+                # onnxruntime requires every graph input; verify feeds one, the image batch. Taking the
+                # first one read "takes inputs [1] per sample ... an export of another model?"
+                listed = ", ".join(f"{i.name!r} {_dims(i)}" for i in inputs[:8])
+                raise WeightsError(f"{path}: the graph takes {len(inputs)} inputs ({listed}"
+                                   f"{', …' if len(inputs) > 8 else ''}); verify feeds one, the image batch")
             inp = inputs[0]
             elem = inp.type.tensor_type.elem_type
             self.input_name = inp.name
@@ -306,6 +316,7 @@ class TorchScriptExport:
         import torch
 
         self.path = path
+        check_archive_sizes(path)   # torch.jit.load allocates each record's declared size, then inflates it
         try:
             self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - torch.jit raises RuntimeError and others
@@ -376,24 +387,87 @@ def _named_outputs(out) -> dict[str, object]:
 
 MAX_ONNX_FILE_BYTES = 2 << 30        # protobuf's limit on one serialized message
 MAX_EXTERNAL_DATA_BYTES = 8 << 30    # tensors in external files, all together (densenet201 fp32: 80 MB)
+MAX_ARCHIVE_BYTES = 8 << 30          # a TorchScript archive's records, all together, as declared
+MAX_INFLATED_BYTES = 256 << 20       # of which in compressed records (torch.jit.save stores them uncompressed)
+
+
+def check_archive_sizes(path: Path) -> None:
+    """Refuse a zip archive whose records would make torch.jit.load allocate unbounded memory.
+
+    torch.jit.load reads a record by allocating the size its zip entry declares and inflating
+    into it: a 1.6 MB file whose one deflated record declares 1 GiB of zeros took 1.4 GB of
+    memory. torch.jit.save stores records uncompressed, so their bytes are on disk; compressed
+    records (a re-zipped archive) may expand to MAX_INFLATED_BYTES in all, each stored record
+    must lie within the file, and all records together at most MAX_ARCHIVE_BYTES (like an ONNX
+    model's external data). Checked from the zip's central directory, before anything is read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return   # torch.jit.load refuses it with its own reason
+    size = Path(path).stat().st_size
+    total = inflated = 0
+    for info in infos:
+        total += info.file_size
+        if info.compress_type == zipfile.ZIP_STORED and info.header_offset + info.file_size > size:
+            raise WeightsError(f"{path}: zip record {info.filename!r} declares {info.file_size} bytes at offset "
+                               f"{info.header_offset}, past the end of the file ({size} bytes); truncated?")
+        if info.compress_type != zipfile.ZIP_STORED:
+            inflated += info.file_size
+            if inflated > MAX_INFLATED_BYTES:
+                raise WeightsError(f"{path}: compressed zip records expand to more than {MAX_INFLATED_BYTES >> 20} MiB "
+                                   f"(at {info.filename!r}, {info.file_size} bytes from {info.compress_size}); "
+                                   "torch.jit.save stores records uncompressed: refusing to inflate it")
+        if total > MAX_ARCHIVE_BYTES:
+            raise WeightsError(f"{path}: zip records declare more than {MAX_ARCHIVE_BYTES >> 30} GiB "
+                               f"(at {info.filename!r}); refusing to load it")
 
 
 def _all_tensors(graph):
-    """Every TensorProto of a graph: initializers, Constant/attribute values, subgraphs'."""
+    """Every TensorProto of a graph: initializers, sparse initializers' values and indices,
+    Constant/attribute values (sparse ones too), subgraphs'."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    """Every TensorProto in the attributes of `nodes` (and of their subgraphs)."""
     from onnx import AttributeProto
 
-    yield from graph.initializer
-    for node in graph.node:
+    for node in nodes:
         for a in node.attribute:
             if a.type == AttributeProto.TENSOR:
                 yield a.t
             elif a.type == AttributeProto.TENSORS:
                 yield from a.tensors
+            elif a.type == AttributeProto.SPARSE_TENSOR:
+                yield a.sparse_tensor.values
+                yield a.sparse_tensor.indices
+            elif a.type == AttributeProto.SPARSE_TENSORS:
+                for sp in a.sparse_tensors:
+                    yield sp.values
+                    yield sp.indices
             elif a.type == AttributeProto.GRAPH:
                 yield from _all_tensors(a.g)
             elif a.type == AttributeProto.GRAPHS:
                 for g in a.graphs:
                     yield from _all_tensors(g)
+
+
+def _model_tensors(model):
+    """Every TensorProto of a model: its graph's (`_all_tensors`), its local functions' and its
+    training graphs' (the places `external_tensors` walks)."""
+    yield from _all_tensors(model.graph)
+    for fn in model.functions:
+        yield from _node_tensors(fn.node)
+    for info in model.training_info:
+        yield from _all_tensors(info.initialization)
+        yield from _all_tensors(info.algorithm)
 
 
 @dataclass(frozen=True)
@@ -591,23 +665,27 @@ def _packed_varints(buf: memoryview, a: int, b: int) -> list[int]:
     return out
 
 
-def _uses_external_data(graph) -> bool:
-    """Whether any tensor of the graph (initializers, Constant values, subgraphs) is stored outside the file."""
-    from onnx import AttributeProto, TensorProto
+def _uses_external_data(model) -> bool:
+    """Whether any tensor of the model is stored outside the file: initializers, sparse initializers,
+    Constant values, subgraphs', local functions' (`_model_tensors`). Before, sparse initializers
+    and functions were not looked at, so their external data escaped `check_external_tensors`
+    and was resolved by the checker and onnxruntime against the process's working directory."""
+    from onnx import TensorProto
 
-    if any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
-        return True
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == AttributeProto.TENSOR and a.t.data_location == TensorProto.EXTERNAL:
-                return True
-            if a.type == AttributeProto.TENSORS and any(t.data_location == TensorProto.EXTERNAL for t in a.tensors):
-                return True
-            if a.type == AttributeProto.GRAPH and _uses_external_data(a.g):
-                return True
-            if a.type == AttributeProto.GRAPHS and any(_uses_external_data(g) for g in a.graphs):
-                return True
-    return False
+    return any(t.data_location == TensorProto.EXTERNAL for t in _model_tensors(model))
+
+
+def _load_external_data(model, base_dir: Path) -> None:
+    """Read every external tensor of the model into it (after `check_external_tensors`).
+
+    onnx's `load_external_data_for_model` skips sparse initializers, whose data onnxruntime would
+    then look for relative to the working directory of the process (it is given bytes, not a path)."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for t in _model_tensors(model):
+        if t.data_location == TensorProto.EXTERNAL:
+            load_external_data_for_tensor(t, str(base_dir))
 
 
 def open_export(path: Path, threads: int | None = None, spin: bool = True) -> OnnxExport | TorchScriptExport:
@@ -627,7 +705,12 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
         if kind == "pt2":
             raise UsageError(f"{path}: is a torch.export archive (.pt2); verify runs ONNX or TorchScript: "
                              "convert it with torch.onnx.export(exported_program, ...) first")
+        if kind.startswith("zip:"):
+            raise WeightsError(f"{path}: is a zip archive holding {kind[4:]!r}, not a TorchScript file; "
+                               "extract it and verify that file")
         return TorchScriptExport(path)
+    if not head:
+        raise WeightsError(f"{path}: is empty (0 bytes), not an export")
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         # a pickle protocol 2-5 header: torch.save's legacy (non-zip) format, or a plain pickle
         raise WeightsError(f"{path}: is a pickle (torch.save's legacy format?), not an export; sentinel never "
@@ -641,19 +724,23 @@ def open_export(path: Path, threads: int | None = None, spin: bool = True) -> On
 
 def _archive_kind(path: Path) -> str:
     """What a PyTorch zip archive holds, from its member names (nothing is extracted or unpickled):
-    `torchscript` (code/ and constants.pkl), `pt2` (torch.export), `checkpoint` (torch.save), or
-    `unknown` (left to torch.jit.load to refuse)."""
+    `torchscript` (code/ and constants.pkl), `pt2` (torch.export), `checkpoint` (torch.save),
+    `zip:NAME` (a plain zip holding the ONNX file NAME), or `unknown` (left to torch.jit.load to refuse)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            names = [n.split("/", 1)[-1] for n in z.namelist()[:100_000]]
+            full = z.namelist()[:100_000]
     except (zipfile.BadZipFile, OSError, ValueError):
         return "unknown"
+    names = [n.split("/", 1)[-1] for n in full]
     if any(n.startswith("code/") or n == "constants.pkl" for n in names):
         return "torchscript"
     if "archive_format" in names:
         return "pt2"
     if "data.pkl" in names:
         return "checkpoint"
+    onnx_files = [n for n in full if n.lower().endswith(".onnx")]
+    if onnx_files:
+        return "zip:" + onnx_files[0]   # an ONNX model zipped for transfer
     return "unknown"
