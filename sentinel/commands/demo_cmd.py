@@ -19,11 +19,13 @@ def _repo_root() -> Path:
 
 
 def _stop_on_signals() -> None:
-    """Ctrl-C (SIGINT) and SIGTERM both end the demo through its cleanup, which stops every child.
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) end the demo through its cleanup,
+    which stops every child.
 
     A script's background job starts with SIGINT ignored, and Python then leaves it ignored;
-    the default for SIGTERM ends the process without cleanup. Either would leave the model
-    server and the sidecar running, so both are set here explicitly.
+    the default for SIGTERM and SIGHUP ends the process without cleanup. Either would leave the
+    model server and the sidecar running, so all three are set here explicitly (and the children
+    also get SIGTERM if the demo dies some other way: demo.processes).
     """
     import signal
 
@@ -32,6 +34,7 @@ def _stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
 
 
 def demo(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from sentinel.errors import InfrastructureError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,6 +29,30 @@ def port_is_bound(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    """prctl(2) from the C library, looked up in the parent (nothing is imported after fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(prctl: Callable[..., int], parent: int) -> None:
+    """In the child, before exec: SIGTERM when the demo dies, however it dies (Linux).
+
+    The children run in their own sessions, so a closed terminal (SIGHUP), `kill -9` or the
+    OOM killer ending the demo would otherwise leave the model server, the sidecar and
+    Prometheus running with their ports bound.
+    """
+    prctl(1, signal.SIGTERM, 0, 0, 0)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:          # the demo died before prctl took effect
+        os._exit(1)
+
+
 class Children:
     """Processes to stop, newest first, with SIGTERM then SIGKILL to their process groups."""
 
@@ -36,8 +64,11 @@ class Children:
         log = open(self.log_dir / f"{name}.log", "wb")
         full_env = dict(os.environ)
         full_env.update(env or {})
+        prctl = _libc_prctl()
         p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, env=full_env)
+                             start_new_session=True, env=full_env,
+                             preexec_fn=None if prctl is None else functools.partial(
+                                 _die_with_parent, prctl, os.getpid()))
         log.close()
         self.procs.append((name, p))
         return p
@@ -50,7 +81,7 @@ class Children:
         for name, p in self.procs:
             if p.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with code {p.returncode}; its log ends:\n{tail}")
+                raise InfrastructureError(f"{name} exited with code {p.returncode}; its log ends:\n{tail}")
 
     def stop(self, timeout: float = 8.0) -> None:
         for _, p in reversed(self.procs):
@@ -96,4 +127,4 @@ def wait_ready(url: str, children: Children, timeout: float = 90.0) -> None:
         except httpx.HTTPError as exc:
             last = type(exc).__name__
         time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last})")
+    raise InfrastructureError(f"{url} not ready after {timeout:.0f} s ({last})")

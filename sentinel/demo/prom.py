@@ -37,6 +37,7 @@ def start_prometheus(demo, sidecar_config: Path) -> str:
             {"targets": [f"127.0.0.1:{demo.ports['admin']}"]}]}],
     }
     (out / "prometheus.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    fresh_tsdb(out / "tsdb")
     demo.children.start("prometheus", [
         "prometheus", f"--config.file={out / 'prometheus.yml'}", f"--storage.tsdb.path={out / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"])
@@ -44,6 +45,32 @@ def start_prometheus(demo, sidecar_config: Path) -> str:
     wait_ready(f"{url}/-/ready", demo.children, timeout=60)
     demo.prom_started = time.perf_counter()
     return url
+
+
+TSDB_ENTRIES = ("wal", "chunks_head", "queries.active", "lock")
+
+
+def fresh_tsdb(path: Path) -> None:
+    """Remove the TSDB a previous demo left in this `--out` (the run holds the folder's lock).
+
+    Its ALERTS series carry no instance label, so they would merge with this run's, and
+    Prometheus keeps answering a series for 5 minutes past its last sample (no staleness
+    marker at shutdown): a rerun would report the last run's alerts as its own, firing from
+    before its traffic began. A folder that is not a Prometheus TSDB is refused, not removed.
+    """
+    import shutil
+
+    from sentinel.errors import UsageError
+
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()
+        return
+    if path.is_symlink() or not path.is_dir() or not any((path / e).exists() for e in TSDB_ENTRIES):
+        raise UsageError(f"--out: {path} exists and is not a Prometheus TSDB left by a previous demo; "
+                         "move it or pass another --out")
+    shutil.rmtree(path)
 
 
 async def collect_alerts(client: httpx.AsyncClient, url: str, t0_wall: float) -> list[dict]:

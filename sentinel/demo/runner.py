@@ -23,6 +23,8 @@ from sentinel.errors import DecodeError
 
 MODEL = "digits"
 DEMO_DRIFT_ALPHA = 0.01  # the demo sidecar's drift.alpha (see write_sidecar_config)
+MAX_RATE = 1000.0        # requests per second; the demo is one model server on loopback
+LOCK_FILE = ".sentinel-demo.lock"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,17 @@ class DemoOptions:
     window_s: float = 6.0           # latency/error window shown and judged
     seed: int = 0
     prometheus: bool = False
+
+    def __post_init__(self) -> None:
+        """Options checked before anything starts (UsageError naming the flag)."""
+        from sentinel.errors import UsageError
+
+        if self.seed < 0:   # numpy's generator refuses it, but only once traffic would start
+            raise UsageError(f"--seed must be a non-negative integer, got {self.seed}")
+        if not math.isfinite(self.rate) or not 0 < self.rate <= MAX_RATE:
+            # every request is queued at its planned time: a huge rate queues millions at once
+            raise UsageError(f"--rate must be a positive number of requests per second of at most "
+                             f"{MAX_RATE:g}, got {self.rate:g}")
 
 
 @dataclass
@@ -131,11 +144,40 @@ class Demo:
         self.current_phase = 0
         self.fault_control_ok = True
         self.drift_alpha = DEMO_DRIFT_ALPHA
+        self._lock_fd: int | None = None
 
     # --- set-up -----------------------------------------------------------------
+    def claim_out(self) -> None:
+        """Create `--out` and hold its lock for the run: two demos writing one folder would
+        truncate each other's logs and reports (and share Prometheus's TSDB). UsageError when
+        the folder cannot be made or another demo holds it."""
+        import fcntl
+        import os
+
+        from sentinel.errors import UsageError
+
+        out = self.opts.out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot use it as the report folder: "
+                             f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"--out {out}: another sentinel demo (pid {holder}) is writing there; "
+                             "wait for it to end or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
     def start(self) -> None:
         o = self.opts
-        o.out.mkdir(parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self.claim_out()
         cfg = write_sidecar_config(o, self.ports)
         from sentinel.config import load_config
 
@@ -186,6 +228,14 @@ class Demo:
 
     def stop(self) -> None:
         self.children.stop()
+
+    def release_out(self) -> None:
+        """Let another demo use `--out` (after the report is written; also at exit, by the OS)."""
+        import os
+
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # --- the run ----------------------------------------------------------------
     async def _set_faults(self, client: httpx.AsyncClient, phase: Phase) -> None:

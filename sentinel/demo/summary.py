@@ -156,7 +156,11 @@ def baseline_accuracy(demo: Demo) -> float:
 def phase_table(demo: Demo) -> list[dict]:
     """Per phase: rate, P50/P99, errors, estimated vs true accuracy, alarms seen."""
     tl = demo.timeline
-    ends = tl.phase_starts[1:] + [math.inf]
+    # The last phase ends with the traffic: the scrapes after it (while the last answers come
+    # back) cover windows with less or no traffic, which would pull its rate and figures down.
+    last_end = tl.phase_starts[-1] + demo.opts.phases[len(tl.phase_starts) - 1].seconds if tl.phase_starts \
+        else math.inf
+    ends = tl.phase_starts[1:] + [last_end]
     alarmed = drift_alarm_phases(demo.opts.phases, tl.phase_starts, tl.windows)
     rows = []
     for i, (phase, start, end) in enumerate(zip(demo.opts.phases, tl.phase_starts, ends, strict=False)):

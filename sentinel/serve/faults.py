@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -21,13 +22,18 @@ class FaultPlan:
     def validate(self) -> list[str]:
         """One sentence per invalid flag."""
         problems = []
-        if self.delay_ms < 0:
+        # NaN passes every comparison and infinity is no duration (a request delayed forever,
+        # a stall that fails with OverflowError): both are refused by name.
+        for flag, v in (("--delay-ms", self.delay_ms), ("--stall-seconds", self.stall_seconds)):
+            if not math.isfinite(v):
+                problems.append(f"{flag} must be a finite number, got {v}")
+        if self.delay_ms < 0 and math.isfinite(self.delay_ms):
             problems.append(f"--delay-ms must not be negative, got {self.delay_ms}")
         if not 0.0 <= self.error_ratio <= 1.0:
             problems.append(f"--error-ratio must be between 0 and 1, got {self.error_ratio}")
         if self.stall_after is not None and self.stall_after < 1:
             problems.append(f"--stall-after must be at least 1, got {self.stall_after}")
-        if self.stall_seconds < 0:
+        if self.stall_seconds < 0 and math.isfinite(self.stall_seconds):
             problems.append(f"--stall-seconds must not be negative, got {self.stall_seconds}")
         if self.stall_seconds > 0 and self.stall_after is None:
             problems.append("--stall-seconds needs --stall-after N")

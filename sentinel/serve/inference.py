@@ -53,5 +53,9 @@ class Predictor:
         raise BadInput(f"input shape {list(x.shape)} does not fit {self.entry.spec}: expected {expected}")
 
     def predict(self, x: np.ndarray) -> Prediction:
-        out = self.reference.run(self.to_network(x), embeddings=False)
+        net = self.to_network(x)
+        if not np.isfinite(net).all():
+            # else the answer is NaN probabilities, which OIP v2 JSON writes as null in an FP32 tensor
+            raise BadInput(f"input holds NaN or infinite values; {self.entry.spec} takes finite numbers")
+        out = self.reference.run(net, embeddings=False)
         return Prediction(out.logits, out.probabilities)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # module level: FastAPI resolves the route's string annotations here
 
-from sentinel.errors import DecodeError
+from sentinel.errors import DecodeError, InfrastructureError
 from sentinel.protocols.base import numeric_array
 from sentinel.registry import ModelEntry
 from sentinel.serve.faults import FaultInjector, FaultPlan
@@ -103,10 +103,7 @@ def _model_class(kserve: Any) -> type:
             from kserve.errors import InvalidInput
 
             if isinstance(payload, InferRequest):
-                if not payload.inputs:
-                    raise InvalidInput("request has no inputs")
-                x = payload.inputs[0].as_numpy()
-                pred = await self.engine.run(x)
+                pred = await self.engine.run(_v2_input(payload))
                 outs = []
                 for name in OUTPUTS:
                     arr = getattr(pred, name)
@@ -126,6 +123,31 @@ def _model_class(kserve: Any) -> type:
             return {"predictions": pred.probabilities.tolist()}
 
     return RegistryModel
+
+
+def _v2_input(payload: Any) -> np.ndarray:
+    """The one input tensor of an OIP v2 request, or InvalidInput (HTTP 400, gRPC INVALID_ARGUMENT).
+
+    kserve's `as_numpy` raises a bare ValueError when the data do not fill the declared shape
+    or datatype, which kserve answers with 500: a client's mistake counted as a server error
+    (and against the availability SLO of the sidecar in front).
+    """
+    from kserve.errors import InvalidInput
+
+    if not payload.inputs:
+        raise InvalidInput("request has no inputs")
+    if len(payload.inputs) != 1:
+        names = ", ".join(repr(i.name) for i in payload.inputs)
+        raise InvalidInput(f"the model takes one input, the request has {len(payload.inputs)}: {names}")
+    inp = payload.inputs[0]
+    try:
+        x = inp.as_numpy()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input {inp.name!r} ({inp.datatype}, shape {list(inp.shape)}): {exc}") from None
+    if x.dtype.kind not in "biuf":
+        raise InvalidInput(f"input {inp.name!r} is {inp.datatype}; the model takes a numeric tensor "
+                           "(FP16/32/64, INT, UINT or BOOL)")
+    return x
 
 
 def _add_torchserve_route(app: Any, name: str, engine: _Engine) -> None:
@@ -208,14 +230,22 @@ class _GrpcServing:
 
         o = self.options
         limit = o.grpc_max_message_bytes
+        # grpc sets SO_REUSEPORT by default: a second server on the same port would bind
+        # without error and take half the calls of the first. Off, a taken port fails here.
         self.server = aio.server(interceptors=(ExceptionToStatusInterceptor(),),
                                  options=[("grpc.max_send_message_length", limit),
-                                          ("grpc.max_receive_message_length", limit)])
+                                          ("grpc.max_receive_message_length", limit),
+                                          ("grpc.so_reuseport", 0)])
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, self.repository), self.server)
         host = f"[{o.host}]" if ":" in o.host else o.host
-        if not self.server.add_insecure_port(f"{host}:{o.grpc_port}"):
-            raise OSError(f"cannot bind gRPC port {o.host}:{o.grpc_port}: address already in use")
+        try:   # grpc returns 0 or, in newer releases, raises RuntimeError
+            bound = self.server.add_insecure_port(f"{host}:{o.grpc_port}")
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise InfrastructureError(f"cannot bind gRPC port {host}:{o.grpc_port}: address already in use, "
+                                      "or not an address of this machine")
         await self.server.start()
         await self.server.wait_for_termination()
 
@@ -257,10 +287,11 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
                 self.http_port, grace_period=self.grace_period, event_loop=self.event_loop,
                 timeout_keep_alive=self.timeout_keep_alive)
             self._rest_server.config.host = options.host
-            self.servers.append(self._rest_server.start())
             if options.grpc_port is not None:
+                # first: a gRPC port that cannot be bound fails before uvicorn starts (one error line)
                 self._sentinel_grpc = _GrpcServing(self.dataplane, self.model_repository_extension, options)
                 self.servers.append(self._sentinel_grpc.run())
+            self.servers.append(self._rest_server.start())
             self.setup_event_loop()
             self.register_signal_handler()
             asyncio.run(self._serve())
@@ -273,8 +304,9 @@ def serve(entry: ModelEntry, options: ServeOptions) -> None:
 
     server = _Server(http_port=options.port, enable_grpc=False, enable_latency_logging=False,
                      grace_period=options.grace_period_s)
+    host = f"[{options.host}]" if ":" in options.host else options.host   # IPv6 in URLs
     log.info("sentinel serve: %s as %r on http://%s:%d (model %.2f s, kserve import %.2f s)%s%s",
-             entry.spec, name, options.host, options.port, t_model - t0, t_kserve - t_model,
-             f"; gRPC on {options.host}:{options.grpc_port}" if options.grpc_port is not None else "",
+             entry.spec, name, host, options.port, t_model - t0, t_kserve - t_model,
+             f"; gRPC on {host}:{options.grpc_port}" if options.grpc_port is not None else "",
              f"; faults: {options.faults}" if options.faults.active else "")
     server.start([model])
