@@ -67,6 +67,8 @@ class IntegrityError(CheckFailed):
 EXTRAS = {
     "torch": ("torch", "PyTorch"), "onnx": ("torch", "onnx"), "onnxscript": ("torch", "onnxscript"),
     "sklearn": ("torch", "scikit-learn"), "kserve": ("serve", "kserve"),
+    # kserve's own dependencies, which `sentinel serve` imports directly; absent from a base install.
+    "fastapi": ("serve", "kserve"), "uvicorn": ("serve", "kserve"), "starlette": ("serve", "kserve"),
 }
 
 

@@ -402,6 +402,24 @@ def bundled_home() -> Path | None:
     return path if (path / "models").is_dir() else None
 
 
+def refuse_bundled(path: str | Path, what: str) -> None:
+    """UsageError when `path` lies inside the installed package's example data (`bundled_home()`).
+
+    From a wheel install with no ./models, the registry commands read resolve to that copy;
+    the write commands (`models init`, `export`, `golden build`) then wrote into site-packages:
+    32 MB of random weights, an overwritten bundled export and model.yaml, in a place a
+    read-only image cannot write and `pip uninstall` leaves behind."""
+    home = bundled_home()
+    if home is None:
+        return
+    target = Path(path).resolve()
+    if target == home.resolve() or target.is_relative_to(home.resolve()):
+        from sentinel.errors import UsageError
+
+        raise UsageError(f"{what}: {path} is inside the installed package's example data ({home}); "
+                         "write elsewhere: --registry DIR (a ./models of your own), or -o PATH")
+
+
 def source_checkout() -> Path | None:
     """The repository this package is imported from (an editable install or PYTHONPATH), if any."""
     root = Path(__file__).resolve().parents[1]

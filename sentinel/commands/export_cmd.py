@@ -94,6 +94,9 @@ def export(
     entry.check_weights()
     path = out or default_path(entry, fmt, int8, dynamic_batch)
     _check_output(path)
+    from sentinel.registry import refuse_bundled
+
+    refuse_bundled(path, "export")
     if register is None:
         register = inside_model_directory(entry, path)
     elif register and not inside_model_directory(entry, path):

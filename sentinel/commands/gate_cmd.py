@@ -58,7 +58,8 @@ def gate(
 
 @gate_app.command("templates")
 def templates(
-    slo: Path = typer.Option(Path("slo.yaml"), "--slo", help="SLO file (see slo.yaml)."),
+    slo: Path | None = typer.Option(None, "--slo", help="SLO file (default: ./slo.yaml, else the example "
+                                                        "shipped with sentinel)."),
     out: Path = typer.Option(Path("deploy"), "--out", "-o",
                              help="Directory to write argo/ and flagger/ under (nothing is written elsewhere)."),
     prometheus: str = typer.Option("http://prometheus-operated.monitoring:9090", "--prometheus",
@@ -67,10 +68,11 @@ def templates(
                               help="Container image for the Argo `job` variant that runs `sentinel gate`."),
 ) -> None:
     """Write Argo Rollouts AnalysisTemplates and Flagger MetricTemplates + Canary analysis from the SLO file."""
+    from sentinel.commands.rules_cmd import slo_or_example
     from sentinel.gate.templates import write_templates
     from sentinel.slo.spec import load_slo_file
 
-    for path in write_templates(load_slo_file(slo), out, prometheus=prometheus, image=image):
+    for path in write_templates(load_slo_file(slo_or_example(slo)), out, prometheus=prometheus, image=image):
         typer.echo(f"wrote {path}")
 
 

@@ -52,7 +52,11 @@ def build(
         n = min(n, count)
         arrays = {k: v[:n] for k, v in arrays.items()}
     ids = arrays.get("ids", np.arange(n, dtype=np.int64))
-    g = build_golden(entry, out or golden_path(golden_root, entry), ids=ids, inputs=arrays.get("inputs"),
+    from sentinel.registry import refuse_bundled
+
+    target = out or golden_path(golden_root, entry)
+    refuse_bundled(target, "golden build")
+    g = build_golden(entry, target, ids=ids, inputs=arrays.get("inputs"),
                      raw=arrays.get("raw"), labels=arrays.get("labels"), source=desc)
     acc = ""
     if g.labels is not None:

@@ -88,6 +88,7 @@ def init(
         TensorSpec,
         WeightsRef,
         open_registry,
+        refuse_bundled,
         sha256_file,
         write_manifest,
     )
@@ -100,6 +101,7 @@ def init(
     name = name or arch
     version = version or f"seed-{seed}"
     out = reg.root / name / version
+    refuse_bundled(out, "models init")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = resolve_config(arch, num_classes=num_classes)

@@ -11,12 +11,26 @@ rules_app = typer.Typer(help="Prometheus recording and alerting rules generated 
                         no_args_is_help=True)
 dashboards_app = typer.Typer(help="Grafana dashboards generated from an SLO file.", no_args_is_help=True)
 
-_SLO = typer.Option(Path("slo.yaml"), "--slo", help="SLO file (see slo.yaml).")
+_SLO = typer.Option(None, "--slo", help="SLO file (default: ./slo.yaml, else the example shipped with sentinel).")
+
+
+def slo_or_example(slo: Path | None) -> Path:
+    """`--slo` when given, else ./slo.yaml, else the example the package ships (a checkout's or the
+    wheel's `sentinel/_bundled/slo.yaml`), so the generators work from any directory after a plain
+    `pip install`; the fallback is said on stderr."""
+    if slo is not None:
+        return slo
+    from sentinel.registry import example_file
+
+    path = example_file("slo.yaml")
+    if path != Path.cwd() / "slo.yaml":
+        typer.echo(f"no ./slo.yaml: using the example SLO file {path}", err=True)
+    return path
 
 
 @rules_app.command("generate")
 def generate(
-    slo: Path = _SLO,
+    slo: Path | None = _SLO,
     out: Path = typer.Option(Path("rules"), "--out", "-o", help="Directory for the rule files and their tests."),
     prometheusrule: Path | None = typer.Option(
         None, "--prometheusrule",
@@ -32,7 +46,7 @@ def generate(
     from sentinel.slo.generate import write_rules
     from sentinel.slo.spec import load_slo_file
 
-    spec = load_slo_file(slo)
+    spec = load_slo_file(slo_or_example(slo))
     result = write_rules(spec, out, None if no_prometheusrule else prometheusrule)
     for path in result.paths:
         typer.echo(f"wrote {path}")
@@ -63,7 +77,7 @@ def test(
 
 @dashboards_app.command("generate")
 def dashboards_generate(
-    slo: Path = _SLO,
+    slo: Path | None = _SLO,
     out: Path = typer.Option(Path("dashboards"), "--out", "-o", help="Directory for the dashboard JSON files."),
 ) -> None:
     """Write the overview, on-call and debug dashboards (Grafana JSON)."""
@@ -71,7 +85,7 @@ def dashboards_generate(
     from sentinel.slo.generate import write_file
     from sentinel.slo.spec import load_slo_file
 
-    spec = load_slo_file(slo)
+    spec = load_slo_file(slo_or_example(slo))
     for name, text in generate_dashboards(spec).items():
         typer.echo(f"wrote {write_file(out / name, text)}")
 

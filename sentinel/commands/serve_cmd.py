@@ -35,7 +35,11 @@ def serve(
     are used as they are. v2 answers outputs "probabilities" and "logits"; v1 answers
     probabilities as "predictions". SIGTERM shuts down gracefully.
     """
-    from sentinel.errors import UsageError
+    from sentinel.errors import UsageError, require
+
+    # Before any import of the server: it needs fastapi (kserve's) at module level, and a base
+    # install has none of torch, kserve or fastapi; say which extra instead of a traceback.
+    require("sentinel serve", "torch", "kserve", "fastapi", extra="serve")
     from sentinel.registry import open_registry
     from sentinel.serve.faults import FaultPlan
     from sentinel.serve.server import ServeOptions

@@ -217,23 +217,33 @@ class ProxyContext:
                 log.exception("deadline sweep failed")
 
     def traceparent(self, ex: Exchange) -> bytes:
+        # ex.span_id holds the forwarded tail, "<span id>-<flags>": the caller's sampled flag
+        # is passed on (a 00 must not become 01 at the model server)
         if ex.trace_id is None:
             parsed = tracing.parse_traceparent(ex.incoming_tp) if ex.incoming_tp else None
             if self.tracer is not None:
-                ex.span, ex.trace_id, ex.span_id = self.tracer.start(
-                    f"{ex.method.decode()} {ex.protocol}", ex.incoming_tp if parsed else None)
+                # the span starts when the request arrived, not when the upstream was reached
+                ex.span, ex.trace_id, span_id = self.tracer.start(
+                    f"{ex.method.decode()} {ex.protocol}", ex.incoming_tp if parsed else None,
+                    tracing.epoch_ns(ex.t0))
+                ex.span_id = f"{span_id}-{self.tracer.span_flags(ex.span)}"
+            elif parsed:
+                ex.trace_id = parsed[0]
+                ex.span_id = f"{tracing.new_span_id()}-{tracing.sampled_flags(parsed[2])}"
             else:
-                ex.trace_id = parsed[0] if parsed else tracing.new_trace_id()
-                ex.span_id = tracing.new_span_id()
-        return tracing.traceparent(ex.trace_id, ex.span_id)  # type: ignore[arg-type]
+                ex.trace_id = tracing.new_trace_id()
+                ex.span_id = tracing.new_span_id() + "-01"
+        return f"00-{ex.trace_id}-{ex.span_id}".encode()
 
     def end_span(self, ex: Exchange, code: str) -> None:
         assert self.tracer is not None
         status = int(code) if code.isdigit() else 0
+        # ends when the histogram's observation did (done_at: a record deferred until the client's fate is known)
+        end_ns = tracing.epoch_ns(ex.done_at) if ex.done_at else None
         self.tracer.end(ex.span, {"http.request.method": ex.method.decode(), "http.response.status_code": status,
                                   "url.path": ex.url.decode("latin-1").split("?", 1)[0],
                                   "sentinel.model": ex.model, "sentinel.protocol": ex.protocol,
-                                  "sentinel.code": code})
+                                  "sentinel.code": code}, end_ns)
         ex.span = None
 
 

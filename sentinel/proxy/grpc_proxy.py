@@ -239,12 +239,15 @@ class GrpcProxy:
                 fwd.append((k, v))
         parsed = tracing.parse_traceparent(incoming_tp) if incoming_tp else None
         span = None
+        # the caller's sampled flag is passed on (a 00 must not become 01 at the model server)
         if self.tracer is not None:
             span, trace_id, span_id = self.tracer.start(method.lstrip("/"), incoming_tp if parsed else None)
+            flags = self.tracer.span_flags(span)
         else:
             trace_id = parsed[0] if parsed else tracing.new_trace_id()
             span_id = tracing.new_span_id()
-        fwd.append(("traceparent", tracing.traceparent(trace_id, span_id).decode()))
+            flags = tracing.sampled_flags(parsed[2]) if parsed else "01"
+        fwd.append(("traceparent", tracing.traceparent(trace_id, span_id, flags).decode()))
         remaining = context.time_remaining()
         timeout = self.upstream_timeout if remaining is None else min(max(remaining, 0.0), self.upstream_timeout)
         return fwd, trace_id, canary, timeout, span

@@ -442,6 +442,14 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.flush()
         if self.fin_early and self.unrecorded and not self.confirming:
             self.confirming = True
+            # Our FIN goes out now, after the answer: a half-closed client reading to EOF (an HTTP/1.0
+            # close-delimited body, `nc -N`) has its end at once, not CONFIRM_S later. The socket
+            # stays open, so a reset from a client that closed for good still shows in _confirm.
+            try:
+                if t.can_write_eof():
+                    t.write_eof()
+            except OSError:
+                pass
             self.ctx.loop.call_later(CONFIRM_S, self._confirm)
             return
         if (request_read and self.parsing is None) or self.eof:

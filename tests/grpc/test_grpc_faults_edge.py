@@ -175,3 +175,15 @@ def test_a_sample_that_cannot_be_queued_does_not_fail_the_call(upstream):
         assert sc.wait_for(REQ, _labels("digits", "200"), 1, timeout=5) == 1
         assert sc.value(REQ, _labels("digits", "500")) == 0
         assert sc.value(mn.SAMPLES.sample_name, {"model": "digits", "outcome": "dropped"}) == 1
+
+
+def test_a_callers_not_sampled_flag_reaches_the_model_server_unchanged(upstream):
+    """traceparent ...-00 was forwarded as ...-01: the model server sampled a trace whose parent
+    nobody exported (W3C trace context passes the sampled flag on)."""
+    trace = "6bf92f3577b34da6a3ce929d0e0e4736"
+    with RunningSidecar(grpc_config(HTTP_UP, upstream.address)) as sc, _channel(sc) as ch:
+        for flags in ("00", "01"):
+            _, call = ch.unary_unary(INFER).with_call(
+                infer_request("digits"), timeout=10, metadata=(("traceparent", f"00-{trace}-00f067aa0ba902b7-{flags}"),))
+            fwd = dict(call.initial_metadata())["x-seen-traceparent"]
+            assert fwd.startswith(f"00-{trace}-") and fwd.endswith(f"-{flags}") and "00f067aa0ba902b7" not in fwd
