@@ -21,8 +21,8 @@ from proxy_helpers import (  # noqa: E402  (tests/proxy is not a package)
     v2_response,
 )
 
-__all__ = ["BUILTIN_MONITOR", "RawUpstream", "RunningSidecar", "make_config", "normal_request_ok", "read_all",
-           "send_request"]
+__all__ = ["BUILTIN_MONITOR", "RawUpstream", "RunningSidecar", "code_count", "make_config", "normal_request_ok",
+           "read_all", "send_request", "wait_until"]
 
 
 class RawUpstream:
@@ -178,3 +178,20 @@ def normal_request_ok(sc: RunningSidecar) -> None:
     with s:
         out = read_all(s)
     assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+
+
+def code_count(sc: RunningSidecar, code: str, model: str = "none", protocol: str = "other") -> float:
+    """sentinel_requests_total of one code (a path no model claims: model "none", protocol "other")."""
+    from sentinel import metricnames as mn
+
+    return sc.value(mn.REQUESTS.sample_name, {"model": model, "protocol": protocol, "code": code})
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    """Poll `pred` every 20 ms until it holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

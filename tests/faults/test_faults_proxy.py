@@ -16,10 +16,12 @@ import pytest
 from fault_helpers import (
     RawUpstream,
     RunningSidecar,
+    code_count,
     make_config,
     normal_request_ok,
     read_all,
     send_request,
+    wait_until,
 )
 
 from sentinel import metricnames as mn
@@ -37,17 +39,8 @@ def env():
         yield up, sc
 
 
-def _code(sc: RunningSidecar, code: str, model: str = "none", protocol: str = "other") -> float:
-    return sc.value(REQ, {"model": model, "protocol": protocol, "code": code})
-
-
-def _wait(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+_code = code_count
+_wait = wait_until
 
 
 # --- request heads ---------------------------------------------------------------------
@@ -283,31 +276,58 @@ def test_a_pipelining_client_that_resets_mid_response_is_499_not_its_answers(env
     normal_request_ok(sc)
 
 
-def _two_late_pipelined(up, sc):
-    """Two pipelined requests whose answers come 0.5 s late; the socket and the 200/499 counts before."""
+def _late_pipelined(up, sc, n: int = 2):
+    """n pipelined requests whose answers come 0.5 s late; the socket and the 200/499 counts before."""
     up.canned["/canned/late"] = ([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], "keep")
     before = _code(sc, "200"), _code(sc, "499")
-    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n"
-                              b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n")
+    s = send_request(sc.port, b"GET /canned/late HTTP/1.1\r\nHost: x\r\n\r\n" * n)
     time.sleep(0.2)
     return s, before
 
 
-def test_a_pipelining_client_that_times_out_counts_499_for_every_answer_it_never_took(env):
-    """A client timeout (FIN) while two pipelined requests wait: reading is paused for the second,
-    so the FIN is not read, and the first answer counted 200 when it was written."""
+@pytest.mark.parametrize("n", [1, 2], ids=["one", "pipelined"])
+def test_a_client_that_times_out_counts_499_for_every_answer_it_never_took(env, n):
+    """A client timeout (FIN) before its answers. Pipelined: reading is paused for the second
+    request, so the FIN was not read, and the first answer counted 200 when it was written.
+    One: our FIN now follows the answer at once (a half-close's end of stream), and the reset the
+    answer meets is still what counts."""
     up, sc = env
-    s, (ok, gone) = _two_late_pipelined(up, sc)
+    s, (ok, gone) = _late_pipelined(up, sc, n)
     s.close()   # the client gave up: FIN, and a reset for whatever reaches it afterwards
-    assert _wait(lambda: _code(sc, "499") == gone + 2)
+    assert _wait(lambda: _code(sc, "499") == gone + n)
     time.sleep(0.3)
     assert _code(sc, "200") == ok
     normal_request_ok(sc)
 
 
+@pytest.mark.parametrize("req", [
+    b"GET /canned/chunked-answer HTTP/1.0\r\n\r\n",   # an HTTP/1.0 client: the body ends with the connection
+    b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n",           # `printf ... | nc -N`: reads until EOF
+])
+def test_a_half_closed_client_sees_the_end_of_its_answer_at_once(env, req):
+    """A client that half-closes after its request and reads to EOF got the close 0.5 s late
+    (CONFIRM_S): for a close-delimited body that is the end of the response itself."""
+    up, sc = env
+    up.canned["/canned/chunked-answer"] = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                           b"5\r\nhello\r\n0\r\n\r\n", "keep")
+    ok, gone = _code(sc, "200"), _code(sc, "499")
+    s = send_request(sc.port, req)
+    t = time.monotonic()
+    s.shutdown(socket.SHUT_WR)
+    out = read_all(s)
+    took = time.monotonic() - t
+    s.close()
+    assert out.startswith(b"HTTP/1.1 200 ") and (out.endswith(b"hello") or out.endswith(b"}")), out
+    assert took < 0.3, f"EOF came {took:.3f} s after the request"
+    assert _wait(lambda: _code(sc, "200") == ok + 1)
+    time.sleep(0.7)
+    assert _code(sc, "499") == gone
+    normal_request_ok(sc)
+
+
 def test_a_pipelining_client_that_half_closes_gets_every_answer_counted_as_sent(env):
     up, sc = env
-    s, (ok, gone) = _two_late_pipelined(up, sc)
+    s, (ok, gone) = _late_pipelined(up, sc)
     s.shutdown(socket.SHUT_WR)   # done sending, still reading
     out = read_all(s)
     s.close()
