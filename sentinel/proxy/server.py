@@ -339,7 +339,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                             continue
                         # any other expectation is the model server's to meet or refuse (417): forwarded
                     if lname == b"traceparent":
-                        ex.incoming_tp = value
+                        # two traceparent fields name two parents: invalid (W3C), so a new trace
+                        ex.incoming_tp = value if ex.incoming_tp is None else b"-"
                         continue
                     if lname == b"host":
                         hosts += 1 + value.count(b",")   # `Host: a, b` names two hosts as two fields do

@@ -174,3 +174,14 @@ def test_grpc_server_errors_mark_the_span(collector):
     assert got == {grpc.StatusCode.OK: Status.STATUS_CODE_UNSET, grpc.StatusCode.NOT_FOUND: Status.STATUS_CODE_UNSET,
                    grpc.StatusCode.UNAVAILABLE: Status.STATUS_CODE_ERROR,
                    grpc.StatusCode.DEADLINE_EXCEEDED: Status.STATUS_CODE_ERROR}
+
+
+def test_two_traceparent_fields_start_a_new_trace():
+    """Two fields name two parents; the W3C spec calls that invalid. The last one silently won."""
+    a, b = "4bf92f3577b34da6a3ce929d0e0e4736", "5bf92f3577b34da6a3ce929d0e0e4736"
+    with Upstream() as up, RunningSidecar(make_config(up.url)) as sc:
+        httpx.post(sc.url + "/echo", content=b"x",
+                   headers=[("traceparent", f"00-{a}-{SPAN}-01"), ("traceparent", f"00-{b}-{SPAN}-01")])
+        fwd = up.seen[-1]["headers"]["traceparent"]
+        assert parse_traceparent(fwd.encode()) is not None and a not in fwd and b not in fwd
+        assert _forwarded(up, sc, f"00-{a}-{SPAN}-01").startswith(f"00-{a}-")   # one field: continued
