@@ -239,10 +239,7 @@ class AdminConnection(asyncio.Protocol):
         if t is None:
             return
         t.write(http.response(status, http.error_body(status, reason, message), keep_alive=False))
-        try:   # half-close, and discard what the client still sends, so it can read the answer
-            t.write_eof()
-        except OSError:
-            pass
+        http.send_fin(t)   # half-close, and discard what the client still sends, so it can read the answer
         asyncio.get_running_loop().call_later(LINGER_S, t.close)
 
     # --- time -------------------------------------------------------------------------

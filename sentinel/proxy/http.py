@@ -34,6 +34,16 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(out)
 
 
+def send_fin(transport: Any) -> None:
+    """Half-close: our FIN goes out after what is buffered; reading goes on. A transport that cannot
+    (not TCP), or whose socket is already gone, is left as it is."""
+    try:
+        if transport.can_write_eof():
+            transport.write_eof()
+    except OSError:
+        pass
+
+
 def response(status: int, body: bytes, content_type: bytes = b"application/json",
              keep_alive: bool = True, extra: list[tuple[bytes, bytes]] = ()) -> bytes:
     """A complete HTTP/1.1 response with a Content-Length body."""

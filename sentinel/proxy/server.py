@@ -119,10 +119,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         ctx.shedding += 1
         self.lingering = True
         transport.write(ctx.shed_bytes)
-        try:
-            transport.write_eof()
-        except OSError:
-            pass
+        http.send_fin(transport)
         ctx.loop.call_later(SHED_LINGER_S, transport.close)
 
     def data_received(self, data: bytes) -> None:
@@ -446,11 +443,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # Our FIN goes out now, after the answer: a half-closed client reading to EOF (an HTTP/1.0
             # close-delimited body, `nc -N`) has its end at once, not CONFIRM_S later. The socket
             # stays open, so a reset from a client that closed for good still shows in _confirm.
-            try:
-                if t.can_write_eof():
-                    t.write_eof()
-            except OSError:
-                pass
+            http.send_fin(t)
             self.ctx.loop.call_later(CONFIRM_S, self._confirm)
             return
         if (request_read and self.parsing is None) or self.eof:
@@ -462,11 +455,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             self.drain_limit = BODY_LINGER_MAX_BYTES   # the rest of a body it had begun sending
         self.paused.clear()
         t.resume_reading()
-        try:
-            if t.can_write_eof():
-                t.write_eof()
-        except OSError:
-            pass
+        http.send_fin(t)
         self.ctx.loop.call_later(LINGER_S, t.close)
 
     def _confirm(self) -> None:
