@@ -218,10 +218,10 @@ class JoinTable:
     pushed out (oldest first) to stay within `max_pending` and `max_bytes`, or replaced by a
     second copy of the same half; `expire` drops halves older than the TTL.
 
-    A half over the sampling cap is never kept: `oversize` drops its other half if that is
-    waiting, else remembers its key (no body; as many keys as `max_pending`, for the TTL) so
-    that `partner_oversize` turns the other half away when it comes, instead of keeping it
-    until the TTL and counting it an orphan.
+    A half that is never analysed (over the sampling cap, or the sidecar's own canary request)
+    is never kept: `skip` drops its other half if that is waiting, else remembers its key (no
+    body; as many keys as `max_pending`, for the TTL) so that `partner_skipped` turns the other
+    half away when it comes, instead of keeping it until the TTL and counting it an orphan.
     """
 
     def __init__(self, ttl_s: float, max_pending: int, max_bytes: int = 64 * 1024 * 1024):
@@ -230,7 +230,7 @@ class JoinTable:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._pending: OrderedDict[str, tuple[float, Event]] = OrderedDict()
-        self._oversize: OrderedDict[str, tuple[float, Half, str]] = OrderedDict()   # key → (when, which half, why)
+        self._skipped: OrderedDict[str, tuple[float, Half, str]] = OrderedDict()   # key → (when, which half, why)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -262,38 +262,37 @@ class JoinTable:
             dropped += 1
         return None, dropped
 
-    def oversize(self, ev: Event, now: float, why: str = "oversize") -> int:
-        """`ev` is over the sampling cap (or the sidecar's own canary request: `why`), so its pair is
-        never analysed: drop its other half if it is waiting (returns 1, that orphan), else
-        remember the key for `partner_oversize`."""
-        self._expire_oversize(now)
+    def skip(self, ev: Event, now: float, why: str) -> int:
+        """`ev`'s pair is never analysed (`why`: "oversize", "canary"): drop its other half if it is
+        waiting (returns 1, that orphan), else remember the key for `partner_skipped`."""
+        self._expire_skipped(now)
         other = self._pending.get(ev.key)
         if other is not None and other[1].half != ev.half:
             self._drop(ev.key)
             return 1
-        seen = self._oversize.pop(ev.key, None)
+        seen = self._skipped.pop(ev.key, None)
         if seen is not None and seen[1] != ev.half:
             return 0   # both halves over the cap: nothing is waiting for either
-        self._oversize[ev.key] = (now, ev.half, why)
-        while len(self._oversize) > self.max_pending:
-            self._oversize.popitem(last=False)
+        self._skipped[ev.key] = (now, ev.half, why)
+        while len(self._skipped) > self.max_pending:
+            self._skipped.popitem(last=False)
         return 0
 
-    def partner_oversize(self, ev: Event, now: float) -> str | None:
+    def partner_skipped(self, ev: Event, now: float) -> str | None:
         """Why `ev`'s other half was not analysed (over the sampling cap, a canary request), when it
         came within the TTL, else None; forgets it."""
-        self._expire_oversize(now)
-        seen = self._oversize.get(ev.key)
+        self._expire_skipped(now)
+        seen = self._skipped.get(ev.key)
         if seen is None or seen[1] == ev.half:
             return None
-        del self._oversize[ev.key]
+        del self._skipped[ev.key]
         return seen[2]
 
-    def _expire_oversize(self, now: float) -> None:
-        while self._oversize:
-            if now - next(iter(self._oversize.values()))[0] < self.ttl_s:
+    def _expire_skipped(self, now: float) -> None:
+        while self._skipped:
+            if now - next(iter(self._skipped.values()))[0] < self.ttl_s:
                 break
-            self._oversize.popitem(last=False)
+            self._skipped.popitem(last=False)
 
     def expire(self, now: float) -> int:
         """Drop halves older than the TTL; returns how many."""
@@ -354,21 +353,22 @@ def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], N
         count("rejected", 1)
         return 400, {"error": f"Ce-Inferenceservicename {ev.service!r} matches no configured model ({known_models})"}
     name, sampler = model
-    if len(ev.body) > sampler.max_bytes:
-        count("oversize", 1)
-        orphans = join.oversize(ev, now)   # its other half, if waiting, will never be joined
+
+    def skipped(why: str, answer: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        count(why, 1)
+        orphans = join.skip(ev, now, why)   # its other half, if waiting, will never be joined
         if orphans:
             count("orphaned", orphans)
-        return 200, {"status": "not analysed: body over sampling.max_bytes", "max_bytes": sampler.max_bytes}
+        return 200, answer
+
+    if len(ev.body) > sampler.max_bytes:
+        return skipped("oversize", {"status": "not analysed: body over sampling.max_bytes",
+                                    "max_bytes": sampler.max_bytes})
     if ev.half == "request" and canary is not None and canary(name, ev.body):
         # golden samples the sidecar's canary sent: in drift windows and the accuracy estimate they
         # would dilute a shift and raise the estimate (they are the easy, known-good inputs)
-        count("canary", 1)
-        orphans = join.oversize(ev, now, "canary")
-        if orphans:
-            count("orphaned", orphans)
-        return 200, {"status": "not analysed: the sidecar's own canary request"}
-    why = join.partner_oversize(ev, now)
+        return skipped("canary", {"status": "not analysed: the sidecar's own canary request"})
+    why = join.partner_skipped(ev, now)
     if why == "canary":
         count("canary", 1)
         return 200, {"status": "not analysed: the answer to the sidecar's own canary request"}

@@ -92,16 +92,16 @@ def test_an_oversize_half_is_remembered_only_for_the_ttl():
     ing.post(*to_binary(_event("c", REQUEST_TYPE, REQ)), now=11.0)
     ing.post(*to_binary(_event("c", RESPONSE_TYPE, big_resp)), now=11.5)
     assert ing.counts == {"oversize": 3, "accepted": 1}
-    assert len(ing.join._oversize) == 0 and len(ing.join) == 1   # only the lone response "a" waits
+    assert len(ing.join._skipped) == 0 and len(ing.join) == 1   # only the lone response "a" waits
 
 
 def test_oversize_keys_are_bounded_by_max_pending():
     t = JoinTable(ttl_s=60, max_pending=4)
     for i in range(100):
-        assert t.oversize(Event(str(i), "request", "digits", {}, b""), float(i) / 100) == 0
-    assert len(t._oversize) == 4
-    assert t.partner_oversize(Event("99", "response", "digits", {}, b""), 1.0)
-    assert not t.partner_oversize(Event("0", "response", "digits", {}, b""), 1.0)   # pushed out
+        assert t.skip(Event(str(i), "request", "digits", {}, b""), float(i) / 100, "oversize") == 0
+    assert len(t._skipped) == 4
+    assert t.partner_skipped(Event("99", "response", "digits", {}, b""), 1.0)
+    assert not t.partner_skipped(Event("0", "response", "digits", {}, b""), 1.0)   # pushed out
 
 
 def test_a_batch_refused_for_holding_too_many_events_counts_each_of_them():
