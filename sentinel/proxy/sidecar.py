@@ -131,7 +131,6 @@ class Sidecar:
         self.grpc_proxy: Any = None
         self.grpc_address: tuple[str, int] | None = None
         self.canary_problems: dict[str, str] = {}
-        self._canary_bodies: dict[str, tuple[frozenset[int], frozenset[bytes]]] = {}   # model → canary request bodies
         self.workers: Any = None   # multiproc.WorkerSet when proxy.workers > 1
         self._proxy_address: tuple[str, int] | None = None
         self._admin_address: tuple[str, int] | None = None
@@ -470,16 +469,7 @@ class Sidecar:
 
     def _canary_body(self, model: str, body: bytes) -> bool:
         """Whether `body` is a request this sidecar's canary sends to `model` (then /ingest drops it)."""
-        known = self._canary_bodies.get(model)
-        if known is None:
-            c = next((c for c in self.canaries if c.model == model), None)
-            known = self._canary_bodies[model] = c.request_bodies() if c is not None else (frozenset(), frozenset())
-        lengths, digests = known
-        if len(body) not in lengths:   # the usual case: no hash at all
-            return False
-        import hashlib
-
-        return hashlib.blake2b(body, digest_size=16).digest() in digests
+        return any(c.sends(body) for c in self.canaries if c.model == model)
 
     def _model_for_service(self, service: str) -> tuple[str, Sampler] | None:
         s = self.samplers.get(service)

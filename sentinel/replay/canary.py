@@ -16,6 +16,7 @@ Imports neither torch nor onnxruntime: safe to run beside the proxy (in a thread
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import logging
 import threading
@@ -37,6 +38,10 @@ from sentinel.replay.wire import WireFormat
 log = logging.getLogger("sentinel.canary")
 
 READY_BACKOFF_S = (0.1, 2.0)  # first and longest pause between readiness polls
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
 
 _METRICS_LOCK = threading.Lock()
 
@@ -160,6 +165,7 @@ class Canary:
         self._round: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None   # the thread's round in flight
         self.last: CanaryRun | None = None
         self.waiting = "not started"   # before the first round: what the readiness polls say
+        self._bodies: tuple[frozenset[int], frozenset[bytes]] | None = None   # for `sends`
 
     @classmethod
     def from_config(cls, config, model_name: str | None, registry: CollectorRegistry) -> Canary:
@@ -190,17 +196,18 @@ class Canary:
                    ready_timeout_s=getattr(r, "canary_ready_timeout_s", 120.0),
                    grpc_target=target if r.protocol == "grpc" else None)
 
-    def request_bodies(self) -> tuple[frozenset[int], frozenset[bytes]]:
-        """(lengths, blake2b-128 digests) of the request bodies this canary sends over HTTP.
+    def sends(self, body: bytes) -> bool:
+        """Whether `body` is one of the request bodies this canary sends over HTTP (by length, then
+        a blake2b-128 digest; both sets made on first use).
 
         The model server's payload logger (KServe's, posting to the sidecar's /ingest) reports
-        canary requests as ordinary traffic; the sidecar drops the bodies it knows it sent. gRPC
-        canaries send none of these (the logger sees HTTP only): empty."""
-        import hashlib
-
-        bodies = [r.partition(b"\r\n\r\n")[2] for r in getattr(self._replayer, "_requests", ())]
-        return (frozenset(len(b) for b in bodies),
-                frozenset(hashlib.blake2b(b, digest_size=16).digest() for b in bodies))
+        canary requests as ordinary traffic; the sidecar drops the bodies its canary sent. gRPC
+        canaries send none of these (the logger sees HTTP only)."""
+        if self._bodies is None:
+            bodies = [r.partition(b"\r\n\r\n")[2] for r in getattr(self._replayer, "_requests", ())]
+            self._bodies = frozenset(len(b) for b in bodies), frozenset(_digest(b) for b in bodies)
+        lengths, digests = self._bodies
+        return len(body) in lengths and _digest(body) in digests   # the usual body: no hash at all
 
     def _observe(self, o: Outcome) -> None:
         agrees = None if o.comparison is None else o.comparison.agrees(self.samples.tolerance)
