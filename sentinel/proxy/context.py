@@ -54,6 +54,7 @@ class ClientSide(Protocol):
     eof: bool                 # the client half-closed
     write_blocked_at: float   # non-zero while the client is not draining our writes
     paused: set[str]          # why reading from the client is paused (empty: reading)
+    fin_early: bool           # the client sent FIN before its answer (counted after server._confirm)
 
     def write(self, data: bytes) -> None: ...
     def writelines(self, data: Iterable[bytes]) -> None: ...

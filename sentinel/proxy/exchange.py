@@ -435,7 +435,7 @@ class Exchange:
                 # response counts when the client drains it (or as cut when it never does).
                 conn.defer_record(self)
                 return
-        if code[0] in "12345" and (getattr(conn, "fin_early", False) or (conn.paused and conn.peer_shut())):
+        if code[0] in "12345" and (conn.fin_early or (conn.paused and conn.peer_shut())):
             # the client sent FIN before this answer: counted once its fate is known (server._confirm),
             # with the duration it has now, not the confirmation's wait
             self.done_at = time.perf_counter()
