@@ -222,6 +222,9 @@ class ProxyContext:
         # is passed on (a 00 must not become 01 at the model server)
         if ex.trace_id is None:
             parsed = tracing.parse_traceparent(ex.incoming_tp) if ex.incoming_tp else None
+            if parsed is None:
+                # a new trace: a tracestate without a valid traceparent is discarded (W3C trace context, processing model)
+                ex.tracestate = None
             if self.tracer is not None:
                 # the span starts when the request arrived, not when the upstream was reached
                 ex.span, ex.trace_id, span_id = self.tracer.start(

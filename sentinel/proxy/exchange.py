@@ -45,7 +45,7 @@ class Exchange:
         "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
         "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
         "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
-        "req_done_at", "last_up", "refusal", "recorded", "head_line", "done_at",
+        "req_done_at", "last_up", "refusal", "recorded", "head_line", "done_at", "tracestate",
     )
 
     def __init__(self, conn: ClientSide, ctx: ProxyContext):
@@ -79,6 +79,7 @@ class Exchange:
         self.trace_id: str | None = None
         self.span_id: str | None = None
         self.incoming_tp: bytes | None = None
+        self.tracestate: list[bytes] | None = None   # the caller's tracestate lines, forwarded with a valid traceparent
         self.span: Any = None
         self.capture: Capture | None = None
         self.replay: list[bytes] | None = None   # what was sent, when it may be sent again
@@ -144,6 +145,8 @@ class Exchange:
         up.exchange = self
         head = [self.method + b" " + self.url + b" HTTP/1.1\r\n", *self.fwd_headers,
                 b"traceparent: " + self.ctx.traceparent(self) + b"\r\n"]
+        if self.tracestate:   # after traceparent: it is dropped when that started a new trace
+            head.extend(self.tracestate)
         if self.req_mode == LENGTH:
             head.append(b"content-length: %d\r\n" % self.content_length)
         elif self.req_mode == CHUNKED:
@@ -449,7 +452,10 @@ class Exchange:
             return
         self.recorded = True
         if not self.canary:
+            tid = self.trace_id
+            if tid is not None and self.span_id[-1] != "1":  # type: ignore[index]
+                tid = None   # a trace nobody records (not sampled): no exemplar points at it, as OTel's trace-based filter
             self.ctx.metrics.observe_request(self.model, self.protocol, code,
-                                             (self.done_at or time.perf_counter()) - self.t0, self.trace_id)
+                                             (self.done_at or time.perf_counter()) - self.t0, tid)
         if self.span is not None:
             self.ctx.end_span(self, code)

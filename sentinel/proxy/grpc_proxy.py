@@ -224,20 +224,25 @@ class GrpcProxy:
         return h
 
     # --- call plumbing ----------------------------------------------------------------
-    def _outgoing(self, context: Any, method: str) -> tuple[list[tuple[str, Any]], str, bool, float | None, Any]:
-        """Metadata to forward (with a new traceparent), the trace id, canary flag, timeout, and span (or None)."""
+    def _outgoing(self, context: Any, method: str) -> tuple[list[tuple[str, Any]], str | None, str, bool,
+                                                            float | None, Any]:
+        """Metadata to forward (with a new traceparent), the exemplar's trace id (None: not sampled), the
+        trace id, canary flag, timeout, and span (or None)."""
         md = context.invocation_metadata() or ()
         incoming_tp = None
         canary = False
         fwd = []
         for k, v in md:
             if k == "traceparent":
+                # (grpc-core hands over only the last of two traceparent entries: no duplicate to see here)
                 incoming_tp = v.encode("latin-1") if isinstance(v, str) else v
             elif k == CANARY_KEY and v.strip() == "1":
                 canary = True
             if not k.startswith(":") and k not in _DROP_METADATA:
                 fwd.append((k, v))
         parsed = tracing.parse_traceparent(incoming_tp) if incoming_tp else None
+        if parsed is None:   # a new trace: a tracestate without a valid traceparent is discarded (W3C)
+            fwd = [(k, v) for k, v in fwd if k != "tracestate"]
         span = None
         # the caller's sampled flag is passed on (a 00 must not become 01 at the model server)
         if self.tracer is not None:
@@ -250,7 +255,8 @@ class GrpcProxy:
         fwd.append(("traceparent", tracing.traceparent(trace_id, span_id, flags).decode()))
         remaining = context.time_remaining()
         timeout = self.upstream_timeout if remaining is None else min(max(remaining, 0.0), self.upstream_timeout)
-        return fwd, trace_id, canary, timeout, span
+        # the exemplar's trace id: none for a trace nobody records (not sampled), as OTel's trace-based filter
+        return fwd, (trace_id if flags == "01" else None), trace_id, canary, timeout, span
 
     def _end_span(self, span: Any, method: str, code: grpc.StatusCode, model: str) -> None:
         if span is not None:
@@ -266,7 +272,7 @@ class GrpcProxy:
 
         async def call(request_iterator: AsyncIterator[bytes], context: Any) -> bytes:
             t0 = time.perf_counter()
-            fwd, trace_id, canary, timeout, span = proxy._outgoing(context, method)
+            fwd, exemplar_id, trace_id, canary, timeout, span = proxy._outgoing(context, method)
             model = "none"
             name: str | None = None
             code = grpc.StatusCode.OK
@@ -371,7 +377,7 @@ class GrpcProxy:
                     proxy.metrics.inflight_count -= 1
                     if not canary:
                         proxy.metrics.observe_request(model, PROTOCOL_LABEL, label or code_label(code),
-                                                      time.perf_counter() - t0, trace_id)
+                                                      time.perf_counter() - t0, exemplar_id)
 
         return call
 
@@ -411,7 +417,7 @@ class GrpcProxy:
 
         async def call(request_iterator: AsyncIterator[bytes], context: Any) -> None:
             t0 = time.perf_counter()
-            fwd, trace_id, canary, _, span = proxy._outgoing(context, method)
+            fwd, exemplar_id, _, canary, _, span = proxy._outgoing(context, method)
             sent: deque[float] = deque()   # arrival times of request messages not yet answered
             last = time.perf_counter()
             model = "none"
@@ -420,7 +426,7 @@ class GrpcProxy:
                 if counted and not canary:
                     t = sent.popleft() if sent else last
                     proxy.metrics.observe_request(model, STREAM_PROTOCOL_LABEL, code_,
-                                                  time.perf_counter() - t, trace_id)
+                                                  time.perf_counter() - t, exemplar_id)
 
             def fail_pending(code_: str, at_least: int) -> None:
                 """The stream ended in failure: every request message not answered failed with it."""

@@ -37,7 +37,7 @@ log = logging.getLogger("sentinel.proxy")
 
 CANARY_HEADER = names.CANARY_HEADER.lower().encode()
 # Request headers the proxy reads itself (everything in http.HOP_BY_HOP is handled apart).
-_SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", b"host", CANARY_HEADER})
+_SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", b"tracestate", b"host", CANARY_HEADER})
 ROUTE_CACHE_SIZE = 1024   # request targets whose route is remembered (cleared when full)
 _UNSEEN = object()
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
@@ -338,6 +338,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     if lname == b"traceparent":
                         # two traceparent fields name two parents: invalid (W3C), so a new trace
                         ex.incoming_tp = value if ex.incoming_tp is None else b"-"
+                        continue
+                    if lname == b"tracestate":   # forwarded only beside a valid traceparent (ProxyContext.traceparent)
+                        if ex.tracestate is None:
+                            ex.tracestate = []
+                        ex.tracestate.append(name + b": " + value + b"\r\n")
                         continue
                     if lname == b"host":
                         hosts += 1 + value.count(b",")   # `Host: a, b` names two hosts as two fields do

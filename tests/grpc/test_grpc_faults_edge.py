@@ -187,3 +187,29 @@ def test_a_callers_not_sampled_flag_reaches_the_model_server_unchanged(upstream)
                 infer_request("digits"), timeout=10, metadata=(("traceparent", f"00-{trace}-00f067aa0ba902b7-{flags}"),))
             fwd = dict(call.initial_metadata())["x-seen-traceparent"]
             assert fwd.startswith(f"00-{trace}-") and fwd.endswith(f"-{flags}") and "00f067aa0ba902b7" not in fwd
+
+
+def test_tracestate_and_exemplars_follow_the_traceparent(upstream):
+    """As over HTTP: a tracestate without a valid traceparent is discarded, and a not-sampled trace
+    gets no exemplar (there was one for every call)."""
+    import httpx
+
+    a, b = "6bf92f3577b34da6a3ce929d0e0e4736", "7bf92f3577b34da6a3ce929d0e0e4736"
+    state = ("tracestate", "congo=t61rcWkgMzE")
+    with RunningSidecar(grpc_config(HTTP_UP, upstream.address)) as sc, _channel(sc) as ch:
+        def send(*md: tuple[str, str]) -> tuple[dict, str]:
+            _, call = ch.unary_unary(INFER).with_call(infer_request("digits"), timeout=10, metadata=md)
+            return upstream.seen[-1][1], dict(call.initial_metadata())["x-seen-traceparent"]
+
+        seen, fwd = send(("traceparent", "00-nonsense"), state)
+        assert "tracestate" not in seen and "nonsense" not in fwd
+        seen, fwd = send(state)
+        assert "tracestate" not in seen
+        seen, fwd = send(("traceparent", f"00-{a}-00f067aa0ba902b7-01"), state)
+        assert seen.get("tracestate") == state[1] and fwd.startswith(f"00-{a}-")
+        send(("traceparent", f"00-{b}-00f067aa0ba902b7-00"))   # last: a bucket keeps its latest exemplar
+        assert sc.wait_for(REQ, _labels("digits", "200"), 4, timeout=5) == 4
+        om = httpx.get(sc.admin_url + "/metrics",
+                       headers={"Accept": "application/openmetrics-text; version=1.0.0"}).text
+    exemplars = {ln.split('trace_id="', 1)[1][:32] for ln in om.splitlines() if 'trace_id="' in ln}
+    assert a in exemplars and b not in exemplars, exemplars

@@ -185,3 +185,39 @@ def test_two_traceparent_fields_start_a_new_trace():
         fwd = up.seen[-1]["headers"]["traceparent"]
         assert parse_traceparent(fwd.encode()) is not None and a not in fwd and b not in fwd
         assert _forwarded(up, sc, f"00-{a}-{SPAN}-01").startswith(f"00-{a}-")   # one field: continued
+
+
+def _exemplar_traces(sc: RunningSidecar) -> set[str]:
+    om = httpx.get(sc.admin_url + "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}).text
+    return {ln.split('trace_id="', 1)[1][:32] for ln in om.splitlines() if 'trace_id="' in ln}
+
+
+def test_tracestate_is_forwarded_only_with_the_traceparent_it_belongs_to():
+    """W3C trace context: a tracestate without a valid traceparent is discarded. It was forwarded beside
+    the new trace sentinel started, so the model server read another vendor's state into it."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    state = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    with Upstream() as up, RunningSidecar(make_config(up.url)) as sc:
+        for tp in (f"00-{trace}-{SPAN}-01", f"00-{trace}-{SPAN}-00"):   # valid: continued, state kept
+            httpx.post(sc.url + "/echo", content=b"x", headers={"traceparent": tp, "tracestate": state})
+            assert up.seen[-1]["headers"]["tracestate"] == state
+            assert up.seen[-1]["headers"]["traceparent"].startswith(f"00-{trace}-")
+        for headers in ({"tracestate": state},                                       # no traceparent
+                        {"traceparent": "00-xyz", "tracestate": state},              # an invalid one
+                        [("traceparent", f"00-{trace}-{SPAN}-01"), ("traceparent", f"00-{trace}-{SPAN}-01"),
+                         ("tracestate", state)]):                                     # two: invalid
+            httpx.post(sc.url + "/echo", content=b"x", headers=headers)
+            seen = up.seen[-1]["headers"]
+            assert "tracestate" not in seen, (headers, seen)
+            assert parse_traceparent(seen["traceparent"].encode()) is not None
+
+
+def test_no_exemplar_points_at_a_trace_the_caller_did_not_sample():
+    """OpenTelemetry's trace-based exemplar filter: a not-sampled trace (flags 00) is recorded by
+    nobody, so an exemplar naming it leads on-call to a trace that does not exist."""
+    unsampled, sampled = "5bf92f3577b34da6a3ce929d0e0e4736", "6bf92f3577b34da6a3ce929d0e0e4736"
+    with Upstream() as up, RunningSidecar(make_config(up.url)) as sc:
+        _forwarded(up, sc, f"00-{sampled}-{SPAN}-01")
+        _forwarded(up, sc, f"00-{unsampled}-{SPAN}-00")   # last: a bucket keeps its latest exemplar
+        traces = _exemplar_traces(sc)
+    assert sampled in traces and unsampled not in traces, traces
