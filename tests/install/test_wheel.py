@@ -19,7 +19,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SOURCES = ("sentinel", "models", "golden_sets", "pyproject.toml", "setup.py", "MANIFEST.in", "README.md",
-           "slo.yaml", "sentinel.yaml", "constraints.txt")
+           "slo.yaml", "sentinel.yaml", "constraints.txt", "LICENSE")
 BUNDLED = ("sentinel/_bundled/models/digits/v3/model.yaml", "sentinel/_bundled/models/digits/v3/model.onnx",
            "sentinel/_bundled/models/digits/v3/model.features.onnx",
            "sentinel/_bundled/models/digits/v3/model.safetensors", "sentinel/_bundled/models/digits/v2/model.yaml",
@@ -57,6 +57,15 @@ def test_wheel_carries_the_bundled_data(wheel):
     missing = [n for n in BUNDLED if n not in names]
     assert not missing, missing
     assert not any(n.startswith(("models/", "golden_sets/", "tests/")) for n in names)
+
+
+def test_wheel_carries_its_license_and_type_marker(wheel):
+    """pyproject says Apache-2.0: the text travels with the wheel; py.typed lets mypy users check against sentinel."""
+    zf = zipfile.ZipFile(wheel)
+    names = set(zf.namelist())
+    assert "sentinel/py.typed" in names
+    (lic,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE")]
+    assert "Apache License" in zf.read(lic).decode() and "Version 2.0" in zf.read(lic).decode()
 
 
 @pytest.fixture(scope="module")
