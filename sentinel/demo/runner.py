@@ -23,6 +23,7 @@ from sentinel.errors import DecodeError
 
 MODEL = "digits"
 DEMO_DRIFT_ALPHA = 0.01  # the demo sidecar's drift.alpha (see write_sidecar_config)
+DEMO_DRIFT_WINDOW = 100  # the demo sidecar's drift.window_size: samples a drift window holds
 MAX_RATE = 1000.0        # requests per second; the demo is one model server on loopback
 LOCK_FILE = ".sentinel-demo.lock"
 
@@ -108,7 +109,8 @@ def write_sidecar_config(opts: DemoOptions, ports: dict[str, int]) -> Path:
         # holds ~35 overlapping tests; at alpha 0.05 one of them alarming by chance is likely.
         # alpha 0.01 and persistence 2 (two consecutive disjoint windows must alarm) keep the
         # normal phases quiet for one window (5 s) of extra delay; real shifts give p < 1e-10.
-        "drift": {"window_size": 100, "evaluate_every": 20, "alpha": DEMO_DRIFT_ALPHA, "persistence": 2},
+        "drift": {"window_size": DEMO_DRIFT_WINDOW, "evaluate_every": 20, "alpha": DEMO_DRIFT_ALPHA,
+                  "persistence": 2},
         "replay": {"canary_interval_s": 10, "canary_samples": 8, "canary_rate": 8},
     }
     path = opts.out / "sentinel.demo.yaml"

@@ -10,7 +10,7 @@ import numpy as np
 
 from sentinel.demo.observe import Window
 from sentinel.demo.phases import Phase
-from sentinel.demo.runner import Demo
+from sentinel.demo.runner import DEMO_DRIFT_WINDOW, Demo
 
 NOT_DETECTED = "not detected"
 SIGNAL_NAMES = {"alarm": "drift alarm", "accuracy": "estimated-accuracy drop", "p99": "P99 above the SLO threshold",
@@ -99,12 +99,32 @@ def incident_signals(incident: str, slo: dict[str, float],
     return {}
 
 
+def _late(phases: tuple[Phase, ...], starts: list[float], i: int, ons: list[Onset], late_s: float) -> Onset | None:
+    """The first onset after phase i ended, within `late_s`, before any later phase of the same kind.
+
+    A phase shorter than its signal needs (a drift window must fill) is detected after it ends;
+    no later phase of another kind causes this kind of signal, so the onset is this phase's.
+    """
+    if i + 1 >= len(starts):
+        return None
+    end = starts[i + 1]
+    for o in ons:
+        k = phase_index(o.t, starts)
+        if o.t <= end or o.t > end + late_s:
+            continue
+        if any(phases[j].incident == phases[i].incident for j in range(i + 1, min(k, len(phases) - 1) + 1)):
+            return None   # a later phase of the same kind began first: the onset is that phase's
+        return o
+    return None
+
+
 def attribute(phases: tuple[Phase, ...], starts: list[float], windows: list[Window], slo: dict[str, float],
-              normal_est: float) -> list[Detection]:
+              normal_est: float, late_s: float = 0.0) -> list[Detection]:
     """Per incident phase, the signals that *began* in it (quiet before, raised in this phase).
 
     A signal still raised from an earlier phase is not credited to this one; the detection
-    says it was already on, and since which phase.
+    says it was already on, and since which phase. A signal that began within `late_s` after the
+    phase ended, before any later phase of the same kind, is credited to it as a late detection.
     """
     out = []
     for i, phase in enumerate(phases):
@@ -113,12 +133,19 @@ def attribute(phases: tuple[Phase, ...], starts: list[float], windows: list[Wind
         start = starts[i]
         began: list[tuple[float, str]] = []
         carried: list[str] = []
+        late: list[tuple[float, str]] = []
         for kind, hit in incident_signals(phase.incident, slo, normal_est).items():
             ons = onsets(windows, kind, hit)
             mine = [o for o in ons if phase_index(o.t, starts) == i]
             if mine:
                 began.append((mine[0].t - start, mine[0].what))
                 continue
+            after = _late(phases, starts, i, ons, late_s)
+            if after is not None:
+                end = starts[i + 1]
+                late.append((after.t - start, f"{after.what} after {after.t - start:.1f} s, "
+                                              f"{after.t - end:.1f} s after the phase ended (a {end - start:.1f} s "
+                                              "phase is shorter than this signal needs to show)"))
             before = [o for o in ons if o.t <= start]
             first_in = next((w for w in windows if w.t > start), None)
             if before and first_in is not None and hit(first_in):
@@ -126,17 +153,29 @@ def attribute(phases: tuple[Phase, ...], starts: list[float], windows: list[Wind
                 carried.append(f"{SIGNAL_NAMES.get(kind, kind)} already raised since {before[-1].t:.1f} s "
                                f"(in {src!r})")
         began.sort()
+        late.sort()
         if began:
             signal = "; ".join(f"{what} after {t:.1f} s" for t, what in began)
+        elif late:
+            signal = "; ".join(what for _, what in late)
+            began = late
         else:
             signal = "; ".join(carried) if carried else NOT_DETECTED
         out.append(Detection(phase.name, phase.incident, start, began[0][0] if began else None, signal))
     return out
 
 
+def late_allowance(rate: float, window_s: float, scrape_every: float) -> float:
+    """How long after a phase ends its signal may still begin: the judged window, a drift
+    window's worth of samples at the rate, and two scrapes."""
+    return window_s + DEMO_DRIFT_WINDOW / rate + 2 * scrape_every
+
+
 def detect(demo: Demo) -> list[Detection]:
     tl = demo.timeline
-    return attribute(demo.opts.phases, tl.phase_starts, tl.windows, demo.slo, baseline_accuracy(demo))
+    o = demo.opts
+    return attribute(o.phases, tl.phase_starts, tl.windows, demo.slo, baseline_accuracy(demo),
+                     late_allowance(o.rate, o.window_s, o.scrape_every))
 
 
 def drift_alarm_phases(phases: tuple[Phase, ...], starts: list[float], windows: list[Window]) -> set[int]:

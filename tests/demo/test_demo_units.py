@@ -86,6 +86,40 @@ def test_accuracy_drop_and_not_detected():
         is None
 
 
+SHORT = (Phase("normal", 4), Phase("drift: noise", 2.5, shift="noise", incident="drift"),
+         Phase("drift: rotation", 2, shift="rotation", incident="drift"),
+         Phase("latency incident", 2.5, delay_ms=250, incident="latency"),
+         Phase("error incident", 2, error_ratio=0.3, incident="errors"), Phase("recovery", 2.5))
+SHORT_STARTS = [0.0, 4.0, 6.5, 8.5, 11.0, 13.0]
+
+
+def _short_windows(last: int = 26) -> list[Window]:
+    return [win(t, alarm=t >= 10, p99_ms=300.0 if t >= 12 else 40.0, error_ratio=0.3 if t >= 14 else 0.0)
+            for t in range(1, last)]
+
+
+def test_phases_shorter_than_their_signals_are_detected_late_not_missed():
+    """`--scale 0.1`: every signal began after its phase had ended, so the summary said NOT detected
+    for every incident while the sidecar (and Prometheus) had raised each one."""
+    dets = {d.phase: d for d in attribute(SHORT, SHORT_STARTS, _short_windows(), SLO, 0.99, late_s=15.0)}
+    rot, lat, err = dets["drift: rotation"], dets["latency incident"], dets["error incident"]
+    assert rot.detected_s == pytest.approx(3.5) and "1.5 s after the phase ended (a 2.0 s phase" in rot.signal
+    assert lat.detected_s == pytest.approx(3.5) and lat.signal.startswith("P99 300 ms above")
+    assert err.detected_s == pytest.approx(3.0) and "availability burn rate" in err.signal
+    # the alarm began after the rotation phase had begun: it is rotation's, not noise's
+    assert dets["drift: noise"].detected_s is None and dets["drift: noise"].signal == "not detected"
+    # without the allowance (or past it) nothing is credited: no phase takes a signal it did not cause
+    assert all(d.detected_s is None for d in attribute(SHORT, SHORT_STARTS, _short_windows(), SLO, 0.99))
+    assert attribute(SHORT, SHORT_STARTS, _short_windows(), SLO, 0.99, late_s=1.0)[1].detected_s is None
+
+
+def test_late_allowance_covers_a_drift_window_at_the_rate():
+    from sentinel.demo.summary import late_allowance
+
+    assert late_allowance(20.0, 6.0, 2.0) == pytest.approx(6 + 5 + 4)
+    assert late_allowance(5.0, 6.0, 2.0) > late_allowance(20.0, 6.0, 2.0)
+
+
 @pytest.mark.parametrize("scale, durations, message", [
     (-1.0, None, "--scale must be a positive factor"),
     (0.0, None, "--scale must be a positive factor"),
@@ -137,6 +171,7 @@ class _Children:
 
 class _Opts:
     phases = PHASES
+    rate = 20.0
     window_s = 6.0
     scrape_every = 2.0
 
