@@ -269,9 +269,16 @@ def render_text(demo: Demo) -> str:
     lines.append("(est acc: the ATC point estimate; lower: its lower bound, unknown verdicts counted wrong;"
                  " reliable: share of the phase the sidecar flagged the estimate reliable)")
     lines += ["", "incidents:"]
+    fill_s = DEMO_DRIFT_WINDOW / demo.opts.rate
     for d in detect(demo):
-        when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else \
-            "NOT detected" if d.signal == NOT_DETECTED else "not detected separately"
+        if d.signal == NOT_DETECTED:
+            phase = next(p for p in demo.opts.phases if p.name == d.phase)
+            why = (f" (the phase lasted {phase.seconds:.1f} s; a drift window holds {DEMO_DRIFT_WINDOW} samples, "
+                   f"{fill_s:.1f} s at {demo.opts.rate:g} rps)" if d.incident == "drift" and phase.seconds < fill_s
+                   else "")
+            lines.append(f"  {d.phase:<20} NOT detected{why}")
+            continue
+        when = f"detected {d.detected_s:.1f} s after it began" if d.detected_s is not None else "not detected separately"
         lines.append(f"  {d.phase:<20} {when}: {d.signal}")
     if demo.timeline.alerts:
         lines += ["", "Prometheus alerts that fired (seconds since the start of traffic):"]

@@ -254,3 +254,17 @@ def test_summary_puts_the_lower_bound_and_reliability_beside_the_estimate():
     assert rows["normal"]["reliable_share"] == 1.0
     line = next(x for x in render_text(_Demo(ws)).splitlines() if x.startswith("drift: rotation"))
     assert "   0.450  0.030      33%" in line
+
+
+def test_summary_says_why_a_short_drift_phase_went_undetected():
+    from sentinel.demo.summary import render_text
+
+    demo = _Demo(_short_windows())
+    demo.opts.phases = SHORT   # type: ignore[misc]
+    demo.timeline.phase_starts = SHORT_STARTS
+    lines = render_text(demo).splitlines()
+    noise = next(x for x in lines if x.strip().startswith("drift: noise") and "detected" in x)
+    assert noise.strip() == ("drift: noise         NOT detected (the phase lasted 2.5 s; a drift window holds 100 "
+                             "samples, 5.0 s at 20 rps)")
+    rot = next(x for x in lines if x.strip().startswith("drift: rotation") and "detected" in x)
+    assert "detected 3.5 s after it began" in rot and "after the phase ended" in rot
