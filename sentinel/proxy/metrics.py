@@ -17,9 +17,9 @@ from sentinel import metricnames as mn
 
 log = logging.getLogger(__name__)
 
-# The failure codes whose request counters exist from the start (zero_failures): the
+# The codes whose request counters exist from the start (zero_codes): the
 # availability SLI's 5xx the model server and the proxy give most, and a cut response.
-ZERO_CODES = ("500", "502", "503", "504", "incomplete")
+ZERO_CODES = ("200", "500", "502", "503", "504", "incomplete")
 NO_MODEL = "none"        # label of requests to non-inference paths
 OVERFLOW_MODEL = "other"  # label of models beyond the cardinality cap
 
@@ -108,15 +108,16 @@ class ProxyMetrics:
         self.inflight.set_function(
             lambda: self.inflight_count + (self.remote_inflight() if self.remote_inflight else 0))
 
-    def zero_failures(self, model: str, protocols: tuple[str, ...]) -> None:
-        """Create `model`'s request counters of the failure codes at 0 (`ZERO_CODES`).
+    def zero_codes(self, model: str, protocols: tuple[str, ...]) -> None:
+        """Create `model`'s request counters of the common codes at 0 (`ZERO_CODES`).
 
         A series Prometheus first scrapes already holding N loses those N: `rate()` and
         `increase()` count from a series' first sample. The sidecar made each code's series at
         its first event, so the first burst of 503s of every sidecar's life was missing from
         the availability SLI, the burn-rate alerts and the controller templates (a burst between
-        two scrapes: all of it). Codes outside this list (a 501, a 507) still begin at their
-        first event.
+        two scrapes: all of it), and the first scrape's successes from every request count
+        (a dashboard's inferences in the range read 523 of 547). Codes outside this list (a 404,
+        a 501) still begin at their first event.
         """
         for protocol in protocols:
             for code in ZERO_CODES:

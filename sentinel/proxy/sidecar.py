@@ -111,7 +111,7 @@ class Sidecar:
         self.metrics = ProxyMetrics(known, config.proxy.max_model_labels, slo_latency_thresholds(config),
                                     versions={m.name: m.version for m in config.models})
         for m in config.models:   # so the first failures of this sidecar's life are counted by rate()
-            self.metrics.zero_failures(m.name, (m.protocol, "grpc") if config.grpc_listen else (m.protocol,))
+            self.metrics.zero_codes(m.name, (m.protocol, "grpc") if config.grpc_listen else (m.protocol,))
         self.samplers = {}
         for m in config.models:
             s = (m.name, Sampler(worker_share(config.sampling_for(m), config.proxy.workers)))
