@@ -30,9 +30,35 @@ def _v(metric: str, model: str, version: str, **extra: str) -> str:
     return _sel(metric, model=model, **{label: value}, **extra)
 
 
+def window_start(window: str) -> str:
+    """The first whole second of the window, from its duration alone (a placeholder in the templates).
+
+    `time() - <seconds>` needs a number; `{{args.window}}` and `{{ interval }}` are durations
+    PromQL takes only in a range. A subquery's steps lie on whole multiples of its resolution
+    within the range, so its earliest one is the window's start rounded up to the second.
+    """
+    return f"scalar(min_over_time(timestamp(vector(0))[{window}:1s]))"
+
+
 def _inc(selector: str, window: str, by: str = "") -> str:
+    """`sum [by (by)] (increase(selector[window]))`, with a series created within the window counted from 0.
+
+    The controller templates' counts (`sentinel.gate.templates`), as `_counted` is the gate's: a
+    series whose `_created` lies in the window counts its last value, or its increase where
+    larger (a reset after it began); every other series its increase. A template's window is a
+    placeholder (`{{args.window}}`, `{{ interval }}`) PromQL cannot turn into seconds, so its
+    start is `window_start` less a second (a series created within a second before it counts
+    whole: at most a second of events too many, where counting it from its first sample loses
+    all it held by then). `last_over_time` of `_created`: a canary pod that died within the
+    window still counts whole.
+    """
+    metric, brace, matchers = selector.partition("{")
+    created = metric.removesuffix("_total").removesuffix("_bucket") + "_created" + brace + matchers
+    born = f"(last_over_time({created}[{window}]) > {window_start(window)} - 1)"
+    inc, last = f"increase({selector}[{window}])", f"last_over_time({selector}[{window}])"
     grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (increase({selector}[{window}]))"
+    return (f"sum{grouping} (\n  ({inc} unless ignoring (le) {born})\n"
+            f"  or ((({inc} >= {last}) or {last}) and ignoring (le) {born})\n)")
 
 
 def _counted(metric: str, model: str, version: str, window: str, by: str = "", **extra: str) -> str:
@@ -52,7 +78,8 @@ def _counted(metric: str, model: str, version: str, window: str, by: str = "", *
 
     sel = _v(metric, model, version, **extra)
     created = _v(metric.removesuffix("_total").removesuffix("_bucket") + "_created", model, version, **extra)
-    born = f"({created} > time() - {parse_duration(window):g})"
+    # last_over_time: a canary pod gone more than the staleness delta (5 min) before the query keeps its birth
+    born = f"(last_over_time({created}[{window}]) > time() - {parse_duration(window):g})"
     inc, last = f"increase({sel}[{window}])", f"last_over_time({sel}[{window}])"
     grouping = f" by ({by})" if by else ""
     return (f"sum{grouping} (\n  ({inc} unless ignoring (le) {born})\n"
@@ -76,8 +103,9 @@ def presence(model: str, versions: str, window: str) -> dict[str, str]:
     }
 
 
-# The gate's counts (`judge.fetch`) use `_counted`; the controller templates still use `_inc`
-# (`counted=False` where they share a function with the gate).
+# The gate's counts (`judge.fetch`) use `_counted`; the controller templates use `_inc`
+# (`counted=False` where they share a function with the gate). Both count series created in the
+# window from 0; `_counted` knows the window in seconds, `_inc` reads its start from the window.
 
 def requests_by_code(model: str, version: str, window: str) -> str:
     return _counted(mn.REQUESTS.sample_name, model, version, window, "code")

@@ -16,6 +16,31 @@ Written under `<out>/argo/` and `<out>/flagger/` only:
 
 The thresholds are the effect sizes of `gate:`: what the controllers compare is a
 difference between versions, not a significance test (use the `job` variant for that).
+
+Counts include the series born within the window, as the gate's (`queries._counted`). A
+sidecar creates a labelled series at its first event (the first 503 or 507, the first
+`disagree`, every series of a canary pod that started a few minutes ago), and `increase()`
+counts from a series' first sample: a canary whose 20 errors in 420 requests all came
+between two scrapes read an error-ratio increase of 0 and passed. Every
+`sum (increase(x[w]))` of the queries is therefore counted as
+
+    sum (
+      (increase(x[w]) unless ignoring (le) born)
+      or (((increase(x[w]) >= last_over_time(x[w])) or last_over_time(x[w])) and ignoring (le) born)
+    )
+    born = last_over_time(x_created[w]) > scalar(min_over_time(timestamp(vector(0))[w:1s])) - 1
+
+a series whose prometheus_client `_created` timestamp lies in the window counts from 0: its
+last value, or its increase where larger (a reset after it began). The gate compares
+`_created` with `time() - <seconds>`; a template's window is a placeholder (`{{args.window}}`,
+`{{ interval }}`) that PromQL cannot turn into seconds, so the window's start is read from
+the window itself: the first step of a 1 s subquery over it (within a second of the start,
+hence `- 1`: a series created in the second before the window counts whole). Birth is told
+by `_created`, not by a sample missing at the window's start (`x unless x offset w`), which
+a failed scrape's stale marker or a Prometheus younger than the window also gives: a
+long-lived series would count its whole life. `last_over_time` of `_created`, so a canary
+pod that died within the window still counts whole. Without `_created` series: `increase()`
+alone, as before.
 """
 
 from __future__ import annotations
@@ -108,14 +133,19 @@ def _verdicts(m: str, v: str, w: str) -> str:
 
 
 def guarded(check: Check, model: str, baseline: str, canary: str, window: str) -> str:
-    """The check's query, empty unless both versions have the minimum sample count."""
+    """The check's query, empty unless both versions have the minimum sample count.
+
+    Its counts (and the guards') include the series born within the window (`queries._inc`).
+    """
     expr = check.query(model, baseline, canary, window)
-    if check.guard is None:
-        return expr
-    canary_guard = f"\nand on () ({check.guard(model, canary, window)} >= {check.min_count})"
-    if check.canary_only:
-        return f"(\n{expr}\n){canary_guard}"
-    return f"(\n{expr}\n)\nand on () ({check.guard(model, baseline, window)} >= {check.min_count}){canary_guard}"
+    if check.guard is not None:
+        canary_guard = f"\nand on () ({check.guard(model, canary, window)} >= {check.min_count})"
+        if check.canary_only:
+            expr = f"(\n{expr}\n){canary_guard}"
+        else:
+            expr = (f"(\n{expr}\n)\nand on () ({check.guard(model, baseline, window)} >= {check.min_count})"
+                    f"{canary_guard}")
+    return expr
 
 
 def _num(x: float) -> str:

@@ -65,3 +65,14 @@ def test_events_of_series_born_in_the_window_are_counted(tmp_path):
     verdict = criteria.error_ratio(VersionData(codes={"200": 400.0}), VersionData(codes={"200": 400.0, "503": 20.0}),
                                    s, s.alpha / TESTED_CRITERIA, 0.001, queries.BAD_CODE_REGEX)
     assert verdict.verdict == Verdict.FAIL
+
+
+def test_a_canary_pod_gone_before_the_query_still_counts_whole(tmp_path):
+    """A pod born at minute 12 answered 10 requests 507 and was gone by minute 13. At minute 20 its
+    `_created` series had been stale for 7 minutes (past Prometheus' 5-minute lookback), so an
+    instant read of `_created` called it an old series and `increase()` counted 6 of its 10."""
+    pod = f'{V4},code="507",instance="c"'
+    series = [(f"{REQ}{{{pod}}}", "_x48 4+2x3 _x29"), (f"sentinel_requests_created{{{pod}}}", "_x48 719x3 _x29")]
+    checks = [{"expr": queries.requests_by_code("digits", "v4", "10m"), "eval_time": "20m",
+               "exp_samples": [{"labels": '{code="507"}', "value": 10}]}]
+    promql_expr_test(tmp_path, series, checks, interval="15s")
