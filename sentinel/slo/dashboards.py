@@ -9,6 +9,11 @@ description; every query selects on the template variables `$model`, `$version` 
 The `version` variable lists the versions `sentinel_model_info` reports for `$model`;
 `instance` lists the replicas serving the chosen model versions, so picking a version
 narrows every panel to the replicas that serve it.
+
+Every query that reads a metric carrying `model` keeps `model` in its result and names it
+in its legend, so two models (or one replica serving two) never share a line. Panels get
+ids and grid positions that never overlap or leave the 24 columns (`layout`), explicit
+colour thresholds, and a `noValue` text where an empty result has a known meaning.
 """
 
 from __future__ import annotations
@@ -62,6 +67,12 @@ class PanelSpec:
     height: int = 8
     min: float | None = None
     max: float | None = None
+    # What the panel says when its queries return nothing (Grafana's "No data" otherwise).
+    no_value: str = ""
+    # Colour steps (value, colour), lowest first; the first value is None (-Infinity).
+    # Without them Grafana colours by its default (green, red from 80), wrong for every unit here.
+    thresholds: tuple[tuple[float | None, str], ...] = ((None, "blue"),)
+    decimals: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,8 @@ def cost_query(spec: SloFile) -> str:
     """
     info = f"{mn.MODEL_INFO.sample_name}{{{M}}}"
     gpus = f"count({mn.GPU_MEMORY_TOTAL.name} and on (instance) {info})"
-    per_hour = (f"count({info}) * {_num(spec.cost.replica_hour)}\n"
+    # a sidecar reports one sentinel_model_info per model it serves: count each replica once
+    per_hour = (f"count(count by (instance) ({info})) * {_num(spec.cost.replica_hour)}\n"
                 f"+ ({gpus} or vector(0)) * {_num(spec.cost.gpu_hour)}")
     rate = f"sum(rate({mn.REQUESTS.sample_name}{{{M}}}[$__range]))"
     return f"(\n{per_hour}\n)\n/\nclamp_min({rate} * 3600 / 1000, 1e-9)"
@@ -101,7 +113,7 @@ def _num(value: float) -> str:
 def overview(spec: SloFile) -> DashboardSpec:
     plan = plan_windows(spec.period_seconds, spec.scrape_interval_seconds)
     period_ratio = recorded.error_ratio_name(plan.period_s)
-    burn_queries = tuple(Query(_burn(p.long), legend=f"{{{{slo}}}} {p.long}")
+    burn_queries = tuple(Query(_burn(p.long), legend=f"{{{{model}}}} {{{{slo}}}} {p.long}")
                          for p in plan.by_severity("page"))
     req = mn.REQUESTS.sample_name
     return DashboardSpec(
@@ -112,15 +124,16 @@ def overview(spec: SloFile) -> DashboardSpec:
             PanelSpec("SLI over the period", "stat", "percentunit",
                       f"Fraction of good events over the whole {spec.period} period, per SLO "
                       f"(1 - recorded error ratio).",
-                      (Query(f"1 - {period_ratio}{{{M}}}", "{{slo}}", instant=True),), width=8),
+                      (Query(f"1 - {period_ratio}{{{M}}}", "{{model}} {{slo}}", instant=True),), width=8, decimals=3),
             PanelSpec("Error budget remaining", "stat", "percentunit",
                       f"Share of the {spec.period} error budget left: 100% untouched, 0 spent, negative "
                       f"overspent.",
-                      (Query(f"{recorded.BUDGET_REMAINING}{{{M}}}", "{{slo}}", instant=True),), width=8),
+                      (Query(f"{recorded.BUDGET_REMAINING}{{{M}}}", "{{model}} {{slo}}", instant=True),), width=8,
+                      decimals=1, thresholds=((None, "red"), (0, "orange"), (0.25, "green"))),
             PanelSpec("SLO alerts firing", "table", "none",
                       f"{BURN_ALERT} alerts firing now, by SLO and severity. Empty is good.",
                       (Query(f'ALERTS{{alertname="{BURN_ALERT}",alertstate="firing",{M}}}', "",
-                             expect_data=False, instant=True),), width=8),
+                             expect_data=False, instant=True),), width=8, no_value="none firing"),
             PanelSpec("Burn rate (page windows)", "timeseries", "suffix:x",
                       "Error-budget burn rate over the long window of each page pair: 1 spends the budget "
                       "exactly over the period; the page pairs fire above "
@@ -147,11 +160,12 @@ def overview(spec: SloFile) -> DashboardSpec:
                       (Query(f"sum by (model) (increase({req}{{{M}}}[$__range]))", "{{model}}", instant=True),),
                       width=8),
             PanelSpec("Cost per 1,000 inferences", "stat", f"currency{spec.cost.currency}",
-                      f"Serving cost of 1,000 inferences over the time range: replicas x "
+                      f"Serving cost of 1,000 inferences of the selected models over the time range: replicas (each "
+                      f"sidecar once, however many models it serves) x "
                       f"{spec.cost.replica_hour:g} {spec.cost.currency}/replica-hour + GPUs x "
                       f"{spec.cost.gpu_hour:g} {spec.cost.currency}/GPU-hour (`cost:` in the SLO file), "
                       f"divided by thousands of requests per hour.",
-                      (Query(cost_query(spec), "{{model}}", instant=True),), width=8),
+                      (Query(cost_query(spec), "selected models", instant=True),), width=8, decimals=4),
             PanelSpec("Model size", "stat", "bytes",
                       "Size of the weights of the model version each sidecar watches (registry entry).",
                       (Query(f"max by (model) ({mn.MODEL_SIZE.name}{{{M}}})", "{{model}}", instant=True),),
@@ -165,7 +179,8 @@ def oncall(spec: SloFile) -> DashboardSpec:
     req = mn.REQUESTS.sample_name
     replay = mn.REPLAY_REQUESTS.sample_name
     quantiles = tuple(
-        Query(f"histogram_quantile({q}, sum by (le) (rate({hist}{{{MI}}}[{RATE}])))", f"p{int(q * 100)}")
+        Query(f"histogram_quantile({q}, sum by (model, le) (rate({hist}{{{MI}}}[{RATE}])))",
+              f"{{{{model}}}} p{int(q * 100)}")
         for q in (0.5, 0.95, 0.99))
     thresholds = sorted({s.threshold for s in spec.slos if s.sli == "latency" and s.threshold})
     slo_note = (" Latency SLO thresholds: " + ", ".join(f"{t:g}s" for t in thresholds) + ".") if thresholds else ""
@@ -174,51 +189,60 @@ def oncall(spec: SloFile) -> DashboardSpec:
         description="What on-call looks at first: latency, errors, drift, GPU memory, canary.",
         panels=(
             PanelSpec("Latency P50 / P95 / P99", "timeseries", "s",
-                      "Request latency quantiles from the sidecar's histogram, all codes, selected replicas."
+                      "Request latency quantiles per model from the sidecars' histograms, all codes, selected replicas."
                       + slo_note, quantiles),
             PanelSpec("Error ratio by code", "timeseries", "percentunit",
-                      "Share of requests by non-2xx status code; 5xx spend the availability budget.",
-                      (Query(f'sum by (code) (rate({req}{{{MI},code!~"2.."}}[{RATE}]))\n/ ignoring (code) '
-                             f"group_left\nsum(rate({req}{{{MI}}}[{RATE}]))", "{{code}}", expect_data=False),)),
+                      "Share of each model's requests by non-2xx status code. Codes matching "
+                      f"\"{BAD_CODE_REGEX}\" spend the availability budget; 499: the client left first; "
+                      "incomplete: the body was cut.",
+                      (Query(f'sum by (model, code) (rate({req}{{{MI},code!~"2.."}}[{RATE}]))\n/ ignoring (code) '
+                             f"group_left\nsum by (model) (rate({req}{{{MI}}}[{RATE}]))", "{{model}} {{code}}",
+                             expect_data=False),)),
             PanelSpec("Drift alarms", "timeseries", "bool",
                       "1 while a detector's corrected p-value is below alpha, per detector and replica. "
                       "SentinelDriftAlarm fires when one stays up for 30 minutes.",
-                      (Query(f"max by (detector, instance) ({mn.DRIFT_ALARM.name}{{{MI}}})",
-                             "{{detector}} {{instance}}"),), min=0, max=1),
+                      (Query(f"max by (model, detector, instance) ({mn.DRIFT_ALARM.name}{{{MI}}})",
+                             "{{model}} {{detector}} {{instance}}"),), min=0, max=1),
             PanelSpec("Estimated accuracy by replica", "timeseries", "percentunit",
                       "Label-free (ATC) accuracy estimate and its lower bound per replica over its last window.",
-                      (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method=~"atc|atc_lower"}}', "{{instance}} {{method}}"),),
+                      (Query(f'{mn.ESTIMATED_ACCURACY.name}{{{MI},method=~"atc|atc_lower"}}',
+                             "{{model}} {{instance}} {{method}}"),),
                       min=0, max=1),
             PanelSpec("Accuracy estimate usable", "timeseries", "percentunit",
                       "Share of replicas whose accuracy estimate the estimated-accuracy SLO counts now (at least "
                       "its min_samples samples behind it, not flagged unreliable), and per replica the "
                       "estimator's reliable flag. At 0 the SLO and its alerts are silent: "
                       "SentinelAccuracyEstimateUnreliable says why.",
-                      (Query(f"{recorded.ESTIMATE_USABLE}{{{M}}}", "{{slo}} usable share"),
-                       Query(f"{mn.ACCURACY_ESTIMATE_RELIABLE.name}{{{MI}}}", "{{instance}} reliable")),
+                      (Query(f"{recorded.ESTIMATE_USABLE}{{{M}}}", "{{model}} {{slo}} usable share"),
+                       Query(f"{mn.ACCURACY_ESTIMATE_RELIABLE.name}{{{MI}}}", "{{model}} {{instance}} reliable")),
                       min=0, max=1),
             PanelSpec("GPU memory used", "timeseries", "percentunit",
                       "Device memory in use over device total, per GPU. SentinelGpuMemoryHigh fires above 90% "
                       "for 5 minutes.",
                       (Query(f"{mn.GPU_MEMORY_USED.name}{{{I}}}\n/ clamp_min({mn.GPU_MEMORY_TOTAL.name}{{{I}}}, 1)",
-                             "{{instance}} gpu {{gpu}}"),), min=0, max=1),
+                             "{{instance}} gpu {{gpu}}"),), min=0, max=1, no_value=_NO_GPU),
             PanelSpec("GPU headroom at max batch", "timeseries", "bytes",
                       "Free device memory minus the predicted extra need at the configured max batch; "
                       "below zero a full batch would run out of memory.",
-                      (Query(f"{mn.GPU_MEMORY_HEADROOM.name}{{{MI}}}", "{{instance}} gpu {{gpu}}"),)),
+                      (Query(f"{mn.GPU_MEMORY_HEADROOM.name}{{{MI}}}", "{{model}} {{instance}} gpu {{gpu}}"),),
+                      no_value=_NO_GPU),
             PanelSpec("Canary replay results", "timeseries", "reqps",
                       "Golden-set canary requests per second by result (ok, error).",
-                      (Query(f"sum by (result) (rate({replay}{{{MI}}}[{RATE}]))", "{{result}}"),)),
+                      (Query(f"sum by (model, result) (rate({replay}{{{MI}}}[{RATE}]))", "{{model}} {{result}}"),),
+                      no_value="no canary replays (replay.canary_interval_s 0, or no golden set)"),
             PanelSpec("Alerts firing", "table", "none",
                       "Every sentinel alert firing now for the selected models. Empty is good.",
-                      (Query('ALERTS{alertname=~"Sentinel.*",alertstate="firing"}', "",
-                             expect_data=False, instant=True),)),
+                      # alerts without a model label (SentinelDown, GPU, collectors) show whatever is picked
+                      (Query(f'ALERTS{{alertname=~"Sentinel.*",alertstate="firing",{M}}}\n'
+                             'or ALERTS{alertname=~"Sentinel.*",alertstate="firing",model=""}', "",
+                             expect_data=False, instant=True),), no_value="none firing"),
             *version_comparison(),
             PanelSpec("Input contract violations", "timeseries", "ops",
                       "Sampled inputs per second failing an input-contract check, by check and version. "
                       "A new version that receives inputs it was not built for shows here first.",
-                      (Query(f"sum by (check, version) (rate({mn.INPUT_CONTRACT_VIOLATIONS.sample_name}"
-                             f"{{{MI}}}[{RATE}]))", "{{check}} {{version}}", expect_data=False),)),
+                      (Query(f"sum by (model, check, version) (rate({mn.INPUT_CONTRACT_VIOLATIONS.sample_name}"
+                             f"{{{MI}}}[{RATE}]))", "{{model}} {{check}} {{version}}", expect_data=False),),
+                      no_value="0 (no sampled input checked yet)"),
             PanelSpec("Drift diagnosis", "table", "none",
                       "What the drift most likely is, in words: the kind of shift and the input transform that "
                       "best explains it, per model, version and replica. Empty while nothing drifts.",
@@ -226,9 +250,12 @@ def oncall(spec: SloFile) -> DashboardSpec:
                              "", expect_data=False, instant=True),
                        Query(f"max by (model, version, instance, transform) "
                              f"({mn.DRIFT_DIAGNOSIS_TRANSFORM.name}{{{MI}}}) == 1",
-                             "", expect_data=False, instant=True))),
+                             "", expect_data=False, instant=True)), width=24, no_value="no diagnosis yet"),
         ),
     )
+
+
+_NO_GPU = "no GPU metrics: NVML unavailable or gpu.enabled off (sentinel_gpu_available 0)"
 
 
 def version_comparison() -> tuple[PanelSpec, ...]:
@@ -238,36 +265,37 @@ def version_comparison() -> tuple[PanelSpec, ...]:
     agr = mn.REFERENCE_AGREEMENT.sample_name
     verd = mn.ACCURACY_VERDICTS.sample_name
     pred = mn.PREDICTIONS.sample_name
-    total = f"sum by (version) (rate({req}{{{MI}}}[{RATE}]))"
-    compared = f'sum by (version) (rate({agr}{{{MI},source=~"shadow|replay"}}[{RATE}]))'
-    verdicts = f"sum by (version) (rate({verd}{{{MI}}}[{RATE}]))"
+    total = f"sum by (model, version) (rate({req}{{{MI}}}[{RATE}]))"
+    compared = f'sum by (model, version) (rate({agr}{{{MI},source=~"shadow|replay"}}[{RATE}]))'
+    verdicts = f"sum by (model, version) (rate({verd}{{{MI}}}[{RATE}]))"
     note = " Compare a canary with its baseline here; `sentinel gate` judges the same series with statistical tests."
     return (
         PanelSpec("Versions: error ratio", "timeseries", "percentunit",
                   f"Share of requests whose code spends the availability budget (code=~\"{BAD_CODE_REGEX}\"), "
                   f"per version." + note,
-                  (Query(f'(sum by (version) (rate({req}{{{MI},code=~"{BAD_CODE_REGEX}"}}[{RATE}])) '
-                         f"or 0 * {total})\n/ clamp_min({total}, 1e-12)", "{{version}}"),), width=8),
+                  (Query(f'(sum by (model, version) (rate({req}{{{MI},code=~"{BAD_CODE_REGEX}"}}[{RATE}])) '
+                         f"or 0 * {total})\n/ clamp_min({total}, 1e-12)", "{{model}} {{version}}"),), width=12),
         PanelSpec("Versions: P95 latency", "timeseries", "s",
                   "95th percentile of request latency per version, from the sidecars' histograms." + note,
-                  (Query(f"histogram_quantile(0.95, sum by (version, le) (rate({hist}{{{MI}}}[{RATE}])))",
-                         "{{version}}"),), width=8),
+                  (Query(f"histogram_quantile(0.95, sum by (model, version, le) (rate({hist}{{{MI}}}[{RATE}])))",
+                         "{{model}} {{version}}"),), width=8),
         PanelSpec("Versions: agreement with the reference", "timeseries", "percentunit",
                   "Share of shadow and replay comparisons in which the version's answer matches the reference "
                   "model's, per version." + note,
-                  (Query(f'sum by (version) (rate({agr}{{{MI},source=~"shadow|replay",result="agree"}}[{RATE}]))'
-                         f"\n/ clamp_min({compared}, 1e-12)", "{{version}}"),), width=8, min=0, max=1),
+                  (Query(f'sum by (model, version) (rate({agr}{{{MI},source=~"shadow|replay",result="agree"}}[{RATE}]))'
+                         f"\n/ clamp_min({compared}, 1e-12)", "{{model}} {{version}}"),), width=8, min=0, max=1),
         PanelSpec("Versions: accuracy lower bound", "timeseries", "percentunit",
                   "Label-free accuracy lower bound per version: likely-correct verdicts over all verdicts." + note,
-                  (Query(f'sum by (version) (rate({verd}{{{MI},verdict="likely_correct"}}[{RATE}]))'
-                         f"\n/ clamp_min({verdicts}, 1e-12)", "{{version}}", expect_data=False),),
-                  width=12, min=0, max=1),
+                  (Query(f'(sum by (model, version) (rate({verd}{{{MI},verdict="likely_correct"}}[{RATE}])) '
+                         f"or 0 * {verdicts})\n/ clamp_min({verdicts}, 1e-12)", "{{model}} {{version}}",
+                         expect_data=False),),
+                  width=8, min=0, max=1),
         PanelSpec("Versions: predicted classes", "timeseries", "percentunit",
                   "Share of each predicted class per version: on the same traffic, a version that predicts "
                   "differently shows here even when nothing errors." + note,
-                  (Query(f"sum by (version, class) (rate({pred}{{{MI}}}[{RATE}]))\n/ ignoring (class) group_left\n"
-                         f"clamp_min(sum by (version) (rate({pred}{{{MI}}}[{RATE}])), 1e-12)",
-                         "{{version}} class {{class}}"),), width=12, min=0, max=1),
+                  (Query(f"sum by (model, version, class) (rate({pred}{{{MI}}}[{RATE}]))\n/ ignoring (class) group_left\n"
+                         f"clamp_min(sum by (model, version) (rate({pred}{{{MI}}}[{RATE}])), 1e-12)",
+                         "{{model}} {{version}} class {{class}}"),), width=12, min=0, max=1),
     )
 
 
@@ -281,13 +309,13 @@ def debug(spec: SloFile) -> DashboardSpec:
             PanelSpec("Drift p-values", "timeseries", "none",
                       "Corrected p-value of each drift detector on its last window, per replica. Below "
                       "alpha (0.05 by default) the detector alarms.",
-                      (Query(f"{mn.DRIFT_P_VALUE.name}{{{MI}}}", "{{detector}} {{instance}}"),), min=0, max=1),
+                      (Query(f"{mn.DRIFT_P_VALUE.name}{{{MI}}}", "{{model}} {{detector}} {{instance}}"),), min=0, max=1),
             PanelSpec("Drift statistics", "timeseries", "none",
                       "Test statistic of each detector on its last window (KS distance, MMD, ...).",
-                      (Query(f"{mn.DRIFT_STATISTIC.name}{{{MI}}}", "{{detector}} {{instance}}"),)),
+                      (Query(f"{mn.DRIFT_STATISTIC.name}{{{MI}}}", "{{model}} {{detector}} {{instance}}"),)),
             PanelSpec("Sampling by outcome", "timeseries", "ops",
                       "Sampled request/response pairs per second by outcome (queued, dropped, decoded, rejected).",
-                      (Query(f"sum by (outcome) (rate({samples}{{{MI}}}[{RATE}]))", "{{outcome}}"),)),
+                      (Query(f"sum by (model, outcome) (rate({samples}{{{MI}}}[{RATE}]))", "{{model}} {{outcome}}"),)),
             PanelSpec("Sample drop ratio", "timeseries", "percentunit",
                       "Dropped over offered (queued + dropped) samples. SentinelSampleDropRatioHigh fires "
                       "above 10% for 15 minutes.",
@@ -299,7 +327,8 @@ def debug(spec: SloFile) -> DashboardSpec:
                        Query(f"{mn.SAMPLE_QUEUE_CAPACITY.name}{{{I}}}", "capacity {{instance}}"))),
             PanelSpec("GPU memory per process", "timeseries", "bytes",
                       "Device memory used by each model-server process NVML reports.",
-                      (Query(f"{mn.GPU_PROCESS_MEMORY.name}{{{I}}}", "{{instance}} gpu {{gpu}} pid {{pid}}"),)),
+                      (Query(f"{mn.GPU_PROCESS_MEMORY.name}{{{I}}}", "{{instance}} gpu {{gpu}} pid {{pid}}"),),
+                      no_value=_NO_GPU),
             PanelSpec("Collector health", "timeseries", "bool",
                       "1 when a collector's last scrape succeeded. SentinelCollectorFailing fires after "
                       "15 minutes at 0.",
@@ -313,27 +342,28 @@ def debug(spec: SloFile) -> DashboardSpec:
                       (Query(f"sum by (kind) (rate({mn.ANALYSIS_ERRORS.sample_name}{{{I}}}[{RATE}]))",
                              "analysis {{kind}}", expect_data=False),
                        Query(f"sum by (reason) (rate({mn.PROXY_ERRORS.sample_name}{{{I}}}[{RATE}]))",
-                             "proxy {{reason}}", expect_data=False))),
+                             "proxy {{reason}}", expect_data=False)),
+                      no_value="0: no analysis or proxy error counted"),
             PanelSpec("In-flight requests", "timeseries", "short",
                       "Requests being proxied right now, per replica.",
                       (Query(f"{mn.INFLIGHT.name}{{{I}}}", "{{instance}}"),)),
             PanelSpec("Input statistics: live traffic vs golden set", "timeseries", "short",
                       "Mean of each input statistic the input_stats detector tests (per-channel mean and std, "
                       "brightness, contrast, sharpness) over the last window of live traffic, beside the same "
-                      "statistic over the golden set. A live line leaving its golden line is the feature that "
+                      "statistic over the golden set, per model, averaged over the selected replicas. A live line leaving its golden line is the feature that "
                       "drifted.",
-                      (Query(f'avg by (feature, source) ({mn.INPUT_FEATURE_MEAN.name}{{{MI}}})',
-                             "{{feature}} {{source}}"),), width=24),
+                      (Query(f'avg by (model, feature, source) ({mn.INPUT_FEATURE_MEAN.name}{{{MI}}})',
+                             "{{model}} {{feature}} {{source}}"),), width=24),
             PanelSpec("Drift p-value per detector and version", "timeseries", "none",
                       "Corrected p-value of each detector (bbsd, label, confidence, input_stats, embedding, "
                       "combined), lowest replica per version.",
-                      (Query(f"min by (detector, version) ({mn.DRIFT_P_VALUE.name}{{{MI}}})",
-                             "{{detector}} {{version}}"),), min=0, max=1),
+                      (Query(f"min by (model, detector, version) ({mn.DRIFT_P_VALUE.name}{{{MI}}})",
+                             "{{model}} {{detector}} {{version}}"),), min=0, max=1),
             PanelSpec("Samples behind the accuracy estimate", "timeseries", "short",
                       "Verdicts in each replica's window behind its latest accuracy estimate. Below the "
                       "estimated-accuracy SLO's min_samples (" + _min_samples_note(spec) + ") the SLO does "
                       "not count that replica's estimate.",
-                      (Query(f"{mn.ACCURACY_ESTIMATE_SAMPLES.name}{{{MI}}}", "{{instance}}"),)),
+                      (Query(f"{mn.ACCURACY_ESTIMATE_SAMPLES.name}{{{MI}}}", "{{model}} {{instance}}"),)),
         ),
     )
 
@@ -366,16 +396,35 @@ def _variables() -> list[gdash.QueryVariable | gdash.DatasourceVariable]:
     ]
 
 
-def _panel(p: PanelSpec) -> Any:
+def layout(panels: tuple[PanelSpec, ...], columns: int = 24) -> list[mdash.GridPos]:
+    """Left to right, a new row when a panel would cross the grid's right edge: no overlap, none outside."""
+    out: list[mdash.GridPos] = []
+    x = y = row_h = 0
+    for p in panels:
+        w = min(p.width, columns)
+        if x + w > columns:
+            x, y, row_h = 0, y + row_h, 0
+        out.append(mdash.GridPos(h=p.height, w=w, x=x, y=y))
+        x, row_h = x + w, max(row_h, p.height)
+    return out
+
+
+def _panel(p: PanelSpec, panel_id: int, pos: mdash.GridPos) -> Any:
     # The three panel builders share these methods but no base type declares them.
     kinds: dict[str, Any] = {"timeseries": gts.Panel, "stat": gstat.Panel, "table": gtable.Panel}
     builder: Any = kinds[p.kind]()
-    builder = builder.title(p.title).description(p.description).unit(p.unit).datasource(DATASOURCE)
-    builder = builder.span(p.width).height(p.height)
+    builder = builder.id(panel_id).title(p.title).description(p.description).unit(p.unit).datasource(DATASOURCE)
+    builder = builder.grid_pos(pos)
     if p.min is not None:
         builder = builder.min(p.min)
     if p.max is not None:
         builder = builder.max(p.max)
+    if p.no_value:
+        builder = builder.no_value(p.no_value)
+    if p.decimals is not None:
+        builder = builder.decimals(p.decimals)
+    steps = [mdash.Threshold(value=v, color=c) for v, c in p.thresholds]
+    builder = builder.thresholds(gdash.ThresholdsConfig().mode(mdash.ThresholdsMode.ABSOLUTE).steps(steps))
     for i, q in enumerate(p.queries):
         target = gprom.Dataquery().expr(q.expr).ref_id("ABCDEFGH"[i]).datasource(DATASOURCE)
         if q.legend:
@@ -403,8 +452,8 @@ def render(spec: DashboardSpec) -> str:
              .editable())
     for v in _variables():
         board = board.with_variable(v)
-    for p in spec.panels:
-        board = board.with_panel(_panel(p))
+    for i, (p, pos) in enumerate(zip(spec.panels, layout(spec.panels), strict=True), start=1):
+        board = board.with_panel(_panel(p, i, pos))
     data = _drop_nulls(json.loads(JSONEncoder().encode(board.build())))
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

@@ -79,6 +79,9 @@ def test_queries_use_only_known_metric_names():
     known = {m.sample_name for m in mn.METRICS} | {m.name for m in mn.METRICS}
     known |= {m.name + "_bucket" for m in mn.METRICS if m.kind == "histogram"}
     records = {recorded.OBJECTIVE, recorded.BUDGET_REMAINING, recorded.ESTIMATE_USABLE}
+    # ...and every recorded series a panel reads is one the generated rules write
+    from sentinel.slo.rules import generate_rule_files
+    written = set(re.findall(r"record: (\S+)", "".join(f.render() for f in generate_rule_files(SPEC))))
     for board in dashboard_specs(SPEC):
         for panel in board.panels:
             for q in panel.queries:
@@ -86,6 +89,7 @@ def test_queries_use_only_known_metric_names():
                     assert tok in known, (board.uid, panel.title, tok)
                 for tok in re.findall(r"(slo:[a-z_]+:[a-z_0-9]+)", q.expr):
                     assert tok in records or tok.startswith(recorded.ERROR_RATIO_PREFIX), tok
+                    assert tok in written, (board.uid, panel.title, tok)
 
 
 def test_oncall_shows_why_the_accuracy_slo_may_be_silent():
@@ -96,3 +100,33 @@ def test_oncall_shows_why_the_accuracy_slo_may_be_silent():
     (debug,) = [p for p in BOARDS["sentinel-debug.json"]["panels"]
                 if p["title"] == "Samples behind the accuracy estimate"]
     assert mn.ACCURACY_ESTIMATE_SAMPLES.name in debug["targets"][0]["expr"] and "(100)" in debug["description"]
+
+
+@pytest.mark.parametrize("name", sorted(BOARDS))
+def test_grafana_accepts_the_layout_unique_ids_and_no_overlap(name):
+    """Every panel has its own id and a gridPos inside Grafana's 24 columns, overlapping no other panel."""
+    board = BOARDS[name]
+    assert board["schemaVersion"] >= 36
+    ids = [p.get("id") for p in board["panels"]]
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids), ids
+    cells: dict[tuple[int, int], str] = {}
+    for p in board["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, (p["title"], g)
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, (p["title"], "overlaps", cells[(x, y)])
+                cells[(x, y)] = p["title"]
+
+
+def test_stat_colours_follow_the_value_not_grafanas_default_red_at_80():
+    """Without thresholds Grafana colours green below 80 and red above: an overspent budget (-1.5 = -150%)
+    would be green. Every panel states its thresholds; the budget is red below 0."""
+    for name, board in BOARDS.items():
+        for p in board["panels"]:
+            steps = p["fieldConfig"]["defaults"].get("thresholds", {}).get("steps")
+            assert steps and "value" not in steps[0], (name, p["title"])
+            assert all(s["value"] != 80 for s in steps[1:]), (name, p["title"])
+    (budget,) = [p for p in BOARDS["sentinel-overview.json"]["panels"] if p["title"] == "Error budget remaining"]
+    steps = budget["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[0]["color"] == "red" and steps[1]["value"] == 0
