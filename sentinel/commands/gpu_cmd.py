@@ -36,13 +36,19 @@ def _gpu_config(config: Path | None):
 def status(
     as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Config file (default ./sentinel.yaml if present)."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, max=300.0,
+                                  help="Seconds to wait for NVML (its start-up takes seconds on many-GPU machines)."),
 ) -> None:
     """Print the NVML snapshot (devices, memory, utilization, processes), or why there is none."""
+    import dataclasses
+
     from sentinel.gpu.collector import GpuCollector
     from sentinel.gpu.memory import format_bytes
     from sentinel.gpu.nvml import PynvmlBackend
 
-    gcfg = _gpu_config(config)
+    # One read, not a scrape: the daemon's per-scrape budget (0.5 s) is shorter than nvmlInit
+    # on an 8-GPU machine, which would make this command fail there every time.
+    gcfg = dataclasses.replace(_gpu_config(config), scrape_budget_s=timeout)
     collector = GpuCollector(None if gcfg.enabled == "off" else PynvmlBackend(), config=gcfg)
     collector.snapshot()
     st = collector.status()
@@ -66,8 +72,11 @@ def status(
         procs = st["processes"]
         if procs["problem"]:
             typer.echo(f"Process attribution: {procs['problem']}\n  fix: {procs['fix']}")
-        for e in st["last_scrape"]["errors"]:
-            typer.echo(f"error: NVML {e['call']}: {e['detail']} ({e['kind']})", err=True)
+        for what in st["not_reported"]:
+            typer.echo(f"  not reported by this device: {what}")
+    for e in st["last_scrape"]["errors"]:
+        where = "" if e.get("gpu") is None else f" on GPU {e['gpu']}"
+        typer.echo(f"error: NVML {e['call']}{where}: {e['detail']} ({e['kind']})", err=True)
     if failed:
         raise typer.Exit(1)
 

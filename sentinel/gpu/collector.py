@@ -9,7 +9,13 @@ builds fresh metric families. Failures are visible, never silent:
   with `enabled: on` it is a failure (collector_success 0);
 - an NVML call failing mid-run: `sentinel_gpu_errors_total{kind}` counts it, the
   series it would have produced are absent, collector_success is 0 for that scrape,
-  and the next scrape tries again (re-initialising NVML after driver-level errors);
+  the log line and `status()` name the call and the GPU, and the next scrape tries
+  again (re-initialising NVML after session-level errors at once, after a lost GPU at
+  most every REINIT_INTERVAL_S); the first clean scrape after a fault is logged;
+- figures NVML returns that cannot be true (used > total, utilization > 100%): counted
+  as `implausible_value`, series absent, never exported as numbers;
+- a slow NVML: the read stops when the budget is spent, and the next read starts at
+  the first device left unread, so no device is starved on a machine with many GPUs;
 - PIDs NVML reports that do not exist in this PID namespace: process series absent
   (not 0) and `status()["processes"]` says how to fix it.
 """
@@ -43,8 +49,10 @@ log = logging.getLogger(__name__)
 COLLECTOR = "gpu"
 REINIT_INTERVAL_S = 60.0  # how often a machine without NVML is asked again (dlopen is not free)
 # Errors after which the NVML session is torn down and initialised afresh next scrape.
-_REINIT_KINDS = frozenset({"uninitialized", "driver_not_loaded", "gpu_is_lost", "reset_required",
-                           "lib_rm_version_mismatch"})
+_REINIT_KINDS = frozenset({"uninitialized", "driver_not_loaded", "lib_rm_version_mismatch"})
+# Device-level errors that may need a fresh session to clear (a GPU back from a reset), but
+# re-initialising NVML is slow (seconds with many GPUs), so at most every REINIT_INTERVAL_S.
+_DEVICE_REINIT_KINDS = frozenset({"gpu_is_lost", "reset_required"})
 # "Not supported" is a property of the device (utilisation on MIG, say), not a failure.
 _OPTIONAL_KINDS = frozenset({"not_supported", "function_not_found"})
 
@@ -94,6 +102,9 @@ class _Reader:
         self.next_init = 0.0
         self.driver: str | None = None
         self.optional_logged: set[tuple[str, str]] = set()
+        self.unsupported: dict[tuple[str, str], str] = {}  # (what, gpu) -> kind, from the last read
+        self.start = 0  # device index the next read starts at (after a read cut short by the budget)
+        self.last_device_reset = -float("inf")
 
     def _init(self) -> None:
         if self.ready:
@@ -125,18 +136,33 @@ class _Reader:
             return Snapshot(False, explain(exc.kind, exc.detail), errors=(exc,))
         errors: list[NvmlError] = []
         devices: list[DeviceReading] = []
+        self.unsupported = {}
         try:
             count = self.nvml.device_count()
         except NvmlError as exc:
             errors.append(exc)
             count = 0
-        for i in range(count):
+        first = self.start if 0 <= self.start < count else 0
+        order = [(first + k) % count for k in range(count)]
+        self.start = 0
+        for k, i in enumerate(order):
             if self.clock() > deadline:
+                left = sorted(order[k:])
                 errors.append(NvmlError("scrape", "budget_exceeded",
-                                        f"scrape budget spent after {i} of {count} devices"))
+                                        f"scrape budget spent after {k} of {count} devices; not read this time: "
+                                        f"GPU {', '.join(map(str, left))} (read first next time)"))
+                self.start = i
                 break
-            devices.extend(self._device(i, errors))
+            try:
+                devices.extend(self._device(i, errors))
+            except Exception as exc:  # a bug or a foreign error on one device must not cost the others
+                errors.append(NvmlError("device", "unexpected", f"{type(exc).__name__}: {exc}", gpu=str(i)))
+        devices.sort(key=lambda d: int(d.gpu.split("/", 1)[0]))
+        now = self.clock()
         if any(e.kind in _REINIT_KINDS for e in errors):
+            self._reset()
+        elif any(e.kind in _DEVICE_REINIT_KINDS for e in errors) and now - self.last_device_reset >= REINIT_INTERVAL_S:
+            self.last_device_reset = now
             self._reset()
         return Snapshot(True, None, self.driver, tuple(devices), tuple(errors))
 
@@ -145,11 +171,12 @@ class _Reader:
             return call()
         except NvmlError as exc:
             if exc.kind in _OPTIONAL_KINDS:
+                self.unsupported[(what, gpu)] = exc.kind
                 if (what, gpu) not in self.optional_logged:
                     self.optional_logged.add((what, gpu))
                     log.info("GPU %s does not report %s (%s); that series is omitted", gpu, what, exc.kind)
                 return None
-            errors.append(exc)
+            errors.append(_on(exc, gpu))
             return None
 
     def _device(self, index: int, errors: list[NvmlError]) -> list[DeviceReading]:
@@ -158,7 +185,7 @@ class _Reader:
             h = self.nvml.handle(index)
             uuid = self.nvml.uuid(h)
         except NvmlError as exc:
-            errors.append(exc)
+            errors.append(_on(exc, gpu))
             return []  # without a handle and uuid there is nothing to label
         name = self._optional(lambda: self.nvml.name(h), "name", gpu, errors)
         memory = self._optional(lambda: self.nvml.memory(h), "memory", gpu, errors)
@@ -166,7 +193,7 @@ class _Reader:
         try:
             migs = self.nvml.mig_devices(h)
         except NvmlError as exc:
-            errors.append(exc)
+            errors.append(_on(exc, gpu))
             migs = []
         out: list[DeviceReading] = []
         if migs:
@@ -177,7 +204,7 @@ class _Reader:
                 try:
                     muuid = self.nvml.uuid(mh)
                 except NvmlError as exc:
-                    errors.append(exc)
+                    errors.append(_on(exc, mgpu))
                     continue
                 mmem = self._optional(lambda: self.nvml.memory(mh), "memory", mgpu, errors)  # noqa: B023 (called at once)
                 mutil = self._optional(lambda: self.nvml.utilization(mh), "utilization", mgpu, errors)  # noqa: B023
@@ -190,6 +217,15 @@ class _Reader:
     def _processes(self, h: Any, gpu: str, errors: list[NvmlError]) -> tuple[ProcessMemory, ...] | None:
         procs = self._optional(lambda: self.nvml.processes(h), "processes", gpu, errors)
         return None if procs is None else tuple(procs)
+
+
+def _on(exc: NvmlError, gpu: str) -> NvmlError:
+    """`exc`, saying which device it concerns (a copy: a fake may raise one instance many times)."""
+    if exc.gpu is not None:
+        return exc
+    out = type(exc)(exc.call, exc.kind, exc.detail, exc.code, gpu)
+    out.__cause__ = exc.__cause__
+    return out
 
 
 @dataclass
@@ -229,7 +265,9 @@ class GpuCollector:
         self._errors: dict[str, int] = {}
         self._logged_reason: str | None = None
         self._logged_problem: str | None = None
-        self._last_kinds: set[tuple[str, str]] = set()
+        self._last_kinds: set[tuple[str, str, str | None]] = set()
+        self._read_once = False  # a read has returned (so the snapshot's `available` means something)
+        self._server_gpus: frozenset[str] = frozenset()  # uuids the model server was last seen on
         self._last: dict[str, Any] = {"success": None, "duration_seconds": None, "errors": []}
         self._snapshot = Snapshot(False, "GPU collection is disabled in the configuration (gpu.enabled: off)"
                                   if nvml is None else "not scraped yet")
@@ -285,18 +323,25 @@ class GpuCollector:
         else:
             try:
                 snap = self._read_snapshot(self.config.scrape_budget_s)
-            except NvmlError as exc:
-                snap = Snapshot(self._snapshot.available, self._snapshot.reason, self._snapshot.driver, (), (exc,))
-            except Exception as exc:  # a bug or a foreign error that escaped translation: count, never raise
-                snap = Snapshot(self._snapshot.available, self._snapshot.reason, self._snapshot.driver, (),
-                                (NvmlError("scrape", "unexpected", f"{type(exc).__name__}: {exc}"),))
+                self._read_once = True
+            except Exception as exc:  # a hung read, a bug, a foreign error: count, never raise
+                err = exc if isinstance(exc, NvmlError) else NvmlError(
+                    "scrape", "unexpected", f"{type(exc).__name__}: {exc}")
+                prev = self._snapshot
+                # No device series this scrape (nothing was read); before any read has
+                # returned, say why NVML is unusable rather than "not scraped yet".
+                snap = (Snapshot(prev.available, prev.reason, prev.driver, (), (err,)) if self._read_once
+                        else Snapshot(False, f"no NVML reading yet: {err}", None, (), (err,)))
         errors.extend(snap.errors)
-        seen = {(e.call, e.kind) for e in errors}
+        seen = {(e.call, e.kind, e.gpu) for e in errors}
         for e in errors:
             self._count(e.kind)
             # Logged when it starts (not on every scrape of a lasting fault); always counted.
-            if (e.call, e.kind) not in self._last_kinds:
+            if (e.call, e.kind, e.gpu) not in self._last_kinds:
                 log.warning("GPU collector: %s", e)
+        if self._last_kinds and not seen and snap.available:
+            log.info("GPU collector: NVML reads cleanly again (after %s)",
+                     ", ".join(sorted({k for _, k, _ in self._last_kinds})))
         self._last_kinds = seen
         if not snap.available and snap.reason != self._logged_reason:
             self._logged_reason = snap.reason
@@ -304,10 +349,15 @@ class GpuCollector:
             log.log(level, "GPU metrics unavailable: %s", snap.reason)
         failed = bool(errors) or (not snap.available and self.config.enabled == "on")
         self._last = {"success": not failed, "duration_seconds": self.clock() - start,
-                      "errors": [{"call": e.call, "kind": e.kind, "detail": e.detail} for e in errors]}
+                      "errors": [{"call": e.call, "kind": e.kind, "gpu": e.gpu, "detail": e.detail}
+                                 for e in errors]}
         self._snapshot = snap
         reported = {p.pid for d in snap.devices for p in (d.processes or ())}
         self._attribution = attribute(reported, self.config, self.proc)
+        located = frozenset(d.uuid for d in snap.devices
+                            if d.leaf and any(p.pid in self._attribution.pids for p in d.processes or ()))
+        if located:
+            self._server_gpus = located
         problem = self._attribution.problem
         if problem and problem != self._logged_problem:
             log.warning("GPU process attribution: %s. %s", problem, self._attribution.fix)
@@ -369,17 +419,36 @@ class GpuCollector:
                     rows.append((d.gpu, p.pid, p.used_bytes))
         return rows
 
-    def _headroom_rows(self, snap: Snapshot) -> list[tuple[str, str, int]]:
-        """(model, gpu, free − predicted extra need) on the devices the model server uses."""
+    def _headroom_targets(self, snap: Snapshot) -> tuple[list[DeviceReading], str]:
+        """The devices headroom is computed for, and on what basis."""
         leaves = [d for d in snap.devices if d.leaf and d.memory is not None]
         used_by_server = {d.gpu for d in leaves for p in (d.processes or ()) if p.pid in self._attribution.pids}
-        targets = [d for d in leaves if d.gpu in used_by_server] or leaves
+        if used_by_server:
+            return [d for d in leaves if d.gpu in used_by_server], "devices the model server uses"
+        if self._server_gpus:
+            # Seen before, not now: only where its processes could not be read this time. A
+            # lost or unreadable device must not be replaced by devices the server never used.
+            return ([d for d in leaves if d.uuid in self._server_gpus and d.processes is None],
+                    "devices the model server was last seen on (its processes are not visible now)")
+        return leaves, "every device (the model server's processes are not visible to NVML here)"
+
+    def _headroom_rows(self, snap: Snapshot) -> list[tuple[str, str, int]]:
+        """(model, gpu, free − predicted extra need) on the devices the model server uses."""
+        targets, _basis = self._headroom_targets(snap)
         return [(m.model, d.gpu, d.memory.free - m.extra_bytes)  # type: ignore[union-attr]
                 for m in self.demands if m.extra_bytes is not None for d in targets]
 
     def status(self) -> dict[str, Any]:
         """What /status shows about GPU collection (from the last scrape; reads nothing)."""
         snap, att = self._snapshot, self._attribution
+        errors_total = dict(self._errors)  # one C-level copy: a scrape thread may be adding a kind
+        unsupported = dict(self._reader.unsupported) if self._reader is not None else {}
+        problem, fix = att.problem, att.fix
+        leaves = [d for d in snap.devices if d.leaf]
+        if problem is None and leaves and all(("processes", d.gpu) in unsupported for d in leaves):
+            problem = ("NVML does not report per-process GPU memory on this machine (not_supported: usual on "
+                       "vGPU and WSL), so no memory can be attributed to the model server")
+            fix = "none from sentinel's side: device-level series are still exported"
         return {
             "collector": COLLECTOR,
             "enabled": self.config.enabled,
@@ -387,7 +456,8 @@ class GpuCollector:
             "reason": snap.reason,
             "driver_version": snap.driver,
             "last_scrape": dict(self._last),
-            "errors_total": dict(sorted(self._errors.items())),
+            "errors_total": dict(sorted(errors_total.items())),
+            "not_reported": sorted(f"{what} on GPU {gpu} ({kind})" for (what, gpu), kind in unsupported.items()),
             "devices": [
                 {"gpu": d.gpu, "uuid": d.uuid, "name": d.name, "mig_parent": d.mig_parent,
                  "memory": None if d.memory is None else {
@@ -405,11 +475,12 @@ class GpuCollector:
                 "attributed": [{"gpu": g, "pid": p, "used_bytes": b} for g, p, b in self._process_rows(snap)],
                 "reported": att.reported,
                 "not_in_this_pid_namespace": att.invisible,
-                "problem": att.problem,
-                "fix": att.fix,
+                "problem": problem,
+                "fix": fix,
             },
             "models": [{"model": m.model, "extra_bytes": m.extra_bytes, "detail": m.detail} for m in self.demands],
             "headroom": [{"model": m, "gpu": g, "bytes": b} for m, g, b in self._headroom_rows(snap)],
+            "headroom_basis": self._headroom_targets(snap)[1],
         }
 
 

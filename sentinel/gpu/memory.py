@@ -47,6 +47,33 @@ _INDEX_BYTES = 8  # max-pool indices are int64 whatever the activation dtype
 _INPUT = 0        # buffer handle of the input batch in the simulation
 
 
+# Bounds on the estimator's inputs. Beyond them the model is extrapolating far past anything
+# it was checked against (and the figures stop meaning anything): 1 Mi images in a batch,
+# 16 Ki pixels a side; the configuration bounds match `sentinel.reference.arch`'s.
+MAX_BATCH = 1 << 20
+MAX_RESOLUTION = 16384
+MAX_GROWTH_RATE = 1024
+MAX_BN_SIZE = 64
+MAX_INIT_FEATURES = 4096
+MAX_IN_CHANNELS = 1024
+MAX_DENSE_LAYERS = 1000
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np  # manifests parsed with numpy give numpy integers
+            ok = isinstance(value, np.integer)
+        except ImportError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be at least {lo:,}, got {value:,}")
+    if value > hi:
+        raise ValueError(f"{name} must be at most {hi:,} (the estimator's bound), got {value:,}")
+
+
 def normalize_dtype(name: str) -> str:
     """`fp32`/`fp16`/`bf16` (torch spellings accepted); ValueError otherwise."""
     key = _DTYPE_ALIASES.get(name.lower(), name.lower())
@@ -510,12 +537,24 @@ def estimate(
     simd_block: int | None = None,
     threads: int | None = None,
 ) -> MemoryEstimate:
-    """Predict weights, input and peak activation bytes of one inference or training step."""
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+    """Predict weights, input and peak activation bytes of one inference or training step.
+
+    ValueError (saying which input and its bounds) for a batch outside 1..MAX_BATCH, a
+    resolution outside the architecture's minimum..MAX_RESOLUTION, non-integer sizes, or a
+    config whose growth rate, width or depth is out of range.
+    """
+    _check_int("batch", batch, 1, MAX_BATCH)
     min_res = 1 if cfg.small_inputs else 2 ** (len(cfg.block_config) + 1)
+    _check_int("resolution", resolution, 1, MAX_RESOLUTION)
     if resolution < min_res:
         raise ValueError(f"resolution {resolution} is too small for this architecture (minimum {min_res})")
+    _check_int("growth_rate", cfg.growth_rate, 1, MAX_GROWTH_RATE)
+    _check_int("bn_size", cfg.bn_size, 1, MAX_BN_SIZE)
+    _check_int("num_init_features", cfg.num_init_features, 1, MAX_INIT_FEATURES)
+    _check_int("in_channels", cfg.in_channels, 1, MAX_IN_CHANNELS)
+    if not cfg.block_config or sum(cfg.block_config) > MAX_DENSE_LAYERS or min(cfg.block_config) < 1:
+        raise ValueError(f"block_config {list(cfg.block_config)} must be 1 to {MAX_DENSE_LAYERS} dense layers "
+                         "in blocks of at least one")
     dt = normalize_dtype(dtype)
     if backend == "cpu" and (simd_block is None or threads is None):
         blk, thr = _cpu_defaults()
