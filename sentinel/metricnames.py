@@ -79,8 +79,9 @@ INGEST_EVENTS = _m("ingest_events", "counter",
                    "CloudEvents received on /ingest by outcome: accepted (first half, waiting for its pair), "
                    "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
                    "table's bounds, repeated, or its other half over sampling.max_bytes), rejected "
-                   "(malformed, unknown model; a refused batch counts each event), oversize (over "
-                   "sampling.max_bytes, or its other half was), canary (the sidecar's own canary request "
+                   "(malformed, unknown model, a structured or batch body over the admin listener's body "
+                   "limit; a refused batch counts each event), oversize (over sampling.max_bytes or the "
+                   "admin listener's body limit, or its other half was), canary (the sidecar's own canary request "
                    "and its answer, never analysed).",
                    ("outcome",))
 

@@ -7,6 +7,11 @@ complete within `request_head_timeout_s` (408), a body must keep arriving
 limit is refused (413) before it is read, oversized heads get 414/431, and Upgrade or
 CONNECT get 501 — never a traceback. Pipelined requests are answered one at a time, in
 order; at most `MAX_PIPELINED` are read ahead, then the connection closes after answering them.
+
+A POST whose body is refused (413) is still told to the handler, its head only: a `Request`
+whose `headers` is a `RefusedBody` and whose body is empty, so that an endpoint can count what
+the head says (/ingest: a binary-mode CloudEvent's Ce-* headers name the event and its model).
+The 413 goes out at once either way and the body is never read; the handler's answer is dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class Request:
         self.peer = peer   # the client's IP address
 
 
+class RefusedBody(dict[str, str]):
+    """The headers of a request whose body was refused unread (413): `size` the bytes it declared
+    (Content-Length) or, for a chunked body, that had come when it passed `limit`. Only the listener
+    makes one (no header on the wire can say a body was refused)."""
+
+    def __init__(self, headers: dict[str, str], size: int, limit: int, chunked: bool = False):
+        super().__init__(headers)
+        self.size, self.limit, self.chunked = size, limit, chunked
+
+
 Response = tuple[int, bytes, bytes]   # status, content type, body
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -61,6 +76,7 @@ class AdminConnections:
         self.limits = limits
         self.fail = fail or (lambda reason, message: None)
         self.open: set[AdminConnection] = set()
+        self.telling: set[asyncio.Task] = set()   # handlers told of a refused body (kept from the collector)
 
     def sweep(self, now: float) -> None:
         for c in list(self.open):
@@ -93,6 +109,7 @@ class AdminConnection(asyncio.Protocol):
         self._pending: deque[tuple[Request, bool]] = deque()   # read, not yet answered, in order
         self._stopped = False  # nothing more is read: answer what is pending, then close
         self._done = False     # an answer was given that ends the connection
+        self._refusal: tuple[int, str, str] | None = None   # a refusal owed after the pending answers
         self.in_head = False
         self.in_body = False
         self.used = False
@@ -165,6 +182,7 @@ class AdminConnection(asyncio.Protocol):
         self.in_body = True
         cl = self._headers.get("content-length")
         if cl is not None and int(cl) > self.max_body:
+            self._tell_refused(int(cl), chunked=False)
             raise _Refuse(413, "body_too_large", f"body of {cl} bytes exceeds the limit of {self.max_body}")
         if self.parser.get_method() == b"CONNECT" or "upgrade" in self._headers:
             raise _Refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
@@ -178,6 +196,7 @@ class AdminConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > self.max_body:
+            self._tell_refused(self._size, chunked=True)
             raise _Refuse(413, "body_too_large", f"body exceeds the limit of {self.max_body} bytes")
         self._body.append(body)
 
@@ -197,6 +216,22 @@ class AdminConnection(asyncio.Protocol):
             self._stopped = True
             raise _Stop()   # stop this read's parse here: what follows is not read
 
+    def _tell_refused(self, size: int, chunked: bool) -> None:
+        """Hand the head of a POST whose body is refused to the handler (see the module docstring)."""
+        if self.parser.get_method() != b"POST":
+            return
+        req = Request("POST", self._url.decode("latin-1"), RefusedBody(self._headers, size, self.max_body, chunked),
+                      b"", self.peer)
+        task = asyncio.get_running_loop().create_task(self._told(req))
+        self.shared.telling.add(task)
+        task.add_done_callback(self.shared.telling.discard)
+
+    async def _told(self, req: Request) -> None:
+        try:
+            await self.handler(req)
+        except Exception:  # an endpoint bug must not kill the listener; the 413 went out anyway
+            log.exception("admin handler failed for the refused body of %s %s", req.method, req.path)
+
     async def _run(self) -> None:
         while self._pending:
             req, keep = self._pending.popleft()
@@ -206,12 +241,16 @@ class AdminConnection(asyncio.Protocol):
                 log.exception("admin handler failed for %s %s", req.method, req.path)
                 status, ctype, body = 500, b"application/json", http.error_body(500, "internal", str(exc))
             last = self._stopped and not self._pending
-            self._send(status, ctype, body, keep and not last, head=req.method == "HEAD")
+            # a refusal behind the last answer keeps the connection open for it (see _refuse)
+            self._send(status, ctype, body, keep and (not last or self._refusal is not None),
+                       head=req.method == "HEAD")
             if not keep or last or self.transport is None:
                 break
         self._pending.clear()
         self._busy = None
-        if self.transport is not None and not self._stopped:
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
+        elif self.transport is not None and not self._stopped:
             self.last_active = asyncio.get_running_loop().time()
             self.transport.resume_reading()
 
@@ -227,11 +266,16 @@ class AdminConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         """Answer without reading further, then close."""
-        self.shared.fail(reason, f"admin listener: {message}")
-        if self._busy is not None:   # answers still owed come first: they go out, then the close
+        if self._refusal is None:
+            self.shared.fail(reason, f"admin listener: {message}")
+        if self._busy is not None:
+            # answers still owed come first: they go out, then this one (it was dropped: a pipelined
+            # event over the body limit got no answer, only the close), then the close
             self._stopped = True
+            self._refusal = (status, reason, message)
             self.in_head = self.in_body = False
             return
+        self._refusal = None
         self._done = True
         self.in_head = self.in_body = False
         self._body = []
@@ -239,6 +283,7 @@ class AdminConnection(asyncio.Protocol):
         if t is None:
             return
         t.write(http.response(status, http.error_body(status, reason, message), keep_alive=False))
+        t.resume_reading()   # reading was paused for the answers owed before it: what still comes is discarded
         http.send_fin(t)   # half-close, and discard what the client still sends, so it can read the answer
         asyncio.get_running_loop().call_later(LINGER_S, t.close)
 

@@ -12,7 +12,12 @@ as protocol "auto": the worker sniffs v1, v2 JSON and v2 binary-tensor bodies
 (`sentinel.protocols.sniff`).
 
 This runs in the proxy process: it parses only the envelope (never a tensor), and the
-join table is bounded in count, bytes and age; every drop is counted.
+join table is bounded in count, bytes and age; every drop is counted. A structured or batch
+envelope sent with `Content-Encoding: gzip|deflate` is inflated (bounded) before it is parsed;
+a binary-mode payload keeps its coding for the worker. An event whose body the admin listener
+refused unread (413, over its body limit) still reaches `handle`, its head only
+(`admin.RefusedBody`): counted `oversize` by its Ce-* headers, or `rejected` when they cannot
+name it (structured or batch mode).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sentinel.errors import DecodeError
+from sentinel.protocols.encoding import decoded
 from sentinel.protocols.names import AUTO
+from sentinel.proxy.admin import RefusedBody
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
@@ -95,7 +102,7 @@ def parse_event(headers: dict[str, str], body: bytes) -> Event:
     """An Event from CloudEvent headers (lower-case names) and body, binary or structured mode."""
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype in (STRUCTURED, BATCH):
-        _bounded_envelope(body, ctype)
+        body = _envelope_bytes(headers, body, ctype)
     if ctype == STRUCTURED:
         return _parse_structured(body)
     if ctype == BATCH:
@@ -124,6 +131,23 @@ def _bounded_envelope(body: bytes, ctype: str) -> None:
                           "too_large")
 
 
+def _envelope_bytes(headers: dict[str, str], body: bytes, ctype: str) -> bytes:
+    """A structured or batch body, bounded, with its HTTP Content-Encoding (gzip, deflate) undone:
+    the coding is the envelope's, and it was parsed as JSON as sent ("not JSON: 'utf-8' codec
+    can't decode byte 0x8b"). Inflated at most to STRUCTURED_MAX_BYTES."""
+    _bounded_envelope(body, ctype)
+    if "content-encoding" not in headers:
+        return body
+    try:
+        body, _ = decoded(body, headers, STRUCTURED_MAX_BYTES)
+    except DecodeError as exc:
+        kind = "too_large" if exc.kind == "too_large" else "bad_event"
+        raise IngestError(f"{ctype} with Content-Encoding {headers['content-encoding'][:64]!r}: {exc}"[:300]
+                          + (f" (at most {STRUCTURED_MAX_BYTES >> 10} KiB of JSON envelope; send large payloads "
+                             "as binary-mode CloudEvents)" if kind == "too_large" else ""), kind) from None
+    return body
+
+
 def _is_json(ctype: str) -> bool:
     """Whether a media type (parameters allowed) is JSON: application/json, text/json, anything+json."""
     return ctype.split(";", 1)[0].strip().lower().endswith("json")
@@ -150,7 +174,7 @@ def parse_events(headers: dict[str, str], body: bytes) -> list[Event | IngestErr
     ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != BATCH:
         return [parse_event(headers, body)]
-    _bounded_envelope(body, ctype)
+    body = _envelope_bytes(headers, body, ctype)
     try:
         docs = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -325,6 +349,8 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
     when every event was accepted or joined, else 400; either way `events` lists, in order, each
     event's own HTTP `code` and answer, and every usable event of the batch was taken."""
     now = time.monotonic() if now is None else now
+    if isinstance(headers, RefusedBody):
+        return _refused(headers, join, count, route, known_models, now)
     try:
         events = parse_events(headers, body)
     except IngestError as exc:
@@ -338,11 +364,34 @@ def handle(headers: dict[str, str], body: bytes, *, join: JoinTable, count: Call
     return _reply(status, {"events": [{"code": a[0], **a[1]} for a in answers]})
 
 
+def _refused(headers: RefusedBody, join: JoinTable, count: Callable[[str, int], None],
+             route: Callable[[str], tuple[str, Any] | None], known_models: str, now: float) -> Response:
+    """Count an event whose body the admin listener refused unread (over its body limit; it answers
+    413 itself): a binary-mode event is known by its Ce-* headers and counted `oversize` like one
+    over sampling.max_bytes (its other half is dropped or turned away, not kept until the TTL); a
+    structured or batch envelope cannot be read, so it is `rejected`."""
+    size = f"{'more than ' if headers.chunked else ''}{headers.size} bytes"
+    ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype in (STRUCTURED, BATCH):
+        count("rejected", 1)
+        return _reply(413, {"error": f"{ctype}: a body of {size}, over the admin listener's limit of {headers.limit}, "
+                                     "is refused unread, so its event cannot be identified or paired; send large "
+                                     "payloads as binary-mode CloudEvents (Ce-* headers), as KServe's logger does"})
+    try:
+        ev = parse_event(headers, b"")
+    except IngestError as exc:
+        count("rejected", 1)
+        return _reply(413, {"error": f"body of {size} refused unread, and {exc}"})
+    status, doc = _one(ev, join, count, route, lambda sample: None, known_models, now, refused=size)
+    return _reply(413 if status == 200 else status, doc)
+
+
 def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], None],
          route: Callable[[str], tuple[str, Any] | None], submit: Callable[[Any], Any],
          known_models: str, now: float, canary: Callable[[str, bytes], bool] | None = None,
-         ) -> tuple[int, dict[str, Any]]:
-    """The answer (status, document) to one event, counted."""
+         refused: str | None = None) -> tuple[int, dict[str, Any]]:
+    """The answer (status, document) to one event, counted. `refused`: its body (of that size) was
+    refused unread by the admin listener, `ev` holds its headers only."""
     from sentinel.proxy.sampling import Sample
 
     if isinstance(ev, IngestError):
@@ -361,6 +410,9 @@ def _one(ev: Event | IngestError, join: JoinTable, count: Callable[[str, int], N
             count("orphaned", orphans)
         return 200, answer
 
+    if refused is not None:
+        return skipped("oversize", {"status": f"not analysed: a body of {refused} is over the admin listener's "
+                                              "limit (and sampling.max_bytes)", "max_bytes": sampler.max_bytes})
     if len(ev.body) > sampler.max_bytes:
         return skipped("oversize", {"status": "not analysed: body over sampling.max_bytes",
                                     "max_bytes": sampler.max_bytes})
