@@ -32,6 +32,7 @@ log = logging.getLogger("sentinel.run")
 
 JSON = b"application/json"
 READY_CACHE_S = 1.0
+TRACER_SHUTDOWN_S = 3.0   # the longest stopping waits for the OTLP collector to take the last spans
 
 
 def slo_latency_thresholds(config: Config) -> tuple[float, ...]:
@@ -292,7 +293,7 @@ class Sidecar:
         self.admin_server.close()
         await self.analysis.stop()
         if self.tracer is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.tracer.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, self.tracer.shutdown_within, TRACER_SHUTDOWN_S)
 
     # --- collectors -----------------------------------------------------------------
     def _add_gpu_collector(self) -> None:

@@ -115,3 +115,21 @@ class SpanExporter:
             self._provider.shutdown()
         except Exception as exc:  # exporter errors must not break shutdown
             log.warning("OTLP exporter shutdown failed: %s", exc)
+
+    def shutdown_within(self, seconds: float) -> bool:
+        """Flush and stop, waiting at most `seconds`; False (and a warning) when the collector took longer.
+
+        A collector that accepts and never answers holds the last export for the exporter's
+        timeout (10 s) and the SDK's shutdown for up to 30 s: the drain was over, and the sidecar
+        still did not exit. The flush runs on a daemon thread, so the process can end without it.
+        """
+        import threading
+
+        t = threading.Thread(target=self.shutdown, name="sentinel-otlp-shutdown", daemon=True)
+        t.start()
+        t.join(seconds)
+        if t.is_alive():
+            log.warning("tracing: the OTLP collector at %s did not take the last spans within %g s; "
+                        "they are dropped", self.endpoint, seconds)
+            return False
+        return True

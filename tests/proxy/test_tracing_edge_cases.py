@@ -221,3 +221,43 @@ def test_no_exemplar_points_at_a_trace_the_caller_did_not_sample():
         _forwarded(up, sc, f"00-{unsampled}-{SPAN}-00")   # last: a bucket keeps its latest exemplar
         traces = _exemplar_traces(sc)
     assert sampled in traces and unsampled not in traces, traces
+
+
+def test_a_collector_that_never_answers_does_not_hold_the_sidecar_at_exit():
+    """A collector that accepts and never answers held the exporter's last flush for its 10 s
+    timeout after the drain was over; stopping now waits at most TRACER_SHUTDOWN_S."""
+    import time
+
+    from sentinel.proxy.sidecar import TRACER_SHUTDOWN_S
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:   # take connections, read nothing, answer nothing
+        hole.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(hole.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with Upstream() as up:
+            cfg = dataclasses.replace(make_config(up.url), tracing=TracingConfig(
+                otlp_endpoint=f"http://127.0.0.1:{hole.getsockname()[1]}"))
+            sc = RunningSidecar(cfg).__enter__()
+            _forwarded(up, sc, f"00-{'ab' * 16}-{SPAN}-01")   # a sampled span waits in the exporter
+            t = time.monotonic()
+            sc.stop()
+            took = time.monotonic() - t
+            assert not sc.thread.is_alive()
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        hole.close()
+    assert took < TRACER_SHUTDOWN_S + 2.5, took
