@@ -16,7 +16,10 @@ generated code. Field numbers:
 
 When `raw_*_contents` is present it holds one entry per tensor, in order, as little-endian
 row-major bytes (BYTES elements with a 4-byte length prefix), and typed `contents` are
-not used. Unknown fields are skipped, as protobuf requires.
+not used. Unknown fields are skipped, as protobuf requires, and so is a known field sent
+with a wire type other than its own (protobuf keeps it as an unknown field: the server never
+reads it); a message field sent twice is merged (its repeated fields concatenated), as
+protobuf parsers do.
 """
 
 from __future__ import annotations
@@ -115,10 +118,22 @@ def _varints(buf: memoryview) -> np.ndarray:
     return np.add.reduceat(parts, starts)
 
 
+_U64 = (1 << 64) - 1
+# The wire type of one element of a repeated scalar field of each kind (a packed run is LENGTH).
+_ELEMENT_WIRE_TYPE = {"varint": VARINT, "<f4": FIXED32, "<f8": FIXED64}
+
+
 def _repeated_scalar(pieces: list[tuple[int, Any]], kind: str) -> np.ndarray:
-    """Values of a repeated scalar field given as packed runs and/or single elements."""
+    """Values of a repeated scalar field given as packed runs and/or single elements.
+
+    A piece of another wire type (an fp32 element sent as a varint or fixed64) is not this
+    field's to protobuf, which keeps it as an unknown field: it is skipped here too, never
+    read as values (nor as a length: `bytes(int)` would allocate that many bytes)."""
+    own = _ELEMENT_WIRE_TYPE[kind]
+    pieces = [(wt, v) for wt, v in pieces if wt in (own, LENGTH)]
     if kind == "varint":
-        chunks = [_varints(v) if wt == LENGTH else np.array([v], dtype=np.uint64) for wt, v in pieces]
+        # one element: its low 64 bits (a 10-byte varint holds 70), as protobuf keeps
+        chunks = [_varints(v) if wt == LENGTH else np.array([v & _U64], dtype=np.uint64) for wt, v in pieces]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint64)
     dt = np.dtype(kind)
     raw = b"".join(bytes(v) for _, v in pieces)
@@ -167,7 +182,7 @@ def _parameter(buf: memoryview) -> tuple[str, Any]:
     key: str = ""
     value: bool | int | float | str | None = None
     for num, wt, val in fields(buf):
-        if num == 1:
+        if num == 1 and wt == LENGTH:
             key = _text(val, "parameter key")
         elif num == 2 and wt == LENGTH:
             for pnum, pwt, pval in fields(val):
@@ -189,17 +204,18 @@ class _Tensor:
     name: str = ""
     datatype: str = ""
     shape: list[int] = field(default_factory=list)
-    contents: memoryview | None = None
+    contents: memoryview | bytes | None = None
     shared_region: str | None = None   # the tensor's data is in this shared-memory region
 
 
 def _tensor(buf: memoryview, index: int, what: str) -> _Tensor:
     t = _Tensor(name=f"{what}[{index}]")
     shape_pieces: list[tuple[int, Any]] = []
+    contents: list[memoryview] = []
     for num, wt, val in fields(buf):
-        if num == 1:
+        if num == 1 and wt == LENGTH:
             t.name = _text(val, f"{what}[{index}].name")
-        elif num == 2:
+        elif num == 2 and wt == LENGTH:
             t.datatype = _text(val, f"{what}[{index}].datatype")
         elif num == 3 and wt in (VARINT, LENGTH):
             shape_pieces.append((wt, val))
@@ -208,7 +224,11 @@ def _tensor(buf: memoryview, index: int, what: str) -> _Tensor:
             if key == "shared_memory_region":
                 t.shared_region = str(value)
         elif num == 5 and wt == LENGTH:
-            t.contents = val
+            contents.append(val)
+    if contents:
+        # `contents` sent more than once is one message to protobuf (merged: its repeated fields
+        # concatenated, which is what parsing the encodings one after the other gives); joined once
+        t.contents = contents[0] if len(contents) == 1 else b"".join(contents)
     dims = _repeated_scalar(shape_pieces, "varint").astype(np.int64)   # int64: wraps negatives back
     t.shape = [int(d) for d in dims]
     return t
@@ -227,7 +247,8 @@ def _from_contents(t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
         if num != want:
             continue
         if kind == "bytes":
-            items.append(bytes(val))
+            if wt == LENGTH:   # another wire type is an unknown field to protobuf (bytes(int) would allocate int bytes)
+                items.append(bytes(val))
         else:
             pieces.append((wt, val))
     if kind == "bytes":
@@ -240,19 +261,25 @@ def _from_contents(t: _Tensor, shape: tuple[int, ...]) -> np.ndarray:
     values = _repeated_scalar(pieces, kind)
     if kind == "varint":
         dt = tensors.DTYPES[t.datatype]
-        values = values.astype(np.int64) if dt.kind == "i" else values   # sign of int32/int64 on the wire
-        if values.size:
-            # INT8/INT16 travel as int32, UINT8/UINT16 as uint32, BOOL as a varint: a value the
-            # datatype cannot hold is refused, never wrapped into a different tensor
+        # Each varint as protobuf reads it into the field's own type: int_contents (int32) and
+        # uint_contents (uint32) keep the low 32 bits (a negative int32 may be sent in 5 bytes or
+        # 10), bool_contents is true for any non-zero value; int64/uint64 keep all 64 bits
+        if want == 1:
+            values = values != 0
+        elif want == 2:
+            values = (values & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32).astype(np.int64)
+        elif want == 4:
+            values = values & np.uint64(0xFFFFFFFF)
+        elif dt.kind == "i":
+            values = values.astype(np.int64)   # the sign of int64 on the wire
+        if values.size and dt.kind != "b":
+            # INT8/INT16 travel as int32, UINT8/UINT16 as uint32: a value the datatype cannot
+            # hold is refused, never wrapped into a different tensor (servers differ there)
             lo, hi = int(values.min()), int(values.max())
-            if dt.kind == "b":
-                if hi > 1:
-                    raise DecodeError("bad_datatype", f"tensor {t.name!r}: BOOL contents hold {hi}, not 0 or 1")
-            else:
-                info = np.iinfo(dt)
-                if lo < info.min or hi > info.max:
-                    raise DecodeError("bad_datatype", f"tensor {t.name!r}: {t.datatype} contents hold values "
-                                                      f"from {lo} to {hi}, beyond its range")
+            info = np.iinfo(dt)
+            if lo < info.min or hi > info.max:
+                raise DecodeError("bad_datatype", f"tensor {t.name!r}: {t.datatype} contents hold values "
+                                                  f"from {lo} to {hi}, beyond its range")
         values = values.astype(dt)
     if values.size != tensors.numel(shape):
         raise DecodeError("bad_shape", f"tensor {t.name!r}: shape {list(shape)} needs {tensors.numel(shape)} "
@@ -287,8 +314,8 @@ def parse(body: bytes | memoryview, kind: str = "request") -> InferMessage:
         elif num == raw_field:
             raws.append(val)
         elif is_req and num == 6:
-            for onum, _, oval in fields(val):
-                if onum == 1:
+            for onum, owt, oval in fields(val):
+                if onum == 1 and owt == LENGTH:
                     requested.append(_text(oval, "outputs[].name"))
     in_shm = [t.shared_region is not None and t.contents is None for t in specs]
     if raws and len(raws) != len(specs) - sum(in_shm):

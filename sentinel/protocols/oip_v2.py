@@ -91,6 +91,11 @@ def parse_message(body: bytes, headers: Headers, key: Key) -> list[tuple[str, np
             if key == "inputs":
                 raise shared
             continue
+        if size is not None and "data" in t:
+            # Servers disagree on such a tensor: Triton reads the binary data, KServe the JSON `data`
+            # (and leaves the binary bytes unread, so the tensors after it shift): refused, not guessed
+            raise DecodeError("bad_header", f"tensor {name!r} has both JSON data and parameters.binary_data_size "
+                                            f"({str(size)[:20]}); model servers differ on which one they read")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise DecodeError("bad_header", f"tensor {name!r}: binary_data_size must be a non-negative integer")

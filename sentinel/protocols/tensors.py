@@ -102,7 +102,12 @@ def from_json(data: Any, shape: tuple[int, ...], datatype: str, name: str) -> np
         raise DecodeError("bad_shape", f"tensor {name!r}: shape {list(shape)} needs {numel(shape)} "
                                        f"elements, data has {len(flat)}")
     if datatype == "BYTES":
-        items = [s.encode() if isinstance(s, str) else s for s in flat]
+        try:
+            items = [s.encode() if isinstance(s, str) else s for s in flat]
+        except UnicodeEncodeError:   # a lone surrogate escape ("\ud800"): no UTF-8 bytes, servers refuse the JSON
+            raise DecodeError("malformed_json", f"tensor {name!r}: BYTES data holds a lone UTF-16 surrogate "
+                                                "escape (\\ud800-\\udfff), which is no UTF-8 text; KServe and "
+                                                "Triton refuse such JSON") from None
         if not all(isinstance(s, bytes) for s in items):
             raise DecodeError("bad_datatype", f"tensor {name!r}: BYTES data must be strings")
         arr = np.empty(len(items), dtype=object)

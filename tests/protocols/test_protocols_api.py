@@ -56,10 +56,13 @@ def test_routing_imports_no_decoder_and_no_numpy():
 
 
 def test_proxy_process_modules_load_no_decoder():
-    """The daemon's proxy, sidecar and ingest modules route and join; decoding happens in the worker."""
+    """The daemon's proxy, sidecar and ingest modules route and join; decoding happens in the worker.
+
+    Ingest inflates gzip/deflate CloudEvent envelopes with `encoding` (zlib only, no numpy)."""
     code = ("import sys, sentinel.proxy.server, sentinel.proxy.sidecar, sentinel.proxy.ingest\n"
-            "bad = [m for m in sys.modules if m.startswith('sentinel.protocols.')\n"
-            "       and m not in ('sentinel.protocols.routes', 'sentinel.protocols.names')]\n"
+            "bad = [m for m in sys.modules if m == 'numpy' or m.startswith('sentinel.protocols.')\n"
+            "       and m not in ('sentinel.protocols.routes', 'sentinel.protocols.names',\n"
+            "                     'sentinel.protocols.encoding')]\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
