@@ -15,13 +15,14 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from sentinel.protocols.names import WireProtocol
-from sentinel.schema import load_file
+from sentinel.schema import SECRET, load_file
 
 DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
-    """Split `host:port` (IPv6 as `[::1]:8080`); raises ValueError naming the problem."""
+    """Split `host:port` (IPv6 as `[::1]:8080`); raises ValueError naming the problem (an empty
+    host too: `:8080` does not mean every interface)."""
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
         port_s = rest.lstrip(":")
@@ -35,7 +36,12 @@ def parse_hostport(value: str) -> tuple[str, int]:
         raise ValueError(f"port must be a number in {value!r}") from None
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range in {value!r}")
-    return host or "0.0.0.0", port
+    if not host:
+        # `:8080` used to bind every interface: an address left out must not open a listener to
+        # the network (README: listeners bind where the config says, never 0.0.0.0 by default)
+        raise ValueError(f"no host in {value!r}: name it, 127.0.0.1:{port} for this machine only "
+                         f"or 0.0.0.0:{port} for every interface")
+    return host, port
 
 
 def _check_addr(value: str) -> str | None:
@@ -74,6 +80,8 @@ def _nonfinite(obj: object, prefix: str):
         flagged = set()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name, None)
+        if f.metadata.get("secret"):
+            continue   # a secret of the wrong type is reported by the loader, without its value
         if isinstance(value, float) and not math.isfinite(value):
             if f.name not in flagged:
                 yield f"{prefix}{f.name}", f"must be a finite number, got {value}"
@@ -195,7 +203,8 @@ class AnalysisConfig:
     store_payloads: bool = False     # never keep payloads unless asked
     # /ingest from a non-loopback peer must carry this secret (header X-Sentinel-Ingest-Token or
     # Authorization: Bearer); without one, only loopback peers (the same pod) may post events.
-    ingest_token: str | None = None
+    # A secret: left out of repr(), and a wrong value is never quoted in an error (`schema.SECRET`).
+    ingest_token: str | None = field(default=None, repr=False, metadata=SECRET)
     ingest_token_file: str | None = None     # read once at start (a mounted Kubernetes Secret)
     ingest_ttl_s: float = 30.0       # CloudEvents request/response join window
     ingest_max_pending: int = 1024

@@ -18,6 +18,11 @@ from sentinel.errors import ConfigError
 
 T = TypeVar("T")
 
+# Field metadata of a secret (`dataclasses.field(metadata=SECRET, repr=False)`): when its value
+# is wrong, the error names the field and the type it got, never the value (a token written as
+# a number, or a list, would otherwise be printed by `sentinel config check` and at start-up).
+SECRET = types.MappingProxyType({"secret": True})
+
 
 class _Problems:
     def __init__(self, source: str):
@@ -118,7 +123,14 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
             probs.add(_join(path, str(key)), f"unknown field{hint}; known fields: {', '.join(fields)}")
     for name, f in fields.items():
         fpath = _join(path, name)
-        if name in data:
+        if name in data and f.metadata.get("secret"):
+            trial = _Problems(probs.source)
+            kwargs[name] = _convert(data[name], hints[name], fpath, trial)
+            if trial.items:
+                value = data[name]
+                probs.add(fpath, f"expected {_expected(hints[name])}, got {_kind(value)} "
+                                 "(not shown: the value is a secret)")
+        elif name in data:
             kwargs[name] = _convert(data[name], hints[name], fpath, probs)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             probs.add(fpath, "required field is missing")
@@ -143,6 +155,22 @@ def _load_dataclass(data: Any, cls: type[T], path: str, probs: _Problems) -> T |
             if len(probs.items) == reported:
                 raise
     return obj
+
+
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+          list: "a list", dict: "a mapping"}
+
+
+def _kind(value: Any) -> str:
+    """A value's type in words, never the value."""
+    return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+def _expected(tp: Any) -> str:
+    """What a field of type `tp` takes, in words (None left out: a secret field's value was given)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in get_args(tp) if a is not type(None))
+    return _KINDS.get(tp, _type_name(tp))
 
 
 def _similar(a: str, b: str) -> bool:
