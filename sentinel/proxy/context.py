@@ -51,6 +51,7 @@ BURST_WINDOW_S = 60.0   # a kind of failure is logged at most once per window
 class ClientSide(Protocol):
     """What an Exchange may do to its client connection (server.ClientConnection; fakes in tests)."""
 
+    transport: Any            # the client's asyncio transport
     eof: bool                 # the client half-closed
     write_blocked_at: float   # non-zero while the client is not draining our writes
     paused: set[str]          # why reading from the client is paused (empty: reading)

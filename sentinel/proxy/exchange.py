@@ -137,6 +137,8 @@ class Exchange:
         else:
             self.upstream = up
             up.exchange = self
+            if self.conn.write_blocked_at:   # see attach
+                up.pause_reading()
             up.writelines(replay)
 
     def attach(self, up: UpstreamSide) -> None:
@@ -169,6 +171,13 @@ class Exchange:
         if self.reused and self.method in http.IDEMPOTENT:
             self.replay = head   # kept (by reference) so the request can be resent, see upstream_failed
             self.replay_bytes = self.received
+        if self.conn.write_blocked_at:
+            # The client is not taking what it was sent (its pause_writing came while this exchange
+            # had no upstream connection yet, and comes once per crossing): the response waits in
+            # the upstream's socket until it drains (resume_writing). Before, a pipelined request
+            # behind a response that filled the client's buffer had its whole response read into
+            # memory (100 MB for a 100 MB answer to a client that never reads).
+            up.pause_reading()
         up.writelines(head)
 
     # --- request body ---------------------------------------------------------------
@@ -428,9 +437,18 @@ class Exchange:
             ctx.metrics.inflight_count -= 1
             ctx.active.discard(self)
         conn = self.conn
-        if (conn.write_blocked_at or conn.paused) and code[0] in "12345":
+        if code[0] in "12345" and (conn.write_blocked_at or conn.paused or conn.fin_early
+                                   or conn.transport.get_write_buffer_size()):
+            self._finish_unsure(code)   # the rare case: whether the client gets this answer is not known yet
+            return
+        self.record(code)
+
+    def _finish_unsure(self, code: str) -> None:
+        """Count an answer the client may not get: now, or deferred until its fate is known."""
+        conn = self.conn
+        if conn.write_blocked_at or conn.paused:
             if conn.reset_by_peer():   # gone before it could be given this answer
-                ctx.errors.inc("client_disconnect")
+                self.ctx.errors.inc("client_disconnect")
                 self.record(CLIENT_CLOSED)
                 return
             if conn.write_blocked_at:
@@ -438,9 +456,17 @@ class Exchange:
                 # response counts when the client drains it (or as cut when it never does).
                 conn.defer_record(self)
                 return
-        if code[0] in "12345" and (conn.fin_early or (conn.paused and conn.peer_shut())):
+        if conn.fin_early or (conn.paused and conn.peer_shut()):
             # the client sent FIN before this answer: counted once its fate is known (server._confirm),
             # with the duration it has now, not the confirmation's wait
+            self.done_at = time.perf_counter()
+            conn.defer_record(self)
+            return
+        if conn.transport.get_write_buffer_size():
+            # Earlier bytes to this client are still in our own buffer (the kernel took none of them
+            # yet), so this answer has not reached it either: counted once the buffer empties, or as
+            # cut when the client never drains it (ClientConnection.check_deadlines). Before, an
+            # answer whose end filled the buffer counted 200 and the reader was then cut with it unread.
             self.done_at = time.perf_counter()
             conn.defer_record(self)
             return

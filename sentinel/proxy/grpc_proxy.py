@@ -446,6 +446,18 @@ class GrpcProxy:
                         fail_pending(code_label(code), 1)
                     await context.abort(code, f"the sidecar has {proxy.max_concurrent} calls in flight "
                                               "(grpc.max_concurrent_rpcs)")
+                # Its first message must come within proxy.body_idle_timeout_s, as a unary call's
+                # must: streams opened with no deadline that never sent held their slots for good,
+                # and max_concurrent_rpcs of them had every other call shed UNAVAILABLE.
+                try:
+                    first = await asyncio.wait_for(context.read(), proxy.request_timeout)
+                except TimeoutError:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    proxy.metrics.proxy_errors.labels("request_body_timeout").inc()
+                    if counted:
+                        fail_pending("408", 1)   # the client's delay, as HTTP's 408 and a unary call's
+                    await context.abort(code, f"no request message within {proxy.request_timeout:g} s "
+                                              "(proxy.body_idle_timeout_s)")
             except BaseException:
                 proxy.inflight -= 1
                 proxy._end_span(span, method, code, model)
@@ -456,11 +468,9 @@ class GrpcProxy:
             async def pump() -> None:
                 """Client → upstream; ends quietly when the upstream call is over (its status says why)."""
                 nonlocal last, model
+                msg = first
                 try:
-                    while True:
-                        msg = await context.read()
-                        if msg is aio.EOF:
-                            break
+                    while msg is not aio.EOF:
                         if counted:
                             last = time.perf_counter()
                             sent.append(last)
@@ -469,6 +479,7 @@ class GrpcProxy:
                                 if name is not None:
                                     model = proxy.metrics.model_label(name)
                         await ucall.write(msg)
+                        msg = await context.read()
                     await ucall.done_writing()
                 except (aio.AioRpcError, asyncio.InvalidStateError, grpc.RpcError):
                     return

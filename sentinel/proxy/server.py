@@ -89,6 +89,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.paused_at = 0.0        # when reading was paused for the upstream (0: not paused)
         self.write_blocked_at = 0.0  # when the client last drained any of our writes while blocked
         self.blocked_size = 0        # bytes it had left unread then
+        self.held_at = 0.0           # answers done with bytes still in our buffer, unpaused: last progress
+        self.held_size = 0           # ... and what was unread then
         self.unrecorded: list[Exchange] | None = None   # complete, counted once the client drains
         self.used = False           # a request has begun on this connection
         self.fin_early = False      # the client sent FIN before the answer at the head of the queue began
@@ -655,6 +657,22 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             elif now - self.write_blocked_at > lim.send_timeout:
                 self._cut_slow_reader(lim)
                 return
+        elif self.unrecorded and not self.fin_early:
+            # answers finished while earlier bytes sat in our buffer (Exchange._finish): they count
+            # when the kernel has taken everything, or as cut when the client takes nothing for
+            # send_timeout (the buffer stayed under the high-water mark, so pause_writing never came)
+            if not self.transport.get_write_buffer_size():
+                self.held_at = 0.0
+                for done in self.unrecorded:
+                    done.record(str(done.status))
+                self.unrecorded = None
+            else:
+                size = self._unread()
+                if not self.held_at or size < self.held_size:
+                    self.held_at, self.held_size = now, size
+                elif now - self.held_at > lim.send_timeout:
+                    self._cut_slow_reader(lim)
+                    return
         ex = self.queue[0] if self.queue else None
         if ex is not None and ex.started and not ex.finished:
             if ex.request_done:
