@@ -258,7 +258,7 @@ class DriftConfig:
     combination: Literal["bonferroni", "cauchy"] = "bonferroni"  # combined verdict (sentinel.drift.Combination)
     atc_score: Literal["neg_entropy", "max_confidence"] = "neg_entropy"  # ATC score (sentinel.drift.Score)
     pca_components: int = 8          # principal components of golden embeddings tested
-    shadow_cache_dir: str | None = None  # where the reference's ONNX export is cached (default: temp dir)
+    shadow_cache_dir: str | None = None  # the reference's ONNX export cache (default: $XDG_CACHE_HOME/sentinel/onnx, ~/.cache; a per-user temp folder without a home)
     # The combined alarm fires only when this many consecutive *disjoint* windows all alarm.
     # 1: every evaluation stands alone (false-alarm rate per window <= alpha); 2: one window
     # more of delay, and a fixed golden set's false-alarm rate drops to <= 0.002 (drift eval).

@@ -147,8 +147,10 @@ ACCURACY_VERDICTS = _m("accuracy_verdicts", "counter",
                        "support or violating the input contract). Lower bound = likely_correct / all.",
                        ("model", "verdict"))
 ACCURACY_ESTIMATE_RELIABLE = _m("accuracy_estimate_reliable", "gauge",
-                                "0 when more than 10% of the latest window's samples have unknown verdicts "
-                                "(the accuracy estimate is not to be trusted), else 1.", ("model",))
+                                "0 when the latest window's accuracy estimate is not to be trusted: more than "
+                                "10% of its samples have unknown verdicts, fewer than 10 were judged, or the "
+                                "drift is diagnosed a preprocessing_mismatch or input_contract violation "
+                                "(inputs the model was not validated on); else 1.", ("model",))
 ACCURACY_ESTIMATE_SAMPLES = _m("accuracy_estimate_samples", "gauge",
                                 "Samples (ATC verdicts) in the window behind the latest accuracy estimate; the SLO "
                                 "rules ignore an estimate resting on fewer than the SLO's min_samples.", ("model",))

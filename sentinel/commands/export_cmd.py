@@ -64,8 +64,8 @@ def export(
     """Export a registry model to ONNX (fp32 or int8) or TorchScript.
 
     An export written into the model's directory (the default path) is recorded in its
-    model.yaml with its sha256; one written elsewhere leaves the registry untouched unless
-    --register is given.
+    model.yaml with its sha256 (--no-register leaves it out); one written elsewhere leaves the
+    registry untouched (--register refuses it: model.yaml records only files in its directory).
     """
     import tempfile
 
@@ -136,7 +136,8 @@ def export(
                           fmt=int8_format)  # type: ignore[arg-type]
         ref = record("onnx", "int8", dynamic_batch)
     where = (f"recorded in {entry.manifest_path}" if register
-             else "not recorded in the registry (outside the model's directory; --register records it)")
+             else "not recorded in the registry (--no-register)" if inside_model_directory(entry, path)
+             else "not recorded in the registry (outside the model's directory, which model.yaml cannot name)")
     typer.echo(f"wrote {path} ({ref.format} {ref.precision}{', dynamic batch' if ref.dynamic_batch else ''}, "
                f"sha256 {ref.sha256[:16]}…); {where}")
 
