@@ -403,7 +403,8 @@ class GrpcProxy:
             return UPSTREAM_CANCELLED
         if code == grpc.StatusCode.UNAVAILABLE:
             self.metrics.proxy_errors.labels("grpc_upstream_unavailable").inc()
-            self._log_once("grpc_upstream_unavailable", f"gRPC upstream {self.upstream}: {details}")
+            # bounded: a model server's error text may quote the request (no payload in the logs)
+            self._log_once("grpc_upstream_unavailable", f"gRPC upstream {self.upstream}: {(details or '')[:200]!r}")
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.metrics.proxy_errors.labels("grpc_upstream_deadline").inc()
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
