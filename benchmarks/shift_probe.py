@@ -133,6 +133,79 @@ def _shear(k: float) -> Fn:
     return f
 
 
+def _roll(dy: int, dx: int) -> Fn:
+    """Translation with wrap-around (np.roll: a ring buffer read from the wrong offset)."""
+    return lambda x, r: _f32(np.roll(x, (dy, dx), axis=(1, 2)))
+
+
+def _contrast_about_mean(k: float) -> Fn:
+    """Contrast stretched (k > 1) or compressed (k < 1) about each image's own mean, clipped to 0..16."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        m = x.mean(axis=(1, 2), keepdims=True)
+        return _f32(np.clip((x - m) * k + m, 0, 16))
+    return f
+
+
+def _down_up(size: int) -> Fn:
+    """Area-downscaled to size×size, then bilinear back up (a thumbnail path's resize artifacts)."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from sentinel.preprocess import resize_bilinear
+        h = x.shape[1]
+        k = h // size
+        small = x.reshape(len(x), size, k, size, k).mean(axis=(2, 4))
+        return _f32(np.clip(resize_bilinear(small[:, None].astype(np.float32), h, h)[:, 0], 0, 16))
+    return f
+
+
+def _dct_quant(step: float, block: int = 4) -> Fn:
+    """JPEG-like: blockwise orthonormal DCT-II, coefficients rounded to multiples of `step`
+    (higher frequencies coarser: step·(1 + u + v)), inverse DCT, clipped to 0..16."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        from scipy.fft import dctn, idctn
+        n, h, w = x.shape
+        b = x.reshape(n, h // block, block, w // block, block).transpose(0, 1, 3, 2, 4).astype(np.float64)
+        c = dctn(b, axes=(3, 4), norm="ortho")
+        q = step * (1 + np.add.outer(np.arange(block), np.arange(block)))
+        c = np.round(c / q) * q
+        y = idctn(c, axes=(3, 4), norm="ortho").transpose(0, 1, 3, 2, 4).reshape(n, h, w)
+        return _f32(np.clip(y, 0, 16))
+    return f
+
+
+def _levels(k: int) -> Fn:
+    """Values quantised to k evenly spaced levels on 0..16 (a k-level sensor or palette)."""
+    return lambda x, r: _f32(np.round(x / 16 * (k - 1)) * 16 / (k - 1))
+
+
+def _dead_pixels(share: float, value: float) -> Fn:
+    """The same fixed pixels (a share of the sensor, seeded) stuck at `value` in every image."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        mask = np.random.default_rng(7).random(x.shape[1:]) < share
+        return _f32(np.where(mask[None], value, x))
+    return f
+
+
+def _two_bugs(fa: Fn, fb: Fn) -> Fn:
+    """Half the images (chosen per image) through one bug, the rest through another: two clients."""
+    def f(x: Raw, r: np.random.Generator) -> Raw:
+        pick = r.random(len(x)) < 0.5
+        return _f32(np.where(pick[:, None, None], fa(x, r), fb(x, r)))
+    return f
+
+
+def _layout_scramble(x: Raw, r: np.random.Generator) -> Raw:
+    """A batch read with its axes permuted: N×H×W memory reinterpreted as H×N×W, then reshaped back
+    (each 'image' is rows of 8 different digits)."""
+    n, h, w = x.shape
+    return _f32(np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(n, h, w))
+
+
+def _fortran_reshape(x: Raw, r: np.random.Generator) -> Raw:
+    """Each flattened image reshaped column-major (a Fortran-order reader): per image, a transpose."""
+    n, h, w = x.shape
+    return _f32(x.reshape(n, -1).reshape(n, h, w, order="F"))
+
+
 SHIFTS: dict[str, Fn] = {
     "rot90": lambda x, r: _f32(np.rot90(x, 1, axes=(1, 2))),
     "rot180": lambda x, r: _f32(np.rot90(x, 2, axes=(1, 2))),
@@ -183,6 +256,27 @@ SHIFTS: dict[str, Fn] = {
     "rot_random30": _random_rotate(30),
     "thick": lambda x, r: _f32(_morph(x, "max")), "thin": lambda x, r: _f32(_morph(x, "min")),
     "shear": _shear(0.3),
+    # round 7: gamma, contrast about the mean, wrap-around translation, resize artifacts, JPEG-like
+    # quantisation, clipping, sparse noise, dead pixels, a dead camera, dtype/scale and layout mistakes,
+    # two bugs at once
+    "gamma0.7": lambda x, r: _f32(16 * (x / 16) ** 0.7), "gamma1.5": lambda x, r: _f32(16 * (x / 16) ** 1.5),
+    "stretch1.5": _contrast_about_mean(1.5), "compress0.6": _contrast_about_mean(0.6),
+    "roll1": _roll(1, 0), "roll2": _roll(0, 2), "roll1_1": _roll(1, 1), "shift1_x": _translate(0, 1),
+    "downup4": _down_up(4), "downup2": _down_up(2),
+    "dct2": _dct_quant(2.0), "dct4": _dct_quant(4.0),
+    "levels4": _levels(4), "levels8": _levels(8),
+    "clip12": lambda x, r: _f32(np.clip(x, 0, 12)),
+    "saltpepper2": _salt_pepper(0.02), "saltpepper5": _salt_pepper(0.05),
+    "hot_pixels": _dead_pixels(0.05, 16.0), "dead_pixels": _dead_pixels(0.1, 0.0),
+    "dead_row0": lambda x, r: _f32(np.where(np.arange(8)[None, :, None] == 0, 16, x)),
+    "zeros": lambda x, r: _f32(np.zeros_like(x)), "full16": lambda x, r: _f32(np.full_like(x, 16.0)),
+    "u8_255": lambda x, r: _f32(np.round(x * 255 / 16).astype(np.uint8)),
+    "u8_wrap": lambda x, r: _f32((np.round(x * 32)).astype(np.int64) % 256),
+    "fortran": _fortran_reshape, "layout_hnw": _layout_scramble,
+    "mix_x255_transpose": _two_bugs(lambda x, r: x * 255.0, lambda x, r: np.swapaxes(x, 1, 2)),
+    "mix_invert_flip": _two_bugs(lambda x, r: 16 - x, lambda x, r: x[:, :, ::-1]),
+    "mix_x2_offset": _two_bugs(lambda x, r: x * 2.0, lambda x, r: x + 4),
+    "mix_blur_rot180": _two_bugs(lambda x, r: _blur(x, 1.0), lambda x, r: x[:, ::-1, ::-1]),
 }
 # (shift, fraction shifted) pairs beyond whole windows
 PARTIAL = [(s, f) for s in ("x255", "rot90", "rot180", "noise4", "x2", "flipv_transpose", "zoom4", "dead_row")
@@ -196,6 +290,8 @@ def main() -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--no-partial", action="store_true")
     ap.add_argument("--partial", default="", help="comma-separated shifts for partial windows (default: a fixed set)")
+    ap.add_argument("--fractions", default="0.05,0.1,0.25,0.5",
+                    help="shares of the window shifted in partial rows (0.1,...,0.9: gradual drift)")
     ap.add_argument("--json", default="")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-shifts", action="store_true", help="also the shifts `drift eval` has (regressions)")
@@ -240,10 +336,12 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",")]
     conds: list[tuple[str, float, str]] = [("clean", 0.0, "none")]
     conds += [(n, 1.0, "all") for n in names if not a.partial or n in only]
-    partial = [(s, f) for s in a.partial.split(",") if s for f in (0.05, 0.1, 0.25, 0.5)] if a.partial else PARTIAL
+    fracs = [float(f) for f in a.fractions.split(",") if f]
+    partial = [(s, f) for s in a.partial.split(",") if s for f in fracs] if a.partial else PARTIAL
     if not a.no_partial and (not only or a.partial):
         conds += [(n, f, "partial") for n, f in partial]
-    conds += [("label:two_classes", 0.0, "label"), ("label:one_dominant", 0.0, "label")]
+    conds += [("label:two_classes", 0.0, "label"), ("label:one_dominant", 0.0, "label"),
+              ("label:one_class", 0.0, "label"), ("label:dominant90", 0.0, "label")]
     rows = []
     print(f"{'shift':<22}{'frac':>5}{'n':>5} {'alarm':>6} {'acc':>6} {'lb':>6} {'lb>acc+.03':>10} "
           f"{'unrel':>6} {'over&rel':>9}  diagnoses")
@@ -252,13 +350,16 @@ def main() -> int:
             al, accs, lbs, over, unrel, silent, diags = 0, [], [], 0, 0, 0, Counter()
             for _ in range(a.windows):
                 if kind == "label":
-                    if name.endswith("two_classes"):
+                    if name.endswith("one_class"):
+                        c = int(rng.integers(10))
+                        idx = rng.choice(np.flatnonzero(y == c), size, replace=True)
+                    elif name.endswith("two_classes"):
                         cl = rng.choice(10, 2, replace=False)
                         pool = np.flatnonzero(np.isin(y, cl))
                         idx = rng.choice(pool, size, replace=len(pool) < size)
                     else:
                         c = int(rng.integers(10))
-                        k = size // 2
+                        k = size * 9 // 10 if name.endswith("dominant90") else size // 2
                         dom = rng.choice(np.flatnonzero(y == c), k, replace=True)
                         rest = rng.choice(np.flatnonzero(y != c), size - k, replace=False)
                         idx = np.concatenate([dom, rest])

@@ -865,6 +865,16 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
                          transformed_share=ts, **common)
     mixes = diagnoser.mixtures(window_features)
     part, sh, why_part = partly_explaining(mixes, min(cands["identity"][0], moved), len(diagnoser.golden.mean))
+    tl = diagnoser.transform_like
+    if part is not None and tl is not None:
+        # the mixture fits the window's mean signature; the rows one by one must bear it out (a share
+        # of the window translated by a pixel has the means of a smaller share flipped, and no row
+        # looks flipped)
+        ok, flagged, expected = tl.corroborates(part, sh, window_features)
+        if not ok:
+            why = (f"{part} would explain about {sh:.0%} of the window by its means, but only {flagged} of its "
+                   f"samples look like {part} of a golden sample (about {expected:.0f} expected): not named; {why}")
+            part = None
     if part is not None:
         return Diagnosis("preprocessing_mismatch", part, None, round(moved, 3), top, reason=why_part,
                          transformed_share=round(sh, 4), **common)

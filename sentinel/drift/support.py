@@ -49,6 +49,8 @@ MIN_OUTSIDE_SAMPLES = 20  # fewer window scores than this: no population bound
 TRANSFORM_LIKE_FPR = 0.01  # share of golden samples (leave-one-out) `TransformLike` may flag, at most
 FIT_BLOCK = 1 << 21        # distances computed at once when fitting `TransformLike` (16 MiB)
 TRANSFORM_LIKE_RATIO = 0.8  # ... and a flagged sample is at least this much nearer T(golden) than golden
+CORROBORATE_P = 0.01       # a mixture's named transform with fewer rows flagged for it than this binomial tail: refuted
+                           # (a correct name is withdrawn, to covariate_shift, in about this share of windows)
 TRANSFORM_LIKE_MARGIN = 0.95  # ... and nearer by this factor than the golden samples' quantile: with ~300
                               # golden rows that quantile is their smallest ratio, which a new clean sample
                               # undercuts more often than the nominal rate (1.2% of clean digits at 1.0, 0.6% here)
@@ -165,6 +167,7 @@ class TransformLike:
     k: int = OOD_K
     flat: np.ndarray | None = None   # (T·N)×F `transformed`, and its squared row norms (per-batch cost)
     flat_sq: np.ndarray | None = None
+    hit_rates: np.ndarray | None = None  # T: share of T(golden)'s own rows flagged for T (leave-one-out)
 
     @classmethod
     def fit(cls, golden: np.ndarray, transformed: dict[str, np.ndarray], k: int = OOD_K,
@@ -192,13 +195,33 @@ class TransformLike:
             dk[rows] = np.sqrt(np.partition(d2, k - 1, axis=2)[:, :, k - 1])
         ratios = dk / np.maximum(d0, 1e-12)[:, None]
         thr = np.minimum(TRANSFORM_LIKE_RATIO, TRANSFORM_LIKE_MARGIN * np.quantile(ratios, fpr / t, axis=0))
-        return cls(z, zt, names, center, scale, thr, k, flat, sq)
+        # Per candidate, the share of its own transformed golden rows the rule flags (T(g_i) against
+        # golden without g_i and T(golden) without T(g_i), as a new transformed sample would be): a
+        # rotated 0 or 8 is as near golden as T(golden) and is not flagged, so a rotate_180 client
+        # shows in fewer flags than it has samples, a binarized one in nearly all.
+        z_sq = (z ** 2).sum(axis=1)
+        hits = np.zeros(t)
+        for j in range(t):
+            own = zt[j]
+            d2g = _sq_dist(own, z, z_sq)
+            np.fill_diagonal(d2g, np.inf)
+            d2t = _sq_dist(own, own, sq[j * n:(j + 1) * n])
+            np.fill_diagonal(d2t, np.inf)
+            kg = np.sqrt(np.partition(d2g, k - 1, axis=1)[:, k - 1])
+            kt = np.sqrt(np.partition(d2t, k - 1, axis=1)[:, k - 1])
+            hits[j] = float(np.mean(kt < thr[j] * kg))
+        return cls(z, zt, names, center, scale, thr, k, flat, sq, hits)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """N bool: the row looks like a transformed golden sample (non-finite rows: False)."""
+        return np.asarray(self.candidate_flags(features).any(axis=1), dtype=bool)
+
+    def candidate_flags(self, features: np.ndarray) -> np.ndarray:
+        """N×T bool: the row looks like T(golden) for each candidate T (non-finite rows: False)."""
         f = np.asarray(features, np.float64)
-        out = np.zeros(len(f), bool)
-        ok = np.isfinite(f).all(axis=1) if len(f) else out
+        t = len(self.names)
+        out = np.zeros((len(f), t), bool)
+        ok = np.isfinite(f).all(axis=1) if len(f) else np.zeros(0, bool)
         if not ok.any():
             return out
         z = (f[ok] - self.center) / self.scale
@@ -209,8 +232,34 @@ class TransformLike:
         # threshold·d0 exactly when at least k of its rows do (a count: cheaper than a partition)
         d2 = _sq_dist(z, flat, self.flat_sq).reshape(len(z), t, n)
         radius2 = (self.thresholds[None, :] * d0[:, None]) ** 2
-        out[ok] = ((d2 < radius2[:, :, None]).sum(axis=2) >= self.k).any(axis=1)
+        out[ok] = (d2 < radius2[:, :, None]).sum(axis=2) >= self.k
         return out
+
+    def corroborates(self, name: str, share: float, features: np.ndarray, p_min: float = CORROBORATE_P
+                     ) -> tuple[bool, int, float]:
+        """Do the rows one by one bear out that a share `share` of them is T(golden) for the candidate
+        `name` (its variants `name#2`, ...)? (passes, rows flagged for it, rows expected).
+
+        A mixture fitted to a window's mean signature can credit a transform no sample resembles
+        (half a window translated by a pixel has means a quarter-flipped window also has). If about
+        share·n rows are T(golden), about share·n·h_T of them are flagged for T (h_T: `hit_rates`);
+        far fewer (binomial lower tail below `p_min` for every variant) refutes it. A candidate
+        this check has no rate for passes."""
+        keys = [j for j, nm in enumerate(self.names) if nm.split("#")[0] == name]
+        f = np.asarray(features, np.float64)
+        if not keys or self.hit_rates is None or len(f) == 0:
+            return True, 0, 0.0
+        from scipy.stats import binom
+
+        m = int(round(float(share) * int(np.isfinite(f).all(axis=1).sum())))
+        got = self.candidate_flags(f)[:, keys].sum(axis=0)
+        passes, flagged, expected = False, 0, 0.0
+        for j, x in zip(keys, got, strict=True):
+            p = min(float(self.hit_rates[j]), 1.0)
+            passes |= m == 0 or p <= 0 or float(binom.cdf(int(x), m, p)) >= p_min
+            if int(x) >= flagged:
+                flagged, expected = int(x), m * p
+        return passes, flagged, expected
 
 
 def _sq_dist(q: np.ndarray, ref: np.ndarray, ref_sq: np.ndarray | None = None) -> np.ndarray:
