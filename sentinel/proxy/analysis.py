@@ -15,7 +15,8 @@ import os
 import pickle
 import struct
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
 from sentinel import metricnames as mn
@@ -26,7 +27,8 @@ from sentinel.proxy.sampling import Sample
 
 log = logging.getLogger("sentinel.analysis")
 
-MAX_MESSAGES_PER_WAKEUP = 200
+READ_BYTES_PER_WAKEUP = 256 * 1024   # results read per event-loop wakeup; the rest waits for the next one
+QUARANTINE_SIZE = 64      # fingerprints of samples that ended a worker, remembered (oldest forgotten)
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SUPERVISE_EVERY_S = 0.25   # how often a dead or silent worker is noticed
 SAMPLE_PIPE_BYTES = 1 << 20   # kernel buffer of the samples pipe (the default max for unprivileged users)
@@ -69,7 +71,10 @@ class AnalysisManager:
         self.start_timeout_s = acfg.worker_start_timeout_s
         self._deadline = 0.0                 # the worker must say something by then
         self._last_heard: float | None = None
-        self._inflight: deque[str] = deque()  # models of the samples the worker has, in order
+        self._inflight: Counter[str] = Counter()  # per model: samples the worker has and has not reported
+        self.suspects: OrderedDict[bytes, str] = OrderedDict()    # fingerprint → model: was handled when a worker ended
+        self.quarantine: OrderedDict[bytes, str] = OrderedDict()  # ... twice: never handed to a worker again
+        self._slot: Any = None        # shared memory: the fingerprint of the sample the worker is handling
         self.rejections = _make(mn.SAMPLE_REJECTIONS, metrics.registry)
         for reason in RESTART_REASONS:     # every reason's series exists from the start, at 0
             metrics.restarts.labels(reason)
@@ -95,41 +100,71 @@ class AnalysisManager:
             self.metrics.samples.labels(sample.model, "dropped").inc()
             return
         w.send(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
-        self._inflight.append(sample.model)
+        self._inflight[sample.model] += 1
         self.outstanding += 1
         self.queued_bytes += size
         self.metrics.samples.labels(sample.model, "queued").inc()
 
     def _start(self) -> None:
+        """Start a worker; if that fails (no memory, no fds, no processes left), retry later: never raise."""
         self._restart_at = None
+        try:
+            self._spawn()
+        except Exception as exc:  # noqa: BLE001 - called on the request path (submit) and by the supervisor
+            self._cleanup()
+            self.metrics.analysis_errors.labels("worker_start").inc()
+            self.errors["worker_start"] = f"cannot start the analysis worker: {exc!r}"[:500]
+            self._log_once("worker_start", f"{self.errors['worker_start']}; retrying")
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < 30.0] + [now]
+            self._restart_at = now + RESTART_BACKOFF_S[min(len(self._crashes), len(RESTART_BACKOFF_S)) - 1]
+        if self._supervisor is None:
+            self._supervisor = self.loop.create_task(self._supervise())
+
+    def _spawn(self) -> None:
         sample_r, sample_w = self._mp.Pipe(duplex=False)
         grow_pipe(sample_w.fileno())
         reader, writer = self._mp.Pipe(duplex=False)
-        self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
-                                     args=(self.config, self.factory, sample_r, writer))
-        self.proc.start()
+        self._slot = self._mp.RawArray("B", worker.SLOT_SIZE)
+        try:
+            self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
+                                         args=(self.config, self.factory, sample_r, writer),
+                                         kwargs={"slot": self._slot, "quarantine": frozenset(self.quarantine)})
+            self.proc.start()
+        except BaseException:
+            for conn in (sample_r, sample_w, reader, writer):
+                conn.close()
+            self.proc = None
+            raise
         writer.close()     # so a dead worker shows up as EOF on our end
         sample_r.close()   # ... and a dead reader as a broken pipe on this one
         self.samples_q = PipeWriter(self.loop, sample_w)
-        self.results = reader
+        self.results = PipeReader(reader)
         self.loop.add_reader(reader.fileno(), self._on_readable)
         self._deadline = time.monotonic() + self.start_timeout_s   # spawning imports numpy & co.
-        if self._supervisor is None:
-            self._supervisor = self.loop.create_task(self._supervise())
         log.info("analysis worker started (pid %s)", self.proc.pid)
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, limit: int | None = READ_BYTES_PER_WAKEUP) -> None:
+        """Read what the worker wrote, without ever waiting for it, and apply the complete messages.
+
+        At most `limit` bytes per wakeup (None: all there is), so a flood of results is applied
+        a slice per event-loop iteration between requests; a message the worker has only half
+        written (it was stopped, or is not scheduled) stays buffered until the rest arrives.
+        """
         r = self.results
-        try:
-            for _ in range(MAX_MESSAGES_PER_WAKEUP):
-                if not r.poll():
-                    break
-                msg = r.recv()
-                self._last_heard = time.monotonic()
-                self._deadline = self._last_heard + self.hang_timeout_s   # any message is a sign of life
-                self._handle(msg)
-        except (EOFError, OSError):
-            self.loop.remove_reader(r.fileno())   # the supervisor sees the dead process and restarts
+        if r is None:
+            return
+        got = r.read(limit)
+        if got:
+            self._last_heard = time.monotonic()
+            self._deadline = self._last_heard + self.hang_timeout_s   # any byte is a sign of life
+        for msg in r.messages():
+            self._handle(msg)
+        if r.eof:
+            try:
+                self.loop.remove_reader(r.fileno())   # the supervisor sees the dead process and restarts
+            except (OSError, ValueError):
+                pass
 
     def _handle(self, msg: tuple) -> None:
         """Apply one message from the worker; one branch per tag (see sentinel.proxy.worker)."""
@@ -141,9 +176,7 @@ class AnalysisManager:
             _, model, n, rejected, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
             self.outstanding = max(0, self.outstanding - n)
-            inflight = self._inflight
-            for _ in range(min(n, len(inflight))):
-                inflight.popleft()
+            self._reported(model, n)
             n_rejected = sum(rejected.values())
             if n > n_rejected:
                 self.metrics.samples.labels(model, "decoded").inc(n - n_rejected)
@@ -157,8 +190,7 @@ class AnalysisManager:
             _, model, outcome, err, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
             self.outstanding = max(0, self.outstanding - 1)
-            if self._inflight:
-                self._inflight.popleft()
+            self._reported(model, 1)
             self.metrics.samples.labels(model, outcome).inc()
             if err:
                 self.rejections.labels(model, err).inc()
@@ -177,6 +209,13 @@ class AnalysisManager:
             self._deadline = time.monotonic() + max(float(msg[1]), self.hang_timeout_s)
         elif tag == "heartbeat":   # nothing to do: receiving it moved the deadline
             pass
+
+    def _reported(self, model: str, n: int) -> None:
+        left = self._inflight[model] - n
+        if left > 0:
+            self._inflight[model] = left
+        else:
+            self._inflight.pop(model, None)
 
     def _apply(self, updates: list[tuple]) -> None:
         for metric, labels, op, value in updates:
@@ -227,17 +266,33 @@ class AnalysisManager:
         self.metrics.restarts.labels(reason).inc()
         self.restarts += 1
         message = message or f"analysis worker ended with exit code {exitcode}"
+        culprit = self._culprit()
+        if culprit is not None:   # it ended inside one sample
+            fingerprint, model = culprit
+            # Twice the same sample: a poison, not bad luck (a kill from outside lands on any sample);
+            # identical samples are rejected from now on instead of ending worker after worker.
+            again = self.suspects.pop(fingerprint, None) is not None or fingerprint in self.quarantine
+            remember(self.quarantine if again else self.suspects, fingerprint, model)
+            message += f", handling a sample of {model} (fingerprint {fingerprint.hex()[:16]})"
+            if again:
+                message += (f" for the second time: identical samples are rejected as "
+                            f"{worker.QUARANTINED!r} from now on")
         self.errors[kind] = message
         self._log_once(kind, f"{message}; restarting")
-        for model in self._inflight:   # what the worker had is lost with it: counted, not vanished
-            self.metrics.samples.labels(model, "rejected").inc()
-            self.rejections.labels(model, WORKER_LOST).inc()
+        for model, n in self._inflight.items():   # what the worker had is lost with it: counted, not vanished
+            self.metrics.samples.labels(model, "rejected").inc(n)
+            self.rejections.labels(model, WORKER_LOST).inc(n)
         self._inflight.clear()
         self._cleanup()
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < 30.0] + [now]
         delay = RESTART_BACKOFF_S[min(len(self._crashes), len(RESTART_BACKOFF_S)) - 1]
         self._restart_at = now + delay
+
+    def _culprit(self) -> tuple[bytes, str] | None:
+        """The fingerprint and model of the sample the worker was handling when it ended, if any."""
+        slot = self._slot
+        return worker.read_slot(slot) if slot is not None else None
 
     def _cleanup(self) -> None:
         if self.results is not None:
@@ -247,6 +302,7 @@ class AnalysisManager:
                 pass
             self.results.close()
             self.results = None
+        self._slot = None
         if self.samples_q is not None:
             self.samples_q.close()
             self.samples_q = None
@@ -277,9 +333,10 @@ class AnalysisManager:
         self._cleanup()
 
     def _on_readable_safe(self) -> None:
+        """Everything the worker has written so far (it is gone or silent: there is no more coming)."""
         if self.results is not None:
             try:
-                self._on_readable()
+                self._on_readable(limit=None)
             except Exception:  # pragma: no cover - best effort at shutdown
                 pass
 
@@ -291,7 +348,16 @@ class AnalysisManager:
                 "queued_bytes": self.queued_bytes, "queue_max_bytes": self.max_bytes,
                 "last_message_age_s": (round(time.monotonic() - self._last_heard, 3)
                                        if self._last_heard is not None else None),
+                "quarantined": len(self.quarantine),
                 "errors": dict(self.errors)}
+
+
+def remember(table: OrderedDict[bytes, str], fingerprint: bytes, model: str) -> None:
+    """Add to a bounded table of fingerprints (the oldest forgotten beyond QUARANTINE_SIZE)."""
+    table[fingerprint] = model
+    table.move_to_end(fingerprint)
+    while len(table) > QUARANTINE_SIZE:
+        table.popitem(last=False)
 
 
 def grow_pipe(fd: int, size: int = SAMPLE_PIPE_BYTES) -> None:
@@ -305,6 +371,76 @@ def grow_pipe(fd: int, size: int = SAMPLE_PIPE_BYTES) -> None:
         fcntl.fcntl(fd, setsz, size)
     except OSError:   # over /proc/sys/fs/pipe-max-size or the user's pipe quota: keep the default
         pass
+
+
+class PipeReader:
+    """Non-blocking reads of framed messages from the worker's results pipe.
+
+    `Connection.recv()` waits until a whole message has arrived: a worker stopped or
+    descheduled in the middle of writing one larger than the pipe's buffer would hold the
+    proxy's event loop (and the supervisor that runs on it) for as long. This reads what is
+    there and keeps a partial message until the rest comes. The framing is Connection's
+    (a 4-byte big-endian length, or -1 and an 8-byte length), as the worker writes it.
+    """
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+        self.fd = conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.buf = bytearray()
+        self.eof = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, limit: int | None) -> int:
+        """Read up to `limit` bytes (None: all there is); the number read."""
+        got = 0
+        while not self.eof and (limit is None or got < limit):
+            try:
+                chunk = os.read(self.fd, 65536 if limit is None else min(65536, limit - got))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.eof = True
+                break
+            if not chunk:
+                self.eof = True
+                break
+            self.buf += chunk
+            got += len(chunk)
+        return got
+
+    def messages(self) -> Iterator[Any]:
+        """The complete messages buffered, in order (a partial one stays)."""
+        buf = self.buf
+        pos = 0
+        try:
+            while True:
+                if len(buf) - pos < 4:
+                    break
+                (n,) = struct.unpack_from("!i", buf, pos)
+                head = 4
+                if n == -1:
+                    if len(buf) - pos < 12:
+                        break
+                    (n,) = struct.unpack_from("!Q", buf, pos + 4)
+                    head = 12
+                if len(buf) - pos - head < n:
+                    break
+                start = pos + head
+                pos = start + n
+                try:
+                    msg = pickle.loads(bytes(buf[start:pos]))
+                except Exception as exc:  # noqa: BLE001 - a garbled message is counted, not fatal
+                    msg = ("error", "bad_result", f"unreadable message from the worker: {exc!r}"[:500])
+                yield msg
+        finally:
+            del buf[:pos]
+
+    def close(self) -> None:
+        self.buf = bytearray()
+        self.conn.close()
 
 
 class PipeWriter:

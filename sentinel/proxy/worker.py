@@ -31,6 +31,7 @@ manager kills and restarts the worker.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -49,9 +50,49 @@ TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Pytho
 OUT_OF_MEMORY = "out_of_memory"      # MemoryError: over the worker's memory limit
 TIMEOUT = "timeout"                  # over sample_timeout_s
 UNEXPECTED = "unexpected_error"      # any other exception a decoder let escape (a decoder bug; logged)
-REJECT_REASONS = (TOO_DEEP, OUT_OF_MEMORY, TIMEOUT, UNEXPECTED)
+QUARANTINED = "quarantined"          # identical to a sample that twice ended the worker: not handled again
+REJECT_REASONS = (TOO_DEEP, OUT_OF_MEMORY, TIMEOUT, UNEXPECTED, QUARANTINED)
+
+# The slot: shared memory where the worker says which sample it is handling, so that the manager
+# knows the culprit when the worker dies (os._exit, a segfault, a kill) in the middle of one.
+# Layout: [0] 1 while handling; [1:17] the sample's fingerprint; [17] n; [18:18+n] its model, UTF-8.
+FINGERPRINT_BYTES = 16
+_MODEL_AT = 1 + FINGERPRINT_BYTES + 1
+SLOT_SIZE = _MODEL_AT + 128
 
 log = logging.getLogger("sentinel.analysis.worker")
+
+
+def fingerprint(sample: Any) -> bytes:
+    """What identifies a sample for the quarantine: a hash of its model and request body.
+
+    Not the response: the same request's response often differs byte for byte (an id, a
+    timestamp, a gzip header's mtime), and a poison comes in through the request.
+    """
+    h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
+    for part in (sample.model.encode(), sample.request_body):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def write_slot(view: memoryview, fp: bytes, model: str) -> None:
+    """Say (in shared memory, no system call) that the sample `fp` of `model` is being handled."""
+    name = model.encode()[:SLOT_SIZE - _MODEL_AT]
+    view[0] = 0
+    view[1:_MODEL_AT - 1] = fp
+    view[_MODEL_AT - 1] = len(name)
+    view[_MODEL_AT:_MODEL_AT + len(name)] = name
+    view[0] = 1
+
+
+def read_slot(slot: Any) -> tuple[bytes, str] | None:
+    """(fingerprint, model) of the sample the worker was handling, or None if it was between samples."""
+    view = memoryview(slot).cast("B")
+    if view[0] != 1:
+        return None
+    n = view[_MODEL_AT - 1]
+    return bytes(view[1:_MODEL_AT - 1]), bytes(view[_MODEL_AT:_MODEL_AT + n]).decode(errors="replace")
 
 
 class SampleTimeout(BaseException):
@@ -158,7 +199,7 @@ def load_factory(spec: str) -> Callable[[Any, Any], Any]:
 _warned: set[str] = set()
 
 
-def reject_reason(exc: Exception) -> str:
+def reject_reason(exc: BaseException) -> str:
     """The rejection reason of an exception that escaped a decoder."""
     from sentinel.protocols import DecodeError
 
@@ -204,12 +245,16 @@ def decode(sample: Any, model: str, hints: Any = None):
     try:
         req = decode_request(sample.protocol, sample.request_body, sample.request_headers, hints)
         inputs, form = req.inputs, req.form
-    except Exception as exc:  # noqa: BLE001 - a payload must never end the worker
+    except SampleTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a payload must never end the worker (not even SystemExit)
         err = reject_reason(exc)
     try:
         resp = decode_response(sample.protocol, sample.response_body, sample.response_headers, hints)
         outputs, kind = resp.outputs, resp.kind
-    except Exception as exc:  # noqa: BLE001
+    except SampleTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001
         err = err or reject_reason(exc)
     batch = DecodedBatch(model=model, inputs=inputs, input_form=form, outputs=outputs, output_kind=kind,
                          source=sample.source, request_id=sample.request_id, timestamp=sample.timestamp)
@@ -255,8 +300,12 @@ class _Tally:
 class Worker:
     """The worker's state: one monitor per model, the budget, and the results pipe."""
 
-    def __init__(self, config: Any, factory: Callable[[Any, Any], Any], results: Any):
+    def __init__(self, config: Any, factory: Callable[[Any, Any], Any], results: Any, *,
+                 slot: Any = None, quarantine: frozenset[bytes] = frozenset()):
         acfg = config.analysis
+        self.slot = memoryview(slot).cast("B") if slot is not None else None
+        self.quarantine = quarantine           # fingerprints of samples not to handle (they ended workers)
+        self.heartbeat_s = acfg.heartbeat_s
         self.config = config
         self.factory = factory
         self.results = results
@@ -291,6 +340,13 @@ class Worker:
         self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
         self.last_sent = time.monotonic()
 
+    def keep_alive(self) -> None:
+        """Between the phases of a slow sample: tell the manager we are alive (it kills a silent worker)."""
+        if time.monotonic() - self.last_sent >= self.heartbeat_s:   # the tallies wait for the burst's write
+            msgs, self.outbox = self.outbox + [("heartbeat",)], []
+            self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
+            self.last_sent = time.monotonic()
+
     def monitor(self, model: str) -> Any:
         mon = self.monitors.get(model)
         if mon is None:
@@ -307,7 +363,9 @@ class Worker:
 
             try:
                 self.hints[model] = hints_for(self.config, self.models[model]) if model in self.models else None
-            except Exception as exc:  # noqa: BLE001 - default hints rather than a dead worker
+            except SampleTimeout:   # pragma: no cover - no budget is armed here
+                raise
+            except BaseException as exc:  # noqa: BLE001 - default hints rather than a dead worker
                 self.send(("error", type(exc).__name__, f"{model} decode hints: {str(exc)[:500]}"))
                 self.hints[model] = None
         return self.hints[model]
@@ -315,6 +373,19 @@ class Worker:
     def handle(self, sample: Any) -> None:
         """Decode and analyse one sample and tally it, whatever it contains (`flush` reports it)."""
         model = sample.model
+        fp = fingerprint(sample) if self.slot is not None or self.quarantine else b""
+        if fp in self.quarantine:
+            self._tally(model, QUARANTINED, [], sample)
+            return
+        if self.slot is not None:
+            write_slot(self.slot, fp, model)
+        try:
+            self._handle(sample, model)
+        finally:
+            if self.slot is not None:
+                self.slot[0] = 0
+
+    def _handle(self, sample: Any, model: str) -> None:
         updates: list = []
         err: str | None = None
         hints = self.hints_for(model)   # first sample of a model: may read its registry entry
@@ -323,8 +394,9 @@ class Worker:
                 batch, err = decode(sample, model, hints)
         except SampleTimeout:
             batch, err = None, TIMEOUT
-        except (RecursionError, MemoryError) as exc:   # raised outside a decoder (building the batch)
+        except BaseException as exc:  # noqa: BLE001 - raised outside a decoder (building the batch)
             batch, err = None, reject_reason(exc)
+        self.keep_alive()   # decoding may have taken most of a budget; the monitor may take another
         if batch is not None and (batch.inputs is not None or batch.outputs is not None):
             try:
                 mon = self.monitor(model)
@@ -333,15 +405,19 @@ class Worker:
                     updates = [(u.metric, dict(u.labels), u.op, float(u.value)) for u in observed]
             except SampleTimeout as exc:
                 self.send(("error", TIMEOUT, f"{model}: analysis {exc}"))
-            except Exception as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
+            except BaseException as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
                 self.send(("error", type(exc).__name__, f"{model}: {str(exc)[:500]}"))
+            self.keep_alive()
         batch = None   # free a large batch before the next recv
+        self._tally(model, err, updates, sample)
+        self.report_status(model)
+
+    def _tally(self, model: str, err: str | None, updates: list, sample: Any) -> None:
         tally = self.tallies.get(model)
         if tally is None:
             tally = self.tallies[model] = _Tally()
         tally.add(err, updates, len(sample.request_body) + len(sample.response_body))
         self.pending += 1
-        self.report_status(model)
 
     def report_status(self, model: str) -> None:
         now = time.monotonic()
@@ -356,20 +432,25 @@ class Worker:
                     status = mon.status()
             except SampleTimeout:
                 self.send(("error", TIMEOUT, f"{model}: status() over the time budget"))
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 self.send(("error", type(exc).__name__, f"{model} status: {str(exc)[:500]}"))
             else:
                 self.send(("status", model, status))
 
 
-def main(config: Any, factory_spec: str, samples: Any, results: Any) -> None:
-    """Worker entry point (spawned): loop until `samples` is closed (or a None arrives)."""
+def main(config: Any, factory_spec: str, samples: Any, results: Any, *,
+         slot: Any = None, quarantine: frozenset[bytes] = frozenset()) -> None:
+    """Worker entry point (spawned): loop until `samples` is closed (or a None arrives).
+
+    `slot`: shared memory where the sample being handled is named (see `write_slot`);
+    `quarantine`: fingerprints of samples to reject unhandled.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides when we stop
     acfg = config.analysis
     limit_memory(acfg.worker_memory_limit_bytes)
     lower_priority(acfg.worker_nice)
     set_scheduling(acfg.worker_scheduling)
-    worker = Worker(config, load_factory(factory_spec), results)
+    worker = Worker(config, load_factory(factory_spec), results, slot=slot, quarantine=quarantine)
     heartbeat = acfg.heartbeat_s
     pause = min(RESULTS_LINGER_S, heartbeat)
     linger = pause

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -9,6 +10,7 @@ from sentinel.proxy.builtin_monitor import build_builtin
 
 SLEEP_MARKER = 4242.0   # first input value: sleep in Python (the per-sample alarm breaks it)
 BLOCK_MARKER = 4343.0   # first input value: block SIGALRM, then sleep (only the manager's watchdog helps)
+EXIT_MARKER = 4444.0    # first input value: end the process at once (as a segfault in a C extension would)
 
 
 class _Hanging:
@@ -21,6 +23,8 @@ class _Hanging:
         first = float(batch.inputs.flat[0]) if batch.inputs is not None and batch.inputs.size else None
         if first == SLEEP_MARKER:
             time.sleep(3600)
+        if first == EXIT_MARKER:
+            os._exit(3)
         if first == BLOCK_MARKER:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             time.sleep(3600)

@@ -32,7 +32,7 @@ def value(mgr: AnalysisManager, name: str, labels: dict[str, str]) -> float:
 def test_a_batch_counts_like_its_samples(manager):
     mgr = manager
     mgr.outstanding, mgr.queued_bytes = 7, 7000
-    mgr._inflight.extend(["m"] * 7)
+    mgr._inflight["m"] = 7
     pred = mn.PREDICTIONS.name
     conf = mn.PREDICTION_CONFIDENCE.name
     updates = [(pred, {"model": "m", "class": "3"}, "inc", 4.0),
@@ -46,14 +46,14 @@ def test_a_batch_counts_like_its_samples(manager):
     assert value(mgr, "sentinel_sample_rejections_total", {"model": "m", "reason": "truncated"}) == 1
     assert value(mgr, pred + "_total", {"model": "m", "class": "3"}) == 4
     assert value(mgr, conf + "_count", {"model": "m"}) == 2
-    assert (mgr.outstanding, mgr.queued_bytes, len(mgr._inflight)) == (2, 2000, 2)
+    assert (mgr.outstanding, mgr.queued_bytes, mgr._inflight["m"]) == (2, 2000, 2)
     assert mgr.statuses["m"] == {"monitor": "builtin"} and mgr.errors["ValueError"] == "boom"
 
 
 def test_the_unbatched_sample_message_still_counts(manager):
     mgr = manager
     mgr.outstanding, mgr.queued_bytes = 1, 10
-    mgr._inflight.append("m")
+    mgr._inflight["m"] = 1
     mgr._handle(("sample", "m", "rejected", "too_deep", [], 10))
     assert value(mgr, SAMPLES, {"model": "m", "outcome": "rejected"}) == 1
-    assert (mgr.outstanding, mgr.queued_bytes, len(mgr._inflight)) == (0, 0, 0)
+    assert (mgr.outstanding, mgr.queued_bytes, sum(mgr._inflight.values())) == (0, 0, 0)
