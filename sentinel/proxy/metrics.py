@@ -152,8 +152,9 @@ class ProxyMetrics:
         children.observe(seconds, trace_id)
 
     def merge_requests(self, key: tuple[str, str, str], count: float, total: float,
-                       buckets: tuple[float, ...]) -> None:
-        """Add another proxy worker's requests (count, sum, per-bucket counts) under `key` (multiproc.py)."""
+                       buckets: tuple[float, ...], exemplars: tuple[tuple[int, Any], ...] = ()) -> None:
+        """Add another proxy worker's requests (count, sum, per-bucket counts) under `key` (multiproc.py),
+        with its newest exemplars as (bucket index, Exemplar)."""
         children = self._children.get(key)
         if children is None:
             model, protocol, code = key
@@ -164,6 +165,9 @@ class ProxyMetrics:
                 b.inc(n)
         children.sum.inc(total)
         children.count.inc(count)
+        if children.fast:
+            for i, exemplar in exemplars:
+                children.buckets[i]._exemplar = exemplar
 
     # --- analysis updates -----------------------------------------------------------
     def apply(self, metric: str, labels: dict[str, str], op: str, value: float) -> None:

@@ -23,7 +23,7 @@ from sentinel.proxy.analysis import AnalysisManager
 from sentinel.proxy.context import Limits, fd_budget
 from sentinel.proxy.ingest import JoinTable
 from sentinel.proxy.metrics import ProxyMetrics
-from sentinel.proxy.multiproc import worker_share
+from sentinel.proxy.multiproc import make_samplers, shared_budget, worker_connections
 from sentinel.proxy.sampling import Sampler
 from sentinel.proxy.server import ClientConnection, ProxyContext
 from sentinel.proxy.upstream import UpstreamPool
@@ -113,11 +113,9 @@ class Sidecar:
                                     versions={m.name: m.version for m in config.models})
         for m in config.models:   # so the first failures of this sidecar's life are counted by rate()
             self.metrics.zero_codes(m.name, (m.protocol, "grpc") if config.grpc_listen else (m.protocol,))
-        self.samplers = {}
-        for m in config.models:
-            s = (m.name, Sampler(worker_share(config.sampling_for(m), config.proxy.workers)))
-            self.samplers[m.path_name] = s
-            self.samplers.setdefault(m.name, s)
+        # proxy.workers > 1: one sampling budget for the whole sidecar, in memory shared with the workers
+        self.sampling_budget = shared_budget(len(config.models)) if config.proxy.workers > 1 else None
+        self.samplers = make_samplers(config, self.sampling_budget)
         self.up_host, self.up_port = upstream_address(config)
         self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending,
                               config.analysis.ingest_max_pending_bytes)
@@ -148,6 +146,9 @@ class Sidecar:
         self.tracer = (tracing.SpanExporter(cfg.tracing.otlp_endpoint, cfg.tracing.service_name)
                        if cfg.tracing.otlp_endpoint else None)
         limits = Limits.from_config(cfg.proxy)
+        if cfg.proxy.workers > 1:   # each of the N processes holds its share: the cap is the sidecar's
+            limits = dataclasses.replace(limits, max_connections=worker_connections(limits.max_connections,
+                                                                                    cfg.proxy.workers))
         budget = fd_budget(limits.max_connections, cfg.proxy.admin_max_connections + cfg.proxy.upstream_pool_size + 256)
         if budget < limits.max_connections:
             log.warning("proxy.max_connections %d exceeds what the file-descriptor limit allows; using %d",
@@ -185,7 +186,7 @@ class Sidecar:
             bound_host, bound_port = self.proxy_address   # port 0 resolved: every worker binds the same one
             bound = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
             self.workers = WorkerSet(dataclasses.replace(cfg, listen=bound), self.metrics, self.analysis.submit,
-                                     self.ctx.fail, loop)
+                                     self.ctx.fail, loop, self.sampling_budget)
             self.workers.start()
         self._start_canaries()
         self._export_model_sizes()
@@ -255,6 +256,8 @@ class Sidecar:
         if self._stopped is not None and not self._stopped.is_set():
             log.info("stopping: no new connections; draining in-flight requests (up to %s s)",
                      self.config.proxy.drain_timeout_s)
+            if self.workers is not None:   # a worker ending now (Ctrl-C reaches the whole group) is no death
+                self.workers.stopping = True
             self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -398,6 +401,9 @@ class Sidecar:
                 gok, gwhy = await self._grpc_upstream_ready()
                 doc["ready"] = ok = ok and gok
                 doc["grpc_upstream"] = gwhy
+            if self.workers is not None:
+                wok, doc["proxy_workers"] = self.workers.readiness()
+                doc["ready"] = ok = ok and wok
             if self.ctx.draining:   # SIGTERM: the proxy listener is closed; send no more traffic here
                 doc["ready"] = ok = False
                 doc["draining"] = True
@@ -448,7 +454,8 @@ class Sidecar:
             "grpc_listen": "{}:{}".format(*self.grpc_address) if self.grpc_address else None,
             "grpc_upstream": self.config.grpc_upstream,
             "draining": self.ctx.draining,
-            "inflight": self.metrics.inflight_count,
+            "inflight": self.metrics.inflight_count + (self.metrics.remote_inflight()
+                                                       if self.metrics.remote_inflight else 0),
             "models_seen": self.metrics.models_seen(),
             "sampling": {m.name: self.samplers[m.path_name][1].state() for m in self.config.models},
             "analysis": self.analysis.state(),

@@ -107,10 +107,18 @@ def test_delta_and_merge_round_trip():
     assert get("sentinel_proxy_errors_total", {"reason": "upstream_reset"}) == 1
 
 
-def test_sampling_cap_is_split_over_the_workers():
+def test_sampling_cap_is_one_shared_budget():
+    """Two processes' samplers on one budget take max_per_second together, and a cap under N still samples."""
     from sentinel.config import SamplingConfig
 
-    cfg = SamplingConfig(rate=0.5, max_per_second=100, max_bytes=1024)
-    assert multiproc.worker_share(cfg, 1) is cfg
-    share = multiproc.worker_share(cfg, 4)
-    assert (share.max_per_second, share.rate, share.max_bytes) == (25, 0.5, 1024)
+    cfg = SamplingConfig(rate=1.0, max_per_second=2, max_bytes=1024)
+    budget = multiproc.shared_budget(1)
+    now = [1000.0]
+    a, b = (multiproc.SharedSampler(cfg, budget, 0) for _ in range(2))
+    for s in (a, b):
+        s._clock = lambda: now[0]
+    got = [s.decide(10) for s in (a, b, a, b)]
+    assert got == ["sample", "sample", "rate_limited", "rate_limited"]   # a burst of 2, for both together
+    now[0] += 0.5
+    assert [b.decide(10), a.decide(10)] == ["sample", "rate_limited"]   # then 2 per second, shared
+    assert a.decide(4096) == "rate_limited" and multiproc.worker_connections(4096, 4) == 1024
