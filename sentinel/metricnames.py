@@ -74,7 +74,8 @@ ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
                        "Analysis worker restarts by reason (exit, killed, hung).", ("reason",))
 SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
                        "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
-                       "out_of_memory, timeout, unexpected_error, worker_lost).", ("model", "reason"))
+                       "out_of_memory, timeout, unexpected_error, worker_lost, quarantined: identical to a "
+                       "sample that was being handled when two workers died).", ("model", "reason"))
 INGEST_EVENTS = _m("ingest_events", "counter",
                    "CloudEvents received on /ingest by outcome: accepted (first half, waiting for its pair), "
                    "joined (pair sent to analysis), orphaned (a half dropped unjoined: expired, over the join "
