@@ -33,3 +33,18 @@ def promql_expr_test(tmp_path: Path, series: list[tuple[str, str]], checks: list
     proc = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def argo_queries(spec, baseline: str, canary: str, window: str = "10m") -> dict[str, str]:
+    """The Argo AnalysisTemplate's queries by metric name, its arguments filled in as Argo would."""
+    from sentinel.gate.templates import argo_analysis_template
+
+    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
+             "{{args.window}}": window}
+    out = {}
+    for m in argo_analysis_template(spec, "http://prometheus:9090")["spec"]["metrics"]:
+        expr = m["provider"]["prometheus"]["query"]
+        for k, v in subst.items():
+            expr = expr.replace(k, v)
+        out[m["name"]] = expr
+    return out

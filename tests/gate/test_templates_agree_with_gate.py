@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rulefiles import promql_expr_test
+from rulefiles import argo_queries, promql_expr_test
 
 from sentinel import metricnames as mn
 from sentinel.gate import criteria, stats
@@ -70,15 +70,7 @@ SERIES = [
 
 
 def _queries(baseline: str, canary: str) -> dict[str, str]:
-    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
-             "{{args.window}}": "10m"}
-    out = {}
-    for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
-        expr = m["provider"]["prometheus"]["query"]
-        for k, v in subst.items():
-            expr = expr.replace(k, v)
-        out[m["name"]] = expr
-    return out
+    return argo_queries(SPEC, baseline, canary)
 
 
 def test_templates_judge_latency_and_contract_as_the_gate_does(tmp_path):

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rulefiles import promql_expr_test
+from rulefiles import argo_queries, promql_expr_test
 from servers import free_port, stop_process, wait_for
 
 from sentinel import metricnames as mn
 from sentinel.gate import criteria, queries
 from sentinel.gate.criteria import Verdict, VersionData
 from sentinel.gate.judge import TESTED_CRITERIA, budget_for
-from sentinel.gate.templates import argo_analysis_template, flagger_canary, flagger_metric_templates
+from sentinel.gate.templates import flagger_canary, flagger_metric_templates
 from sentinel.slo.spec import load_slo_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,15 +44,7 @@ needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="pr
 
 
 def _argo(baseline: str, canary: str, window: str = "10m") -> dict[str, str]:
-    subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": baseline, "{{args.canary-version}}": canary,
-             "{{args.window}}": window}
-    out = {}
-    for m in argo_analysis_template(SPEC, "http://prometheus:9090")["spec"]["metrics"]:
-        expr = m["provider"]["prometheus"]["query"]
-        for k, v in subst.items():
-            expr = expr.replace(k, v)
-        out[m["name"]] = expr
-    return out
+    return argo_queries(SPEC, baseline, canary, window)
 
 
 def _flagger(target: str, interval: str) -> dict[str, str]:
