@@ -490,7 +490,10 @@ def build_golden(
         files: dict[str, Any] = {}
         _write_array(tmp, "ids", ids, files)
         if raw is not None:
-            _write_array(tmp, "raw", np.asarray(raw, np.float32), files)
+            # raw as the server receives it: integer images (uint8 RGB) keep their dtype, which
+            # replay sends on the wire and the input contract's dtype check expects
+            raw_arr = np.asarray(raw)
+            _write_array(tmp, "raw", raw_arr if raw_arr.dtype.kind in "biu" else raw_arr.astype(np.float32), files)
         _write_array(tmp, "inputs", np.asarray(inputs, np.float32), files)
         if labels is not None:
             _write_array(tmp, "labels", labels, files)

@@ -62,10 +62,22 @@ class Preprocessing:
             c = x.shape[1]
             mean = np.asarray(self.mean, np.float32)
             std = np.asarray(self.std, np.float32)
-            if mean.size not in (1, c):
-                raise ValueError(f"mean has {mean.size} values for {c} channels")
+            if mean.size not in (1, c) or std.size not in (1, c):
+                raise ValueError(self._channel_problem(raw, c, max(mean.size, std.size)))
             x = (x - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
         return np.ascontiguousarray(x, dtype=np.float32)
+
+
+    def _channel_problem(self, raw: np.ndarray, c: int, want: int) -> str:
+        """Why raw inputs cannot be normalised: channel count, naming the layout they were read in."""
+        shape = tuple(np.shape(raw))
+        axes = {"NHW": "N×H×W", "NHWC": "N×H×W×C", "NCHW": "N×C×H×W"}[self.layout]
+        text = (f"raw inputs of shape {shape} read as {axes} ({self.layout}) have {c} channels, but the "
+                f"preprocessing's mean/std have {want}")
+        other = {"NHWC": (1, "N×C×H×W (NCHW)"), "NCHW": (-1, "N×H×W×C (NHWC)")}.get(self.layout)
+        if other is not None and len(shape) == 4 and shape[other[0]] == want:
+            text += f"; these look like {other[1]} images: send them in the model's layout, {axes}"
+        return text
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

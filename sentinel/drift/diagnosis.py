@@ -403,6 +403,7 @@ class Diagnoser:
         self.per_class = {int(k): (f[self.classes == k].mean(axis=0), f[self.classes == k].var(axis=0), int(n))
                           for k, n in zip(*np.unique(self.classes, return_counts=True), strict=True)}
         self.units = "network input units" if source is None else "raw input units"
+        raw_source = source is not None
         if source is None:
             source = Source(x.astype(np.float64), lambda a: np.asarray(a, np.float32), np.ones(x.shape[1]),
                             np.zeros(x.shape[1]), np.zeros(x.shape[1]), np.ones(x.shape[1]))
@@ -412,6 +413,11 @@ class Diagnoser:
         src_flat = source.images.reshape(len(source.images), source.images.shape[1], -1)
         self.src_max_med = np.median(src_flat.max(axis=2), axis=0)
         self.src_min_med = np.median(src_flat.min(axis=2), axis=0)
+        # the point a fitted multiply/divide scales about: in raw units, zero (black), since a scale
+        # mismatch (0–1 floats sent for 0–255, x·255 twice) multiplies the raw values themselves,
+        # and an RGB image's darkest pixel is seldom 0; in network units (no raw golden inputs) zero
+        # means nothing, and golden's typical minimum stands in (digits: both are 0)
+        self.pivot = np.zeros_like(self.src_min_med) if raw_source else self.src_min_med
         self.fixed: dict[str, Moments] = {}
         self.fixed_features: dict[str, np.ndarray] = {}   # signatures of T(golden), row for row
         for cand in _candidates(source):
@@ -558,7 +564,7 @@ class Diagnoser:
         offset = float(np.median(wmin - self.src_min_med))
         src = self.source.images
         if np.isfinite(factor) and factor > 0 and abs(np.log(factor)) > np.log(MIN_FACTOR):
-            t = self.source.to_network((src - _ch(self.src_min_med)) * factor + _ch(self.src_min_med))
+            t = self.source.to_network((src - _ch(self.pivot)) * factor + _ch(self.pivot))
             out["multiply" if factor > 1 else "divide"] = (Moments.of(self.signature.features(t)), factor)
         if np.isfinite(offset) and abs(offset) > MIN_OFFSET * float(np.median(rng)):
             t = self.source.to_network(src + offset)
@@ -571,11 +577,11 @@ class Diagnoser:
             tol = MIN_AFFINE_MOVE * rng * np.maximum(np.abs(aa), 1.0)
             # the map is a special case (within tol of the mapped range at both ends of every channel's
             # golden range) when
-            # it moves nothing, or is one factor about golden's minimum (multiply/divide), or one
+            # it moves nothing, or is one factor about the pivot (multiply/divide; see `pivot`), or one
             # offset, or the inversion L − x (Source.invert_sum): those candidates name it (with their
             # own parameter)
             f = float(np.median(aa))
-            as_factor = (ends - self.src_min_med) * f + self.src_min_med
+            as_factor = (ends - self.pivot) * f + self.pivot
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
             as_invert = self.invert_sum - ends
             if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset, as_invert)):

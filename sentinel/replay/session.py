@@ -43,10 +43,32 @@ def select_samples(entry: ModelEntry, golden: GoldenSet, send: Send = "auto", li
     use_raw = raw is not None and (send == "raw" or (send == "auto" and entry.manifest.raw_input is not None))
     x = raw if use_raw else golden.inputs
     n = len(x) if limit is None else min(limit, len(x))
-    samples = Samples(ids=golden.ids[:n], inputs=np.asarray(x[:n]), probabilities=golden.probabilities[:n],
+    rows = np.asarray(x[:n])
+    if use_raw and entry.manifest.raw_input is not None:
+        rows = wire_dtype(rows, entry.manifest.raw_input.dtype)
+    samples = Samples(ids=golden.ids[:n], inputs=rows, probabilities=golden.probabilities[:n],
                       logits=golden.logits[:n], tolerance=tolerance or golden.meta.tolerance)
     check_samples(entry, golden, samples, "raw" if use_raw else "inputs")
     return samples
+
+
+def wire_dtype(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw golden rows in the dtype model.yaml's raw_input names, when they hold exactly its values.
+
+    Golden sets built before raw kept its dtype store uint8 images as float32: sent as FP32, a
+    server declaring UINT8 refuses them, and the sidecar's input contract counts every replayed
+    sample as a dtype violation. Rows that are not whole numbers in the dtype's range are sent
+    as they are (a model.yaml saying uint8 for a set of float images is not replay's to fix)."""
+    want = np.dtype(dtype)
+    if want.kind not in "iu" or rows.dtype == want or rows.dtype.kind not in "biuf" or rows.size == 0:
+        return rows
+    info = np.iinfo(want)
+    if rows.dtype.kind == "f":
+        if not (np.isfinite(rows).all() and (rows == np.round(rows)).all()):
+            return rows
+    if rows.min() < info.min or rows.max() > info.max:
+        return rows
+    return rows.astype(want)
 
 
 def check_samples(entry: ModelEntry, golden: GoldenSet, samples: Samples, form: str) -> None:

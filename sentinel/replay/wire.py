@@ -65,7 +65,11 @@ class WireFormat:
 
     def encode(self, x: np.ndarray) -> tuple[dict[str, str], bytes]:
         """Headers and body asking for a prediction on one sample (sent as a batch of 1)."""
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x)
+        if x.dtype.kind not in "biu":
+            # floats go as FP32; integer images (uint8 RGB) keep their dtype, so a server or the
+            # sidecar's input contract that expects UINT8 gets UINT8, not FP32 of the same values
+            x = x.astype(np.float32)
         batch = x if self.protocol == "torchserve" else x[None]   # TorchServe takes a single instance as is
         body, headers = protocols.encode_request(self.protocol, batch, input_name=self.input_name,
                                                  binary=self.binary)
