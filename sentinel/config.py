@@ -39,8 +39,8 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if not host:
         # `:8080` used to bind every interface: an address left out must not open a listener to
         # the network (README: listeners bind where the config says, never 0.0.0.0 by default)
-        raise ValueError(f"no host in {value!r}: name it, 127.0.0.1:{port} for this machine only "
-                         f"or 0.0.0.0:{port} for every interface")
+        raise ValueError(f"no host in {value!r}: a host is required (for a listener, 127.0.0.1:{port} "
+                         f"for this machine only or 0.0.0.0:{port} for every interface)")
     return host, port
 
 
@@ -191,6 +191,9 @@ class ProxyConfig:
             yield "shed_retry_after_s", "must not be negative"
         if not 1 <= self.workers <= 64:
             yield "workers", "must be between 1 and 64"
+        elif isinstance(self.max_connections, int) and 0 < self.max_connections < self.workers:
+            # the cap is split over the processes, each holding at least one
+            yield "max_connections", f"must be at least proxy.workers ({self.workers}): each process holds a share"
         if self.max_model_labels < 0:
             yield "max_model_labels", "must be 0 (every unknown model is 'other') or positive"
         if self.upstream_pool_size < 0:

@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import struct
 import time
 from collections import Counter, OrderedDict, deque
@@ -39,6 +40,20 @@ RESTART_KILLED = "killed"  # a signal from outside ended it (the kernel's OOM ki
 RESTART_HUNG = "hung"      # silent past hang_timeout_s; the manager killed it
 RESTART_REASONS = (RESTART_EXIT, RESTART_KILLED, RESTART_HUNG)
 WORKER_LOST = "worker_lost"   # rejection reason of samples queued to a worker that died
+
+
+# Signals a process raises against itself (a crash in native code, abort()); SIGKILL and SIGTERM
+# come from outside (the OOM killer, an operator, the hang watchdog) and land on any sample.
+_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+
+
+def _self_inflicted(exitcode: int | None, reason: str | None) -> bool:
+    """Whether a worker's end can be blamed on the sample it was handling (for the quarantine):
+    it exited by itself or crashed, not killed from outside or as hung. Blaming those put identical
+    requests (a load test, a probe repeating one body) in quarantine for the process's life."""
+    if reason is not None or exitcode is None:   # hung (killed by the watchdog), or unknown
+        return False
+    return exitcode > 0 or -exitcode in _CRASH_SIGNALS
 
 
 class AnalysisManager:
@@ -125,8 +140,8 @@ class AnalysisManager:
         sample_r, sample_w = self._mp.Pipe(duplex=False)
         grow_pipe(sample_w.fileno())
         reader, writer = self._mp.Pipe(duplex=False)
-        self._slot = self._mp.RawArray("B", worker.SLOT_SIZE)
         try:
+            self._slot = self._mp.RawArray("B", worker.SLOT_SIZE)
             self.proc = self._mp.Process(target=worker.main, name="sentinel-analysis", daemon=True,
                                          args=(self.config, self.factory, sample_r, writer),
                                          kwargs={"slot": self._slot, "quarantine": frozenset(self.quarantine)})
@@ -259,6 +274,7 @@ class AnalysisManager:
 
     def _on_crash(self, exitcode: int | None, reason: str | None = None, message: str | None = None) -> None:
         self._on_readable_safe()   # results the worker sent before it ended still count
+        own = _self_inflicted(exitcode, reason)   # before `reason` is filled in below
         if reason is None:
             reason = RESTART_KILLED if exitcode is not None and exitcode < 0 else RESTART_EXIT
         kind = f"worker_{reason}"
@@ -266,8 +282,8 @@ class AnalysisManager:
         self.metrics.restarts.labels(reason).inc()
         self.restarts += 1
         message = message or f"analysis worker ended with exit code {exitcode}"
-        culprit = self._culprit()
-        if culprit is not None:   # it ended inside one sample
+        culprit = self._culprit() if own else None
+        if culprit is not None:   # it ended itself inside one sample
             fingerprint, model = culprit
             # Twice the same sample: a poison, not bad luck (a kill from outside lands on any sample);
             # identical samples are rejected from now on instead of ending worker after worker.
@@ -421,6 +437,10 @@ class PipeReader:
                     break
                 (n,) = struct.unpack_from("!i", buf, pos)
                 head = 4
+                if n < -1:   # no frame length: the stream is garbled past resynchronising, so drop what came
+                    pos = len(buf)
+                    yield ("error", "bad_result", f"unreadable frame length {n} from the worker; dropped its output")
+                    break
                 if n == -1:
                     if len(buf) - pos < 12:
                         break

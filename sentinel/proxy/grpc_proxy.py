@@ -452,6 +452,9 @@ class GrpcProxy:
                 # and max_concurrent_rpcs of them had every other call shed UNAVAILABLE.
                 try:
                     first = await asyncio.wait_for(context.read(), proxy.request_timeout)
+                except CancelledError:   # the client went away or its deadline passed, before any message
+                    code = cancel_code(context.time_remaining(), time.perf_counter() - t0)
+                    raise
                 except TimeoutError:
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
                     proxy.metrics.proxy_errors.labels("request_body_timeout").inc()

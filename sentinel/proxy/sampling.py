@@ -12,13 +12,15 @@ from sentinel.config import SamplingConfig
 class Sampler:
     """Bernoulli sampling at `rate`, then a token bucket of `max_per_second` (burst of one second)."""
 
-    __slots__ = ("rate", "max_per_second", "max_bytes", "_tokens", "_last", "_random", "_clock")
+    __slots__ = ("rate", "max_per_second", "max_bytes", "_tokens", "_burst", "_last", "_random", "_clock")
 
     def __init__(self, cfg: SamplingConfig, rng: random.Random | None = None, clock=time.monotonic):
         self.rate = cfg.rate
         self.max_per_second = cfg.max_per_second
         self.max_bytes = cfg.max_bytes
-        self._tokens = float(cfg.max_per_second)
+        # the bucket holds at least one sample: a cap below 1/s (0.5: one every 2 s) never reached 1 token
+        self._burst = max(1.0, float(cfg.max_per_second))
+        self._tokens = self._burst
         self._clock = clock
         self._last = clock()
         self._random = (rng or random.Random()).random
@@ -28,7 +30,7 @@ class Sampler:
         if self.rate <= 0.0 or (self.rate < 1.0 and self._random() >= self.rate):
             return None
         now = self._clock()
-        self._tokens = min(self.max_per_second, self._tokens + (now - self._last) * self.max_per_second)
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self.max_per_second)
         self._last = now
         if self._tokens < 1.0:
             return "rate_limited"

@@ -420,6 +420,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def defer_record(self, ex: Exchange) -> None:
         if self.unrecorded is None:
             self.unrecorded = []
+            # a new wait for the client: the held-answer clock of check_deadlines starts afresh (a list
+            # emptied by resume_writing or _confirm left the old one, and the next wait was cut at once)
+            self.held_at = 0.0
         self.unrecorded.append(ex)
 
     def exchange_finished(self, ex: Exchange) -> None:

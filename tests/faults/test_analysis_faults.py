@@ -243,3 +243,32 @@ def test_a_worker_that_cannot_be_started_does_not_fail_the_request(manager):
     if mgr._supervisor is not None:
         mgr._supervisor.cancel()
         mgr.loop.run_until_complete(asyncio.gather(mgr._supervisor, return_exceptions=True))
+
+
+def test_a_garbled_frame_length_is_counted_not_raised():
+    """A frame length below -1 sent the reader's position backwards and struct.error escaped into
+    the event loop's reader callback."""
+    from multiprocessing import Pipe
+
+    r, w = Pipe(duplex=False)
+    reader = analysis.PipeReader(r)
+    good = pickle.dumps(("heartbeat",))
+    os.write(w.fileno(), struct.pack("!i", len(good)) + good + struct.pack("!i", -7) + b"junk")
+    reader.read(None)
+    msgs = list(reader.messages())
+    assert msgs[0] == ("heartbeat",)
+    assert msgs[1][:2] == ("error", "bad_result") and len(msgs) == 2
+    assert not reader.buf   # the garbled rest is dropped, not re-read forever
+    reader.close()
+    w.close()
+
+
+def test_only_a_death_the_worker_caused_itself_blames_its_sample():
+    """SIGKILL (the OOM killer, an operator) and the hang watchdog land on whatever sample is being
+    handled: blaming it put identical requests (a probe repeating one body) in quarantine for good."""
+    import signal
+
+    blame = analysis._self_inflicted
+    assert blame(3, None) and blame(-signal.SIGSEGV, None) and blame(-signal.SIGABRT, None)
+    assert not blame(-signal.SIGKILL, None) and not blame(-signal.SIGTERM, None)
+    assert not blame(None, analysis.RESTART_HUNG) and not blame(0, None)

@@ -54,3 +54,11 @@ def test_ingest_token_from_a_file(tmp_path):
     (tmp_path / "token").write_text("")
     with pytest.raises(ConfigError, match="ingest_token_file"):
         read_ingest_token(cfg)
+
+
+def test_a_connection_cap_below_the_worker_count_is_named():
+    """The cap is split over the proxy processes, each holding at least one: a cap of 2 over 4
+    workers let 4 connections in."""
+    problems = dict(ProxyConfig(workers=4, max_connections=2).validate())
+    assert "at least proxy.workers (4)" in problems["max_connections"]
+    assert "max_connections" not in dict(ProxyConfig(workers=4, max_connections=4).validate())

@@ -130,3 +130,15 @@ def test_queue_byte_budget_drops_big_samples():
             assert httpx.post(sc.url + "/v2/models/digits/infer", content=body).status_code == 200
             assert sc.value(SAMPLES, {"model": "digits", "outcome": "dropped"}) == 1
             assert sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == 0
+
+
+def test_a_cap_below_one_per_second_still_samples():
+    """max_per_second 0.5 is one sample every 2 s; the bucket, capped at 0.5 tokens, never held the 1
+    a sample takes, so nothing was ever sampled (workers mode's shared budget took 50 in 100 s)."""
+    clock = _Clock()
+    s = Sampler(SamplingConfig(rate=1.0, max_per_second=0.5, max_bytes=100), clock=clock)
+    taken = 0
+    for i in range(1000):   # 10 requests a second for 100 s
+        clock.t = i / 10
+        taken += s.decide(10) == "sample"
+    assert 49 <= taken <= 51

@@ -560,3 +560,33 @@ def test_a_client_reset_unseen_while_reading_is_paused_is_499_not_the_answer(env
     c.connection_lost(None)
     assert up.aborted
     assert value(ctx, REQ, {**labels, "code": "499"}) == 3 and value(ctx, REQ, {**labels, "code": "200"}) == 0
+
+
+def test_a_new_wait_for_a_reading_client_starts_a_fresh_clock(env):
+    """An answer held in our buffer, then counted through pause/resume_writing, left its clock set:
+    the next held answer, minutes later, was cut at the first sweep as a slow reader."""
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    up = _request(c, ctx)
+    ex = up.exchange
+    t.unread = 10_000   # answer A finishes while earlier bytes are still in our buffer
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"{}")
+    ex.response_done(reusable=True)
+    ctx.sweep()
+    t.unread = 300_000
+    c.pause_writing()
+    loop.now += 1
+    t.unread = 0
+    c.resume_writing()   # A is counted here, not by the sweep
+    assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "200"}) == 1
+    loop.now += 100      # well past send_timeout
+    up = _request(c, ctx)
+    ex = up.exchange
+    t.unread = 20_000    # answer B, held likewise by a client that reads
+    ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+    ex.response_body(b"{}")
+    ex.response_done(reusable=True)
+    ctx.sweep()
+    assert not t.aborted
+    assert value(ctx, ERR, {"reason": "downstream_send_timeout"}) == 0
