@@ -22,7 +22,9 @@ RUN useradd --system --uid 10001 sentinel
 FROM source AS sidecar
 RUN pip install -c constraints.txt . && rm -rf build *.egg-info
 USER 10001
-EXPOSE 8080 9464
+# 8080 proxy, 8001 OIP v2 gRPC (when grpc_listen is set), 9464 admin (/metrics, /healthz, /readyz).
+# Nothing is fetched at run time: the registry, golden sets and ONNX exports are in /app.
+EXPOSE 8080 8001 9464
 CMD ["sentinel", "run", "--config", "/etc/sentinel/sentinel.yaml"]
 
 FROM source AS full
@@ -30,5 +32,5 @@ FROM source AS full
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt ".[full]" \
     && rm -rf build *.egg-info
 USER 10001
-EXPOSE 8081 8080 9464
+EXPOSE 8081 8082
 CMD ["sentinel", "serve", "--model", "digits:v3", "--port", "8081", "--host", "0.0.0.0"]

@@ -88,11 +88,12 @@ def test_amtool_check_config():
 def test_alertmanager_groups_by_model_and_slo_and_inhibits_tickets_under_pages():
     am = yaml.safe_load((REPO / "deploy/alertmanager/alertmanager.yml").read_text())
     assert {"model", "slo"} <= set(am["route"]["group_by"])
-    assert {r["name"] for r in am["receivers"]} == {"page", "ticket"}
+    assert {r["name"] for r in am["receivers"]} == {"page", "ticket", "info"}
     assert all(r["webhook_configs"] for r in am["receivers"])
-    (rule,) = am["inhibit_rules"]
-    assert rule["source_matchers"] == ['severity="page"'] and rule["target_matchers"] == ['severity="ticket"']
-    assert {"model", "slo"} <= set(rule["equal"])
+    slo_rule, down_rule = am["inhibit_rules"]
+    assert 'severity="page"' in slo_rule["source_matchers"] and 'severity="ticket"' in slo_rule["target_matchers"]
+    assert {"model", "slo"} <= set(slo_rule["equal"])
+    assert down_rule["source_matchers"] == ['alertname="SentinelDown"'] and down_rule["equal"] == ["instance"]
 
 
 @pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool not installed")
@@ -100,6 +101,7 @@ def test_alertmanager_groups_by_model_and_slo_and_inhibits_tickets_under_pages()
     (["alertname=SentinelErrorBudgetBurn", "severity=page", "slo=availability", "model=digits"], "page"),
     (["alertname=SentinelErrorBudgetBurn", "severity=ticket", "slo=latency", "model=digits"], "ticket"),
     (["alertname=SentinelDown", "severity=page"], "page"),
+    (["alertname=SentinelAccuracyEstimateUnreliable", "severity=info", "slo=accuracy", "model=digits"], "info"),
 ])
 def test_alertmanager_routes(labels, receiver):
     proc = subprocess.run(["amtool", "config", "routes", "test", "--config.file",
