@@ -288,8 +288,9 @@ class Sidecar:
             await grpc_stop   # drains gRPC calls in flight over the same deadline
         if workers_stop is not None:
             await workers_stop   # every proxy worker drains over the same deadline
-        for c in self.canaries:
-            c.stop(timeout=5.0)
+        if self.canaries:   # joined off the event loop: /healthz and /readyz keep answering meanwhile
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(None, c.stop, 5.0) for c in self.canaries))
         self.pool.close()
         for t in self._tasks:
             t.cancel()
