@@ -462,6 +462,13 @@ class GrpcProxy:
                         fail_pending("408", 1)   # the client's delay, as HTTP's 408 and a unary call's
                     await context.abort(code, f"no request message within {proxy.request_timeout:g} s "
                                               "(proxy.body_idle_timeout_s)")
+                left = context.time_remaining()
+                if first is aio.EOF and (context.cancelled() or (left is not None and left <= 0)):
+                    # the client went away, or its deadline passed, before any message: the read ends
+                    # as a half-close would (the call is not yet marked cancelled), and no upstream
+                    # call is opened for it
+                    code = cancel_code(left, time.perf_counter() - t0)
+                    raise CancelledError()
             except BaseException:
                 proxy.inflight -= 1
                 proxy._end_span(span, method, code, model)

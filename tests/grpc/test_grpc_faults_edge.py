@@ -213,3 +213,32 @@ def test_tracestate_and_exemplars_follow_the_traceparent(upstream):
                        headers={"Accept": "application/openmetrics-text; version=1.0.0"}).text
     exemplars = {ln.split('trace_id="', 1)[1][:32] for ln in om.splitlines() if 'trace_id="' in ln}
     assert a in exemplars and b not in exemplars, exemplars
+
+
+def test_a_stream_whose_deadline_passes_before_its_first_message_ends_with_that_code(upstream):
+    """The wait for a stream's first message, cancelled by the client's deadline, ended its span as OK."""
+    with RunningSidecar(grpc_config(HTTP_UP, upstream.address)) as sc, _channel(sc) as ch:
+        ended: list = []
+        proxy = sc.sc.grpc_proxy
+        real = proxy._end_span
+
+        def spy(span, method, code, model):   # noqa: ANN001
+            ended.append(code)
+            real(span, method, code, model)
+
+        proxy._end_span = spy  # type: ignore[method-assign]
+        release = threading.Event()
+
+        def silent():
+            release.wait(5)
+            return
+            yield  # a generator that never sends
+
+        with pytest.raises(grpc.RpcError) as ei:
+            next(ch.stream_stream(STREAM_INFER)(silent(), timeout=0.5))
+        release.set()
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert ended == [grpc.StatusCode.DEADLINE_EXCEEDED], ended
