@@ -319,7 +319,8 @@ class JoinTable:
             self._skipped.popitem(last=False)
 
     def expire(self, now: float) -> int:
-        """Drop halves older than the TTL; returns how many."""
+        """Drop halves older than the TTL (and skipped keys, which are not counted); returns how many halves."""
+        self._expire_skipped(now)   # else kept until the next skip or lookup: with no more ingest traffic, for good
         n = 0
         while self._pending:
             first = next(iter(self._pending.values()))
