@@ -6,14 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from rgbmodel import MEAN, PRE, STD, tiny_rgb_entry
 
 from sentinel.errors import UsageError
 from sentinel.preprocess import Preprocessing
 
 pytestmark = pytest.mark.unit
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PRE = Preprocessing(scale=1 / 255, mean=MEAN, std=STD, layout="NHWC")
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -24,35 +23,10 @@ def _images(n: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def rgb(tmp_path_factory):
     """A random-weight 3×16×16 DenseNet registered with raw_input uint8 16×16×3, and its golden set."""
-    import torch
-
     from sentinel.golden import build_golden
-    from sentinel.reference.arch import resolve_config
-    from sentinel.reference.densenet import DenseNet
-    from sentinel.reference.weights import save_weights
-    from sentinel.registry import (
-        ModelManifest,
-        Registry,
-        Served,
-        TensorSpec,
-        WeightsRef,
-        sha256_file,
-        write_manifest,
-    )
 
     root = tmp_path_factory.mktemp("rgb")
-    arch = {"growth_rate": 4, "block_config": [1, 1], "num_init_features": 8, "num_classes": 5,
-            "in_channels": 3, "small_inputs": True}
-    out = root / "models" / "rgb" / "v1"
-    out.mkdir(parents=True)
-    torch.manual_seed(0)
-    w = out / "model.safetensors"
-    save_weights(DenseNet(resolve_config("densenet_digits", **arch)).eval(), w)
-    write_manifest(ModelManifest(
-        name="rgb", version="v1", arch="densenet_digits", architecture=arch, weights=WeightsRef(w.name, sha256_file(w)),
-        input=TensorSpec((3, 16, 16)), classes=("a", "b", "c", "d", "e"), served=Served("rgb", "v2"),
-        preprocessing=PRE, raw_input=TensorSpec((16, 16, 3), "uint8")), out / "model.yaml")
-    entry = Registry(root / "models").resolve("rgb:v1")
+    entry = tiny_rgb_entry(root)
     build_golden(entry, root / "golden_sets" / "rgb" / "v1", ids=np.arange(150), raw=_images(150, 0))
     return root
 
