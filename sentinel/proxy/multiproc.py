@@ -250,7 +250,7 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
     server = await loop.create_server(lambda: ClientConnection(ctx), lhost, lport, backlog=2048,
                                       reuse_address=True, reuse_port=True)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # as the main process: drain, then stop
         loop.add_signal_handler(sig, stop.set)
 
     def sender() -> None:

@@ -502,12 +502,13 @@ class Sidecar:
 
 
 async def serve(config: Config, *, monitor_factory: str = worker.DEFAULT_FACTORY) -> None:
-    """Run until SIGTERM/SIGINT, then drain and return."""
+    """Run until SIGTERM/SIGINT/SIGHUP, then drain and return (a closed terminal's SIGHUP ended the
+    process at once, dropping the requests in flight)."""
     sc = Sidecar(config, monitor_factory=monitor_factory)
     await sc.start()
     gc.freeze()   # what start-up built lives as long as the process: keep it out of the collector's scans
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, sc.request_stop)
     await sc.wait_stopped()
 

@@ -84,7 +84,8 @@ def _start(cfg: Path, admin: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])   # SIGHUP (a closed terminal) ended it at once
+def test_sigterm_drains_in_flight_requests(tmp_path, sig):
     with Upstream() as up:
         cfg, port, admin = _write_config(tmp_path, up.url)
         proc = _start(cfg, admin)
@@ -97,7 +98,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
             t = threading.Thread(target=slow)
             t.start()
             time.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             t.join(10)
             assert result["r"].status_code == 200 and result["r"].json() == {"slow": True}
             assert proc.wait(10) == 0
