@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from sentinel.preprocess import Preprocessing
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -39,3 +41,9 @@ def tiny_rgb_entry(root: Path):  # noqa: ANN201 - a registry entry
         input=TensorSpec((3, 16, 16)), classes=("a", "b", "c", "d", "e"), served=Served("rgb", "v2"),
         preprocessing=PRE, raw_input=TensorSpec((16, 16, 3), "uint8")), out / "model.yaml")
     return Registry(root / "models").resolve("rgb:v1")
+
+
+def rgb_images(n: int, seed: int = 0) -> np.ndarray:
+    """n warm-toned uint8 16×16×3 images (unequal channel means, so a channel swap shows)."""
+    r = np.random.default_rng(seed)
+    return np.clip(r.normal([120, 90, 60], 40, (n, 16, 16, 3)), 0, 255).astype(np.uint8)

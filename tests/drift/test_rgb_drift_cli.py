@@ -6,18 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from rgbmodel import MEAN, PRE, STD, tiny_rgb_entry
+from rgbmodel import MEAN, PRE, STD, rgb_images, tiny_rgb_entry
 
 from sentinel.errors import UsageError
 from sentinel.preprocess import Preprocessing
 
 pytestmark = pytest.mark.unit
 
-
-
-def _images(n: int, seed: int) -> np.ndarray:
-    r = np.random.default_rng(seed)
-    return np.clip(r.normal([120, 90, 60], 40, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def rgb(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rgb")
     entry = tiny_rgb_entry(root)
-    build_golden(entry, root / "golden_sets" / "rgb" / "v1", ids=np.arange(150), raw=_images(150, 0))
+    build_golden(entry, root / "golden_sets" / "rgb" / "v1", ids=np.arange(150), raw=rgb_images(150, 0))
     return root
 
 
@@ -45,7 +40,7 @@ def _check(root, window: dict, *extra: str):
 def test_clean_network_inputs_do_not_violate_the_wire_dtype(rgb):
     """'inputs' are float32 network tensors whatever the server received: the contract's wire dtype
     check (uint8 for this model) cannot apply. It flagged all of a clean window `input_contract`."""
-    res = _check(rgb, {"inputs": PRE.apply(_images(60, 1))}, "--json")
+    res = _check(rgb, {"inputs": PRE.apply(rgb_images(60, 1))}, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout[res.stdout.index("["):] if res.stdout.lstrip().startswith("[") else res.stdout)
     win = doc[0] if isinstance(doc, list) else doc["windows"][0]
@@ -54,7 +49,7 @@ def test_clean_network_inputs_do_not_violate_the_wire_dtype(rgb):
 
 
 def test_raw_images_in_another_layout_are_refused_naming_it(rgb):
-    res = _check(rgb, {"raw": _images(20, 1).transpose(0, 3, 1, 2).copy()})
+    res = _check(rgb, {"raw": rgb_images(20, 1).transpose(0, 3, 1, 2).copy()})
     assert res.exit_code != 0 and isinstance(res.exception, UsageError), res.output
     msg = str(res.exception)
     assert "N×H×W×C (NHWC)" in msg and "look like N×C×H×W (NCHW) images" in msg, msg   # was: "mean has 3 values for 16 channels"

@@ -8,15 +8,10 @@ import json
 
 import numpy as np
 import pytest
-from rgbmodel import tiny_rgb_entry
+from rgbmodel import rgb_images, tiny_rgb_entry
 
 pytestmark = pytest.mark.unit
 
-
-
-def rgb_images(n: int, seed: int = 0) -> np.ndarray:
-    r = np.random.default_rng(seed)
-    return np.clip(r.normal([120, 90, 60], 40, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

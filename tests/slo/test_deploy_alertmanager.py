@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 AM_CONFIG = REPO / "deploy/alertmanager/alertmanager.yml"
@@ -70,19 +70,13 @@ def _binary() -> str | None:
     return shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _alert(**labels: str) -> dict:
     return {"labels": labels, "annotations": {}, "startsAt": "2020-01-01T00:00:00Z"}
 
 
 @pytest.mark.skipif(_binary() is None, reason="Alertmanager not installed (Debian: prometheus-alertmanager)")
 def test_inhibitions_with_a_real_alertmanager(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([_binary(), f"--config.file={AM_CONFIG}", f"--storage.path={tmp_path}",
                              f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -135,9 +129,4 @@ def test_inhibitions_with_a_real_alertmanager(tmp_path):
         assert len(got) == len(alerts)
         assert inhibited == expected_inhibited
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=5)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port, stop_process
 
 from sentinel import config as config_mod
 from sentinel import metricnames
@@ -85,12 +85,6 @@ def test_runbook_names_only_the_deployed_ports():
     assert named - deployed == set(), f"ports the runbook names that nothing listens on: {named - deployed}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     try:
         return json.loads(urllib.request.urlopen(url, timeout=3).read())
@@ -102,7 +96,7 @@ def _get(url: str) -> dict:
 def live_documents(tmp_path_factory):
     """/status and /readyz of a real `sentinel run` (no model server behind it)."""
     tmp = tmp_path_factory.mktemp("runbook")
-    admin, listen, upstream = _free_port(), _free_port(), _free_port()
+    admin, listen, upstream = free_port(), free_port(), free_port()
     cfg = tmp / "sentinel.yaml"
     cfg.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{listen}", "upstream": f"http://127.0.0.1:{upstream}",
@@ -124,12 +118,7 @@ def live_documents(tmp_path_factory):
         readyz = _get(f"http://127.0.0.1:{admin}/readyz")
         yield status, readyz
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=15)
 
 
 def _config_has(path: list[str]) -> bool:
