@@ -334,8 +334,11 @@ class Worker:
             msgs.extend(t.message(model) for model, t in self.tallies.items())
             self.tallies = {}
             self.pending = 0
-        if not msgs:
-            return
+        if msgs:
+            self._write(msgs)
+
+    def _write(self, msgs: list) -> None:
+        """Send `msgs` (the outbox, and what joins it) in one write; the outbox starts afresh."""
         self.outbox = []
         self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
         self.last_sent = time.monotonic()
@@ -343,9 +346,7 @@ class Worker:
     def keep_alive(self) -> None:
         """Between the phases of a slow sample: tell the manager we are alive (it kills a silent worker)."""
         if time.monotonic() - self.last_sent >= self.heartbeat_s:   # the tallies wait for the burst's write
-            msgs, self.outbox = self.outbox + [("heartbeat",)], []
-            self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
-            self.last_sent = time.monotonic()
+            self._write(self.outbox + [("heartbeat",)])
 
     def monitor(self, model: str) -> Any:
         mon = self.monitors.get(model)
