@@ -149,7 +149,7 @@ class SharedSampler(Sampler):
     same value lets through at most one extra sample each.
     """
 
-    __slots__ = ("_slot", "_index", "_interval", "_tau")
+    __slots__ = ("_slot", "_index", "_interval", "_tau", "_tat")
 
     def __init__(self, cfg: Any, slot: Any, index: int):
         super().__init__(cfg)
@@ -157,27 +157,20 @@ class SharedSampler(Sampler):
         self._index = index
         self._interval = 1.0 / cfg.max_per_second
         self._tau = max(0.0, cfg.max_per_second - 1.0) * self._interval   # how far ahead a burst may run
+        self._tat = 0.0   # the arrival time read by the last `_has_budget`
 
-    def decide(self, content_length: int | None) -> str | None:
-        if self.rate <= 0.0 or (self.rate < 1.0 and self._random() >= self.rate):
-            return None
+    def _has_budget(self) -> bool:
         now = self._clock()
-        slot, i = self._slot, self._index
-        tat = slot[i]
-        if tat < now:
-            tat = now
-        if tat - now > self._tau:
-            return "rate_limited"
-        if content_length is not None and content_length > self.max_bytes:
-            return "oversize"
-        slot[i] = tat + self._interval
-        return "sample"
+        self._tat = max(self._slot[self._index], now)
+        return self._tat - now <= self._tau
+
+    def _spend(self) -> None:
+        self._slot[self._index] = self._tat + self._interval
 
     def state(self) -> dict:
         ahead = max(0.0, self._slot[self._index] - self._clock())
         tokens = min(self.max_per_second, self.max_per_second - ahead / self._interval)
-        return {"rate": self.rate, "max_per_second": self.max_per_second, "max_bytes": self.max_bytes,
-                "tokens": round(tokens, 2), "shared_by_workers": True}
+        return {**super().state(), "tokens": round(tokens, 2), "shared_by_workers": True}
 
 
 def shared_budget(n: int) -> Any:

@@ -29,15 +29,22 @@ class Sampler:
         """None to skip silently, "sample" to capture, or "oversize"/"rate_limited" to count a skip."""
         if self.rate <= 0.0 or (self.rate < 1.0 and self._random() >= self.rate):
             return None
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self.max_per_second)
-        self._last = now
-        if self._tokens < 1.0:
+        if not self._has_budget():
             return "rate_limited"
         if content_length is not None and content_length > self.max_bytes:
             return "oversize"
-        self._tokens -= 1.0
+        self._spend()
         return "sample"
+
+    def _has_budget(self) -> bool:
+        """Refill the bucket to now; whether it holds a whole sample (`_spend` takes it)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self.max_per_second)
+        self._last = now
+        return self._tokens >= 1.0
+
+    def _spend(self) -> None:
+        self._tokens -= 1.0
 
     def state(self) -> dict:
         return {"rate": self.rate, "max_per_second": self.max_per_second, "max_bytes": self.max_bytes,
