@@ -49,12 +49,19 @@ def _inc(selector: str, window: str, by: str = "") -> str:
     placeholder (`{{args.window}}`, `{{ interval }}`) PromQL cannot turn into seconds, so its
     start is `window_start` less a second (a series created within a second before it counts
     whole: at most a second of events too many, where counting it from its first sample loses
-    all it held by then). `last_over_time` of `_created`: a canary pod that died within the
-    window still counts whole.
+    all it held by then).
     """
+    return _born_sum(selector, window, f"{window_start(window)} - 1", by)
+
+
+def _born_sum(selector: str, window: str, start: str, by: str = "") -> str:
+    """`sum [by (by)] (increase(selector[window]))`, a series whose `_created` is after `start`
+    counted from 0: its last value, or its increase where larger (a reset after it began).
+    `last_over_time` of `_created`: a canary pod gone before the query (past the 5-minute
+    staleness delta) still counts whole."""
     metric, brace, matchers = selector.partition("{")
     created = metric.removesuffix("_total").removesuffix("_bucket") + "_created" + brace + matchers
-    born = f"(last_over_time({created}[{window}]) > {window_start(window)} - 1)"
+    born = f"(last_over_time({created}[{window}]) > {start})"
     inc, last = f"increase({selector}[{window}])", f"last_over_time({selector}[{window}])"
     grouping = f" by ({by})" if by else ""
     return (f"sum{grouping} (\n  ({inc} unless ignoring (le) {born})\n"
@@ -76,15 +83,7 @@ def _counted(metric: str, model: str, version: str, window: str, by: str = "", *
     """
     from sentinel.slo.durations import parse_duration
 
-    sel = _v(metric, model, version, **extra)
-    created = _v(metric.removesuffix("_total").removesuffix("_bucket") + "_created", model, version, **extra)
-    # last_over_time: a canary pod gone more than the staleness delta (5 min) before the query keeps its birth
-    born = f"(last_over_time({created}[{window}]) > time() - {parse_duration(window):g})"
-    inc, last = f"increase({sel}[{window}])", f"last_over_time({sel}[{window}])"
-    grouping = f" by ({by})" if by else ""
-    return (f"sum{grouping} (\n  ({inc} unless ignoring (le) {born})\n"
-            f"  or (({inc} >= {last}) and ignoring (le) {born})\n"
-            f"  or ({last} and ignoring (le) {born})\n)")
+    return _born_sum(_v(metric, model, version, **extra), window, f"time() - {parse_duration(window):g}", by)
 
 
 def presence(model: str, versions: str, window: str) -> dict[str, str]:
