@@ -400,7 +400,7 @@ class GpuCollector:
                 f[mn.GPU_UTILIZATION.name].add_metric(labels, d.utilization)
         for gpu, pid, used in self._process_rows(snap):
             f[mn.GPU_PROCESS_MEMORY.name].add_metric([gpu, str(pid)], used)
-        for model, gpu, headroom in self._headroom_rows(snap):
+        for model, gpu, headroom in self._headroom_rows(self._headroom_targets(snap)[0]):
             f[mn.GPU_MEMORY_HEADROOM.name].add_metric([model, gpu], headroom)
         for kind, n in sorted(self._errors.items()):
             f[mn.GPU_ERRORS.name].add_metric([kind], n)
@@ -432,15 +432,15 @@ class GpuCollector:
                     "devices the model server was last seen on (its processes are not visible now)")
         return leaves, "every device (the model server's processes are not visible to NVML here)"
 
-    def _headroom_rows(self, snap: Snapshot) -> list[tuple[str, str, int]]:
-        """(model, gpu, free − predicted extra need) on the devices the model server uses."""
-        targets, _basis = self._headroom_targets(snap)
+    def _headroom_rows(self, targets: list[DeviceReading]) -> list[tuple[str, str, int]]:
+        """(model, gpu, free − predicted extra need) on `targets` (`_headroom_targets`)."""
         return [(m.model, d.gpu, d.memory.free - m.extra_bytes)  # type: ignore[union-attr]
                 for m in self.demands if m.extra_bytes is not None for d in targets]
 
     def status(self) -> dict[str, Any]:
         """What /status shows about GPU collection (from the last scrape; reads nothing)."""
         snap, att = self._snapshot, self._attribution
+        targets, basis = self._headroom_targets(snap)
         errors_total = dict(self._errors)  # one C-level copy: a scrape thread may be adding a kind
         unsupported = dict(self._reader.unsupported) if self._reader is not None else {}
         problem, fix = att.problem, att.fix
@@ -479,8 +479,8 @@ class GpuCollector:
                 "fix": fix,
             },
             "models": [{"model": m.model, "extra_bytes": m.extra_bytes, "detail": m.detail} for m in self.demands],
-            "headroom": [{"model": m, "gpu": g, "bytes": b} for m, g, b in self._headroom_rows(snap)],
-            "headroom_basis": self._headroom_targets(snap)[1],
+            "headroom": [{"model": m, "gpu": g, "bytes": b} for m, g, b in self._headroom_rows(targets)],
+            "headroom_basis": basis,
         }
 
 
