@@ -262,10 +262,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if self.parsing is not None and self.parsing not in self.queue:
             self.parsing.finished = True
         self.queue.clear()
-        if self.unrecorded:
-            for ex in self.unrecorded:
-                ex.record(CLIENT_CLOSED)
-            self.unrecorded = None
+        self._record_unrecorded(CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.ctx.loop.time()
@@ -275,10 +272,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_blocked_at = 0.0
-        if self.unrecorded:
-            for ex in self.unrecorded:
-                ex.record(str(ex.status))
-            self.unrecorded = None
+        self._record_unrecorded()
         if self.queue and self.queue[0].upstream is not None:
             ex = self.queue[0]
             ex.last_up = self.ctx.loop.time()   # the upstream was paused for us, not idle
@@ -424,6 +418,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # emptied by resume_writing or _confirm left the old one, and the next wait was cut at once)
             self.held_at = 0.0
         self.unrecorded.append(ex)
+
+    def _record_unrecorded(self, code: str | None = None) -> None:
+        """Count the answers that waited on the client's fate: as `code`, or (None) as their own status."""
+        for ex in self.unrecorded or ():
+            ex.record(code or str(ex.status))
+        self.unrecorded = None
 
     def exchange_finished(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
@@ -666,9 +666,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # send_timeout (the buffer stayed under the high-water mark, so pause_writing never came)
             if not self.transport.get_write_buffer_size():
                 self.held_at = 0.0
-                for done in self.unrecorded:
-                    done.record(str(done.status))
-                self.unrecorded = None
+                self._record_unrecorded()
             else:
                 size = self._unread()
                 if not self.held_at or size < self.held_size:
@@ -714,10 +712,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def _cut_slow_reader(self, lim: Limits) -> None:
         ctx = self.ctx
         ctx.fail("downstream_send_timeout", f"a client read none of its response for {lim.send_timeout} s")
-        if self.unrecorded:
-            for ex in self.unrecorded:
-                ex.record(INCOMPLETE)
-            self.unrecorded = None
+        self._record_unrecorded(INCOMPLETE)
         self.write_blocked_at = 0.0
         for ex in list(self.queue):
             if ex.started and not ex.finished:
