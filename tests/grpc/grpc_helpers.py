@@ -131,14 +131,6 @@ class GrpcUpstream(ThreadedGrpcServer):
             if msg.model_name.startswith("slow:"):
                 await asyncio.sleep(float(msg.model_name[5:]))
             inner = oip_grpc.encode([("logits", LOGITS)], "response", model_name=msg.model_name, id=msg.id)
-            yield b"\x12" + _varint(len(inner)) + inner
-
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+            out = bytearray()
+            oip_grpc._bytes_field(out, 2, inner)   # ModelStreamInferResponse{infer_response: ...}
+            yield bytes(out)
