@@ -181,6 +181,7 @@ def serve_compact(port: int, up_port: int) -> None:
 
         def on_message_begin(self) -> None:
             self.ex = Exchange(self, None)   # type: ignore[arg-type]  # allocated as sentinel does
+            self.ex.fwd_headers = []
             self.body: list[bytes] = []
 
         def on_url(self, url: bytes) -> None:

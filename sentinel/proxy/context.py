@@ -59,6 +59,7 @@ class ClientSide(Protocol):
 
     def write(self, data: bytes) -> None: ...
     def writelines(self, data: Iterable[bytes]) -> None: ...
+    def send(self, out: list) -> None: ...
     def pause_reading(self, reason: str) -> None: ...
     def resume_reading(self, reason: str) -> None: ...
     def exchange_finished(self, ex: Exchange) -> None: ...
@@ -182,12 +183,11 @@ class ProxyContext:
         self.draining = False
         self.outbox = pool.outbox   # one outbox: a read on either side batches writes to both
         self.connections: set[ClientConnection] = set()
-        self.active: set[Exchange] = set()
         self.errors = ErrorCounter(metrics.proxy_errors)
         self.burst = BurstLog(log)
         self.shed_bytes = limits.shed_response()
         self.shedding = 0   # connections refused and lingering until closed
-        self.routes: dict[bytes, Any] = {}   # request target → Route or None (server.ROUTE_CACHE_SIZE)
+        self.routes: dict[bytes, tuple] = {}   # request target → (protocol, model label, sampler) (server._target)
 
     def count_sample(self, model: str | None, outcome: str) -> None:
         self.metrics.samples.labels(model or "none", outcome).inc()

@@ -29,6 +29,7 @@ PENDING_HIGH_WATER = 256 * 1024   # body bytes buffered while the upstream conne
 REPLAY_MAX_BYTES = 1 << 20        # idempotent requests up to this size may be resent once
 _NO_BODY_STATUS = frozenset({204, 304})
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}   # (status, upstream reason) → response status line
+_RESPONSE_SPECIAL = http.HOP_BY_HOP | {b"content-length"}   # response fields not forwarded as they are
 
 _ERROR_STATUS = {
     "upstream_refused": 502, "upstream_reset": 502, "upstream_bad_response": 502,
@@ -39,57 +40,54 @@ _ERROR_STATUS = {
 class Exchange:
     """State of one request from its headers to the last byte of its response."""
 
-    __slots__ = (
-        "conn", "ctx", "t0", "method", "url", "req_headers", "fwd_headers", "keep_alive", "http10",
-        "req_mode", "content_length", "received", "pending", "pending_bytes", "request_done",
-        "expect_continue", "upstream", "connect_task", "response_started", "resp_mode",
-        "status", "finished", "model", "protocol", "canary", "trace_id", "span_id",
-        "incoming_tp", "span", "capture", "started", "replay", "reused", "replay_bytes",
-        "req_done_at", "last_up", "refusal", "recorded", "head_line", "done_at", "tracestate",
-    )
+    # Defaults live on the class (immutable values only): a new exchange sets just what differs
+    # per request, as one allocation of ~40 attributes was the largest single step of the hot path.
+    method = b""
+    url = b""
+    keep_alive = True
+    http10 = False
+    req_mode = NONE
+    content_length: int | None = None
+    received = 0
+    pending: list[bytes] | tuple[()] = ()   # body bytes that arrived before the upstream connection
+    pending_bytes = 0
+    request_done = False
+    expect_continue = False
+    upstream: UpstreamSide | None = None
+    connect_task: asyncio.Task | None = None
+    response_started = False
+    resp_mode = NONE
+    status = 0
+    finished = False
+    started = False
+    recorded = False
+    model = "none"
+    protocol = "other"
+    canary = False
+    trace_id: str | None = None
+    span_id: str | None = None
+    incoming_tp: bytes | None = None
+    tracestate: list[bytes] | None = None   # the caller's tracestate lines, forwarded with a valid traceparent
+    span: Any = None
+    capture: Capture | None = None
+    replay: list[bytes] | None = None   # what was sent, when it may be sent again
+    reused = False
+    replay_bytes = 0
+    req_done_at = 0.0     # loop time the request was complete and the exchange started
+    last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
+    refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
+    head_line = b""       # the response's status line as written (to take it back, see upstream_failed)
+    done_at = 0.0         # perf_counter when the answer was complete, for a count made later (0: now)
+    fwd_headers: list[bytes] | tuple[()] = ()   # request header lines forwarded as they are
+    # The response bytes of the upstream read being parsed: written in one piece when the response
+    # ends (response_done) or the read is parsed (UpstreamConnection.data_received), whichever is first.
+    out: list[bytes] | None = None
 
     def __init__(self, conn: ClientSide, ctx: ProxyContext):
         self.conn = conn
         self.ctx = ctx
         self.t0 = time.perf_counter()
-        self.method = b""
-        self.url = b""
         self.req_headers: list[tuple[bytes, bytes]] = []
-        self.fwd_headers: list[bytes] = []
-        self.keep_alive = True
-        self.http10 = False
-        self.req_mode = NONE
-        self.content_length: int | None = None
-        self.received = 0
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.request_done = False
-        self.expect_continue = False
-        self.upstream: UpstreamSide | None = None
-        self.connect_task: asyncio.Task | None = None
-        self.response_started = False
-        self.resp_mode = NONE
-        self.status = 0
-        self.finished = False
-        self.started = False
-        self.recorded = False
-        self.model = "none"
-        self.protocol = "other"
-        self.canary = False
-        self.trace_id: str | None = None
-        self.span_id: str | None = None
-        self.incoming_tp: bytes | None = None
-        self.tracestate: list[bytes] | None = None   # the caller's tracestate lines, forwarded with a valid traceparent
-        self.span: Any = None
-        self.capture: Capture | None = None
-        self.replay: list[bytes] | None = None   # what was sent, when it may be sent again
-        self.reused = False
-        self.replay_bytes = 0
-        self.req_done_at = 0.0     # loop time the request was complete and the exchange started
-        self.last_up = 0.0         # loop time of the last read from the upstream (0: nothing read)
-        self.refusal: tuple[int, str, str] | None = None   # answer locally instead of forwarding
-        self.head_line = b""       # the response's status line as written (to take it back, see upstream_failed)
-        self.done_at = 0.0         # perf_counter when the answer was complete, for a count made later (0: now)
 
     # --- start ----------------------------------------------------------------------
     def start(self) -> None:
@@ -97,7 +95,6 @@ class Exchange:
         self.started = True
         ctx = self.ctx
         ctx.metrics.inflight_count += 1
-        ctx.active.add(self)
         if self.refusal is not None:
             self.fail_local(*self.refusal)
             return
@@ -155,7 +152,7 @@ class Exchange:
             head.append(b"transfer-encoding: chunked\r\n")
         head.append(b"\r\n")
         chunks = self.pending
-        self.pending = []
+        self.pending = ()
         if self.req_mode == CHUNKED:
             for c in chunks:
                 head.append(b"%x\r\n" % len(c))
@@ -204,7 +201,10 @@ class Exchange:
                 else:
                     self.replay.extend(pieces)
         else:
-            self.pending.append(chunk)
+            if self.pending:
+                self.pending.append(chunk)  # type: ignore[union-attr]
+            else:
+                self.pending = [chunk]
             self.pending_bytes += len(chunk)
             if self.pending_bytes > PENDING_HIGH_WATER and self.pending_bytes - len(chunk) <= PENDING_HIGH_WATER:
                 self.conn.pause_reading("connecting")
@@ -239,14 +239,17 @@ class Exchange:
             if len(_STATUS_LINES) < 256 and len(reason) <= 64:   # the upstream picks the reason: bounded
                 _STATUS_LINES[(status, reason)] = line
         self.head_line = line
-        lines = [line]
-        append = lines.append
-        hop = http.HOP_BY_HOP
+        lines = [line]   # the status line, then each field as four pieces (joined when written)
         named = False   # a Connection header names more than keep-alive/close
         for name, value in headers:
             lname = name.lower()
-            if lname in hop:
-                if lname == b"transfer-encoding":
+            if lname in _RESPONSE_SPECIAL:
+                if lname == b"content-length":
+                    has_length = True
+                    if status == 204:   # a 204 has no body and must not say it has (RFC 9110 §8.6)
+                        continue
+                    lines += (name, b": ", value, b"\r\n")
+                elif lname == b"transfer-encoding":
                     if value.strip().lower() != b"chunked":
                         # gzip, identity...: the proxy re-frames bodies and would drop the coding
                         self.upstream_failed("upstream_bad_response",
@@ -256,19 +259,16 @@ class Exchange:
                     chunked_up = True
                 elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                     named = True
-                continue
-            if lname == b"content-length":
-                has_length = True
-                if status == 204:   # a 204 has no body and must not say it has (RFC 9110 §8.6)
-                    continue
-            append(name + b": " + value + b"\r\n")
+                continue   # hop-by-hop (RFC 9110 §7.6.1)
+            lines += (name, b": ", value, b"\r\n")
         if named:   # rare: drop the headers the Connection header names (RFC 9110 §7.6.1)
             skip = http.connection_tokens(headers)
+            hop = http.HOP_BY_HOP
             del lines[1:]
             for name, value in headers:
                 lname = name.lower()
                 if lname not in hop and lname not in skip and not (lname == b"content-length" and status == 204):
-                    append(name + b": " + value + b"\r\n")
+                    lines += (name, b": ", value, b"\r\n")
                 elif lname == b"content-length":   # named in Connection: still the framing
                     has_length = True
         if self.method == b"HEAD" or status in _NO_BODY_STATUS:
@@ -290,7 +290,7 @@ class Exchange:
             lines.append(b"connection: keep-alive\r\n")
         lines.append(b"\r\n")
         self.response_started = True
-        self.conn.writelines(lines)
+        self.out = lines
         if self.capture is not None:
             self.capture.response_head(status, headers)
         if self.method == b"HEAD":
@@ -304,10 +304,20 @@ class Exchange:
         if cap is not None and not cap.response_body(chunk):
             self.capture = None
             self.ctx.count_sample(cap.model, "oversize")
+        out = self.out
+        if out is None:
+            out = self.out = []
         if self.resp_mode == CHUNKED:
-            self.conn.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
         else:
-            self.conn.write(chunk)
+            out.append(chunk)
+
+    def send_out(self) -> None:
+        """Write the response bytes gathered from the upstream read (see `out`)."""
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.conn.send(out)
 
     def response_done(self, reusable: bool) -> None:
         if self.finished:
@@ -320,7 +330,13 @@ class Exchange:
             # The rest of the body is read and dropped (ClientConnection.check_deadlines times
             # it): reading must not stay paused for an upstream connection that is now gone.
             self.conn.resume_reading("upstream")
-        if self.resp_mode == CHUNKED:
+        out = self.out
+        if out is not None:
+            self.out = None
+            if self.resp_mode == CHUNKED:
+                out.append(b"0\r\n\r\n")
+            self.conn.send(out)
+        elif self.resp_mode == CHUNKED:
             self.conn.write(b"0\r\n\r\n")
         up, self.upstream = self.upstream, None
         if up is not None:
@@ -355,7 +371,7 @@ class Exchange:
             self.connect_task.cancel()
             self.connect_task = None
         self.ctx.fail(reason, message)
-        if self.response_started and not self.conn.take_back(self.head_line):
+        if self.response_started and not self._take_back():
             # Status and part of the body are out; cutting the connection is the only honest signal.
             self._finish(INCOMPLETE)
             self.conn.abort()
@@ -363,6 +379,13 @@ class Exchange:
         # Nothing of the response has left (a head and a malformed body in one read): a 502 can.
         status = _ERROR_STATUS.get(reason, 502)
         self._respond_error(status, reason, message)
+
+    def _take_back(self) -> bool:
+        """Drop the response bytes not yet written; whether none of the response has left."""
+        out, self.out = self.out, None
+        if out is not None and out[0] is self.head_line:
+            return True   # the head is still here: nothing was written
+        return self.conn.take_back(self.head_line)
 
     def _retry_fresh(self) -> None:
         """Send the request again on a new connection (an idempotent one a stale pooled connection lost)."""
@@ -432,10 +455,10 @@ class Exchange:
 
     def _finish(self, code: str) -> None:
         self.finished = True
+        self.out = None   # a response cut or refused: what it had not written is not written
         ctx = self.ctx
         if self.started:
             ctx.metrics.inflight_count -= 1
-            ctx.active.discard(self)
         conn = self.conn
         if code[0] in "12345" and (conn.write_blocked_at or conn.paused or conn.fin_early
                                    or conn.transport.get_write_buffer_size()):

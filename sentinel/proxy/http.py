@@ -83,9 +83,11 @@ class Outbox:
 
     def flush(self) -> None:
         self.active = False
-        pending, self.pending = self.pending, []
-        for conn in pending:
-            conn.flush()
+        pending = self.pending
+        if pending:
+            self.pending = []
+            for conn in pending:
+                conn.flush()
 
 
 class BufferedWriter:
@@ -104,9 +106,10 @@ class BufferedWriter:
         if self.closed:
             return
         if self.outbox.active:
-            if not self._out:
+            out = self._out
+            if not out:
                 self.outbox.pending.append(self)
-            self._out.append(data)
+            out.append(data)
         else:
             self.transport.write(data)
 
@@ -114,22 +117,41 @@ class BufferedWriter:
         if self.closed:
             return
         if self.outbox.active:
-            if not self._out:
+            out = self._out
+            if not out:
                 self.outbox.pending.append(self)
-            self._out.extend(data)
+            out.extend(data)
         else:
             self.transport.writelines(data)
 
     def flush(self) -> None:
-        out, self._out = self._out, []
+        out = self._out
+        if not out:
+            return
+        self._out = []
         t = self.transport
-        if out and t is not None and not self.closed and not t.is_closing():
-            if len(out) == 1:
-                t.write(out[0])
-            elif sum(map(len, out)) < JOIN_BELOW:
-                t.write(b"".join(out))   # a head and a small body: one copy here, one iovec in the kernel
-            else:
-                t.writelines(out)   # large bodies are not copied
+        if t is not None and not self.closed and not t.is_closing():
+            _write_out(t, out)
+
+    def send(self, out: list) -> None:
+        """Write the pieces of `out` now, in one write, after what the outbox holds for this connection."""
+        if self.closed:
+            return
+        if self._out:   # earlier bytes wait for the outbox's flush: these go after them
+            self._out.extend(out)
+            return
+        t = self.transport
+        if t is not None and not t.is_closing():
+            _write_out(t, out)
+
+
+def _write_out(t: Any, out: list) -> None:
+    if len(out) == 1:
+        t.write(out[0])
+    elif sum(map(len, out)) < JOIN_BELOW:
+        t.write(b"".join(out))   # a head and a small body: one copy here, one iovec in the kernel
+    else:
+        t.writelines(out)   # large bodies are not copied
 
 
 # Methods whose request may be sent twice without changing the outcome (RFC 9110 §9.2.2).

@@ -149,7 +149,16 @@ class ProxyMetrics:
         if children is None:
             children = self._children[key] = _RequestChildren(
                 self.duration.labels(model, protocol, code), self.requests.labels(model, protocol, code))
-        children.observe(seconds, trace_id)
+        if not children.fast:
+            children.observe(seconds, trace_id)
+            return
+        # _RequestChildren.observe's fast path, inline (once per request)
+        b = children.buckets[bisect.bisect_left(children.bounds, seconds)]
+        b._value += 1.0
+        if trace_id:
+            b._exemplar = Exemplar({"trace_id": trace_id}, seconds, time.time())
+        children.sum._value += seconds
+        children.count._value += 1.0
 
     def merge_requests(self, key: tuple[str, str, str], count: float, total: float,
                        buckets: tuple[float, ...], exemplars: tuple[tuple[int, Any], ...] = ()) -> None:

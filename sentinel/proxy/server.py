@@ -28,7 +28,8 @@ from sentinel.protocols import names
 from sentinel.protocols.routes import match
 from sentinel.proxy import http
 from sentinel.proxy.context import CLIENT_CLOSED, INCOMPLETE, Limits, ProxyContext
-from sentinel.proxy.exchange import CHUNKED, LENGTH, Exchange
+from sentinel.proxy.exchange import CHUNKED, LENGTH, NONE, Exchange
+from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL
 from sentinel.proxy.sampling import Capture
 
 __all__ = ["ClientConnection", "ProxyContext", "close_idle"]
@@ -36,16 +37,18 @@ __all__ = ["ClientConnection", "ProxyContext", "close_idle"]
 log = logging.getLogger("sentinel.proxy")
 
 CANARY_HEADER = names.CANARY_HEADER.lower().encode()
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 # Request headers the proxy reads itself (everything in http.HOP_BY_HOP is handled apart).
 _SPECIAL = frozenset({b"content-length", b"expect", b"traceparent", b"tracestate", b"host", CANARY_HEADER})
 ROUTE_CACHE_SIZE = 1024   # request targets whose route is remembered (cleared when full)
-_UNSEEN = object()
+_NO_ROUTE = ("other", NO_MODEL, None)   # a request target no protocol's route matches
 CLIENT_WRITE_HIGH_WATER = 256 * 1024
 SPLIT_HEADERS_ABOVE = 16 * 1024   # reads bigger than this have their head parsed apart from the body
 LINGER_S = 2.0   # after refusing a body, read and discard for this long so the client sees our answer
 LINGER_MAX_BYTES = 1 << 20   # ... or until this much was discarded (a refused head: cut a flood early)
 BODY_LINGER_MAX_BYTES = 64 << 20   # a body cut short: more than the socket buffers hold in flight
 # (tcp_rmem's max is 6-32 MiB), so a client mid-upload when refused reads its answer, not a reset
+START_AFTER_READ_BELOW = 64 * 1024   # request bodies up to this size start after the read (on_headers_complete)
 MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next is refused 429 and the connection closed
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 RDHUP = getattr(select, "POLLRDHUP", 0x2000)   # the peer shut its sending side (Linux)
@@ -84,14 +87,18 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.in_head = False        # a request head has begun and is not complete
         self.head_started = now
         self.head_bytes = 0
-        self.header_count = 0
-        self.header_bytes = 0
+        self.req_headers: list[tuple[bytes, bytes]] = []   # the fields of the head being parsed
+        self.read_len = 0           # bytes of the read being parsed
         self.paused_at = 0.0        # when reading was paused for the upstream (0: not paused)
         self.write_blocked_at = 0.0  # when the client last drained any of our writes while blocked
         self.blocked_size = 0        # bytes it had left unread then
         self.held_at = 0.0           # answers done with bytes still in our buffer, unpaused: last progress
         self.held_size = 0           # ... and what was unread then
         self.unrecorded: list[Exchange] | None = None   # complete, counted once the client drains
+        self.starting: Exchange | None = None   # parsed in this read, started once the read is parsed
+        # requests with a body up to this size start after the read (never one over the body limit,
+        # which start() refuses with its size)
+        self.start_after_read_below = min(START_AFTER_READ_BELOW, ctx.max_body)
         self.used = False           # a request has begun on this connection
         self.fin_early = False      # the client sent FIN before the answer at the head of the queue began
         self.confirming = False     # answers written after such a FIN wait to learn whether the client took them
@@ -145,11 +152,15 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     end = data.find(b"\r\n\r\n", 0, SPLIT_HEADERS_ABOVE)
                     if end > 0:
                         data, rest = data[:end + 4], memoryview(data)[end + 4:]
-                self._feed(data)
+                self.read_len = len(data)
+                try:
+                    self.parser.feed_data(data)
+                except _PARSE_ERRORS as exc:
+                    self._feed_failed(exc, data)
                 if self.discarding or self.closed or "closing" in self.paused:
                     return
                 if self.in_head:
-                    if (not self.header_count and data.endswith(b"\n") and self.parsing is not None
+                    if (not self.req_headers and data.endswith(b"\n") and self.parsing is not None
                             and self.parsing.url and self.parser.get_http_version() == "0.0"):
                         # `GET /path` and a line end: an HTTP/0.9 request, which has no blank line
                         # to wait for (it waited for the head timeout and got 408)
@@ -157,8 +168,12 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                                                   "HTTP/0.9 requests are not supported"))
                         return
                     self.head_bytes += len(data)
-                    if self.head_bytes > self.ctx.limits.max_line + self.ctx.limits.max_head:
+                    lim = self.ctx.limits
+                    if self.head_bytes > lim.max_line + lim.max_head:
                         self._refuse_head(self._head_too_large())
+                        return
+                    if len(self.req_headers) > lim.max_headers:   # counted per read (see on_header)
+                        self._refuse_head(_Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields"))
                         return
                 ex = self.parsing
                 if (ex is not None and ex.req_mode == LENGTH and ex.method and not self.discarding
@@ -171,11 +186,16 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 data = rest  # type: ignore[assignment]
         finally:
             self.outbox.flush()
+            ex = self.starting
+            if ex is not None:
+                self.starting = None
+                if not ex.finished and not self.closed:   # not refused or cut within the read
+                    ex.start()
 
     def _head_too_large(self) -> _Refuse:
         lim = self.ctx.limits
         url = self.parsing.url if self.parsing is not None else b""
-        if self.header_count == 0 and len(url) >= lim.max_line:
+        if not self.req_headers and len(url) >= lim.max_line:
             return _Refuse(414, "uri_too_long", f"request target longer than {lim.max_line} bytes")
         return _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
@@ -195,21 +215,20 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     self.pause_reading("closing")
         return rest
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+    def _feed_failed(self, exc: Exception, data: bytes) -> None:
+        """httptools stopped parsing `data` (a refusal raised in a callback, an upgrade, bad bytes)."""
+        if isinstance(exc, httptools.HttpParserCallbackError):
             refused = exc.__context__
             if isinstance(refused, _Refuse):
                 self._refuse_head(refused)
                 return
-            log.exception("internal error while relaying a request")
+            log.exception("internal error while relaying a request")   # called from data_received's except
             self._bad_request("internal_error", "internal error in the proxy")
-        except httptools.HttpParserUpgrade:
+        elif isinstance(exc, httptools.HttpParserUpgrade):
             # CONNECT or Upgrade: its exchange was queued with a 501 refusal (on_headers_complete);
             # whatever the client sends next is not HTTP we parse.
             self.discarding = True
-        except httptools.HttpParserError as exc:
+        else:
             if self.parsing is None and self.queue and not self.queue[-1].keep_alive:
                 # Bytes after a request that ends the connection (Connection: close, HTTP/1.0):
                 # not processed (RFC 9112 §9.6), and no reason to cut the answers still owed.
@@ -280,10 +299,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.parsing = Exchange(self, self.ctx)
+        ex = self.parsing = Exchange(self, self.ctx)
+        self.req_headers = ex.req_headers
         self.used = self.in_head = True
         self.head_started = self.last_active
-        self.head_bytes = self.header_count = self.header_bytes = 0
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
@@ -292,19 +312,25 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             raise _Refuse(414, "uri_too_long", f"request target longer than {self.ctx.limits.max_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.parsing.req_headers.append((name, value))  # type: ignore[union-attr]
-        self.header_count += 1
-        self.header_bytes += len(name) + len(value) + 4
-        lim = self.ctx.limits
-        if self.header_count > lim.max_headers or self.header_bytes > lim.max_head:
-            if self.header_count > lim.max_headers:
-                raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
-            raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
+        # The limits on the fields' count and size are checked once the head is complete
+        # (on_headers_complete) and after every read that leaves it incomplete (data_received):
+        # what one read can hold is bounded by the read, and a check per field was a tenth of
+        # the request's path.
+        self.req_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
         self.in_head = False
+        headers = ex.req_headers
+        lim = self.ctx.limits
+        if len(headers) > lim.max_headers:
+            raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
+        # The fields are no longer than the head's bytes (and one per field: `a:b` counts 6 of 5);
+        # summed only when that bound is over the limit.
+        if (self.head_bytes + self.read_len + len(headers) > lim.max_head
+                and sum(len(n) + len(v) for n, v in headers) + 4 * len(headers) > lim.max_head):
+            raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
         p = self.parser
         ex.method = p.get_method()
         version = p.get_http_version()
@@ -312,7 +338,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if version == "0.9":   # no headers, no status line back: nothing a model client speaks
             ex.refusal = (505, "http_version_unsupported", "HTTP/0.9 requests are not supported")
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
-        fwd = ex.fwd_headers
+        fwd: list[bytes] = []
+        ex.fwd_headers = fwd
         upgrade = False
         hosts = 0
         skip: frozenset[bytes] = frozenset()
@@ -321,30 +348,30 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             lname = name.lower()
             if lname not in hop:   # the common case: an end-to-end header, forwarded as is
                 if lname in _SPECIAL:
-                    if lname == b"content-length":
+                    if lname == b"host":
+                        hosts += 1 + value.count(b",")   # `Host: a, b` names two hosts as two fields do
+                    elif lname == b"content-length":
                         ex.content_length = int(value)   # httptools has validated it
                         ex.req_mode = LENGTH
                         continue
-                    if lname == b"expect":
+                    elif lname == b"traceparent":
+                        # two traceparent fields name two parents: invalid (W3C), so a new trace
+                        ex.incoming_tp = value if ex.incoming_tp is None else b"-"
+                        continue
+                    elif lname == b"tracestate":   # forwarded only beside a valid traceparent (ProxyContext.traceparent)
+                        if ex.tracestate is None:
+                            ex.tracestate = []
+                        ex.tracestate.append(name + b": " + value + b"\r\n")
+                        continue
+                    elif lname == b"expect":
                         if value.strip().lower() == b"100-continue":
                             # answered by the proxy (start); an HTTP/1.0 client's is ignored (RFC 9110 §10.1.1)
                             ex.expect_continue = not ex.http10
                             continue
                         # any other expectation is the model server's to meet or refuse (417): forwarded
-                    if lname == b"traceparent":
-                        # two traceparent fields name two parents: invalid (W3C), so a new trace
-                        ex.incoming_tp = value if ex.incoming_tp is None else b"-"
-                        continue
-                    if lname == b"tracestate":   # forwarded only beside a valid traceparent (ProxyContext.traceparent)
-                        if ex.tracestate is None:
-                            ex.tracestate = []
-                        ex.tracestate.append(name + b": " + value + b"\r\n")
-                        continue
-                    if lname == b"host":
-                        hosts += 1 + value.count(b",")   # `Host: a, b` names two hosts as two fields do
-                    if lname == CANARY_HEADER and value.strip() == b"1":
+                    elif value.strip() == b"1":   # CANARY_HEADER, the last of _SPECIAL
                         ex.canary = True
-                fwd.append(name + b": " + value + b"\r\n")
+                fwd += (name, b": ", value, b"\r\n")   # four pieces per field, joined when written
                 continue
             if lname == b"transfer-encoding":
                 ex.req_mode = CHUNKED
@@ -359,7 +386,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                 skip = http.connection_tokens(ex.req_headers)
         if skip:   # headers named in Connection are hop-by-hop too (rare: a second pass)
-            fwd[:] = [line for line in fwd if line[:line.index(b":")].lower() not in skip]
+            fwd[:] = [piece for i in range(0, len(fwd), 4) if fwd[i].lower() not in skip for piece in fwd[i:i + 4]]
         if (hosts != 1 and (hosts or not ex.http10)) and ex.refusal is None:
             # RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with two, gets 400. Two could
             # name two different hosts, and the model server might route on the other one.
@@ -376,30 +403,45 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             raise _Refuse(429, "pipeline_too_deep",
                           f"more than {MAX_PIPELINED} pipelined requests waiting on one connection; "
                           "send the rest on a new connection")
-        ctx = self.ctx
-        route = ctx.routes.get(ex.url, _UNSEEN)
-        if route is _UNSEEN:
-            route = match(ex.url.decode("latin-1"))
-            if len(ctx.routes) >= ROUTE_CACHE_SIZE:
-                ctx.routes.clear()
-            ctx.routes[ex.url] = route
-        if route is not None:
-            ex.protocol = route.protocol
-            ex.model = ctx.metrics.model_label(route.model)
-            sampled = ctx.samplers.get(route.model)
-            if sampled is not None and not ex.canary and ex.refusal is None:
-                model_name, sampler = sampled
-                decision = sampler.decide(ex.content_length)
-                if decision == "sample":
-                    ex.capture = Capture(model_name, route.protocol, sampler.max_bytes)
-                    ex.capture.request_headers(ex.req_headers)
-                elif decision is not None:
-                    self.ctx.count_sample(model_name, decision)
+        ex.protocol, ex.model, sampled = self.ctx.routes.get(ex.url) or self._target(ex.url)
+        if sampled is not None and not ex.canary and ex.refusal is None:
+            model_name, sampler = sampled
+            decision = sampler.decide(ex.content_length)
+            if decision == "sample":
+                ex.capture = Capture(model_name, ex.protocol, sampler.max_bytes)
+                ex.capture.request_headers(ex.req_headers)
+            elif decision is not None:
+                self.ctx.count_sample(model_name, decision)
         self.queue.append(ex)
         if pipelined:
             self.pause_reading("pipeline")
+        elif (ex.req_mode == NONE or (ex.req_mode == LENGTH and ex.content_length <= self.start_after_read_below)) \
+                and ex.refusal is None and not ex.expect_continue:
+            # A small request is most likely whole in this read: it starts once the read is parsed
+            # (data_received), so its head and body leave in one write without the outbox.
+            self.starting = ex
         else:
             ex.start()
+
+    def _target(self, url: bytes) -> tuple:
+        """(protocol, model label, (model name, sampler) or None) of a request target.
+
+        Remembered per target (ROUTE_CACHE_SIZE, cleared when full), except a model folded into
+        the overflow label, which is counted per request (ProxyMetrics.model_label).
+        """
+        ctx = self.ctx
+        route = match(url.decode("latin-1"))
+        if route is None:
+            target: tuple = _NO_ROUTE
+        else:
+            label = ctx.metrics.model_label(route.model)
+            target = (route.protocol, label, ctx.samplers.get(route.model))
+            if label == OVERFLOW_MODEL:
+                return target
+        if len(ctx.routes) >= ROUTE_CACHE_SIZE:
+            ctx.routes.clear()
+        ctx.routes[url] = target
+        return target
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:

@@ -20,6 +20,7 @@ WRITE_HIGH_WATER = 256 * 1024
 # Bytes of one response head (status line and headers) before it is refused as 502; the
 # pool's `max_head` is set from `proxy.max_request_line_bytes + max_header_bytes`.
 MAX_RESPONSE_HEAD = 8192 + 65536
+_PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
 
 
 class UpstreamConnection(BufferedWriter, asyncio.Protocol):
@@ -37,7 +38,7 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.informational = False  # the message being parsed is not the final response: skip it
         self.in_head = False        # a response head has begun and is not complete
         self.head_bytes = 0
-        self.head_size = 0          # bytes of the head's fields, counted as they are parsed
+        self.read_len = 0           # bytes of the read being parsed
         self.outbox = pool.outbox
         self._out: list[bytes] = []
         self._poll: Any = None
@@ -70,8 +71,12 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             return
         ex.last_up = ex.ctx.loop.time()   # progress, for the upstream idle timeout
         self.outbox.active = True
+        self.read_len = len(data)
         try:
-            self._feed(data)
+            try:
+                self.parser.feed_data(data)
+            except _PARSE_ERRORS as exc:
+                self._feed_failed(exc)
             if self.in_head:   # the upstream picks the head's size: bounded like a request head
                 self.head_bytes += len(data)
                 if self.head_bytes > self.pool.max_head and not self.closed:
@@ -81,25 +86,27 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
                         ex.upstream_failed("upstream_headers_too_large",
                                            f"response head from upstream longer than {self.pool.max_head} bytes")
         finally:
+            ex = self.exchange
+            if ex is not None and ex.out is not None:   # a response that goes on in the next read
+                ex.send_out()
             if self.release_pending:   # bytes after the response were parsed first (on_message_begin)
                 self.release_pending = False
                 self.pool.release(self)
             self.outbox.flush()
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
+    def _feed_failed(self, exc: Exception) -> None:
+        """httptools stopped parsing a read (a bug in a callback, bad bytes, an upgrade)."""
+        if isinstance(exc, httptools.HttpParserCallbackError):
             # a bug in our own callbacks, not the upstream's fault: say so loudly
-            log.exception("internal error while relaying a response")
+            log.exception("internal error while relaying a response")   # called from data_received's except
             ex = self.exchange
             self.abort()
             if ex is not None:
                 ex.upstream_failed("internal_error", "internal error in the proxy")
-        except httptools.HttpParserError as exc:
-            self._bad_response(f"malformed response from upstream: {exc}")
-        except httptools.HttpParserUpgrade:   # a 101 (refused in on_headers_complete); nothing more to read
+        elif isinstance(exc, httptools.HttpParserUpgrade):   # a 101 (refused in on_headers_complete)
             self._bad_response("upstream switched protocols")
+        else:
+            self._bad_response(f"malformed response from upstream: {exc}")
 
     def _bad_response(self, message: str) -> None:
         ex = self.exchange
@@ -141,19 +148,26 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.until_close = False
         self.in_head = True
         self.head_bytes = 0
-        self.head_size = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
-        self.head_size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # sizes are checked once the head is complete (on_headers_complete) and after every
+        # read that leaves it incomplete (data_received)
         self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
+
+    def _head_size(self) -> int:
+        """Bytes of the head's reason and fields (name + value + 4 each)."""
+        headers = self.headers
+        return len(self.reason) + sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.head_size > self.pool.max_head and self.exchange is not None:
+        # The head is no longer than the reads it came in (plus one per field: `a:b` counts 6 of 5),
+        # so it is measured only when that bound is over the limit.
+        if (self.head_bytes + self.read_len + len(self.headers) > self.pool.max_head
+                and self._head_size() > self.pool.max_head and self.exchange is not None):
             # A head that arrived within one read is never seen by data_received's running count
             # (it is complete when the read is parsed): measured here as well, whatever the reads.
             ex = self.exchange
@@ -183,7 +197,7 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             return
         # The rest of this read is still to be parsed: a pipelined request behind this one must
         # not be handed this connection (and be answered with those bytes) before it is.
-        # (No try/finally: if response_done raises, _feed aborts this connection anyway.)
+        # (No try/finally: if response_done raises, _feed_failed aborts this connection anyway.)
         self.completing = True
         self.exchange.response_done(reusable=self.parser.should_keep_alive())
         self.completing = False

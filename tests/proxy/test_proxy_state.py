@@ -258,6 +258,7 @@ def test_time_to_first_byte_then_upstream_idle_between_reads(env):
         if not ex.response_started:
             ex.response_head(200, b"OK", [(b"Content-Length", b"100")], up)
         ex.response_body(b"x")
+        ex.send_out()   # the end of the upstream's read (UpstreamConnection.data_received): the bytes leave
         ctx.sweep()
     assert not t.aborted
     loop.now += 41
