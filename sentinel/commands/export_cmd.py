@@ -49,6 +49,8 @@ def export(
     out: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: in the model's directory)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="ONNX: a dynamic batch dimension (default: batch 1)."),
     int8: bool = typer.Option(False, "--int8", help="ONNX: int8 by onnxruntime static quantization (QDQ)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half-precision weights and activations (ONNX or TorchScript); "
+                                                  "inputs and outputs stay float32, cast inside the model."),
     calibration: str = typer.Option("golden", "--calibration", help="int8 calibration data: 'golden' or a golden set directory."),
     int8_activations: str = typer.Option("s8", "--int8-activations", help="int8 activations: s8 (S8S8, default) or u8 "
                                                                           "(U8S8, faster on x86 without VNNI)."),
@@ -61,7 +63,7 @@ def export(
     registry: Path | None = _REGISTRY,
     config: Path | None = _CONFIG,
 ) -> None:
-    """Export a registry model to ONNX (fp32 or int8) or TorchScript.
+    """Export a registry model to ONNX (fp32, fp16 or int8) or TorchScript (fp32 or fp16).
 
     An export written into the model's directory (the default path) is recorded in its
     model.yaml with its sha256 (--no-register leaves it out); one written elsewhere leaves the
@@ -80,7 +82,7 @@ def export(
     )
     from sentinel.registry import ExportRef, open_registry, sha256_file
 
-    check_format(fmt, int8)
+    check_format(fmt, int8, fp16)
     if int8_activations not in ("s8", "u8") or int8_format not in ("qdq", "qoperator"):
         raise UsageError("--int8-activations must be s8 or u8, --int8-format qdq or qoperator")
     if exporter not in ("dynamo", "legacy"):
@@ -92,7 +94,7 @@ def export(
         raise UsageError(f"--calibration {calibration}: not a golden set directory (or 'golden' for the model's own)")
     entry = open_registry(config, registry).resolve(model)
     entry.check_weights()
-    path = out or default_path(entry, fmt, int8, dynamic_batch)
+    path = out or default_path(entry, fmt, int8, dynamic_batch, fp16)
     _check_output(path)
     from sentinel.registry import refuse_bundled
 
@@ -113,8 +115,18 @@ def export(
 
     if fmt == "torchscript":
         with _writing(path):
-            export_torchscript(entry, path)
-        ref = record("torchscript", "fp32", True)
+            export_torchscript(entry, path, fp16=fp16)
+        ref = record("torchscript", "fp16" if fp16 else "fp32", True)
+    elif fp16:
+        from sentinel.export.fp16 import convert_fp16
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # BatchNorms folded into convolutions in float32 by torch.onnx, then rounded once
+            fp32 = export_onnx(entry, Path(tmp) / "fp32.onnx", dynamic_batch=dynamic_batch,
+                               exporter=exporter)  # type: ignore[arg-type]
+            with _writing(path):
+                convert_fp16(fp32, path)
+        ref = record("onnx", "fp16", dynamic_batch)
     elif not int8:
         with _writing(path):
             export_onnx(entry, path, dynamic_batch=dynamic_batch, exporter=exporter)  # type: ignore[arg-type]
@@ -138,7 +150,8 @@ def export(
     where = (f"recorded in {entry.manifest_path}" if register
              else "not recorded in the registry (--no-register)" if inside_model_directory(entry, path)
              else "not recorded in the registry (outside the model's directory, which model.yaml cannot name)")
-    typer.echo(f"wrote {path} ({ref.format} {ref.precision}{', dynamic batch' if ref.dynamic_batch else ''}, "
+    io = ", float32 input and output" if fp16 else ""
+    typer.echo(f"wrote {path} ({ref.format} {ref.precision}{io}{', dynamic batch' if ref.dynamic_batch else ''}, "
                f"sha256 {ref.sha256[:16]}…); {where}")
 
 
