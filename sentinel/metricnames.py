@@ -69,9 +69,13 @@ SAMPLES = _m("samples", "counter", "Sampled request/response pairs by outcome.",
              ("model", "outcome"))
 SAMPLE_QUEUE_DEPTH = _m("sample_queue_depth", "gauge", "Samples waiting for analysis.")
 SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sample queue.")
-ANALYSIS_ERRORS = _m("analysis_errors", "counter", "Analysis failures by kind.", ("kind",))
+ANALYSIS_ERRORS = _m("analysis_errors", "counter",
+                     "Analysis failures by kind (a monitor exception's type, timeout, bad_result, bad_update, "
+                     "worker_start; too_many_updates and update_too_large count the metric updates dropped, "
+                     "result_too_large the results not sent or not read).", ("kind",))
 ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
-                       "Analysis worker restarts by reason (exit, killed, hung).", ("reason",))
+                       "Analysis worker restarts by reason (exit, killed, hung, bad_result: it wrote a result "
+                       "over the proxy's cap).", ("reason",))
 SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
                        "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
                        "out_of_memory, timeout, unexpected_error, worker_lost, quarantined: identical to a "

@@ -4,6 +4,17 @@ Only this module talks to the worker. A full queue drops the sample (counted); a
 worker is counted, logged once per kind and restarted with backoff; a worker that says
 nothing for `hang_timeout_s` (stuck in a C call, SIGSTOPped) is killed and restarted the
 same way, with reason "hung"; the proxy never waits.
+
+What the event loop spends on one sample or one result is bounded. A sample is pickled into
+its pieces (`_Frame`): its bodies are handed to the pipe as they are, never copied on the
+loop, whatever their size. Results are read `READ_BYTES_PER_WAKEUP` at a time; a frame over
+`MAX_RESULT_BYTES` is not read at all (the worker, whose stream can no longer be trusted, is
+killed and restarted with reason "bad_result"). Metric updates wait in a backlog of at most
+`MAX_PENDING_UPDATES` (the excess dropped, counted as `too_many_updates`) and are applied
+`APPLY_PER_WAKEUP` per event-loop iteration; while the backlog holds `READ_PAUSE_UPDATES`
+nothing more is read, so a flooding worker waits on its full pipe. An update over the
+worker's size bounds is dropped (`update_too_large`). Drops are counted in
+sentinel_analysis_errors_total{kind} by the number of updates and logged once per kind.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import struct
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 from sentinel import metricnames as mn
@@ -28,7 +40,14 @@ from sentinel.proxy.sampling import Sample
 
 log = logging.getLogger("sentinel.analysis")
 
-READ_BYTES_PER_WAKEUP = 256 * 1024   # results read per event-loop wakeup; the rest waits for the next one
+READ_BYTES_PER_WAKEUP = 64 * 1024    # results read per event-loop wakeup; the rest waits for the next one
+MAX_RESULT_BYTES = 1024 * 1024       # one framed message from the worker (its frames are at most ~512 KiB)
+MAX_PENDING_UPDATES = 50_000   # metric updates received and not yet applied; more are dropped (counted)
+APPLY_PER_WAKEUP = 500         # metric updates applied per event-loop iteration (about 3 ms)
+READ_PAUSE_UPDATES = 5_000     # no more results are read while this many updates wait to be applied
+MAX_ERROR_KINDS = 64           # distinct `kind`s of analysis errors kept; more are counted as "other"
+WRITEV_BUFFERS = 64            # buffers handed to one writev() of the samples pipe
+WRITE_BYTES_PER_WAKEUP = 1 << 20   # sample bytes written to the worker per event-loop wakeup (a 1 MiB copy)
 QUARANTINE_SIZE = 64      # fingerprints of samples that ended a worker, remembered (oldest forgotten)
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SUPERVISE_EVERY_S = 0.25   # how often a dead or silent worker is noticed
@@ -38,7 +57,8 @@ SAMPLE_PIPE_BYTES = 1 << 20   # kernel buffer of the samples pipe (the default m
 RESTART_EXIT = "exit"      # it exited by itself (an os._exit, a fatal error)
 RESTART_KILLED = "killed"  # a signal from outside ended it (the kernel's OOM killer, an operator)
 RESTART_HUNG = "hung"      # silent past hang_timeout_s; the manager killed it
-RESTART_REASONS = (RESTART_EXIT, RESTART_KILLED, RESTART_HUNG)
+RESTART_BAD_RESULT = "bad_result"   # it wrote a frame over MAX_RESULT_BYTES; the manager killed it
+RESTART_REASONS = (RESTART_EXIT, RESTART_KILLED, RESTART_HUNG, RESTART_BAD_RESULT)
 WORKER_LOST = "worker_lost"   # rejection reason of samples queued to a worker that died
 
 
@@ -91,6 +111,9 @@ class AnalysisManager:
         self.quarantine: OrderedDict[bytes, str] = OrderedDict()  # ... twice: never handed to a worker again
         self._slot: Any = None        # shared memory: the fingerprint of the sample the worker is handling
         self.rejections = _make(mn.SAMPLE_REJECTIONS, metrics.registry)
+        self._pending: deque[tuple] = deque()   # metric updates received, applied APPLY_PER_WAKEUP at a time
+        self._budget = APPLY_PER_WAKEUP          # updates that may still be applied in this loop iteration
+        self._drain_handle: asyncio.Handle | None = None
         for reason in RESTART_REASONS:     # every reason's series exists from the start, at 0
             metrics.restarts.labels(reason)
         metrics.queue_capacity.set(self.capacity)
@@ -109,12 +132,14 @@ class AnalysisManager:
         if self.proc is None and self._restart_at is None:
             self._start()
         w = self.samples_q
-        size = len(sample.request_body) + len(sample.response_body)
+        size = sample.size()
         if (w is None or w.broken or self.outstanding >= self.capacity
                 or self.queued_bytes + size > self.max_bytes):   # restarting, full, or over the byte budget
             self.metrics.samples.labels(sample.model, "dropped").inc()
             return
-        w.send(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+        frame = _Frame()   # the bodies are not copied: pickling a 60 MB one took ~20 ms of the loop
+        pickle.dump(sample, frame, protocol=pickle.HIGHEST_PROTOCOL)
+        w.send(frame)
         self._inflight[sample.model] += 1
         self.outstanding += 1
         self.queued_bytes += size
@@ -165,21 +190,49 @@ class AnalysisManager:
         At most `limit` bytes per wakeup (None: all there is), so a flood of results is applied
         a slice per event-loop iteration between requests; a message the worker has only half
         written (it was stopped, or is not scheduled) stays buffered until the rest arrives.
+        While `READ_PAUSE_UPDATES` metric updates wait to be applied, a wakeup only applies
+        (the worker waits on its full pipe); `limit` None reads regardless.
         """
         r = self.results
         if r is None:
             return
-        got = r.read(limit)
-        if got:
-            self._last_heard = time.monotonic()
-            self._deadline = self._last_heard + self.hang_timeout_s   # any byte is a sign of life
-        for msg in r.messages():
-            self._handle(msg)
-        if r.eof:
+        if limit is not None and len(self._pending) >= READ_PAUSE_UPDATES:
+            self._apply_some()
+            return
+        while True:
+            got = r.read(limit)
+            if got:
+                self._last_heard = time.monotonic()
+                self._deadline = self._last_heard + self.hang_timeout_s   # any byte is a sign of life
+            for msg in r.messages():
+                try:
+                    self._handle(msg)
+                except Exception as exc:  # noqa: BLE001 - a malformed message is counted, never raised into the loop
+                    self.metrics.analysis_errors.labels("bad_result").inc()
+                    self._log_once("bad_result", f"unusable message from the worker: {exc!r}"[:500])
+            if limit is not None or not got or r.eof:
+                break
+        if r.too_large is not None and r is self.results:
+            message, r.too_large = r.too_large, None   # once: restarting reads what is left again
+            self._on_bad_result(message)
+        elif r.eof:
             try:
                 self.loop.remove_reader(r.fileno())   # the supervisor sees the dead process and restarts
             except (OSError, ValueError):
                 pass
+
+    def _on_bad_result(self, message: str) -> None:
+        """The worker wrote a frame over MAX_RESULT_BYTES: it was not read, so what it reported (which
+        samples were done) is lost and the stream cannot be trusted; kill the worker and restart it
+        (the samples it had are counted as worker_lost)."""
+        p = self.proc
+        if p is None:
+            return
+        try:
+            p.kill()
+        except OSError:   # it ended by itself meanwhile
+            pass
+        self._on_crash(None, RESTART_BAD_RESULT, f"analysis worker (pid {p.pid}) {message}; killed")
 
     def _handle(self, msg: tuple) -> None:
         """Apply one message from the worker; one branch per tag (see sentinel.proxy.worker)."""
@@ -200,7 +253,9 @@ class AnalysisManager:
                 for err, k in rejected.items():
                     self.rejections.labels(model, err).inc(k)
                     self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
-            self._apply(updates)
+            self._enqueue(updates)
+        elif tag == "updates":     # more updates of the "samples" message that follows
+            self._enqueue(msg[2])
         elif tag == "sample":      # one sample (the unbatched form)
             _, model, outcome, err, updates, size = msg
             self.queued_bytes = max(0, self.queued_bytes - size)
@@ -210,12 +265,17 @@ class AnalysisManager:
             if err:
                 self.rejections.labels(model, err).inc()
                 self._log_once(f"decode:{err}", f"a sample of {model} did not decode ({err})")
-            self._apply(updates)
+            self._enqueue(updates)
         elif tag == "error":
             _, kind, message = msg
+            kind = self._error_kind(kind)
+            message = str(message)[:1000]
             self.metrics.analysis_errors.labels(kind).inc()
             self.errors[kind] = message
             self._log_once(kind, f"analysis failed: {kind}: {message}")
+        elif tag == "dropped":     # updates (or results) the worker did not send, over its bounds
+            _, kind, n, message = msg
+            self._dropped(self._error_kind(kind), int(n), str(message)[:1000])
         elif tag == "status":
             self.statuses[msg[1]] = msg[2]
         elif tag == "buckets":
@@ -232,13 +292,78 @@ class AnalysisManager:
         else:
             self._inflight.pop(model, None)
 
+    def _enqueue(self, updates: Any) -> None:
+        """Add a message's metric updates to the backlog (the excess over MAX_PENDING_UPDATES is
+        dropped and counted) and apply what this loop iteration's budget allows."""
+        if not updates:
+            return
+        if type(updates) is not list:
+            self.metrics.analysis_errors.labels("bad_update").inc()
+            self._log_once("bad_update", f"metric updates from the worker are a {type(updates).__name__}, "
+                                         f"not a list; dropped")
+            return
+        pending = self._pending
+        room = MAX_PENDING_UPDATES - len(pending)
+        if len(updates) > room:
+            room = max(room, 0)
+            self._dropped(worker.TOO_MANY_UPDATES, len(updates) - room,
+                          f"more than MAX_PENDING_UPDATES ({MAX_PENDING_UPDATES}) metric updates waiting to "
+                          f"be applied; {len(updates) - room} of a message of {len(updates)} dropped")
+            updates = updates[:room]
+        pending.extend(updates)
+        self._apply_some()
+
+    def _apply_some(self) -> None:
+        """Apply what is left of this iteration's budget of the backlog; the next iteration goes on."""
+        pending = self._pending
+        n = min(self._budget, len(pending))
+        if n > 0:
+            self._budget -= n
+            self._apply([pending.popleft() for _ in range(n)])
+        if ((pending or self._budget < APPLY_PER_WAKEUP) and self._drain_handle is None
+                and not self.loop.is_closed()):
+            self._drain_handle = self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Once per loop iteration while updates wait (or some were applied): a fresh budget."""
+        self._drain_handle = None
+        self._budget = APPLY_PER_WAKEUP
+        self._apply_some()
+
     def _apply(self, updates: list[tuple]) -> None:
-        for metric, labels, op, value in updates:
+        bounds = (worker.MAX_METRIC_CHARS, worker.MAX_LABELS, worker.MAX_LABEL_CHARS)
+        too_large = 0
+        for update in updates:
             try:
+                metric, labels, op, value = update
+                if not _within(metric, labels, *bounds):
+                    too_large += 1
+                    continue
                 self.metrics.apply(metric, labels, op, value)
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - a bad update is counted, never raised into the loop
                 self.metrics.analysis_errors.labels("bad_update").inc()
-                self._log_once(f"bad_update:{metric}", str(exc))
+                name = update[0] if type(update) is tuple and update and type(update[0]) is str else "?"
+                self._log_once(f"bad_update:{name[:worker.MAX_METRIC_CHARS]}", str(exc)[:500])
+        if too_large:
+            self._dropped(worker.UPDATE_TOO_LARGE, too_large,
+                          f"{too_large} metric updates over a bound (metric name {worker.MAX_METRIC_CHARS} "
+                          f"characters, {worker.MAX_LABELS} labels, a label value {worker.MAX_LABEL_CHARS} "
+                          f"characters); dropped")
+
+    def _dropped(self, kind: str, n: int, message: str) -> None:
+        """Count `n` updates (or results) dropped for `kind`; log the first time."""
+        if n <= 0:
+            return
+        self.metrics.analysis_errors.labels(kind).inc(n)
+        self.errors[kind] = message
+        self._log_once(kind, f"analysis results dropped: {kind}: {message}")
+
+    def _error_kind(self, kind: Any) -> str:
+        """The `kind` label of an analysis error, its cardinality capped (MAX_ERROR_KINDS, then "other")."""
+        kind = str(kind)[:64]
+        if kind not in self.errors and len(self.errors) >= MAX_ERROR_KINDS:
+            return "other"
+        return kind
 
     def _log_once(self, kind: str, message: str) -> None:
         if kind not in self._logged:
@@ -334,6 +459,7 @@ class AnalysisManager:
             self._supervisor.cancel()
         p = self.proc
         if p is None:
+            self._stop_updates()
             return
         self.samples_q.close()   # end of input: the worker finishes what it has and exits
         deadline = time.monotonic() + timeout
@@ -347,6 +473,16 @@ class AnalysisManager:
         p.join(timeout=1.0)
         self._on_readable_safe()
         self._cleanup()
+        self._stop_updates()
+
+    def _stop_updates(self) -> None:
+        """Apply the whole backlog of updates now: stopping, no later loop iteration will."""
+        pending = self._pending
+        while pending:
+            self._apply([pending.popleft() for _ in range(min(len(pending), APPLY_PER_WAKEUP))])
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain_handle = None
 
     def _on_readable_safe(self) -> None:
         """Everything the worker has written so far (it is gone or silent: there is no more coming)."""
@@ -365,7 +501,42 @@ class AnalysisManager:
                 "last_message_age_s": (round(time.monotonic() - self._last_heard, 3)
                                        if self._last_heard is not None else None),
                 "quarantined": len(self.quarantine),
+                "pending_updates": len(self._pending),
                 "errors": dict(self.errors)}
+
+
+def _within(metric: Any, labels: Any, max_metric: int, max_labels: int, max_chars: int) -> bool:
+    """Whether an update's metric name and labels are within the bounds a worker keeps to
+    (ValueError when they are not a str and a dict of str: a malformed update)."""
+    if type(metric) is not str or type(labels) is not dict:
+        raise ValueError(f"malformed metric update: metric {type(metric).__name__}, labels {type(labels).__name__}")
+    if len(metric) > max_metric or len(labels) > max_labels:
+        return False
+    for v in labels.values():
+        if type(v) is not str:
+            raise ValueError(f"malformed metric update: a label value is a {type(v).__name__}")
+        if len(v) > max_chars:
+            return False
+    return True
+
+
+class _Frame:
+    """A file for pickle.dump that keeps what it is given: the pickler hands a bytes object of
+    64 KiB or more to write() as it is, so a sample's bodies reach the pipe without a copy."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        if type(data) is not bytes:   # a bytearray (or view) could change before it is written: copy it
+            data = bytes(data)
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        return len(data)
 
 
 def remember(table: OrderedDict[bytes, str], fingerprint: bytes, model: str) -> None:
@@ -399,20 +570,24 @@ class PipeReader:
     (a 4-byte big-endian length, or -1 and an 8-byte length), as the worker writes it.
     """
 
-    def __init__(self, conn: Any):
+    def __init__(self, conn: Any, max_frame: int = MAX_RESULT_BYTES):
         self.conn = conn
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
         self.buf = bytearray()
         self.eof = False
+        self.max_frame = max_frame
+        self.too_large: str | None = None   # why reading stopped at a frame over max_frame
 
     def fileno(self) -> int:
         return self.fd
 
     def read(self, limit: int | None) -> int:
-        """Read up to `limit` bytes (None: all there is); the number read."""
+        """Read up to `limit` bytes (None: all there is, or until the buffer holds more than one
+        frame may: `messages()` first); the number read."""
         got = 0
-        while not self.eof and (limit is None or got < limit):
+        full = self.max_frame + 12 + 65536
+        while not self.eof and (limit is None or got < limit) and len(self.buf) <= full:
             try:
                 chunk = os.read(self.fd, 65536 if limit is None else min(65536, limit - got))
             except (BlockingIOError, InterruptedError):
@@ -446,6 +621,13 @@ class PipeReader:
                         break
                     (n,) = struct.unpack_from("!Q", buf, pos + 4)
                     head = 12
+                if n > self.max_frame:   # not read: the manager restarts the worker that wrote it
+                    pos = len(buf)
+                    self.eof = True
+                    self.too_large = (f"wrote a result frame of {n} bytes, over MAX_RESULT_BYTES "
+                                      f"({self.max_frame}); not read")
+                    yield ("error", worker.RESULT_TOO_LARGE, self.too_large)
+                    break
                 if len(buf) - pos - head < n:
                     break
                 start = pos + head
@@ -480,29 +662,49 @@ class PipeWriter:
         self.waiting = False
         self.broken = False
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes | _Frame) -> None:
+        """Frame one message: bytes, or a `_Frame`'s pieces (not copied)."""
         if self.broken:
             return
-        self.buf.append(memoryview(struct.pack("!i", len(payload))))
-        self.buf.append(memoryview(payload))
+        parts, size = (payload.parts, payload.size) if isinstance(payload, _Frame) else ([payload], len(payload))
+        head = struct.pack("!i", size) if size <= 0x7fffffff else struct.pack("!iQ", -1, size)   # as Connection
+        self.buf.append(memoryview(head))
+        self.buf.extend(memoryview(p) for p in parts if p)
         if not self.waiting:
             self._drain()
 
     def _drain(self) -> None:
+        """Write what the pipe takes, at most WRITE_BYTES_PER_WAKEUP (a worker reading as fast
+        as it is written would otherwise keep one call copying a 60 MB sample); the rest when
+        the pipe is writable again, on a later wakeup."""
         buf = self.buf
-        while buf:
+        room = WRITE_BYTES_PER_WAKEUP
+        while buf and room > 0:
+            iov: list[memoryview] = []
+            left = room
+            for b in islice(buf, WRITEV_BUFFERS):
+                if len(b) >= left:
+                    iov.append(b[:left])
+                    break
+                iov.append(b)
+                left -= len(b)
             try:
-                n = os.write(self.fd, buf[0])
+                n = os.writev(self.fd, iov) if len(iov) > 1 else os.write(self.fd, iov[0])
             except BlockingIOError:
                 break
             except OSError:           # the worker is gone; the supervisor restarts it
                 self.broken = True
                 buf.clear()
                 break
-            if n == len(buf[0]):
-                buf.popleft()
-            else:
-                buf[0] = buf[0][n:]
+            room -= n
+            while n:
+                first = buf[0]
+                if n >= len(first):
+                    n -= len(first)
+                    buf.popleft()
+                else:
+                    buf[0] = first[n:]
+                    n = 0
         if buf and not self.waiting:
             self.loop.add_writer(self.fd, self._drain)
             self.waiting = True

@@ -6,8 +6,12 @@ pickled `Sample`s from one pipe and writes plain tuples to another:
     ("samples", model, n, {reject_reason: count}, [(metric, labels, op, value)...], payload_bytes)
                                               n samples of one model handled since the last write
                                               (counter increments summed, observations kept)
+    ("updates", model, [(metric, labels, op, value)...])
+                                              more updates of the "samples" message of `model` after it
     ("batch", [message, ...])                 several of these messages in one pipe write
     ("error", kind, message)                  an exception in a monitor
+    ("dropped", kind, count, message)         `count` metric updates (or results) not sent, and why:
+                                              TOO_MANY_UPDATES, UPDATE_TOO_LARGE, RESULT_TOO_LARGE
     ("status", model, dict)                   a monitor's status, at most once a second
     ("buckets", {metric: bounds})             histogram bounds a monitor asks for
     ("heartbeat",)                            sign of life while idle, every `heartbeat_s`
@@ -19,6 +23,16 @@ once (after MAX_BATCH samples or as long again of handling at the latest), so at
 rates the worker and the proxy's event loop pay one wake-up, one pickle and one write per
 burst rather than per sample (results reach the metrics that much later). "busy" and
 "heartbeat" go out at once.
+
+What a monitor returns is bounded before it is sent, so neither this process nor the proxy
+holds, pickles or applies an unbounded amount: at most `MAX_UPDATES_PER_SAMPLE` updates of
+one sample are kept; an update whose metric name, label count or a label's key or value is
+over `MAX_METRIC_CHARS`/`MAX_LABELS`/`MAX_LABEL_CHARS` is dropped whole; a burst writes
+early once it holds `MAX_UPDATES_PER_WRITE`; a status over `MAX_STATUS_BYTES` (or
+histogram bounds over `MAX_BUCKETS_BYTES`) is not sent. Each of these is reported in a
+"dropped" message (sentinel_analysis_errors_total{kind}, by the number dropped). A write
+goes out as frames of about `FRAME_BYTES` each (the updates of a "samples" message split
+into "updates" messages), so the proxy unpickles and applies a little at a time.
 
 No payload can end the worker: every exception of decoding one sample rejects that sample
 with a reason (a decode error kind, or one of `REJECT_REASONS`), every exception of a
@@ -35,15 +49,31 @@ import hashlib
 import importlib
 import logging
 import os
+import pickle
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 DEFAULT_FACTORY = "sentinel.analysis.monitor:build_monitor"
 STATUS_EVERY_S = 1.0
 RESULTS_LINGER_S = 0.25    # after a sample arrives, wait this long for others (at most heartbeat_s)
 MAX_BATCH = 256            # at most this many samples share one write
+
+# Bounds on what a monitor's results may cost the proxy (see the module docstring).
+MAX_UPDATES_PER_SAMPLE = 16_384    # metric updates kept from one sample; the rest are dropped and counted
+MAX_UPDATES_PER_WRITE = 32_768     # a burst writes early once its samples' updates reach this many
+MAX_METRIC_CHARS = 128             # an update whose metric name is longer is dropped
+MAX_LABELS = 8                     # ... that has more labels
+MAX_LABEL_CHARS = 256              # ... a label key or value longer than this (a Prometheus series each)
+MAX_STATUS_BYTES = 256 * 1024      # a monitor's status, pickled; a larger one is not sent
+MAX_BUCKETS_BYTES = 64 * 1024      # the histogram bounds a monitor asks for, pickled
+FRAME_BYTES = 64 * 1024            # about this much (estimated) per pipe write
+
+# `kind`s of "dropped" messages (sentinel_analysis_errors_total{kind}, counted per update dropped).
+TOO_MANY_UPDATES = "too_many_updates"    # over MAX_UPDATES_PER_SAMPLE (or the proxy's backlog of updates)
+UPDATE_TOO_LARGE = "update_too_large"    # metric name, label count or a label over its bound
+RESULT_TOO_LARGE = "result_too_large"    # a status or bucket message over its bound (or unpicklable)
 
 # Reasons a sample is rejected besides the decoders' own DecodeError kinds.
 TOO_DEEP = "too_deep"                # RecursionError: nesting deeper than Python's stack
@@ -261,6 +291,98 @@ def decode(sample: Any, model: str, hints: Any = None):
     return batch, err
 
 
+def plain_update(u: Any) -> tuple | None:
+    """A MetricUpdate as the plain tuple sent to the proxy, or None when it is over a bound.
+
+    Labels become str → str (as Prometheus would make them); an unknown op is left for the
+    proxy to reject as a bad update (a non-str one as its type's name). Raises what reading
+    `u` raises (a monitor's bug, reported as its error).
+    """
+    metric, labels, op = u.metric, u.labels, u.op
+    value = float(u.value)
+    if type(op) is not str:
+        op = type(op).__name__
+    if type(metric) is not str:
+        metric = type(metric).__name__
+    if len(metric) > MAX_METRIC_CHARS or len(op) > MAX_METRIC_CHARS:
+        return None
+    if not isinstance(labels, dict):
+        labels = dict(labels)
+    if len(labels) > MAX_LABELS:
+        return None
+    plain: dict[str, str] = {}
+    for k, v in labels.items():
+        if type(k) is not str:
+            k = str(k)
+        if type(v) is not str:
+            v = str(v)
+        if len(k) > MAX_LABEL_CHARS or len(v) > MAX_LABEL_CHARS:
+            return None
+        plain[k] = v
+    return (metric, plain, op, value)
+
+
+def bounded_updates(observed: Any) -> tuple[list[tuple], int, int]:
+    """A monitor's updates as plain tuples: (kept, dropped over MAX_UPDATES_PER_SAMPLE, dropped as too large)."""
+    kept: list[tuple] = []
+    too_large = seen = 0
+    it = iter(observed)
+    for u in it:
+        seen += 1
+        if len(kept) >= MAX_UPDATES_PER_SAMPLE:
+            over = len(observed) - seen + 1 if hasattr(observed, "__len__") else 1 + sum(1 for _ in it)
+            return kept, over, too_large
+        t = plain_update(u)
+        if t is None:
+            too_large += 1
+        else:
+            kept.append(t)
+    return kept, 0, too_large
+
+
+def _update_cost(u: tuple) -> int:
+    """About what one plain update adds to a pickled message (an estimate, in characters)."""
+    return 32 + len(u[0]) + sum(len(k) + len(v) for k, v in u[1].items())
+
+
+def _chunks(updates: list[tuple]) -> Iterator[tuple[list[tuple], int]]:
+    """`updates` in consecutive pieces of about FRAME_BYTES each, with their estimated cost."""
+    chunk: list[tuple] = []
+    cost = 0
+    for u in updates:
+        c = _update_cost(u)
+        if chunk and cost + c > FRAME_BYTES:
+            yield chunk, cost
+            chunk, cost = [], 0
+        chunk.append(u)
+        cost += c
+    yield chunk, cost
+
+
+def _pieces(msgs: list[tuple]) -> Iterator[tuple[tuple, int]]:
+    """The messages to write, each with its estimated size; a "samples" message with more updates
+    than fit a frame is preceded by "updates" messages with all but the last piece (so when the
+    proxy counts the samples reported, all their updates have arrived)."""
+    for msg in msgs:
+        if msg[0] == "samples" and msg[4]:
+            pieces = list(_chunks(msg[4]))
+            for chunk, cost in pieces[:-1]:
+                yield ("updates", msg[1], chunk), cost + 48
+            chunk, cost = pieces[-1]
+            yield (*msg[:4], chunk, msg[5]), cost + 64 + 48 * len(msg[3])
+        else:
+            yield msg, _message_cost(msg)
+
+
+def _message_cost(msg: tuple) -> int:
+    if msg[0] in ("heartbeat", "busy", "dropped", "samples"):
+        return 256
+    try:
+        return len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # noqa: BLE001 - sent as it is; Connection.send raises the same
+        return FRAME_BYTES
+
+
 class _Tally:
     """What the samples of one model handled since the last write add up to."""
 
@@ -320,6 +442,8 @@ class Worker:
         self.outbox: list[tuple] = []          # messages not yet written, in order
         self.tallies: dict[str, _Tally] = {}   # samples not yet reported, per model
         self.pending = 0                       # samples in the tallies
+        self.pending_updates = 0               # updates in the tallies (before counters are summed)
+        self.dropped: dict[str, list] = {}     # kind → [updates or results not sent, what the last one was]
 
     def send(self, msg: tuple, now: bool = False) -> None:
         """Queue a message for the next write; `now`: write it (and everything queued) at once."""
@@ -328,20 +452,59 @@ class Worker:
             self.flush()
 
     def flush(self) -> None:
-        """Write what is queued: the messages in order, then one "samples" message per model."""
+        """Write what is queued: the messages in order, what was dropped, then one "samples"
+        message per model."""
         msgs = self.outbox
+        if self.dropped:
+            msgs.extend(("dropped", kind, n, why) for kind, (n, why) in self.dropped.items())
+            self.dropped = {}
         if self.pending:
             msgs.extend(t.message(model) for model, t in self.tallies.items())
             self.tallies = {}
             self.pending = 0
+            self.pending_updates = 0
         if msgs:
             self._write(msgs)
 
     def _write(self, msgs: list) -> None:
-        """Send `msgs` (the outbox, and what joins it) in one write; the outbox starts afresh."""
+        """Send `msgs` (the outbox, and what joins it) in order, in frames of about FRAME_BYTES
+        (usually one); the outbox starts afresh."""
         self.outbox = []
-        self.results.send(msgs[0] if len(msgs) == 1 else ("batch", msgs))
+        frame: list[tuple] = []
+        size = 0
+        for msg, cost in _pieces(msgs):
+            if frame and size + cost > FRAME_BYTES:
+                self._send_frame(frame)
+                frame, size = [], 0
+            frame.append(msg)
+            size += cost
+        if frame:
+            self._send_frame(frame)
         self.last_sent = time.monotonic()
+
+    def _send_frame(self, frame: list[tuple]) -> None:
+        self.results.send(frame[0] if len(frame) == 1 else ("batch", frame))
+
+    def drop(self, kind: str, n: int, why: str) -> None:
+        """Count `n` updates (or results) not sent, for the next write's "dropped" message."""
+        entry = self.dropped.get(kind)
+        if entry is None:
+            self.dropped[kind] = [n, why]
+        else:
+            entry[0] += n
+            entry[1] = why
+
+    def send_bounded(self, msg: tuple, limit: int, what: str) -> None:
+        """Queue a status or buckets message unless its pickle is over `limit` bytes (or it has none)."""
+        try:
+            size = len(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:  # noqa: BLE001 - an unpicklable status would end the worker in send()
+            self.drop(RESULT_TOO_LARGE, 1, f"{what} cannot be pickled: {str(exc)[:200]}")
+            return
+        if size > limit:
+            self.drop(RESULT_TOO_LARGE, 1, f"{what} is {size} bytes pickled, over {limit}; not sent")
+            return
+        self.send(msg)
 
     def keep_alive(self) -> None:
         """Between the phases of a slow sample: tell the manager we are alive (it kills a silent worker)."""
@@ -355,7 +518,7 @@ class Worker:
             mon = self.monitors[model] = self.factory(self.config, self.models[model])
             buckets = getattr(mon, "buckets", None)
             if callable(buckets):
-                self.send(("buckets", dict(buckets())))
+                self.send_bounded(("buckets", dict(buckets())), MAX_BUCKETS_BYTES, f"{model}: histogram bounds")
         return mon
 
     def hints_for(self, model: str) -> Any:
@@ -373,6 +536,10 @@ class Worker:
 
     def handle(self, sample: Any) -> None:
         """Decode and analyse one sample and tally it, whatever it contains (`flush` reports it)."""
+        try:
+            sample = sample.joined()   # bodies captured in pieces (sampling.Sample)
+        except AttributeError:   # not a Sample: decode() rejects it
+            pass
         model = sample.model
         fp = fingerprint(sample) if self.slot is not None or self.quarantine else b""
         if fp in self.quarantine:
@@ -403,7 +570,18 @@ class Worker:
                 mon = self.monitor(model)
                 with self.budget:
                     observed = mon.observe(batch)
-                    updates = [(u.metric, dict(u.labels), u.op, float(u.value)) for u in observed]
+                    updates, over, too_large = bounded_updates(observed)
+                    observed = None
+                if over:
+                    total = len(updates) + too_large + over
+                    self.drop(TOO_MANY_UPDATES, over,
+                              f"a sample of {model} gave {total} metric updates, over MAX_UPDATES_PER_SAMPLE "
+                              f"({MAX_UPDATES_PER_SAMPLE}); the rest were dropped")
+                if too_large:
+                    self.drop(UPDATE_TOO_LARGE, too_large,
+                              f"a sample of {model} gave {too_large} metric updates over a bound (metric name "
+                              f"{MAX_METRIC_CHARS} characters, {MAX_LABELS} labels, a label's key or value "
+                              f"{MAX_LABEL_CHARS} characters); dropped")
             except SampleTimeout as exc:
                 self.send(("error", TIMEOUT, f"{model}: analysis {exc}"))
             except BaseException as exc:  # noqa: BLE001 - any monitor failure is reported, never fatal
@@ -419,6 +597,7 @@ class Worker:
             tally = self.tallies[model] = _Tally()
         tally.add(err, updates, len(sample.request_body) + len(sample.response_body))
         self.pending += 1
+        self.pending_updates += len(updates)
 
     def report_status(self, model: str) -> None:
         now = time.monotonic()
@@ -436,7 +615,7 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001
                 self.send(("error", type(exc).__name__, f"{model} status: {str(exc)[:500]}"))
             else:
-                self.send(("status", model, status))
+                self.send_bounded(("status", model, status), MAX_STATUS_BYTES, f"{model}: status")
 
 
 def main(config: Any, factory_spec: str, samples: Any, results: Any, *,
@@ -477,17 +656,18 @@ def burst(worker: Worker, samples: Any, linger: float, budget: float) -> tuple[b
 
     Rather than waking for each sample, the worker sleeps and then takes everything waiting
     with warm caches, so at modest rates it wakes and writes once per RESULTS_LINGER_S. It
-    writes after MAX_BATCH samples or `budget` seconds of handling at the latest, so the
-    manager hears from it as often as one sample at a time would let it. Returns (input goes
-    on, it stopped with samples possibly still waiting); what was handled before the end of
-    input is still reported.
+    writes after MAX_BATCH samples (or MAX_UPDATES_PER_WRITE of their updates) or `budget`
+    seconds of handling at the latest, so the manager hears from it as often as one sample at
+    a time would let it. Returns (input goes on, it stopped with samples possibly still
+    waiting); what was handled before the end of input is still reported.
     """
     if linger > 0:
         time.sleep(linger)
     going = behind = True
     stop = time.monotonic() + budget
     while True:
-        if worker.pending >= MAX_BATCH or time.monotonic() >= stop:
+        if (worker.pending >= MAX_BATCH or worker.pending_updates >= MAX_UPDATES_PER_WRITE
+                or time.monotonic() >= stop):
             break
         try:
             if not samples.poll(0):
