@@ -23,6 +23,7 @@ median and the [min-max] of the runs, and each target's CPU as a ratio to nginx'
     python benchmarks/floor_bench.py                # 3 rounds x 5 s at 1,000 rps, about 2 minutes
     python benchmarks/floor_bench.py --rate 200
     python benchmarks/floor_bench.py --saturation   # also wrk saturation, about 1 more minute
+    python benchmarks/floor_bench.py --before 43e326e --only nginx,sentinel   # a revision's sentinel beside this one
 
 Needs nginx on the PATH. See benchmarks/proxy.md ("Fourth pass") for what the figures say.
 """
@@ -44,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_bench as pb  # noqa: E402
+import worker_bench  # noqa: E402
 
 
 def serve_relay(port: int, up_port: int, parse: bool) -> None:
@@ -233,6 +235,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--saturation", action="store_true", help="also wrk -t1 -c8 runs (rounds x 3 s)")
+    ap.add_argument("--before", metavar="REV", help="also run sentinel as of this git revision (targets 'REV 0%%', 'REV 5%%')")
+    ap.add_argument("--only", metavar="NAMES", help="comma-separated prefixes of the targets to run, e.g. "
+                    "'sentinel,43e326e' (nginx always runs)")
     ap.add_argument("--serve-relay", nargs=3, metavar=("PORT", "UPSTREAM", "PARSE"), help=argparse.SUPPRESS)
     ap.add_argument("--serve-compact", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -247,20 +252,36 @@ def main() -> None:
         sys.exit("nginx is required (apt-get install nginx-light)")
 
     tmp = Path(tempfile.mkdtemp(prefix="sentinel-floor-"))
-    ports = {k: pb.free_port() for k in ("up", "nginx", "relay", "parse", "compact", "s0", "s0a", "s5", "s5a")}
+    ports = {k: pb.free_port() for k in ("up", "nginx", "relay", "parse", "compact", "s0", "s0a", "s5", "s5a",
+                                         "b0", "b0a", "b5", "b5a")}
+    only = [p.strip() for p in args.only.split(",")] if args.only else None
+
+    def wanted(name: str) -> bool:
+        return name == "nginx" or only is None or any(name.startswith(p) for p in only)
     up = ports["up"]
     procs: dict[str, subprocess.Popen] = {}
     procs["upstream"] = pb.start_nginx(tmp, "upstream", pb.UPSTREAM_CONF.format(port=up, resp=pb.UPSTREAM_BODY))
     procs["nginx"] = pb.start_nginx(tmp, "proxy", pb.PROXY_CONF.format(up=up, port=ports["nginx"]))
+    targets = [("nginx", ports["nginx"])]
     for name, key, parse in (("relay", "relay", "0"), ("relay+parse", "parse", "1")):
-        procs[name] = subprocess.Popen([sys.executable, __file__, "--serve-relay", str(ports[key]), str(up), parse])
-    procs["compact"] = subprocess.Popen([sys.executable, __file__, "--serve-compact", str(ports["compact"]), str(up)])
-    for name, key, rate in (("sentinel 0%", "s0", 0.0), ("sentinel 5%", "s5", 0.05)):
+        if wanted(name):
+            procs[name] = subprocess.Popen([sys.executable, __file__, "--serve-relay", str(ports[key]), str(up), parse])
+            targets.append((name, ports[key]))
+    if wanted("compact"):
+        procs["compact"] = subprocess.Popen([sys.executable, __file__, "--serve-compact", str(ports["compact"]), str(up)])
+        targets.append(("compact", ports["compact"]))
+    sentinels = [("sentinel 0%", "s0", 0.0, None), ("sentinel 5%", "s5", 0.05, None)]
+    if args.before:
+        (tmp / "before").mkdir()
+        old = worker_bench.baseline_tree(args.before, tmp / "before")
+        sentinels[:0] = [(f"{args.before[:10]} 0%", "b0", 0.0, old), (f"{args.before[:10]} 5%", "b5", 0.05, old)]
+    for name, key, rate, tree in sentinels:
+        if not wanted(name):
+            continue
         d = tmp / key
         d.mkdir()
-        procs[name] = pb.start_sentinel(d, ports[key], ports[key + "a"], up, rate)
-    targets = [("nginx", ports["nginx"]), ("relay", ports["relay"]), ("relay+parse", ports["parse"]),
-               ("compact", ports["compact"]), ("sentinel 0%", ports["s0"]), ("sentinel 5%", ports["s5"])]
+        procs[name] = pb.start_sentinel(d, ports[key], ports[key + "a"], up, rate, tree=tree)
+        targets.append((name, ports[key]))
     req = pb.request_bytes("/v2/models/bench/infer", pb.SMALL_JSON, pb.JSON_HEADERS)
     cpu: dict[str, list[float]] = {t: [] for t, _ in targets}
     p99: dict[str, list[float]] = {t: [] for t, _ in targets}

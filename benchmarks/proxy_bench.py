@@ -132,14 +132,17 @@ def start_nginx(tmp: Path, name: str, body: str, workers: int = 1) -> subprocess
                             stderr=subprocess.DEVNULL)
 
 
-def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, workers: int = 1) -> subprocess.Popen:
+def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, workers: int = 1,
+                   tree: Path | None = None) -> subprocess.Popen:
+    """`sentinel run` on this checkout, or on the `sentinel` package under `tree` (worker_bench.baseline_tree)."""
     cfg = tmp / "sentinel.yaml"
     cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: http://127.0.0.1:{up}\n"
                    f"log_level: warning\n"
                    f"models:\n  - {{name: bench, version: v1, protocol: v2}}\n"
                    f"sampling: {{rate: {rate}, max_per_second: 100, max_bytes: 8388608}}\n"
                    f"proxy: {{max_body_bytes: 134217728, workers: {workers}}}\n")
-    return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=REPO,
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=tree or REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

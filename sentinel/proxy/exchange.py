@@ -330,26 +330,29 @@ class Exchange:
             # The rest of the body is read and dropped (ClientConnection.check_deadlines times
             # it): reading must not stay paused for an upstream connection that is now gone.
             self.conn.resume_reading("upstream")
-        out = self.out
-        if out is not None:
-            self.out = None
-            if self.resp_mode == CHUNKED:
+        out, self.out = self.out, None
+        if self.resp_mode == CHUNKED:
+            if out is None:
+                out = [b"0\r\n\r\n"]
+            else:
                 out.append(b"0\r\n\r\n")
-            self.conn.send(out)
-        elif self.resp_mode == CHUNKED:
-            self.conn.write(b"0\r\n\r\n")
         up, self.upstream = self.upstream, None
         if up is not None:
             if reusable and self.request_done and self.method != b"HEAD":
                 self.ctx.pool.release(up)  # type: ignore[arg-type]
             else:
                 up.abort()
+        # Counted (and the sample queued) before the last bytes are handed to the client: a client
+        # that reads its answer and then scrapes /metrics finds it counted. Whether the client may
+        # not get it is judged by what was still unwritten before it (_finish).
         self._finish(str(self.status))
         cap, self.capture = self.capture, None
         if cap is not None and self.request_done:
             sample = cap.sample(self.trace_id)
             if sample is not None:
                 self.ctx.submit_sample(sample)
+        if out is not None:
+            self.conn.send(out)
         self.conn.exchange_finished(self)
 
     # --- failures -------------------------------------------------------------------

@@ -122,7 +122,7 @@ class BufferedWriter:
                 self.outbox.pending.append(self)
             out.extend(data)
         else:
-            self.transport.writelines(data)
+            _write_out(self.transport, data)   # one buffer when small: uvloop's one-buffer write is its fast path
 
     def flush(self) -> None:
         out = self._out

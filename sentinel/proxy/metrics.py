@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
 from typing import Any
@@ -16,6 +17,8 @@ from sentinel import __version__
 from sentinel import metricnames as mn
 
 log = logging.getLogger(__name__)
+# Exemplar((labels, value, timestamp)) without the namedtuple's Python __new__ (once per request)
+_exemplar = functools.partial(tuple.__new__, Exemplar)
 
 # The codes whose request counters exist from the start (zero_codes): the
 # availability SLI's 5xx the model server and the proxy give most, and a cut response.
@@ -156,7 +159,7 @@ class ProxyMetrics:
         b = children.buckets[bisect.bisect_left(children.bounds, seconds)]
         b._value += 1.0
         if trace_id:
-            b._exemplar = Exemplar({"trace_id": trace_id}, seconds, time.time())
+            b._exemplar = _exemplar(({"trace_id": trace_id}, seconds, time.time()))
         children.sum._value += seconds
         children.count._value += 1.0
 

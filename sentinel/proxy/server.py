@@ -103,6 +103,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.fin_early = False      # the client sent FIN before the answer at the head of the queue began
         self.confirming = False     # answers written after such a FIN wait to learn whether the client took them
         self.closing = False        # the proxy decided to close (queued requests it drops are its own doing)
+        self.graceful = False       # closed with close(): what was left in our buffer leaves first (not abort)
         self.lingering = False      # a shed connection counted in ctx.shedding
 
     # --- asyncio.Protocol -------------------------------------------------------------
@@ -135,6 +136,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if self.discarding:
             self.discarded += len(data)
             if self.discarded > self.drain_limit and self.transport is not None:
+                self.graceful = False
                 self.transport.abort()   # refused, and still sending: stop listening
             return
         self.last_active = self.ctx.loop.time()
@@ -281,7 +283,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if self.parsing is not None and self.parsing not in self.queue:
             self.parsing.finished = True
         self.queue.clear()
-        self._record_unrecorded(CLIENT_CLOSED)
+        # After our close() the transport ends (exc None) only once our buffer is written: the
+        # answers waiting on it reached the client's kernel and count as their own status.
+        self._record_unrecorded(None if exc is None and self.graceful else CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         self.write_blocked_at = self.ctx.loop.time()
@@ -291,7 +295,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_blocked_at = 0.0
-        self._record_unrecorded()
+        if not self.transport.get_write_buffer_size():  # type: ignore[union-attr]
+            self._record_unrecorded()
+        # else: under the low-water mark, not empty. The answers count once it empties, or as cut
+        # when the client takes nothing more for send_timeout (check_deadlines). They were counted
+        # here, and a client that stopped reading then was never cut.
         if self.queue and self.queue[0].upstream is not None:
             ex = self.queue[0]
             ex.last_up = self.ctx.loop.time()   # the upstream was paused for us, not idle
@@ -499,7 +507,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             self.ctx.loop.call_later(CONFIRM_S, self._confirm)
             return
         if (request_read and self.parsing is None) or self.eof:
-            t.close()
+            self._close_transport()
             return
         # Half-close and discard what the client is still sending, so it can read our answer.
         self.discarding = True
@@ -508,7 +516,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.paused.clear()
         t.resume_reading()
         http.send_fin(t)
-        self.ctx.loop.call_later(LINGER_S, t.close)
+        self.ctx.loop.call_later(LINGER_S, self._close_transport)
 
     def _confirm(self) -> None:
         """Count the answers written after the client's early FIN, then close (see eof_received).
@@ -542,7 +550,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 else:
                     ex.dropped_unstarted()
         self.queue.clear()
-        t.abort() if gone else t.close()
+        if gone:
+            t.abort()
+        else:
+            self._close_transport()
 
     def _unread(self) -> int:
         """Bytes of ours the client has not taken: our write buffer plus what the kernel holds unacknowledged.
@@ -572,8 +583,15 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         except OSError:
             return True
 
+    def _close_transport(self) -> None:
+        """close(): our buffer is written first (check_deadlines bounds how long that may take)."""
+        if self.transport is not None and not self.closed:
+            self.graceful = True
+            self.transport.close()
+
     def abort(self) -> None:
         self._out = []
+        self.graceful = False
         if self.transport is not None and not self.closed:
             for ex in self.queue:   # pipelined behind the exchange that forced the cut: never tried
                 if not ex.started and not ex.finished:
@@ -686,11 +704,19 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     # --- time -------------------------------------------------------------------------
     def check_deadlines(self, now: float, lim: Limits) -> None:
         """Apply whichever timeout of `lim` this connection's state has passed (see context.py)."""
-        if self.closed or self.discarding or self.transport is None:
+        t = self.transport
+        if self.closed or t is None:
+            return
+        if t.is_closing():
+            if t.get_write_buffer_size():
+                self._check_closing(now, lim)
+            return
+        if self.discarding:
             return
         if self.confirming and not self.write_blocked_at:
             return   # counting answers written after an early FIN (_confirm closes the connection)
         if self.paused and self.reset_by_peer():
+            self.graceful = False
             self.transport.abort()   # connection_lost: what is in flight counts 499
             return
         if self.write_blocked_at:
@@ -739,7 +765,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             # as it arrives, but a client that stops sending it must not hold the connection.
             if now - self.last_active > lim.body_idle:
                 self.ctx.fail("request_body_timeout", f"no request body bytes for {lim.body_idle} s")
-                self.transport.close()
+                self._close_transport()
             return
         if self.in_head:
             if now - self.head_started > lim.head_timeout:
@@ -749,7 +775,19 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if ex is None and self.parsing is None:
             # A connection that never sent a byte gets the head timeout; a used one keep-alive.
             if now - self.last_active > (lim.keepalive_idle if self.used else lim.head_timeout):
-                self.transport.close()
+                self._close_transport()
+
+    def _check_closing(self, now: float, lim: Limits) -> None:
+        """A transport we closed still holds bytes for the client: it must take some within send_timeout.
+
+        close() waits for our buffer to be written; a client that never reads again held the socket,
+        its buffer and a connection slot for good.
+        """
+        size = self._unread()
+        if not self.held_at or size < self.held_size:
+            self.held_at, self.held_size = now, size
+        elif now - self.held_at > lim.send_timeout:
+            self._cut_slow_reader(lim)
 
     def _cut_slow_reader(self, lim: Limits) -> None:
         ctx = self.ctx
@@ -768,5 +806,5 @@ def close_idle(ctx: ProxyContext, idle_s: float) -> int:
     cutoff = ctx.loop.time() - idle_s
     stale = [c for c in ctx.connections if c.idle() and c.last_active < cutoff and c.transport is not None]
     for c in stale:
-        c.transport.close()
+        c._close_transport()
     return len(stale)

@@ -142,3 +142,30 @@ def test_a_cap_below_one_per_second_still_samples():
         clock.t = i / 10
         taken += s.decide(10) == "sample"
     assert 49 <= taken <= 51
+
+
+def test_a_body_sampled_in_several_reads_is_not_joined_on_the_event_loop():
+    """Capture.sample joined the pieces of each body on the proxy's loop (8 MB: ~10 ms of copying,
+    60 MB: 85 ms); the pieces now travel as they are and the worker joins them."""
+    import pickle
+    import tracemalloc
+
+    from sentinel.proxy.sampling import Capture
+
+    pieces = [bytes([i]) * (1 << 20) for i in range(3)]   # a 3 MiB body in three reads
+    cap = Capture("digits", "v2", 8 << 20)
+    for p in pieces:
+        assert cap.request_body(p)
+    cap.response_head(200, [(b"Content-Type", b"application/json")])
+    assert cap.response_body(b'{"outputs": []}')
+    tracemalloc.start()
+    try:
+        sample = cap.sample("trace")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sample is not None and peak < 64 * 1024, f"{peak} bytes allocated taking the sample"
+    assert sample.size() == 3 * (1 << 20) + 15
+    whole = pickle.loads(pickle.dumps(sample)).joined()   # as the worker receives and joins it
+    assert whole.request_body == b"".join(pieces) and whole.response_body == b'{"outputs": []}'
+    assert whole.joined() is whole

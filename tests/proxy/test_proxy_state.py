@@ -519,7 +519,7 @@ def test_an_early_answer_to_a_chunked_body_closes_the_connection(env):
     _early_answer(c, ctx, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                           b"3\r\nabc\r\n")
     assert t.out.startswith(b"HTTP/1.1 413 ") and t.eof_written   # a body with no length: not read forever
-    assert any(fn == t.close for _, fn in loop.later)
+    assert any(fn == c._close_transport for _, fn in loop.later)
 
 
 def test_an_unsupported_transfer_coding_from_the_upstream_is_502(env):
@@ -591,3 +591,61 @@ def test_a_new_wait_for_a_reading_client_starts_a_fresh_clock(env):
     ctx.sweep()
     assert not t.aborted
     assert value(ctx, ERR, {"reason": "downstream_send_timeout"}) == 0
+
+
+def test_answers_left_in_our_buffer_when_the_client_resumes_count_only_once_it_takes_them(env):
+    """resume_writing comes when our buffer falls under its low-water mark, not when it is empty:
+    answers still partly in it were counted delivered, and a client that then stopped reading
+    for good was never cut (the connection idled, was closed, and the rest never left)."""
+    loop, ctx, _ = env
+    labels = {"model": "digits", "protocol": "v2", "code": "200"}
+    for drains in (True, False):
+        c, t = connect(ctx)
+        up = _request(c, ctx)
+        ex = up.exchange
+        t.unread = 300_000
+        c.pause_writing()
+        ex.response_head(200, b"OK", [(b"Content-Length", b"2")], up)
+        ex.response_body(b"{}")
+        ex.response_done(reusable=True)
+        before = value(ctx, REQ, labels)
+        t.unread = 40_000          # the client took some: under the low-water mark
+        c.resume_writing()
+        assert value(ctx, REQ, labels) == before   # 40 kB of the answers are still ours
+        if drains:
+            t.unread = 0
+            loop.now += 1
+            ctx.sweep()
+            assert value(ctx, REQ, labels) == before + 1 and not t.aborted
+            continue
+        for _ in range(4):         # it takes nothing more: cut send_timeout (50 s) after the first look
+            loop.now += 20
+            ctx.sweep()
+        assert t.aborted
+        assert value(ctx, REQ, labels) == before
+        assert value(ctx, REQ, {"model": "digits", "protocol": "v2", "code": "incomplete"}) == 1
+
+
+def test_a_connection_we_closed_whose_bytes_never_leave_is_aborted_after_the_send_timeout(env):
+    """close() waits for our buffer to drain; a client that never reads again held the socket
+    and its buffer for good (an outsider-controlled resource with no bound)."""
+    loop, ctx, _ = env
+    c, t = connect(ctx)
+    c.data_received(b"GET /x HTTP/1.1\r\n\r\n")   # no Host: refused 400, then closed after a linger
+    assert t.out.startswith(b"HTTP/1.1 400 ")
+    t.unread = 5_000                 # ... with bytes the client does not take
+    for _, fn in loop.later:
+        fn()                         # the linger's close()
+    assert t.closed and not t.aborted
+    for _ in range(2):               # progress restarts the clock
+        loop.now += 30
+        t.unread -= 1_000
+        ctx.sweep()
+    assert not t.aborted
+    loop.now += 30
+    ctx.sweep()
+    assert not t.aborted
+    loop.now += 30
+    ctx.sweep()
+    assert t.aborted and c in ctx.connections   # connection_lost (not called by the fake) removes it
+    assert value(ctx, ERR, {"reason": "downstream_send_timeout"}) == 1
