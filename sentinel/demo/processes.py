@@ -23,6 +23,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_taken(message: str) -> bool:
+    """Whether a child's failure (its log's end) says the port it was given was taken (EADDRINUSE)."""
+    m = message.lower()
+    return "address already in use" in m or "errno 98" in m
+
+
 def port_is_bound(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)

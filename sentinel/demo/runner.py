@@ -18,14 +18,15 @@ from sentinel import metricnames as mn
 from sentinel import protocols
 from sentinel.demo.observe import Snapshot, Window, parse, window
 from sentinel.demo.phases import Phase, apply_shift
-from sentinel.demo.processes import Children, free_port, wait_ready
-from sentinel.errors import DecodeError
+from sentinel.demo.processes import Children, free_port, port_taken, wait_ready
+from sentinel.errors import DecodeError, InfrastructureError
 
 MODEL = "digits"
 DEMO_DRIFT_ALPHA = 0.01  # the demo sidecar's drift.alpha (see write_sidecar_config)
 DEMO_DRIFT_WINDOW = 100  # the demo sidecar's drift.window_size: samples a drift window holds
 MAX_RATE = 1000.0        # requests per second; the demo is one model server on loopback
 LOCK_FILE = ".sentinel-demo.lock"
+PORT_ATTEMPTS = 3   # start attempts when a chosen free port is taken before a child binds it
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,20 @@ class Demo:
         self._lock_fd = fd
 
     def start(self) -> None:
+        """Start the model server and the sidecar (and Prometheus); ports taken meanwhile by another
+        process (between choosing a free port and the child binding it) are chosen again."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start()
+                return
+            except InfrastructureError as exc:
+                if attempt + 1 == PORT_ATTEMPTS or not port_taken(str(exc)):
+                    raise
+                self.children.stop()
+                self.children = Children(self.opts.out)
+                self.ports = {k: free_port() for k in ("server", "proxy", "admin")}
+
+    def _start(self) -> None:
         o = self.opts
         if self._lock_fd is None:
             self.claim_out()

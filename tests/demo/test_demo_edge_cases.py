@@ -165,3 +165,28 @@ def test_the_last_phase_leaves_out_windows_after_the_traffic_ended():
     demo = SimpleNamespace(timeline=tl, opts=SimpleNamespace(phases=PHASES, window_s=6.0))
     rows = phase_table(demo)
     assert [r["rps"] for r in rows] == [20.0, 20.0]
+
+
+def test_a_port_taken_before_the_model_server_binds_it_is_chosen_again(tmp_path, monkeypatch):
+    """free_port() only finds a port free at that moment; another process could take it before the
+    child binds it, and the demo failed ("address already in use")."""
+    import socket
+
+    import sentinel.demo.runner as runner
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    first = iter([taken.getsockname()[1]])
+    real = runner.free_port
+    monkeypatch.setattr(runner, "free_port", lambda: next(first, None) or real())
+    demo = Demo(_opts(tmp_path / "out"))
+    try:
+        assert demo.ports["server"] == taken.getsockname()[1]
+        demo.start()
+        assert demo.ports["server"] != taken.getsockname()[1]
+        assert all(p.poll() is None for _, p in demo.children.procs)   # the second attempt's children run
+    finally:
+        demo.stop()
+        demo.release_out()
+        taken.close()
