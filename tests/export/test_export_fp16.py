@@ -30,13 +30,6 @@ def sentinel(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reg_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
-    return root
-
-
-@pytest.fixture(scope="module")
 def golden():
     from sentinel.golden import golden_for
 

@@ -28,14 +28,6 @@ def sentinel(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def reg_dir(tmp_path_factory) -> Path:
-    """A private copy of digits:v3, so recording exports never touches the repository's model.yaml."""
-    root = tmp_path_factory.mktemp("registry")
-    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
-    return root
-
-
-@pytest.fixture(scope="module")
 def entry(reg_dir):
     return Registry(reg_dir).resolve("digits:v3")
 

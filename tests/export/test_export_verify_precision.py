@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +18,6 @@ from sentinel.registry import Registry
 from sentinel.verify.localize import node_scope
 from sentinel.verify.runtime import OnnxExport, graph_precision
 from sentinel.verify.verifier import verify_export
-
-
-@pytest.fixture(scope="module")
-def reg_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,6 @@ GOLDEN = REPO / "golden_sets" / "digits" / "v3"
 
 
 @pytest.fixture(scope="module")
-def reg_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    shutil.copytree(REPO / "models" / "digits" / "v3", root / "digits" / "v3")
-    return root
-
-
-@pytest.fixture(scope="module")
 def entry(reg_dir):
     return Registry(reg_dir).resolve("digits:v3")
 
