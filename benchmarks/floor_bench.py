@@ -259,6 +259,10 @@ def main() -> None:
     def wanted(name: str) -> bool:
         return name == "nginx" or only is None or any(name.startswith(p) for p in only)
     up = ports["up"]
+    old = None
+    if args.before:   # before any process starts: a revision git cannot read leaves nothing running
+        (tmp / "before").mkdir()
+        old = worker_bench.baseline_tree(args.before, tmp / "before")
     procs: dict[str, subprocess.Popen] = {}
     procs["upstream"] = pb.start_nginx(tmp, "upstream", pb.UPSTREAM_CONF.format(port=up, resp=pb.UPSTREAM_BODY))
     procs["nginx"] = pb.start_nginx(tmp, "proxy", pb.PROXY_CONF.format(up=up, port=ports["nginx"]))
@@ -271,9 +275,7 @@ def main() -> None:
         procs["compact"] = subprocess.Popen([sys.executable, __file__, "--serve-compact", str(ports["compact"]), str(up)])
         targets.append(("compact", ports["compact"]))
     sentinels = [("sentinel 0%", "s0", 0.0, None), ("sentinel 5%", "s5", 0.05, None)]
-    if args.before:
-        (tmp / "before").mkdir()
-        old = worker_bench.baseline_tree(args.before, tmp / "before")
+    if old is not None:
         sentinels[:0] = [(f"{args.before[:10]} 0%", "b0", 0.0, old), (f"{args.before[:10]} 5%", "b5", 0.05, old)]
     for name, key, rate, tree in sentinels:
         if not wanted(name):
