@@ -183,8 +183,19 @@ class Exchange:
             return
         self.received += len(chunk)
         if self.received > self.ctx.max_body:
-            self.fail_local(413, "body_too_large",
-                            f"request body exceeds the limit of {self.ctx.max_body} bytes")
+            message = f"request body exceeds the limit of {self.ctx.max_body} bytes"
+            if not self.started:
+                # Pipelined behind answers still owed: refused in its turn (start). Answered now, the
+                # 413 went out ahead of them, the connection closed, and the answer before it, which
+                # never reached the client, counted as its own status.
+                if self.refusal is None:
+                    self.refusal = (413, "body_too_large", message)
+                    self.capture = None
+                    if self.pending_bytes > PENDING_HIGH_WATER:   # its body is dropped: nothing to wait for
+                        self.conn.resume_reading("connecting")
+                    self.pending, self.pending_bytes = (), 0
+                return
+            self.fail_local(413, "body_too_large", message)
             return
         cap = self.capture
         if cap is not None and not cap.request_body(chunk):

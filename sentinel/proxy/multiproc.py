@@ -612,12 +612,12 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
     server.close()
     for c in list(ctx.connections):
         if c.idle():
-            c.transport.close()
+            c._close_transport()   # answers still leaving our buffer count as their status
     deadline = time.monotonic() + cfg.proxy.drain_timeout_s
     while ctx.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     for c in list(ctx.connections):
-        c.abort()
+        c.cut("drain_timeout", f"in flight when the drain deadline ({cfg.proxy.drain_timeout_s} s) passed")
     pool.close()
     for t in tasks:
         t.cancel()

@@ -63,6 +63,41 @@ class _Refuse(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
+class _Closing(Exception):
+    """Raised in a parser callback: the connection is closing, nothing more of this read is parsed."""
+
+
+class _Trailers:
+    """Where `on_header` puts a chunked request's trailer fields: counted with its head's, never kept.
+
+    httptools reports trailer fields through on_header after on_headers_complete, where no limit
+    is checked: they were appended to the request's fields for as long as the client sent them.
+    The fields of the head and the trailers together are held to `max_headers` and `max_head`
+    (431), as when every field was checked.
+    """
+
+    __slots__ = ("count", "size", "lim", "body_seen", "framing")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], lim: Limits, read_len: int):
+        self.count = len(headers)
+        self.size = sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
+        self.lim = lim
+        self.body_seen = 0         # body bytes received when a read last brought some
+        self.framing = -read_len   # bytes read since then (the head's read not counted): see _chunked_read
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        self.count += 1
+        self.size += len(field[0]) + len(field[1]) + 4
+        lim = self.lim
+        if self.count > lim.max_headers:
+            raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
+        if self.size > lim.max_head:
+            raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
+
+
 class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     """One client connection; requests are answered in order (pipelining is queued)."""
 
@@ -87,7 +122,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.in_head = False        # a request head has begun and is not complete
         self.head_started = now
         self.head_bytes = 0
-        self.req_headers: list[tuple[bytes, bytes]] = []   # the fields of the head being parsed
+        # the fields of the head being parsed (then, for a chunked body, its trailers' count: _Trailers)
+        self.req_headers: list[tuple[bytes, bytes]] | _Trailers = []
         self.read_len = 0           # bytes of the read being parsed
         self.paused_at = 0.0        # when reading was paused for the upstream (0: not paused)
         self.write_blocked_at = 0.0  # when the client last drained any of our writes while blocked
@@ -178,11 +214,17 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                         self._refuse_head(_Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields"))
                         return
                 ex = self.parsing
-                if (ex is not None and ex.req_mode == LENGTH and ex.method and not self.discarding
-                        and not ex.finished and ex.content_length > ex.received):  # type: ignore[operator]
-                    # The rest of this body bypasses httptools: no per-chunk copy, no callback.
-                    self.raw_left = ex.content_length - ex.received  # type: ignore[operator]
-                    self.parser = httptools.HttpRequestParser(self)   # fresh for the next request
+                if ex is not None:
+                    if (ex.req_mode == LENGTH and ex.method and not self.discarding
+                            and not ex.finished and ex.content_length > ex.received):  # type: ignore[operator]
+                        # The rest of this body bypasses httptools: no per-chunk copy, no callback.
+                        self.raw_left = ex.content_length - ex.received  # type: ignore[operator]
+                        self.parser = httptools.HttpRequestParser(self)   # fresh for the next request
+                    else:
+                        if ex.req_mode == CHUNKED and not self.in_head and self._chunked_read(ex, len(data)):
+                            return
+                        if rest:
+                            rest = bytes(rest)
                 elif rest:
                     rest = bytes(rest)
                 data = rest  # type: ignore[assignment]
@@ -193,6 +235,28 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 self.starting = None
                 if not ex.finished and not self.closed:   # not refused or cut within the read
                     ex.start()
+
+    def _chunked_read(self, ex: Exchange, n: int) -> bool:
+        """Bound what a chunked body's reads may bring without body data; whether it was refused.
+
+        A trailer field is kept by httptools until it ends (and chunk lines, extensions included,
+        may go on without end): `0`, `X: ` and then megabytes held all of them, for as long as the
+        client sent them. After `max_line + max_head` bytes with no body data: 431, as for a head.
+        """
+        t = self.req_headers
+        if not isinstance(t, _Trailers) or ex.finished:   # finished: its body's rest is dropped (not counted)
+            return False
+        if ex.received != t.body_seen:
+            t.body_seen, t.framing = ex.received, 0
+            return False
+        t.framing += n
+        lim = self.ctx.limits
+        if t.framing <= lim.max_line + lim.max_head:
+            return False
+        self._refuse_head(_Refuse(431, "headers_too_large",
+                                  f"chunked request trailers (or chunk lines) longer than "
+                                  f"{lim.max_line + lim.max_head} bytes without body data"))
+        return True
 
     def _head_too_large(self) -> _Refuse:
         lim = self.ctx.limits
@@ -219,6 +283,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     def _feed_failed(self, exc: Exception, data: bytes) -> None:
         """httptools stopped parsing `data` (a refusal raised in a callback, an upgrade, bad bytes)."""
+        if self.discarding or self.closing or self.closed:
+            # A request was refused within this read and the connection is closing (a 501 for
+            # `Transfer-Encoding: gzip`, which httptools then calls invalid; _Closing): no second
+            # answer, which was counted (a phantom 400) and written after our FIN (RuntimeError).
+            return
         if isinstance(exc, httptools.HttpParserCallbackError):
             refused = exc.__context__
             if isinstance(refused, _Refuse):
@@ -252,6 +321,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """A half-close after a complete request still wants its answer; anything else ends here."""
         self.eof = True
+        if self.unrecorded and not self.fin_early and not self._unread():
+            # Answers that waited on our buffer (Exchange._finish_unsure), all acknowledged before this
+            # FIN (a client closing with bytes unread resets instead): it has them. They counted 499
+            # when the client read them and closed before the sweep saw the buffer empty.
+            self._record_unrecorded()
         if self.parsing is None and not self.in_head:
             if self.queue and (self.fin_early or not self.queue[0].response_started):
                 # A half-close (shutdown(SHUT_WR)) still wants its answer, and a client that closed for
@@ -307,6 +381,11 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.closing:
+            # A request behind one answered with a close within this read (a refusal mid-body):
+            # not processed (RFC 9112 §9.6), as bytes after `Connection: close` are not. It was
+            # forwarded, and counted as its answer's status, written after our FIN (RuntimeError).
+            raise _Closing
         ex = self.parsing = Exchange(self, self.ctx)
         self.req_headers = ex.req_headers
         self.used = self.in_head = True
@@ -383,6 +462,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 continue
             if lname == b"transfer-encoding":
                 ex.req_mode = CHUNKED
+                self.req_headers = _Trailers(ex.req_headers, lim, self.read_len)   # the head's fields are all here
                 if value.strip().lower() != b"chunked" and ex.refusal is None:
                     # gzip, deflate...: re-framed as chunked, the coding would be silently dropped
                     ex.keep_alive = False
@@ -474,6 +554,10 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         for ex in self.unrecorded or ():
             ex.record(code or str(ex.status))
         self.unrecorded = None
+        # The wait they were held in is over: a later close must not time the client from its start
+        # (_check_closing). When resume_writing counted them, the next close cut at once a client
+        # that had been reading.
+        self.held_at = 0.0
 
     def exchange_finished(self, ex: Exchange) -> None:
         if self.queue and self.queue[0] is ex:
@@ -790,14 +874,25 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             self._cut_slow_reader(lim)
 
     def _cut_slow_reader(self, lim: Limits) -> None:
-        ctx = self.ctx
-        ctx.fail("downstream_send_timeout", f"a client read none of its response for {lim.send_timeout} s")
+        self.cut("downstream_send_timeout", f"a client read none of its response for {lim.send_timeout} s")
+
+    def cut(self, reason: str, message: str) -> None:
+        """The proxy ends this connection itself (a slow reader, the drain deadline): what it cuts
+        counts as the proxy's doing, not the client's leaving (499). Answers waiting on the client
+        and answers begun count `incomplete`, requests in flight with no answer begun `502`, and
+        pipelined ones never started `502` (abort)."""
+        self.ctx.fail(reason, message)
         self._record_unrecorded(INCOMPLETE)
         self.write_blocked_at = 0.0
         for ex in list(self.queue):
             if ex.started and not ex.finished:
                 ex._drop_upstream()
-                ex._finish(INCOMPLETE)
+                if ex.response_started:
+                    ex._finish(INCOMPLETE)
+                else:   # nothing of an answer will come: the proxy's 502, counted now (not deferred)
+                    ex.finished = True
+                    self.ctx.metrics.inflight_count -= 1
+                    ex.record("502")
         self.abort()
 
 

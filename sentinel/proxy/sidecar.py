@@ -276,14 +276,15 @@ class Sidecar:
                         if self.workers is not None else None)
         for conn in list(ctx.connections):
             if conn.idle():
-                conn.transport.close()  # type: ignore[union-attr]
+                conn._close_transport()   # answers still leaving our buffer count as their status
         deadline = time.monotonic() + self.config.proxy.drain_timeout_s
         while ctx.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if ctx.connections:
             log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
             for conn in list(ctx.connections):
-                conn.abort()
+                conn.cut("drain_timeout", f"in flight when the drain deadline "
+                                          f"({self.config.proxy.drain_timeout_s} s) passed")
         if grpc_stop is not None:
             await grpc_stop   # drains gRPC calls in flight over the same deadline
         if workers_stop is not None:

@@ -508,3 +508,24 @@ def test_over_the_connection_budget_new_clients_get_503_and_admin_answers():
                 s.close()
         assert _wait(lambda: not sc.sc.ctx.connections)
         normal_request_ok(sc)
+
+
+def test_requests_cut_at_the_drain_deadline_count_as_the_proxys_cut_not_the_clients_leaving():
+    """SIGTERM's drain deadline: the proxy cuts what is still in flight. It was counted 499 with
+    `client_disconnect`, as if the clients had left; it is 502 (no answer begun) or `incomplete`."""
+    with RawUpstream() as up, RunningSidecar(make_config(up.url, rate=0.0, drain_timeout_s=0.5,
+                                                         upstream_timeout_s=30.0, upstream_idle_timeout_s=30.0)) as sc:
+        up.canned["/silent"] = (b"", "keep")   # reads the request, answers nothing
+        held = [send_request(sc.port, b"GET /silent HTTP/1.1\r\nHost: x\r\n\r\n"),
+                send_request(sc.port, b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")]   # head and 10 bytes, then nothing
+        try:
+            assert _wait(lambda: up.count("/silent") == 1 and up.count("/stall") == 1)
+            time.sleep(0.3)
+            sc.stop()
+            codes = {c: _code(sc, c) for c in ("502", "incomplete", "499")}
+            assert codes == {"502": 1.0, "incomplete": 1.0, "499": 0.0}, codes
+            assert sc.value(ERR, {"reason": "drain_timeout"}) == 2   # one per connection cut
+            assert not sc.value(ERR, {"reason": "client_disconnect"})
+        finally:
+            for s in held:
+                s.close()
