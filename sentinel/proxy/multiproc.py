@@ -617,7 +617,8 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
     while ctx.connections and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     for c in list(ctx.connections):
-        c.cut("drain_timeout", f"in flight when the drain deadline ({cfg.proxy.drain_timeout_s} s) passed")
+        c.cut("drain_timeout", f"in flight when the drain deadline ({cfg.proxy.drain_timeout_s} s) passed",
+              unanswered="502")
     pool.close()
     for t in tasks:
         t.cancel()

@@ -876,23 +876,23 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def _cut_slow_reader(self, lim: Limits) -> None:
         self.cut("downstream_send_timeout", f"a client read none of its response for {lim.send_timeout} s")
 
-    def cut(self, reason: str, message: str) -> None:
+    def cut(self, reason: str, message: str, unanswered: str = INCOMPLETE) -> None:
         """The proxy ends this connection itself (a slow reader, the drain deadline): what it cuts
         counts as the proxy's doing, not the client's leaving (499). Answers waiting on the client
-        and answers begun count `incomplete`, requests in flight with no answer begun `502`, and
-        pipelined ones never started `502` (abort)."""
+        and answers begun count `incomplete`, requests in flight with no answer begun `unanswered`
+        (the drain deadline: `502`), and pipelined ones never started `502` (abort)."""
         self.ctx.fail(reason, message)
         self._record_unrecorded(INCOMPLETE)
         self.write_blocked_at = 0.0
         for ex in list(self.queue):
             if ex.started and not ex.finished:
                 ex._drop_upstream()
-                if ex.response_started:
+                if ex.response_started or unanswered == INCOMPLETE:
                     ex._finish(INCOMPLETE)
-                else:   # nothing of an answer will come: the proxy's 502, counted now (not deferred)
+                else:   # nothing of an answer will come: counted now (not deferred)
                     ex.finished = True
                     self.ctx.metrics.inflight_count -= 1
-                    ex.record("502")
+                    ex.record(unanswered)
         self.abort()
 
 

@@ -284,7 +284,7 @@ class Sidecar:
             log.warning("drain deadline passed with %d connection(s) open; closing them", len(ctx.connections))
             for conn in list(ctx.connections):
                 conn.cut("drain_timeout", f"in flight when the drain deadline "
-                                          f"({self.config.proxy.drain_timeout_s} s) passed")
+                                          f"({self.config.proxy.drain_timeout_s} s) passed", unanswered="502")
         if grpc_stop is not None:
             await grpc_stop   # drains gRPC calls in flight over the same deadline
         if workers_stop is not None:

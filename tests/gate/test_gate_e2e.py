@@ -282,7 +282,12 @@ def test_gate_verdicts_templates_and_cost(fleet):
     rc, out, report = gate(prom, "v3", "v2", window, slo, tmp)
     print("$ sentinel gate --baseline v3 --canary v2\n" + out)
     assert rc == 1, out
-    assert {"accuracy", "reference_agreement", "prediction_distribution"} <= set(report["failed"]), out
+    assert {"reference_agreement", "prediction_distribution"} <= set(report["failed"]), out
+    # v2 is another model: its answers are unlike what the golden set's model gives for its inputs
+    # (diagnosis output_shift), so its accuracy estimate is flagged unreliable and the accuracy
+    # criterion may say so instead of comparing two estimates, one of them not to be believed
+    acc = next(c for c in report["criteria"] if c["name"] == "accuracy")
+    assert acc["verdict"] == "fail" or (acc["verdict"] == "inconclusive" and "unreliable" in acc["summary"]), out
     assert "error_ratio" not in report["failed"] and "latency" not in report["failed"], out
 
     rc, out, report = gate(prom, "v3", "v3-replica", window, slo, tmp)
@@ -320,7 +325,9 @@ def _check_templates(prom: str, slo: Path) -> None:
     argo = yaml.safe_load(docs["argo/analysistemplate.yaml"])
     subst = {"{{args.model}}": "digits", "{{args.baseline-version}}": "v3", "{{args.canary-version}}": "v2",
              "{{args.window}}": "5m"}
-    no_data_ok: set[str] = set()
+    # v2's accuracy estimate is flagged unreliable (another model: output_shift), so the accuracy
+    # drop is empty, Inconclusive by design, as the gate's accuracy criterion is
+    no_data_ok: set[str] = {"accuracy-drop"}
     values = {}
     for m in argo["spec"]["metrics"]:
         expr = m["provider"]["prometheus"]["query"]
