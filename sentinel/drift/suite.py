@@ -579,9 +579,12 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
     if d.kind == "input_contract":
         return "inputs violate the input contract" + (
             f" (~{d.contract_violating_share:.0%} of the window)" if d.contract_violating_share is not None else "")
-    if inconsistent is not None:
-        return (f"answers unlike what the golden set's model gives for such inputs (~{inconsistent:.0%} of the "
-                f"window at least; ~{unknown_share or 0.0:.0%} unknown)")
+    answers = None if inconsistent is None else (
+        f"answers unlike what the golden set's model gives for such inputs (~{inconsistent:.0%} of the window at least")
+    if answers is not None and d.kind != "covariate_shift":
+        return f"{answers}; ~{unknown_share or 0.0:.0%} unknown)"
+    # Inputs that moved lead: under noise the answers' disagreement with their inputs' golden
+    # neighbours follows from the inputs, and "answers unlike" first read as if the model had changed.
     from sentinel.drift.support import SMALL_GOLDEN
 
     # A few % unknown can be the golden set's own doing; a window mostly outside the support is not.
@@ -589,7 +592,8 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
         f"; the golden set has only {n_support} samples, too few to tell a clean sample at the edge of "
         f"the support from one outside it (clean windows read a few % unknown): keep {SMALL_GOLDEN} or more")
     return "inputs outside the golden support" + (
-        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "") + small
+        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "") + small + (
+        f"; {answers})" if answers is not None else "")
 
 
 def _source(ref: Reference) -> Source | None:

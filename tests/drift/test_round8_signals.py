@@ -170,3 +170,17 @@ def test_an_offset_clipped_at_the_top_is_not_named_a_normalisation(probe):
     imagenet = 16 * (0.3 + 0.4 * (raw / 16 - 0.485) / 0.229)
     assert named(imagenet).count("normalization_mismatch") >= 5
     assert named(raw * 0.44 + 5).count("normalization_mismatch") >= 5
+
+
+def test_under_moved_inputs_the_unreliable_reason_leads_with_the_support_not_the_answers():
+    """Noise makes answers disagree with their inputs' golden neighbours too; the reason led with
+    "answers unlike what the golden set's model gives", which reads as if the model had changed."""
+    from sentinel.drift.diagnosis import Diagnosis
+    from sentinel.drift.suite import _unreliable_reason
+
+    counts = {"likely_correct": 10, "likely_wrong": 12, "unknown": 78}
+    moved = _unreliable_reason(Diagnosis(kind="covariate_shift"), 0.78, counts, 100, 100, inconsistent=0.05)
+    assert moved.startswith("inputs outside the golden support (~78% of the window)")
+    assert "answers unlike what the golden set's model gives" in moved and "~5%" in moved
+    same_inputs = _unreliable_reason(Diagnosis(kind="none"), 0.2, counts, 100, 100, inconsistent=0.3)
+    assert same_inputs.startswith("answers unlike what the golden set's model gives for such inputs (~30%")
