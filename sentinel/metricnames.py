@@ -143,8 +143,7 @@ INPUT_CONTRACT_VIOLATING = _m("input_contract_violating_samples", "counter",
                               "Sampled inputs violating at least one check of the input contract.", ("model",))
 DRIFT_DIAGNOSIS = _m("drift_diagnosis", "gauge",
                      "1 for the diagnosed kind of the latest evaluated window (none, input_contract, "
-                     "preprocessing_mismatch, covariate_shift, prior_shift, output_shift), 0 for the others.",
-                     ("model", "kind"))
+                     "preprocessing_mismatch, covariate_shift, prior_shift), 0 for the others.", ("model", "kind"))
 DRIFT_DIAGNOSIS_TRANSFORM = _m("drift_diagnosis_transform", "gauge",
                                "1 for the transform the latest window's diagnosis names, 0 for the others.",
                                ("model", "transform"))

@@ -377,11 +377,6 @@ class ModelMonitor:
                 if proj is not None and s.embedding_support is not None and len(proj):
                     k = min(len(proj), len(o))
                     o[:k] |= s.embedding_support.score(proj[:k]) > 1.0
-                    if (logits is not None and finite_out is not None and finite_out.all() and fin.all()
-                            and len(logits) == len(o)):
-                        # an answer its input's golden neighbours contradict (a label map off by one,
-                        # another model) is not trusted either (Suite.contradicted)
-                        o[:k] |= s.contradicted(proj[:k], logits[:k])
                 ood[fin] = o
             untrusted = self._last_untrusted if self._last_untrusted is not None and \
                 len(self._last_untrusted) == rows else viol
