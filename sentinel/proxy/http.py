@@ -25,6 +25,11 @@ PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 JOIN_BELOW = 64 * 1024   # buffered output smaller than this leaves as one buffer (one iovec)
 
 
+def field_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """What header fields count against a head's size limit: name + value + 4 (`: ` and CRLF) each."""
+    return sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
+
+
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in `Connection:` (they are hop-by-hop too)."""
     out: set[bytes] = set()

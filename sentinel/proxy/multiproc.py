@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
-import functools
 import gc
 import json
 import logging
@@ -68,11 +67,9 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client.samples import Exemplar
-
 from sentinel import metricnames as mn
 from sentinel.config import Config, parse_hostport
-from sentinel.proxy.metrics import ProxyMetrics
+from sentinel.proxy.metrics import ProxyMetrics, _exemplar
 from sentinel.proxy.sampling import Sampler
 
 log = logging.getLogger("sentinel.proxy")
@@ -91,8 +88,6 @@ LEDGER_KEY_BYTES = 1 << 16   # the keys of its series
 DIED_INFLIGHT = "proxy_worker_died_inflight"
 CUT_BEFORE_RESPONSE = "502"   # as a pipelined request the proxy never answered
 CUT_MID_RESPONSE = mn.CODE_INCOMPLETE
-# Exemplar((labels, value, timestamp)) without the namedtuple's Python __new__ (once per traced request)
-_exemplar = functools.partial(tuple.__new__, Exemplar)
 
 
 # --- what a worker ships -------------------------------------------------------------

@@ -80,7 +80,7 @@ class _Trailers:
 
     def __init__(self, headers: list[tuple[bytes, bytes]], lim: Limits, read_len: int):
         self.count = len(headers)
-        self.size = sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
+        self.size = http.field_bytes(headers)
         self.lim = lim
         self.body_seen = 0         # body bytes received when a read last brought some
         self.framing = -read_len   # bytes read since then (the head's read not counted): see _chunked_read
@@ -416,7 +416,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         # The fields are no longer than the head's bytes (and one per field: `a:b` counts 6 of 5);
         # summed only when that bound is over the limit.
         if (self.head_bytes + self.read_len + len(headers) > lim.max_head
-                and sum(len(n) + len(v) for n, v in headers) + 4 * len(headers) > lim.max_head):
+                and http.field_bytes(headers) > lim.max_head):
             raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
         p = self.parser
         ex.method = p.get_method()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from sentinel.proxy.http import BufferedWriter, Outbox
+from sentinel.proxy.http import BufferedWriter, Outbox, field_bytes
 
 if TYPE_CHECKING:
     from sentinel.proxy.exchange import Exchange
@@ -158,9 +158,8 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.headers.append((name, value))
 
     def _head_size(self) -> int:
-        """Bytes of the head's reason and fields (name + value + 4 each)."""
-        headers = self.headers
-        return len(self.reason) + sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
+        """Bytes of the head's reason and fields (http.field_bytes)."""
+        return len(self.reason) + field_bytes(self.headers)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
