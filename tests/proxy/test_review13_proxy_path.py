@@ -124,23 +124,29 @@ def test_a_chunked_upload_in_small_pieces_is_not_refused():
         assert code_count(sc, "431") == 0
 
 
+BODY = b"x" * 100_000
+
+
+def _answer_held_in_our_buffer(up: RawUpstream, sc: RunningSidecar, s: socket.socket, conn) -> None:
+    """GET /two: an answer complete (its end 0.5 s after the rest) while most of it waits in our buffer."""
+    up.canned["/two"] = ([b"HTTP/1.1 200 OK\r\nContent-Length: 100010\r\n\r\n" + BODY, b"0123456789"], "keep")
+    s.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert wait_until(lambda: up.count("/two") == 1)
+    assert wait_until(lambda: sc.sc.metrics.inflight_count == 0)
+    assert conn.transport.get_write_buffer_size() > 0 and code_count(sc, "200") == 0
+
+
 def test_answers_a_client_read_whole_then_closed_count_their_status():
     """An answer whose end came while earlier bytes sat in our buffer is counted once the sweep
     sees that buffer empty. A client that read it all and closed before the next sweep had it
     counted 499 (client_disconnect), though it received every byte. Counted at its FIN now, when
     everything we wrote was acknowledged (a client closing with bytes unread resets instead)."""
     with RawUpstream() as up, RunningSidecar(make_config(up.url)) as sc:   # default timeouts: 1 s sweep
-        body = b"x" * 100_000
-        up.canned["/two"] = ([b"HTTP/1.1 200 OK\r\nContent-Length: 100010\r\n\r\n" + body, b"0123456789"], "keep")
         s, conn = _small_buffers_client(sc)
         with s:
-            s.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
-            # the answer is complete (its end 0.5 s after the rest) while most of it waits in our buffer
-            assert wait_until(lambda: up.count("/two") == 1)
-            assert wait_until(lambda: sc.sc.metrics.inflight_count == 0)
-            assert conn.transport.get_write_buffer_size() > 0 and code_count(sc, "200") == 0
+            _answer_held_in_our_buffer(up, sc, s, conn)
             status, _, got = ResponseReader(s).read()
-            assert status == 200 and got == body + b"0123456789"
+            assert status == 200 and got == BODY + b"0123456789"
         time.sleep(0.3)   # the FIN arrives before the next sweep
         assert code_count(sc, "499") == 0
         assert wait_until(lambda: code_count(sc, "200") == 1, timeout=3)
@@ -151,14 +157,9 @@ def test_a_client_that_closes_before_reading_its_answer_still_counts_499():
     """The other side of the test above: the client takes part of the answer and closes (a FIN
     while our bytes are still on their way, or a reset for bytes it left unread)."""
     with RawUpstream() as up, RunningSidecar(make_config(up.url)) as sc:
-        up.canned["/two"] = ([b"HTTP/1.1 200 OK\r\nContent-Length: 100010\r\n\r\n" + b"x" * 100_000,
-                              b"0123456789"], "keep")
         s, conn = _small_buffers_client(sc)
         with s:
-            s.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert wait_until(lambda: up.count("/two") == 1)
-            assert wait_until(lambda: sc.sc.metrics.inflight_count == 0)
-            assert conn.transport.get_write_buffer_size() > 0 and code_count(sc, "200") == 0
+            _answer_held_in_our_buffer(up, sc, s, conn)
             got = 0
             while got < 20_000:
                 got += len(s.recv(65536))
