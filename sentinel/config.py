@@ -220,8 +220,16 @@ class AnalysisConfig:
     worker_memory_limit_bytes: int = 4 * 1024 ** 3  # worker's data-segment cap (RLIMIT_DATA); 0: none
     worker_nice: int = 0             # raise the worker's niceness by this (1-19): the proxy wins a contended core
     worker_scheduling: str = "normal"  # "batch": Linux SCHED_BATCH, the worker's wake-ups never preempt the proxy
+    # Series (label sets) analysis updates may create, per configured model: in one metric, and in
+    # all metrics together; updates that would create more are dropped (`series_limit`).
+    max_series_per_metric: int = 2000
+    max_series: int = 10000
 
     def validate(self):
+        if self.max_series_per_metric < 1:
+            yield "max_series_per_metric", "must be at least 1"
+        if self.max_series < 1:
+            yield "max_series", "must be at least 1"
         if not 0 <= self.worker_nice <= 19:
             yield "worker_nice", f"must be 0 (same priority as the proxy) to 19, got {self.worker_nice}"
         if self.worker_scheduling not in ("normal", "batch"):

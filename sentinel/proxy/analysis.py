@@ -15,6 +15,12 @@ killed and restarted with reason "bad_result"). Metric updates wait in a backlog
 nothing more is read, so a flooding worker waits on its full pipe. An update over the
 worker's size bounds is dropped (`update_too_large`). Drops are counted in
 sentinel_analysis_errors_total{kind} by the number of updates and logged once per kind.
+
+What the registry holds is bounded too: analysis updates create at most `MAX_SERIES_PER_METRIC`
+label sets in one metric family and `MAX_SERIES` in all, each per configured model (a monitor
+labelling by request id would otherwise add a series per sample, to the proxy's memory and to
+every scrape). An update that would create one more is dropped, counted as `series_limit` and
+logged once per metric; the series that exist keep updating.
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ MAX_PENDING_UPDATES = 50_000   # metric updates received and not yet applied; mo
 APPLY_PER_WAKEUP = 500         # metric updates applied per event-loop iteration (about 3 ms)
 READ_PAUSE_UPDATES = 5_000     # no more results are read while this many updates wait to be applied
 MAX_ERROR_KINDS = 64           # distinct `kind`s of analysis errors kept; more are counted as "other"
+# Label sets (series; a histogram's buckets are one) analysis updates may create, per configured
+# model: in one metric family (OpenTelemetry's default cardinality limit), and in all families.
+# A model's legitimate ones are about 200 in all, at most 101 in one family (predictions: classes
+# 0-99 and "other"), so neither cap is reached in normal use, whatever the number of models.
+MAX_SERIES_PER_METRIC = 2_000
+MAX_SERIES = 10_000
+SERIES_LIMIT = "series_limit"  # `kind` of the updates dropped for a new series over either cap
 WRITEV_BUFFERS = 64            # buffers handed to one writev() of the samples pipe
 WRITE_BYTES_PER_WAKEUP = 1 << 20   # sample bytes written to the worker per event-loop wakeup (a 1 MiB copy)
 QUARANTINE_SIZE = 64      # fingerprints of samples that ended a worker, remembered (oldest forgotten)
@@ -114,6 +127,11 @@ class AnalysisManager:
         self._pending: deque[tuple] = deque()   # metric updates received, applied APPLY_PER_WAKEUP at a time
         self._budget = APPLY_PER_WAKEUP          # updates that may still be applied in this loop iteration
         self._drain_handle: asyncio.Handle | None = None
+        per_model = max(1, len(config.models))
+        self.max_series_per_metric = acfg.max_series_per_metric * per_model
+        self.max_series = acfg.max_series * per_model
+        self._series: dict[str, set[frozenset]] = {}   # metric → label sets analysis updates created in it
+        self._n_series = 0
         for reason in RESTART_REASONS:     # every reason's series exists from the start, at 0
             metrics.restarts.labels(reason)
         metrics.queue_capacity.set(self.capacity)
@@ -333,11 +351,18 @@ class AnalysisManager:
     def _apply(self, updates: list[tuple]) -> None:
         bounds = (worker.MAX_METRIC_CHARS, worker.MAX_LABELS, worker.MAX_LABEL_CHARS)
         too_large = 0
+        series = self._series
+        over: Counter[str] = Counter()   # metric → updates dropped for a new series over a cap
         for update in updates:
             try:
                 metric, labels, op, value = update
                 if not _within(metric, labels, *bounds):
                     too_large += 1
+                    continue
+                key = frozenset(labels.items())
+                known = series.get(metric)
+                if (known is None or key not in known) and not self._new_series(metric, labels, key):
+                    over[metric] += 1
                     continue
                 self.metrics.apply(metric, labels, op, value)
             except Exception as exc:  # noqa: BLE001 - a bad update is counted, never raised into the loop
@@ -349,6 +374,37 @@ class AnalysisManager:
                           f"{too_large} metric updates over a bound (metric name {worker.MAX_METRIC_CHARS} "
                           f"characters, {worker.MAX_LABELS} labels, a label value {worker.MAX_LABEL_CHARS} "
                           f"characters); dropped")
+        for metric, n in over.items():
+            self._series_dropped(metric, n)
+
+    def _new_series(self, metric: str, labels: dict[str, str], key: frozenset) -> bool:
+        """Whether an update may create the series `key` of `metric` (recorded when it may); False
+        when a cap is reached. An update the registry rejects before creating a series (an unknown
+        metric, wrong label names) passes, so that `apply` counts it as a bad update; one it would
+        reject after (a negative increment) takes its place under the caps like any other."""
+        names = _LABEL_NAMES.get(metric)
+        if names is None or len(labels) != len(names) or not names.issuperset(labels):
+            return True
+        known = self._series.get(metric)
+        if known is None:
+            known = self._series[metric] = set()
+        if len(known) >= self.max_series_per_metric or self._n_series >= self.max_series:
+            return False
+        known.add(key)
+        self._n_series += 1
+        return True
+
+    def _series_dropped(self, metric: str, n: int) -> None:
+        """Count `n` updates of `metric` dropped for a new series over a cap; log once per metric."""
+        known = len(self._series.get(metric, ()))
+        which = (f"MAX_SERIES_PER_METRIC ({self.max_series_per_metric})" if known >= self.max_series_per_metric
+                 else f"MAX_SERIES ({self.max_series}, in all metrics)")
+        message = (f"{metric} has {known} series made by analysis and the cap is {which}; {n} updates that "
+                   f"would have made new series were dropped (the monitor labels by a value that does not "
+                   f"repeat, e.g. a request id?); its {known} series keep updating")
+        self.metrics.analysis_errors.labels(SERIES_LIMIT).inc(n)
+        self.errors[SERIES_LIMIT] = message
+        self._log_once(f"{SERIES_LIMIT}:{metric}", f"analysis results dropped: {SERIES_LIMIT}: {message}")
 
     def _dropped(self, kind: str, n: int, message: str) -> None:
         """Count `n` updates (or results) dropped for `kind`; log the first time."""
@@ -503,6 +559,10 @@ class AnalysisManager:
                 "quarantined": len(self.quarantine),
                 "pending_updates": len(self._pending),
                 "errors": dict(self.errors)}
+
+
+# Label names of each metric analysis may update (the registry rejects the others before making a series).
+_LABEL_NAMES: dict[str, frozenset[str]] = {s.name: frozenset(s.labels) for s in mn.METRICS if s.kind != "info"}
 
 
 def _within(metric: Any, labels: Any, max_metric: int, max_labels: int, max_chars: int) -> bool:
