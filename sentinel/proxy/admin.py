@@ -112,6 +112,7 @@ class AdminConnection(asyncio.Protocol):
         self._refusal: tuple[int, str, str] | None = None   # a refusal owed after the pending answers
         self.in_head = False
         self.in_body = False
+        self._h2c = False       # the request being parsed offers h2c, declined (on_headers_complete)
         self.used = False
         self.last_active = 0.0
         self.head_started = 0.0
@@ -145,7 +146,14 @@ class AdminConnection(asyncio.Protocol):
             else:
                 log.error("internal error in the admin listener: %r", r)
                 self._refuse(500, "internal", "internal error")
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            if self._h2c:   # a declined h2c offer (on_headers_complete): HTTP/1.1 goes on, for a fresh parser
+                self._h2c = False
+                self.parser = httptools.HttpRequestParser(self)
+                rest = data[exc.args[0]:]
+                if rest:
+                    self.data_received(rest)
+                return
             self._refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
         except httptools.HttpParserError as exc:
             self._refuse(400, "bad_request", f"malformed HTTP request: {exc}")
@@ -163,7 +171,7 @@ class AdminConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body, self._size = b"", {}, [], 0
         self.used = self.in_head = True
-        self.in_body = False
+        self.in_body = self._h2c = False
         self.head_started = self.last_active
         self._head_bytes = 0
 
@@ -184,7 +192,13 @@ class AdminConnection(asyncio.Protocol):
         if cl is not None and int(cl) > self.max_body:
             self._tell_refused(int(cl), chunked=False)
             raise _Refuse(413, "body_too_large", f"body of {cl} bytes exceeds the limit of {self.max_body}")
-        if self.parser.get_method() == b"CONNECT" or "upgrade" in self._headers:
+        up = self._headers.get("upgrade")
+        if up is not None and up.strip().lower() == "h2c" and self._headers.get("content-length", "0").strip() == "0" \
+                and "transfer-encoding" not in self._headers:
+            # An h2c offer without a body (curl --http2 on /metrics): declined by answering in
+            # HTTP/1.1 (RFC 9110 §7.8), as the proxy listener does; data_received goes on after it.
+            self._h2c = True
+        elif self.parser.get_method() == b"CONNECT" or up is not None:
             raise _Refuse(501, "upgrade_refused", "the admin listener does not support CONNECT or upgrades")
         te = self._headers.get("transfer-encoding")
         if te is not None and te.strip().lower() != "chunked":

@@ -30,6 +30,44 @@ def field_bytes(headers: list[tuple[bytes, bytes]]) -> int:
     return sum(len(n) + len(v) for n, v in headers) + 4 * len(headers)
 
 
+class TrailersTooLarge(Exception):
+    """Raised by `Trailers.append` (in a parser callback): the trailer fields passed a bound."""
+
+    def __init__(self, count: bool):
+        super().__init__("too many trailer fields" if count else "trailer fields too large")
+        self.count = count   # the count of fields was passed (else their size)
+
+
+class Trailers:
+    """Where a parser's `on_header` puts a chunked message's trailer fields: counted, never kept.
+
+    httptools reports trailer fields through on_header after on_headers_complete, where no limit
+    is checked: appended to the head's fields, they were kept for as long as the peer sent them.
+    The fields of the head and its trailers are held together to `max_count` fields and `max_size`
+    bytes (`field_bytes`); past either, `append` raises `TrailersTooLarge` (see `over`).
+    """
+
+    __slots__ = ("count", "size", "max_count", "max_size")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], max_count: int, max_size: int):
+        self.count = len(headers)
+        self.size = field_bytes(headers)
+        self.max_count = max_count
+        self.max_size = max_size
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        self.count += 1
+        self.size += len(field[0]) + len(field[1]) + 4
+        if self.count > self.max_count or self.size > self.max_size:
+            self.over(self.count > self.max_count)
+
+    def over(self, count: bool) -> None:
+        raise TrailersTooLarge(count)
+
+
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in `Connection:` (they are hop-by-hop too)."""
     out: set[bytes] = set()

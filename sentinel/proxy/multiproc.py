@@ -1,8 +1,18 @@
 """Multi-process mode (`proxy.workers: N`): N proxy processes share the listen port.
 
 The main process runs the admin listener, the analysis worker and proxy worker 0; it
-starts N-1 more proxy processes (spawned, so none inherits the event loop) that bind the
+starts N-1 more proxy processes (spawned, so none inherits the event loop) that listen on the
 same address with SO_REUSEPORT, so the kernel spreads new client connections across them.
+
+Each extra worker's listening socket belongs to its slot, not to the process: the main
+process opens it (`listen_socket`), keeps it, and hands the same socket to every start of that
+slot. The kernel hashes each new connection to one socket of the port and queues it there
+until someone accepts it; a socket closed with connections in its queue resets them. So a
+worker's death no longer closes its socket: the connections queued on it wait, and while
+the slot has no worker that takes from it (not yet started or ready, dead, or silent for
+`STALE_S`) the main process accepts from it too (`serving`), so they are answered. Before, each
+worker bound a socket of its own, and the connections queued on a dead one were reset and
+counted nowhere.
 Each extra worker has its own upstream pool, limits and deadline sweep (the limits are per
 process) and its own metrics; it ships to the main process over a pipe:
 
@@ -29,21 +39,22 @@ shared memory (`SharedSampler`), so a worker holding the only busy keep-alive co
 still use all of it; `proxy.max_connections` is split evenly over the N processes.
 
 A worker that stops reporting (its loop blocked, SIGSTOP) still holds its share of the
-listen socket, so the kernel keeps handing it new connections that nobody answers: after
+listen socket, so the kernel keeps handing it new connections that it does not answer: after
 `STALE_S` without a shipment it is shown as not responding (/status, /readyz says not
-ready), after `HANG_TIMEOUT_S` it is killed, counted in
+ready) and the main process accepts from its socket too, after `HANG_TIMEOUT_S` it is killed, counted in
 `sentinel_proxy_errors_total{reason="proxy_worker_hung"}`, and started again. A worker
 may hold part of the port from the moment it begins to bind, which it writes in its ledger
 just before: from then on, its first report has the same bounds (a worker stopped between
 binding and its first report is as harmful as one stopped later). Before that, a starting
-worker holds no part of the port (the others take every connection) and /readyz stays
+worker takes nothing from its socket (the main process accepts from it) and /readyz stays
 ready; one that has not begun listening within its startup grace (`STARTUP_GRACE_S`,
 doubled after each consecutive start that timed out, at most `STARTUP_GRACE_MAX_S`) is
 killed, counted in `reason="proxy_worker_start_timeout"`, and started again.
 
 A worker that dies (SIGKILL, a crash) is started again after `RESTART_DELAY_S` and the
 death is logged and counted in `sentinel_proxy_errors_total{reason="proxy_worker_died"}`;
-the connections it held are lost, as with any crashed proxy. SIGTERM to the main process
+the connections it had accepted are lost, as with any crashed proxy (those in flight are
+counted, see above); those still queued on its socket are served by the main process. SIGTERM to the main process
 drains every worker (each stops accepting, finishes its exchanges up to
 `proxy.drain_timeout_s`) before the main process exits. A worker whose main process is
 gone stops by itself.
@@ -63,6 +74,7 @@ import os
 import pickle
 import queue
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -83,6 +95,7 @@ STARTUP_GRACE_S = 20.0      # spawn → beginning to listen (about 1 s on an idl
 STARTUP_GRACE_MAX_S = 120.0  # the grace doubles after each consecutive start that timed out, up to this
 LEDGER_VALUES = 1 << 14      # float64 slots of a worker's ledger (128 KiB): about 780 request series
 LEDGER_KEY_BYTES = 1 << 16   # the keys of its series
+LISTEN_BACKLOG = 2048        # as the main process's own listener (sidecar._listen)
 
 # cut: the requests in flight when a worker died
 DIED_INFLIGHT = "proxy_worker_died_inflight"
@@ -497,19 +510,37 @@ def make_samplers(config: Config, budget: Any = None) -> dict:
 
 # --- the worker process --------------------------------------------------------------
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on the proxy's port (SO_REUSEPORT), for one worker slot (see the module doc)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:   # as asyncio's create_server: the IPv6 address only
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def worker_main(config: Config, index: int, conn: Any, buckets: tuple[float, ...] = (),
-                budget: Any = None, ledger: Any = None) -> None:
-    """Entry point of proxy worker `index` (>= 1), spawned by `WorkerSet`."""
+                budget: Any = None, ledger: Any = None, sock: socket.socket | None = None) -> None:
+    """Entry point of proxy worker `index` (>= 1), spawned by `WorkerSet` (`sock`: its slot's socket)."""
     import uvloop
 
     logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_worker(config, index, conn, buckets, budget, ledger))
+        runner.run(_worker(config, index, conn, buckets, budget, ledger, sock))
 
 
 async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, ...], budget: Any = None,
-                  ledger_block: Any = None) -> None:
+                  ledger_block: Any = None, sock: socket.socket | None = None) -> None:
     from sentinel.proxy import tracing
     from sentinel.proxy.context import Limits, ProxyContext, fd_budget
     from sentinel.proxy.server import ClientConnection
@@ -551,8 +582,11 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
     lhost, lport = parse_hostport(cfg.listen)
     if ledger is not None:   # from here on this process may hold part of the port: its silence counts
         ledger.mark_listening()
-    server = await loop.create_server(lambda: ClientConnection(ctx), lhost, lport, backlog=2048,
-                                      reuse_address=True, reuse_port=True)
+    if sock is not None:   # the slot's socket, which outlives this process (see the module doc)
+        server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock, backlog=LISTEN_BACKLOG)
+    else:
+        server = await loop.create_server(lambda: ClientConnection(ctx), lhost, lport, backlog=LISTEN_BACKLOG,
+                                          reuse_address=True, reuse_port=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # as the main process: drain, then stop
         loop.add_signal_handler(sig, stop.set)
@@ -627,6 +661,15 @@ async def _worker(config: Config, index: int, conn: Any, buckets: tuple[float, .
 
 # --- the main process's side ---------------------------------------------------------
 
+def _close_server(task: asyncio.Task) -> None:
+    """Close the server a `WorkerSet._serve` task made (once it is made)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    server = task.result()
+    if server is not None:
+        server.close()
+
+
 class _Run:
     """One start of a worker: its process, its ledger, and what the main process counted of it."""
 
@@ -642,7 +685,7 @@ class _Run:
 
 class _Worker:
     __slots__ = ("index", "run", "conn", "pid", "ready", "inflight", "requests", "restarts", "thread",
-                 "last_seen", "exitcode", "hung", "start_timeouts", "recovered", "cut")
+                 "last_seen", "exitcode", "hung", "start_timeouts", "recovered", "cut", "sock", "serving")
 
     def __init__(self, index: int):
         self.index = index
@@ -660,6 +703,8 @@ class _Worker:
         self.start_timeouts = 0   # consecutive starts killed for not listening within the grace
         self.recovered = 0.0   # requests counted from the ledger after a death (served, never shipped)
         self.cut = 0           # requests in flight at its deaths
+        self.sock: socket.socket | None = None   # the slot's listening socket, handed to every start
+        self.serving: asyncio.Task | None = None   # the main process accepting from it too (its server)
 
     @property
     def proc(self) -> Any:
@@ -681,8 +726,10 @@ class WorkerSet:
     """The extra proxy processes of `proxy.workers: N` (N-1 of them), seen from the main process."""
 
     def __init__(self, config: Config, metrics: Any, submit: Any, fail: Any,
-                 loop: asyncio.AbstractEventLoop, budget: Any = None):
+                 loop: asyncio.AbstractEventLoop, budget: Any = None, serve: Any = None):
         self.config = config
+        # `serve(sock)`: a coroutine making the main process's server on a slot's socket (None: never)
+        self.serve = serve
         self.metrics = metrics
         self.submit = submit
         self.fail = fail
@@ -696,16 +743,48 @@ class WorkerSet:
         metrics.remote_inflight = lambda: sum(w.inflight for w in self.workers)
 
     def start(self) -> None:
+        host, port = parse_hostport(self.config.listen)
+        try:
+            for w in self.workers:
+                w.sock = listen_socket(host, port)
+        except OSError:
+            for w in self.workers:
+                if w.sock is not None:
+                    w.sock.close()
+            raise
         for w in self.workers:
+            self._take_over(w)   # until its worker is ready
             self._spawn(w)
         self._watch = self.loop.create_task(self._watchdog())
+
+    def _take_over(self, w: _Worker) -> None:
+        """The main process accepts from slot `w`'s socket too: no worker of it takes from it now."""
+        if self.serve is None or self.stopping or w.sock is None or w.serving is not None:
+            return
+        w.serving = self.loop.create_task(self._serve(w.sock))
+
+    async def _serve(self, sock: socket.socket) -> Any:
+        dup = sock.dup()   # closing the server closes this descriptor, not the slot's socket
+        try:
+            return await self.serve(dup)
+        except Exception:   # the slot's connections wait for its next worker instead
+            dup.close()
+            log.exception("cannot accept on a proxy worker's socket from the main process")
+            return None
+
+    def _hand_back(self, w: _Worker) -> None:
+        """Slot `w`'s worker takes from its socket again: the main process stops (what it accepted stays)."""
+        task, w.serving = w.serving, None
+        if task is not None:
+            task.add_done_callback(_close_server)
 
     def _spawn(self, w: _Worker) -> None:
         parent, child = self._mp.Pipe(duplex=True)
         w.ready, w.inflight, w.pid, w.hung = False, 0, None, False
         block = Ledger.allocate()   # a new one per start: a late write of the dead one lands nowhere counted
         proc = self._mp.Process(target=worker_main, name=f"sentinel-proxy-{w.index}", daemon=True,
-                                args=(self.config, w.index, child, tuple(self.metrics.buckets), self.budget, block))
+                                args=(self.config, w.index, child, tuple(self.metrics.buckets), self.budget, block,
+                                      w.sock))
         run = w.run = _Run(proc, Ledger(block, len(self._bounds)))
         proc.start()
         w.pid = proc.pid
@@ -750,6 +829,8 @@ class WorkerSet:
             if run is w.run:   # not a dead predecessor's last words
                 w.inflight = msg[2]
                 w.last_seen = time.monotonic()
+                if w.serving is not None and w.ready:   # silent for a while, then back
+                    self._hand_back(w)
         elif kind == "s":
             try:
                 sample = pickle.loads(msg[1])
@@ -760,6 +841,7 @@ class WorkerSet:
         elif kind == "ready" and run is w.run:
             w.ready, w.pid, w.last_seen = True, msg[1], time.monotonic()
             w.start_timeouts = 0
+            self._hand_back(w)
 
     def _settle(self, w: _Worker, run: _Run) -> tuple[int, int]:
         """Count what a dead worker served and never shipped, and the requests it had in flight.
@@ -824,6 +906,7 @@ class WorkerSet:
         w.inflight = 0
         w.ready = False
         w.exitcode = run.proc.exitcode
+        self._take_over(w)   # what is queued on its socket, and what comes until the next start is ready
         lost = (f"; {recovered} request(s) it served since its last report were counted from shared memory"
                 f", {cut} in flight were cut (counted {CUT_BEFORE_RESPONSE}/{CUT_MID_RESPONSE})")
         if self.stopping:
@@ -878,6 +961,8 @@ class WorkerSet:
             assert w.run is not None
             since = self._silent_since(w)
             if since is not None:
+                if now - since > STALE_S:   # it takes nothing from its socket: the main process does
+                    self._take_over(w)
                 if now - since > HANG_TIMEOUT_S:
                     first = "" if w.ready else " since it began to listen (no first report)"
                     self._kill(w, "proxy_worker_hung",
@@ -918,6 +1003,11 @@ class WorkerSet:
         self.stopping = True
         if self._watch is not None:
             self._watch.cancel()
+        for w in self.workers:   # no new connections: the main process's copies go (a draining worker closes its own)
+            self._hand_back(w)
+            if w.sock is not None:
+                w.sock.close()
+                w.sock = None
         for w in self.workers:
             if w.proc is not None and w.proc.is_alive():
                 w.proc.terminate()
@@ -950,6 +1040,7 @@ class WorkerSet:
                         "last_report_s": round(now - w.last_seen, 1) if w.last_seen else None,
                         "inflight": w.inflight, "requests": int(w.requests), "restarts": w.restarts,
                         "recovered_requests": int(w.recovered), "cut_requests": w.cut,
+                        "served_by_main": w.serving is not None,
                         "last_exit_code": w.exitcode})
         return out
 
@@ -966,6 +1057,6 @@ class WorkerSet:
         if starting:
             why += f"; starting (not yet listening, or listening for under {STALE_S:.0f} s): {starting}"
         if stale:
-            why += (f"; not responding (holding part of the listen port, their connections unanswered): "
-                    f"{[w.index for w in stale]}")
+            why += (f"; not responding (holding part of the listen port; the main process accepts their "
+                    f"connections until they are killed and started again): {[w.index for w in stale]}")
         return not stale, why

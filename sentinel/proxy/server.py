@@ -18,6 +18,7 @@ import fcntl
 import logging
 import select
 import socket
+import struct
 import sys
 import termios
 from collections import deque
@@ -53,6 +54,7 @@ MAX_PIPELINED = 64   # requests queued on one connection (pipelining); the next 
 SHED_LINGER_S = 0.5   # a connection over the budget: how long its 503 may take to leave
 RDHUP = getattr(select, "POLLRDHUP", 0x2000)   # the peer shut its sending side (Linux)
 CONFIRM_S = 0.5   # a client that sent FIN before its answer: how long after the answer to look for its reset
+_LINGER_RESET = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() resets the connection (server.cut)
 
 
 class _Refuse(Exception):
@@ -67,35 +69,26 @@ class _Closing(Exception):
     """Raised in a parser callback: the connection is closing, nothing more of this read is parsed."""
 
 
-class _Trailers:
+class _Trailers(http.Trailers):
     """Where `on_header` puts a chunked request's trailer fields: counted with its head's, never kept.
 
-    httptools reports trailer fields through on_header after on_headers_complete, where no limit
-    is checked: they were appended to the request's fields for as long as the client sent them.
     The fields of the head and the trailers together are held to `max_headers` and `max_head`
-    (431), as when every field was checked.
+    (431), as when every field was checked (http.Trailers).
     """
 
-    __slots__ = ("count", "size", "lim", "body_seen", "framing")
+    __slots__ = ("lim", "body_seen", "framing")
 
     def __init__(self, headers: list[tuple[bytes, bytes]], lim: Limits, read_len: int):
-        self.count = len(headers)
-        self.size = http.field_bytes(headers)
+        super().__init__(headers, lim.max_headers, lim.max_head)
         self.lim = lim
         self.body_seen = 0         # body bytes received when a read last brought some
         self.framing = -read_len   # bytes read since then (the head's read not counted): see _chunked_read
 
-    def __len__(self) -> int:
-        return self.count
-
-    def append(self, field: tuple[bytes, bytes]) -> None:
-        self.count += 1
-        self.size += len(field[0]) + len(field[1]) + 4
+    def over(self, count: bool) -> None:
         lim = self.lim
-        if self.count > lim.max_headers:
+        if count:
             raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
-        if self.size > lim.max_head:
-            raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
+        raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
 
 
 class ClientConnection(http.BufferedWriter, asyncio.Protocol):
@@ -110,6 +103,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.paused: set[str] = set()   # why reading is paused ("pipeline", "upstream", "connecting")
         self.closed = False
         self.discarding = False
+        self.h2c_offered = False    # the request being parsed offers an h2c upgrade, which is declined
         self.shed = False
         self.discarded = 0
         self.drain_limit = LINGER_MAX_BYTES   # bytes discarded after a refusal before giving up
@@ -194,7 +188,17 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                 try:
                     self.parser.feed_data(data)
                 except _PARSE_ERRORS as exc:
-                    self._feed_failed(exc, data)
+                    if self.h2c_offered and isinstance(exc, httptools.HttpParserUpgrade):
+                        # A declined h2c offer (_h2c_offer): what follows its head is HTTP/1.1,
+                        # its body first (raw, below), then requests for a fresh parser.
+                        self.h2c_offered = False
+                        self.parser = httptools.HttpRequestParser(self)
+                        after = data[exc.args[0]:]
+                        if after:
+                            rest = after + bytes(rest)   # type: ignore[assignment]
+                    else:
+                        self.h2c_offered = False
+                        self._feed_failed(exc, data)
                 if self.discarding or self.closed or "closing" in self.paused:
                     return
                 if self.in_head:
@@ -427,7 +431,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         ex.keep_alive = p.should_keep_alive() and not self.ctx.draining
         fwd: list[bytes] = []
         ex.fwd_headers = fwd
-        upgrade = False
+        upgrade = h2c = False
         hosts = 0
         skip: frozenset[bytes] = frozenset()
         hop = http.HOP_BY_HOP
@@ -470,7 +474,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                                   f"request transfer coding {value.decode('latin-1')[:64]!r} is not "
                                   "supported; the proxy relays only chunked")
             elif lname == b"upgrade":
-                upgrade = True
+                upgrade = upgrade or value.strip().lower() != b"h2c"   # h2c alone is declined, not refused
+                h2c = True
             elif lname == b"connection" and value.lower() not in http.PLAIN_CONNECTION:
                 skip = http.connection_tokens(ex.req_headers)
         if skip:   # headers named in Connection are hop-by-hop too (rare: a second pass)
@@ -484,6 +489,8 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         if ex.method == b"CONNECT" or (upgrade and b"upgrade" in skip):
             ex.keep_alive = False
             ex.refusal = (501, "upgrade_refused", "the proxy does not tunnel CONNECT or protocol upgrades")
+        elif h2c and b"upgrade" in skip:
+            self._h2c_offer(ex)
         pipelined = bool(self.queue)
         if pipelined and len(self.queue) >= MAX_PIPELINED:
             # One read can hold thousands of tiny pipelined requests, each an Exchange held until
@@ -510,6 +517,25 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
             self.starting = ex
         else:
             ex.start()
+
+    def _h2c_offer(self, ex: Exchange) -> None:
+        """`Upgrade: h2c` alone (curl --http2, Java's HttpClient on http://): declined, not refused.
+
+        A server may answer in HTTP/1.1 as if the offer were absent (RFC 9110 §7.8, RFC 7540
+        §3.2), as Envoy does; the Upgrade, Connection and HTTP2-Settings fields are hop-by-hop
+        and not forwarded. httptools (llhttp) ends the message at its head and stops as at an
+        upgrade: on_message_complete leaves a Content-Length body to be read raw, and
+        data_received goes on in HTTP/1.1 with a fresh parser. A chunked body cannot be read
+        that way, and a request already refused ends the connection: both as before (501 / its
+        refusal, then close).
+        """
+        if ex.refusal is None and ex.req_mode != CHUNKED:
+            self.h2c_offered = True
+            return
+        ex.keep_alive = False
+        if ex.refusal is None:
+            ex.refusal = (501, "upgrade_refused", "the proxy declines h2c upgrades in HTTP/1.1 but cannot "
+                          "read a chunked body after one; send it with Content-Length or without the offer")
 
     def _target(self, url: bytes) -> tuple:
         """(protocol, model label, (model name, sampler) or None) of a request target.
@@ -538,6 +564,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex, self.parsing = self.parsing, None
         if ex is not None:
+            if self.h2c_offered and ex.content_length and ex.content_length > ex.received:   # type: ignore[operator]
+                self.parsing = ex   # ended at its head by llhttp (_h2c_offer): the body is read raw
+                return
             ex.request_complete()
 
     # --- used by exchanges (write, writelines, flush: BufferedWriter) ------------------
@@ -584,6 +613,7 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
         self.flush()
         if self.fin_early and self.unrecorded and not self.confirming:
             self.confirming = True
+            self.held_at = 0.0   # _confirm times the client from here
             # Our FIN goes out now, after the answer: a half-closed client reading to EOF (an HTTP/1.0
             # close-delimited body, `nc -N`) has its end at once, not CONFIRM_S later. The socket
             # stays open, so a reset from a client that closed for good still shows in _confirm.
@@ -607,19 +637,35 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
 
         A client that closed for good resets the connection when the answer reaches it: those
         count 499 (`client_disconnect`), like any client that left before its answer. A half-closed
-        client takes the answer: its status counts. Before, every client timeout counted as the
-        upstream's status (a 200 nobody received) when the answer was small.
+        client takes the answer: its status counts once its kernel has acknowledged all of it.
+        Before, every client timeout counted as the upstream's status (a 200 nobody received)
+        when the answer was small.
+
+        A half-closed client that does not read is given `send_timeout` without progress, as any
+        slow reader: then its answers count `incomplete` and the connection is aborted
+        (`downstream_send_timeout`). It was looked at again every CONFIRM_S for good (the sweep
+        leaves a confirming connection to this), holding its socket and our buffer, or, once our
+        buffer was in the kernel, counted the status of an answer the client never took.
         """
         self.confirming = False
         t = self.transport
-        if self.closed or t is None:
-            return   # connection_lost counted them
+        if self.closed or t is None or t.is_closing():
+            return   # connection_lost counted them (or the cut that closed it did)
         gone = self._peer_reset()   # read once: getsockopt(SO_ERROR) clears the error it reports
-        if t.get_write_buffer_size() and not gone:
-            # not all out yet: a slow reader is check_deadlines' to judge; look again later
-            self.confirming = True
-            self.ctx.loop.call_later(CONFIRM_S, self._confirm)
-            return
+        if not gone:
+            unread = self._unread()   # our buffer and the kernel's unacknowledged bytes
+            if unread and not t.get_write_buffer_size():
+                unread -= 1   # our FIN (sent once our buffer emptied): a client with all of it unread holds it back
+            if unread:
+                now = self.ctx.loop.time()
+                if not self.held_at or unread < self.held_size:   # progress restarts the clock
+                    self.held_at, self.held_size = now, unread
+                elif now - self.held_at > self.ctx.limits.send_timeout:
+                    self._cut_slow_reader(self.ctx.limits)
+                    return
+                self.confirming = True
+                self.ctx.loop.call_later(CONFIRM_S, self._confirm)
+                return
         for ex in self.unrecorded or ():
             if gone:
                 self.ctx.errors.inc("client_disconnect")
@@ -893,7 +939,21 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                     ex.finished = True
                     self.ctx.metrics.inflight_count -= 1
                     ex.record(unanswered)
+        self._reset()
         self.abort()
+
+    def _reset(self) -> None:
+        """Make the abort that follows a reset: what the kernel still holds for the client is dropped.
+
+        A plain close hands the kernel's send queue to an orphan socket that goes on delivering
+        it: a client cut as a slow reader (counted `incomplete`) could still read its whole answer.
+        """
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and not self.closed:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except (OSError, ValueError):
+                pass
 
 
 def close_idle(ctx: ProxyContext, idle_s: float) -> int:

@@ -186,7 +186,7 @@ class Sidecar:
             bound_host, bound_port = self.proxy_address   # port 0 resolved: every worker binds the same one
             bound = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
             self.workers = WorkerSet(dataclasses.replace(cfg, listen=bound), self.metrics, self.analysis.submit,
-                                     self.ctx.fail, loop, self.sampling_budget)
+                                     self.ctx.fail, loop, self.sampling_budget, serve=self._serve_slot)
             self.workers.start()
         self._start_canaries()
         self._export_model_sizes()
@@ -194,6 +194,10 @@ class Sidecar:
         self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
         self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
+
+    async def _serve_slot(self, sock: Any) -> Any:
+        """This process's server on a proxy worker slot's socket (multiproc: while the slot has no worker)."""
+        return await self.loop.create_server(lambda: ClientConnection(self.ctx), sock=sock, backlog=2048)
 
     async def _start_grpc(self) -> None:
         """The gRPC listener (OIP v2 over gRPC), when `grpc_listen` is configured."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from sentinel.proxy.http import BufferedWriter, Outbox, field_bytes
+from sentinel.proxy.http import BufferedWriter, Outbox, Trailers, TrailersTooLarge
 
 if TYPE_CHECKING:
     from sentinel.proxy.exchange import Exchange
@@ -17,10 +17,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("sentinel.proxy")
 
 WRITE_HIGH_WATER = 256 * 1024
-# Bytes of one response head (status line and headers) before it is refused as 502; the
-# pool's `max_head` is set from `proxy.max_request_line_bytes + max_header_bytes`.
+# Bytes of one response head before it is refused as 502: the head as received, from its status
+# line to its blank line, whatever reads it came in (`UpstreamConnection._head_size`). The pool's
+# `max_head` is set from `proxy.max_request_line_bytes + max_header_bytes`. A chunked response's
+# trailer fields count with its head's fields (http.field_bytes) against the same bound, and its
+# reads without body data (trailers, chunk lines) may bring at most that many bytes.
 MAX_RESPONSE_HEAD = 8192 + 65536
 _PARSE_ERRORS = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+_HEAD, _CHUNKS = 1, 2   # UpstreamConnection.bounded: what a read's bytes are counted against
+_NO_MAX = 1 << 62       # response fields have no bound on their count, only on their bytes
 
 
 class UpstreamConnection(BufferedWriter, asyncio.Protocol):
@@ -36,9 +41,15 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.reason = b""
         self.until_close = False   # response body delimited by connection close
         self.informational = False  # the message being parsed is not the final response: skip it
-        self.in_head = False        # a response head has begun and is not complete
-        self.head_bytes = 0
-        self.read_len = 0           # bytes of the read being parsed
+        # What the reads are counted against (0: nothing): _HEAD, a response head has begun and is
+        # not complete; _CHUNKS, a chunked body, whose reads without body data are bounded (_bound)
+        self.bounded = 0
+        self.head_bytes = 0         # bytes of the head in reads before the one being parsed
+        self.head_tail = b""        # their last 3 bytes (the blank line may begin there)
+        self.framing = 0            # bytes of a chunked body's reads since the last that brought body data
+        self.read = b""             # the read being parsed
+        self.skip = 0               # bytes of `skip_read` before the message being parsed (a 1xx head)
+        self.skip_read: bytes | None = None
         self.outbox = pool.outbox
         self._out: list[bytes] = []
         self._poll: Any = None
@@ -71,21 +82,16 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             return
         ex.last_up = ex.ctx.loop.time()   # progress, for the upstream idle timeout
         self.outbox.active = True
-        self.read_len = len(data)
+        self.read = data
         try:
             try:
                 self.parser.feed_data(data)
             except _PARSE_ERRORS as exc:
                 self._feed_failed(exc)
-            if self.in_head:   # the upstream picks the head's size: bounded like a request head
-                self.head_bytes += len(data)
-                if self.head_bytes > self.pool.max_head and not self.closed:
-                    ex = self.exchange
-                    self.abort()
-                    if ex is not None:
-                        ex.upstream_failed("upstream_headers_too_large",
-                                           f"response head from upstream longer than {self.pool.max_head} bytes")
+            if self.bounded and not self.closed:   # the upstream picks these sizes: bounded like a request's
+                self._bound(data)
         finally:
+            self.read = b""
             ex = self.exchange
             if ex is not None and ex.out is not None:   # a response that goes on in the next read
                 ex.send_out()
@@ -94,9 +100,42 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
                 self.pool.release(self)
             self.outbox.flush()
 
+    def _bound(self, data: bytes) -> None:
+        """After a read that left a head incomplete, or in a chunked body: refuse what passed its bound."""
+        lim = self.pool.max_head
+        if self.bounded == _HEAD:
+            start = self.skip if self.skip_read is data else 0
+            self.skip_read = None
+            self.head_tail = (self.head_tail + (data[-3:] if len(data) - start >= 3 else data[start:]))[-3:]
+            self.head_bytes += len(data) - start
+            if self.head_bytes > lim:   # its bytes so far: as whole, it would be refused too
+                self._too_large(f"response head from upstream longer than {lim} bytes")
+            return
+        ex = self.exchange
+        if ex is None or ex.finished:
+            return
+        if ex.out is not None:   # this read brought part of the response (ex.out: sent in data_received)
+            self.framing = 0
+            return
+        self.framing += len(data)
+        if self.framing > lim:
+            # one trailer field that never ends is held by httptools until it does; chunk lines
+            # (their extensions) may go on without end too
+            self._too_large(f"chunked response trailers (or chunk lines) from upstream longer than {lim} "
+                            "bytes without body data")
+
+    def _too_large(self, message: str) -> None:
+        ex = self.exchange
+        self.abort()
+        if ex is not None:
+            ex.upstream_failed("upstream_headers_too_large", message)
+
     def _feed_failed(self, exc: Exception) -> None:
         """httptools stopped parsing a read (a bug in a callback, bad bytes, an upgrade)."""
-        if isinstance(exc, httptools.HttpParserCallbackError):
+        if isinstance(exc, httptools.HttpParserCallbackError) and isinstance(exc.__context__, TrailersTooLarge):
+            self._too_large(f"chunked response trailers from upstream: its head's fields and its trailer "
+                            f"fields longer than {self.pool.max_head} bytes")
+        elif isinstance(exc, httptools.HttpParserCallbackError):
             # a bug in our own callbacks, not the upstream's fault: say so loudly
             log.exception("internal error while relaying a response")   # called from data_received's except
             ex = self.exchange
@@ -146,33 +185,41 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.until_close = False
-        self.in_head = True
+        self.bounded = _HEAD
         self.head_bytes = 0
+        self.head_tail = b""
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # sizes are checked once the head is complete (on_headers_complete) and after every
-        # read that leaves it incomplete (data_received)
+        # The head's size is checked once it is complete (on_headers_complete) and after every
+        # read that leaves it incomplete (data_received); trailer fields go to a Trailers (on_chunk_header).
         self.headers.append((name, value))
 
+    def _head_end(self) -> int:
+        """Where, in the read being parsed, the head just parsed ends (after its blank line).
+
+        httptools refuses a line end without CR and a line break inside a field, so the first
+        CRLF CRLF from the head's start is its end (it may begin in the read before).
+        """
+        data = self.read
+        if self.head_bytes:   # the head began in an earlier read
+            tail = self.head_tail
+            across = (tail + data[:3]).find(b"\r\n\r\n")   # 7 bytes: a match begins in the tail
+            return across + 4 - len(tail) if across >= 0 else data.find(b"\r\n\r\n") + 4
+        return data.find(b"\r\n\r\n", self.skip if self.skip_read is data else 0) + 4
+
     def _head_size(self) -> int:
-        """Bytes of the head's reason and fields (http.field_bytes)."""
-        return len(self.reason) + field_bytes(self.headers)
+        """Bytes of the head just parsed, as received: status line, fields, blank line, whatever the reads."""
+        start = 0 if self.head_bytes or self.skip_read is not self.read else self.skip
+        return self.head_bytes + self._head_end() - start
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
-        # The head is no longer than the reads it came in (plus one per field: `a:b` counts 6 of 5),
-        # so it is measured only when that bound is over the limit.
-        if (self.head_bytes + self.read_len + len(self.headers) > self.pool.max_head
-                and self._head_size() > self.pool.max_head and self.exchange is not None):
-            # A head that arrived within one read is never seen by data_received's running count
-            # (it is complete when the read is parsed): measured here as well, whatever the reads.
-            ex = self.exchange
-            self.abort()
-            ex.upstream_failed("upstream_headers_too_large",
-                               f"response head from upstream longer than {self.pool.max_head} bytes")
+        self.bounded = 0
+        # The head is no longer than the reads it came in: measured only when they are over the limit.
+        if self.head_bytes + len(self.read) > self.pool.max_head and self._head_size() > self.pool.max_head:
+            self._too_large(f"response head from upstream longer than {self.pool.max_head} bytes")
             return
         status = self.parser.get_status_code()
         if 200 <= status < 600:
@@ -182,10 +229,19 @@ class UpstreamConnection(BufferedWriter, asyncio.Protocol):
             return
         self.informational = True   # not a final response: its (empty) body is skipped too
         if 100 <= status < 200 and status != 101:
-            return   # 100 Continue, 103 Early Hints...: the proxy answered Expect itself; dropped
+            # 100 Continue, 103 Early Hints...: the proxy answered Expect itself; dropped. The final
+            # head may begin in this read: its size starts after this one's blank line.
+            self.skip, self.skip_read = self._head_end(), self.read
+            return
         # 101 (the proxy forwards no Upgrade, so none was asked for) or a status outside
         # RFC 9110's 100..599: not a response a client can be given.
         self._bad_response(f"upstream answered with status {status}, which the proxy cannot relay")
+
+    def on_chunk_header(self) -> None:
+        if self.bounded != _CHUNKS:   # the first chunk: trailer fields may follow the last
+            self.bounded = _CHUNKS
+            self.framing = 0
+            self.headers = Trailers(self.headers, _NO_MAX, self.pool.max_head)   # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:

@@ -454,7 +454,9 @@ def test_percent_encoded_and_absolute_form_targets_count_under_their_model_and_a
 @pytest.mark.parametrize("req", [
     b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
     b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    b"POST /ok HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nContent-Length: 2\r\n\r\nhi",
+    # h2c is declined in HTTP/1.1 (tests/proxy/test_proxy_h2c_upgrade.py), except with a chunked body
+    b"POST /ok HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
 ])
 def test_upgrade_and_connect_get_501_and_are_not_forwarded(env, req):
     up, sc = env

@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -261,6 +262,25 @@ class RunningSidecar:
             time.sleep(0.05)
 
 
+def proxy_workers(sc: RunningSidecar) -> list[dict]:
+    """`/status`'s `proxy_workers` (proxy.workers > 1): one entry per extra proxy process."""
+    import httpx
+
+    return httpx.get(sc.admin_url + "/status").json()["proxy_workers"]
+
+
+def wait_or_fail(cond: Callable[[], Any], what: str | Callable[[], str], timeout: float = 20.0) -> Any:
+    """Poll `cond` every 50 ms until it returns something true, and return that; past `timeout`,
+    fail with `what` (a string, or a callable that says what was seen then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(what() if callable(what) else what)
+
+
 def with_models(cfg: Config, **kw: Any) -> Config:
     return dataclasses.replace(cfg, **kw)
 
@@ -369,6 +389,7 @@ class ScriptedUpstream:
 
     def _serve(self, c: socket.socket, n: int) -> None:
         buf = b""
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         c.settimeout(10)
         try:
             while True:
@@ -379,7 +400,11 @@ class ScriptedUpstream:
                 first = head.split(b"\r\n", 1)[0]
                 self.seen.append((n, first))
                 path = first.split(b" ")[1]
-                c.sendall(self.replies.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+                reply = self.replies.get(path, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                if callable(reply):   # StepUpstream's scripts write the answer themselves
+                    reply(c)
+                else:
+                    c.sendall(reply)
                 if path in self.close_after:
                     return
         except OSError:
@@ -393,3 +418,27 @@ class ScriptedUpstream:
 
     def __exit__(self, *exc: Any) -> None:
         self.sock.close()
+
+
+class StepUpstream(ScriptedUpstream):
+    """A raw upstream: each request path runs a script that writes the answer as it likes
+    (`scripts`: path → a callable given the socket); other paths get a 2-byte 200."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.scripts: dict[bytes, Callable[[socket.socket], None]] = self.replies   # type: ignore[assignment]
+        self.sock.listen(64)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def pieces(*parts: bytes, pause: float = 0.15) -> Callable[[socket.socket], None]:
+    """A script that writes `parts` with a pause between them (each arrives as a read of its own)."""
+    def script(c: socket.socket) -> None:
+        for i, p in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            c.sendall(p)
+    return script

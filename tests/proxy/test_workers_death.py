@@ -22,7 +22,9 @@ from proxy_helpers import (
     Upstream,
     _Handler,
     make_config,
+    proxy_workers,
     v2_response,
+    wait_or_fail,
 )
 
 from sentinel.proxy import multiproc
@@ -68,22 +70,9 @@ def _upstream() -> Upstream:
     return up
 
 
-def _workers(sc: RunningSidecar) -> list[dict]:
-    return httpx.get(sc.admin_url + "/status").json()["proxy_workers"]
-
-
-def _wait(cond, what, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(what() if callable(what) else what)
-
-
 def _ready(sc: RunningSidecar) -> dict:
-    return _wait(lambda: (ws := _workers(sc)) and ws[0]["ready"] and ws[0], lambda: f"not ready: {_workers(sc)}")
+    return wait_or_fail(lambda: (ws := proxy_workers(sc)) and ws[0]["ready"] and ws[0],
+                        lambda: f"not ready: {proxy_workers(sc)}")
 
 
 def _served_by(pid: int, server_port: int, client_port: int) -> bool:
@@ -142,8 +131,8 @@ def _slow_requests(sc: RunningSidecar, pid: int, queries: tuple[str, ...], worke
             threads.append(threading.Thread(target=read, args=(s,)))
             threads[-1].start()
         # in flight everywhere (accepted and started), and the worker's last report has seen them
-        _wait(lambda: httpx.get(sc.admin_url + "/status").json()["inflight"] == len(socks),
-              lambda: f"not all in flight: {_workers(sc)}", timeout=5)
+        wait_or_fail(lambda: httpx.get(sc.admin_url + "/status").json()["inflight"] == len(socks),
+                     lambda: f"not all in flight: {proxy_workers(sc)}", timeout=5)
         on_worker = {q: 0 for q in queries}
         for s, q in zip(socks, sent, strict=True):
             on_worker[q] += _served_by(pid, sc.port, s.getsockname()[1])
@@ -187,10 +176,10 @@ def test_sigkilled_worker_loses_no_count_and_none_twice():
         s.close()
         ok[0] += on_worker[0] - 1
         assert on_worker[1] == 1   # the client saw the kill
-        _wait(lambda: sc.value(ERRORS, {"reason": "proxy_worker_died"}) == 1, "death not noticed")
+        wait_or_fail(lambda: sc.value(ERRORS, {"reason": "proxy_worker_died"}) == 1, "death not noticed")
         # While it is replaced: every answer the clients got is counted, none twice, and /readyz is
-        # still 200 (a dead process holds no part of the port: the kernel gives the others everything).
-        w = _workers(sc)[0]
+        # still 200 (the main process accepts from a dead worker's socket until the next start is ready).
+        w = proxy_workers(sc)[0]
         assert w["requests"] == on_worker[0], (w, on_worker)   # HEAD: short by what it served since its last report
         assert w["recovered_requests"] >= 1 and w["phase"] in ("down", "starting"), w
         assert sc.value(REQ, OK) == ok[0]
@@ -201,9 +190,9 @@ def test_sigkilled_worker_loses_no_count_and_none_twice():
         assert r.status_code == 200 and "proxy_workers" in r.json(), r.text
         assert "down" in r.json()["proxy_workers"] or "starting" in r.json()["proxy_workers"]
         # The next start counts from zero: its shipments and its own end add nothing twice.
-        w = _wait(lambda: (w := _workers(sc)[0])["ready"] and w["pid"] != pid and w, "not restarted")
+        w = wait_or_fail(lambda: (w := proxy_workers(sc)[0])["ready"] and w["pid"] != pid and w, "not restarted")
         ok[0] += _post_fresh(sc, 10)
-        _wait(lambda: sc.value(REQ, OK) >= ok[0], lambda: f"{sc.value(REQ, OK)} != {ok[0]}", timeout=5)
+        wait_or_fail(lambda: sc.value(REQ, OK) >= ok[0], lambda: f"{sc.value(REQ, OK)} != {ok[0]}", timeout=5)
     assert sc.value(REQ, OK) == ok[0]   # stopped: final shipment, then the ledger's leftovers (none)
     assert sc.value("sentinel_request_duration_seconds_bucket", {**OK, "le": "+Inf"}) == ok[0]
 
@@ -222,7 +211,7 @@ def test_requests_in_flight_at_sigkill_are_counted():
             s.close()
         reset = [r for r in results if r != 200]
         assert len(reset) == cut and results.count(200) == len(socks) - cut, results
-        _wait(lambda: sc.value(ERRORS, {"reason": "proxy_worker_died"}) == 1, "death not noticed")
+        wait_or_fail(lambda: sc.value(ERRORS, {"reason": "proxy_worker_died"}) == 1, "death not noticed")
         assert sc.value(REQ, CUT) == on_worker["?slow=3"]   # HEAD: 0
         assert sc.value(REQ, CUT_MID) == on_worker["?stall=3"]   # HEAD: 0
         assert sc.value(ERRORS, {"reason": multiproc.DIED_INFLIGHT}) == cut
@@ -230,7 +219,7 @@ def test_requests_in_flight_at_sigkill_are_counted():
         waited = sc.value("sentinel_request_duration_seconds_sum", CUT) / on_worker["?slow=3"]
         assert 0.2 < waited < 3.0, waited   # how long they had been waiting when the worker died
         assert sc.value(REQ, OK) == len(socks) - cut   # the main process's slow ones, answered
-        w = _workers(sc)[0]
+        w = proxy_workers(sc)[0]
         assert w["cut_requests"] == cut and w["inflight"] == 0
         assert httpx.get(sc.admin_url + "/status").json()["inflight"] == 0
 
@@ -242,7 +231,8 @@ def test_sigterm_drains_requests_in_flight_in_every_worker():
             pid = _ready(sc)["pid"]
             socks, threads, results, _ = _slow_requests(sc, pid, ("?slow=3",), worker=1, main=1)
             sc.loop.call_soon_threadsafe(sc.sc.request_stop)   # type: ignore[union-attr]
-            r = _wait(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r, "not draining")
+            r = wait_or_fail(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r,
+                             "not draining")
             assert r.json()["draining"] is True
             for t in threads:
                 t.join(10)

@@ -10,7 +10,14 @@ import time
 
 import httpx
 import pytest
-from proxy_helpers import RunningSidecar, Upstream, make_config, read_response
+from proxy_helpers import (
+    RunningSidecar,
+    Upstream,
+    make_config,
+    proxy_workers,
+    read_response,
+    wait_or_fail,
+)
 
 from sentinel.config import SamplingConfig, TracingConfig
 from sentinel.proxy import multiproc
@@ -21,23 +28,9 @@ INFER = (b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: app
 LABELS = {"model": "digits", "protocol": "v2", "code": "200"}
 
 
-def _workers(sc: RunningSidecar) -> list[dict]:
-    return httpx.get(sc.admin_url + "/status").json()["proxy_workers"]
-
-
-def _wait(cond, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(what)
-
-
 def _ready(sc: RunningSidecar) -> list[dict]:
-    return _wait(lambda: (ws := _workers(sc)) and all(w["ready"] for w in ws) and ws, f"workers not ready: "
-                 f"{_workers(sc)}")
+    return wait_or_fail(lambda: (ws := proxy_workers(sc)) and all(w["ready"] for w in ws) and ws,
+                        f"workers not ready: {proxy_workers(sc)}", timeout=30.0)
 
 
 def _post_fresh(sc: RunningSidecar, n: int) -> None:
@@ -61,7 +54,8 @@ def test_sampling_budget_under_one_per_worker_still_samples():
                          for o in ("queued", "rate_limited"))
 
         time.sleep(0.6)   # a worker ships every 0.5 s
-        queued, limited = _wait(lambda: sum(outcomes()) == 20 and outcomes(), f"not all counted: {outcomes()}", 5)
+        queued, limited = wait_or_fail(lambda: sum(outcomes()) == 20 and outcomes(),
+                                       f"not all counted: {outcomes()}", 5)
         assert queued >= 1   # HEAD: 0, every request rate_limited
         assert queued <= 1 + elapsed + 3   # the sidecar's cap (a burst of 1, then 1/s), not N times it
 
@@ -94,8 +88,8 @@ def test_every_workers_requests_are_traced_and_exemplars_link_to_them():
         with RunningSidecar(cfg) as sc:
             _ready(sc)
             _post_fresh(sc, 30)
-            served_by_worker = _wait(lambda: _workers(sc)[0]["requests"] and _workers(sc)[0]["requests"],
-                                     "worker 1 served nothing")
+            served_by_worker = wait_or_fail(lambda: proxy_workers(sc)[0]["requests"],
+                                            "worker 1 served nothing", timeout=30.0)
             assert 0 < served_by_worker < 30
             sc.wait_for("sentinel_requests_total", LABELS, 30, timeout=5)
             exemplars = {b._exemplar.labels["trace_id"]
@@ -139,17 +133,18 @@ def test_hung_worker_is_reported_killed_and_replaced(monkeypatch):
         pid = _ready(sc)[0]["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
-            r = _wait(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r,
-                      "readyz still 200 with a stopped worker", timeout=2.5)
+            r = wait_or_fail(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r,
+                             "readyz still 200 with a stopped worker", timeout=2.5)
             assert "not responding" in r.json()["proxy_workers"]
-            _wait(lambda: sc.value("sentinel_proxy_errors_total", {"reason": "proxy_worker_hung"}) == 1,
-                  f"hung worker not killed: {_workers(sc)}", timeout=6)
+            wait_or_fail(lambda: sc.value("sentinel_proxy_errors_total", {"reason": "proxy_worker_hung"}) == 1,
+                         f"hung worker not killed: {proxy_workers(sc)}", timeout=6)
         finally:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        w = _wait(lambda: (w := _workers(sc)[0])["ready"] and w["pid"] != pid and w, "not restarted", timeout=20)
+        w = wait_or_fail(lambda: (w := proxy_workers(sc)[0])["ready"] and w["pid"] != pid and w, "not restarted",
+                         timeout=20)
         assert w["restarts"] == 1 and w["responding"]
         assert sc.value("sentinel_proxy_errors_total", {"reason": "proxy_worker_died"}) == 0   # counted once, as hung
         assert httpx.get(sc.admin_url + "/readyz").status_code == 200

@@ -11,8 +11,8 @@ import signal
 
 import httpx
 import pytest
-from proxy_helpers import RunningSidecar, make_config
-from test_workers_death import ERRORS, OK, REQ, _post_fresh, _upstream, _wait, _workers
+from proxy_helpers import RunningSidecar, make_config, proxy_workers, wait_or_fail
+from test_workers_death import ERRORS, OK, REQ, _post_fresh, _upstream
 
 from sentinel.proxy import multiproc
 
@@ -41,13 +41,13 @@ def test_worker_stopped_before_listening_is_restarted_after_startup_grace(monkey
     with _upstream() as up, RunningSidecar(make_config(up.url, workers=2)) as sc:
         first = stopped[0]
         try:
-            starting = _workers(sc)[0]
-            # it holds no part of the port yet: the main process takes every connection, /readyz stays 200
+            starting = proxy_workers(sc)[0]
+            # it takes from no socket yet: the main process takes every connection, /readyz stays 200
             r = httpx.get(sc.admin_url + "/readyz")
             assert r.status_code == 200 and "starting" in r.json()["proxy_workers"], r.text
             assert _post_fresh(sc, 5) == 5
-            _wait(lambda: sc.value(ERRORS, {"reason": "proxy_worker_start_timeout"}) == 1,
-                  lambda: f"stuck start not killed: {_workers(sc)}", timeout=8)
+            wait_or_fail(lambda: sc.value(ERRORS, {"reason": "proxy_worker_start_timeout"}) == 1,
+                         lambda: f"stuck start not killed: {proxy_workers(sc)}", timeout=8)
             grace = sc.sc.workers.startup_grace(sc.sc.workers.workers[0])   # type: ignore[union-attr]
             assert grace == 6.0   # doubled for the next start
         finally:
@@ -56,7 +56,8 @@ def test_worker_stopped_before_listening_is_restarted_after_startup_grace(monkey
             except ProcessLookupError:
                 pass
         assert starting["phase"] == "starting" and starting["pid"] == first and not starting["ready"], starting
-        w = _wait(lambda: (w := _workers(sc)[0])["ready"] and w["pid"] != first and w, "not restarted", timeout=20)
+        w = wait_or_fail(lambda: (w := proxy_workers(sc)[0])["ready"] and w["pid"] != first and w, "not restarted",
+                         timeout=20)
         assert w["restarts"] == 1 and w["phase"] == "serving"
         grace = sc.sc.workers.startup_grace(sc.sc.workers.workers[0])   # type: ignore[union-attr]
         assert grace == 3.0   # a start that succeeded resets it
@@ -80,15 +81,16 @@ def test_worker_silent_after_it_began_listening_fails_readyz_and_is_killed(monke
         first = stopped[0]
         try:
             worker.run.ledger.mark_listening()
-            assert _workers(sc)[0]["phase"] == "listening"
-            r = _wait(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r,
-                      "readyz still 200 with a silent listening worker", timeout=3)
+            assert proxy_workers(sc)[0]["phase"] == "listening"
+            r = wait_or_fail(lambda: (r := httpx.get(sc.admin_url + "/readyz")).status_code == 503 and r,
+                             "readyz still 200 with a silent listening worker", timeout=3)
             assert "not responding" in r.json()["proxy_workers"]
-            _wait(lambda: sc.value(ERRORS, {"reason": "proxy_worker_hung"}) == 1, "not killed", timeout=4)
+            wait_or_fail(lambda: sc.value(ERRORS, {"reason": "proxy_worker_hung"}) == 1, "not killed", timeout=4)
         finally:
             try:
                 os.kill(first, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        _wait(lambda: (w := _workers(sc)[0])["ready"] and w["pid"] != first, "not restarted", timeout=20)
+        wait_or_fail(lambda: (w := proxy_workers(sc)[0])["ready"] and w["pid"] != first, "not restarted",
+                     timeout=20)
         assert httpx.get(sc.admin_url + "/readyz").status_code == 200
