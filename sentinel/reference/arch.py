@@ -84,6 +84,9 @@ ARCHS: dict[str, DenseNetConfig] = {
     "densenet161": DenseNetConfig(48, (6, 12, 36, 24), 96),
     "densenet169": DenseNetConfig(32, (6, 12, 32, 32), 64),
     "densenet201": DenseNetConfig(32, (6, 12, 48, 32), 64),
+    # A DenseNet-BC whose model.yaml `architecture:` spells out its shape (`models import/init
+    # --arch custom`); its own defaults are DenseNetConfig's.
+    "densenet": DenseNetConfig(),
     # Small variant for 32×32 single-channel inputs (the digits model).
     "densenet_digits": DenseNetConfig(12, (4, 4, 4), 24, num_classes=10, in_channels=1, small_inputs=True),
 }

@@ -63,6 +63,9 @@ def _read_safetensors(p: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{p}: not a valid safetensors file ({_first_line(exc)})") from None
 
 
+_NESTED = ("state_dict", "model_state_dict", "model")
+
+
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     import pickle
     import warnings
@@ -76,22 +79,35 @@ def _read_torch(p: Path) -> dict[str, torch.Tensor]:
         if "GLOBAL" in detail or "global" in detail:
             raise WeightsError(
                 f"{p}: refused: this checkpoint needs unrestricted unpickling, which can run arbitrary code "
-                f"({detail}). Convert it to safetensors, or save only the state_dict.") from None
+                f"({detail}). {_CONVERT}") from None
         raise WeightsError(
             f"{p}: refused: this checkpoint needs unrestricted unpickling or is corrupt: the weights-only "
-            f"unpickler cannot read it ({detail}). Convert it to safetensors, or save only the state_dict.") from None
+            f"unpickler cannot read it ({detail}). {_CONVERT}") from None
     except Exception as exc:  # noqa: BLE001 - torch's readers raise many types on corrupt bytes
         raise WeightsError(f"{p}: not a readable torch checkpoint ({_first_line(exc)})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    # A training checkpoint nests the weights beside the optimizer state, epoch, ...
+    for key in _NESTED:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict):
         raise WeightsError(f"{p}: expected a mapping of parameter names to tensors, found a {type(obj).__name__}")
     return obj
 
 
+_CONVERT = ("Convert it where it was made, with code you trust: torch.save(model.state_dict(), 'weights.pt') "
+            "or safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), which hold only tensors.")
+
+
 def _unpickler_detail(text: str) -> str:
     """The informative line of torch's weights-only error (it wraps it in boilerplate)."""
-    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error")
+    marker = "WeightsUnpickler error:"
+    if marker in text:   # torch >= 2.6: "... WeightsUnpickler error: Unsupported global: GLOBAL x.Y was not ..."
+        what = text.split(marker, 1)[1].strip().split(". ", 1)[0].splitlines()[0].strip()
+        if what:
+            return what[:200]
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation", "WeightsUnpickler error",
+              "(1)", "(2)")
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith(boiler):
@@ -116,7 +132,11 @@ def check_tensors(state: dict, p: Path) -> None:
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights strictly: every key present, none extra, every shape equal."""
-    state = remap_legacy_keys(read_state_dict(path))
+    return load_state(model, remap_legacy_keys(read_state_dict(path)), path)
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:
+    """Load a state dict read from `path` strictly (errors name `path`, each key and both shapes)."""
     own = model.state_dict()
     problems: list[str] = []
     for k in own:

@@ -94,8 +94,10 @@ def wheel_layout(tmp_path, monkeypatch):
     return bundled
 
 
-@pytest.mark.parametrize("args", [["models", "init", "densenet121", "--seed", "0"], ["export", "--model", "v3"]],
-                         ids=["models-init", "export"])
+@pytest.mark.parametrize("args", [["models", "init", "densenet121", "--seed", "0"], ["export", "--model", "v3"],
+                                  ["models", "import", "w.pth", "--arch", "densenet121", "--name", "digits",
+                                   "--version", "v9"]],
+                         ids=["models-init", "export", "models-import"])
 def test_write_commands_never_write_into_the_installed_package(wheel_layout, args):
     """From a wheel install with no ./models, `models init` wrote 32 MB of random weights into
     site-packages and `export` overwrote the bundled model.onnx and model.yaml."""
