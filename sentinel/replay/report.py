@@ -233,6 +233,9 @@ def render_text(report: ReplayReport) -> str:
              + (f"; {d['retried']} resent after the server closed a kept-alive connection" if d.get("retried") else "")
              + f"; achieved {d['achieved_rps']} rps over {d['duration_s']} s",
              f"{'latency ms':<12}{'p50':>9}{'p90':>9}{'p95':>9}{'p99':>9}{'p99.9':>9}{'max':>9}"]
+    # what went wrong, not only how often: the first error of each kind (all of them in --json)
+    examples = [f"  first {k} error: {' '.join(str(v).split())[:160]}" for k, v in d.get("error_examples", {}).items()]
+    lines[2:2] = examples
     for kind in ("corrected", "uncorrected"):
         s = d["latency_ms"][kind]
         lines.append(f"{kind:<12}" + "".join(f"{_num(s[k]):>9}" for k in ("p50", "p90", "p95", "p99", "p999", "max")))

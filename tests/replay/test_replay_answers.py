@@ -71,6 +71,10 @@ def test_an_answer_with_more_rows_than_inputs_is_a_decode_error(digits_v3, digit
     assert rep.doc["answered"] == 0 and rep.doc["errors_by_kind"] == {"decode": 2}
     assert rep.doc["error_examples"]["decode"] == "the answer has 2 rows for 1 input sample"
     assert not rep.passed
+    # the text report says what went wrong, not only that 2 decode errors happened
+    from sentinel.replay.report import render_text
+
+    assert "  first decode error: the answer has 2 rows for 1 input sample" in render_text(rep).splitlines()
 
 
 def test_more_connections_than_the_file_limit_allows_is_a_usage_error(monkeypatch):
