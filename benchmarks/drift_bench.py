@@ -137,7 +137,7 @@ def bench_detectors(n: int, classes: int, repeat: int, before: str | None) -> No
             line += f"   target < 50 ms: {'met' if wall < 50 else 'NOT met'}"
         print(line)
     if old:
-        same = all(_same_p(old["p_values"][k], v) for k, v in now["p_values"].items())
+        same = all(_same_p(old["p_values"][k], v) for k, v in now["p_values"].items() if k in old["p_values"])
         print(f"  p-values equal to the revision's (1e-12): {'yes' if same else 'NO'}")
     else:
         b, a = _previous_ks_ms(n, classes, repeat)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from sentinel.protocols.names import WireProtocol
 from sentinel.schema import SECRET, load_file
 
-DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd"]
+DetectorName = Literal["bbsd", "label", "confidence", "input_stats", "embedding", "mmd", "consistency"]
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -262,7 +262,7 @@ class DriftConfig:
     window_size: int = 200
     evaluate_every: int = 25         # evaluate after this many new samples (25: the ATC lower bound reacts within 50)
     alpha: float = 0.05              # family-wise false-alarm level of the combined verdict
-    detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
+    detectors: tuple[DetectorName, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding", "consistency")
     shadow: bool = True              # run the reference on sampled inputs
     shadow_max_per_second: float = 20.0
     univariate: Literal["ks", "cvm"] = "ks"   # per-feature test (sentinel.drift.Univariate)

@@ -72,7 +72,8 @@ SAMPLE_QUEUE_CAPACITY = _m("sample_queue_capacity", "gauge", "Capacity of the sa
 ANALYSIS_ERRORS = _m("analysis_errors", "counter",
                      "Analysis failures by kind (a monitor exception's type, timeout, bad_result, bad_update, "
                      "worker_start; too_many_updates and update_too_large count the metric updates dropped, "
-                     "result_too_large the results not sent or not read).", ("kind",))
+                     "result_too_large the results not sent or not read, series_limit the updates dropped "
+                     "because they would have made a series over the cardinality cap).", ("kind",))
 ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
                        "Analysis worker restarts by reason (exit, killed, hung, bad_result: it wrote a result "
                        "over the proxy's cap).", ("reason",))
@@ -143,7 +144,8 @@ INPUT_CONTRACT_VIOLATING = _m("input_contract_violating_samples", "counter",
                               "Sampled inputs violating at least one check of the input contract.", ("model",))
 DRIFT_DIAGNOSIS = _m("drift_diagnosis", "gauge",
                      "1 for the diagnosed kind of the latest evaluated window (none, input_contract, "
-                     "preprocessing_mismatch, covariate_shift, prior_shift), 0 for the others.", ("model", "kind"))
+                     "preprocessing_mismatch, covariate_shift, prior_shift, output_shift), 0 for the others.",
+                     ("model", "kind"))
 DRIFT_DIAGNOSIS_TRANSFORM = _m("drift_diagnosis_transform", "gauge",
                                "1 for the transform the latest window's diagnosis names, 0 for the others.",
                                ("model", "transform"))

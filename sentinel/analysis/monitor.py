@@ -121,6 +121,13 @@ class ModelMonitor:
         dg = self.suite.diagnoser
         self.signatures = SlidingWindow(drift.window_size, len(dg.signature.names) if dg else 1)
         self.violating = SlidingWindow(drift.window_size, 1)
+        # The answer check pairs each served class with its own input's signature and shadow embedding:
+        # these two take one row per output row (NaN where there is none), unlike `embeddings`, which
+        # holds only the samples the shadow ran on (past its rate cap it skips some, and its window then
+        # spans more traffic than the outputs').
+        self.row_signatures = SlidingWindow(drift.window_size, self.signatures.width) if dg else None
+        self.row_embeddings = SlidingWindow(drift.window_size, n_comp) if runner is not None and self.suite.pca \
+            else None
         self.verdicts = SlidingWindow(drift.window_size, 1)
         self._counters_ready = False
         self._last_violations: np.ndarray | None = None
@@ -360,6 +367,7 @@ class ModelMonitor:
         s = self.suite
         fin = self._last_finite_in
         ood = bad = None                          # per row of the whole batch, when inputs were decoded
+        paired_sig = None                         # per row: its signature, NaN when violating
         if fin is not None and s.diagnoser is not None and s.input_support is not None:
             rows = len(fin)
             x = x if x is not None and len(x) == int(fin.sum()) else np.zeros((0,))
@@ -370,6 +378,7 @@ class ModelMonitor:
                 len(self._last_violations) == rows else ~fin
             viol = viol | ~fin
             self.signatures.push(sig)
+            paired_sig = np.where(viol[:, None], np.nan, sig)
             self.violating.push(viol.astype(np.float64)[:, None])
             ood = np.ones(rows, bool)
             if len(x):
@@ -377,10 +386,17 @@ class ModelMonitor:
                 if proj is not None and s.embedding_support is not None and len(proj):
                     k = min(len(proj), len(o))
                     o[:k] |= s.embedding_support.score(proj[:k]) > 1.0
+                    if (logits is not None and finite_out is not None and finite_out.all() and fin.all()
+                            and len(logits) == len(o)):
+                        # an answer its input's golden neighbours contradict (a label map off by one,
+                        # another model) is not trusted either (Suite.contradicted)
+                        o[:k] |= s.contradicted(proj[:k], logits[:k])
                 ood[fin] = o
             untrusted = self._last_untrusted if self._last_untrusted is not None and \
                 len(self._last_untrusted) == rows else viol
             bad = untrusted | ~fin
+        if finite_out is not None:
+            self._push_paired(fin, paired_sig, proj, len(finite_out))
         if finite_out is None or s.estimator is None:
             return
         rows = len(finite_out)
@@ -401,6 +417,24 @@ class ModelMonitor:
                 up.append(MetricUpdate(mn.ACCURACY_VERDICTS.name, {"model": self.name, "verdict": VERDICTS[i]},
                                        "inc", float(n)))
 
+    def _push_paired(self, fin: np.ndarray | None, sig: np.ndarray | None, proj: np.ndarray | None,
+                     rows: int) -> None:
+        """One row per output row of the batch into the paired windows (see __init__): the input's
+        signature and its shadow projection where the batch's inputs pair up with its outputs, else NaN."""
+        paired = fin is not None and len(fin) == rows
+        if self.row_signatures is not None:
+            out = np.full((rows, self.row_signatures.width), np.nan)
+            if paired and sig is not None and len(sig) == rows:
+                out[:] = sig
+            self.row_signatures.push(out)
+        if self.row_embeddings is not None:
+            emb = np.full((rows, self.row_embeddings.width), np.nan)
+            if paired and proj is not None and len(proj):
+                assert fin is not None
+                at = np.flatnonzero(fin)[:len(proj)]        # the shadow ran on the first k usable inputs
+                emb[at] = np.asarray(proj, np.float64)[:len(at)]
+            self.row_embeddings.push(emb)
+
     # --- per window -----------------------------------------------------------------------
     def evaluate(self):
         """Run the detectors on the current windows; updates for every detector and the estimates."""
@@ -411,7 +445,8 @@ class ModelMonitor:
                    embeddings=self.embeddings.values() if len(self.embeddings) else None,
                    signatures=self.signatures.values() if len(self.signatures) else None,
                    violating=self.violating.values()[:, 0] > 0.5 if len(self.violating) else None,
-                   verdicts=self.verdicts.values()[:, 0].astype(np.int8) if len(self.verdicts) else None)
+                   verdicts=self.verdicts.values()[:, 0].astype(np.int8) if len(self.verdicts) else None,
+                   row_signatures=_values(self.row_signatures), row_embeddings=_values(self.row_embeddings))
         v = self.suite.evaluate(w)
         self.windows += 1
         up = [MetricUpdate(mn.DRIFT_WINDOWS.name, {"model": self.name}, "inc", 1.0)]
@@ -530,3 +565,8 @@ def _rows(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.full((len(mask), *values.shape[1:]), np.nan)
     out[mask] = values
     return out
+
+
+def _values(w: Any) -> np.ndarray | None:
+    """A sliding window's rows, None when there is no such window or it is empty."""
+    return w.values() if w is not None and len(w) else None

@@ -52,6 +52,7 @@ def verdict_json(v) -> dict:
         "accuracy_estimate_reliable": v.reliable,
         "unknown_share": _num(v.unknown_share),
         "outside_share": _num(v.outside_share),
+        "inconsistent_share": _num(v.inconsistent_share),
         "samples": v.samples,
         "unreliable_reason": v.unreliable_reason,
         "diagnosis": None if v.diagnosis is None else v.diagnosis.to_dict(),

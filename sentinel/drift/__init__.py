@@ -9,6 +9,8 @@ Every detector compares a window with the golden set of the served model version
     input_stats  per-channel mean/std (+ brightness/contrast), sharpness, KS each, Bonferroni
     embedding    reference DenseNet features → PCA (golden) → KS per component, Bonferroni
     mmd          the same PCA features, Gaussian-kernel MMD², permutation p = (1+#≥)/(1+B)   Gretton et al. 2012
+    consistency  served class vs the class of the input's golden neighbours (signatures; shadow embeddings),
+                 disagreements against golden's own per-class rate, one-sided, Bonferroni over the spaces
 
 `combine` turns them into one verdict whose family-wise false-alarm rate is at most alpha
 (Bonferroni across detectors, valid under any dependence). `AccuracyEstimator` gives ATC

@@ -16,6 +16,12 @@ combined verdict alarms:
                             (or more than OUTSIDE of the window lies outside the golden support as
                             a population, or the input-statistics test alarmed, and the class mix
                             either did not move or does not explain the inputs either)
+    output_shift            the inputs are explained as for prior_shift, but what the model answers
+                            for them is not what it answers on golden: the served classes disagree with
+                            the classes of their inputs' golden neighbours far more often than golden's
+                            own (support.AnswerCheck: a label map off by one, another model version), or
+                            the confidence given the predicted class moved (KS D ≥ ANSWER_SHIFT_D: a
+                            calibration or export change) — a label shift changes neither
     prior_shift             the outputs moved but the inputs are explained by the golden set
                             reweighted to the window's predicted-class shares (p(x|y) unchanged;
                             the black-box label-shift assumption of Lipton et al., ICML 2018)
@@ -58,8 +64,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift"]
-KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift")
+Kind = Literal["none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift", "output_shift"]
+KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "covariate_shift", "prior_shift",
+                          "output_shift")
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
                                "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose",
@@ -93,6 +100,11 @@ PARTIAL_GAIN = 40.0  # ... and it lowers the summed z² over features by at leas
 MIN_PARTIAL = 0.05   # ... with a share s of at least this ...
 PARTIAL_MARGIN = 10.0    # ... and by this much more than any other candidate's mixture
 CONTRACT_SHARE = 0.02  # share of contract-violating samples that makes a window input_contract
+ANSWER_SHIFT_P = 0.01  # confidence given the predicted class unlike golden's below this p-value ...
+ANSWER_SHIFT_D = 0.6   # ... and by at least this KS distance: the answers changed. A label shift to one class
+                       # compares the window with that class's ~30 golden rows, whose confidence differs from
+                       # other writers' by D up to ~0.5 (digits holdout); a recalibrated or swapped model moves
+                       # it by 0.77-1.0
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
@@ -584,7 +596,16 @@ class Diagnoser:
             as_factor = (ends - self.pivot) * f + self.pivot
             as_offset = ends + float(np.median(mapped[0] - ends[0]))
             as_invert = self.invert_sum - ends
-            if not any(np.all(np.abs(mapped - m) <= tol) for m in (ends, as_factor, as_offset, as_invert)):
+            # A window whose per-sample maxima still sit on golden's (within tol) while its minima rose is
+            # the shape a saturating shift leaves: an offset clipped at the range's top (a brighter camera,
+            # `np.clip(x + k, 0, top)`), which x·a + top·(1 − a) fits about as well as the clip with few
+            # samples (x + 1 clipped at 16: x·0.95 + 1.0, d < AFFINE_FIT in 16 of 20 windows of 50). A
+            # normalisation would have to land the top on the very same value: not a candidate, and the
+            # window reads covariate_shift. (Minima pinned and maxima moved is a factor, named as one.)
+            pinned_top = bool(np.all(aa > 0) and np.all(np.abs(wmax - self.src_max_med) <= tol)
+                              and np.all(mapped[0] - ends[0] > tol))
+            if not pinned_top and not any(np.all(np.abs(mapped - m) <= tol)
+                                          for m in (ends, as_factor, as_offset, as_invert)):
                 out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
         return out
 
@@ -813,11 +834,15 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
              violating: np.ndarray | None = None, predicted: np.ndarray | None = None,
              golden_predicted_shares: np.ndarray | None = None, input_effects: dict[str, float] | None = None,
              contract_share: float = CONTRACT_SHARE, outside_share: float | None = None,
-             feature_violating: np.ndarray | None = None) -> Diagnosis:
+             feature_violating: np.ndarray | None = None, answers: Any = None,
+             score_shift_p: Any = None) -> Diagnosis:
     """The diagnosis of one window (see the module docstring for the rules).
 
     `violating` flags every row of the window (its share is the contract share); `feature_violating`
     flags the rows of `window_features` (rows without usable features dropped), when that differs.
+    `answers` (a `support.AnswerCheck`) and `score_shift_p` ((KS D, p) of the confidence given the
+    predicted class against golden's) tell an output shift from a prior shift; either may be a
+    function returning it, called only when the window gets that far.
     """
     alarming = {r.name: r.feature for r in detectors if r.alarm}
     shift: dict[str, float] = {}
@@ -894,6 +919,32 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
         return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
                          reason=f"inputs moved (d={moved:.3g} against golden reweighted to the window's classes) "
                                 f"and no one candidate transform explains them: {why}", **common)
+    # A prior shift leaves what the model answers for an input as it was: its classes for inputs like
+    # golden's (support.AnswerCheck), and its confidence given its class (score_shift_p). When either moved
+    # for inputs that match golden, the answers changed, not the class mix: another model, a label map,
+    # a calibration. With input statistics that moved as well, it is not called that: the inputs moved.
+    unexplained = []
+    answers = answers() if callable(answers) else answers
+    if answers is not None and answers.inconsistent:
+        unexplained.append(f"{answers.observed:.0%} of the answers differ from the class the golden neighbours "
+                           f"of their inputs have ({answers.expected:.0%} expected; {answers.space} space)")
+    if alarming.keys() - {"label"} and callable(score_shift_p):
+        score_shift_p = score_shift_p()
+    if score_shift_p is not None and not callable(score_shift_p) and score_shift_p[1] < ANSWER_SHIFT_P \
+            and score_shift_p[0] >= ANSWER_SHIFT_D and alarming.keys() - {"label"}:
+        unexplained.append(f"the confidence given the predicted class is not golden's (KS D={score_shift_p[0]:.2f}, "
+                           f"p={score_shift_p[1]:.2g})")
+    if unexplained:
+        what = " and ".join(unexplained)
+        if "input_stats" in alarming and moved > MOVED_LOW:
+            return Diagnosis("covariate_shift", None, None, round(moved, 3), top,
+                             reason=f"the input statistics moved (d={moved:.3g}) and {what}: not only the class "
+                                    f"mix; {why}", **common)
+        return Diagnosis("output_shift", None, None, round(moved, 3), top,
+                         reason=f"inputs match golden reweighted to the window's predicted classes (d={moved:.3g}), "
+                                f"but {what}: the answers no longer follow the inputs as they do on golden (another "
+                                "model version, calibration or label map; or inputs changed in a way the input "
+                                "checks do not see)", **common)
     return Diagnosis("prior_shift", None, None, round(moved, 3), top,
                      reason=f"inputs match golden reweighted to the window's predicted classes (d={moved:.3g}); "
                             "the class shares moved", **common)

@@ -22,10 +22,10 @@ from sentinel.drift.features import (
 from sentinel.drift.inputcontract import InputContract
 from sentinel.drift.inputcontract import check as check_contract
 from sentinel.drift.label import LabelShiftTest
-from sentinel.drift.result import DetectorResult, abstain
+from sentinel.drift.result import DetectorResult, abstain, decide
 from sentinel.drift.univariate import MIN_SAMPLES, FeatureShiftTest, Univariate
 
-ALL_DETECTORS = ("bbsd", "label", "confidence", "input_stats", "embedding", "mmd")
+ALL_DETECTORS = ("bbsd", "label", "confidence", "input_stats", "embedding", "mmd", "consistency")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ class Window:
     signatures: np.ndarray | None = None    # M×S `Suite.samples(...).signatures` (diagnosis)
     violating: np.ndarray | None = None     # M bool: the sample violates the input contract
     verdicts: np.ndarray | None = None      # M ATC verdict codes (sentinel.drift.support), oldest first
+    # Row by row with `logits` (M rows, NaN where a row has none), for the answer check
+    # (support.AnswerCheck), which pairs each served class with its own input. `embeddings` and
+    # `signatures` need not pair up with the outputs (the sidecar's shadow skips samples past its rate
+    # cap, so its embedding window spans more traffic than the output window); when these are None, the
+    # answer check takes `signatures`/`embeddings` only where they have as many rows as `logits`, as a
+    # window built offline from whole batches does.
+    row_signatures: np.ndarray | None = None    # M×S; NaN: no usable input (not decoded, or violating)
+    row_embeddings: np.ndarray | None = None    # M×k projected; NaN: the shadow did not run on the row
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class Settings:
     """Statistical settings of a suite."""
 
     alpha: float = 0.05                              # per-detector and combined false-alarm level
-    detectors: tuple[str, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding")
+    detectors: tuple[str, ...] = ("bbsd", "label", "confidence", "input_stats", "embedding", "consistency")
     univariate: Univariate = Univariate.KS           # test per feature for bbsd/confidence/input_stats/embedding
     combination: Combination = Combination.BONFERRONI
     pca_components: int = 8                          # principal components of golden embeddings kept
@@ -105,7 +113,10 @@ class Settings:
     accuracy_recent: int = 50
     # Weighted Bonferroni across detectors (combine.py): the label test gets twice the others' share of
     # alpha, which gives class knock-out ≥ 0.8 power at n=200 on digits (drift eval) at no cost in size.
-    detector_weights: tuple[tuple[str, float], ...] = (("label", 2.0),)
+    # The consistency test gets a quarter: what it alone sees (answers that changed for golden-like inputs)
+    # it sees with p-values of 1e-6 and below, and at weight 1 the others' share of alpha fell by 1/7
+    # (alarms on rot180 at 25% of 100 digits 0.8 -> 0.6, on levels4 0.8 -> 0.4).
+    detector_weights: tuple[tuple[str, float], ...] = (("label", 2.0), ("consistency", 0.25))
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.detectors if d not in ALL_DETECTORS]
@@ -132,6 +143,9 @@ class Verdict:
                                             # as a population (support.outside_share); counted as unknown
     samples: int | None = None              # rows the window holds, usable or not (verdicts or contract rows)
     unreliable_reason: str | None = None    # why `reliable` is False, in words (None when reliable or unknown)
+    # lower bound on the share of the window's answers unlike what golden's model gives for such inputs
+    # (support.AnswerCheck; None when no check ran); counted as unknown like `outside_share`
+    inconsistent_share: float | None = None
 
     @property
     def drift(self) -> bool:
@@ -197,6 +211,15 @@ class Suite:
             self.diagnoser = Diagnoser(x, probs.argmax(axis=1), _source(reference))
             self.input_support = KnnSupport.fit(self.diagnoser.golden_features, classes=self.diagnoser.classes)
             self.n_support = len(self.input_support.reference)
+        from sentinel.drift.support import ClassVote
+
+        # what golden says a sample's class is, from its golden neighbours: in the input signature space,
+        # and in the reference embeddings' when the shadow runs (support.AnswerCheck)
+        self.votes: dict[str, ClassVote] = {}
+        if self.diagnoser is not None:
+            cv = ClassVote.fit(self.diagnoser.golden_features, self.diagnoser.classes, "signature")
+            if cv is not None:
+                self.votes["signature"] = cv
         if self.pca is not None:
             from sentinel.drift.support import KnnSupport
 
@@ -204,6 +227,14 @@ class Suite:
             self.embedding_support = KnnSupport.fit(self.embedding.reference if self.embedding else
                                                     self.pca.transform(reference.embeddings),
                                                     classes=probs.argmax(axis=1))
+            ev = ClassVote.fit(self.embedding.reference if self.embedding else
+                               self.pca.transform(reference.embeddings), probs.argmax(axis=1), "embedding")
+            if ev is not None:
+                self.votes["embedding"] = ev
+        from sentinel.drift.support import AnswerScores
+
+        self.answer_scores = None if self.estimator is None else AnswerScores.fit(
+            self.estimator.scores(logits), probs.argmax(axis=1))
 
     def samples(self, inputs: np.ndarray | None, logits: np.ndarray | None,
                 embeddings: np.ndarray | None = None, dtype_kind: str | None = None) -> Samples:
@@ -239,8 +270,31 @@ class Suite:
                 from sentinel.drift.inputcontract import untrusted
 
                 unknown = ood | untrusted(viol)
+            if embeddings is not None and len(embeddings) == len(lg):
+                contradicted = self.contradicted(embeddings, lg)
+                unknown = contradicted if unknown is None else (unknown | contradicted)
             codes = verdicts(self.estimator.scores(lg), self.estimator.threshold, unknown)
         return Samples(viol, sig, ood, codes)
+
+    def contradicted(self, embeddings: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Per row: the served class is not the plurality class of the golden rows nearest its shadow
+        embedding (`support.ClassVote`), so ATC's verdict on it is not to be trusted (`unknown`).
+
+        The reference model's embedding of an input says what the input is as golden knows it; on golden
+        itself the vote agrees with the predicted class 99.3% of the time (digits:v3), and on clean
+        holdout digits the 0.4% that disagree were already not counted likely correct. A served answer
+        the vote contradicts comes from something else: a label map off by one, two classes swapped,
+        another model. All False without an embedding vote (no shadow, or too few golden rows)."""
+        lg = np.asarray(logits, np.float64)
+        out = np.zeros(len(lg), bool)
+        cv = self.votes.get("embedding")
+        e = np.asarray(embeddings, np.float64)
+        if cv is None or len(e) != len(lg) or not len(lg):
+            return out
+        ok = np.isfinite(e).all(axis=1) & np.isfinite(lg).all(axis=1)
+        if ok.any():
+            out[ok] = cv.votes(e[ok]) != lg[ok].argmax(axis=1)
+        return out
 
     def outside(self, signatures: np.ndarray) -> np.ndarray:
         """Per sample: outside the golden input support (kNN), or nearer a transformed golden sample
@@ -259,9 +313,32 @@ class Suite:
     def evaluate(self, window: Window) -> Verdict:
         """Run every configured detector, combine them, and estimate accuracy."""
         out = self._outputs(window)
-        results = [self._run(name, window, out) for name in self.settings.detectors]
+        support_scores = self._support_scores(window)
+        answers: dict[str, Any] | None = None
+        if "consistency" in self.settings.detectors:
+            answers = self._answers(window, out, support_scores)
+        results = [self._run(name, window, out, answers) for name in self.settings.detectors]
         combined = combine(results, self.settings.alpha, self.settings.combination,
                            weights=dict(self.settings.detector_weights))
+        cache: dict[str, Any] = {}
+
+        def answers_now() -> dict[str, Any]:
+            """The answer checks, computed at most once (the bound needs them only with verdicts, the
+            diagnosis only for an alarming window that reaches its prior_shift branch)."""
+            if "a" not in cache:
+                cache["a"] = answers if answers is not None else self._answers(window, out, support_scores)
+            found: dict[str, Any] = cache["a"]
+            return found
+
+        def preferred_now() -> Any:
+            # The shadow's embeddings say what the reference model reads in an input, whatever moved in its
+            # pixels; the signature neighbourhood also changes when the inputs move. So the bound and the
+            # diagnosis take the embedding check when the window has one, the signature check otherwise
+            # (the detector tests both).
+            a = answers_now()
+            return a.get("embedding", a.get("signature"))
+
+        preferred = preferred_now() if answers is not None or window.verdicts is not None else None
         est: dict[str, float] = {}
         acc = None
         n = 0
@@ -280,6 +357,14 @@ class Suite:
 
             codes = np.asarray(window.verdicts)
             counts = verdict_counts(codes)
+            # Answers unlike what golden's model gives for such inputs (support.AnswerCheck): when a window
+            # has significantly more of them than golden, each disagreeing answer is unknown to the bound
+            # (a label map off by one, another model: confident, and wrong; ATC would count them correct).
+            # The per-sample verdict counters keep what the sample alone says.
+            if preferred is not None and preferred.inconsistent and len(preferred.disagree) == len(codes):
+                from sentinel.drift.support import UNKNOWN
+                codes = codes.copy()
+                codes[preferred.disagree] = UNKNOWN
             lb, unk = lower_bound(codes)
             r = self.settings.accuracy_recent
             if 0 < r < len(codes):
@@ -288,7 +373,7 @@ class Suite:
                     lb, unk = min(lb, lb_r), max(unk, unk_r)
             est["atc_lower"] = lb
             unknown_share, reliable = unk, bool(unk <= UNRELIABLE_SHARE)
-        outside = self._outside_share(window, None if out is None else out[2].argmax(axis=1))
+        outside = self._outside_share(window, None if out is None else out[2].argmax(axis=1), support_scores)
         if outside is not None and "atc_lower" in est:
             # a population outside the support, though its samples one by one pass: that share is unknown,
             # and which samples it holds is not known either, so the likely-correct verdicts are trusted
@@ -299,9 +384,28 @@ class Suite:
             unknown_share = outside if unknown_share is None else max(unknown_share, outside)
             from sentinel.drift.support import UNRELIABLE_SHARE
             reliable = bool(unknown_share <= UNRELIABLE_SHARE)
-        diag = self._diagnose(window, results, combined, out, outside)
-        if reliable and diag.kind in ("preprocessing_mismatch", "input_contract"):
-            reliable = False        # inputs the model was not validated on: its confidence proves nothing
+        bad = bool(preferred is not None and preferred.inconsistent)
+        inconsistent = None if preferred is None else (preferred.share if bad else 0.0)
+        if bad and inconsistent is not None and "atc_lower" in est:
+            # which of the answers are unlike golden's is known only in part (a disagreeing neighbourhood
+            # vote can be the vote's mistake, an agreeing one a coincidence): as with `outside`, the
+            # likely-correct verdicts are trusted only in the share that is not inconsistent
+            est["atc_lower"] = est["atc_lower"] * (1.0 - inconsistent)
+            unknown_share = inconsistent if unknown_share is None else max(unknown_share, inconsistent)
+            from sentinel.drift.support import UNRELIABLE_SHARE
+            reliable = bool(unknown_share <= UNRELIABLE_SHARE)
+
+        def score_now() -> tuple[float, float] | None:
+            if out is None or self.answer_scores is None or self.estimator is None or not len(out[0]):
+                return None
+            from sentinel.drift.diagnosis import ANSWER_SHIFT_D
+            return self.answer_scores.test(self.estimator.scores(out[0]), out[2].argmax(axis=1), ANSWER_SHIFT_D)
+
+        diag = self._diagnose(window, results, combined, out, outside, preferred_now, score_now)
+        if reliable and diag.kind in ("preprocessing_mismatch", "input_contract", "output_shift"):
+            # inputs the model was not validated on, or answers that are not the validated model's for
+            # inputs like golden's: its confidence, calibrated on golden, proves nothing
+            reliable = False
         ts = diag.transformed_share
         if ts is not None and "atc_lower" in est:
             # The samples a named transform explains were fed wrongly prepared inputs: count them as
@@ -326,26 +430,104 @@ class Suite:
         if reliable and few:
             reliable = False        # a share of 2 or 5 samples bounds nothing (the detectors abstain too)
         why = None if reliable is not False else _unreliable_reason(diag, unknown_share, counts, n, samples,
-                                                                    self.n_support)
+                                                                    self.n_support, inconsistent if bad else None)
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
-                       samples, why)
+                       samples, why, inconsistent)
 
-    def _outside_share(self, w: Window, predicted: np.ndarray | None) -> float | None:
-        """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
-        shares = []
-        for support, rows in ((self.input_support, w.signatures), (self.embedding_support, w.embeddings)):
+    def _support_scores(self, w: Window) -> dict[str, np.ndarray]:
+        """Per feature space the window has, the kNN support score of every row (inf for a row with a
+        non-finite feature), computed once for `outside_share` and the answer check."""
+        out: dict[str, np.ndarray] = {}
+        for space, support, rows in (("signature", self.input_support, w.signatures),
+                                     ("embedding", self.embedding_support, w.embeddings)):
             if support is None or rows is None or not len(rows):
                 continue
             f = np.asarray(rows, np.float64)
-            f = f[np.isfinite(f).all(axis=1)]
-            s = support.outside_share(f, predicted)
+            fin = np.isfinite(f).all(axis=1)
+            sc = np.full(len(f), np.inf)
+            if fin.any():
+                sc[fin] = support.score(f[fin])
+            out[space] = sc
+        return out
+
+    def _answers(self, w: Window, out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                 support_scores: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """`support.AnswerCheck` per feature space whose rows pair up with the window's outputs
+        (`Window.row_signatures`/`row_embeddings` when given, else `signatures`/`embeddings` of the same
+        length), over the rows inside the golden support and the input contract."""
+        if out is None or not self.votes:
+            return {}
+        _, ok, probs, _ = out
+        served = np.full(len(ok), -1, np.int64)
+        served[ok] = probs.argmax(axis=1)
+        # only inputs inside the golden support (kNN, in each space the window has) and within the contract:
+        # answers to inputs outside it disagree with any neighbourhood, and the support checks speak for
+        # those. (Not the verdicts: an answer its embedding contradicts is already `unknown` there.)
+        #
+        # Each served class must meet its own input: rows paired by position, never by a count that
+        # happens to match (a window of the shadow's embeddings spanning more traffic than the outputs
+        # has the same length once both are full, and its every row is another sample's: nine answers in
+        # ten then "disagree", and a healthy replica read as another model).
+        rows = self._answer_rows(w, len(ok))
+        if w.row_signatures is None and w.row_embeddings is None:
+            for space, sc in (support_scores if support_scores is not None else self._support_scores(w)).items():
+                if space in rows and len(sc) == len(ok):
+                    served[sc > 1.0] = -1
+            if w.violating is not None and len(w.violating) == len(ok):
+                served[np.asarray(w.violating, bool)] = -1
+        else:
+            # rows the sidecar paired (NaN where the input was not usable, or the shadow did not run)
+            for space, f in rows.items():
+                support = self.input_support if space == "signature" else self.embedding_support
+                fin = np.isfinite(f).all(axis=1)
+                if space == "signature":
+                    served[~fin] = -1               # input not decoded, or violating the contract
+                if support is not None and fin.any():
+                    sc = np.full(len(f), np.inf)
+                    sc[fin] = support.score(f[fin])
+                    served[fin & (sc > 1.0)] = -1
+        res: dict[str, Any] = {}
+        for space, f in rows.items():
+            cv = self.votes.get(space)
+            if cv is None:
+                continue
+            chk = cv.check(f, served)
+            if chk is not None:
+                res[space] = chk
+        return res
+
+    @staticmethod
+    def _answer_rows(w: Window, n: int) -> dict[str, np.ndarray]:
+        """Per feature space, the window's feature rows paired row by row with its `n` output rows."""
+        out: dict[str, np.ndarray] = {}
+        paired = w.row_signatures is not None or w.row_embeddings is not None
+        for space, row, loose in (("signature", w.row_signatures, w.signatures),
+                                  ("embedding", w.row_embeddings, w.embeddings)):
+            f = row if paired else loose
+            if f is not None and len(f) == n and n:
+                out[space] = np.asarray(f, np.float64)
+        return out
+
+    def _outside_share(self, w: Window, predicted: np.ndarray | None,
+                       support_scores: dict[str, np.ndarray] | None = None) -> float | None:
+        """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
+        shares = []
+        scores = support_scores if support_scores is not None else self._support_scores(w)
+        for space, support, rows in (("signature", self.input_support, w.signatures),
+                                     ("embedding", self.embedding_support, w.embeddings)):
+            if support is None or rows is None or not len(rows):
+                continue
+            f = np.asarray(rows, np.float64)
+            fin = np.isfinite(f).all(axis=1)
+            sc = scores.get(space)
+            s = support.outside_share(f[fin], predicted, scores=None if sc is None else sc[fin])
             if s is not None:
                 shares.append(s)
         return max(shares) if shares else None
 
     def _diagnose(self, w: Window, results: list[DetectorResult], combined: DetectorResult,
                   out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
-                  outside: float | None = None) -> Diagnosis:
+                  outside: float | None = None, answers: Any = None, score_p: Any = None) -> Diagnosis:
         effects: dict[str, float] = {}
         if self.input_stats is not None and w.input_stats is not None and len(w.input_stats):
             ws = np.asarray(w.input_stats, np.float64)
@@ -364,7 +546,8 @@ class Suite:
             sig = sig[keep]
         return diagnose(combined.alarm, results, diagnoser=self.diagnoser, window_features=sig,
                         violating=w.violating, predicted=pred, golden_predicted_shares=self.golden_shares,
-                        input_effects=effects, outside_share=outside, feature_violating=aligned)
+                        input_effects=effects, outside_share=outside, feature_violating=aligned,
+                        answers=answers, score_shift_p=score_p)
 
     def _outputs(self, w: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Finite window logits, their row mask, probabilities and entropies (computed once per window)."""
@@ -379,8 +562,17 @@ class Suite:
         return lg, ok, probs, ent
 
     def _run(self, name: str, w: Window, out: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
-             ) -> DetectorResult:
+             answers: dict[str, Any] | None = None) -> DetectorResult:
         a = self.settings.alpha
+        if name == "consistency":
+            # the served classes against the golden neighbourhood of their inputs (support.AnswerCheck),
+            # one-sided, Bonferroni over the feature spaces checked
+            if not answers:
+                return abstain(name, a, self.n_reference, 0 if out is None else len(out[0]),
+                               "no input signatures or shadow embeddings row by row with the outputs")
+            best = min(answers.values(), key=lambda c: c.p_value)
+            return decide(name, best.observed - best.expected, min(1.0, best.p_value * len(answers)), a,
+                          len(self.votes[best.space].reference), best.n, best.space)
         if name in ("bbsd", "label", "confidence"):
             if out is None:
                 return abstain(name, a, self.n_reference, 0, "no decoded outputs in the window")
@@ -405,7 +597,7 @@ class Suite:
 
 
 def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[str, int], n: int,
-                       samples: int, n_support: int | None = None) -> str:
+                       samples: int, n_support: int | None = None, inconsistent: float | None = None) -> str:
     """Why a window's accuracy estimate is flagged unreliable, in words (drift check, /status)."""
     judged = counts.get("likely_correct", 0) + counts.get("likely_wrong", 0)
     if samples and (n == 0 or (counts and judged == 0 and counts.get("unknown", 0) == samples)):
@@ -419,9 +611,18 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
     if d.kind == "preprocessing_mismatch":
         return f"inputs {d.transform or 'transformed'}" + (
             f" on ~{d.transformed_share:.0%} of the window" if d.transformed_share is not None else "")
+    if d.kind == "output_shift":
+        return ("the answers changed for inputs like the golden set's (another model, calibration or label map?): "
+                "the estimator's calibration on golden no longer applies")
     if d.kind == "input_contract":
         return "inputs violate the input contract" + (
             f" (~{d.contract_violating_share:.0%} of the window)" if d.contract_violating_share is not None else "")
+    answers = None if inconsistent is None else (
+        f"answers unlike what the golden set's model gives for such inputs (~{inconsistent:.0%} of the window at least")
+    if answers is not None and d.kind != "covariate_shift":
+        return f"{answers}; ~{unknown_share or 0.0:.0%} unknown)"
+    # Inputs that moved lead: under noise the answers' disagreement with their inputs' golden
+    # neighbours follows from the inputs, and "answers unlike" first read as if the model had changed.
     from sentinel.drift.support import SMALL_GOLDEN
 
     # A few % unknown can be the golden set's own doing; a window mostly outside the support is not.
@@ -429,7 +630,8 @@ def _unreliable_reason(d: Diagnosis, unknown_share: float | None, counts: dict[s
         f"; the golden set has only {n_support} samples, too few to tell a clean sample at the edge of "
         f"the support from one outside it (clean windows read a few % unknown): keep {SMALL_GOLDEN} or more")
     return "inputs outside the golden support" + (
-        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "") + small
+        f" (~{unknown_share:.0%} of the window)" if unknown_share is not None else "") + small + (
+        f"; {answers})" if answers is not None else "")
 
 
 def _source(ref: Reference) -> Source | None:

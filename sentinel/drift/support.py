@@ -27,6 +27,14 @@ s ≥ 1 − G(t)/F0(t); with the empirical CDFs and a two-sample DKW margin
 probability about 1 − δ. The suite counts that share as unknown in the window's lower bound and
 its unknown share (so the estimate is flagged unreliable beyond `UNRELIABLE_SHARE`); the
 per-sample verdict counters are unchanged.
+
+The support checks judge inputs; they cannot see answers that changed for inputs like golden's (a
+label map off by one: every answer confident and wrong, every input golden-like). `AnswerCheck`
+compares each served class with the plurality class of its input's golden neighbours (in the
+signature space, and in the shadow's embedding space when the window has it) against golden's own
+leave-one-out agreement per class; with significantly more disagreement than that, the disagreeing
+answers are unknown to the bound, and a lower confidence bound on the share of answers unlike
+golden's discounts it as `outside_share` does.
 """
 
 from __future__ import annotations
@@ -89,9 +97,10 @@ class KnnSupport:
         return cls(z, center, scale, thr, k, d / max(thr, 1e-12), cl)
 
     def outside_share(self, features: np.ndarray, predicted: np.ndarray | None = None,
-                      delta: float = OUTSIDE_DELTA) -> float | None:
+                      delta: float = OUTSIDE_DELTA, scores: np.ndarray | None = None) -> float | None:
         """Lower confidence bound on the share of these rows not distributed like the reference
-        (module docstring); None with fewer than MIN_OUTSIDE_SAMPLES rows or no LOO scores.
+        (module docstring); None with fewer than MIN_OUTSIDE_SAMPLES rows or no LOO scores. `scores`: the
+        rows' `score`, when already computed.
 
         With the window's `predicted` classes (and the reference's), each reference score is weighted
         by q_c/p_c (window over reference share of its class), as a label shift would reweight it.
@@ -106,7 +115,7 @@ class KnnSupport:
             if q[p > 0].sum() >= 0.5:            # most of the window's classes are in the reference
                 w = np.where(p > 0, q / np.maximum(p, 1e-12), 0.0)[self.loo_classes]
                 weights = w if w.sum() > 0 else None
-        return outside_share(self.score(features), self.loo, delta, weights)
+        return outside_share(self.score(features) if scores is None else scores, self.loo, delta, weights)
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """N: kNN distance divided by the threshold (> 1: out of support)."""
@@ -297,3 +306,178 @@ def lower_bound(codes: np.ndarray) -> tuple[float, float]:
     if len(codes) == 0:
         return float("nan"), float("nan")
     return float(np.mean(codes == LIKELY_CORRECT)), float(np.mean(codes == UNKNOWN))
+
+
+ANSWER_K = 5               # golden neighbours whose (predicted) classes vote on a sample's class
+ANSWER_P = 0.01            # answers disagreeing with their inputs' golden neighbourhood beyond this p-value: inconsistent
+ANSWER_DELTA = 0.05        # error probability of the inconsistent share's lower confidence bound
+MIN_ANSWER_SAMPLES = 10    # fewer aligned rows than this: no check
+_Z_ANSWER_DELTA = 1.6448536269514722   # the standard normal's upper ANSWER_DELTA quantile
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """Do a window's served classes agree with what the golden set says about inputs like theirs?
+
+    Each row's served class is compared with the plurality class of its ANSWER_K nearest golden
+    neighbours (golden's own predicted classes). Golden rows agree with their neighbours (leave-one-out)
+    at rate a_c per class c; a window whose answers come from the same model as golden's, for inputs
+    like golden's, disagrees at about Σ_i (1 − a_{ŷ_i}) rows, whatever its class mix (a label shift
+    only reweights the classes). Many more disagreements mean the answers changed for the inputs: another
+    model, a label map off by one, a different serving path (or inputs that moved, which other checks see).
+    """
+
+    space: str                  # "signature" or "embedding"
+    n: int                      # aligned rows checked
+    disagree: np.ndarray        # n bool: the served class differs from the neighbourhood's plurality class
+    observed: float             # disagreeing share
+    expected: float             # the share golden's own agreement predicts for these classes
+    p_value: float              # one-sided: no more disagreement than golden's (normal approximation)
+    share: float                # lower confidence bound (ANSWER_DELTA) on the share of answers unlike golden's
+
+    @property
+    def inconsistent(self) -> bool:
+        return bool(self.p_value < ANSWER_P)
+
+
+@dataclass(frozen=True)
+class ClassVote:
+    """Golden rows (standardised) and their predicted classes, for the kNN class vote of `AnswerCheck`."""
+
+    reference: np.ndarray
+    classes: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    agree: np.ndarray           # K: golden rows of each class agreeing with their LOO neighbourhood
+    count: np.ndarray           # K: golden rows of each class
+    space: str = "signature"
+    k: int = ANSWER_K
+
+    @classmethod
+    def fit(cls, features: np.ndarray, classes: np.ndarray, space: str = "signature", k: int = ANSWER_K,
+            max_samples: int = MAX_REFERENCE, seed: int = 0) -> ClassVote | None:
+        """None with too few rows (fewer than 2k + 2) or non-finite features."""
+        f = np.asarray(features, np.float64)
+        cl = np.asarray(classes, np.int64)
+        if len(f) != len(cl) or len(f) < 2 * k + 2 or not np.isfinite(f).all():
+            return None
+        if len(f) > max_samples:
+            keep = np.sort(np.random.default_rng(seed).choice(len(f), max_samples, replace=False))
+            f, cl = f[keep], cl[keep]
+        center = f.mean(axis=0)
+        sd = f.std(axis=0)
+        scale = np.where(sd > 1e-9 * (np.abs(center) + 1), sd, 1.0)
+        z = (f - center) / scale
+        d2 = _sq_dist(z, z)
+        np.fill_diagonal(d2, np.inf)                          # leave-one-out
+        ok = _plurality(d2, cl, k) == cl
+        kk = int(cl.max()) + 1
+        return cls(z, cl, center, scale, np.bincount(cl[ok], minlength=kk).astype(np.float64),
+                   np.bincount(cl, minlength=kk).astype(np.float64), space, k)
+
+    def votes(self, features: np.ndarray) -> np.ndarray:
+        """Plurality class of each row's k nearest golden rows (ties: the nearer neighbours' class)."""
+        z = (np.asarray(features, np.float64) - self.center) / self.scale
+        return _plurality(_sq_dist(z, self.reference), self.classes, self.k)
+
+    def check(self, features: np.ndarray, served: np.ndarray) -> AnswerCheck | None:
+        """The window's `AnswerCheck` (rows of `features` aligned with the `served` classes; rows with a
+        non-finite feature are left out); None with fewer than MIN_ANSWER_SAMPLES usable rows."""
+        import math
+
+        f = np.asarray(features, np.float64)
+        y = np.asarray(served, np.int64)
+        ok = np.isfinite(f).all(axis=1) & (y >= 0)
+        if ok.sum() < MIN_ANSWER_SAMPLES:
+            return None
+        f, y = f[ok], y[ok]
+        kk = max(len(self.count), int(y.max()) + 1)
+        agree = np.pad(self.agree, (0, kk - len(self.agree)))
+        count = np.pad(self.count, (0, kk - len(self.count)))
+        # golden's disagreement rate per class: the mean and variance of its Jeffreys posterior,
+        # Beta(misses + 1/2, agreements + 1/2). A class golden's 30 rows never missed on is not a rate
+        # of 0: with 30 rows a rate of a few % is as likely (a window of that class alone leans on it)
+        miss = count - agree
+        e = (miss + 0.5) / (count + 1.0)
+        var_e = e * (1 - e) / (count + 2.0)
+        dis = self.votes(f) != y
+        n = len(y)
+        n_c = np.bincount(y, minlength=kk).astype(np.float64)
+        mu = float(np.sum(n_c * e))
+        # binomial variance of the window's disagreements plus that of golden's per-class rates
+        var = float(np.sum(n_c * e * (1 - e)) + np.sum(n_c ** 2 * var_e))
+        d = float(dis.sum())
+        sd = max(np.sqrt(var), 1e-9)
+        p = 0.5 * math.erfc((d - 0.5 - mu) / sd / math.sqrt(2.0))    # normal upper tail, continuity-corrected
+        margin = _Z_ANSWER_DELTA * sd
+        share = float(np.clip((d - mu - margin) / max(n - mu, 1e-9), 0.0, 1.0))
+        full = np.zeros(len(ok), bool)
+        full[np.flatnonzero(ok)] = dis
+        return AnswerCheck(self.space, n, full, d / n, mu / n, p, share)
+
+
+def _plurality(d2: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """Per row of squared distances to the reference rows, the plurality class of its k nearest
+    (a vote is worth 1 plus a little more the nearer it is, so ties go to the nearer neighbours)."""
+    k = int(min(k, d2.shape[1]))
+    if len(d2) == 0 or k == 0:
+        return np.zeros(len(d2), np.int64)
+    nn = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < d2.shape[1] else np.argsort(d2, axis=1)[:, :k]
+    rank = np.argsort(np.take_along_axis(d2, nn, axis=1), axis=1)
+    lab = classes[np.take_along_axis(nn, rank, axis=1)]               # N×k, nearest first
+    w = 1.0 + 1e-3 * (k - np.arange(k))
+    # each neighbour's class scores the weights of the neighbours sharing it (k×k per row, any K)
+    score = ((lab[:, :, None] == lab[:, None, :]) * w[None, None, :]).sum(axis=2)
+    out: np.ndarray = lab[np.arange(len(lab)), score.argmax(axis=1)]
+    return out
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Golden's per-sample ATC scores and predicted classes: does a window's confidence follow golden's
+    for the classes it predicts? Under a label shift the model's confidence given its answer stays as it
+    was on golden (only the classes are reweighted); a recalibrated, re-exported or swapped model, or
+    probabilities softmaxed twice, change it for the same inputs."""
+
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def fit(cls, scores: np.ndarray, classes: np.ndarray) -> AnswerScores | None:
+        s = np.asarray(scores, np.float64)
+        c = np.asarray(classes, np.int64)
+        if len(s) != len(c) or len(s) < MIN_ANSWER_SAMPLES or not np.isfinite(s).all():
+            return None
+        return cls(s, c)
+
+    def test(self, scores: np.ndarray, predicted: np.ndarray, min_d: float = 0.0) -> tuple[float, float] | None:
+        """(KS statistic D, p-value) of the window's scores against golden's reweighted to the window's
+        predicted-class shares (Kish's effective size for golden); None with fewer than
+        MIN_ANSWER_SAMPLES rows, or when most of the window's classes are not golden's. A D below
+        `min_d` reads p = 1 (the exact p-value costs a few ms, and such a D decides nothing)."""
+        from scipy.stats import kstwo
+
+        w = np.asarray(scores, np.float64)
+        y = np.asarray(predicted, np.int64)
+        ok = np.isfinite(w)
+        w, y = w[ok], y[ok]
+        if len(w) < MIN_ANSWER_SAMPLES:
+            return None
+        k = int(max(self.classes.max(), y.max())) + 1
+        q = np.bincount(y, minlength=k) / len(y)
+        p = np.bincount(self.classes, minlength=k) / len(self.classes)
+        if q[p > 0].sum() < 0.5:
+            return None
+        rw = np.where(p > 0, q / np.maximum(p, 1e-12), 0.0)[self.classes]
+        order = np.argsort(self.scores, kind="stable")
+        r, rw = self.scores[order], rw[order]
+        t = np.concatenate([r, np.sort(w)])
+        cum = np.concatenate([[0.0], np.cumsum(rw)]) / rw.sum()
+        f0 = cum[np.searchsorted(r, t, side="right")]
+        g = np.searchsorted(np.sort(w), t, side="right") / len(w)
+        d = float(np.max(np.abs(f0 - g)))
+        if d < min_d:
+            return d, 1.0
+        n_eff = float(rw.sum() ** 2 / np.sum(rw ** 2))
+        en = n_eff * len(w) / (n_eff + len(w))
+        return d, float(kstwo.sf(d, max(int(round(en)), 1)))

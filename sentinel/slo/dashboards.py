@@ -356,6 +356,7 @@ def debug(spec: SloFile) -> DashboardSpec:
                              "{{model}} {{feature}} {{source}}"),), width=24),
             PanelSpec("Drift p-value per detector and version", "timeseries", "none",
                       "Corrected p-value of each detector (bbsd, label, confidence, input_stats, embedding, "
+                      "consistency, "
                       "combined), lowest replica per version.",
                       (Query(f"min by (model, detector, version) ({mn.DRIFT_P_VALUE.name}{{{MI}}})",
                              "{{model}} {{detector}} {{version}}"),), min=0, max=1),

@@ -192,7 +192,7 @@ def test_drift_check_json_shape(traffic, tmp_path, monkeypatch):
     assert len(out) == 2
     for w in out:
         assert set(w) == {"n", "drift", "detectors", "estimated_accuracy", "accuracy", "accuracy_verdicts",
-                          "accuracy_estimate_reliable", "unknown_share", "outside_share", "diagnosis",
+                          "accuracy_estimate_reliable", "unknown_share", "outside_share", "inconsistent_share", "diagnosis",
                           "samples", "unreliable_reason"}
         assert w["n"] == 25 and w["samples"] == 25 and w["unreliable_reason"] is None and w["drift"] is False and 0.8 <= w["accuracy"] <= 1
         assert set(w["estimated_accuracy"]) == {"atc", "avg_conf", "atc_lower"}
