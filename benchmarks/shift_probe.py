@@ -13,7 +13,8 @@ Round 8 added model-server swaps (`model:*`: the same inputs, another model's an
 onto the classes the model gets wrong (`label:hard_classes`), gradual drift whose strength rises over
 consecutive windows (`--ramp`: rows NAME@level, and per ramp the level where the accuracy first fell by
 0.03 and where the alarm first fired in half the windows), a longer clean control (`--clean-windows`),
-and the mean ATC point estimate per row (`atc` in the JSON).
+and the mean ATC point estimate per row (`atc` in the JSON). Round 9 added held-out checks of the fitted
+blur σ and the resize/zoom candidates (`blur1.3`, `blur2.5`, `blur0.4`, `via6`, `via4`, `zoomout5`, `zoomout7`).
 """
 
 from __future__ import annotations
@@ -487,6 +488,9 @@ SHIFTS: dict[str, Fn] = {
     "vignette": _vignette, "illumination": _illumination, "motion_blur3": _motion_blur, "sharpen": _sharpen,
     "interlace": _interlace, "pitch9": _pitch(9), "pitch7": _pitch(7),
     "bg_threshold4": lambda x, r: _f32(np.where(x < 4, 0.0, x)),
+    # round 9: held-out checks of the fitted blur σ and the resize paths (never used while tuning)
+    "blur1.3": _gauss_blur(1.3), "blur2.5": _gauss_blur(2.5), "blur0.4": _gauss_blur(0.4),
+    "via6": _via_size(6), "via4": _via_size(4), "zoomout5": _zoom_out(5), "zoomout7": _zoom_out(7),
 }
 # A model-server swap: the inputs are the clean holdout digits, the answers another model's (the shadow
 # reference stays digits:v3). Each maps (entry of digits:v3, raw holdout, network inputs, clean logits) to

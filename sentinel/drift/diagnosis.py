@@ -42,8 +42,9 @@ window and T_c(golden). Candidates applied to golden inputs in their raw form (w
 set has it) or in the network's unit space: multiply/divide by a factor and add an offset
 (both estimated from the window's per-sample extremes), invert, the seven other symmetries of
 the image (transpose, anti-transpose, horizontal and vertical flip, rotation by 90/180/270°;
-the four that swap height and width only when they are equal), binarize, blur (σ 0.5/1/2
-pixels), channel order and grayscale (one luma channel repeated; C > 1), missing or doubled
+the four that swap height and width only when they are equal), binarize, blur (σ fitted per window
+between 0.3 and 4 pixels, from the fixed σ 0.5/1/2 by a golden-section search), resize (down to s×s
+and back, bilinear, area or nearest; factor s/side), zoom (content scaled about the centre), channel order and grayscale (one luma channel repeated; C > 1), missing or doubled
 normalisation, and any other normalisation
 (`normalization_mismatch`: an affine map x -> a·x + b per channel, a and b fitted by
 least squares on the window's median per-sample minimum, quantiles, maximum and mean against
@@ -70,7 +71,7 @@ KINDS: tuple[str, ...] = ("none", "input_contract", "preprocessing_mismatch", "c
 TRANSFORMS: tuple[str, ...] = ("multiply", "divide", "offset", "invert", "transpose", "flip_horizontal",
                                "flip_vertical", "binarize", "blur", "channel_order", "normalization_missing",
                                "normalization_doubled", "rotate_90", "rotate_180", "rotate_270", "antitranspose",
-                               "normalization_mismatch", "grayscale")
+                               "normalization_mismatch", "grayscale", "resize", "zoom")
 # Candidates with parameters estimated from the window (allowed FIT_MAX_FITTED), and the simpler
 # candidates that are special cases of the affine `normalization_mismatch`: when one of those fits
 # about as well (within AMBIGUITY), it is named instead.
@@ -108,6 +109,22 @@ ANSWER_SHIFT_D = 0.6   # ... and by at least this KS distance: the answers chang
 MIN_FACTOR = 1.25    # a fitted scale factor nearer to 1 than this is not a candidate
 MIN_OFFSET = 0.05    # a fitted offset smaller than this share of the golden range is not a candidate
 BLUR_SIGMAS = (0.5, 1.0, 2.0)
+# Image-pipeline mismatches with a parameter. `blur`: σ fitted per window by a golden-section search on
+# log σ within BLUR_RANGE, bracketed by the BLUR_SIGMAS neighbours of the best fixed σ (BLUR_EVALS passes
+# over the golden set, run only when the window is less sharp than golden and a fixed σ already fits
+# at least BLUR_GATE times better than no transform). `resize` (down to s×s and back up: bilinear both
+# ways, area down, or nearest both ways) and `zoom` (content scaled about the centre, background
+# outside) are grids fitted once on golden; none of the three enters the mixtures or the per-sample check.
+BLUR_RANGE = (0.3, 4.0)
+BLUR_EVALS = 7
+BLUR_GATE = 2.0
+RESIZE_FACTORS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)   # intermediate side over the input's
+RESIZE_MODES = ("bilinear", "area", "nearest")
+ZOOM_FACTORS = (0.45, 0.5, 0.55, 0.61, 0.68, 0.75, 0.83, 1.2, 1.33, 1.47, 1.62, 1.8, 2.0, 2.2)
+PARAMETRIC = ("blur", "resize", "zoom")
+MAX_GRID_VALUES = 1 << 22    # golden input values each resize/zoom variant is fitted on (large images: fewer
+MIN_GRID_SAMPLES = 32        # samples, never fewer than this): 32 of 3×224×224 instead of ~110; and for images
+                             # over MAX_FIT_SIDE a side, every other zoom factor and no nearest resize (19 variants, not 32)
 DEAD_BANDS = 8       # bands per axis a dead-band check (support.TransformLike) blanks, one at a time
 REL_TOLERANCE = 0.005
 MAX_GOLDEN = 500     # golden samples the candidate moments are computed from (fit cost bound)
@@ -357,13 +374,102 @@ def _candidates(src: Source) -> list[Candidate]:
     return cands
 
 
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of N×C×H×W images (σ in pixels, zero padding), as the `blur` candidates apply it."""
+    from scipy.ndimage import gaussian_filter
+    return np.asarray(gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="constant"))
+
+
+def _resample_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
+    """n_out×n_in weights of a 1-D resize: `bilinear` (half-pixel centres, edges clamped, no
+    antialiasing: `sentinel.preprocess.resize_bilinear`, OpenCV's INTER_LINEAR), `area` (box overlap)
+    or `nearest` (the pixel under each output centre)."""
+    m = np.zeros((n_out, n_in))
+    r = n_in / n_out
+    for o in range(n_out):
+        if mode == "nearest":
+            m[o, min(int((o + 0.5) * r), n_in - 1)] = 1.0
+        elif mode == "area" and r > 1:
+            a, b = o * r, (o + 1) * r
+            i = np.arange(n_in)
+            m[o] = np.clip(np.minimum(b, i + 1) - np.maximum(a, i), 0, None) / r
+        else:
+            c = min(max((o + 0.5) * r - 0.5, 0.0), n_in - 1.0)
+            i0 = int(np.floor(c))
+            i1 = min(i0 + 1, n_in - 1)
+            m[o, i0] += 1.0 - (c - i0)
+            m[o, i1] += c - i0
+    return m
+
+
+def _zoom_matrix(n: int, z: float) -> np.ndarray:
+    """n×n bilinear weights of content scaled by z about the centre (zero weight outside the image)."""
+    c = (n - 1) / 2
+    m = np.zeros((n, n))
+    for o in range(n):
+        src = c + (o - c) / z
+        i0 = int(np.floor(src))
+        for i, w in ((i0, 1.0 - (src - i0)), (i0 + 1, src - i0)):
+            if 0 <= i < n:
+                m[o, i] += w
+    return m
+
+
+def _separable(x: np.ndarray, mh: np.ndarray, mw: np.ndarray) -> np.ndarray:
+    """mh·x·mwᵀ for every N×C image of x (sparse products: cheap for 224-pixel sides too)."""
+    from scipy.sparse import csr_matrix
+
+    n, c, h, w = x.shape
+    y = np.asarray((csr_matrix(mw) @ x.reshape(-1, w).T).T).reshape(n, c, h, mw.shape[0])
+    w2 = y.shape[3]
+    y = np.asarray(csr_matrix(mh) @ y.transpose(2, 0, 1, 3).reshape(h, -1))
+    return np.ascontiguousarray(y.reshape(mh.shape[0], n, c, w2).transpose(1, 2, 0, 3))
+
+
+def _resize_grid(h: int, w: int) -> list[tuple[float, str, Callable[[np.ndarray], np.ndarray]]]:
+    """(factor, description, transform) of each `resize` variant for H×W images: through
+    round(f·H)×round(f·W) for f in RESIZE_FACTORS (distinct sizes of at least 2, below the input's)."""
+    out: list[tuple[float, str, Callable[[np.ndarray], np.ndarray]]] = []
+    seen = set()
+    for f in RESIZE_FACTORS:
+        sh, sw = max(int(round(f * h)), 2), max(int(round(f * w)), 2)
+        if sh >= h or sw >= w or (sh, sw) in seen:
+            continue
+        seen.add((sh, sw))
+        for mode in RESIZE_MODES if max(h, w) <= MAX_FIT_SIDE else RESIZE_MODES[:2]:
+            up = "nearest" if mode == "nearest" else "bilinear"
+            mh = _resample_matrix(sh, h, up) @ _resample_matrix(h, sh, mode)
+            mw = _resample_matrix(sw, w, up) @ _resample_matrix(w, sw, mode)
+            desc = f"{mode} down to {sh}×{sw} and {up} back up"
+
+            def fn(x: np.ndarray, mh: np.ndarray = mh, mw: np.ndarray = mw) -> np.ndarray:
+                return _separable(x, mh, mw)
+            out.append((round(sh / h, 4), desc, fn))
+    return out
+
+
+def _zoom_grid(h: int, w: int, low: np.ndarray) -> list[tuple[float, str, Callable[[np.ndarray], np.ndarray]]]:
+    """(factor, description, transform) of each `zoom` variant: content scaled by z about the centre
+    (bilinear), the channel's golden low value where the scaled image does not reach."""
+    out: list[tuple[float, str, Callable[[np.ndarray], np.ndarray]]] = []
+    lo = _ch(low)
+    for z in ZOOM_FACTORS if max(h, w) <= MAX_FIT_SIDE else ZOOM_FACTORS[::2]:
+        mh, mw = _zoom_matrix(h, z), _zoom_matrix(w, z)
+
+        def fn(x: np.ndarray, mh: np.ndarray = mh, mw: np.ndarray = mw) -> np.ndarray:
+            return np.asarray(_separable(x - lo, mh, mw) + lo)
+        out.append((z, f"content scaled ×{z:g} about the centre", fn))
+    return out
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     """The named cause of one window's alarm, with signed effect sizes."""
 
     kind: str                                    # one of KINDS
     transform: str | None = None                 # one of TRANSFORMS (preprocessing_mismatch, input_contract)
-    parameter: float | None = None               # the fitted factor or offset of multiply/divide/offset
+    parameter: float | None = None               # the fitted factor or offset of multiply/divide/offset, blur σ
+                                                 # (pixels), resize factor (intermediate side / input side), zoom factor
     inputs_moved: float | None = None            # d(identity) against class-reweighted golden
     candidates: dict[str, float] = field(default_factory=dict)   # best few candidates' distances
     input_effects: dict[str, float] = field(default_factory=dict)  # window − golden median per input statistic
@@ -432,12 +538,16 @@ class Diagnoser:
         self.pivot = np.zeros_like(self.src_min_med) if raw_source else self.src_min_med
         self.fixed: dict[str, Moments] = {}
         self.fixed_features: dict[str, np.ndarray] = {}   # signatures of T(golden), row for row
+        self.fixed_param: dict[str, float] = {}           # the σ of each fixed blur variant
+        blur_sigmas = iter(BLUR_SIGMAS)
         for cand in _candidates(source):
             key = cand.name
             n = 1
             while key in self.fixed:                      # blur σ variants
                 n += 1
                 key = f"{cand.name}#{n}"
+            if cand.name == "blur":
+                self.fixed_param[key] = next(blur_sigmas)
             t = cand.apply(x.astype(np.float64), 0.0) if cand.network else \
                 source.to_network(cand.apply(source.images, 0.0))
             tf = self.signature.features(t)
@@ -449,6 +559,14 @@ class Diagnoser:
         # line or a decoder zeroing a stripe, which leave a digit in the support but make it misread.
         dead = {name: self.signature.features(source.to_network(t)) for name, t in _dead_bands(source)}
         self.transform_like = TransformLike.fit(f, {**self.fixed_features, **dead})
+        # the parametric image-pipeline candidates fitted once (PARAMETRIC): (parameter, description, moments)
+        h, w = source.images.shape[2:]
+        k = min(len(source.images), max(MAX_GRID_VALUES // max(int(np.prod(source.images.shape[1:])), 1),
+                                        MIN_GRID_SAMPLES))
+        imgs = source.images[np.linspace(0, len(source.images) - 1, k).round().astype(int)]
+        self.grid: dict[str, list[tuple[float, str, Moments]]] = {
+            name: [(p, desc, Moments.of(self.signature.features(source.to_network(fn(imgs))))) for p, desc, fn in grid]
+            for name, grid in (("resize", _resize_grid(h, w)), ("zoom", _zoom_grid(h, w, source.low)))}
         self._fitted_last: tuple[Any, dict[str, tuple[Moments, float]]] | None = None
 
     def features(self, network_inputs: np.ndarray) -> np.ndarray:
@@ -607,7 +725,74 @@ class Diagnoser:
             if not pinned_top and not any(np.all(np.abs(mapped - m) <= tol)
                                           for m in (ends, as_factor, as_offset, as_invert)):
                 out["normalization_mismatch"] = (self.affine_moments(aa, bb), float(np.median(aa)))
+        blur = self._fit_blur(window_features)
+        if blur is not None:
+            out["blur"] = blur
         return out
+
+    def blur_moments(self, sigma: float) -> Moments:
+        """Signature moments of golden blurred by σ (source units, as the `blur` candidates)."""
+        return Moments.of(self.signature.features(self.source.to_network(_gaussian_blur(self.source.images, sigma))))
+
+    def _fit_blur(self, window_features: np.ndarray) -> tuple[Moments, float] | None:
+        """The blur σ that best reproduces the window (golden-section on log σ, BLUR_EVALS evaluations),
+        or None when the window is no blur: not less sharp than golden, or no fixed σ (BLUR_SIGMAS) fits
+        at least BLUR_GATE times better than the golden set itself."""
+        if len(window_features) < 2 or not self.fixed_param:
+            return None
+        wm = Moments.of(window_features)
+        j = self.signature.names.index("sharpness")
+        if not wm.mean[j] < self.golden.mean[j]:
+            return None
+        d0 = distance(wm, self.golden, self.scale)
+        fixed = sorted((p, distance(wm, self.fixed[k], self.scale)) for k, p in self.fixed_param.items())
+        i = min(range(len(fixed)), key=lambda k: fixed[k][1])
+        if not fixed[i][1] * BLUR_GATE < d0:
+            return None
+        lo = np.log(fixed[i - 1][0] if i > 0 else BLUR_RANGE[0])
+        hi = np.log(fixed[i + 1][0] if i + 1 < len(fixed) else BLUR_RANGE[1])
+        seen: dict[float, tuple[float, Moments]] = {}
+
+        def f(u: float) -> float:
+            m = self.blur_moments(float(np.exp(u)))
+            seen[u] = (distance(wm, m, self.scale), m)
+            return seen[u][0]
+
+        g = (np.sqrt(5.0) - 1) / 2
+        a, b = lo, hi
+        c, d = b - g * (b - a), a + g * (b - a)
+        fc, fd = f(c), f(d)
+        for _ in range(BLUR_EVALS - 2):
+            if fc <= fd:
+                b, d, fd = d, c, fc
+                c = b - g * (b - a)
+                fc = f(c)
+            else:
+                a, c, fc = c, d, fd
+                d = a + g * (b - a)
+                fd = f(d)
+        u = min(seen, key=lambda k: seen[k][0])
+        return seen[u][1], round(float(np.exp(u)), 3)
+
+    def parametric(self, name: str, window_features: np.ndarray) -> tuple[float, str, Moments] | None:
+        """The best-fitting variant of a grid candidate (`resize`, `zoom`) for the window."""
+        grid = self.grid.get(name)
+        if not grid or len(window_features) == 0:
+            return None
+        wm = Moments.of(window_features)
+        return min(grid, key=lambda v: distance(wm, v[2], self.scale))
+
+    def describe(self, name: str, window_features: np.ndarray, parameter: float | None = None) -> str:
+        """A sentence for on-call on the fitted parameter of a PARAMETRIC candidate ("" for others)."""
+        if name == "blur":
+            return "" if parameter is None else f"inputs look blurred (Gaussian, σ≈{parameter:.3g} pixels) before " \
+                                                "they reached the model"
+        if name in self.grid:
+            v = self.parametric(name, window_features)
+            if v is not None:
+                what = "resized" if name == "resize" else "zoomed"
+                return f"inputs look {what} ({v[1]}) before they reached the model"
+        return ""
 
     def reweighted(self, predicted: np.ndarray | None) -> Moments:
         """Golden signature moments reweighted to the window's predicted-class shares (n: effective size)."""
@@ -644,9 +829,12 @@ class Diagnoser:
         if name == "normalization_mismatch" and affine is not None:
             return self.affine_moments(np.asarray(affine["scale"], np.float64), np.asarray(affine["offset"], np.float64))
         fitted = self._fitted(window_features)
-        if name in fitted:
-            return fitted[name][0]
         ms = [m for k, m in self.fixed.items() if k.split("#")[0] == name]
+        if name in fitted:
+            ms.append(fitted[name][0])
+        if name in self.grid:
+            v = self.parametric(name, window_features)
+            ms += [] if v is None else [v[2]]
         return min(ms, key=lambda m: distance(wm, m, self.scale)) if ms else None
 
     def transformed_share(self, name: str, window_features: np.ndarray,
@@ -702,9 +890,16 @@ class Diagnoser:
             name = key.split("#")[0]
             d, zmax = score(m)
             if name not in out or d < out[name][0]:
-                out[name] = (d, None, zmax)
+                out[name] = (d, self.fixed_param.get(key), zmax)
+        for name in self.grid:
+            v = self.parametric(name, window_features)
+            if v is not None:
+                d, zmax = score(v[2])
+                out[name] = (d, v[0], zmax)
         for name, (m, p) in self._fitted(window_features).items():
             d, zmax = score(m)
+            if name == "blur" and name in out and out[name][0] <= d:
+                continue
             if name == "normalization_mismatch":
                 # its means match any mixture of golden and a stronger map of the same kind (the mean
                 # of a linear statistic over a mixture is that of the averaged map): the spread tells a
@@ -793,7 +988,7 @@ def explaining(cands: dict[str, tuple[float, float | None, float]]) -> tuple[str
         return None, "no candidate transforms"
     fit = sorted((v[0], k) for k, v in cands.items()
                  if k != "identity" and v[0] < FIT and v[0] * FIT_RATIO < d_id
-                 and v[2] < (FIT_MAX if v[1] is None and k not in FITTED else FIT_MAX_FITTED)
+                 and v[2] < (FIT_MAX if k not in FITTED else FIT_MAX_FITTED)
                  and (k != "normalization_mismatch" or (v[0] < AFFINE_FIT and v[2] < FIT_MAX)))
     aff = [d for d, k in fit if k == "normalization_mismatch"]
     if aff and any(k in AFFINE_SPECIAL and d < max(AMBIGUITY * aff[0], aff[0] + AFFINE_MARGIN) for d, k in fit):
@@ -821,6 +1016,8 @@ def _violating_transform(diagnoser: Diagnoser, window_features: np.ndarray, viol
         p = None if transform is None else sub[transform][1]
         if transform == "normalization_mismatch":
             affine, text = diagnoser.affine_report(window_features[bad])
+        elif transform is not None:
+            text = diagnoser.describe(transform, window_features[bad], p)
     # the share of the window the violating samples' transform explains, with T fitted on them (an
     # affine map, a factor, an offset, a blur σ), not on the whole window, whose extremes and means
     # are a mixture's
@@ -883,7 +1080,8 @@ def diagnose(alarm: bool, detectors: list[Any] | tuple[Any, ...], *, diagnoser: 
     # named even when that reweighting leaves the inputs only a little moved: the predicted classes
     # are the transformed inputs' (a BGR client's), so the reweighting partly absorbs the transform.
     if best is not None and (moved > MOVED or cands[best][0] * FIT_RATIO < moved):
-        affine, text = diagnoser.affine_report(window_features) if best == "normalization_mismatch" else (None, "")
+        affine, text = diagnoser.affine_report(window_features) if best == "normalization_mismatch" else (
+            None, diagnoser.describe(best, window_features, cands[best][1]))
         return Diagnosis("preprocessing_mismatch", best, cands[best][1], round(moved, 3), top, affine=affine,
                          reason=why + (f": {text}" if text else ""),
                          transformed_share=diagnoser.transformed_share(best, window_features, affine), **common)
