@@ -252,7 +252,13 @@ def test_torchscript_softmax_and_half_modules_are_judged_as_what_they_serve(entr
     assert not hot.passed and "probabilities differ" in hot.doc["failures"][-1]
     half = verify_export(tmp_path / "half.pt", entry, golden, atol=0.05)
     assert half.doc["precision"] == "fp16" and half.passed, half.doc["failures"]
-    told = verify_export(tmp_path / "half.pt", entry, golden, precision="fp32")
+    # What is told wins over what is detected: a property of the report, not of the samples, so
+    # a 16-sample golden set shows it (the half module runs ~30x slower than fp32 on a CPU).
+    from sentinel.golden import build_golden
+
+    few = build_golden(entry, tmp_path / "golden16", ids=np.asarray(golden.ids[:16]),
+                       inputs=np.asarray(golden.inputs[:16]), raw=np.asarray(golden.raw[:16]))
+    told = verify_export(tmp_path / "half.pt", entry, few, precision="fp32")
     assert told.doc["precision"] == "fp32" and told.doc["detected_precision"] == "fp16"
     from sentinel.verify.runtime import _first_line
 
