@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -434,16 +435,21 @@ class Suite:
         return Verdict(n, tuple(results), combined, est, acc, diag, counts, unknown_share, reliable, outside,
                        samples, why, inconsistent)
 
-    def _support_scores(self, w: Window) -> dict[str, np.ndarray]:
-        """Per feature space the window has, the kNN support score of every row (inf for a row with a
-        non-finite feature), computed once for `outside_share` and the answer check."""
-        out: dict[str, np.ndarray] = {}
+    def _spaces(self, w: Window) -> Iterator[tuple[str, Any, np.ndarray, np.ndarray]]:
+        """(space, its support, the window's rows as float64, which rows are finite) per feature space
+        the window has rows in and the golden set has a support for."""
         for space, support, rows in (("signature", self.input_support, w.signatures),
                                      ("embedding", self.embedding_support, w.embeddings)):
             if support is None or rows is None or not len(rows):
                 continue
             f = np.asarray(rows, np.float64)
-            fin = np.isfinite(f).all(axis=1)
+            yield space, support, f, np.asarray(np.isfinite(f).all(axis=1))
+
+    def _support_scores(self, w: Window) -> dict[str, np.ndarray]:
+        """Per feature space the window has, the kNN support score of every row (inf for a row with a
+        non-finite feature), computed once for `outside_share` and the answer check."""
+        out: dict[str, np.ndarray] = {}
+        for space, support, f, fin in self._spaces(w):
             sc = np.full(len(f), np.inf)
             if fin.any():
                 sc[fin] = support.score(f[fin])
@@ -513,12 +519,7 @@ class Suite:
         """The larger `outside_share` of the window's signatures and embedding projections (None: neither)."""
         shares = []
         scores = support_scores if support_scores is not None else self._support_scores(w)
-        for space, support, rows in (("signature", self.input_support, w.signatures),
-                                     ("embedding", self.embedding_support, w.embeddings)):
-            if support is None or rows is None or not len(rows):
-                continue
-            f = np.asarray(rows, np.float64)
-            fin = np.isfinite(f).all(axis=1)
+        for space, support, f, fin in self._spaces(w):
             sc = scores.get(space)
             s = support.outside_share(f[fin], predicted, scores=None if sc is None else sc[fin])
             if s is not None:
