@@ -169,6 +169,8 @@ class ProxyConfig:
     admin_max_body_bytes: int = 0           # admin request bodies (/ingest); 0: twice the sampling cap + 64 KiB
     shed_retry_after_s: int = 1             # Retry-After of the 503 given when over the connection budget
     workers: int = 1                        # proxy processes sharing the listen port (SO_REUSEPORT); README "Multi-process mode"
+    engine: str = "sentinel"                # what carries the bytes: sentinel's proxy, or nginx (README "nginx engine")
+    nginx_binary: str = "nginx"             # proxy.engine nginx: the nginx executable (a name on PATH or a path)
 
     def validate(self):
         for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s",
@@ -198,6 +200,10 @@ class ProxyConfig:
             yield "max_model_labels", "must be 0 (every unknown model is 'other') or positive"
         if self.upstream_pool_size < 0:
             yield "upstream_pool_size", "must be 0 (no idle connections kept) or positive"
+        if self.engine not in ("sentinel", "nginx"):
+            yield "engine", f"must be 'sentinel' or 'nginx', got {self.engine!r}"
+        if not self.nginx_binary.strip():
+            yield "nginx_binary", "must name the nginx executable"
 
 
 @dataclass(frozen=True)
@@ -392,6 +398,8 @@ class Config:
                 yield name, err
         if self.grpc_listen is not None and self.grpc_upstream is None:
             yield "grpc_upstream", "required when grpc_listen is set (the model server's gRPC host:port)"
+        if self.proxy.engine == "nginx" and not _check_addr(self.listen) and parse_hostport(self.listen)[1] == 0:
+            yield "listen", "proxy.engine nginx needs a fixed port (nginx cannot report the one port 0 picks)"
         seen: set[str] = set()
         for i, m in enumerate(self.models):
             if m is not None and m.name in seen:

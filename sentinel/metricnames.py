@@ -77,6 +77,13 @@ ANALYSIS_ERRORS = _m("analysis_errors", "counter",
 ANALYSIS_RESTARTS = _m("analysis_worker_restarts", "counter",
                        "Analysis worker restarts by reason (exit, killed, hung, bad_result: it wrote a result "
                        "over the proxy's cap).", ("reason",))
+ACCESS_LOG_LOST = _m("access_log_lost", "counter",
+                     "proxy.engine nginx: access-log lines the kernel dropped before sentinel read them "
+                     "(the log socket's receive buffer was full). Each is a request nginx served that "
+                     "sentinel_requests_total does not hold.")
+DATAPLANE_RESTARTS = _m("dataplane_restarts", "counter",
+                        "proxy.engine nginx: times nginx exited while sentinel was running and was started "
+                        "again.")
 SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
                        "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
                        "out_of_memory, timeout, unexpected_error, worker_lost, quarantined: identical to a "

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sentinel import __version__
+from sentinel import metricnames as mn
 from sentinel.config import Config, parse_hostport
 from sentinel.errors import ConfigError, InfrastructureError
 from sentinel.proxy import ingest, tracing, worker
@@ -113,9 +114,18 @@ class Sidecar:
                                     versions={m.name: m.version for m in config.models})
         for m in config.models:   # so the first failures of this sidecar's life are counted by rate()
             self.metrics.zero_codes(m.name, (m.protocol, "grpc") if config.grpc_listen else (m.protocol,))
+        self.nginx_engine = config.proxy.engine == "nginx"
         # proxy.workers > 1: one sampling budget for the whole sidecar, in memory shared with the workers
-        self.sampling_budget = shared_budget(len(config.models)) if config.proxy.workers > 1 else None
-        self.samplers = make_samplers(config, self.sampling_budget)
+        self.sampling_budget = (shared_budget(len(config.models)) if config.proxy.workers > 1 and not self.nginx_engine
+                                else None)
+        if self.nginx_engine:   # sentinel's proxy sees only nginx's sampled share: each model's rate over it
+            from sentinel.proxy.nginx import lane_config
+
+            self.samplers = make_samplers(lane_config(config))
+        else:
+            self.samplers = make_samplers(config, self.sampling_budget)
+        self.nginx: Any = None        # proxy.engine nginx: nginx.Nginx, the process
+        self.access_log: Any = None   # ... and nginx.AccessLog, its request counter
         self.up_host, self.up_port = upstream_address(config)
         self.join = JoinTable(config.analysis.ingest_ttl_s, config.analysis.ingest_max_pending,
                               config.analysis.ingest_max_pending_bytes)
@@ -154,15 +164,26 @@ class Sidecar:
             log.warning("proxy.max_connections %d exceeds what the file-descriptor limit allows; using %d",
                         limits.max_connections, budget)
             limits = dataclasses.replace(limits, max_connections=budget)
-        self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=self.metrics, max_body=cfg.proxy.max_body_bytes,
+        ctx_metrics: Any = self.metrics
+        if self.nginx_engine:   # nginx's access log counts every request, the sampled share included
+            from sentinel.proxy.nginx import LaneMetrics
+
+            ctx_metrics = LaneMetrics(self.metrics)
+        self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=ctx_metrics, max_body=cfg.proxy.max_body_bytes,
                                 samplers=self.samplers, submit=self.analysis.submit, tracer=self.tracer,
                                 limits=limits)
         self.ingest_token = read_ingest_token(cfg)
         admin_limits = Limits.from_config(cfg.proxy, admin=True)
         admin_conns = AdminConnections(admin_limits, self.ctx.fail)
         host, port = parse_hostport(cfg.listen)
+        if self.nginx_engine:   # sentinel's proxy takes nginx's sampled share on a loopback port of its own
+            host, port = "127.0.0.1", 0
+            nginx_probe = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx),
+                                             *parse_hostport(cfg.listen))   # free now: nginx will bind it
+            nginx_probe.close()
+            await nginx_probe.wait_closed()
         self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port,
-                                               reuse_port=cfg.proxy.workers > 1)
+                                               reuse_port=cfg.proxy.workers > 1 and not self.nginx_engine)
         self._proxy_address = self.proxy_server.sockets[0].getsockname()[:2]
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
@@ -180,7 +201,16 @@ class Sidecar:
             self.proxy_server.close()
             self.admin_server.close()
             raise
-        if cfg.proxy.workers > 1:
+        if self.nginx_engine:
+            try:
+                await self._start_nginx()
+            except BaseException:
+                self.proxy_server.close()
+                self.admin_server.close()
+                if self.grpc_proxy is not None:
+                    await self.grpc_proxy.stop(0)
+                raise
+        elif cfg.proxy.workers > 1:
             from sentinel.proxy.multiproc import WorkerSet
 
             bound_host, bound_port = self.proxy_address   # port 0 resolved: every worker binds the same one
@@ -194,6 +224,39 @@ class Sidecar:
         self._tasks.append(loop.create_task(self.ctx.run_sweeper()))
         self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
+
+    async def _start_nginx(self) -> None:
+        """proxy.engine nginx: the access-log reader, then nginx on `listen` (sentinel/proxy/nginx.py)."""
+        from sentinel.proxy.metrics import _make
+        from sentinel.proxy.nginx import AccessLog, Nginx, render_conf
+
+        cfg = self.config
+        restarts = _make(mn.DATAPLANE_RESTARTS, self.metrics.registry)
+        self.access_log = AccessLog(self.metrics)
+        self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc)
+        lane = self.proxy_server.sockets[0].getsockname()[:2]
+        text = render_conf(cfg, upstream=(self.up_host, self.up_port), lane=lane, log_to=self.access_log.address,
+                           run_dir=self.nginx.run_dir)
+        try:
+            await self.loop.run_in_executor(None, self.nginx.write_and_check, text)
+            self._tasks.append(self.loop.create_task(self.access_log.run()))
+            host, port = parse_hostport(cfg.listen)
+
+            async def listening() -> bool:
+                try:
+                    _, w = await asyncio.open_connection(host, port)
+                except OSError:
+                    return False
+                w.close()
+                return True
+            await self.nginx.start(listening)
+        except BaseException:
+            await self.nginx.stop(0)
+            self.access_log.close()
+            raise
+        self._proxy_address = (host, port)
+        log.info("nginx (pid %d) carries %s → %s; a %.4g share goes through sentinel's proxy on %s:%d",
+                 self.nginx.proc.pid, cfg.listen, cfg.upstream, self.nginx.share, *lane)
 
     async def _serve_slot(self, sock: Any) -> Any:
         """This process's server on a proxy worker slot's socket (multiproc: while the slot has no worker)."""
@@ -273,6 +336,8 @@ class Sidecar:
         """Stop accepting, drain in-flight requests up to the deadline, then shut everything down."""
         ctx = self.ctx
         ctx.draining = True
+        if self.nginx is not None:   # nginx drains first: what it sends sentinel's proxy meanwhile is still served
+            await self.nginx.stop(self.config.proxy.drain_timeout_s)
         self.proxy_server.close()
         grpc_stop = (asyncio.ensure_future(self.grpc_proxy.stop(self.config.proxy.drain_timeout_s))
                      if self.grpc_proxy is not None else None)
@@ -300,6 +365,8 @@ class Sidecar:
         for t in self._tasks:
             t.cancel()
         self.admin_server.close()
+        if self.access_log is not None:
+            self.access_log.close()   # the lines nginx wrote as it stopped are counted first
         await self.analysis.stop()
         if self.tracer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracer.shutdown_within, TRACER_SHUTDOWN_S)
@@ -410,6 +477,10 @@ class Sidecar:
             if self.workers is not None:
                 wok, doc["proxy_workers"] = self.workers.readiness()
                 doc["ready"] = ok = ok and wok
+            if self.nginx is not None:
+                nok = self.nginx.running
+                doc["nginx"] = "running" if nok else "down (restarting)"
+                doc["ready"] = ok = ok and nok
             if self.ctx.draining:   # SIGTERM: the proxy listener is closed; send no more traffic here
                 doc["ready"] = ok = False
                 doc["draining"] = True
@@ -473,6 +544,8 @@ class Sidecar:
             },
             "gpu": self.gpu_collector.status() if self.gpu_collector is not None else {"collector": "off"},
             "proxy_workers": self.workers.state() if self.workers is not None else [],
+            "engine": self.config.proxy.engine,
+            **({"nginx": self.nginx.state() | self.access_log.state()} if self.nginx is not None else {}),
         }
 
     def _ingest(self, req: Request) -> Response:
