@@ -20,6 +20,8 @@ COPY golden_sets ./golden_sets
 RUN useradd --system --uid 10001 sentinel
 
 FROM source AS sidecar
+# nginx for `proxy.engine: nginx` (README "nginx engine"); sentinel's own proxy needs nothing
+RUN apt-get update && apt-get install -y --no-install-recommends nginx-light && rm -rf /var/lib/apt/lists/*
 RUN pip install -c constraints.txt . && rm -rf build *.egg-info
 USER 10001
 # 8080 proxy, 8001 OIP v2 gRPC (when grpc_listen is set), 9464 admin (/metrics, /healthz, /readyz).

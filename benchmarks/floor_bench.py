@@ -14,6 +14,9 @@ At 1 kB and a fixed rate (default 1,000 rps), CPU per 1,000 requests and p99 of:
                timeouts, pipelining, chunked bodies or honest status codes: what a compact core
                could approach (benchmarks/proxy.md, "Eighth session");
 - sentinel     `sentinel run`, sampling 0 (no analysis worker work) and 5% (the default bench).
+- nginx-engine `sentinel run` with `proxy.engine: nginx` (nginx carries the bytes, sentinel counts
+               from its access log and samples through its own proxy), sampling 0 and 5%; its CPU
+               is nginx's, sentinel's and the analysis worker's together.
 
 `--saturation` adds `wrk -t1 -c8` runs (requests/s, and CPU per request at saturation).
 
@@ -253,11 +256,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="sentinel-floor-"))
     ports = {k: pb.free_port() for k in ("up", "nginx", "relay", "parse", "compact", "s0", "s0a", "s5", "s5a",
-                                         "b0", "b0a", "b5", "b5a")}
+                                         "b0", "b0a", "b5", "b5a", "e0", "e0a", "e5", "e5a")}
     only = [p.strip() for p in args.only.split(",")] if args.only else None
 
     def wanted(name: str) -> bool:
-        return name == "nginx" or only is None or any(name.startswith(p) for p in only)
+        return name == "nginx" or only is None or any(name.startswith(p) for p in only if p != "nginx")
     up = ports["up"]
     old = None
     if args.before:   # before any process starts: a revision git cannot read leaves nothing running
@@ -274,15 +277,17 @@ def main() -> None:
     if wanted("compact"):
         procs["compact"] = subprocess.Popen([sys.executable, __file__, "--serve-compact", str(ports["compact"]), str(up)])
         targets.append(("compact", ports["compact"]))
-    sentinels = [("sentinel 0%", "s0", 0.0, None), ("sentinel 5%", "s5", 0.05, None)]
+    sentinels = [("sentinel 0%", "s0", 0.0, None, "sentinel"), ("sentinel 5%", "s5", 0.05, None, "sentinel"),
+                 ("nginx-engine 0%", "e0", 0.0, None, "nginx"), ("nginx-engine 5%", "e5", 0.05, None, "nginx")]
     if old is not None:
-        sentinels[:0] = [(f"{args.before[:10]} 0%", "b0", 0.0, old), (f"{args.before[:10]} 5%", "b5", 0.05, old)]
-    for name, key, rate, tree in sentinels:
+        sentinels[:0] = [(f"{args.before[:10]} 0%", "b0", 0.0, old, "sentinel"),
+                         (f"{args.before[:10]} 5%", "b5", 0.05, old, "sentinel")]
+    for name, key, rate, tree, engine in sentinels:
         if not wanted(name):
             continue
         d = tmp / key
         d.mkdir()
-        procs[name] = pb.start_sentinel(d, ports[key], ports[key + "a"], up, rate, tree=tree)
+        procs[name] = pb.start_sentinel(d, ports[key], ports[key + "a"], up, rate, tree=tree, engine=engine)
         targets.append((name, ports[key]))
     req = pb.request_bytes("/v2/models/bench/infer", pb.SMALL_JSON, pb.JSON_HEADERS)
     cpu: dict[str, list[float]] = {t: [] for t, _ in targets}
@@ -316,17 +321,17 @@ def main() -> None:
     ngx = pb.med(cpu["nginx"])
     print(f"\n1 kB bodies at {args.rate:.0f} rps, {args.rounds} interleaved runs of {args.seconds:.0f} s; "
           f"load average at the end {os.getloadavg()[0]:.1f}; errors {errors}")
-    print(f"{'target':<12} | {'cpu s/1k':>8} {'[min-max]':<13} {'x nginx':>7} | {'p99 ms':>6} {'[min-max]':<11}")
-    print("-" * 70)
+    print(f"{'target':<15} | {'cpu s/1k':>8} {'[min-max]':<13} {'x nginx':>7} | {'p99 ms':>6} {'[min-max]':<11}")
+    print("-" * 73)
     for name, _ in targets:
-        print(f"{name:<12} | {pb.med(cpu[name]):>8.3f} [{pb.spread(cpu[name], '{:.3f}')}] "
+        print(f"{name:<15} | {pb.med(cpu[name]):>8.3f} [{pb.spread(cpu[name], '{:.3f}')}] "
               f"{pb.med(cpu[name]) / ngx:>7.2f} | {pb.med(p99[name]):>6.2f} [{pb.spread(p99[name])}]")
     if args.saturation:
         top = pb.med(rps["nginx"])
         print(f"\nsaturation (wrk -t1 -c8, {args.rounds} x 3 s): requests/s median [min-max], share of nginx's, "
               "CPU per request of the target's processes at saturation (us)")
         for name, _ in targets:
-            print(f"{name:<12} | {pb.med(rps[name]):>8.0f} [{pb.spread(rps[name], '{:.0f}')}] "
+            print(f"{name:<15} | {pb.med(rps[name]):>8.0f} [{pb.spread(rps[name], '{:.0f}')}] "
                   f"{pb.med(rps[name]) / top:>5.0%} | {pb.med(sat_us[name]):>6.1f} us [{pb.spread(sat_us[name], '{:.1f}')}]")
 
 

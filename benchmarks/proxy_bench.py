@@ -133,14 +133,15 @@ def start_nginx(tmp: Path, name: str, body: str, workers: int = 1) -> subprocess
 
 
 def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, workers: int = 1,
-                   tree: Path | None = None) -> subprocess.Popen:
+                   tree: Path | None = None, engine: str = "sentinel") -> subprocess.Popen:
     """`sentinel run` on this checkout, or on the `sentinel` package under `tree` (worker_bench.baseline_tree)."""
     cfg = tmp / "sentinel.yaml"
     cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: http://127.0.0.1:{up}\n"
                    f"log_level: warning\n"
                    f"models:\n  - {{name: bench, version: v1, protocol: v2}}\n"
                    f"sampling: {{rate: {rate}, max_per_second: 100, max_bytes: 8388608}}\n"
-                   f"proxy: {{max_body_bytes: 134217728, workers: {workers}}}\n")
+                   f"proxy: {{max_body_bytes: 134217728, workers: {workers}"
+                   + (f", engine: {engine}" if engine != "sentinel" else "") + "}\n")
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=tree or REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -364,6 +365,8 @@ def main() -> None:
     ap.add_argument("--sample-rate", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=1,
                     help="nginx worker_processes and sentinel proxy.workers (compared at the same count)")
+    ap.add_argument("--engine", choices=("sentinel", "nginx"), default="sentinel",
+                    help="sentinel's proxy.engine: its own proxy, or nginx carrying the bytes (README \"nginx engine\")")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved runs per cell (median reported)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="instead: large bodies at 200 rps through sentinel for SECONDS, printing its memory")
@@ -391,7 +394,7 @@ def main() -> None:
     up_port, ngx_port, sn_port, sn_admin = free_port(), free_port(), free_port(), free_port()
     procs = [start_nginx(tmp, "upstream", UPSTREAM_CONF.format(port=up_port, resp=UPSTREAM_BODY)),
              start_nginx(tmp, "proxy", PROXY_CONF.format(up=up_port, port=ngx_port), args.workers)]
-    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate, args.workers)
+    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate, args.workers, engine=args.engine)
     rounds = max(1, args.rounds)
     procs.append(sent)
     rows: list[Row] = []
@@ -446,7 +449,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nopen-loop fixed rate, {seconds:.0f} s per cell in {rounds} interleaved runs; latency from intended "
-          f"send time (ms); median of the runs [min-max]; sentinel sampling {args.sample_rate:.0%}; "
+          f"send time (ms); median of the runs [min-max]; sentinel sampling {args.sample_rate:.0%}, "
+          f"proxy.engine {args.engine}; "
           f"{args.workers} worker process(es) each for nginx and sentinel; {os.cpu_count()} CPUs shared by "
           f"client, proxies, upstream; load average at the end {os.getloadavg()[0]:.1f}\n")
     hdr = (f"{'body':>10} {'rps':>5} | {'direct p50':>10} {'p99':>6} | {'nginx +p50':>10} {'+p99':>16} "

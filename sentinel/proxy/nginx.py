@@ -10,24 +10,68 @@ to nginx and keep everything else:
                   └─ one access-log line per request, syslog over UDP on loopback ──► AccessLog
                                                    (requests_total, request_duration_seconds)
 
-- **Counting.** nginx logs every request once it is over, with what the client got: the status,
-  `$request_completion` (whether the whole answer went out) and 499 when the client left
-  first. `classify` maps that onto sentinel's codes (`incomplete` for an answer whose head went
-  out and whose body did not). Canary traffic (`X-Sentinel-Canary: 1`) is not counted, as in
-  the Python proxy. The lines arrive over UDP, so a burst larger than the socket's receive
-  buffer loses lines: the kernel counts each one it drops (`SO_RXQ_OVFL`) and sentinel exports
-  the count (`sentinel_access_log_lost_total`), so an undercount is never silent.
+- **Counting.** nginx logs every request once it is over; `classify` turns what the line says
+  into the code of what the client got. nginx's own `$request_completion` is not enough: an
+  answer the upstream cut after its head (closed, reset, timed out) is logged complete, with
+  its status. So each line also carries the bytes nginx wrote, the body bytes against the
+  `Content-Length` it sent, and the connection number, and nginx's error lines come over the
+  same socket: an error while nginx relays the upstream's body marks that connection's answer
+  as cut (a chunked answer has no length to compare). The codes:
+
+    | nginx logs                                              | counted      |
+    |---------------------------------------------------------|--------------|
+    | 499 (the client left before the head went out)          | 499          |
+    | nothing written, 408 (head or body timeout: nginx never | 408          |
+    |   sends its 408, it closes the connection)              |              |
+    | nothing written, another status (the client closed or   | 499          |
+    |   reset the connection mid-request: nginx logs 400)     |              |
+    | head written, answer not finished (the client left,     | incomplete   |
+    |   send_timeout on a client that stopped reading)        |              |
+    | "complete", but fewer body bytes than Content-Length,   | incomplete   |
+    |   or an error while reading the upstream's body         |              |
+    | complete                                                | its status   |
+
+  Where this differs from the Python proxy: a head timeout counts 408 there too, but nginx
+  sends no answer, and counts it under the route of the request line when it had one (the
+  Python proxy: model `none`); a head over the limits is nginx's 400 (the Python proxy's 431);
+  a client that leaves mid-answer counts `incomplete` (nginx cannot tell it from a send
+  timeout; the Python proxy: 499); a client that half-closes its side before the answer is
+  gone for nginx (499; the Python proxy answers it); and an answer that fits the kernel's
+  socket buffers counts as sent when nginx handed it over, read by the client or not.
+  Canary traffic (`X-Sentinel-Canary: 1`) is not counted, as in the Python proxy. The lines
+  arrive over UDP, so a burst larger than the socket's receive buffer loses lines: the
+  kernel counts each one it drops (read with `SO_MEMINFO` at every drain, `SO_RXQ_OVFL` as a
+  fallback) and sentinel exports the count (`sentinel_access_log_lost_total`), so an
+  undercount is never silent. Only lines under this run's syslog tag (random, in a
+  configuration file only sentinel's user can read) from a loopback address are counted:
+  another process on the pod's loopback cannot add requests.
 - **Sampling.** `split_clients` on nginx's per-request random id sends the largest configured
   sampling rate's share of requests through sentinel's own proxy on a loopback port, which
   samples every one of them (per model: its rate over that share) within the usual caps and
-  counts nothing (nginx's line counts it). If the internal proxy is down, nginx sends the
-  request straight to the model server (`backup`): sentinel is never the reason a request fails.
+  counts nothing (nginx's line counts it). If the internal proxy refuses connections, nginx
+  sends the request straight to the model server (`backup`): sentinel is never the reason a
+  request fails. (nginx lets its idle connections to that proxy go at half its
+  `client_idle_timeout_s`, so it never sends a request on one the proxy is closing: one with a
+  body would not be retried.) A proxy that accepts and then does not answer is not "down":
+  those requests get nginx's 504.
 - **Limits and timeouts** are sentinel's, written into nginx's configuration (`render_conf`):
   head and body timeouts, the upstream timeouts, send timeout, keep-alive, body, request-line
-  and head sizes, the connection budget (503 + Retry-After), the drain deadline on stop.
+  and head sizes, the connection budget (503 + Retry-After; nginx's `limit_conn` counts
+  connections with a request in progress and takes at most 65535: a larger budget is left to
+  `worker_connections`), the drain deadline on stop (`worker_shutdown_timeout`), a refused
+  body's lingering read (the Python proxy's 2 s).
+  nginx has one upstream read timeout for the response head and for pauses in its body: it
+  gets the larger of `upstream_timeout_s` and `upstream_idle_timeout_s` (the share through
+  sentinel's proxy still gets its 504 at `upstream_timeout_s`). Answers are not buffered
+  (`proxy_buffering off`): what the model server sends reaches the client as it comes, as
+  through the Python proxy (a token stream is not held back until a buffer fills).
 - **Process.** sentinel writes the configuration to a private directory, checks it with
-  `nginx -t`, runs nginx in the foreground as its child, logs its error lines, restarts it if it
-  dies (counted, with backoff) and stops it gracefully (SIGQUIT, `worker_shutdown_timeout`).
+  `nginx -t`, runs nginx in the foreground as its child (in a process group of its own, told to
+  stop gracefully when sentinel dies: `setpriv --pdeathsig`, where util-linux has it),
+  logs its error lines, restarts it if it dies (counted, with backoff; workers its master
+  left behind are killed first, or they would hold the port) and stops it gracefully
+  (SIGQUIT, `worker_shutdown_timeout`). nginx is "running" (ready) once the process is up
+  and has written its pid file, which it does after binding `listen`.
 
 gRPC stays on sentinel's gRPC listener. nginx's `$request_time` has millisecond resolution.
 """
@@ -40,6 +84,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -47,7 +92,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from sentinel import metricnames as mn
 from sentinel.config import Config, parse_hostport
@@ -55,26 +100,53 @@ from sentinel.errors import InfrastructureError
 from sentinel.protocols import names
 from sentinel.protocols.routes import match
 from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL, ProxyMetrics, _make
+from sentinel.proxy.server import LINGER_S
 
 log = logging.getLogger("sentinel.nginx")
 
 SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)   # Linux: datagrams dropped, as ancillary data
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)     # Linux >= 4.6: the socket's memory counters...
+SK_MEMINFO_DROPS = 8                               # ...of which this one counts the datagrams dropped
 RECV_BUFFER = 16 << 20        # the log socket's receive buffer (root may force it past rmem_max)
-MAX_LINE = 16384              # a log line longer than this is truncated by the kernel: counted malformed
+MAX_LINE = 16384              # longer datagrams are truncated by the kernel (the request target's end is lost)
 POLL_S = 0.02                 # drain the log socket this often...
 BUSY_POLL_S = 0.002           # ...and this often after a drain that found this many lines:
 BUSY_LINES = 256
 ROUTE_CACHE = 4096
+MAX_CUT_MARKS = 4096          # connections whose answer an error line marked as cut, awaiting their access line
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RESTART_RESET_S = 60.0        # a nginx that ran this long before dying restarts after the shortest backoff
 START_TIMEOUT_S = 10.0
+# util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
+# a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
+# (Not preexec_fn: forking a threaded process, only async-signal-safe work may run before exec.)
+SETPRIV = shutil.which("setpriv")
 
 _CANARY_VAR = "$http_" + names.CANARY_HEADER.lower().replace("-", "_")
 # Space-separated; the request target last (it is the one field a client shapes freely, and nginx
-# escapes '"', '\\' and bytes outside 0x20-0x7e in it as \xHH, so it never holds a newline).
-LOG_FORMAT = ("$status $request_completion $request_time $sentinel_trace_id $sentinel_trace_flags "
-              f"{_CANARY_VAR} $request_method $request_uri")
-_TP = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# escapes '"', '\\' and bytes outside 0x20-0x7e in it as \xHH, so it never holds a newline). Every
+# other field is nginx's number or one of sentinel's maps' values (never a space): status, done
+# (1: $request_completion OK), request time, bytes written to the client, body bytes of them, the
+# Content-Length sent ("-": none), connection number, trace id, trace flags (01: sampled), canary
+# (1: X-Sentinel-Canary: 1), method.
+LOG_FORMAT = ("$status $sentinel_done $request_time $bytes_sent $body_bytes_sent $sent_http_content_length "
+              "$connection $sentinel_trace_id $sentinel_trace_flags $sentinel_canary $request_method $request_uri")
+_FIELDS = LOG_FORMAT.count(" ") + 1
+_ESCAPED = re.compile(rb"\\x([0-9A-Fa-f]{2})")
+_NO_BODY = (b"204", b"304")   # and 1xx: answers without a body whatever their Content-Length says
+# The actions of nginx's error lines while it relays the upstream's body (unbuffered: mostly the latter).
+# What it logs there at level error is the upstream's doing (closed, reset, timed out, bad chunks);
+# the client's own (a reset, a timeout) it logs at level info, which is not sent.
+_CUT_ACTIONS = (b" while reading upstream", b" while sending to client")
+
+
+class LogTarget(NamedTuple):
+    """Where nginx sends its log lines (syslog over UDP) and under which tag."""
+
+    host: str
+    port: int
+    tag: str = "sentinel"
 
 
 class AccessLog:
@@ -94,46 +166,91 @@ class AccessLog:
         except BaseException:
             self.sock.close()
             raise
-        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        # A tag of this run's own: a datagram without it is not nginx's (syslog tags: [A-Za-z0-9_], 32 at most)
+        self.tag = f"sentinel_{secrets.token_hex(6)}"
+        self.address = LogTarget(*self.sock.getsockname()[:2], self.tag)
+        self._access = self.tag.encode() + b": "          # access lines: `<PRI>Mmm dd hh:mm:ss TAG: LINE`
+        self._errors = self.tag.encode() + b"_err: "      # error lines, under the tag TAG_err
         self.lines = 0            # lines counted
         self.skipped = 0          # canary lines (not counted, as in the Python proxy)
-        self.malformed = 0        # lines that are not ours or did not parse
-        self.dropped = 0          # datagrams the kernel dropped (SO_RXQ_OVFL), as last reported
+        self.malformed = 0        # datagrams that are not ours or did not parse
+        self.dropped = 0          # datagrams the kernel dropped, as last reported
+        self.cuts = 0             # error lines that marked an answer as cut by the upstream
         self._routes: dict[bytes, tuple[str, str]] = {}
+        self._cut: dict[bytes, None] = {}   # connection numbers (insertion-ordered: oldest dropped first)
         self._lost = _make(mn.ACCESS_LOG_LOST, metrics.registry)
-        self._task: asyncio.Task | None = None
+        self._meminfo = True
         self.last_line_at = 0.0
 
     # --- parsing ------------------------------------------------------------------
     def feed(self, datagram: bytes) -> None:
-        """Count one syslog datagram (`<PRI>TIMESTAMP TAG: LINE`)."""
-        start = datagram.find(b"sentinel: ")
-        if start < 0:
+        """Count one syslog datagram (`<PRI>Mmm dd hh:mm:ss TAG: MESSAGE`, as nginx sends it)."""
+        gt = datagram.find(b">", 0, 5)
+        at = gt + 17   # past '>', the 15-character timestamp and a space
+        if gt < 0:
+            self.malformed += 1
+        elif datagram.startswith(self._access, at):
+            self._line(datagram[at + len(self._access):])
+        elif datagram.startswith(self._errors, at):
+            self._error(datagram[1:gt], datagram[at + len(self._errors):])
+        else:
+            self.malformed += 1
+
+    def _line(self, line: bytes) -> None:
+        parts = line.rstrip(b"\n").split(b" ", _FIELDS - 1)
+        if len(parts) != _FIELDS:
             self.malformed += 1
             return
-        parts = datagram[start + 10:].rstrip(b"\n").split(b" ", 7)
-        if len(parts) != 8:
-            self.malformed += 1
-            return
-        status, done, seconds, trace_id, flags, canary, _method, target = parts
+        status, done, seconds, sent, body_sent, length, conn, trace_id, flags, canary, method, target = parts
+        cut = False
+        if self._cut and conn in self._cut:   # an error line said this connection's answer broke off
+            del self._cut[conn]
+            cut = True
         if canary == b"1":
             self.skipped += 1
             return
         try:
             took = float(seconds)
+            nsent, nbody = int(sent), int(body_sent)
+            declared = int(length) if length != b"-" else None
         except ValueError:
             self.malformed += 1
             return
-        code = classify(status, done)
+        if len(status) != 3 or not status.isdigit() or not 0.0 <= took < 1e9:
+            self.malformed += 1
+            return
+        code = classify(status, done == b"1", nsent, nbody, declared, method == b"HEAD", cut)
         route = self._routes.get(target)
         if route is None:
             route = self._route(target)
-        self.metrics.observe_request(route[1], route[0], code, took,
-                                     trace_id.decode() if flags == b"01" else None)
+        self.metrics.observe_request(route[1], route[0], code, took,   # exemplar: a trace its caller records
+                                     trace_id.decode("ascii", "replace") if flags == b"01" and len(trace_id) == 32
+                                     else None)
         self.lines += 1
 
+    def _error(self, pri: bytes, text: bytes) -> None:
+        """An error line of nginx's: one while it relayed the upstream's body marks its connection's answer cut.
+
+        `YYYY/MM/DD hh:mm:ss [level] PID#TID: *CONN message while ACTION, client: ...`; what
+        precedes ", client: " is nginx's own words (the request line, which the client shapes,
+        comes after).
+        """
+        if not pri.isdigit() or int(pri) & 7 > 3:   # severity: err (3) or worse
+            return
+        star = text.find(b": *")
+        if star < 0:
+            return
+        conn, _, message = text[star + 3:].partition(b" ")
+        if not conn.isdigit() or not message.partition(b", client: ")[0].endswith(_CUT_ACTIONS):
+            return
+        if len(self._cut) >= MAX_CUT_MARKS:   # their access lines were lost: forget the oldest
+            del self._cut[next(iter(self._cut))]
+        self._cut[conn] = None
+        self.cuts += 1
+
     def _route(self, target: bytes) -> tuple[str, str]:
-        r = match(target.decode("latin-1"))
+        raw = _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), target) if b"\\x" in target else target
+        r = match(raw.decode("latin-1"))
         if r is None:
             route = ("other", NO_MODEL)
         else:
@@ -155,23 +272,40 @@ class AccessLog:
         last: list = []
         while True:
             try:
-                data, last, _flags, _addr = recvmsg(MAX_LINE, anc)
+                data, anc_data, _flags, addr = recvmsg(MAX_LINE, anc)
             except (BlockingIOError, InterruptedError):
                 break
-            feed(data)
             n += 1
-        for level, kind, value in last:
-            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
-                total = struct.unpack("=I", value[:4])[0]
-                if total > self.dropped:
-                    self._lost.inc(total - self.dropped)
-                    log.warning("the kernel dropped %d access-log line(s) (%d in all): those requests are not "
-                                "in sentinel_requests_total; counted in %s", total - self.dropped, total,
-                                mn.ACCESS_LOG_LOST.sample_name)
-                    self.dropped = total
+            last = anc_data or last
+            if addr[0].startswith("127."):
+                feed(data)
+            else:   # not from this host's loopback: not nginx's
+                self.malformed += 1
+        self._count_drops(last)
         if n:
             self.last_line_at = time.monotonic()
         return n
+
+    def _count_drops(self, ancillary: list) -> None:
+        """The kernel's count of datagrams it dropped on this socket, now (SO_MEMINFO), else as of
+        the last datagram read (SO_RXQ_OVFL: a datagram carries the count when it was queued, so
+        drops after the last one read would wait for the next line to be seen)."""
+        total = -1
+        if self._meminfo:
+            try:
+                total = struct.unpack_from("=9I", self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[
+                    SK_MEMINFO_DROPS]
+            except (OSError, struct.error):
+                self._meminfo = False
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(value) >= 4:
+                total = max(total, struct.unpack("=I", value[:4])[0])
+        if total > self.dropped:
+            self._lost.inc(total - self.dropped)
+            log.warning("the kernel dropped %d access-log line(s) (%d in all): those requests are not "
+                        "in sentinel_requests_total; counted in %s", total - self.dropped, total,
+                        mn.ACCESS_LOG_LOST.sample_name)
+            self.dropped = total
 
     async def run(self) -> None:
         while True:
@@ -184,7 +318,7 @@ class AccessLog:
 
     def state(self) -> dict:
         return {"log_lines": self.lines, "log_lines_canary": self.skipped, "log_lines_malformed": self.malformed,
-                "log_lines_lost": self.dropped}
+                "log_lines_lost": self.dropped, "answers_cut_by_upstream": self.cuts}
 
     def close(self) -> None:
         try:
@@ -194,16 +328,26 @@ class AccessLog:
         self.sock.close()
 
 
-def classify(status: bytes, completion: bytes) -> str:
-    """Sentinel's code label for what the client got, from nginx's `$status` and `$request_completion`."""
+def classify(status: bytes, done: bool, sent: int, body_sent: int, length: int | None, head: bool = False,
+             cut: bool = False) -> str:
+    """Sentinel's code label for what the client got, from nginx's line (the table in the module docstring).
+
+    `done`: `$request_completion` was OK; `sent`: bytes written to the client, `body_sent` of them
+    after the head; `length`: the Content-Length nginx sent (None: none); `head`: a HEAD request;
+    `cut`: an error line said the upstream's answer broke off while nginx relayed it.
+    """
     if status == b"499":
         return mn.CODE_CLIENT_CLOSED
-    if completion == b"OK":
-        return status.decode()
-    # the answer's head went out (nginx logs its status) and the rest did not: cut by the upstream,
-    # a timeout or a client that stopped reading. A 4xx/5xx nginx made itself on a request it gave
-    # up reading (408, 413, 400) is whole when sent and logged with OK... unless the client left.
-    return mn.CODE_INCOMPLETE
+    if sent == 0:   # nginx wrote nothing: it gave up on the connection (its timeout) or the client left
+        return "408" if status == b"408" else mn.CODE_CLIENT_CLOSED
+    if not done:    # the head went out and the rest did not
+        return mn.CODE_INCOMPLETE
+    if cut:
+        return mn.CODE_INCOMPLETE
+    if (length is not None and body_sent < length and not head and status not in _NO_BODY
+            and not status.startswith(b"1")):
+        return mn.CODE_INCOMPLETE
+    return status.decode()
 
 
 class LaneMetrics:
@@ -246,12 +390,30 @@ def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, int], log_to: tuple[str, int],
-                run_dir: str) -> str:
-    """nginx's configuration for `config` (see the module docstring)."""
+# W3C trace context as sentinel's tracing.parse_traceparent reads it: lowercase hex, the ids not all
+# zeros, version ff invalid, version 00 exactly 55 characters, a later version's extra fields after a
+# dash. Named captures: t, the trace id; f, the flags' last digit (its low bit: sampled).
+_TP_00 = r"^00-(?!0{32})(?<t>[0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f](?<f>[0-9a-f])$"
+_TP_LATER = r"^(?!00|ff)[0-9a-f]{2}-(?!0{32})(?<t>[0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f](?<f>[0-9a-f])(?:-.*)?$"
+_MAPS = f"""  # trace context: the caller's trace continues with a new span id; otherwise a new trace
+  map $request_id $sentinel_span {{ "~^(?<s>[0-9a-f]{{16}})" $s; default 0000000000000001; }}
+  map $http_traceparent $sentinel_trace_id {{ "~{_TP_00}" $t; "~{_TP_LATER}" $t; default $request_id; }}
+  map $http_traceparent $sentinel_tp_flag {{ "~{_TP_00}" $f; "~{_TP_LATER}" $f; default ""; }}
+  map $sentinel_tp_flag $sentinel_trace_flags {{ "~[02468ace]" 00; default 01; }}   # the sampled bit only
+  map $sentinel_tp_flag $sentinel_tracestate {{ "" ""; default $http_tracestate; }}
+  map {_CANARY_VAR} $sentinel_canary {{ "1" 1; default 0; }}   # as the Python proxy: exactly 1
+  map $request_completion $sentinel_done {{ "OK" 1; default 0; }}"""
+
+
+def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, int],
+                log_to: tuple[str, int] | LogTarget, run_dir: str) -> str:
+    """nginx's configuration for `config` (see the module docstring). `log_to`: AccessLog.address
+    (a plain (host, port) logs under the tag `sentinel`)."""
     p = config.proxy
     model = _hostport(*upstream)
     listen = _hostport(*parse_hostport(config.listen))
+    tag = log_to.tag if isinstance(log_to, LogTarget) else "sentinel"
+    syslog = f"syslog:server={_hostport(log_to[0], log_to[1])},nohostname"
     share = sample_share(config)
     if share >= 1.0:
         split = "    * lane;"
@@ -264,6 +426,9 @@ def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, i
     buf = max(1024, p.max_request_line_bytes)
     nbuf = max(2, math.ceil(p.max_header_bytes / buf))
     worker_conns = 2 * p.max_connections + p.upstream_pool_size + 64   # clients and their upstream connections
+    # nginx's limit_conn takes at most 65535; a budget past that is left to worker_connections
+    limit = f"limit_conn sentinel_clients {p.max_connections};" if p.max_connections < 65536 else \
+        f"# limit_conn: proxy.max_connections {p.max_connections} is past nginx's 65535"
     d = run_dir
     return f"""# generated by sentinel (proxy.engine: nginx) from {config.source}; rewritten at every start
 worker_processes {p.workers};
@@ -292,6 +457,8 @@ http {{
   send_timeout {_secs(p.send_timeout_s)};
   keepalive_timeout {_secs(p.client_idle_timeout_s)};
   keepalive_requests 100000;
+  lingering_time {_secs(LINGER_S)};      # a refused body is read and dropped this long, as the Python proxy does
+  lingering_timeout {_secs(LINGER_S)};
   reset_timedout_connection on;
   limit_conn_zone $server_port zone=sentinel_clients:1m;
   limit_conn_status 503;
@@ -304,29 +471,21 @@ http {{
     server {_hostport(*lane)} max_fails=1 fail_timeout=2s;
     server {model} backup;
     keepalive 32;
+    # nginx closes its idle connections to sentinel's proxy before that proxy's idle timeout could:
+    # a request sent on one it is closing fails, and one with a body is not retried (unbuffered)
+    keepalive_timeout {_secs(min(60.0, p.client_idle_timeout_s / 2))};
   }}
   split_clients "$request_id" $sentinel_pool {{
 {split}
   }}
-  # trace context: the caller's trace continues with a new span id; otherwise a new trace
-  map $request_id $sentinel_span {{ "~^(?<s>[0-9a-f]{{16}})" $s; default 0000000000000001; }}
-  map $http_traceparent $sentinel_trace_id {{
-    "~^00-(?<t>[0-9a-f]{{32}})-[0-9a-f]{{16}}-[0-9a-f]{{2}}$" $t;
-    default $request_id;
-  }}
-  map $http_traceparent $sentinel_trace_flags {{
-    "~^00-[0-9a-f]{{32}}-[0-9a-f]{{16}}-(?<f>[0-9a-f]{{2}})$" $f;
-    default 01;
-  }}
-  map $http_traceparent $sentinel_tracestate {{
-    "~^00-[0-9a-f]{{32}}-[0-9a-f]{{16}}-[0-9a-f]{{2}}$" $http_tracestate;
-    default "";
-  }}
+{_MAPS}
 
   server {{
     listen {listen} backlog=2048;
-    access_log syslog:server={log_to[0]}:{log_to[1]},nohostname,tag=sentinel sentinel;
-    limit_conn sentinel_clients {p.max_connections};
+    access_log {syslog},tag={tag} sentinel;
+    error_log stderr warn;
+    error_log {syslog},tag={tag}_err error;   # an answer cut by the upstream after its head
+    {limit}
     error_page 503 = @shed;
     location @shed {{
       add_header Retry-After {p.shed_retry_after_s} always;
@@ -340,6 +499,7 @@ http {{
       proxy_set_header traceparent "00-$sentinel_trace_id-$sentinel_span-$sentinel_trace_flags";
       proxy_set_header tracestate $sentinel_tracestate;
       proxy_request_buffering off;
+      proxy_buffering off;
       proxy_max_temp_file_size 0;
       proxy_connect_timeout {_secs(min(p.connect_timeout_s, 75.0))};
       proxy_read_timeout {_secs(max(p.upstream_timeout_s, p.upstream_idle_timeout_s))};
@@ -364,33 +524,48 @@ class Nginx:
         self.run_dir = tempfile.mkdtemp(prefix="sentinel-nginx-")
         os.chmod(self.run_dir, 0o755)   # workers drop to an unprivileged user when sentinel runs as root
         self.conf = os.path.join(self.run_dir, "nginx.conf")
+        self.pid_file = os.path.join(self.run_dir, "nginx.pid")
         self.conf_text = ""
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
         self.restarts = 0
         self.on_restart = on_restart
-        self._tasks: list[asyncio.Task] = []
+        self._relays: list[asyncio.Task] = []
+        self._supervisor: asyncio.Task | None = None
+        self._spawned_at = 0.0
+        self._group_killed = 0   # the master whose process group was killed after it died
         self.last_error = ""
 
     def write_and_check(self, text: str) -> None:
         """Write the configuration and have nginx check it (`nginx -t`): InfrastructureError with its words."""
         self.conf_text = text
-        with open(self.conf, "w", encoding="utf-8") as f:
+        # readable by sentinel's user only (nginx's master reads it): it holds the log lines' tag
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(self.conf_text)
+        where = f"proxy.engine is nginx ({self.config.source}: proxy.nginx_binary)"
         if not os.path.exists(self.binary) and shutil.which(self.binary) is None:
-            raise InfrastructureError(f"proxy.engine is nginx ({self.config.source}) and '{self.binary}' was not found: "
-                                      "install nginx (Debian: apt-get install nginx-light) or set proxy.nginx_binary")
-        r = subprocess.run([self.binary, "-t", "-q", "-c", self.conf, "-p", self.run_dir, "-e", "stderr"],
-                           capture_output=True, text=True, timeout=30)
+            raise InfrastructureError(f"{where}: '{self.binary}' was not found: install nginx "
+                                      "(Debian: apt-get install nginx-light) or set proxy.nginx_binary")
+        try:
+            r = subprocess.run([self.binary, "-t", "-q", "-c", self.conf, "-p", self.run_dir, "-e", "stderr"],
+                               capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise InfrastructureError(f"{where}: cannot run '{self.binary}': {exc}") from None
         if r.returncode != 0:
             raise InfrastructureError(f"nginx refused the configuration sentinel wrote for {self.config.source} "
                                       f"({self.conf}): {r.stderr.strip() or r.stdout.strip()}")
 
     async def start(self, ready: Any) -> None:
-        """Start nginx and wait until `ready()` (its listener answers) or it exits (an error)."""
-        await self._spawn()
+        """Start nginx and wait until it has bound `listen` (its pid file) and `ready()` (its listener
+        answers), or it exits (an error)."""
+        try:
+            await self._spawn()
+        except OSError as exc:
+            raise InfrastructureError(f"cannot start nginx ('{self.binary}', {self.config.source}: "
+                                      f"proxy.nginx_binary): {exc}") from None
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not await ready():
+        while not (self.running and await ready()):
             assert self.proc is not None
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 await self._kill()
@@ -398,14 +573,18 @@ class Nginx:
                 raise InfrastructureError(f"nginx did not start listening on {self.config.listen} "
                                           f"({self.config.source}: listen): {why}")
             await asyncio.sleep(0.02)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._supervise()))
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
     async def _spawn(self) -> None:
+        argv = [self.binary, "-c", self.conf, "-p", self.run_dir, "-e", "stderr"]
+        if SETPRIV is not None:   # sentinel killed (SIGKILL, OOM): nginx, in a session of its own, stops too
+            argv = [SETPRIV, "--pdeathsig", "QUIT", "--", *argv]
         self.proc = await asyncio.create_subprocess_exec(
-            self.binary, "-c", self.conf, "-p", self.run_dir, "-e", "stderr",
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True)   # a Ctrl-C at the terminal reaches sentinel, which stops nginx itself
-        self._tasks.append(asyncio.get_running_loop().create_task(self._relay_errors(self.proc)))
+        self._spawned_at = time.monotonic()
+        self._relays = [t for t in self._relays if not t.done()]
+        self._relays.append(asyncio.get_running_loop().create_task(self._relay_errors(self.proc)))
 
     async def _relay_errors(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -425,24 +604,28 @@ class Nginx:
             rc = await self.proc.wait()
             if self.stopping:
                 return
+            _killpg(self.proc.pid)   # workers outlive a killed master, holding the port: the next one could not bind
+            self._group_killed = self.proc.pid
+            if time.monotonic() - self._spawned_at > RESTART_RESET_S:
+                tries = 0   # it had been running fine: a death, not a crash loop
             self.restarts += 1
             delay = RESTART_BACKOFF_S[min(tries, len(RESTART_BACKOFF_S) - 1)]
+            tries += 1
             log.error("nginx exited (status %s, %s); restarting in %.1f s (restart %d)", rc,
                       self.last_error or "no message", delay, self.restarts)
             if self.on_restart is not None:
                 self.on_restart()
-            await asyncio.sleep(delay)
-            if self.stopping:
-                return
-            started = time.monotonic()
-            try:
-                await self._spawn()
-            except OSError as exc:
-                log.error("cannot start nginx again: %s", exc)
-                tries += 1
-                continue
-            await asyncio.sleep(0)
-            tries = 0 if time.monotonic() - started > 60 else tries + 1
+            while True:
+                await asyncio.sleep(delay)
+                if self.stopping:
+                    return
+                try:
+                    await self._spawn()
+                    break
+                except OSError as exc:
+                    log.error("cannot start nginx again: %s", exc)
+                    delay = RESTART_BACKOFF_S[min(tries, len(RESTART_BACKOFF_S) - 1)]
+                    tries += 1
 
     def state(self) -> dict:
         return {"pid": self.proc.pid if self.proc is not None else None, "running": self.running,
@@ -451,30 +634,51 @@ class Nginx:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        """The process is up and has bound its listener (nginx writes its pid file after that)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return False
+        try:
+            with open(self.pid_file, "rb") as f:
+                return f.read().strip() == str(self.proc.pid).encode()
+        except OSError:
+            return False
 
     async def stop(self, drain_s: float) -> None:
         """SIGQUIT: nginx stops accepting and finishes what it serves (worker_shutdown_timeout), then exits."""
         self.stopping = True
+        if self._supervisor is not None:   # no restart from here on (nor one half-way through)
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         proc = self.proc
-        if proc is not None and proc.returncode is None:
-            try:
-                proc.send_signal(signal.SIGQUIT)
-                await asyncio.wait_for(proc.wait(), drain_s + 5.0)
-            except ProcessLookupError:
-                pass
-            except TimeoutError:
-                await self._kill()
-        for t in self._tasks:
+        if proc is not None:
+            if proc.returncode is None:
+                try:
+                    proc.send_signal(signal.SIGQUIT)
+                    await asyncio.wait_for(proc.wait(), drain_s + 5.0)
+                except ProcessLookupError:
+                    pass
+                except TimeoutError:
+                    log.warning("nginx did not stop within %.1f s of SIGQUIT; killing it", drain_s + 5.0)
+                    await self._kill()
+            if self._group_killed != proc.pid:   # (once: its pid may be another's by the next time)
+                _killpg(proc.pid)   # workers a dead master left behind
+        for t in self._relays:
             t.cancel()
+        if self._relays:
+            await asyncio.gather(*self._relays, return_exceptions=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     async def _kill(self) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)   # its workers too
-        except ProcessLookupError:
-            pass
+        _killpg(proc.pid)   # its workers too
         await proc.wait()
+
+
+def _killpg(pgid: int) -> None:
+    """SIGKILL to nginx's process group (the master leads it: start_new_session)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

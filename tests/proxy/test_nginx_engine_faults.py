@@ -1,0 +1,363 @@
+"""proxy.engine nginx when things break: the lane down, nginx killed, a stop mid-request, config
+errors, access-log lines the kernel drops. Real nginx, real sockets (see test_nginx_engine.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import httpx  # noqa: E402
+import pytest
+from proxy_helpers import StepUpstream, Upstream, free_port, wait_or_fail  # noqa: E402
+from test_nginx_engine import (  # skips this module too where there is no nginx
+    DIGITS,
+    V2_BODY,
+    counted_after,
+    counts,
+    nginx_config,
+    no_nginx_left_behind,  # noqa: F401 - an autouse fixture
+    running,
+)
+
+from sentinel import metricnames as mn  # noqa: E402
+from sentinel.config import load_config  # noqa: E402
+from sentinel.errors import ConfigError, InfrastructureError  # noqa: E402
+from sentinel.proxy import nginx as ngx  # noqa: E402
+
+RESTARTS = mn.DATAPLANE_RESTARTS.sample_name
+LOST = mn.ACCESS_LOG_LOST.sample_name
+
+
+def _nginx_status(sc) -> dict:
+    return httpx.get(sc.admin_url + "/status").json()["nginx"]
+
+
+def _ready(sc) -> tuple[int, dict]:
+    r = httpx.get(sc.admin_url + "/readyz")
+    return r.status_code, r.json()
+
+
+def _in_loop(sc, fn) -> None:
+    """Run `fn` on the sidecar's event loop and wait for it."""
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            fn()
+        finally:
+            done.set()
+    sc.loop.call_soon_threadsafe(call)
+    assert done.wait(5)
+
+
+def _workers(master: int) -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process(master).children()}
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --- 4. the lane down -----------------------------------------------------------------------
+
+@pytest.fixture
+def lane_exchanges(monkeypatch):
+    """The requests sentinel's own proxy (the lane behind nginx) handled."""
+    seen: list = []
+    monkeypatch.setattr(ngx.LaneMetrics, "observe_request", lambda self, *a: seen.append(a))
+    return seen
+
+
+def test_with_the_lane_down_requests_go_straight_to_the_model_server(lane_exchanges):
+    """All traffic sampled (rate 1): through sentinel's proxy. Its listener closed and its
+    connections dropped, nginx's `backup` takes the requests to the model server."""
+    with Upstream() as up, running(nginx_config(up.url, rate=1.0)) as sc:
+        with httpx.Client(base_url=sc.url) as c:
+            assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        assert len(lane_exchanges) == 1
+
+        def down() -> None:
+            sc.sc.proxy_server.close()
+            for conn in list(sc.sc.ctx.connections):   # nginx's kept-alive connections to it
+                conn._close_transport()
+        _in_loop(sc, down)
+        time.sleep(0.2)
+
+        def after() -> list[int]:
+            with httpx.Client(base_url=sc.url) as c:
+                return [c.post("/v2/models/digits/infer", content=V2_BODY).status_code,
+                        c.get("/v2/models/digits/infer").status_code,
+                        c.post("/v2/models/digits/infer", content=V2_BODY * 200).status_code]
+        codes, delta = counted_after(sc, after, 3)
+        assert codes == [200, 200, 200]
+        assert delta == Counter({(*DIGITS, "200"): 3})
+        assert len(lane_exchanges) == 1   # none of them through the lane
+        assert len([s for s in up.seen if s["path"].endswith("/infer")]) == 4
+
+
+def test_nginx_closes_idle_lane_connections_before_the_lane_would():
+    """sentinel's proxy closes idle client connections after client_idle_timeout_s; nginx, which
+    kept its connections to it for 60 s, could send a request on one being closed (a 502: with
+    an unbuffered body nginx does not retry). It now lets them go at half that timeout."""
+    with Upstream() as up, running(nginx_config(up.url, rate=1.0, client_idle_timeout_s=1.0)) as sc:
+        assert httpx.post(sc.url + "/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        t0 = time.monotonic()
+        assert sc.sc.ctx.connections
+        wait_or_fail(lambda: not sc.sc.ctx.connections, "the lane connection stayed open", timeout=3)
+        assert time.monotonic() - t0 < 0.85, "closed by sentinel's proxy (idle timeout 1 s), not by nginx"
+
+
+# --- 5. nginx dies ------------------------------------------------------------------------------
+
+def _wait_restarted(sc, was: int) -> dict:
+    return wait_or_fail(lambda: (st := _nginx_status(sc))["running"] and st["pid"] != was and st,
+                        lambda: f"nginx not running again: {_nginx_status(sc)}", timeout=10)
+
+
+def test_nginx_killed_is_restarted_counted_and_unready_meanwhile():
+    with Upstream() as up, running(nginx_config(up.url)) as sc:
+        assert _ready(sc)[0] == 200
+        pid = _nginx_status(sc)["pid"]
+        os.killpg(pid, signal.SIGKILL)   # the master and its workers
+        code, doc = wait_or_fail(lambda: (r := _ready(sc))[0] == 503 and r, "/readyz still ready", timeout=5)
+        assert doc["ready"] is False and doc["nginx"] == "down (restarting)"
+        _wait_restarted(sc, pid)
+        assert _ready(sc)[0] == 200
+        assert sc.value(RESTARTS) == 1
+        r, delta = counted_after(sc, lambda: httpx.post(sc.url + "/v2/models/digits/infer", content=V2_BODY))
+        assert r.status_code == 200 and delta == Counter({(*DIGITS, "200"): 1})
+
+
+def test_a_killed_master_leaves_no_workers_holding_the_port():
+    """SIGKILL to the master alone: its workers live on holding the listener, and a new master
+    cannot bind it (it retried, exited, and was restarted again and again). They are killed."""
+    with Upstream() as up, running(nginx_config(up.url, workers=2)) as sc:
+        pid = _nginx_status(sc)["pid"]
+        old = wait_or_fail(lambda: len(w := _workers(pid)) == 2 and w, "two workers")
+        os.kill(pid, signal.SIGKILL)
+        new = _wait_restarted(sc, pid)["pid"]
+        wait_or_fail(lambda: not any(_alive(w) for w in old), f"old workers {sorted(old)} still alive", timeout=5)
+        time.sleep(1.0)   # no restart loop: the new master bound the port and stays
+        assert sc.value(RESTARTS) == 1 and _nginx_status(sc)["pid"] == new
+        assert _ready(sc)[0] == 200
+        r, delta = counted_after(sc, lambda: httpx.get(sc.url + "/v2/models/digits/infer"))
+        assert r.status_code == 200 and delta == Counter({(*DIGITS, "200"): 1})
+
+
+_CHILD = """
+import dataclasses, sys
+sys.path.insert(0, {helpers!r})
+from proxy_helpers import BUILTIN_MONITOR, make_config
+from sentinel.proxy.sidecar import run
+cfg = make_config({upstream!r}, engine="nginx")
+run(dataclasses.replace(cfg, listen={listen!r}, admin={admin!r}), monitor_factory=BUILTIN_MONITOR)
+"""
+
+
+@pytest.mark.skipif(ngx.SETPRIV is None, reason="needs util-linux's setpriv")
+def test_a_killed_sentinel_takes_its_nginx_with_it(tmp_path):
+    """sentinel SIGKILLed (the OOM killer): its nginx, in a session of its own, served on with
+    nobody counting and held `listen` against the next sentinel. It stops now (parent-death signal)."""
+    import subprocess
+    import sys
+
+    from test_nginx_engine import in_groups
+
+    with Upstream() as up:
+        cfg = nginx_config(up.url)
+        admin = f"127.0.0.1:{free_port()}"
+        script = tmp_path / "child.py"
+        script.write_text(_CHILD.format(helpers=os.path.dirname(__file__), upstream=up.url, listen=cfg.listen,
+                                        admin=admin))
+        child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        master, run_dir = None, None
+        try:
+            def nginx_status():
+                try:
+                    return httpx.get(f"http://{admin}/status").json()["nginx"]
+                except (httpx.HTTPError, KeyError):
+                    return None
+            st = wait_or_fail(nginx_status, "the child sidecar did not start", timeout=20)
+            master, run_dir = st["pid"], os.path.dirname(st["config"])
+            port = int(cfg.listen.rsplit(":", 1)[1])
+            assert httpx.get(f"http://127.0.0.1:{port}/v2/models/digits/infer").status_code == 200
+            child.kill()
+            child.wait(5)
+            wait_or_fail(lambda: not in_groups({master}), lambda: f"nginx left running: {in_groups({master})}",
+                         timeout=10)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://127.0.0.1:{port}/")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)
+            for pid in in_groups({master}) if master else ():
+                os.kill(pid, signal.SIGKILL)
+            if run_dir:   # what a killed sentinel could not remove
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.mark.unit
+def test_restart_backoff_starts_over_after_a_long_run(monkeypatch):
+    """A nginx that ran for long before it died is restarted after the shortest delay; the backoff
+    grew for good before (every restart of a long-lived sidecar waited 30 s after its sixth)."""
+    import asyncio
+    import types
+
+    clock = [0.0]
+    lives = iter([0.1, 0.1, 0.1, ngx.RESTART_RESET_S + 1, 0.1, 0.1])   # how long each nginx runs
+    delays: list[float] = []
+
+    class Proc:
+        pid, returncode = 2 ** 22 + 12345, None
+
+        async def wait(self) -> int:
+            clock[0] += next(lives)
+            return 1
+
+    async def main() -> None:
+        n = ngx.Nginx(nginx_config("http://127.0.0.1:1"), "nginx")
+
+        async def sleep(s: float) -> None:
+            delays.append(s)
+            clock[0] += s
+            n.stopping = len(delays) == 6
+
+        async def spawn() -> None:
+            n.proc, n._spawned_at = Proc(), clock[0]
+        monkeypatch.setattr(ngx, "asyncio", types.SimpleNamespace(sleep=sleep))
+        monkeypatch.setattr(ngx, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+        monkeypatch.setattr(ngx, "_killpg", lambda pgid: None)
+        monkeypatch.setattr(n, "_spawn", spawn)
+        try:
+            await spawn()
+            await n._supervise()
+        finally:
+            os.rmdir(n.run_dir)
+    asyncio.run(main())
+    assert delays == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
+
+
+# --- 6. a graceful stop ---------------------------------------------------------------------
+
+def test_stop_finishes_the_request_in_flight_counts_it_and_leaves_nothing_behind():
+    up = StepUpstream()
+    up.scripts[b"/v2/models/digits/infer"] = lambda c: (time.sleep(1.0), c.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    try:
+        with running(nginx_config(up.url)) as sc:
+            st = _nginx_status(sc)
+            master, run_dir = st["pid"], os.path.dirname(st["config"])
+            pids = {master} | _workers(master)
+            got: list = []
+            t = threading.Thread(target=lambda: got.append(httpx.post(sc.url + "/v2/models/digits/infer",
+                                                                      content=b"{}", timeout=10)))
+            t.start()
+            wait_or_fail(lambda: len(up.seen) == 1, "the request reached the model server")
+            t0 = time.monotonic()
+            sc.stop()
+            assert time.monotonic() - t0 < 5
+            t.join(5)
+            assert got and got[0].status_code == 200 and got[0].content == b"ok"
+            assert counts(sc) == Counter({(*DIGITS, "200"): 1})   # counted before the reader closed
+            assert not any(_alive(p) for p in pids)
+            assert not os.path.exists(run_dir)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(sc.url + "/")
+    finally:
+        up.close()
+
+
+# --- 7. configuration errors ---------------------------------------------------------------
+
+def _run_dirs() -> set[str]:
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("sentinel-nginx-")}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_an_nginx_binary_that_is_not_there_is_named_with_the_fix():
+    cfg = nginx_config("http://127.0.0.1:1", nginx_binary="/nonexistent/nginx")
+    dirs = _run_dirs()
+    with pytest.raises(InfrastructureError) as e, running(cfg):
+        pass
+    assert "proxy.nginx_binary" in str(e.value) and "apt-get install nginx-light" in str(e.value)
+    assert "/nonexistent/nginx" in str(e.value)
+    assert _run_dirs() == dirs
+    assert _port_free(int(cfg.listen.rsplit(":", 1)[1]))
+
+
+def test_an_nginx_binary_that_cannot_run_is_an_infrastructure_error(tmp_path):
+    fake = tmp_path / "nginx"
+    fake.write_text("not a program\n")
+    fake.chmod(0o644)
+    with pytest.raises(InfrastructureError, match=r"proxy\.nginx_binary.*cannot run"), \
+            running(nginx_config("http://127.0.0.1:1", nginx_binary=str(fake))):
+        pass
+
+
+def test_a_listen_port_in_use_is_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = dataclasses.replace(nginx_config("http://127.0.0.1:1"), listen=f"127.0.0.1:{port}")
+        with pytest.raises(InfrastructureError, match=r"listen\).*in use"), running(cfg):
+            pass
+
+
+@pytest.mark.parametrize("yaml,field", [
+    ("listen: 127.0.0.1:0\nproxy:\n  engine: nginx\n", "listen"),
+    ("listen: 127.0.0.1:8080\nproxy:\n  engine: bogus\n", "proxy.engine"),
+], ids=["port-0", "bogus-engine"])
+def test_config_errors_name_the_field(tmp_path, yaml, field):
+    path = tmp_path / "sentinel.yaml"
+    path.write_text("models:\n  - name: digits\n    version: v3\nupstream: http://127.0.0.1:8081\n" + yaml)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{field}:" in str(e.value), str(e.value)
+
+
+# --- 8. lines the kernel drops ---------------------------------------------------------------
+
+def test_lines_the_kernel_drops_are_counted_lost(monkeypatch):
+    """A receive buffer of a few datagrams and a slow reader: a burst overflows it. What is not
+    counted is counted lost, to the line, once the burst is over (not when the next line comes)."""
+    monkeypatch.setattr(ngx, "RECV_BUFFER", 1)   # the kernel's minimum
+    monkeypatch.setattr(ngx, "POLL_S", 0.5)
+    n = 150
+    with Upstream() as up, running(nginx_config(up.url)) as sc:
+        def burst() -> list[int]:
+            with httpx.Client(base_url=sc.url) as c:
+                return [c.get("/v2/models/digits/infer").status_code for _ in range(n)]
+        codes = burst()
+        assert codes == [200] * n
+        log = sc.sc.access_log
+        wait_or_fail(lambda: log.lines + log.dropped >= n and time.sleep(0.6) is None,
+                     lambda: f"lines {log.lines} + lost {log.dropped} < {n}", timeout=5)
+        assert log.dropped > 0 and log.lines > 0
+        assert log.lines + log.dropped == n
+        assert sc.value(LOST) == log.dropped
+        assert sum(counts(sc).values()) == log.lines
+        assert _nginx_status(sc)["log_lines_lost"] == log.dropped
