@@ -79,6 +79,7 @@ gRPC stays on sentinel's gRPC listener. nginx's `$request_time` has millisecond 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import logging
 import math
@@ -93,6 +94,8 @@ import subprocess
 import tempfile
 import time
 from typing import Any, NamedTuple
+
+from prometheus_client.samples import Exemplar
 
 from sentinel import metricnames as mn
 from sentinel.config import Config, parse_hostport
@@ -110,9 +113,9 @@ SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)     # Linux >= 4.6: the socket's 
 SK_MEMINFO_DROPS = 8                               # ...of which this one counts the datagrams dropped
 RECV_BUFFER = 16 << 20        # the log socket's receive buffer (root may force it past rmem_max)
 MAX_LINE = 16384              # longer datagrams are truncated by the kernel (the request target's end is lost)
-POLL_S = 0.02                 # drain the log socket this often...
-BUSY_POLL_S = 0.002           # ...and this often after a drain that found this many lines:
-BUSY_LINES = 256
+POLL_S = 0.05                 # drain the log socket at least this often...
+BUSY_POLL_S = 0.002           # ...and at most this often (AccessLog.run)
+DATAGRAM_COST = 1280          # receive-buffer bytes one log datagram takes (its ~300 bytes and the kernel's skb)
 ROUTE_CACHE = 4096
 MAX_CUT_MARKS = 4096          # connections whose answer an error line marked as cut, awaiting their access line
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -180,53 +183,89 @@ class AccessLog:
         self._cut: dict[bytes, None] = {}   # connection numbers (insertion-ordered: oldest dropped first)
         self._lost = _make(mn.ACCESS_LOG_LOST, metrics.registry)
         self._meminfo = True
+        self.loopback = host.startswith("127.") or host == "::1"   # bound there: only this host can send
+        # datagrams the receive buffer holds (the kernel reports twice what was asked: its bookkeeping)
+        self.capacity = max(1, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // DATAGRAM_COST)
         self.last_line_at = 0.0
+        self._bounds = [*metrics.buckets, math.inf]   # the duration histogram's buckets, +Inf last
+        # a whole answer's status → its code (statuses classify() passes through as they are)
+        self._codes = {b"%d" % c: str(c) for c in range(200, 600) if c not in (204, 304, 499)}
 
     # --- parsing ------------------------------------------------------------------
     def feed(self, datagram: bytes) -> None:
         """Count one syslog datagram (`<PRI>Mmm dd hh:mm:ss TAG: MESSAGE`, as nginx sends it)."""
-        gt = datagram.find(b">", 0, 5)
-        at = gt + 17   # past '>', the 15-character timestamp and a space
-        if gt < 0:
-            self.malformed += 1
-        elif datagram.startswith(self._access, at):
-            self._line(datagram[at + len(self._access):])
-        elif datagram.startswith(self._errors, at):
-            self._error(datagram[1:gt], datagram[at + len(self._errors):])
-        else:
-            self.malformed += 1
+        self.feed_many([datagram])
 
-    def _line(self, line: bytes) -> None:
-        parts = line.rstrip(b"\n").split(b" ", _FIELDS - 1)
-        if len(parts) != _FIELDS:
-            self.malformed += 1
-            return
-        status, done, seconds, sent, body_sent, length, conn, trace_id, flags, canary, method, target = parts
-        cut = False
-        if self._cut and conn in self._cut:   # an error line said this connection's answer broke off
-            del self._cut[conn]
-            cut = True
-        if canary == b"1":
-            self.skipped += 1
-            return
-        try:
-            took = float(seconds)
-            nsent, nbody = int(sent), int(body_sent)
-            declared = int(length) if length != b"-" else None
-        except ValueError:
-            self.malformed += 1
-            return
-        if len(status) != 3 or not status.isdigit() or not 0.0 <= took < 1e9:
-            self.malformed += 1
-            return
-        code = classify(status, done == b"1", nsent, nbody, declared, method == b"HEAD", cut)
-        route = self._routes.get(target)
-        if route is None:
-            route = self._route(target)
-        self.metrics.observe_request(route[1], route[0], code, took,   # exemplar: a trace its caller records
-                                     trace_id.decode("ascii", "replace") if flags == b"01" and len(trace_id) == 32
-                                     else None)
-        self.lines += 1
+    def feed_many(self, datagrams: list[bytes]) -> None:
+        """Count a batch of datagrams: lines are summed per (model, protocol, code) and added to the
+        metrics once per batch, with the newest sampled trace of each histogram bucket as its exemplar."""
+        access, errors = self._access, self._errors
+        skip = len(access)
+        batch: dict[tuple[str, str, str], list] = {}
+        bounds, bisect_left = self._bounds, bisect.bisect_left
+        routes, codes = self._routes, self._codes
+        for datagram in datagrams:
+            gt = datagram.find(b">", 0, 5)
+            at = gt + 17   # past '>', the 15-character timestamp and a space
+            if gt < 0:
+                self.malformed += 1
+                continue
+            if not datagram.startswith(access, at):
+                if datagram.startswith(errors, at):
+                    self._error(datagram[1:gt], datagram[at + len(errors):])
+                else:
+                    self.malformed += 1
+                continue
+            parts = datagram[at + skip:].rstrip(b"\n").split(b" ", _FIELDS - 1)
+            if len(parts) != _FIELDS:
+                self.malformed += 1
+                continue
+            status, done, seconds, sent, body_sent, length, conn, trace_id, flags, canary, method, target = parts
+            cut = False
+            if self._cut and conn in self._cut:   # an error line said this connection's answer broke off
+                del self._cut[conn]
+                cut = True
+            if canary == b"1":
+                self.skipped += 1
+                continue
+            try:
+                took = float(seconds)
+            except ValueError:
+                self.malformed += 1
+                continue
+            if (not 0.0 <= took < 1e9 or not sent.isdigit() or not body_sent.isdigit()
+                    or not (length == b"-" or length.isdigit())):
+                self.malformed += 1
+                continue
+            code = codes.get(status) if done == b"1" and not cut and (length == b"-" or length == body_sent) \
+                and sent != b"0" else None
+            if code is None:   # not the common case (a whole answer of a usual status): the full rules
+                if len(status) != 3 or not status.isdigit():
+                    self.malformed += 1
+                    continue
+                code = classify(status, done == b"1", int(sent), int(body_sent),
+                                int(length) if length != b"-" else None, method == b"HEAD", cut)
+            route = routes.get(target)
+            if route is None:
+                route = self._route(target)
+            key = (route[1], route[0], code)
+            sums = batch.get(key)
+            if sums is None:
+                sums = batch[key] = [0, 0.0, [0] * len(bounds), {}]
+            i = bisect_left(bounds, took)
+            sums[0] += 1
+            sums[1] += took
+            sums[2][i] += 1
+            if flags == b"01":
+                sums[3][i] = (trace_id, took)
+        if batch:
+            now = time.time()
+            merge = self.metrics.merge_requests
+            for key, (count, total, buckets, traces) in batch.items():
+                exemplars = tuple((i, Exemplar({"trace_id": tid.decode("ascii", "replace")}, took, now))
+                                  for i, (tid, took) in traces.items())
+                merge(key, count, total, tuple(buckets), exemplars)
+                self.lines += count
 
     def _error(self, pri: bytes, text: bytes) -> None:
         """An error line of nginx's: one while it relayed the upstream's body marks its connection's answer cut.
@@ -265,26 +304,33 @@ class AccessLog:
 
     # --- reading ------------------------------------------------------------------
     def drain(self) -> int:
-        """Read every datagram waiting; returns how many."""
-        n = 0
-        recvmsg, feed = self.sock.recvmsg, self.feed
-        anc = socket.CMSG_SPACE(4)
+        """Read every datagram waiting and count them; returns how many."""
+        batch: list[bytes] = []
         last: list = []
-        while True:
-            try:
-                data, anc_data, _flags, addr = recvmsg(MAX_LINE, anc)
-            except (BlockingIOError, InterruptedError):
-                break
-            n += 1
-            last = anc_data or last
-            if addr[0].startswith("127."):
-                feed(data)
-            else:   # not from this host's loopback: not nginx's
-                self.malformed += 1
-        self._count_drops(last)
-        if n:
+        if self._meminfo and self.loopback:   # the common case: nothing but the datagram is needed
+            recv, add = self.sock.recv, batch.append
+            while True:
+                try:
+                    add(recv(MAX_LINE))
+                except (BlockingIOError, InterruptedError):
+                    break
+        else:
+            recvmsg, anc = self.sock.recvmsg, socket.CMSG_SPACE(4)
+            while True:
+                try:
+                    data, anc_data, _flags, addr = recvmsg(MAX_LINE, anc)
+                except (BlockingIOError, InterruptedError):
+                    break
+                last = anc_data or last
+                if addr[0].startswith("127.") or addr[0] == "::1":
+                    batch.append(data)
+                else:   # not from this host's loopback: not nginx's
+                    self.malformed += 1
+        if batch:
+            self.feed_many(batch)
             self.last_line_at = time.monotonic()
-        return n
+        self._count_drops(last)
+        return len(batch)
 
     def _count_drops(self, ancillary: list) -> None:
         """The kernel's count of datagrams it dropped on this socket, now (SO_MEMINFO), else as of
@@ -308,13 +354,18 @@ class AccessLog:
             self.dropped = total
 
     async def run(self) -> None:
+        """Drain the socket often enough that it stays under a quarter full at the last drain's rate
+        (between BUSY_POLL_S and POLL_S): few wake-ups when quiet, no drops when busy."""
+        then = time.monotonic()
         while True:
             try:
                 n = self.drain()
             except Exception:   # a bug here must not stop counting for good
                 log.exception("reading nginx's access log failed")
                 n = 0
-            await asyncio.sleep(BUSY_POLL_S if n >= BUSY_LINES else POLL_S)
+            now = time.monotonic()
+            rate, then = n / max(now - then, 1e-3), now
+            await asyncio.sleep(min(POLL_S, max(BUSY_POLL_S, self.capacity / 4 / rate)) if rate else POLL_S)
 
     def state(self) -> dict:
         return {"log_lines": self.lines, "log_lines_canary": self.skipped, "log_lines_malformed": self.malformed,
@@ -376,6 +427,15 @@ def lane_config(config: Config) -> Config:
     return dataclasses.replace(config, sampling=scaled(config.sampling), models=models)
 
 
+def lane_requests_per_second(config: Config) -> int:
+    """How many requests per second nginx sends through sentinel's proxy at most: what fills every
+    model's sampling cap (a model sampled at rate r gets r / share of the lane's requests)."""
+    share = sample_share(config)
+    need = sum(config.sampling_for(m).max_per_second * share / config.sampling_for(m).rate
+               for m in config.models if config.sampling_for(m).rate > 0)
+    return max(1, math.ceil(need))
+
+
 def sample_share(config: Config) -> float:
     """The share of requests routed through sentinel's proxy: the largest sampling rate configured."""
     rates = [config.sampling.rate] + [config.sampling_for(m).rate for m in config.models]
@@ -429,6 +489,7 @@ def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, i
     # nginx's limit_conn takes at most 65535; a budget past that is left to worker_connections
     limit = f"limit_conn sentinel_clients {p.max_connections};" if p.max_connections < 65536 else \
         f"# limit_conn: proxy.max_connections {p.max_connections} is past nginx's 65535"
+    lane_rate = lane_requests_per_second(config)
     d = run_dir
     return f"""# generated by sentinel (proxy.engine: nginx) from {config.source}; rewritten at every start
 worker_processes {p.workers};
@@ -478,6 +539,8 @@ http {{
   split_clients "$request_id" $sentinel_pool {{
 {split}
   }}
+  map $sentinel_pool $sentinel_lane_key {{ lane 1; default ""; }}   # an empty key is never limited
+  limit_req_zone $sentinel_lane_key zone=sentinel_lane:64k rate={lane_rate}r/s;
 {_MAPS}
 
   server {{
@@ -491,21 +554,30 @@ http {{
       add_header Retry-After {p.shed_retry_after_s} always;
       return 503 "over the limit of {p.max_connections} connections; retry later\\n";
     }}
+    # the sampled share goes through sentinel's proxy up to what analysis takes per second; the rest
+    # of it straight to the model server (an internal redirect: the client sees one answer)
+    error_page 429 = @direct;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $http_host;
+    proxy_set_header traceparent "00-$sentinel_trace_id-$sentinel_span-$sentinel_trace_flags";
+    proxy_set_header tracestate $sentinel_tracestate;
+    proxy_request_buffering off;
+    proxy_buffering off;
+    proxy_max_temp_file_size 0;
+    proxy_connect_timeout {_secs(min(p.connect_timeout_s, 75.0))};
+    proxy_read_timeout {_secs(max(p.upstream_timeout_s, p.upstream_idle_timeout_s))};
+    proxy_send_timeout {_secs(p.body_idle_timeout_s)};
+    proxy_next_upstream error;
+    proxy_intercept_errors off;
     location / {{
+      limit_req zone=sentinel_lane burst={lane_rate} nodelay;
+      limit_req_status 429;
+      limit_req_log_level info;
       proxy_pass http://$sentinel_pool;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $http_host;
-      proxy_set_header traceparent "00-$sentinel_trace_id-$sentinel_span-$sentinel_trace_flags";
-      proxy_set_header tracestate $sentinel_tracestate;
-      proxy_request_buffering off;
-      proxy_buffering off;
-      proxy_max_temp_file_size 0;
-      proxy_connect_timeout {_secs(min(p.connect_timeout_s, 75.0))};
-      proxy_read_timeout {_secs(max(p.upstream_timeout_s, p.upstream_idle_timeout_s))};
-      proxy_send_timeout {_secs(p.body_idle_timeout_s)};
-      proxy_next_upstream error;
-      proxy_intercept_errors off;
+    }}
+    location @direct {{
+      proxy_pass http://model;
     }}
   }}
 }}

@@ -425,6 +425,32 @@ def test_sampling_share_goes_through_the_lane_and_is_counted_once(rate, lane_exc
             assert sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == 0
 
 
+def test_the_lane_carries_no_more_than_the_sampling_caps_take_and_the_rest_goes_direct(lane_exchanges):
+    """Sampling everything with a cap of 3 per second: a burst of 40 requests must not all pay for
+    sentinel's proxy. nginx sends at most the cap (a second's burst of it) through the lane and
+    the rest straight to the model server, each answered once and counted once."""
+    n = 40
+    cfg = nginx_config("http://127.0.0.1:1", rate=1.0)
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, max_per_second=3))
+    assert ngx.lane_requests_per_second(cfg) == 3
+    with Upstream() as up, running(dataclasses.replace(cfg, upstream=up.url)) as sc:
+        def burst() -> list[int]:
+            with httpx.Client(base_url=sc.url) as c:
+                return [c.post("/v2/models/digits/infer", content=V2_BODY).status_code for _ in range(n)]
+        started = time.monotonic()
+        codes, delta = counted_after(sc, burst, n)
+        took = time.monotonic() - started
+        assert codes == [200] * n
+        assert delta == Counter({(*DIGITS, "200"): n})
+        # the burst (3) and 3 per second of what the burst took, with a request of slack
+        assert 1 <= len(lane_exchanges) <= 3 + 3 * took + 1, (len(lane_exchanges), took)
+    models = (ModelConfig(name="digits", version="v3", sampling=SamplingConfig(rate=0.2, max_per_second=10)),
+              ModelConfig(name="other", version="v1", sampling=SamplingConfig(rate=0.05, max_per_second=10)))
+    # the lane's share is 0.2: "other" is sampled in a quarter of its lane requests, so filling its
+    # cap takes 40 of them per second
+    assert ngx.lane_requests_per_second(nginx_config("http://127.0.0.1:1", models=models)) == 50
+
+
 def test_the_lane_share_is_the_largest_rate_and_each_model_samples_its_rate_over_it():
     models = (ModelConfig(name="digits", version="v3", sampling=SamplingConfig(rate=0.2)),
               ModelConfig(name="other", version="v1", sampling=SamplingConfig(rate=0.05)))

@@ -346,6 +346,7 @@ def test_lines_the_kernel_drops_are_counted_lost(monkeypatch):
     counted is counted lost, to the line, once the burst is over (not when the next line comes)."""
     monkeypatch.setattr(ngx, "RECV_BUFFER", 1)   # the kernel's minimum
     monkeypatch.setattr(ngx, "POLL_S", 0.5)
+    monkeypatch.setattr(ngx, "BUSY_POLL_S", 0.5)
     n = 150
     with Upstream() as up, running(nginx_config(up.url)) as sc:
         def burst() -> list[int]:
