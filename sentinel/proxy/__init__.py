@@ -10,6 +10,7 @@
     analysis.AnalysisManager                the spawned worker process (worker.main)
     ingest.JoinTable                        KServe logger CloudEvents joined by Ce-Id
     admin.AdminConnection                   /metrics /healthz /readyz /status /ingest
+    nginx.Nginx, nginx.AccessLog            proxy.engine nginx: nginx as the data plane, counted from its access log
 
 Nothing on the hot path imports torch, onnxruntime, scipy or the analysis code; a test
 checks it in a subprocess.

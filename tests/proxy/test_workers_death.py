@@ -180,7 +180,13 @@ def test_sigkilled_worker_loses_no_count_and_none_twice():
         # While it is replaced: every answer the clients got is counted, none twice, and /readyz is
         # still 200 (the main process accepts from a dead worker's socket until the next start is ready).
         w = proxy_workers(sc)[0]
-        assert w["requests"] == on_worker[0], (w, on_worker)   # HEAD: short by what it served since its last report
+        # Every answer the client read is counted (HEAD: short by what it served since its last report).
+        # One more may be: an answer the worker handed to the kernel just before the kill, which the
+        # reset of the kill overtook (Linux drops unread data on a reset); it was sent, so it counts 200
+        # (README: an answer held by the kernel counts as sent). Seen once in ~20 runs under load.
+        lost_to_reset = w["requests"] - on_worker[0]
+        assert lost_to_reset in (0, 1), (w, on_worker)
+        ok[0] += lost_to_reset
         assert w["recovered_requests"] >= 1 and w["phase"] in ("down", "starting"), w
         assert sc.value(REQ, OK) == ok[0]
         assert sc.value("sentinel_request_duration_seconds_count", OK) == ok[0]
