@@ -121,6 +121,7 @@ MAX_CUT_MARKS = 4096          # connections whose answer an error line marked as
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RESTART_RESET_S = 60.0        # a nginx that ran this long before dying restarts after the shortest backoff
 START_TIMEOUT_S = 10.0
+RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
 # a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
 # (Not preexec_fn: forking a threaded process, only async-signal-safe work may run before exec.)
@@ -651,23 +652,56 @@ class Nginx:
         argv = [self.binary, "-c", self.conf, "-p", self.run_dir, "-e", "stderr"]
         if SETPRIV is not None:   # sentinel killed (SIGKILL, OOM): nginx, in a session of its own, stops too
             argv = [SETPRIV, "--pdeathsig", "QUIT", "--", *argv]
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)   # a Ctrl-C at the terminal reaches sentinel, which stops nginx itself
+        # nginx's error lines come over a pipe whose write end does not block: if sentinel stops reading
+        # (its loop stalled), nginx's workers lose lines instead of waiting on a full pipe with requests
+        rfd, wfd = os.pipe()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=wfd,
+                start_new_session=True)   # a Ctrl-C at the terminal reaches sentinel, which stops nginx itself
+            # after the spawn: uvloop's (libuv's) makes a child's stdio blocking before it execs, and the
+            # flag belongs to the pipe end both processes share
+            os.set_blocking(wfd, False)
+        except BaseException:
+            os.close(rfd)
+            raise
+        finally:
+            os.close(wfd)
         self._spawned_at = time.monotonic()
         self._relays = [t for t in self._relays if not t.done()]
-        self._relays.append(asyncio.get_running_loop().create_task(self._relay_errors(self.proc)))
+        self._relays.append(asyncio.get_running_loop().create_task(self._relay_errors(rfd)))
 
-    async def _relay_errors(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        while True:
-            line = await proc.stderr.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", "replace").rstrip()
-            self.last_error = text[:500]
-            level = logging.ERROR if "[emerg]" in text or "[alert]" in text or "[crit]" in text else logging.WARNING
-            log.log(level, "nginx: %s", text)
+    async def _relay_errors(self, rfd: int) -> None:
+        """Log nginx's error lines as sentinel's: every one as `last_error`, at most RELAY_LINES per
+        RELAY_WINDOW_S in the log (a failing model server can make nginx write one per request)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_LINE, loop=loop)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                                    os.fdopen(rfd, "rb", buffering=0))
+        window, shown, hidden = 0.0, 0, 0
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:   # a line past MAX_LINE: skip it
+                    continue
+                if not line:
+                    return
+                text = line.decode("utf-8", "replace").rstrip()
+                self.last_error = text[:500]
+                now = time.monotonic()
+                if now - window > RELAY_WINDOW_S:
+                    if hidden:
+                        log.warning("nginx: %d more error line(s) in the last %.0f s not logged", hidden, RELAY_WINDOW_S)
+                    window, shown, hidden = now, 0, 0
+                if shown >= RELAY_LINES:
+                    hidden += 1
+                    continue
+                shown += 1
+                level = logging.ERROR if "[emerg]" in text or "[alert]" in text or "[crit]" in text else logging.WARNING
+                log.log(level, "nginx: %s", text)
+        finally:
+            transport.close()
 
     async def _supervise(self) -> None:
         tries = 0

@@ -362,3 +362,38 @@ def test_lines_the_kernel_drops_are_counted_lost(monkeypatch):
         assert sc.value(LOST) == log.dropped
         assert sum(counts(sc).values()) == log.lines
         assert _nginx_status(sc)["log_lines_lost"] == log.dropped
+
+
+# --- 9. nginx's error lines ------------------------------------------------------------------
+
+def test_nginx_writes_its_error_lines_into_a_pipe_that_cannot_block_it():
+    """nginx's workers write error lines to their stderr, sentinel's pipe: a sentinel that stops
+    reading must cost lines, not requests. The write end nginx holds is non-blocking."""
+    with Upstream() as up, running(nginx_config(up.url)) as sc:
+        master = _nginx_status(sc)["pid"]
+        import psutil
+
+        for pid in [master] + [c.pid for c in psutil.Process(master).children()]:
+            with open(f"/proc/{pid}/fdinfo/2") as f:
+                flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+            assert flags & os.O_NONBLOCK, (pid, oct(flags))
+
+
+def test_a_flood_of_nginx_error_lines_is_logged_a_few_at_a_time(caplog):
+    async def relay(lines: int) -> ngx.Nginx:
+        n = ngx.Nginx.__new__(ngx.Nginx)
+        n.last_error = ""
+        rfd, wfd = os.pipe()
+        with os.fdopen(wfd, "wb") as w:
+            w.write(b"".join(b"2026/12/05 06:00:00 [error] 7#7: *%d upstream timed out\n" % i
+                             for i in range(lines)))
+        await n._relay_errors(rfd)
+        return n
+
+    import asyncio
+
+    with caplog.at_level("WARNING", logger="sentinel.nginx"):
+        n = asyncio.run(relay(500))
+    shown = [r for r in caplog.records if "upstream timed out" in r.getMessage()]
+    assert len(shown) == ngx.RELAY_LINES
+    assert n.last_error.endswith("*499 upstream timed out")   # /status still shows the newest
