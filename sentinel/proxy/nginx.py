@@ -92,6 +92,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -121,6 +122,8 @@ MAX_CUT_MARKS = 4096          # connections whose answer an error line marked as
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RESTART_RESET_S = 60.0        # a nginx that ran this long before dying restarts after the shortest backoff
 START_TIMEOUT_S = 10.0
+STALL_S = 2.0     # sentinel's event loop silent this long: nginx stops sending it the sampled share...
+WATCH_S = 0.25    # ...as seen by a thread that looks this often (Nginx.watch)
 RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
 # a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
@@ -467,15 +470,16 @@ _MAPS = f"""  # trace context: the caller's trace continues with a new span id; 
 
 
 def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, int],
-                log_to: tuple[str, int] | LogTarget, run_dir: str) -> str:
+                log_to: tuple[str, int] | LogTarget, run_dir: str, sample: bool = True) -> str:
     """nginx's configuration for `config` (see the module docstring). `log_to`: AccessLog.address
-    (a plain (host, port) logs under the tag `sentinel`)."""
+    (a plain (host, port) logs under the tag `sentinel`). `sample=False`: no request goes through
+    sentinel's proxy (what the watchdog switches to while sentinel's event loop is stalled)."""
     p = config.proxy
     model = _hostport(*upstream)
     listen = _hostport(*parse_hostport(config.listen))
     tag = log_to.tag if isinstance(log_to, LogTarget) else "sentinel"
     syslog = f"syslog:server={_hostport(log_to[0], log_to[1])},nohostname"
-    share = sample_share(config)
+    share = sample_share(config) if sample else 0.0
     if share >= 1.0:
         split = "    * lane;"
     elif share <= 0.0:
@@ -608,6 +612,9 @@ class Nginx:
         self._spawned_at = 0.0
         self._group_killed = 0   # the master whose process group was killed after it died
         self.last_error = ""
+        self.diverted = False   # the watchdog took the sampled share off sentinel's stalled proxy
+        self.diversions = 0
+        self._watch_stop: threading.Event | None = None
 
     def write_and_check(self, text: str) -> None:
         """Write the configuration and have nginx check it (`nginx -t`): InfrastructureError with its words."""
@@ -733,8 +740,47 @@ class Nginx:
                     delay = RESTART_BACKOFF_S[min(tries, len(RESTART_BACKOFF_S) - 1)]
                     tries += 1
 
+    # --- the watchdog: a stalled sentinel must not hold the sampled share's requests -------------
+    def watch(self, heartbeat: Any, unsampled: str) -> None:
+        """Watch sentinel's event loop from a thread: while `heartbeat()` (the loop's last tick,
+        time.monotonic) is older than STALL_S, nginx runs `unsampled` (no request through sentinel's
+        proxy), reloaded with SIGHUP; once the loop ticks again, the configuration it started with.
+        Requests already sent to a stalled proxy wait for it; new ones go straight to the model server."""
+        self._sampled_text = self.conf_text
+        self._unsampled_text = unsampled
+        self._watch_stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, args=(heartbeat,), name="sentinel-nginx-watchdog",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _watch(self, heartbeat: Any) -> None:
+        while not self._watch_stop.wait(WATCH_S):
+            stalled = time.monotonic() - heartbeat()
+            try:
+                if not self.diverted and stalled > STALL_S:
+                    self._reload(self._unsampled_text)
+                    self.diverted = True
+                    self.diversions += 1
+                    log.error("sentinel's event loop has not run for %.1f s: nginx sends no request through "
+                              "sentinel's proxy until it does (no samples meanwhile)", stalled)
+                elif self.diverted and stalled < 2 * WATCH_S:
+                    self._reload(self._sampled_text)
+                    self.diverted = False
+                    log.warning("sentinel's event loop runs again: nginx sends the sampled share through it again")
+            except OSError as exc:   # nginx between restarts: the next look tries again
+                log.warning("cannot reload nginx: %s", exc)
+
+    def _reload(self, text: str) -> None:
+        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        proc = self.proc
+        if proc is not None and proc.returncode is None and not self.stopping:
+            os.kill(proc.pid, signal.SIGHUP)
+
     def state(self) -> dict:
-        return {"pid": self.proc.pid if self.proc is not None else None, "running": self.running,
+        return {"sampled_share_diverted": self.diverted, "diversions": self.diversions,
+                "pid": self.proc.pid if self.proc is not None else None, "running": self.running,
                 "restarts": self.restarts, "config": self.conf, "sampled_share": self.share,
                 "last_error": self.last_error or None}
 
@@ -752,6 +798,8 @@ class Nginx:
     async def stop(self, drain_s: float) -> None:
         """SIGQUIT: nginx stops accepting and finishes what it serves (worker_shutdown_timeout), then exits."""
         self.stopping = True
+        if self._watch_stop is not None:
+            self._watch_stop.set()
         if self._supervisor is not None:   # no restart from here on (nor one half-way through)
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)

@@ -255,6 +255,17 @@ class Sidecar:
             self.access_log.close()
             raise
         self._proxy_address = (host, port)
+        if self.nginx.share > 0:   # a stalled loop here must not hold the sampled share's requests (Nginx.watch)
+            beat = [time.monotonic()]
+
+            async def tick() -> None:
+                while True:
+                    beat[0] = time.monotonic()
+                    await asyncio.sleep(0.25)
+            self._tasks.append(self.loop.create_task(tick()))
+            self.nginx.watch(lambda: beat[0], render_conf(cfg, upstream=(self.up_host, self.up_port), lane=lane,
+                                                          log_to=self.access_log.address,
+                                                          run_dir=self.nginx.run_dir, sample=False))
         log.info("nginx (pid %d) carries %s → %s; a %.4g share goes through sentinel's proxy on %s:%d",
                  self.nginx.proc.pid, cfg.listen, cfg.upstream, self.nginx.share, *lane)
 

@@ -397,3 +397,35 @@ def test_a_flood_of_nginx_error_lines_is_logged_a_few_at_a_time(caplog):
     shown = [r for r in caplog.records if "upstream timed out" in r.getMessage()]
     assert len(shown) == ngx.RELAY_LINES
     assert n.last_error.endswith("*499 upstream timed out")   # /status still shows the newest
+
+
+# --- 10. a stalled sentinel ------------------------------------------------------------------
+
+def test_a_stalled_sentinel_does_not_hold_the_sampled_share(monkeypatch):
+    """Everything sampled (every request goes through sentinel's proxy), then sentinel's event
+    loop stalls for 6 s: after STALL_S nginx sends new requests straight to the model server (a
+    reload), which answers them while the loop is still stalled; once it runs again, the sampled
+    share goes through it again. Every request is counted once."""
+    seen: list = []
+    monkeypatch.setattr(ngx.LaneMetrics, "observe_request", lambda self, *a: seen.append(a))
+    with Upstream() as up, running(nginx_config(up.url, rate=1.0)) as sc:
+        with httpx.Client(base_url=sc.url) as c:
+            assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        wait_or_fail(lambda: len(seen) == 1, "the lane did not take the request")
+        stall = 6.0
+        started = time.monotonic()
+        sc.loop.call_soon_threadsafe(time.sleep, stall)
+        time.sleep(ngx.STALL_S + 1.0)
+        with httpx.Client(base_url=sc.url, timeout=10) as c:   # a new connection: a worker of the reload
+            r = c.post("/v2/models/digits/infer", content=V2_BODY)
+        answered = time.monotonic() - started
+        assert r.status_code == 200
+        assert answered < stall - 1.0, f"answered {answered:.1f} s into a {stall} s stall: it waited for sentinel"
+        assert sc.sc.nginx.diverted and sc.sc.nginx.diversions == 1
+        wait_or_fail(lambda: not sc.sc.nginx.diverted, "the sampled share was not given back", timeout=stall + 5)
+        time.sleep(0.5)   # the reload's new workers
+        with httpx.Client(base_url=sc.url) as c:
+            assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
+        wait_or_fail(lambda: len(seen) == 2, lambda: f"the lane took {len(seen)} requests, not 2 (the last one)")
+        wait_or_fail(lambda: sum(counts(sc).values()) == 3, lambda: f"counted {counts(sc)}")
+        assert _nginx_status(sc)["diversions"] == 1
