@@ -102,9 +102,8 @@ from sentinel import metricnames as mn
 from sentinel.config import Config, parse_hostport
 from sentinel.errors import InfrastructureError
 from sentinel.protocols import names
-from sentinel.protocols.routes import match
-from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL, ProxyMetrics, _make
-from sentinel.proxy.server import LINGER_S
+from sentinel.proxy.metrics import ProxyMetrics, _make
+from sentinel.proxy.server import LINGER_S, resolve_target
 
 log = logging.getLogger("sentinel.nginx")
 
@@ -183,7 +182,7 @@ class AccessLog:
         self.malformed = 0        # datagrams that are not ours or did not parse
         self.dropped = 0          # datagrams the kernel dropped, as last reported
         self.cuts = 0             # error lines that marked an answer as cut by the upstream
-        self._routes: dict[bytes, tuple[str, str]] = {}
+        self._routes: dict[bytes, tuple] = {}   # request target → (protocol, model label, None)
         self._cut: dict[bytes, None] = {}   # connection numbers (insertion-ordered: oldest dropped first)
         self._lost = _make(mn.ACCESS_LOG_LOST, metrics.registry)
         self._meminfo = True
@@ -291,20 +290,9 @@ class AccessLog:
         self._cut[conn] = None
         self.cuts += 1
 
-    def _route(self, target: bytes) -> tuple[str, str]:
+    def _route(self, target: bytes) -> tuple:
         raw = _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), target) if b"\\x" in target else target
-        r = match(raw.decode("latin-1"))
-        if r is None:
-            route = ("other", NO_MODEL)
-        else:
-            label = self.metrics.model_label(r.model)
-            route = (r.protocol, label)
-            if label == OVERFLOW_MODEL:
-                return route
-        if len(self._routes) >= ROUTE_CACHE:
-            self._routes.clear()
-        self._routes[target] = route
-        return route
+        return resolve_target(self.metrics, self._routes, target, raw.decode("latin-1"), ROUTE_CACHE)
 
     # --- reading ------------------------------------------------------------------
     def drain(self) -> int:
@@ -619,10 +607,7 @@ class Nginx:
     def write_and_check(self, text: str) -> None:
         """Write the configuration and have nginx check it (`nginx -t`): InfrastructureError with its words."""
         self.conf_text = text
-        # readable by sentinel's user only (nginx's master reads it): it holds the log lines' tag
-        fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(self.conf_text)
+        self._write_conf(text)
         where = f"proxy.engine is nginx ({self.config.source}: proxy.nginx_binary)"
         if not os.path.exists(self.binary) and shutil.which(self.binary) is None:
             raise InfrastructureError(f"{where}: '{self.binary}' was not found: install nginx "
@@ -770,10 +755,14 @@ class Nginx:
             except OSError as exc:   # nginx between restarts: the next look tries again
                 log.warning("cannot reload nginx: %s", exc)
 
-    def _reload(self, text: str) -> None:
+    def _write_conf(self, text: str) -> None:
+        # readable by sentinel's user only (nginx's master reads it): it holds the log lines' tag
         fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+
+    def _reload(self, text: str) -> None:
+        self._write_conf(text)
         proc = self.proc
         if proc is not None and proc.returncode is None and not self.stopping:
             os.kill(proc.pid, signal.SIGHUP)

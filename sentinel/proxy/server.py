@@ -30,7 +30,7 @@ from sentinel.protocols.routes import match
 from sentinel.proxy import http
 from sentinel.proxy.context import CLIENT_CLOSED, INCOMPLETE, Limits, ProxyContext
 from sentinel.proxy.exchange import CHUNKED, LENGTH, NONE, Exchange
-from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL
+from sentinel.proxy.metrics import NO_MODEL, OVERFLOW_MODEL, ProxyMetrics
 from sentinel.proxy.sampling import Capture
 
 __all__ = ["ClientConnection", "ProxyContext", "close_idle"]
@@ -89,6 +89,28 @@ class _Trailers(http.Trailers):
         if count:
             raise _Refuse(431, "too_many_headers", f"more than {lim.max_headers} header fields")
         raise _Refuse(431, "headers_too_large", f"request head longer than {lim.max_head} bytes")
+
+
+def resolve_target(metrics: ProxyMetrics, cache: dict[bytes, tuple], key: bytes, target: str, limit: int,
+                   samplers: dict | None = None) -> tuple:
+    """(protocol, model label, (model name, sampler) or None) of a request target.
+
+    Remembered in `cache` under `key` (cleared when it holds `limit`), except a model folded
+    into the overflow label, which is counted per request (ProxyMetrics.model_label). The
+    proxy's connections and the nginx engine's access log (nginx.AccessLog) both resolve here.
+    """
+    route = match(target)
+    if route is None:
+        resolved: tuple = _NO_ROUTE
+    else:
+        label = metrics.model_label(route.model)
+        resolved = (route.protocol, label, samplers.get(route.model) if samplers is not None else None)
+        if label == OVERFLOW_MODEL:
+            return resolved
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = resolved
+    return resolved
 
 
 class ClientConnection(http.BufferedWriter, asyncio.Protocol):
@@ -538,24 +560,9 @@ class ClientConnection(http.BufferedWriter, asyncio.Protocol):
                           "read a chunked body after one; send it with Content-Length or without the offer")
 
     def _target(self, url: bytes) -> tuple:
-        """(protocol, model label, (model name, sampler) or None) of a request target.
-
-        Remembered per target (ROUTE_CACHE_SIZE, cleared when full), except a model folded into
-        the overflow label, which is counted per request (ProxyMetrics.model_label).
-        """
+        """(protocol, model label, (model name, sampler) or None) of a request target (resolve_target)."""
         ctx = self.ctx
-        route = match(url.decode("latin-1"))
-        if route is None:
-            target: tuple = _NO_ROUTE
-        else:
-            label = ctx.metrics.model_label(route.model)
-            target = (route.protocol, label, ctx.samplers.get(route.model))
-            if label == OVERFLOW_MODEL:
-                return target
-        if len(ctx.routes) >= ROUTE_CACHE_SIZE:
-            ctx.routes.clear()
-        ctx.routes[url] = target
-        return target
+        return resolve_target(ctx.metrics, ctx.routes, url, url.decode("latin-1"), ROUTE_CACHE_SIZE, ctx.samplers)
 
     def on_body(self, body: bytes) -> None:
         if self.parsing is not None:

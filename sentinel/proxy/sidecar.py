@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import hmac
 import ipaddress
@@ -235,10 +236,10 @@ class Sidecar:
         self.access_log = AccessLog(self.metrics)
         self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc)
         lane = self.proxy_server.sockets[0].getsockname()[:2]
-        text = render_conf(cfg, upstream=(self.up_host, self.up_port), lane=lane, log_to=self.access_log.address,
-                           run_dir=self.nginx.run_dir)
+        conf = functools.partial(render_conf, cfg, upstream=(self.up_host, self.up_port), lane=lane,
+                                 log_to=self.access_log.address, run_dir=self.nginx.run_dir)
         try:
-            await self.loop.run_in_executor(None, self.nginx.write_and_check, text)
+            await self.loop.run_in_executor(None, self.nginx.write_and_check, conf())
             self._tasks.append(self.loop.create_task(self.access_log.run()))
             host, port = parse_hostport(cfg.listen)
 
@@ -263,9 +264,7 @@ class Sidecar:
                     beat[0] = time.monotonic()
                     await asyncio.sleep(0.25)
             self._tasks.append(self.loop.create_task(tick()))
-            self.nginx.watch(lambda: beat[0], render_conf(cfg, upstream=(self.up_host, self.up_port), lane=lane,
-                                                          log_to=self.access_log.address,
-                                                          run_dir=self.nginx.run_dir, sample=False))
+            self.nginx.watch(lambda: beat[0], conf(sample=False))
         log.info("nginx (pid %d) carries %s → %s; a %.4g share goes through sentinel's proxy on %s:%d",
                  self.nginx.proc.pid, cfg.listen, cfg.upstream, self.nginx.share, *lane)
 
