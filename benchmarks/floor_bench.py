@@ -15,8 +15,8 @@ At 1 kB and a fixed rate (default 1,000 rps), CPU per 1,000 requests and p99 of:
                could approach (benchmarks/proxy.md, "Eighth session");
 - sentinel     `sentinel run`, sampling 0 (no analysis worker work) and 5% (the default bench).
 - nginx-engine `sentinel run` with `proxy.engine: nginx` (nginx carries the bytes, sentinel counts
-               from its access log and samples through its own proxy), sampling 0 and 5%; its CPU
-               is nginx's, sentinel's and the analysis worker's together.
+               from its access log and samples the requests nginx captures to files), sampling 0
+               and 5%; its CPU is nginx's, sentinel's and the analysis worker's together.
 
 `--saturation` adds `wrk -t1 -c8` runs (requests/s, and CPU per request at saturation).
 

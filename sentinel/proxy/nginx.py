@@ -1,12 +1,12 @@
-"""`proxy.engine: nginx`: nginx carries the bytes; sentinel counts from its access log and samples a share.
+"""`proxy.engine: nginx`: nginx carries the bytes; sentinel counts from its access log and samples captures.
 
 The Python proxy costs about twice nginx's CPU per small request and reaches a third of its
 throughput (benchmarks/proxy.md). Where that matters, the sidecar can leave the request path
 to nginx and keep everything else:
 
-    client ──► nginx (proxy.listen) ──┬── (1 - share) ──────────────► model server
-                  │                   └── share ──► sentinel proxy ──► model server
-                  │                                  (internal, loopback; samples for analysis)
+    client ──► nginx (proxy.listen) ────────────────────────────────► model server
+                  │  the sampled share: request body and whole 200 answer left as files
+                  │  in sentinel's run directory ──► CaptureFiles ──► analysis
                   └─ one access-log line per request, syslog over UDP on loopback ──► AccessLog
                                                    (requests_total, request_duration_seconds)
 
@@ -45,15 +45,21 @@ to nginx and keep everything else:
   undercount is never silent. Only lines under this run's syslog tag (random, in a
   configuration file only sentinel's user can read) from a loopback address are counted:
   another process on the pod's loopback cannot add requests.
-- **Sampling.** `split_clients` on nginx's per-request random id sends the largest configured
-  sampling rate's share of requests through sentinel's own proxy on a loopback port, which
-  samples every one of them (per model: its rate over that share) within the usual caps and
-  counts nothing (nginx's line counts it). If the internal proxy refuses connections, nginx
-  sends the request straight to the model server (`backup`): sentinel is never the reason a
-  request fails. (nginx lets its idle connections to that proxy go at half its
-  `client_idle_timeout_s`, so it never sends a request on one the proxy is closing: one with a
-  body would not be retried.) A proxy that accepts and then does not answer is not "down":
-  those requests get nginx's 504.
+- **Sampling.** No request goes through sentinel. `split_clients` on nginx's per-request random
+  id picks the largest configured sampling rate's share of requests whose `Content-Length` fits
+  the largest sampling byte cap (a chunked request is never captured), at most as many per
+  second as the sampling caps take (`limit_req`; past it a request is simply not captured).
+  nginx keeps a captured request's body in a file (`client_body_in_file_only`), reads the
+  answer into its buffers and stores a whole 200 answer in a file (`proxy_store`), and logs the
+  request under the tag TAG_cap with both files' names and the headers decoders read.
+  `CaptureFiles` applies each model's sampler to the line (its rate over the captured share, its
+  caps), hands what is sampled to analysis, and deletes both files in every case. Capturing
+  costs a captured request two small file writes in nginx, not a trip through Python: the
+  sampled share's added latency stays near nginx's own (benchmarks/proxy.md). A captured answer
+  is buffered by nginx (it still flows to the client as nginx reads it, but a slowly streamed
+  answer may arrive in larger pieces). If sentinel's event loop stalls, a watchdog thread
+  reloads nginx without captures until it runs again, and deletes files whose lines never came
+  (lost lines, a crash) once untouched for CAPTURE_TTL_S (or twice the longest timeout).
 - **Limits and timeouts** are sentinel's, written into nginx's configuration (`render_conf`):
   head and body timeouts, the upstream timeouts, send timeout, keep-alive, body, request-line
   and head sizes, the connection budget (503 + Retry-After; nginx's `limit_conn` counts
@@ -61,9 +67,8 @@ to nginx and keep everything else:
   `worker_connections`), the drain deadline on stop (`worker_shutdown_timeout`), a refused
   body's lingering read (the Python proxy's 2 s).
   nginx has one upstream read timeout for the response head and for pauses in its body: it
-  gets the larger of `upstream_timeout_s` and `upstream_idle_timeout_s` (the share through
-  sentinel's proxy still gets its 504 at `upstream_timeout_s`). Answers are not buffered
-  (`proxy_buffering off`): what the model server sends reaches the client as it comes, as
+  gets the larger of `upstream_timeout_s` and `upstream_idle_timeout_s`. Answers are not buffered (a
+  captured one aside, above; `proxy_buffering off`): what the model server sends reaches the client as it comes, as
   through the Python proxy (a token stream is not held back until a buffer fills).
 - **Process.** sentinel writes the configuration to a private directory, checks it with
   `nginx -t`, runs nginx in the foreground as its child (in a process group of its own, told to
@@ -103,6 +108,7 @@ from sentinel.config import Config, parse_hostport
 from sentinel.errors import InfrastructureError
 from sentinel.protocols import names
 from sentinel.proxy.metrics import ProxyMetrics, _make
+from sentinel.proxy.sampling import Sample
 from sentinel.proxy.server import LINGER_S, resolve_target
 
 log = logging.getLogger("sentinel.nginx")
@@ -121,8 +127,11 @@ MAX_CUT_MARKS = 4096          # connections whose answer an error line marked as
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RESTART_RESET_S = 60.0        # a nginx that ran this long before dying restarts after the shortest backoff
 START_TIMEOUT_S = 10.0
-STALL_S = 2.0     # sentinel's event loop silent this long: nginx stops sending it the sampled share...
+STALL_S = 2.0     # sentinel's event loop silent this long: nginx stops capturing the sampled share...
 WATCH_S = 0.25    # ...as seen by a thread that looks this often (Nginx.watch)
+CAPTURE_IN, CAPTURE_OUT = "capture_in", "capture_out"   # the run directory's folders of captured bodies
+CAPTURE_TTL_S = 30.0   # a captured body nobody took (its line lost) is deleted once untouched this long...
+SWEEP_S = 1.0          # ...by the watchdog thread, which looks this often
 RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
 # a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
@@ -139,6 +148,19 @@ _CANARY_VAR = "$http_" + names.CANARY_HEADER.lower().replace("-", "_")
 LOG_FORMAT = ("$status $sentinel_done $request_time $bytes_sent $body_bytes_sent $sent_http_content_length "
               "$connection $sentinel_trace_id $sentinel_trace_flags $sentinel_canary $request_method $request_uri")
 _FIELDS = LOG_FORMAT.count(" ") + 1
+# A captured request's line (under the tag TAG_cap) starts with: the request body's file, the
+# request id (the stored answer's file name), the Content-Length, then the headers decoders read,
+# each in double quotes (nginx escapes '"' in a value as \x22, so the first '" ' ends it): the
+# request's Content-Type, Inference-Header-Content-Length and Content-Encoding, then the answer's;
+# then an access line as above.
+CAPTURE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
+CAPTURE_FORMAT = ("$request_body_file $request_id $http_content_length "
+                  + " ".join(f'"{v}"' for v in ("$content_type", "$http_inference_header_content_length",
+                                                 "$http_content_encoding", "$upstream_http_content_type",
+                                                 "$upstream_http_inference_header_content_length",
+                                                 "$upstream_http_content_encoding")) + " ")
+_BODY_FILE = re.compile(rb"^[0-9]{1,20}$")     # nginx's temporary file names (no levels)
+_REQUEST_ID = re.compile(rb"^[0-9a-f]{32}$")   # nginx's $request_id
 _ESCAPED = re.compile(rb"\\x([0-9A-Fa-f]{2})")
 _NO_BODY = (b"204", b"304")   # and 1xx: answers without a body whatever their Content-Length says
 # The actions of nginx's error lines while it relays the upstream's body (unbuffered: mostly the latter).
@@ -158,8 +180,9 @@ class LogTarget(NamedTuple):
 class AccessLog:
     """The log socket's reader: each line counted as sentinel's Python proxy counts an exchange."""
 
-    def __init__(self, metrics: ProxyMetrics, *, host: str = "127.0.0.1"):
+    def __init__(self, metrics: ProxyMetrics, *, host: str = "127.0.0.1", captures: CaptureFiles | None = None):
         self.metrics = metrics
+        self.captures = captures   # the sampled share's files; None: lines of captured requests are only counted
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             self.sock.bind((host, 0))
@@ -177,12 +200,13 @@ class AccessLog:
         self.address = LogTarget(*self.sock.getsockname()[:2], self.tag)
         self._access = self.tag.encode() + b": "          # access lines: `<PRI>Mmm dd hh:mm:ss TAG: LINE`
         self._errors = self.tag.encode() + b"_err: "      # error lines, under the tag TAG_err
+        self._captured = self.tag.encode() + b"_cap: "    # captured requests' lines, under the tag TAG_cap
         self.lines = 0            # lines counted
         self.skipped = 0          # canary lines (not counted, as in the Python proxy)
         self.malformed = 0        # datagrams that are not ours or did not parse
         self.dropped = 0          # datagrams the kernel dropped, as last reported
         self.cuts = 0             # error lines that marked an answer as cut by the upstream
-        self._routes: dict[bytes, tuple] = {}   # request target → (protocol, model label, None)
+        self._routes: dict[bytes, tuple] = {}   # request target → (protocol, model label, (name, sampler))
         self._cut: dict[bytes, None] = {}   # connection numbers (insertion-ordered: oldest dropped first)
         self._lost = _make(mn.ACCESS_LOG_LOST, metrics.registry)
         self._meminfo = True
@@ -207,19 +231,30 @@ class AccessLog:
         batch: dict[tuple[str, str, str], list] = {}
         bounds, bisect_left = self._bounds, bisect.bisect_left
         routes, codes = self._routes, self._codes
+        captures: list[list] = []
         for datagram in datagrams:
             gt = datagram.find(b">", 0, 5)
             at = gt + 17   # past '>', the 15-character timestamp and a space
             if gt < 0:
                 self.malformed += 1
                 continue
-            if not datagram.startswith(access, at):
+            capture = None
+            if datagram.startswith(access, at):
+                line = datagram[at + skip:]
+            elif datagram.startswith(self._captured, at):
+                split = _split_capture(datagram[at + len(self._captured):])
+                if split is None:
+                    self.malformed += 1
+                    continue
+                capture, line = split
+                captures.append(capture)   # its files are deleted whatever the rest of its line says
+            else:
                 if datagram.startswith(errors, at):
                     self._error(datagram[1:gt], datagram[at + len(errors):])
                 else:
                     self.malformed += 1
                 continue
-            parts = datagram[at + skip:].rstrip(b"\n").split(b" ", _FIELDS - 1)
+            parts = line.rstrip(b"\n").split(b" ", _FIELDS - 1)
             if len(parts) != _FIELDS:
                 self.malformed += 1
                 continue
@@ -251,6 +286,8 @@ class AccessLog:
             route = routes.get(target)
             if route is None:
                 route = self._route(target)
+            if capture is not None:
+                capture += (route, code, trace_id)
             key = (route[1], route[0], code)
             sums = batch.get(key)
             if sums is None:
@@ -269,6 +306,8 @@ class AccessLog:
                                   for i, (tid, took) in traces.items())
                 merge(key, count, total, tuple(buckets), exemplars)
                 self.lines += count
+        if captures and self.captures is not None:
+            self.captures.take(captures)
 
     def _error(self, pri: bytes, text: bytes) -> None:
         """An error line of nginx's: one while it relayed the upstream's body marks its connection's answer cut.
@@ -292,7 +331,8 @@ class AccessLog:
 
     def _route(self, target: bytes) -> tuple:
         raw = _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), target) if b"\\x" in target else target
-        return resolve_target(self.metrics, self._routes, target, raw.decode("latin-1"), ROUTE_CACHE)
+        return resolve_target(self.metrics, self._routes, target, raw.decode("latin-1"), ROUTE_CACHE,
+                              self.captures.samplers if self.captures is not None else None)
 
     # --- reading ------------------------------------------------------------------
     def drain(self) -> int:
@@ -361,7 +401,8 @@ class AccessLog:
 
     def state(self) -> dict:
         return {"log_lines": self.lines, "log_lines_canary": self.skipped, "log_lines_malformed": self.malformed,
-                "log_lines_lost": self.dropped, "answers_cut_by_upstream": self.cuts}
+                "log_lines_lost": self.dropped, "answers_cut_by_upstream": self.cuts,
+                **(self.captures.state() if self.captures is not None else {})}
 
     def close(self) -> None:
         try:
@@ -393,23 +434,149 @@ def classify(status: bytes, done: bool, sent: int, body_sent: int, length: int |
     return status.decode()
 
 
-class LaneMetrics:
-    """ProxyMetrics for sentinel's proxy behind nginx: everything but the request count (nginx's log has it)."""
+def _split_capture(text: bytes) -> tuple[list, bytes] | None:
+    """A captured request's line: ([body file, request id, Content-Length, request headers, answer
+    headers], the access line after them), or None when it does not parse (CAPTURE_FORMAT)."""
+    fields = text.split(b" ", 3)
+    if len(fields) != 4:
+        return None
+    body_file, request_id, length, rest = fields
+    values = []
+    for _ in range(6):
+        end = rest.find(b'" ', 1)
+        if not rest.startswith(b'"') or end < 0:
+            return None
+        value = rest[1:end]
+        values.append(None if value == b"-" else
+                      (_ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), value) if b"\\x" in value
+                       else value).decode("latin-1"))
+        rest = rest[end + 2:]
+    request = {k: v for k, v in zip(CAPTURE_HEADERS, values[:3], strict=True) if v is not None}
+    answer = {k: v for k, v in zip(CAPTURE_HEADERS, values[3:], strict=True) if v is not None}
+    return [body_file, request_id, length, request, answer], rest
 
-    def __init__(self, metrics: ProxyMetrics):
-        self._metrics = metrics
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._metrics, name)
+class CaptureFiles:
+    """The sampled share's bodies nginx leaves in the run directory, taken as samples or deleted.
 
-    def observe_request(self, model: str, protocol: str, code: str, seconds: float, trace_id: str | None) -> None:
-        pass
+    nginx keeps a captured request's body in CAPTURE_IN (`client_body_in_file_only`) and stores
+    its answer in CAPTURE_OUT under the request id when the answer is a whole 200 (`proxy_store`).
+    Its access line (under the tag TAG_cap) names both; `take` applies the model's sampler (its
+    rate over the captured share, its per-second and byte caps), reads what is sampled, hands it
+    to analysis and deletes both files whatever becomes of them. A path is only ever one of
+    nginx's own names inside those folders. Files whose line never came (the kernel dropped it)
+    are deleted by `sweep` once untouched for CAPTURE_TTL_S.
+    """
+
+    def __init__(self, run_dir: str, samplers: dict, submit: Any, count_sample: Any):
+        self.inbox = os.path.join(run_dir, CAPTURE_IN)
+        self.outbox = os.path.join(run_dir, CAPTURE_OUT)
+        self.samplers = samplers          # path model name → (configured name, Sampler)
+        self.submit = submit              # analysis: Sample → None (queues or counts it dropped)
+        self.count_sample = count_sample  # (model, outcome) → None
+        self.taken = 0        # captured requests whose line came
+        self.sampled = 0      # ...of them handed to analysis
+        self.swept = 0        # files deleted by the sweep (their line never came)
+
+    @staticmethod
+    def paths(capture: list, inbox: str | None, outbox: str | None = None) -> tuple[str | None, str | None]:
+        """The capture's two files as nginx named them (None: not one of its names), both deleted
+        when `inbox` is None (the line is only counted)."""
+        body_file, request_id = capture[0], capture[1]
+        folder, _, name = body_file.rpartition(b"/")
+        body = (body_file.decode() if inbox is not None and folder.decode("latin-1") == inbox
+                and _BODY_FILE.match(name) else None)
+        answer = (os.path.join(outbox, request_id.decode()) if outbox is not None and _REQUEST_ID.match(request_id)
+                  else None)
+        return body, answer
+
+    def take(self, captures: list[list]) -> None:
+        """Each captured request's line: sample it (module docstring), then delete its files."""
+        for capture in captures:
+            body, answer = self.paths(capture, self.inbox, self.outbox)
+            try:
+                self.taken += 1
+                if len(capture) == 8 and body is not None and answer is not None:
+                    self._sample(capture, body, answer)
+            finally:
+                for path in (body, answer):
+                    if path is not None:
+                        try:
+                            os.unlink(path)
+                        except OSError:
+                            pass
+
+    def _sample(self, capture: list, body: str, answer: str) -> None:
+        _file, _id, length, request_headers, answer_headers, route, code, trace_id = capture
+        if route[2] is None or code != "200":   # not a configured model's, or not a whole 200
+            return
+        name, sampler = route[2]
+        decision = sampler.decide(int(length) if length.isdigit() else None)
+        if decision != "sample":
+            if decision is not None:
+                self.count_sample(name, decision)
+            return
+        request = _read(body, sampler.max_bytes)
+        response = _read(answer, sampler.max_bytes)
+        if request is None or response is None:
+            self.count_sample(name, "oversize" if request is False or response is False else "dropped")
+            return
+        self.sampled += 1
+        self.submit(Sample(name, route[0], request_headers, request, answer_headers, response, "proxy",
+                           trace_id.decode("ascii", "replace"), time.time()))
+
+    def sweep(self, now: float | None = None, ttl: float = CAPTURE_TTL_S) -> int:
+        """Delete the files untouched for `ttl` seconds (their lines were lost); how many."""
+        now = time.time() if now is None else now
+        gone = 0
+        for folder in (self.inbox, self.outbox):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if now - entry.stat(follow_symlinks=False).st_mtime > ttl:
+                        os.unlink(entry.path)
+                        gone += 1
+                except OSError:
+                    pass
+        self.swept += gone
+        return gone
+
+    def state(self) -> dict:
+        return {"captured": self.taken, "captured_sampled": self.sampled, "captured_files_swept": self.swept}
+
+
+def _read(path: str, cap: int) -> bytes | bool | None:
+    """A captured file's bytes; False when it is larger than `cap`, None when it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > cap:
+            return False
+        chunks, left = [], size
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 # --- configuration ---------------------------------------------------------------
 
-def lane_config(config: Config) -> Config:
-    """`config` with each sampling rate divided by the share nginx sends through sentinel's proxy."""
+def capture_config(config: Config) -> Config:
+    """`config` with each sampling rate divided by the share nginx captures: the rates sentinel's
+    samplers apply to the captured requests (a model sampled at rate r keeps r / share of them)."""
     share = sample_share(config)
 
     def scaled(sc: Any) -> Any:
@@ -419,17 +586,36 @@ def lane_config(config: Config) -> Config:
     return dataclasses.replace(config, sampling=scaled(config.sampling), models=models)
 
 
-def lane_requests_per_second(config: Config) -> int:
-    """How many requests per second nginx sends through sentinel's proxy at most: what fills every
-    model's sampling cap (a model sampled at rate r gets r / share of the lane's requests)."""
+def capture_requests_per_second(config: Config) -> int:
+    """How many requests per second nginx captures at most: what fills every model's sampling cap
+    (a model sampled at rate r keeps r / share of the captured requests)."""
     share = sample_share(config)
     need = sum(config.sampling_for(m).max_per_second * share / config.sampling_for(m).rate
                for m in config.models if config.sampling_for(m).rate > 0)
     return max(1, math.ceil(need))
 
 
+def capture_max_bytes(config: Config) -> int:
+    """The largest body any model samples: larger requests are never captured."""
+    return max((config.sampling_for(m).max_bytes for m in config.models), default=config.sampling.max_bytes)
+
+
+def at_most(n: int) -> str:
+    """A regular expression matching the decimal numbers 0..n (no sign, no leading zeros past n's length)."""
+    digits = str(n)
+    k = len(digits)
+    alternatives = [f"[0-9]{{1,{k - 1}}}"] if k > 1 else []
+    for i, d in enumerate(digits):   # n's first i digits, a smaller digit, then any digits
+        if d != "0":
+            rest = k - i - 1
+            alternatives.append(digits[:i] + (f"[0-{int(d) - 1}]" if d != "1" else "0")
+                                + (f"[0-9]{{{rest}}}" if rest else ""))
+    alternatives.append(digits)
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
 def sample_share(config: Config) -> float:
-    """The share of requests routed through sentinel's proxy: the largest sampling rate configured."""
+    """The share of requests nginx captures: the largest sampling rate configured."""
     rates = [config.sampling.rate] + [config.sampling_for(m).rate for m in config.models]
     return max(rates) if config.models else config.sampling.rate
 
@@ -457,24 +643,17 @@ _MAPS = f"""  # trace context: the caller's trace continues with a new span id; 
   map $request_completion $sentinel_done {{ "OK" 1; default 0; }}"""
 
 
-def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, int],
-                log_to: tuple[str, int] | LogTarget, run_dir: str, sample: bool = True) -> str:
+def render_conf(config: Config, *, upstream: tuple[str, int], log_to: tuple[str, int] | LogTarget,
+                run_dir: str, sample: bool = True) -> str:
     """nginx's configuration for `config` (see the module docstring). `log_to`: AccessLog.address
-    (a plain (host, port) logs under the tag `sentinel`). `sample=False`: no request goes through
-    sentinel's proxy (what the watchdog switches to while sentinel's event loop is stalled)."""
+    (a plain (host, port) logs under the tag `sentinel`). `sample=False`: nothing is captured (what
+    the watchdog switches to while sentinel's event loop is stalled and cannot take captures)."""
     p = config.proxy
     model = _hostport(*upstream)
     listen = _hostport(*parse_hostport(config.listen))
     tag = log_to.tag if isinstance(log_to, LogTarget) else "sentinel"
     syslog = f"syslog:server={_hostport(log_to[0], log_to[1])},nohostname"
     share = sample_share(config) if sample else 0.0
-    if share >= 1.0:
-        split = "    * lane;"
-    elif share <= 0.0:
-        split = "    * model;"
-    else:
-        pct = f"{share * 100:.4f}".rstrip("0").rstrip(".")
-        split = f"    {pct}% lane;\n    * model;"
     # a request line must fit one buffer; the whole head, the buffers together (nginx has no field count)
     buf = max(1024, p.max_request_line_bytes)
     nbuf = max(2, math.ceil(p.max_header_bytes / buf))
@@ -482,8 +661,8 @@ def render_conf(config: Config, *, upstream: tuple[str, int], lane: tuple[str, i
     # nginx's limit_conn takes at most 65535; a budget past that is left to worker_connections
     limit = f"limit_conn sentinel_clients {p.max_connections};" if p.max_connections < 65536 else \
         f"# limit_conn: proxy.max_connections {p.max_connections} is past nginx's 65535"
-    lane_rate = lane_requests_per_second(config)
     d = run_dir
+    capture = _capture_conf(config, share, syslog, tag, d) if share > 0 else ("", "", "")
     return f"""# generated by sentinel (proxy.engine: nginx) from {config.source}; rewritten at every start
 worker_processes {p.workers};
 daemon off;
@@ -500,6 +679,7 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   log_format sentinel '{LOG_FORMAT}';
+  log_format sentinel_capture '{CAPTURE_FORMAT}{LOG_FORMAT}';
 
   # limits and timeouts: sentinel's proxy section
   client_max_body_size {p.max_body_bytes};
@@ -521,20 +701,7 @@ http {{
     server {model};
     keepalive {max(1, p.upstream_pool_size)};
   }}
-  upstream lane {{
-    server {_hostport(*lane)} max_fails=1 fail_timeout=2s;
-    server {model} backup;
-    keepalive 32;
-    # nginx closes its idle connections to sentinel's proxy before that proxy's idle timeout could:
-    # a request sent on one it is closing fails, and one with a body is not retried (unbuffered)
-    keepalive_timeout {_secs(min(60.0, p.client_idle_timeout_s / 2))};
-  }}
-  split_clients "$request_id" $sentinel_pool {{
-{split}
-  }}
-  map $sentinel_pool $sentinel_lane_key {{ lane 1; default ""; }}   # an empty key is never limited
-  limit_req_zone $sentinel_lane_key zone=sentinel_lane:64k rate={lane_rate}r/s;
-{_MAPS}
+{capture[0]}{_MAPS}
 
   server {{
     listen {listen} backlog=2048;
@@ -547,9 +714,6 @@ http {{
       add_header Retry-After {p.shed_retry_after_s} always;
       return 503 "over the limit of {p.max_connections} connections; retry later\\n";
     }}
-    # the sampled share goes through sentinel's proxy up to what analysis takes per second; the rest
-    # of it straight to the model server (an internal redirect: the client sees one answer)
-    error_page 429 = @direct;
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $http_host;
@@ -564,17 +728,50 @@ http {{
     proxy_next_upstream error;
     proxy_intercept_errors off;
     location / {{
-      limit_req zone=sentinel_lane burst={lane_rate} nodelay;
-      limit_req_status 429;
-      limit_req_log_level info;
-      proxy_pass http://$sentinel_pool;
+{capture[1]}      proxy_pass http://model;
     }}
-    location @direct {{
-      proxy_pass http://model;
-    }}
-  }}
+{capture[2]}  }}
 }}
 """
+
+
+def _capture_conf(config: Config, share: float, syslog: str, tag: str, d: str) -> tuple[str, str, str]:
+    """The http-level and location-level parts of capturing the sampled share (module docstring)."""
+    rate = capture_requests_per_second(config)
+    pct = "*" if share >= 1.0 else f"{share * 100:.4f}".rstrip("0").rstrip(".") + "%"
+    rest = "" if share >= 1.0 else "\n    * \"\";"
+    http = f"""  # the sampled share: a request whose Content-Length fits the sampling byte cap (not a chunked one)
+  split_clients "$request_id" $sentinel_share {{
+    {pct} 1;{rest}
+  }}
+  map $http_content_length $sentinel_fits {{ "~{at_most(capture_max_bytes(config))}" $sentinel_share; default ""; }}
+  limit_req_zone $sentinel_fits zone=sentinel_capture:64k rate={rate}r/s;
+"""
+    divert = """      # captured: nginx keeps the request body's file and stores a whole 200 answer (module docstring)
+      if ($sentinel_fits) { rewrite ^ /.sentinel-capture last; }
+"""
+    locations = f"""    location = /.sentinel-capture {{
+      internal;   # reached by the rewrite above only; a client asking for it gets 404
+      error_page 429 = @direct;   # past the capture rate: on to the model server, uncaptured
+      limit_req zone=sentinel_capture burst={rate} nodelay;
+      limit_req_status 429;
+      limit_req_log_level info;
+      access_log {syslog},tag={tag}_cap sentinel_capture;
+      client_body_in_file_only on;
+      proxy_request_buffering on;   # the whole body in its file before it goes on
+      client_body_temp_path {d}/{CAPTURE_IN};
+      proxy_temp_path {d}/{CAPTURE_OUT};
+      proxy_buffering on;
+      proxy_max_temp_file_size {max(capture_max_bytes(config), 65536)};
+      proxy_store {d}/{CAPTURE_OUT}/$request_id;
+      proxy_store_access user:rw;
+      proxy_pass http://model$request_uri;   # the client's own target, not the rewritten one
+    }}
+    location @direct {{
+      proxy_pass http://model$request_uri;
+    }}
+"""
+    return http, divert, locations
 
 
 # --- the process -------------------------------------------------------------------
@@ -600,7 +797,11 @@ class Nginx:
         self._spawned_at = 0.0
         self._group_killed = 0   # the master whose process group was killed after it died
         self.last_error = ""
-        self.diverted = False   # the watchdog took the sampled share off sentinel's stalled proxy
+        self.diverted = False   # the watchdog stopped captures while sentinel's event loop is stalled
+        # a captured body whose line never came: deleted once untouched this long (past any request's life)
+        p = config.proxy
+        self.capture_ttl_s = max(CAPTURE_TTL_S, 2 * max(p.upstream_timeout_s, p.upstream_idle_timeout_s,
+                                                         p.body_idle_timeout_s))
         self.diversions = 0
         self._watch_stop: threading.Event | None = None
 
@@ -726,34 +927,43 @@ class Nginx:
                     tries += 1
 
     # --- the watchdog: a stalled sentinel must not hold the sampled share's requests -------------
-    def watch(self, heartbeat: Any, unsampled: str) -> None:
+    def watch(self, heartbeat: Any, unsampled: str, captures: CaptureFiles | None = None) -> None:
         """Watch sentinel's event loop from a thread: while `heartbeat()` (the loop's last tick,
-        time.monotonic) is older than STALL_S, nginx runs `unsampled` (no request through sentinel's
-        proxy), reloaded with SIGHUP; once the loop ticks again, the configuration it started with.
-        Requests already sent to a stalled proxy wait for it; new ones go straight to the model server."""
+        time.monotonic) is older than STALL_S, nginx runs `unsampled` (nothing captured: a stalled
+        loop takes no captured files, which would pile up), reloaded with SIGHUP; once the loop
+        ticks again, the configuration it started with. The same thread sweeps `captures`' files
+        whose lines never came, every SWEEP_S, stalled loop or not."""
         self._sampled_text = self.conf_text
         self._unsampled_text = unsampled
         self._watch_stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, args=(heartbeat,), name="sentinel-nginx-watchdog",
-                                         daemon=True)
+        self._watcher = threading.Thread(target=self._watch, args=(heartbeat, captures),
+                                         name="sentinel-nginx-watchdog", daemon=True)
         self._watcher.start()
 
-    def _watch(self, heartbeat: Any) -> None:
+    def _watch(self, heartbeat: Any, captures: CaptureFiles | None) -> None:
+        swept_at = time.monotonic()
         while not self._watch_stop.wait(WATCH_S):
-            stalled = time.monotonic() - heartbeat()
+            now = time.monotonic()
+            stalled = now - heartbeat()
             try:
                 if not self.diverted and stalled > STALL_S:
                     self._reload(self._unsampled_text)
                     self.diverted = True
                     self.diversions += 1
-                    log.error("sentinel's event loop has not run for %.1f s: nginx sends no request through "
-                              "sentinel's proxy until it does (no samples meanwhile)", stalled)
+                    log.error("sentinel's event loop has not run for %.1f s: nginx captures no request until "
+                              "it does (no samples meanwhile)", stalled)
                 elif self.diverted and stalled < 2 * WATCH_S:
                     self._reload(self._sampled_text)
                     self.diverted = False
-                    log.warning("sentinel's event loop runs again: nginx sends the sampled share through it again")
+                    log.warning("sentinel's event loop runs again: nginx captures the sampled share again")
             except OSError as exc:   # nginx between restarts: the next look tries again
                 log.warning("cannot reload nginx: %s", exc)
+            if captures is not None and now - swept_at >= SWEEP_S:
+                swept_at = now
+                try:
+                    captures.sweep(ttl=self.capture_ttl_s)
+                except Exception:   # never the end of the watchdog
+                    log.exception("sweeping captured files failed")
 
     def _write_conf(self, text: str) -> None:
         # readable by sentinel's user only (nginx's master reads it): it holds the log lines' tag
@@ -768,7 +978,7 @@ class Nginx:
             os.kill(proc.pid, signal.SIGHUP)
 
     def state(self) -> dict:
-        return {"sampled_share_diverted": self.diverted, "diversions": self.diversions,
+        return {"captures_paused": self.diverted, "capture_pauses": self.diversions,
                 "pid": self.proc.pid if self.proc is not None else None, "running": self.running,
                 "restarts": self.restarts, "config": self.conf, "sampled_share": self.share,
                 "last_error": self.last_error or None}

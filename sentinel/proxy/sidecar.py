@@ -119,10 +119,10 @@ class Sidecar:
         # proxy.workers > 1: one sampling budget for the whole sidecar, in memory shared with the workers
         self.sampling_budget = (shared_budget(len(config.models)) if config.proxy.workers > 1 and not self.nginx_engine
                                 else None)
-        if self.nginx_engine:   # sentinel's proxy sees only nginx's sampled share: each model's rate over it
-            from sentinel.proxy.nginx import lane_config
+        if self.nginx_engine:   # sentinel samples from nginx's captured share: each model's rate over it
+            from sentinel.proxy.nginx import capture_config
 
-            self.samplers = make_samplers(lane_config(config))
+            self.samplers = make_samplers(capture_config(config))
         else:
             self.samplers = make_samplers(config, self.sampling_budget)
         self.nginx: Any = None        # proxy.engine nginx: nginx.Nginx, the process
@@ -165,27 +165,21 @@ class Sidecar:
             log.warning("proxy.max_connections %d exceeds what the file-descriptor limit allows; using %d",
                         limits.max_connections, budget)
             limits = dataclasses.replace(limits, max_connections=budget)
-        ctx_metrics: Any = self.metrics
-        if self.nginx_engine:   # nginx's access log counts every request, the sampled share included
-            from sentinel.proxy.nginx import LaneMetrics
-
-            ctx_metrics = LaneMetrics(self.metrics)
-        self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=ctx_metrics, max_body=cfg.proxy.max_body_bytes,
+        self.ctx = ProxyContext(loop=loop, pool=self.pool, metrics=self.metrics, max_body=cfg.proxy.max_body_bytes,
                                 samplers=self.samplers, submit=self.analysis.submit, tracer=self.tracer,
                                 limits=limits)
         self.ingest_token = read_ingest_token(cfg)
         admin_limits = Limits.from_config(cfg.proxy, admin=True)
         admin_conns = AdminConnections(admin_limits, self.ctx.fail)
         host, port = parse_hostport(cfg.listen)
-        if self.nginx_engine:   # sentinel's proxy takes nginx's sampled share on a loopback port of its own
-            host, port = "127.0.0.1", 0
-            nginx_probe = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx),
-                                             *parse_hostport(cfg.listen))   # free now: nginx will bind it
+        if self.nginx_engine:   # nginx will bind `listen`: a clear error now if something holds it
+            nginx_probe = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port)
             nginx_probe.close()
             await nginx_probe.wait_closed()
-        self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx), host, port,
-                                               reuse_port=cfg.proxy.workers > 1 and not self.nginx_engine)
-        self._proxy_address = self.proxy_server.sockets[0].getsockname()[:2]
+        else:
+            self.proxy_server = await self._listen("listen", cfg.listen, lambda: ClientConnection(self.ctx),
+                                                   host, port, reuse_port=cfg.proxy.workers > 1)
+            self._proxy_address = self.proxy_server.sockets[0].getsockname()[:2]
         ahost, aport = parse_hostport(cfg.admin)
         max_ingest = max(s.max_bytes for _, s in self.samplers.values()) if self.samplers else 1 << 20
         admin_body = cfg.proxy.admin_max_body_bytes or 2 * max_ingest + 65536
@@ -193,20 +187,20 @@ class Sidecar:
             self.admin_server = await self._listen(
                 "admin", cfg.admin, lambda: AdminConnection(self._admin, admin_body, admin_conns), ahost, aport)
         except InfrastructureError:
-            self.proxy_server.close()
+            self._close_proxy()
             raise
         self._admin_address = self.admin_server.sockets[0].getsockname()[:2]
         try:
             await self._start_grpc()
         except InfrastructureError:
-            self.proxy_server.close()
+            self._close_proxy()
             self.admin_server.close()
             raise
         if self.nginx_engine:
             try:
                 await self._start_nginx()
             except BaseException:
-                self.proxy_server.close()
+                self._close_proxy()
                 self.admin_server.close()
                 if self.grpc_proxy is not None:
                     await self.grpc_proxy.stop(0)
@@ -226,17 +220,21 @@ class Sidecar:
         self._tasks.append(loop.create_task(admin_conns.run_sweeper()))
         log.info("proxy on %s:%d → %s; admin on %s:%d", *self.proxy_address, cfg.upstream, *self.admin_address)
 
+    def _close_proxy(self) -> None:
+        if self.proxy_server is not None:   # None: proxy.engine nginx
+            self.proxy_server.close()
+
     async def _start_nginx(self) -> None:
         """proxy.engine nginx: the access-log reader, then nginx on `listen` (sentinel/proxy/nginx.py)."""
         from sentinel.proxy.metrics import _make
-        from sentinel.proxy.nginx import AccessLog, Nginx, render_conf
+        from sentinel.proxy.nginx import AccessLog, CaptureFiles, Nginx, render_conf
 
         cfg = self.config
         restarts = _make(mn.DATAPLANE_RESTARTS, self.metrics.registry)
-        self.access_log = AccessLog(self.metrics)
         self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc)
-        lane = self.proxy_server.sockets[0].getsockname()[:2]
-        conf = functools.partial(render_conf, cfg, upstream=(self.up_host, self.up_port), lane=lane,
+        captures = CaptureFiles(self.nginx.run_dir, self.samplers, self.analysis.submit, self.ctx.count_sample)
+        self.access_log = AccessLog(self.metrics, captures=captures)
+        conf = functools.partial(render_conf, cfg, upstream=(self.up_host, self.up_port),
                                  log_to=self.access_log.address, run_dir=self.nginx.run_dir)
         try:
             await self.loop.run_in_executor(None, self.nginx.write_and_check, conf())
@@ -256,7 +254,7 @@ class Sidecar:
             self.access_log.close()
             raise
         self._proxy_address = (host, port)
-        if self.nginx.share > 0:   # a stalled loop here must not hold the sampled share's requests (Nginx.watch)
+        if self.nginx.share > 0:   # a stalled loop takes no captures: nginx must not pile them up (Nginx.watch)
             beat = [time.monotonic()]
 
             async def tick() -> None:
@@ -264,9 +262,9 @@ class Sidecar:
                     beat[0] = time.monotonic()
                     await asyncio.sleep(0.25)
             self._tasks.append(self.loop.create_task(tick()))
-            self.nginx.watch(lambda: beat[0], conf(sample=False))
-        log.info("nginx (pid %d) carries %s → %s; a %.4g share goes through sentinel's proxy on %s:%d",
-                 self.nginx.proc.pid, cfg.listen, cfg.upstream, self.nginx.share, *lane)
+            self.nginx.watch(lambda: beat[0], conf(sample=False), captures)
+        log.info("nginx (pid %d) carries %s → %s; it captures a %.4g share for sampling",
+                 self.nginx.proc.pid, cfg.listen, cfg.upstream, self.nginx.share)
 
     async def _serve_slot(self, sock: Any) -> Any:
         """This process's server on a proxy worker slot's socket (multiproc: while the slot has no worker)."""
@@ -346,9 +344,9 @@ class Sidecar:
         """Stop accepting, drain in-flight requests up to the deadline, then shut everything down."""
         ctx = self.ctx
         ctx.draining = True
-        if self.nginx is not None:   # nginx drains first: what it sends sentinel's proxy meanwhile is still served
+        if self.nginx is not None:   # nginx drains first: the lines it logs meanwhile are still counted
             await self.nginx.stop(self.config.proxy.drain_timeout_s)
-        self.proxy_server.close()
+        self._close_proxy()
         grpc_stop = (asyncio.ensure_future(self.grpc_proxy.stop(self.config.proxy.drain_timeout_s))
                      if self.grpc_proxy is not None else None)
         workers_stop = (asyncio.ensure_future(self.workers.stop(self.config.proxy.drain_timeout_s))

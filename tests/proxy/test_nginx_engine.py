@@ -3,7 +3,7 @@
 nginx carries the bytes and logs each request over UDP to sentinel's AccessLog
 (sentinel/proxy/nginx.py). These tests drive real sockets through a real nginx (Debian's
 nginx-light; skipped where there is none) to a scripted upstream, and compare what the
-client actually received with `sentinel_requests_total`. The process faults (the lane down,
+client actually received with `sentinel_requests_total`. The process faults (a stalled sentinel,
 nginx killed, stop, config errors, lost log lines) are in test_nginx_engine_faults.py.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from proxy_helpers import (  # noqa: E402
     make_config,
     pieces,
     read_response,
+    wait_or_fail,
 )
 
 from sentinel import metricnames as mn  # noqa: E402
@@ -394,45 +396,94 @@ def test_canary_requests_are_not_counted(env, value, counted):
     assert sc.sc.access_log.skipped == skipped + (0 if counted else 1)
 
 
-# --- 3. sampling through sentinel's proxy -------------------------------------------------
+# --- 3. sampling: nginx captures, sentinel takes the files -------------------------------------
 
 V2_BODY = b'{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
 
 
 @pytest.fixture
-def lane_exchanges(monkeypatch):
-    """How many requests sentinel's own proxy (the lane behind nginx) handled."""
-    seen = []
-    monkeypatch.setattr(ngx.LaneMetrics, "observe_request", lambda self, *a: seen.append(a))
+def submitted(monkeypatch):
+    """The samples handed to analysis (then queued as usual)."""
+    from sentinel.proxy.analysis import AnalysisManager
+
+    seen: list = []
+    real = AnalysisManager.submit
+
+    def submit(self, sample):
+        seen.append(sample)
+        real(self, sample)
+    monkeypatch.setattr(AnalysisManager, "submit", submit)
     return seen
 
 
+def capture_files(sc: RunningSidecar) -> list[str]:
+    """The files in the capture folders (none where nothing is captured: no folders)."""
+    folders = [os.path.join(sc.sc.nginx.run_dir, f) for f in (ngx.CAPTURE_IN, ngx.CAPTURE_OUT)]
+    return sorted(name for f in folders if os.path.isdir(f) for name in os.listdir(f))
+
+
 @pytest.mark.parametrize("rate", [1.0, 0.0])
-def test_sampling_share_goes_through_the_lane_and_is_counted_once(rate, lane_exchanges):
+def test_the_captured_share_reaches_analysis_byte_for_byte_counted_once_and_leaves_no_file(rate, submitted):
     n = 6
     with Upstream() as up, running(nginx_config(up.url, rate=rate)) as sc:
-        def burst() -> list[int]:
+        def burst() -> list[httpx.Response]:
             with httpx.Client(base_url=sc.url) as c:
-                return [c.post("/v2/models/digits/infer", content=V2_BODY).status_code for _ in range(n)]
-        codes, delta = counted_after(sc, burst, n)
-        assert codes == [200] * n
-        assert delta == Counter({(*DIGITS, "200"): n})   # nginx's lines; the lane counts nothing
+                return [c.post("/v2/models/digits/infer", content=V2_BODY,
+                               headers={"Content-Type": "application/json", "Authorization": "Bearer x"})
+                        for _ in range(n)]
+        answers, delta = counted_after(sc, burst, n)
+        assert [r.status_code for r in answers] == [200] * n
+        assert delta == Counter({(*DIGITS, "200"): n})   # a captured request is counted once
+        assert [s["body"] for s in up.seen] == [V2_BODY] * n   # the model server got every body whole
         if rate:
-            assert len(lane_exchanges) == n
             assert sc.wait_for(SAMPLES, {"model": "digits", "outcome": "queued"}, n) == n
+            assert len(submitted) == n
+            for sample, answer in zip(submitted, answers, strict=True):
+                assert (sample.model, sample.protocol, sample.source) == ("digits", "v2", "proxy")
+                # httpx asks for gzip, the upstream compresses: the sample has the bytes as sent, and the
+                # header that says how to read them
+                assert sample.request_body == V2_BODY and gzip.decompress(sample.response_body) == answer.content
+                assert sample.request_headers == {"content-type": "application/json"}   # never Authorization
+                assert sample.response_headers == {"content-type": "application/json", "content-encoding": "gzip"}
+                assert re.fullmatch("[0-9a-f]{32}", sample.request_id)
+            assert sc.sc.access_log.state()["captured"] == n
         else:
-            assert lane_exchanges == []
-            assert sc.value(SAMPLES, {"model": "digits", "outcome": "queued"}) == 0
+            assert submitted == [] and "proxy_store" not in sc.sc.nginx.conf_text
+        assert capture_files(sc) == []
 
 
-def test_the_lane_carries_no_more_than_the_sampling_caps_take_and_the_rest_goes_direct(lane_exchanges):
-    """Sampling everything with a cap of 3 per second: a burst of 40 requests must not all pay for
-    sentinel's proxy. nginx sends at most the cap (a second's burst of it) through the lane and
-    the rest straight to the model server, each answered once and counted once."""
+def test_what_is_not_captured_still_reaches_the_model_server_whole(submitted):
+    """Sampling everything with a byte cap of 1 kB: a larger body and a chunked one (no length to
+    check against the cap) go straight on; a canary is captured but not sampled; none is lost."""
+    cfg = nginx_config("http://127.0.0.1:1", rate=1.0)
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, max_bytes=1024))
+    big = b'{"inputs":[' + b" " * 4096 + b"]}"
+    with Upstream() as up, running(dataclasses.replace(cfg, upstream=up.url)) as sc:
+        def sends() -> list[int]:
+            with httpx.Client(base_url=sc.url) as c:
+                return [c.post("/v2/models/digits/infer", content=big).status_code,
+                        c.post("/v2/models/digits/infer", content=iter([V2_BODY[:9], V2_BODY[9:]])).status_code,
+                        c.post("/v2/models/digits/infer", content=V2_BODY,
+                               headers={"X-Sentinel-Canary": "1"}).status_code,
+                        c.post("/v2/models/digits/infer", content=V2_BODY).status_code]
+        codes, delta = counted_after(sc, sends, 3)
+        assert codes == [200] * 4
+        assert delta == Counter({(*DIGITS, "200"): 3})   # the canary is not counted
+        assert [s["body"] for s in up.seen] == [big, V2_BODY, V2_BODY, V2_BODY]
+        wait_or_fail(lambda: len(submitted) == 1, lambda: f"{len(submitted)} samples, not 1")
+        assert submitted[0].request_body == V2_BODY
+        assert sc.sc.access_log.state()["captured"] == 2   # the canary and the last one
+        assert capture_files(sc) == []
+
+
+def test_captures_are_capped_at_what_the_sampling_caps_take_and_the_rest_goes_on_uncaptured(submitted):
+    """Sampling everything with a cap of 3 per second: a burst of 40 requests must not all be
+    written to files. nginx captures at most the cap (a second's burst of it); the rest go
+    straight to the model server, each answered once, with its body, and counted once."""
     n = 40
     cfg = nginx_config("http://127.0.0.1:1", rate=1.0)
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, max_per_second=3))
-    assert ngx.lane_requests_per_second(cfg) == 3
+    assert ngx.capture_requests_per_second(cfg) == 3
     with Upstream() as up, running(dataclasses.replace(cfg, upstream=up.url)) as sc:
         def burst() -> list[int]:
             with httpx.Client(base_url=sc.url) as c:
@@ -442,25 +493,141 @@ def test_the_lane_carries_no_more_than_the_sampling_caps_take_and_the_rest_goes_
         took = time.monotonic() - started
         assert codes == [200] * n
         assert delta == Counter({(*DIGITS, "200"): n})
+        assert [s["body"] for s in up.seen] == [V2_BODY] * n
+        captured = sc.sc.access_log.state()["captured"]
         # the burst (3) and 3 per second of what the burst took, with a request of slack
-        assert 1 <= len(lane_exchanges) <= 3 + 3 * took + 1, (len(lane_exchanges), took)
+        assert 1 <= captured <= 3 + 3 * took + 1, (captured, took)
+        assert len(submitted) <= captured
+        assert capture_files(sc) == []
     models = (ModelConfig(name="digits", version="v3", sampling=SamplingConfig(rate=0.2, max_per_second=10)),
               ModelConfig(name="other", version="v1", sampling=SamplingConfig(rate=0.05, max_per_second=10)))
-    # the lane's share is 0.2: "other" is sampled in a quarter of its lane requests, so filling its
+    # the captured share is 0.2: "other" is sampled in a quarter of its captures, so filling its
     # cap takes 40 of them per second
-    assert ngx.lane_requests_per_second(nginx_config("http://127.0.0.1:1", models=models)) == 50
+    assert ngx.capture_requests_per_second(nginx_config("http://127.0.0.1:1", models=models)) == 50
 
 
-def test_the_lane_share_is_the_largest_rate_and_each_model_samples_its_rate_over_it():
-    models = (ModelConfig(name="digits", version="v3", sampling=SamplingConfig(rate=0.2)),
-              ModelConfig(name="other", version="v1", sampling=SamplingConfig(rate=0.05)))
+def test_the_captured_share_is_the_largest_rate_and_each_model_samples_its_rate_over_it():
+    models = (ModelConfig(name="digits", version="v3", sampling=SamplingConfig(rate=0.2, max_bytes=5000)),
+              ModelConfig(name="other", version="v1", sampling=SamplingConfig(rate=0.05, max_bytes=700)))
     cfg = nginx_config("http://127.0.0.1:1", rate=0.0, models=models)
     assert ngx.sample_share(cfg) == 0.2
-    lane = ngx.lane_config(cfg)
-    assert [lane.sampling_for(m).rate for m in lane.models] == pytest.approx([1.0, 0.25])
-    text = ngx.render_conf(cfg, upstream=("127.0.0.1", 1), lane=("127.0.0.1", 2), log_to=("127.0.0.1", 3),
-                           run_dir="/tmp/x")
-    assert "    20% lane;\n    * model;" in text
+    scaled = ngx.capture_config(cfg)
+    assert [scaled.sampling_for(m).rate for m in scaled.models] == pytest.approx([1.0, 0.25])
+    text = ngx.render_conf(cfg, upstream=("127.0.0.1", 1), log_to=("127.0.0.1", 3), run_dir="/tmp/x")
+    assert '    20% 1;\n    * "";' in text
+    assert "proxy_store /tmp/x/capture_out/$request_id;" in text
+    assert ngx.capture_max_bytes(cfg) == 5000
+    unsampled = ngx.render_conf(cfg, upstream=("127.0.0.1", 1), log_to=("127.0.0.1", 3), run_dir="/tmp/x",
+                                sample=False)
+    assert "proxy_store" not in unsampled and "split_clients" not in unsampled
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 10, 99, 100, 101, 1000, 1024, 4096, 65535, 8388608, 10 ** 12 + 7,
+                               2 ** 40 + 1])
+def test_at_most_matches_exactly_the_numbers_up_to_n(n):
+    import random
+
+    rx = re.compile(ngx.at_most(n))
+    rng = random.Random(n)
+    near = {0, 1, n, n + 1, max(0, n - 1), 10 ** len(str(n)), 10 ** (len(str(n)) - 1)}
+    near |= {rng.randrange(0, 10 * n + 10) for _ in range(2000)}
+    for x in near:
+        assert bool(rx.fullmatch(str(x))) == (x <= n), (n, x)
+    for bad in ("", "-1", "+1", "1e3", " 1", "0x1", str(n) + "0"):
+        assert not rx.fullmatch(bad), (n, bad)
+
+
+def _capture(tmp_path, body: bytes = V2_BODY, answer: bytes | None = b'{"outputs":[]}', code: str = "200",
+             name: str = "0000000001", request_id: str = "ab" * 16, sampler=None) -> tuple[list, str, str]:
+    from sentinel.proxy.sampling import Sampler
+
+    (tmp_path / ngx.CAPTURE_IN).mkdir(exist_ok=True)
+    (tmp_path / ngx.CAPTURE_OUT).mkdir(exist_ok=True)
+    body_path = tmp_path / ngx.CAPTURE_IN / name
+    body_path.write_bytes(body)
+    answer_path = tmp_path / ngx.CAPTURE_OUT / request_id
+    if answer is not None:
+        answer_path.write_bytes(answer)
+    sampler = sampler or Sampler(SamplingConfig(rate=1.0, max_per_second=1000, max_bytes=1 << 20))
+    capture = [str(body_path).encode(), request_id.encode(), str(len(body)).encode(),
+               {"content-type": "application/json"}, {}, ("v2", "digits", ("digits", sampler)), code, b"ff" * 16]
+    return capture, str(body_path), str(answer_path)
+
+
+def test_capture_files_are_sampled_or_deleted_and_never_read_outside_their_folders(tmp_path):
+    from sentinel.proxy.sampling import Sampler
+
+    got, outcomes = [], []
+    files = ngx.CaptureFiles(str(tmp_path), {}, got.append, lambda m, o: outcomes.append((m, o)))
+    capture, body, answer = _capture(tmp_path)
+    files.take([capture])
+    assert [(s.request_body, s.response_body, s.request_id) for s in got] == [(V2_BODY, b'{"outputs":[]}',
+                                                                                "ff" * 16)]
+    assert not os.path.exists(body) and not os.path.exists(answer)
+    # not a whole 200, a line that did not parse past the capture fields, an answer nginx did not store
+    for case in ("incomplete", "unparsed", "not stored"):
+        capture, body, answer = _capture(tmp_path, code="incomplete" if case == "incomplete" else "200",
+                                         answer=None if case == "not stored" else b"{}")
+        if case == "unparsed":
+            del capture[5:]
+        files.take([capture])
+        assert not os.path.exists(body) and not os.path.exists(answer)
+    assert len(got) == 1 and outcomes == [("digits", "dropped")]
+    # over the byte cap: counted oversize, not read
+    small = Sampler(SamplingConfig(rate=1.0, max_per_second=1000, max_bytes=10))
+    capture, body, _ = _capture(tmp_path, sampler=small)
+    files.take([capture])
+    assert outcomes[-1] == ("digits", "oversize") and not os.path.exists(body)
+    # a forged line naming files elsewhere: neither read nor deleted
+    outside = tmp_path / "precious"
+    outside.write_bytes(b"keep me")
+    for forged_body, forged_id in ((str(outside).encode(), b"ab" * 16),
+                                   (str(tmp_path / ngx.CAPTURE_IN / ".." / "precious").encode(), b"ab" * 16),
+                                   (str(tmp_path / ngx.CAPTURE_IN / "0000000002").encode(), b"../precious")):
+        capture, _, _ = _capture(tmp_path, name="0000000002")
+        capture[0], capture[1] = forged_body, forged_id
+        files.take([capture])
+        assert outside.read_bytes() == b"keep me"
+    assert len(got) == 1
+
+
+def test_files_whose_line_never_came_are_swept_once_old(tmp_path):
+    files = ngx.CaptureFiles(str(tmp_path), {}, lambda s: None, lambda m, o: None)
+    _, old_body, old_answer = _capture(tmp_path, name="0000000007", request_id="cd" * 16)
+    _, new_body, new_answer = _capture(tmp_path, name="0000000008", request_id="ef" * 16)
+    now = time.time()
+    for p in (old_body, old_answer):
+        os.utime(p, (now - 100, now - 100))
+    assert files.sweep(now, ttl=30) == 2
+    assert not os.path.exists(old_body) and not os.path.exists(old_answer)
+    assert os.path.exists(new_body) and os.path.exists(new_answer)
+    assert files.state()["captured_files_swept"] == 2
+
+
+def test_a_capture_line_is_parsed_with_its_headers_and_counted_as_an_access_line():
+    metrics = ProxyMetrics({"digits": "digits"}, 8)
+    taken: list = []
+
+    class Files:
+        samplers: dict = {}
+
+        def take(self, captures):
+            taken.extend(captures)
+    log = ngx.AccessLog(metrics, captures=Files())   # type: ignore[arg-type]
+    try:
+        line = (b'<190>Dec  5 07:39:34 ' + log.tag.encode() + b'_cap: /r/capture_in/0000000003 ' + b"ab" * 16
+                + b' 71 "application/json; charset=utf-8" "12" "-" "application/x\\x22y" "-" "gzip" '
+                + b"200 1 0.004 211 64 64 3 " + b"cd" * 16 + b" 01 0 POST /v2/models/digits/infer")
+        log.feed_many([line, line[:60]])
+        assert log.lines == 1 and log.malformed == 1
+        (capture,) = taken
+        assert capture[:3] == [b"/r/capture_in/0000000003", b"ab" * 16, b"71"]
+        assert capture[3] == {"content-type": "application/json; charset=utf-8",
+                              "inference-header-content-length": "12"}
+        assert capture[4] == {"content-type": 'application/x"y', "content-encoding": "gzip"}
+        assert capture[5][:2] == ("v2", "digits") and capture[6] == "200" and capture[7] == b"cd" * 16
+    finally:
+        log.close()
 
 
 # --- 9. trace context ------------------------------------------------------------------------
@@ -540,7 +707,7 @@ def test_new_traces_differ_and_exemplars_carry_the_trace_id(traced):
 def _checked(cfg: Config, upstream: tuple[str, int] = ("127.0.0.1", 8081)) -> str:
     n = ngx.Nginx(cfg, "nginx")
     try:
-        text = ngx.render_conf(cfg, upstream=upstream, lane=("127.0.0.1", 40000),
+        text = ngx.render_conf(cfg, upstream=upstream,
                                log_to=ngx.LogTarget("127.0.0.1", 40001, "sentinel_0123456789ab"), run_dir=n.run_dir)
         n.write_and_check(text)   # nginx -t; raises InfrastructureError with nginx's words
         assert os.stat(n.conf).st_mode & 0o077 == 0   # it holds the log tag: sentinel's user only
