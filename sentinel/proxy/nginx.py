@@ -57,8 +57,11 @@ to nginx and keep everything else:
   costs a captured request two small file writes in nginx, not a trip through Python: the
   sampled share's added latency stays near nginx's own (benchmarks/proxy.md). A captured answer
   is buffered by nginx (it still flows to the client as nginx reads it, but a slowly streamed
-  answer may arrive in larger pieces). If sentinel's event loop stalls, a watchdog thread
-  reloads nginx without captures until it runs again, and deletes files whose lines never came
+  answer may arrive in larger pieces). nginx answers 500 when it cannot write a body, so
+  captures are paused before that can happen: a watchdog thread reloads nginx without captures
+  while sentinel's event loop is stalled (it would take no files) or the run directory's file
+  system has less free than two seconds of captures at their cap (64 MiB to 1 GiB), and back
+  once both are over. The same thread deletes files whose lines never came
   (lost lines, a crash) once untouched for CAPTURE_TTL_S (or twice the longest timeout).
 - **Limits and timeouts** are sentinel's, written into nginx's configuration (`render_conf`):
   head and body timeouts, the upstream timeouts, send timeout, keep-alive, body, request-line
@@ -132,6 +135,7 @@ WATCH_S = 0.25    # ...as seen by a thread that looks this often (Nginx.watch)
 CAPTURE_IN, CAPTURE_OUT = "capture_in", "capture_out"   # the run directory's folders of captured bodies
 CAPTURE_TTL_S = 30.0   # a captured body nobody took (its line lost) is deleted once untouched this long...
 SWEEP_S = 1.0          # ...by the watchdog thread, which looks this often
+MIN_FREE_FLOOR, MAX_FREE_FLOOR = 64 << 20, 1 << 30   # the free-space floor under which captures pause (Nginx)
 RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
 # a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
@@ -548,6 +552,15 @@ class CaptureFiles:
         return {"captured": self.taken, "captured_sampled": self.sampled, "captured_files_swept": self.swept}
 
 
+def free_bytes(path: str) -> int:
+    """Bytes free to an unprivileged writer on `path`'s file system (a huge number when it cannot be read)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
 def _read(path: str, cap: int) -> bytes | bool | None:
     """A captured file's bytes; False when it is larger than `cap`, None when it is gone."""
     try:
@@ -804,7 +817,12 @@ class Nginx:
         self._spawned_at = 0.0
         self._group_killed = 0   # the master whose process group was killed after it died
         self.last_error = ""
-        self.diverted = False   # the watchdog stopped captures while sentinel's event loop is stalled
+        self.diverted = False   # the watchdog stopped captures (sentinel's event loop stalled, or the disk full)
+        self.pause_reason = ""
+        # captures pause while the run directory's file system has less free: two seconds of captures
+        # at their cap and the largest body each way, between 64 MiB and 1 GiB
+        rate = capture_requests_per_second(config)
+        self.min_free_bytes = min(MAX_FREE_FLOOR, max(MIN_FREE_FLOOR, 2 * rate * 2 * capture_max_bytes(config)))
         # a captured body whose line never came: deleted once untouched this long (past any request's life)
         p = config.proxy
         self.capture_ttl_s = max(CAPTURE_TTL_S, 2 * max(p.upstream_timeout_s, p.upstream_idle_timeout_s,
@@ -952,17 +970,26 @@ class Nginx:
         while not self._watch_stop.wait(WATCH_S):
             now = time.monotonic()
             stalled = now - heartbeat()
+            free = free_bytes(self.run_dir)
             try:
-                if not self.diverted and stalled > STALL_S:
+                if not self.diverted and (stalled > STALL_S or free < self.min_free_bytes):
                     self._reload(self._unsampled_text)
                     self.diverted = True
                     self.diversions += 1
-                    log.error("sentinel's event loop has not run for %.1f s: nginx captures no request until "
-                              "it does (no samples meanwhile)", stalled)
-                elif self.diverted and stalled < 2 * WATCH_S:
+                    if stalled > STALL_S:
+                        self.pause_reason = "event loop stalled"
+                        log.error("sentinel's event loop has not run for %.1f s: nginx captures no request "
+                                  "until it does (no samples meanwhile)", stalled)
+                    else:
+                        self.pause_reason = "disk nearly full"
+                        log.error("%d MiB free where nginx writes captures (%s), under %d MiB: nginx captures "
+                                  "no request until there is more (a body nginx cannot write fails its request)",
+                                  free >> 20, self.run_dir, self.min_free_bytes >> 20)
+                elif self.diverted and stalled < 2 * WATCH_S and free >= 2 * self.min_free_bytes:
                     self._reload(self._sampled_text)
                     self.diverted = False
-                    log.warning("sentinel's event loop runs again: nginx captures the sampled share again")
+                    log.warning("nginx captures the sampled share again (it stopped: %s)", self.pause_reason)
+                    self.pause_reason = ""
             except OSError as exc:   # nginx between restarts: the next look tries again
                 log.warning("cannot reload nginx: %s", exc)
             if captures is not None and now - swept_at >= SWEEP_S:
@@ -986,6 +1013,7 @@ class Nginx:
 
     def state(self) -> dict:
         return {"captures_paused": self.diverted, "capture_pauses": self.diversions,
+                "capture_pause_reason": self.pause_reason or None,
                 "pid": self.proc.pid if self.proc is not None else None, "running": self.running,
                 "restarts": self.restarts, "config": self.conf, "sampled_share": self.share,
                 "last_error": self.last_error or None}

@@ -387,3 +387,32 @@ def test_a_stalled_sentinel_holds_no_request_and_pauses_captures_until_it_runs_a
                              "sent before the pause, the last)")
         assert os.listdir(inbox) == []
         assert _nginx_status(sc)["capture_pauses"] == 1
+
+
+def test_captures_pause_while_the_disk_is_nearly_full_and_requests_never_fail(monkeypatch):
+    """nginx answers 500 when it cannot write a captured body: under the free-space floor the
+    watchdog reloads nginx without captures; requests are answered and counted all along; once
+    there is room again captures resume."""
+    free = [1 << 40]
+    monkeypatch.setattr(ngx, "free_bytes", lambda path: free[0])
+    with Upstream() as up, running(nginx_config(up.url, rate=1.0)) as sc:
+        n = sc.sc.nginx
+        assert ngx.MIN_FREE_FLOOR <= n.min_free_bytes <= ngx.MAX_FREE_FLOOR
+        post = lambda: httpx.post(sc.url + "/v2/models/digits/infer", content=V2_BODY).status_code  # noqa: E731
+        assert post() == 200
+        wait_or_fail(lambda: sc.sc.access_log.state()["captured"] == 1, "the request was not captured")
+        free[0] = n.min_free_bytes - 1
+        wait_or_fail(lambda: n.diverted, "captures did not pause on a nearly full disk", timeout=3)
+        time.sleep(0.5)   # the reload's new workers
+        assert [post() for _ in range(3)] == [200] * 3
+        assert _nginx_status(sc)["capture_pause_reason"] == "disk nearly full"
+        free[0] = n.min_free_bytes   # over the floor, not yet twice it: still paused
+        time.sleep(3 * ngx.WATCH_S)
+        assert n.diverted
+        free[0] = 2 * n.min_free_bytes
+        wait_or_fail(lambda: not n.diverted, "captures did not resume", timeout=3)
+        time.sleep(0.5)
+        assert post() == 200
+        wait_or_fail(lambda: sum(counts(sc).values()) == 5, lambda: f"counted {counts(sc)}")
+        wait_or_fail(lambda: sc.sc.access_log.state()["captured"] == 2,
+                     lambda: f"captured {sc.sc.access_log.state()['captured']}, not 2 (the first and the last)")
