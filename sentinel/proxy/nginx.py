@@ -135,6 +135,7 @@ WATCH_S = 0.25    # ...as seen by a thread that looks this often (Nginx.watch)
 CAPTURE_IN, CAPTURE_OUT = "capture_in", "capture_out"   # the run directory's folders of captured bodies
 CAPTURE_TTL_S = 30.0   # a captured body nobody took (its line lost) is deleted once untouched this long...
 SWEEP_S = 1.0          # ...by the watchdog thread, which looks this often
+RUN_PREFIX, OWNER_FILE = "sentinel-nginx-", "sentinel.pid"   # the run directory in $TMPDIR, its owner's pid
 MIN_FREE_FLOOR, MAX_FREE_FLOOR = 64 << 20, 1 << 30   # the free-space floor under which captures pause (Nginx)
 RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
@@ -552,6 +553,32 @@ class CaptureFiles:
         return {"captured": self.taken, "captured_sampled": self.sampled, "captured_files_swept": self.swept}
 
 
+def remove_stale_run_dirs(tmp: str | None = None) -> int:
+    """Delete the run directories of sentinels that are gone (SIGKILLed: nothing removed theirs),
+    with whatever captured bodies they held; how many. Only directories of this user whose owner
+    file names a process that no longer exists (a reused pid keeps one: the safe side)."""
+    tmp = tmp or tempfile.gettempdir()
+    gone = 0
+    try:
+        entries = [e for e in os.scandir(tmp) if e.name.startswith(RUN_PREFIX)]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            with open(os.path.join(entry.path, OWNER_FILE), encoding="ascii") as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            gone += 1
+            log.info("removed %s, the nginx run directory of a sentinel (pid %d) that is gone", entry.path, pid)
+        except (OSError, ValueError):
+            continue   # not ours to judge: no owner file, another user's process, unreadable
+    return gone
+
+
 def free_bytes(path: str) -> int:
     """Bytes free to an unprivileged writer on `path`'s file system (a huge number when it cannot be read)."""
     try:
@@ -803,8 +830,11 @@ class Nginx:
         self.config = config
         self.share = sample_share(config)
         self.binary = shutil.which(binary) or binary
-        self.run_dir = tempfile.mkdtemp(prefix="sentinel-nginx-")
+        remove_stale_run_dirs()
+        self.run_dir = tempfile.mkdtemp(prefix=RUN_PREFIX)
         os.chmod(self.run_dir, 0o755)   # workers drop to an unprivileged user when sentinel runs as root
+        with open(os.path.join(self.run_dir, OWNER_FILE), "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
         self.conf = os.path.join(self.run_dir, "nginx.conf")
         self.pid_file = os.path.join(self.run_dir, "nginx.pid")
         self.conf_text = ""

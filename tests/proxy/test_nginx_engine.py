@@ -885,3 +885,27 @@ def test_datagrams_from_others_on_the_log_port_count_nothing(env):
     assert counts(sc) == before
     assert httpx.get(sc.url + "/v2/models/digits/infer").status_code == 200   # still counting
     assert httpx.get(sc.admin_url + "/status").json()["nginx"]["log_lines_malformed"] == log.malformed
+
+
+def test_run_directories_of_sentinels_that_are_gone_are_removed_with_their_captures(tmp_path):
+    """A SIGKILLed sentinel leaves its run directory (configuration, captured bodies) behind; the
+    next one removes every such directory whose owner is gone, and no other."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    made = {}
+    for name, owner in (("dead", str(dead.pid)), ("alive", str(os.getpid())), ("unowned", None),
+                        ("garbled", "x")):
+        d = tmp_path / f"{ngx.RUN_PREFIX}{name}"
+        (d / ngx.CAPTURE_IN).mkdir(parents=True)
+        (d / ngx.CAPTURE_IN / "0000000001").write_bytes(b"a payload")
+        if owner is not None:
+            (d / ngx.OWNER_FILE).write_text(owner)
+        made[name] = d
+    (tmp_path / "sentinel-other").mkdir()
+    assert ngx.remove_stale_run_dirs(str(tmp_path)) == 1
+    assert not made["dead"].exists()
+    assert all(made[n].exists() for n in ("alive", "unowned", "garbled"))
+    assert (tmp_path / "sentinel-other").exists()
