@@ -198,7 +198,7 @@ def test_restart_backoff_starts_over_after_a_long_run(monkeypatch):
             await spawn()
             await n._supervise()
         finally:
-            os.rmdir(n.run_dir)
+            shutil.rmtree(n.run_dir)
     asyncio.run(main())
     assert delays == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
 
