@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -171,6 +172,9 @@ class ProxyConfig:
     workers: int = 1                        # proxy processes sharing the listen port (SO_REUSEPORT); README "Multi-process mode"
     engine: str = "sentinel"                # what carries the bytes: sentinel's proxy, or nginx (README "nginx engine")
     nginx_binary: str = "nginx"             # proxy.engine nginx: the nginx executable (a name on PATH or a path)
+    # proxy.engine nginx: where captured bodies are written ("auto": /dev/shm when it is a memory file
+    # system with room for the captures, else $TMPDIR; or a directory, which must exist)
+    capture_dir: str = "auto"
 
     def validate(self):
         for name in ("upstream_timeout_s", "connect_timeout_s", "drain_timeout_s", "client_idle_timeout_s",
@@ -204,6 +208,8 @@ class ProxyConfig:
             yield "engine", f"must be 'sentinel' or 'nginx', got {self.engine!r}"
         if not self.nginx_binary.strip():
             yield "nginx_binary", "must name the nginx executable"
+        if self.capture_dir != "auto" and not os.path.isdir(self.capture_dir):
+            yield "capture_dir", f"must be 'auto' or an existing directory, got {self.capture_dir!r}"
 
 
 @dataclass(frozen=True)

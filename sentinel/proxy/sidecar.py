@@ -232,10 +232,11 @@ class Sidecar:
         cfg = self.config
         restarts = _make(mn.DATAPLANE_RESTARTS, self.metrics.registry)
         self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc)
-        captures = CaptureFiles(self.nginx.run_dir, self.samplers, self.analysis.submit, self.ctx.count_sample)
+        captures = CaptureFiles(self.nginx.capture_dir, self.samplers, self.analysis.submit, self.ctx.count_sample)
         self.access_log = AccessLog(self.metrics, captures=captures)
         conf = functools.partial(render_conf, cfg, upstream=(self.up_host, self.up_port),
-                                 log_to=self.access_log.address, run_dir=self.nginx.run_dir)
+                                 log_to=self.access_log.address, run_dir=self.nginx.run_dir,
+                                 capture_dir=self.nginx.capture_dir)
         try:
             await self.loop.run_in_executor(None, self.nginx.write_and_check, conf())
             self._tasks.append(self.loop.create_task(self.access_log.run()))

@@ -418,7 +418,7 @@ def submitted(monkeypatch):
 
 def capture_files(sc: RunningSidecar) -> list[str]:
     """The files in the capture folders (none where nothing is captured: no folders)."""
-    folders = [os.path.join(sc.sc.nginx.run_dir, f) for f in (ngx.CAPTURE_IN, ngx.CAPTURE_OUT)]
+    folders = [os.path.join(sc.sc.nginx.capture_dir, f) for f in (ngx.CAPTURE_IN, ngx.CAPTURE_OUT)]
     return sorted(name for f in folders if os.path.isdir(f) for name in os.listdir(f))
 
 
@@ -450,6 +450,8 @@ def test_the_captured_share_reaches_analysis_byte_for_byte_counted_once_and_leav
         else:
             assert submitted == [] and "proxy_store" not in sc.sc.nginx.conf_text
         assert capture_files(sc) == []
+        folder = sc.sc.nginx.capture_dir
+    assert not os.path.exists(folder)   # removed at the stop, wherever it was
 
 
 def test_a_captured_request_is_not_held_by_nagle_and_a_delayed_ack():
@@ -723,12 +725,13 @@ def _checked(cfg: Config, upstream: tuple[str, int] = ("127.0.0.1", 8081)) -> st
     n = ngx.Nginx(cfg, "nginx")
     try:
         text = ngx.render_conf(cfg, upstream=upstream,
-                               log_to=ngx.LogTarget("127.0.0.1", 40001, "sentinel_0123456789ab"), run_dir=n.run_dir)
+                               log_to=ngx.LogTarget("127.0.0.1", 40001, "sentinel_0123456789ab"), run_dir=n.run_dir,
+                               capture_dir=n.capture_dir)
         n.write_and_check(text)   # nginx -t; raises InfrastructureError with nginx's words
         assert os.stat(n.conf).st_mode & 0o077 == 0   # it holds the log tag: sentinel's user only
         return text
     finally:
-        shutil.rmtree(n.run_dir)
+        n.remove_dirs()
 
 
 @pytest.mark.parametrize("listen,upstream,proxy,rate", [
@@ -754,7 +757,7 @@ def test_a_configuration_nginx_refuses_is_an_infrastructure_error_with_its_words
         with pytest.raises(InfrastructureError, match="unknown directive"):
             n.write_and_check("no_such_directive on;\n")
     finally:
-        shutil.rmtree(n.run_dir)
+        n.remove_dirs()
 
 
 def _log() -> ngx.AccessLog:
@@ -909,3 +912,28 @@ def test_run_directories_of_sentinels_that_are_gone_are_removed_with_their_captu
     assert not made["dead"].exists()
     assert all(made[n].exists() for n in ("alive", "unowned", "garbled"))
     assert (tmp_path / "sentinel-other").exists()
+
+
+def test_capture_folders_go_to_a_memory_file_system_with_room_or_where_configured(tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"proc /proc proc rw 0 0\ntmpfs {shm} tmpfs rw,nosuid,nodev 0 0\n")
+    assert ngx.capture_base("auto", 1 << 20, str(shm), str(mounts)) == str(shm)
+    # too little room for four times the free-space floor: captures would pause for good there
+    assert ngx.capture_base("auto", 1 << 60, str(shm), str(mounts)) is None
+    mounts.write_text(f"/dev/vda {shm} ext4 rw 0 0\n")   # not a memory file system
+    assert ngx.capture_base("auto", 1 << 20, str(shm), str(mounts)) is None
+    assert ngx.capture_base("auto", 1 << 20, str(tmp_path / "none"), str(tmp_path / "none")) is None
+    assert ngx.capture_base(str(tmp_path), 1 << 60) == str(tmp_path)   # configured: used as it is
+    cfg = make_config("http://x:1", rate=0.5, engine="nginx", capture_dir=str(tmp_path))
+    n = ngx.Nginx(cfg, "nginx")
+    try:
+        assert os.path.dirname(n.capture_dir) == str(tmp_path) and n.capture_dir != n.run_dir
+        text = ngx.render_conf(cfg, upstream=("127.0.0.1", 1), log_to=("127.0.0.1", 3), run_dir=n.run_dir,
+                               capture_dir=n.capture_dir)
+        assert f"proxy_store {n.capture_dir}/{ngx.CAPTURE_OUT}/$request_id;" in text
+        assert f"client_body_temp_path {n.run_dir}/body;" in text
+    finally:
+        n.remove_dirs()
+    assert not os.path.exists(n.capture_dir) and not os.path.exists(n.run_dir)

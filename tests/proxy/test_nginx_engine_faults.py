@@ -198,7 +198,7 @@ def test_restart_backoff_starts_over_after_a_long_run(monkeypatch):
             await spawn()
             await n._supervise()
         finally:
-            shutil.rmtree(n.run_dir)
+            n.remove_dirs()
     asyncio.run(main())
     assert delays == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
 
@@ -281,7 +281,8 @@ def test_a_listen_port_in_use_is_named():
 @pytest.mark.parametrize("yaml,field", [
     ("listen: 127.0.0.1:0\nproxy:\n  engine: nginx\n", "listen"),
     ("listen: 127.0.0.1:8080\nproxy:\n  engine: bogus\n", "proxy.engine"),
-], ids=["port-0", "bogus-engine"])
+    ("listen: 127.0.0.1:8080\nproxy:\n  engine: nginx\n  capture_dir: /nonexistent/captures\n", "proxy.capture_dir"),
+], ids=["port-0", "bogus-engine", "capture-dir"])
 def test_config_errors_name_the_field(tmp_path, yaml, field):
     path = tmp_path / "sentinel.yaml"
     path.write_text("models:\n  - name: digits\n    version: v3\nupstream: http://127.0.0.1:8081\n" + yaml)
@@ -371,7 +372,7 @@ def test_a_stalled_sentinel_holds_no_request_and_pauses_captures_until_it_runs_a
         time.sleep(ngx.STALL_S + 0.5)
         assert sc.sc.nginx.diverted and sc.sc.nginx.diversions == 1
         time.sleep(0.5)   # the reload's new workers
-        inbox = os.path.join(sc.sc.nginx.run_dir, ngx.CAPTURE_IN)
+        inbox = os.path.join(sc.sc.nginx.capture_dir, ngx.CAPTURE_IN)
         before = len(os.listdir(inbox))
         with httpx.Client(base_url=sc.url, timeout=10) as c:
             assert [c.post("/v2/models/digits/infer", content=V2_BODY).status_code for _ in range(5)] == [200] * 5
