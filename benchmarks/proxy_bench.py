@@ -133,7 +133,7 @@ def start_nginx(tmp: Path, name: str, body: str, workers: int = 1) -> subprocess
 
 
 def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, workers: int = 1,
-                   tree: Path | None = None, engine: str = "sentinel") -> subprocess.Popen:
+                   tree: Path | None = None, engine: str = "sentinel", worker_nice: int = 0) -> subprocess.Popen:
     """`sentinel run` on this checkout, or on the `sentinel` package under `tree` (worker_bench.baseline_tree)."""
     cfg = tmp / "sentinel.yaml"
     cfg.write_text(f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nupstream: http://127.0.0.1:{up}\n"
@@ -141,7 +141,8 @@ def start_sentinel(tmp: Path, port: int, admin: int, up: int, rate: float, worke
                    f"models:\n  - {{name: bench, version: v1, protocol: v2}}\n"
                    f"sampling: {{rate: {rate}, max_per_second: 100, max_bytes: 8388608}}\n"
                    f"proxy: {{max_body_bytes: 134217728, workers: {workers}"
-                   + (f", engine: {engine}" if engine != "sentinel" else "") + "}\n")
+                   + (f", engine: {engine}" if engine != "sentinel" else "") + "}\n"
+                   + (f"analysis: {{worker_nice: {worker_nice}}}\n" if worker_nice else ""))
     env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     return subprocess.Popen([sys.executable, __file__, "--serve-sidecar", str(cfg)], cwd=tree or REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -368,6 +369,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=("sentinel", "nginx"), default="sentinel",
                     help="sentinel's proxy.engine: its own proxy, or nginx carrying the bytes (README \"nginx engine\")")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved runs per cell (median reported)")
+    ap.add_argument("--worker-nice", type=int, default=0, help="sentinel's analysis.worker_nice (0: the default)")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="instead: large bodies at 200 rps through sentinel for SECONDS, printing its memory")
     ap.add_argument("--serve-sidecar", help=argparse.SUPPRESS)
@@ -394,7 +396,8 @@ def main() -> None:
     up_port, ngx_port, sn_port, sn_admin = free_port(), free_port(), free_port(), free_port()
     procs = [start_nginx(tmp, "upstream", UPSTREAM_CONF.format(port=up_port, resp=UPSTREAM_BODY)),
              start_nginx(tmp, "proxy", PROXY_CONF.format(up=up_port, port=ngx_port), args.workers)]
-    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate, args.workers, engine=args.engine)
+    sent = start_sentinel(tmp, sn_port, sn_admin, up_port, args.sample_rate, args.workers, engine=args.engine,
+                          worker_nice=args.worker_nice)
     rounds = max(1, args.rounds)
     procs.append(sent)
     rows: list[Row] = []
