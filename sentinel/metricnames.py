@@ -84,6 +84,10 @@ ACCESS_LOG_LOST = _m("access_log_lost", "counter",
 DATAPLANE_RESTARTS = _m("dataplane_restarts", "counter",
                         "proxy.engine nginx: times nginx exited while sentinel was running and was started "
                         "again.")
+CAPTURES_PAUSED = _m("captures_paused", "gauge",
+                     "proxy.engine nginx: 1 while nginx captures no request for sampling, by reason (stalled: "
+                     "sentinel's event loop has not run for 2 s; disk: the capture folder's file system is "
+                     "nearly full). No samples reach analysis meanwhile.", ("reason",))
 SAMPLE_REJECTIONS = _m("sample_rejections", "counter",
                        "Sampled pairs the analysis worker rejected, by reason (a decode error kind, too_deep, "
                        "out_of_memory, timeout, unexpected_error, worker_lost, quarantined: identical to a "

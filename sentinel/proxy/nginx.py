@@ -858,7 +858,7 @@ def _capture_conf(config: Config, share: float, syslog: str, tag: str, d: str, m
 class Nginx:
     """nginx as sentinel's child: checked, started, restarted when it dies, stopped gracefully."""
 
-    def __init__(self, config: Config, binary: str, on_restart: Any = None):
+    def __init__(self, config: Config, binary: str, on_restart: Any = None, on_pause: Any = None):
         self.config = config
         self.share = sample_share(config)
         self.binary = shutil.which(binary) or binary
@@ -886,6 +886,7 @@ class Nginx:
         self.last_error = ""
         self.diverted = False   # the watchdog stopped captures (sentinel's event loop stalled, or the disk full)
         self.pause_reason = ""
+        self.on_pause = on_pause   # (reason "stalled" or "disk", paused: bool) → None, from the watchdog thread
         # a captured body whose line never came: deleted once untouched this long (past any request's life)
         p = config.proxy
         self.capture_ttl_s = max(CAPTURE_TTL_S, 2 * max(p.upstream_timeout_s, p.upstream_idle_timeout_s,
@@ -1039,6 +1040,7 @@ class Nginx:
                     self._reload(self._unsampled_text)
                     self.diverted = True
                     self.diversions += 1
+                    self._paused("stalled" if stalled > STALL_S else "disk", True)
                     if stalled > STALL_S:
                         self.pause_reason = "event loop stalled"
                         log.error("sentinel's event loop has not run for %.1f s: nginx captures no request "
@@ -1052,6 +1054,7 @@ class Nginx:
                     self._reload(self._sampled_text)
                     self.diverted = False
                     log.warning("nginx captures the sampled share again (it stopped: %s)", self.pause_reason)
+                    self._paused("stalled" if self.pause_reason == "event loop stalled" else "disk", False)
                     self.pause_reason = ""
             except OSError as exc:   # nginx between restarts: the next look tries again
                 log.warning("cannot reload nginx: %s", exc)
@@ -1061,6 +1064,13 @@ class Nginx:
                     captures.sweep(ttl=self.capture_ttl_s)
                 except Exception:   # never the end of the watchdog
                     log.exception("sweeping captured files failed")
+
+    def _paused(self, reason: str, paused: bool) -> None:
+        if self.on_pause is not None:
+            try:
+                self.on_pause(reason, paused)
+            except Exception:   # never the end of the watchdog
+                log.exception("reporting a capture pause failed")
 
     def _write_conf(self, text: str) -> None:
         # readable by sentinel's user only (nginx's master reads it): it holds the log lines' tag

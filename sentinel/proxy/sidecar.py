@@ -231,7 +231,11 @@ class Sidecar:
 
         cfg = self.config
         restarts = _make(mn.DATAPLANE_RESTARTS, self.metrics.registry)
-        self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc)
+        paused = _make(mn.CAPTURES_PAUSED, self.metrics.registry)
+        for reason in ("stalled", "disk"):
+            paused.labels(reason).set(0)
+        self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc,
+                           on_pause=lambda reason, on: paused.labels(reason).set(1 if on else 0))
         captures = CaptureFiles(self.nginx.capture_dir, self.samplers, self.analysis.submit, self.ctx.count_sample)
         self.access_log = AccessLog(self.metrics, captures=captures)
         conf = functools.partial(render_conf, cfg, upstream=(self.up_host, self.up_port),

@@ -371,6 +371,7 @@ def test_a_stalled_sentinel_holds_no_request_and_pauses_captures_until_it_runs_a
         assert time.monotonic() - started < 1.5, "a captured request waited for sentinel"
         time.sleep(ngx.STALL_S + 0.5)
         assert sc.sc.nginx.diverted and sc.sc.nginx.diversions == 1
+        assert sc.value(mn.CAPTURES_PAUSED.sample_name, {"reason": "stalled"}) == 1
         time.sleep(0.5)   # the reload's new workers
         inbox = os.path.join(sc.sc.nginx.capture_dir, ngx.CAPTURE_IN)
         before = len(os.listdir(inbox))
@@ -388,6 +389,7 @@ def test_a_stalled_sentinel_holds_no_request_and_pauses_captures_until_it_runs_a
                              "sent before the pause, the last)")
         assert os.listdir(inbox) == []
         assert _nginx_status(sc)["capture_pauses"] == 1
+        assert sc.value(mn.CAPTURES_PAUSED.sample_name, {"reason": "stalled"}) == 0
 
 
 def test_captures_pause_while_the_disk_is_nearly_full_and_requests_never_fail(monkeypatch):
@@ -402,8 +404,12 @@ def test_captures_pause_while_the_disk_is_nearly_full_and_requests_never_fail(mo
         post = lambda: httpx.post(sc.url + "/v2/models/digits/infer", content=V2_BODY).status_code  # noqa: E731
         assert post() == 200
         wait_or_fail(lambda: sc.sc.access_log.state()["captured"] == 1, "the request was not captured")
+        paused = mn.CAPTURES_PAUSED.sample_name
+        registry = sc.sc.metrics.registry   # exported from the start (0), not absent until a pause
+        assert [registry.get_sample_value(paused, {"reason": r}) for r in ("disk", "stalled")] == [0.0, 0.0]
         free[0] = n.min_free_bytes - 1
         wait_or_fail(lambda: n.diverted, "captures did not pause on a nearly full disk", timeout=3)
+        assert sc.value(paused, {"reason": "disk"}) == 1 and sc.value(paused, {"reason": "stalled"}) == 0
         time.sleep(0.5)   # the reload's new workers
         assert [post() for _ in range(3)] == [200] * 3
         assert _nginx_status(sc)["capture_pause_reason"] == "disk nearly full"
@@ -412,6 +418,7 @@ def test_captures_pause_while_the_disk_is_nearly_full_and_requests_never_fail(mo
         assert n.diverted
         free[0] = 2 * n.min_free_bytes
         wait_or_fail(lambda: not n.diverted, "captures did not resume", timeout=3)
+        assert sc.value(paused, {"reason": "disk"}) == 0
         time.sleep(0.5)
         assert post() == 200
         wait_or_fail(lambda: sum(counts(sc).values()) == 5, lambda: f"counted {counts(sc)}")
