@@ -47,6 +47,8 @@ CANARY_FAILURE_RATIO = 0.05   # golden inputs must replay cleanly; 1 in 20 faili
 CANARY_WINDOW = "30m"         # spans several canary runs (every 5 minutes by default)
 CANARY_FOR = "10m"
 COLLECTOR_FOR = "15m"
+CAPTURES_PAUSED_FOR = "10m"   # proxy.engine nginx: no capture for sampling this long (a stall or a full disk)
+LOG_LOST_WINDOW = "10m"       # proxy.engine nginx: access-log lines the kernel dropped in this window
 
 
 def num(value: float) -> str:
@@ -301,6 +303,24 @@ def operational_rules(spec: SloFile) -> tuple[Rule, ...]:
                               "collector {{ $labels.collector }} failing on {{ $labels.instance }}",
                               f"The {{{{ $labels.collector }}}} collector has failed every scrape for {COLLECTOR_FOR}; "
                               f"its metrics are stale or missing. See the sidecar's log.")),
+        Rule(alert="SentinelCapturesPaused", expr=f"max by (instance, reason) ({mn.CAPTURES_PAUSED.name}) == 1",
+             for_=CAPTURES_PAUSED_FOR, labels=(("severity", "ticket"),),
+             annotations=_ann(spec, "SentinelCapturesPaused",
+                              "{{ $labels.instance }}: nginx captures nothing for sampling ({{ $labels.reason }})",
+                              f"proxy.engine nginx has captured no request for {CAPTURES_PAUSED_FOR} "
+                              f"(stalled: sentinel's event loop is not running; disk: the capture folder's file "
+                              f"system is nearly full). Requests are served; drift and accuracy estimates get no "
+                              f"new samples. /status nginx.capture_pause_reason and nginx.capture_dir say "
+                              f"which and where.")),
+        Rule(alert="SentinelAccessLogLinesLost",
+             expr=f"sum by (instance) (increase({mn.ACCESS_LOG_LOST.sample_name}[{LOG_LOST_WINDOW}])) > 0",
+             labels=(("severity", "ticket"),),
+             annotations=_ann(spec, "SentinelAccessLogLinesLost",
+                              "{{ $labels.instance }}: access-log lines lost (requests not counted)",
+                              f"proxy.engine nginx: the kernel dropped access-log lines in the last "
+                              f"{LOG_LOST_WINDOW} (sentinel read its log socket too slowly). Those requests are "
+                              f"missing from sentinel_requests_total, so SLO ratios rest on fewer requests. "
+                              f"Give the sidecar more CPU.")),
     ]
     return tuple(rules)
 

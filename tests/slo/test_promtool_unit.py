@@ -57,3 +57,40 @@ def test_low_objectives_generate_rules_that_page_and_pass_their_tests(tmp_path):
     assert "/ 0.1 > 5.5\n" in text and "> 14.4" not in text.split("digits:availability:alerts")[1].split("accuracy")[0]
     assert "SUCCESS" in run_promtool_tests(tmp_path / "rules")
     assert result is not None
+
+
+def test_the_nginx_engine_alerts_fire_on_a_pause_and_on_lost_lines(tmp_path):
+    """SentinelCapturesPaused after 10 minutes of a pause (not before, not for the other reason),
+    SentinelAccessLogLinesLost while lines were lost in the last 10 minutes, each with its annotations."""
+    import yaml
+
+    rules = yaml.safe_load((REPO / "rules" / "sentinel-ops.rules.yml").read_text())
+    ann = {r["alert"]: r["annotations"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    shutil.copy(REPO / "rules" / "sentinel-ops.rules.yml", tmp_path)
+
+    def expected(alert: str, summary: str, **labels: str) -> dict:
+        return {"exp_labels": {**labels, "severity": "ticket"},
+                "exp_annotations": {**ann[alert], "summary": summary}}
+    paused = expected("SentinelCapturesPaused", "a: nginx captures nothing for sampling (disk)", instance="a",
+                      reason="disk")
+    lost = expected("SentinelAccessLogLinesLost", "a: access-log lines lost (requests not counted)", instance="a")
+    test = {"rule_files": ["../sentinel-ops.rules.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": 'sentinel_captures_paused{instance="a",job="sentinel",reason="disk"}', "values": "0 0 1x40"},
+            {"series": 'sentinel_captures_paused{instance="a",job="sentinel",reason="stalled"}', "values": "0x42"},
+            {"series": 'sentinel_access_log_lost_total{instance="a",job="sentinel"}', "values": "0x5 7x37"}],
+        "alert_rule_test": [
+            {"eval_time": "9m", "alertname": "SentinelCapturesPaused", "exp_alerts": []},
+            {"eval_time": "13m", "alertname": "SentinelCapturesPaused", "exp_alerts": [paused]},
+            {"eval_time": "4m", "alertname": "SentinelAccessLogLinesLost", "exp_alerts": []},
+            {"eval_time": "8m", "alertname": "SentinelAccessLogLinesLost", "exp_alerts": [lost]},
+            {"eval_time": "30m", "alertname": "SentinelAccessLogLinesLost", "exp_alerts": []}]}]}
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "nginx.test.yml").write_text(yaml.safe_dump(test))
+    assert "SUCCESS" in run_promtool_tests(tmp_path)
+    # and the checks bite: a pause that pages at once would fire at 9m
+    (tmp_path / "sentinel-ops.rules.yml").write_text(
+        (tmp_path / "sentinel-ops.rules.yml").read_text().replace("for: 10m\n", "for: 1m\n"))
+    with pytest.raises(CheckFailed):
+        run_promtool_tests(tmp_path)
