@@ -336,6 +336,17 @@ def debug(spec: SloFile) -> DashboardSpec:
             PanelSpec("Collector duration", "timeseries", "s",
                       "Duration of each collector's last scrape.",
                       (Query(f"{mn.COLLECTOR_DURATION.name}{{{I}}}", "{{collector}} {{instance}}"),)),
+            PanelSpec("nginx engine: captures paused, lines lost, restarts", "timeseries", "short",
+                      "proxy.engine nginx only. Captures paused: 1 while nginx captures nothing for sampling "
+                      "(reason stalled or disk; SentinelCapturesPaused fires after 10 minutes). Access-log "
+                      "lines the kernel dropped per second (requests missing from the SLO ratios; "
+                      "SentinelAccessLogLinesLost), and nginx restarts per second.",
+                      (Query(f"{mn.CAPTURES_PAUSED.name}{{{I}}}", "paused {{reason}} {{instance}}", expect_data=False),
+                       Query(f"sum by (instance) (rate({mn.ACCESS_LOG_LOST.sample_name}{{{I}}}[{RATE}]))",
+                             "lines lost {{instance}}", expect_data=False),
+                       Query(f"sum by (instance) (rate({mn.DATAPLANE_RESTARTS.sample_name}{{{I}}}[{RATE}]))",
+                             "restarts {{instance}}", expect_data=False)),
+                      no_value="proxy.engine is sentinel (no nginx), or nothing to show"),
             PanelSpec("Analysis and proxy errors", "timeseries", "ops",
                       "Analysis failures by kind and requests the proxy answered itself, per second. Analysis "
                       "failures never fail a request.",
