@@ -80,7 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         parts = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(parts.query).items()}
-        srv.seen.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+        srv.seen.append({"path": self.path, "client": self.client_address,
+                         "headers": {k.lower(): v for k, v in self.headers.items()},
                          "body_len": len(body), "body": body[:65536]})
         path = parts.path
         if path.endswith("/infer") or path.endswith(":predict") or path.startswith("/predictions/"):

@@ -457,16 +457,19 @@ def test_the_captured_share_reaches_analysis_byte_for_byte_counted_once_and_leav
 def test_a_captured_request_is_not_held_by_nagle_and_a_delayed_ack():
     """A captured body leaves nginx's file in a second write after the head; on a kept-alive
     upstream connection without TCP_NODELAY that write waited ~40 ms for the server's delayed ACK
-    (in 40% of captured requests, measured). Each captured request gets a fresh connection."""
+    (in 40% of captured requests, measured; how many varies with the server). Each captured
+    request gets a fresh connection: 30 requests reach the model server on 30 connections."""
     with Upstream() as up, running(nginx_config(up.url, rate=1.0)) as sc:
         slow = []
         with httpx.Client(base_url=sc.url) as c:
             for _ in range(30):
                 t0 = time.perf_counter()
                 assert c.post("/v2/models/digits/infer", content=V2_BODY).status_code == 200
-                slow.append(time.perf_counter() - t0 > 0.03)
-        assert sum(slow) <= 2, f"{sum(slow)} of 30 captured requests took over 30 ms"
+                slow.append(time.perf_counter() - t0 > 0.035)
+        assert sum(slow) <= 6, f"{sum(slow)} of 30 captured requests took over 35 ms"   # a loaded machine: a few
         wait_or_fail(lambda: sc.sc.access_log.state()["captured"] == 30, "not all were captured")
+        connections = {s["client"] for s in up.seen}
+        assert len(up.seen) == 30 and len(connections) == 30, f"30 requests on {len(connections)} connections"
 
 
 def test_what_is_not_captured_still_reaches_the_model_server_whole(submitted):
