@@ -6,7 +6,7 @@ to nginx and keep everything else:
 
     client ──► nginx (proxy.listen) ────────────────────────────────► model server
                   │  the sampled share: request body and whole 200 answer left as files
-                  │  in sentinel's run directory ──► CaptureFiles ──► analysis
+                  │  in sentinel's capture folder ──► CaptureFiles ──► analysis
                   └─ one access-log line per request, syslog over UDP on loopback ──► AccessLog
                                                    (requests_total, request_duration_seconds)
 
@@ -59,7 +59,7 @@ to nginx and keep everything else:
   is buffered by nginx (it still flows to the client as nginx reads it, but a slowly streamed
   answer may arrive in larger pieces). nginx answers 500 when it cannot write a body, so
   captures are paused before that can happen: a watchdog thread reloads nginx without captures
-  while sentinel's event loop is stalled (it would take no files) or the run directory's file
+  while sentinel's event loop is stalled (it would take no files) or the capture folder's file
   system has less free than two seconds of captures at their cap (64 MiB to 1 GiB), and back
   once both are over. The capture folders are on /dev/shm when it is a memory file system with
   room (`capture_base`; a capture on disk costs about twice), else in the run directory. The
@@ -134,11 +134,13 @@ RESTART_RESET_S = 60.0        # a nginx that ran this long before dying restarts
 START_TIMEOUT_S = 10.0
 STALL_S = 2.0     # sentinel's event loop silent this long: nginx stops capturing the sampled share...
 WATCH_S = 0.25    # ...as seen by a thread that looks this often (Nginx.watch)
-CAPTURE_IN, CAPTURE_OUT = "capture_in", "capture_out"   # the run directory's folders of captured bodies
+CAPTURE_IN, CAPTURE_OUT = "capture_in", "capture_out"   # the capture folder's folders of captured bodies
 CAPTURE_TTL_S = 30.0   # a captured body nobody took (its line lost) is deleted once untouched this long...
 SWEEP_S = 1.0          # ...by the watchdog thread, which looks this often
 RUN_PREFIX, OWNER_FILE = "sentinel-nginx-", "sentinel.pid"   # the run directory in $TMPDIR, its owner's pid
 MIN_FREE_FLOOR, MAX_FREE_FLOOR = 64 << 20, 1 << 30   # the free-space floor under which captures pause (Nginx)
+# why the watchdog paused captures: the metric's `reason` label → /status `capture_pause_reason`
+PAUSE_REASONS = {"stalled": "event loop stalled", "disk": "disk nearly full"}
 RELAY_LINES, RELAY_WINDOW_S = 20, 10.0   # nginx error lines logged at most this many per window
 # util-linux's setpriv (Debian: always there) sets nginx's parent-death signal before it runs nginx:
 # a sentinel killed outright left nginx serving (uncounted) and holding `listen` for the next one.
@@ -337,8 +339,7 @@ class AccessLog:
         self.cuts += 1
 
     def _route(self, target: bytes) -> tuple:
-        raw = _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), target) if b"\\x" in target else target
-        return resolve_target(self.metrics, self._routes, target, raw.decode("latin-1"), ROUTE_CACHE,
+        return resolve_target(self.metrics, self._routes, target, _unescape(target).decode("latin-1"), ROUTE_CACHE,
                               self.captures.samplers if self.captures is not None else None)
 
     # --- reading ------------------------------------------------------------------
@@ -441,6 +442,11 @@ def classify(status: bytes, done: bool, sent: int, body_sent: int, length: int |
     return status.decode()
 
 
+def _unescape(value: bytes) -> bytes:
+    """A logged value as the client sent it: nginx writes '"', '\\' and bytes outside 0x20-0x7e as \\xHH."""
+    return _ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), value) if b"\\x" in value else value
+
+
 def _split_capture(text: bytes) -> tuple[list, bytes] | None:
     """A captured request's line: ([body file, request id, Content-Length, request headers, answer
     headers], the access line after them), or None when it does not parse (CAPTURE_FORMAT)."""
@@ -454,9 +460,7 @@ def _split_capture(text: bytes) -> tuple[list, bytes] | None:
         if not rest.startswith(b'"') or end < 0:
             return None
         value = rest[1:end]
-        values.append(None if value == b"-" else
-                      (_ESCAPED.sub(lambda m: bytes((int(m.group(1), 16),)), value) if b"\\x" in value
-                       else value).decode("latin-1"))
+        values.append(None if value == b"-" else _unescape(value).decode("latin-1"))
         rest = rest[end + 2:]
     request = {k: v for k, v in zip(CAPTURE_HEADERS, values[:3], strict=True) if v is not None}
     answer = {k: v for k, v in zip(CAPTURE_HEADERS, values[3:], strict=True) if v is not None}
@@ -464,7 +468,7 @@ def _split_capture(text: bytes) -> tuple[list, bytes] | None:
 
 
 class CaptureFiles:
-    """The sampled share's bodies nginx leaves in the run directory, taken as samples or deleted.
+    """The sampled share's bodies nginx leaves in the capture folder, taken as samples or deleted.
 
     nginx keeps a captured request's body in CAPTURE_IN (`client_body_in_file_only`) and stores
     its answer in CAPTURE_OUT under the request id when the answer is a whole 200 (`proxy_store`).
@@ -475,9 +479,9 @@ class CaptureFiles:
     are deleted by `sweep` once untouched for CAPTURE_TTL_S.
     """
 
-    def __init__(self, run_dir: str, samplers: dict, submit: Any, count_sample: Any):
-        self.inbox = os.path.join(run_dir, CAPTURE_IN)
-        self.outbox = os.path.join(run_dir, CAPTURE_OUT)
+    def __init__(self, capture_dir: str, samplers: dict, submit: Any, count_sample: Any):
+        self.inbox = os.path.join(capture_dir, CAPTURE_IN)
+        self.outbox = os.path.join(capture_dir, CAPTURE_OUT)
         self.samplers = samplers          # path model name → (configured name, Sampler)
         self.submit = submit              # analysis: Sample → None (queues or counts it dropped)
         self.count_sample = count_sample  # (model, outcome) → None
@@ -485,22 +489,18 @@ class CaptureFiles:
         self.sampled = 0      # ...of them handed to analysis
         self.swept = 0        # files deleted by the sweep (their line never came)
 
-    @staticmethod
-    def paths(capture: list, inbox: str | None, outbox: str | None = None) -> tuple[str | None, str | None]:
-        """The capture's two files as nginx named them (None: not one of its names), both deleted
-        when `inbox` is None (the line is only counted)."""
+    def _paths(self, capture: list) -> tuple[str | None, str | None]:
+        """The capture's two files as nginx named them (None: not one of its names in these folders)."""
         body_file, request_id = capture[0], capture[1]
         folder, _, name = body_file.rpartition(b"/")
-        body = (body_file.decode() if inbox is not None and folder.decode("latin-1") == inbox
-                and _BODY_FILE.match(name) else None)
-        answer = (os.path.join(outbox, request_id.decode()) if outbox is not None and _REQUEST_ID.match(request_id)
-                  else None)
+        body = body_file.decode() if folder.decode("latin-1") == self.inbox and _BODY_FILE.match(name) else None
+        answer = os.path.join(self.outbox, request_id.decode()) if _REQUEST_ID.match(request_id) else None
         return body, answer
 
     def take(self, captures: list[list]) -> None:
         """Each captured request's line: sample it (module docstring), then delete its files."""
         for capture in captures:
-            body, answer = self.paths(capture, self.inbox, self.outbox)
+            body, answer = self._paths(capture)
             try:
                 self.taken += 1
                 if len(capture) == 8 and body is not None and answer is not None:
@@ -810,6 +810,7 @@ http {{
 def _capture_conf(config: Config, share: float, syslog: str, tag: str, d: str, model: str) -> tuple[str, str, str]:
     """The http-level and location-level parts of capturing the sampled share (module docstring)."""
     rate = capture_requests_per_second(config)
+    max_bytes = capture_max_bytes(config)
     pct = "*" if share >= 1.0 else f"{share * 100:.4f}".rstrip("0").rstrip(".") + "%"
     rest = "" if share >= 1.0 else "\n    * \"\";"
     http = f"""  # A captured request's body goes to the model server from its file after the head, in a second
@@ -823,7 +824,7 @@ def _capture_conf(config: Config, share: float, syslog: str, tag: str, d: str, m
   split_clients "$request_id" $sentinel_share {{
     {pct} 1;{rest}
   }}
-  map $http_content_length $sentinel_fits {{ "~{at_most(capture_max_bytes(config))}" $sentinel_share; default ""; }}
+  map $http_content_length $sentinel_fits {{ "~{at_most(max_bytes)}" $sentinel_share; default ""; }}
   limit_req_zone $sentinel_fits zone=sentinel_capture:64k rate={rate}r/s;
 """
     divert = """      # captured: nginx keeps the request body's file and stores a whole 200 answer (module docstring)
@@ -841,7 +842,7 @@ def _capture_conf(config: Config, share: float, syslog: str, tag: str, d: str, m
       client_body_temp_path {d}/{CAPTURE_IN};
       proxy_temp_path {d}/{CAPTURE_OUT};
       proxy_buffering on;
-      proxy_max_temp_file_size {max(capture_max_bytes(config), 65536)};
+      proxy_max_temp_file_size {max(max_bytes, 65536)};
       proxy_store {d}/{CAPTURE_OUT}/$request_id;
       proxy_store_access user:rw;
       proxy_pass http://model_capture$request_uri;   # the client's own target, not the rewritten one
@@ -884,9 +885,8 @@ class Nginx:
         self._spawned_at = 0.0
         self._group_killed = 0   # the master whose process group was killed after it died
         self.last_error = ""
-        self.diverted = False   # the watchdog stopped captures (sentinel's event loop stalled, or the disk full)
-        self.pause_reason = ""
-        self.on_pause = on_pause   # (reason "stalled" or "disk", paused: bool) → None, from the watchdog thread
+        self.pause_reason = ""   # a PAUSE_REASONS key while the watchdog has captures off, else ""
+        self.on_pause = on_pause   # (a PAUSE_REASONS key, paused: bool) → None, from the watchdog thread
         # a captured body whose line never came: deleted once untouched this long (past any request's life)
         p = config.proxy
         self.capture_ttl_s = max(CAPTURE_TTL_S, 2 * max(p.upstream_timeout_s, p.upstream_idle_timeout_s,
@@ -1015,7 +1015,7 @@ class Nginx:
                     delay = RESTART_BACKOFF_S[min(tries, len(RESTART_BACKOFF_S) - 1)]
                     tries += 1
 
-    # --- the watchdog: a stalled sentinel must not hold the sampled share's requests -------------
+    # --- the watchdog: no captures that sentinel cannot take or nginx cannot write -------------
     def watch(self, heartbeat: Any, unsampled: str, captures: CaptureFiles | None = None) -> None:
         """Watch sentinel's event loop from a thread: while `heartbeat()` (the loop's last tick,
         time.monotonic) is older than STALL_S, nginx runs `unsampled` (nothing captured: a stalled
@@ -1038,23 +1038,21 @@ class Nginx:
             try:
                 if not self.diverted and (stalled > STALL_S or free < self.min_free_bytes):
                     self._reload(self._unsampled_text)
-                    self.diverted = True
+                    self.pause_reason = "stalled" if stalled > STALL_S else "disk"
                     self.diversions += 1
-                    self._paused("stalled" if stalled > STALL_S else "disk", True)
-                    if stalled > STALL_S:
-                        self.pause_reason = "event loop stalled"
+                    self._paused(self.pause_reason, True)
+                    if self.pause_reason == "stalled":
                         log.error("sentinel's event loop has not run for %.1f s: nginx captures no request "
                                   "until it does (no samples meanwhile)", stalled)
                     else:
-                        self.pause_reason = "disk nearly full"
                         log.error("%d MiB free where nginx writes captures (%s), under %d MiB: nginx captures "
                                   "no request until there is more (a body nginx cannot write fails its request)",
                                   free >> 20, self.capture_dir, self.min_free_bytes >> 20)
                 elif self.diverted and stalled < 2 * WATCH_S and free >= 2 * self.min_free_bytes:
                     self._reload(self._sampled_text)
-                    self.diverted = False
-                    log.warning("nginx captures the sampled share again (it stopped: %s)", self.pause_reason)
-                    self._paused("stalled" if self.pause_reason == "event loop stalled" else "disk", False)
+                    log.warning("nginx captures the sampled share again (it stopped: %s)",
+                                PAUSE_REASONS[self.pause_reason])
+                    self._paused(self.pause_reason, False)
                     self.pause_reason = ""
             except OSError as exc:   # nginx between restarts: the next look tries again
                 log.warning("cannot reload nginx: %s", exc)
@@ -1064,6 +1062,11 @@ class Nginx:
                     captures.sweep(ttl=self.capture_ttl_s)
                 except Exception:   # never the end of the watchdog
                     log.exception("sweeping captured files failed")
+
+    @property
+    def diverted(self) -> bool:
+        """The watchdog has captures off (PAUSE_REASONS says why)."""
+        return bool(self.pause_reason)
 
     def _paused(self, reason: str, paused: bool) -> None:
         if self.on_pause is not None:
@@ -1086,7 +1089,7 @@ class Nginx:
 
     def state(self) -> dict:
         return {"captures_paused": self.diverted, "capture_pauses": self.diversions,
-                "capture_pause_reason": self.pause_reason or None,
+                "capture_pause_reason": PAUSE_REASONS.get(self.pause_reason),
                 "pid": self.proc.pid if self.proc is not None else None, "running": self.running,
                 "restarts": self.restarts, "config": self.conf, "sampled_share": self.share,
                 "capture_dir": self.capture_dir if self.share > 0 else None,

@@ -227,12 +227,12 @@ class Sidecar:
     async def _start_nginx(self) -> None:
         """proxy.engine nginx: the access-log reader, then nginx on `listen` (sentinel/proxy/nginx.py)."""
         from sentinel.proxy.metrics import _make
-        from sentinel.proxy.nginx import AccessLog, CaptureFiles, Nginx, render_conf
+        from sentinel.proxy.nginx import PAUSE_REASONS, AccessLog, CaptureFiles, Nginx, render_conf
 
         cfg = self.config
         restarts = _make(mn.DATAPLANE_RESTARTS, self.metrics.registry)
         paused = _make(mn.CAPTURES_PAUSED, self.metrics.registry)
-        for reason in ("stalled", "disk"):
+        for reason in PAUSE_REASONS:
             paused.labels(reason).set(0)
         self.nginx = Nginx(cfg, cfg.proxy.nginx_binary, on_restart=restarts.inc,
                            on_pause=lambda reason, on: paused.labels(reason).set(1 if on else 0))
